@@ -1,0 +1,30 @@
+//! # feeder-actors
+//!
+//! The core of gpu-feeder, free of any database, HTTP, Docker or NVML code:
+//! the domain types, the port traits through which the actors reach the
+//! world, and (as the pipeline grows) the actors themselves with their typed
+//! messages. The `gpu-feeder` crate implements the ports; tests implement
+//! them with in-memory fakes.
+//!
+//! Modules:
+//! - [`job`]: jobs, their ids, statuses, payloads, claims and outcomes.
+//! - [`store`]: the `JobStore` port, the durable queue's contract.
+//! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
+//! - [`time`]: `Timestamp`, the unit of every stored time.
+//! - `testkit` (feature `testkit`): the store contract suite run by every adapter.
+
+pub mod backoff;
+pub mod job;
+pub mod store;
+pub mod time;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use backoff::Backoff;
+pub use job::{
+    Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
+    ModelStats, ModelType, NewJob, Payload, QueueStats, StatusCounts, Submitted,
+};
+pub use store::{JobStore, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS};
+pub use time::Timestamp;

@@ -1,0 +1,164 @@
+//! The `JobStore` port: the durable job queue as the actors see it.
+//!
+//! Nothing here names SQLite. The SQLite adapter lives in the `gpu-feeder`
+//! crate; a PostgreSQL adapter (`FOR UPDATE SKIP LOCKED`) can implement the
+//! same contract so that several GPU hosts share one queue. The contract is
+//! pinned down by `testkit::store_contract`, which every adapter runs.
+//!
+//! Methods are synchronous: callers on an async runtime run them on a
+//! blocking thread (the QueueActor does), never on a runtime worker.
+
+use std::time::Duration;
+
+use crate::job::{
+    Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
+    ModelType, NewJob, QueueStats, Submitted,
+};
+use crate::time::Timestamp;
+
+/// Errors of a job store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No job has this id.
+    #[error("no job {0}: check the id with `gpu-feeder list`")]
+    NotFound(JobId),
+    /// The claim was reclaimed, cancelled or completed already; the caller no
+    /// longer owns the job and must drop its result.
+    #[error("claim {claim_id} on job {job_id} is no longer current (the lease expired, or the job was cancelled or reclaimed); the result was not recorded")]
+    StaleClaim {
+        /// The job.
+        job_id: JobId,
+        /// The stale token.
+        claim_id: String,
+    },
+    /// The operation does not apply to the job's current status.
+    #[error("job {id} is {status}: {hint}")]
+    InvalidState {
+        /// The job.
+        id: JobId,
+        /// Its status now.
+        status: JobStatus,
+        /// What the caller can do instead.
+        hint: &'static str,
+    },
+    /// The request itself is malformed (a parent without fragments, a bad limit, …).
+    #[error("{0}")]
+    Invalid(String),
+    /// The database was written by a newer version of gpu-feeder.
+    #[error("the database {path} has schema version {found}, newer than this build of gpu-feeder knows ({known}): upgrade gpu-feeder, or point queue.db_path at another file")]
+    TooNew {
+        /// The database file.
+        path: String,
+        /// The schema version found.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+    /// A row that breaks the schema contract (written by another program).
+    #[error("job row {id} is malformed: {reason}")]
+    Corrupt {
+        /// The row's id as hex, or its rowid when the id itself is bad.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend failed (I/O, locking, SQL).
+    #[error("job store error: {0}")]
+    Backend(String),
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Default number of attempts for a job that does not say.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// The durable job queue.
+///
+/// Guarantees every adapter keeps (and the contract suite checks):
+/// - `submit` is idempotent on `(model_type, payload_sha256)` for jobs that
+///   are neither fragments nor follow-ups; fragments are unique per
+///   `(parent, index)` and follow-ups per `follows`.
+/// - `claim` is atomic: concurrent claimers, in this process or others,
+///   never receive the same job.
+/// - `complete`, `fail` and `release` take effect only with the current claim.
+pub trait JobStore: Send + Sync + 'static {
+    /// Adds a job, or returns the identical one already there.
+    fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted>;
+
+    /// Adds many jobs in one transaction, each idempotent on its own.
+    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>>;
+
+    /// Adds a parent and its fragments in one transaction. The parent is
+    /// never dispatched itself: it waits in `processing` until fan-in.
+    /// Idempotent on the parent: an identical parent returns the existing one
+    /// and adds no fragments.
+    fn submit_parent(
+        &self,
+        parent: NewJob,
+        fragments: Vec<NewJob>,
+        now: Timestamp,
+    ) -> StoreResult<Submitted>;
+
+    /// Claims up to `n` pending jobs of `model` whose `run_at` has come, in
+    /// order of priority (highest first) then age (oldest first), setting
+    /// them `processing` under a lease of `lease` held by `owner`.
+    fn claim(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>>;
+
+    /// Marks a claimed job `done` with its result.
+    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
+
+    /// Completes many claimed jobs in one transaction. Each element's result
+    /// is that of `complete` for it; a stale claim does not abort the others.
+    fn complete_batch(
+        &self,
+        items: Vec<(Claim, Completion)>,
+        now: Timestamp,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        Ok(items
+            .into_iter()
+            .map(|(claim, done)| self.complete(&claim, done, now))
+            .collect())
+    }
+
+    /// Records a failed attempt: back to `pending` after the failure's delay
+    /// while attempts remain and the failure is retryable, else `failed`.
+    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome>;
+
+    /// Gives a claimed job back to `pending` without counting an attempt
+    /// (shutdown, a crashed dispatcher, an instance going down).
+    fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
+
+    /// Returns every job whose lease has expired to `pending`; the count.
+    fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
+
+    /// Returns every job claimed by `owner` to `pending`, leases or not:
+    /// for a daemon that restarts after a crash and knows its old claims are dead.
+    fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
+
+    /// Cancels a pending or processing job (and a parent's unfinished fragments).
+    fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+
+    /// Puts a failed or cancelled job back to `pending` with fresh attempts
+    /// (for a parent: its failed and cancelled fragments, too).
+    fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+
+    /// One job.
+    fn get(&self, id: JobId) -> StoreResult<Option<Job>>;
+
+    /// Jobs matching `filter`, newest first.
+    fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
+
+    /// Counts per model and status, and the oldest pending age.
+    fn stats(&self, now: Timestamp) -> StoreResult<QueueStats>;
+
+    /// The fragments of `parent`, in fragment order.
+    fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
+}

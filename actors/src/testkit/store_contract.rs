@@ -1,0 +1,642 @@
+//! The `JobStore` contract, written once and run against every adapter.
+//!
+//! An adapter's test file provides a [`StoreFixture`] and expands
+//! [`store_contract_tests!`](crate::store_contract_tests), which makes one
+//! `#[test]` per case below.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use crate::job::{
+    Claim, Completion, FailOutcome, Failure, JobId, JobStatus, ListFilter, ModelType, NewJob,
+    Payload,
+};
+use crate::store::{JobStore, StoreError};
+use crate::time::Timestamp;
+
+/// Gives handles on one fresh store.
+pub trait StoreFixture {
+    /// The adapter under test.
+    type Store: JobStore;
+
+    /// A new handle on the same store: for a database, a separate connection,
+    /// as a second process would have.
+    fn handle(&self) -> Self::Store;
+}
+
+/// Expands to one `#[test]` per contract case, each with a fresh fixture
+/// from `$fixture` (an expression evaluated once per test).
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($fixture:expr) => {
+        $crate::store_contract_tests!(@cases $fixture;
+            idempotent_submit, submit_batch_is_idempotent_line_by_line, claim_order,
+            claim_respects_run_at_and_model, concurrent_claimers_never_share,
+            lease_expiry_reclaims, stale_claim_cannot_complete, backoff_schedule,
+            max_attempts_leads_to_failed, permanent_failure_fails_at_once,
+            release_keeps_attempts, release_owner_returns_its_claims, cancel,
+            manual_retry, fragments_of_parent, complete_records_result,
+            complete_batch_mixes_stale_and_current, stats_per_model_and_status,
+            list_filters_and_limit, get_unknown_is_none);
+    };
+    (@cases $fixture:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let fixture = $fixture;
+                $crate::testkit::store_contract::$case(&fixture);
+            }
+        )*
+    };
+}
+
+/// A fixed point in time for the cases.
+pub const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// An inline job whose payload hash is derived from `tag`.
+pub fn job(model: ModelType, tag: &str) -> NewJob {
+    NewJob::new(
+        model,
+        Payload::Inline(format!("{{\"prompt\":\"{tag}\"}}")),
+        format!("sha-{tag}"),
+    )
+}
+
+fn done(tag: &str) -> Completion {
+    Completion {
+        result_path: PathBuf::from(format!("/results/{tag}.json")),
+        prompt_tokens: Some(11),
+        completion_tokens: Some(22),
+        latency: Duration::from_millis(345),
+    }
+}
+
+fn retryable(msg: &str, after: Duration) -> Failure {
+    Failure {
+        message: msg.to_string(),
+        retry_after: Some(after),
+    }
+}
+
+fn status_of<S: JobStore>(s: &S, id: JobId) -> JobStatus {
+    s.get(id).unwrap().expect("job exists").status
+}
+
+fn claim_one<S: JobStore>(s: &S, model: ModelType, now: Timestamp) -> Option<Claim> {
+    let mut got = s.claim(model, 1, secs(60), "owner-a", now).unwrap();
+    assert!(got.len() <= 1, "claim(1) returned {} jobs", got.len());
+    got.pop().map(|c| c.claim)
+}
+
+/// The same model and payload hash give the same job; another model does not.
+pub fn idempotent_submit(f: &impl StoreFixture) {
+    let s = f.handle();
+    let a = s.submit(job(ModelType::Vision, "a"), T0).unwrap();
+    assert!(a.created);
+    assert_eq!(a.status, JobStatus::Pending);
+    let again = s.submit(job(ModelType::Vision, "a"), T0 + secs(1)).unwrap();
+    assert!(
+        !again.created,
+        "a resubmission must return the existing job"
+    );
+    assert_eq!(again.id, a.id);
+    let other_model = s.submit(job(ModelType::Think, "a"), T0).unwrap();
+    assert!(other_model.created);
+    assert_ne!(other_model.id, a.id);
+    // The existing job is returned in whatever state it is now.
+    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
+    s.complete(&c, done("a"), T0).unwrap();
+    let third = s.submit(job(ModelType::Vision, "a"), T0 + secs(2)).unwrap();
+    assert_eq!(
+        (third.id, third.created, third.status),
+        (a.id, false, JobStatus::Done)
+    );
+    let all = s
+        .list(&ListFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(all.len(), 2);
+}
+
+/// A batch inserts each job once, also when it repeats itself.
+pub fn submit_batch_is_idempotent_line_by_line(f: &impl StoreFixture) {
+    let s = f.handle();
+    s.submit(job(ModelType::Think, "x"), T0).unwrap();
+    let batch = vec![
+        job(ModelType::Think, "x"),
+        job(ModelType::Think, "y"),
+        job(ModelType::Think, "y"),
+        job(ModelType::Think, "z"),
+    ];
+    let out = s.submit_batch(batch, T0).unwrap();
+    let created: Vec<bool> = out.iter().map(|o| o.created).collect();
+    assert_eq!(created, vec![false, true, false, true]);
+    assert_eq!(out[1].id, out[2].id);
+    assert_eq!(
+        s.stats(T0).unwrap().model(ModelType::Think).counts.pending,
+        3
+    );
+}
+
+/// Claims go by priority (highest first), then age (oldest first).
+pub fn claim_order(f: &impl StoreFixture) {
+    let s = f.handle();
+    let old = s.submit(job(ModelType::Think, "old"), T0).unwrap().id;
+    let newer = s
+        .submit(job(ModelType::Think, "newer"), T0 + secs(10))
+        .unwrap()
+        .id;
+    let mut urgent = job(ModelType::Think, "urgent");
+    urgent.priority = 5;
+    let urgent = s.submit(urgent, T0 + secs(20)).unwrap().id;
+    let newest = s
+        .submit(job(ModelType::Think, "newest"), T0 + secs(30))
+        .unwrap()
+        .id;
+    let mut low = job(ModelType::Think, "low");
+    low.priority = -1;
+    let low = s.submit(low, T0).unwrap().id;
+
+    let first = s
+        .claim(ModelType::Think, 2, secs(60), "o", T0 + secs(40))
+        .unwrap();
+    let rest = s
+        .claim(ModelType::Think, 10, secs(60), "o", T0 + secs(40))
+        .unwrap();
+    let order: Vec<JobId> = first.iter().chain(rest.iter()).map(|c| c.job.id).collect();
+    assert_eq!(order, vec![urgent, old, newer, newest, low]);
+    for c in first.iter().chain(rest.iter()) {
+        assert_eq!(c.job.status, JobStatus::Processing);
+        assert_eq!(c.job.claim_id.as_deref(), Some(c.claim.claim_id.as_str()));
+        assert_eq!(c.job.lease_until, Some(T0 + secs(100)));
+        assert_eq!(c.job.claimed_by.as_deref(), Some("o"));
+    }
+    assert!(s
+        .claim(ModelType::Think, 10, secs(60), "o", T0 + secs(40))
+        .unwrap()
+        .is_empty());
+}
+
+/// A claim takes only its own model's jobs, and none before their `run_at`.
+pub fn claim_respects_run_at_and_model(f: &impl StoreFixture) {
+    let s = f.handle();
+    let v = s.submit(job(ModelType::Vision, "v"), T0).unwrap().id;
+    s.submit(job(ModelType::Think, "t"), T0).unwrap();
+    let got = s.claim(ModelType::Vision, 10, secs(60), "o", T0).unwrap();
+    assert_eq!(got.iter().map(|c| c.job.id).collect::<Vec<_>>(), vec![v]);
+    assert!(s
+        .claim(ModelType::Vision, 0, secs(60), "o", T0)
+        .unwrap()
+        .is_empty());
+}
+
+/// Two claimers on separate handles never receive the same job and together take all.
+pub fn concurrent_claimers_never_share(f: &impl StoreFixture) {
+    const JOBS: usize = 3000;
+    let setup = f.handle();
+    let batch = (0..JOBS)
+        .map(|i| job(ModelType::Vision, &format!("c{i}")))
+        .collect();
+    setup.submit_batch(batch, T0).unwrap();
+
+    let barrier = Arc::new(Barrier::new(2));
+    let workers: Vec<_> = (0..2)
+        .map(|w| {
+            let store = f.handle();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut mine = Vec::new();
+                let mut n = 1;
+                loop {
+                    let got = store
+                        .claim(ModelType::Vision, n, secs(60), &format!("w{w}"), T0)
+                        .unwrap();
+                    if got.is_empty() {
+                        break;
+                    }
+                    for c in got {
+                        store.complete(&c.claim, done("c"), T0).unwrap();
+                        mine.push(c.job.id);
+                    }
+                    n = n % 16 + 1;
+                }
+                mine
+            })
+        })
+        .collect();
+    let results: Vec<Vec<JobId>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let a: HashSet<JobId> = results[0].iter().copied().collect();
+    let b: HashSet<JobId> = results[1].iter().copied().collect();
+    assert_eq!(
+        a.len(),
+        results[0].len(),
+        "a claimer received one job twice"
+    );
+    assert_eq!(
+        b.len(),
+        results[1].len(),
+        "a claimer received one job twice"
+    );
+    assert!(a.is_disjoint(&b), "two claimers received the same job");
+    assert_eq!(a.len() + b.len(), JOBS, "some jobs were never claimed");
+    let counts = setup.stats(T0).unwrap().model(ModelType::Vision).counts;
+    assert_eq!(counts.done, JOBS as u64);
+}
+
+/// An expired lease goes back to `pending`; an unexpired one stays.
+pub fn lease_expiry_reclaims(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job(ModelType::Vision, "l"), T0).unwrap().id;
+    let got = s.claim(ModelType::Vision, 1, secs(10), "o", T0).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(s.reclaim_expired(T0 + secs(9)).unwrap(), 0);
+    assert_eq!(status_of(&s, id), JobStatus::Processing);
+    assert_eq!(s.reclaim_expired(T0 + secs(11)).unwrap(), 1);
+    let job = s.get(id).unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Pending);
+    assert_eq!(job.claim_id, None);
+    assert_eq!(job.lease_until, None);
+    assert_eq!(job.attempts, 0, "a reclaim is not an attempt");
+    let again = claim_one(&s, ModelType::Vision, T0 + secs(12)).unwrap();
+    assert_eq!(again.job_id, id);
+    assert_ne!(again.claim_id, got[0].claim.claim_id);
+}
+
+/// After a reclaim, the old claim can neither complete, fail nor release.
+pub fn stale_claim_cannot_complete(f: &impl StoreFixture) {
+    let s = f.handle();
+    s.submit(job(ModelType::Think, "s"), T0).unwrap();
+    let old = claim_one(&s, ModelType::Think, T0).unwrap();
+    s.reclaim_expired(T0 + secs(61)).unwrap();
+    let new = claim_one(&s, ModelType::Think, T0 + secs(62)).unwrap();
+    let stale = |r: Result<(), StoreError>| {
+        assert!(
+            matches!(r, Err(StoreError::StaleClaim { .. })),
+            "expected StaleClaim, got {r:?}"
+        )
+    };
+    stale(s.complete(&old, done("old"), T0 + secs(63)));
+    stale(
+        s.fail(&old, retryable("x", secs(1)), T0 + secs(63))
+            .map(|_| ()),
+    );
+    stale(s.release(&old, T0 + secs(63)));
+    let job = s.get(old.job_id).unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Processing);
+    assert_eq!(job.claim_id.as_deref(), Some(new.claim_id.as_str()));
+    s.complete(&new, done("new"), T0 + secs(64)).unwrap();
+    let job = s.get(old.job_id).unwrap().unwrap();
+    assert_eq!(job.result_path, Some(PathBuf::from("/results/new.json")));
+    stale(s.complete(&new, done("twice"), T0 + secs(65)));
+}
+
+/// A retryable failure waits its delay; the job is not claimable before.
+pub fn backoff_schedule(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job(ModelType::Vision, "b"), T0).unwrap().id;
+    let mut now = T0;
+    for (attempt, delay) in [(1u32, 4u64), (2, 8)] {
+        let c = claim_one(&s, ModelType::Vision, now).unwrap();
+        let out = s
+            .fail(&c, retryable(&format!("boom {attempt}"), secs(delay)), now)
+            .unwrap();
+        assert_eq!(
+            out,
+            FailOutcome::Retrying {
+                run_at: now + secs(delay),
+                attempts: attempt
+            }
+        );
+        let job = s.get(id).unwrap().unwrap();
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!(job.attempts, attempt);
+        assert_eq!(
+            job.error.as_deref(),
+            Some(format!("boom {attempt}").as_str())
+        );
+        assert_eq!(job.run_at, Some(now + secs(delay)));
+        assert!(claim_one(
+            &s,
+            ModelType::Vision,
+            now + secs(delay) - Duration::from_millis(1)
+        )
+        .is_none());
+        now = now + secs(delay);
+    }
+    assert!(claim_one(&s, ModelType::Vision, now).is_some());
+}
+
+/// The last allowed attempt failing leaves the job `failed` with its error.
+pub fn max_attempts_leads_to_failed(f: &impl StoreFixture) {
+    let s = f.handle();
+    let mut j = job(ModelType::Think, "m");
+    j.max_attempts = Some(2);
+    let id = s.submit(j, T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    assert!(matches!(
+        s.fail(&c, retryable("first", secs(0)), T0).unwrap(),
+        FailOutcome::Retrying { attempts: 1, .. }
+    ));
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    assert_eq!(
+        s.fail(&c, retryable("second", secs(0)), T0).unwrap(),
+        FailOutcome::Failed { attempts: 2 }
+    );
+    let job = s.get(id).unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.error.as_deref(), Some("second"));
+    assert_eq!(job.finished_at, Some(T0));
+    assert!(claim_one(&s, ModelType::Think, T0 + secs(1000)).is_none());
+}
+
+/// A permanent failure fails the job on its first attempt.
+pub fn permanent_failure_fails_at_once(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job(ModelType::Think, "p"), T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    let out = s
+        .fail(
+            &c,
+            Failure {
+                message: "HTTP 400: bad request".into(),
+                retry_after: None,
+            },
+            T0,
+        )
+        .unwrap();
+    assert_eq!(out, FailOutcome::Failed { attempts: 1 });
+    assert_eq!(status_of(&s, id), JobStatus::Failed);
+}
+
+/// A release returns the job without counting an attempt.
+pub fn release_keeps_attempts(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job(ModelType::Vision, "r"), T0).unwrap().id;
+    for _ in 0..5 {
+        let c = claim_one(&s, ModelType::Vision, T0).unwrap();
+        s.release(&c, T0).unwrap();
+    }
+    let job = s.get(id).unwrap().unwrap();
+    assert_eq!((job.status, job.attempts), (JobStatus::Pending, 0));
+    assert_eq!(job.claim_id, None);
+}
+
+/// `release_owner` returns exactly that owner's claims.
+pub fn release_owner_returns_its_claims(f: &impl StoreFixture) {
+    let s = f.handle();
+    for i in 0..4 {
+        s.submit(job(ModelType::Vision, &format!("o{i}")), T0)
+            .unwrap();
+    }
+    let dead = s
+        .claim(ModelType::Vision, 3, secs(300), "dead-daemon", T0)
+        .unwrap();
+    let alive = s
+        .claim(ModelType::Vision, 1, secs(300), "live-daemon", T0)
+        .unwrap();
+    assert_eq!((dead.len(), alive.len()), (3, 1));
+    assert_eq!(s.release_owner("dead-daemon", T0 + secs(1)).unwrap(), 3);
+    for c in &dead {
+        assert_eq!(status_of(&s, c.job.id), JobStatus::Pending);
+    }
+    assert_eq!(status_of(&s, alive[0].job.id), JobStatus::Processing);
+}
+
+/// Cancel: pending and processing jobs end `cancelled`; finished ones are refused.
+pub fn cancel(f: &impl StoreFixture) {
+    let s = f.handle();
+    let pending = s.submit(job(ModelType::Think, "cp"), T0).unwrap().id;
+    let job = s.cancel(pending, T0).unwrap();
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert_eq!(job.finished_at, Some(T0));
+    assert!(claim_one(&s, ModelType::Think, T0).is_none());
+
+    let running = s.submit(job_of("cr"), T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    assert_eq!(c.job_id, running);
+    assert_eq!(s.cancel(running, T0).unwrap().status, JobStatus::Cancelled);
+    assert!(matches!(
+        s.complete(&c, done("late"), T0),
+        Err(StoreError::StaleClaim { .. })
+    ));
+    assert_eq!(status_of(&s, running), JobStatus::Cancelled);
+
+    let finished = s.submit(job_of("cd"), T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    s.complete(&c, done("cd"), T0).unwrap();
+    assert!(matches!(
+        s.cancel(finished, T0),
+        Err(StoreError::InvalidState { .. })
+    ));
+    assert!(matches!(
+        s.cancel(JobId([7; 16]), T0),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+fn job_of(tag: &str) -> NewJob {
+    job(ModelType::Think, tag)
+}
+
+/// A manual retry gives a failed or cancelled job fresh attempts.
+pub fn manual_retry(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job_of("mr"), T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    s.fail(
+        &c,
+        Failure {
+            message: "HTTP 400".into(),
+            retry_after: None,
+        },
+        T0,
+    )
+    .unwrap();
+    let job = s.retry(id, T0 + secs(5)).unwrap();
+    assert_eq!((job.status, job.attempts), (JobStatus::Pending, 0));
+    assert!(claim_one(&s, ModelType::Think, T0 + secs(5)).is_some());
+    assert!(matches!(
+        s.retry(id, T0),
+        Err(StoreError::InvalidState { .. })
+    ));
+    let cancelled = s.submit(job_of("mr2"), T0).unwrap().id;
+    s.cancel(cancelled, T0).unwrap();
+    assert_eq!(s.retry(cancelled, T0).unwrap().status, JobStatus::Pending);
+    assert!(matches!(
+        s.retry(JobId([9; 16]), T0),
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+/// A parent waits in `processing`; its fragments are claimable and listed in order.
+pub fn fragments_of_parent(f: &impl StoreFixture) {
+    let s = f.handle();
+    let frags: Vec<NewJob> = (0..3)
+        .map(|i| job(ModelType::Think, &format!("frag{i}")))
+        .collect();
+    let parent = s
+        .submit_parent(job(ModelType::Think, "parent"), frags.clone(), T0)
+        .unwrap();
+    assert!(parent.created);
+    assert_eq!(parent.status, JobStatus::Processing);
+    let p = s.get(parent.id).unwrap().unwrap();
+    assert!(p.is_parent());
+    assert_eq!(p.total_fragments, Some(3));
+
+    let listed = s.fragments(parent.id).unwrap();
+    assert_eq!(listed.len(), 3);
+    for (i, fr) in listed.iter().enumerate() {
+        assert_eq!(fr.parent_id, Some(parent.id));
+        assert_eq!(fr.fragment_index, Some(i as u32));
+        assert_eq!(fr.total_fragments, Some(3));
+        assert_eq!(fr.status, JobStatus::Pending);
+    }
+    // The parent itself is never claimed; its fragments are, in order.
+    let claimed = s.claim(ModelType::Think, 10, secs(60), "o", T0).unwrap();
+    let ids: Vec<JobId> = claimed.iter().map(|c| c.job.id).collect();
+    assert_eq!(ids, listed.iter().map(|j| j.id).collect::<Vec<_>>());
+
+    // Resubmitting the parent returns it and adds nothing.
+    let again = s
+        .submit_parent(job(ModelType::Think, "parent"), frags, T0)
+        .unwrap();
+    assert_eq!((again.id, again.created), (parent.id, false));
+    assert_eq!(s.fragments(parent.id).unwrap().len(), 3);
+    // A fragment whose payload equals a standalone job's is still its own job.
+    let standalone = s.submit(job(ModelType::Think, "frag0"), T0).unwrap();
+    assert!(standalone.created);
+
+    assert!(matches!(
+        s.submit_parent(job(ModelType::Think, "empty"), vec![], T0),
+        Err(StoreError::Invalid(_))
+    ));
+    // Cancelling the parent cancels its unfinished fragments.
+    s.cancel(parent.id, T0).unwrap();
+    assert!(s
+        .fragments(parent.id)
+        .unwrap()
+        .iter()
+        .all(|j| j.status == JobStatus::Cancelled));
+}
+
+/// `complete` records the result, usage and latency.
+pub fn complete_records_result(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job(ModelType::Vision, "cr"), T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
+    s.complete(&c, done("cr"), T0 + secs(2)).unwrap();
+    let j = s.get(id).unwrap().unwrap();
+    assert_eq!(j.status, JobStatus::Done);
+    assert_eq!(j.result_path, Some(PathBuf::from("/results/cr.json")));
+    assert_eq!((j.prompt_tokens, j.completion_tokens), (Some(11), Some(22)));
+    assert_eq!(j.latency_ms, Some(345));
+    assert_eq!(j.attempts, 1);
+    assert_eq!(j.started_at, Some(T0));
+    assert_eq!(j.finished_at, Some(T0 + secs(2)));
+    assert_eq!((j.claim_id, j.lease_until), (None, None));
+}
+
+/// A batch completion records the current claims and refuses the stale one.
+pub fn complete_batch_mixes_stale_and_current(f: &impl StoreFixture) {
+    let s = f.handle();
+    for i in 0..3 {
+        s.submit(job(ModelType::Vision, &format!("cb{i}")), T0)
+            .unwrap();
+    }
+    let claimed = s.claim(ModelType::Vision, 3, secs(60), "o", T0).unwrap();
+    let mut stale = claimed[1].claim.clone();
+    stale.claim_id = "not-the-claim".into();
+    let items = vec![
+        (claimed[0].claim.clone(), done("cb0")),
+        (stale, done("cb1")),
+        (claimed[2].claim.clone(), done("cb2")),
+    ];
+    let out = s.complete_batch(items, T0).unwrap();
+    assert!(out[0].is_ok() && out[2].is_ok());
+    assert!(matches!(out[1], Err(StoreError::StaleClaim { .. })));
+    assert_eq!(status_of(&s, claimed[1].job.id), JobStatus::Processing);
+    assert_eq!(status_of(&s, claimed[2].job.id), JobStatus::Done);
+}
+
+/// Stats count per model and status and age the oldest pending job.
+pub fn stats_per_model_and_status(f: &impl StoreFixture) {
+    let s = f.handle();
+    s.submit(job(ModelType::Vision, "s1"), T0).unwrap();
+    s.submit(job(ModelType::Vision, "s2"), T0 + secs(30))
+        .unwrap();
+    s.submit(job(ModelType::Vision, "s3"), T0 + secs(40))
+        .unwrap();
+    s.submit(job(ModelType::Think, "s4"), T0).unwrap();
+    let c = claim_one(&s, ModelType::Vision, T0 + secs(50)).unwrap();
+    s.complete(&c, done("s1"), T0 + secs(50)).unwrap();
+    claim_one(&s, ModelType::Think, T0 + secs(50)).unwrap();
+
+    let st = s.stats(T0 + secs(100)).unwrap();
+    let v = st.model(ModelType::Vision);
+    assert_eq!(
+        (v.counts.pending, v.counts.done, v.counts.processing),
+        (2, 1, 0)
+    );
+    assert_eq!(v.oldest_pending_age, Some(secs(70)));
+    let t = st.model(ModelType::Think);
+    assert_eq!((t.counts.pending, t.counts.processing), (0, 1));
+    assert_eq!(t.oldest_pending_age, None);
+    assert_eq!(st.models.len(), ModelType::ALL.len());
+}
+
+/// `list` filters by status and model, returns newest first, and honours the limit.
+pub fn list_filters_and_limit(f: &impl StoreFixture) {
+    let s = f.handle();
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        ids.push(
+            s.submit(job(ModelType::Vision, &format!("l{i}")), T0 + secs(i))
+                .unwrap()
+                .id,
+        );
+    }
+    s.submit(job(ModelType::Think, "lt"), T0).unwrap();
+    s.cancel(ids[1], T0).unwrap();
+    let all_vision = s
+        .list(&ListFilter {
+            model_type: Some(ModelType::Vision),
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    let order: Vec<JobId> = all_vision.iter().map(|j| j.id).collect();
+    assert_eq!(order, ids.iter().rev().copied().collect::<Vec<_>>());
+    let limited = s
+        .list(&ListFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(limited.len(), 2);
+    let cancelled = s
+        .list(&ListFilter {
+            status: Some(JobStatus::Cancelled),
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ids[1]]
+    );
+}
+
+/// An unknown id is `None`, not an error.
+pub fn get_unknown_is_none(f: &impl StoreFixture) {
+    let s = f.handle();
+    assert!(s.get(JobId([1; 16])).unwrap().is_none());
+}

@@ -1,0 +1,637 @@
+//! The SQLite adapter of the `JobStore` port.
+//!
+//! One file, shared with other programs: WAL journal, `synchronous=NORMAL`,
+//! a busy timeout, and `BEGIN IMMEDIATE` for every write, so that writers
+//! queue for the lock instead of failing. The queries that matter are in
+//! `src/store/sql/`, one file each.
+
+pub mod migrate;
+mod rows;
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{named_params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use feeder_actors::{
+    Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, JobStore,
+    ListFilter, ModelStats, ModelType, NewJob, QueueStats, StoreError, StoreResult, Submitted,
+    Timestamp, DEFAULT_MAX_ATTEMPTS,
+};
+
+pub use migrate::{latest_version, MigrationReport};
+use rows::{job_from_row, secs, Db};
+
+const CLAIM: &str = include_str!("sql/claim.sql");
+const COMPLETE: &str = include_str!("sql/complete.sql");
+const FAIL: &str = include_str!("sql/fail.sql");
+const RELEASE: &str = include_str!("sql/release.sql");
+const RECLAIM: &str = include_str!("sql/reclaim.sql");
+const RELEASE_OWNER: &str = include_str!("sql/release_owner.sql");
+const INSERT: &str = include_str!("sql/insert.sql");
+
+const SELECT_JOB: &str = "SELECT rowid AS seq, * FROM gpu_jobs";
+
+/// How long a writer waits for another process's lock before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SQLite job store: one connection, used from one thread at a time.
+///
+/// Open one `SqliteStore` per thread that needs its own connection; they
+/// coordinate through the database file like separate processes do.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it with mode 0600 when missing) and migrates the database.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        Self::open_with_report(path).map(|(s, _)| s)
+    }
+
+    /// Like `open`, and says which migrations it applied.
+    pub fn open_with_report(path: &Path) -> StoreResult<(Self, MigrationReport)> {
+        let shown = path.display().to_string();
+        create_private(path)?;
+        let mut conn = Connection::open(path).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot open database {shown}: {e} (check queue.db_path and its directory's permissions)"
+            ))
+        })?;
+        configure(&conn).map_err(|e| StoreError::Backend(format!("configuring {shown}: {e}")))?;
+        let report = migrate::migrate(&mut conn, &shown)?;
+        Ok((
+            SqliteStore {
+                conn: Mutex::new(conn),
+                path: path.to_path_buf(),
+            },
+            report,
+        ))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes when another connection commits.
+    /// Cheap to poll; how the dispatcher notices rows inserted by other programs.
+    pub fn data_version(&self) -> StoreResult<i64> {
+        self.lock()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .db()
+    }
+
+    /// Resolves a job id or a unique prefix of at least 4 hex digits.
+    pub fn resolve(&self, text: &str) -> StoreResult<JobId> {
+        let text = text.trim().to_ascii_lowercase();
+        if let Ok(id) = text.parse::<JobId>() {
+            return Ok(id);
+        }
+        if text.len() < 4 || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::Invalid(format!(
+                "`{text}` is not a job id: give the 32 hex digits printed by `gpu-feeder submit` or `list`, or a unique prefix of at least 4"
+            )));
+        }
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT id FROM gpu_jobs WHERE hex(id) LIKE ?1 || '%' LIMIT 2")
+            .db()?;
+        let ids: Vec<Vec<u8>> = stmt
+            .query_map([text.to_ascii_uppercase()], |r| r.get(0))
+            .db()?
+            .collect::<Result<_, _>>()
+            .db()?;
+        match ids.as_slice() {
+            [one] => JobId::from_slice(one).ok_or_else(|| StoreError::Corrupt {
+                id: hex::encode(one),
+                reason: "id is not 16 bytes".into(),
+            }),
+            [] => Err(StoreError::Invalid(format!(
+                "no job id starts with `{text}`: check it with `gpu-feeder list`"
+            ))),
+            _ => Err(StoreError::Invalid(format!(
+                "more than one job id starts with `{text}`: give more digits"
+            ))),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable:
+        // every write is a transaction that rolled back with the panic.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .db()?;
+        let out = f(&tx)?;
+        tx.commit().db()?;
+        Ok(out)
+    }
+}
+
+/// Creates the database file with mode 0600 if it does not exist, so that
+/// the queue (payload paths, results, errors) is private to its owner.
+fn create_private(path: &Path) -> StoreResult<()> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Backend(format!(
+            "cannot create database {}: {e} (check queue.db_path and that its directory exists and is writable)",
+            path.display()
+        ))),
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), String> {
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| e.to_string())?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(format!(
+            "the database refused WAL mode (it stays in `{mode}`); is it on a network file system?"
+        ));
+    }
+    conn.execute_batch("PRAGMA synchronous = NORMAL;")
+        .map_err(|e| e.to_string())
+}
+
+fn insert(
+    tx: &Transaction<'_>,
+    job: &NewJob,
+    status: JobStatus,
+    fragment: Option<(JobId, u32, u32)>,
+    total: Option<u32>,
+    now: Timestamp,
+) -> StoreResult<Option<JobId>> {
+    let id = JobId::random();
+    let (payload_path, payload_inline) = match &job.payload {
+        feeder_actors::Payload::File(p) => (Some(p.to_string_lossy().into_owned()), None),
+        feeder_actors::Payload::Inline(s) => (None, Some(s.as_str())),
+    };
+    let mut stmt = tx.prepare_cached(INSERT).db()?;
+    let n = stmt
+        .execute(named_params! {
+            ":id": id.0,
+            ":payload_sha256": job.payload_sha256,
+            ":model_type": job.model_type.as_str(),
+            ":payload_path": payload_path,
+            ":payload_inline": payload_inline,
+            ":created_at": now.as_secs(),
+            ":status": status.as_str(),
+            ":priority": job.priority,
+            ":max_attempts": job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            ":parent_id": fragment.map(|f| f.0 .0),
+            ":fragment_index": fragment.map(|f| f.1),
+            ":total_fragments": fragment.map(|f| f.2).or(total),
+            ":follows": job.follows.map(|f| f.0),
+            ":then_model": job.then_model.map(|m| m.as_str()),
+            ":now": secs(now),
+        })
+        .map_err(|e| StoreError::Invalid(format!("job rejected by the database: {e}")))?;
+    Ok((n == 1).then_some(id))
+}
+
+/// The existing job that an insert of `job` conflicted with.
+fn existing(tx: &Transaction<'_>, job: &NewJob) -> StoreResult<Job> {
+    let found = if let Some(follows) = job.follows {
+        tx.query_row(
+            &format!("{SELECT_JOB} WHERE follows = ?1"),
+            [follows.0],
+            job_from_row,
+        )
+    } else {
+        tx.query_row(
+            &format!(
+                "{SELECT_JOB} WHERE model_type = ?1 AND payload_sha256 = ?2 \
+                 AND parent_id IS NULL AND follows IS NULL"
+            ),
+            [job.model_type.as_str(), job.payload_sha256.as_str()],
+            job_from_row,
+        )
+    };
+    found.db()?
+}
+
+fn submit_in(tx: &Transaction<'_>, job: &NewJob, now: Timestamp) -> StoreResult<Submitted> {
+    match insert(tx, job, JobStatus::Pending, None, None, now)? {
+        Some(id) => Ok(Submitted {
+            id,
+            created: true,
+            status: JobStatus::Pending,
+        }),
+        None => {
+            let found = existing(tx, job)?;
+            Ok(Submitted {
+                id: found.id,
+                created: false,
+                status: found.status,
+            })
+        }
+    }
+}
+
+fn get_in(conn: &Connection, id: JobId) -> StoreResult<Option<Job>> {
+    conn.query_row(&format!("{SELECT_JOB} WHERE id = ?1"), [id.0], job_from_row)
+        .optional()
+        .db()?
+        .transpose()
+}
+
+fn stale(claim: &Claim) -> StoreError {
+    StoreError::StaleClaim {
+        job_id: claim.job_id,
+        claim_id: claim.claim_id.clone(),
+    }
+}
+
+fn complete_in(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    done: &Completion,
+    now: Timestamp,
+) -> StoreResult<()> {
+    let mut stmt = tx.prepare_cached(COMPLETE).db()?;
+    let n = stmt
+        .execute(named_params! {
+            ":id": claim.job_id.0,
+            ":claim_id": claim.claim_id,
+            ":result_path": done.result_path.to_string_lossy(),
+            ":prompt_tokens": done.prompt_tokens.map(|t| t as i64),
+            ":completion_tokens": done.completion_tokens.map(|t| t as i64),
+            ":latency_ms": done.latency.as_millis() as i64,
+            ":now": secs(now),
+        })
+        .db()?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(stale(claim))
+    }
+}
+
+impl JobStore for SqliteStore {
+    fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
+        self.write(|tx| submit_in(tx, &job, now))
+    }
+
+    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
+        self.write(|tx| jobs.iter().map(|j| submit_in(tx, j, now)).collect())
+    }
+
+    fn submit_parent(
+        &self,
+        parent: NewJob,
+        fragments: Vec<NewJob>,
+        now: Timestamp,
+    ) -> StoreResult<Submitted> {
+        if fragments.is_empty() {
+            return Err(StoreError::Invalid(
+                "a parent job needs at least one fragment".into(),
+            ));
+        }
+        let total = u32::try_from(fragments.len())
+            .map_err(|_| StoreError::Invalid("too many fragments".into()))?;
+        self.write(|tx| {
+            let Some(id) = insert(tx, &parent, JobStatus::Processing, None, Some(total), now)?
+            else {
+                let found = existing(tx, &parent)?;
+                return Ok(Submitted {
+                    id: found.id,
+                    created: false,
+                    status: found.status,
+                });
+            };
+            for (i, frag) in fragments.iter().enumerate() {
+                let at = Some((id, i as u32, total));
+                if insert(tx, frag, JobStatus::Pending, at, None, now)?.is_none() {
+                    return Err(StoreError::Invalid(format!(
+                        "fragment {i} of parent {id} conflicts with an existing row"
+                    )));
+                }
+            }
+            Ok(Submitted {
+                id,
+                created: true,
+                status: JobStatus::Processing,
+            })
+        })
+    }
+
+    fn claim(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let claim_id = hex::encode(rand::random::<[u8; 12]>());
+        let mut rows = self.write(|tx| {
+            let mut stmt = tx.prepare_cached(CLAIM).db()?;
+            let rows = stmt
+                .query_map(
+                    named_params! {
+                        ":claim_id": claim_id,
+                        ":owner": owner,
+                        ":lease_until": secs(now + lease),
+                        ":now": secs(now),
+                        ":model": model.as_str(),
+                        ":n": n as i64,
+                    },
+                    |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)),
+                )
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()?;
+            Ok(rows)
+        })?;
+        // RETURNING does not keep the subquery's order: restore it.
+        rows.sort_by(|(sa, a), (sb, b)| {
+            b.as_ref()
+                .map(|j| j.priority)
+                .ok()
+                .cmp(&a.as_ref().map(|j| j.priority).ok())
+                .then_with(|| {
+                    let ca = a.as_ref().map(|j| j.created_at).ok();
+                    let cb = b.as_ref().map(|j| j.created_at).ok();
+                    ca.cmp(&cb)
+                })
+                .then(sa.cmp(sb))
+        });
+        rows.into_iter()
+            .map(|(_, job)| {
+                let job = job?;
+                Ok(ClaimedJob {
+                    claim: Claim {
+                        job_id: job.id,
+                        claim_id: claim_id.clone(),
+                    },
+                    job,
+                })
+            })
+            .collect()
+    }
+
+    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
+        self.write(|tx| complete_in(tx, claim, &done, now))
+    }
+
+    fn complete_batch(
+        &self,
+        items: Vec<(Claim, Completion)>,
+        now: Timestamp,
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        self.write(|tx| {
+            Ok(items
+                .iter()
+                .map(|(claim, done)| complete_in(tx, claim, done, now))
+                .collect())
+        })
+    }
+
+    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome> {
+        let retry_at = now + failure.retry_after.unwrap_or_default();
+        self.write(|tx| {
+            let mut stmt = tx.prepare_cached(FAIL).db()?;
+            let row = stmt
+                .query_row(
+                    named_params! {
+                        ":id": claim.job_id.0,
+                        ":claim_id": claim.claim_id,
+                        ":retryable": failure.retry_after.is_some(),
+                        ":retry_at": secs(retry_at),
+                        ":error": failure.message,
+                        ":now": secs(now),
+                    },
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, u32>(1)?,
+                            r.get::<_, f64>(2)?,
+                        ))
+                    },
+                )
+                .optional()
+                .db()?;
+            match row {
+                None => Err(stale(claim)),
+                Some((status, attempts, _)) if status == "failed" => {
+                    Ok(FailOutcome::Failed { attempts })
+                }
+                Some((_, attempts, run_at)) => Ok(FailOutcome::Retrying {
+                    run_at: Timestamp::from_secs_f64(run_at),
+                    attempts,
+                }),
+            }
+        })
+    }
+
+    fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()> {
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached(RELEASE)
+                .db()?
+                .execute(named_params! {
+                    ":id": claim.job_id.0,
+                    ":claim_id": claim.claim_id,
+                    ":now": secs(now),
+                })
+                .db()?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(stale(claim))
+            }
+        })
+    }
+
+    fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached(RECLAIM)
+                .db()?
+                .execute(named_params! { ":now": secs(now) })
+                .db()?;
+            Ok(n as u64)
+        })
+    }
+
+    fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64> {
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached(RELEASE_OWNER)
+                .db()?
+                .execute(named_params! { ":owner": owner, ":now": secs(now) })
+                .db()?;
+            Ok(n as u64)
+        })
+    }
+
+    fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
+        self.write(|tx| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound(id))?;
+            if job.status.is_terminal() {
+                return Err(StoreError::InvalidState {
+                    id,
+                    status: job.status,
+                    hint: "only pending or processing jobs can be cancelled",
+                });
+            }
+            let sql =
+                "UPDATE gpu_jobs SET status = 'cancelled', claim_id = NULL, lease_until = NULL, \
+                       finished_at = ?2, updated_at = ?2 \
+                       WHERE (id = ?1 OR parent_id = ?1) AND status IN ('pending', 'processing')";
+            tx.execute(sql, rusqlite::params![id.0, secs(now)]).db()?;
+            get_in(tx, id)?.ok_or(StoreError::NotFound(id))
+        })
+    }
+
+    fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
+        self.write(|tx| {
+            let job = get_in(tx, id)?.ok_or(StoreError::NotFound(id))?;
+            if !matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
+                return Err(StoreError::InvalidState {
+                    id,
+                    status: job.status,
+                    hint: "only failed or cancelled jobs can be retried",
+                });
+            }
+            let reset = "attempts = 0, run_at = 0, error = NULL, result_path = NULL, \
+                         finished_at = NULL, claim_id = NULL, lease_until = NULL, updated_at = ?2";
+            if job.is_parent() {
+                tx.execute(
+                    &format!("UPDATE gpu_jobs SET status = 'pending', {reset} WHERE parent_id = ?1 AND status IN ('failed', 'cancelled')"),
+                    rusqlite::params![id.0, secs(now)],
+                )
+                .db()?;
+                tx.execute(
+                    &format!("UPDATE gpu_jobs SET status = 'processing', {reset} WHERE id = ?1"),
+                    rusqlite::params![id.0, secs(now)],
+                )
+                .db()?;
+            } else {
+                tx.execute(
+                    &format!("UPDATE gpu_jobs SET status = 'pending', {reset} WHERE id = ?1"),
+                    rusqlite::params![id.0, secs(now)],
+                )
+                .db()?;
+            }
+            get_in(tx, id)?.ok_or(StoreError::NotFound(id))
+        })
+    }
+
+    fn get(&self, id: JobId) -> StoreResult<Option<Job>> {
+        get_in(&self.lock(), id)
+    }
+
+    fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>> {
+        let mut sql = String::from(SELECT_JOB);
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        let mut clauses = Vec::new();
+        if let Some(st) = filter.status {
+            clauses.push("status = ?");
+            args.push(st.as_str().to_string().into());
+        }
+        if let Some(m) = filter.model_type {
+            clauses.push("model_type = ?");
+            args.push(m.as_str().to_string().into());
+        }
+        if let Some(p) = filter.parent_id {
+            clauses.push("parent_id = ?");
+            args.push(p.0.to_vec().into());
+        }
+        if !clauses.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&clauses.join(" AND "));
+        }
+        sql.push_str(" ORDER BY created_at DESC, rowid DESC LIMIT ?");
+        args.push((filter.limit.min(i64::MAX as usize) as i64).into());
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(&sql).db()?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), job_from_row)
+            .db()?
+            .collect::<Result<Vec<_>, _>>()
+            .db()?;
+        rows.into_iter().collect()
+    }
+
+    fn stats(&self, now: Timestamp) -> StoreResult<QueueStats> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT model_type, status, COUNT(*), MIN(created_at) \
+                 FROM gpu_jobs GROUP BY model_type, status",
+            )
+            .db()?;
+        let mut models: Vec<(ModelType, ModelStats)> = ModelType::ALL
+            .into_iter()
+            .map(|m| (m, ModelStats::default()))
+            .collect();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                    r.get::<_, Option<f64>>(3)?,
+                ))
+            })
+            .db()?;
+        for row in rows {
+            let (model, status, count, oldest) = row.db()?;
+            let (Ok(model), Ok(status)) = (model.parse::<ModelType>(), status.parse::<JobStatus>())
+            else {
+                continue; // The schema's CHECKs make this unreachable.
+            };
+            let entry = &mut models
+                .iter_mut()
+                .find(|(m, _)| *m == model)
+                .expect("every model")
+                .1;
+            *entry.counts.get_mut(status) = count;
+            if status == JobStatus::Pending {
+                entry.oldest_pending_age = oldest.map(|o| now.since(Timestamp::from_secs_f64(o)));
+            }
+        }
+        Ok(QueueStats { models })
+    }
+
+    fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "{SELECT_JOB} WHERE parent_id = ?1 ORDER BY fragment_index"
+            ))
+            .db()?;
+        let rows = stmt
+            .query_map([parent.0], job_from_row)
+            .db()?
+            .collect::<Result<Vec<_>, _>>()
+            .db()?;
+        rows.into_iter().collect()
+    }
+}
