@@ -1,1 +1,24 @@
-fn main() {}
+//! The `gpu-feeder` binary: parses the command line and maps errors to exit
+//! statuses (1 failure, 2 usage, 78 bad configuration).
+
+use clap::Parser;
+
+use gpu_feeder::cli::{self, Cli, EX_CONFIG};
+use gpu_feeder::config::ConfigError;
+
+fn main() {
+    let parsed = Cli::parse();
+    let code = match cli::run(parsed) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(config) = e.downcast_ref::<ConfigError>() {
+                eprintln!("{config}");
+                EX_CONFIG
+            } else {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    };
+    std::process::exit(code);
+}

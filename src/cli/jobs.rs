@@ -1,0 +1,208 @@
+//! The queue commands: migrate, submit, status, list, stats, cancel, retry.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, NewJob, Timestamp};
+
+use super::output;
+use super::{Context, SubmitArgs};
+use crate::store::{latest_version, SqliteStore};
+use crate::submit::Submitter;
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
+}
+
+pub(super) fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
+    ctx.config.create_state_dirs(&ctx.config_path)?;
+    let path = &ctx.config.queue.db_path;
+    let (_, report) = SqliteStore::open_with_report(path)
+        .with_context(|| format!("migrating {}", path.display()))?;
+    if json {
+        print_json(&json!({
+            "db_path": path,
+            "from_version": report.from,
+            "version": report.to,
+            "applied": report.applied,
+        }));
+    } else if report.applied.is_empty() {
+        println!("{}: up to date (schema version {})", path.display(), latest_version());
+    } else {
+        println!(
+            "{}: schema version {} → {} (applied {})",
+            path.display(),
+            report.from,
+            report.to,
+            report.applied.join(", ")
+        );
+    }
+    Ok(0)
+}
+
+pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
+    let store = ctx.open_store()?;
+    let cfg = &ctx.config;
+    if cfg.instances_for(args.model).next().is_none() && !cfg.instances.is_empty() {
+        eprintln!(
+            "warning: no instance in {} serves `{}`; the job waits until one does",
+            ctx.config_path.display(),
+            args.model
+        );
+    }
+    let max_attempts = args.max_attempts.unwrap_or(cfg.dispatch.max_attempts);
+    let sub = Submitter::new(args.model, &cfg.queue.roots(), args.priority, max_attempts);
+    let now = Timestamp::now();
+
+    if let Some(path) = &args.jsonl {
+        let jobs = sub.jsonl(path)?;
+        let out = store.submit_batch(jobs, now)?;
+        let created = out.iter().filter(|s| s.created).count();
+        if args.json {
+            let jobs: Vec<_> = out
+                .iter()
+                .map(|s| json!({"id": s.id, "created": s.created, "status": s.status}))
+                .collect();
+            print_json(&json!({"created": created, "existing": out.len() - created, "jobs": jobs}));
+        } else {
+            println!(
+                "{} jobs from {}: {created} new, {} already queued",
+                out.len(),
+                path.display(),
+                out.len() - created
+            );
+        }
+        return Ok(0);
+    }
+
+    let job: NewJob = if let Some(p) = &args.payload {
+        sub.payload_file(p)?
+    } else if let Some(t) = &args.prompt {
+        sub.prompt(t)?
+    } else if let Some(i) = &args.image {
+        sub.image(i)?
+    } else if let Some(f) = &args.text_file {
+        sub.text_file(f)?
+    } else {
+        unreachable!("clap requires one input");
+    };
+    let s = store.submit(job, now)?;
+    if args.wait {
+        if !args.json {
+            let verb = if s.created { "submitted" } else { "already queued" };
+            eprintln!("{verb} {} ({}); waiting…", s.id, args.model);
+        }
+        return wait(&store, s.id, args.timeout_s.map(Duration::from_secs), args.json);
+    }
+    if args.json {
+        print_json(&json!({"id": s.id, "created": s.created, "status": s.status}));
+    } else if s.created {
+        println!("submitted {} ({}, {})", s.id, args.model, s.status);
+    } else {
+        println!("already queued: {} ({}, {})", s.id, args.model, s.status);
+    }
+    Ok(0)
+}
+
+/// Polls the job until it finishes; exit 0 if done, 1 otherwise.
+fn wait(store: &SqliteStore, id: JobId, timeout: Option<Duration>, json: bool) -> anyhow::Result<i32> {
+    let start = Instant::now();
+    let mut interval = Duration::from_millis(50);
+    let mut hinted = false;
+    loop {
+        let job = store.get(id)?.with_context(|| format!("job {id} disappeared"))?;
+        if job.status.is_terminal() {
+            if json {
+                print_json(&output::job_json(&job));
+            } else {
+                print!("{}", output::job_human(&job, Timestamp::now()));
+            }
+            return Ok(if job.status == JobStatus::Done { 0 } else { 1 });
+        }
+        let waited = start.elapsed();
+        if timeout.is_some_and(|t| waited >= t) {
+            eprintln!("job {id} is still {} after {}s; it stays queued", job.status, waited.as_secs());
+            return Ok(1);
+        }
+        if !hinted && waited > Duration::from_secs(10) && job.status == JobStatus::Pending {
+            eprintln!("job {id} is still pending after 10 s: is `gpu-feeder run` running?");
+            hinted = true;
+        }
+        std::thread::sleep(interval);
+        interval = (interval * 2).min(Duration::from_millis(500));
+    }
+}
+
+pub(super) fn status(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store()?;
+    let id = store.resolve(job)?;
+    let job = store
+        .get(id)?
+        .with_context(|| format!("no job {id}: check the id with `gpu-feeder list`"))?;
+    if json {
+        print_json(&output::job_json(&job));
+    } else {
+        print!("{}", output::job_human(&job, Timestamp::now()));
+    }
+    Ok(0)
+}
+
+pub(super) fn list(
+    ctx: &Context,
+    status: Option<JobStatus>,
+    model: Option<ModelType>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let store = ctx.open_store()?;
+    let jobs = store.list(&ListFilter {
+        status,
+        model_type: model,
+        parent_id: None,
+        limit,
+    })?;
+    if json {
+        let jobs: Vec<_> = jobs.iter().map(output::job_json).collect();
+        print_json(&json!({ "jobs": jobs }));
+    } else {
+        print!("{}", output::jobs_table(&jobs, Timestamp::now()));
+    }
+    Ok(0)
+}
+
+pub(super) fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store()?;
+    let stats = store.stats(Timestamp::now())?;
+    if json {
+        print_json(&output::stats_json(&stats));
+    } else {
+        print!("{}", output::stats_table(&stats));
+    }
+    Ok(0)
+}
+
+pub(super) fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store()?;
+    let id = store.resolve(job)?;
+    let job = store.cancel(id, Timestamp::now())?;
+    if json {
+        print_json(&output::job_json(&job));
+    } else {
+        println!("cancelled {id}");
+    }
+    Ok(0)
+}
+
+pub(super) fn retry(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store()?;
+    let id = store.resolve(job)?;
+    let job = store.retry(id, Timestamp::now())?;
+    if json {
+        print_json(&output::job_json(&job));
+    } else {
+        println!("{id} is {} again", job.status);
+    }
+    Ok(0)
+}

@@ -1,0 +1,226 @@
+//! The command line: `gpu-feeder [--config PATH] [--db PATH] COMMAND`.
+//!
+//! Exit status: 0 on success, 1 on failure, 2 on a usage error, 78
+//! (EX_CONFIG) on a bad configuration. `--json` output is stable (README,
+//! "JSON output").
+
+mod jobs;
+mod output;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use feeder_actors::{JobStatus, ModelType};
+
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::store::SqliteStore;
+
+/// Exit status for a bad configuration (sysexits' EX_CONFIG).
+pub const EX_CONFIG: i32 = 78;
+
+/// gpu-feeder keeps GPUs busy: persistent vLLM servers fed from a durable job queue.
+#[derive(Debug, Parser)]
+#[command(name = "gpu-feeder", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration file [default: $FEEDER_CONFIG, else ./feeder.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Job database; overrides queue.db_path
+    #[arg(long, global = true, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the job database
+    Migrate {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue a job (or many, with --jsonl)
+    Submit(SubmitArgs),
+    /// Show one job
+    Status {
+        /// Job id (or a unique prefix of at least 4 hex digits)
+        job: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs, newest first
+    List {
+        /// Only jobs in this status (pending, processing, done, failed, cancelled)
+        #[arg(long)]
+        status: Option<JobStatus>,
+        /// Only jobs for this model (vision, think)
+        #[arg(long)]
+        model: Option<ModelType>,
+        /// At most this many
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Job counts per model and status, and the oldest pending job's age
+    Stats {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending or processing job
+    Cancel {
+        /// Job id (or a unique prefix)
+        job: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a failed or cancelled job back in the queue with fresh attempts
+    Retry {
+        /// Job id (or a unique prefix)
+        job: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration tools
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `gpu-feeder config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration and explain every error
+    Check {
+        /// The file [default: --config, $FEEDER_CONFIG, ./feeder.toml]
+        path: Option<PathBuf>,
+    },
+}
+
+/// `gpu-feeder submit`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).multiple(false)
+    .args(["payload", "prompt", "image", "text_file", "jsonl"])))]
+pub struct SubmitArgs {
+    /// The model the job is for (vision, think)
+    #[arg(long)]
+    pub model: ModelType,
+    /// A JSON payload file (with `messages`, `prompt` or `image_path`); must lie under queue.payload_roots
+    #[arg(long, value_name = "FILE")]
+    pub payload: Option<PathBuf>,
+    /// A prompt, sent as a user message
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// An image to transcribe (vision); must lie under queue.payload_roots
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// A text file, sent as a user message
+    #[arg(long, value_name = "FILE")]
+    pub text_file: Option<PathBuf>,
+    /// One payload object per line, all queued in one transaction
+    #[arg(long, value_name = "FILE")]
+    pub jsonl: Option<PathBuf>,
+    /// Higher runs first
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i64,
+    /// Attempts before the job fails for good [default: dispatch.max_attempts]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: Option<u32>,
+    /// Wait until the job has finished, then print it; exit 1 unless it is done
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds
+    #[arg(long, value_name = "S", requires = "wait")]
+    pub timeout_s: Option<u64>,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What every command starts from: the configuration and where it came from.
+pub struct Context {
+    /// The configuration in force (`--db` applied).
+    pub config: Config,
+    /// The file it was read from (for messages).
+    pub config_path: PathBuf,
+}
+
+impl Context {
+    /// Loads the configuration named by `--config`, `$FEEDER_CONFIG` or
+    /// `./feeder.toml`. When that last default is missing, built-in defaults
+    /// are used, so that `--db` alone is enough for the queue commands.
+    pub fn load(config: Option<&Path>, db: Option<&Path>) -> Result<Context, ConfigError> {
+        let source = ConfigSource::resolve(config);
+        let path = source.path().to_path_buf();
+        let mut config = match source {
+            ConfigSource::Default(p) if !p.exists() => Config::default(),
+            _ => Config::load(&path)?,
+        };
+        if let Some(db) = db {
+            config.queue.db_path = db.to_path_buf();
+        }
+        Ok(Context {
+            config,
+            config_path: path,
+        })
+    }
+
+    /// Opens the job store, creating the state folders first.
+    pub fn open_store(&self) -> anyhow::Result<SqliteStore> {
+        self.config.create_state_dirs(&self.config_path)?;
+        let path = &self.config.queue.db_path;
+        SqliteStore::open(path).with_context(|| format!("opening the job database {}", path.display()))
+    }
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Config(ConfigCommand::Check { path }) = &cli.command {
+        return Ok(config_check(path.as_deref().or(cli.config.as_deref())));
+    }
+    let ctx = Context::load(cli.config.as_deref(), cli.db.as_deref())?;
+    match cli.command {
+        Command::Migrate { json } => jobs::migrate(&ctx, json),
+        Command::Submit(args) => jobs::submit(&ctx, args),
+        Command::Status { job, json } => jobs::status(&ctx, &job, json),
+        Command::List { status, model, limit, json } => jobs::list(&ctx, status, model, limit, json),
+        Command::Stats { json } => jobs::stats(&ctx, json),
+        Command::Cancel { job, json } => jobs::cancel(&ctx, &job, json),
+        Command::Retry { job, json } => jobs::retry(&ctx, &job, json),
+        Command::Config(_) => unreachable!("handled above"),
+    }
+}
+
+/// `config check`: prints `OK` and a summary, or every problem; the exit status.
+fn config_check(path: Option<&Path>) -> i32 {
+    let source = ConfigSource::resolve(path);
+    let path = source.path();
+    let checked = Config::load(path).and_then(|c| c.create_state_dirs(path).map(|()| c));
+    match checked {
+        Ok(config) => {
+            println!("OK {}", path.display());
+            print!("{}", output::config_summary(&config));
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            let n = e.problems.len();
+            eprintln!(
+                "{} problem{} in {}",
+                n,
+                if n == 1 { "" } else { "s" },
+                path.display()
+            );
+            EX_CONFIG
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Human and JSON renderings of jobs, statistics and configurations.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use feeder_actors::{Job, JobStatus, ModelType, QueueStats, Timestamp};
+
+use crate::config::{Backend, Config};
+
+/// A job as `--json` prints it (the `status --json` contract).
+pub fn job_json(job: &Job) -> Value {
+    serde_json::to_value(job).expect("a job serializes")
+}
+
+/// `stats --json`.
+pub fn stats_json(stats: &QueueStats) -> Value {
+    let mut jobs = serde_json::Map::new();
+    let mut ages = serde_json::Map::new();
+    for (model, s) in &stats.models {
+        jobs.insert(model.to_string(), serde_json::to_value(s.counts).expect("counts"));
+        ages.insert(
+            model.to_string(),
+            s.oldest_pending_age.map_or(Value::Null, |d| json!(d.as_secs_f64())),
+        );
+    }
+    json!({ "jobs": jobs, "oldest_pending_age_s": ages })
+}
+
+/// "3s", "4m 10s", "2h 5m", "3d 4h".
+pub fn age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d {}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn ago(t: Option<Timestamp>, now: Timestamp) -> String {
+    t.map_or_else(|| "-".into(), |t| format!("{} ago", age(now.since(t))))
+}
+
+fn clip(s: &str, n: usize) -> String {
+    let one_line = s.replace('\n', " ");
+    if one_line.chars().count() <= n {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(n).collect::<String>())
+    }
+}
+
+/// `status` without `--json`.
+pub fn job_human(job: &Job, now: Timestamp) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| {
+        let _ = writeln!(out, "{k:<10} {v}");
+    };
+    line("job", job.id.to_hex());
+    line("status", job.status.to_string());
+    line("model", job.model_type.to_string());
+    line("attempts", format!("{} of {}", job.attempts, job.max_attempts));
+    line("priority", job.priority.to_string());
+    line("created", ago(Some(job.created_at), now));
+    if let Some(p) = &job.payload_path {
+        line("payload", p.display().to_string());
+    } else if let Some(inline) = &job.payload_inline {
+        line("payload", clip(inline, 100));
+    }
+    if job.status == JobStatus::Pending {
+        if let Some(run_at) = job.run_at.filter(|t| *t > now) {
+            line("retry in", age(run_at.since(now)));
+        }
+    }
+    if job.status == JobStatus::Processing {
+        if let Some(by) = &job.claimed_by {
+            line("claimed by", by.clone());
+        }
+        if let Some(lease) = job.lease_until {
+            line("lease", format!("{} left", age(lease.since(now))));
+        }
+    }
+    if let Some(r) = &job.result_path {
+        line("result", r.display().to_string());
+    }
+    if let Some(e) = &job.error {
+        line("error", e.clone());
+    }
+    if job.prompt_tokens.is_some() || job.completion_tokens.is_some() {
+        line(
+            "tokens",
+            format!(
+                "{} prompt, {} completion",
+                job.prompt_tokens.unwrap_or(0),
+                job.completion_tokens.unwrap_or(0)
+            ),
+        );
+    }
+    if let Some(l) = job.latency_ms {
+        line("latency", format!("{l} ms"));
+    }
+    if let (Some(p), Some(i), Some(n)) = (job.parent_id, job.fragment_index, job.total_fragments) {
+        line("parent", format!("{p} (fragment {} of {n})", i + 1));
+    } else if let Some(n) = job.total_fragments {
+        line("fragments", n.to_string());
+    }
+    if let Some(f) = job.follows {
+        line("follows", f.to_hex());
+    }
+    if let Some(m) = job.then_model {
+        line("then", m.to_string());
+    }
+    if job.status.is_terminal() {
+        line("finished", ago(job.finished_at, now));
+    }
+    out
+}
+
+/// `list` without `--json`.
+pub fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".into();
+    }
+    let mut out = format!(
+        "{:<32}  {:<10}  {:<6}  {:>4}  {:>5}  {:>8}  {}\n",
+        "ID", "STATUS", "MODEL", "PRI", "TRIES", "AGE", "RESULT / ERROR"
+    );
+    for j in jobs {
+        let detail = match (&j.result_path, &j.error, j.total_fragments, j.parent_id) {
+            (Some(r), _, _, _) => r.display().to_string(),
+            (None, Some(e), _, _) => clip(e, 60),
+            (None, None, Some(n), None) => format!("parent of {n} fragments"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<32}  {:<10}  {:<6}  {:>4}  {:>5}  {:>8}  {}",
+            j.id.to_hex(),
+            j.status.as_str(),
+            j.model_type.as_str(),
+            j.priority,
+            format!("{}/{}", j.attempts, j.max_attempts),
+            age(now.since(j.created_at)),
+            detail
+        );
+    }
+    out
+}
+
+/// `stats` without `--json`.
+pub fn stats_table(stats: &QueueStats) -> String {
+    let mut out = format!(
+        "{:<7} {:>9} {:>11} {:>9} {:>8} {:>10}  {}\n",
+        "MODEL", "PENDING", "PROCESSING", "DONE", "FAILED", "CANCELLED", "OLDEST PENDING"
+    );
+    for model in ModelType::ALL {
+        let s = stats.model(model);
+        let c = s.counts;
+        let _ = writeln!(
+            out,
+            "{:<7} {:>9} {:>11} {:>9} {:>8} {:>10}  {}",
+            model.as_str(),
+            c.pending,
+            c.processing,
+            c.done,
+            c.failed,
+            c.cancelled,
+            s.oldest_pending_age.map_or("-".into(), age)
+        );
+    }
+    out
+}
+
+/// What `config check` prints after `OK`.
+pub fn config_summary(c: &Config) -> String {
+    let mut out = String::new();
+    let q = &c.queue;
+    let _ = writeln!(out, "  database   {}", q.db_path.display());
+    let _ = writeln!(out, "  results    {}", q.results_dir.display());
+    let _ = writeln!(out, "  stage      {}", q.stage_dir.display());
+    let roots: Vec<String> = q.roots().iter().map(|r| r.display().to_string()).collect();
+    let _ = writeln!(out, "  roots      {}", roots.join(", "));
+    let _ = writeln!(out, "  admin      {}", c.admin.listen);
+    if c.instances.is_empty() {
+        let _ = writeln!(out, "  instances  none (`run` needs at least one [[instances]] table)");
+    }
+    for i in &c.instances {
+        let place = match i.backend {
+            Backend::External => i.base_url(),
+            Backend::Docker => format!("{} on port {}", i.image, i.port.unwrap_or(0)),
+            Backend::Process => format!("`{}` on port {}", i.command.join(" "), i.port.unwrap_or(0)),
+        };
+        let _ = writeln!(
+            out,
+            "  instance   {} ({}, {}): {} · model {} · GPU {:?} at {:.2}",
+            i.name, i.model_type, i.backend, place, i.served_model_name, i.gpu_ids, i.gpu_memory_utilization
+        );
+    }
+    out
+}

@@ -1,0 +1,233 @@
+//! Cross-checks: what serde cannot see by itself (ranges, duplicates,
+//! what each backend needs, keys that contradict each other).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use super::locate::{line_of, Seg};
+use super::{Backend, Config, Problem};
+
+/// Flags the vLLM command line must not carry, because a key owns them.
+const OWNED_FLAGS: &[(&str, &str)] = &[
+    ("--port", "port"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization"),
+    ("--served-model-name", "served_model_name"),
+];
+
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn at(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        let key = path
+            .iter()
+            .fold(String::new(), |mut acc, seg| {
+                match seg {
+                    Seg::Key(k) if acc.is_empty() => acc.push_str(k),
+                    Seg::Key(k) => {
+                        acc.push('.');
+                        acc.push_str(k);
+                    }
+                    Seg::Index(i) => acc.push_str(&format!("[{i}]")),
+                }
+                acc
+            });
+        let line = line_of(self.text, path);
+        self.problems.push(Problem {
+            key,
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn range_u64(&mut self, path: &[Seg<'_>], v: u64, lo: u64, hi: u64) {
+        if v < lo || v > hi {
+            self.at(path, format!("{v} is out of range: allowed {lo} to {hi}"));
+        }
+    }
+}
+
+fn key(k: &str) -> Seg<'_> {
+    Seg::Key(k)
+}
+
+/// Every problem in `config` (already parsed from `text`).
+pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
+    let mut c = Checker {
+        text,
+        problems: Vec::new(),
+    };
+    let q = &config.queue;
+    c.range_u64(&[key("queue"), key("lease_s")], q.lease_s, 1, 86_400);
+    c.range_u64(&[key("queue"), key("reclaim_interval_s")], q.reclaim_interval_s, 1, 3_600);
+    if q.payload_roots.as_ref().is_some_and(|r| r.is_empty()) {
+        c.at(
+            &[key("queue"), key("payload_roots")],
+            "is empty, so no payload could be submitted: list the folders payloads live in, or remove the key to use queue.stage_dir",
+        );
+    }
+
+    let d = &config.dispatch;
+    c.range_u64(&[key("dispatch"), key("window")], d.window.into(), 1, 4096);
+    c.range_u64(&[key("dispatch"), key("max_attempts")], d.max_attempts.into(), 1, 100);
+    c.range_u64(&[key("dispatch"), key("request_timeout_s")], d.request_timeout_s, 1, 86_400);
+    c.range_u64(&[key("dispatch"), key("external_poll_ms")], d.external_poll_ms, 10, 60_000);
+    c.range_u64(&[key("dispatch"), key("shutdown_grace_s")], d.shutdown_grace_s, 0, 3_600);
+    if !(d.retry_base_s > 0.0 && d.retry_base_s <= 3600.0) {
+        c.at(&[key("dispatch"), key("retry_base_s")], "must be more than 0 and at most 3600 seconds");
+    }
+    if !(d.retry_max_s >= d.retry_base_s && d.retry_max_s <= 86_400.0) {
+        c.at(
+            &[key("dispatch"), key("retry_max_s")],
+            format!("must be at least dispatch.retry_base_s ({}) and at most 86400 seconds", d.retry_base_s),
+        );
+    }
+
+    let h = &config.health;
+    c.range_u64(&[key("health"), key("interval_s")], h.interval_s, 1, 3_600);
+    c.range_u64(&[key("health"), key("failure_threshold")], h.failure_threshold.into(), 1, 100);
+    c.range_u64(&[key("health"), key("timeout_s")], h.timeout_s, 1, 600);
+
+    let admin_port = match config.admin.listen.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr.port()),
+        Err(_) => {
+            c.at(
+                &[key("admin"), key("listen")],
+                format!("`{}` is not an address: write IP:PORT, e.g. \"127.0.0.1:9400\"", config.admin.listen),
+            );
+            None
+        }
+    };
+
+    let a = &config.allocator;
+    for (name, v) in [
+        ("shared_memory_utilization", a.shared_memory_utilization),
+        ("solo_memory_utilization", a.solo_memory_utilization),
+    ] {
+        if !(v > 0.0 && v <= 1.0) {
+            c.at(&[key("allocator"), key(name)], format!("{v} is out of range: a share of GPU memory in (0, 1]"));
+        }
+    }
+
+    let g = &config.gpu;
+    c.range_u64(&[key("gpu"), key("interval_ms")], g.interval_ms, 100, 60_000);
+    if g.temp_clear_c >= g.temp_alert_c {
+        c.at(
+            &[key("gpu"), key("temp_clear_c")],
+            format!(
+                "{} °C must be below gpu.temp_alert_c ({} °C), or alerts could never clear",
+                g.temp_clear_c, g.temp_alert_c
+            ),
+        );
+    }
+    if !(g.thermal_window_factor > 0.0 && g.thermal_window_factor <= 1.0) {
+        c.at(&[key("gpu"), key("thermal_window_factor")], "must be in (0, 1]: the share of the window kept while hot");
+    }
+
+    let ch = &config.chunk;
+    c.range_u64(&[key("chunk"), key("tokens")], ch.tokens.into(), 16, 1_000_000);
+    if ch.overlap >= ch.tokens {
+        c.at(&[key("chunk"), key("overlap")], format!("{} must be less than chunk.tokens ({})", ch.overlap, ch.tokens));
+    }
+    c.range_u64(&[key("chunk"), key("tile_px")], ch.tile_px.into(), 32, 16_384);
+    if ch.tile_overlap_px >= ch.tile_px {
+        c.at(
+            &[key("chunk"), key("tile_overlap_px")],
+            format!("{} must be less than chunk.tile_px ({})", ch.tile_overlap_px, ch.tile_px),
+        );
+    }
+    if !(ch.min_success_ratio > 0.0 && ch.min_success_ratio <= 1.0) {
+        c.at(&[key("chunk"), key("min_success_ratio")], "must be in (0, 1]: the share of fragments that must succeed");
+    }
+
+    if config.logging.level.trim().is_empty() {
+        c.at(&[key("logging"), key("level")], "is empty: use trace, debug, info, warn or error");
+    }
+
+    check_instances(&mut c, config, admin_port);
+    c.problems
+}
+
+fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut ports: HashMap<u16, usize> = HashMap::new();
+    for (i, inst) in config.instances.iter().enumerate() {
+        let at = |k: &'static str| [key("instances"), Seg::Index(i), key(k)];
+        let valid_name = !inst.name.is_empty()
+            && inst
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid_name {
+            c.at(&at("name"), format!("`{}` is not a valid name: use letters, digits, '-', '_' or '.' (it names the container gpu-feeder-<name>)", inst.name));
+        } else if let Some(first) = names.insert(&inst.name, i) {
+            c.at(&at("name"), format!("`{}` is also the name of instances[{first}]: names must be unique", inst.name));
+        }
+        if inst.served_model_name.trim().is_empty() {
+            c.at(&at("served_model_name"), "is empty: give the model name the server answers to");
+        }
+        match inst.backend {
+            Backend::External => {
+                match &inst.url {
+                    None => c.at(&at("url"), "backend = \"external\" needs url = \"http://HOST:PORT\" (the server's base URL)"),
+                    Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() < 10 => {
+                        c.at(&at("url"), format!("`{u}` is not an http:// or https:// URL"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            backend => {
+                if inst.url.is_some() {
+                    c.at(&at("url"), format!("is only for backend = \"external\"; a {backend} instance's URL is derived from its port"));
+                }
+                match inst.port {
+                    None => c.at(&at("port"), format!("backend = \"{backend}\" needs a port (the server listens on it)")),
+                    Some(0) => c.at(&at("port"), "0 is not a port the server can be reached on: choose 1 to 65535"),
+                    Some(_) => {}
+                }
+                if backend == Backend::Process && inst.command.is_empty() {
+                    c.at(&at("command"), "backend = \"process\" needs a command, e.g. command = [\"vllm\", \"serve\"]");
+                }
+                if backend == Backend::Docker && inst.image.trim().is_empty() {
+                    c.at(&at("image"), "backend = \"docker\" needs an image, e.g. \"vllm/vllm-openai:latest\"");
+                }
+            }
+        }
+        if let Some(port) = inst.port {
+            if let Some(first) = ports.insert(port, i) {
+                c.at(&at("port"), format!("port {port} is also used by instances[{first}]: every instance needs its own port"));
+            } else if Some(port) == admin_port {
+                c.at(&at("port"), format!("port {port} is the admin endpoint's (admin.listen): choose another"));
+            }
+        }
+        let g = inst.gpu_memory_utilization;
+        if !(g > 0.0 && g <= 1.0) {
+            c.at(&at("gpu_memory_utilization"), format!("{g} is out of range: a share of GPU memory in (0, 1], e.g. 0.75"));
+        }
+        for (flag, owner) in OWNED_FLAGS {
+            if inst.args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+                c.at(&at("args"), format!("contains {flag}: set the key `{owner}` instead (gpu-feeder passes the flag itself)"));
+            }
+        }
+        if inst.window == Some(0) {
+            c.at(&at("window"), "must be at least 1");
+        }
+        if inst.max_tokens == 0 {
+            c.at(&at("max_tokens"), "must be at least 1");
+        }
+        if !(0.0..=2.0).contains(&inst.temperature) {
+            c.at(&at("temperature"), format!("{} is out of range: 0 to 2", inst.temperature));
+        }
+        if inst.then == Some(inst.model_type) {
+            c.at(&at("then"), format!("a {} instance cannot hand its results to {} again: that would loop", inst.model_type, inst.model_type));
+        }
+        if inst.startup_timeout_s == 0 {
+            c.at(&at("startup_timeout_s"), "must be at least 1 second (model loads take minutes: 900 is typical)");
+        }
+        if inst.gpu_ids.is_empty() && inst.backend != Backend::External {
+            c.at(&at("gpu_ids"), "is empty: list the GPUs this server may use, e.g. [0]");
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! `feeder.toml`: the configuration, its defaults, and its errors.
+//!
+//! Every key has a default where a sensible one exists, so a file holding
+//! only a `[queue]` table is valid. Unknown keys and wrong types are errors.
+//! Every error names the file, the line, the key, and what is allowed
+//! ([`ConfigError`]); cross-checks between keys live in [`check`].
+//!
+//! Relative paths are taken relative to the configuration file's folder.
+
+mod check;
+mod locate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use feeder_actors::{Backoff, ModelType};
+
+/// Where the configuration is looked for when neither `--config` nor
+/// `$FEEDER_CONFIG` names it.
+pub const DEFAULT_CONFIG_PATH: &str = "feeder.toml";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The job store and the folders it uses.
+    pub queue: QueueConfig,
+    /// How jobs are sent to the model servers.
+    pub dispatch: DispatchConfig,
+    /// Health checks of the model servers.
+    pub health: HealthConfig,
+    /// The admin HTTP endpoint (metrics, status, submit).
+    pub admin: AdminConfig,
+    /// Which instances run, with how much GPU memory.
+    pub allocator: AllocatorConfig,
+    /// GPU monitoring and thermal limits.
+    pub gpu: GpuConfig,
+    /// Splitting long texts and large images into fragments.
+    pub chunk: ChunkConfig,
+    /// Log level and format.
+    pub logging: LoggingConfig,
+    /// The model servers.
+    pub instances: Vec<InstanceConfig>,
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// The SQLite database file (`--db` overrides it).
+    pub db_path: PathBuf,
+    /// Where result files are written.
+    pub results_dir: PathBuf,
+    /// Where generated payloads and image tiles are written.
+    pub stage_dir: PathBuf,
+    /// Payload and image paths must lie under one of these; `None` means
+    /// `[stage_dir]`. Guards against jobs that read arbitrary files.
+    pub payload_roots: Option<Vec<PathBuf>>,
+    /// How long a claim lasts before another worker may take the job over.
+    pub lease_s: u64,
+    /// How often expired leases are reclaimed while the daemon runs.
+    pub reclaim_interval_s: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            db_path: "/var/lib/gpu-feeder/jobs.db".into(),
+            results_dir: "/var/lib/gpu-feeder/results".into(),
+            stage_dir: "/var/lib/gpu-feeder/stage".into(),
+            payload_roots: None,
+            lease_s: 300,
+            reclaim_interval_s: 30,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The payload roots in force.
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.payload_roots
+            .clone()
+            .unwrap_or_else(|| vec![self.stage_dir.clone()])
+    }
+
+    /// The lease as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_s)
+    }
+}
+
+/// `[dispatch]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// Requests in flight per instance (an instance may override it).
+    pub window: u32,
+    /// Attempts per job before it fails for good.
+    pub max_attempts: u32,
+    /// Time allowed for one chat-completion request.
+    pub request_timeout_s: u64,
+    /// How soon rows inserted by other programs are noticed.
+    pub external_poll_ms: u64,
+    /// First retry delay; each further retry doubles it.
+    pub retry_base_s: f64,
+    /// Longest retry delay.
+    pub retry_max_s: f64,
+    /// On shutdown, how long in-flight requests may finish before their jobs are released.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            window: 16,
+            max_attempts: 3,
+            request_timeout_s: 120,
+            external_poll_ms: 200,
+            retry_base_s: 2.0,
+            retry_max_s: 300.0,
+            shutdown_grace_s: 30,
+        }
+    }
+}
+
+impl DispatchConfig {
+    /// The retry schedule.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            base: Duration::from_secs_f64(self.retry_base_s),
+            max: Duration::from_secs_f64(self.retry_max_s),
+            ..Backoff::default()
+        }
+    }
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Seconds between probes of each instance.
+    pub interval_s: u64,
+    /// Consecutive failed probes that make a Ready instance Unhealthy.
+    pub failure_threshold: u32,
+    /// Time allowed for one probe.
+    pub timeout_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_s: 5,
+            failure_threshold: 3,
+            timeout_s: 5,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP endpoint; loopback by default.
+    pub listen: String,
+    /// When set, required as a bearer token on every endpoint but `/healthz`.
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9400".into(),
+            token: String::new(),
+        }
+    }
+}
+
+/// `[allocator]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllocatorConfig {
+    /// Least time a strategy holds before another may replace it.
+    pub min_dwell_s: u64,
+    /// Stop every instance after this long without work; 0 never does.
+    pub idle_ttl_s: u64,
+    /// GPU memory share of each instance when both kinds of work wait.
+    pub shared_memory_utilization: f64,
+    /// GPU memory share of an instance running alone.
+    pub solo_memory_utilization: f64,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        AllocatorConfig {
+            min_dwell_s: 600,
+            idle_ttl_s: 0,
+            shared_memory_utilization: 0.40,
+            solo_memory_utilization: 0.75,
+        }
+    }
+}
+
+/// `[gpu]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Read the GPUs through NVML; off on machines without a GPU.
+    pub enabled: bool,
+    /// Milliseconds between samples.
+    pub interval_ms: u64,
+    /// A temperature alert starts above this (°C).
+    pub temp_alert_c: u32,
+    /// and clears below this (°C).
+    pub temp_clear_c: u32,
+    /// While a GPU is over the limit, its instances' windows shrink by this factor.
+    pub thermal_window_factor: f64,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            enabled: true,
+            interval_ms: 1000,
+            temp_alert_c: 80,
+            temp_clear_c: 75,
+            thermal_window_factor: 0.5,
+        }
+    }
+}
+
+/// `[chunk]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChunkConfig {
+    /// Tokens per text window.
+    pub tokens: u32,
+    /// Tokens shared by consecutive windows.
+    pub overlap: u32,
+    /// Images larger than this many bytes are tiled.
+    pub image_max_bytes: u64,
+    /// Images with a side longer than this many pixels are tiled.
+    pub image_max_px: u32,
+    /// Side of a tile in pixels.
+    pub tile_px: u32,
+    /// Pixels shared by neighbouring tiles.
+    pub tile_overlap_px: u32,
+    /// Share of fragments that must succeed for their parent to be `done`.
+    pub min_success_ratio: f64,
+}
+
+impl Default for ChunkConfig {
+    fn default() -> Self {
+        ChunkConfig {
+            tokens: 512,
+            overlap: 120,
+            image_max_bytes: 4 * 1024 * 1024,
+            image_max_px: 4096,
+            tile_px: 512,
+            tile_overlap_px: 120,
+            min_success_ratio: 1.0,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[logging]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A level (`info`) or filter directives (`info,gpu_feeder=debug`); `RUST_LOG` overrides it.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+/// How an instance's server is run.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A Docker container the feeder creates and supervises.
+    #[default]
+    Docker,
+    /// A local process the feeder starts and supervises.
+    Process,
+    /// A server someone else runs, at `url`; only health-checked.
+    External,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Docker => "docker",
+            Backend::Process => "process",
+            Backend::External => "external",
+        })
+    }
+}
+
+/// The OCR instruction sent with an image when the payload gives none.
+pub const DEFAULT_OCR_PROMPT: &str = "Transcribe all text in this image exactly as written, \
+preserving reading order and line breaks. Output only the text.";
+
+/// `[[instances]]`: one model server.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// Unique name; the Docker container is `gpu-feeder-<name>`.
+    pub name: String,
+    /// The kind of jobs it serves.
+    pub model_type: ModelType,
+    /// How it is run.
+    #[serde(default)]
+    pub backend: Backend,
+    /// Port the server listens on (docker and process backends).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Base URL (external backend only; derived from `port` otherwise).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The model name in requests (vLLM's `--served-model-name`).
+    pub served_model_name: String,
+    /// The weights the server loads (path or hub name); defaults to `served_model_name`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Docker image.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Program and leading arguments (process backend).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Further server arguments (vLLM flags).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables for the server.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Docker bind mounts, `host:container[:ro]`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    /// GPUs the server may use.
+    #[serde(default = "default_gpu_ids")]
+    pub gpu_ids: Vec<u32>,
+    /// Share of GPU memory vLLM may take (`--gpu-memory-utilization`), in (0, 1].
+    #[serde(default = "default_gpu_memory_utilization")]
+    pub gpu_memory_utilization: f64,
+    /// Time allowed from start to Ready (model loads take minutes).
+    #[serde(default = "default_startup_timeout_s")]
+    pub startup_timeout_s: u64,
+    /// Docker shared-memory size (vLLM needs more than Docker's 64 MB).
+    #[serde(default = "default_shm_size")]
+    pub shm_size: String,
+    /// The model's `tokenizer.json`, for chunking text by tokens.
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Requests in flight; overrides `dispatch.window`.
+    #[serde(default)]
+    pub window: Option<u32>,
+    /// Default `max_tokens` of a request.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// Default `temperature` of a request.
+    #[serde(default)]
+    pub temperature: f64,
+    /// System prompt put before the payload's messages, if any.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// Instruction sent with an image that comes without one.
+    #[serde(default = "default_ocr_prompt")]
+    pub ocr_prompt: String,
+    /// Next stage: when a job of this instance's model is done, a job for
+    /// this model is created from its result.
+    #[serde(default)]
+    pub then: Option<ModelType>,
+}
+
+fn default_image() -> String {
+    "vllm/vllm-openai:latest".into()
+}
+fn default_gpu_ids() -> Vec<u32> {
+    vec![0]
+}
+fn default_gpu_memory_utilization() -> f64 {
+    0.75
+}
+fn default_startup_timeout_s() -> u64 {
+    900
+}
+fn default_shm_size() -> String {
+    "16g".into()
+}
+fn default_max_tokens() -> u32 {
+    1024
+}
+fn default_ocr_prompt() -> String {
+    DEFAULT_OCR_PROMPT.into()
+}
+
+impl InstanceConfig {
+    /// The server's base URL.
+    pub fn base_url(&self) -> String {
+        match (&self.url, self.port) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(port)) => format!("http://127.0.0.1:{port}"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// One problem in a configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// The key, dotted (`dispatch.window`, `instances[1].port`).
+    pub key: String,
+    /// 1-based line in the file, where known.
+    pub line: Option<usize>,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+/// A configuration that cannot be used: every problem found, each with its place.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match p.line {
+                Some(line) => write!(f, "{}:{line}: ", self.path.display())?,
+                None => write!(f, "{}: ", self.path.display())?,
+            }
+            if p.key.is_empty() {
+                write!(f, "{}", p.message)?;
+            } else {
+                write!(f, "{}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn single(path: &Path, key: &str, line: Option<usize>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                key: key.to_string(),
+                line,
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                "no such file: pass --config PATH, set FEEDER_CONFIG, or create ./feeder.toml \
+                 (the repository's feeder.toml is the documented default)"
+                    .to_string()
+            } else {
+                format!("cannot read it: {e}")
+            };
+            ConfigError::single(path, "", None, hint)
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text`, which was read from `path` (for messages and
+    /// for resolving relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let (key, line) = match e.span() {
+                Some(span) => locate::key_at(text, span.start),
+                None => (String::new(), None),
+            };
+            ConfigError::single(path, &key, line, locate::tidy_message(e.message()))
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        let problems = check::check(&config, text);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let q = &mut self.queue;
+        abs(&mut q.db_path);
+        abs(&mut q.results_dir);
+        abs(&mut q.stage_dir);
+        if let Some(roots) = &mut q.payload_roots {
+            roots.iter_mut().for_each(abs);
+        }
+        for inst in &mut self.instances {
+            if let Some(t) = &mut inst.tokenizer {
+                abs(t);
+            }
+        }
+    }
+
+    /// Creates the state folders (the database's, results, stage) when
+    /// missing. `path` is the configuration file, for messages.
+    pub fn create_state_dirs(&self, path: &Path) -> Result<(), ConfigError> {
+        let q = &self.queue;
+        let db_dir = q.db_path.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+        for (key, dir) in [
+            ("queue.db_path", db_dir),
+            ("queue.results_dir", q.results_dir.as_path()),
+            ("queue.stage_dir", q.stage_dir.as_path()),
+        ] {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                problems.push(Problem {
+                    key: key.into(),
+                    line: None,
+                    message: format!(
+                        "cannot create the folder {}: {e} (choose a writable place, or create it for this user)",
+                        dir.display()
+                    ),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// The instances serving `model`.
+    pub fn instances_for(&self, model: ModelType) -> impl Iterator<Item = &InstanceConfig> {
+        self.instances.iter().filter(move |i| i.model_type == model)
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// Named by `--config`.
+    Flag(PathBuf),
+    /// Named by `$FEEDER_CONFIG`.
+    Env(PathBuf),
+    /// `./feeder.toml`.
+    Default(PathBuf),
+}
+
+impl ConfigSource {
+    /// `--config`, else `$FEEDER_CONFIG`, else `./feeder.toml`.
+    pub fn resolve(flag: Option<&Path>) -> ConfigSource {
+        if let Some(p) = flag {
+            return ConfigSource::Flag(p.to_path_buf());
+        }
+        match std::env::var_os("FEEDER_CONFIG") {
+            Some(p) if !p.is_empty() => ConfigSource::Env(PathBuf::from(p)),
+            _ => ConfigSource::Default(PathBuf::from(DEFAULT_CONFIG_PATH)),
+        }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        match self {
+            ConfigSource::Flag(p) | ConfigSource::Env(p) | ConfigSource::Default(p) => p,
+        }
+    }
+}
