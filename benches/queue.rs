@@ -20,7 +20,11 @@ fn fill(store: &SqliteStore, n: usize) -> Duration {
         let batch: Vec<NewJob> = (i..(i + 50_000).min(n))
             .map(|k| {
                 NewJob::new(
-                    if k % 2 == 0 { ModelType::Vision } else { ModelType::Think },
+                    if k % 2 == 0 {
+                        ModelType::Vision
+                    } else {
+                        ModelType::Think
+                    },
                     Payload::Inline(format!("{{\"prompt\":\"job {k}\"}}")),
                     format!("{k:064x}"),
                 )
@@ -73,7 +77,11 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let sizes = if sizes.is_empty() { vec![10_000, 1_000_000] } else { sizes };
+    let sizes = if sizes.is_empty() {
+        vec![10_000, 1_000_000]
+    } else {
+        sizes
+    };
     println!("queue benchmark: SQLite WAL, synchronous=NORMAL, claim + complete");
     println!(
         "{:>10}  {:>10}  {:>14}  {:>14}  {:>14}",

@@ -172,10 +172,7 @@ impl Submitter {
         hasher.update(b"image\0");
         hasher.update(&bytes);
         let sha = hex::encode(hasher.finalize());
-        Ok(self.job(
-            Payload::Inline(Value::Object(obj).to_string()),
-            sha,
-        ))
+        Ok(self.job(Payload::Inline(Value::Object(obj).to_string()), sha))
     }
 
     /// One job per non-empty line of the JSONL file at `path`, each line a
@@ -195,10 +192,11 @@ impl Submitter {
                 continue;
             }
             let place = format!("{} line {}", path.display(), i + 1);
-            let value: Value = serde_json::from_str(&line).map_err(|e| SubmitError::BadPayload {
-                place: place.clone(),
-                reason: format!("not valid JSON ({e})"),
-            })?;
+            let value: Value =
+                serde_json::from_str(&line).map_err(|e| SubmitError::BadPayload {
+                    place: place.clone(),
+                    reason: format!("not valid JSON ({e})"),
+                })?;
             let value = self.validate(&value, &place)?;
             jobs.push(self.inline(value));
         }
@@ -239,7 +237,11 @@ impl Submitter {
                 reason: format!(
                     "{} is not a supported image: use one of {}",
                     path.display(),
-                    IMAGE_TYPES.iter().map(|(e, _)| *e).collect::<Vec<_>>().join(", ")
+                    IMAGE_TYPES
+                        .iter()
+                        .map(|(e, _)| *e)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             });
         }
@@ -263,34 +265,49 @@ impl Submitter {
         let mut has_input = false;
         if let Some(m) = obj.get("messages") {
             let ok = m.as_array().is_some_and(|a| {
-                !a.is_empty() && a.iter().all(|msg| msg.get("role").is_some_and(Value::is_string))
+                !a.is_empty()
+                    && a.iter()
+                        .all(|msg| msg.get("role").is_some_and(Value::is_string))
             });
             if !ok {
-                return Err(bad("`messages` must be a non-empty array of objects, each with a string `role`".into()));
+                return Err(bad(
+                    "`messages` must be a non-empty array of objects, each with a string `role`"
+                        .into(),
+                ));
             }
             has_input = true;
         }
         if let Some(p) = obj.get("prompt") {
-            if !p.as_str().is_some_and(|s| !s.trim().is_empty()) {
+            if p.as_str().is_none_or(|s| s.trim().is_empty()) {
                 return Err(bad("`prompt` must be a non-empty string".into()));
             }
             has_input = true;
         }
         if let Some(img) = obj.get("image_path") {
             let Some(p) = img.as_str() else {
-                return Err(bad(format!("`image_path` must be a string, not {}", kind(img))));
+                return Err(bad(format!(
+                    "`image_path` must be a string, not {}",
+                    kind(img)
+                )));
             };
             self.require_vision(place)?;
             let real = self.check_image(Path::new(p), place)?;
-            out.insert("image_path".into(), Value::String(real.to_string_lossy().into_owned()));
+            out.insert(
+                "image_path".into(),
+                Value::String(real.to_string_lossy().into_owned()),
+            );
             has_input = true;
         }
         if !has_input {
-            return Err(bad("a payload needs `messages`, `prompt` or `image_path`".into()));
+            return Err(bad(
+                "a payload needs `messages`, `prompt` or `image_path`".into()
+            ));
         }
         if let Some(t) = obj.get("max_tokens") {
-            if !t.as_u64().is_some_and(|n| n >= 1) {
-                return Err(bad("`max_tokens` must be a whole number of at least 1".into()));
+            if t.as_u64().is_none_or(|n| n < 1) {
+                return Err(bad(
+                    "`max_tokens` must be a whole number of at least 1".into()
+                ));
             }
         }
         if let Some(t) = obj.get("temperature") {
@@ -327,7 +344,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = sub(ModelType::Think, dir.path());
         assert!(s.validate(&json!({"prompt": "hi"}), "x").is_ok());
-        assert!(s.validate(&json!({"messages": [{"role": "user", "content": "hi"}]}), "x").is_ok());
+        assert!(s
+            .validate(
+                &json!({"messages": [{"role": "user", "content": "hi"}]}),
+                "x"
+            )
+            .is_ok());
         for bad in [
             json!([1, 2]),
             json!({}),
@@ -352,13 +374,20 @@ mod tests {
         std::fs::write(&far, b"png").unwrap();
         let v = sub(ModelType::Vision, root.path());
         assert!(v.image(&inside).is_ok());
-        assert!(matches!(v.image(&far), Err(SubmitError::OutsideRoots { .. })));
+        assert!(matches!(
+            v.image(&far),
+            Err(SubmitError::OutsideRoots { .. })
+        ));
         let t = sub(ModelType::Think, root.path());
         let err = t.image(&inside).unwrap_err().to_string();
         assert!(err.contains("--model vision"), "{err}");
         let txt = root.path().join("a.txt");
         std::fs::write(&txt, b"x").unwrap();
-        assert!(v.image(&txt).unwrap_err().to_string().contains("not a supported image"));
+        assert!(v
+            .image(&txt)
+            .unwrap_err()
+            .to_string()
+            .contains("not a supported image"));
     }
 
     #[test]
@@ -369,17 +398,33 @@ mod tests {
         let b = root.path().join("b.png");
         std::fs::write(&a, b"same").unwrap();
         std::fs::write(&b, b"same").unwrap();
-        assert_eq!(s.image(&a).unwrap().payload_sha256, s.image(&b).unwrap().payload_sha256);
-        assert_eq!(s.prompt("q").unwrap().payload_sha256, s.prompt("q").unwrap().payload_sha256);
-        assert_ne!(s.prompt("q").unwrap().payload_sha256, s.prompt("r").unwrap().payload_sha256);
+        assert_eq!(
+            s.image(&a).unwrap().payload_sha256,
+            s.image(&b).unwrap().payload_sha256
+        );
+        assert_eq!(
+            s.prompt("q").unwrap().payload_sha256,
+            s.prompt("q").unwrap().payload_sha256
+        );
+        assert_ne!(
+            s.prompt("q").unwrap().payload_sha256,
+            s.prompt("r").unwrap().payload_sha256
+        );
     }
 
     #[test]
     fn a_bad_jsonl_line_is_named() {
         let root = tempfile::tempdir().unwrap();
         let f = root.path().join("jobs.jsonl");
-        std::fs::write(&f, "{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\"}\n{\"nothing\":1}\n").unwrap();
-        let err = sub(ModelType::Think, root.path()).jsonl(&f).unwrap_err().to_string();
+        std::fs::write(
+            &f,
+            "{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\"}\n{\"nothing\":1}\n",
+        )
+        .unwrap();
+        let err = sub(ModelType::Think, root.path())
+            .jsonl(&f)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 4"), "{err}");
     }
 }

@@ -18,7 +18,11 @@ fn a_raw_sqlite3_insert_is_listed_pending() {
         .arg(insert)
         .output()
         .expect("the sqlite3 program is installed (.ci/run installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let listed = s.json(&["list", "--json"]);
     let jobs = listed["jobs"].as_array().unwrap();
@@ -33,8 +37,16 @@ fn a_raw_sqlite3_insert_is_listed_pending() {
     assert_eq!(id.len(), 32);
     let status = s.json(&["status", id, "--json"]);
     for key in [
-        "id", "status", "model_type", "attempts", "result_path", "error", "parent_id",
-        "fragment_index", "total_fragments", "follows",
+        "id",
+        "status",
+        "model_type",
+        "attempts",
+        "result_path",
+        "error",
+        "parent_id",
+        "fragment_index",
+        "total_fragments",
+        "follows",
     ] {
         assert!(status.get(key).is_some(), "status --json lacks `{key}`");
     }
@@ -61,7 +73,11 @@ fn submitting_the_same_payload_twice_returns_the_first_job() {
     assert_eq!(b["created"], false);
     assert_eq!(a["id"], b["id"]);
     let human = s.run(&["submit", "--model", "think", "--prompt", "hello"]);
-    assert!(human.stdout().starts_with("already queued:"), "{}", human.stdout());
+    assert!(
+        human.stdout().starts_with("already queued:"),
+        "{}",
+        human.stdout()
+    );
     // Same prompt for the other model is another job.
     let c = s.json(&["submit", "--model", "vision", "--prompt", "hello", "--json"]);
     assert_ne!(a["id"], c["id"]);
@@ -74,24 +90,70 @@ fn payload_files_and_images_must_lie_under_the_roots() {
     std::fs::write(&inside, r#"{"prompt": "x"}"#).unwrap();
     let outside = s.path().join("p.json");
     std::fs::write(&outside, r#"{"prompt": "x"}"#).unwrap();
-    let ok = s.json(&["submit", "--model", "think", "--payload", inside.to_str().unwrap(), "--json"]);
+    let ok = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--payload",
+        inside.to_str().unwrap(),
+        "--json",
+    ]);
     let job = s.json(&["status", ok["id"].as_str().unwrap(), "--json"]);
-    assert_eq!(job["payload_path"], inside.canonicalize().unwrap().to_str().unwrap());
+    assert_eq!(
+        job["payload_path"],
+        inside.canonicalize().unwrap().to_str().unwrap()
+    );
 
-    let refused = s.run(&["submit", "--model", "think", "--payload", outside.to_str().unwrap()]);
+    let refused = s.run(&[
+        "submit",
+        "--model",
+        "think",
+        "--payload",
+        outside.to_str().unwrap(),
+    ]);
     assert_eq!(refused.code(), 1);
-    assert!(refused.stderr().contains("outside the payload roots"), "{}", refused.stderr());
+    assert!(
+        refused.stderr().contains("outside the payload roots"),
+        "{}",
+        refused.stderr()
+    );
 
     let img = s.path().join("page.png");
     std::fs::write(&img, b"not really a png").unwrap();
-    let refused = s.run(&["submit", "--model", "vision", "--image", img.to_str().unwrap()]);
-    assert!(refused.stderr().contains("outside the payload roots"), "{}", refused.stderr());
+    let refused = s.run(&[
+        "submit",
+        "--model",
+        "vision",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert!(
+        refused.stderr().contains("outside the payload roots"),
+        "{}",
+        refused.stderr()
+    );
     // An image_path inside a payload is checked too.
     let sneaky = s.stage().join("sneaky.json");
     std::fs::write(&sneaky, format!(r#"{{"image_path": "{}"}}"#, img.display())).unwrap();
-    let refused = s.run(&["submit", "--model", "vision", "--payload", sneaky.to_str().unwrap()]);
-    assert!(refused.stderr().contains("outside the payload roots"), "{}", refused.stderr());
-    assert_eq!(s.json(&["list", "--json"])["jobs"].as_array().unwrap().len(), 1);
+    let refused = s.run(&[
+        "submit",
+        "--model",
+        "vision",
+        "--payload",
+        sneaky.to_str().unwrap(),
+    ]);
+    assert!(
+        refused.stderr().contains("outside the payload roots"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(
+        s.json(&["list", "--json"])["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -100,36 +162,69 @@ fn a_malformed_payload_is_refused_and_nothing_is_queued() {
     for (name, body, expect) in [
         ("broken.json", "{\"prompt\": ", "not valid JSON"),
         ("array.json", "[1, 2]", "must be a JSON object"),
-        ("empty.json", "{}", "needs `messages`, `prompt` or `image_path`"),
+        (
+            "empty.json",
+            "{}",
+            "needs `messages`, `prompt` or `image_path`",
+        ),
     ] {
         let p = s.stage().join(name);
         std::fs::write(&p, body).unwrap();
-        let r = s.run(&["submit", "--model", "think", "--payload", p.to_str().unwrap()]);
+        let r = s.run(&[
+            "submit",
+            "--model",
+            "think",
+            "--payload",
+            p.to_str().unwrap(),
+        ]);
         assert_eq!(r.code(), 1, "{name}");
         assert!(r.stderr().contains(expect), "{name}: {}", r.stderr());
-        assert!(r.stderr().contains(name), "the error names the file: {}", r.stderr());
+        assert!(
+            r.stderr().contains(name),
+            "the error names the file: {}",
+            r.stderr()
+        );
     }
-    assert!(s.json(&["list", "--json"])["jobs"].as_array().unwrap().is_empty());
+    assert!(s.json(&["list", "--json"])["jobs"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn jsonl_is_one_transaction_idempotent_line_by_line() {
     let s = Scratch::new("");
     let f = s.path().join("jobs.jsonl");
-    let lines: String = (0..500).map(|i| format!("{{\"prompt\": \"q{}\"}}\n", i % 400)).collect();
+    let lines: String = (0..500)
+        .map(|i| format!("{{\"prompt\": \"q{}\"}}\n", i % 400))
+        .collect();
     std::fs::write(&f, lines).unwrap();
-    let out = s.json(&["submit", "--model", "think", "--jsonl", f.to_str().unwrap(), "--json"]);
+    let out = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--jsonl",
+        f.to_str().unwrap(),
+        "--json",
+    ]);
     assert_eq!(out["created"], 400);
     assert_eq!(out["existing"], 100);
     let again = s.run(&["submit", "--model", "think", "--jsonl", f.to_str().unwrap()]);
-    assert!(again.stdout().contains("0 new, 500 already queued"), "{}", again.stdout());
+    assert!(
+        again.stdout().contains("0 new, 500 already queued"),
+        "{}",
+        again.stdout()
+    );
 
     // One bad line refuses the whole file, naming the line.
     std::fs::write(&f, "{\"prompt\": \"new one\"}\n{\"prompt\": 5}\n").unwrap();
     let bad = s.run(&["submit", "--model", "think", "--jsonl", f.to_str().unwrap()]);
     assert_eq!(bad.code(), 1);
     assert!(bad.stderr().contains("line 2"), "{}", bad.stderr());
-    assert_eq!(s.json(&["stats", "--json"])["jobs"]["think"]["pending"], 400);
+    assert_eq!(
+        s.json(&["stats", "--json"])["jobs"]["think"]["pending"],
+        400
+    );
 }
 
 #[test]
@@ -144,7 +239,11 @@ fn cancel_and_retry_from_the_command_line() {
     assert_eq!(cancelled["status"], "cancelled");
     let again = s.run(&["cancel", &id]);
     assert_eq!(again.code(), 1);
-    assert!(again.stderr().contains("is cancelled"), "{}", again.stderr());
+    assert!(
+        again.stderr().contains("is cancelled"),
+        "{}",
+        again.stderr()
+    );
     let retried = s.json(&["retry", &id, "--json"]);
     assert_eq!(retried["status"], "pending");
     let bad = s.run(&["status", "zz-not-an-id"]);
@@ -155,7 +254,16 @@ fn cancel_and_retry_from_the_command_line() {
 #[test]
 fn wait_gives_up_after_its_timeout_and_the_job_stays() {
     let s = Scratch::new("");
-    let r = s.run(&["submit", "--model", "think", "--prompt", "w", "--wait", "--timeout-s", "0"]);
+    let r = s.run(&[
+        "submit",
+        "--model",
+        "think",
+        "--prompt",
+        "w",
+        "--wait",
+        "--timeout-s",
+        "0",
+    ]);
     assert_eq!(r.code(), 1);
     assert!(r.stderr().contains("still pending"), "{}", r.stderr());
     let jobs: Value = s.json(&["list", "--json"]);
@@ -167,16 +275,35 @@ fn image_jobs_need_a_vision_model() {
     let s = Scratch::new("");
     let img = s.stage().join("page.png");
     std::fs::write(&img, b"\x89PNG").unwrap();
-    let r = s.run(&["submit", "--model", "think", "--image", img.to_str().unwrap()]);
+    let r = s.run(&[
+        "submit",
+        "--model",
+        "think",
+        "--image",
+        img.to_str().unwrap(),
+    ]);
     assert_eq!(r.code(), 1);
     assert!(r.stderr().contains("--model vision"), "{}", r.stderr());
-    assert_eq!(s.run(&["submit", "--model", "vision", "--image", img.to_str().unwrap()]).code(), 0);
+    assert_eq!(
+        s.run(&[
+            "submit",
+            "--model",
+            "vision",
+            "--image",
+            img.to_str().unwrap()
+        ])
+        .code(),
+        0
+    );
 }
 
 #[test]
 fn usage_errors_exit_2() {
     let s = Scratch::new("");
     assert_eq!(s.run(&["submit", "--model", "think"]).code(), 2);
-    assert_eq!(s.run(&["submit", "--model", "gpt", "--prompt", "x"]).code(), 2);
+    assert_eq!(
+        s.run(&["submit", "--model", "gpt", "--prompt", "x"]).code(),
+        2
+    );
     assert_eq!(s.run(&["list", "--status", "running"]).code(), 2);
 }

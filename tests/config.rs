@@ -17,15 +17,27 @@ fn the_shipped_feeder_toml_passes() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.starts_with("OK "), "{stdout}");
-    assert!(stdout.contains("instance   vision (vision, docker)"), "{stdout}");
-    assert!(stdout.contains("instance   think (think, docker)"), "{stdout}");
+    assert!(
+        stdout.contains("instance   vision (vision, docker)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("instance   think (think, docker)"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn the_shipped_feeder_toml_is_the_production_default() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/feeder.toml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/feeder.toml")).unwrap();
     let c = gpu_feeder::config::Config::parse(&text, std::path::Path::new("feeder.toml")).unwrap();
     let vision = &c.instances[0];
     assert_eq!((vision.name.as_str(), vision.port), ("vision", Some(8001)));
@@ -43,7 +55,10 @@ fn the_shipped_feeder_toml_is_the_production_default() {
     ] {
         assert!(args.contains(flag), "vision args lack {flag}");
     }
-    assert_eq!((c.instances[1].name.as_str(), c.instances[1].port), ("think", Some(8002)));
+    assert_eq!(
+        (c.instances[1].name.as_str(), c.instances[1].port),
+        ("think", Some(8002))
+    );
     // Every key the configuration knows is written out (and so commented).
     assert_eq!(c, {
         let mut d = gpu_feeder::config::Config::default();
@@ -69,8 +84,14 @@ fn a_misspelt_key_is_named_with_its_line() {
     let r = check(&s);
     assert_eq!(r.code(), 78);
     let err = r.stderr();
-    assert!(err.contains("feeder.toml:8: dispatch.max_attempt: unknown key `max_attempt`"), "{err}");
-    assert!(err.contains("`max_attempts`"), "the error lists what is allowed: {err}");
+    assert!(
+        err.contains("feeder.toml:8: dispatch.max_attempt: unknown key `max_attempt`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("`max_attempts`"),
+        "the error lists what is allowed: {err}"
+    );
 }
 
 #[test]
@@ -94,7 +115,8 @@ fn a_duplicate_port_is_named_with_its_line() {
     let r = check(&s);
     assert_eq!(r.code(), 78);
     assert!(
-        r.stderr().contains("feeder.toml:15: instances[1].port: port 8001 is also used by instances[0]"),
+        r.stderr()
+            .contains("feeder.toml:15: instances[1].port: port 8001 is also used by instances[0]"),
         "{}",
         r.stderr()
     );
@@ -133,7 +155,10 @@ fn a_missing_file_is_an_error_naming_it() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/feeder.toml: no such file"), "{err}");
+    assert!(
+        err.contains("/nonexistent/feeder.toml: no such file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,7 +166,11 @@ fn a_bad_configuration_stops_other_commands_with_78() {
     let s = Scratch::new("[dispatch]\nwindow = 0\n");
     let r = s.run(&["list"]);
     assert_eq!(r.code(), 78);
-    assert!(r.stderr().contains("dispatch.window: 0 is out of range"), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("dispatch.window: 0 is out of range"),
+        "{}",
+        r.stderr()
+    );
 }
 
 #[test]
@@ -153,5 +182,10 @@ fn feeder_config_env_names_the_file() {
         .current_dir("/")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -29,7 +29,11 @@ pub(super) fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
             "applied": report.applied,
         }));
     } else if report.applied.is_empty() {
-        println!("{}: up to date (schema version {})", path.display(), latest_version());
+        println!(
+            "{}: up to date (schema version {})",
+            path.display(),
+            latest_version()
+        );
     } else {
         println!(
             "{}: schema version {} → {} (applied {})",
@@ -91,10 +95,19 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
     let s = store.submit(job, now)?;
     if args.wait {
         if !args.json {
-            let verb = if s.created { "submitted" } else { "already queued" };
+            let verb = if s.created {
+                "submitted"
+            } else {
+                "already queued"
+            };
             eprintln!("{verb} {} ({}); waiting…", s.id, args.model);
         }
-        return wait(&store, s.id, args.timeout_s.map(Duration::from_secs), args.json);
+        return wait(
+            &store,
+            s.id,
+            args.timeout_s.map(Duration::from_secs),
+            args.json,
+        );
     }
     if args.json {
         print_json(&json!({"id": s.id, "created": s.created, "status": s.status}));
@@ -107,12 +120,19 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 /// Polls the job until it finishes; exit 0 if done, 1 otherwise.
-fn wait(store: &SqliteStore, id: JobId, timeout: Option<Duration>, json: bool) -> anyhow::Result<i32> {
+fn wait(
+    store: &SqliteStore,
+    id: JobId,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<i32> {
     let start = Instant::now();
     let mut interval = Duration::from_millis(50);
     let mut hinted = false;
     loop {
-        let job = store.get(id)?.with_context(|| format!("job {id} disappeared"))?;
+        let job = store
+            .get(id)?
+            .with_context(|| format!("job {id} disappeared"))?;
         if job.status.is_terminal() {
             if json {
                 print_json(&output::job_json(&job));
@@ -123,7 +143,11 @@ fn wait(store: &SqliteStore, id: JobId, timeout: Option<Duration>, json: bool) -
         }
         let waited = start.elapsed();
         if timeout.is_some_and(|t| waited >= t) {
-            eprintln!("job {id} is still {} after {}s; it stays queued", job.status, waited.as_secs());
+            eprintln!(
+                "job {id} is still {} after {}s; it stays queued",
+                job.status,
+                waited.as_secs()
+            );
             return Ok(1);
         }
         if !hinted && waited > Duration::from_secs(10) && job.status == JobStatus::Pending {

@@ -178,7 +178,8 @@ impl Context {
     pub fn open_store(&self) -> anyhow::Result<SqliteStore> {
         self.config.create_state_dirs(&self.config_path)?;
         let path = &self.config.queue.db_path;
-        SqliteStore::open(path).with_context(|| format!("opening the job database {}", path.display()))
+        SqliteStore::open(path)
+            .with_context(|| format!("opening the job database {}", path.display()))
     }
 }
 
@@ -192,7 +193,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Migrate { json } => jobs::migrate(&ctx, json),
         Command::Submit(args) => jobs::submit(&ctx, args),
         Command::Status { job, json } => jobs::status(&ctx, &job, json),
-        Command::List { status, model, limit, json } => jobs::list(&ctx, status, model, limit, json),
+        Command::List {
+            status,
+            model,
+            limit,
+            json,
+        } => jobs::list(&ctx, status, model, limit, json),
         Command::Stats { json } => jobs::stats(&ctx, json),
         Command::Cancel { job, json } => jobs::cancel(&ctx, &job, json),
         Command::Retry { job, json } => jobs::retry(&ctx, &job, json),

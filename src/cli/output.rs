@@ -19,10 +19,14 @@ pub fn stats_json(stats: &QueueStats) -> Value {
     let mut jobs = serde_json::Map::new();
     let mut ages = serde_json::Map::new();
     for (model, s) in &stats.models {
-        jobs.insert(model.to_string(), serde_json::to_value(s.counts).expect("counts"));
+        jobs.insert(
+            model.to_string(),
+            serde_json::to_value(s.counts).expect("counts"),
+        );
         ages.insert(
             model.to_string(),
-            s.oldest_pending_age.map_or(Value::Null, |d| json!(d.as_secs_f64())),
+            s.oldest_pending_age
+                .map_or(Value::Null, |d| json!(d.as_secs_f64())),
         );
     }
     json!({ "jobs": jobs, "oldest_pending_age_s": ages })
@@ -61,7 +65,10 @@ pub fn job_human(job: &Job, now: Timestamp) -> String {
     line("job", job.id.to_hex());
     line("status", job.status.to_string());
     line("model", job.model_type.to_string());
-    line("attempts", format!("{} of {}", job.attempts, job.max_attempts));
+    line(
+        "attempts",
+        format!("{} of {}", job.attempts, job.max_attempts),
+    );
     line("priority", job.priority.to_string());
     line("created", ago(Some(job.created_at), now));
     if let Some(p) = &job.payload_path {
@@ -184,18 +191,29 @@ pub fn config_summary(c: &Config) -> String {
     let _ = writeln!(out, "  roots      {}", roots.join(", "));
     let _ = writeln!(out, "  admin      {}", c.admin.listen);
     if c.instances.is_empty() {
-        let _ = writeln!(out, "  instances  none (`run` needs at least one [[instances]] table)");
+        let _ = writeln!(
+            out,
+            "  instances  none (`run` needs at least one [[instances]] table)"
+        );
     }
     for i in &c.instances {
         let place = match i.backend {
             Backend::External => i.base_url(),
             Backend::Docker => format!("{} on port {}", i.image, i.port.unwrap_or(0)),
-            Backend::Process => format!("`{}` on port {}", i.command.join(" "), i.port.unwrap_or(0)),
+            Backend::Process => {
+                format!("`{}` on port {}", i.command.join(" "), i.port.unwrap_or(0))
+            }
         };
         let _ = writeln!(
             out,
             "  instance   {} ({}, {}): {} · model {} · GPU {:?} at {:.2}",
-            i.name, i.model_type, i.backend, place, i.served_model_name, i.gpu_ids, i.gpu_memory_utilization
+            i.name,
+            i.model_type,
+            i.backend,
+            place,
+            i.served_model_name,
+            i.gpu_ids,
+            i.gpu_memory_utilization
         );
     }
     out

@@ -21,19 +21,17 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn at(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
-        let key = path
-            .iter()
-            .fold(String::new(), |mut acc, seg| {
-                match seg {
-                    Seg::Key(k) if acc.is_empty() => acc.push_str(k),
-                    Seg::Key(k) => {
-                        acc.push('.');
-                        acc.push_str(k);
-                    }
-                    Seg::Index(i) => acc.push_str(&format!("[{i}]")),
+        let key = path.iter().fold(String::new(), |mut acc, seg| {
+            match seg {
+                Seg::Key(k) if acc.is_empty() => acc.push_str(k),
+                Seg::Key(k) => {
+                    acc.push('.');
+                    acc.push_str(k);
                 }
-                acc
-            });
+                Seg::Index(i) => acc.push_str(&format!("[{i}]")),
+            }
+            acc
+        });
         let line = line_of(self.text, path);
         self.problems.push(Problem {
             key,
@@ -61,7 +59,12 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
     };
     let q = &config.queue;
     c.range_u64(&[key("queue"), key("lease_s")], q.lease_s, 1, 86_400);
-    c.range_u64(&[key("queue"), key("reclaim_interval_s")], q.reclaim_interval_s, 1, 3_600);
+    c.range_u64(
+        &[key("queue"), key("reclaim_interval_s")],
+        q.reclaim_interval_s,
+        1,
+        3_600,
+    );
     if q.payload_roots.as_ref().is_some_and(|r| r.is_empty()) {
         c.at(
             &[key("queue"), key("payload_roots")],
@@ -71,23 +74,54 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
 
     let d = &config.dispatch;
     c.range_u64(&[key("dispatch"), key("window")], d.window.into(), 1, 4096);
-    c.range_u64(&[key("dispatch"), key("max_attempts")], d.max_attempts.into(), 1, 100);
-    c.range_u64(&[key("dispatch"), key("request_timeout_s")], d.request_timeout_s, 1, 86_400);
-    c.range_u64(&[key("dispatch"), key("external_poll_ms")], d.external_poll_ms, 10, 60_000);
-    c.range_u64(&[key("dispatch"), key("shutdown_grace_s")], d.shutdown_grace_s, 0, 3_600);
+    c.range_u64(
+        &[key("dispatch"), key("max_attempts")],
+        d.max_attempts.into(),
+        1,
+        100,
+    );
+    c.range_u64(
+        &[key("dispatch"), key("request_timeout_s")],
+        d.request_timeout_s,
+        1,
+        86_400,
+    );
+    c.range_u64(
+        &[key("dispatch"), key("external_poll_ms")],
+        d.external_poll_ms,
+        10,
+        60_000,
+    );
+    c.range_u64(
+        &[key("dispatch"), key("shutdown_grace_s")],
+        d.shutdown_grace_s,
+        0,
+        3_600,
+    );
     if !(d.retry_base_s > 0.0 && d.retry_base_s <= 3600.0) {
-        c.at(&[key("dispatch"), key("retry_base_s")], "must be more than 0 and at most 3600 seconds");
+        c.at(
+            &[key("dispatch"), key("retry_base_s")],
+            "must be more than 0 and at most 3600 seconds",
+        );
     }
     if !(d.retry_max_s >= d.retry_base_s && d.retry_max_s <= 86_400.0) {
         c.at(
             &[key("dispatch"), key("retry_max_s")],
-            format!("must be at least dispatch.retry_base_s ({}) and at most 86400 seconds", d.retry_base_s),
+            format!(
+                "must be at least dispatch.retry_base_s ({}) and at most 86400 seconds",
+                d.retry_base_s
+            ),
         );
     }
 
     let h = &config.health;
     c.range_u64(&[key("health"), key("interval_s")], h.interval_s, 1, 3_600);
-    c.range_u64(&[key("health"), key("failure_threshold")], h.failure_threshold.into(), 1, 100);
+    c.range_u64(
+        &[key("health"), key("failure_threshold")],
+        h.failure_threshold.into(),
+        1,
+        100,
+    );
     c.range_u64(&[key("health"), key("timeout_s")], h.timeout_s, 1, 600);
 
     let admin_port = match config.admin.listen.parse::<SocketAddr>() {
@@ -95,7 +129,10 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         Err(_) => {
             c.at(
                 &[key("admin"), key("listen")],
-                format!("`{}` is not an address: write IP:PORT, e.g. \"127.0.0.1:9400\"", config.admin.listen),
+                format!(
+                    "`{}` is not an address: write IP:PORT, e.g. \"127.0.0.1:9400\"",
+                    config.admin.listen
+                ),
             );
             None
         }
@@ -107,12 +144,20 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         ("solo_memory_utilization", a.solo_memory_utilization),
     ] {
         if !(v > 0.0 && v <= 1.0) {
-            c.at(&[key("allocator"), key(name)], format!("{v} is out of range: a share of GPU memory in (0, 1]"));
+            c.at(
+                &[key("allocator"), key(name)],
+                format!("{v} is out of range: a share of GPU memory in (0, 1]"),
+            );
         }
     }
 
     let g = &config.gpu;
-    c.range_u64(&[key("gpu"), key("interval_ms")], g.interval_ms, 100, 60_000);
+    c.range_u64(
+        &[key("gpu"), key("interval_ms")],
+        g.interval_ms,
+        100,
+        60_000,
+    );
     if g.temp_clear_c >= g.temp_alert_c {
         c.at(
             &[key("gpu"), key("temp_clear_c")],
@@ -123,27 +168,55 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         );
     }
     if !(g.thermal_window_factor > 0.0 && g.thermal_window_factor <= 1.0) {
-        c.at(&[key("gpu"), key("thermal_window_factor")], "must be in (0, 1]: the share of the window kept while hot");
+        c.at(
+            &[key("gpu"), key("thermal_window_factor")],
+            "must be in (0, 1]: the share of the window kept while hot",
+        );
     }
 
     let ch = &config.chunk;
-    c.range_u64(&[key("chunk"), key("tokens")], ch.tokens.into(), 16, 1_000_000);
+    c.range_u64(
+        &[key("chunk"), key("tokens")],
+        ch.tokens.into(),
+        16,
+        1_000_000,
+    );
     if ch.overlap >= ch.tokens {
-        c.at(&[key("chunk"), key("overlap")], format!("{} must be less than chunk.tokens ({})", ch.overlap, ch.tokens));
+        c.at(
+            &[key("chunk"), key("overlap")],
+            format!(
+                "{} must be less than chunk.tokens ({})",
+                ch.overlap, ch.tokens
+            ),
+        );
     }
-    c.range_u64(&[key("chunk"), key("tile_px")], ch.tile_px.into(), 32, 16_384);
+    c.range_u64(
+        &[key("chunk"), key("tile_px")],
+        ch.tile_px.into(),
+        32,
+        16_384,
+    );
     if ch.tile_overlap_px >= ch.tile_px {
         c.at(
             &[key("chunk"), key("tile_overlap_px")],
-            format!("{} must be less than chunk.tile_px ({})", ch.tile_overlap_px, ch.tile_px),
+            format!(
+                "{} must be less than chunk.tile_px ({})",
+                ch.tile_overlap_px, ch.tile_px
+            ),
         );
     }
     if !(ch.min_success_ratio > 0.0 && ch.min_success_ratio <= 1.0) {
-        c.at(&[key("chunk"), key("min_success_ratio")], "must be in (0, 1]: the share of fragments that must succeed");
+        c.at(
+            &[key("chunk"), key("min_success_ratio")],
+            "must be in (0, 1]: the share of fragments that must succeed",
+        );
     }
 
     if config.logging.level.trim().is_empty() {
-        c.at(&[key("logging"), key("level")], "is empty: use trace, debug, info, warn or error");
+        c.at(
+            &[key("logging"), key("level")],
+            "is empty: use trace, debug, info, warn or error",
+        );
     }
 
     check_instances(&mut c, config, admin_port);
@@ -163,10 +236,19 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
         if !valid_name {
             c.at(&at("name"), format!("`{}` is not a valid name: use letters, digits, '-', '_' or '.' (it names the container gpu-feeder-<name>)", inst.name));
         } else if let Some(first) = names.insert(&inst.name, i) {
-            c.at(&at("name"), format!("`{}` is also the name of instances[{first}]: names must be unique", inst.name));
+            c.at(
+                &at("name"),
+                format!(
+                    "`{}` is also the name of instances[{first}]: names must be unique",
+                    inst.name
+                ),
+            );
         }
         if inst.served_model_name.trim().is_empty() {
-            c.at(&at("served_model_name"), "is empty: give the model name the server answers to");
+            c.at(
+                &at("served_model_name"),
+                "is empty: give the model name the server answers to",
+            );
         }
         match inst.backend {
             Backend::External => {
@@ -199,15 +281,25 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
             if let Some(first) = ports.insert(port, i) {
                 c.at(&at("port"), format!("port {port} is also used by instances[{first}]: every instance needs its own port"));
             } else if Some(port) == admin_port {
-                c.at(&at("port"), format!("port {port} is the admin endpoint's (admin.listen): choose another"));
+                c.at(
+                    &at("port"),
+                    format!("port {port} is the admin endpoint's (admin.listen): choose another"),
+                );
             }
         }
         let g = inst.gpu_memory_utilization;
         if !(g > 0.0 && g <= 1.0) {
-            c.at(&at("gpu_memory_utilization"), format!("{g} is out of range: a share of GPU memory in (0, 1], e.g. 0.75"));
+            c.at(
+                &at("gpu_memory_utilization"),
+                format!("{g} is out of range: a share of GPU memory in (0, 1], e.g. 0.75"),
+            );
         }
         for (flag, owner) in OWNED_FLAGS {
-            if inst.args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+            if inst
+                .args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+            {
                 c.at(&at("args"), format!("contains {flag}: set the key `{owner}` instead (gpu-feeder passes the flag itself)"));
             }
         }
@@ -218,16 +310,31 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
             c.at(&at("max_tokens"), "must be at least 1");
         }
         if !(0.0..=2.0).contains(&inst.temperature) {
-            c.at(&at("temperature"), format!("{} is out of range: 0 to 2", inst.temperature));
+            c.at(
+                &at("temperature"),
+                format!("{} is out of range: 0 to 2", inst.temperature),
+            );
         }
         if inst.then == Some(inst.model_type) {
-            c.at(&at("then"), format!("a {} instance cannot hand its results to {} again: that would loop", inst.model_type, inst.model_type));
+            c.at(
+                &at("then"),
+                format!(
+                    "a {} instance cannot hand its results to {} again: that would loop",
+                    inst.model_type, inst.model_type
+                ),
+            );
         }
         if inst.startup_timeout_s == 0 {
-            c.at(&at("startup_timeout_s"), "must be at least 1 second (model loads take minutes: 900 is typical)");
+            c.at(
+                &at("startup_timeout_s"),
+                "must be at least 1 second (model loads take minutes: 900 is typical)",
+            );
         }
         if inst.gpu_ids.is_empty() && inst.backend != Backend::External {
-            c.at(&at("gpu_ids"), "is empty: list the GPUs this server may use, e.g. [0]");
+            c.at(
+                &at("gpu_ids"),
+                "is empty: list the GPUs this server may use, e.g. [0]",
+            );
         }
     }
 }

@@ -113,9 +113,15 @@ mod tests {
     fn finds_keys_in_arrays_of_tables() {
         let at = |p: &[Seg<'_>]| line_of(DOC, p);
         assert_eq!(at(&[Seg::Key("queue"), Seg::Key("lease_s")]), Some(2));
-        assert_eq!(at(&[Seg::Key("instances"), Seg::Index(1), Seg::Key("port")]), Some(10));
+        assert_eq!(
+            at(&[Seg::Key("instances"), Seg::Index(1), Seg::Key("port")]),
+            Some(10)
+        );
         // A missing key is reported at its table.
-        assert_eq!(at(&[Seg::Key("instances"), Seg::Index(1), Seg::Key("url")]), Some(8));
+        assert_eq!(
+            at(&[Seg::Key("instances"), Seg::Index(1), Seg::Key("url")]),
+            Some(8)
+        );
     }
 
     #[test]
