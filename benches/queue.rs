@@ -64,7 +64,16 @@ fn run(store: &SqliteStore, total: usize, batch: usize) -> f64 {
             }
         } else {
             let items = claimed.into_iter().map(|c| (c.claim, done())).collect();
-            for r in store.complete_batch(items, now).expect("complete batch") {
+            for r in store
+                .settle_batch(
+                    items
+                        .into_iter()
+                        .map(|(c, d)| (c, feeder_actors::Settle::Complete(d)))
+                        .collect(),
+                    now,
+                )
+                .expect("complete batch")
+            {
                 r.expect("current claim");
             }
         }

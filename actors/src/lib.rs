@@ -9,12 +9,16 @@
 //! Modules:
 //! - [`job`]: jobs, their ids, statuses, payloads, claims and outcomes.
 //! - [`store`]: the `JobStore` port, the durable queue's contract.
+//! - [`inference`]: the `InferenceClient` port, one model server.
+//! - [`results`]: the `ResultStore` port and the result document.
 //! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
 //! - [`time`]: `Timestamp`, the unit of every stored time.
 //! - `testkit` (feature `testkit`): the store contract suite run by every adapter.
 
 pub mod backoff;
+pub mod inference;
 pub mod job;
+pub mod results;
 pub mod store;
 pub mod time;
 
@@ -22,9 +26,13 @@ pub mod time;
 pub mod testkit;
 
 pub use backoff::Backoff;
+pub use inference::{InferenceClient, InferenceError, InferenceOutput};
 pub use job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
     ModelStats, ModelType, NewJob, Payload, QueueStats, StatusCounts, Submitted,
 };
-pub use store::{JobStore, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS};
+pub use results::{FragmentResult, JobResult, ResultStore};
+pub use store::{
+    JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+};
 pub use time::Timestamp;

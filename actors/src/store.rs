@@ -8,6 +8,7 @@
 //! Methods are synchronous: callers on an async runtime run them on a
 //! blocking thread (the QueueActor does), never on a runtime worker.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::job::{
@@ -115,16 +116,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// Marks a claimed job `done` with its result.
     fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
 
-    /// Completes many claimed jobs in one transaction. Each element's result
-    /// is that of `complete` for it; a stale claim does not abort the others.
-    fn complete_batch(
+    /// Settles many claims in one transaction (group commit): each element's
+    /// result is that of `complete`, `fail` or `release` for it, and a stale
+    /// claim does not abort the others.
+    fn settle_batch(
         &self,
-        items: Vec<(Claim, Completion)>,
+        items: Vec<(Claim, Settle)>,
         now: Timestamp,
-    ) -> StoreResult<Vec<StoreResult<()>>> {
+    ) -> StoreResult<Vec<StoreResult<Settled>>> {
         Ok(items
             .into_iter()
-            .map(|(claim, done)| self.complete(&claim, done, now))
+            .map(|(claim, settle)| settle_one(self, &claim, settle, now))
             .collect())
     }
 
@@ -139,8 +141,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Returns every job whose lease has expired to `pending`; the count.
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
 
-    /// Returns every job claimed by `owner` to `pending`, leases or not:
-    /// for a daemon that restarts after a crash and knows its old claims are dead.
+    /// Returns every job claimed by `owner`, or by an owner whose name starts
+    /// with `owner` followed by `/`, to `pending`, leases or not: for a daemon
+    /// that restarts after a crash, or a dispatcher that crashed, whose claims
+    /// are known to be dead.
     fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
 
     /// Cancels a pending or processing job (and a parent's unfinished fragments).
@@ -161,4 +165,69 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// The fragments of `parent`, in fragment order.
     fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
+
+    /// Up to `limit` parents still `processing` whose fragments have all
+    /// finished: fan-in work left over (after a crash, say).
+    fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+
+    /// Ends a parent waiting in `processing`; `false` if it was not waiting
+    /// (already finished by a concurrent fan-in, or cancelled). Exactly one
+    /// caller ever gets `true` for a parent.
+    fn finish_parent(&self, id: JobId, outcome: ParentOutcome, now: Timestamp)
+        -> StoreResult<bool>;
+
+    /// A value that changes when another program commits to the store, or
+    /// `None` if the store cannot tell. Cheap: polled every few hundred ms.
+    fn change_token(&self) -> StoreResult<Option<i64>>;
+}
+
+/// How a claim is settled.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Settle {
+    /// The attempt succeeded.
+    Complete(Completion),
+    /// The attempt failed.
+    Fail(Failure),
+    /// The job goes back to `pending`, no attempt counted.
+    Release,
+}
+
+/// What settling a claim did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Settled {
+    /// The job is `done`.
+    Done,
+    /// The failure left the job retrying or failed.
+    Failed(FailOutcome),
+    /// The job is `pending` again.
+    Released,
+}
+
+/// How a parent ends.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ParentOutcome {
+    /// Every fragment (or enough of them) succeeded; the merged result is here.
+    Done {
+        /// The merged result file.
+        result_path: PathBuf,
+    },
+    /// Fragments failed; `error` names them.
+    Failed {
+        /// Which fragments failed, and why.
+        error: String,
+    },
+}
+
+/// Applies one settlement through the single-claim methods.
+pub fn settle_one<S: JobStore + ?Sized>(
+    store: &S,
+    claim: &Claim,
+    settle: Settle,
+    now: Timestamp,
+) -> StoreResult<Settled> {
+    match settle {
+        Settle::Complete(done) => store.complete(claim, done, now).map(|()| Settled::Done),
+        Settle::Fail(failure) => store.fail(claim, failure, now).map(Settled::Failed),
+        Settle::Release => store.release(claim, now).map(|()| Settled::Released),
+    }
 }

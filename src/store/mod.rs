@@ -17,8 +17,8 @@ use rusqlite::{named_params, Connection, OptionalExtension, Transaction, Transac
 
 use feeder_actors::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, JobStore,
-    ListFilter, ModelStats, ModelType, NewJob, QueueStats, StoreError, StoreResult, Submitted,
-    Timestamp, DEFAULT_MAX_ATTEMPTS,
+    ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle, Settled,
+    StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
 
 pub use migrate::{latest_version, MigrationReport};
@@ -31,6 +31,8 @@ const RELEASE: &str = include_str!("sql/release.sql");
 const RECLAIM: &str = include_str!("sql/reclaim.sql");
 const RELEASE_OWNER: &str = include_str!("sql/release_owner.sql");
 const INSERT: &str = include_str!("sql/insert.sql");
+const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
+const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
 
 const SELECT_JOB: &str = "SELECT rowid AS seq, * FROM gpu_jobs";
 
@@ -289,6 +291,61 @@ fn complete_in(
     }
 }
 
+fn fail_in(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    failure: Failure,
+    now: Timestamp,
+) -> StoreResult<FailOutcome> {
+    let retry_at = now + failure.retry_after.unwrap_or_default();
+    let mut stmt = tx.prepare_cached(FAIL).db()?;
+    let row = stmt
+        .query_row(
+            named_params! {
+                ":id": claim.job_id.0,
+                ":claim_id": claim.claim_id,
+                ":retryable": failure.retry_after.is_some(),
+                ":retry_at": secs(retry_at),
+                ":error": failure.message,
+                ":now": secs(now),
+            },
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            },
+        )
+        .optional()
+        .db()?;
+    match row {
+        None => Err(stale(claim)),
+        Some((status, attempts, _)) if status == "failed" => Ok(FailOutcome::Failed { attempts }),
+        Some((_, attempts, run_at)) => Ok(FailOutcome::Retrying {
+            run_at: Timestamp::from_secs_f64(run_at),
+            attempts,
+        }),
+    }
+}
+
+fn release_in(tx: &Transaction<'_>, claim: &Claim, now: Timestamp) -> StoreResult<()> {
+    let n = tx
+        .prepare_cached(RELEASE)
+        .db()?
+        .execute(named_params! {
+            ":id": claim.job_id.0,
+            ":claim_id": claim.claim_id,
+            ":now": secs(now),
+        })
+        .db()?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(stale(claim))
+    }
+}
+
 impl JobStore for SqliteStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
         self.write(|tx| submit_in(tx, &job, now))
@@ -399,73 +456,31 @@ impl JobStore for SqliteStore {
         self.write(|tx| complete_in(tx, claim, &done, now))
     }
 
-    fn complete_batch(
+    fn settle_batch(
         &self,
-        items: Vec<(Claim, Completion)>,
+        items: Vec<(Claim, Settle)>,
         now: Timestamp,
-    ) -> StoreResult<Vec<StoreResult<()>>> {
+    ) -> StoreResult<Vec<StoreResult<Settled>>> {
         self.write(|tx| {
             Ok(items
-                .iter()
-                .map(|(claim, done)| complete_in(tx, claim, done, now))
+                .into_iter()
+                .map(|(claim, settle)| match settle {
+                    Settle::Complete(done) => {
+                        complete_in(tx, &claim, &done, now).map(|()| Settled::Done)
+                    }
+                    Settle::Fail(failure) => fail_in(tx, &claim, failure, now).map(Settled::Failed),
+                    Settle::Release => release_in(tx, &claim, now).map(|()| Settled::Released),
+                })
                 .collect())
         })
     }
 
     fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome> {
-        let retry_at = now + failure.retry_after.unwrap_or_default();
-        self.write(|tx| {
-            let mut stmt = tx.prepare_cached(FAIL).db()?;
-            let row = stmt
-                .query_row(
-                    named_params! {
-                        ":id": claim.job_id.0,
-                        ":claim_id": claim.claim_id,
-                        ":retryable": failure.retry_after.is_some(),
-                        ":retry_at": secs(retry_at),
-                        ":error": failure.message,
-                        ":now": secs(now),
-                    },
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, u32>(1)?,
-                            r.get::<_, f64>(2)?,
-                        ))
-                    },
-                )
-                .optional()
-                .db()?;
-            match row {
-                None => Err(stale(claim)),
-                Some((status, attempts, _)) if status == "failed" => {
-                    Ok(FailOutcome::Failed { attempts })
-                }
-                Some((_, attempts, run_at)) => Ok(FailOutcome::Retrying {
-                    run_at: Timestamp::from_secs_f64(run_at),
-                    attempts,
-                }),
-            }
-        })
+        self.write(|tx| fail_in(tx, claim, failure, now))
     }
 
     fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()> {
-        self.write(|tx| {
-            let n = tx
-                .prepare_cached(RELEASE)
-                .db()?
-                .execute(named_params! {
-                    ":id": claim.job_id.0,
-                    ":claim_id": claim.claim_id,
-                    ":now": secs(now),
-                })
-                .db()?;
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(stale(claim))
-            }
-        })
+        self.write(|tx| release_in(tx, claim, now))
     }
 
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
@@ -633,5 +648,50 @@ impl JobStore for SqliteStore {
             .collect::<Result<Vec<_>, _>>()
             .db()?;
         rows.into_iter().collect()
+    }
+
+    fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(READY_PARENTS).db()?;
+        let ids: Vec<Vec<u8>> = stmt
+            .query_map(named_params! { ":limit": limit as i64 }, |r| r.get(0))
+            .db()?
+            .collect::<Result<_, _>>()
+            .db()?;
+        Ok(ids.iter().filter_map(|b| JobId::from_slice(b)).collect())
+    }
+
+    fn finish_parent(
+        &self,
+        id: JobId,
+        outcome: ParentOutcome,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let (status, result_path, error) = match outcome {
+            ParentOutcome::Done { result_path } => (
+                JobStatus::Done,
+                Some(result_path.to_string_lossy().into_owned()),
+                None,
+            ),
+            ParentOutcome::Failed { error } => (JobStatus::Failed, None, Some(error)),
+        };
+        self.write(|tx| {
+            let n = tx
+                .prepare_cached(FINISH_PARENT)
+                .db()?
+                .execute(named_params! {
+                    ":id": id.0,
+                    ":status": status.as_str(),
+                    ":result_path": result_path,
+                    ":error": error,
+                    ":now": secs(now),
+                })
+                .db()?;
+            Ok(n == 1)
+        })
+    }
+
+    fn change_token(&self) -> StoreResult<Option<i64>> {
+        self.data_version().map(Some)
     }
 }

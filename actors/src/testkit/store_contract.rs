@@ -13,7 +13,7 @@ use crate::job::{
     Claim, Completion, FailOutcome, Failure, JobId, JobStatus, ListFilter, ModelType, NewJob,
     Payload,
 };
-use crate::store::{JobStore, StoreError};
+use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError};
 use crate::time::Timestamp;
 
 /// Gives handles on one fresh store.
@@ -38,7 +38,8 @@ macro_rules! store_contract_tests {
             max_attempts_leads_to_failed, permanent_failure_fails_at_once,
             release_keeps_attempts, release_owner_returns_its_claims, cancel,
             manual_retry, fragments_of_parent, complete_records_result,
-            complete_batch_mixes_stale_and_current, stats_per_model_and_status,
+            settle_batch_mixes_outcomes, parents_finish_exactly_once,
+            change_token_moves_on_foreign_commits, stats_per_model_and_status,
             list_filters_and_limit, get_unknown_is_none);
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -545,26 +546,123 @@ pub fn complete_records_result(f: &impl StoreFixture) {
     assert_eq!((j.claim_id, j.lease_until), (None, None));
 }
 
-/// A batch completion records the current claims and refuses the stale one.
-pub fn complete_batch_mixes_stale_and_current(f: &impl StoreFixture) {
+/// A settle batch applies completes, failures and releases, and refuses a stale claim
+/// without aborting the others.
+pub fn settle_batch_mixes_outcomes(f: &impl StoreFixture) {
     let s = f.handle();
-    for i in 0..3 {
+    for i in 0..4 {
         s.submit(job(ModelType::Vision, &format!("cb{i}")), T0)
             .unwrap();
     }
-    let claimed = s.claim(ModelType::Vision, 3, secs(60), "o", T0).unwrap();
+    let claimed = s.claim(ModelType::Vision, 4, secs(60), "o", T0).unwrap();
     let mut stale = claimed[1].claim.clone();
     stale.claim_id = "not-the-claim".into();
     let items = vec![
-        (claimed[0].claim.clone(), done("cb0")),
-        (stale, done("cb1")),
-        (claimed[2].claim.clone(), done("cb2")),
+        (claimed[0].claim.clone(), Settle::Complete(done("cb0"))),
+        (stale, Settle::Complete(done("cb1"))),
+        (
+            claimed[2].claim.clone(),
+            Settle::Fail(retryable("flaky", secs(5))),
+        ),
+        (claimed[3].claim.clone(), Settle::Release),
     ];
-    let out = s.complete_batch(items, T0).unwrap();
-    assert!(out[0].is_ok() && out[2].is_ok());
+    let out = s.settle_batch(items, T0).unwrap();
+    assert_eq!(out[0].as_ref().unwrap(), &Settled::Done);
     assert!(matches!(out[1], Err(StoreError::StaleClaim { .. })));
+    assert_eq!(
+        out[2].as_ref().unwrap(),
+        &Settled::Failed(FailOutcome::Retrying {
+            run_at: T0 + secs(5),
+            attempts: 1
+        })
+    );
+    assert_eq!(out[3].as_ref().unwrap(), &Settled::Released);
+    assert_eq!(status_of(&s, claimed[0].job.id), JobStatus::Done);
     assert_eq!(status_of(&s, claimed[1].job.id), JobStatus::Processing);
-    assert_eq!(status_of(&s, claimed[2].job.id), JobStatus::Done);
+    assert_eq!(status_of(&s, claimed[2].job.id), JobStatus::Pending);
+    assert_eq!(s.get(claimed[3].job.id).unwrap().unwrap().attempts, 0);
+}
+
+/// A parent is ready for fan-in once every fragment has finished, and is
+/// finished exactly once.
+pub fn parents_finish_exactly_once(f: &impl StoreFixture) {
+    let s = f.handle();
+    let frags: Vec<NewJob> = (0..2)
+        .map(|i| job(ModelType::Think, &format!("pf{i}")))
+        .collect();
+    let parent = s
+        .submit_parent(job(ModelType::Think, "pp"), frags, T0)
+        .unwrap()
+        .id;
+    assert!(s.ready_parents(10).unwrap().is_empty());
+    let claimed = s.claim(ModelType::Think, 2, secs(60), "o", T0).unwrap();
+    s.complete(&claimed[0].claim, done("pf0"), T0).unwrap();
+    assert!(
+        s.ready_parents(10).unwrap().is_empty(),
+        "one fragment is still running"
+    );
+    s.fail(
+        &claimed[1].claim,
+        Failure {
+            message: "bad".into(),
+            retry_after: None,
+        },
+        T0,
+    )
+    .unwrap();
+    assert_eq!(s.ready_parents(10).unwrap(), vec![parent]);
+    let outcome = ParentOutcome::Done {
+        result_path: PathBuf::from("/results/pp.json"),
+    };
+    assert!(s
+        .finish_parent(parent, outcome.clone(), T0 + secs(1))
+        .unwrap());
+    assert!(
+        !s.finish_parent(parent, outcome, T0 + secs(2)).unwrap(),
+        "finished twice"
+    );
+    let p = s.get(parent).unwrap().unwrap();
+    assert_eq!(p.status, JobStatus::Done);
+    assert_eq!(p.result_path, Some(PathBuf::from("/results/pp.json")));
+    assert_eq!(p.finished_at, Some(T0 + secs(1)));
+    assert!(s.ready_parents(10).unwrap().is_empty());
+
+    let frags = vec![job(ModelType::Think, "qf0")];
+    let failing = s
+        .submit_parent(job(ModelType::Think, "qp"), frags, T0)
+        .unwrap()
+        .id;
+    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    s.fail(
+        &c,
+        Failure {
+            message: "x".into(),
+            retry_after: None,
+        },
+        T0,
+    )
+    .unwrap();
+    let outcome = ParentOutcome::Failed {
+        error: "fragment 0 failed: x".into(),
+    };
+    assert!(s.finish_parent(failing, outcome, T0).unwrap());
+    let p = s.get(failing).unwrap().unwrap();
+    assert_eq!(
+        (p.status, p.error.as_deref()),
+        (JobStatus::Failed, Some("fragment 0 failed: x"))
+    );
+}
+
+/// The change token moves when another handle commits.
+pub fn change_token_moves_on_foreign_commits(f: &impl StoreFixture) {
+    let watcher = f.handle();
+    let writer = f.handle();
+    let Some(before) = watcher.change_token().unwrap() else {
+        return; // This store cannot tell; callers poll by claiming.
+    };
+    writer.submit(job(ModelType::Think, "ct"), T0).unwrap();
+    let after = watcher.change_token().unwrap().unwrap();
+    assert_ne!(before, after);
 }
 
 /// Stats count per model and status and age the oldest pending job.

@@ -1,0 +1,59 @@
+//! The `InferenceClient` port: one model server, as the dispatcher sees it.
+//!
+//! The adapter (OpenAI-compatible HTTP in the `gpu-feeder` crate) turns a
+//! job's payload into a chat-completion request, sends it, and classifies
+//! what went wrong, so that the dispatcher only decides *what to do*: retry,
+//! fail, or back off.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::job::Job;
+
+/// A successful completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InferenceOutput {
+    /// `choices[0].message.content`.
+    pub content: String,
+    /// Prompt tokens, when the server reported usage.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens, when the server reported usage.
+    pub completion_tokens: Option<u64>,
+    /// Time from sending the request to having the whole response.
+    pub latency: Duration,
+    /// The server's whole response body, kept in the result file.
+    pub response: serde_json::Value,
+}
+
+/// Why a request did not produce a completion.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InferenceError {
+    /// Worth retrying later: the connection failed, the request timed out,
+    /// or the server answered 5xx (other than 503) or a malformed 200.
+    #[error("{0}")]
+    Retryable(String),
+    /// The server is saturated (429, 503): the job goes back without an
+    /// attempt counted, and the dispatcher backs off and narrows its window.
+    #[error("{message}")]
+    Overloaded {
+        /// What the server said.
+        message: String,
+        /// The server's `Retry-After`, if it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help: the payload is malformed or missing, or the
+    /// server refused the request (4xx other than 429) — its words are kept.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// One model server.
+#[async_trait]
+pub trait InferenceClient: Send + Sync + 'static {
+    /// Sends `job` as a chat completion and waits for the answer.
+    async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError>;
+
+    /// Whether the server answers its health check (and serves its model).
+    async fn health(&self) -> Result<(), String>;
+}

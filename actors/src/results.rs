@@ -1,0 +1,60 @@
+//! The `ResultStore` port: where result documents are kept.
+//!
+//! A result is written completely or not at all (the file adapter writes a
+//! temporary file and renames it), before the job is marked `done`; so a
+//! `done` job always has a whole result, and a crash between the two leaves
+//! a job that is simply run again.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{JobId, ModelType};
+
+/// The document written for a finished job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The job.
+    pub id: JobId,
+    /// Its model.
+    pub model_type: ModelType,
+    /// The answer's text.
+    pub content: String,
+    /// Prompt tokens reported by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens reported by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+    /// Request latency in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// For a parent: its fragments' results, in fragment order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fragments: Vec<FragmentResult>,
+    /// The server's whole response (absent for a parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<serde_json::Value>,
+}
+
+/// One fragment inside a parent's merged result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FragmentResult {
+    /// Position among the parent's fragments.
+    pub index: u32,
+    /// The fragment job.
+    pub id: JobId,
+    /// Its result file.
+    pub result_path: PathBuf,
+    /// Its answer's text.
+    pub content: String,
+}
+
+/// Keeps result documents.
+pub trait ResultStore: Send + Sync + 'static {
+    /// Writes `doc` as the result of job `id`, atomically; returns where.
+    fn write(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf>;
+
+    /// Reads a result written by `write`.
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>>;
+}

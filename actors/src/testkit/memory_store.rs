@@ -1,0 +1,497 @@
+//! `MemoryStore`: the in-memory fake of the `JobStore` port, for
+//! message-level tests. It runs the same contract suite as the SQLite
+//! adapter, so it cannot drift from it.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::job::{
+    Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
+    ModelStats, ModelType, NewJob, Payload, QueueStats, Submitted,
+};
+use crate::store::{JobStore, ParentOutcome, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS};
+use crate::time::Timestamp;
+
+#[derive(Default)]
+struct Inner {
+    /// (insertion sequence, job), in insertion order.
+    rows: Vec<(u64, Job)>,
+    next_seq: u64,
+    version: i64,
+}
+
+/// An in-memory job store. Clones share the same jobs, like connections to
+/// one database.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every job, in insertion order (for assertions).
+    pub fn all(&self) -> Vec<Job> {
+        self.lock().rows.iter().map(|(_, j)| j.clone()).collect()
+    }
+}
+
+impl Inner {
+    fn find(&mut self, id: JobId) -> Option<&mut Job> {
+        self.rows.iter_mut().map(|(_, j)| j).find(|j| j.id == id)
+    }
+
+    fn current(&mut self, claim: &Claim) -> StoreResult<&mut Job> {
+        match self.find(claim.job_id) {
+            Some(j)
+                if j.status == JobStatus::Processing
+                    && j.claim_id.as_deref() == Some(claim.claim_id.as_str()) =>
+            {
+                Ok(j)
+            }
+            _ => Err(StoreError::StaleClaim {
+                job_id: claim.job_id,
+                claim_id: claim.claim_id.clone(),
+            }),
+        }
+    }
+
+    fn insert(
+        &mut self,
+        new: &NewJob,
+        status: JobStatus,
+        fragment: Option<(JobId, u32, u32)>,
+        total: Option<u32>,
+        now: Timestamp,
+    ) -> Result<JobId, Job> {
+        let conflict = self.rows.iter().map(|(_, j)| j).find(|j| {
+            if let Some(f) = new.follows {
+                j.follows == Some(f)
+            } else if let Some((parent, index, _)) = fragment {
+                j.parent_id == Some(parent) && j.fragment_index == Some(index)
+            } else {
+                j.parent_id.is_none()
+                    && j.follows.is_none()
+                    && j.model_type == new.model_type
+                    && j.payload_sha256 == new.payload_sha256
+            }
+        });
+        if let Some(existing) = conflict {
+            return Err(existing.clone());
+        }
+        let (payload_path, payload_inline) = match &new.payload {
+            Payload::File(p) => (Some(p.clone()), None),
+            Payload::Inline(s) => (None, Some(s.clone())),
+        };
+        let id = JobId::random();
+        let job = Job {
+            id,
+            status,
+            model_type: new.model_type,
+            priority: new.priority,
+            attempts: 0,
+            max_attempts: new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            payload_sha256: new.payload_sha256.clone(),
+            payload_path,
+            payload_inline,
+            result_path: None,
+            error: None,
+            parent_id: fragment.map(|f| f.0),
+            fragment_index: fragment.map(|f| f.1),
+            total_fragments: fragment.map(|f| f.2).or(total),
+            follows: new.follows,
+            then_model: new.then_model,
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: None,
+            // Whole seconds, as the SQLite schema stores `created_at`.
+            created_at: Timestamp(now.as_secs() * 1000),
+            run_at: None,
+            lease_until: None,
+            claim_id: None,
+            claimed_by: None,
+            started_at: None,
+            finished_at: None,
+        };
+        self.next_seq += 1;
+        self.rows.push((self.next_seq, job));
+        self.version += 1;
+        Ok(id)
+    }
+
+    fn submit(&mut self, job: &NewJob, now: Timestamp) -> Submitted {
+        match self.insert(job, JobStatus::Pending, None, None, now) {
+            Ok(id) => Submitted {
+                id,
+                created: true,
+                status: JobStatus::Pending,
+            },
+            Err(existing) => Submitted {
+                id: existing.id,
+                created: false,
+                status: existing.status,
+            },
+        }
+    }
+}
+
+fn to_pending(j: &mut Job) {
+    j.status = JobStatus::Pending;
+    j.claim_id = None;
+    j.lease_until = None;
+}
+
+impl JobStore for MemoryStore {
+    fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
+        Ok(self.lock().submit(&job, now))
+    }
+
+    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
+        let mut inner = self.lock();
+        Ok(jobs.iter().map(|j| inner.submit(j, now)).collect())
+    }
+
+    fn submit_parent(
+        &self,
+        parent: NewJob,
+        fragments: Vec<NewJob>,
+        now: Timestamp,
+    ) -> StoreResult<Submitted> {
+        if fragments.is_empty() {
+            return Err(StoreError::Invalid(
+                "a parent job needs at least one fragment".into(),
+            ));
+        }
+        let total = fragments.len() as u32;
+        let mut inner = self.lock();
+        let id = match inner.insert(&parent, JobStatus::Processing, None, Some(total), now) {
+            Ok(id) => id,
+            Err(existing) => {
+                return Ok(Submitted {
+                    id: existing.id,
+                    created: false,
+                    status: existing.status,
+                })
+            }
+        };
+        for (i, frag) in fragments.iter().enumerate() {
+            let at = Some((id, i as u32, total));
+            if inner
+                .insert(frag, JobStatus::Pending, at, None, now)
+                .is_err()
+            {
+                return Err(StoreError::Invalid(format!(
+                    "fragment {i} of parent {id} conflicts with an existing row"
+                )));
+            }
+        }
+        Ok(Submitted {
+            id,
+            created: true,
+            status: JobStatus::Processing,
+        })
+    }
+
+    fn claim(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        let mut inner = self.lock();
+        let mut candidates: Vec<(i64, Timestamp, u64, JobId)> = inner
+            .rows
+            .iter()
+            .filter(|(_, j)| {
+                j.status == JobStatus::Pending
+                    && j.model_type == model
+                    && j.run_at.is_none_or(|r| r <= now)
+            })
+            .map(|(seq, j)| (-j.priority, j.created_at, *seq, j.id))
+            .collect();
+        candidates.sort();
+        candidates.truncate(n);
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let claim_id = hex::encode(rand::random::<[u8; 12]>());
+        let mut out = Vec::new();
+        for (_, _, _, id) in candidates {
+            let j = inner.find(id).expect("candidate exists");
+            j.status = JobStatus::Processing;
+            j.claim_id = Some(claim_id.clone());
+            j.claimed_by = Some(owner.to_string());
+            j.lease_until = Some(now + lease);
+            j.started_at = Some(now);
+            out.push(ClaimedJob {
+                job: j.clone(),
+                claim: Claim {
+                    job_id: id,
+                    claim_id: claim_id.clone(),
+                },
+            });
+        }
+        inner.version += 1;
+        Ok(out)
+    }
+
+    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
+        let mut inner = self.lock();
+        let j = inner.current(claim)?;
+        j.status = JobStatus::Done;
+        j.result_path = Some(done.result_path);
+        j.prompt_tokens = done.prompt_tokens;
+        j.completion_tokens = done.completion_tokens;
+        j.latency_ms = Some(done.latency.as_millis() as u64);
+        j.attempts += 1;
+        j.error = None;
+        j.claim_id = None;
+        j.lease_until = None;
+        j.finished_at = Some(now);
+        inner.version += 1;
+        Ok(())
+    }
+
+    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome> {
+        let mut inner = self.lock();
+        let j = inner.current(claim)?;
+        j.attempts += 1;
+        j.error = Some(failure.message);
+        j.claim_id = None;
+        j.lease_until = None;
+        let outcome = match failure.retry_after {
+            Some(delay) if j.attempts < j.max_attempts => {
+                j.status = JobStatus::Pending;
+                j.run_at = Some(now + delay);
+                FailOutcome::Retrying {
+                    run_at: now + delay,
+                    attempts: j.attempts,
+                }
+            }
+            _ => {
+                j.status = JobStatus::Failed;
+                j.finished_at = Some(now);
+                FailOutcome::Failed {
+                    attempts: j.attempts,
+                }
+            }
+        };
+        inner.version += 1;
+        Ok(outcome)
+    }
+
+    fn release(&self, claim: &Claim, _now: Timestamp) -> StoreResult<()> {
+        let mut inner = self.lock();
+        to_pending(inner.current(claim)?);
+        inner.version += 1;
+        Ok(())
+    }
+
+    fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
+        let mut inner = self.lock();
+        let mut n = 0;
+        for (_, j) in inner.rows.iter_mut() {
+            if j.status == JobStatus::Processing && j.lease_until.is_some_and(|l| l < now) {
+                to_pending(j);
+                n += 1;
+            }
+        }
+        inner.version += 1;
+        Ok(n)
+    }
+
+    fn release_owner(&self, owner: &str, _now: Timestamp) -> StoreResult<u64> {
+        let mut inner = self.lock();
+        let below = format!("{owner}/");
+        let mut n = 0;
+        for (_, j) in inner.rows.iter_mut() {
+            let mine = j
+                .claimed_by
+                .as_deref()
+                .is_some_and(|by| by == owner || by.starts_with(&below));
+            if j.status == JobStatus::Processing && j.lease_until.is_some() && mine {
+                to_pending(j);
+                n += 1;
+            }
+        }
+        inner.version += 1;
+        Ok(n)
+    }
+
+    fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
+        let mut inner = self.lock();
+        let status = inner.find(id).ok_or(StoreError::NotFound(id))?.status;
+        if status.is_terminal() {
+            return Err(StoreError::InvalidState {
+                id,
+                status,
+                hint: "only pending or processing jobs can be cancelled",
+            });
+        }
+        for (_, j) in inner.rows.iter_mut() {
+            let target = j.id == id || j.parent_id == Some(id);
+            if target && matches!(j.status, JobStatus::Pending | JobStatus::Processing) {
+                j.status = JobStatus::Cancelled;
+                j.claim_id = None;
+                j.lease_until = None;
+                j.finished_at = Some(now);
+            }
+        }
+        inner.version += 1;
+        Ok(inner.find(id).expect("exists").clone())
+    }
+
+    fn retry(&self, id: JobId, _now: Timestamp) -> StoreResult<Job> {
+        let mut inner = self.lock();
+        let job = inner.find(id).ok_or(StoreError::NotFound(id))?.clone();
+        if !matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
+            return Err(StoreError::InvalidState {
+                id,
+                status: job.status,
+                hint: "only failed or cancelled jobs can be retried",
+            });
+        }
+        let reset = |j: &mut Job, status: JobStatus| {
+            j.status = status;
+            j.attempts = 0;
+            j.run_at = None;
+            j.error = None;
+            j.result_path = None;
+            j.finished_at = None;
+            j.claim_id = None;
+            j.lease_until = None;
+        };
+        for (_, j) in inner.rows.iter_mut() {
+            if j.id == id {
+                let status = if job.is_parent() {
+                    JobStatus::Processing
+                } else {
+                    JobStatus::Pending
+                };
+                reset(j, status);
+            } else if job.is_parent()
+                && j.parent_id == Some(id)
+                && matches!(j.status, JobStatus::Failed | JobStatus::Cancelled)
+            {
+                reset(j, JobStatus::Pending);
+            }
+        }
+        inner.version += 1;
+        Ok(inner.find(id).expect("exists").clone())
+    }
+
+    fn get(&self, id: JobId) -> StoreResult<Option<Job>> {
+        Ok(self.lock().find(id).cloned())
+    }
+
+    fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>> {
+        let inner = self.lock();
+        let mut rows: Vec<&(u64, Job)> = inner
+            .rows
+            .iter()
+            .filter(|(_, j)| {
+                filter.status.is_none_or(|s| j.status == s)
+                    && filter.model_type.is_none_or(|m| j.model_type == m)
+                    && filter.parent_id.is_none_or(|p| j.parent_id == Some(p))
+            })
+            .collect();
+        rows.sort_by(|(sa, a), (sb, b)| b.created_at.cmp(&a.created_at).then(sb.cmp(sa)));
+        Ok(rows
+            .into_iter()
+            .take(filter.limit)
+            .map(|(_, j)| j.clone())
+            .collect())
+    }
+
+    fn stats(&self, now: Timestamp) -> StoreResult<QueueStats> {
+        let inner = self.lock();
+        let models = ModelType::ALL
+            .into_iter()
+            .map(|m| {
+                let mut s = ModelStats::default();
+                let mut oldest: Option<Timestamp> = None;
+                for (_, j) in inner.rows.iter().filter(|(_, j)| j.model_type == m) {
+                    *s.counts.get_mut(j.status) += 1;
+                    if j.status == JobStatus::Pending {
+                        oldest = Some(oldest.map_or(j.created_at, |o| o.min(j.created_at)));
+                    }
+                }
+                s.oldest_pending_age = oldest.map(|o| now.since(o));
+                (m, s)
+            })
+            .collect();
+        Ok(QueueStats { models })
+    }
+
+    fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>> {
+        let inner = self.lock();
+        let mut out: Vec<Job> = inner
+            .rows
+            .iter()
+            .filter(|(_, j)| j.parent_id == Some(parent))
+            .map(|(_, j)| j.clone())
+            .collect();
+        out.sort_by_key(|j| j.fragment_index);
+        Ok(out)
+    }
+
+    fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>> {
+        let inner = self.lock();
+        Ok(inner
+            .rows
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.is_parent() && p.status == JobStatus::Processing)
+            .filter(|p| {
+                !inner.rows.iter().any(|(_, f)| {
+                    f.parent_id == Some(p.id)
+                        && matches!(f.status, JobStatus::Pending | JobStatus::Processing)
+                })
+            })
+            .take(limit)
+            .map(|p| p.id)
+            .collect())
+    }
+
+    fn finish_parent(
+        &self,
+        id: JobId,
+        outcome: ParentOutcome,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        let Some(p) = inner.find(id) else {
+            return Ok(false);
+        };
+        if !(p.is_parent() && p.status == JobStatus::Processing) {
+            return Ok(false);
+        }
+        match outcome {
+            ParentOutcome::Done { result_path } => {
+                p.status = JobStatus::Done;
+                p.result_path = Some(result_path);
+            }
+            ParentOutcome::Failed { error } => {
+                p.status = JobStatus::Failed;
+                p.error = Some(error);
+            }
+        }
+        p.attempts += 1;
+        p.finished_at = Some(now);
+        inner.version += 1;
+        Ok(true)
+    }
+
+    fn change_token(&self) -> StoreResult<Option<i64>> {
+        Ok(Some(self.lock().version))
+    }
+}
