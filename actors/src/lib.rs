@@ -12,14 +12,34 @@
 //! - [`inference`]: the `InferenceClient` port, one model server.
 //! - [`results`]: the `ResultStore` port and the result document.
 //! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
-//! - [`time`]: `Timestamp`, the unit of every stored time.
+//! - [`time`]: `Timestamp`, the unit of every stored time, and `Clock`.
+//! - [`restart`]: restart policy as data (backoff, intensity limit).
+//!
+//! Actors, one per file, each with its messages, arguments and state:
+//! - [`supervisor`]: `FeederSupervisor`, the root; restarts its children and
+//!   runs the graceful shutdown.
+//! - [`queue`]: `QueueActor`, sole owner of the job store; group-commits outcomes
+//!   and wakes dispatchers when work may be available.
+//! - [`dispatch_supervisor`]: `DispatchSupervisor`, one dispatcher per instance.
+//! - [`dispatch`]: `DispatchActor`, keeps one instance's window of requests full.
+//! - [`fanin`]: `FanInActor`, completes parents when their fragments are done.
+//! - [`health`]: `HealthActor`, probes instances and reports Ready transitions.
+//! - [`peers`]: the references actors hold to one another.
 //! - `testkit` (feature `testkit`): the store contract suite run by every adapter.
 
 pub mod backoff;
+pub mod dispatch;
+pub mod dispatch_supervisor;
+pub mod fanin;
+pub mod health;
 pub mod inference;
 pub mod job;
+pub mod peers;
+pub mod queue;
+pub mod restart;
 pub mod results;
 pub mod store;
+pub mod supervisor;
 pub mod time;
 
 #[cfg(feature = "testkit")]
@@ -35,4 +55,4 @@ pub use results::{FragmentResult, JobResult, ResultStore};
 pub use store::{
     JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
 };
-pub use time::Timestamp;
+pub use time::{Clock, SystemClock, Timestamp, TokioClock};

@@ -75,3 +75,46 @@ impl Serialize for Timestamp {
         s.serialize_f64(self.as_secs_f64())
     }
 }
+
+/// Where actors read the current time from.
+///
+/// Production uses the system clock; message-level tests use
+/// [`TokioClock`], which follows tokio's (pausable) time so that leases and
+/// retry delays expire when a test advances time.
+pub trait Clock: Send + Sync + 'static {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock that starts at a given time and advances with tokio's clock.
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
+    start: Timestamp,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `start` now.
+    pub fn starting_at(start: Timestamp) -> Self {
+        TokioClock {
+            start,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        self.start + self.origin.elapsed()
+    }
+}

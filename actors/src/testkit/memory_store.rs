@@ -70,7 +70,7 @@ impl Inner {
         fragment: Option<(JobId, u32, u32)>,
         total: Option<u32>,
         now: Timestamp,
-    ) -> Result<JobId, Job> {
+    ) -> Result<JobId, Box<Job>> {
         let conflict = self.rows.iter().map(|(_, j)| j).find(|j| {
             if let Some(f) = new.follows {
                 j.follows == Some(f)
@@ -84,7 +84,7 @@ impl Inner {
             }
         });
         if let Some(existing) = conflict {
-            return Err(existing.clone());
+            return Err(Box::new(existing.clone()));
         }
         let (payload_path, payload_inline) = match &new.payload {
             Payload::File(p) => (Some(p.clone()), None),

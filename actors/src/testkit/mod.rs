@@ -1,9 +1,12 @@
-//! The message-level test harness: in-memory fakes for every port, helpers
-//! to drive actors, and the contract suites that every port adapter runs.
+//! The message-level test harness: in-memory fakes for every port, a
+//! recording stand-in actor, helpers to drive actors under paused tokio
+//! time, and the contract suites that every port adapter runs.
 //!
 //! Enabled by the `testkit` feature; only tests depend on it.
 
+pub mod fakes;
 pub mod memory_store;
 pub mod store_contract;
 
+pub use fakes::{wait_until, FakeInference, MemoryResults, Recorder};
 pub use memory_store::MemoryStore;

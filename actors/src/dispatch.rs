@@ -1,0 +1,488 @@
+//! `DispatchActor`: keeps one instance's continuous batch full.
+//!
+//! Up to `window` requests are in flight at once; the moment one finishes,
+//! its slot is refilled (the claim asks for as many jobs as there are free
+//! slots, so a busy dispatcher claims in small batches, never waiting for a
+//! whole batch to finish). The actor sends only while its instance is Ready.
+//! 429 and 503 mean the server is saturated: the job goes back without an
+//! attempt counted, the window halves and dispatch pauses for a backoff;
+//! each window's worth of successes widens it again by one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::health::HealthMsg;
+use crate::inference::{InferenceClient, InferenceError};
+use crate::job::{Claim, Completion, Failure, Job, JobId, ModelType};
+use crate::peers::Peers;
+use crate::queue::QueueMsg;
+use crate::results::{JobResult, ResultStore};
+use crate::store::Settle;
+
+/// Messages of a DispatchActor.
+#[derive(Debug)]
+pub enum DispatchMsg {
+    /// Work may be available: claim into free slots.
+    Wake,
+    /// The instance became Ready (`true`) or stopped being Ready.
+    Ready(bool),
+    /// A request finished (its result already written when it succeeded).
+    Finished {
+        /// The job.
+        job_id: JobId,
+        /// The completion, or why there is none.
+        outcome: Result<Completion, InferenceError>,
+    },
+    /// Stop claiming; reply once nothing is in flight.
+    Drain {
+        /// Answered when the last request has finished.
+        reply: RpcReplyPort<()>,
+    },
+    /// Abort every request in flight and give its job back; the count.
+    ReleaseAll {
+        /// How many jobs were released.
+        reply: RpcReplyPort<usize>,
+    },
+    /// A snapshot of the dispatcher.
+    Status {
+        /// The snapshot.
+        reply: RpcReplyPort<DispatchStatus>,
+    },
+    /// The current peers: (re)subscribe to the queue and to health.
+    Peers(Peers),
+    /// Fault injection for tests: fail as a bug in the handler would.
+    #[cfg(any(test, feature = "testkit"))]
+    InjectPanic,
+}
+
+/// What `Status` reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DispatchStatus {
+    /// The instance.
+    pub instance: String,
+    /// Its model.
+    pub model: ModelType,
+    /// Whether the instance is Ready.
+    pub ready: bool,
+    /// Whether the dispatcher stopped claiming.
+    pub draining: bool,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// The window now (narrowed under back-pressure).
+    pub window: u32,
+    /// The configured window.
+    pub max_window: u32,
+    /// Requests sent since start.
+    pub sent: u64,
+    /// Requests that produced a result.
+    pub completed: u64,
+    /// Requests that failed (and were retried or failed their job).
+    pub failed: u64,
+    /// 429/503 answers.
+    pub overloaded: u64,
+}
+
+/// How a DispatchActor is started.
+#[derive(Clone)]
+pub struct DispatchArgs {
+    /// The instance's name.
+    pub instance: String,
+    /// The model it serves.
+    pub model: ModelType,
+    /// Claim owner id: `<daemon>/<instance>/<incarnation>`.
+    pub owner: String,
+    /// Requests in flight at most.
+    pub window: u32,
+    /// The instance's server.
+    pub client: Arc<dyn InferenceClient>,
+    /// Where results are written.
+    pub results: Arc<dyn ResultStore>,
+    /// Retry delays of failed jobs.
+    pub retry: Backoff,
+    /// Pauses after 429/503.
+    pub overload: Backoff,
+    /// Time allowed for a call to the QueueActor.
+    pub call_timeout: Duration,
+    /// The peers at start.
+    pub peers: Peers,
+}
+
+/// Aborts a request task when dropped (the actor stopped or crashed).
+#[derive(Debug)]
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct InFlight {
+    claim: Claim,
+    attempts: u32,
+    parent: Option<JobId>,
+    _task: AbortOnDrop,
+}
+
+/// The DispatchActor's state.
+pub struct DispatchState {
+    args: DispatchArgs,
+    peers: Peers,
+    in_flight: HashMap<JobId, InFlight>,
+    ready: bool,
+    draining: bool,
+    drain_waiters: Vec<RpcReplyPort<()>>,
+    /// The last claim found fewer jobs than asked: wait for a Wake.
+    exhausted: bool,
+    window: u32,
+    successes_at_window: u32,
+    overload_streak: u32,
+    paused_until: Option<Instant>,
+    sent: u64,
+    completed: u64,
+    failed: u64,
+    overloaded: u64,
+}
+
+/// Keeps one instance's batch full.
+pub struct DispatchActor;
+
+impl DispatchState {
+    fn settle(&self, claim: Claim, settle: Settle, parent: Option<JobId>) {
+        let _ = self.peers.queue.cast(QueueMsg::Settle {
+            claim,
+            settle,
+            model: self.args.model,
+            parent,
+        });
+    }
+
+    fn subscribe(&self, myself: &ActorRef<DispatchMsg>) {
+        let _ = self.peers.queue.cast(QueueMsg::Subscribe {
+            model: self.args.model,
+            dispatcher: myself.clone(),
+        });
+        let _ = self.peers.health.cast(HealthMsg::Watch {
+            instance: self.args.instance.clone(),
+            dispatcher: myself.clone(),
+        });
+    }
+
+    fn paused(&self) -> bool {
+        self.paused_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn start_request(&mut self, myself: &ActorRef<DispatchMsg>, job: Job, claim: Claim) {
+        let job_id = job.id;
+        let parent = job.parent_id;
+        let attempts = job.attempts;
+        let client = self.args.client.clone();
+        let results = self.args.results.clone();
+        let me = myself.clone();
+        let task = tokio::spawn(async move {
+            let run = async {
+                let out = client.infer(&job).await?;
+                let doc = JobResult {
+                    id: job.id,
+                    model_type: job.model_type,
+                    content: out.content,
+                    prompt_tokens: out.prompt_tokens,
+                    completion_tokens: out.completion_tokens,
+                    latency_ms: Some(out.latency.as_millis() as u64),
+                    fragments: Vec::new(),
+                    response: Some(out.response),
+                };
+                let bytes = serde_json::to_vec_pretty(&doc).expect("a result serializes");
+                let id = job.id;
+                let written = tokio::task::spawn_blocking(move || results.write(id, &bytes)).await;
+                match written {
+                    Ok(Ok(result_path)) => Ok(Completion {
+                        result_path,
+                        prompt_tokens: out.prompt_tokens,
+                        completion_tokens: out.completion_tokens,
+                        latency: out.latency,
+                    }),
+                    Ok(Err(e)) => Err(InferenceError::Retryable(format!(
+                        "writing the result failed: {e}"
+                    ))),
+                    Err(e) => Err(InferenceError::Retryable(format!(
+                        "writing the result failed: {e}"
+                    ))),
+                }
+            };
+            let outcome = std::panic::AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(InferenceError::Retryable(format!(
+                        "the request panicked: {what}"
+                    )))
+                });
+            let _ = me.cast(DispatchMsg::Finished { job_id, outcome });
+        });
+        self.sent += 1;
+        self.in_flight.insert(
+            job_id,
+            InFlight {
+                claim,
+                attempts,
+                parent,
+                _task: AbortOnDrop(task.abort_handle()),
+            },
+        );
+    }
+
+    /// Claims into free slots until the window is full or the queue is dry.
+    async fn fill(&mut self, myself: &ActorRef<DispatchMsg>) {
+        loop {
+            if !self.ready || self.draining || self.exhausted || self.paused() {
+                return;
+            }
+            let free = (self.window as usize).saturating_sub(self.in_flight.len());
+            if free == 0 {
+                return;
+            }
+            let owner = self.args.owner.clone();
+            let model = self.args.model;
+            let claimed = self
+                .peers
+                .queue
+                .call(
+                    |reply| QueueMsg::Claim {
+                        model,
+                        n: free,
+                        owner,
+                        reply,
+                    },
+                    Some(self.args.call_timeout),
+                )
+                .await;
+            let jobs = match claimed {
+                Ok(CallResult::Success(Ok(jobs))) => jobs,
+                Ok(CallResult::Success(Err(e))) => {
+                    warn!(instance = %self.args.instance, "claiming jobs failed: {e}; trying again in 1 s");
+                    self.retry_later(myself, Duration::from_secs(1));
+                    return;
+                }
+                other => {
+                    warn!(instance = %self.args.instance, "the queue did not answer a claim ({other:?}); trying again in 1 s");
+                    self.retry_later(myself, Duration::from_secs(1));
+                    return;
+                }
+            };
+            let got = jobs.len();
+            for c in jobs {
+                self.start_request(myself, c.job, c.claim);
+            }
+            if got < free {
+                self.exhausted = true;
+                return;
+            }
+        }
+    }
+
+    fn retry_later(&mut self, myself: &ActorRef<DispatchMsg>, after: Duration) {
+        self.exhausted = true;
+        myself.send_after(after, || DispatchMsg::Wake);
+    }
+
+    fn finished(
+        &mut self,
+        myself: &ActorRef<DispatchMsg>,
+        job_id: JobId,
+        outcome: Result<Completion, InferenceError>,
+    ) {
+        let Some(f) = self.in_flight.remove(&job_id) else {
+            return; // Released or aborted meanwhile.
+        };
+        match outcome {
+            Ok(done) => {
+                self.completed += 1;
+                self.overload_streak = 0;
+                if self.window < self.args.window {
+                    self.successes_at_window += 1;
+                    if self.successes_at_window >= self.window {
+                        self.window += 1;
+                        self.successes_at_window = 0;
+                        debug!(instance = %self.args.instance, window = self.window, "widening the window");
+                    }
+                }
+                self.settle(f.claim, Settle::Complete(done), f.parent);
+            }
+            Err(InferenceError::Overloaded {
+                message,
+                retry_after,
+            }) => {
+                self.overloaded += 1;
+                self.overload_streak += 1;
+                let narrowed = (self.window / 2).max(1);
+                let pause =
+                    retry_after.unwrap_or_else(|| self.args.overload.delay(self.overload_streak));
+                if narrowed < self.window || self.overload_streak == 1 {
+                    info!(
+                        instance = %self.args.instance,
+                        "server overloaded ({message}): window {} → {narrowed}, pausing {:.1} s",
+                        self.window,
+                        pause.as_secs_f64()
+                    );
+                }
+                self.window = narrowed;
+                self.successes_at_window = 0;
+                self.paused_until = Some(Instant::now() + pause);
+                myself.send_after(pause, || DispatchMsg::Wake);
+                self.settle(f.claim, Settle::Release, f.parent);
+            }
+            Err(InferenceError::Retryable(message)) => {
+                self.failed += 1;
+                let retry_after = Some(self.args.retry.delay(f.attempts + 1));
+                debug!(job = %job_id, "attempt failed: {message}");
+                self.settle(
+                    f.claim,
+                    Settle::Fail(Failure {
+                        message,
+                        retry_after,
+                    }),
+                    f.parent,
+                );
+            }
+            Err(InferenceError::Permanent(message)) => {
+                self.failed += 1;
+                warn!(job = %job_id, instance = %self.args.instance, "job failed: {message}");
+                self.settle(
+                    f.claim,
+                    Settle::Fail(Failure {
+                        message,
+                        retry_after: None,
+                    }),
+                    f.parent,
+                );
+            }
+        }
+        if self.in_flight.is_empty() {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+impl Actor for DispatchActor {
+    type Msg = DispatchMsg;
+    type State = DispatchState;
+    type Arguments = DispatchArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DispatchMsg>,
+        args: DispatchArgs,
+    ) -> Result<DispatchState, ActorProcessingErr> {
+        let state = DispatchState {
+            peers: args.peers.clone(),
+            window: args.window.max(1),
+            args,
+            in_flight: HashMap::new(),
+            ready: false,
+            draining: false,
+            drain_waiters: Vec::new(),
+            exhausted: false,
+            successes_at_window: 0,
+            overload_streak: 0,
+            paused_until: None,
+            sent: 0,
+            completed: 0,
+            failed: 0,
+            overloaded: 0,
+        };
+        state.subscribe(&myself);
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DispatchMsg>,
+        msg: DispatchMsg,
+        state: &mut DispatchState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DispatchMsg::Wake => {
+                state.exhausted = false;
+                state.fill(&myself).await;
+            }
+            DispatchMsg::Ready(ready) => {
+                if ready != state.ready {
+                    debug!(instance = %state.args.instance, ready, "dispatch readiness changed");
+                }
+                state.ready = ready;
+                if ready {
+                    state.exhausted = false;
+                    state.fill(&myself).await;
+                }
+            }
+            DispatchMsg::Finished { job_id, outcome } => {
+                state.finished(&myself, job_id, outcome);
+                state.fill(&myself).await;
+            }
+            DispatchMsg::Drain { reply } => {
+                state.draining = true;
+                if state.in_flight.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    state.drain_waiters.push(reply);
+                }
+            }
+            DispatchMsg::ReleaseAll { reply } => {
+                let n = state.in_flight.len();
+                for (_, f) in state.in_flight.drain() {
+                    let _ = state.peers.queue.cast(QueueMsg::Settle {
+                        claim: f.claim,
+                        settle: Settle::Release,
+                        model: state.args.model,
+                        parent: f.parent,
+                    });
+                }
+                for w in state.drain_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+                let _ = reply.send(n);
+            }
+            DispatchMsg::Status { reply } => {
+                let _ = reply.send(DispatchStatus {
+                    instance: state.args.instance.clone(),
+                    model: state.args.model,
+                    ready: state.ready,
+                    draining: state.draining,
+                    in_flight: state.in_flight.len(),
+                    window: state.window,
+                    max_window: state.args.window,
+                    sent: state.sent,
+                    completed: state.completed,
+                    failed: state.failed,
+                    overloaded: state.overloaded,
+                });
+            }
+            DispatchMsg::Peers(peers) => {
+                state.peers = peers;
+                state.subscribe(&myself);
+            }
+            #[cfg(any(test, feature = "testkit"))]
+            DispatchMsg::InjectPanic => {
+                panic!("injected fault in dispatcher {}", state.args.instance)
+            }
+        }
+        Ok(())
+    }
+}

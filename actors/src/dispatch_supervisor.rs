@@ -1,0 +1,323 @@
+//! `DispatchSupervisor`: one DispatchActor per instance, restarted one for
+//! one with backoff. When a dispatcher crashes, the jobs it had in flight go
+//! back to `pending` at once (its claims are released by owner id): none is
+//! lost, none is failed by the crash. Too many crashes in a window escalate
+//! to the FeederSupervisor.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
+use crate::inference::InferenceClient;
+use crate::job::ModelType;
+use crate::peers::Peers;
+use crate::queue::QueueMsg;
+use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
+use crate::results::ResultStore;
+
+/// One instance as the dispatch side sees it.
+#[derive(Clone)]
+pub struct InstanceSpec {
+    /// Unique name.
+    pub name: String,
+    /// The model it serves.
+    pub model: ModelType,
+    /// Requests in flight at most.
+    pub window: u32,
+    /// Its server.
+    pub client: Arc<dyn InferenceClient>,
+}
+
+/// Messages of the DispatchSupervisor.
+#[derive(Debug)]
+pub enum DispatchSupMsg {
+    /// Restart the dispatcher of instance number `usize` (after its backoff).
+    Restart(usize),
+    /// The current peers, passed on to every dispatcher.
+    Peers(Peers),
+    /// Graceful stop: no new claims; wait up to `grace` for requests in
+    /// flight, then release what is left. Replies with the count released.
+    Drain {
+        /// How long requests may take to finish.
+        grace: Duration,
+        /// Jobs released because they did not finish in time.
+        reply: RpcReplyPort<usize>,
+    },
+    /// The live dispatchers, by instance.
+    Dispatchers {
+        /// (instance, dispatcher) pairs.
+        reply: RpcReplyPort<Vec<(String, ActorRef<DispatchMsg>)>>,
+    },
+    /// Every dispatcher's status.
+    Status {
+        /// In instance order; instances being restarted are missing.
+        reply: RpcReplyPort<Vec<DispatchStatus>>,
+    },
+}
+
+/// How the DispatchSupervisor is started.
+pub struct DispatchSupArgs {
+    /// The instances.
+    pub instances: Vec<InstanceSpec>,
+    /// The daemon's owner id; each dispatcher claims as `<owner>/<instance>/<n>`.
+    pub owner: String,
+    /// Where results are written.
+    pub results: Arc<dyn ResultStore>,
+    /// Retry delays of failed jobs.
+    pub retry: Backoff,
+    /// Pauses after 429/503.
+    pub overload: Backoff,
+    /// Time allowed for calls between actors.
+    pub call_timeout: Duration,
+    /// Restart policy for dispatchers.
+    pub restart: RestartPolicy,
+    /// The peers at start.
+    pub peers: Peers,
+}
+
+struct Slot {
+    spec: InstanceSpec,
+    actor: Option<ActorRef<DispatchMsg>>,
+    incarnation: u32,
+    tracker: RestartTracker,
+}
+
+/// The DispatchSupervisor's state.
+pub struct DispatchSupState {
+    args: DispatchSupArgs,
+    slots: Vec<Slot>,
+    by_id: HashMap<ActorId, usize>,
+    stopping: bool,
+}
+
+/// Supervises the dispatchers.
+pub struct DispatchSupervisor;
+
+impl DispatchSupState {
+    fn owner_of(&self, i: usize) -> String {
+        let s = &self.slots[i];
+        format!("{}/{}/{}", self.args.owner, s.spec.name, s.incarnation)
+    }
+
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<DispatchSupMsg>,
+        i: usize,
+    ) -> Result<(), ActorProcessingErr> {
+        self.slots[i].incarnation += 1;
+        let owner = self.owner_of(i);
+        let spec = self.slots[i].spec.clone();
+        let args = DispatchArgs {
+            instance: spec.name.clone(),
+            model: spec.model,
+            owner,
+            window: spec.window,
+            client: spec.client.clone(),
+            results: self.args.results.clone(),
+            retry: self.args.retry,
+            overload: self.args.overload,
+            call_timeout: self.args.call_timeout,
+            peers: self.args.peers.clone(),
+        };
+        let (actor, _) =
+            DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;
+        self.by_id.insert(actor.get_id(), i);
+        self.slots[i].tracker.started(Instant::now());
+        self.slots[i].actor = Some(actor);
+        Ok(())
+    }
+}
+
+impl Actor for DispatchSupervisor {
+    type Msg = DispatchSupMsg;
+    type State = DispatchSupState;
+    type Arguments = DispatchSupArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        args: DispatchSupArgs,
+    ) -> Result<DispatchSupState, ActorProcessingErr> {
+        let slots = args
+            .instances
+            .iter()
+            .map(|spec| Slot {
+                spec: spec.clone(),
+                actor: None,
+                incarnation: 0,
+                tracker: RestartTracker::default(),
+            })
+            .collect();
+        let mut state = DispatchSupState {
+            args,
+            slots,
+            by_id: HashMap::new(),
+            stopping: false,
+        };
+        for i in 0..state.slots.len() {
+            state.spawn(&myself, i).await?;
+        }
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        state: &mut DispatchSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(None);
+        // Whatever the dispatchers still held goes back to pending now.
+        let owner = state.args.owner.clone();
+        let _ = state
+            .args
+            .peers
+            .queue
+            .call(
+                |reply| QueueMsg::ReleaseOwner { owner, reply },
+                Some(state.args.call_timeout),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        msg: DispatchSupMsg,
+        state: &mut DispatchSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DispatchSupMsg::Restart(i) => {
+                if !state.stopping && state.slots[i].actor.is_none() {
+                    state.spawn(&myself, i).await?;
+                    info!(instance = %state.slots[i].spec.name, "dispatcher restarted");
+                }
+            }
+            DispatchSupMsg::Peers(peers) => {
+                state.args.peers = peers.clone();
+                for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
+                    let _ = a.cast(DispatchMsg::Peers(peers.clone()));
+                }
+            }
+            DispatchSupMsg::Drain { grace, reply } => {
+                state.stopping = true;
+                let actors: Vec<ActorRef<DispatchMsg>> =
+                    state.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                let drains = actors
+                    .iter()
+                    .map(|a| a.call(|r| DispatchMsg::Drain { reply: r }, Some(grace)));
+                let _ = futures_util::future::join_all(drains).await;
+                let mut released = 0;
+                for a in &actors {
+                    if let Ok(CallResult::Success(n)) = a
+                        .call(
+                            |r| DispatchMsg::ReleaseAll { reply: r },
+                            Some(Duration::from_secs(5)),
+                        )
+                        .await
+                    {
+                        released += n;
+                    }
+                }
+                let _ = reply.send(released);
+            }
+            DispatchSupMsg::Dispatchers { reply } => {
+                let _ = reply.send(
+                    state
+                        .slots
+                        .iter()
+                        .filter_map(|s| Some((s.spec.name.clone(), s.actor.clone()?)))
+                        .collect(),
+                );
+            }
+            DispatchSupMsg::Status { reply } => {
+                let mut out = Vec::new();
+                for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
+                    if let Ok(CallResult::Success(s)) = a
+                        .call(
+                            |r| DispatchMsg::Status { reply: r },
+                            Some(Duration::from_secs(2)),
+                        )
+                        .await
+                    {
+                        out.push(s);
+                    }
+                }
+                let _ = reply.send(out);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        event: SupervisionEvent,
+        state: &mut DispatchSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("panicked: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!(
+                    "stopped ({})",
+                    reason.unwrap_or_else(|| "no reason given".into())
+                ),
+            ),
+            _ => return Ok(()),
+        };
+        let Some(i) = state.by_id.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        state.slots[i].actor = None;
+        if state.stopping {
+            return Ok(());
+        }
+        let name = state.slots[i].spec.name.clone();
+        // Its jobs go back to pending now, not when their leases expire.
+        let owner = state.owner_of(i);
+        let released = state
+            .args
+            .peers
+            .queue
+            .call(
+                |reply| QueueMsg::ReleaseOwner { owner, reply },
+                Some(state.args.call_timeout),
+            )
+            .await;
+        let released = match released {
+            Ok(CallResult::Success(Ok(n))) => n.to_string(),
+            other => format!("none ({other:?}; they return when their leases expire)"),
+        };
+        let policy = state.args.restart;
+        match state.slots[i]
+            .tracker
+            .failed(&policy, Instant::now(), reason.clone())
+        {
+            RestartDecision::RestartIn(delay) => {
+                warn!(
+                    instance = %name,
+                    "dispatcher {reason}; released its jobs: {released}; restarting in {:.1} s",
+                    delay.as_secs_f64()
+                );
+                myself.send_after(delay, move || DispatchSupMsg::Restart(i));
+            }
+            RestartDecision::Escalate { restarts } => {
+                error!(
+                    instance = %name,
+                    "dispatcher {reason}; it restarted {restarts} times within {} s: giving up and escalating",
+                    policy.window.as_secs()
+                );
+                myself.stop(Some(format!("dispatcher {name} keeps failing: {reason}")));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,22 @@
+//! `Peers`: the references actors hold to one another.
+//!
+//! The FeederSupervisor hands every actor the current `Peers` when it starts
+//! them and again whenever it restarts one, so nobody keeps talking to a
+//! dead actor and nobody looks another up by name.
+
+use ractor::ActorRef;
+
+use crate::fanin::FanInMsg;
+use crate::health::HealthMsg;
+use crate::queue::QueueMsg;
+
+/// The long-lived actors everyone may need to reach.
+#[derive(Clone, Debug)]
+pub struct Peers {
+    /// The sole owner of the job store.
+    pub queue: ActorRef<QueueMsg>,
+    /// Fan-in of fragment results into parents.
+    pub fanin: ActorRef<FanInMsg>,
+    /// Health of the model servers.
+    pub health: ActorRef<HealthMsg>,
+}

@@ -1,0 +1,445 @@
+//! `QueueActor`: the sole owner of the `JobStore`.
+//!
+//! Every store call runs on a blocking thread, never on the async runtime.
+//! Claims are answered as soon as the store answers; settlements
+//! (complete, fail, release) are group-committed: while one batch is being
+//! written, the next accumulates, so that a busy pipeline pays one
+//! transaction for many jobs. The actor also wakes dispatchers when work may
+//! be available: on in-process submits, on releases and retries coming due,
+//! on expired leases it reclaims, and when another program commits to the
+//! store (a cheap poll of the store's change token).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::{debug, error, info, warn};
+
+use crate::dispatch::DispatchMsg;
+use crate::fanin::FanInMsg;
+use crate::job::{
+    Claim, ClaimedJob, FailOutcome, Job, JobId, ModelType, NewJob, QueueStats, Submitted,
+};
+use crate::peers::Peers;
+use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult};
+use crate::time::Clock;
+
+/// Messages of the QueueActor.
+#[derive(Debug)]
+pub enum QueueMsg {
+    /// Claim up to `n` jobs of `model` for `owner`.
+    Claim {
+        /// Model of the jobs.
+        model: ModelType,
+        /// At most this many.
+        n: usize,
+        /// Who holds the claims (a dispatcher's owner id).
+        owner: String,
+        /// The claimed jobs.
+        reply: RpcReplyPort<StoreResult<Vec<ClaimedJob>>>,
+    },
+    /// Settle a claim (group-committed; no reply).
+    Settle {
+        /// The claim.
+        claim: Claim,
+        /// How.
+        settle: Settle,
+        /// The job's model, to wake its dispatchers when it comes back.
+        model: ModelType,
+        /// The job's parent, to trigger fan-in when it finishes.
+        parent: Option<JobId>,
+    },
+    /// Submit jobs in-process and wake their model's dispatchers.
+    Submit {
+        /// The jobs, inserted in one transaction.
+        jobs: Vec<NewJob>,
+        /// What happened to each.
+        reply: RpcReplyPort<StoreResult<Vec<Submitted>>>,
+    },
+    /// Submit a parent with its fragments.
+    SubmitParent {
+        /// The parent.
+        parent: NewJob,
+        /// Its fragments, in order.
+        fragments: Vec<NewJob>,
+        /// The parent's submission.
+        reply: RpcReplyPort<StoreResult<Submitted>>,
+    },
+    /// Release every claim of `owner` (and of owners below it).
+    ReleaseOwner {
+        /// The owner id or prefix.
+        owner: String,
+        /// How many jobs went back to pending.
+        reply: RpcReplyPort<StoreResult<u64>>,
+    },
+    /// One job.
+    Get {
+        /// Its id.
+        id: JobId,
+        /// The job, if any.
+        reply: RpcReplyPort<StoreResult<Option<Job>>>,
+    },
+    /// A parent's fragments.
+    Fragments {
+        /// The parent.
+        parent: JobId,
+        /// In fragment order.
+        reply: RpcReplyPort<StoreResult<Vec<Job>>>,
+    },
+    /// Parents whose fragments have all finished.
+    ReadyParents {
+        /// At most this many ids.
+        reply: RpcReplyPort<StoreResult<Vec<JobId>>>,
+    },
+    /// End a parent (exactly once).
+    FinishParent {
+        /// The parent.
+        id: JobId,
+        /// How it ends.
+        outcome: ParentOutcome,
+        /// Whether this call ended it.
+        reply: RpcReplyPort<StoreResult<bool>>,
+    },
+    /// Queue statistics.
+    Stats {
+        /// Per model and status.
+        reply: RpcReplyPort<StoreResult<QueueStats>>,
+    },
+    /// A dispatcher wants to hear when `model` work may be available.
+    Subscribe {
+        /// The model.
+        model: ModelType,
+        /// The dispatcher.
+        dispatcher: ActorRef<DispatchMsg>,
+    },
+    /// The current peers (after a start or a restart).
+    Peers(Peers),
+    /// Reply once every settlement received so far is committed.
+    Flush {
+        /// Answered when flushed.
+        reply: RpcReplyPort<()>,
+    },
+    /// Internal: a settlement batch was committed.
+    Flushed(Vec<FlushedItem>),
+    /// Internal: time to poll the store's change token.
+    Poll,
+    /// Internal: the change token read by a poll.
+    Polled(Option<i64>),
+    /// Internal: time to reclaim expired leases.
+    Reclaim,
+    /// Internal: wake the dispatchers of one model (`None`: all).
+    Wake(Option<ModelType>),
+}
+
+/// One settlement's outcome, as committed.
+#[derive(Debug)]
+pub struct FlushedItem {
+    model: ModelType,
+    parent: Option<JobId>,
+    job_id: JobId,
+    result: StoreResult<Settled>,
+}
+
+/// How the QueueActor is started.
+pub struct QueueArgs {
+    /// The store it owns.
+    pub store: Arc<dyn JobStore>,
+    /// Where time comes from.
+    pub clock: Arc<dyn Clock>,
+    /// Lease of each claim.
+    pub lease: Duration,
+    /// How often expired leases are reclaimed.
+    pub reclaim_interval: Duration,
+    /// How often the store's change token is polled (rows from other programs).
+    pub poll_interval: Duration,
+    /// Claims of this owner (and below it) are released at start: a
+    /// previous run of this daemon that died without releasing them.
+    pub release_on_start: Option<String>,
+}
+
+/// The QueueActor's state.
+pub struct QueueState {
+    args: QueueArgs,
+    peers: Option<Peers>,
+    subscribers: HashMap<ModelType, Vec<ActorRef<DispatchMsg>>>,
+    pending: Vec<(Claim, Settle, ModelType, Option<JobId>)>,
+    flushing: bool,
+    flush_waiters: Vec<RpcReplyPort<()>>,
+    polling: bool,
+    last_token: Option<i64>,
+}
+
+/// The sole owner of the job store.
+pub struct QueueActor;
+
+/// Runs `f` against the store on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn JobStore>,
+    f: impl FnOnce(&dyn JobStore) -> StoreResult<T> + Send + 'static,
+) -> StoreResult<T> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Backend(format!("store call panicked: {e}"))))
+}
+
+/// Runs `f` on a blocking thread and sends the answer to `reply`, without
+/// holding up the actor.
+fn answer<T: Send + 'static>(
+    store: &Arc<dyn JobStore>,
+    reply: RpcReplyPort<StoreResult<T>>,
+    f: impl FnOnce(&dyn JobStore) -> StoreResult<T> + Send + 'static,
+) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let out = blocking(&store, f).await;
+        let _ = reply.send(out);
+    });
+}
+
+impl QueueState {
+    fn wake(&mut self, model: Option<ModelType>) {
+        for (m, subs) in self.subscribers.iter_mut() {
+            if model.is_none_or(|x| x == *m) {
+                subs.retain(|d| d.cast(DispatchMsg::Wake).is_ok());
+            }
+        }
+    }
+
+    fn start_flush(&mut self, myself: &ActorRef<QueueMsg>) {
+        if self.flushing || self.pending.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let batch = std::mem::take(&mut self.pending);
+        let store = self.args.store.clone();
+        let now = self.args.clock.now();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let meta: Vec<(ModelType, Option<JobId>, JobId)> = batch
+                .iter()
+                .map(|(c, _, m, p)| (*m, *p, c.job_id))
+                .collect();
+            let items: Vec<(Claim, Settle)> =
+                batch.into_iter().map(|(c, s, _, _)| (c, s)).collect();
+            let n = items.len();
+            let results = blocking(&store, move |s| s.settle_batch(items, now)).await;
+            let results: Vec<StoreResult<Settled>> = match results {
+                Ok(r) => r,
+                Err(e) => {
+                    let msg = e.to_string();
+                    (0..n)
+                        .map(|_| Err(StoreError::Backend(msg.clone())))
+                        .collect()
+                }
+            };
+            let flushed = meta
+                .into_iter()
+                .zip(results)
+                .map(|((model, parent, job_id), result)| FlushedItem {
+                    model,
+                    parent,
+                    job_id,
+                    result,
+                })
+                .collect();
+            let _ = myself.cast(QueueMsg::Flushed(flushed));
+        });
+    }
+
+    fn flushed(&mut self, myself: &ActorRef<QueueMsg>, items: Vec<FlushedItem>) {
+        self.flushing = false;
+        let now = self.args.clock.now();
+        let mut wake: Vec<ModelType> = Vec::new();
+        for item in items {
+            match item.result {
+                Ok(Settled::Done) | Ok(Settled::Failed(FailOutcome::Failed { .. })) => {
+                    if let (Some(parent), Some(peers)) = (item.parent, &self.peers) {
+                        let _ = peers.fanin.cast(FanInMsg::Check(parent));
+                    }
+                }
+                Ok(Settled::Failed(FailOutcome::Retrying { run_at, .. })) => {
+                    let model = item.model;
+                    let delay = run_at.since(now);
+                    myself.send_after(delay, move || QueueMsg::Wake(Some(model)));
+                }
+                Ok(Settled::Released) => wake.push(item.model),
+                Err(StoreError::StaleClaim { .. }) => {
+                    debug!(job = %item.job_id, "settlement of a stale claim dropped (the job was reclaimed or cancelled)");
+                }
+                Err(e) => {
+                    error!(job = %item.job_id, "could not record the job's outcome: {e}; it will run again when its lease expires");
+                }
+            }
+        }
+        wake.sort();
+        wake.dedup();
+        for m in wake {
+            self.wake(Some(m));
+        }
+        self.start_flush(myself);
+        if !self.flushing {
+            for w in self.flush_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+impl Actor for QueueActor {
+    type Msg = QueueMsg;
+    type State = QueueState;
+    type Arguments = QueueArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<QueueMsg>,
+        args: QueueArgs,
+    ) -> Result<QueueState, ActorProcessingErr> {
+        let now = args.clock.now();
+        if let Some(owner) = args.release_on_start.clone() {
+            let n = blocking(&args.store, move |s| s.release_owner(&owner, now)).await?;
+            if n > 0 {
+                info!("released {n} jobs claimed by a previous run of this daemon");
+            }
+        }
+        let n = blocking(&args.store, move |s| s.reclaim_expired(now)).await?;
+        if n > 0 {
+            info!("reclaimed {n} jobs whose lease had expired");
+        }
+        let last_token = blocking(&args.store, |s| s.change_token()).await?;
+        myself.send_interval(args.poll_interval, || QueueMsg::Poll);
+        myself.send_interval(args.reclaim_interval, || QueueMsg::Reclaim);
+        Ok(QueueState {
+            args,
+            peers: None,
+            subscribers: HashMap::new(),
+            pending: Vec::new(),
+            flushing: false,
+            flush_waiters: Vec::new(),
+            polling: false,
+            last_token,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<QueueMsg>,
+        msg: QueueMsg,
+        state: &mut QueueState,
+    ) -> Result<(), ActorProcessingErr> {
+        let store = &state.args.store;
+        let now = state.args.clock.now();
+        match msg {
+            QueueMsg::Claim {
+                model,
+                n,
+                owner,
+                reply,
+            } => {
+                let lease = state.args.lease;
+                answer(store, reply, move |s| s.claim(model, n, lease, &owner, now));
+            }
+            QueueMsg::Settle {
+                claim,
+                settle,
+                model,
+                parent,
+            } => {
+                state.pending.push((claim, settle, model, parent));
+                state.start_flush(&myself);
+            }
+            QueueMsg::Submit { jobs, reply } => {
+                let models: Vec<ModelType> = jobs.iter().map(|j| j.model_type).collect();
+                let out = blocking(store, move |s| s.submit_batch(jobs, now)).await;
+                if out.is_ok() {
+                    for m in ModelType::ALL.into_iter().filter(|m| models.contains(m)) {
+                        state.wake(Some(m));
+                    }
+                }
+                let _ = reply.send(out);
+            }
+            QueueMsg::SubmitParent {
+                parent,
+                fragments,
+                reply,
+            } => {
+                let model = fragments.first().map(|f| f.model_type);
+                let out = blocking(store, move |s| s.submit_parent(parent, fragments, now)).await;
+                if out.is_ok() {
+                    if let Some(m) = model {
+                        state.wake(Some(m));
+                    }
+                }
+                let _ = reply.send(out);
+            }
+            QueueMsg::ReleaseOwner { owner, reply } => {
+                let out = blocking(store, move |s| s.release_owner(&owner, now)).await;
+                if matches!(out, Ok(n) if n > 0) {
+                    state.wake(None);
+                }
+                let _ = reply.send(out);
+            }
+            QueueMsg::Get { id, reply } => answer(store, reply, move |s| s.get(id)),
+            QueueMsg::Fragments { parent, reply } => {
+                answer(store, reply, move |s| s.fragments(parent))
+            }
+            QueueMsg::ReadyParents { reply } => answer(store, reply, |s| s.ready_parents(100)),
+            QueueMsg::FinishParent { id, outcome, reply } => {
+                answer(store, reply, move |s| s.finish_parent(id, outcome, now))
+            }
+            QueueMsg::Stats { reply } => answer(store, reply, move |s| s.stats(now)),
+            QueueMsg::Subscribe { model, dispatcher } => {
+                let subs = state.subscribers.entry(model).or_default();
+                subs.retain(|d| d.get_id() != dispatcher.get_id());
+                let _ = dispatcher.cast(DispatchMsg::Wake);
+                subs.push(dispatcher);
+            }
+            QueueMsg::Peers(peers) => state.peers = Some(peers),
+            QueueMsg::Flush { reply } => {
+                if state.flushing || !state.pending.is_empty() {
+                    state.flush_waiters.push(reply);
+                    state.start_flush(&myself);
+                } else {
+                    let _ = reply.send(());
+                }
+            }
+            QueueMsg::Flushed(items) => state.flushed(&myself, items),
+            QueueMsg::Poll => {
+                if !state.polling {
+                    state.polling = true;
+                    let store = store.clone();
+                    let me = myself.clone();
+                    tokio::spawn(async move {
+                        let token = blocking(&store, |s| s.change_token()).await.unwrap_or(None);
+                        let _ = me.cast(QueueMsg::Polled(token));
+                    });
+                }
+            }
+            QueueMsg::Polled(token) => {
+                state.polling = false;
+                if token.is_some() && token != state.last_token {
+                    state.last_token = token;
+                    state.wake(None);
+                }
+            }
+            QueueMsg::Reclaim => {
+                let store = store.clone();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    match blocking(&store, move |s| s.reclaim_expired(now)).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            warn!("reclaimed {n} jobs whose lease expired (their holder died or stalled)");
+                            let _ = me.cast(QueueMsg::Wake(None));
+                        }
+                        Err(e) => error!("reclaiming expired leases failed: {e}"),
+                    }
+                });
+            }
+            QueueMsg::Wake(model) => state.wake(model),
+        }
+        Ok(())
+    }
+}

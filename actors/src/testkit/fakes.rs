@@ -1,0 +1,249 @@
+//! In-memory fakes of the `InferenceClient` and `ResultStore` ports, and a
+//! recording stand-in actor.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ractor::{Actor, ActorProcessingErr, ActorRef, Message};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::inference::{InferenceClient, InferenceError, InferenceOutput};
+use crate::job::{Job, JobId};
+use crate::results::ResultStore;
+
+/// A scripted model server.
+///
+/// By default every request succeeds after `latency` (tokio time, so tests
+/// can pause it) with the content `"echo <job id>"`. Outcomes queued with
+/// [`FakeInference::script`] are used first, in order. With
+/// [`FakeInference::gated`], each request waits for a permit that the test
+/// hands out with [`FakeInference::release`].
+#[derive(Clone)]
+pub struct FakeInference {
+    inner: Arc<FakeInner>,
+}
+
+struct FakeInner {
+    latency: Mutex<Duration>,
+    script: Mutex<VecDeque<Result<String, InferenceError>>>,
+    gate: Option<Semaphore>,
+    received: Mutex<Vec<JobId>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+impl Default for FakeInference {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeInference {
+    fn build(gate: Option<Semaphore>) -> Self {
+        FakeInference {
+            inner: Arc::new(FakeInner {
+                latency: Mutex::new(Duration::ZERO),
+                script: Mutex::new(VecDeque::new()),
+                gate,
+                received: Mutex::new(Vec::new()),
+                in_flight: AtomicUsize::new(0),
+                max_in_flight: AtomicUsize::new(0),
+                healthy: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// A healthy server that answers at once.
+    pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// A server whose requests each wait for a permit from `release`.
+    pub fn gated() -> Self {
+        Self::build(Some(Semaphore::new(0)))
+    }
+
+    /// Sets the latency of every request.
+    pub fn with_latency(self, latency: Duration) -> Self {
+        *self.inner.latency.lock().unwrap() = latency;
+        self
+    }
+
+    /// Queues outcomes for the next requests: `Ok(content)` or an error.
+    pub fn script(&self, outcomes: impl IntoIterator<Item = Result<String, InferenceError>>) {
+        self.inner.script.lock().unwrap().extend(outcomes);
+    }
+
+    /// Lets `n` gated requests finish.
+    pub fn release(&self, n: usize) {
+        if let Some(g) = &self.inner.gate {
+            g.add_permits(n);
+        }
+    }
+
+    /// Makes health checks pass or fail.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.inner.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// The jobs received, in arrival order.
+    pub fn received(&self) -> Vec<JobId> {
+        self.inner.received.lock().unwrap().clone()
+    }
+
+    /// Requests being served now.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most requests ever served at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+struct InFlightGuard<'a>(&'a AtomicUsize);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl InferenceClient for FakeInference {
+    async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError> {
+        let inner = &self.inner;
+        inner.received.lock().unwrap().push(job.id);
+        let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let _guard = InFlightGuard(&inner.in_flight);
+        if let Some(g) = &inner.gate {
+            g.acquire().await.expect("gate open").forget();
+        }
+        let latency = *inner.latency.lock().unwrap();
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let scripted = inner.script.lock().unwrap().pop_front();
+        let content = match scripted {
+            Some(Err(e)) => return Err(e),
+            Some(Ok(content)) => content,
+            None => format!("echo {}", job.id),
+        };
+        Ok(InferenceOutput {
+            response: serde_json::json!({"choices": [{"message": {"content": content}}]}),
+            content,
+            prompt_tokens: Some(3),
+            completion_tokens: Some(5),
+            latency,
+        })
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        if self.inner.healthy.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("fake server marked unhealthy".into())
+        }
+    }
+}
+
+/// Result documents kept in memory, at paths `/results/<id>.json`.
+#[derive(Clone, Default)]
+pub struct MemoryResults {
+    docs: Arc<Mutex<HashMap<PathBuf, Vec<u8>>>>,
+    writes: Arc<AtomicUsize>,
+}
+
+impl MemoryResults {
+    /// An empty result store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The document at `path`, parsed.
+    pub fn doc(&self, path: &Path) -> Option<serde_json::Value> {
+        let docs = self.docs.lock().unwrap();
+        docs.get(path)
+            .map(|b| serde_json::from_slice(b).expect("JSON result"))
+    }
+
+    /// How many writes happened (rewrites included).
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+impl ResultStore for MemoryResults {
+    fn write(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
+        let path = PathBuf::from(format!("/results/{id}.json"));
+        self.docs.lock().unwrap().insert(path.clone(), doc.to_vec());
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(path)
+    }
+
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        self.docs
+            .lock()
+            .unwrap()
+            .get(path)
+            .cloned()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such result"))
+    }
+}
+
+/// A stand-in peer: an actor that records every message it receives.
+pub struct Recorder<M>(std::marker::PhantomData<fn() -> M>);
+
+impl<M: Message> Recorder<M> {
+    /// Spawns a recorder; the receiver yields what it got.
+    pub async fn spawn() -> (ActorRef<M>, mpsc::UnboundedReceiver<M>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (actor, _) = Actor::spawn(None, Recorder::<M>(std::marker::PhantomData), tx)
+            .await
+            .expect("recorder starts");
+        (actor, rx)
+    }
+}
+
+impl<M: Message> Actor for Recorder<M> {
+    type Msg = M;
+    type State = mpsc::UnboundedSender<M>;
+    type Arguments = mpsc::UnboundedSender<M>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<M>,
+        tx: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(tx)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<M>,
+        msg: M,
+        tx: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tx.send(msg);
+        Ok(())
+    }
+}
+
+/// Waits (in tokio time, which tests usually pause) until `cond` holds;
+/// panics with `what` after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

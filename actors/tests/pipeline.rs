@@ -1,0 +1,563 @@
+//! Message-level tests of the actors: each actor spawned with in-memory fakes
+//! for its ports (store, model server, results), driven by typed messages
+//! under paused tokio time, with assertions on replies, on the store, and on
+//! what the fake server received.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+
+use feeder_actors::dispatch::DispatchMsg;
+use feeder_actors::dispatch_supervisor::InstanceSpec;
+use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg};
+use feeder_actors::queue::{QueueActor, QueueArgs, QueueMsg};
+use feeder_actors::results::{JobResult, ResultStore};
+use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::testkit::store_contract::job;
+use feeder_actors::testkit::{wait_until, FakeInference, MemoryResults, MemoryStore, Recorder};
+use feeder_actors::{
+    Backoff, Completion, InferenceError, JobId, JobStatus, JobStore, ListFilter, ModelType, Settle,
+    Timestamp, TokioClock,
+};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn settings() -> PipelineSettings {
+    PipelineSettings {
+        health_interval: Duration::from_secs(1),
+        retry: Backoff {
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+            factor: 2.0,
+            jitter: 0.0,
+        },
+        ..PipelineSettings::default()
+    }
+}
+
+struct Pipeline {
+    store: MemoryStore,
+    results: MemoryResults,
+    feeder: ActorRef<FeederMsg>,
+}
+
+impl Pipeline {
+    async fn start(instances: Vec<(&str, ModelType, u32, FakeInference)>) -> Pipeline {
+        Self::start_with(MemoryStore::new(), instances).await
+    }
+
+    async fn start_with(
+        store: MemoryStore,
+        instances: Vec<(&str, ModelType, u32, FakeInference)>,
+    ) -> Pipeline {
+        let results = MemoryResults::new();
+        let args = FeederArgs {
+            store: Arc::new(store.clone()),
+            results: Arc::new(results.clone()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            instances: instances
+                .into_iter()
+                .map(|(name, model, window, client)| InstanceSpec {
+                    name: name.to_string(),
+                    model,
+                    window,
+                    client: Arc::new(client),
+                })
+                .collect(),
+            owner: "test-host".into(),
+            settings: settings(),
+        };
+        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
+            .await
+            .expect("feeder starts");
+        Pipeline {
+            store,
+            results,
+            feeder,
+        }
+    }
+
+    async fn submit(&self, model: ModelType, n: usize) -> Vec<JobId> {
+        let peers = match self
+            .feeder
+            .call(|r| FeederMsg::Peers { reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(p) => p,
+            other => panic!("no peers: {other:?}"),
+        };
+        let jobs = (0..n)
+            .map(|i| job(model, &format!("{model}-{i}-{}", rand_tag())))
+            .collect();
+        match peers
+            .queue
+            .call(|r| QueueMsg::Submit { jobs, reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(Ok(s)) => s.into_iter().map(|s| s.id).collect(),
+            other => panic!("submit failed: {other:?}"),
+        }
+    }
+
+    fn count(&self, status: JobStatus) -> usize {
+        self.store
+            .all()
+            .iter()
+            .filter(|j| j.status == status)
+            .count()
+    }
+
+    async fn dispatcher(&self, instance: &str) -> ActorRef<DispatchMsg> {
+        let all = match self
+            .feeder
+            .call(|r| FeederMsg::Dispatchers { reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(v) => v,
+            other => panic!("{other:?}"),
+        };
+        all.into_iter()
+            .find(|(n, _)| n == instance)
+            .expect("dispatcher")
+            .1
+    }
+}
+
+fn rand_tag() -> String {
+    hex::encode(rand::random::<[u8; 4]>())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_window_stays_full_and_refills_one_slot_at_a_time() {
+    let server = FakeInference::gated();
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 4, server.clone())]).await;
+    p.submit(ModelType::Vision, 10).await;
+    wait_until("4 requests are in flight", LIMIT, || {
+        server.in_flight() == 4
+    })
+    .await;
+    // Nothing more is sent while the window is full.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(server.received().len(), 4);
+    // One finishes: exactly one more is sent, at once, without waiting for the others.
+    server.release(1);
+    wait_until("a 5th request arrives", LIMIT, || {
+        server.received().len() == 5
+    })
+    .await;
+    assert_eq!(server.in_flight(), 4);
+    server.release(100);
+    wait_until("all 10 are done", LIMIT, || p.count(JobStatus::Done) == 10).await;
+    assert_eq!(server.max_in_flight(), 4);
+    for j in p.store.all() {
+        let doc = p
+            .results
+            .doc(j.result_path.as_deref().unwrap())
+            .expect("result written");
+        assert_eq!(doc["content"], format!("echo {}", j.id));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_are_classified() {
+    let server = FakeInference::new();
+    server.script([
+        Err(InferenceError::Permanent(
+            "HTTP 400: prompt too long".into(),
+        )),
+        Err(InferenceError::Retryable("HTTP 500: boom".into())),
+    ]);
+    let p = Pipeline::start(vec![("t", ModelType::Think, 1, server.clone())]).await;
+    let ids = p.submit(ModelType::Think, 2).await;
+    wait_until("one failed and one done", LIMIT, || {
+        p.count(JobStatus::Failed) == 1 && p.count(JobStatus::Done) == 1
+    })
+    .await;
+    let first = p.store.get(ids[0]).unwrap().unwrap();
+    assert_eq!(first.status, JobStatus::Failed);
+    assert_eq!(first.attempts, 1);
+    assert_eq!(first.error.as_deref(), Some("HTTP 400: prompt too long"));
+    // The 500 was retried after its backoff and then succeeded.
+    let second = p.store.get(ids[1]).unwrap().unwrap();
+    assert_eq!((second.status, second.attempts), (JobStatus::Done, 2));
+    assert_eq!(server.received(), vec![ids[0], ids[1], ids[1]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overload_releases_the_job_narrows_the_window_and_widens_again() {
+    let server = FakeInference::new().with_latency(Duration::from_millis(100));
+    server.script([Err(InferenceError::Overloaded {
+        message: "HTTP 429: too many requests".into(),
+        retry_after: None,
+    })]);
+    let p = Pipeline::start(vec![("t", ModelType::Think, 8, server.clone())]).await;
+    let d = p.dispatcher("t").await;
+    let ids = p.submit(ModelType::Think, 1).await;
+    wait_until("the 429 narrowed the window", LIMIT, || {
+        server.received().len() == 1
+    })
+    .await;
+    let narrowed = loop {
+        let s = match d
+            .call(|r| DispatchMsg::Status { reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(s) => s,
+            other => panic!("{other:?}"),
+        };
+        if s.overloaded == 1 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert_eq!(narrowed.window, 4);
+    // The job came back without an attempt counted, and ran again after the pause.
+    wait_until("the job is done", LIMIT, || p.count(JobStatus::Done) == 1).await;
+    let j = p.store.get(ids[0]).unwrap().unwrap();
+    assert_eq!(j.attempts, 1, "the 429 was not counted as an attempt");
+    // Successes widen the window back.
+    p.submit(ModelType::Think, 60).await;
+    wait_until("61 done", LIMIT, || p.count(JobStatus::Done) == 61).await;
+    let s = match d
+        .call(|r| DispatchMsg::Status { reply: r }, None)
+        .await
+        .unwrap()
+    {
+        CallResult::Success(s) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(s.window, 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_sent_to_an_instance_that_is_not_ready() {
+    let server = FakeInference::new();
+    server.set_healthy(false);
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 4, server.clone())]).await;
+    p.submit(ModelType::Vision, 3).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(server.received().is_empty());
+    server.set_healthy(true);
+    wait_until("all done once ready", LIMIT, || {
+        p.count(JobStatus::Done) == 3
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_dispatcher_is_restarted_and_its_jobs_return_to_pending() {
+    let server = FakeInference::gated();
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 3, server.clone())]).await;
+    let ids = p.submit(ModelType::Vision, 3).await;
+    wait_until("3 in flight", LIMIT, || server.in_flight() == 3).await;
+    let before = p.dispatcher("v").await;
+    before.cast(DispatchMsg::InjectPanic).unwrap();
+    // The crashed dispatcher's requests are aborted and its jobs released;
+    // the restarted one claims them again.
+    wait_until("the requests are sent again", LIMIT, || {
+        server.received().len() == 6
+    })
+    .await;
+    let after = p.dispatcher("v").await;
+    assert_ne!(before.get_id(), after.get_id(), "a new dispatcher runs");
+    for id in &ids {
+        let j = p.store.get(*id).unwrap().unwrap();
+        assert_eq!(j.status, JobStatus::Processing);
+        assert_eq!(j.attempts, 0, "the crash was not counted against the job");
+        assert!(
+            j.claimed_by.as_deref().unwrap().ends_with("/v/2"),
+            "{:?}",
+            j.claimed_by
+        );
+    }
+    server.release(100);
+    wait_until("all done", LIMIT, || p.count(JobStatus::Done) == 3).await;
+    assert_eq!(p.count(JobStatus::Failed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_requests_finish_then_releases_the_rest() {
+    let server = FakeInference::gated();
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 4, server.clone())]).await;
+    p.submit(ModelType::Vision, 8).await;
+    wait_until("4 in flight", LIMIT, || server.in_flight() == 4).await;
+    // Two requests finish during the grace period, two never do.
+    let s = server.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.release(2);
+    });
+    let report = match p
+        .feeder
+        .call(
+            |r| FeederMsg::Shutdown {
+                grace: Duration::from_secs(10),
+                reply: r,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(report.released, 2);
+    assert_eq!(p.count(JobStatus::Done), 2);
+    assert_eq!(p.count(JobStatus::Pending), 6);
+    assert_eq!(p.count(JobStatus::Processing), 0);
+    // Nothing new was claimed once the shutdown began.
+    assert_eq!(server.received().len(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_previous_runs_claims_are_released_at_start() {
+    let store = MemoryStore::new();
+    for i in 0..3 {
+        store
+            .submit(job(ModelType::Think, &format!("old{i}")), T0)
+            .unwrap();
+    }
+    let dead = store
+        .claim(
+            ModelType::Think,
+            3,
+            Duration::from_secs(3600),
+            "test-host/t/1",
+            T0,
+        )
+        .unwrap();
+    assert_eq!(dead.len(), 3);
+    let server = FakeInference::new();
+    let p = Pipeline::start_with(store, vec![("t", ModelType::Think, 4, server.clone())]).await;
+    // Long before the hour-long leases expire.
+    wait_until("the old claims ran", Duration::from_secs(10), || {
+        p.count(JobStatus::Done) == 3
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_queue_actor_claims_settles_and_releases() {
+    let store = MemoryStore::new();
+    let (queue, _) = Actor::spawn(
+        None,
+        QueueActor,
+        QueueArgs {
+            store: Arc::new(store.clone()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            lease: Duration::from_secs(60),
+            reclaim_interval: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(200),
+            release_on_start: None,
+        },
+    )
+    .await
+    .unwrap();
+    let (dispatcher, mut heard) = Recorder::<DispatchMsg>::spawn().await;
+    queue
+        .cast(QueueMsg::Subscribe {
+            model: ModelType::Vision,
+            dispatcher,
+        })
+        .unwrap();
+    assert!(
+        matches!(heard.recv().await, Some(DispatchMsg::Wake)),
+        "a subscriber is woken at once"
+    );
+
+    // Another program inserts: the change-token poll wakes the subscriber.
+    store.submit(job(ModelType::Vision, "a"), T0).unwrap();
+    store.submit(job(ModelType::Vision, "b"), T0).unwrap();
+    store.submit(job(ModelType::Vision, "c"), T0).unwrap();
+    assert!(matches!(heard.recv().await, Some(DispatchMsg::Wake)));
+
+    let claimed = match queue
+        .call(
+            |r| QueueMsg::Claim {
+                model: ModelType::Vision,
+                n: 3,
+                owner: "o".into(),
+                reply: r,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(Ok(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(claimed.len(), 3);
+    let done = Completion {
+        result_path: "/results/a.json".into(),
+        prompt_tokens: None,
+        completion_tokens: None,
+        latency: Duration::from_millis(5),
+    };
+    let settle = |i: usize, s: Settle| QueueMsg::Settle {
+        claim: claimed[i].claim.clone(),
+        settle: s,
+        model: ModelType::Vision,
+        parent: None,
+    };
+    queue.cast(settle(0, Settle::Complete(done))).unwrap();
+    queue
+        .cast(settle(
+            1,
+            Settle::Fail(feeder_actors::Failure {
+                message: "x".into(),
+                retry_after: None,
+            }),
+        ))
+        .unwrap();
+    queue.cast(settle(2, Settle::Release)).unwrap();
+    queue
+        .call(|r| QueueMsg::Flush { reply: r }, None)
+        .await
+        .unwrap();
+    let status = |i: usize| store.get(claimed[i].job.id).unwrap().unwrap().status;
+    assert_eq!(
+        (status(0), status(1), status(2)),
+        (JobStatus::Done, JobStatus::Failed, JobStatus::Pending)
+    );
+    // The release woke the model's dispatcher.
+    loop {
+        match heard.recv().await {
+            Some(DispatchMsg::Wake) => break,
+            Some(_) => continue,
+            None => panic!("recorder closed"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
+    let store = MemoryStore::new();
+    let results = MemoryResults::new();
+    let (queue, _) = Actor::spawn(
+        None,
+        QueueActor,
+        QueueArgs {
+            store: Arc::new(store.clone()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            lease: Duration::from_secs(60),
+            reclaim_interval: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(200),
+            release_on_start: None,
+        },
+    )
+    .await
+    .unwrap();
+    let frags = (0..4)
+        .map(|i| job(ModelType::Think, &format!("f{i}")))
+        .collect();
+    let parent = store
+        .submit_parent(job(ModelType::Think, "parent"), frags, T0)
+        .unwrap()
+        .id;
+    let (fanin, _) = Actor::spawn(
+        None,
+        FanInActor,
+        FanInArgs {
+            queue: queue.clone(),
+            results: Arc::new(results.clone()),
+            scan_interval: Duration::from_secs(3600),
+            call_timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    let claimed = store
+        .claim(ModelType::Think, 4, Duration::from_secs(60), "o", T0)
+        .unwrap();
+    // Fragments finish out of order; each finish triggers a check, and checks race.
+    for i in [2usize, 0, 3, 1] {
+        let c = &claimed[i];
+        let doc = JobResult {
+            id: c.job.id,
+            model_type: ModelType::Think,
+            content: format!("part {i}"),
+            prompt_tokens: Some(1),
+            completion_tokens: Some(2),
+            latency_ms: Some(1),
+            fragments: vec![],
+            response: None,
+        };
+        let path = results
+            .write(c.job.id, &serde_json::to_vec(&doc).unwrap())
+            .unwrap();
+        let done = Completion {
+            result_path: path,
+            prompt_tokens: Some(1),
+            completion_tokens: Some(2),
+            latency: Duration::ZERO,
+        };
+        store.complete(&c.claim, done, T0).unwrap();
+        for _ in 0..3 {
+            fanin.cast(FanInMsg::Check(parent)).unwrap();
+        }
+    }
+    fanin.cast(FanInMsg::Scan).unwrap();
+    wait_until("the parent is done", LIMIT, || {
+        store.get(parent).unwrap().unwrap().status == JobStatus::Done
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let p = store.get(parent).unwrap().unwrap();
+    assert_eq!(p.attempts, 1, "the parent was finished exactly once");
+    let merged = results.doc(p.result_path.as_deref().unwrap()).unwrap();
+    assert_eq!(merged["content"], "part 0\npart 1\npart 2\npart 3");
+    let order: Vec<u64> = merged["fragments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, vec![0, 1, 2, 3]);
+    assert_eq!(merged["completion_tokens"], 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parent_fails_naming_its_failed_fragments() {
+    let server = FakeInference::new();
+    server.script([
+        Ok("fine".into()),
+        Err(InferenceError::Permanent("HTTP 400: bad fragment".into())),
+    ]);
+    let p = Pipeline::start(vec![("t", ModelType::Think, 1, server)]).await;
+    let frags = (0..2)
+        .map(|i| job(ModelType::Think, &format!("pf{i}")))
+        .collect();
+    let parent = p
+        .store
+        .submit_parent(job(ModelType::Think, "pp"), frags, T0)
+        .unwrap()
+        .id;
+    wait_until("the parent failed", LIMIT, || {
+        p.store.get(parent).unwrap().unwrap().status == JobStatus::Failed
+    })
+    .await;
+    let err = p.store.get(parent).unwrap().unwrap().error.unwrap();
+    assert!(
+        err.starts_with("1 of 2 fragments did not succeed: #1 ("),
+        "{err}"
+    );
+    assert!(err.contains("HTTP 400: bad fragment"), "{err}");
+    let listed = p
+        .store
+        .list(&ListFilter {
+            status: Some(JobStatus::Done),
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+}
