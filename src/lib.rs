@@ -8,10 +8,22 @@
 //! - [`config`]: `feeder.toml`, its defaults, and errors that name the key and line.
 //! - [`store`]: the SQLite `JobStore` adapter and the schema migrations.
 //! - [`submit`]: turning CLI input (payload files, prompts, images, JSONL) into jobs.
+//! - [`openai`]: the OpenAI-compatible HTTP adapter of the `InferenceClient` port.
+//! - [`results`]: the file adapter of the `ResultStore` port (atomic writes).
+//! - [`sim`]: `gpu-feeder sim`, a simulated vLLM server with continuous batching.
+//! - [`daemon`]: `gpu-feeder run`: wiring, the database lock, signals, shutdown.
+//! - [`demo`]: `gpu-feeder demo`: simulated servers, sample jobs, a summary.
+//! - [`logging`]: `tracing` to stderr, human or JSON.
 //! - [`cli`]: the command line (`gpu-feeder …`) and its human and `--json` output.
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod logging;
+pub mod openai;
+pub mod results;
+pub mod sim;
 pub mod store;
 pub mod submit;
 

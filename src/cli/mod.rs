@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand};
 
 use feeder_actors::{JobStatus, ModelType};
 
-use crate::config::{Config, ConfigError, ConfigSource};
+use crate::config::{Config, ConfigError, ConfigSource, LogFormat};
+use crate::demo::DemoArgs;
+use crate::sim::SimConfig;
 use crate::store::SqliteStore;
 
 /// Exit status for a bad configuration (sysexits' EX_CONFIG).
@@ -30,14 +32,34 @@ pub struct Cli {
     /// Job database; overrides queue.db_path
     #[arg(long, global = true, value_name = "PATH")]
     pub db: Option<PathBuf>,
+    /// Log format on stderr: auto, human or json; overrides logging.format
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
     /// What to do
     #[command(subcommand)]
     pub command: Command,
 }
 
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "auto" => Ok(LogFormat::Auto),
+        "human" => Ok(LogFormat::Human),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!(
+            "`{other}` is not a log format: use auto, human or json"
+        )),
+    }
+}
+
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: dispatch jobs to the configured instances until SIGTERM
+    Run,
+    /// The whole pipeline on simulated servers and a temporary database (no GPU)
+    Demo(DemoArgs),
+    /// A simulated vLLM OpenAI-compatible server (tests, demo, capacity planning)
+    Sim(SimConfig),
     /// Create or upgrade the job database
     Migrate {
         /// Print JSON
@@ -188,8 +210,23 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Config(ConfigCommand::Check { path }) = &cli.command {
         return Ok(config_check(path.as_deref().or(cli.config.as_deref())));
     }
+    if let Command::Sim(cfg) = cli.command {
+        crate::logging::init(&Default::default(), cli.log_format);
+        return runtime()?.block_on(crate::sim::serve(cfg)).map(|()| 0);
+    }
+    if let Command::Demo(args) = cli.command {
+        let mut logging = crate::config::LoggingConfig::default();
+        logging.level = "warn".into();
+        crate::logging::init(&logging, cli.log_format);
+        return runtime()?.block_on(crate::demo::run(args));
+    }
     let ctx = Context::load(cli.config.as_deref(), cli.db.as_deref())?;
     match cli.command {
+        Command::Run => {
+            crate::logging::init(&ctx.config.logging, cli.log_format);
+            runtime()?.block_on(crate::daemon::run(ctx.config, &ctx.config_path))
+        }
+        Command::Demo(_) | Command::Sim(_) => unreachable!("handled above"),
         Command::Migrate { json } => jobs::migrate(&ctx, json),
         Command::Submit(args) => jobs::submit(&ctx, args),
         Command::Status { job, json } => jobs::status(&ctx, &job, json),
@@ -204,6 +241,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Retry { job, json } => jobs::retry(&ctx, &job, json),
         Command::Config(_) => unreachable!("handled above"),
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// `config check`: prints `OK` and a summary, or every problem; the exit status.

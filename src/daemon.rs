@@ -1,0 +1,253 @@
+//! `gpu-feeder run`: wires the configuration to the actors and runs until
+//! SIGINT or SIGTERM, then shuts down gracefully (no new claims, requests in
+//! flight finish within `dispatch.shutdown_grace_s`, the rest go back to
+//! `pending`).
+//!
+//! One daemon per database: a lock file beside it (`<db_path>.lock`) keeps a
+//! second one out. Claims carry the owner id `gpu-feeder@<host>/<instance>/<n>`,
+//! so a daemon restarting after a crash releases its predecessor's claims at
+//! once instead of waiting for their leases.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use tracing::{error, info, warn};
+
+use feeder_actors::dispatch_supervisor::InstanceSpec;
+use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::{Backoff, JobStore, ResultStore, SystemClock};
+
+use crate::config::{Backend, Config};
+use crate::openai::{OpenAiClient, RequestDefaults};
+use crate::results::FileResults;
+use crate::store::SqliteStore;
+
+/// This host's claim owner id.
+pub fn owner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("gpu-feeder@{host}")
+}
+
+/// The pipeline's settings from the configuration.
+pub fn settings(config: &Config) -> PipelineSettings {
+    let d = &config.dispatch;
+    PipelineSettings {
+        lease: config.queue.lease(),
+        reclaim_interval: Duration::from_secs(config.queue.reclaim_interval_s),
+        poll_interval: Duration::from_millis(d.external_poll_ms),
+        retry: d.backoff(),
+        overload: Backoff {
+            base: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+            factor: 2.0,
+            jitter: 0.2,
+        },
+        health_interval: Duration::from_secs(config.health.interval_s),
+        health_timeout: Duration::from_secs(config.health.timeout_s),
+        failure_threshold: config.health.failure_threshold,
+        ..PipelineSettings::default()
+    }
+}
+
+/// The instances as the actors see them: an HTTP client each.
+pub fn instance_specs(config: &Config) -> Vec<InstanceSpec> {
+    let roots = config.queue.roots();
+    config
+        .instances
+        .iter()
+        .map(|inst| {
+            let window = inst.window.unwrap_or(config.dispatch.window);
+            let client = OpenAiClient::new(
+                &inst.base_url(),
+                RequestDefaults::from_instance(inst, &roots),
+                Duration::from_secs(config.dispatch.request_timeout_s),
+                window as usize * 2,
+            );
+            InstanceSpec {
+                name: inst.name.clone(),
+                model: inst.model_type,
+                window,
+                client: Arc::new(client),
+            }
+        })
+        .collect()
+}
+
+/// A running pipeline.
+pub struct Pipeline {
+    /// The root supervisor.
+    pub feeder: ActorRef<FeederMsg>,
+    /// Ends when the root supervisor has stopped.
+    pub join: tokio::task::JoinHandle<()>,
+}
+
+impl Pipeline {
+    /// Starts the actors.
+    pub async fn start(
+        config: &Config,
+        store: Arc<dyn JobStore>,
+        results: Arc<dyn ResultStore>,
+        owner: String,
+    ) -> anyhow::Result<Pipeline> {
+        let args = FeederArgs {
+            store,
+            results,
+            clock: Arc::new(SystemClock),
+            instances: instance_specs(config),
+            owner,
+            settings: settings(config),
+        };
+        let (feeder, join) = Actor::spawn(None, FeederSupervisor, args)
+            .await
+            .context("starting the actors")?;
+        Ok(Pipeline { feeder, join })
+    }
+
+    /// Graceful shutdown within `grace`; the number of jobs released.
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        let released = drain(&self.feeder, grace).await;
+        let _ = self.join.await;
+        released
+    }
+}
+
+/// Stops claiming, lets requests finish within `grace`, releases the rest,
+/// commits every outcome and stops the actors; the number released.
+pub async fn drain(feeder: &ActorRef<FeederMsg>, grace: Duration) -> usize {
+    let report = feeder
+        .call(
+            |reply| FeederMsg::Shutdown { grace, reply },
+            Some(grace + Duration::from_secs(60)),
+        )
+        .await;
+    feeder.stop(None);
+    match report {
+        Ok(CallResult::Success(r)) => r.released,
+        other => {
+            warn!("the shutdown did not complete cleanly: {other:?}");
+            0
+        }
+    }
+}
+
+/// Holds the daemon's lock on its database.
+struct DbLock {
+    _file: File,
+}
+
+fn lock(db: &Path) -> anyhow::Result<DbLock> {
+    let path = PathBuf::from(format!("{}.lock", db.display()));
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("creating the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(DbLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another gpu-feeder daemon is running on {} (it holds {}); stop it first, or give this one another queue.db_path",
+            db.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// `gpu-feeder run`. Returns the exit status.
+pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
+    if config.instances.is_empty() {
+        anyhow::bail!(crate::config::ConfigError {
+            path: config_path.to_path_buf(),
+            problems: vec![crate::config::Problem {
+                key: "instances".into(),
+                line: None,
+                message: "no instance is configured, so there is nothing to run: add an [[instances]] table (see the shipped feeder.toml)".into(),
+            }],
+        });
+    }
+    config.create_state_dirs(config_path)?;
+    let db = config.queue.db_path.clone();
+    let _lock = lock(&db)?;
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+        .await?
+        .with_context(|| {
+            format!(
+                "opening the job database {}",
+                config.queue.db_path.display()
+            )
+        })?;
+    let results = FileResults::new(&config.queue.results_dir).with_context(|| {
+        format!(
+            "creating queue.results_dir {}",
+            config.queue.results_dir.display()
+        )
+    })?;
+    for inst in &config.instances {
+        if inst.backend != Backend::External {
+            warn!(
+                instance = %inst.name,
+                "backend \"{}\" is not started by this build: the daemon expects a server already running at {}",
+                inst.backend,
+                inst.base_url()
+            );
+        }
+    }
+    let owner = owner_id();
+    let pipeline =
+        Pipeline::start(&config, Arc::new(store), Arc::new(results), owner.clone()).await?;
+    let names: Vec<String> = config
+        .instances
+        .iter()
+        .map(|i| format!("{} ({} at {})", i.name, i.model_type, i.base_url()))
+        .collect();
+    info!(
+        "gpu-feeder running as {owner} on {}: {}",
+        config.queue.db_path.display(),
+        names.join(", ")
+    );
+    let Pipeline { feeder, mut join } = pipeline;
+    tokio::select! {
+        which = stop_signal() => {
+            let grace = Duration::from_secs(config.dispatch.shutdown_grace_s);
+            info!("{which}: shutting down (up to {} s for requests in flight; a second signal forces it)", grace.as_secs());
+            tokio::select! {
+                released = drain(&feeder, grace) => {
+                    let _ = join.await;
+                    info!("stopped; {released} jobs released back to pending");
+                    Ok(0)
+                }
+                which = stop_signal() => {
+                    warn!("{which} again: stopping now; jobs in flight are released when the daemon next starts");
+                    Ok(130)
+                }
+            }
+        }
+        _ = &mut join => {
+            error!("the feeder stopped because a part of it keeps failing (see the errors above)");
+            Ok(1)
+        }
+    }
+}

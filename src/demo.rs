@@ -1,0 +1,275 @@
+//! `gpu-feeder demo`: the whole pipeline on the embedded default, with no
+//! GPU and no Docker. Two simulated vLLM servers (a vision one with 8
+//! sequences at a time, a think one with 16) run in this process; a
+//! temporary database receives page images it generates, prompts, and one
+//! parent split into fragments; the real actors dispatch them over HTTP; a
+//! progress bar follows; a summary reports throughput, latency and the
+//! fan-in result.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use feeder_actors::{JobStatus, JobStore, ListFilter, ModelType, NewJob, Payload, Timestamp};
+
+use crate::config::{Backend, Config, InstanceConfig};
+use crate::daemon::{owner_id, Pipeline};
+use crate::results::FileResults;
+use crate::sim::{self, SimConfig};
+use crate::store::SqliteStore;
+use crate::submit::Submitter;
+
+/// `gpu-feeder demo` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How many jobs to run (a third of them images)
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    pub jobs: u64,
+    /// Keep the database and results in this folder instead of a temporary one
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
+}
+
+fn instance(name: &str, model: ModelType, url: String, served: &str) -> InstanceConfig {
+    let mut inst: InstanceConfig = toml::from_str(&format!(
+        "name = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"{served}\"\nmax_tokens = 64\n"
+    ))
+    .expect("a valid instance");
+    inst.backend = Backend::External;
+    inst
+}
+
+/// Writes a small page-like PNG, different for each `i`.
+fn page_png(path: &Path, i: u64) -> anyhow::Result<()> {
+    let (w, h) = (96u32, 64u32);
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let line = (y / 8) % 2 == 0 && x > 8 && x < w - 8 - ((i as u32 * 7 + y) % 30);
+        if line {
+            image::Rgb([30, 30, 40])
+        } else {
+            image::Rgb([250, 248, 240 - (i % 16) as u8])
+        }
+    });
+    img.save(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// Runs the demo; the exit status.
+pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
+    let temp;
+    let dir = match &args.keep {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary folder")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let vision_sim = sim::start(SimConfig {
+        served_model_name: "demo-vision".into(),
+        max_num_seqs: 8,
+        latency_ms: 40,
+        ..SimConfig::default()
+    })
+    .await?;
+    let think_sim = sim::start(SimConfig {
+        served_model_name: "demo-think".into(),
+        max_num_seqs: 16,
+        latency_ms: 20,
+        tokens_per_s: 2000.0,
+        ..SimConfig::default()
+    })
+    .await?;
+
+    let mut config = Config::default();
+    config.queue.db_path = dir.join("jobs.db");
+    config.queue.results_dir = dir.join("results");
+    config.queue.stage_dir = dir.join("stage");
+    config.health.interval_s = 1;
+    config.dispatch.window = 16;
+    config.instances = vec![
+        instance("vision", ModelType::Vision, vision_sim.url(), "demo-vision"),
+        instance("think", ModelType::Think, think_sim.url(), "demo-think"),
+    ];
+    config.create_state_dirs(Path::new("demo"))?;
+    let stage = config.queue.stage_dir.clone();
+
+    println!("gpu-feeder demo");
+    println!(
+        "  servers   vision {} (8 at a time, 40 ms) · think {} (16 at a time, ~50 ms)",
+        vision_sim.url(),
+        think_sim.url()
+    );
+    println!("  database  {}", config.queue.db_path.display());
+
+    // The jobs: page images for the vision model, prompts for the think
+    // model, and one parent whose fragments fan in.
+    let n_vision = args.jobs / 3;
+    let n_think = args.jobs - n_vision;
+    let submit_store = SqliteStore::open(&config.queue.db_path)?;
+    let vision = Submitter::new(ModelType::Vision, &config.queue.roots(), 0, 3);
+    let think = Submitter::new(ModelType::Think, &config.queue.roots(), 0, 3);
+    let mut jobs: Vec<NewJob> = Vec::new();
+    for i in 0..n_vision {
+        let path = stage.join(format!("page-{i:05}.png"));
+        page_png(&path, i)?;
+        jobs.push(vision.image(&path)?);
+    }
+    for i in 0..n_think {
+        jobs.push(think.prompt(&format!(
+            "Summarize record {i} of the demo ledger in one sentence."
+        ))?);
+    }
+    let now = Timestamp::now();
+    submit_store.submit_batch(jobs, now)?;
+    let chapters = [
+        "The feeder claims jobs.",
+        "Each job is one request.",
+        "Batches stay full.",
+        "Fragments fan in.",
+        "Results are atomic.",
+        "Nothing is lost.",
+    ];
+    let fragments: Vec<NewJob> = chapters
+        .iter()
+        .map(|c| think.prompt(c))
+        .collect::<Result<_, _>>()?;
+    let whole = chapters.join(" ");
+    let parent_job = NewJob::new(
+        ModelType::Think,
+        Payload::Inline(serde_json::json!({ "prompt": whole }).to_string()),
+        format!("demo-parent-{}", now.0),
+    );
+    let parent = submit_store.submit_parent(parent_job, fragments, now)?.id;
+    let total = args.jobs + chapters.len() as u64 + 1;
+    println!(
+        "  jobs      {n_vision} images, {n_think} prompts, 1 parent of {} fragments",
+        chapters.len()
+    );
+
+    let store = SqliteStore::open(&config.queue.db_path)?;
+    let results = FileResults::new(&config.queue.results_dir)?;
+    let start = Instant::now();
+    let pipeline = Pipeline::start(
+        &config,
+        Arc::new(store),
+        Arc::new(results),
+        format!("{}/demo", owner_id()),
+    )
+    .await?;
+
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "  {bar:40.cyan/blue} {pos:>6}/{len} jobs  {per_sec:>12}  {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("█▉▊▋▌▍▎▏ "),
+    );
+    let deadline = Duration::from_secs(60 + args.jobs / 20);
+    let finished = loop {
+        let stats = submit_store.stats(Timestamp::now())?;
+        let mut finished = 0;
+        let mut parts = Vec::new();
+        for (model, s) in &stats.models {
+            let c = s.counts;
+            finished += c.done + c.failed + c.cancelled;
+            parts.push(format!(
+                "{model} {}/{}",
+                c.done + c.failed,
+                c.pending + c.processing + c.done + c.failed + c.cancelled
+            ));
+        }
+        bar.set_position(finished);
+        bar.set_message(parts.join(" · "));
+        if finished >= total || start.elapsed() > deadline {
+            break finished;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    bar.finish();
+    let elapsed = start.elapsed();
+    pipeline.shutdown(Duration::from_secs(5)).await;
+
+    let all = submit_store.list(&ListFilter {
+        limit: usize::MAX,
+        ..Default::default()
+    })?;
+    let done = all.iter().filter(|j| j.status == JobStatus::Done).count();
+    let failed = all.iter().filter(|j| j.status == JobStatus::Failed).count();
+    let mut latencies: Vec<u64> = all.iter().filter_map(|j| j.latency_ms).collect();
+    latencies.sort_unstable();
+    println!();
+    println!("summary");
+    println!(
+        "  finished  {finished} of {total} jobs in {:.2} s: {done} done, {failed} failed",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  rate      {:.0} jobs/s",
+        finished as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  latency   p50 {} ms · p99 {} ms (request round trip)",
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99)
+    );
+    println!(
+        "  servers   vision served {} requests · think served {}",
+        vision_sim
+            .counters
+            .completed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        think_sim
+            .counters
+            .completed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let p = submit_store
+        .get(parent)?
+        .context("the parent job vanished")?;
+    println!(
+        "  fan-in    parent {} is {} ({} fragments)",
+        p.id,
+        p.status,
+        p.total_fragments.unwrap_or(0)
+    );
+    if let Some(path) = &p.result_path {
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        for line in doc["content"].as_str().unwrap_or("").lines().take(6) {
+            println!("            │ {line}");
+        }
+        println!("            result: {}", path.display());
+    }
+    if let Some(j) = all
+        .iter()
+        .find(|j| j.model_type == ModelType::Vision && j.status == JobStatus::Done)
+    {
+        if let Some(path) = &j.result_path {
+            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+            println!("  a page    {}", doc["content"].as_str().unwrap_or(""));
+        }
+    }
+    match &args.keep {
+        Some(d) => println!(
+            "  kept      {} (try: gpu-feeder --db {}/jobs.db stats)",
+            d.display(),
+            d.display()
+        ),
+        None => println!("  (the temporary database is removed; pass --keep DIR to keep it)"),
+    }
+    Ok(if done as u64 == total { 0 } else { 1 })
+}

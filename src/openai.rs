@@ -1,0 +1,528 @@
+//! The OpenAI-compatible HTTP adapter of the `InferenceClient` port.
+//!
+//! A job's payload becomes one `POST /v1/chat/completions`:
+//! - a payload with `messages` passes through (other OpenAI fields too);
+//! - `prompt` becomes a user message;
+//! - `image_path` becomes an `image_url` content part holding a base64 data
+//!   URL of the right MIME type, followed by the payload's `prompt` or the
+//!   instance's OCR prompt.
+//!
+//! The instance's defaults (served model name, `max_tokens`, `temperature`,
+//! system prompt) fill what the payload leaves out. Failures are classified
+//! for the dispatcher: connection errors, timeouts and 5xx are retryable;
+//! 429 and 503 mean overload; other 4xx are permanent and keep the server's
+//! own message; a 200 without `choices[0].message.content` is retryable and
+//! quotes the start of the body.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job};
+
+use crate::config::InstanceConfig;
+use crate::submit::image_mime;
+
+/// Keys of a payload that are gpu-feeder's, not OpenAI's.
+const OWN_KEYS: &[&str] = &["prompt", "image_path"];
+
+/// What a request for one instance is built from.
+#[derive(Clone, Debug)]
+pub struct RequestDefaults {
+    /// The instance's name (for messages).
+    pub instance: String,
+    /// `model` in the request.
+    pub served_model_name: String,
+    /// Default `max_tokens`.
+    pub max_tokens: u32,
+    /// Default `temperature`.
+    pub temperature: f64,
+    /// Prepended as a system message when the payload has none.
+    pub system_prompt: Option<String>,
+    /// Sent with an image that comes without a prompt.
+    pub ocr_prompt: String,
+    /// Files a payload may name lie under one of these (canonical paths).
+    pub payload_roots: Vec<PathBuf>,
+}
+
+impl RequestDefaults {
+    /// The defaults of a configured instance.
+    pub fn from_instance(inst: &InstanceConfig, payload_roots: &[PathBuf]) -> Self {
+        RequestDefaults {
+            instance: inst.name.clone(),
+            served_model_name: inst.served_model_name.clone(),
+            max_tokens: inst.max_tokens,
+            temperature: inst.temperature,
+            system_prompt: inst.system_prompt.clone(),
+            ocr_prompt: inst.ocr_prompt.clone(),
+            payload_roots: payload_roots
+                .iter()
+                .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+                .collect(),
+        }
+    }
+
+    fn check_root(&self, path: &Path, what: &str) -> Result<PathBuf, InferenceError> {
+        let real = std::fs::canonicalize(path).map_err(|e| {
+            InferenceError::Permanent(format!("cannot read the {what} {}: {e}", path.display()))
+        })?;
+        if self.payload_roots.iter().any(|r| real.starts_with(r)) {
+            Ok(real)
+        } else {
+            Err(InferenceError::Permanent(format!(
+                "the {what} {} is outside queue.payload_roots; move it under one of them",
+                real.display()
+            )))
+        }
+    }
+}
+
+/// Reads a job's payload and builds the chat-completion body.
+pub async fn build_body(job: &Job, d: &RequestDefaults) -> Result<Value, InferenceError> {
+    let (text, place) = match (&job.payload_inline, &job.payload_path) {
+        (Some(inline), _) => (inline.clone(), "the inline payload".to_string()),
+        (None, Some(path)) => {
+            let d2 = d.clone();
+            let p2 = path.clone();
+            let real = tokio::task::spawn_blocking(move || d2.check_root(&p2, "payload file"))
+                .await
+                .map_err(|e| InferenceError::Retryable(e.to_string()))??;
+            let text = tokio::fs::read_to_string(&real).await.map_err(|e| {
+                InferenceError::Permanent(format!(
+                    "cannot read the payload file {}: {e}",
+                    real.display()
+                ))
+            })?;
+            (text, format!("payload file {}", real.display()))
+        }
+        (None, None) => {
+            return Err(InferenceError::Permanent(
+                "the job has neither payload_path nor payload_inline".into(),
+            ))
+        }
+    };
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|e| InferenceError::Permanent(format!("{place} is not valid JSON: {e}")))?;
+    let Value::Object(payload) = value else {
+        return Err(InferenceError::Permanent(format!(
+            "{place} must be a JSON object with `messages`, `prompt` or `image_path`"
+        )));
+    };
+    let mut body: Map<String, Value> = payload
+        .iter()
+        .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let prompt = payload.get("prompt").and_then(Value::as_str);
+    let messages = if let Some(m) = payload.get("messages") {
+        if !m.as_array().is_some_and(|a| !a.is_empty()) {
+            return Err(InferenceError::Permanent(format!(
+                "{place}: `messages` must be a non-empty array"
+            )));
+        }
+        m.clone()
+    } else if let Some(img) = payload.get("image_path") {
+        let Some(path) = img.as_str() else {
+            return Err(InferenceError::Permanent(format!(
+                "{place}: `image_path` must be a string"
+            )));
+        };
+        let url = image_data_url(Path::new(path), d).await?;
+        json!([{
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": prompt.unwrap_or(&d.ocr_prompt)},
+            ],
+        }])
+    } else if let Some(p) = prompt {
+        json!([{"role": "user", "content": p}])
+    } else {
+        return Err(InferenceError::Permanent(format!(
+            "{place} has no `messages`, `prompt` or `image_path`"
+        )));
+    };
+    let mut messages = match messages {
+        Value::Array(a) => a,
+        _ => unreachable!("built as arrays"),
+    };
+    if let Some(system) = &d.system_prompt {
+        let has_system = messages
+            .iter()
+            .any(|m| m.get("role").and_then(Value::as_str) == Some("system"));
+        if !has_system {
+            messages.insert(0, json!({"role": "system", "content": system}));
+        }
+    }
+    body.insert("messages".into(), Value::Array(messages));
+    body.entry("model")
+        .or_insert_with(|| json!(d.served_model_name));
+    body.entry("max_tokens")
+        .or_insert_with(|| json!(d.max_tokens));
+    body.entry("temperature")
+        .or_insert_with(|| json!(d.temperature));
+    body.insert("stream".into(), json!(false));
+    Ok(Value::Object(body))
+}
+
+async fn image_data_url(path: &Path, d: &RequestDefaults) -> Result<String, InferenceError> {
+    let Some(mime) = image_mime(path) else {
+        return Err(InferenceError::Permanent(format!(
+            "{} is not a supported image (png, jpg, jpeg, webp, gif)",
+            path.display()
+        )));
+    };
+    let (d2, p2) = (d.clone(), path.to_path_buf());
+    let real = tokio::task::spawn_blocking(move || d2.check_root(&p2, "image"))
+        .await
+        .map_err(|e| InferenceError::Retryable(e.to_string()))??;
+    let bytes = tokio::fs::read(&real).await.map_err(|e| {
+        InferenceError::Permanent(format!("cannot read the image {}: {e}", real.display()))
+    })?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    Ok(format!("data:{mime};base64,{b64}"))
+}
+
+/// One OpenAI-compatible server.
+#[derive(Clone, Debug)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    base_url: String,
+    defaults: RequestDefaults,
+    timeout: Duration,
+}
+
+impl OpenAiClient {
+    /// A client for the server at `base_url` (`http://host:port`).
+    pub fn new(base_url: &str, defaults: RequestDefaults, timeout: Duration, pool: usize) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(pool.max(1))
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client builds");
+        OpenAiClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            defaults,
+            timeout,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+}
+
+/// The start of a body, for error messages.
+fn excerpt(body: &str) -> String {
+    let one_line = body.trim().replace('\n', " ");
+    if one_line.chars().count() > 300 {
+        format!("{}…", one_line.chars().take(300).collect::<String>())
+    } else {
+        one_line
+    }
+}
+
+/// The server's own words from an error body (`{"error": {"message": …}}`,
+/// `{"message": …}`, `{"detail": …}`, or the text itself).
+fn server_message(body: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<Value>(body) {
+        let found = v
+            .pointer("/error/message")
+            .or_else(|| v.get("message"))
+            .or_else(|| v.get("detail"))
+            .or_else(|| v.get("error"));
+        if let Some(m) = found {
+            return match m {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+        }
+    }
+    excerpt(body)
+}
+
+/// Turns a chat-completion response into an output.
+pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput, InferenceError> {
+    let missing = || {
+        InferenceError::Retryable(format!(
+            "HTTP 200 without choices[0].message.content: {}",
+            excerpt(body)
+        ))
+    };
+    let v: Value = serde_json::from_str(body).map_err(|_| missing())?;
+    let content = v
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .ok_or_else(missing)?
+        .to_string();
+    Ok(InferenceOutput {
+        content,
+        prompt_tokens: v.pointer("/usage/prompt_tokens").and_then(Value::as_u64),
+        completion_tokens: v
+            .pointer("/usage/completion_tokens")
+            .and_then(Value::as_u64),
+        latency,
+        response: v,
+    })
+}
+
+#[async_trait]
+impl InferenceClient for OpenAiClient {
+    async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError> {
+        let body = build_body(job, &self.defaults).await?;
+        let url = self.url("/v1/chat/completions");
+        let start = Instant::now();
+        let sent = self
+            .http
+            .post(&url)
+            .timeout(self.timeout)
+            .json(&body)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Err(InferenceError::Retryable(format!(
+                    "{}: no answer within {} s ({url})",
+                    self.defaults.instance,
+                    self.timeout.as_secs()
+                )))
+            }
+            Err(e) => {
+                return Err(InferenceError::Retryable(format!(
+                    "{}: cannot reach {url}: {e}",
+                    self.defaults.instance
+                )))
+            }
+        };
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = match resp.text().await {
+            Ok(t) => t,
+            Err(e) if e.is_timeout() => {
+                return Err(InferenceError::Retryable(format!(
+                    "{}: the response did not finish within {} s",
+                    self.defaults.instance,
+                    self.timeout.as_secs()
+                )))
+            }
+            Err(e) => {
+                return Err(InferenceError::Retryable(format!(
+                    "{}: reading the response failed: {e}",
+                    self.defaults.instance
+                )))
+            }
+        };
+        let latency = start.elapsed();
+        let code = status.as_u16();
+        match code {
+            200..=299 => parse_completion(&text, latency),
+            429 | 503 => Err(InferenceError::Overloaded {
+                message: format!(
+                    "HTTP {code} from {}: {}",
+                    self.defaults.instance,
+                    server_message(&text)
+                ),
+                retry_after,
+            }),
+            500..=599 => Err(InferenceError::Retryable(format!(
+                "HTTP {code} from {}: {}",
+                self.defaults.instance,
+                server_message(&text)
+            ))),
+            _ => Err(InferenceError::Permanent(format!(
+                "HTTP {code} from {}: {}",
+                self.defaults.instance,
+                server_message(&text)
+            ))),
+        }
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        let url = self.url("/health");
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(self.timeout.min(Duration::from_secs(10)))
+            .send()
+            .await;
+        match resp {
+            Err(e) if e.is_connect() => return Err(format!("not listening at {url}")),
+            Err(e) => return Err(format!("{url}: {e}")),
+            Ok(r) if r.status().as_u16() == 503 => {
+                return Err(format!("{url} answers 503 (the model is loading)"))
+            }
+            Ok(r) if !r.status().is_success() => {
+                return Err(format!("{url} answers HTTP {}", r.status().as_u16()))
+            }
+            Ok(_) => {}
+        }
+        let models = self.url("/v1/models");
+        let list: Value = self
+            .http
+            .get(&models)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("{models}: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("{models} did not answer JSON: {e}"))?;
+        let ids: Vec<&str> = list
+            .get("data")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|m| m.get("id").and_then(Value::as_str))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ids.contains(&self.defaults.served_model_name.as_str()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} serves {:?}, not `{}` (check served_model_name)",
+                self.base_url, ids, self.defaults.served_model_name
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use feeder_actors::testkit::store_contract::job;
+    use feeder_actors::{ModelType, Payload};
+
+    fn defaults(root: &Path) -> RequestDefaults {
+        RequestDefaults {
+            instance: "vision".into(),
+            served_model_name: "qwen".into(),
+            max_tokens: 256,
+            temperature: 0.0,
+            system_prompt: Some("be exact".into()),
+            ocr_prompt: "transcribe".into(),
+            payload_roots: vec![root.canonicalize().unwrap()],
+        }
+    }
+
+    fn as_job(payload: &str) -> Job {
+        let store = feeder_actors::testkit::MemoryStore::new();
+        use feeder_actors::JobStore;
+        let mut j = job(ModelType::Vision, "x");
+        j.payload = Payload::Inline(payload.into());
+        let id = store.submit(j, feeder_actors::Timestamp(0)).unwrap().id;
+        store.get(id).unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn prompt_messages_and_images_become_chat_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = defaults(dir.path());
+        let b = build_body(&as_job(r#"{"prompt": "hi", "max_tokens": 9}"#), &d)
+            .await
+            .unwrap();
+        assert_eq!(b["model"], "qwen");
+        assert_eq!(b["max_tokens"], 9);
+        assert_eq!(
+            b["messages"][0],
+            json!({"role": "system", "content": "be exact"})
+        );
+        assert_eq!(b["messages"][1], json!({"role": "user", "content": "hi"}));
+        assert!(b.get("prompt").is_none());
+
+        let m = r#"{"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}], "top_p": 0.5}"#;
+        let b = build_body(&as_job(m), &d).await.unwrap();
+        assert_eq!(
+            b["messages"].as_array().unwrap().len(),
+            2,
+            "an own system message is kept alone"
+        );
+        assert_eq!(b["top_p"], 0.5);
+
+        let img = dir.path().join("p.png");
+        std::fs::write(&img, b"\x89PNGdata").unwrap();
+        let b = build_body(
+            &as_job(&format!(r#"{{"image_path": "{}"}}"#, img.display())),
+            &d,
+        )
+        .await
+        .unwrap();
+        let url = b["messages"][1]["content"][0]["image_url"]["url"]
+            .as_str()
+            .unwrap();
+        assert!(url.starts_with("data:image/png;base64,"), "{url}");
+        assert_eq!(b["messages"][1]["content"][1]["text"], "transcribe");
+    }
+
+    #[tokio::test]
+    async fn bad_payloads_are_permanent_errors_naming_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = defaults(dir.path());
+        for (payload, expect) in [
+            ("not json", "not valid JSON"),
+            ("[1]", "must be a JSON object"),
+            ("{}", "has no `messages`"),
+            (
+                r#"{"image_path": "/etc/passwd.png"}"#,
+                "cannot read the image",
+            ),
+        ] {
+            match build_body(&as_job(payload), &d).await {
+                Err(InferenceError::Permanent(m)) => assert!(m.contains(expect), "{payload}: {m}"),
+                other => panic!("{payload}: {other:?}"),
+            }
+        }
+        let outside = tempfile::tempdir().unwrap();
+        let img = outside.path().join("x.png");
+        std::fs::write(&img, b"png").unwrap();
+        match build_body(
+            &as_job(&format!(r#"{{"image_path": "{}"}}"#, img.display())),
+            &d,
+        )
+        .await
+        {
+            Err(InferenceError::Permanent(m)) => {
+                assert!(m.contains("outside queue.payload_roots"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_200_without_content_quotes_the_body() {
+        match parse_completion(r#"{"choices": []}"#, Duration::ZERO) {
+            Err(InferenceError::Retryable(m)) => assert!(m.contains(r#"{"choices": []}"#), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        let ok = parse_completion(
+            r#"{"choices":[{"message":{"content":"x"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(
+            (ok.content.as_str(), ok.prompt_tokens, ok.completion_tokens),
+            ("x", Some(3), Some(4))
+        );
+    }
+
+    #[test]
+    fn server_messages_are_extracted() {
+        assert_eq!(
+            server_message(r#"{"error": {"message": "too long"}}"#),
+            "too long"
+        );
+        assert_eq!(server_message(r#"{"detail": "nope"}"#), "nope");
+        assert_eq!(server_message("plain"), "plain");
+    }
+}

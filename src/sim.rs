@@ -1,0 +1,346 @@
+//! `gpu-feeder sim`: a simulated vLLM OpenAI-compatible server, for tests,
+//! the demo, benchmarks and capacity planning.
+//!
+//! Like vLLM it batches continuously: at most `--max-num-seqs` requests run
+//! at once, the rest wait in arrival order. A request takes `--latency-ms`
+//! plus its `max_tokens` at `--tokens-per-s` (instant by default). It serves
+//! `/health` (503 while "loading" for `--load-s`), `/v1/models`,
+//! `/v1/chat/completions` with usage, and `/metrics` with
+//! `vllm:num_requests_running`, `vllm:num_requests_waiting` and
+//! `vllm:kv_cache_usage_perc`. Faults can be injected: `--fail-rate` answers
+//! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::Semaphore;
+
+/// How a simulated server behaves.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SimConfig {
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed on stdout)
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name the server answers to
+    #[arg(long, default_value = "sim")]
+    pub served_model_name: String,
+    /// Requests that run at once; the rest wait in order
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Time per request, in milliseconds
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Generation speed per request: max_tokens take max_tokens / this seconds (0: instant)
+    #[arg(long, default_value_t = 0.0)]
+    pub tokens_per_s: f64,
+    /// Seconds of "loading" at start, during which /health answers 503
+    #[arg(long, default_value_t = 0.0)]
+    pub load_s: f64,
+    /// Share of requests answered with HTTP 500
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Share of requests never answered
+    #[arg(long, default_value_t = 0.0)]
+    pub hang_rate: f64,
+    /// Exit (as a crash would) when request number N+1 arrives; 0 never does
+    #[arg(long, default_value_t = 0)]
+    pub crash_after: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            served_model_name: "sim".into(),
+            max_num_seqs: 256,
+            latency_ms: 0,
+            tokens_per_s: 0.0,
+            load_s: 0.0,
+            fail_rate: 0.0,
+            hang_rate: 0.0,
+            crash_after: 0,
+        }
+    }
+}
+
+/// Counters of a running simulated server.
+#[derive(Debug, Default)]
+pub struct SimCounters {
+    /// Requests received on /v1/chat/completions.
+    pub requests: AtomicU64,
+    /// Requests answered 200.
+    pub completed: AtomicU64,
+    /// Requests running now.
+    pub running: AtomicUsize,
+    /// Requests waiting for a slot now.
+    pub waiting: AtomicUsize,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    started: Instant,
+    slots: Semaphore,
+    counters: Arc<SimCounters>,
+}
+
+/// A simulated server running in this process.
+pub struct SimHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub counters: Arc<SimCounters>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimHandle {
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a simulated server on the current runtime.
+pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
+    let addr = listener.local_addr()?;
+    let counters = Arc::new(SimCounters::default());
+    let sim = Arc::new(Sim {
+        slots: Semaphore::new(cfg.max_num_seqs.max(1)),
+        cfg,
+        started: Instant::now(),
+        counters: counters.clone(),
+    });
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/metrics", get(metrics))
+        .with_state(sim);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(SimHandle {
+        addr,
+        counters,
+        task,
+    })
+}
+
+/// `gpu-feeder sim`: serves until killed; prints `listening on URL` first.
+pub async fn serve(cfg: SimConfig) -> anyhow::Result<()> {
+    let handle = start(cfg.clone()).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}:{}: {e} (choose another --port)",
+            cfg.host,
+            cfg.port
+        )
+    })?;
+    println!("listening on {}", handle.url());
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+impl Sim {
+    fn loading(&self) -> bool {
+        self.started.elapsed().as_secs_f64() < self.cfg.load_s
+    }
+}
+
+async fn health(State(sim): State<Arc<Sim>>) -> StatusCode {
+    if sim.loading() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn models(State(sim): State<Arc<Sim>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": sim.cfg.served_model_name, "object": "model", "owned_by": "gpu-feeder-sim"}],
+    }))
+}
+
+async fn metrics(State(sim): State<Arc<Sim>>) -> String {
+    let c = &sim.counters;
+    let running = c.running.load(Ordering::Relaxed);
+    let waiting = c.waiting.load(Ordering::Relaxed);
+    let model = &sim.cfg.served_model_name;
+    let usage = running as f64 / sim.cfg.max_num_seqs.max(1) as f64;
+    format!(
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{model_name=\"{model}\"}} {running}\n\
+         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{model_name=\"{model}\"}} {waiting}\n\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} {usage}\n"
+    )
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "code": status.as_u16()}})),
+    )
+        .into_response()
+}
+
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(a: &'a AtomicUsize) -> Self {
+        a.fetch_add(1, Ordering::Relaxed);
+        Gauge(a)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The answer's text: what a test can check came from this request.
+fn answer(messages: &[Value]) -> (String, usize) {
+    let mut chars = 0;
+    let mut text = String::new();
+    let mut image_bytes = 0;
+    for m in messages {
+        match m.get("content") {
+            Some(Value::String(s)) => {
+                chars += s.len();
+                if m.get("role").and_then(Value::as_str) == Some("user") {
+                    text = s.clone();
+                }
+            }
+            Some(Value::Array(parts)) => {
+                for p in parts {
+                    if let Some(t) = p.get("text").and_then(Value::as_str) {
+                        chars += t.len();
+                        text = t.to_string();
+                    }
+                    if let Some(u) = p.pointer("/image_url/url").and_then(Value::as_str) {
+                        image_bytes += u.len() / 4 * 3;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let excerpt: String = text.chars().take(200).collect();
+    let content = if image_bytes > 0 {
+        format!("ocr: image of about {image_bytes} bytes; {excerpt}")
+    } else {
+        format!("echo: {excerpt}")
+    };
+    (content, chars / 4 + image_bytes / 1000 + 1)
+}
+
+async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Response {
+    let c = &sim.counters;
+    let n = c.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    if sim.cfg.crash_after > 0 && n > sim.cfg.crash_after {
+        eprintln!(
+            "sim: crashing at request {n} (--crash-after {})",
+            sim.cfg.crash_after
+        );
+        std::process::exit(3);
+    }
+    if sim.loading() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "the model is loading");
+    }
+    let Some(Json(body)) = body else {
+        return error(StatusCode::BAD_REQUEST, "the body is not valid JSON");
+    };
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+    if model != sim.cfg.served_model_name {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("The model `{model}` does not exist."),
+        );
+    }
+    let Some(messages) = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`messages` must be a non-empty array",
+        );
+    };
+    let max_tokens = body.get("max_tokens").and_then(Value::as_u64).unwrap_or(16);
+    let roll: f64 = rand::random();
+    if roll < sim.cfg.fail_rate {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "simulated failure (--fail-rate)",
+        );
+    }
+    if roll < sim.cfg.fail_rate + sim.cfg.hang_rate {
+        std::future::pending::<()>().await;
+    }
+    let permit = {
+        let _waiting = Gauge::up(&c.waiting);
+        sim.slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    };
+    let _running = Gauge::up(&c.running);
+    let mut delay = Duration::from_millis(sim.cfg.latency_ms);
+    if sim.cfg.tokens_per_s > 0.0 {
+        delay += Duration::from_secs_f64(max_tokens as f64 / sim.cfg.tokens_per_s);
+    }
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    drop(permit);
+    let (content, prompt_tokens) = answer(messages);
+    let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
+    c.completed.fetch_add(1, Ordering::Relaxed);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    Json(json!({
+        "id": format!("chatcmpl-sim-{n}"),
+        "object": "chat.completion",
+        "created": created,
+        "model": sim.cfg.served_model_name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop",
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens as u64 + completion_tokens,
+        },
+    }))
+    .into_response()
+}
