@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use feeder_actors::{Completion, JobStore, ModelType, NewJob, Payload, Timestamp};
+use feeder_actors::{Completion, JobStore, ModelType, NewJob, Payload, Settle, Timestamp};
 use gpu_feeder::store::SqliteStore;
 
 const LEASE: Duration = Duration::from_secs(300);
@@ -63,17 +63,11 @@ fn run(store: &SqliteStore, total: usize, batch: usize) -> f64 {
                 store.complete(&c.claim, done(), now).expect("complete");
             }
         } else {
-            let items = claimed.into_iter().map(|c| (c.claim, done())).collect();
-            for r in store
-                .settle_batch(
-                    items
-                        .into_iter()
-                        .map(|(c, d)| (c, feeder_actors::Settle::Complete(d)))
-                        .collect(),
-                    now,
-                )
-                .expect("complete batch")
-            {
+            let items = claimed
+                .into_iter()
+                .map(|c| (c.claim, Settle::Complete(done())))
+                .collect();
+            for r in store.settle_batch(items, now).expect("settle batch") {
                 r.expect("current claim");
             }
         }

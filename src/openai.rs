@@ -118,7 +118,7 @@ pub async fn build_body(job: &Job, d: &RequestDefaults) -> Result<Value, Inferen
         .collect();
     let prompt = payload.get("prompt").and_then(Value::as_str);
     let messages = if let Some(m) = payload.get("messages") {
-        if !m.as_array().is_some_and(|a| !a.is_empty()) {
+        if m.as_array().is_none_or(|a| a.is_empty()) {
             return Err(InferenceError::Permanent(format!(
                 "{place}: `messages` must be a non-empty array"
             )));

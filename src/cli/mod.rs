@@ -215,8 +215,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         return runtime()?.block_on(crate::sim::serve(cfg)).map(|()| 0);
     }
     if let Command::Demo(args) = cli.command {
-        let mut logging = crate::config::LoggingConfig::default();
-        logging.level = "warn".into();
+        let logging = crate::config::LoggingConfig {
+            level: "warn".into(),
+            ..Default::default()
+        };
         crate::logging::init(&logging, cli.log_format);
         return runtime()?.block_on(crate::demo::run(args));
     }

@@ -15,9 +15,14 @@ impl Scratch {
     /// A scratch folder whose configuration is `[queue]` pointing inside it,
     /// followed by `extra`.
     pub fn new(extra: &str) -> Scratch {
+        Self::with_queue("", extra)
+    }
+
+    /// Like `new`, with `queue` lines added to the `[queue]` table.
+    pub fn with_queue(queue: &str, extra: &str) -> Scratch {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = format!(
-            "[queue]\ndb_path = \"jobs.db\"\nresults_dir = \"results\"\nstage_dir = \"stage\"\n\n{extra}"
+            "[queue]\ndb_path = \"jobs.db\"\nresults_dir = \"results\"\nstage_dir = \"stage\"\n{queue}\n{extra}"
         );
         std::fs::write(dir.path().join("feeder.toml"), config).expect("write config");
         std::fs::create_dir_all(dir.path().join("stage")).expect("stage dir");
@@ -78,5 +83,153 @@ impl Run {
     }
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting until {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A `gpu-feeder sim` child process on a free port; killed on drop.
+pub struct SimProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl SimProcess {
+    /// Starts `gpu-feeder sim --port 0 ARGS` and reads the URL it prints.
+    pub fn start(args: &[&str]) -> SimProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(bin())
+            .args(["sim", "--port", "0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the sim");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("sim prints its address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected sim output: {line}"))
+            .to_string();
+        SimProcess { child, url }
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `gpu-feeder run` child process; killed (SIGKILL) on drop unless it exited.
+pub struct DaemonProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts `gpu-feeder --config <scratch>/feeder.toml run`, logging to `<scratch>/<name>.log`.
+    pub fn start(s: &Scratch, name: &str) -> DaemonProcess {
+        let log = s.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(s.config())
+            .args(["--log-format", "human", "run"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start the daemon");
+        DaemonProcess { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn term(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the exit status, up to `limit`.
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill9();
+        }
+    }
+}
+
+/// An `[[instances]]` table for an external server.
+pub fn external(name: &str, model: &str, url: &str) -> String {
+    format!(
+        "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = 32\n\n"
+    )
+}
+
+impl Scratch {
+    /// Counts per status over both models, from `stats --json`.
+    pub fn counts(&self) -> std::collections::HashMap<String, u64> {
+        let stats = self.json(&["stats", "--json"]);
+        let mut out = std::collections::HashMap::new();
+        for model in stats["jobs"].as_object().unwrap().values() {
+            for (k, v) in model.as_object().unwrap() {
+                *out.entry(k.clone()).or_insert(0) += v.as_u64().unwrap();
+            }
+        }
+        out
+    }
+
+    pub fn count(&self, status: &str) -> u64 {
+        self.counts().get(status).copied().unwrap_or(0)
+    }
+
+    /// Every job, from `list --json`.
+    pub fn jobs(&self) -> Vec<serde_json::Value> {
+        self.json(&["list", "--limit", "1000000", "--json"])["jobs"]
+            .as_array()
+            .unwrap()
+            .clone()
     }
 }

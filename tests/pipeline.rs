@@ -1,0 +1,281 @@
+//! The daemon end to end: the real binary, real simulated vLLM servers on
+//! ephemeral ports, a real SQLite file; crashes by `kill -9`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{external, wait_for, DaemonProcess, Scratch, SimProcess};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn dispatch(extra: &str) -> String {
+    format!("[dispatch]\nwindow = 16\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\nshutdown_grace_s = 5\n{extra}\n[health]\ninterval_s = 1\n\n")
+}
+
+/// Writes `n` JSONL payload lines for `model`.
+fn jsonl(s: &Scratch, name: &str, n: usize, line: impl Fn(usize) -> String) -> String {
+    let path = s.stage().join(name);
+    let body: String = (0..n).map(|i| line(i) + "\n").collect();
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn assert_results_valid(s: &Scratch) -> usize {
+    let jobs = s.jobs();
+    let mut paths = HashSet::new();
+    for j in &jobs {
+        assert_eq!(
+            j["status"], "done",
+            "job {} is {}: {}",
+            j["id"], j["status"], j["error"]
+        );
+        let path = j["result_path"].as_str().expect("a done job has a result");
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(doc["id"], j["id"]);
+        assert!(doc["content"].as_str().is_some_and(|c| !c.is_empty()));
+        assert!(
+            paths.insert(path.to_string()),
+            "two jobs share a result file"
+        );
+    }
+    jobs.len()
+}
+
+#[test]
+fn two_thousand_mixed_jobs_all_end_done_with_valid_results() {
+    let vision = SimProcess::start(&["--max-num-seqs", "8"]);
+    let think = SimProcess::start(&["--max-num-seqs", "16"]);
+    let s = Scratch::new(
+        &(dispatch("")
+            + &external("vision", "vision", &vision.url)
+            + &external("think", "think", &think.url)),
+    );
+    let img = s.stage().join("page.png");
+    std::fs::write(&img, b"\x89PNG not decoded by the sim").unwrap();
+    let v = jsonl(&s, "v.jsonl", 1000, |i| {
+        format!(
+            r#"{{"image_path": "{}", "prompt": "page {i}"}}"#,
+            img.display()
+        )
+    });
+    let t = jsonl(&s, "t.jsonl", 1000, |i| {
+        format!(r#"{{"prompt": "question {i}"}}"#)
+    });
+    assert_eq!(
+        s.json(&["submit", "--model", "vision", "--jsonl", &v, "--json"])["created"],
+        1000
+    );
+    assert_eq!(
+        s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"])["created"],
+        1000
+    );
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("2000 jobs are done", LIMIT, || s.count("done") == 2000);
+    assert_eq!(assert_results_valid(&s), 2000);
+    // The answers came from the right servers.
+    let one = s
+        .jobs()
+        .into_iter()
+        .find(|j| j["model_type"] == "vision")
+        .unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one["result_path"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert!(
+        doc["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("ocr: image of about"),
+        "{}",
+        doc["content"]
+    );
+}
+
+#[test]
+fn a_row_inserted_by_another_program_is_dispatched() {
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(&(dispatch("") + &external("think", "think", &think.url)));
+    assert_eq!(s.run(&["migrate"]).code(), 0);
+    let d = DaemonProcess::start(&s, "daemon");
+    wait_for("the daemon is up", LIMIT, || {
+        d.log().contains("instance is ready")
+    });
+    let payload = s.stage().join("p.json");
+    std::fs::write(&payload, r#"{"prompt": "from another program"}"#).unwrap();
+    let insert = format!(
+        "INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_path, created_at) \
+         VALUES (randomblob(16), 'x', 'think', '{}', strftime('%s','now'));",
+        payload.display()
+    );
+    let out = std::process::Command::new("sqlite3")
+        .arg(s.db())
+        .arg(&insert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the inserted job is done", Duration::from_secs(30), || {
+        s.count("done") == 1
+    });
+    let job = &s.jobs()[0];
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job["result_path"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(doc["content"], "echo: from another program");
+}
+
+#[test]
+fn kill_9_and_restart_finish_every_job_exactly_once_without_waiting_for_leases() {
+    let think = SimProcess::start(&["--max-num-seqs", "8", "--latency-ms", "40"]);
+    // Leases far longer than the test: only releasing the dead daemon's
+    // claims at restart can finish the jobs in time.
+    let s = Scratch::with_queue(
+        "lease_s = 3600",
+        &(dispatch("") + &external("think", "think", &think.url)),
+    );
+    let t = jsonl(&s, "t.jsonl", 400, |i| format!(r#"{{"prompt": "q{i}"}}"#));
+    s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"]);
+    let mut first = DaemonProcess::start(&s, "first");
+    wait_for("some jobs are done", LIMIT, || s.count("done") >= 50);
+    first.kill9();
+    let stranded = s.count("processing");
+    assert!(stranded > 0, "the crash left jobs in processing");
+    let second = DaemonProcess::start(&s, "second");
+    wait_for("every job is done", Duration::from_secs(90), || {
+        s.count("done") == 400
+    });
+    assert!(
+        second.log().contains("released") && second.log().contains("claimed by a previous run"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(assert_results_valid(&s), 400);
+    let counts = s.counts();
+    assert_eq!(
+        counts["pending"] + counts["processing"] + counts["failed"],
+        0
+    );
+}
+
+#[test]
+fn against_a_failing_server_every_job_ends_done_or_failed() {
+    let think = SimProcess::start(&["--fail-rate", "0.2"]);
+    let s = Scratch::new(&(dispatch("") + &external("think", "think", &think.url)));
+    let t = jsonl(&s, "t.jsonl", 500, |i| format!(r#"{{"prompt": "q{i}"}}"#));
+    s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"]);
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("no job is left pending or processing", LIMIT, || {
+        let c = s.counts();
+        c["done"] + c["failed"] == 500
+    });
+    let jobs = s.jobs();
+    let failed: Vec<_> = jobs.iter().filter(|j| j["status"] == "failed").collect();
+    for j in &failed {
+        assert_eq!(j["attempts"], 3, "a job failed before its attempts ran out");
+        assert!(
+            j["error"].as_str().unwrap().contains("HTTP 500"),
+            "{}",
+            j["error"]
+        );
+    }
+    let retried = jobs
+        .iter()
+        .filter(|j| j["status"] == "done" && j["attempts"].as_u64() > Some(1))
+        .count();
+    assert!(retried > 0, "with 20 % failures some jobs needed a retry");
+}
+
+#[test]
+fn a_malformed_payload_file_fails_that_job_and_no_other() {
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(&(dispatch("") + &external("think", "think", &think.url)));
+    let bad = s.stage().join("bad.json");
+    std::fs::write(&bad, r#"{"prompt": "fine at submission"}"#).unwrap();
+    let bad_id = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--payload",
+        bad.to_str().unwrap(),
+        "--json",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The file is damaged after submission.
+    std::fs::write(&bad, "{\"prompt\": ").unwrap();
+    let t = jsonl(&s, "t.jsonl", 20, |i| format!(r#"{{"prompt": "q{i}"}}"#));
+    s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"]);
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("all jobs finished", LIMIT, || {
+        s.count("done") + s.count("failed") == 21
+    });
+    assert_eq!(s.count("done"), 20);
+    let job = s.json(&["status", &bad_id, "--json"]);
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["attempts"], 1, "a malformed payload is not retried");
+    let err = job["error"].as_str().unwrap();
+    assert!(
+        err.contains("bad.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_what_it_can_releases_the_rest_and_exits_0() {
+    let think = SimProcess::start(&["--max-num-seqs", "4", "--latency-ms", "30000"]);
+    let s = Scratch::new(
+        &(dispatch("")
+            .replace("window = 16", "window = 4")
+            .replace("shutdown_grace_s = 5", "shutdown_grace_s = 1")
+            + &external("think", "think", &think.url)),
+    );
+    let t = jsonl(&s, "t.jsonl", 10, |i| format!(r#"{{"prompt": "q{i}"}}"#));
+    s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"]);
+    let mut d = DaemonProcess::start(&s, "daemon");
+    wait_for("4 requests are in flight", LIMIT, || {
+        s.count("processing") == 4
+    });
+    d.term();
+    assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0), "{}", d.log());
+    assert_eq!(s.count("processing"), 0);
+    assert_eq!(s.count("pending"), 10);
+    assert!(
+        d.log().contains("4 jobs released back to pending"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn run_without_instances_says_so_and_a_second_daemon_is_refused() {
+    let s = Scratch::new("");
+    let r = s.run(&["run"]);
+    assert_eq!(r.code(), 78);
+    assert!(
+        r.stderr().contains("no instance is configured"),
+        "{}",
+        r.stderr()
+    );
+
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(&(dispatch("") + &external("think", "think", &think.url)));
+    let first = DaemonProcess::start(&s, "first");
+    wait_for("the first daemon is up", LIMIT, || {
+        first.log().contains("gpu-feeder running")
+    });
+    let second = s.run(&["run"]);
+    assert_eq!(second.code(), 1);
+    assert!(
+        second
+            .stderr()
+            .contains("another gpu-feeder daemon is running"),
+        "{}",
+        second.stderr()
+    );
+}
