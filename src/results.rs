@@ -14,9 +14,12 @@ pub struct FileResults {
 }
 
 impl FileResults {
-    /// Results under `dir` (created when missing).
+    /// Results under `dir` (created when missing, with its 256 shard
+    /// folders, so that a write never has to create one).
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        for shard in 0..=255u8 {
+            std::fs::create_dir_all(dir.join(format!("{shard:02x}")))?;
+        }
         Ok(FileResults {
             dir: dir.to_path_buf(),
         })
@@ -33,13 +36,19 @@ impl ResultStore for FileResults {
     fn write(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
         let path = self.path_of(id);
         let shard = path.parent().expect("sharded path");
-        std::fs::create_dir_all(shard)?;
         let tmp = shard.join(format!(
             ".{}.{}.tmp",
             id.to_hex(),
             hex::encode(rand::random::<[u8; 4]>())
         ));
-        std::fs::write(&tmp, doc)?;
+        if let Err(e) = std::fs::write(&tmp, doc) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+            // The shard folder was removed behind our back: make it again.
+            std::fs::create_dir_all(shard)?;
+            std::fs::write(&tmp, doc)?;
+        }
         if let Err(e) = std::fs::rename(&tmp, &path) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);

@@ -86,6 +86,8 @@ pub struct SimCounters {
     pub running: AtomicUsize,
     /// Requests waiting for a slot now.
     pub waiting: AtomicUsize,
+    /// When the last request arrived (for latency measurements).
+    pub last_arrival: std::sync::Mutex<Option<Instant>>,
 }
 
 struct Sim {
@@ -261,6 +263,7 @@ fn answer(messages: &[Value]) -> (String, usize) {
 
 async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Response {
     let c = &sim.counters;
+    *c.last_arrival.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     let n = c.requests.fetch_add(1, Ordering::Relaxed) + 1;
     if sim.cfg.crash_after > 0 && n > sim.cfg.crash_after {
         eprintln!(

@@ -1,14 +1,16 @@
 //! `DispatchActor`: keeps one instance's continuous batch full.
 //!
 //! Up to `window` requests are in flight at once; the moment one finishes,
-//! its slot is refilled (the claim asks for as many jobs as there are free
-//! slots, so a busy dispatcher claims in small batches, never waiting for a
-//! whole batch to finish). The actor sends only while its instance is Ready.
+//! its slot is refilled from a small buffer of claimed jobs (at most one
+//! window's worth), and the buffer is topped up by a claim running in the
+//! background. So a slot never waits for a store round trip, and claims come
+//! in batches without any request waiting for a whole batch to finish.
+//! The actor sends only while its instance is Ready.
 //! 429 and 503 mean the server is saturated: the job goes back without an
 //! attempt counted, the window halves and dispatch pauses for a backoff;
 //! each window's worth of successes widens it again by one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::health::HealthMsg;
 use crate::inference::{InferenceClient, InferenceError};
-use crate::job::{Claim, Completion, Failure, Job, JobId, ModelType};
+use crate::job::{Claim, ClaimedJob, Completion, Failure, Job, JobId, ModelType};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::results::{JobResult, ResultStore};
@@ -35,6 +37,13 @@ pub enum DispatchMsg {
     Wake,
     /// The instance became Ready (`true`) or stopped being Ready.
     Ready(bool),
+    /// A background claim's answer.
+    Claimed {
+        /// How many jobs were asked for.
+        asked: usize,
+        /// The jobs, or why there are none.
+        result: Result<Vec<ClaimedJob>, String>,
+    },
     /// A request finished (its result already written when it succeeded).
     Finished {
         /// The job.
@@ -77,6 +86,8 @@ pub struct DispatchStatus {
     pub draining: bool,
     /// Requests in flight.
     pub in_flight: usize,
+    /// Jobs claimed and waiting for a free slot.
+    pub buffered: usize,
     /// The window now (narrowed under back-pressure).
     pub window: u32,
     /// The configured window.
@@ -138,6 +149,13 @@ pub struct DispatchState {
     args: DispatchArgs,
     peers: Peers,
     in_flight: HashMap<JobId, InFlight>,
+    /// Claimed jobs waiting for a slot (at most one window's worth).
+    buffer: VecDeque<ClaimedJob>,
+    /// A background claim is under way.
+    claiming: bool,
+    /// A Wake came while a claim was under way: its answer may predate the
+    /// new work, so a short answer does not mean the queue is dry.
+    woken_while_claiming: bool,
     ready: bool,
     draining: bool,
     drain_waiters: Vec<RpcReplyPort<()>>,
@@ -246,58 +264,98 @@ impl DispatchState {
         );
     }
 
-    /// Claims into free slots until the window is full or the queue is dry.
-    async fn fill(&mut self, myself: &ActorRef<DispatchMsg>) {
-        loop {
-            if !self.ready || self.draining || self.exhausted || self.paused() {
-                return;
-            }
-            let free = (self.window as usize).saturating_sub(self.in_flight.len());
-            if free == 0 {
-                return;
-            }
-            let owner = self.args.owner.clone();
-            let model = self.args.model;
-            let claimed = self
-                .peers
-                .queue
+    /// Starts buffered jobs in free slots, and tops the buffer up with a
+    /// background claim when it runs low.
+    fn fill(&mut self, myself: &ActorRef<DispatchMsg>) {
+        if !self.ready || self.draining || self.paused() {
+            return;
+        }
+        let window = self.window as usize;
+        while self.in_flight.len() < window {
+            let Some(c) = self.buffer.pop_front() else {
+                break;
+            };
+            self.start_request(myself, c.job, c.claim);
+        }
+        // Keep up to one window in flight and one window buffered; claim
+        // when at least half a window (or anything, if slots are idle) is missing.
+        let held = self.in_flight.len() + self.buffer.len();
+        let want = (2 * window).saturating_sub(held);
+        let slots_idle = self.in_flight.len() < window;
+        if self.claiming
+            || self.exhausted
+            || want == 0
+            || (want < window.div_ceil(2) && !slots_idle)
+        {
+            return;
+        }
+        self.claiming = true;
+        let queue = self.peers.queue.clone();
+        let owner = self.args.owner.clone();
+        let model = self.args.model;
+        let timeout = self.args.call_timeout;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let answer = queue
                 .call(
                     |reply| QueueMsg::Claim {
                         model,
-                        n: free,
+                        n: want,
                         owner,
                         reply,
                     },
-                    Some(self.args.call_timeout),
+                    Some(timeout),
                 )
                 .await;
-            let jobs = match claimed {
-                Ok(CallResult::Success(Ok(jobs))) => jobs,
-                Ok(CallResult::Success(Err(e))) => {
-                    warn!(instance = %self.args.instance, "claiming jobs failed: {e}; trying again in 1 s");
-                    self.retry_later(myself, Duration::from_secs(1));
-                    return;
-                }
-                other => {
-                    warn!(instance = %self.args.instance, "the queue did not answer a claim ({other:?}); trying again in 1 s");
-                    self.retry_later(myself, Duration::from_secs(1));
-                    return;
-                }
+            let result = match answer {
+                Ok(CallResult::Success(Ok(jobs))) => Ok(jobs),
+                Ok(CallResult::Success(Err(e))) => Err(e.to_string()),
+                Ok(CallResult::Timeout) => Err("the queue did not answer in time".into()),
+                Ok(CallResult::SenderError) => Err("the queue dropped the request".into()),
+                Err(e) => Err(format!("the queue is gone: {e}")),
             };
-            let got = jobs.len();
-            for c in jobs {
-                self.start_request(myself, c.job, c.claim);
+            let _ = me.cast(DispatchMsg::Claimed {
+                asked: want,
+                result,
+            });
+        });
+    }
+
+    fn claimed(
+        &mut self,
+        myself: &ActorRef<DispatchMsg>,
+        asked: usize,
+        result: Result<Vec<ClaimedJob>, String>,
+    ) {
+        self.claiming = false;
+        let woken = std::mem::take(&mut self.woken_while_claiming);
+        match result {
+            Ok(jobs) => {
+                self.exhausted = jobs.len() < asked && !woken;
+                if self.draining {
+                    // Claimed while a shutdown began: give them straight back.
+                    for c in jobs {
+                        self.settle(c.claim, Settle::Release, c.job.parent_id);
+                    }
+                } else {
+                    self.buffer.extend(jobs);
+                }
             }
-            if got < free {
+            Err(e) => {
+                warn!(instance = %self.args.instance, "claiming jobs failed: {e}; trying again in 1 s");
                 self.exhausted = true;
-                return;
+                myself.send_after(Duration::from_secs(1), || DispatchMsg::Wake);
             }
         }
     }
 
-    fn retry_later(&mut self, myself: &ActorRef<DispatchMsg>, after: Duration) {
-        self.exhausted = true;
-        myself.send_after(after, || DispatchMsg::Wake);
+    /// Gives every buffered job back to the queue.
+    fn release_buffer(&mut self) -> usize {
+        let n = self.buffer.len();
+        for c in std::mem::take(&mut self.buffer) {
+            self.settle(c.claim, Settle::Release, c.job.parent_id);
+        }
+        n
     }
 
     fn finished(
@@ -395,6 +453,9 @@ impl Actor for DispatchActor {
             window: args.window.max(1),
             args,
             in_flight: HashMap::new(),
+            buffer: VecDeque::new(),
+            claiming: false,
+            woken_while_claiming: false,
             ready: false,
             draining: false,
             drain_waiters: Vec::new(),
@@ -420,7 +481,12 @@ impl Actor for DispatchActor {
         match msg {
             DispatchMsg::Wake => {
                 state.exhausted = false;
-                state.fill(&myself).await;
+                state.woken_while_claiming = state.claiming;
+                state.fill(&myself);
+            }
+            DispatchMsg::Claimed { asked, result } => {
+                state.claimed(&myself, asked, result);
+                state.fill(&myself);
             }
             DispatchMsg::Ready(ready) => {
                 if ready != state.ready {
@@ -429,15 +495,16 @@ impl Actor for DispatchActor {
                 state.ready = ready;
                 if ready {
                     state.exhausted = false;
-                    state.fill(&myself).await;
+                    state.fill(&myself);
                 }
             }
             DispatchMsg::Finished { job_id, outcome } => {
                 state.finished(&myself, job_id, outcome);
-                state.fill(&myself).await;
+                state.fill(&myself);
             }
             DispatchMsg::Drain { reply } => {
                 state.draining = true;
+                state.release_buffer();
                 if state.in_flight.is_empty() {
                     let _ = reply.send(());
                 } else {
@@ -445,7 +512,7 @@ impl Actor for DispatchActor {
                 }
             }
             DispatchMsg::ReleaseAll { reply } => {
-                let n = state.in_flight.len();
+                let n = state.in_flight.len() + state.release_buffer();
                 for (_, f) in state.in_flight.drain() {
                     let _ = state.peers.queue.cast(QueueMsg::Settle {
                         claim: f.claim,
@@ -466,6 +533,7 @@ impl Actor for DispatchActor {
                     ready: state.ready,
                     draining: state.draining,
                     in_flight: state.in_flight.len(),
+                    buffered: state.buffer.len(),
                     window: state.window,
                     max_window: state.args.window,
                     sent: state.sent,
