@@ -136,7 +136,11 @@ async fn throughput() {
         if on == "tmpfs" && !shm.is_dir() {
             continue;
         }
-        let dir = if on == "tmpfs" { tempfile::tempdir_in(shm).unwrap() } else { tempfile::tempdir().unwrap() };
+        let dir = if on == "tmpfs" {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
         let c = config(dir.path(), &sim.url(), window);
         let n = 20_000;
         let (p, store) = start(&c).await;
@@ -302,7 +306,10 @@ fn main() {
         "pipeline benchmark ({} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     rt.block_on(async {
         if run("throughput") {

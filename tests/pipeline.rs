@@ -238,9 +238,8 @@ fn sigterm_finishes_what_it_can_releases_the_rest_and_exits_0() {
     let t = jsonl(&s, "t.jsonl", 10, |i| format!(r#"{{"prompt": "q{i}"}}"#));
     s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"]);
     let mut d = DaemonProcess::start(&s, "daemon");
-    wait_for("4 requests are in flight", LIMIT, || {
-        s.count("processing") == 4
-    });
+    // 4 requests in flight, and 4 more claimed into the dispatcher's buffer.
+    wait_for("8 jobs are claimed", LIMIT, || s.count("processing") == 8);
     d.term();
     assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0), "{}", d.log());
     assert_eq!(s.count("processing"), 0);
