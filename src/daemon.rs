@@ -55,6 +55,7 @@ pub fn settings(config: &Config) -> PipelineSettings {
         health_interval: Duration::from_secs(config.health.interval_s),
         health_timeout: Duration::from_secs(config.health.timeout_s),
         failure_threshold: config.health.failure_threshold,
+        min_success_ratio: config.chunk.min_success_ratio,
         ..PipelineSettings::default()
     }
 }

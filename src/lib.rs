@@ -5,6 +5,7 @@
 //! [`feeder_actors`] to the world, the configuration, and the command line.
 //!
 //! Modules:
+//! - [`chunk`]: token windows of long texts, tiles of large images, overlap merging.
 //! - [`config`]: `feeder.toml`, its defaults, and errors that name the key and line.
 //! - [`store`]: the SQLite `JobStore` adapter and the schema migrations.
 //! - [`submit`]: turning CLI input (payload files, prompts, images, JSONL) into jobs.
@@ -16,6 +17,7 @@
 //! - [`logging`]: `tracing` to stderr, human or JSON.
 //! - [`cli`]: the command line (`gpu-feeder …`) and its human and `--json` output.
 
+pub mod chunk;
 pub mod cli;
 pub mod config;
 pub mod daemon;

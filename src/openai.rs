@@ -26,8 +26,9 @@ use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job};
 use crate::config::InstanceConfig;
 use crate::submit::image_mime;
 
-/// Keys of a payload that are gpu-feeder's, not OpenAI's.
-const OWN_KEYS: &[&str] = &["prompt", "image_path"];
+/// Keys of a payload that are gpu-feeder's, not OpenAI's (`chunk` and
+/// `tile` place a fragment in its parent).
+const OWN_KEYS: &[&str] = &["prompt", "image_path", "chunk", "tile"];
 
 /// What a request for one instance is built from.
 #[derive(Clone, Debug)]

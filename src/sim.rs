@@ -8,7 +8,8 @@
 //! `/v1/chat/completions` with usage, and `/metrics` with
 //! `vllm:num_requests_running`, `vllm:num_requests_waiting` and
 //! `vllm:kv_cache_usage_perc`. Faults can be injected: `--fail-rate` answers
-//! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests.
+//! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests,
+//! `--fail-matching TEXT` refuses (400) requests containing TEXT.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -56,6 +57,9 @@ pub struct SimConfig {
     /// Exit (as a crash would) when request number N+1 arrives; 0 never does
     #[arg(long, default_value_t = 0)]
     pub crash_after: u64,
+    /// Refuse (HTTP 400) every request whose text contains this
+    #[arg(long, value_name = "TEXT")]
+    pub fail_matching: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -71,6 +75,7 @@ impl Default for SimConfig {
             fail_rate: 0.0,
             hang_rate: 0.0,
             crash_after: 0,
+            fail_matching: None,
         }
     }
 }
@@ -296,6 +301,14 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
         );
     };
     let max_tokens = body.get("max_tokens").and_then(Value::as_u64).unwrap_or(16);
+    if let Some(needle) = &sim.cfg.fail_matching {
+        if serde_json::to_string(messages).is_ok_and(|t| t.contains(needle.as_str())) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("simulated rejection: the request contains `{needle}`"),
+            );
+        }
+    }
     let roll: f64 = rand::random();
     if roll < sim.cfg.fail_rate {
         return error(

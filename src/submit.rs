@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 
 use feeder_actors::{ModelType, NewJob, Payload};
 
+use crate::chunk::{self, ChunkError};
+use crate::config::ChunkConfig;
+
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -37,6 +40,23 @@ pub enum SubmitError {
         place: String,
         /// What is wrong and what is expected.
         reason: String,
+    },
+    /// A text or image that could not be chunked.
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+}
+
+/// What a submission becomes: one job, or a parent with its fragments.
+#[derive(Debug, Clone)]
+pub enum Submission {
+    /// An ordinary job.
+    Single(NewJob),
+    /// A parent that completes by fan-in, and its fragments in order.
+    Parent {
+        /// The parent.
+        parent: NewJob,
+        /// The fragments.
+        fragments: Vec<NewJob>,
     },
 }
 
@@ -66,6 +86,7 @@ pub struct Submitter {
     roots: Vec<PathBuf>,
     priority: i64,
     max_attempts: u32,
+    then: Option<ModelType>,
 }
 
 impl Submitter {
@@ -81,14 +102,152 @@ impl Submitter {
             roots,
             priority,
             max_attempts,
+            then: None,
         }
+    }
+
+    /// Jobs (or parents) made by this submitter create a follow-up job for
+    /// `then` when they are done.
+    pub fn then(mut self, then: Option<ModelType>) -> Self {
+        self.then = then;
+        self
     }
 
     fn job(&self, payload: Payload, sha: String) -> NewJob {
         let mut job = NewJob::new(self.model, payload, sha);
         job.priority = self.priority;
         job.max_attempts = Some(self.max_attempts);
+        job.then_model = self.then;
         job
+    }
+
+    /// A fragment: like a job, but never the one that starts a next stage.
+    fn fragment(&self, payload: serde_json::Value) -> NewJob {
+        let mut job = self.inline(payload);
+        job.then_model = None;
+        job
+    }
+
+    /// The text file at `path` split into windows of `chunk.tokens` tokens
+    /// overlapping by `chunk.overlap`, counted by the tokenizer at
+    /// `tokenizer`: a parent with one fragment per window, or a single job
+    /// when the text fits in one window.
+    pub fn chunked_text(
+        &self,
+        path: &Path,
+        tokenizer: &Path,
+        chunk: &ChunkConfig,
+    ) -> Result<Submission, SubmitError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SubmitError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if text.trim().is_empty() {
+            return Err(SubmitError::BadPayload {
+                place: path.display().to_string(),
+                reason: "the file is empty".into(),
+            });
+        }
+        let windows = chunk::text_windows(
+            tokenizer,
+            &text,
+            chunk.tokens as usize,
+            chunk.overlap as usize,
+        )?;
+        if windows.len() <= 1 {
+            return self.prompt(&text).map(Submission::Single);
+        }
+        let tokens = windows.last().map_or(0, |w| w.token_end);
+        let mut hasher = Sha256::new();
+        hasher.update(format!("text\0{}\0{}\0", chunk.tokens, chunk.overlap));
+        hasher.update(text.as_bytes());
+        let parent_payload = serde_json::json!({
+            "chunked_text": {
+                "path": std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+                "tokens": tokens,
+                "windows": windows.len(),
+                "window_tokens": chunk.tokens,
+                "overlap_tokens": chunk.overlap,
+            }
+        });
+        let parent = self.job(
+            Payload::Inline(parent_payload.to_string()),
+            hex::encode(hasher.finalize()),
+        );
+        let fragments = windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                self.fragment(serde_json::json!({
+                    "prompt": w.text,
+                    "chunk": {"index": i, "token_start": w.token_start, "token_end": w.token_end},
+                }))
+            })
+            .collect();
+        Ok(Submission::Parent { parent, fragments })
+    }
+
+    /// The image at `path` for a vision model: a single job, or — when its
+    /// file is larger than `chunk.image_max_bytes` or a side is longer than
+    /// `chunk.image_max_px` — a parent with one fragment per tile, the tiles
+    /// written as PNG under `stage_dir/tiles/`.
+    pub fn image_or_tiles(
+        &self,
+        path: &Path,
+        chunk: &ChunkConfig,
+        stage_dir: &Path,
+    ) -> Result<Submission, SubmitError> {
+        self.require_vision("--image")?;
+        let real = self.check_image(path, "--image")?;
+        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
+            path: real.clone(),
+            source,
+        })?;
+        let (width, height) = chunk::image_size(&real)?;
+        let big = bytes.len() as u64 > chunk.image_max_bytes
+            || width > chunk.image_max_px
+            || height > chunk.image_max_px;
+        if !big {
+            return self.image(&real).map(Submission::Single);
+        }
+        let image_sha = hex::encode(Sha256::digest(&bytes));
+        let tiles = chunk::tiles(width, height, chunk.tile_px, chunk.tile_overlap_px);
+        let out_dir = stage_dir.join("tiles").join(&image_sha[..24]);
+        let written = chunk::write_tiles(&real, &tiles, &out_dir)?;
+        if let Some((_, first)) = written.first() {
+            self.check_root(first).map_err(|_| SubmitError::BadPayload {
+                place: "--image".into(),
+                reason: format!(
+                    "tiles are written under queue.stage_dir ({}), which is not one of queue.payload_roots: add it to them",
+                    stage_dir.display()
+                ),
+            })?;
+        }
+        let parent_payload = serde_json::json!({
+            "tiled_image": {
+                "image_path": real,
+                "width": width,
+                "height": height,
+                "tiles": written.len(),
+                "tile_px": chunk.tile_px,
+                "overlap_px": chunk.tile_overlap_px,
+            }
+        });
+        let sha = hex::encode(Sha256::digest(format!(
+            "tiles\0{}\0{}\0{image_sha}",
+            chunk.tile_px, chunk.tile_overlap_px
+        )));
+        let parent = self.job(Payload::Inline(parent_payload.to_string()), sha);
+        let fragments = written
+            .iter()
+            .map(|(t, file)| {
+                self.fragment(serde_json::json!({
+                    "image_path": file,
+                    "tile": t,
+                }))
+            })
+            .collect();
+        Ok(Submission::Parent { parent, fragments })
     }
 
     /// Resolves `path` and checks that it lies under a payload root.

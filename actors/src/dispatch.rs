@@ -141,6 +141,7 @@ struct InFlight {
     claim: Claim,
     attempts: u32,
     parent: Option<JobId>,
+    follow_up: bool,
     _task: AbortOnDrop,
 }
 
@@ -175,12 +176,13 @@ pub struct DispatchState {
 pub struct DispatchActor;
 
 impl DispatchState {
-    fn settle(&self, claim: Claim, settle: Settle, parent: Option<JobId>) {
+    fn settle(&self, claim: Claim, settle: Settle, parent: Option<JobId>, follow_up: bool) {
         let _ = self.peers.queue.cast(QueueMsg::Settle {
             claim,
             settle,
             model: self.args.model,
             parent,
+            follow_up,
         });
     }
 
@@ -202,6 +204,7 @@ impl DispatchState {
     fn start_request(&mut self, myself: &ActorRef<DispatchMsg>, job: Job, claim: Claim) {
         let job_id = job.id;
         let parent = job.parent_id;
+        let follow_up = job.then_model.is_some();
         let attempts = job.attempts;
         let client = self.args.client.clone();
         let results = self.args.results.clone();
@@ -210,6 +213,7 @@ impl DispatchState {
             let run = async {
                 let out = client.infer(&job).await?;
                 let doc = JobResult {
+                    missing: Vec::new(),
                     id: job.id,
                     model_type: job.model_type,
                     content: out.content,
@@ -259,6 +263,7 @@ impl DispatchState {
                 claim,
                 attempts,
                 parent,
+                follow_up,
                 _task: AbortOnDrop(task.abort_handle()),
             },
         );
@@ -335,7 +340,7 @@ impl DispatchState {
                 if self.draining {
                     // Claimed while a shutdown began: give them straight back.
                     for c in jobs {
-                        self.settle(c.claim, Settle::Release, c.job.parent_id);
+                        self.settle(c.claim, Settle::Release, c.job.parent_id, false);
                     }
                 } else {
                     self.buffer.extend(jobs);
@@ -353,7 +358,7 @@ impl DispatchState {
     fn release_buffer(&mut self) -> usize {
         let n = self.buffer.len();
         for c in std::mem::take(&mut self.buffer) {
-            self.settle(c.claim, Settle::Release, c.job.parent_id);
+            self.settle(c.claim, Settle::Release, c.job.parent_id, false);
         }
         n
     }
@@ -379,7 +384,7 @@ impl DispatchState {
                         debug!(instance = %self.args.instance, window = self.window, "widening the window");
                     }
                 }
-                self.settle(f.claim, Settle::Complete(done), f.parent);
+                self.settle(f.claim, Settle::Complete(done), f.parent, f.follow_up);
             }
             Err(InferenceError::Overloaded {
                 message,
@@ -402,7 +407,7 @@ impl DispatchState {
                 self.successes_at_window = 0;
                 self.paused_until = Some(Instant::now() + pause);
                 myself.send_after(pause, || DispatchMsg::Wake);
-                self.settle(f.claim, Settle::Release, f.parent);
+                self.settle(f.claim, Settle::Release, f.parent, f.follow_up);
             }
             Err(InferenceError::Retryable(message)) => {
                 self.failed += 1;
@@ -415,6 +420,7 @@ impl DispatchState {
                         retry_after,
                     }),
                     f.parent,
+                    f.follow_up,
                 );
             }
             Err(InferenceError::Permanent(message)) => {
@@ -427,6 +433,7 @@ impl DispatchState {
                         retry_after: None,
                     }),
                     f.parent,
+                    f.follow_up,
                 );
             }
         }
@@ -513,13 +520,8 @@ impl Actor for DispatchActor {
             }
             DispatchMsg::ReleaseAll { reply } => {
                 let n = state.in_flight.len() + state.release_buffer();
-                for (_, f) in state.in_flight.drain() {
-                    let _ = state.peers.queue.cast(QueueMsg::Settle {
-                        claim: f.claim,
-                        settle: Settle::Release,
-                        model: state.args.model,
-                        parent: f.parent,
-                    });
+                for (_, f) in std::mem::take(&mut state.in_flight) {
+                    state.settle(f.claim, Settle::Release, f.parent, false);
                 }
                 for w in state.drain_waiters.drain(..) {
                     let _ = w.send(());

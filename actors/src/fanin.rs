@@ -6,6 +6,12 @@
 //! fragments' results in order with their texts joined, and the parent
 //! becomes `done`; if any fragment failed, the parent fails naming them.
 //! The store ends a parent exactly once, however many checks race.
+//!
+//! It also starts next stages: when a job (or a parent) that names a
+//! `then_model` is done, it creates the follow-up job for that model with
+//! the result's text as its prompt, recording the job it follows. The store
+//! keeps one follow-up per job, so a restart never creates it twice; a scan
+//! finds follow-ups left to create after a crash.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +20,10 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{error, info, warn};
 
-use crate::job::{Job, JobId, JobStatus};
+use crate::job::{Job, JobId, JobStatus, NewJob, Payload};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::results::{FragmentResult, JobResult, ResultStore};
+use crate::results::{FragmentResult, JobResult, MissingFragment, ResultStore};
 use crate::store::ParentOutcome;
 
 /// Messages of the FanInActor.
@@ -25,7 +31,10 @@ use crate::store::ParentOutcome;
 pub enum FanInMsg {
     /// A fragment of this parent finished: see whether the parent can complete.
     Check(JobId),
-    /// Look for parents whose fragments have all finished.
+    /// This job is done and names a next model: create its follow-up.
+    FollowUp(JobId),
+    /// Look for parents whose fragments have all finished, and follow-ups
+    /// left to create.
     Scan,
     /// The current peers.
     Peers(Peers),
@@ -41,6 +50,8 @@ pub struct FanInArgs {
     pub scan_interval: Duration,
     /// Time allowed for a call to the queue.
     pub call_timeout: Duration,
+    /// Share of fragments that must succeed for a parent to be `done`.
+    pub min_success_ratio: f64,
 }
 
 /// The FanInActor's state.
@@ -67,46 +78,81 @@ async fn ask<T: Send + 'static>(
     }
 }
 
+/// Where a fragment sits in its parent, from its payload: a text window's
+/// tokens (`chunk`) or an image tile (`tile`).
+fn position(f: &Job) -> (Option<[u64; 2]>, Option<serde_json::Value>) {
+    let Some(payload) = f
+        .payload_inline
+        .as_deref()
+        .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+    else {
+        return (None, None);
+    };
+    let tokens = payload.get("chunk").and_then(|c| {
+        Some([
+            c.get("token_start")?.as_u64()?,
+            c.get("token_end")?.as_u64()?,
+        ])
+    });
+    (tokens, payload.get("tile").cloned())
+}
+
+fn read_result(results: &dyn ResultStore, f: &Job) -> Result<JobResult, String> {
+    let index = f.fragment_index.unwrap_or(0);
+    let path = f
+        .result_path
+        .clone()
+        .ok_or_else(|| format!("fragment {index} ({}) is done but has no result file", f.id))?;
+    let bytes = results.read(&path).map_err(|e| {
+        format!(
+            "reading the result of fragment {index} ({}): {e}",
+            path.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        format!(
+            "the result of fragment {index} ({}) is not a result document: {e}",
+            path.display()
+        )
+    })
+}
+
+/// The parent's result: its done fragments in order, their texts merged
+/// (text windows without their repeated overlap; tiles by row then column).
 fn merge(parent: &Job, fragments: &[Job], results: &dyn ResultStore) -> Result<JobResult, String> {
     let mut parts = Vec::with_capacity(fragments.len());
+    let mut missing = Vec::new();
     let (mut prompt, mut completion) = (0u64, 0u64);
     for f in fragments {
-        let path = f.result_path.clone().ok_or_else(|| {
-            format!(
-                "fragment {} ({}) is done but has no result file",
-                f.fragment_index.unwrap_or(0),
-                f.id
-            )
-        })?;
-        let bytes = results.read(&path).map_err(|e| {
-            format!(
-                "reading the result of fragment {} ({}): {e}",
-                f.fragment_index.unwrap_or(0),
-                path.display()
-            )
-        })?;
-        let doc: JobResult = serde_json::from_slice(&bytes).map_err(|e| {
-            format!(
-                "the result of fragment {} ({}) is not a result document: {e}",
-                f.fragment_index.unwrap_or(0),
-                path.display()
-            )
-        })?;
+        let index = f.fragment_index.unwrap_or(0);
+        if f.status != JobStatus::Done {
+            missing.push(MissingFragment {
+                index,
+                id: f.id,
+                error: f.error.clone().unwrap_or_else(|| f.status.to_string()),
+            });
+            continue;
+        }
+        let doc = read_result(results, f)?;
         prompt += doc.prompt_tokens.unwrap_or(0);
         completion += doc.completion_tokens.unwrap_or(0);
+        let (tokens, tile) = position(f);
         parts.push(FragmentResult {
-            index: f.fragment_index.unwrap_or(0),
+            index,
             id: f.id,
-            result_path: path,
+            result_path: f.result_path.clone().unwrap_or_default(),
             content: doc.content,
+            tokens,
+            tile,
         });
     }
     parts.sort_by_key(|p| p.index);
-    let content = parts
-        .iter()
-        .map(|p| p.content.as_str())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let texts: Vec<&str> = parts.iter().map(|p| p.content.as_str()).collect();
+    let content = if parts.iter().any(|p| p.tokens.is_some()) {
+        merge_overlapping(&texts, 3)
+    } else {
+        texts.join("\n")
+    };
     Ok(JobResult {
         id: parent.id,
         model_type: parent.model_type,
@@ -115,11 +161,59 @@ fn merge(parent: &Job, fragments: &[Job], results: &dyn ResultStore) -> Result<J
         completion_tokens: Some(completion),
         latency_ms: None,
         fragments: parts,
+        missing,
         response: None,
     })
 }
 
 impl FanInState {
+    /// Creates the follow-up of `id` if it is done, names a next model, and
+    /// has none yet.
+    async fn follow_up(&mut self, id: JobId) -> Result<(), String> {
+        let q = self.args.queue.clone();
+        let t = self.args.call_timeout;
+        let Some(job) = ask(&q, t, |reply| QueueMsg::Get { id, reply }).await? else {
+            return Ok(());
+        };
+        let Some(next) = job.then_model else {
+            return Ok(());
+        };
+        if job.status != JobStatus::Done {
+            return Ok(());
+        }
+        let results = self.args.results.clone();
+        let path = job
+            .result_path
+            .clone()
+            .ok_or("the job is done but has no result file")?;
+        let doc = tokio::task::spawn_blocking(move || {
+            let bytes = results
+                .read(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            serde_json::from_slice::<JobResult>(&bytes)
+                .map_err(|e| format!("{} is not a result document: {e}", path.display()))
+        })
+        .await
+        .map_err(|e| format!("reading the result panicked: {e}"))??;
+        let mut follow = NewJob::new(
+            next,
+            Payload::Inline(serde_json::json!({ "prompt": doc.content }).to_string()),
+            format!("follow-up-of-{id}"),
+        );
+        follow.follows = Some(id);
+        follow.priority = job.priority;
+        follow.max_attempts = Some(job.max_attempts);
+        let created = ask(&q, t, |reply| QueueMsg::Submit {
+            jobs: vec![follow],
+            reply,
+        })
+        .await?;
+        if let Some(s) = created.first().filter(|s| s.created) {
+            info!(job = %id, follow_up = %s.id, "next stage: {next} job created from the result");
+        }
+        Ok(())
+    }
+
     async fn check(&mut self, parent_id: JobId) -> Result<(), String> {
         let q = self.args.queue.clone();
         let t = self.args.call_timeout;
@@ -146,7 +240,11 @@ impl FanInState {
             .iter()
             .filter(|f| f.status != JobStatus::Done)
             .collect();
-        let outcome = if !failed.is_empty() {
+        let succeeded = fragments.len() - failed.len();
+        let enough = succeeded > 0
+            && succeeded as f64 >= self.args.min_success_ratio * fragments.len() as f64 - 1e-9;
+        let parent_then = parent.then_model.is_some();
+        let outcome = if !enough {
             let names: Vec<String> = failed
                 .iter()
                 .map(|f| {
@@ -197,6 +295,9 @@ impl FanInState {
             self.completed += 1;
             if done {
                 info!(parent = %parent_id, "parent done: fragments merged");
+                if parent_then {
+                    self.follow_up(parent_id).await?;
+                }
             } else {
                 warn!(parent = %parent_id, "parent failed: some fragments did not succeed");
             }
@@ -232,13 +333,15 @@ impl Actor for FanInActor {
                     error!(parent = %parent, "fan-in failed: {e}; it is tried again at the next scan");
                 }
             }
+            FanInMsg::FollowUp(id) => {
+                if let Err(e) = state.follow_up(id).await {
+                    error!(job = %id, "creating the follow-up failed: {e}; it is tried again at the next scan");
+                }
+            }
             FanInMsg::Scan => {
                 let q = state.args.queue.clone();
-                match ask(&q, state.args.call_timeout, |reply| {
-                    QueueMsg::ReadyParents { reply }
-                })
-                .await
-                {
+                let t = state.args.call_timeout;
+                match ask(&q, t, |reply| QueueMsg::ReadyParents { reply }).await {
                     Ok(ids) => {
                         for id in ids {
                             let _ = myself.cast(FanInMsg::Check(id));
@@ -246,9 +349,59 @@ impl Actor for FanInActor {
                     }
                     Err(e) => warn!("scanning for parents to complete failed: {e}"),
                 }
+                match ask(&q, t, |reply| QueueMsg::PendingFollowUps { reply }).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            let _ = myself.cast(FanInMsg::FollowUp(id));
+                        }
+                    }
+                    Err(e) => warn!("scanning for follow-ups to create failed: {e}"),
+                }
             }
             FanInMsg::Peers(peers) => state.args.queue = peers.queue,
         }
         Ok(())
+    }
+}
+
+/// Joins consecutive window outputs, dropping the start of each output that
+/// repeats the end of the text so far (the overlap, where the outputs
+/// agree on at least `min_words` words).
+pub fn merge_overlapping(parts: &[&str], min_words: usize) -> String {
+    let mut merged: Vec<&str> = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        let mut skip = 0;
+        if i > 0 {
+            let max = merged.len().min(words.len());
+            for k in (min_words.max(1)..=max).rev() {
+                if merged[merged.len() - k..] == words[..k] {
+                    skip = k;
+                    break;
+                }
+            }
+        }
+        merged.extend_from_slice(&words[skip..]);
+    }
+    merged.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlaps_are_merged_where_outputs_agree() {
+        let parts = [
+            "the quick brown fox jumps over",
+            "fox jumps over the lazy dog",
+            "lazy dog sleeps",
+        ];
+        assert_eq!(
+            merge_overlapping(&parts, 2),
+            "the quick brown fox jumps over the lazy dog sleeps"
+        );
+        // Outputs that do not agree are kept whole.
+        assert_eq!(merge_overlapping(&["a b c", "x y z"], 2), "a b c x y z");
     }
 }

@@ -49,6 +49,8 @@ pub enum QueueMsg {
         model: ModelType,
         /// The job's parent, to trigger fan-in when it finishes.
         parent: Option<JobId>,
+        /// The job names a next model: create its follow-up when it is done.
+        follow_up: bool,
     },
     /// Submit jobs in-process and wake their model's dispatchers.
     Submit {
@@ -86,6 +88,11 @@ pub enum QueueMsg {
         parent: JobId,
         /// In fragment order.
         reply: RpcReplyPort<StoreResult<Vec<Job>>>,
+    },
+    /// Done jobs whose follow-up is still to be created.
+    PendingFollowUps {
+        /// At most 100 ids.
+        reply: RpcReplyPort<StoreResult<Vec<JobId>>>,
     },
     /// Parents whose fragments have all finished.
     ReadyParents {
@@ -137,6 +144,7 @@ pub enum QueueMsg {
 pub struct FlushedItem {
     model: ModelType,
     parent: Option<JobId>,
+    follow_up: bool,
     job_id: JobId,
     result: StoreResult<Settled>,
 }
@@ -163,11 +171,20 @@ pub struct QueueState {
     args: QueueArgs,
     peers: Option<Peers>,
     subscribers: HashMap<ModelType, Vec<ActorRef<DispatchMsg>>>,
-    pending: Vec<(Claim, Settle, ModelType, Option<JobId>)>,
+    pending: Vec<Pending>,
     flushing: bool,
     flush_waiters: Vec<RpcReplyPort<()>>,
     polling: bool,
     last_token: Option<i64>,
+}
+
+/// A settlement waiting for the next group commit.
+struct Pending {
+    claim: Claim,
+    settle: Settle,
+    model: ModelType,
+    parent: Option<JobId>,
+    follow_up: bool,
 }
 
 /// The sole owner of the job store.
@@ -217,12 +234,12 @@ impl QueueState {
         let now = self.args.clock.now();
         let myself = myself.clone();
         tokio::spawn(async move {
-            let meta: Vec<(ModelType, Option<JobId>, JobId)> = batch
+            let meta: Vec<(ModelType, Option<JobId>, bool, JobId)> = batch
                 .iter()
-                .map(|(c, _, m, p)| (*m, *p, c.job_id))
+                .map(|p| (p.model, p.parent, p.follow_up, p.claim.job_id))
                 .collect();
             let items: Vec<(Claim, Settle)> =
-                batch.into_iter().map(|(c, s, _, _)| (c, s)).collect();
+                batch.into_iter().map(|p| (p.claim, p.settle)).collect();
             let n = items.len();
             let results = blocking(&store, move |s| s.settle_batch(items, now)).await;
             let results: Vec<StoreResult<Settled>> = match results {
@@ -237,9 +254,10 @@ impl QueueState {
             let flushed = meta
                 .into_iter()
                 .zip(results)
-                .map(|((model, parent, job_id), result)| FlushedItem {
+                .map(|((model, parent, follow_up, job_id), result)| FlushedItem {
                     model,
                     parent,
+                    follow_up,
                     job_id,
                     result,
                 })
@@ -255,8 +273,13 @@ impl QueueState {
         for item in items {
             match item.result {
                 Ok(Settled::Done) | Ok(Settled::Failed(FailOutcome::Failed { .. })) => {
-                    if let (Some(parent), Some(peers)) = (item.parent, &self.peers) {
-                        let _ = peers.fanin.cast(FanInMsg::Check(parent));
+                    let done = matches!(item.result, Ok(Settled::Done));
+                    if let Some(peers) = &self.peers {
+                        if let Some(parent) = item.parent {
+                            let _ = peers.fanin.cast(FanInMsg::Check(parent));
+                        } else if done && item.follow_up {
+                            let _ = peers.fanin.cast(FanInMsg::FollowUp(item.job_id));
+                        }
                     }
                 }
                 Ok(Settled::Failed(FailOutcome::Retrying { run_at, .. })) => {
@@ -346,8 +369,15 @@ impl Actor for QueueActor {
                 settle,
                 model,
                 parent,
+                follow_up,
             } => {
-                state.pending.push((claim, settle, model, parent));
+                state.pending.push(Pending {
+                    claim,
+                    settle,
+                    model,
+                    parent,
+                    follow_up,
+                });
                 state.start_flush(&myself);
             }
             QueueMsg::Submit { jobs, reply } => {
@@ -386,6 +416,9 @@ impl Actor for QueueActor {
                 answer(store, reply, move |s| s.fragments(parent))
             }
             QueueMsg::ReadyParents { reply } => answer(store, reply, |s| s.ready_parents(100)),
+            QueueMsg::PendingFollowUps { reply } => {
+                answer(store, reply, |s| s.pending_follow_ups(100))
+            }
             QueueMsg::FinishParent { id, outcome, reply } => {
                 answer(store, reply, move |s| s.finish_parent(id, outcome, now))
             }

@@ -32,6 +32,10 @@ pub struct JobResult {
     /// For a parent: its fragments' results, in fragment order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fragments: Vec<FragmentResult>,
+    /// For a parent done with some fragments failed (`chunk.min_success_ratio`
+    /// below 1): the fragments missing from the merged text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<MissingFragment>,
     /// The server's whole response (absent for a parent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<serde_json::Value>,
@@ -48,6 +52,23 @@ pub struct FragmentResult {
     pub result_path: PathBuf,
     /// Its answer's text.
     pub content: String,
+    /// For a text window: its tokens, `[start, end)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<[u64; 2]>,
+    /// For an image tile: its place (`row`, `col`, `x`, `y`, `width`, `height`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tile: Option<serde_json::Value>,
+}
+
+/// A fragment that did not succeed, in a parent's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MissingFragment {
+    /// Position among the parent's fragments.
+    pub index: u32,
+    /// The fragment job.
+    pub id: JobId,
+    /// Why it failed.
+    pub error: String,
 }
 
 /// Keeps result documents.

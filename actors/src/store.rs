@@ -176,6 +176,10 @@ pub trait JobStore: Send + Sync + 'static {
     fn finish_parent(&self, id: JobId, outcome: ParentOutcome, now: Timestamp)
         -> StoreResult<bool>;
 
+    /// Up to `limit` jobs that are `done` and name a `then_model`, but whose
+    /// follow-up job does not exist yet.
+    fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+
     /// A value that changes when another program commits to the store, or
     /// `None` if the store cannot tell. Cheap: polled every few hundred ms.
     fn change_token(&self) -> StoreResult<Option<i64>>;

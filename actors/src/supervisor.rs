@@ -126,6 +126,8 @@ pub struct PipelineSettings {
     pub failure_threshold: u32,
     /// Restart policy of every supervisor.
     pub restart: RestartPolicy,
+    /// Share of a parent's fragments that must succeed for it to be `done`.
+    pub min_success_ratio: f64,
 }
 
 impl Default for PipelineSettings {
@@ -147,6 +149,7 @@ impl Default for PipelineSettings {
             health_timeout: Duration::from_secs(5),
             failure_threshold: 3,
             restart: RestartPolicy::default(),
+            min_success_ratio: 1.0,
         }
     }
 }
@@ -225,6 +228,7 @@ impl FeederState {
                     results: self.args.results.clone(),
                     scan_interval: s.fanin_scan_interval,
                     call_timeout: s.call_timeout,
+                    min_success_ratio: s.min_success_ratio,
                 };
                 let (a, _) = FanInActor::spawn_linked(None, FanInActor, args, cell).await?;
                 let id = a.get_id();

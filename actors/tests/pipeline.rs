@@ -53,6 +53,14 @@ impl Pipeline {
         store: MemoryStore,
         instances: Vec<(&str, ModelType, u32, FakeInference)>,
     ) -> Pipeline {
+        Self::start_custom(store, instances, settings()).await
+    }
+
+    async fn start_custom(
+        store: MemoryStore,
+        instances: Vec<(&str, ModelType, u32, FakeInference)>,
+        settings: PipelineSettings,
+    ) -> Pipeline {
         let results = MemoryResults::new();
         let args = FeederArgs {
             store: Arc::new(store.clone()),
@@ -68,7 +76,7 @@ impl Pipeline {
                 })
                 .collect(),
             owner: "test-host".into(),
-            settings: settings(),
+            settings,
         };
         let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
             .await
@@ -407,6 +415,7 @@ async fn the_queue_actor_claims_settles_and_releases() {
         settle: s,
         model: ModelType::Vision,
         parent: None,
+        follow_up: false,
     };
     queue.cast(settle(0, Settle::Complete(done))).unwrap();
     queue
@@ -471,6 +480,7 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
             results: Arc::new(results.clone()),
             scan_interval: Duration::from_secs(3600),
             call_timeout: Duration::from_secs(5),
+            min_success_ratio: 1.0,
         },
     )
     .await
@@ -489,6 +499,7 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
             completion_tokens: Some(2),
             latency_ms: Some(1),
             fragments: vec![],
+            missing: vec![],
             response: None,
         };
         let path = results
@@ -560,4 +571,101 @@ async fn a_parent_fails_naming_its_failed_fragments() {
         })
         .unwrap();
     assert_eq!(listed.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_done_job_naming_a_next_model_gets_exactly_one_follow_up() {
+    let p = Pipeline::start(vec![
+        ("v", ModelType::Vision, 4, FakeInference::new()),
+        ("t", ModelType::Think, 4, FakeInference::new()),
+    ])
+    .await;
+    let mut first = job(ModelType::Vision, "scan");
+    first.then_model = Some(ModelType::Think);
+    let id = p.store.submit(first, T0).unwrap().id;
+    let follow_up = || {
+        p.store
+            .all()
+            .into_iter()
+            .filter(|j| j.follows == Some(id))
+            .collect::<Vec<_>>()
+    };
+    wait_until("the follow-up is done", LIMIT, || {
+        follow_up()
+            .first()
+            .is_some_and(|j| j.status == JobStatus::Done)
+    })
+    .await;
+    // Asking again (as a scan after a restart would) creates nothing new.
+    let peers = match p
+        .feeder
+        .call(|r| FeederMsg::Peers { reply: r }, None)
+        .await
+        .unwrap()
+    {
+        CallResult::Success(p) => p,
+        other => panic!("{other:?}"),
+    };
+    for _ in 0..3 {
+        peers.fanin.cast(FanInMsg::FollowUp(id)).unwrap();
+        peers.fanin.cast(FanInMsg::Scan).unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let f = follow_up();
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].model_type, ModelType::Think);
+    assert_eq!(f[0].parent_id, None, "a follow-up is not a fragment");
+    let payload: serde_json::Value =
+        serde_json::from_str(f[0].payload_inline.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        payload["prompt"],
+        format!("echo {id}"),
+        "its input is the first job's result"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
+    let server = FakeInference::new();
+    server.script([
+        Ok("kept".into()),
+        Err(InferenceError::Permanent("HTTP 400: no".into())),
+    ]);
+    let s = PipelineSettings {
+        min_success_ratio: 0.5,
+        ..settings()
+    };
+    let p = Pipeline::start_custom(
+        MemoryStore::new(),
+        vec![("t", ModelType::Think, 1, server)],
+        s,
+    )
+    .await;
+    let frags = (0..2)
+        .map(|i| job(ModelType::Think, &format!("ms{i}")))
+        .collect();
+    let parent = p
+        .store
+        .submit_parent(job(ModelType::Think, "msp"), frags, T0)
+        .unwrap()
+        .id;
+    wait_until("the parent is done", LIMIT, || {
+        p.store.get(parent).unwrap().unwrap().status == JobStatus::Done
+    })
+    .await;
+    let doc = p
+        .results
+        .doc(
+            p.store
+                .get(parent)
+                .unwrap()
+                .unwrap()
+                .result_path
+                .as_deref()
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(doc["content"], "kept");
+    assert_eq!(doc["missing"][0]["index"], 1);
+    assert_eq!(doc["missing"][0]["error"], "HTTP 400: no");
 }

@@ -5,12 +5,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::json;
 
-use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, NewJob, Timestamp};
+use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, Timestamp};
 
 use super::output;
 use super::{Context, SubmitArgs};
 use crate::store::{latest_version, SqliteStore};
-use crate::submit::Submitter;
+use crate::submit::{Submission, Submitter};
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
@@ -57,7 +57,19 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
         );
     }
     let max_attempts = args.max_attempts.unwrap_or(cfg.dispatch.max_attempts);
-    let sub = Submitter::new(args.model, &cfg.queue.roots(), args.priority, max_attempts);
+    let then = args
+        .then
+        .or_else(|| cfg.instances_for(args.model).find_map(|i| i.then));
+    if then == Some(args.model) {
+        anyhow::bail!(
+            "--then {}: a {} job cannot hand its result to {} again; choose the other model",
+            args.model,
+            args.model,
+            args.model
+        );
+    }
+    let sub =
+        Submitter::new(args.model, &cfg.queue.roots(), args.priority, max_attempts).then(then);
     let now = Timestamp::now();
 
     if let Some(path) = &args.jsonl {
@@ -81,18 +93,38 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
 
-    let job: NewJob = if let Some(p) = &args.payload {
-        sub.payload_file(p)?
+    let submission = if let Some(p) = &args.payload {
+        Submission::Single(sub.payload_file(p)?)
     } else if let Some(t) = &args.prompt {
-        sub.prompt(t)?
+        Submission::Single(sub.prompt(t)?)
     } else if let Some(i) = &args.image {
-        sub.image(i)?
+        sub.image_or_tiles(i, &cfg.chunk, &cfg.queue.stage_dir)?
     } else if let Some(f) = &args.text_file {
-        sub.text_file(f)?
+        if args.chunk {
+            let tokenizer = cfg
+                .instances_for(args.model)
+                .find_map(|i| i.tokenizer.clone())
+                .with_context(|| {
+                    format!(
+                        "--chunk counts tokens with the model's tokenizer: set `tokenizer = \"/path/to/tokenizer.json\"` on an instance with model_type = \"{}\" in {}",
+                        args.model,
+                        ctx.config_path.display()
+                    )
+                })?;
+            sub.chunked_text(f, &tokenizer, &cfg.chunk)?
+        } else {
+            Submission::Single(sub.text_file(f)?)
+        }
     } else {
         unreachable!("clap requires one input");
     };
-    let s = store.submit(job, now)?;
+    let (s, fragments) = match submission {
+        Submission::Single(job) => (store.submit(job, now)?, None),
+        Submission::Parent { parent, fragments } => {
+            let n = fragments.len();
+            (store.submit_parent(parent, fragments, now)?, Some(n))
+        }
+    };
     if args.wait {
         if !args.json {
             let verb = if s.created {
@@ -109,12 +141,18 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
             args.json,
         );
     }
+    let what = match fragments {
+        Some(n) => format!("{}, parent of {n} fragments, {}", args.model, s.status),
+        None => format!("{}, {}", args.model, s.status),
+    };
     if args.json {
-        print_json(&json!({"id": s.id, "created": s.created, "status": s.status}));
+        print_json(
+            &json!({"id": s.id, "created": s.created, "status": s.status, "fragments": fragments}),
+        );
     } else if s.created {
-        println!("submitted {} ({}, {})", s.id, args.model, s.status);
+        println!("submitted {} ({what})", s.id);
     } else {
-        println!("already queued: {} ({}, {})", s.id, args.model, s.status);
+        println!("already queued: {} ({what})", s.id);
     }
     Ok(0)
 }

@@ -145,9 +145,17 @@ pub struct SubmitArgs {
     /// An image to transcribe (vision); must lie under queue.payload_roots
     #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
-    /// A text file, sent as a user message
+    /// A text file, sent as a user message (with --chunk: in token windows)
     #[arg(long, value_name = "FILE")]
     pub text_file: Option<PathBuf>,
+    /// With --text-file: split the text into chunk.tokens-token windows
+    /// overlapping by chunk.overlap, one fragment each, merged by fan-in
+    #[arg(long, requires = "text_file")]
+    pub chunk: bool,
+    /// When the job (or its parent) is done, create a job for this model
+    /// from its result [default: the instance's `then`]
+    #[arg(long, value_name = "MODEL")]
+    pub then: Option<ModelType>,
     /// One payload object per line, all queued in one transaction
     #[arg(long, value_name = "FILE")]
     pub jsonl: Option<PathBuf>,

@@ -21,11 +21,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. A test checks that this matches `migrations/`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "gpu_jobs",
-    sql: include_str!("../../migrations/0001_gpu_jobs.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "gpu_jobs",
+        sql: include_str!("../../migrations/0001_gpu_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "follow_ups",
+        sql: include_str!("../../migrations/0002_follow_ups.sql"),
+    },
+];
 
 /// The newest schema version this build knows.
 pub fn latest_version() -> i64 {

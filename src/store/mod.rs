@@ -33,6 +33,7 @@ const RELEASE_OWNER: &str = include_str!("sql/release_owner.sql");
 const INSERT: &str = include_str!("sql/insert.sql");
 const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
 const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
+const PENDING_FOLLOW_UPS: &str = include_str!("sql/pending_follow_ups.sql");
 
 const SELECT_JOB: &str = "SELECT rowid AS seq, * FROM gpu_jobs";
 
@@ -693,5 +694,16 @@ impl JobStore for SqliteStore {
 
     fn change_token(&self) -> StoreResult<Option<i64>> {
         self.data_version().map(Some)
+    }
+
+    fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(PENDING_FOLLOW_UPS).db()?;
+        let ids: Vec<Vec<u8>> = stmt
+            .query_map(named_params! { ":limit": limit as i64 }, |r| r.get(0))
+            .db()?
+            .collect::<Result<_, _>>()
+            .db()?;
+        Ok(ids.iter().filter_map(|b| JobId::from_slice(b)).collect())
     }
 }

@@ -491,6 +491,19 @@ impl JobStore for MemoryStore {
         Ok(true)
     }
 
+    fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
+        let inner = self.lock();
+        Ok(inner
+            .rows
+            .iter()
+            .map(|(_, j)| j)
+            .filter(|j| j.status == JobStatus::Done && j.then_model.is_some())
+            .filter(|j| !inner.rows.iter().any(|(_, f)| f.follows == Some(j.id)))
+            .take(limit)
+            .map(|j| j.id)
+            .collect())
+    }
+
     fn change_token(&self) -> StoreResult<Option<i64>> {
         Ok(Some(self.lock().version))
     }

@@ -39,7 +39,8 @@ macro_rules! store_contract_tests {
             release_keeps_attempts, release_owner_returns_its_claims, cancel,
             manual_retry, fragments_of_parent, complete_records_result,
             settle_batch_mixes_outcomes, parents_finish_exactly_once,
-            change_token_moves_on_foreign_commits, stats_per_model_and_status,
+            change_token_moves_on_foreign_commits, follow_ups_are_pending_until_created,
+            a_follow_up_is_created_once, stats_per_model_and_status,
             list_filters_and_limit, get_unknown_is_none);
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
@@ -651,6 +652,44 @@ pub fn parents_finish_exactly_once(f: &impl StoreFixture) {
         (p.status, p.error.as_deref()),
         (JobStatus::Failed, Some("fragment 0 failed: x"))
     );
+}
+
+/// A done job naming a next model waits for its follow-up until one exists.
+pub fn follow_ups_are_pending_until_created(f: &impl StoreFixture) {
+    let s = f.handle();
+    let mut first = job(ModelType::Vision, "stage1");
+    first.then_model = Some(ModelType::Think);
+    let id = s.submit(first, T0).unwrap().id;
+    s.submit(job(ModelType::Vision, "plain"), T0).unwrap();
+    let claimed = s.claim(ModelType::Vision, 2, secs(60), "o", T0).unwrap();
+    assert!(s.pending_follow_ups(10).unwrap().is_empty(), "not done yet");
+    for c in &claimed {
+        s.complete(&c.claim, done("x"), T0).unwrap();
+    }
+    assert_eq!(s.pending_follow_ups(10).unwrap(), vec![id]);
+    let mut next = job(ModelType::Think, "stage2");
+    next.follows = Some(id);
+    s.submit(next, T0).unwrap();
+    assert!(s.pending_follow_ups(10).unwrap().is_empty());
+}
+
+/// Follow-ups are unique per job they follow, whatever their payload.
+pub fn a_follow_up_is_created_once(f: &impl StoreFixture) {
+    let s = f.handle();
+    let first = s.submit(job(ModelType::Vision, "origin"), T0).unwrap().id;
+    let mut a = job(ModelType::Think, "one payload");
+    a.follows = Some(first);
+    let mut b = job(ModelType::Think, "another payload");
+    b.follows = Some(first);
+    let x = s.submit(a, T0).unwrap();
+    let y = s.submit(b, T0).unwrap();
+    assert!(x.created && !y.created);
+    assert_eq!(x.id, y.id);
+    let j = s.get(x.id).unwrap().unwrap();
+    assert_eq!(j.follows, Some(first));
+    // A follow-up with a payload equal to a standalone job's is still its own job.
+    let standalone = s.submit(job(ModelType::Think, "one payload"), T0).unwrap();
+    assert!(standalone.created);
 }
 
 /// The change token moves when another handle commits.

@@ -1,0 +1,398 @@
+//! Chunking end to end: a long text in token windows and a large image in
+//! tiles, each completed by fan-in through the real daemon and simulated
+//! servers; a next stage after a parent; a fragment failing for good; and
+//! `kill -9` while parents fan in.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{wait_for, DaemonProcess, Scratch, SimProcess};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A word-level tokenizer.json knowing the words `w0` … `w{n-1}`: one token per word.
+fn tokenizer(dir: &Path, n: usize) -> PathBuf {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for i in 0..n {
+        vocab.insert(format!("w{i}"), (i + 1).into());
+    }
+    let tk = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tk.to_string()).unwrap();
+    path
+}
+
+fn instance(name: &str, model: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = 32\n{extra}\n\n"
+    )
+}
+
+const SETTINGS: &str = "[dispatch]\nwindow = 4\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\n\n[health]\ninterval_s = 1\n\n";
+
+fn words(from: usize, to: usize) -> String {
+    (from..to)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn result_doc(job: &serde_json::Value) -> serde_json::Value {
+    let path = job["result_path"].as_str().expect("a result file");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_long_text_completes_by_fan_in_in_token_windows() {
+    let think = SimProcess::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let tk = tokenizer(dir.path(), 2000);
+    let s = Scratch::new(
+        &(SETTINGS.to_string()
+            + &instance(
+                "think",
+                "think",
+                &think.url,
+                &format!("tokenizer = \"{}\"", tk.display()),
+            )),
+    );
+    let text = s.path().join("long.txt");
+    std::fs::write(&text, words(0, 1200)).unwrap();
+    let out = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--text-file",
+        text.to_str().unwrap(),
+        "--chunk",
+        "--json",
+    ]);
+    assert_eq!(
+        out["fragments"], 3,
+        "1200 tokens make windows at 0, 392 and 688"
+    );
+    let parent = out["id"].as_str().unwrap().to_string();
+    // A text that fits in one window is one ordinary job.
+    let short = s.path().join("short.txt");
+    std::fs::write(&short, words(0, 300)).unwrap();
+    let single = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--text-file",
+        short.to_str().unwrap(),
+        "--chunk",
+        "--json",
+    ]);
+    assert!(single["fragments"].is_null());
+
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("the parent is done", LIMIT, || {
+        s.json(&["status", &parent, "--json"])["status"] == "done"
+    });
+    let p = s.json(&["status", &parent, "--json"]);
+    assert_eq!(p["total_fragments"], 3);
+    let doc = result_doc(&p);
+    let frags = doc["fragments"].as_array().unwrap();
+    let ranges: Vec<(u64, u64)> = frags
+        .iter()
+        .map(|f| {
+            (
+                f["tokens"][0].as_u64().unwrap(),
+                f["tokens"][1].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ranges, vec![(0, 512), (392, 904), (688, 1200)]);
+    // Each window's answer, in order, in the merged text.
+    let merged = doc["content"].as_str().unwrap();
+    let mut at = 0;
+    for start in [0, 392, 688] {
+        let needle = format!("echo: w{start} w{}", start + 1);
+        let found = merged[at..]
+            .find(&needle)
+            .unwrap_or_else(|| panic!("{needle} missing or out of order in {merged}"));
+        at += found + needle.len();
+    }
+    // The fragments ran as ordinary jobs of the parent.
+    let fragments: Vec<_> = s
+        .jobs()
+        .into_iter()
+        .filter(|j| j["parent_id"] == parent.as_str())
+        .collect();
+    assert_eq!(fragments.len(), 3);
+    assert!(fragments
+        .iter()
+        .all(|f| f["status"] == "done" && f["total_fragments"] == 3));
+}
+
+/// A PNG of random pixels (so it does not compress) of `w × h`.
+fn noisy_png(path: &Path, w: u32, h: u32) {
+    let img = image::RgbImage::from_fn(w, h, |_, _| image::Rgb(rand::random::<[u8; 3]>()));
+    img.save(path).unwrap();
+}
+
+#[test]
+fn a_large_image_is_tiled_completes_by_fan_in_and_starts_a_think_job() {
+    let vision = SimProcess::start(&[]);
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(
+        &(SETTINGS.to_string()
+            + &instance("vision", "vision", &vision.url, "")
+            + &instance("think", "think", &think.url, "")),
+    );
+    let big = s.stage().join("scan.png");
+    noisy_png(&big, 1200, 1200);
+    assert!(
+        std::fs::metadata(&big).unwrap().len() > 4 * 1024 * 1024,
+        "the test image is over 4 MB"
+    );
+    let small = s.stage().join("small.png");
+    noisy_png(&small, 300, 200);
+
+    let out = s.json(&[
+        "submit",
+        "--model",
+        "vision",
+        "--image",
+        big.to_str().unwrap(),
+        "--then",
+        "think",
+        "--json",
+    ]);
+    assert_eq!(out["fragments"], 9, "1200 px gives 3 tiles a side");
+    let parent = out["id"].as_str().unwrap().to_string();
+    let plain = s.json(&[
+        "submit",
+        "--model",
+        "vision",
+        "--image",
+        small.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(plain["fragments"].is_null(), "a small image is not tiled");
+
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("the parent and its follow-up are done", LIMIT, || {
+        s.jobs()
+            .iter()
+            .any(|j| j["follows"] == parent.as_str() && j["status"] == "done")
+    });
+    let p = s.json(&["status", &parent, "--json"]);
+    assert_eq!(p["status"], "done");
+    assert_eq!(p["then_model"], "think");
+    let doc = result_doc(&p);
+    let tiles: Vec<(u64, u64, u64, u64)> = doc["fragments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let t = &f["tile"];
+            (
+                t["row"].as_u64().unwrap(),
+                t["col"].as_u64().unwrap(),
+                t["x"].as_u64().unwrap(),
+                t["y"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(u64, u64, u64, u64)> = [0u64, 392, 688]
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &y)| {
+            [0u64, 392, 688]
+                .iter()
+                .enumerate()
+                .map(move |(c, &x)| (r as u64, c as u64, x, y))
+        })
+        .collect();
+    assert_eq!(
+        tiles, expected,
+        "tiles by row, then column; the last aligned to the border"
+    );
+    assert_eq!(doc["content"].as_str().unwrap().lines().count(), 9);
+    // The next stage: a think job whose input is the merged result.
+    let follow = s
+        .jobs()
+        .into_iter()
+        .find(|j| j["follows"] == parent.as_str())
+        .unwrap();
+    assert_eq!(follow["model_type"], "think");
+    assert!(follow["parent_id"].is_null());
+    assert!(result_doc(&follow)["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("echo: ocr: image of about"));
+    // Tile files are PNGs of at most 512 × 512 under the stage folder.
+    for f in doc["fragments"].as_array().unwrap() {
+        let frag = s.json(&["status", f["id"].as_str().unwrap(), "--json"]);
+        let payload: serde_json::Value =
+            serde_json::from_str(frag["payload_inline"].as_str().unwrap()).unwrap();
+        let tile = PathBuf::from(payload["image_path"].as_str().unwrap());
+        assert!(tile.starts_with(s.stage().canonicalize().unwrap()) || tile.starts_with(s.stage()));
+        let (w, h) = image::image_dimensions(&tile).unwrap();
+        assert!(w <= 512 && h <= 512);
+    }
+}
+
+#[test]
+fn a_corrupt_image_is_a_clear_error() {
+    let s = Scratch::new("");
+    let bad = s.stage().join("broken.png");
+    std::fs::write(&bad, vec![0u8; 5 * 1024 * 1024]).unwrap();
+    let r = s.run(&[
+        "submit",
+        "--model",
+        "vision",
+        "--image",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(
+        r.stderr().contains("broken.png") && r.stderr().contains("not a readable image"),
+        "{}",
+        r.stderr()
+    );
+    assert!(s.jobs().is_empty());
+}
+
+#[test]
+fn chunking_without_a_tokenizer_says_where_to_set_it() {
+    let s = Scratch::new(&instance("think", "think", "http://127.0.0.1:9", ""));
+    let text = s.path().join("t.txt");
+    std::fs::write(&text, "some text").unwrap();
+    let r = s.run(&[
+        "submit",
+        "--model",
+        "think",
+        "--text-file",
+        text.to_str().unwrap(),
+        "--chunk",
+    ]);
+    assert_eq!(r.code(), 1);
+    assert!(r.stderr().contains("set `tokenizer"), "{}", r.stderr());
+}
+
+#[test]
+fn a_fragment_failing_for_good_fails_its_parent_and_names_it() {
+    // Only the last window holds w1000.
+    let think = SimProcess::start(&["--fail-matching", "w1000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let tk = tokenizer(dir.path(), 2000);
+    let s = Scratch::new(
+        &(SETTINGS.to_string()
+            + &instance(
+                "think",
+                "think",
+                &think.url,
+                &format!("tokenizer = \"{}\"", tk.display()),
+            )),
+    );
+    let text = s.path().join("long.txt");
+    std::fs::write(&text, words(0, 1200)).unwrap();
+    let parent = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--text-file",
+        text.to_str().unwrap(),
+        "--chunk",
+        "--json",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("the parent failed", LIMIT, || {
+        s.json(&["status", &parent, "--json"])["status"] == "failed"
+    });
+    let err = s.json(&["status", &parent, "--json"])["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with("1 of 3 fragments did not succeed: #2 ("),
+        "{err}"
+    );
+    assert!(err.contains("HTTP 400") && err.contains("w1000"), "{err}");
+}
+
+#[test]
+fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
+    let think = SimProcess::start(&["--latency-ms", "20"]);
+    let vision = SimProcess::start(&["--latency-ms", "5"]);
+    let dir = tempfile::tempdir().unwrap();
+    let tk = tokenizer(dir.path(), 20_000);
+    let s = Scratch::with_queue(
+        "lease_s = 3600",
+        &(SETTINGS.to_string()
+            + &instance(
+                "think",
+                "think",
+                &think.url,
+                &format!("tokenizer = \"{}\"", tk.display()),
+            )
+            + &instance("vision", "vision", &vision.url, "")),
+    );
+    let mut parents = Vec::new();
+    for i in 0..20 {
+        let text = s.path().join(format!("t{i}.txt"));
+        std::fs::write(&text, words(i * 1000, i * 1000 + 1000)).unwrap();
+        let out = s.json(&[
+            "submit",
+            "--model",
+            "think",
+            "--text-file",
+            text.to_str().unwrap(),
+            "--chunk",
+            "--then",
+            "vision",
+            "--json",
+        ]);
+        assert_eq!(out["fragments"], 3);
+        parents.push(out["id"].as_str().unwrap().to_string());
+    }
+    let mut first = DaemonProcess::start(&s, "first");
+    wait_for("some parents are done", LIMIT, || {
+        s.jobs()
+            .iter()
+            .filter(|j| {
+                j["total_fragments"] == 3 && j["parent_id"].is_null() && j["status"] == "done"
+            })
+            .count()
+            >= 3
+    });
+    first.kill9();
+    let _second = DaemonProcess::start(&s, "second");
+    wait_for("every parent and its follow-up are done", LIMIT, || {
+        let jobs = s.jobs();
+        jobs.len() == 100 && jobs.iter().all(|j| j["status"] == "done")
+    });
+    let jobs = s.jobs();
+    let mut followed = HashSet::new();
+    for j in &jobs {
+        if let Some(f) = j["follows"].as_str() {
+            assert!(followed.insert(f.to_string()), "two follow-ups of {f}");
+            assert_eq!(j["model_type"], "vision");
+        }
+    }
+    assert_eq!(followed, parents.iter().cloned().collect::<HashSet<_>>());
+    for p in &parents {
+        let job = s.json(&["status", p, "--json"]);
+        assert_eq!(job["attempts"], 1, "parent {p} was finished more than once");
+    }
+}
