@@ -59,7 +59,7 @@ fn jobs(n: usize, tag: &str) -> Vec<NewJob> {
 async fn start(c: &Config) -> (Pipeline, SqliteStore) {
     let store = SqliteStore::open(&c.queue.db_path).unwrap();
     let results = FileResults::new(&c.queue.results_dir).unwrap();
-    let p = Pipeline::start(c, Arc::new(store), Arc::new(results), "bench".into())
+    let p = Pipeline::start(c, Arc::new(store), Arc::new(results), "bench".into(), None)
         .await
         .unwrap();
     // Wait until the instance is Ready.

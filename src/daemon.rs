@@ -18,14 +18,20 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tracing::{error, info, warn};
 
+use feeder_actors::dispatch::DispatchObserver;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
-use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{
+    FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
+};
 use feeder_actors::{Backoff, JobStore, ResultStore, SystemClock};
 
+use crate::admin::Admin;
 use crate::config::{Backend, Config};
+use crate::metrics::Metrics;
 use crate::openai::{OpenAiClient, RequestDefaults};
 use crate::results::FileResults;
 use crate::store::SqliteStore;
+use crate::systemd::Notifier;
 
 /// This host's claim owner id.
 pub fn owner_id() -> String {
@@ -99,6 +105,7 @@ impl Pipeline {
         store: Arc<dyn JobStore>,
         results: Arc<dyn ResultStore>,
         owner: String,
+        observer: Option<Arc<dyn feeder_actors::dispatch::DispatchObserver>>,
     ) -> anyhow::Result<Pipeline> {
         let args = FeederArgs {
             store,
@@ -107,6 +114,7 @@ impl Pipeline {
             instances: instance_specs(config),
             owner,
             settings: settings(config),
+            observer,
         };
         let (feeder, join) = Actor::spawn(None, FeederSupervisor, args)
             .await
@@ -167,6 +175,61 @@ fn lock(db: &Path) -> anyhow::Result<DbLock> {
     }
 }
 
+/// Every few seconds (or half the watchdog timeout), asks the supervisor
+/// for its status: when it answers, pings the watchdog and says what is
+/// happening in `STATUS=`. A supervisor that does not answer gets no ping,
+/// so systemd restarts the daemon.
+async fn heartbeat(
+    notifier: Notifier,
+    feeder: ActorRef<FeederMsg>,
+    reader: Arc<SqliteStore>,
+    config: Arc<Config>,
+) {
+    if !notifier.enabled() {
+        return;
+    }
+    let every = notifier
+        .watchdog_interval()
+        .unwrap_or(Duration::from_secs(5))
+        .min(Duration::from_secs(5));
+    loop {
+        let answer = feeder
+            .call(
+                |reply| FeederMsg::Status { reply },
+                Some(every.max(Duration::from_millis(500))),
+            )
+            .await;
+        if let Ok(CallResult::Success(status)) = answer {
+            notifier.watchdog();
+            let r = reader.clone();
+            let pending =
+                tokio::task::spawn_blocking(move || r.stats(feeder_actors::Timestamp::now()).ok())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|s| s.models.iter().map(|(_, m)| m.counts.pending).sum::<u64>());
+            notifier.status(&status_line(&config, &status, pending));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// "vision: ready · think: loading · 1204 pending".
+pub fn status_line(config: &Config, status: &FeederStatus, pending: Option<u64>) -> String {
+    let mut parts: Vec<String> = config
+        .instances
+        .iter()
+        .map(|i| {
+            let h = status.health.iter().find(|h| h.instance == i.name);
+            format!("{}: {}", i.name, crate::admin::state_of(h))
+        })
+        .collect();
+    if let Some(p) = pending {
+        parts.push(format!("{p} pending"));
+    }
+    parts.join(" · ")
+}
+
 async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -217,21 +280,61 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         }
     }
     let owner = owner_id();
-    let pipeline =
-        Pipeline::start(&config, Arc::new(store), Arc::new(results), owner.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(&config.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on admin.listen = {} (is another daemon using it? choose another address)",
+                config.admin.listen
+            )
+        })?;
+    let admin_addr = listener.local_addr()?;
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Pipeline::start(
+        &config,
+        Arc::new(store),
+        Arc::new(results),
+        owner.clone(),
+        Some(metrics.clone() as Arc<dyn DispatchObserver>),
+    )
+    .await?;
+    let reader = Arc::new(SqliteStore::open(&config.queue.db_path)?);
+    let config = Arc::new(config);
+    let admin = Admin {
+        feeder: pipeline.feeder.clone(),
+        reader: reader.clone(),
+        config: config.clone(),
+        metrics,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, crate::admin::router(admin)).await {
+            error!("the admin endpoint stopped: {e}");
+        }
+    });
     let names: Vec<String> = config
         .instances
         .iter()
         .map(|i| format!("{} ({} at {})", i.name, i.model_type, i.base_url()))
         .collect();
     info!(
-        "gpu-feeder running as {owner} on {}: {}",
+        "gpu-feeder running as {owner} on {}: {}; admin on http://{admin_addr}",
         config.queue.db_path.display(),
         names.join(", ")
     );
+    let notifier = Notifier::from_env();
+    notifier.ready();
+    let heartbeat = tokio::spawn(heartbeat(
+        notifier.clone(),
+        pipeline.feeder.clone(),
+        reader,
+        config.clone(),
+    ));
     let Pipeline { feeder, mut join } = pipeline;
     tokio::select! {
         which = stop_signal() => {
+            heartbeat.abort();
+            notifier.stopping();
+            notifier.status("stopping: waiting for requests in flight");
             let grace = Duration::from_secs(config.dispatch.shutdown_grace_s);
             info!("{which}: shutting down (up to {} s for requests in flight; a second signal forces it)", grace.as_secs());
             tokio::select! {

@@ -168,6 +168,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         Arc::new(store),
         Arc::new(results),
         format!("{}/demo", owner_id()),
+        None,
     )
     .await?;
 

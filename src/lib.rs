@@ -14,19 +14,27 @@
 //! - [`sim`]: `gpu-feeder sim`, a simulated vLLM server with continuous batching.
 //! - [`daemon`]: `gpu-feeder run`: wiring, the database lock, signals, shutdown.
 //! - [`demo`]: `gpu-feeder demo`: simulated servers, sample jobs, a summary.
+//! - [`systemd`]: `Type=notify` readiness, status lines, watchdog, stopping.
+//! - [`admin`]: the admin HTTP endpoint: metrics, health, status, job submission.
+//! - [`mcp`]: `gpu-feeder mcp`, the MCP server over stdio (job tools, instances).
+//! - [`metrics`]: Prometheus metrics, fed by the dispatchers and read at scrape time.
 //! - [`logging`]: `tracing` to stderr, human or JSON.
 //! - [`cli`]: the command line (`gpu-feeder …`) and its human and `--json` output.
 
+pub mod admin;
 pub mod chunk;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod logging;
+pub mod mcp;
+pub mod metrics;
 pub mod openai;
 pub mod results;
 pub mod sim;
 pub mod store;
 pub mod submit;
+pub mod systemd;
 
 pub use feeder_actors as actors;

@@ -368,6 +368,11 @@ impl Submitter {
         Ok(jobs)
     }
 
+    /// An inline job from a payload already checked by `validate`.
+    pub fn inline_job(&self, payload: Value) -> NewJob {
+        self.inline(payload)
+    }
+
     /// An inline job, hashed over its canonical JSON (keys sorted).
     fn inline(&self, value: Value) -> NewJob {
         let text = value.to_string();

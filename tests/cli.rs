@@ -274,7 +274,7 @@ fn wait_gives_up_after_its_timeout_and_the_job_stays() {
 fn image_jobs_need_a_vision_model() {
     let s = Scratch::new("");
     let img = s.stage().join("page.png");
-    std::fs::write(&img, b"\x89PNG").unwrap();
+    image::RgbImage::new(40, 30).save(&img).unwrap();
     let r = s.run(&[
         "submit",
         "--model",

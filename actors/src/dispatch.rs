@@ -102,6 +102,38 @@ pub struct DispatchStatus {
     pub overloaded: u64,
 }
 
+/// How a request ended, for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A result was written.
+    Done,
+    /// Failed in a way worth retrying (connection, timeout, 5xx).
+    Retryable,
+    /// Failed for good (4xx, bad payload).
+    Permanent,
+    /// The server was saturated (429, 503).
+    Overloaded,
+}
+
+impl RequestOutcome {
+    /// A label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Done => "done",
+            RequestOutcome::Retryable => "retryable",
+            RequestOutcome::Permanent => "permanent",
+            RequestOutcome::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// Watches requests finish: how metrics are fed without the actors knowing
+/// any metrics library.
+pub trait DispatchObserver: Send + Sync + 'static {
+    /// A request to `instance` ended; `done` carries latency and tokens.
+    fn request_finished(&self, instance: &str, outcome: RequestOutcome, done: Option<&Completion>);
+}
+
 /// How a DispatchActor is started.
 #[derive(Clone)]
 pub struct DispatchArgs {
@@ -125,6 +157,8 @@ pub struct DispatchArgs {
     pub call_timeout: Duration,
     /// The peers at start.
     pub peers: Peers,
+    /// Told of every finished request (metrics), if set.
+    pub observer: Option<Arc<dyn DispatchObserver>>,
 }
 
 /// Aborts a request task when dropped (the actor stopped or crashed).
@@ -372,6 +406,15 @@ impl DispatchState {
         let Some(f) = self.in_flight.remove(&job_id) else {
             return; // Released or aborted meanwhile.
         };
+        if let Some(o) = &self.args.observer {
+            let kind = match &outcome {
+                Ok(_) => RequestOutcome::Done,
+                Err(InferenceError::Retryable(_)) => RequestOutcome::Retryable,
+                Err(InferenceError::Permanent(_)) => RequestOutcome::Permanent,
+                Err(InferenceError::Overloaded { .. }) => RequestOutcome::Overloaded,
+            };
+            o.request_finished(&self.args.instance, kind, outcome.as_ref().ok());
+        }
         match outcome {
             Ok(done) => {
                 self.completed += 1;

@@ -80,6 +80,8 @@ pub struct DispatchSupArgs {
     pub restart: RestartPolicy,
     /// The peers at start.
     pub peers: Peers,
+    /// Told of every finished request (metrics), if set.
+    pub observer: Option<Arc<dyn crate::dispatch::DispatchObserver>>,
 }
 
 struct Slot {
@@ -125,6 +127,7 @@ impl DispatchSupState {
             overload: self.args.overload,
             call_timeout: self.args.call_timeout,
             peers: self.args.peers.clone(),
+            observer: self.args.observer.clone(),
         };
         let (actor, _) =
             DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;

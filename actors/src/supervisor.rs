@@ -170,6 +170,8 @@ pub struct FeederArgs {
     pub owner: String,
     /// Timings and policies.
     pub settings: PipelineSettings,
+    /// Told of every finished request (metrics), if set.
+    pub observer: Option<Arc<dyn crate::dispatch::DispatchObserver>>,
 }
 
 /// The FeederSupervisor's state.
@@ -262,6 +264,7 @@ impl FeederState {
                     call_timeout: s.call_timeout,
                     restart: s.restart,
                     peers: self.peers().ok_or("peers are not all running")?,
+                    observer: self.args.observer.clone(),
                 };
                 let (a, _) =
                     DispatchSupervisor::spawn_linked(None, DispatchSupervisor, args, cell).await?;

@@ -77,6 +77,7 @@ impl Pipeline {
                 .collect(),
             owner: "test-host".into(),
             settings,
+            observer: None,
         };
         let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
             .await

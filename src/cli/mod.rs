@@ -5,7 +5,7 @@
 //! "JSON output").
 
 mod jobs;
-mod output;
+pub mod output;
 
 use std::path::{Path, PathBuf};
 
@@ -109,6 +109,14 @@ pub enum Command {
     Retry {
         /// Job id (or a unique prefix)
         job: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// MCP server over stdio (JSON-RPC): submit and inspect jobs from an agent
+    Mcp,
+    /// Live instance state from the running daemon (its admin endpoint)
+    Instances {
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -237,6 +245,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             runtime()?.block_on(crate::daemon::run(ctx.config, &ctx.config_path))
         }
         Command::Demo(_) | Command::Sim(_) => unreachable!("handled above"),
+        Command::Instances { json } => runtime()?.block_on(instances(&ctx, json)),
+        Command::Mcp => {
+            // stdout carries the protocol only; logs go to stderr.
+            crate::logging::init(
+                &ctx.config.logging,
+                Some(cli.log_format.unwrap_or(LogFormat::Human)),
+            );
+            let store = ctx.open_store()?;
+            runtime()?
+                .block_on(crate::mcp::serve(store, ctx.config))
+                .map(|()| 0)
+        }
         Command::Migrate { json } => jobs::migrate(&ctx, json),
         Command::Submit(args) => jobs::submit(&ctx, args),
         Command::Status { job, json } => jobs::status(&ctx, &job, json),
@@ -251,6 +271,44 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Retry { job, json } => jobs::retry(&ctx, &job, json),
         Command::Config(_) => unreachable!("handled above"),
     }
+}
+
+/// `instances`: asks the daemon's admin endpoint for `/v1/status`.
+async fn instances(ctx: &Context, json: bool) -> anyhow::Result<i32> {
+    let admin = &ctx.config.admin;
+    let url = format!("http://{}/v1/status", admin.listen);
+    let mut req = reqwest::Client::new()
+        .get(&url)
+        .timeout(std::time::Duration::from_secs(10));
+    if !admin.token.is_empty() {
+        req = req.bearer_auth(&admin.token);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => anyhow::bail!(
+            "the daemon is not running: nothing answers at {url} (admin.listen in {}); start it with `gpu-feeder run`",
+            ctx.config_path.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("asking {url}")),
+    };
+    let code = resp.status();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .with_context(|| format!("{url} did not answer JSON"))?;
+    if !code.is_success() {
+        anyhow::bail!(
+            "{url} answered HTTP {}: {}",
+            code.as_u16(),
+            body["error"].as_str().unwrap_or("")
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        print!("{}", output::instances_table(&body));
+    }
+    Ok(0)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

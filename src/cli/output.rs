@@ -218,3 +218,34 @@ pub fn config_summary(c: &Config) -> String {
     }
     out
 }
+
+/// `instances` without `--json`, from the `/v1/status` document.
+pub fn instances_table(status: &Value) -> String {
+    let mut out = format!(
+        "{:<12} {:<7} {:<9} {:<10} {:>9} {:>7}  {}\n",
+        "INSTANCE", "MODEL", "BACKEND", "STATE", "IN FLIGHT", "WINDOW", "URL / LAST ERROR"
+    );
+    for i in status["instances"].as_array().into_iter().flatten() {
+        let detail = i["last_error"]
+            .as_str()
+            .filter(|_| i["state"] != "ready")
+            .unwrap_or(i["url"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            out,
+            "{:<12} {:<7} {:<9} {:<10} {:>9} {:>7}  {}",
+            i["name"].as_str().unwrap_or(""),
+            i["model_type"].as_str().unwrap_or(""),
+            i["backend"].as_str().unwrap_or(""),
+            i["state"].as_str().unwrap_or(""),
+            i["in_flight"],
+            i["window"],
+            clip(detail, 60)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "strategy: {}",
+        status["strategy"].as_str().unwrap_or("-")
+    );
+    out
+}

@@ -1,0 +1,297 @@
+//! The admin HTTP endpoint (`admin.listen`, loopback by default):
+//!
+//! - `GET /metrics`: Prometheus metrics;
+//! - `GET /healthz`: liveness (the actors answer);
+//! - `GET /readyz`: the store answers and at least one instance is Ready;
+//! - `GET /v1/status`: instances and queue as JSON (`gpu-feeder instances`);
+//! - `POST /v1/jobs`: submit a job, with the CLI's validation.
+//!
+//! With `admin.token` set, every endpoint but `/healthz` requires
+//! `Authorization: Bearer <token>`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ractor::rpc::CallResult;
+use ractor::ActorRef;
+use serde_json::{json, Value};
+
+use feeder_actors::health::InstanceHealth;
+use feeder_actors::queue::QueueMsg;
+use feeder_actors::supervisor::{FeederMsg, FeederStatus};
+use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
+
+use crate::cli::output::stats_json;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::SqliteStore;
+use crate::submit::Submitter;
+
+/// What the endpoint serves from.
+#[derive(Clone)]
+pub struct Admin {
+    /// The root supervisor.
+    pub feeder: ActorRef<FeederMsg>,
+    /// A connection for reads (stats).
+    pub reader: Arc<SqliteStore>,
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Admin {
+    async fn status(&self) -> Option<FeederStatus> {
+        match self
+            .feeder
+            .call(
+                |reply| FeederMsg::Status { reply },
+                Some(Duration::from_secs(3)),
+            )
+            .await
+        {
+            Ok(CallResult::Success(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    async fn stats(&self) -> Option<QueueStats> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || reader.stats(Timestamp::now()).ok())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// An instance's state, in the words `instances` uses.
+pub fn state_of(h: Option<&InstanceHealth>) -> &'static str {
+    match h {
+        Some(h) if h.ready => "ready",
+        Some(h) => match h.last_error.as_deref() {
+            Some(e) if e.contains("503") => "loading",
+            Some(_) => "unhealthy",
+            None => "starting",
+        },
+        None => "starting",
+    }
+}
+
+/// The `/v1/status` document.
+pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueStats>) -> Value {
+    let instances: Vec<Value> = config
+        .instances
+        .iter()
+        .map(|inst| {
+            let h = status.health.iter().find(|h| h.instance == inst.name);
+            let d = status.dispatch.iter().find(|d| d.instance == inst.name);
+            json!({
+                "name": inst.name,
+                "model_type": inst.model_type,
+                "state": state_of(h),
+                "backend": inst.backend.to_string(),
+                "url": inst.base_url(),
+                "container_id": null,
+                "restarts": 0,
+                "last_error": h.and_then(|h| h.last_error.clone()),
+                "in_flight": d.map_or(0, |d| d.in_flight),
+                "buffered": d.map_or(0, |d| d.buffered),
+                "window": d.map_or(0, |d| d.window),
+                "sent": d.map_or(0, |d| d.sent),
+                "completed": d.map_or(0, |d| d.completed),
+            })
+        })
+        .collect();
+    json!({
+        "strategy": "static",
+        "instances": instances,
+        "gpus": [],
+        "queue": stats.map(stats_json),
+    })
+}
+
+async fn healthz(State(a): State<Admin>) -> Response {
+    match a.status().await {
+        Some(_) => (StatusCode::OK, "ok\n").into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the actors do not answer\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(a): State<Admin>) -> Response {
+    if a.stats().await.is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the job store does not answer\n",
+        )
+            .into_response();
+    }
+    match a.status().await {
+        Some(s) if s.health.iter().any(|h| h.ready) => (StatusCode::OK, "ready\n").into_response(),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "no instance is ready\n").into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the actors do not answer\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(a): State<Admin>) -> Response {
+    let (stats, status) = tokio::join!(a.stats(), a.status());
+    a.metrics.refresh(stats.as_ref(), status.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        a.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn status(State(a): State<Admin>) -> Response {
+    let (stats, status) = tokio::join!(a.stats(), a.status());
+    match status {
+        Some(s) => Json(status_json(&a.config, &s, stats.as_ref())).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "the actors do not answer"})),
+        )
+            .into_response(),
+    }
+}
+
+fn bad(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({"error": msg.into()}))).into_response()
+}
+
+/// `POST /v1/jobs`: `{"model": "think", "prompt": "…"}` (or `messages`,
+/// `image_path`), with optional `priority`, `max_attempts` and `then`.
+async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
+    let Some(Json(Value::Object(mut body))) = body else {
+        return bad(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object with `model` and `prompt`, `messages` or `image_path`",
+        );
+    };
+    let model = match body
+        .remove("model")
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(str::parse::<ModelType>)
+    {
+        Some(Ok(m)) => m,
+        Some(Err(e)) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
+        None => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "`model` is required: vision or think",
+            )
+        }
+    };
+    let priority = body
+        .remove("priority")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    let max_attempts = body
+        .remove("max_attempts")
+        .and_then(|v| v.as_u64())
+        .map_or(a.config.dispatch.max_attempts, |n| n.clamp(1, 100) as u32);
+    let then = match body.remove("then") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_str().map(str::parse::<ModelType>) {
+            Some(Ok(m)) if m != model => Some(m),
+            _ => {
+                return bad(
+                    StatusCode::BAD_REQUEST,
+                    "`then` must be the other model (vision or think)",
+                )
+            }
+        },
+    };
+    let sub = Submitter::new(model, &a.config.queue.roots(), priority, max_attempts).then(then);
+    let job = match sub.validate(&Value::Object(body), "the request body") {
+        Ok(payload) => sub.inline_job(payload),
+        Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let peers = match a
+        .feeder
+        .call(
+            |reply| FeederMsg::Peers { reply },
+            Some(Duration::from_secs(3)),
+        )
+        .await
+    {
+        Ok(CallResult::Success(p)) => p,
+        _ => return bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer"),
+    };
+    match peers
+        .queue
+        .call(
+            |reply| QueueMsg::Submit {
+                jobs: vec![job],
+                reply,
+            },
+            Some(Duration::from_secs(30)),
+        )
+        .await
+    {
+        Ok(CallResult::Success(Ok(mut s))) => {
+            let s = s.remove(0);
+            let code = if s.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (
+                code,
+                Json(json!({"id": s.id, "created": s.created, "status": s.status})),
+            )
+                .into_response()
+        }
+        Ok(CallResult::Success(Err(e))) => bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        _ => bad(StatusCode::SERVICE_UNAVAILABLE, "the queue did not answer"),
+    }
+}
+
+async fn auth(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    if token.is_empty() || req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        next.run(req).await
+    } else {
+        bad(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: send `Authorization: Bearer <admin.token>`",
+        )
+    }
+}
+
+/// The endpoint's routes.
+pub fn router(admin: Admin) -> Router {
+    let token = Arc::new(admin.config.admin.token.clone());
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/jobs", post(submit))
+        .with_state(admin)
+        .layer(middleware::from_fn_with_state(token, auth))
+}

@@ -1,0 +1,453 @@
+//! `gpu-feeder mcp`: an MCP server over stdio, so that agents can submit and
+//! inspect jobs. Job tools work whether or not the daemon runs (they use the
+//! store); `instances` asks the running daemon's admin endpoint. stdout
+//! carries only the protocol; logs go to stderr.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::{tool, tool_handler, tool_router, ServerHandler, ServiceExt};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use feeder_actors::{JobStatus, JobStore, ListFilter, ModelType, Timestamp};
+
+use crate::cli::output::{job_json, stats_json};
+use crate::config::Config;
+use crate::store::SqliteStore;
+use crate::submit::{Submission, Submitter};
+
+/// `submit_job` arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SubmitJob {
+    /// The model: "vision" (images, OCR) or "think" (text).
+    pub model: String,
+    /// A prompt, sent as a user message.
+    pub prompt: Option<String>,
+    /// OpenAI chat `messages`, passed through as they are.
+    pub messages: Option<Vec<Value>>,
+    /// An image file to transcribe (vision); must lie under queue.payload_roots. Large images are tiled.
+    pub image_path: Option<String>,
+    /// A JSON payload file; must lie under queue.payload_roots.
+    pub payload_path: Option<String>,
+    /// A text file, sent as a prompt; with `chunk`, split into token windows.
+    pub text_file: Option<String>,
+    /// With `text_file`: split into chunk.tokens-token windows (needs the model's tokenizer).
+    #[serde(default)]
+    pub chunk: bool,
+    /// Higher runs first (default 0).
+    #[serde(default)]
+    pub priority: i64,
+    /// When done, create a follow-up job for this model from the result.
+    pub then: Option<String>,
+}
+
+/// A job id.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct JobRef {
+    /// The job id (32 hex digits) or a unique prefix of at least 4.
+    pub id: String,
+}
+
+/// `list_jobs` arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ListJobs {
+    /// Only jobs in this status: pending, processing, done, failed, cancelled.
+    pub status: Option<String>,
+    /// Only jobs for this model: vision or think.
+    pub model: Option<String>,
+    /// At most this many, newest first (default 20).
+    pub limit: Option<usize>,
+}
+
+/// The MCP server.
+#[derive(Clone)]
+pub struct FeederMcp {
+    store: Arc<SqliteStore>,
+    config: Arc<Config>,
+}
+
+fn model(s: &str) -> Result<ModelType, String> {
+    s.parse::<ModelType>().map_err(|e| e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("internal error: {e}"))?
+}
+
+#[tool_router]
+impl FeederMcp {
+    /// A server on the configured store.
+    pub fn new(store: SqliteStore, config: Config) -> Self {
+        FeederMcp {
+            store: Arc::new(store),
+            config: Arc::new(config),
+        }
+    }
+
+    #[tool(
+        description = "Queue a job for a model: give `model` and one of `prompt`, `messages`, `image_path`, `payload_path` or `text_file` (with `chunk` to split a long text). Returns the job id; an identical job already queued is returned instead of a duplicate."
+    )]
+    async fn submit_job(
+        &self,
+        Parameters(a): Parameters<SubmitJob>,
+    ) -> Result<CallToolResult, String> {
+        let m = model(&a.model)?;
+        let then = a.then.as_deref().map(model).transpose()?;
+        if then == Some(m) {
+            return Err(format!("`then` must be the other model, not {m}"));
+        }
+        let inputs = [
+            a.prompt.is_some(),
+            a.messages.is_some(),
+            a.image_path.is_some(),
+            a.payload_path.is_some(),
+            a.text_file.is_some(),
+        ];
+        if inputs.iter().filter(|x| **x).count() != 1 {
+            return Err("give exactly one of `prompt`, `messages`, `image_path`, `payload_path`, `text_file`".into());
+        }
+        let (store, config) = (self.store.clone(), self.config.clone());
+        blocking(move || {
+            let cfg = &config;
+            let then = then.or_else(|| cfg.instances_for(m).find_map(|i| i.then));
+            let sub = Submitter::new(m, &cfg.queue.roots(), a.priority, cfg.dispatch.max_attempts).then(then);
+            let submission = if let Some(p) = &a.payload_path {
+                Submission::Single(sub.payload_file(&PathBuf::from(p)).map_err(|e| e.to_string())?)
+            } else if let Some(i) = &a.image_path {
+                sub.image_or_tiles(&PathBuf::from(i), &cfg.chunk, &cfg.queue.stage_dir).map_err(|e| e.to_string())?
+            } else if let Some(f) = &a.text_file {
+                if a.chunk {
+                    let tk = cfg.instances_for(m).find_map(|i| i.tokenizer.clone()).ok_or_else(|| {
+                        format!("chunking needs the model's tokenizer: set `tokenizer` on an instance with model_type = \"{m}\"")
+                    })?;
+                    sub.chunked_text(&PathBuf::from(f), &tk, &cfg.chunk).map_err(|e| e.to_string())?
+                } else {
+                    Submission::Single(sub.text_file(&PathBuf::from(f)).map_err(|e| e.to_string())?)
+                }
+            } else {
+                let mut payload = Map::new();
+                if let Some(p) = a.prompt {
+                    payload.insert("prompt".into(), Value::String(p));
+                }
+                if let Some(msgs) = a.messages {
+                    payload.insert("messages".into(), Value::Array(msgs));
+                }
+                let checked = sub.validate(&Value::Object(payload), "the arguments").map_err(|e| e.to_string())?;
+                Submission::Single(sub.inline_job(checked))
+            };
+            let now = Timestamp::now();
+            let (s, fragments) = match submission {
+                Submission::Single(job) => (store.submit(job, now), None),
+                Submission::Parent { parent, fragments } => {
+                    let n = fragments.len();
+                    (store.submit_parent(parent, fragments, now), Some(n))
+                }
+            };
+            let s = s.map_err(|e| e.to_string())?;
+            Ok(CallToolResult::structured(json!({
+                "id": s.id, "created": s.created, "status": s.status, "fragments": fragments,
+            })))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "One job: its status, attempts, error, and, once it is done, its result text."
+    )]
+    async fn get_job(&self, Parameters(a): Parameters<JobRef>) -> Result<CallToolResult, String> {
+        let store = self.store.clone();
+        blocking(move || {
+            let id = store.resolve(&a.id).map_err(|e| e.to_string())?;
+            let job = store
+                .get(id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no job {id}"))?;
+            let mut v = job_json(&job);
+            if let Some(path) = &job.result_path {
+                let doc: Value = std::fs::read(path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(Value::Null);
+                v["result"] = doc.get("content").cloned().unwrap_or(Value::Null);
+            }
+            Ok(CallToolResult::structured(v))
+        })
+        .await
+    }
+
+    #[tool(description = "Jobs, newest first, optionally filtered by status and model.")]
+    async fn list_jobs(
+        &self,
+        Parameters(a): Parameters<ListJobs>,
+    ) -> Result<CallToolResult, String> {
+        let status = a
+            .status
+            .as_deref()
+            .map(|s| s.parse::<JobStatus>().map_err(|e| e.to_string()))
+            .transpose()?;
+        let model_type = a.model.as_deref().map(model).transpose()?;
+        let store = self.store.clone();
+        blocking(move || {
+            let filter = ListFilter {
+                status,
+                model_type,
+                parent_id: None,
+                limit: a.limit.unwrap_or(20).min(1000),
+            };
+            let jobs = store.list(&filter).map_err(|e| e.to_string())?;
+            let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
+            Ok(CallToolResult::structured(json!({ "jobs": jobs })))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Cancel a pending or processing job (a parent's unfinished fragments too)."
+    )]
+    async fn cancel_job(
+        &self,
+        Parameters(a): Parameters<JobRef>,
+    ) -> Result<CallToolResult, String> {
+        let store = self.store.clone();
+        blocking(move || {
+            let id = store.resolve(&a.id).map_err(|e| e.to_string())?;
+            let job = store
+                .cancel(id, Timestamp::now())
+                .map_err(|e| e.to_string())?;
+            Ok(CallToolResult::structured(job_json(&job)))
+        })
+        .await
+    }
+
+    #[tool(description = "Put a failed or cancelled job back in the queue with fresh attempts.")]
+    async fn retry_job(&self, Parameters(a): Parameters<JobRef>) -> Result<CallToolResult, String> {
+        let store = self.store.clone();
+        blocking(move || {
+            let id = store.resolve(&a.id).map_err(|e| e.to_string())?;
+            let job = store
+                .retry(id, Timestamp::now())
+                .map_err(|e| e.to_string())?;
+            Ok(CallToolResult::structured(job_json(&job)))
+        })
+        .await
+    }
+
+    #[tool(
+        description = "Job counts per model and status, and the oldest pending job's age in seconds."
+    )]
+    async fn queue_stats(&self) -> Result<CallToolResult, String> {
+        let store = self.store.clone();
+        blocking(move || {
+            let stats = store.stats(Timestamp::now()).map_err(|e| e.to_string())?;
+            Ok(CallToolResult::structured(stats_json(&stats)))
+        })
+        .await
+    }
+
+    #[tool(description = "Live instance state from the running daemon (its admin endpoint).")]
+    async fn instances(&self) -> Result<CallToolResult, String> {
+        let admin = &self.config.admin;
+        let url = format!("http://{}/v1/status", admin.listen);
+        let mut req = reqwest::Client::new()
+            .get(&url)
+            .timeout(std::time::Duration::from_secs(10));
+        if !admin.token.is_empty() {
+            req = req.bearer_auth(&admin.token);
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                format!("the daemon is not running: nothing answers at {url}; start it with `gpu-feeder run`")
+            } else {
+                format!("asking {url}: {e}")
+            }
+        })?;
+        let code = resp.status();
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| format!("{url} did not answer JSON: {e}"))?;
+        if !code.is_success() {
+            return Err(format!(
+                "{url} answered HTTP {}: {}",
+                code.as_u16(),
+                body["error"]
+            ));
+        }
+        Ok(CallToolResult::structured(body))
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for FeederMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("gpu-feeder", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "gpu-feeder queues inference jobs for vision (OCR) and think (text) models. \
+                 Submit with submit_job, follow with get_job until status is done, read `result`.",
+            )
+    }
+}
+
+/// What to do with one line read from the client.
+#[derive(Debug, PartialEq)]
+enum Line {
+    /// A JSON-RPC message: hand it to the server.
+    Message(String),
+    /// Nothing to do (a blank line).
+    Skip,
+    /// Answer this JSON-RPC error at once; the server never sees the line.
+    Error(Value),
+}
+
+/// Checks a line before the MCP server sees it: a line that is not JSON
+/// gets a parse error (-32700), JSON that is not a JSON-RPC message gets an
+/// invalid-request error (-32600), and the session goes on either way.
+fn screen(line: &str) -> Line {
+    let line = line.trim();
+    if line.is_empty() {
+        return Line::Skip;
+    }
+    let error = |id: Value, code: i64, message: String| {
+        Line::Error(
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}}),
+        )
+    };
+    let value: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                Value::Null,
+                -32700,
+                format!("Parse error: the line is not JSON ({e})"),
+            )
+        }
+    };
+    let Some(obj) = value.as_object() else {
+        return error(
+            Value::Null,
+            -32600,
+            "Invalid Request: a JSON-RPC message is a JSON object (batches are not supported)"
+                .into(),
+        );
+    };
+    let id = obj.get("id").cloned().unwrap_or(Value::Null);
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return error(
+            id,
+            -32600,
+            "Invalid Request: \"jsonrpc\" must be \"2.0\"".into(),
+        );
+    }
+    let has_method = obj.get("method").is_some_and(Value::is_string);
+    let is_response = obj.contains_key("result") || obj.contains_key("error");
+    if !has_method && !is_response {
+        return error(
+            id,
+            -32600,
+            "Invalid Request: a request needs a string \"method\"".into(),
+        );
+    }
+    Line::Message(line.to_string())
+}
+
+/// `gpu-feeder mcp`: serves until stdin closes.
+///
+/// Lines from stdin are screened (see `screen`) before the server reads
+/// them; the server's output and the screen's errors reach stdout through
+/// one writer, one whole line at a time.
+pub async fn serve(store: SqliteStore, config: Config) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let (mut to_server, server_in) = tokio::io::duplex(1 << 16);
+    let (server_out, from_server) = tokio::io::duplex(1 << 16);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+
+    let errors = tx.clone();
+    let reader = tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            match screen(&line) {
+                Line::Message(m) => {
+                    if to_server
+                        .write_all(format!("{m}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Line::Skip => {}
+                Line::Error(e) => {
+                    tracing::warn!(
+                        "answered a malformed line with a JSON-RPC error: {}",
+                        e["error"]["message"]
+                    );
+                    let _ = errors.send(e.to_string());
+                }
+            }
+        }
+        // Dropping `to_server` ends the server's input.
+    });
+    let relay = tokio::spawn(async move {
+        let mut lines = BufReader::new(from_server).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(line) = rx.recv().await {
+            if stdout
+                .write_all(format!("{line}\n").as_bytes())
+                .await
+                .is_err()
+                || stdout.flush().await.is_err()
+            {
+                break;
+            }
+        }
+    });
+
+    let (srv_read, _) = tokio::io::split(server_in);
+    let (_, srv_write) = tokio::io::split(server_out);
+    let service = FeederMcp::new(store, config)
+        .serve((srv_read, srv_write))
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the MCP server: {e}"))?;
+    service.waiting().await?;
+    reader.abort();
+    let _ = relay.await;
+    let _ = writer.await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_screened_before_the_server_sees_them() {
+        assert_eq!(screen("  "), Line::Skip);
+        let ok = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+        assert_eq!(screen(ok), Line::Message(ok.into()));
+        let code = |l: &str| match screen(l) {
+            Line::Error(e) => (e["id"].clone(), e["error"]["code"].as_i64().unwrap()),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code("not json"), (Value::Null, -32700));
+        assert_eq!(code("[1, 2]"), (Value::Null, -32600));
+        assert_eq!(code(r#"{"id": 3, "method": "x"}"#), (json!(3), -32600));
+        assert_eq!(code(r#"{"jsonrpc": "2.0", "id": 4}"#), (json!(4), -32600));
+    }
+}

@@ -1,0 +1,316 @@
+//! Prometheus metrics (`GET /metrics`), every name prefixed `gpu_feeder_`.
+//!
+//! Request counts, latencies and tokens are recorded as requests finish
+//! (the dispatchers' observer); queue, dispatcher and instance state are
+//! read fresh at each scrape.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use feeder_actors::dispatch::{DispatchObserver, RequestOutcome};
+use feeder_actors::supervisor::FeederStatus;
+use feeder_actors::{Completion, JobStatus, ModelType, QueueStats};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Instance {
+    instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceOutcome {
+    instance: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceKind {
+    instance: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceState {
+    instance: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Model {
+    model_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelStatus {
+    model_type: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActorLabel {
+    actor: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The daemon's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<InstanceOutcome, Counter>,
+    latency: Family<Instance, Histogram>,
+    tokens: Family<InstanceKind, Counter>,
+    jobs: Family<ModelStatus, Gauge>,
+    depth: Family<Model, Gauge>,
+    oldest: Family<Model, FloatGauge>,
+    in_flight: Family<Instance, Gauge>,
+    buffered: Family<Instance, Gauge>,
+    window: Family<Instance, Gauge>,
+    max_window: Family<Instance, Gauge>,
+    ready: Family<Instance, Gauge>,
+    state: Family<InstanceState, Gauge>,
+    health_failures: Family<Instance, Gauge>,
+    restarts: Family<ActorLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("gpu_feeder");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 16))
+            }),
+            tokens: Family::default(),
+            jobs: Family::default(),
+            depth: Family::default(),
+            oldest: Family::default(),
+            in_flight: Family::default(),
+            buffered: Family::default(),
+            window: Family::default(),
+            max_window: Family::default(),
+            ready: Family::default(),
+            state: Family::default(),
+            health_failures: Family::default(),
+            restarts: Family::default(),
+        };
+        r.register("requests", "Chat-completion requests finished, by instance and outcome (done, retryable, permanent, overloaded)", m.requests.clone());
+        r.register(
+            "request_duration_seconds",
+            "Latency of successful requests",
+            m.latency.clone(),
+        );
+        r.register(
+            "tokens",
+            "Tokens reported by the servers, by kind (prompt, completion)",
+            m.tokens.clone(),
+        );
+        r.register(
+            "jobs",
+            "Jobs in the queue, by model and status",
+            m.jobs.clone(),
+        );
+        r.register("queue_depth", "Pending jobs, by model", m.depth.clone());
+        r.register(
+            "queue_oldest_pending_seconds",
+            "Age of the oldest pending job, by model (0 when none)",
+            m.oldest.clone(),
+        );
+        r.register(
+            "in_flight",
+            "Requests in flight, by instance",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "buffered",
+            "Jobs claimed and waiting for a free slot, by instance",
+            m.buffered.clone(),
+        );
+        r.register(
+            "window",
+            "Requests allowed in flight now (narrowed under back-pressure), by instance",
+            m.window.clone(),
+        );
+        r.register(
+            "window_max",
+            "Configured window, by instance",
+            m.max_window.clone(),
+        );
+        r.register(
+            "instance_ready",
+            "1 when the instance answers its health check",
+            m.ready.clone(),
+        );
+        r.register(
+            "instance_state",
+            "1 for the instance's current state",
+            m.state.clone(),
+        );
+        r.register(
+            "health_consecutive_failures",
+            "Consecutive failed health probes, by instance",
+            m.health_failures.clone(),
+        );
+        r.register(
+            "actor_restarts",
+            "Restarts of the supervisor's children since start",
+            m.restarts.clone(),
+        );
+        *m.registry.lock().expect("fresh lock") = r;
+        m
+    }
+
+    /// Refreshes the state metrics from a queue and pipeline snapshot.
+    pub fn refresh(&self, stats: Option<&QueueStats>, status: Option<&FeederStatus>) {
+        if let Some(stats) = stats {
+            for model in ModelType::ALL {
+                let s = stats.model(model);
+                for st in JobStatus::ALL {
+                    let labels = ModelStatus {
+                        model_type: model.to_string(),
+                        status: st.to_string(),
+                    };
+                    self.jobs
+                        .get_or_create(&labels)
+                        .set(s.counts.get(st) as i64);
+                }
+                let m = Model {
+                    model_type: model.to_string(),
+                };
+                self.depth.get_or_create(&m).set(s.counts.pending as i64);
+                self.oldest
+                    .get_or_create(&m)
+                    .set(s.oldest_pending_age.map_or(0.0, |d| d.as_secs_f64()));
+            }
+        }
+        if let Some(status) = status {
+            for d in &status.dispatch {
+                let i = Instance {
+                    instance: d.instance.clone(),
+                };
+                self.in_flight.get_or_create(&i).set(d.in_flight as i64);
+                self.buffered.get_or_create(&i).set(d.buffered as i64);
+                self.window.get_or_create(&i).set(d.window as i64);
+                self.max_window.get_or_create(&i).set(d.max_window as i64);
+            }
+            for h in &status.health {
+                let i = Instance {
+                    instance: h.instance.clone(),
+                };
+                self.ready.get_or_create(&i).set(h.ready as i64);
+                self.health_failures
+                    .get_or_create(&i)
+                    .set(h.consecutive_failures as i64);
+                for state in ["ready", "unhealthy"] {
+                    let on = (state == "ready") == h.ready;
+                    let l = InstanceState {
+                        instance: h.instance.clone(),
+                        state: state.into(),
+                    };
+                    self.state.get_or_create(&l).set(on as i64);
+                }
+            }
+            for (actor, restarts, _) in &status.restarts {
+                self.restarts
+                    .get_or_create(&ActorLabel {
+                        actor: actor.clone(),
+                    })
+                    .set(*restarts as i64);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("encoding to a String");
+        openmetrics_to_prometheus(&out)
+    }
+}
+
+impl DispatchObserver for Metrics {
+    fn request_finished(&self, instance: &str, outcome: RequestOutcome, done: Option<&Completion>) {
+        let labels = InstanceOutcome {
+            instance: instance.to_string(),
+            outcome: outcome.as_str().to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        if let Some(d) = done {
+            let i = Instance {
+                instance: instance.to_string(),
+            };
+            self.latency
+                .get_or_create(&i)
+                .observe(d.latency.as_secs_f64());
+            for (kind, n) in [
+                ("prompt", d.prompt_tokens),
+                ("completion", d.completion_tokens),
+            ] {
+                if let Some(n) = n {
+                    let l = InstanceKind {
+                        instance: instance.to_string(),
+                        kind: kind.into(),
+                    };
+                    self.tokens.get_or_create(&l).inc_by(n);
+                }
+            }
+        }
+    }
+}
+
+/// Turns OpenMetrics text into the Prometheus text format that `promtool`
+/// and every Prometheus version read: a counter family `x` is exposed as
+/// `x_total`, so its `# HELP` and `# TYPE` lines take that name; `# EOF` goes.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "# EOF" {
+            continue;
+        }
+        let counter_family = |name: &str| {
+            lines[i..]
+                .iter()
+                .take(3)
+                .any(|l| *l == format!("# TYPE {name} counter"))
+        };
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            (counter_family(name) && !name.ends_with("_total"))
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line).trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_help_and_type() {
+        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{x=\"1\"} 2\n# HELP a_jobs Jobs.\n# TYPE a_jobs gauge\na_jobs 3\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(om),
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 2\n# HELP a_jobs Jobs.\n# TYPE a_jobs gauge\na_jobs 3\n"
+        );
+    }
+}
