@@ -269,7 +269,7 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
         .spawn()
         .unwrap();
     let mut heard: Vec<String> = Vec::new();
-    let mut listen_until = |heard: &mut Vec<String>, cond: &dyn Fn(&[String]) -> bool| {
+    let listen_until = |heard: &mut Vec<String>, cond: &dyn Fn(&[String]) -> bool| {
         let start = Instant::now();
         let mut buf = [0u8; 4096];
         while !cond(heard) {
