@@ -116,6 +116,43 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
     })
 }
 
+/// Asks a running daemon for `/v1/status`, as `gpu-feeder instances` and the
+/// MCP `instances` tool do; the error says plainly when no daemon answers.
+pub async fn fetch_status(config: &Config, config_path: &std::path::Path) -> Result<Value, String> {
+    let admin = &config.admin;
+    let url = format!("http://{}/v1/status", admin.listen);
+    let mut req = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(10));
+    if !admin.token.is_empty() {
+        req = req.bearer_auth(&admin.token);
+    }
+    let resp = req.send().await.map_err(|e| {
+        if e.is_connect() {
+            format!(
+                "the daemon is not running: nothing answers at {url} (admin.listen in {}); start it with `gpu-feeder run`",
+                config_path.display()
+            )
+        } else {
+            format!("asking {url}: {e}")
+        }
+    })?;
+    let code = resp.status();
+    let body: Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("{url} did not answer JSON: {e}"))?;
+    if code.is_success() {
+        Ok(body)
+    } else {
+        Err(format!(
+            "{url} answered HTTP {}: {}",
+            code.as_u16(),
+            body["error"].as_str().unwrap_or("")
+        ))
+    }
+}
+
 async fn healthz(State(a): State<Admin>) -> Response {
     match a.status().await {
         Some(_) => (StatusCode::OK, "ok\n").into_response(),

@@ -68,6 +68,7 @@ pub struct ListJobs {
 pub struct FeederMcp {
     store: Arc<SqliteStore>,
     config: Arc<Config>,
+    config_path: Arc<PathBuf>,
 }
 
 fn model(s: &str) -> Result<ModelType, String> {
@@ -85,10 +86,11 @@ async fn blocking<T: Send + 'static>(
 #[tool_router]
 impl FeederMcp {
     /// A server on the configured store.
-    pub fn new(store: SqliteStore, config: Config) -> Self {
+    pub fn new(store: SqliteStore, config: Config, config_path: PathBuf) -> Self {
         FeederMcp {
             store: Arc::new(store),
             config: Arc::new(config),
+            config_path: Arc::new(config_path),
         }
     }
 
@@ -254,33 +256,7 @@ impl FeederMcp {
 
     #[tool(description = "Live instance state from the running daemon (its admin endpoint).")]
     async fn instances(&self) -> Result<CallToolResult, String> {
-        let admin = &self.config.admin;
-        let url = format!("http://{}/v1/status", admin.listen);
-        let mut req = reqwest::Client::new()
-            .get(&url)
-            .timeout(std::time::Duration::from_secs(10));
-        if !admin.token.is_empty() {
-            req = req.bearer_auth(&admin.token);
-        }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                format!("the daemon is not running: nothing answers at {url}; start it with `gpu-feeder run`")
-            } else {
-                format!("asking {url}: {e}")
-            }
-        })?;
-        let code = resp.status();
-        let body: Value = resp
-            .json()
-            .await
-            .map_err(|e| format!("{url} did not answer JSON: {e}"))?;
-        if !code.is_success() {
-            return Err(format!(
-                "{url} answered HTTP {}: {}",
-                code.as_u16(),
-                body["error"]
-            ));
-        }
+        let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
         Ok(CallToolResult::structured(body))
     }
 }
@@ -364,7 +340,7 @@ fn screen(line: &str) -> Line {
 /// Lines from stdin are screened (see `screen`) before the server reads
 /// them; the server's output and the screen's errors reach stdout through
 /// one writer, one whole line at a time.
-pub async fn serve(store: SqliteStore, config: Config) -> anyhow::Result<()> {
+pub async fn serve(store: SqliteStore, config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     let (mut to_server, server_in) = tokio::io::duplex(1 << 16);
@@ -421,7 +397,7 @@ pub async fn serve(store: SqliteStore, config: Config) -> anyhow::Result<()> {
 
     let (srv_read, _) = tokio::io::split(server_in);
     let (_, srv_write) = tokio::io::split(server_out);
-    let service = FeederMcp::new(store, config)
+    let service = FeederMcp::new(store, config, config_path)
         .serve((srv_read, srv_write))
         .await
         .map_err(|e| anyhow::anyhow!("starting the MCP server: {e}"))?;

@@ -19,7 +19,7 @@ use crate::inference::InferenceClient;
 use crate::job::ModelType;
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
+use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
 
 /// One instance as the dispatch side sees it.
@@ -265,16 +265,8 @@ impl Actor for DispatchSupervisor {
         event: SupervisionEvent,
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, reason) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("panicked: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell,
-                format!(
-                    "stopped ({})",
-                    reason.unwrap_or_else(|| "no reason given".into())
-                ),
-            ),
-            _ => return Ok(()),
+        let Some((cell, reason)) = child_exit(event) else {
+            return Ok(());
         };
         let Some(i) = state.by_id.remove(&cell.get_id()) else {
             return Ok(());

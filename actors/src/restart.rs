@@ -101,6 +101,24 @@ impl RestartTracker {
     }
 }
 
+/// The child that exited and why, from a supervision event; `None` for
+/// events that are not an exit (a child starting, say).
+pub fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
+    match event {
+        ractor::SupervisionEvent::ActorFailed(cell, err) => {
+            Some((cell, format!("panicked: {err}")))
+        }
+        ractor::SupervisionEvent::ActorTerminated(cell, _, reason) => Some((
+            cell,
+            format!(
+                "stopped ({})",
+                reason.unwrap_or_else(|| "no reason given".into())
+            ),
+        )),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

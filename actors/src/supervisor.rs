@@ -25,7 +25,7 @@ use crate::fanin::{FanInActor, FanInArgs, FanInMsg};
 use crate::health::{HealthActor, HealthArgs, HealthMsg, InstanceHealth};
 use crate::peers::Peers;
 use crate::queue::{QueueActor, QueueArgs, QueueMsg};
-use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
+use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
 use crate::store::JobStore;
 use crate::time::Clock;
@@ -437,16 +437,8 @@ impl Actor for FeederSupervisor {
         event: SupervisionEvent,
         state: &mut FeederState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, reason) = match event {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("panicked: {err}")),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (
-                cell,
-                format!(
-                    "stopped ({})",
-                    reason.unwrap_or_else(|| "no reason given".into())
-                ),
-            ),
-            _ => return Ok(()),
+        let Some((cell, reason)) = child_exit(event) else {
+            return Ok(());
         };
         let Some(child) = state.ids.remove(&cell.get_id()) else {
             return Ok(());

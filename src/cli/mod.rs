@@ -254,7 +254,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             let store = ctx.open_store()?;
             runtime()?
-                .block_on(crate::mcp::serve(store, ctx.config))
+                .block_on(crate::mcp::serve(store, ctx.config, ctx.config_path))
                 .map(|()| 0)
         }
         Command::Migrate { json } => jobs::migrate(&ctx, json),
@@ -275,34 +275,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
 
 /// `instances`: asks the daemon's admin endpoint for `/v1/status`.
 async fn instances(ctx: &Context, json: bool) -> anyhow::Result<i32> {
-    let admin = &ctx.config.admin;
-    let url = format!("http://{}/v1/status", admin.listen);
-    let mut req = reqwest::Client::new()
-        .get(&url)
-        .timeout(std::time::Duration::from_secs(10));
-    if !admin.token.is_empty() {
-        req = req.bearer_auth(&admin.token);
-    }
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) if e.is_connect() => anyhow::bail!(
-            "the daemon is not running: nothing answers at {url} (admin.listen in {}); start it with `gpu-feeder run`",
-            ctx.config_path.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("asking {url}")),
-    };
-    let code = resp.status();
-    let body: serde_json::Value = resp
-        .json()
+    let body = crate::admin::fetch_status(&ctx.config, &ctx.config_path)
         .await
-        .with_context(|| format!("{url} did not answer JSON"))?;
-    if !code.is_success() {
-        anyhow::bail!(
-            "{url} answered HTTP {}: {}",
-            code.as_u16(),
-            body["error"].as_str().unwrap_or("")
-        );
-    }
+        .map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
