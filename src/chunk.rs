@@ -238,10 +238,10 @@ mod tests {
 
     #[test]
     fn random_lengths_and_shapes_keep_the_window_properties() {
-        for _ in 0..20_000 {
+        for _ in 0..2_000 {
             let size = rand::random_range(2..2000usize);
             let overlap = rand::random_range(0..size);
-            let len = rand::random_range(0..200_000usize);
+            let len = rand::random_range(0..20_000usize);
             check_windows(len, size, overlap);
         }
     }
