@@ -42,7 +42,7 @@ fn instance(name: &str, model: &str, url: &str, extra: &str) -> String {
     )
 }
 
-const SETTINGS: &str = "[dispatch]\nwindow = 4\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\n\n[health]\ninterval_s = 1\n\n";
+const SETTINGS: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nwindow = 4\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\n\n[health]\ninterval_s = 1\n\n";
 
 fn words(from: usize, to: usize) -> String {
     (from..to)

@@ -11,7 +11,7 @@ use common::{external, wait_for, DaemonProcess, Scratch, SimProcess};
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn dispatch(extra: &str) -> String {
-    format!("[dispatch]\nwindow = 16\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\nshutdown_grace_s = 5\n{extra}\n[health]\ninterval_s = 1\n\n")
+    format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nwindow = 16\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\nshutdown_grace_s = 5\n{extra}\n[health]\ninterval_s = 1\n\n")
 }
 
 /// Writes `n` JSONL payload lines for `model`.
