@@ -200,7 +200,11 @@ async fn heartbeat(
             )
             .await;
         if let Ok(CallResult::Success(status)) = answer {
-            notifier.watchdog();
+            if status.children_answered {
+                notifier.watchdog();
+            } else {
+                warn!("the supervisor's children did not all answer: no watchdog ping this time");
+            }
             let r = reader.clone();
             let pending =
                 tokio::task::spawn_blocking(move || r.stats(feeder_actors::Timestamp::now()).ok())

@@ -99,6 +99,8 @@ pub struct FeederStatus {
     pub health: Vec<InstanceHealth>,
     /// Restarts of the supervisor's children, by child.
     pub restarts: Vec<(String, u64, Option<String>)>,
+    /// Every child runs and answered: what feeds the systemd watchdog.
+    pub children_answered: bool,
 }
 
 /// Settings of the pipeline.
@@ -378,6 +380,7 @@ impl Actor for FeederSupervisor {
             }
             FeederMsg::Status { reply } => {
                 let mut status = FeederStatus::default();
+                let mut answered = 0;
                 if let Some(d) = &state.dispatch {
                     if let Ok(CallResult::Success(s)) = d
                         .call(
@@ -387,6 +390,7 @@ impl Actor for FeederSupervisor {
                         .await
                     {
                         status.dispatch = s;
+                        answered += 1;
                     }
                 }
                 if let Some(h) = &state.health {
@@ -398,8 +402,14 @@ impl Actor for FeederSupervisor {
                         .await
                     {
                         status.health = s;
+                        answered += 1;
                     }
                 }
+                // Every child is running, and those asked answered in time.
+                status.children_answered = answered == 2
+                    && state.queue.is_some()
+                    && state.fanin.is_some()
+                    && status.dispatch.len() == state.args.instances.len();
                 status.restarts = state
                     .trackers
                     .iter()

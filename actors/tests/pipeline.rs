@@ -670,3 +670,45 @@ async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
     assert_eq!(doc["missing"][0]["index"], 1);
     assert_eq!(doc["missing"][0]["error"], "HTTP 400: no");
 }
+
+#[tokio::test(start_paused = true)]
+async fn status_says_whether_every_child_answers() {
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 2, FakeInference::gated())]).await;
+    let status = || async {
+        match p
+            .feeder
+            .call(|r| FeederMsg::Status { reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(s) => s,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(status().await.children_answered);
+    p.dispatcher("v")
+        .await
+        .cast(DispatchMsg::InjectPanic)
+        .unwrap();
+    let mut seen_missing = false;
+    for _ in 0..1000 {
+        if !status().await.children_answered {
+            seen_missing = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        seen_missing,
+        "a crashed dispatcher is not reported as answering"
+    );
+    let mut back = false;
+    for _ in 0..1000 {
+        if status().await.children_answered {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(back, "after its restart every child answers again");
+}
