@@ -51,6 +51,27 @@ fn words(from: usize, to: usize) -> String {
         .join(" ")
 }
 
+/// A scratch folder whose think instance at `think` has a word-level
+/// tokenizer (in the scratch folder), and a 1,200-word text file in it.
+fn long_text_scratch(think: &SimProcess) -> (Scratch, PathBuf) {
+    let s = Scratch::new(&SETTINGS.to_string());
+    let tk = tokenizer(s.path(), 2000);
+    let extra = instance(
+        "think",
+        "think",
+        &think.url,
+        &format!("tokenizer = \"{}\"", tk.display()),
+    );
+    std::fs::write(
+        s.config(),
+        std::fs::read_to_string(s.config()).unwrap() + &extra,
+    )
+    .unwrap();
+    let text = s.path().join("long.txt");
+    std::fs::write(&text, words(0, 1200)).unwrap();
+    (s, text)
+}
+
 fn result_doc(job: &serde_json::Value) -> serde_json::Value {
     let path = job["result_path"].as_str().expect("a result file");
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
@@ -59,19 +80,7 @@ fn result_doc(job: &serde_json::Value) -> serde_json::Value {
 #[test]
 fn a_long_text_completes_by_fan_in_in_token_windows() {
     let think = SimProcess::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let tk = tokenizer(dir.path(), 2000);
-    let s = Scratch::new(
-        &(SETTINGS.to_string()
-            + &instance(
-                "think",
-                "think",
-                &think.url,
-                &format!("tokenizer = \"{}\"", tk.display()),
-            )),
-    );
-    let text = s.path().join("long.txt");
-    std::fs::write(&text, words(0, 1200)).unwrap();
+    let (s, text) = long_text_scratch(&think);
     let out = s.json(&[
         "submit",
         "--model",
@@ -291,19 +300,7 @@ fn chunking_without_a_tokenizer_says_where_to_set_it() {
 fn a_fragment_failing_for_good_fails_its_parent_and_names_it() {
     // Only the last window holds w1000.
     let think = SimProcess::start(&["--fail-matching", "w1000"]);
-    let dir = tempfile::tempdir().unwrap();
-    let tk = tokenizer(dir.path(), 2000);
-    let s = Scratch::new(
-        &(SETTINGS.to_string()
-            + &instance(
-                "think",
-                "think",
-                &think.url,
-                &format!("tokenizer = \"{}\"", tk.display()),
-            )),
-    );
-    let text = s.path().join("long.txt");
-    std::fs::write(&text, words(0, 1200)).unwrap();
+    let (s, text) = long_text_scratch(&think);
     let parent = s.json(&[
         "submit",
         "--model",

@@ -138,6 +138,22 @@ impl Pipeline {
     }
 }
 
+/// A QueueActor on `store` alone, with a 60 s lease.
+async fn spawn_queue(store: &MemoryStore) -> ActorRef<QueueMsg> {
+    let args = QueueArgs {
+        store: Arc::new(store.clone()),
+        clock: Arc::new(TokioClock::starting_at(T0)),
+        lease: Duration::from_secs(60),
+        reclaim_interval: Duration::from_secs(30),
+        poll_interval: Duration::from_millis(200),
+        release_on_start: None,
+    };
+    Actor::spawn(None, QueueActor, args)
+        .await
+        .expect("queue actor starts")
+        .0
+}
+
 fn rand_tag() -> String {
     hex::encode(rand::random::<[u8; 4]>())
 }
@@ -356,20 +372,7 @@ async fn a_previous_runs_claims_are_released_at_start() {
 #[tokio::test(start_paused = true)]
 async fn the_queue_actor_claims_settles_and_releases() {
     let store = MemoryStore::new();
-    let (queue, _) = Actor::spawn(
-        None,
-        QueueActor,
-        QueueArgs {
-            store: Arc::new(store.clone()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            lease: Duration::from_secs(60),
-            reclaim_interval: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(200),
-            release_on_start: None,
-        },
-    )
-    .await
-    .unwrap();
+    let queue = spawn_queue(&store).await;
     let (dispatcher, mut heard) = Recorder::<DispatchMsg>::spawn().await;
     queue
         .cast(QueueMsg::Subscribe {
@@ -452,20 +455,7 @@ async fn the_queue_actor_claims_settles_and_releases() {
 async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     let store = MemoryStore::new();
     let results = MemoryResults::new();
-    let (queue, _) = Actor::spawn(
-        None,
-        QueueActor,
-        QueueArgs {
-            store: Arc::new(store.clone()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            lease: Duration::from_secs(60),
-            reclaim_interval: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(200),
-            release_on_start: None,
-        },
-    )
-    .await
-    .unwrap();
+    let queue = spawn_queue(&store).await;
     let frags = (0..4)
         .map(|i| job(ModelType::Think, &format!("f{i}")))
         .collect();

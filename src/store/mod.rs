@@ -130,6 +130,18 @@ impl SqliteStore {
         }
     }
 
+    /// Runs a query of job ids that takes a `:limit`.
+    fn ids(&self, sql: &str, limit: usize) -> StoreResult<Vec<JobId>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(sql).db()?;
+        let ids: Vec<Vec<u8>> = stmt
+            .query_map(named_params! { ":limit": limit as i64 }, |r| r.get(0))
+            .db()?
+            .collect::<Result<_, _>>()
+            .db()?;
+        Ok(ids.iter().filter_map(|b| JobId::from_slice(b)).collect())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves the connection usable:
         // every write is a transaction that rolled back with the panic.
@@ -652,14 +664,7 @@ impl JobStore for SqliteStore {
     }
 
     fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(READY_PARENTS).db()?;
-        let ids: Vec<Vec<u8>> = stmt
-            .query_map(named_params! { ":limit": limit as i64 }, |r| r.get(0))
-            .db()?
-            .collect::<Result<_, _>>()
-            .db()?;
-        Ok(ids.iter().filter_map(|b| JobId::from_slice(b)).collect())
+        self.ids(READY_PARENTS, limit)
     }
 
     fn finish_parent(
@@ -697,13 +702,6 @@ impl JobStore for SqliteStore {
     }
 
     fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
-        let conn = self.lock();
-        let mut stmt = conn.prepare_cached(PENDING_FOLLOW_UPS).db()?;
-        let ids: Vec<Vec<u8>> = stmt
-            .query_map(named_params! { ":limit": limit as i64 }, |r| r.get(0))
-            .db()?
-            .collect::<Result<_, _>>()
-            .db()?;
-        Ok(ids.iter().filter_map(|b| JobId::from_slice(b)).collect())
+        self.ids(PENDING_FOLLOW_UPS, limit)
     }
 }
