@@ -54,7 +54,7 @@ fn words(from: usize, to: usize) -> String {
 /// A scratch folder whose think instance at `think` has a word-level
 /// tokenizer (in the scratch folder), and a 1,200-word text file in it.
 fn long_text_scratch(think: &SimProcess) -> (Scratch, PathBuf) {
-    let s = Scratch::new(&SETTINGS.to_string());
+    let s = Scratch::new(SETTINGS);
     let tk = tokenizer(s.path(), 2000);
     let extra = instance(
         "think",
