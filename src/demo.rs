@@ -42,12 +42,14 @@ fn instance(name: &str, model: ModelType, url: String, served: &str) -> Instance
     inst
 }
 
-/// Writes a small page-like PNG, different for each `i`.
+/// Writes a small page-like PNG, different for each `i` (its top row
+/// spells `i` in binary, so no two pages are the same job).
 fn page_png(path: &Path, i: u64) -> anyhow::Result<()> {
     let (w, h) = (96u32, 64u32);
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         let line = (y / 8) % 2 == 0 && x > 8 && x < w - 8 - ((i as u32 * 7 + y) % 30);
-        if line {
+        let bit = y == 0 && x < 64 && (i >> x) & 1 == 1;
+        if line || bit {
             image::Rgb([30, 30, 40])
         } else {
             image::Rgb([250, 248, 240 - (i % 16) as u8])
@@ -154,7 +156,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         format!("demo-parent-{}", now.0),
     );
     let parent = submit_store.submit_parent(parent_job, fragments, now)?.id;
-    let total = args.jobs + chapters.len() as u64 + 1;
+    // Everything in the database, whatever was there before (with --keep).
+    let total: u64 = submit_store
+        .stats(Timestamp::now())?
+        .models
+        .iter()
+        .map(|(_, m)| {
+            let c = m.counts;
+            c.pending + c.processing + c.done + c.failed + c.cancelled
+        })
+        .sum();
     println!(
         "  jobs      {n_vision} images, {n_think} prompts, 1 parent of {} fragments",
         chapters.len()
@@ -174,11 +185,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
 
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template(
-            "  {bar:40.cyan/blue} {pos:>6}/{len} jobs  {per_sec:>12}  {msg}",
-        )
-        .expect("a valid template")
-        .progress_chars("█▉▊▋▌▍▎▏ "),
+        ProgressStyle::with_template("  {bar:40.cyan/blue} {pos:>6}/{len} jobs  {msg}")
+            .expect("a valid template")
+            .progress_chars("█▉▊▋▌▍▎▏ "),
     );
     let deadline = Duration::from_secs(60 + args.jobs / 20);
     let finished = loop {
@@ -195,7 +204,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             ));
         }
         bar.set_position(finished);
-        bar.set_message(parts.join(" · "));
+        let rate = finished as f64 / start.elapsed().as_secs_f64().max(0.001);
+        bar.set_message(format!("{rate:>6.0} jobs/s  {}", parts.join(" · ")));
         if finished >= total || start.elapsed() > deadline {
             break finished;
         }
@@ -261,7 +271,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     {
         if let Some(path) = &j.result_path {
             let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
-            println!("  a page    {}", doc["content"].as_str().unwrap_or(""));
+            let text: String = doc["content"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(90)
+                .collect();
+            println!("  a page    {text}…");
         }
     }
     match &args.keep {
