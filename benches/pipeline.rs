@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use ractor::rpc::CallResult;
 
 use feeder_actors::queue::QueueMsg;
-use feeder_actors::supervisor::FeederMsg;
+use feeder_actors::supervisor::{peers, FeederMsg};
 use feeder_actors::{JobStore, ModelType, NewJob, Payload, Timestamp};
 use gpu_feeder::config::{Config, InstanceConfig};
 use gpu_feeder::daemon::Pipeline;
@@ -144,15 +144,9 @@ async fn throughput() {
         let c = config(dir.path(), &sim.url(), window);
         let n = 20_000;
         let (p, store) = start(&c).await;
-        let peers = match p
-            .feeder
-            .call(|r| FeederMsg::Peers { reply: r }, None)
+        let peers = peers(&p.feeder, Duration::from_secs(5))
             .await
-            .unwrap()
-        {
-            CallResult::Success(p) => p,
-            _ => unreachable!(),
-        };
+            .expect("the supervisor answers");
         let t0 = Instant::now();
         let batch = jobs(n, &format!("w{window}"));
         peers
@@ -190,15 +184,9 @@ async fn saturation() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), &sim.url(), 16);
     let (p, store) = start(&c).await;
-    let peers = match p
-        .feeder
-        .call(|r| FeederMsg::Peers { reply: r }, None)
+    let peers = peers(&p.feeder, Duration::from_secs(5))
         .await
-        .unwrap()
-    {
-        CallResult::Success(p) => p,
-        _ => unreachable!(),
-    };
+        .expect("the supervisor answers");
     let n = 400;
     let t0 = Instant::now();
     peers
@@ -229,15 +217,9 @@ async fn arrival() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), &sim.url(), 16);
     let (p, store) = start(&c).await;
-    let peers = match p
-        .feeder
-        .call(|r| FeederMsg::Peers { reply: r }, None)
+    let peers = peers(&p.feeder, Duration::from_secs(5))
         .await
-        .unwrap()
-    {
-        CallResult::Success(p) => p,
-        _ => unreachable!(),
-    };
+        .expect("the supervisor answers");
     let arrived_after = |t0: Instant, before: u64| {
         let counters = sim.counters.clone();
         async move {

@@ -261,16 +261,9 @@ async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
         Ok(payload) => sub.inline_job(payload),
         Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let peers = match a
-        .feeder
-        .call(
-            |reply| FeederMsg::Peers { reply },
-            Some(Duration::from_secs(3)),
-        )
-        .await
-    {
-        Ok(CallResult::Success(p)) => p,
-        _ => return bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer"),
+    let Some(peers) = feeder_actors::supervisor::peers(&a.feeder, Duration::from_secs(3)).await
+    else {
+        return bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer");
     };
     match peers
         .queue

@@ -83,6 +83,18 @@ pub enum FeederMsg {
     },
 }
 
+/// The current peers of a running pipeline (for callers that submit
+/// in-process); `None` if the supervisor does not answer within `timeout`.
+pub async fn peers(feeder: &ActorRef<FeederMsg>, timeout: Duration) -> Option<Peers> {
+    match feeder
+        .call(|reply| FeederMsg::Peers { reply }, Some(timeout))
+        .await
+    {
+        Ok(CallResult::Success(p)) => Some(p),
+        _ => None,
+    }
+}
+
 /// What a graceful shutdown did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ShutdownReport {

@@ -14,7 +14,7 @@ use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg};
 use feeder_actors::queue::{QueueActor, QueueArgs, QueueMsg};
 use feeder_actors::results::{JobResult, ResultStore};
-use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{wait_until, FakeInference, MemoryResults, MemoryStore, Recorder};
 use feeder_actors::{
@@ -90,15 +90,9 @@ impl Pipeline {
     }
 
     async fn submit(&self, model: ModelType, n: usize) -> Vec<JobId> {
-        let peers = match self
-            .feeder
-            .call(|r| FeederMsg::Peers { reply: r }, None)
+        let peers = peers(&self.feeder, Duration::from_secs(5))
             .await
-            .unwrap()
-        {
-            CallResult::Success(p) => p,
-            other => panic!("no peers: {other:?}"),
-        };
+            .expect("the supervisor answers");
         let jobs = (0..n)
             .map(|i| job(model, &format!("{model}-{i}-{}", rand_tag())))
             .collect();
@@ -588,15 +582,9 @@ async fn a_done_job_naming_a_next_model_gets_exactly_one_follow_up() {
     })
     .await;
     // Asking again (as a scan after a restart would) creates nothing new.
-    let peers = match p
-        .feeder
-        .call(|r| FeederMsg::Peers { reply: r }, None)
+    let peers = peers(&p.feeder, Duration::from_secs(5))
         .await
-        .unwrap()
-    {
-        CallResult::Success(p) => p,
-        other => panic!("{other:?}"),
-    };
+        .expect("the supervisor answers");
     for _ in 0..3 {
         peers.fanin.cast(FanInMsg::FollowUp(id)).unwrap();
         peers.fanin.cast(FanInMsg::Scan).unwrap();
