@@ -34,7 +34,7 @@ fn config(dir: &Path, url: &str, window: u32) -> Config {
     c.queue.stage_dir = dir.join("stage");
     c.dispatch.window = window;
     c.dispatch.external_poll_ms = 200;
-    c.health.interval_s = 1;
+    c.health.interval_s = 1.0;
     let inst: InstanceConfig = toml::from_str(&format!(
         "name = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = 16\n"
     ))

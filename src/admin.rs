@@ -22,7 +22,6 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde_json::{json, Value};
 
-use feeder_actors::health::InstanceHealth;
 use feeder_actors::queue::QueueMsg;
 use feeder_actors::supervisor::{FeederMsg, FeederStatus};
 use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
@@ -70,36 +69,46 @@ impl Admin {
     }
 }
 
-/// An instance's state, in the words `instances` uses.
-pub fn state_of(h: Option<&InstanceHealth>) -> &'static str {
-    match h {
-        Some(h) if h.ready => "ready",
-        Some(h) => match h.last_error.as_deref() {
-            Some(e) if e.contains("503") => "loading",
-            Some(_) => "unhealthy",
-            None => "starting",
-        },
-        None => "starting",
-    }
-}
-
 /// The `/v1/status` document.
 pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueStats>) -> Value {
     let instances: Vec<Value> = config
         .instances
         .iter()
         .map(|inst| {
-            let h = status.health.iter().find(|h| h.instance == inst.name);
+            let s = status.instances.iter().find(|s| s.name == inst.name);
             let d = status.dispatch.iter().find(|d| d.instance == inst.name);
+            let history: Vec<Value> = s
+                .map(|s| {
+                    s.history
+                        .iter()
+                        .map(|t| {
+                            json!({
+                                "from": t.from.as_str(),
+                                "to": t.to.as_str(),
+                                "reason": t.reason,
+                                "at": t.at
+                                    .duration_since(std::time::UNIX_EPOCH)
+                                    .map_or(0.0, |d| d.as_secs_f64()),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             json!({
                 "name": inst.name,
                 "model_type": inst.model_type,
-                "state": state_of(h),
+                "state": s.map_or("starting", |s| s.state.as_str()),
+                "reason": s.map(|s| s.reason.clone()),
+                "in_state_s": s.map(|s| s.in_state_for.as_secs_f64()),
                 "backend": inst.backend.to_string(),
                 "url": inst.base_url(),
-                "container_id": null,
-                "restarts": 0,
-                "last_error": h.and_then(|h| h.last_error.clone()),
+                "container_id": s.and_then(|s| s.container_id.clone()),
+                "adopted": s.is_some_and(|s| s.adopted),
+                "restarts": s.map_or(0, |s| s.restarts),
+                "gpu_memory_utilization": s.and_then(|s| s.plan.as_ref()).map(|p| p.gpu_memory_utilization),
+                "last_error": s.and_then(|s| s.last_error.clone()),
+                "history": history,
+                "crashed": d.map_or(0, |d| d.crashed),
                 "in_flight": d.map_or(0, |d| d.in_flight),
                 "buffered": d.map_or(0, |d| d.buffered),
                 "window": d.map_or(0, |d| d.window),
@@ -173,7 +182,11 @@ async fn readyz(State(a): State<Admin>) -> Response {
             .into_response();
     }
     match a.status().await {
-        Some(s) if s.health.iter().any(|h| h.ready) => (StatusCode::OK, "ready\n").into_response(),
+        Some(s)
+            if s
+                .instances
+                .iter()
+                .any(|i| i.state == feeder_actors::container::InstanceState::Ready) => (StatusCode::OK, "ready\n").into_response(),
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "no instance is ready\n").into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,

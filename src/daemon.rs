@@ -19,7 +19,9 @@ use ractor::{Actor, ActorRef};
 use tracing::{error, info, warn};
 
 use feeder_actors::dispatch::DispatchObserver;
+use feeder_actors::container::LifecycleSettings;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
+use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::supervisor::{
     FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
 };
@@ -30,6 +32,7 @@ use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
 use crate::openai::{OpenAiClient, RequestDefaults};
 use crate::results::FileResults;
+use crate::runtime::process::ProcessRuntime;
 use crate::store::SqliteStore;
 use crate::systemd::Notifier;
 
@@ -58,36 +61,83 @@ pub fn settings(config: &Config) -> PipelineSettings {
             factor: 2.0,
             jitter: 0.2,
         },
-        health_interval: Duration::from_secs(config.health.interval_s),
-        health_timeout: Duration::from_secs(config.health.timeout_s),
-        failure_threshold: config.health.failure_threshold,
+        health_interval: Duration::from_secs_f64(config.health.interval_s),
+        health_timeout: Duration::from_secs_f64(config.health.timeout_s),
+        lifecycle: lifecycle(config),
+        keep_servers_on_exit: config.servers.keep_servers_on_exit,
+        poison_after: config.health.poison_after_crashes,
         min_success_ratio: config.chunk.min_success_ratio,
         ..PipelineSettings::default()
     }
 }
 
-/// The instances as the actors see them: an HTTP client each.
-pub fn instance_specs(config: &Config) -> Vec<InstanceSpec> {
+/// Restarts, health thresholds and crash loops from `[health]` and `[servers]`.
+pub fn lifecycle(config: &Config) -> LifecycleSettings {
+    let h = &config.health;
+    LifecycleSettings {
+        startup_timeout: Duration::from_secs(900),
+        failure_threshold: h.failure_threshold,
+        restart: Backoff {
+            base: Duration::from_secs_f64(h.restart_backoff_s),
+            max: Duration::from_secs_f64(h.restart_backoff_max_s),
+            factor: 2.0,
+            jitter: 0.0,
+        },
+        restart_reset: Duration::from_secs_f64(h.restart_reset_s),
+        crash_loop_restarts: h.crash_loop_restarts,
+        crash_loop_window: Duration::from_secs_f64(h.crash_loop_window_s),
+        stop_grace: Duration::from_secs_f64(config.servers.stop_grace_s),
+    }
+}
+
+/// The instances as the actors see them: an HTTP client each, and the
+/// runtime that launches the server (none for `external`). Connecting to
+/// the Docker engine fails here, with what to do, when it does not answer.
+pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>> {
     let roots = config.queue.roots();
-    config
-        .instances
-        .iter()
-        .map(|inst| {
-            let window = inst.window.unwrap_or(config.dispatch.window);
-            let client = OpenAiClient::new(
-                &inst.base_url(),
-                RequestDefaults::from_instance(inst, &roots),
-                Duration::from_secs(config.dispatch.request_timeout_s),
-                window as usize * 2,
-            );
-            InstanceSpec {
-                name: inst.name.clone(),
-                model: inst.model_type,
-                window,
-                client: Arc::new(client),
-            }
-        })
-        .collect()
+    let docker = if config.instances.iter().any(|i| i.backend == Backend::Docker) {
+        let docker = crate::runtime::docker::DockerRuntime::connect(&config.servers.docker_host)
+            .map_err(anyhow::Error::msg)?;
+        crate::runtime::docker::ping(&docker)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Some(docker)
+    } else {
+        None
+    };
+    let mut specs = Vec::new();
+    for inst in &config.instances {
+        let window = inst.window.unwrap_or(config.dispatch.window);
+        let client = OpenAiClient::new(
+            &inst.base_url(),
+            RequestDefaults::from_instance(inst, &roots),
+            Duration::from_secs(config.dispatch.request_timeout_s),
+            window as usize * 2,
+        );
+        let runtime: Option<Arc<dyn ContainerRuntime>> = match inst.backend {
+            Backend::External => None,
+            Backend::Process => Some(Arc::new(ProcessRuntime::new(
+                inst,
+                &config.servers.state_dir,
+            ))),
+            Backend::Docker => Some(Arc::new(crate::runtime::docker::DockerRuntime::new(
+                docker.clone().expect("connected above"),
+                inst,
+            ))),
+        };
+        specs.push(InstanceSpec {
+            name: inst.name.clone(),
+            model: inst.model_type,
+            window,
+            client: Arc::new(client),
+            runtime,
+            plan: LaunchPlan {
+                gpu_memory_utilization: inst.gpu_memory_utilization,
+            },
+            startup_timeout: Duration::from_secs(inst.startup_timeout_s),
+        });
+    }
+    Ok(specs)
 }
 
 /// A running pipeline.
@@ -111,7 +161,7 @@ impl Pipeline {
             store,
             results,
             clock: Arc::new(SystemClock),
-            instances: instance_specs(config),
+            instances: instance_specs(config).await?,
             owner,
             settings: settings(config),
             observer,
@@ -224,8 +274,8 @@ pub fn status_line(config: &Config, status: &FeederStatus, pending: Option<u64>)
         .instances
         .iter()
         .map(|i| {
-            let h = status.health.iter().find(|h| h.instance == i.name);
-            format!("{}: {}", i.name, crate::admin::state_of(h))
+            let s = status.instances.iter().find(|s| s.name == i.name);
+            format!("{}: {}", i.name, s.map_or("starting", |s| s.state.as_str()))
         })
         .collect();
     if let Some(p) = pending {
@@ -273,16 +323,6 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
             config.queue.results_dir.display()
         )
     })?;
-    for inst in &config.instances {
-        if inst.backend != Backend::External {
-            warn!(
-                instance = %inst.name,
-                "backend \"{}\" is not started by this build: the daemon expects a server already running at {}",
-                inst.backend,
-                inst.base_url()
-            );
-        }
-    }
     let owner = owner_id();
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await

@@ -100,7 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     config.queue.db_path = dir.join("jobs.db");
     config.queue.results_dir = dir.join("results");
     config.queue.stage_dir = dir.join("stage");
-    config.health.interval_s = 1;
+    config.health.interval_s = 1.0;
     config.dispatch.window = 16;
     config.instances = vec![
         instance("vision", ModelType::Vision, vision_sim.url(), "demo-vision"),

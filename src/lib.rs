@@ -32,6 +32,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod openai;
 pub mod results;
+pub mod runtime;
 pub mod sim;
 pub mod store;
 pub mod submit;

@@ -7,7 +7,8 @@ use gpu_feeder::cli::{self, Cli, EX_CONFIG};
 use gpu_feeder::config::ConfigError;
 
 fn main() {
-    let parsed = Cli::parse();
+    let args = gpu_feeder::sim::vllm_compatible_args(std::env::args_os().collect());
+    let parsed = Cli::parse_from(args);
     let code = match cli::run(parsed) {
         Ok(code) => code,
         Err(e) => {

@@ -21,7 +21,8 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
 
-use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job};
+use feeder_actors::inference::ProbeError;
+use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job, ModelType};
 
 use crate::config::InstanceConfig;
 use crate::submit::image_mime;
@@ -47,6 +48,8 @@ pub struct RequestDefaults {
     pub ocr_prompt: String,
     /// Files a payload may name lie under one of these (canonical paths).
     pub payload_roots: Vec<PathBuf>,
+    /// A vision model: its canary completion carries an image.
+    pub vision: bool,
 }
 
 impl RequestDefaults {
@@ -59,6 +62,7 @@ impl RequestDefaults {
             temperature: inst.temperature,
             system_prompt: inst.system_prompt.clone(),
             ocr_prompt: inst.ocr_prompt.clone(),
+            vision: inst.model_type == ModelType::Vision,
             payload_roots: payload_roots
                 .iter()
                 .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
@@ -294,6 +298,12 @@ impl InferenceClient for OpenAiClient {
                     self.timeout.as_secs()
                 )))
             }
+            Err(e) if e.is_connect() || e.is_request() => {
+                return Err(InferenceError::Unavailable(format!(
+                    "{}: cannot reach {url}: {e}",
+                    self.defaults.instance
+                )))
+            }
             Err(e) => {
                 return Err(InferenceError::Retryable(format!(
                     "{}: cannot reach {url}: {e}",
@@ -318,8 +328,8 @@ impl InferenceClient for OpenAiClient {
                 )))
             }
             Err(e) => {
-                return Err(InferenceError::Retryable(format!(
-                    "{}: reading the response failed: {e}",
+                return Err(InferenceError::Unavailable(format!(
+                    "{}: the connection broke while reading the response: {e}",
                     self.defaults.instance
                 )))
             }
@@ -349,22 +359,22 @@ impl InferenceClient for OpenAiClient {
         }
     }
 
-    async fn health(&self) -> Result<(), String> {
+    async fn probe(&self, deep: bool) -> Result<(), ProbeError> {
         let url = self.url("/health");
-        let resp = self
-            .http
-            .get(&url)
-            .timeout(self.timeout.min(Duration::from_secs(10)))
-            .send()
-            .await;
-        match resp {
-            Err(e) if e.is_connect() => return Err(format!("not listening at {url}")),
-            Err(e) => return Err(format!("{url}: {e}")),
+        let limit = self.timeout.min(Duration::from_secs(10));
+        match self.http.get(&url).timeout(limit).send().await {
+            Err(e) if e.is_connect() => {
+                return Err(ProbeError::NotListening(format!("nothing listens at {url}")))
+            }
+            Err(e) => return Err(ProbeError::Broken(format!("{url}: {e}"))),
             Ok(r) if r.status().as_u16() == 503 => {
-                return Err(format!("{url} answers 503 (the model is loading)"))
+                return Err(ProbeError::Loading(format!("{url} answers 503")))
             }
             Ok(r) if !r.status().is_success() => {
-                return Err(format!("{url} answers HTTP {}", r.status().as_u16()))
+                return Err(ProbeError::Broken(format!(
+                    "{url} answers HTTP {}",
+                    r.status().as_u16()
+                )))
             }
             Ok(_) => {}
         }
@@ -372,13 +382,13 @@ impl InferenceClient for OpenAiClient {
         let list: Value = self
             .http
             .get(&models)
-            .timeout(Duration::from_secs(10))
+            .timeout(limit)
             .send()
             .await
-            .map_err(|e| format!("{models}: {e}"))?
+            .map_err(|e| ProbeError::Broken(format!("{models}: {e}")))?
             .json()
             .await
-            .map_err(|e| format!("{models} did not answer JSON: {e}"))?;
+            .map_err(|e| ProbeError::Broken(format!("{models} did not answer JSON: {e}")))?;
         let ids: Vec<&str> = list
             .get("data")
             .and_then(Value::as_array)
@@ -388,22 +398,82 @@ impl InferenceClient for OpenAiClient {
                     .collect()
             })
             .unwrap_or_default();
-        if ids.contains(&self.defaults.served_model_name.as_str()) {
-            Ok(())
-        } else {
-            Err(format!(
+        if !ids.contains(&self.defaults.served_model_name.as_str()) {
+            return Err(ProbeError::Broken(format!(
                 "{} serves {:?}, not `{}` (check served_model_name)",
                 self.base_url, ids, self.defaults.served_model_name
-            ))
+            )));
+        }
+        if deep {
+            self.canary().await?;
+        }
+        Ok(())
+    }
+}
+
+impl OpenAiClient {
+    /// A one-token completion (with a small image for a vision model):
+    /// proof that the server does more than answer `/health`.
+    async fn canary(&self) -> Result<(), ProbeError> {
+        let mut content = vec![json!({"type": "text", "text": "Reply with one word."})];
+        if self.defaults.vision {
+            content.push(json!({
+                "type": "image_url",
+                "image_url": {"url": canary_image()},
+            }));
+        }
+        let body = json!({
+            "model": self.defaults.served_model_name,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            "temperature": 0,
+        });
+        let url = self.url("/v1/chat/completions");
+        let resp = self
+            .http
+            .post(&url)
+            .timeout(self.timeout)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| ProbeError::Broken(format!("the canary completion failed: {e}")))?;
+        let code = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        match code {
+            200..=299 => parse_completion(&text, Duration::ZERO)
+                .map(|_| ())
+                .map_err(|e| ProbeError::Broken(format!("the canary completion: {e}"))),
+            503 => Err(ProbeError::Loading(format!(
+                "the canary completion got 503: {}",
+                server_message(&text)
+            ))),
+            _ => Err(ProbeError::Broken(format!(
+                "the canary completion got HTTP {code}: {}",
+                server_message(&text)
+            ))),
         }
     }
+}
+
+/// A 32×32 white PNG as a data URL (vision models refuse images smaller
+/// than their patch size, so not 1×1).
+fn canary_image() -> &'static str {
+    static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        let img = image::RgbImage::from_pixel(32, 32, image::Rgb([255, 255, 255]));
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png)
+            .expect("a PNG encodes in memory");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(png.into_inner());
+        format!("data:image/png;base64,{b64}")
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use feeder_actors::testkit::store_contract::job;
-    use feeder_actors::{ModelType, Payload};
+    use feeder_actors::Payload;
 
     fn defaults(root: &Path) -> RequestDefaults {
         RequestDefaults {
@@ -414,6 +484,7 @@ mod tests {
             system_prompt: Some("be exact".into()),
             ocr_prompt: "transcribe".into(),
             payload_roots: vec![root.canonicalize().unwrap()],
+            vision: true,
         }
     }
 

@@ -9,7 +9,16 @@
 //! `vllm:num_requests_running`, `vllm:num_requests_waiting` and
 //! `vllm:kv_cache_usage_perc`. Faults can be injected: `--fail-rate` answers
 //! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests,
-//! `--fail-matching TEXT` refuses (400) requests containing TEXT.
+//! `--fail-matching TEXT` refuses (400) requests containing TEXT, and
+//! `--crash-matching TEXT` exits (as a crash would) on a request containing
+//! TEXT — a "poison" payload.
+//!
+//! It also accepts the vLLM server's command line, so that a configuration
+//! can swap the vLLM image or program for the simulator and change nothing
+//! else: `--model`, `--served-model-name`, `--port`, `--max-num-seqs` and
+//! `--gpu-memory-utilization` are understood; any other flag (`--dtype
+//! bfloat16`, `--enforce-eager`, …) is accepted and ignored, with a note on
+//! stderr ([`vllm_compatible_args`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -60,6 +69,15 @@ pub struct SimConfig {
     /// Refuse (HTTP 400) every request whose text contains this
     #[arg(long, value_name = "TEXT")]
     pub fail_matching: Option<String>,
+    /// Exit (as a crash would) on a request whose text contains this
+    #[arg(long, value_name = "TEXT")]
+    pub crash_matching: Option<String>,
+    /// The weights vLLM would load (recorded; the simulator loads nothing)
+    #[arg(long, value_name = "MODEL")]
+    pub model: Option<String>,
+    /// vLLM's GPU memory share (recorded and shown on /metrics)
+    #[arg(long, value_name = "SHARE")]
+    pub gpu_memory_utilization: Option<f64>,
 }
 
 impl Default for SimConfig {
@@ -76,6 +94,9 @@ impl Default for SimConfig {
             hang_rate: 0.0,
             crash_after: 0,
             fail_matching: None,
+            crash_matching: None,
+            model: None,
+            gpu_memory_utilization: None,
         }
     }
 }
@@ -203,7 +224,11 @@ async fn metrics(State(sim): State<Arc<Sim>>) -> String {
          vllm:num_requests_waiting{{model_name=\"{model}\"}} {waiting}\n\
          # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
          # TYPE vllm:kv_cache_usage_perc gauge\n\
-         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} {usage}\n"
+         vllm:kv_cache_usage_perc{{model_name=\"{model}\"}} {usage}\n\
+         # HELP vllm:cache_config_info The gpu_memory_utilization the server was started with.\n\
+         # TYPE vllm:cache_config_info gauge\n\
+         vllm:cache_config_info{{model_name=\"{model}\",gpu_memory_utilization=\"{mem}\"}} 1\n",
+        mem = sim.cfg.gpu_memory_utilization.unwrap_or(0.9)
     )
 }
 
@@ -301,6 +326,12 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
         );
     };
     let max_tokens = body.get("max_tokens").and_then(Value::as_u64).unwrap_or(16);
+    if let Some(needle) = &sim.cfg.crash_matching {
+        if serde_json::to_string(messages).is_ok_and(|t| t.contains(needle.as_str())) {
+            eprintln!("sim: crashing on a request containing `{needle}` (--crash-matching)");
+            std::process::exit(3);
+        }
+    }
     if let Some(needle) = &sim.cfg.fail_matching {
         if serde_json::to_string(messages).is_ok_and(|t| t.contains(needle.as_str())) {
             return error(
@@ -359,4 +390,159 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
         },
     }))
     .into_response()
+}
+
+/// Flags of `gpu-feeder sim` (and the global ones) that take a value.
+const SIM_FLAGS: &[&str] = &[
+    "--host",
+    "--port",
+    "--served-model-name",
+    "--max-num-seqs",
+    "--latency-ms",
+    "--tokens-per-s",
+    "--load-s",
+    "--fail-rate",
+    "--hang-rate",
+    "--crash-after",
+    "--fail-matching",
+    "--crash-matching",
+    "--model",
+    "--gpu-memory-utilization",
+    "--config",
+    "--db",
+    "--log-format",
+];
+
+/// The command line with vLLM's flags made acceptable to `sim`: flags the
+/// simulator knows pass through; a bare positional (`vllm serve MODEL`)
+/// becomes `--model MODEL`; `--model` without `--served-model-name` also
+/// serves under the model's name, as vLLM does; any other flag is dropped
+/// with its value (a note on stderr says which). Other commands' arguments
+/// are returned unchanged.
+pub fn vllm_compatible_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(at) = sim_position(&args) else {
+        return args;
+    };
+    let mut out: Vec<std::ffi::OsString> = args[..=at].to_vec();
+    let rest: Vec<String> = args[at + 1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut ignored = Vec::new();
+    let mut model = None;
+    let mut served = false;
+    let mut i = 0;
+    while i < rest.len() {
+        let arg = &rest[i];
+        let name = arg.split('=').next().unwrap_or(arg);
+        if arg == "-h" || arg == "--help" || arg == "-V" || arg == "--version" {
+            out.push(arg.into());
+            i += 1;
+        } else if SIM_FLAGS.contains(&name) {
+            served |= name == "--served-model-name";
+            let value = if arg.contains('=') {
+                arg.split_once('=').map(|(_, v)| v.to_string())
+            } else {
+                i += 1;
+                rest.get(i).cloned()
+            };
+            if name == "--model" {
+                model = value.clone();
+            }
+            out.push(name.into());
+            if let Some(v) = value {
+                out.push(v.into());
+            }
+            i += 1;
+        } else if arg.starts_with('-') {
+            ignored.push(arg.clone());
+            i += 1;
+            if !arg.contains('=') && rest.get(i).is_some_and(|v| !v.starts_with("--")) {
+                ignored.push(rest[i].clone());
+                i += 1;
+            }
+        } else {
+            // `vllm serve MODEL`: the positional model.
+            model = Some(arg.clone());
+            out.push("--model".into());
+            out.push(arg.into());
+            i += 1;
+        }
+    }
+    if let (Some(m), false) = (model, served) {
+        out.push("--served-model-name".into());
+        out.push(m.into());
+    }
+    if !ignored.is_empty() {
+        eprintln!(
+            "sim: accepting and ignoring vLLM flags it does not simulate: {}",
+            ignored.join(" ")
+        );
+    }
+    out
+}
+
+/// Where the `sim` subcommand is, skipping global options and their values.
+fn sim_position(args: &[std::ffi::OsString]) -> Option<usize> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "sim" {
+            return Some(i);
+        }
+        if !a.starts_with('-') {
+            return None; // Another command.
+        }
+        if ["--config", "--db", "--log-format"].contains(&a.as_ref()) {
+            i += 1;
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        let v = line.split_whitespace().map(Into::into).collect();
+        vllm_compatible_args(v)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn vllm_flags_are_understood_or_ignored() {
+        assert_eq!(
+            args("gpu-feeder sim --host 0.0.0.0 --model /m/q --served-model-name q --port 8001 \
+                  --gpu-memory-utilization 0.4 --dtype bfloat16 --max-model-len=16384 --enforce-eager --max-num-seqs 8"),
+            args("gpu-feeder sim --host 0.0.0.0 --model /m/q --served-model-name q --port 8001 --gpu-memory-utilization 0.4 --max-num-seqs 8")
+        );
+        assert_eq!(
+            args("gpu-feeder --log-format json sim /m/q --port=9 --trust-remote-code"),
+            ["gpu-feeder", "--log-format", "json", "sim", "--model", "/m/q", "--port", "9", "--served-model-name", "/m/q"]
+        );
+        assert_eq!(args("gpu-feeder list --limit 3"), ["gpu-feeder", "list", "--limit", "3"]);
+    }
+
+    #[test]
+    fn the_parsed_command_line_is_a_sim_config() {
+        use clap::Parser as _;
+        let cli = crate::cli::Cli::parse_from(vllm_compatible_args(
+            "gpu-feeder sim --model /m/q --port 0 --dtype half --max-num-seqs 4"
+                .split_whitespace()
+                .map(Into::into)
+                .collect(),
+        ));
+        match cli.command {
+            crate::cli::Command::Sim(c) => {
+                assert_eq!(c.served_model_name, "/m/q");
+                assert_eq!(c.max_num_seqs, 4);
+                assert_eq!(c.model.as_deref(), Some("/m/q"));
+            }
+            _ => panic!("not sim"),
+        }
+    }
 }

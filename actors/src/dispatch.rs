@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::health::HealthMsg;
+use crate::instances::InstanceSupMsg;
 use crate::inference::{InferenceClient, InferenceError};
 use crate::job::{Claim, ClaimedJob, Completion, Failure, Job, JobId, ModelType};
 use crate::peers::Peers;
@@ -37,6 +37,19 @@ pub enum DispatchMsg {
     Wake,
     /// The instance became Ready (`true`) or stopped being Ready.
     Ready(bool),
+    /// The instance's server went down (exited, or failed its probes)
+    /// with our requests: each job in flight goes back to `pending` with
+    /// the crash counted against it (poison-job quarantine).
+    InstanceDown {
+        /// What happened, for the log.
+        reason: String,
+    },
+    /// Jobs parked after "connection refused" were not explained by a
+    /// crash: give them back without an attempt counted.
+    Unpark {
+        /// The parking round it ends.
+        round: u64,
+    },
     /// A background claim's answer.
     Claimed {
         /// How many jobs were asked for.
@@ -100,6 +113,8 @@ pub struct DispatchStatus {
     pub failed: u64,
     /// 429/503 answers.
     pub overloaded: u64,
+    /// Jobs given back because the server went down under them.
+    pub crashed: u64,
 }
 
 /// How a request ended, for metrics.
@@ -113,6 +128,8 @@ pub enum RequestOutcome {
     Permanent,
     /// The server was saturated (429, 503).
     Overloaded,
+    /// The server was not there (connection refused or dropped).
+    Unavailable,
 }
 
 impl RequestOutcome {
@@ -123,6 +140,7 @@ impl RequestOutcome {
             RequestOutcome::Retryable => "retryable",
             RequestOutcome::Permanent => "permanent",
             RequestOutcome::Overloaded => "overloaded",
+            RequestOutcome::Unavailable => "unavailable",
         }
     }
 }
@@ -159,6 +177,9 @@ pub struct DispatchArgs {
     pub peers: Peers,
     /// Told of every finished request (metrics), if set.
     pub observer: Option<Arc<dyn DispatchObserver>>,
+    /// A job in flight during this many crashes of the server is failed
+    /// as a poison job.
+    pub poison_after: u32,
 }
 
 /// Aborts a request task when dropped (the actor stopped or crashed).
@@ -184,6 +205,10 @@ pub struct DispatchState {
     args: DispatchArgs,
     peers: Peers,
     in_flight: HashMap<JobId, InFlight>,
+    /// Requests that found no server ("connection refused"): held until a
+    /// crash report explains them, or `Unpark` gives them back.
+    parked: HashMap<JobId, InFlight>,
+    park_round: u64,
     /// Claimed jobs waiting for a slot (at most one window's worth).
     buffer: VecDeque<ClaimedJob>,
     /// A background claim is under way.
@@ -204,6 +229,7 @@ pub struct DispatchState {
     completed: u64,
     failed: u64,
     overloaded: u64,
+    crashed: u64,
 }
 
 /// Keeps one instance's batch full.
@@ -225,7 +251,7 @@ impl DispatchState {
             model: self.args.model,
             dispatcher: myself.clone(),
         });
-        let _ = self.peers.health.cast(HealthMsg::Watch {
+        let _ = self.peers.instances.cast(InstanceSupMsg::Watch {
             instance: self.args.instance.clone(),
             dispatcher: myself.clone(),
         });
@@ -412,6 +438,7 @@ impl DispatchState {
                 Err(InferenceError::Retryable(_)) => RequestOutcome::Retryable,
                 Err(InferenceError::Permanent(_)) => RequestOutcome::Permanent,
                 Err(InferenceError::Overloaded { .. }) => RequestOutcome::Overloaded,
+                Err(InferenceError::Unavailable(_)) => RequestOutcome::Unavailable,
             };
             o.request_finished(&self.args.instance, kind, outcome.as_ref().ok());
         }
@@ -452,6 +479,21 @@ impl DispatchState {
                 myself.send_after(pause, || DispatchMsg::Wake);
                 self.settle(f.claim, Settle::Release, f.parent, f.follow_up);
             }
+            Err(InferenceError::Unavailable(message)) => {
+                // The server is not there. Hold the job: if a crash report
+                // follows, the crash is counted against it; if not, it goes
+                // back without an attempt counted. Either way it never fails
+                // because its server is down.
+                if self.parked.is_empty() {
+                    info!(instance = %self.args.instance, "the server is not answering ({message}); pausing dispatch");
+                }
+                self.overload_streak += 1;
+                let pause = self.args.overload.delay(self.overload_streak);
+                self.paused_until = Some(Instant::now() + pause);
+                self.parked.insert(job_id, f);
+                let round = self.park_round;
+                myself.send_after(pause, move || DispatchMsg::Unpark { round });
+            }
             Err(InferenceError::Retryable(message)) => {
                 self.failed += 1;
                 let retry_after = Some(self.args.retry.delay(f.attempts + 1));
@@ -480,11 +522,61 @@ impl DispatchState {
                 );
             }
         }
-        if self.in_flight.is_empty() {
+        self.answer_drain_waiters();
+    }
+
+    fn answer_drain_waiters(&mut self) {
+        if self.in_flight.is_empty() && self.parked.is_empty() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
             }
         }
+    }
+
+    /// The server went down under our requests: every job in flight (or
+    /// parked) goes back with the crash counted; buffered jobs go back as
+    /// they were.
+    fn instance_down(&mut self, reason: &str) {
+        self.ready = false;
+        let hit: Vec<InFlight> = self
+            .in_flight
+            .drain()
+            .chain(self.parked.drain())
+            .map(|(_, f)| f)
+            .collect();
+        self.park_round += 1;
+        if !hit.is_empty() {
+            warn!(
+                instance = %self.args.instance,
+                "{reason}; {} job(s) in flight go back to pending", hit.len()
+            );
+        }
+        self.crashed += hit.len() as u64;
+        for f in hit {
+            self.settle(
+                f.claim,
+                Settle::Crashed {
+                    instance: self.args.instance.clone(),
+                    limit: self.args.poison_after.max(1),
+                },
+                f.parent,
+                f.follow_up,
+            );
+        }
+        self.release_buffer();
+        self.answer_drain_waiters();
+    }
+
+    /// Parked jobs not explained by a crash go back, no attempt counted.
+    fn unpark(&mut self, round: u64) {
+        if round != self.park_round {
+            return;
+        }
+        self.park_round += 1;
+        for (_, f) in std::mem::take(&mut self.parked) {
+            self.settle(f.claim, Settle::Release, f.parent, f.follow_up);
+        }
+        self.answer_drain_waiters();
     }
 }
 
@@ -503,6 +595,8 @@ impl Actor for DispatchActor {
             window: args.window.max(1),
             args,
             in_flight: HashMap::new(),
+            parked: HashMap::new(),
+            park_round: 0,
             buffer: VecDeque::new(),
             claiming: false,
             woken_while_claiming: false,
@@ -517,6 +611,7 @@ impl Actor for DispatchActor {
             completed: 0,
             failed: 0,
             overloaded: 0,
+            crashed: 0,
         };
         state.subscribe(&myself);
         Ok(state)
@@ -548,6 +643,13 @@ impl Actor for DispatchActor {
                     state.fill(&myself);
                 }
             }
+            DispatchMsg::InstanceDown { reason } => {
+                state.instance_down(&reason);
+            }
+            DispatchMsg::Unpark { round } => {
+                state.unpark(round);
+                state.fill(&myself);
+            }
             DispatchMsg::Finished { job_id, outcome } => {
                 state.finished(&myself, job_id, outcome);
                 state.fill(&myself);
@@ -555,15 +657,13 @@ impl Actor for DispatchActor {
             DispatchMsg::Drain { reply } => {
                 state.draining = true;
                 state.release_buffer();
-                if state.in_flight.is_empty() {
-                    let _ = reply.send(());
-                } else {
-                    state.drain_waiters.push(reply);
-                }
+                state.drain_waiters.push(reply);
+                state.answer_drain_waiters();
             }
             DispatchMsg::ReleaseAll { reply } => {
-                let n = state.in_flight.len() + state.release_buffer();
-                for (_, f) in std::mem::take(&mut state.in_flight) {
+                let n = state.in_flight.len() + state.parked.len() + state.release_buffer();
+                let parked = std::mem::take(&mut state.parked);
+                for (_, f) in std::mem::take(&mut state.in_flight).into_iter().chain(parked) {
                     state.settle(f.claim, Settle::Release, f.parent, false);
                 }
                 for w in state.drain_waiters.drain(..) {
@@ -577,7 +677,7 @@ impl Actor for DispatchActor {
                     model: state.args.model,
                     ready: state.ready,
                     draining: state.draining,
-                    in_flight: state.in_flight.len(),
+                    in_flight: state.in_flight.len() + state.parked.len(),
                     buffered: state.buffer.len(),
                     window: state.window,
                     max_window: state.args.window,
@@ -585,6 +685,7 @@ impl Actor for DispatchActor {
                     completed: state.completed,
                     failed: state.failed,
                     overloaded: state.overloaded,
+                    crashed: state.crashed,
                 });
             }
             DispatchMsg::Peers(peers) => {

@@ -21,6 +21,7 @@ use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
+use crate::runtime::{ContainerRuntime, LaunchPlan};
 
 /// One instance as the dispatch side sees it.
 #[derive(Clone)]
@@ -31,8 +32,36 @@ pub struct InstanceSpec {
     pub model: ModelType,
     /// Requests in flight at most.
     pub window: u32,
-    /// Its server.
+    /// Its server, as requests see it.
     pub client: Arc<dyn InferenceClient>,
+    /// How its server is launched; `None` for an external server.
+    pub runtime: Option<Arc<dyn ContainerRuntime>>,
+    /// The launch plan at start.
+    pub plan: LaunchPlan,
+    /// Time allowed from launch to Ready.
+    pub startup_timeout: Duration,
+}
+
+impl InstanceSpec {
+    /// An instance whose server someone else runs: only probed.
+    pub fn external(
+        name: impl Into<String>,
+        model: ModelType,
+        window: u32,
+        client: Arc<dyn InferenceClient>,
+    ) -> Self {
+        InstanceSpec {
+            name: name.into(),
+            model,
+            window,
+            client,
+            runtime: None,
+            plan: LaunchPlan {
+                gpu_memory_utilization: 0.9,
+            },
+            startup_timeout: Duration::from_secs(900),
+        }
+    }
 }
 
 /// Messages of the DispatchSupervisor.
@@ -82,6 +111,8 @@ pub struct DispatchSupArgs {
     pub peers: Peers,
     /// Told of every finished request (metrics), if set.
     pub observer: Option<Arc<dyn crate::dispatch::DispatchObserver>>,
+    /// Crashes under a job that make it a poison job.
+    pub poison_after: u32,
 }
 
 struct Slot {
@@ -128,6 +159,7 @@ impl DispatchSupState {
             call_timeout: self.args.call_timeout,
             peers: self.args.peers.clone(),
             observer: self.args.observer.clone(),
+            poison_after: self.args.poison_after,
         };
         let (actor, _) =
             DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;

@@ -1,18 +1,22 @@
-//! `HealthActor`: probes every instance and reports Ready transitions.
+//! `HealthActor`: probes every instance each `interval` and reports the
+//! outcome to the instance's ContainerActor (through the
+//! InstanceSupervisor), which turns outcomes into states.
 //!
-//! An instance is Ready after a successful probe, and stops being Ready
-//! after `failure_threshold` consecutive failed probes. Dispatchers watch
-//! their instance and send only while it is Ready.
+//! A probe checks `/health` and the model list; until a probe has passed
+//! since the last failure it is *deep*: a one-token canary completion
+//! confirms that the server really answers. The outcome tells "not
+//! listening", "loading (503)" and "broken" apart. A probe that takes longer
+//! than `timeout` counts as broken.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tracing::{info, warn};
 
-use crate::dispatch::DispatchMsg;
-use crate::inference::InferenceClient;
+use crate::inference::{InferenceClient, ProbeError};
+use crate::instances::InstanceSupMsg;
+use crate::peers::Peers;
 
 /// Messages of the HealthActor.
 #[derive(Debug)]
@@ -23,29 +27,26 @@ pub enum HealthMsg {
     Probed {
         /// The instance.
         instance: String,
-        /// `Err` says what failed.
-        result: Result<(), String>,
+        /// Whether the probe was deep (with a canary).
+        deep: bool,
+        /// What it found.
+        outcome: Result<(), ProbeError>,
     },
-    /// `dispatcher` wants `Ready` updates for `instance` (sent the current state at once).
-    Watch {
-        /// The instance.
-        instance: String,
-        /// The dispatcher.
-        dispatcher: ActorRef<DispatchMsg>,
-    },
-    /// Each instance's health.
+    /// The current peers (where outcomes go).
+    Peers(Peers),
+    /// The last outcome per instance.
     Status {
         /// The snapshot.
         reply: RpcReplyPort<Vec<InstanceHealth>>,
     },
 }
 
-/// One instance's health, as `Status` reports it.
+/// One instance's probes, as `Status` reports them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceHealth {
     /// The instance.
     pub instance: String,
-    /// Whether it is Ready.
+    /// Whether the last probe passed.
     pub ready: bool,
     /// Consecutive failed probes.
     pub consecutive_failures: u32,
@@ -57,41 +58,32 @@ pub struct InstanceHealth {
 pub struct HealthArgs {
     /// The instances to probe, by name.
     pub instances: Vec<(String, Arc<dyn InferenceClient>)>,
+    /// Where outcomes go.
+    pub sink: ActorRef<InstanceSupMsg>,
     /// Time between probe rounds.
     pub interval: Duration,
     /// Time allowed for one probe.
     pub timeout: Duration,
-    /// Consecutive failures that end Ready.
-    pub failure_threshold: u32,
 }
 
 struct Probed {
     client: Arc<dyn InferenceClient>,
-    ready: bool,
-    ever_ready: bool,
+    /// A probe has passed since the last failure: no canary needed.
+    confirmed: bool,
     probing: bool,
     failures: u32,
     last_error: Option<String>,
-    watchers: Vec<ActorRef<DispatchMsg>>,
 }
 
 /// The HealthActor's state.
 pub struct HealthState {
     instances: HashMap<String, Probed>,
+    sink: ActorRef<InstanceSupMsg>,
     timeout: Duration,
-    failure_threshold: u32,
 }
 
 /// Probes the instances.
 pub struct HealthActor;
-
-impl Probed {
-    fn tell(&mut self) {
-        let ready = self.ready;
-        self.watchers
-            .retain(|w| w.cast(DispatchMsg::Ready(ready)).is_ok());
-    }
-}
 
 impl Actor for HealthActor {
     type Msg = HealthMsg;
@@ -111,12 +103,10 @@ impl Actor for HealthActor {
                     name,
                     Probed {
                         client,
-                        ready: false,
-                        ever_ready: false,
+                        confirmed: false,
                         probing: false,
                         failures: 0,
                         last_error: None,
-                        watchers: Vec::new(),
                     },
                 )
             })
@@ -125,8 +115,8 @@ impl Actor for HealthActor {
         myself.send_interval(args.interval, || HealthMsg::Probe);
         Ok(HealthState {
             instances,
+            sink: args.sink,
             timeout: args.timeout,
-            failure_threshold: args.failure_threshold.max(1),
         })
     }
 
@@ -144,70 +134,57 @@ impl Actor for HealthActor {
                     let me = myself.clone();
                     let instance = name.clone();
                     let timeout = state.timeout;
+                    let deep = !inst.confirmed;
                     tokio::spawn(async move {
-                        let result = match tokio::time::timeout(timeout, client.health()).await {
+                        let outcome = match tokio::time::timeout(timeout, client.probe(deep)).await
+                        {
                             Ok(r) => r,
-                            Err(_) => Err(format!("no answer within {} s", timeout.as_secs_f64())),
+                            Err(_) => Err(ProbeError::Broken(format!(
+                                "no answer within {} s",
+                                timeout.as_secs_f64()
+                            ))),
                         };
-                        let _ = me.cast(HealthMsg::Probed { instance, result });
+                        let _ = me.cast(HealthMsg::Probed {
+                            instance,
+                            deep,
+                            outcome,
+                        });
                     });
                 }
             }
-            HealthMsg::Probed { instance, result } => {
-                let threshold = state.failure_threshold;
+            HealthMsg::Probed {
+                instance,
+                deep,
+                outcome,
+            } => {
                 let Some(inst) = state.instances.get_mut(&instance) else {
                     return Ok(());
                 };
                 inst.probing = false;
-                match result {
+                match &outcome {
                     Ok(()) => {
                         inst.failures = 0;
-                        if !inst.ready {
-                            info!(instance, "instance is ready");
-                            inst.ready = true;
-                            inst.ever_ready = true;
-                            inst.tell();
-                        }
+                        inst.confirmed |= deep;
                     }
                     Err(e) => {
                         inst.failures += 1;
-                        if inst.ready && inst.failures >= threshold {
-                            warn!(
-                                instance,
-                                "instance is unhealthy after {} failed probes: {e}", inst.failures
-                            );
-                            inst.ready = false;
-                            inst.tell();
-                        } else if !inst.ready && inst.failures == 1 {
-                            let when = if inst.ever_ready { "still" } else { "not yet" };
-                            warn!(instance, "instance {when} ready: {e}");
-                        }
-                        inst.last_error = Some(e);
+                        inst.confirmed = false;
+                        inst.last_error = Some(e.to_string());
                     }
                 }
-            }
-            HealthMsg::Watch {
-                instance,
-                dispatcher,
-            } => {
-                if let Some(inst) = state.instances.get_mut(&instance) {
-                    inst.watchers.retain(|w| w.get_id() != dispatcher.get_id());
-                    let _ = dispatcher.cast(DispatchMsg::Ready(inst.ready));
-                    inst.watchers.push(dispatcher);
-                } else {
-                    warn!(
-                        instance,
-                        "a dispatcher watches an instance the health actor does not probe"
-                    );
+                // A shallow pass before any deep one is not a confirmation.
+                if outcome.is_err() || deep || inst.confirmed {
+                    let _ = state.sink.cast(InstanceSupMsg::Probed { instance, outcome });
                 }
             }
+            HealthMsg::Peers(peers) => state.sink = peers.instances,
             HealthMsg::Status { reply } => {
                 let mut out: Vec<InstanceHealth> = state
                     .instances
                     .iter()
                     .map(|(name, i)| InstanceHealth {
                         instance: name.clone(),
-                        ready: i.ready,
+                        ready: i.failures == 0 && i.confirmed,
                         consecutive_failures: i.failures,
                         last_error: i.last_error.clone(),
                     })

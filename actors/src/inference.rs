@@ -42,6 +42,12 @@ pub enum InferenceError {
         /// The server's `Retry-After`, if it gave one.
         retry_after: Option<Duration>,
     },
+    /// The server is not there: the connection was refused or dropped
+    /// before an answer. The job goes back without an attempt counted (a
+    /// job never fails because its server is down); if the server crashed,
+    /// the crash is counted against the job instead (poison-job quarantine).
+    #[error("{0}")]
+    Unavailable(String),
     /// Retrying cannot help: the payload is malformed or missing, or the
     /// server refused the request (4xx other than 429) — its words are kept.
     #[error("{0}")]
@@ -54,6 +60,24 @@ pub trait InferenceClient: Send + Sync + 'static {
     /// Sends `job` as a chat completion and waits for the answer.
     async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError>;
 
-    /// Whether the server answers its health check (and serves its model).
-    async fn health(&self) -> Result<(), String>;
+    /// Whether the server is ready: it answers `/health` and lists its
+    /// model. `deep` also confirms with a one-token completion (for a vision
+    /// model, one with a tiny image) — used until readiness is confirmed.
+    async fn probe(&self, deep: bool) -> Result<(), ProbeError>;
+}
+
+/// Why a probe did not find the server ready; the kinds are told apart
+/// because a server that is loading its model is not a broken one.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// Nothing listens at the server's address (yet).
+    #[error("not listening: {0}")]
+    NotListening(String),
+    /// The server answers 503: it is still loading its model.
+    #[error("loading: {0}")]
+    Loading(String),
+    /// The server answers, but wrongly: an error status, another model, a
+    /// failed canary, or no answer in time.
+    #[error("{0}")]
+    Broken(String),
 }

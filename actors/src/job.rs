@@ -259,6 +259,9 @@ pub struct Job {
     pub attempts: u32,
     /// Attempts allowed before the job fails for good.
     pub max_attempts: u32,
+    /// Crashes of its server while it was in flight (a poison job crashes
+    /// its server every time; see `Settle::Crashed`).
+    pub crashes: u32,
     /// SHA-256 of the payload.
     pub payload_sha256: String,
     /// The payload file, when the payload is a file.

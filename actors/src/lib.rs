@@ -14,6 +14,8 @@
 //! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
 //! - [`time`]: `Timestamp`, the unit of every stored time, and `Clock`.
 //! - [`restart`]: restart policy as data (backoff, intensity limit).
+//! - [`runtime`]: the `ContainerRuntime` port: launching, adopting, watching
+//!   and stopping a model server (Docker, local process).
 //!
 //! Actors, one per file, each with its messages, arguments and state:
 //! - [`supervisor`]: `FeederSupervisor`, the root; restarts its children and
@@ -23,20 +25,27 @@
 //! - [`dispatch_supervisor`]: `DispatchSupervisor`, one dispatcher per instance.
 //! - [`dispatch`]: `DispatchActor`, keeps one instance's window of requests full.
 //! - [`fanin`]: `FanInActor`, completes parents when their fragments are done.
-//! - [`health`]: `HealthActor`, probes instances and reports Ready transitions.
+//! - [`health`]: `HealthActor`, probes every instance and reports the outcomes.
+//! - [`instances`]: `InstanceSupervisor`, one ContainerActor per instance;
+//!   routes probe outcomes and dispatcher watches to them.
+//! - [`container`]: `ContainerActor`, one model server's lifecycle: launch,
+//!   adopt, Loading → Ready → Unhealthy → Restarting, crash loop → Failed.
 //! - [`peers`]: the references actors hold to one another.
 //! - `testkit` (feature `testkit`): the store contract suite run by every adapter.
 
 pub mod backoff;
+pub mod container;
 pub mod dispatch;
 pub mod dispatch_supervisor;
 pub mod fanin;
 pub mod health;
 pub mod inference;
+pub mod instances;
 pub mod job;
 pub mod peers;
 pub mod queue;
 pub mod restart;
+pub mod runtime;
 pub mod results;
 pub mod store;
 pub mod supervisor;

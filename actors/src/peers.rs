@@ -8,6 +8,7 @@ use ractor::ActorRef;
 
 use crate::fanin::FanInMsg;
 use crate::health::HealthMsg;
+use crate::instances::InstanceSupMsg;
 use crate::queue::QueueMsg;
 
 /// The long-lived actors everyone may need to reach.
@@ -17,6 +18,8 @@ pub struct Peers {
     pub queue: ActorRef<QueueMsg>,
     /// Fan-in of fragment results into parents.
     pub fanin: ActorRef<FanInMsg>,
-    /// Health of the model servers.
+    /// Probes of the model servers.
     pub health: ActorRef<HealthMsg>,
+    /// The model servers' lifecycles (ContainerActors).
+    pub instances: ActorRef<InstanceSupMsg>,
 }

@@ -141,6 +141,18 @@ pub trait JobStore: Send + Sync + 'static {
     /// Returns every job whose lease has expired to `pending`; the count.
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
 
+    /// The job's server went down while the job was in flight: back to
+    /// `pending` with `crashes` counted (not `attempts`), or `failed` with
+    /// [`poison_error`] once `crashes` reaches `limit`. Only the current
+    /// claim may; `Settled::Released` or `Settled::Failed`.
+    fn release_crashed(
+        &self,
+        claim: &Claim,
+        instance: &str,
+        limit: u32,
+        now: Timestamp,
+    ) -> StoreResult<Settled>;
+
     /// Returns every job claimed by `owner`, or by an owner whose name starts
     /// with `owner` followed by `/`, to `pending`, leases or not: for a daemon
     /// that restarts after a crash, or a dispatcher that crashed, whose claims
@@ -185,6 +197,15 @@ pub trait JobStore: Send + Sync + 'static {
     fn change_token(&self) -> StoreResult<Option<i64>>;
 }
 
+/// The error of a job quarantined as a poison job.
+pub fn poison_error(crashes: u32, instance: &str) -> String {
+    format!(
+        "poison job: its server ({instance}) went down {crashes} times while it was in flight, \
+         so it is quarantined instead of crash-looping the server; inspect its payload, \
+         then `gpu-feeder retry` it"
+    )
+}
+
 /// How a claim is settled.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Settle {
@@ -194,6 +215,15 @@ pub enum Settle {
     Fail(Failure),
     /// The job goes back to `pending`, no attempt counted.
     Release,
+    /// The job's server went down while it was in flight: it goes back to
+    /// `pending` with the crash counted (no attempt), or, at the `limit`th
+    /// crash, fails as a poison job.
+    Crashed {
+        /// The instance that went down.
+        instance: String,
+        /// Crashes that make it a poison job.
+        limit: u32,
+    },
 }
 
 /// What settling a claim did.
@@ -233,5 +263,6 @@ pub fn settle_one<S: JobStore + ?Sized>(
         Settle::Complete(done) => store.complete(claim, done, now).map(|()| Settled::Done),
         Settle::Fail(failure) => store.fail(claim, failure, now).map(Settled::Failed),
         Settle::Release => store.release(claim, now).map(|()| Settled::Released),
+        Settle::Crashed { instance, limit } => store.release_crashed(claim, &instance, limit, now),
     }
 }

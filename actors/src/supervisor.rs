@@ -1,7 +1,7 @@
 //! `FeederSupervisor`: the root of the actor tree.
 //!
-//! It starts the QueueActor, the FanInActor, the HealthActor and the
-//! DispatchSupervisor, restarts whichever fails (one for one, with backoff
+//! It starts the QueueActor, the FanInActor, the InstanceSupervisor, the
+//! HealthActor and the DispatchSupervisor, restarts whichever fails (one for one, with backoff
 //! and an intensity limit), hands everyone the new `Peers` after a restart,
 //! and runs the graceful shutdown: stop claiming, let requests in flight
 //! finish within a grace period, release the rest, commit every outcome.
@@ -17,6 +17,8 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::container::{InstanceStatus, LifecycleSettings};
+use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::dispatch::DispatchStatus;
 use crate::dispatch_supervisor::{
     DispatchSupArgs, DispatchSupMsg, DispatchSupervisor, InstanceSpec,
@@ -37,6 +39,8 @@ pub enum Child {
     Queue,
     /// FanInActor.
     FanIn,
+    /// InstanceSupervisor.
+    Instances,
     /// HealthActor.
     Health,
     /// DispatchSupervisor.
@@ -48,6 +52,7 @@ impl fmt::Display for Child {
         f.write_str(match self {
             Child::Queue => "queue actor",
             Child::FanIn => "fan-in actor",
+            Child::Instances => "instance supervisor",
             Child::Health => "health actor",
             Child::Dispatch => "dispatch supervisor",
         })
@@ -107,8 +112,10 @@ pub struct ShutdownReport {
 pub struct FeederStatus {
     /// Each dispatcher.
     pub dispatch: Vec<DispatchStatus>,
-    /// Each instance's health.
+    /// Each instance's probes.
     pub health: Vec<InstanceHealth>,
+    /// Each instance's lifecycle, in configuration order.
+    pub instances: Vec<InstanceStatus>,
     /// Restarts of the supervisor's children, by child.
     pub restarts: Vec<(String, u64, Option<String>)>,
     /// Every child runs and answered: what feeds the systemd watchdog.
@@ -136,8 +143,12 @@ pub struct PipelineSettings {
     pub health_interval: Duration,
     /// Time allowed for one probe.
     pub health_timeout: Duration,
-    /// Failed probes that end Ready.
-    pub failure_threshold: u32,
+    /// Restarts of the model servers, health thresholds, crash loops.
+    pub lifecycle: LifecycleSettings,
+    /// Leave the servers running when the pipeline shuts down.
+    pub keep_servers_on_exit: bool,
+    /// Crashes under a job that make it a poison job.
+    pub poison_after: u32,
     /// Restart policy of every supervisor.
     pub restart: RestartPolicy,
     /// Share of a parent's fragments that must succeed for it to be `done`.
@@ -161,7 +172,9 @@ impl Default for PipelineSettings {
             call_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(5),
             health_timeout: Duration::from_secs(5),
-            failure_threshold: 3,
+            lifecycle: LifecycleSettings::default(),
+            keep_servers_on_exit: true,
+            poison_after: 3,
             restart: RestartPolicy::default(),
             min_success_ratio: 1.0,
         }
@@ -194,6 +207,7 @@ pub struct FeederState {
     queue: Option<ActorRef<QueueMsg>>,
     fanin: Option<ActorRef<FanInMsg>>,
     health: Option<ActorRef<HealthMsg>>,
+    instances: Option<ActorRef<InstanceSupMsg>>,
     dispatch: Option<ActorRef<DispatchSupMsg>>,
     ids: HashMap<ActorId, Child>,
     trackers: HashMap<Child, RestartTracker>,
@@ -210,6 +224,7 @@ impl FeederState {
             queue: self.queue.clone()?,
             fanin: self.fanin.clone()?,
             health: self.health.clone()?,
+            instances: self.instances.clone()?,
         })
     }
 
@@ -251,8 +266,24 @@ impl FeederState {
                 self.fanin = Some(a);
                 id
             }
+            Child::Instances => {
+                let args = InstanceSupArgs {
+                    instances: self.args.instances.clone(),
+                    lifecycle: s.lifecycle.clone(),
+                    restart: s.restart,
+                };
+                let (a, _) =
+                    InstanceSupervisor::spawn_linked(None, InstanceSupervisor, args, cell).await?;
+                let id = a.get_id();
+                self.instances = Some(a);
+                id
+            }
             Child::Health => {
                 let args = HealthArgs {
+                    sink: self
+                        .instances
+                        .clone()
+                        .ok_or("the instance supervisor is not running")?,
                     instances: self
                         .args
                         .instances
@@ -261,7 +292,6 @@ impl FeederState {
                         .collect(),
                     interval: s.health_interval,
                     timeout: s.health_timeout,
-                    failure_threshold: s.failure_threshold,
                 };
                 let (a, _) = HealthActor::spawn_linked(None, HealthActor, args, cell).await?;
                 let id = a.get_id();
@@ -279,6 +309,7 @@ impl FeederState {
                     restart: s.restart,
                     peers: self.peers().ok_or("peers are not all running")?,
                     observer: self.args.observer.clone(),
+                    poison_after: s.poison_after,
                 };
                 let (a, _) =
                     DispatchSupervisor::spawn_linked(None, DispatchSupervisor, args, cell).await?;
@@ -299,6 +330,7 @@ impl FeederState {
         let Some(peers) = self.peers() else { return };
         let _ = peers.queue.cast(QueueMsg::Peers(peers.clone()));
         let _ = peers.fanin.cast(FanInMsg::Peers(peers.clone()));
+        let _ = peers.health.cast(HealthMsg::Peers(peers.clone()));
         if let Some(d) = &self.dispatch {
             let _ = d.cast(DispatchSupMsg::Peers(peers));
         }
@@ -320,13 +352,20 @@ impl Actor for FeederSupervisor {
             queue: None,
             fanin: None,
             health: None,
+            instances: None,
             dispatch: None,
             ids: HashMap::new(),
             trackers: HashMap::new(),
             stopping: false,
             first_queue_start: true,
         };
-        for child in [Child::Queue, Child::FanIn, Child::Health, Child::Dispatch] {
+        for child in [
+            Child::Queue,
+            Child::FanIn,
+            Child::Instances,
+            Child::Health,
+            Child::Dispatch,
+        ] {
             state.spawn(&myself, child).await?;
         }
         state.broadcast_peers();
@@ -388,6 +427,19 @@ impl Actor for FeederSupervisor {
                         )
                         .await;
                 }
+                if let Some(i) = &state.instances {
+                    let stop_servers = !state.args.settings.keep_servers_on_exit;
+                    let grace = state.args.settings.lifecycle.stop_grace;
+                    let _ = i
+                        .call(
+                            |r| InstanceSupMsg::Shutdown {
+                                stop_servers,
+                                reply: r,
+                            },
+                            Some(grace + Duration::from_secs(30)),
+                        )
+                        .await;
+                }
                 let _ = reply.send(report);
             }
             FeederMsg::Status { reply } => {
@@ -417,8 +469,17 @@ impl Actor for FeederSupervisor {
                         answered += 1;
                     }
                 }
+                if let Some(i) = &state.instances {
+                    if let Ok(CallResult::Success(s)) = i
+                        .call(InstanceSupMsg::Status, Some(Duration::from_secs(5)))
+                        .await
+                    {
+                        status.instances = s;
+                        answered += 1;
+                    }
+                }
                 // Every child is running, and those asked answered in time.
-                status.children_answered = answered == 2
+                status.children_answered = answered == 3
                     && state.queue.is_some()
                     && state.fanin.is_some()
                     && status.dispatch.len() == state.args.instances.len();
@@ -468,6 +529,7 @@ impl Actor for FeederSupervisor {
         match child {
             Child::Queue => state.queue = None,
             Child::FanIn => state.fanin = None,
+            Child::Instances => state.instances = None,
             Child::Health => state.health = None,
             Child::Dispatch => state.dispatch = None,
         }

@@ -68,11 +68,8 @@ impl Pipeline {
             clock: Arc::new(TokioClock::starting_at(T0)),
             instances: instances
                 .into_iter()
-                .map(|(name, model, window, client)| InstanceSpec {
-                    name: name.to_string(),
-                    model,
-                    window,
-                    client: Arc::new(client),
+                .map(|(name, model, window, client)| {
+                    InstanceSpec::external(name, model, window, Arc::new(client))
                 })
                 .collect(),
             owner: "test-host".into(),

@@ -219,29 +219,48 @@ pub fn config_summary(c: &Config) -> String {
     out
 }
 
-/// `instances` without `--json`, from the `/v1/status` document.
+/// `instances` without `--json`, from the `/v1/status` document: one line
+/// per instance, then why it is in its state (with the server's last output
+/// when it failed).
 pub fn instances_table(status: &Value) -> String {
     let mut out = format!(
-        "{:<12} {:<7} {:<9} {:<10} {:>9} {:>7}  {}\n",
-        "INSTANCE", "MODEL", "BACKEND", "STATE", "IN FLIGHT", "WINDOW", "URL / LAST ERROR"
+        "{:<12} {:<7} {:<9} {:<10} {:>8} {:>9} {:>7}  {}\n",
+        "INSTANCE", "MODEL", "BACKEND", "STATE", "RESTARTS", "IN FLIGHT", "WINDOW", "SERVER"
     );
+    let mut notes = String::new();
     for i in status["instances"].as_array().into_iter().flatten() {
-        let detail = i["last_error"]
-            .as_str()
-            .filter(|_| i["state"] != "ready")
-            .unwrap_or(i["url"].as_str().unwrap_or(""));
+        let name = i["name"].as_str().unwrap_or("");
+        let state = i["state"].as_str().unwrap_or("");
+        let server = match i["container_id"].as_str() {
+            Some(id) => {
+                let short: String = id.chars().take(12).collect();
+                let adopted = if i["adopted"] == true { ", adopted" } else { "" };
+                format!("{short}{adopted} · {}", i["url"].as_str().unwrap_or(""))
+            }
+            None => i["url"].as_str().unwrap_or("").to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:<12} {:<7} {:<9} {:<10} {:>9} {:>7}  {}",
-            i["name"].as_str().unwrap_or(""),
+            "{:<12} {:<7} {:<9} {:<10} {:>8} {:>9} {:>7}  {}",
+            name,
             i["model_type"].as_str().unwrap_or(""),
             i["backend"].as_str().unwrap_or(""),
-            i["state"].as_str().unwrap_or(""),
+            state,
+            i["restarts"],
             i["in_flight"],
             i["window"],
-            clip(detail, 60)
+            server
         );
+        if state != "ready" {
+            if let Some(reason) = i["reason"].as_str() {
+                let _ = writeln!(notes, "{name}: {state}: {}", clip(reason, 200));
+            }
+        }
+        if let Some(e) = i["last_error"].as_str().filter(|_| state != "ready") {
+            let _ = writeln!(notes, "{name}: last error: {e}");
+        }
     }
+    out.push_str(&notes);
     let _ = writeln!(
         out,
         "strategy: {}",

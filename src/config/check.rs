@@ -45,6 +45,12 @@ impl Checker<'_> {
             self.at(path, format!("{v} is out of range: allowed {lo} to {hi}"));
         }
     }
+
+    fn range_f64(&mut self, path: &[Seg<'_>], v: f64, lo: f64, hi: f64) {
+        if !(v >= lo && v <= hi) {
+            self.at(path, format!("{v} is out of range: allowed {lo} to {hi}"));
+        }
+    }
 }
 
 fn key(k: &str) -> Seg<'_> {
@@ -115,14 +121,59 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
     }
 
     let h = &config.health;
-    c.range_u64(&[key("health"), key("interval_s")], h.interval_s, 1, 3_600);
+    c.range_f64(&[key("health"), key("interval_s")], h.interval_s, 0.05, 3_600.0);
     c.range_u64(
         &[key("health"), key("failure_threshold")],
         h.failure_threshold.into(),
         1,
         100,
     );
-    c.range_u64(&[key("health"), key("timeout_s")], h.timeout_s, 1, 600);
+    c.range_f64(&[key("health"), key("timeout_s")], h.timeout_s, 0.05, 600.0);
+    c.range_f64(
+        &[key("health"), key("restart_backoff_s")],
+        h.restart_backoff_s,
+        0.01,
+        3_600.0,
+    );
+    if !(h.restart_backoff_max_s >= h.restart_backoff_s && h.restart_backoff_max_s <= 86_400.0) {
+        c.at(
+            &[key("health"), key("restart_backoff_max_s")],
+            format!(
+                "must be at least health.restart_backoff_s ({}) and at most 86400 seconds",
+                h.restart_backoff_s
+            ),
+        );
+    }
+    c.range_f64(
+        &[key("health"), key("restart_reset_s")],
+        h.restart_reset_s,
+        0.0,
+        86_400.0,
+    );
+    c.range_u64(
+        &[key("health"), key("crash_loop_restarts")],
+        h.crash_loop_restarts.into(),
+        1,
+        1_000,
+    );
+    c.range_f64(
+        &[key("health"), key("crash_loop_window_s")],
+        h.crash_loop_window_s,
+        1.0,
+        86_400.0,
+    );
+    c.range_u64(
+        &[key("health"), key("poison_after_crashes")],
+        h.poison_after_crashes.into(),
+        1,
+        100,
+    );
+    c.range_f64(
+        &[key("servers"), key("stop_grace_s")],
+        config.servers.stop_grace_s,
+        0.0,
+        3_600.0,
+    );
 
     let admin_port = match config.admin.listen.parse::<SocketAddr>() {
         Ok(addr) => Some(addr.port()),

@@ -31,8 +31,10 @@ pub struct Config {
     pub queue: QueueConfig,
     /// How jobs are sent to the model servers.
     pub dispatch: DispatchConfig,
-    /// Health checks of the model servers.
+    /// Health checks of the model servers, restarts and crash loops.
     pub health: HealthConfig,
+    /// How the feeder launches, adopts and leaves its model servers.
+    pub servers: ServersConfig,
     /// The admin HTTP endpoint (metrics, status, submit).
     pub admin: AdminConfig,
     /// Which instances run, with how much GPU memory.
@@ -143,19 +145,66 @@ impl DispatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Seconds between probes of each instance.
-    pub interval_s: u64,
+    pub interval_s: f64,
     /// Consecutive failed probes that make a Ready instance Unhealthy.
     pub failure_threshold: u32,
     /// Time allowed for one probe.
-    pub timeout_s: u64,
+    pub timeout_s: f64,
+    /// First delay before an unhealthy or exited server is restarted; each
+    /// further restart doubles it.
+    pub restart_backoff_s: f64,
+    /// Longest delay between restarts.
+    pub restart_backoff_max_s: f64,
+    /// After this long Ready, the restart delay starts from the beginning again.
+    pub restart_reset_s: f64,
+    /// This many restarts within `crash_loop_window_s` mark the instance Failed.
+    pub crash_loop_restarts: u32,
+    /// The window of `crash_loop_restarts`.
+    pub crash_loop_window_s: f64,
+    /// A job in flight during this many consecutive crashes of its server
+    /// is failed as a poison job instead of being sent again.
+    pub poison_after_crashes: u32,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            interval_s: 5,
+            interval_s: 5.0,
             failure_threshold: 3,
-            timeout_s: 5,
+            timeout_s: 5.0,
+            restart_backoff_s: 10.0,
+            restart_backoff_max_s: 300.0,
+            restart_reset_s: 600.0,
+            crash_loop_restarts: 5,
+            crash_loop_window_s: 1800.0,
+            poison_after_crashes: 3,
+        }
+    }
+}
+
+/// `[servers]`
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServersConfig {
+    /// Leave the model servers running when the daemon exits, so the next
+    /// start adopts them with their models still loaded.
+    pub keep_servers_on_exit: bool,
+    /// Pid files and output of `process` servers.
+    pub state_dir: PathBuf,
+    /// Time a server gets to stop after SIGTERM before it is killed.
+    pub stop_grace_s: f64,
+    /// The Docker engine: `unix:///path`, `tcp://host:port`, or empty for
+    /// `$DOCKER_HOST` or the local socket.
+    pub docker_host: String,
+}
+
+impl Default for ServersConfig {
+    fn default() -> Self {
+        ServersConfig {
+            keep_servers_on_exit: true,
+            state_dir: "/var/lib/gpu-feeder/servers".into(),
+            stop_grace_s: 30.0,
+            docker_host: String::new(),
         }
     }
 }
@@ -374,6 +423,10 @@ pub struct InstanceConfig {
     /// Docker shared-memory size (vLLM needs more than Docker's 64 MB).
     #[serde(default = "default_shm_size")]
     pub shm_size: String,
+    /// Docker network: `host` (the server listens on the host's `port`), or
+    /// another network, with `port` published on the host.
+    #[serde(default = "default_docker_network")]
+    pub docker_network: String,
     /// The model's `tokenizer.json`, for chunking text by tokens.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
@@ -412,6 +465,9 @@ fn default_startup_timeout_s() -> u64 {
 }
 fn default_shm_size() -> String {
     "16g".into()
+}
+fn default_docker_network() -> String {
+    "host".into()
 }
 fn default_max_tokens() -> u32 {
     1024
@@ -532,6 +588,7 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
+        abs(&mut self.servers.state_dir);
         let q = &mut self.queue;
         abs(&mut q.db_path);
         abs(&mut q.results_dir);

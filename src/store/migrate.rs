@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "follow_ups",
         sql: include_str!("../../migrations/0002_follow_ups.sql"),
     },
+    Migration {
+        version: 3,
+        name: "crashes",
+        sql: include_str!("../../migrations/0003_crashes.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.

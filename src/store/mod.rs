@@ -21,6 +21,8 @@ use feeder_actors::{
     StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
 
+use feeder_actors::store::poison_error;
+
 pub use migrate::{latest_version, MigrationReport};
 use rows::{job_from_row, secs, Db};
 
@@ -28,6 +30,7 @@ const CLAIM: &str = include_str!("sql/claim.sql");
 const COMPLETE: &str = include_str!("sql/complete.sql");
 const FAIL: &str = include_str!("sql/fail.sql");
 const RELEASE: &str = include_str!("sql/release.sql");
+const CRASHED: &str = include_str!("sql/crashed.sql");
 const RECLAIM: &str = include_str!("sql/reclaim.sql");
 const RELEASE_OWNER: &str = include_str!("sql/release_owner.sql");
 const INSERT: &str = include_str!("sql/insert.sql");
@@ -359,6 +362,38 @@ fn release_in(tx: &Transaction<'_>, claim: &Claim, now: Timestamp) -> StoreResul
     }
 }
 
+fn crashed_in(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    instance: &str,
+    limit: u32,
+    now: Timestamp,
+) -> StoreResult<Settled> {
+    let limit = limit.max(1);
+    let row = tx
+        .prepare_cached(CRASHED)
+        .db()?
+        .query_row(
+            named_params! {
+                ":id": claim.job_id.0,
+                ":claim_id": claim.claim_id,
+                ":limit": limit,
+                ":error": poison_error(limit, instance),
+                ":now": secs(now),
+            },
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(2)?)),
+        )
+        .optional()
+        .db()?;
+    match row {
+        None => Err(stale(claim)),
+        Some((status, attempts)) if status == "failed" => {
+            Ok(Settled::Failed(FailOutcome::Failed { attempts }))
+        }
+        Some(_) => Ok(Settled::Released),
+    }
+}
+
 impl JobStore for SqliteStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
         self.write(|tx| submit_in(tx, &job, now))
@@ -483,6 +518,9 @@ impl JobStore for SqliteStore {
                     }
                     Settle::Fail(failure) => fail_in(tx, &claim, failure, now).map(Settled::Failed),
                     Settle::Release => release_in(tx, &claim, now).map(|()| Settled::Released),
+                    Settle::Crashed { instance, limit } => {
+                        crashed_in(tx, &claim, &instance, limit, now)
+                    }
                 })
                 .collect())
         })
@@ -494,6 +532,16 @@ impl JobStore for SqliteStore {
 
     fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()> {
         self.write(|tx| release_in(tx, claim, now))
+    }
+
+    fn release_crashed(
+        &self,
+        claim: &Claim,
+        instance: &str,
+        limit: u32,
+        now: Timestamp,
+    ) -> StoreResult<Settled> {
+        self.write(|tx| crashed_in(tx, claim, instance, limit, now))
     }
 
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
@@ -547,7 +595,7 @@ impl JobStore for SqliteStore {
                     hint: "only failed or cancelled jobs can be retried",
                 });
             }
-            let reset = "attempts = 0, run_at = 0, error = NULL, result_path = NULL, \
+            let reset = "attempts = 0, crashes = 0, run_at = 0, error = NULL, result_path = NULL, \
                          finished_at = NULL, claim_id = NULL, lease_until = NULL, updated_at = ?2";
             if job.is_parent() {
                 tx.execute(

@@ -91,6 +91,7 @@ pub(crate) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<StoreResult<Job>> {
             priority: col(r, "priority", row)?,
             attempts: col(r, "attempts", row)?,
             max_attempts: col(r, "max_attempts", row)?,
+            crashes: col(r, "crashes", row)?,
             payload_sha256: col(r, "payload_sha256", row)?,
             payload_path: col::<Option<String>>(r, "payload_path", row)?.map(PathBuf::from),
             payload_inline: col(r, "payload_inline", row)?,

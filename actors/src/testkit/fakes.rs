@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use ractor::{Actor, ActorProcessingErr, ActorRef, Message};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::inference::{InferenceClient, InferenceError, InferenceOutput};
+use crate::inference::{InferenceClient, InferenceError, InferenceOutput, ProbeError};
 use crate::job::{Job, JobId};
 use crate::results::ResultStore;
 
@@ -34,7 +34,8 @@ struct FakeInner {
     received: Mutex<Vec<JobId>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
-    healthy: AtomicBool,
+    probe: Mutex<Result<(), ProbeError>>,
+    deep_probes: AtomicUsize,
 }
 
 impl Default for FakeInference {
@@ -53,7 +54,8 @@ impl FakeInference {
                 received: Mutex::new(Vec::new()),
                 in_flight: AtomicUsize::new(0),
                 max_in_flight: AtomicUsize::new(0),
-                healthy: AtomicBool::new(true),
+                probe: Mutex::new(Ok(())),
+                deep_probes: AtomicUsize::new(0),
             }),
         }
     }
@@ -88,7 +90,21 @@ impl FakeInference {
 
     /// Makes health checks pass or fail.
     pub fn set_healthy(&self, healthy: bool) {
-        self.inner.healthy.store(healthy, Ordering::SeqCst);
+        self.set_probe(if healthy {
+            Ok(())
+        } else {
+            Err(ProbeError::Broken("fake server marked unhealthy".into()))
+        });
+    }
+
+    /// What the next probes find.
+    pub fn set_probe(&self, outcome: Result<(), ProbeError>) {
+        *self.inner.probe.lock().unwrap() = outcome;
+    }
+
+    /// Deep probes (with a canary completion) made so far.
+    pub fn deep_probes(&self) -> usize {
+        self.inner.deep_probes.load(Ordering::SeqCst)
     }
 
     /// The jobs received, in arrival order.
@@ -145,12 +161,11 @@ impl InferenceClient for FakeInference {
         })
     }
 
-    async fn health(&self) -> Result<(), String> {
-        if self.inner.healthy.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err("fake server marked unhealthy".into())
+    async fn probe(&self, deep: bool) -> Result<(), ProbeError> {
+        if deep {
+            self.inner.deep_probes.fetch_add(1, Ordering::SeqCst);
         }
+        self.inner.probe.lock().unwrap().clone()
     }
 }
 

@@ -9,7 +9,9 @@ use crate::job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
     ModelStats, ModelType, NewJob, Payload, QueueStats, Submitted,
 };
-use crate::store::{JobStore, ParentOutcome, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS};
+use crate::store::{
+    poison_error, JobStore, ParentOutcome, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+};
 use crate::time::Timestamp;
 
 #[derive(Default)]
@@ -98,6 +100,7 @@ impl Inner {
             priority: new.priority,
             attempts: 0,
             max_attempts: new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            crashes: 0,
             payload_sha256: new.payload_sha256.clone(),
             payload_path,
             payload_inline,
@@ -296,6 +299,33 @@ impl JobStore for MemoryStore {
         Ok(())
     }
 
+    fn release_crashed(
+        &self,
+        claim: &Claim,
+        instance: &str,
+        limit: u32,
+        now: Timestamp,
+    ) -> StoreResult<Settled> {
+        let mut inner = self.lock();
+        let j = inner.current(claim)?;
+        j.crashes += 1;
+        let out = if j.crashes >= limit {
+            j.status = JobStatus::Failed;
+            j.error = Some(poison_error(j.crashes, instance));
+            j.finished_at = Some(now);
+            j.claim_id = None;
+            j.lease_until = None;
+            Settled::Failed(FailOutcome::Failed {
+                attempts: j.attempts,
+            })
+        } else {
+            to_pending(j);
+            Settled::Released
+        };
+        inner.version += 1;
+        Ok(out)
+    }
+
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
         let mut inner = self.lock();
         let mut n = 0;
@@ -363,6 +393,7 @@ impl JobStore for MemoryStore {
         let reset = |j: &mut Job, status: JobStatus| {
             j.status = status;
             j.attempts = 0;
+            j.crashes = 0;
             j.run_at = None;
             j.error = None;
             j.result_path = None;

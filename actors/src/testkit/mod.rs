@@ -6,7 +6,9 @@
 
 pub mod fakes;
 pub mod memory_store;
+pub mod runtime;
 pub mod store_contract;
 
 pub use fakes::{wait_until, FakeInference, MemoryResults, Recorder};
 pub use memory_store::MemoryStore;
+pub use runtime::FakeRuntime;

@@ -36,7 +36,8 @@ macro_rules! store_contract_tests {
             claim_respects_run_at_and_model, concurrent_claimers_never_share,
             lease_expiry_reclaims, stale_claim_cannot_complete, backoff_schedule,
             max_attempts_leads_to_failed, permanent_failure_fails_at_once,
-            release_keeps_attempts, release_owner_returns_its_claims, cancel,
+            release_keeps_attempts, crashes_quarantine_a_poison_job,
+            release_owner_returns_its_claims, cancel,
             manual_retry, fragments_of_parent, complete_records_result,
             settle_batch_mixes_outcomes, parents_finish_exactly_once,
             change_token_moves_on_foreign_commits, follow_ups_are_pending_until_created,
@@ -390,6 +391,34 @@ pub fn release_keeps_attempts(f: &impl StoreFixture) {
     let job = s.get(id).unwrap().unwrap();
     assert_eq!((job.status, job.attempts), (JobStatus::Pending, 0));
     assert_eq!(job.claim_id, None);
+}
+
+/// A crash under a job counts `crashes`, not `attempts`; at the limit the
+/// job fails as a poison job; a stale claim is refused; retry starts over.
+pub fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
+    let s = f.handle();
+    let id = s.submit(job(ModelType::Vision, "poison"), T0).unwrap().id;
+    for n in 1..=2 {
+        let c = claim_one(&s, ModelType::Vision, T0).unwrap();
+        let out = s.release_crashed(&c, "vision", 3, T0).unwrap();
+        assert_eq!(out, crate::store::Settled::Released);
+        let j = s.get(id).unwrap().unwrap();
+        assert_eq!((j.status, j.attempts, j.crashes), (JobStatus::Pending, 0, n));
+        assert!(s.release_crashed(&c, "vision", 3, T0).is_err(), "a stale claim");
+    }
+    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
+    let out = s.release_crashed(&c, "vision", 3, T0 + secs(1)).unwrap();
+    assert_eq!(
+        out,
+        crate::store::Settled::Failed(crate::job::FailOutcome::Failed { attempts: 0 })
+    );
+    let j = s.get(id).unwrap().unwrap();
+    assert_eq!((j.status, j.crashes), (JobStatus::Failed, 3));
+    let error = j.error.unwrap();
+    assert!(error.starts_with("poison job") && error.contains("vision"), "{error}");
+    assert_eq!(j.finished_at, Some(T0 + secs(1)));
+    let j = s.retry(id, T0 + secs(2)).unwrap();
+    assert_eq!((j.status, j.crashes, j.attempts), (JobStatus::Pending, 0, 0));
 }
 
 /// `release_owner` returns exactly that owner's claims.

@@ -1,0 +1,739 @@
+//! `ContainerActor`: one per configured model server. It launches the
+//! server (or adopts the one an earlier run left, when its configuration
+//! hash matches), watches it exit, turns probe outcomes from the HealthActor
+//! into the instance's state, and restarts it with exponential backoff.
+//!
+//! ```text
+//! Stopped → Starting → Loading → Ready ⇄ Unhealthy → Restarting → Starting …
+//!                                  ↘ Stopping → Stopped     (crash loop) → Failed
+//! ```
+//!
+//! - Loading lasts until a probe confirms the server (health, model list and
+//!   a canary completion), at most `startup_timeout`.
+//! - `failure_threshold` consecutive failed probes, a server that exits, or
+//!   a load that takes too long make it Unhealthy: its dispatcher is told at
+//!   once (jobs in flight go back to `pending`), and a restart follows after
+//!   `restart.delay(n)` — 10 s doubling to 5 min by default, starting over
+//!   after `restart_reset` of good health.
+//! - More than `crash_loop_restarts` restarts within `crash_loop_window`
+//!   make it Failed: it is not restarted again, an error is logged, and the
+//!   model's jobs simply wait in `pending`.
+//! - An `external` instance (no runtime) is only probed: Loading → Ready ⇄
+//!   Unhealthy, never restarted.
+//!
+//! Every transition is logged with its reason and kept for `Status`.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::dispatch::DispatchMsg;
+use crate::inference::ProbeError;
+use crate::job::ModelType;
+use crate::runtime::{ContainerRuntime, Exit, LaunchPlan};
+
+/// Lines of server output kept with a failure.
+const LOG_LINES: usize = 20;
+/// Transitions kept for `Status`.
+const HISTORY: usize = 32;
+
+/// One state change, as `gpu-feeder instances` lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transition {
+    /// The state left.
+    pub from: InstanceState,
+    /// The state entered.
+    pub to: InstanceState,
+    /// Why.
+    pub reason: String,
+    /// When (wall clock).
+    pub at: std::time::SystemTime,
+}
+
+/// Where an instance is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InstanceState {
+    /// Not running (before the first start, or stopped on purpose).
+    Stopped,
+    /// Being launched or adopted.
+    Starting,
+    /// Up, loading its model: not yet confirmed by a probe.
+    Loading,
+    /// Confirmed: receives requests.
+    Ready,
+    /// Failed its probes, exited, or did not load in time.
+    Unhealthy,
+    /// Waiting out the backoff before it is launched again.
+    Restarting,
+    /// Being stopped.
+    Stopping,
+    /// Restarted too often: left alone until an operator steps in.
+    Failed,
+}
+
+impl InstanceState {
+    /// The name used in logs, `instances --json` and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Stopped => "stopped",
+            InstanceState::Starting => "starting",
+            InstanceState::Loading => "loading",
+            InstanceState::Ready => "ready",
+            InstanceState::Unhealthy => "unhealthy",
+            InstanceState::Restarting => "restarting",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Failed => "failed",
+        }
+    }
+
+    /// Every state, in lifecycle order.
+    pub const ALL: [InstanceState; 8] = [
+        InstanceState::Stopped,
+        InstanceState::Starting,
+        InstanceState::Loading,
+        InstanceState::Ready,
+        InstanceState::Unhealthy,
+        InstanceState::Restarting,
+        InstanceState::Stopping,
+        InstanceState::Failed,
+    ];
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Messages of a ContainerActor.
+#[derive(Debug)]
+pub enum ContainerMsg {
+    /// Launch or adopt the server.
+    Start,
+    /// A launch finished.
+    Launched {
+        /// The launch it answers.
+        generation: u64,
+        /// The server's id and whether it was adopted, or why it failed.
+        result: Result<(String, bool), String>,
+    },
+    /// The server exited.
+    Exited {
+        /// The launch it belongs to.
+        generation: u64,
+        /// How.
+        exit: Exit,
+        /// Its last lines of output.
+        log_tail: String,
+    },
+    /// A probe's outcome, from the HealthActor.
+    Probed(Result<(), ProbeError>),
+    /// The load took too long.
+    StartupTimeout {
+        /// The launch it belongs to.
+        generation: u64,
+    },
+    /// The backoff is over: launch again.
+    RestartNow {
+        /// The launch it belongs to.
+        generation: u64,
+    },
+    /// `dispatcher` wants Ready updates and down notices.
+    Watch(ActorRef<DispatchMsg>),
+    /// Relaunch with another plan (the allocator's memory share), draining
+    /// first: the dispatcher is told the instance is not Ready, then the
+    /// server is stopped and launched again. Replies once it is launching.
+    Reconfigure {
+        /// The new plan.
+        plan: LaunchPlan,
+        /// Answered when the new server is being launched.
+        reply: RpcReplyPort<()>,
+    },
+    /// Stop the server (when `stop_server`) or leave it running; replies when done.
+    Shutdown {
+        /// Stop it, or leave it for the next run to adopt.
+        stop_server: bool,
+        /// Answered when the server is stopped (or left).
+        reply: RpcReplyPort<()>,
+    },
+    /// A stop finished.
+    StopDone {
+        /// The stop it answers.
+        generation: u64,
+        /// Why it failed, if it did.
+        result: Result<(), String>,
+    },
+    /// A snapshot.
+    Status(RpcReplyPort<InstanceStatus>),
+}
+
+/// One instance as `gpu-feeder instances` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceStatus {
+    /// The instance.
+    pub name: String,
+    /// Its model.
+    pub model: ModelType,
+    /// `docker`, `process` or `external`.
+    pub backend: String,
+    /// Its state.
+    pub state: InstanceState,
+    /// Why it is in that state.
+    pub reason: String,
+    /// How long it has been in that state.
+    pub in_state_for: Duration,
+    /// Container id or process id.
+    pub container_id: Option<String>,
+    /// Whether the running server was adopted from an earlier run.
+    pub adopted: bool,
+    /// Restarts since the daemon started.
+    pub restarts: u64,
+    /// The last failure, with the server's last lines of output.
+    pub last_error: Option<String>,
+    /// The plan it runs with (launched instances only).
+    pub plan: Option<LaunchPlan>,
+    /// The latest transitions, oldest first.
+    pub history: Vec<Transition>,
+}
+
+/// Restart and health settings of a ContainerActor.
+#[derive(Clone, Debug)]
+pub struct LifecycleSettings {
+    /// Time allowed from launch to Ready.
+    pub startup_timeout: Duration,
+    /// Consecutive failed probes that make a Ready instance Unhealthy.
+    pub failure_threshold: u32,
+    /// Delays before restarts (`delay(1)` is the first).
+    pub restart: Backoff,
+    /// Ready this long, and the restart delays start over.
+    pub restart_reset: Duration,
+    /// Restarts tolerated within `crash_loop_window`; one more is a crash loop.
+    pub crash_loop_restarts: u32,
+    /// The window of `crash_loop_restarts`.
+    pub crash_loop_window: Duration,
+    /// Time a server gets to stop before it is killed.
+    pub stop_grace: Duration,
+}
+
+impl Default for LifecycleSettings {
+    fn default() -> Self {
+        LifecycleSettings {
+            startup_timeout: Duration::from_secs(900),
+            failure_threshold: 3,
+            restart: Backoff {
+                base: Duration::from_secs(10),
+                max: Duration::from_secs(300),
+                factor: 2.0,
+                jitter: 0.0,
+            },
+            restart_reset: Duration::from_secs(600),
+            crash_loop_restarts: 5,
+            crash_loop_window: Duration::from_secs(1800),
+            stop_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a ContainerActor is started.
+#[derive(Clone)]
+pub struct ContainerArgs {
+    /// The instance.
+    pub name: String,
+    /// Its model.
+    pub model: ModelType,
+    /// How its server is run; `None` for an external server.
+    pub runtime: Option<Arc<dyn ContainerRuntime>>,
+    /// The launch plan at start.
+    pub plan: LaunchPlan,
+    /// Timings and limits.
+    pub settings: LifecycleSettings,
+    /// Dispatchers already watching (after a restart of this actor).
+    pub watchers: Vec<ActorRef<DispatchMsg>>,
+}
+
+/// The ContainerActor's state.
+pub struct ContainerState {
+    args: ContainerArgs,
+    state: InstanceState,
+    reason: String,
+    since: Instant,
+    generation: u64,
+    id: Option<String>,
+    adopted: bool,
+    restarts: u64,
+    /// Restarts in a row without `restart_reset` of good health between.
+    streak: u32,
+    /// When recent restarts happened (for crash-loop detection).
+    recent: VecDeque<Instant>,
+    failures: u32,
+    last_probe_error: Option<ProbeError>,
+    last_error: Option<String>,
+    pending_reconfigure: Vec<RpcReplyPort<()>>,
+    shutdown_waiters: Vec<RpcReplyPort<()>>,
+    history: VecDeque<Transition>,
+}
+
+/// Runs one model server.
+pub struct ContainerActor;
+
+impl ContainerState {
+    fn name(&self) -> &str {
+        &self.args.name
+    }
+
+    fn backend(&self) -> &'static str {
+        self.args.runtime.as_ref().map_or("external", |r| r.backend())
+    }
+
+    fn set(&mut self, state: InstanceState, reason: impl Into<String>) {
+        let reason = reason.into();
+        let was = self.state;
+        let instance = self.args.name.as_str();
+        let msg = format!("{was} → {state}: {reason}");
+        match state {
+            InstanceState::Failed => error!(instance, "{msg}"),
+            InstanceState::Unhealthy => warn!(instance, "{msg}"),
+            _ => info!(instance, "{msg}"),
+        }
+        let ready_changed = (was == InstanceState::Ready) != (state == InstanceState::Ready);
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Transition {
+            from: was,
+            to: state,
+            reason: reason.clone(),
+            at: std::time::SystemTime::now(),
+        });
+        self.state = state;
+        self.reason = reason;
+        self.since = Instant::now();
+        if ready_changed {
+            let ready = state == InstanceState::Ready;
+            self.args
+                .watchers
+                .retain(|w| w.cast(DispatchMsg::Ready(ready)).is_ok());
+        }
+    }
+
+    /// Tells the dispatchers the server went down with their requests.
+    fn tell_down(&mut self, reason: &str) {
+        let reason = format!("{} went down: {reason}", self.args.name);
+        self.args.watchers.retain(|w| {
+            w.cast(DispatchMsg::InstanceDown {
+                reason: reason.clone(),
+            })
+            .is_ok()
+        });
+    }
+
+    fn launch(&mut self, myself: &ActorRef<ContainerMsg>) {
+        let Some(runtime) = self.args.runtime.clone() else {
+            self.set(
+                InstanceState::Loading,
+                "an external server: waiting for it to answer its probes",
+            );
+            return;
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        self.failures = 0;
+        self.last_probe_error = None;
+        self.set(
+            InstanceState::Starting,
+            format!(
+                "launching ({} backend, gpu_memory_utilization {})",
+                runtime.backend(),
+                self.args.plan.gpu_memory_utilization
+            ),
+        );
+        let plan = self.args.plan.clone();
+        let grace = self.args.settings.stop_grace;
+        let instance = self.args.name.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = adopt_or_start(&*runtime, &plan, grace, &instance).await;
+            let _ = me.cast(ContainerMsg::Launched { generation, result });
+        });
+    }
+
+    fn launched(&mut self, myself: &ActorRef<ContainerMsg>, id: String, adopted: bool) {
+        self.id = Some(id.clone());
+        self.adopted = adopted;
+        let what = if adopted {
+            format!("adopted the running server {id} (configuration unchanged, model still loaded)")
+        } else {
+            format!("launched {id}; waiting for the model to load")
+        };
+        self.set(InstanceState::Loading, what);
+        let generation = self.generation;
+        let runtime = self.args.runtime.clone().expect("launched servers have a runtime");
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let exit = runtime.wait_exit(&id).await;
+            let log_tail = runtime.logs(&id, LOG_LINES).await;
+            let _ = me.cast(ContainerMsg::Exited {
+                generation,
+                exit,
+                log_tail,
+            });
+        });
+        let timeout = self.args.settings.startup_timeout;
+        myself.send_after(timeout, move || ContainerMsg::StartupTimeout { generation });
+    }
+
+    /// The server is down or unusable: tell the dispatchers, then restart
+    /// it after the backoff, or give up on a crash loop.
+    fn unhealthy(&mut self, myself: &ActorRef<ContainerMsg>, reason: String) {
+        let was_ready_for = (self.state == InstanceState::Ready).then(|| self.since.elapsed());
+        self.last_error = Some(reason.clone());
+        self.set(InstanceState::Unhealthy, reason.clone());
+        self.tell_down(&reason);
+        let Some(runtime) = self.args.runtime.clone() else {
+            return; // External: probes bring it back.
+        };
+        let s = &self.args.settings;
+        if was_ready_for.is_some_and(|d| d >= s.restart_reset) {
+            self.streak = 0;
+        }
+        let now = Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > s.crash_loop_window)
+        {
+            self.recent.pop_front();
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        let old = self.id.take();
+        let grace = s.stop_grace;
+        if self.recent.len() as u32 >= s.crash_loop_restarts {
+            let window = s.crash_loop_window.as_secs();
+            let n = self.recent.len();
+            self.set(
+                InstanceState::Failed,
+                format!(
+                    "crash loop: {n} restarts within {window} s did not help; not restarting again. \
+                     Its jobs wait in `pending`. Fix the cause (see last_error), then restart gpu-feeder"
+                ),
+            );
+            if let Some(id) = old {
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    let result = runtime.stop(&id, grace).await;
+                    let _ = me.cast(ContainerMsg::StopDone { generation, result });
+                });
+            }
+            return;
+        }
+        self.streak += 1;
+        let delay = s.restart.delay(self.streak);
+        self.set(
+            InstanceState::Restarting,
+            format!("restart {} in {:.1} s", self.restarts + 1, delay.as_secs_f64()),
+        );
+        let me = myself.clone();
+        tokio::spawn(async move {
+            if let Some(id) = old {
+                if let Err(e) = runtime.stop(&id, grace).await {
+                    warn!("stopping {id} before its restart failed: {e}");
+                }
+            }
+            me.send_after(delay, move || ContainerMsg::RestartNow { generation });
+        });
+    }
+
+    fn probed(&mut self, myself: &ActorRef<ContainerMsg>, outcome: Result<(), ProbeError>) {
+        match (self.state, outcome) {
+            (InstanceState::Loading | InstanceState::Unhealthy, Ok(()))
+                if self.state == InstanceState::Loading || self.args.runtime.is_none() =>
+            {
+                self.failures = 0;
+                self.last_probe_error = None;
+                self.set(InstanceState::Ready, "the server answers and serves its model");
+            }
+            (InstanceState::Ready, Ok(())) => self.failures = 0,
+            (InstanceState::Loading, Err(e)) => {
+                if self.last_probe_error.as_ref().map(std::mem::discriminant)
+                    != Some(std::mem::discriminant(&e))
+                {
+                    info!(instance = self.name(), "still loading: {e}");
+                }
+                self.last_probe_error = Some(e);
+            }
+            (InstanceState::Ready, Err(e)) => {
+                self.failures += 1;
+                let threshold = self.args.settings.failure_threshold.max(1);
+                if self.failures >= threshold {
+                    let reason = format!("{} failed probes in a row; the last: {e}", self.failures);
+                    self.unhealthy(myself, reason);
+                } else {
+                    warn!(
+                        instance = self.name(),
+                        "probe failed ({} of {threshold}): {e}", self.failures
+                    );
+                }
+                self.last_probe_error = Some(e);
+            }
+            _ => {}
+        }
+    }
+
+    fn status(&self) -> InstanceStatus {
+        InstanceStatus {
+            name: self.args.name.clone(),
+            model: self.args.model,
+            backend: self.backend().to_string(),
+            state: self.state,
+            reason: self.reason.clone(),
+            in_state_for: self.since.elapsed(),
+            container_id: self.id.clone(),
+            adopted: self.adopted,
+            restarts: self.restarts,
+            last_error: self.last_error.clone(),
+            plan: self.args.runtime.as_ref().map(|_| self.args.plan.clone()),
+            history: self.history.iter().cloned().collect(),
+        }
+    }
+
+    fn stop_server(&mut self, myself: &ActorRef<ContainerMsg>, why: &str) -> bool {
+        let Some(runtime) = self.args.runtime.clone() else {
+            return false;
+        };
+        let Some(id) = self.id.take() else {
+            return false;
+        };
+        self.generation += 1;
+        let generation = self.generation;
+        self.set(InstanceState::Stopping, format!("stopping {id}: {why}"));
+        let grace = self.args.settings.stop_grace;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = runtime.stop(&id, grace).await;
+            let _ = me.cast(ContainerMsg::StopDone { generation, result });
+        });
+        true
+    }
+}
+
+/// Adopts the server an earlier run left when it runs with this
+/// configuration; otherwise stops what is there and launches anew.
+async fn adopt_or_start(
+    runtime: &dyn ContainerRuntime,
+    plan: &LaunchPlan,
+    grace: Duration,
+    instance: &str,
+) -> Result<(String, bool), String> {
+    let want = runtime.config_hash(plan);
+    match runtime.find().await? {
+        Some(f) if f.running && f.config_hash.as_deref() == Some(want.as_str()) => {
+            return Ok((f.id, true));
+        }
+        Some(f) if f.running => {
+            info!(
+                instance,
+                "the running server {} was launched with another configuration (hash {} ≠ {want}): recreating it",
+                f.id,
+                f.config_hash.as_deref().unwrap_or("none"),
+            );
+            runtime.stop(&f.id, grace).await?;
+        }
+        Some(f) => info!(instance, "replacing the stopped server {}", f.id),
+        None => {}
+    }
+    runtime.start(plan).await.map(|id| (id, false))
+}
+
+impl Actor for ContainerActor {
+    type Msg = ContainerMsg;
+    type State = ContainerState;
+    type Arguments = ContainerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ContainerMsg>,
+        args: ContainerArgs,
+    ) -> Result<ContainerState, ActorProcessingErr> {
+        for w in &args.watchers {
+            let _ = w.cast(DispatchMsg::Ready(false));
+        }
+        let _ = myself.cast(ContainerMsg::Start);
+        Ok(ContainerState {
+            args,
+            state: InstanceState::Stopped,
+            reason: "not started yet".into(),
+            since: Instant::now(),
+            generation: 0,
+            id: None,
+            adopted: false,
+            restarts: 0,
+            streak: 0,
+            recent: VecDeque::new(),
+            failures: 0,
+            last_probe_error: None,
+            last_error: None,
+            pending_reconfigure: Vec::new(),
+            shutdown_waiters: Vec::new(),
+            history: VecDeque::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ContainerMsg>,
+        msg: ContainerMsg,
+        state: &mut ContainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ContainerMsg::Start => {
+                if state.state == InstanceState::Stopped {
+                    state.launch(&myself);
+                }
+            }
+            ContainerMsg::Launched { generation, result } => {
+                if generation != state.generation || state.state != InstanceState::Starting {
+                    return Ok(());
+                }
+                for r in state.pending_reconfigure.drain(..) {
+                    let _ = r.send(());
+                }
+                match result {
+                    Ok((id, adopted)) => state.launched(&myself, id, adopted),
+                    Err(e) => state.unhealthy(&myself, format!("launching failed: {e}")),
+                }
+            }
+            ContainerMsg::Exited {
+                generation,
+                exit,
+                log_tail,
+            } => {
+                if generation != state.generation {
+                    return Ok(());
+                }
+                if matches!(
+                    state.state,
+                    InstanceState::Loading | InstanceState::Ready | InstanceState::Starting
+                ) {
+                    let tail = log_tail.trim();
+                    let reason = if tail.is_empty() {
+                        format!("the server {}", exit.detail)
+                    } else {
+                        format!("the server {}; its last output:\n{tail}", exit.detail)
+                    };
+                    state.id = None;
+                    state.unhealthy(&myself, reason);
+                }
+            }
+            ContainerMsg::Probed(outcome) => state.probed(&myself, outcome),
+            ContainerMsg::StartupTimeout { generation } => {
+                if generation == state.generation && state.state == InstanceState::Loading {
+                    let last = state
+                        .last_probe_error
+                        .as_ref()
+                        .map_or("no probe answered".to_string(), |e| e.to_string());
+                    let reason = format!(
+                        "not ready within startup_timeout_s = {} (last probe: {last})",
+                        state.args.settings.startup_timeout.as_secs()
+                    );
+                    state.unhealthy(&myself, reason);
+                }
+            }
+            ContainerMsg::RestartNow { generation } => {
+                if generation == state.generation && state.state == InstanceState::Restarting {
+                    state.restarts += 1;
+                    state.recent.push_back(Instant::now());
+                    state.state = InstanceState::Stopped;
+                    state.launch(&myself);
+                }
+            }
+            ContainerMsg::Watch(dispatcher) => {
+                state
+                    .args
+                    .watchers
+                    .retain(|w| w.get_id() != dispatcher.get_id());
+                let _ = dispatcher.cast(DispatchMsg::Ready(state.state == InstanceState::Ready));
+                state.args.watchers.push(dispatcher);
+            }
+            ContainerMsg::Reconfigure { plan, reply } => {
+                if state.args.runtime.is_none() || plan == state.args.plan {
+                    state.args.plan = plan;
+                    let _ = reply.send(());
+                    return Ok(());
+                }
+                info!(
+                    instance = state.name(),
+                    "reconfiguring: gpu_memory_utilization {} → {}",
+                    state.args.plan.gpu_memory_utilization,
+                    plan.gpu_memory_utilization
+                );
+                state.args.plan = plan;
+                match state.state {
+                    InstanceState::Failed | InstanceState::Stopping => {
+                        let _ = reply.send(());
+                    }
+                    InstanceState::Restarting | InstanceState::Stopped => {
+                        // The next launch uses the new plan.
+                        let _ = reply.send(());
+                    }
+                    _ => {
+                        state.pending_reconfigure.push(reply);
+                        if !state.stop_server(&myself, "relaunching with a new plan") {
+                            state.generation += 1;
+                            state.state = InstanceState::Stopped;
+                            state.launch(&myself);
+                        }
+                    }
+                }
+            }
+            ContainerMsg::Shutdown { stop_server, reply } => {
+                if !stop_server {
+                    if let Some(id) = &state.id {
+                        info!(
+                            instance = state.name(),
+                            "leaving {id} running for the next start to adopt (keep_servers_on_exit)"
+                        );
+                    }
+                    let _ = reply.send(());
+                    return Ok(());
+                }
+                state.pending_reconfigure.clear();
+                if state.stop_server(&myself, "the daemon is stopping") {
+                    state.shutdown_waiters.push(reply);
+                } else {
+                    state.generation += 1;
+                    state.set(InstanceState::Stopped, "the daemon is stopping");
+                    let _ = reply.send(());
+                }
+            }
+            ContainerMsg::StopDone { generation, result } => {
+                if let Err(e) = &result {
+                    warn!(instance = state.name(), "stopping the server failed: {e}");
+                }
+                if generation != state.generation {
+                    return Ok(());
+                }
+                if !state.shutdown_waiters.is_empty() {
+                    state.set(InstanceState::Stopped, "stopped with the daemon");
+                    for w in state.shutdown_waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                } else if state.state == InstanceState::Stopping {
+                    // Stopped to relaunch with a new plan.
+                    state.state = InstanceState::Stopped;
+                    state.launch(&myself);
+                }
+            }
+            ContainerMsg::Status(reply) => {
+                let _ = reply.send(state.status());
+            }
+        }
+        Ok(())
+    }
+}

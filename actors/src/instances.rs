@@ -1,0 +1,357 @@
+//! `InstanceSupervisor`: one ContainerActor per configured instance,
+//! restarted one for one with backoff (an actor crash never touches the
+//! server it runs: the new actor adopts it). It also routes: probe outcomes
+//! from the HealthActor and watch requests from the dispatchers go to the
+//! right ContainerActor, and the watchers survive a ContainerActor restart.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::container::{
+    ContainerActor, ContainerArgs, ContainerMsg, InstanceState, InstanceStatus, LifecycleSettings,
+};
+use crate::dispatch::DispatchMsg;
+use crate::dispatch_supervisor::InstanceSpec;
+use crate::inference::ProbeError;
+use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
+use crate::runtime::LaunchPlan;
+
+/// Messages of the InstanceSupervisor.
+#[derive(Debug)]
+pub enum InstanceSupMsg {
+    /// Restart the ContainerActor of instance number `usize`.
+    Restart(usize),
+    /// A probe's outcome for `instance`.
+    Probed {
+        /// The instance.
+        instance: String,
+        /// What the probe found.
+        outcome: Result<(), ProbeError>,
+    },
+    /// `dispatcher` wants Ready updates of `instance`.
+    Watch {
+        /// The instance.
+        instance: String,
+        /// The dispatcher.
+        dispatcher: ActorRef<DispatchMsg>,
+    },
+    /// Relaunch `instance` with `plan`; replies once it is launching
+    /// (`Err` names an unknown instance or an actor that did not answer).
+    Reconfigure {
+        /// The instance.
+        instance: String,
+        /// The new plan.
+        plan: LaunchPlan,
+        /// Answered when the relaunch has begun.
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// Every instance's status, in configuration order.
+    Status(RpcReplyPort<Vec<InstanceStatus>>),
+    /// Stop every server (or leave them running); replies when done.
+    Shutdown {
+        /// Stop the servers, or leave them for the next run to adopt.
+        stop_servers: bool,
+        /// Answered when every instance is done.
+        reply: RpcReplyPort<()>,
+    },
+}
+
+/// How the InstanceSupervisor is started.
+pub struct InstanceSupArgs {
+    /// The instances.
+    pub instances: Vec<InstanceSpec>,
+    /// Restart and health settings (`startup_timeout` comes from each instance).
+    pub lifecycle: LifecycleSettings,
+    /// Restart policy of the ContainerActors themselves.
+    pub restart: RestartPolicy,
+}
+
+struct Slot {
+    spec: InstanceSpec,
+    plan: LaunchPlan,
+    actor: Option<ActorRef<ContainerMsg>>,
+    watchers: Vec<ActorRef<DispatchMsg>>,
+    tracker: RestartTracker,
+    last: Option<InstanceStatus>,
+}
+
+/// The InstanceSupervisor's state.
+pub struct InstanceSupState {
+    args: InstanceSupArgs,
+    slots: Vec<Slot>,
+    by_id: HashMap<ActorId, usize>,
+    stopping: bool,
+}
+
+/// Supervises the ContainerActors.
+pub struct InstanceSupervisor;
+
+impl InstanceSupState {
+    async fn spawn(
+        &mut self,
+        myself: &ActorRef<InstanceSupMsg>,
+        i: usize,
+    ) -> Result<(), ActorProcessingErr> {
+        let slot = &self.slots[i];
+        let mut settings = self.args.lifecycle.clone();
+        settings.startup_timeout = slot.spec.startup_timeout;
+        let args = ContainerArgs {
+            name: slot.spec.name.clone(),
+            model: slot.spec.model,
+            runtime: slot.spec.runtime.clone(),
+            plan: slot.plan.clone(),
+            settings,
+            watchers: slot.watchers.clone(),
+        };
+        let (actor, _) =
+            ContainerActor::spawn_linked(None, ContainerActor, args, myself.get_cell()).await?;
+        self.by_id.insert(actor.get_id(), i);
+        let slot = &mut self.slots[i];
+        slot.actor = Some(actor);
+        slot.tracker.started(Instant::now());
+        Ok(())
+    }
+
+    fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.spec.name == instance)
+    }
+}
+
+impl Actor for InstanceSupervisor {
+    type Msg = InstanceSupMsg;
+    type State = InstanceSupState;
+    type Arguments = InstanceSupArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        args: InstanceSupArgs,
+    ) -> Result<InstanceSupState, ActorProcessingErr> {
+        let slots = args
+            .instances
+            .iter()
+            .map(|spec| Slot {
+                plan: spec.plan.clone(),
+                spec: spec.clone(),
+                actor: None,
+                watchers: Vec::new(),
+                tracker: RestartTracker::default(),
+                last: None,
+            })
+            .collect();
+        let mut state = InstanceSupState {
+            args,
+            slots,
+            by_id: HashMap::new(),
+            stopping: false,
+        };
+        for i in 0..state.slots.len() {
+            state.spawn(&myself, i).await?;
+        }
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        _state: &mut InstanceSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(None);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        msg: InstanceSupMsg,
+        state: &mut InstanceSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            InstanceSupMsg::Restart(i) => {
+                if state.stopping || state.slots[i].actor.is_some() {
+                    return Ok(());
+                }
+                let name = state.slots[i].spec.name.clone();
+                if let Err(e) = state.spawn(&myself, i).await {
+                    error!(instance = %name, "restarting its container actor failed: {e}");
+                    myself.send_after(Duration::from_secs(5), move || InstanceSupMsg::Restart(i));
+                } else {
+                    info!(instance = %name, "container actor restarted");
+                }
+            }
+            InstanceSupMsg::Probed { instance, outcome } => {
+                if let Some(a) = state.slot(&instance).and_then(|s| s.actor.as_ref()) {
+                    let _ = a.cast(ContainerMsg::Probed(outcome));
+                }
+            }
+            InstanceSupMsg::Watch {
+                instance,
+                dispatcher,
+            } => match state.slot(&instance) {
+                Some(slot) => {
+                    slot.watchers.retain(|w| w.get_id() != dispatcher.get_id());
+                    slot.watchers.push(dispatcher.clone());
+                    match &slot.actor {
+                        Some(a) => {
+                            let _ = a.cast(ContainerMsg::Watch(dispatcher));
+                        }
+                        None => {
+                            let _ = dispatcher.cast(DispatchMsg::Ready(false));
+                        }
+                    }
+                }
+                None => warn!(instance, "a dispatcher watches an unknown instance"),
+            },
+            InstanceSupMsg::Reconfigure {
+                instance,
+                plan,
+                reply,
+            } => {
+                let Some(slot) = state.slot(&instance) else {
+                    let _ = reply.send(Err(format!("no instance named `{instance}`")));
+                    return Ok(());
+                };
+                slot.plan = plan.clone();
+                let Some(actor) = slot.actor.clone() else {
+                    // Restarting: the new actor launches with the new plan.
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let answer = actor
+                        .call(
+                            |r| ContainerMsg::Reconfigure { plan, reply: r },
+                            Some(Duration::from_secs(600)),
+                        )
+                        .await;
+                    let _ = reply.send(match answer {
+                        Ok(CallResult::Success(())) => Ok(()),
+                        other => Err(format!("{instance} did not reconfigure: {other:?}")),
+                    });
+                });
+            }
+            InstanceSupMsg::Status(reply) => {
+                let mut out = Vec::with_capacity(state.slots.len());
+                for slot in &mut state.slots {
+                    let answer = match &slot.actor {
+                        Some(a) => a
+                            .call(ContainerMsg::Status, Some(Duration::from_secs(5)))
+                            .await
+                            .ok()
+                            .and_then(|r| match r {
+                                CallResult::Success(s) => Some(s),
+                                _ => None,
+                            }),
+                        None => None,
+                    };
+                    let status = match answer {
+                        Some(s) => {
+                            slot.last = Some(s.clone());
+                            s
+                        }
+                        None => {
+                            // The actor is restarting or busy: report what
+                            // was last known, marked as such.
+                            let mut s = slot.last.clone().unwrap_or(InstanceStatus {
+                                name: slot.spec.name.clone(),
+                                model: slot.spec.model,
+                                backend: slot
+                                    .spec
+                                    .runtime
+                                    .as_ref()
+                                    .map_or("external", |r| r.backend())
+                                    .to_string(),
+                                state: InstanceState::Stopped,
+                                reason: String::new(),
+                                in_state_for: Duration::ZERO,
+                                container_id: None,
+                                adopted: false,
+                                restarts: 0,
+                                last_error: None,
+                                plan: None,
+                                history: Vec::new(),
+                            });
+                            s.reason = "its container actor is restarting".into();
+                            s
+                        }
+                    };
+                    out.push(status);
+                }
+                let _ = reply.send(out);
+            }
+            InstanceSupMsg::Shutdown {
+                stop_servers,
+                reply,
+            } => {
+                state.stopping = true;
+                let actors: Vec<_> = state.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                tokio::spawn(async move {
+                    let calls = actors.into_iter().map(|a| async move {
+                        let _ = a
+                            .call(
+                                |r| ContainerMsg::Shutdown {
+                                    stop_server: stop_servers,
+                                    reply: r,
+                                },
+                                Some(Duration::from_secs(600)),
+                            )
+                            .await;
+                    });
+                    futures_util::future::join_all(calls).await;
+                    let _ = reply.send(());
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        event: SupervisionEvent,
+        state: &mut InstanceSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((cell, reason)) = child_exit(event) else {
+            return Ok(());
+        };
+        let Some(i) = state.by_id.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        state.slots[i].actor = None;
+        if state.stopping {
+            return Ok(());
+        }
+        let name = state.slots[i].spec.name.clone();
+        for w in &state.slots[i].watchers {
+            let _ = w.cast(DispatchMsg::Ready(false));
+        }
+        let policy = state.args.restart;
+        match state.slots[i]
+            .tracker
+            .failed(&policy, Instant::now(), reason.clone())
+        {
+            RestartDecision::RestartIn(delay) => {
+                warn!(
+                    instance = %name,
+                    "its container actor {reason}; restarting it in {:.1} s (the server itself is adopted)",
+                    delay.as_secs_f64()
+                );
+                myself.send_after(delay, move || InstanceSupMsg::Restart(i));
+            }
+            RestartDecision::Escalate { restarts } => {
+                error!(
+                    instance = %name,
+                    "its container actor failed {restarts} times within {} s: escalating",
+                    policy.window.as_secs()
+                );
+                myself.stop(Some(format!("the container actor of {name} keeps failing: {reason}")));
+            }
+        }
+        Ok(())
+    }
+}
