@@ -43,7 +43,7 @@ fn the_shipped_feeder_toml_is_the_production_default() {
     assert_eq!((vision.name.as_str(), vision.port), ("vision", Some(8001)));
     assert_eq!(vision.image, "vllm/vllm-openai:latest");
     assert!(vision.served_model_name.contains("qwen2-vl-7b"));
-    assert_eq!(vision.gpu_memory_utilization, 0.75);
+    assert_eq!(vision.gpu_memory_utilization, 0.40);
     let args = vision.args.join(" ");
     for flag in [
         "--dtype bfloat16",

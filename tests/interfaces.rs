@@ -9,17 +9,10 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, external, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{bin, external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn admin(port: u16, token: &str) -> String {
     format!("[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{token}\"\n\n[health]\ninterval_s = 1\n\n[dispatch]\nexternal_poll_ms = 100\n\n")

@@ -9,6 +9,10 @@
 //! 429 and 503 mean the server is saturated: the job goes back without an
 //! attempt counted, the window halves and dispatch pauses for a backoff;
 //! each window's worth of successes widens it again by one.
+//!
+//! A job that was in flight when its server went down (`crashes > 0`) is a
+//! suspect: it is sent alone, once the requests before it have finished, so
+//! a crash it causes is counted against it and not against bystanders.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -209,6 +213,8 @@ pub struct DispatchState {
     /// crash report explains them, or `Unpark` gives them back.
     parked: HashMap<JobId, InFlight>,
     park_round: u64,
+    /// A suspect (a job in flight at an earlier crash) runs alone.
+    suspect_in_flight: Option<JobId>,
     /// Claimed jobs waiting for a slot (at most one window's worth).
     buffer: VecDeque<ClaimedJob>,
     /// A background claim is under way.
@@ -336,10 +342,18 @@ impl DispatchState {
             return;
         }
         let window = self.window as usize;
-        while self.in_flight.len() < window {
-            let Some(c) = self.buffer.pop_front() else {
+        while self.in_flight.len() < window && self.suspect_in_flight.is_none() {
+            let Some(front) = self.buffer.front() else {
                 break;
             };
+            if front.job.crashes > 0 {
+                if !self.in_flight.is_empty() || !self.parked.is_empty() {
+                    break; // Let the others finish first.
+                }
+                self.suspect_in_flight = Some(front.job.id);
+                debug!(job = %front.job.id, crashes = front.job.crashes, "sending a suspect alone");
+            }
+            let c = self.buffer.pop_front().expect("checked above");
             self.start_request(myself, c.job, c.claim);
         }
         // Keep up to one window in flight and one window buffered; claim
@@ -432,6 +446,9 @@ impl DispatchState {
         let Some(f) = self.in_flight.remove(&job_id) else {
             return; // Released or aborted meanwhile.
         };
+        if self.suspect_in_flight == Some(job_id) {
+            self.suspect_in_flight = None;
+        }
         if let Some(o) = &self.args.observer {
             let kind = match &outcome {
                 Ok(_) => RequestOutcome::Done,
@@ -538,6 +555,7 @@ impl DispatchState {
     /// they were.
     fn instance_down(&mut self, reason: &str) {
         self.ready = false;
+        self.suspect_in_flight = None;
         let hit: Vec<InFlight> = self
             .in_flight
             .drain()
@@ -597,6 +615,7 @@ impl Actor for DispatchActor {
             in_flight: HashMap::new(),
             parked: HashMap::new(),
             park_round: 0,
+            suspect_in_flight: None,
             buffer: VecDeque::new(),
             claiming: false,
             woken_while_claiming: false,
@@ -661,6 +680,7 @@ impl Actor for DispatchActor {
                 state.answer_drain_waiters();
             }
             DispatchMsg::ReleaseAll { reply } => {
+                state.suspect_in_flight = None;
                 let n = state.in_flight.len() + state.parked.len() + state.release_buffer();
                 let parked = std::mem::take(&mut state.parked);
                 for (_, f) in std::mem::take(&mut state.in_flight).into_iter().chain(parked) {

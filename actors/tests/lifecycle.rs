@@ -553,3 +553,52 @@ async fn a_restarted_daemon_adopts_with_pending_jobs_intact() {
     assert_eq!(s.container_id, Some(id));
     assert_eq!(rt.starts(), 1, "no relaunch, the model stays loaded");
 }
+
+#[tokio::test(start_paused = true)]
+async fn bystanders_of_a_poison_job_are_not_quarantined() {
+    let server = FakeInference::gated();
+    let rt = FakeRuntime::serving(server.clone(), Duration::from_secs(1));
+    let lab = Lab::start(server.clone(), rt, settings()).await;
+    lab.wait_state(InstanceState::Ready).await;
+    let ids = lab.submit(5).await;
+    let poison = ids[2];
+    // The poison job crashes the server whenever it is sent; the others
+    // finish whenever they are alone or with company.
+    let mut crashes = 0;
+    while lab.store.get(poison).unwrap().unwrap().status != JobStatus::Failed {
+        assert!(crashes < 10, "the poison job is never quarantined");
+        lab.wait_state(InstanceState::Ready).await;
+        wait_until("a request in flight", LIMIT, || {
+            server.in_flight() > 0 || lab.count(JobStatus::Failed) > 0
+        })
+        .await;
+        if lab.count(JobStatus::Failed) > 0 {
+            break;
+        }
+        let sent = server.received();
+        let in_flight_now = &sent[sent.len() - server.in_flight()..];
+        if in_flight_now.contains(&poison) {
+            lab.runtime.crash(139);
+            crashes += 1;
+            let before = lab.runtime.starts();
+            if lab.store.get(poison).unwrap().unwrap().crashes < 3 {
+                wait_until("relaunched", LIMIT, || lab.runtime.starts() > before).await;
+            }
+        } else {
+            server.release(1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    wait_until("quarantined", LIMIT, || {
+        lab.store.get(poison).unwrap().unwrap().status == JobStatus::Failed
+    })
+    .await;
+    server.release(1_000);
+    wait_until("the bystanders done", LIMIT, || lab.count(JobStatus::Done) == 4).await;
+    for id in ids.iter().filter(|id| **id != poison) {
+        let j = lab.store.get(*id).unwrap().unwrap();
+        assert_eq!(j.status, JobStatus::Done);
+        assert!(j.crashes <= 1, "a bystander was counted {} crashes", j.crashes);
+    }
+    assert_eq!(crashes, 3);
+}

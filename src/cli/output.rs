@@ -69,6 +69,12 @@ pub fn job_human(job: &Job, now: Timestamp) -> String {
         "attempts",
         format!("{} of {}", job.attempts, job.max_attempts),
     );
+    if job.crashes > 0 {
+        line(
+            "crashes",
+            format!("{} (its server went down while it was in flight)", job.crashes),
+        );
+    }
     line("priority", job.priority.to_string());
     line("created", ago(Some(job.created_at), now));
     if let Some(p) = &job.payload_path {
@@ -246,9 +252,9 @@ pub fn instances_table(status: &Value) -> String {
             i["model_type"].as_str().unwrap_or(""),
             i["backend"].as_str().unwrap_or(""),
             state,
-            i["restarts"],
-            i["in_flight"],
-            i["window"],
+            i["restarts"].to_string(),
+            i["in_flight"].to_string(),
+            i["window"].to_string(),
             server
         );
         if state != "ready" {

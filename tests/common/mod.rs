@@ -233,3 +233,45 @@ impl Scratch {
             .clone()
     }
 }
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Scratch {
+    /// Queues `n` prompts for `model` in one transaction (`submit --jsonl`).
+    pub fn submit_prompts(&self, model: &str, tag: &str, n: usize) {
+        let f = self.path().join(format!("{model}-{tag}.jsonl"));
+        let lines: String = (0..n)
+            .map(|i| format!("{{\"prompt\": \"{tag} {i}\"}}\n"))
+            .collect();
+        std::fs::write(&f, lines).unwrap();
+        let r = self.run(&["submit", "--model", model, "--jsonl", f.to_str().unwrap()]);
+        assert_eq!(r.code(), 0, "{}", r.stderr());
+    }
+
+    /// `instances --json` from the running daemon, or `None` if it does not answer.
+    pub fn instances(&self) -> Option<serde_json::Value> {
+        let r = self.run(&["instances", "--json"]);
+        (r.code() == 0).then(|| serde_json::from_str(&r.stdout()).ok())?
+    }
+
+    /// One instance's entry in `instances --json`.
+    pub fn instance(&self, name: &str) -> Option<serde_json::Value> {
+        self.instances()?["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"] == name)
+            .cloned()
+    }
+
+    /// Whether instance `name` reports `state`.
+    pub fn instance_is(&self, name: &str, state: &str) -> bool {
+        self.instance(name).is_some_and(|i| i["state"] == state)
+    }
+}

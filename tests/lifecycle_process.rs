@@ -1,0 +1,262 @@
+//! The instance lifecycle with the `process` backend, end to end: the real
+//! daemon launches real `gpu-feeder sim` processes (given vLLM's command
+//! line), and the tests kill them with SIGKILL, restart the daemon, change
+//! the configuration, feed a poison job, and watch a crash loop.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{bin, free_port, wait_for, DaemonProcess, Scratch};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Kills every server a test launched (pid files under `servers/`), so that
+/// `keep_servers_on_exit` does not leave them behind.
+struct Servers(std::path::PathBuf);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid") {
+                if let Some(pid) = std::fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_u64())
+                {
+                    // The server's process group (it leads its own).
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+fn settings(admin: u16, extra: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
+         [dispatch]\nexternal_poll_ms = 50\n\n\
+         [health]\ninterval_s = 0.2\ntimeout_s = 2\nfailure_threshold = 2\n\
+         restart_backoff_s = 0.2\nrestart_backoff_max_s = 1\n{extra}\n\n\
+         [servers]\nstate_dir = \"servers\"\nstop_grace_s = 2\n\n"
+    )
+}
+
+fn process(name: &str, model: &str, port: u16, sim_args: &str, extra: &str) -> String {
+    let mut command = vec![format!("\"{}\"", bin()), "\"sim\"".into()];
+    command.extend(sim_args.split_whitespace().map(|a| format!("\"{a}\"")));
+    format!(
+        "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"process\"\n\
+         port = {port}\nserved_model_name = \"sim-{name}\"\nmodel = \"/models/{name}\"\n\
+         command = [{}]\nargs = [\"--dtype\", \"bfloat16\", \"--max-num-seqs\", \"8\"]\n\
+         max_tokens = 16\n{extra}\n\n",
+        command.join(", ")
+    )
+}
+
+fn pid_of(s: &Scratch, name: &str) -> u32 {
+    let i = s.instance(name).expect("the daemon answers");
+    i["container_id"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for {name}: {i}"))
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+}
+
+fn kill9(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9 the server");
+}
+
+#[test]
+fn process_servers_launch_restart_after_kill9_and_are_adopted() {
+    let admin = free_port();
+    let (vp, tp) = (free_port(), free_port());
+    let config = |think_mem: &str| {
+        settings(admin, "")
+            + &process("vision", "vision", vp, "--load-s 2", "gpu_memory_utilization = 0.4")
+            + &process(
+                "think",
+                "think",
+                tp,
+                "--load-s 2 --latency-ms 300",
+                &format!("gpu_memory_utilization = {think_mem}"),
+            )
+    };
+    let s = Scratch::new(&config("0.4"));
+    let _servers = Servers(s.path().join("servers"));
+    let started = Instant::now();
+    let mut d = DaemonProcess::start(&s, "daemon-1");
+    wait_for("both instances ready", LIMIT, || {
+        s.instance_is("vision", "ready") && s.instance_is("think", "ready")
+    });
+    eprintln!(
+        "figure: daemon start → both process servers ready (2 s load): {} ms",
+        started.elapsed().as_millis()
+    );
+    // The server got vLLM's command line.
+    let think = s.instance("think").unwrap();
+    let states: Vec<&str> = think["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["starting", "loading", "ready"], "{think}");
+    let pid = pid_of(&s, "think");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    for part in [
+        "--model /models/think",
+        "--served-model-name sim-think",
+        &format!("--port {tp}"),
+        "--gpu-memory-utilization 0.4",
+        "--dtype bfloat16",
+    ] {
+        assert!(cmdline.contains(part), "{part} missing from {cmdline}");
+    }
+
+    // Jobs complete through both servers.
+    s.submit_prompts("vision", "a", 20);
+    s.submit_prompts("think", "a", 20);
+    wait_for("40 done", LIMIT, || s.count("done") == 40);
+
+    // kill -9 of the think server while jobs are in flight.
+    s.submit_prompts("think", "b", 40);
+    wait_for("think requests in flight", LIMIT, || {
+        s.instance("think").is_some_and(|i| i["in_flight"].as_u64() > Some(0))
+    });
+    let killed = Instant::now();
+    kill9(pid);
+    wait_for("the kill is noticed", LIMIT, || {
+        !s.instance_is("think", "ready")
+    });
+    let detected = killed.elapsed();
+    wait_for("think ready again", LIMIT, || {
+        s.instance("think")
+            .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)
+    });
+    let ready_again = killed.elapsed();
+    eprintln!(
+        "figure: process backend, kill -9 → detected {} ms, → ready again {} ms (2 s load)",
+        detected.as_millis(),
+        ready_again.as_millis()
+    );
+    let think = s.instance("think").unwrap();
+    assert!(
+        think["last_error"].as_str().unwrap().contains("signal 9"),
+        "{think}"
+    );
+    wait_for("every job done", LIMIT, || s.count("done") == 80);
+    assert_eq!(s.count("failed"), 0);
+    assert!(
+        s.jobs().iter().any(|j| j["crashes"] == 1),
+        "the jobs in flight at the kill were given back with the crash counted"
+    );
+
+    // SIGTERM: the servers stay up (keep_servers_on_exit) and the next
+    // daemon adopts them without a restart.
+    let (vpid, tpid) = (pid_of(&s, "vision"), pid_of(&s, "think"));
+    d.term();
+    assert_eq!(d.wait_exit(LIMIT), Some(0), "{}", d.log());
+    assert!(alive(vpid) && alive(tpid), "the servers outlive the daemon");
+    let restarted = Instant::now();
+    let d2 = DaemonProcess::start(&s, "daemon-2");
+    wait_for("both ready after the daemon restart", LIMIT, || {
+        s.instance_is("vision", "ready") && s.instance_is("think", "ready")
+    });
+    eprintln!(
+        "figure: daemon restart → both adopted servers ready: {} ms",
+        restarted.elapsed().as_millis()
+    );
+    for (name, pid) in [("vision", vpid), ("think", tpid)] {
+        let i = s.instance(name).unwrap();
+        assert_eq!(pid_of(&s, name), pid, "{name} was adopted, not relaunched");
+        assert_eq!(i["adopted"], true);
+        assert_eq!(i["restarts"], 0);
+    }
+    s.submit_prompts("vision", "c", 10);
+    wait_for("90 done", LIMIT, || s.count("done") == 90);
+    drop(d2);
+
+    // Another memory share for think: its server is recreated, vision's adopted.
+    std::fs::write(s.config(), format!("[queue]\ndb_path = \"jobs.db\"\nresults_dir = \"results\"\nstage_dir = \"stage\"\n\n{}", config("0.5"))).unwrap();
+    let _d3 = DaemonProcess::start(&s, "daemon-3");
+    wait_for("both ready with the new configuration", LIMIT, || {
+        s.instance_is("vision", "ready") && s.instance_is("think", "ready")
+    });
+    assert_eq!(pid_of(&s, "vision"), vpid);
+    let new_think = pid_of(&s, "think");
+    assert_ne!(new_think, tpid, "think was recreated");
+    assert!(!alive(tpid), "the old think server was stopped");
+    assert_eq!(s.instance("think").unwrap()["adopted"], false);
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{new_think}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(cmdline.contains("--gpu-memory-utilization 0.5"), "{cmdline}");
+}
+
+#[test]
+fn a_poison_job_is_quarantined_and_the_server_recovers() {
+    let admin = free_port();
+    let s = Scratch::new(
+        &(settings(admin, "")
+            + &process(
+                "think",
+                "think",
+                free_port(),
+                "--load-s 0.5 --latency-ms 100 --crash-matching POISON",
+                "",
+            )),
+    );
+    let _servers = Servers(s.path().join("servers"));
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
+    let r = s.run(&["submit", "--model", "think", "--prompt", "POISON pill", "--json"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let poison: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+    let id = poison["id"].as_str().unwrap().to_string();
+    s.submit_prompts("think", "fine", 10);
+    wait_for("the poison job is quarantined", LIMIT, || {
+        s.json(&["status", &id, "--json"])["status"] == "failed"
+    });
+    let job = s.json(&["status", &id, "--json"]);
+    let error = job["error"].as_str().unwrap();
+    assert!(error.starts_with("poison job"), "{error}");
+    assert_eq!(job["crashes"], 3);
+    assert_eq!(job["attempts"], 0);
+    wait_for("the others done", LIMIT, || s.count("done") == 10);
+    wait_for("the server recovers", LIMIT, || s.instance_is("think", "ready"));
+    assert_eq!(s.instance("think").unwrap()["restarts"], 3);
+}
+
+#[test]
+fn a_crash_looping_server_is_failed_and_its_jobs_wait() {
+    let admin = free_port();
+    let s = Scratch::new(&format!(
+        "{}[[instances]]\nname = \"think\"\nmodel_type = \"think\"\nbackend = \"process\"\n\
+         port = {}\nserved_model_name = \"m\"\n\
+         command = [\"/bin/sh\", \"-c\", \"echo 'torch.OutOfMemoryError: CUDA out of memory' >&2; exit 1\", \"sh\"]\n\n",
+        settings(admin, "crash_loop_restarts = 2\ncrash_loop_window_s = 600"),
+        free_port()
+    ));
+    let _servers = Servers(s.path().join("servers"));
+    let d = DaemonProcess::start(&s, "daemon");
+    s.submit_prompts("think", "waits", 3);
+    wait_for("failed", LIMIT, || s.instance_is("think", "failed"));
+    let i = s.instance("think").unwrap();
+    assert_eq!(i["restarts"], 2);
+    assert!(
+        i["last_error"].as_str().unwrap().contains("CUDA out of memory"),
+        "the server's last output is shown: {i}"
+    );
+    assert!(i["reason"].as_str().unwrap().contains("crash loop"), "{i}");
+    assert_eq!(s.count("pending"), 3, "a job never fails because its server is down");
+    let table = s.run(&["instances"]).stdout();
+    assert!(table.contains("failed") && table.contains("CUDA out of memory"), "{table}");
+    assert!(d.log().contains("crash loop"), "{}", d.log());
+}
