@@ -183,10 +183,12 @@ async fn readyz(State(a): State<Admin>) -> Response {
     }
     match a.status().await {
         Some(s)
-            if s
-                .instances
+            if s.instances
                 .iter()
-                .any(|i| i.state == feeder_actors::container::InstanceState::Ready) => (StatusCode::OK, "ready\n").into_response(),
+                .any(|i| i.state == feeder_actors::container::InstanceState::Ready) =>
+        {
+            (StatusCode::OK, "ready\n").into_response()
+        }
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "no instance is ready\n").into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -18,8 +18,8 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tracing::{error, info, warn};
 
-use feeder_actors::dispatch::DispatchObserver;
 use feeder_actors::container::LifecycleSettings;
+use feeder_actors::dispatch::DispatchObserver;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::supervisor::{
@@ -95,7 +95,11 @@ pub fn lifecycle(config: &Config) -> LifecycleSettings {
 /// the Docker engine fails here, with what to do, when it does not answer.
 pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>> {
     let roots = config.queue.roots();
-    let docker = if config.instances.iter().any(|i| i.backend == Backend::Docker) {
+    let docker = if config
+        .instances
+        .iter()
+        .any(|i| i.backend == Backend::Docker)
+    {
         let docker = crate::runtime::docker::DockerRuntime::connect(&config.servers.docker_host)
             .map_err(anyhow::Error::msg)?;
         crate::runtime::docker::ping(&docker)

@@ -364,7 +364,9 @@ impl InferenceClient for OpenAiClient {
         let limit = self.timeout.min(Duration::from_secs(10));
         match self.http.get(&url).timeout(limit).send().await {
             Err(e) if e.is_connect() => {
-                return Err(ProbeError::NotListening(format!("nothing listens at {url}")))
+                return Err(ProbeError::NotListening(format!(
+                    "nothing listens at {url}"
+                )))
             }
             Err(e) => return Err(ProbeError::Broken(format!("{url}: {e}"))),
             Ok(r) if r.status().as_u16() == 503 => {

@@ -522,9 +522,23 @@ mod tests {
         );
         assert_eq!(
             args("gpu-feeder --log-format json sim /m/q --port=9 --trust-remote-code"),
-            ["gpu-feeder", "--log-format", "json", "sim", "--model", "/m/q", "--port", "9", "--served-model-name", "/m/q"]
+            [
+                "gpu-feeder",
+                "--log-format",
+                "json",
+                "sim",
+                "--model",
+                "/m/q",
+                "--port",
+                "9",
+                "--served-model-name",
+                "/m/q"
+            ]
         );
-        assert_eq!(args("gpu-feeder list --limit 3"), ["gpu-feeder", "list", "--limit", "3"]);
+        assert_eq!(
+            args("gpu-feeder list --limit 3"),
+            ["gpu-feeder", "list", "--limit", "3"]
+        );
     }
 
     #[test]

@@ -13,7 +13,6 @@ use common::{bin, external, free_port, wait_for, DaemonProcess, Scratch, SimProc
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-
 fn admin(port: u16, token: &str) -> String {
     format!("[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{token}\"\n\n[health]\ninterval_s = 1\n\n[dispatch]\nexternal_poll_ms = 100\n\n")
 }

@@ -79,7 +79,13 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     let (vp, tp) = (free_port(), free_port());
     let config = |think_mem: &str| {
         settings(admin, "")
-            + &process("vision", "vision", vp, "--load-s 2", "gpu_memory_utilization = 0.4")
+            + &process(
+                "vision",
+                "vision",
+                vp,
+                "--load-s 2",
+                "gpu_memory_utilization = 0.4",
+            )
             + &process(
                 "think",
                 "think",
@@ -129,7 +135,8 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     // kill -9 of the think server while jobs are in flight.
     s.submit_prompts("think", "b", 40);
     wait_for("think requests in flight", LIMIT, || {
-        s.instance("think").is_some_and(|i| i["in_flight"].as_u64() > Some(0))
+        s.instance("think")
+            .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
     });
     let killed = Instant::now();
     kill9(pid);
@@ -195,9 +202,13 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     assert_ne!(new_think, tpid, "think was recreated");
     assert!(!alive(tpid), "the old think server was stopped");
     assert_eq!(s.instance("think").unwrap()["adopted"], false);
-    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{new_think}/cmdline")).unwrap())
-        .replace('\0', " ");
-    assert!(cmdline.contains("--gpu-memory-utilization 0.5"), "{cmdline}");
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{new_think}/cmdline")).unwrap())
+            .replace('\0', " ");
+    assert!(
+        cmdline.contains("--gpu-memory-utilization 0.5"),
+        "{cmdline}"
+    );
 }
 
 #[test]
@@ -216,7 +227,14 @@ fn a_poison_job_is_quarantined_and_the_server_recovers() {
     let _servers = Servers(s.path().join("servers"));
     let _d = DaemonProcess::start(&s, "daemon");
     wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
-    let r = s.run(&["submit", "--model", "think", "--prompt", "POISON pill", "--json"]);
+    let r = s.run(&[
+        "submit",
+        "--model",
+        "think",
+        "--prompt",
+        "POISON pill",
+        "--json",
+    ]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
     let poison: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
     let id = poison["id"].as_str().unwrap().to_string();
@@ -230,7 +248,9 @@ fn a_poison_job_is_quarantined_and_the_server_recovers() {
     assert_eq!(job["crashes"], 3);
     assert_eq!(job["attempts"], 0);
     wait_for("the others done", LIMIT, || s.count("done") == 10);
-    wait_for("the server recovers", LIMIT, || s.instance_is("think", "ready"));
+    wait_for("the server recovers", LIMIT, || {
+        s.instance_is("think", "ready")
+    });
     assert_eq!(s.instance("think").unwrap()["restarts"], 3);
 }
 
@@ -251,12 +271,22 @@ fn a_crash_looping_server_is_failed_and_its_jobs_wait() {
     let i = s.instance("think").unwrap();
     assert_eq!(i["restarts"], 2);
     assert!(
-        i["last_error"].as_str().unwrap().contains("CUDA out of memory"),
+        i["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("CUDA out of memory"),
         "the server's last output is shown: {i}"
     );
     assert!(i["reason"].as_str().unwrap().contains("crash loop"), "{i}");
-    assert_eq!(s.count("pending"), 3, "a job never fails because its server is down");
+    assert_eq!(
+        s.count("pending"),
+        3,
+        "a job never fails because its server is down"
+    );
     let table = s.run(&["instances"]).stdout();
-    assert!(table.contains("failed") && table.contains("CUDA out of memory"), "{table}");
+    assert!(
+        table.contains("failed") && table.contains("CUDA out of memory"),
+        "{table}"
+    );
     assert!(d.log().contains("crash loop"), "{}", d.log());
 }

@@ -288,7 +288,10 @@ impl ContainerState {
     }
 
     fn backend(&self) -> &'static str {
-        self.args.runtime.as_ref().map_or("external", |r| r.backend())
+        self.args
+            .runtime
+            .as_ref()
+            .map_or("external", |r| r.backend())
     }
 
     fn set(&mut self, state: InstanceState, reason: impl Into<String>) {
@@ -373,7 +376,11 @@ impl ContainerState {
         };
         self.set(InstanceState::Loading, what);
         let generation = self.generation;
-        let runtime = self.args.runtime.clone().expect("launched servers have a runtime");
+        let runtime = self
+            .args
+            .runtime
+            .clone()
+            .expect("launched servers have a runtime");
         let me = myself.clone();
         tokio::spawn(async move {
             let exit = runtime.wait_exit(&id).await;
@@ -437,7 +444,11 @@ impl ContainerState {
         let delay = s.restart.delay(self.streak);
         self.set(
             InstanceState::Restarting,
-            format!("restart {} in {:.1} s", self.restarts + 1, delay.as_secs_f64()),
+            format!(
+                "restart {} in {:.1} s",
+                self.restarts + 1,
+                delay.as_secs_f64()
+            ),
         );
         let me = myself.clone();
         tokio::spawn(async move {
@@ -457,7 +468,10 @@ impl ContainerState {
             {
                 self.failures = 0;
                 self.last_probe_error = None;
-                self.set(InstanceState::Ready, "the server answers and serves its model");
+                self.set(
+                    InstanceState::Ready,
+                    "the server answers and serves its model",
+                );
             }
             (InstanceState::Ready, Ok(())) => self.failures = 0,
             (InstanceState::Loading, Err(e)) => {

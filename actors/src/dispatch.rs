@@ -26,8 +26,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::instances::InstanceSupMsg;
 use crate::inference::{InferenceClient, InferenceError};
+use crate::instances::InstanceSupMsg;
 use crate::job::{Claim, ClaimedJob, Completion, Failure, Job, JobId, ModelType};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
@@ -683,7 +683,10 @@ impl Actor for DispatchActor {
                 state.suspect_in_flight = None;
                 let n = state.in_flight.len() + state.parked.len() + state.release_buffer();
                 let parked = std::mem::take(&mut state.parked);
-                for (_, f) in std::mem::take(&mut state.in_flight).into_iter().chain(parked) {
+                for (_, f) in std::mem::take(&mut state.in_flight)
+                    .into_iter()
+                    .chain(parked)
+                {
                     state.settle(f.claim, Settle::Release, f.parent, false);
                 }
                 for w in state.drain_waiters.drain(..) {

@@ -174,7 +174,9 @@ impl Actor for HealthActor {
                 }
                 // A shallow pass before any deep one is not a confirmation.
                 if outcome.is_err() || deep || inst.confirmed {
-                    let _ = state.sink.cast(InstanceSupMsg::Probed { instance, outcome });
+                    let _ = state
+                        .sink
+                        .cast(InstanceSupMsg::Probed { instance, outcome });
                 }
             }
             HealthMsg::Peers(peers) => state.sink = peers.instances,

@@ -349,7 +349,9 @@ impl Actor for InstanceSupervisor {
                     "its container actor failed {restarts} times within {} s: escalating",
                     policy.window.as_secs()
                 );
-                myself.stop(Some(format!("the container actor of {name} keeps failing: {reason}")));
+                myself.stop(Some(format!(
+                    "the container actor of {name} keeps failing: {reason}"
+                )));
             }
         }
         Ok(())

@@ -18,13 +18,13 @@ use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::container::{InstanceStatus, LifecycleSettings};
-use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::dispatch::DispatchStatus;
 use crate::dispatch_supervisor::{
     DispatchSupArgs, DispatchSupMsg, DispatchSupervisor, InstanceSpec,
 };
 use crate::fanin::{FanInActor, FanInArgs, FanInMsg};
 use crate::health::{HealthActor, HealthArgs, HealthMsg, InstanceHealth};
+use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::peers::Peers;
 use crate::queue::{QueueActor, QueueArgs, QueueMsg};
 use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};

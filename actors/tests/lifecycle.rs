@@ -164,7 +164,10 @@ async fn launch_load_ready_crash_restart_ready() {
     assert_eq!(Lab::states(&s), vec![Starting, Loading, Ready]);
     assert_eq!(s.container_id.as_deref(), Some("c1"));
     assert!(!s.adopted);
-    assert!(lab.server.deep_probes() >= 1, "readiness confirmed by a canary");
+    assert!(
+        lab.server.deep_probes() >= 1,
+        "readiness confirmed by a canary"
+    );
 
     // Jobs run.
     lab.submit(5).await;
@@ -179,7 +182,8 @@ async fn launch_load_ready_crash_restart_ready() {
     );
     let unhealthy = &s.history[3];
     assert!(
-        unhealthy.reason.contains("exited with code 137") && unhealthy.reason.contains("last words of c1"),
+        unhealthy.reason.contains("exited with code 137")
+            && unhealthy.reason.contains("last words of c1"),
         "the reason carries the exit and the server's last output: {}",
         unhealthy.reason
     );
@@ -216,7 +220,8 @@ async fn a_load_past_the_startup_timeout_is_restarted() {
         .find(|t| t.to == InstanceState::Unhealthy)
         .expect("went unhealthy");
     assert!(
-        unhealthy.reason.contains("startup_timeout_s = 120") && unhealthy.reason.contains("loading"),
+        unhealthy.reason.contains("startup_timeout_s = 120")
+            && unhealthy.reason.contains("loading"),
         "{}",
         unhealthy.reason
     );
@@ -247,7 +252,11 @@ async fn flapping_probes_below_the_threshold_keep_it_ready() {
         .iter()
         .find(|t| t.to == InstanceState::Unhealthy)
         .unwrap();
-    assert!(unhealthy.reason.contains("3 failed probes"), "{}", unhealthy.reason);
+    assert!(
+        unhealthy.reason.contains("3 failed probes"),
+        "{}",
+        unhealthy.reason
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -353,7 +362,11 @@ async fn a_running_server_with_the_same_hash_is_adopted() {
     let s = lab.wait_state(InstanceState::Ready).await;
     assert!(s.adopted);
     assert_eq!(s.container_id.as_deref(), Some("earlier"));
-    assert_eq!(lab.runtime.calls(), ["find"], "nothing launched, nothing stopped");
+    assert_eq!(
+        lab.runtime.calls(),
+        ["find"],
+        "nothing launched, nothing stopped"
+    );
     // An adopted server is watched like a launched one.
     lab.runtime.crash(9);
     wait_until("relaunched", LIMIT, || lab.runtime.starts() == 1).await;
@@ -409,7 +422,10 @@ async fn jobs_in_flight_go_back_to_pending_when_the_server_goes_down() {
     let ids = lab.submit(4).await;
     wait_until("4 in flight", LIMIT, || server.in_flight() == 4).await;
     lab.runtime.crash(137);
-    wait_until("back to pending", LIMIT, || lab.count(JobStatus::Pending) == 4).await;
+    wait_until("back to pending", LIMIT, || {
+        lab.count(JobStatus::Pending) == 4
+    })
+    .await;
     for id in &ids {
         let j = lab.store.get(*id).unwrap().unwrap();
         assert_eq!((j.attempts, j.crashes), (0, 1), "the crash is no attempt");
@@ -444,7 +460,10 @@ async fn a_job_in_flight_during_three_crashes_is_quarantined() {
     let poison = lab.submit(1).await[0];
     for n in 1..=3u32 {
         lab.wait_state(InstanceState::Ready).await;
-        wait_until("the poison job is in flight", LIMIT, || server.in_flight() == 1).await;
+        wait_until("the poison job is in flight", LIMIT, || {
+            server.in_flight() == 1
+        })
+        .await;
         lab.runtime.crash(139);
         wait_until("the crash is counted", LIMIT, || {
             lab.store.get(poison).unwrap().unwrap().crashes == n
@@ -594,11 +613,18 @@ async fn bystanders_of_a_poison_job_are_not_quarantined() {
     })
     .await;
     server.release(1_000);
-    wait_until("the bystanders done", LIMIT, || lab.count(JobStatus::Done) == 4).await;
+    wait_until("the bystanders done", LIMIT, || {
+        lab.count(JobStatus::Done) == 4
+    })
+    .await;
     for id in ids.iter().filter(|id| **id != poison) {
         let j = lab.store.get(*id).unwrap().unwrap();
         assert_eq!(j.status, JobStatus::Done);
-        assert!(j.crashes <= 1, "a bystander was counted {} crashes", j.crashes);
+        assert!(
+            j.crashes <= 1,
+            "a bystander was counted {} crashes",
+            j.crashes
+        );
     }
     assert_eq!(crashes, 3);
 }

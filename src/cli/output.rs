@@ -72,7 +72,10 @@ pub fn job_human(job: &Job, now: Timestamp) -> String {
     if job.crashes > 0 {
         line(
             "crashes",
-            format!("{} (its server went down while it was in flight)", job.crashes),
+            format!(
+                "{} (its server went down while it was in flight)",
+                job.crashes
+            ),
         );
     }
     line("priority", job.priority.to_string());
@@ -240,7 +243,11 @@ pub fn instances_table(status: &Value) -> String {
         let server = match i["container_id"].as_str() {
             Some(id) => {
                 let short: String = id.chars().take(12).collect();
-                let adopted = if i["adopted"] == true { ", adopted" } else { "" };
+                let adopted = if i["adopted"] == true {
+                    ", adopted"
+                } else {
+                    ""
+                };
                 format!("{short}{adopted} · {}", i["url"].as_str().unwrap_or(""))
             }
             None => i["url"].as_str().unwrap_or("").to_string(),

@@ -121,7 +121,12 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
     }
 
     let h = &config.health;
-    c.range_f64(&[key("health"), key("interval_s")], h.interval_s, 0.05, 3_600.0);
+    c.range_f64(
+        &[key("health"), key("interval_s")],
+        h.interval_s,
+        0.05,
+        3_600.0,
+    );
     c.range_u64(
         &[key("health"), key("failure_threshold")],
         h.failure_threshold.into(),
@@ -379,12 +384,6 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
             c.at(
                 &at("startup_timeout_s"),
                 "must be at least 1 second (model loads take minutes: 900 is typical)",
-            );
-        }
-        if inst.gpu_ids.is_empty() && inst.backend != Backend::External {
-            c.at(
-                &at("gpu_ids"),
-                "is empty: list the GPUs this server may use, e.g. [0]",
             );
         }
     }

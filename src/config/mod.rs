@@ -411,7 +411,8 @@ pub struct InstanceConfig {
     /// Docker bind mounts, `host:container[:ro]`.
     #[serde(default)]
     pub volumes: Vec<String>,
-    /// GPUs the server may use.
+    /// GPUs the server may use (Docker device request, or
+    /// `CUDA_VISIBLE_DEVICES` for a process); empty for none.
     #[serde(default = "default_gpu_ids")]
     pub gpu_ids: Vec<u32>,
     /// Share of GPU memory vLLM may take (`--gpu-memory-utilization`), in (0, 1].

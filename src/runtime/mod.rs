@@ -4,8 +4,8 @@
 //! of that configuration so that a restarted daemon adopts a server only
 //! when it is the one the configuration asks for.
 
-pub mod process;
 pub mod docker;
+pub mod process;
 
 use feeder_actors::runtime::LaunchPlan;
 use serde_json::json;

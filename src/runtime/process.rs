@@ -172,7 +172,12 @@ impl ContainerRuntime for ProcessRuntime {
         let err_log = log
             .try_clone()
             .map_err(|e| format!("cannot write {}: {e}", log_path.display()))?;
-        let child = tokio::process::Command::new(program)
+        let mut cmd = tokio::process::Command::new(program);
+        if !self.inst.gpu_ids.is_empty() && !self.inst.env.contains_key("CUDA_VISIBLE_DEVICES") {
+            let ids: Vec<String> = self.inst.gpu_ids.iter().map(u32::to_string).collect();
+            cmd.env("CUDA_VISIBLE_DEVICES", ids.join(","));
+        }
+        let child = cmd
             .args(args)
             .envs(&self.inst.env)
             .stdin(Stdio::null())

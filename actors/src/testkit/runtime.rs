@@ -109,7 +109,10 @@ impl FakeRuntime {
 
     /// How many servers were launched.
     pub fn starts(&self) -> usize {
-        self.calls().iter().filter(|c| c.starts_with("start")).count()
+        self.calls()
+            .iter()
+            .filter(|c| c.starts_with("start"))
+            .count()
     }
 
     /// The plans of every launch, in order.

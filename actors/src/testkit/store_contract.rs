@@ -403,8 +403,14 @@ pub fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
         let out = s.release_crashed(&c, "vision", 3, T0).unwrap();
         assert_eq!(out, crate::store::Settled::Released);
         let j = s.get(id).unwrap().unwrap();
-        assert_eq!((j.status, j.attempts, j.crashes), (JobStatus::Pending, 0, n));
-        assert!(s.release_crashed(&c, "vision", 3, T0).is_err(), "a stale claim");
+        assert_eq!(
+            (j.status, j.attempts, j.crashes),
+            (JobStatus::Pending, 0, n)
+        );
+        assert!(
+            s.release_crashed(&c, "vision", 3, T0).is_err(),
+            "a stale claim"
+        );
     }
     let c = claim_one(&s, ModelType::Vision, T0).unwrap();
     let out = s.release_crashed(&c, "vision", 3, T0 + secs(1)).unwrap();
@@ -415,10 +421,16 @@ pub fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
     let j = s.get(id).unwrap().unwrap();
     assert_eq!((j.status, j.crashes), (JobStatus::Failed, 3));
     let error = j.error.unwrap();
-    assert!(error.starts_with("poison job") && error.contains("vision"), "{error}");
+    assert!(
+        error.starts_with("poison job") && error.contains("vision"),
+        "{error}"
+    );
     assert_eq!(j.finished_at, Some(T0 + secs(1)));
     let j = s.retry(id, T0 + secs(2)).unwrap();
-    assert_eq!((j.status, j.crashes, j.attempts), (JobStatus::Pending, 0, 0));
+    assert_eq!(
+        (j.status, j.crashes, j.attempts),
+        (JobStatus::Pending, 0, 0)
+    );
 }
 
 /// `release_owner` returns exactly that owner's claims.
