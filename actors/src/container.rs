@@ -155,6 +155,16 @@ pub enum ContainerMsg {
         /// Answered when the new server is being launched.
         reply: RpcReplyPort<()>,
     },
+    /// Drain and stop the server, and keep it stopped (the allocator's
+    /// strategy does not run it); replies once it is stopped.
+    Park(RpcReplyPort<()>),
+    /// Launch a parked instance with `plan`; replies once it is launching.
+    Unpark {
+        /// The plan.
+        plan: LaunchPlan,
+        /// Answered when the launch has begun.
+        reply: RpcReplyPort<()>,
+    },
     /// Stop the server (when `stop_server`) or leave it running; replies when done.
     Shutdown {
         /// Stop it, or leave it for the next run to adopt.
@@ -219,6 +229,8 @@ pub struct LifecycleSettings {
     pub crash_loop_window: Duration,
     /// Time a server gets to stop before it is killed.
     pub stop_grace: Duration,
+    /// Time requests in flight get to finish before a planned stop.
+    pub drain_timeout: Duration,
 }
 
 impl Default for LifecycleSettings {
@@ -236,6 +248,7 @@ impl Default for LifecycleSettings {
             crash_loop_restarts: 5,
             crash_loop_window: Duration::from_secs(1800),
             stop_grace: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -255,6 +268,8 @@ pub struct ContainerArgs {
     pub settings: LifecycleSettings,
     /// Dispatchers already watching (after a restart of this actor).
     pub watchers: Vec<ActorRef<DispatchMsg>>,
+    /// Parked by the allocator: not launched until unparked.
+    pub parked: bool,
 }
 
 /// The ContainerActor's state.
@@ -275,6 +290,7 @@ pub struct ContainerState {
     last_probe_error: Option<ProbeError>,
     last_error: Option<String>,
     pending_reconfigure: Vec<RpcReplyPort<()>>,
+    pending_park: Vec<RpcReplyPort<()>>,
     shutdown_waiters: Vec<RpcReplyPort<()>>,
     history: VecDeque<Transition>,
 }
@@ -528,8 +544,17 @@ impl ContainerState {
         let generation = self.generation;
         self.set(InstanceState::Stopping, format!("stopping {id}: {why}"));
         let grace = self.args.settings.stop_grace;
+        let drain = self.args.settings.drain_timeout;
+        let watchers = self.args.watchers.clone();
         let me = myself.clone();
         tokio::spawn(async move {
+            // The dispatchers stopped sending (not Ready); let the requests
+            // in flight finish before the server goes.
+            for w in watchers {
+                let _ = w
+                    .call(|reply| DispatchMsg::WhenIdle { reply }, Some(drain))
+                    .await;
+            }
             let result = runtime.stop(&id, grace).await;
             let _ = me.cast(ContainerMsg::StopDone { generation, result });
         });
@@ -594,6 +619,7 @@ impl Actor for ContainerActor {
             last_probe_error: None,
             last_error: None,
             pending_reconfigure: Vec::new(),
+            pending_park: Vec::new(),
             shutdown_waiters: Vec::new(),
             history: VecDeque::new(),
         })
@@ -608,8 +634,45 @@ impl Actor for ContainerActor {
         match msg {
             ContainerMsg::Start => {
                 if state.state == InstanceState::Stopped {
+                    if state.args.parked {
+                        state.set(InstanceState::Stopped, "parked by the allocator");
+                    } else {
+                        state.launch(&myself);
+                    }
+                }
+            }
+            ContainerMsg::Park(reply) => {
+                if state.args.runtime.is_none() {
+                    let _ = reply.send(());
+                    return Ok(());
+                }
+                state.args.parked = true;
+                match state.state {
+                    InstanceState::Stopping => state.pending_park.push(reply),
+                    InstanceState::Stopped | InstanceState::Failed => {
+                        let _ = reply.send(());
+                    }
+                    _ => {
+                        state.pending_park.push(reply);
+                        if !state.stop_server(&myself, "the allocator parks it") {
+                            // Nothing runs (restarting, or still launching):
+                            // stop whatever would come next.
+                            state.generation += 1;
+                            state.set(InstanceState::Stopped, "parked by the allocator");
+                            for r in state.pending_park.drain(..) {
+                                let _ = r.send(());
+                            }
+                        }
+                    }
+                }
+            }
+            ContainerMsg::Unpark { plan, reply } => {
+                state.args.plan = plan;
+                let was_parked = std::mem::replace(&mut state.args.parked, false);
+                if was_parked && state.state == InstanceState::Stopped {
                     state.launch(&myself);
                 }
+                let _ = reply.send(());
             }
             ContainerMsg::Launched { generation, result } => {
                 if generation != state.generation || state.state != InstanceState::Starting {
@@ -739,9 +802,19 @@ impl Actor for ContainerActor {
                         let _ = w.send(());
                     }
                 } else if state.state == InstanceState::Stopping {
-                    // Stopped to relaunch with a new plan.
-                    state.state = InstanceState::Stopped;
-                    state.launch(&myself);
+                    if state.args.parked {
+                        state.set(
+                            InstanceState::Stopped,
+                            "parked by the allocator (its strategy does not run this instance)",
+                        );
+                    } else {
+                        // Stopped to relaunch with a new plan.
+                        state.state = InstanceState::Stopped;
+                        state.launch(&myself);
+                    }
+                    for r in state.pending_park.drain(..) {
+                        let _ = r.send(());
+                    }
                 }
             }
             ContainerMsg::Status(reply) => {

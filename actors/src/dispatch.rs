@@ -68,6 +68,15 @@ pub enum DispatchMsg {
         /// The completion, or why there is none.
         outcome: Result<Completion, InferenceError>,
     },
+    /// Reply once nothing is in flight (a planned stop of the server waits
+    /// for it; the instance is no longer Ready, so nothing new is sent).
+    WhenIdle {
+        /// Answered when the last request has finished.
+        reply: RpcReplyPort<()>,
+    },
+    /// A GPU the instance uses is too hot (`Some(factor)`: the window is
+    /// scaled by it) or cool again (`None`).
+    Thermal(Option<f64>),
     /// Stop claiming; reply once nothing is in flight.
     Drain {
         /// Answered when the last request has finished.
@@ -109,6 +118,8 @@ pub struct DispatchStatus {
     pub window: u32,
     /// The configured window.
     pub max_window: u32,
+    /// The thermal cap on the window, while a GPU it uses is too hot.
+    pub thermal_cap: Option<u32>,
     /// Requests sent since start.
     pub sent: u64,
     /// Requests that produced a result.
@@ -228,6 +239,8 @@ pub struct DispatchState {
     /// The last claim found fewer jobs than asked: wait for a Wake.
     exhausted: bool,
     window: u32,
+    /// While a GPU is too hot: the window may not exceed this.
+    thermal_cap: Option<u32>,
     successes_at_window: u32,
     overload_streak: u32,
     paused_until: Option<Instant>,
@@ -341,7 +354,7 @@ impl DispatchState {
         if !self.ready || self.draining || self.paused() {
             return;
         }
-        let window = self.window as usize;
+        let window = self.window.min(self.thermal_cap.unwrap_or(u32::MAX)) as usize;
         while self.in_flight.len() < window && self.suspect_in_flight.is_none() {
             let Some(front) = self.buffer.front() else {
                 break;
@@ -623,6 +636,7 @@ impl Actor for DispatchActor {
             draining: false,
             drain_waiters: Vec::new(),
             exhausted: false,
+            thermal_cap: None,
             successes_at_window: 0,
             overload_streak: 0,
             paused_until: None,
@@ -660,6 +674,9 @@ impl Actor for DispatchActor {
                 if ready {
                     state.exhausted = false;
                     state.fill(&myself);
+                } else {
+                    // Claimed jobs not yet sent go back for others (or later).
+                    state.release_buffer();
                 }
             }
             DispatchMsg::InstanceDown { reason } => {
@@ -671,6 +688,21 @@ impl Actor for DispatchActor {
             }
             DispatchMsg::Finished { job_id, outcome } => {
                 state.finished(&myself, job_id, outcome);
+                state.fill(&myself);
+            }
+            DispatchMsg::WhenIdle { reply } => {
+                state.drain_waiters.push(reply);
+                state.answer_drain_waiters();
+            }
+            DispatchMsg::Thermal(factor) => {
+                let cap = factor.map(|f| ((state.args.window as f64 * f).floor() as u32).max(1));
+                if cap != state.thermal_cap {
+                    match cap {
+                        Some(c) => warn!(instance = %state.args.instance, "its GPU is too hot: window at most {c} until it cools"),
+                        None => info!(instance = %state.args.instance, "its GPU cooled: window back to {}", state.args.window),
+                    }
+                }
+                state.thermal_cap = cap;
                 state.fill(&myself);
             }
             DispatchMsg::Drain { reply } => {
@@ -702,8 +734,9 @@ impl Actor for DispatchActor {
                     draining: state.draining,
                     in_flight: state.in_flight.len() + state.parked.len(),
                     buffered: state.buffer.len(),
-                    window: state.window,
+                    window: state.window.min(state.thermal_cap.unwrap_or(u32::MAX)),
                     max_window: state.args.window,
+                    thermal_cap: state.thermal_cap,
                     sent: state.sent,
                     completed: state.completed,
                     failed: state.failed,

@@ -40,6 +40,8 @@ pub struct InstanceSpec {
     pub plan: LaunchPlan,
     /// Time allowed from launch to Ready.
     pub startup_timeout: Duration,
+    /// The GPUs its server uses (thermal back-off).
+    pub gpu_ids: Vec<u32>,
 }
 
 impl InstanceSpec {
@@ -60,6 +62,7 @@ impl InstanceSpec {
                 gpu_memory_utilization: 0.9,
             },
             startup_timeout: Duration::from_secs(900),
+            gpu_ids: Vec::new(),
         }
     }
 }
@@ -83,6 +86,14 @@ pub enum DispatchSupMsg {
     Dispatchers {
         /// (instance, dispatcher) pairs.
         reply: RpcReplyPort<Vec<(String, ActorRef<DispatchMsg>)>>,
+    },
+    /// GPUs now too hot: the dispatchers of instances using one of them
+    /// scale their window by `factor`; the others are restored.
+    Thermal {
+        /// The hot GPUs.
+        hot: Vec<u32>,
+        /// The window factor while hot.
+        factor: f64,
     },
     /// Every dispatcher's status.
     Status {
@@ -120,6 +131,7 @@ struct Slot {
     actor: Option<ActorRef<DispatchMsg>>,
     incarnation: u32,
     tracker: RestartTracker,
+    thermal: Option<f64>,
 }
 
 /// The DispatchSupervisor's state.
@@ -165,6 +177,9 @@ impl DispatchSupState {
             DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;
         self.by_id.insert(actor.get_id(), i);
         self.slots[i].tracker.started(Instant::now());
+        if let Some(f) = self.slots[i].thermal {
+            let _ = actor.cast(DispatchMsg::Thermal(Some(f)));
+        }
         self.slots[i].actor = Some(actor);
         Ok(())
     }
@@ -188,6 +203,7 @@ impl Actor for DispatchSupervisor {
                 actor: None,
                 incarnation: 0,
                 tracker: RestartTracker::default(),
+                thermal: None,
             })
             .collect();
         let mut state = DispatchSupState {
@@ -271,6 +287,22 @@ impl Actor for DispatchSupervisor {
                         .filter_map(|s| Some((s.spec.name.clone(), s.actor.clone()?)))
                         .collect(),
                 );
+            }
+            DispatchSupMsg::Thermal { hot, factor } => {
+                for slot in &mut state.slots {
+                    let want = slot
+                        .spec
+                        .gpu_ids
+                        .iter()
+                        .any(|g| hot.contains(g))
+                        .then_some(factor);
+                    if want != slot.thermal {
+                        slot.thermal = want;
+                        if let Some(a) = &slot.actor {
+                            let _ = a.cast(DispatchMsg::Thermal(want));
+                        }
+                    }
+                }
             }
             DispatchSupMsg::Status { reply } => {
                 let mut out = Vec::new();

@@ -50,6 +50,18 @@ pub enum InstanceSupMsg {
         /// Answered when the relaunch has begun.
         reply: RpcReplyPort<Result<(), String>>,
     },
+    /// The allocator's word on `instance`: run it with `plan` (launching
+    /// it if parked, relaunching it if the plan changed), or park it
+    /// (`None`: drained, stopped, not restarted). Replies when stopped, or
+    /// once the launch has begun.
+    Allocate {
+        /// The instance.
+        instance: String,
+        /// Its plan, or `None` to park it.
+        plan: Option<LaunchPlan>,
+        /// Answered when done; `Err` says what went wrong.
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// Every instance's status, in configuration order.
     Status(RpcReplyPort<Vec<InstanceStatus>>),
     /// Stop every server (or leave them running); replies when done.
@@ -76,6 +88,7 @@ struct Slot {
     plan: LaunchPlan,
     actor: Option<ActorRef<ContainerMsg>>,
     watchers: Vec<ActorRef<DispatchMsg>>,
+    parked: bool,
     tracker: RestartTracker,
     last: Option<InstanceStatus>,
 }
@@ -107,6 +120,7 @@ impl InstanceSupState {
             plan: slot.plan.clone(),
             settings,
             watchers: slot.watchers.clone(),
+            parked: slot.parked,
         };
         let (actor, _) =
             ContainerActor::spawn_linked(None, ContainerActor, args, myself.get_cell()).await?;
@@ -140,6 +154,7 @@ impl Actor for InstanceSupervisor {
                 spec: spec.clone(),
                 actor: None,
                 watchers: Vec::new(),
+                parked: false,
                 tracker: RestartTracker::default(),
                 last: None,
             })
@@ -232,6 +247,51 @@ impl Actor for InstanceSupervisor {
                     let _ = reply.send(match answer {
                         Ok(CallResult::Success(())) => Ok(()),
                         other => Err(format!("{instance} did not reconfigure: {other:?}")),
+                    });
+                });
+            }
+            InstanceSupMsg::Allocate {
+                instance,
+                plan,
+                reply,
+            } => {
+                let Some(slot) = state.slot(&instance) else {
+                    let _ = reply.send(Err(format!("no instance named `{instance}`")));
+                    return Ok(());
+                };
+                let was_parked = slot.parked;
+                slot.parked = plan.is_none();
+                if let Some(p) = &plan {
+                    slot.plan = p.clone();
+                }
+                let Some(actor) = slot.actor.clone() else {
+                    // Restarting: the new actor starts as decided here.
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let answer = match plan {
+                        None => actor.call(ContainerMsg::Park, Some(Duration::from_secs(3_600))).await,
+                        Some(plan) if was_parked => {
+                            actor
+                                .call(
+                                    |r| ContainerMsg::Unpark { plan, reply: r },
+                                    Some(Duration::from_secs(60)),
+                                )
+                                .await
+                        }
+                        Some(plan) => {
+                            actor
+                                .call(
+                                    |r| ContainerMsg::Reconfigure { plan, reply: r },
+                                    Some(Duration::from_secs(3_600)),
+                                )
+                                .await
+                        }
+                    };
+                    let _ = reply.send(match answer {
+                        Ok(CallResult::Success(())) => Ok(()),
+                        other => Err(format!("{instance} did not follow the allocation: {other:?}")),
                     });
                 });
             }

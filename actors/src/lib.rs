@@ -14,6 +14,7 @@
 //! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
 //! - [`time`]: `Timestamp`, the unit of every stored time, and `Clock`.
 //! - [`restart`]: restart policy as data (backoff, intensity limit).
+//! - [`gpu`]: the `GpuProbe` port and the GPU snapshot.
 //! - [`runtime`]: the `ContainerRuntime` port: launching, adopting, watching
 //!   and stopping a model server (Docker, local process).
 //!
@@ -28,16 +29,23 @@
 //! - [`health`]: `HealthActor`, probes every instance and reports the outcomes.
 //! - [`instances`]: `InstanceSupervisor`, one ContainerActor per instance;
 //!   routes probe outcomes and dispatcher watches to them.
+//! - [`gpu_monitor`]: `GpuMonitorActor`, reads the GPUs every second; temperature
+//!   alerts with hysteresis.
+//! - [`allocator`]: `AllocatorActor`, chooses the strategy (which instances run,
+//!   with which memory share) from the durable backlog.
 //! - [`container`]: `ContainerActor`, one model server's lifecycle: launch,
 //!   adopt, Loading → Ready → Unhealthy → Restarting, crash loop → Failed.
 //! - [`peers`]: the references actors hold to one another.
 //! - `testkit` (feature `testkit`): the store contract suite run by every adapter.
 
+pub mod allocator;
 pub mod backoff;
 pub mod container;
 pub mod dispatch;
 pub mod dispatch_supervisor;
 pub mod fanin;
+pub mod gpu;
+pub mod gpu_monitor;
 pub mod health;
 pub mod inference;
 pub mod instances;

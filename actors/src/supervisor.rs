@@ -16,7 +16,10 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::allocator::{AllocatorActor, AllocatorArgs, AllocatorMsg, AllocatorSettings, AllocatorStatus, Managed, Strategy};
 use crate::backoff::Backoff;
+use crate::gpu::{GpuProbe, GpuSnapshot};
+use crate::gpu_monitor::{GpuMonitorActor, GpuMonitorArgs, GpuMonitorMsg, ThermalLimits};
 use crate::container::{InstanceStatus, LifecycleSettings};
 use crate::dispatch::DispatchStatus;
 use crate::dispatch_supervisor::{
@@ -45,6 +48,10 @@ pub enum Child {
     Health,
     /// DispatchSupervisor.
     Dispatch,
+    /// GpuMonitorActor.
+    GpuMonitor,
+    /// AllocatorActor.
+    Allocator,
 }
 
 impl fmt::Display for Child {
@@ -55,6 +62,8 @@ impl fmt::Display for Child {
             Child::Instances => "instance supervisor",
             Child::Health => "health actor",
             Child::Dispatch => "dispatch supervisor",
+            Child::GpuMonitor => "GPU monitor",
+            Child::Allocator => "allocator",
         })
     }
 }
@@ -85,6 +94,17 @@ pub enum FeederMsg {
     Peers {
         /// The peers.
         reply: RpcReplyPort<Peers>,
+    },
+    /// A GPU snapshot from the monitor: kept for `Status`, handed to the
+    /// allocator and (hot GPUs) to the dispatchers.
+    Gpu(GpuSnapshot),
+    /// Pin a strategy (`Some`) or release the pin (`None`); `Err` when no
+    /// allocator runs.
+    Pin {
+        /// The strategy.
+        strategy: Option<Strategy>,
+        /// The allocator's status after it.
+        reply: RpcReplyPort<Result<AllocatorStatus, String>>,
     },
 }
 
@@ -120,6 +140,10 @@ pub struct FeederStatus {
     pub restarts: Vec<(String, u64, Option<String>)>,
     /// Every child runs and answered: what feeds the systemd watchdog.
     pub children_answered: bool,
+    /// The latest GPU snapshot.
+    pub gpus: Option<GpuSnapshot>,
+    /// The allocator; `None` when it does not run (static strategy).
+    pub allocator: Option<AllocatorStatus>,
 }
 
 /// Settings of the pipeline.
@@ -153,6 +177,14 @@ pub struct PipelineSettings {
     pub restart: RestartPolicy,
     /// Share of a parent's fragments that must succeed for it to be `done`.
     pub min_success_ratio: f64,
+    /// Time between GPU readings.
+    pub gpu_interval: Duration,
+    /// Temperature alert limits.
+    pub thermal: ThermalLimits,
+    /// While a GPU is hot, its instances' windows are scaled by this.
+    pub thermal_window_factor: f64,
+    /// The allocator's settings; `None` keeps every instance as configured.
+    pub allocator: Option<AllocatorSettings>,
 }
 
 impl Default for PipelineSettings {
@@ -177,6 +209,13 @@ impl Default for PipelineSettings {
             poison_after: 3,
             restart: RestartPolicy::default(),
             min_success_ratio: 1.0,
+            gpu_interval: Duration::from_secs(1),
+            thermal: ThermalLimits {
+                alert_c: 80,
+                clear_c: 75,
+            },
+            thermal_window_factor: 0.5,
+            allocator: None,
         }
     }
 }
@@ -199,6 +238,10 @@ pub struct FeederArgs {
     pub settings: PipelineSettings,
     /// Told of every finished request (metrics), if set.
     pub observer: Option<Arc<dyn crate::dispatch::DispatchObserver>>,
+    /// Reads the GPUs; `None` when they cannot be read.
+    pub gpu_probe: Option<Arc<dyn GpuProbe>>,
+    /// Why there is no probe (shown in status).
+    pub gpu_unavailable: String,
 }
 
 /// The FeederSupervisor's state.
@@ -209,6 +252,9 @@ pub struct FeederState {
     health: Option<ActorRef<HealthMsg>>,
     instances: Option<ActorRef<InstanceSupMsg>>,
     dispatch: Option<ActorRef<DispatchSupMsg>>,
+    gpu_monitor: Option<ActorRef<GpuMonitorMsg>>,
+    allocator: Option<ActorRef<AllocatorMsg>>,
+    gpus: Option<GpuSnapshot>,
     ids: HashMap<ActorId, Child>,
     trackers: HashMap<Child, RestartTracker>,
     stopping: bool,
@@ -317,6 +363,31 @@ impl FeederState {
                 self.dispatch = Some(a);
                 id
             }
+            Child::GpuMonitor => {
+                let args = GpuMonitorArgs {
+                    probe: self.args.gpu_probe.clone(),
+                    unavailable: self.args.gpu_unavailable.clone(),
+                    interval: s.gpu_interval,
+                    limits: s.thermal,
+                    sink: myself.clone(),
+                };
+                let (a, _) = GpuMonitorActor::spawn_linked(None, GpuMonitorActor, args, cell).await?;
+                let id = a.get_id();
+                self.gpu_monitor = Some(a);
+                id
+            }
+            Child::Allocator => {
+                let args = AllocatorArgs {
+                    settings: s.allocator.clone().ok_or("the allocator is off")?,
+                    instances: self.managed(),
+                    peers: self.peers().ok_or("peers are not all running")?,
+                    call_timeout: s.call_timeout,
+                };
+                let (a, _) = AllocatorActor::spawn_linked(None, AllocatorActor, args, cell).await?;
+                let id = a.get_id();
+                self.allocator = Some(a);
+                id
+            }
         };
         self.ids.insert(id, child);
         self.trackers
@@ -326,11 +397,28 @@ impl FeederState {
         Ok(())
     }
 
+    /// The instances the allocator may start and stop.
+    fn managed(&self) -> Vec<Managed> {
+        self.args
+            .instances
+            .iter()
+            .filter(|i| i.runtime.is_some())
+            .map(|i| Managed {
+                name: i.name.clone(),
+                model: i.model,
+                configured: i.plan.clone(),
+            })
+            .collect()
+    }
+
     fn broadcast_peers(&self) {
         let Some(peers) = self.peers() else { return };
         let _ = peers.queue.cast(QueueMsg::Peers(peers.clone()));
         let _ = peers.fanin.cast(FanInMsg::Peers(peers.clone()));
         let _ = peers.health.cast(HealthMsg::Peers(peers.clone()));
+        if let Some(a) = &self.allocator {
+            let _ = a.cast(AllocatorMsg::Peers(peers.clone()));
+        }
         if let Some(d) = &self.dispatch {
             let _ = d.cast(DispatchSupMsg::Peers(peers));
         }
@@ -354,6 +442,9 @@ impl Actor for FeederSupervisor {
             health: None,
             instances: None,
             dispatch: None,
+            gpu_monitor: None,
+            allocator: None,
+            gpus: None,
             ids: HashMap::new(),
             trackers: HashMap::new(),
             stopping: false,
@@ -365,8 +456,12 @@ impl Actor for FeederSupervisor {
             Child::Instances,
             Child::Health,
             Child::Dispatch,
+            Child::GpuMonitor,
         ] {
             state.spawn(&myself, child).await?;
+        }
+        if state.args.settings.allocator.is_some() && !state.managed().is_empty() {
+            state.spawn(&myself, Child::Allocator).await?;
         }
         state.broadcast_peers();
         Ok(state)
@@ -478,10 +573,21 @@ impl Actor for FeederSupervisor {
                         answered += 1;
                     }
                 }
+                if let Some(a) = &state.allocator {
+                    if let Ok(CallResult::Success(s)) = a
+                        .call(AllocatorMsg::Status, Some(Duration::from_secs(5)))
+                        .await
+                    {
+                        status.allocator = Some(s);
+                    }
+                }
+                status.gpus = state.gpus.clone();
                 // Every child is running, and those asked answered in time.
                 status.children_answered = answered == 3
                     && state.queue.is_some()
                     && state.fanin.is_some()
+                    && state.gpu_monitor.is_some()
+                    && (state.allocator.is_some() || state.args.settings.allocator.is_none() || state.managed().is_empty())
                     && status.dispatch.len() == state.args.instances.len();
                 status.restarts = state
                     .trackers
@@ -510,6 +616,35 @@ impl Actor for FeederSupervisor {
                     let _ = reply.send(p);
                 }
             }
+            FeederMsg::Gpu(snapshot) => {
+                if let Some(d) = &state.dispatch {
+                    let _ = d.cast(DispatchSupMsg::Thermal {
+                        hot: snapshot.hot.clone(),
+                        factor: state.args.settings.thermal_window_factor,
+                    });
+                }
+                if let Some(a) = &state.allocator {
+                    let _ = a.cast(AllocatorMsg::Gpu(snapshot.clone()));
+                }
+                state.gpus = Some(snapshot);
+            }
+            FeederMsg::Pin { strategy, reply } => {
+                let Some(a) = state.allocator.clone() else {
+                    let _ = reply.send(Err(
+                        "the allocator does not run (allocator.enabled = false, or no docker/process instance to manage): the strategy is static".into(),
+                    ));
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let answer = a
+                        .call(|r| AllocatorMsg::Pin { strategy, reply: r }, Some(Duration::from_secs(10)))
+                        .await;
+                    let _ = reply.send(match answer {
+                        Ok(CallResult::Success(s)) => Ok(s),
+                        other => Err(format!("the allocator did not answer: {other:?}")),
+                    });
+                });
+            }
         }
         Ok(())
     }
@@ -532,6 +667,8 @@ impl Actor for FeederSupervisor {
             Child::Instances => state.instances = None,
             Child::Health => state.health = None,
             Child::Dispatch => state.dispatch = None,
+            Child::GpuMonitor => state.gpu_monitor = None,
+            Child::Allocator => state.allocator = None,
         }
         if state.stopping {
             return Ok(());

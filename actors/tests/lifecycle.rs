@@ -43,6 +43,7 @@ fn settings() -> PipelineSettings {
             crash_loop_restarts: 5,
             crash_loop_window: Duration::from_secs(1800),
             stop_grace: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(60),
         },
         ..PipelineSettings::default()
     }
@@ -80,6 +81,8 @@ impl Lab {
             owner: "lab".into(),
             settings,
             observer: None,
+            gpu_probe: None,
+            gpu_unavailable: "no GPU in message-level tests".into(),
         };
         let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
             .await
@@ -497,6 +500,8 @@ async fn an_external_server_is_probed_but_never_restarted() {
         owner: "lab".into(),
         settings: settings(),
         observer: None,
+        gpu_probe: None,
+        gpu_unavailable: "no GPU in message-level tests".into(),
     };
     let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
     let state = || async {

@@ -75,6 +75,8 @@ impl Pipeline {
             owner: "test-host".into(),
             settings,
             observer: None,
+            gpu_probe: None,
+            gpu_unavailable: "no GPU in message-level tests".into(),
         };
         let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
             .await

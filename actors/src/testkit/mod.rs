@@ -5,10 +5,12 @@
 //! Enabled by the `testkit` feature; only tests depend on it.
 
 pub mod fakes;
+pub mod gpu;
 pub mod memory_store;
 pub mod runtime;
 pub mod store_contract;
 
 pub use fakes::{wait_until, FakeInference, MemoryResults, Recorder};
+pub use gpu::FakeGpu;
 pub use memory_store::MemoryStore;
 pub use runtime::FakeRuntime;

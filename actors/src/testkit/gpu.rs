@@ -1,0 +1,56 @@
+//! `FakeGpu`: a scripted `GpuProbe` for message-level tests.
+
+use std::sync::{Arc, Mutex};
+
+use crate::gpu::{GpuProbe, GpuReading};
+
+/// GPUs whose temperatures the test sets; clones share state.
+#[derive(Clone)]
+pub struct FakeGpu {
+    gpus: Arc<Mutex<Result<Vec<GpuReading>, String>>>,
+}
+
+impl FakeGpu {
+    /// `n` idle GPUs at 40 °C with 80 GiB each.
+    pub fn new(n: u32) -> Self {
+        let gpus = (0..n)
+            .map(|index| GpuReading {
+                index,
+                name: "Fake GPU".into(),
+                uuid: format!("GPU-fake-{index}"),
+                temperature_c: 40,
+                utilization_pct: 0,
+                memory_used_bytes: 0,
+                memory_total_bytes: 80 << 30,
+                power_w: Some(100.0),
+                sm_clock_mhz: Some(1_980),
+                memory_clock_mhz: Some(2_619),
+                throttle_reasons: Vec::new(),
+                processes: Vec::new(),
+            })
+            .collect();
+        FakeGpu {
+            gpus: Arc::new(Mutex::new(Ok(gpus))),
+        }
+    }
+
+    /// GPU `index` reads `celsius` from now on.
+    pub fn set_temperature(&self, index: u32, celsius: u32) {
+        if let Ok(gpus) = &mut *self.gpus.lock().unwrap() {
+            for g in gpus.iter_mut().filter(|g| g.index == index) {
+                g.temperature_c = celsius;
+            }
+        }
+    }
+
+    /// Reading fails with `why` from now on.
+    pub fn fail(&self, why: &str) {
+        *self.gpus.lock().unwrap() = Err(why.into());
+    }
+}
+
+impl GpuProbe for FakeGpu {
+    fn read(&self) -> Result<Vec<GpuReading>, String> {
+        self.gpus.lock().unwrap().clone()
+    }
+}

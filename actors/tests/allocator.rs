@@ -1,0 +1,399 @@
+//! Message-level scenarios of GPU awareness: the real FeederSupervisor,
+//! GpuMonitorActor, AllocatorActor, ContainerActors and dispatchers, with a
+//! scripted GPU, a scripted runtime per instance and the in-memory store as
+//! the durable backlog, under paused tokio time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+
+use feeder_actors::allocator::{decide, AllocatorSettings, Backlog, Inputs, Strategy};
+use feeder_actors::backoff::Backoff;
+use feeder_actors::container::{InstanceState, LifecycleSettings};
+use feeder_actors::dispatch_supervisor::InstanceSpec;
+use feeder_actors::gpu_monitor::ThermalLimits;
+use feeder_actors::queue::QueueMsg;
+use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
+use feeder_actors::supervisor::{
+    peers, FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
+};
+use feeder_actors::testkit::store_contract::job;
+use feeder_actors::testkit::{
+    wait_until, FakeGpu, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
+};
+use feeder_actors::{JobStatus, ModelType, Timestamp, TokioClock};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+const LIMIT: Duration = Duration::from_secs(7_200);
+const DWELL: Duration = Duration::from_secs(600);
+
+fn settings() -> PipelineSettings {
+    PipelineSettings {
+        health_interval: Duration::from_secs(1),
+        health_timeout: Duration::from_secs(1),
+        lifecycle: LifecycleSettings {
+            startup_timeout: Duration::from_secs(120),
+            restart: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(10),
+                factor: 2.0,
+                jitter: 0.0,
+            },
+            stop_grace: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(60),
+            ..LifecycleSettings::default()
+        },
+        gpu_interval: Duration::from_secs(1),
+        thermal: ThermalLimits {
+            alert_c: 80,
+            clear_c: 75,
+        },
+        thermal_window_factor: 0.5,
+        allocator: Some(AllocatorSettings {
+            interval: Duration::from_secs(5),
+            min_dwell: DWELL,
+            idle_ttl: None,
+            shared: 0.40,
+            solo: 0.75,
+        }),
+        ..PipelineSettings::default()
+    }
+}
+
+struct Server {
+    inference: FakeInference,
+    runtime: FakeRuntime,
+}
+
+struct Lab {
+    store: MemoryStore,
+    gpu: FakeGpu,
+    think: Server,
+    vision: Server,
+    feeder: ActorRef<FeederMsg>,
+}
+
+fn server() -> Server {
+    let inference = FakeInference::gated();
+    let runtime = FakeRuntime::serving(inference.clone(), Duration::from_secs(20));
+    Server { inference, runtime }
+}
+
+fn spec(name: &str, model: ModelType, s: &Server) -> InstanceSpec {
+    InstanceSpec {
+        runtime: Some(Arc::new(s.runtime.clone()) as Arc<dyn ContainerRuntime>),
+        plan: LaunchPlan {
+            gpu_memory_utilization: 0.40,
+        },
+        gpu_ids: vec![0],
+        ..InstanceSpec::external(name, model, 8, Arc::new(s.inference.clone()))
+    }
+}
+
+impl Lab {
+    async fn start(probe: Option<FakeGpu>, settings: PipelineSettings) -> Lab {
+        let store = MemoryStore::new();
+        let (think, vision) = (server(), server());
+        let gpu = probe.clone().unwrap_or_else(|| FakeGpu::new(1));
+        let args = FeederArgs {
+            store: Arc::new(store.clone()),
+            results: Arc::new(MemoryResults::new()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            instances: vec![
+                spec("think", ModelType::Think, &think),
+                spec("vision", ModelType::Vision, &vision),
+            ],
+            owner: "lab".into(),
+            settings,
+            observer: None,
+            gpu_probe: probe.map(|p| Arc::new(p) as _),
+            gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
+        };
+        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
+        let lab = Lab {
+            store,
+            gpu,
+            think,
+            vision,
+            feeder,
+        };
+        wait_until("both ready", LIMIT, || {
+            lab.think.runtime.current().is_some() && lab.vision.runtime.current().is_some()
+        })
+        .await;
+        lab
+    }
+
+    async fn status(&self) -> FeederStatus {
+        match self
+            .feeder
+            .call(|r| FeederMsg::Status { reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn strategy(&self) -> Strategy {
+        self.status().await.allocator.expect("the allocator runs").strategy
+    }
+
+    async fn wait_strategy(&self, want: Strategy) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while self.strategy().await != want {
+            assert!(tokio::time::Instant::now() < deadline, "never {want}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // And applied.
+        while self.status().await.allocator.unwrap().switching {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn submit(&self, model: ModelType, tag: &str, n: usize) {
+        let p = peers(&self.feeder, Duration::from_secs(5)).await.unwrap();
+        let jobs = (0..n).map(|i| job(model, &format!("{tag}-{i}"))).collect();
+        match p
+            .queue
+            .call(|r| QueueMsg::Submit { jobs, reply: r }, None)
+            .await
+            .unwrap()
+        {
+            CallResult::Success(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn count(&self, status: JobStatus) -> usize {
+        self.store
+            .all()
+            .iter()
+            .filter(|j| j.status == status)
+            .count()
+    }
+
+    async fn state_of(&self, name: &str) -> InstanceState {
+        self.status()
+            .await
+            .instances
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap()
+            .state
+    }
+}
+
+/// The policy alone, as a table: what each backlog asks for.
+#[test]
+fn the_policy_as_a_table() {
+    let s = AllocatorSettings::default();
+    let none = Backlog::default();
+    let some = Backlog {
+        pending: 10,
+        oldest: Duration::from_secs(900),
+    };
+    let base = Inputs {
+        current: Strategy::Static,
+        held_for: Duration::from_secs(3_600),
+        idle_for: Duration::ZERO,
+        think: none,
+        vision: none,
+        load_think: Duration::from_secs(120),
+        load_vision: Duration::from_secs(120),
+        pinned: None,
+    };
+    let young = Backlog {
+        pending: 10,
+        oldest: Duration::from_secs(30),
+    };
+    let cases: Vec<(&str, Inputs, Option<Strategy>)> = vec![
+        ("no work, no idle_ttl: hold", base.clone(), None),
+        ("only vision: vision", Inputs { vision: some, ..base.clone() }, Some(Strategy::Vision)),
+        ("only think: think", Inputs { think: some, ..base.clone() }, Some(Strategy::Think)),
+        ("both under static: no restart for nothing", Inputs { think: some, vision: some, ..base.clone() }, None),
+        ("both under vision: shared, at once (think first)", Inputs { current: Strategy::Vision, held_for: Duration::from_secs(1), think: some, vision: some, ..base.clone() }, Some(Strategy::Shared)),
+        ("both under think: shared after the dwell", Inputs { current: Strategy::Think, think: some, vision: some, ..base.clone() }, Some(Strategy::Shared)),
+        ("both under think, within the dwell: hold", Inputs { current: Strategy::Think, held_for: Duration::from_secs(60), think: some, vision: some, ..base.clone() }, None),
+        ("vision under think, younger than a load: hold", Inputs { current: Strategy::Think, vision: young, ..base.clone() }, None),
+        ("think under idle: think at once", Inputs { current: Strategy::Idle, held_for: Duration::ZERO, think: young, ..base.clone() }, Some(Strategy::Think)),
+        ("pinned: the pin wins", Inputs { vision: some, pinned: Some(Strategy::Think), ..base.clone() }, Some(Strategy::Think)),
+        ("pinned and in force: hold", Inputs { current: Strategy::Think, vision: some, pinned: Some(Strategy::Think), ..base.clone() }, None),
+    ];
+    for (name, inputs, want) in cases {
+        let got = decide(&inputs, &s).map(|d| d.to);
+        assert_eq!(got, want, "{name}");
+    }
+    let idle = AllocatorSettings {
+        idle_ttl: Some(Duration::from_secs(300)),
+        ..s.clone()
+    };
+    let quiet = Inputs {
+        idle_for: Duration::from_secs(301),
+        ..base.clone()
+    };
+    assert_eq!(decide(&quiet, &idle).map(|d| d.to), Some(Strategy::Idle));
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_vision_work_switches_to_vision_after_the_dwell_and_loses_nothing() {
+    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    lab.submit(ModelType::Vision, "v", 40).await;
+    tokio::time::sleep(DWELL - Duration::from_secs(30)).await;
+    assert_eq!(lab.strategy().await, Strategy::Static, "not before the dwell");
+    lab.wait_strategy(Strategy::Vision).await;
+    // Think was drained and parked; vision relaunched with the solo share.
+    assert_eq!(lab.state_of("think").await, InstanceState::Stopped);
+    assert!(lab.think.runtime.calls().iter().any(|c| c.starts_with("stop")));
+    assert_eq!(
+        lab.vision.runtime.plans().last().unwrap().gpu_memory_utilization,
+        0.75
+    );
+    let why = lab.status().await.allocator.unwrap().why;
+    assert!(why.contains("vision: 40 pending") || why.contains("pending"), "{why}");
+    lab.vision.inference.release(10_000);
+    wait_until("all done", LIMIT, || lab.count(JobStatus::Done) == 40).await;
+    assert_eq!(lab.count(JobStatus::Failed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn think_work_comes_first_then_both_share() {
+    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    lab.submit(ModelType::Vision, "v", 40).await;
+    lab.wait_strategy(Strategy::Vision).await;
+    let switched_at = tokio::time::Instant::now();
+    // Think work arrives: it does not wait for the dwell.
+    lab.submit(ModelType::Think, "t", 10).await;
+    while lab.strategy().await != Strategy::Shared {
+        assert!(switched_at.elapsed() < Duration::from_secs(30), "think first");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The vision requests in flight finish, then vision relaunches at 0.40.
+    lab.vision.inference.release(10_000);
+    lab.wait_strategy(Strategy::Shared).await;
+    assert_eq!(
+        lab.think.runtime.plans().last().unwrap().gpu_memory_utilization,
+        0.40
+    );
+    lab.think.inference.release(10_000);
+    lab.vision.inference.release(10_000);
+    wait_until("all done", LIMIT, || lab.count(JobStatus::Done) == 50).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flapping_backlog_does_not_flap_the_strategy() {
+    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    // Think work always waits; vision work comes and goes every minute.
+    lab.submit(ModelType::Think, "t", 1_000).await;
+    let mut switches = Vec::new();
+    let mut last = lab.strategy().await;
+    for minute in 0..40 {
+        if minute % 2 == 0 {
+            lab.submit(ModelType::Vision, &format!("v{minute}"), 3).await;
+            lab.vision.inference.release(3);
+        }
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let now = lab.strategy().await;
+            if now != last {
+                switches.push((tokio::time::Instant::now(), now));
+                last = now;
+            }
+        }
+    }
+    assert!(switches.len() <= 4, "{} switches in 40 min: {switches:?}", switches.len());
+    for w in switches.windows(2) {
+        assert!(w[1].0 - w[0].0 >= DWELL, "two switches within the dwell: {switches:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hot_gpu_narrows_the_window_once_and_a_cool_one_restores_it() {
+    let gpu = FakeGpu::new(1);
+    let mut s = settings();
+    s.allocator = None;
+    let lab = Lab::start(Some(gpu.clone()), s).await;
+    let window = |st: &FeederStatus, name: &str| {
+        st.dispatch.iter().find(|d| d.instance == name).map(|d| (d.window, d.thermal_cap))
+    };
+    lab.gpu.set_temperature(0, 85);
+    wait_until_async(|| async { window(&lab.status().await, "think") == Some((4, Some(4))) }).await;
+    // Hysteresis: 78 °C is below the alert but above the clear level.
+    lab.gpu.set_temperature(0, 78);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let st = lab.status().await;
+    assert_eq!(window(&st, "vision"), Some((4, Some(4))));
+    assert_eq!(st.gpus.as_ref().unwrap().hot, vec![0]);
+    lab.gpu.set_temperature(0, 86);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(lab.status().await.gpus.unwrap().alerts, 1, "one alert per episode");
+    lab.gpu.set_temperature(0, 74);
+    wait_until_async(|| async { window(&lab.status().await, "think") == Some((8, None)) }).await;
+    let st = lab.status().await;
+    assert!(st.gpus.as_ref().unwrap().hot.is_empty());
+    // Work runs through a narrowed window too.
+    lab.gpu.set_temperature(0, 90);
+    wait_until_async(|| async { window(&lab.status().await, "think") == Some((4, Some(4))) }).await;
+    lab.submit(ModelType::Think, "hot", 20).await;
+    wait_until("4 in flight", LIMIT, || lab.think.inference.in_flight() == 4).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(lab.think.inference.max_in_flight(), 4, "never more than the thermal cap");
+    lab.think.inference.release(10_000);
+    wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 20).await;
+}
+
+async fn wait_until_async<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_nvml_the_daemon_runs_on() {
+    let lab = Lab::start(None, settings()).await;
+    let st = lab.status().await;
+    let gpus = st.gpus.expect("a snapshot");
+    assert!(gpus.unavailable.unwrap().contains("NVML"));
+    assert!(st.children_answered, "the watchdog is still fed");
+    lab.submit(ModelType::Think, "t", 5).await;
+    lab.think.inference.release(10_000);
+    wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 5).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pinned_strategy_holds_until_released() {
+    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    let pin = |s: Option<Strategy>| {
+        let f = lab.feeder.clone();
+        async move {
+            match f.call(|r| FeederMsg::Pin { strategy: s, reply: r }, None).await.unwrap() {
+                CallResult::Success(r) => r.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    pin(Some(Strategy::Think)).await;
+    lab.wait_strategy(Strategy::Think).await;
+    assert_eq!(lab.state_of("vision").await, InstanceState::Stopped);
+    // Vision work waits; the pin holds far past the dwell.
+    lab.submit(ModelType::Vision, "v", 10).await;
+    tokio::time::sleep(DWELL * 3).await;
+    assert_eq!(lab.strategy().await, Strategy::Think);
+    assert_eq!(lab.count(JobStatus::Pending), 10, "waiting, not failed");
+    // Released: the backlog decides (vision only, dwell long past).
+    let st = pin(None).await;
+    assert_eq!(st.pinned, None);
+    lab.wait_strategy(Strategy::Vision).await;
+    lab.vision.inference.release(10_000);
+    wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 10).await;
+}
+
