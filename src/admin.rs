@@ -23,6 +23,8 @@ use ractor::ActorRef;
 use serde_json::{json, Value};
 
 use feeder_actors::queue::QueueMsg;
+use feeder_actors::allocator::Strategy;
+use feeder_actors::gpu::GpuSnapshot;
 use feeder_actors::supervisor::{FeederMsg, FeederStatus};
 use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
 
@@ -117,22 +119,65 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
             })
         })
         .collect();
+    let allocator = status.allocator.as_ref();
     json!({
-        "strategy": "static",
+        "strategy": allocator.map_or("static", |a| a.strategy.as_str()),
+        "allocator": allocator.map(|a| json!({
+            "strategy": a.strategy.as_str(),
+            "since": unix(a.since),
+            "why": a.why,
+            "pinned": a.pinned.map(|p| p.as_str()),
+            "switching": a.switching,
+            "switches": a.switches,
+        })),
         "instances": instances,
-        "gpus": [],
+        "gpus": status.gpus.as_ref().map_or_else(Vec::new, gpus_json),
+        "gpu_unavailable": status.gpus.as_ref().and_then(|g| g.unavailable.clone()),
+        "gpu_alerts": status.gpus.as_ref().map_or(0, |g| g.alerts),
         "queue": stats.map(stats_json),
     })
+}
+
+fn unix(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The GPUs of a snapshot, as `/v1/status`, `gpu --json` and MCP show them.
+pub fn gpus_json(g: &GpuSnapshot) -> Vec<Value> {
+    g.gpus
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).expect("a reading serializes");
+            v["hot"] = json!(g.hot.contains(&r.index));
+            v["read_at"] = json!(unix(g.at));
+            v
+        })
+        .collect()
 }
 
 /// Asks a running daemon for `/v1/status`, as `gpu-feeder instances` and the
 /// MCP `instances` tool do; the error says plainly when no daemon answers.
 pub async fn fetch_status(config: &Config, config_path: &std::path::Path) -> Result<Value, String> {
+    call_admin(config, config_path, "/v1/status", None).await
+}
+
+/// Asks the running daemon's admin endpoint: GET `path`, or POST `body`
+/// to it; the error says plainly when no daemon answers.
+pub async fn call_admin(
+    config: &Config,
+    config_path: &std::path::Path,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
     let admin = &config.admin;
-    let url = format!("http://{}/v1/status", admin.listen);
-    let mut req = reqwest::Client::new()
-        .get(&url)
-        .timeout(Duration::from_secs(10));
+    let url = format!("http://{}{path}", admin.listen);
+    let client = reqwest::Client::new();
+    let mut req = match body {
+        Some(b) => client.post(&url).json(&b),
+        None => client.get(&url),
+    }
+    .timeout(Duration::from_secs(20));
     if !admin.token.is_empty() {
         req = req.bearer_auth(&admin.token);
     }
@@ -220,6 +265,45 @@ async fn status(State(a): State<Admin>) -> Response {
             Json(json!({"error": "the actors do not answer"})),
         )
             .into_response(),
+    }
+}
+
+/// `POST /v1/strategy`: `{"pin": "think"}` holds a strategy until
+/// `{"pin": null}` releases it; answers the allocator's status.
+async fn strategy(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
+    let pin = match body.as_ref().map(|Json(b)| b.get("pin")) {
+        Some(Some(Value::String(s))) => match Strategy::parse(s) {
+            Ok(s) => Some(s),
+            Err(e) => return bad(StatusCode::BAD_REQUEST, e),
+        },
+        Some(Some(Value::Null)) => None,
+        _ => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                "the body must be {\"pin\": \"<strategy>\"} or {\"pin\": null}",
+            )
+        }
+    };
+    let answer = a
+        .feeder
+        .call(
+            |reply| FeederMsg::Pin {
+                strategy: pin,
+                reply,
+            },
+            Some(Duration::from_secs(15)),
+        )
+        .await;
+    match answer {
+        Ok(CallResult::Success(Ok(s))) => Json(json!({
+            "strategy": s.strategy.as_str(),
+            "pinned": s.pinned.map(|p| p.as_str()),
+            "switching": s.switching,
+            "why": s.why,
+        }))
+        .into_response(),
+        Ok(CallResult::Success(Err(e))) => bad(StatusCode::CONFLICT, e),
+        _ => bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer"),
     }
 }
 
@@ -337,6 +421,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/jobs", post(submit))
+        .route("/v1/strategy", post(strategy))
         .with_state(admin)
         .layer(middleware::from_fn_with_state(token, auth))
 }

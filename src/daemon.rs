@@ -18,7 +18,10 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tracing::{error, info, warn};
 
+use feeder_actors::allocator::AllocatorSettings;
 use feeder_actors::container::LifecycleSettings;
+use feeder_actors::gpu::GpuProbe;
+use feeder_actors::gpu_monitor::ThermalLimits;
 use feeder_actors::dispatch::DispatchObserver;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
@@ -67,6 +70,22 @@ pub fn settings(config: &Config) -> PipelineSettings {
         keep_servers_on_exit: config.servers.keep_servers_on_exit,
         poison_after: config.health.poison_after_crashes,
         min_success_ratio: config.chunk.min_success_ratio,
+        gpu_interval: Duration::from_millis(config.gpu.interval_ms),
+        thermal: ThermalLimits {
+            alert_c: config.gpu.temp_alert_c,
+            clear_c: config.gpu.temp_clear_c,
+        },
+        thermal_window_factor: config.gpu.thermal_window_factor,
+        allocator: config.allocator.enabled.then(|| {
+            let a = &config.allocator;
+            AllocatorSettings {
+                interval: Duration::from_secs_f64(a.interval_s),
+                min_dwell: Duration::from_secs(a.min_dwell_s),
+                idle_ttl: (a.idle_ttl_s > 0).then(|| Duration::from_secs(a.idle_ttl_s)),
+                shared: a.shared_memory_utilization,
+                solo: a.solo_memory_utilization,
+            }
+        }),
         ..PipelineSettings::default()
     }
 }
@@ -87,6 +106,7 @@ pub fn lifecycle(config: &Config) -> LifecycleSettings {
         crash_loop_restarts: h.crash_loop_restarts,
         crash_loop_window: Duration::from_secs_f64(h.crash_loop_window_s),
         stop_grace: Duration::from_secs_f64(config.servers.stop_grace_s),
+        drain_timeout: Duration::from_secs(config.dispatch.request_timeout_s),
     }
 }
 
@@ -139,9 +159,32 @@ pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>
                 gpu_memory_utilization: inst.gpu_memory_utilization,
             },
             startup_timeout: Duration::from_secs(inst.startup_timeout_s),
+            gpu_ids: inst.gpu_ids.clone(),
         });
     }
     Ok(specs)
+}
+
+/// The GPU probe the configuration asks for, or why there is none (one
+/// warning at start; the daemon runs on without GPU readings).
+pub fn gpu_probe(config: &Config) -> (Option<Arc<dyn GpuProbe>>, String) {
+    if !config.gpu.enabled {
+        return (None, "GPU monitoring is off (gpu.enabled = false)".into());
+    }
+    match crate::gpu::NvmlProbe::init() {
+        Ok(p) => {
+            info!(
+                "reading the GPUs through NVML (driver {}) every {} ms",
+                p.driver_version().unwrap_or_else(|| "?".into()),
+                config.gpu.interval_ms
+            );
+            (Some(Arc::new(p)), String::new())
+        }
+        Err(e) => {
+            warn!("{e}");
+            (None, e)
+        }
+    }
 }
 
 /// A running pipeline.
@@ -161,6 +204,7 @@ impl Pipeline {
         owner: String,
         observer: Option<Arc<dyn feeder_actors::dispatch::DispatchObserver>>,
     ) -> anyhow::Result<Pipeline> {
+        let (gpu_probe, gpu_unavailable) = gpu_probe(config);
         let args = FeederArgs {
             store,
             results,
@@ -169,6 +213,8 @@ impl Pipeline {
             owner,
             settings: settings(config),
             observer,
+            gpu_probe,
+            gpu_unavailable,
         };
         let (feeder, join) = Actor::spawn(None, FeederSupervisor, args)
             .await

@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod demo;
+pub mod gpu;
 pub mod logging;
 pub mod mcp;
 pub mod metrics;

@@ -45,6 +45,14 @@ pub struct SubmitJob {
     pub then: Option<String>,
 }
 
+/// `set_strategy` arguments.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct SetStrategy {
+    /// The strategy to hold (static, shared, think, vision or idle), or
+    /// null to release the pin so the backlog decides again.
+    pub pin: Option<String>,
+}
+
 /// A job id.
 #[derive(Debug, Deserialize, JsonSchema)]
 pub struct JobRef {
@@ -257,6 +265,41 @@ impl FeederMcp {
     #[tool(description = "Live instance state from the running daemon (its admin endpoint).")]
     async fn instances(&self) -> Result<CallToolResult, String> {
         let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
+        Ok(CallToolResult::structured(body))
+    }
+
+    #[tool(
+        description = "The GPUs as the running daemon reads them every second (temperature, utilization, memory, power, clocks, throttling, alerts), and the allocator's strategy."
+    )]
+    async fn gpu_status(&self) -> Result<CallToolResult, String> {
+        let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
+        Ok(CallToolResult::structured(serde_json::json!({
+            "gpus": body["gpus"],
+            "gpu_unavailable": body["gpu_unavailable"],
+            "gpu_alerts": body["gpu_alerts"],
+            "strategy": body["strategy"],
+            "allocator": body["allocator"],
+        })))
+    }
+
+    #[tool(
+        description = "Pin the allocator's strategy (static, shared, think, vision, idle) until released with pin = null. A switch drains the instances it stops; no job is lost."
+    )]
+    async fn set_strategy(
+        &self,
+        Parameters(a): Parameters<SetStrategy>,
+    ) -> Result<CallToolResult, String> {
+        let pin = match a.pin.as_deref() {
+            Some(s) => Some(feeder_actors::allocator::Strategy::parse(s)?),
+            None => None,
+        };
+        let body = crate::admin::call_admin(
+            &self.config,
+            &self.config_path,
+            "/v1/strategy",
+            Some(serde_json::json!({"pin": pin.map(|p| p.as_str())})),
+        )
+        .await?;
         Ok(CallToolResult::structured(body))
     }
 }

@@ -42,6 +42,16 @@ struct InstanceState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Gpu {
+    gpu: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StrategyLabel {
+    strategy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Model {
     model_type: String,
 }
@@ -76,6 +86,18 @@ pub struct Metrics {
     state: Family<InstanceState, Gauge>,
     health_failures: Family<Instance, Gauge>,
     restarts: Family<ActorLabel, Gauge>,
+    server_restarts: Family<Instance, Gauge>,
+    crashed_jobs: Family<Instance, Gauge>,
+    gpu_temp: Family<Gpu, Gauge>,
+    gpu_util: Family<Gpu, Gauge>,
+    gpu_mem_used: Family<Gpu, Gauge>,
+    gpu_mem_total: Family<Gpu, Gauge>,
+    gpu_power: Family<Gpu, FloatGauge>,
+    gpu_hot: Family<Gpu, Gauge>,
+    gpu_alerts: Gauge,
+    gpu_available: Gauge,
+    strategy: Family<StrategyLabel, Gauge>,
+    strategy_switches: Gauge,
 }
 
 impl Default for Metrics {
@@ -106,6 +128,18 @@ impl Metrics {
             state: Family::default(),
             health_failures: Family::default(),
             restarts: Family::default(),
+            server_restarts: Family::default(),
+            crashed_jobs: Family::default(),
+            gpu_temp: Family::default(),
+            gpu_util: Family::default(),
+            gpu_mem_used: Family::default(),
+            gpu_mem_total: Family::default(),
+            gpu_power: Family::default(),
+            gpu_hot: Family::default(),
+            gpu_alerts: Gauge::default(),
+            gpu_available: Gauge::default(),
+            strategy: Family::default(),
+            strategy_switches: Gauge::default(),
         };
         r.register("requests", "Chat-completion requests finished, by instance and outcome (done, retryable, permanent, overloaded)", m.requests.clone());
         r.register(
@@ -169,6 +203,46 @@ impl Metrics {
             "Restarts of the supervisor's children since start",
             m.restarts.clone(),
         );
+        r.register(
+            "server_restarts",
+            "Restarts of the instance's model server since the daemon started",
+            m.server_restarts.clone(),
+        );
+        r.register(
+            "crashed_jobs",
+            "Jobs given back because the instance's server went down under them",
+            m.crashed_jobs.clone(),
+        );
+        r.register("gpu_temperature_celsius", "GPU core temperature", m.gpu_temp.clone());
+        r.register("gpu_utilization_percent", "Share of time a kernel ran", m.gpu_util.clone());
+        r.register("gpu_memory_used_bytes", "GPU memory in use", m.gpu_mem_used.clone());
+        r.register("gpu_memory_total_bytes", "GPU memory in all", m.gpu_mem_total.clone());
+        r.register("gpu_power_watts", "GPU power draw", m.gpu_power.clone());
+        r.register(
+            "gpu_temperature_alert",
+            "1 while the GPU is in a temperature alert (above gpu.temp_alert_c, not yet below gpu.temp_clear_c)",
+            m.gpu_hot.clone(),
+        );
+        r.register(
+            "gpu_temperature_alerts",
+            "Temperature alerts (episodes) since start",
+            m.gpu_alerts.clone(),
+        );
+        r.register(
+            "gpu_available",
+            "1 when the GPUs can be read through NVML",
+            m.gpu_available.clone(),
+        );
+        r.register(
+            "strategy",
+            "1 for the allocator's strategy in force",
+            m.strategy.clone(),
+        );
+        r.register(
+            "strategy_switches",
+            "Strategy switches since start",
+            m.strategy_switches.clone(),
+        );
         *m.registry.lock().expect("fresh lock") = r;
         m
     }
@@ -206,23 +280,63 @@ impl Metrics {
                 self.window.get_or_create(&i).set(d.window as i64);
                 self.max_window.get_or_create(&i).set(d.max_window as i64);
             }
+            for d in &status.dispatch {
+                let i = Instance {
+                    instance: d.instance.clone(),
+                };
+                self.crashed_jobs.get_or_create(&i).set(d.crashed as i64);
+            }
             for h in &status.health {
                 let i = Instance {
                     instance: h.instance.clone(),
                 };
-                self.ready.get_or_create(&i).set(h.ready as i64);
                 self.health_failures
                     .get_or_create(&i)
                     .set(h.consecutive_failures as i64);
-                for state in ["ready", "unhealthy"] {
-                    let on = (state == "ready") == h.ready;
+            }
+            for s in &status.instances {
+                let i = Instance {
+                    instance: s.name.clone(),
+                };
+                let ready = s.state == feeder_actors::container::InstanceState::Ready;
+                self.ready.get_or_create(&i).set(ready as i64);
+                self.server_restarts.get_or_create(&i).set(s.restarts as i64);
+                for state in feeder_actors::container::InstanceState::ALL {
                     let l = InstanceState {
-                        instance: h.instance.clone(),
-                        state: state.into(),
+                        instance: s.name.clone(),
+                        state: state.as_str().into(),
                     };
-                    self.state.get_or_create(&l).set(on as i64);
+                    self.state.get_or_create(&l).set((state == s.state) as i64);
                 }
             }
+            if let Some(g) = &status.gpus {
+                self.gpu_available.set(g.unavailable.is_none() as i64);
+                self.gpu_alerts.set(g.alerts as i64);
+                for r in &g.gpus {
+                    let l = Gpu {
+                        gpu: r.index.to_string(),
+                    };
+                    self.gpu_temp.get_or_create(&l).set(r.temperature_c.into());
+                    self.gpu_util.get_or_create(&l).set(r.utilization_pct.into());
+                    self.gpu_mem_used.get_or_create(&l).set(r.memory_used_bytes as i64);
+                    self.gpu_mem_total.get_or_create(&l).set(r.memory_total_bytes as i64);
+                    self.gpu_power.get_or_create(&l).set(r.power_w.unwrap_or(0.0));
+                    self.gpu_hot.get_or_create(&l).set(g.hot.contains(&r.index) as i64);
+                }
+            }
+            let current = status
+                .allocator
+                .as_ref()
+                .map_or(feeder_actors::allocator::Strategy::Static, |a| a.strategy);
+            for s in feeder_actors::allocator::Strategy::ALL {
+                self.strategy
+                    .get_or_create(&StrategyLabel {
+                        strategy: s.as_str().into(),
+                    })
+                    .set((s == current) as i64);
+            }
+            self.strategy_switches
+                .set(status.allocator.as_ref().map_or(0, |a| a.switches) as i64);
             for (actor, restarts, _) in &status.restarts {
                 self.restarts
                     .get_or_create(&ActorLabel {

@@ -121,9 +121,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// One reading of every GPU, through NVML (no daemon needed)
+    Gpu {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// The allocator's strategy in the running daemon: show, pin or unpin
+    #[command(subcommand)]
+    Strategy(StrategyCommand),
     /// Configuration tools
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// `gpu-feeder strategy …`
+#[derive(Debug, Subcommand)]
+pub enum StrategyCommand {
+    /// The strategy in force, since when and why
+    Show {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold a strategy (static, shared, think, vision, idle) until unpinned
+    Pin {
+        /// The strategy
+        name: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release the pin: the backlog decides again
+    Unpin {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `gpu-feeder config …`
@@ -246,6 +280,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Demo(_) | Command::Sim(_) => unreachable!("handled above"),
         Command::Instances { json } => runtime()?.block_on(instances(&ctx, json)),
+        Command::Gpu { json } => gpu(json),
+        Command::Strategy(cmd) => runtime()?.block_on(strategy(&ctx, cmd)),
         Command::Mcp => {
             // stdout carries the protocol only; logs go to stderr.
             crate::logging::init(
@@ -282,6 +318,71 @@ async fn instances(ctx: &Context, json: bool) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
         print!("{}", output::instances_table(&body));
+    }
+    Ok(0)
+}
+
+/// `gpu`: one NVML reading, printed.
+fn gpu(json: bool) -> anyhow::Result<i32> {
+    use feeder_actors::gpu::GpuProbe as _;
+    let probe = crate::gpu::NvmlProbe::init().map_err(anyhow::Error::msg)?;
+    let gpus = probe.read().map_err(anyhow::Error::msg)?;
+    if json {
+        let snapshot = feeder_actors::gpu::GpuSnapshot {
+            at: std::time::SystemTime::now(),
+            gpus,
+            unavailable: None,
+            hot: Vec::new(),
+            alerts: 0,
+        };
+        let mut doc = serde_json::json!({"gpus": crate::admin::gpus_json(&snapshot)});
+        doc["driver_version"] = serde_json::json!(probe.driver_version());
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", output::gpu_table(&gpus));
+    }
+    Ok(0)
+}
+
+/// `strategy show|pin NAME|unpin`, through the admin endpoint.
+async fn strategy(ctx: &Context, cmd: StrategyCommand) -> anyhow::Result<i32> {
+    let (body, json) = match cmd {
+        StrategyCommand::Show { json } => {
+            let status = crate::admin::fetch_status(&ctx.config, &ctx.config_path)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let doc = status["allocator"].clone();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else if doc.is_null() {
+                println!("strategy: static (the allocator is off: allocator.enabled = false, or no docker/process instance)");
+            } else {
+                print!("{}", output::strategy_text(&doc));
+            }
+            return Ok(0);
+        }
+        StrategyCommand::Pin { name, json } => {
+            let s = feeder_actors::allocator::Strategy::parse(&name).map_err(anyhow::Error::msg)?;
+            (serde_json::json!({"pin": s.as_str()}), json)
+        }
+        StrategyCommand::Unpin { json } => (serde_json::json!({"pin": null}), json),
+    };
+    let doc = crate::admin::call_admin(&ctx.config, &ctx.config_path, "/v1/strategy", Some(body))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        match doc["pinned"].as_str() {
+            Some(p) => println!(
+                "pinned to {p}{} until `gpu-feeder strategy unpin`",
+                if doc["switching"] == true { " (switching now)" } else { "" }
+            ),
+            None => println!(
+                "unpinned: the backlog decides again (now {})",
+                doc["strategy"].as_str().unwrap_or("?")
+            ),
+        }
     }
     Ok(0)
 }

@@ -228,6 +228,51 @@ pub fn config_summary(c: &Config) -> String {
     out
 }
 
+/// `gpu` without `--json`: one line per GPU.
+pub fn gpu_table(gpus: &[feeder_actors::gpu::GpuReading]) -> String {
+    let mut out = format!(
+        "{:<4} {:<28} {:>6} {:>6} {:>17} {:>8} {:>9}  {}\n",
+        "GPU", "NAME", "TEMP", "UTIL", "MEMORY", "POWER", "SM CLOCK", "THROTTLE"
+    );
+    for g in gpus {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let _ = writeln!(
+            out,
+            "{:<4} {:<28} {:>6} {:>6} {:>17} {:>8} {:>9}  {}",
+            g.index,
+            clip(&g.name, 28),
+            format!("{} °C", g.temperature_c),
+            format!("{} %", g.utilization_pct),
+            format!("{:.1}/{:.1} GiB", gib(g.memory_used_bytes), gib(g.memory_total_bytes)),
+            g.power_w.map_or("-".into(), |w| format!("{w:.0} W")),
+            g.sm_clock_mhz.map_or("-".into(), |c| format!("{c} MHz")),
+            if g.throttle_reasons.is_empty() {
+                "-".to_string()
+            } else {
+                g.throttle_reasons.join(",")
+            }
+        );
+    }
+    out
+}
+
+/// `strategy show` without `--json`.
+pub fn strategy_text(doc: &Value) -> String {
+    let mut out = format!(
+        "strategy: {}{}\n",
+        doc["strategy"].as_str().unwrap_or("?"),
+        doc["pinned"]
+            .as_str()
+            .map(|p| format!(" (pinned to {p})"))
+            .unwrap_or_default()
+    );
+    if let Some(why) = doc["why"].as_str() {
+        let _ = writeln!(out, "why:      {why}");
+    }
+    let _ = writeln!(out, "switches: {}", doc["switches"]);
+    out
+}
+
 /// `instances` without `--json`, from the `/v1/status` document: one line
 /// per instance, then why it is in its state (with the server's last output
 /// when it failed).

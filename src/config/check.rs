@@ -207,6 +207,17 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         }
     }
 
+    c.range_f64(&[key("allocator"), key("interval_s")], a.interval_s, 0.05, 3_600.0);
+    if a.shared_memory_utilization * 2.0 > 1.0 {
+        c.at(
+            &[key("allocator"), key("shared_memory_utilization")],
+            format!(
+                "{} is too much: under `shared`, two servers each take this share of one GPU, so it must be at most 0.5",
+                a.shared_memory_utilization
+            ),
+        );
+    }
+
     let g = &config.gpu;
     c.range_u64(
         &[key("gpu"), key("interval_ms")],

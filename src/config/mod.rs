@@ -232,6 +232,10 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AllocatorConfig {
+    /// Choose the strategy from the backlog; off keeps every instance as configured.
+    pub enabled: bool,
+    /// Seconds between decisions.
+    pub interval_s: f64,
     /// Least time a strategy holds before another may replace it.
     pub min_dwell_s: u64,
     /// Stop every instance after this long without work; 0 never does.
@@ -245,6 +249,8 @@ pub struct AllocatorConfig {
 impl Default for AllocatorConfig {
     fn default() -> Self {
         AllocatorConfig {
+            enabled: true,
+            interval_s: 5.0,
             min_dwell_s: 600,
             idle_ttl_s: 0,
             shared_memory_utilization: 0.40,

@@ -1,0 +1,127 @@
+//! The allocator end to end, with the real daemon and real `gpu-feeder sim`
+//! processes: the strategy follows the backlog, instances are drained and
+//! relaunched with the new GPU memory share (visible on their command
+//! lines), and no job is lost or failed across the switches.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{bin, free_port, wait_for, DaemonProcess, Scratch};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// Kills the servers the test launched (they outlive the daemon by design).
+struct Servers(std::path::PathBuf);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid") {
+                if let Some(pid) = std::fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_u64())
+                {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+fn instance(name: &str, model: &str, port: u16) -> String {
+    format!(
+        "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"process\"\n\
+         port = {port}\nserved_model_name = \"sim-{name}\"\n\
+         command = [\"{}\", \"sim\", \"--load-s\", \"0.5\", \"--latency-ms\", \"300\"]\n\
+         gpu_ids = []\ngpu_memory_utilization = 0.4\nmax_tokens = 8\n\n",
+        bin()
+    )
+}
+
+fn strategy(s: &Scratch) -> Option<String> {
+    s.instances()
+        .and_then(|v| v["strategy"].as_str().map(String::from))
+}
+
+fn memory_share(s: &Scratch, name: &str) -> Option<String> {
+    let pid = s.instance(name)?["container_id"].as_str()?.to_string();
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    cmd.split("--gpu-memory-utilization ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .map(String::from)
+}
+
+#[test]
+fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
+    let s = Scratch::new(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
+         [dispatch]\nexternal_poll_ms = 50\n\n\
+         [health]\ninterval_s = 0.2\nrestart_backoff_s = 0.2\n\n\
+         [servers]\nstate_dir = \"servers\"\nstop_grace_s = 2\n\n\
+         [gpu]\nenabled = false\n\n\
+         [allocator]\ninterval_s = 0.2\nmin_dwell_s = 2\nshared_memory_utilization = 0.4\nsolo_memory_utilization = 0.75\n\n{}{}",
+        free_port(),
+        instance("think", "think", free_port()),
+        instance("vision", "vision", free_port()),
+    ));
+    let _servers = Servers(s.path().join("servers"));
+    let d = DaemonProcess::start(&s, "daemon");
+    wait_for("both ready", LIMIT, || {
+        s.instance_is("think", "ready") && s.instance_is("vision", "ready")
+    });
+    assert_eq!(strategy(&s).as_deref(), Some("static"));
+
+    // Only vision work: after the dwell, vision runs alone with the solo share.
+    s.submit_prompts("vision", "v", 600);
+    wait_for("strategy vision", LIMIT, || strategy(&s).as_deref() == Some("vision"));
+    wait_for("think parked, vision relaunched at 0.75", LIMIT, || {
+        s.instance_is("think", "stopped")
+            && s.instance_is("vision", "ready")
+            && memory_share(&s, "vision").as_deref() == Some("0.75")
+    });
+    let why = s.instances().unwrap()["allocator"]["why"].as_str().unwrap().to_string();
+    assert!(why.contains("vision:") && why.contains("pending"), "{why}");
+
+    // Think work arrives: it comes first, without waiting for the dwell;
+    // with vision work still waiting both share the GPU.
+    s.submit_prompts("think", "t", 100);
+    wait_for("strategy shared", LIMIT, || strategy(&s).as_deref() == Some("shared"));
+    wait_for("both running at 0.4", LIMIT, || {
+        s.instance_is("think", "ready")
+            && s.instance_is("vision", "ready")
+            && memory_share(&s, "think").as_deref() == Some("0.4")
+            && memory_share(&s, "vision").as_deref() == Some("0.4")
+    });
+
+    wait_for("every job done", Duration::from_secs(180), || s.count("done") == 700);
+    assert_eq!(s.count("failed"), 0, "no job failed across the switches");
+    let log = d.log();
+    assert!(log.contains("strategy static → vision"), "{log}");
+    assert!(log.contains("strategy vision → shared"), "{log}");
+    assert!(
+        s.jobs().iter().all(|j| j["attempts"].as_u64() <= Some(1)),
+        "no retries were needed"
+    );
+
+    // Pin and unpin through the CLI.
+    let pinned = s.run(&["strategy", "pin", "think"]);
+    assert_eq!(pinned.code(), 0, "{}", pinned.stderr());
+    assert!(pinned.stdout().contains("pinned to think"), "{}", pinned.stdout());
+    wait_for("think alone", LIMIT, || {
+        strategy(&s).as_deref() == Some("think") && s.instance_is("vision", "stopped")
+    });
+    let shown = s.json(&["strategy", "show", "--json"]);
+    assert_eq!(shown["pinned"], "think");
+    let bad = s.run(&["strategy", "pin", "everything"]);
+    assert_ne!(bad.code(), 0);
+    assert!(bad.stderr().contains("choose one of"), "{}", bad.stderr());
+    let unpinned = s.run(&["strategy", "unpin"]);
+    assert_eq!(unpinned.code(), 0, "{}", unpinned.stderr());
+    assert!(unpinned.stdout().contains("unpinned"), "{}", unpinned.stdout());
+}
