@@ -22,9 +22,9 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 use serde_json::{json, Value};
 
-use feeder_actors::queue::QueueMsg;
 use feeder_actors::allocator::Strategy;
 use feeder_actors::gpu::GpuSnapshot;
+use feeder_actors::queue::QueueMsg;
 use feeder_actors::supervisor::{FeederMsg, FeederStatus};
 use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
 

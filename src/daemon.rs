@@ -20,10 +20,10 @@ use tracing::{error, info, warn};
 
 use feeder_actors::allocator::AllocatorSettings;
 use feeder_actors::container::LifecycleSettings;
-use feeder_actors::gpu::GpuProbe;
-use feeder_actors::gpu_monitor::ThermalLimits;
 use feeder_actors::dispatch::DispatchObserver;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
+use feeder_actors::gpu::GpuProbe;
+use feeder_actors::gpu_monitor::ThermalLimits;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::supervisor::{
     FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
@@ -66,6 +66,7 @@ pub fn settings(config: &Config) -> PipelineSettings {
         },
         health_interval: Duration::from_secs_f64(config.health.interval_s),
         health_timeout: Duration::from_secs_f64(config.health.timeout_s),
+        canary_timeout: Duration::from_secs(config.dispatch.request_timeout_s),
         lifecycle: lifecycle(config),
         keep_servers_on_exit: config.servers.keep_servers_on_exit,
         poison_after: config.health.poison_after_crashes,

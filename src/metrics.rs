@@ -213,10 +213,26 @@ impl Metrics {
             "Jobs given back because the instance's server went down under them",
             m.crashed_jobs.clone(),
         );
-        r.register("gpu_temperature_celsius", "GPU core temperature", m.gpu_temp.clone());
-        r.register("gpu_utilization_percent", "Share of time a kernel ran", m.gpu_util.clone());
-        r.register("gpu_memory_used_bytes", "GPU memory in use", m.gpu_mem_used.clone());
-        r.register("gpu_memory_total_bytes", "GPU memory in all", m.gpu_mem_total.clone());
+        r.register(
+            "gpu_temperature_celsius",
+            "GPU core temperature",
+            m.gpu_temp.clone(),
+        );
+        r.register(
+            "gpu_utilization_percent",
+            "Share of time a kernel ran",
+            m.gpu_util.clone(),
+        );
+        r.register(
+            "gpu_memory_used_bytes",
+            "GPU memory in use",
+            m.gpu_mem_used.clone(),
+        );
+        r.register(
+            "gpu_memory_total_bytes",
+            "GPU memory in all",
+            m.gpu_mem_total.clone(),
+        );
         r.register("gpu_power_watts", "GPU power draw", m.gpu_power.clone());
         r.register(
             "gpu_temperature_alert",
@@ -300,7 +316,9 @@ impl Metrics {
                 };
                 let ready = s.state == feeder_actors::container::InstanceState::Ready;
                 self.ready.get_or_create(&i).set(ready as i64);
-                self.server_restarts.get_or_create(&i).set(s.restarts as i64);
+                self.server_restarts
+                    .get_or_create(&i)
+                    .set(s.restarts as i64);
                 for state in feeder_actors::container::InstanceState::ALL {
                     let l = InstanceState {
                         instance: s.name.clone(),
@@ -317,11 +335,21 @@ impl Metrics {
                         gpu: r.index.to_string(),
                     };
                     self.gpu_temp.get_or_create(&l).set(r.temperature_c.into());
-                    self.gpu_util.get_or_create(&l).set(r.utilization_pct.into());
-                    self.gpu_mem_used.get_or_create(&l).set(r.memory_used_bytes as i64);
-                    self.gpu_mem_total.get_or_create(&l).set(r.memory_total_bytes as i64);
-                    self.gpu_power.get_or_create(&l).set(r.power_w.unwrap_or(0.0));
-                    self.gpu_hot.get_or_create(&l).set(g.hot.contains(&r.index) as i64);
+                    self.gpu_util
+                        .get_or_create(&l)
+                        .set(r.utilization_pct.into());
+                    self.gpu_mem_used
+                        .get_or_create(&l)
+                        .set(r.memory_used_bytes as i64);
+                    self.gpu_mem_total
+                        .get_or_create(&l)
+                        .set(r.memory_total_bytes as i64);
+                    self.gpu_power
+                        .get_or_create(&l)
+                        .set(r.power_w.unwrap_or(0.0));
+                    self.gpu_hot
+                        .get_or_create(&l)
+                        .set(g.hot.contains(&r.index) as i64);
                 }
             }
             let current = status

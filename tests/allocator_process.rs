@@ -7,30 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bin, free_port, wait_for, DaemonProcess, Scratch};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use common::{bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// Kills the servers the test launched (they outlive the daemon by design).
-struct Servers(std::path::PathBuf);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            if e.path().extension().is_some_and(|x| x == "pid") {
-                if let Some(pid) = std::fs::read(e.path())
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["pid"].as_u64())
-                {
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                }
-            }
-        }
-    }
-}
 
 fn instance(name: &str, model: &str, port: u16) -> String {
     format!(
@@ -70,7 +49,7 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
         instance("think", "think", free_port()),
         instance("vision", "vision", free_port()),
     ));
-    let _servers = Servers(s.path().join("servers"));
+    let _servers = ProcessServers(s.path().join("servers"));
     let d = DaemonProcess::start(&s, "daemon");
     wait_for("both ready", LIMIT, || {
         s.instance_is("think", "ready") && s.instance_is("vision", "ready")
@@ -79,19 +58,26 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
 
     // Only vision work: after the dwell, vision runs alone with the solo share.
     s.submit_prompts("vision", "v", 600);
-    wait_for("strategy vision", LIMIT, || strategy(&s).as_deref() == Some("vision"));
+    wait_for("strategy vision", LIMIT, || {
+        strategy(&s).as_deref() == Some("vision")
+    });
     wait_for("think parked, vision relaunched at 0.75", LIMIT, || {
         s.instance_is("think", "stopped")
             && s.instance_is("vision", "ready")
             && memory_share(&s, "vision").as_deref() == Some("0.75")
     });
-    let why = s.instances().unwrap()["allocator"]["why"].as_str().unwrap().to_string();
+    let why = s.instances().unwrap()["allocator"]["why"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(why.contains("vision:") && why.contains("pending"), "{why}");
 
     // Think work arrives: it comes first, without waiting for the dwell;
     // with vision work still waiting both share the GPU.
     s.submit_prompts("think", "t", 100);
-    wait_for("strategy shared", LIMIT, || strategy(&s).as_deref() == Some("shared"));
+    wait_for("strategy shared", LIMIT, || {
+        strategy(&s).as_deref() == Some("shared")
+    });
     wait_for("both running at 0.4", LIMIT, || {
         s.instance_is("think", "ready")
             && s.instance_is("vision", "ready")
@@ -99,7 +85,9 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
             && memory_share(&s, "vision").as_deref() == Some("0.4")
     });
 
-    wait_for("every job done", Duration::from_secs(180), || s.count("done") == 700);
+    wait_for("every job done", Duration::from_secs(180), || {
+        s.count("done") == 700
+    });
     assert_eq!(s.count("failed"), 0, "no job failed across the switches");
     let log = d.log();
     assert!(log.contains("strategy static → vision"), "{log}");
@@ -112,7 +100,11 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
     // Pin and unpin through the CLI.
     let pinned = s.run(&["strategy", "pin", "think"]);
     assert_eq!(pinned.code(), 0, "{}", pinned.stderr());
-    assert!(pinned.stdout().contains("pinned to think"), "{}", pinned.stdout());
+    assert!(
+        pinned.stdout().contains("pinned to think"),
+        "{}",
+        pinned.stdout()
+    );
     wait_for("think alone", LIMIT, || {
         strategy(&s).as_deref() == Some("think") && s.instance_is("vision", "stopped")
     });
@@ -123,5 +115,9 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
     assert!(bad.stderr().contains("choose one of"), "{}", bad.stderr());
     let unpinned = s.run(&["strategy", "unpin"]);
     assert_eq!(unpinned.code(), 0, "{}", unpinned.stderr());
-    assert!(unpinned.stdout().contains("unpinned"), "{}", unpinned.stdout());
+    assert!(
+        unpinned.stdout().contains("unpinned"),
+        "{}",
+        unpinned.stdout()
+    );
 }

@@ -307,3 +307,41 @@ fn usage_errors_exit_2() {
     );
     assert_eq!(s.run(&["list", "--status", "running"]).code(), 2);
 }
+
+#[test]
+fn gpu_explains_a_machine_without_nvml() {
+    let s = Scratch::new("");
+    let r = s.run(&["gpu", "--json"]);
+    if r.code() == 0 {
+        // A machine with a GPU: the reading is there.
+        let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
+        assert!(!v["gpus"].as_array().unwrap().is_empty(), "{v}");
+    } else {
+        assert_eq!(r.code(), 1);
+        assert!(
+            r.stderr().contains("NVML is not available"),
+            "{}",
+            r.stderr()
+        );
+    }
+}
+
+#[test]
+fn strategy_pin_names_the_choices_and_the_missing_daemon() {
+    let s = Scratch::new("[admin]\nlisten = \"127.0.0.1:9\"\n");
+    let bad = s.run(&["strategy", "pin", "fast"]);
+    assert_ne!(bad.code(), 0);
+    assert!(
+        bad.stderr()
+            .contains("choose one of static, shared, think, vision, idle"),
+        "{}",
+        bad.stderr()
+    );
+    let down = s.run(&["strategy", "show"]);
+    assert_ne!(down.code(), 0);
+    assert!(
+        down.stderr().contains("the daemon is not running"),
+        "{}",
+        down.stderr()
+    );
+}

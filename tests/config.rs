@@ -100,7 +100,9 @@ fn a_wrong_type_is_named_with_its_line() {
     let r = check(&s);
     assert_eq!(r.code(), 78);
     assert!(
-        r.stderr().contains("feeder.toml:7: health.interval_s: invalid type: string \"5s\", expected a whole number"),
+        r.stderr().contains(
+            "feeder.toml:7: health.interval_s: invalid type: string \"5s\", expected a number"
+        ),
         "{}",
         r.stderr()
     );

@@ -37,9 +37,9 @@ fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
     let think = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let d = DaemonProcess::start(&s, "daemon");
+    let _d = DaemonProcess::start(&s, "daemon");
     wait_for("the instance is ready", LIMIT, || {
-        d.log().contains("instance is ready")
+        s.instance_is("think", "ready")
     });
     let out = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
@@ -108,9 +108,9 @@ fn metrics_pass_promtool_and_move_as_jobs_run() {
     let think = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let d = DaemonProcess::start(&s, "daemon");
+    let _d = DaemonProcess::start(&s, "daemon");
     wait_for("the instance is ready", LIMIT, || {
-        d.log().contains("instance is ready")
+        s.instance_is("think", "ready")
     });
     let base = format!("http://127.0.0.1:{port}");
     let metric = |text: &str, name: &str| -> f64 {
@@ -189,9 +189,9 @@ fn the_admin_endpoint_is_loopback_by_default_and_a_token_is_enforced() {
     let think = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(&(admin(port, "s3cret") + &external("think", "think", &think.url)));
-    let d = DaemonProcess::start(&s, "daemon");
+    let _d = DaemonProcess::start(&s, "daemon");
     wait_for("the instance is ready", LIMIT, || {
-        d.log().contains("instance is ready")
+        s.instance_is("think", "ready")
     });
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(http("GET", &format!("{base}/healthz"), None, None).0, 200);

@@ -7,32 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bin, free_port, wait_for, DaemonProcess, Scratch};
-use nix::sys::signal::{kill, killpg, Signal};
+use common::{bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Kills every server a test launched (pid files under `servers/`), so that
-/// `keep_servers_on_exit` does not leave them behind.
-struct Servers(std::path::PathBuf);
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            if e.path().extension().is_some_and(|x| x == "pid") {
-                if let Some(pid) = std::fs::read(e.path())
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["pid"].as_u64())
-                {
-                    // The server's process group (it leads its own).
-                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                }
-            }
-        }
-    }
-}
 
 fn settings(admin: u16, extra: &str) -> String {
     format!(
@@ -95,7 +74,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
             )
     };
     let s = Scratch::new(&config("0.4"));
-    let _servers = Servers(s.path().join("servers"));
+    let _servers = ProcessServers(s.path().join("servers"));
     let started = Instant::now();
     let mut d = DaemonProcess::start(&s, "daemon-1");
     wait_for("both instances ready", LIMIT, || {
@@ -224,7 +203,7 @@ fn a_poison_job_is_quarantined_and_the_server_recovers() {
                 "",
             )),
     );
-    let _servers = Servers(s.path().join("servers"));
+    let _servers = ProcessServers(s.path().join("servers"));
     let _d = DaemonProcess::start(&s, "daemon");
     wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
     let r = s.run(&[
@@ -264,7 +243,7 @@ fn a_crash_looping_server_is_failed_and_its_jobs_wait() {
         settings(admin, "crash_loop_restarts = 2\ncrash_loop_window_s = 600"),
         free_port()
     ));
-    let _servers = Servers(s.path().join("servers"));
+    let _servers = ProcessServers(s.path().join("servers"));
     let d = DaemonProcess::start(&s, "daemon");
     s.submit_prompts("think", "waits", 3);
     wait_for("failed", LIMIT, || s.instance_is("think", "failed"));

@@ -40,7 +40,7 @@ async def main(binary: str, config: str) -> None:
             assert info.name == "gpu-feeder", info
 
             tools = {t.name: t for t in (await session.list_tools()).tools}
-            for name in ["submit_job", "get_job", "list_jobs", "cancel_job", "retry_job", "queue_stats", "instances"]:
+            for name in ["submit_job", "get_job", "list_jobs", "cancel_job", "retry_job", "queue_stats", "instances", "gpu_status", "set_strategy"]:
                 assert name in tools, f"missing tool {name}: {sorted(tools)}"
             schema = attr(tools["submit_job"], "input_schema", "inputSchema")
             assert "model" in schema["properties"] and schema["properties"]["model"].get("description"), schema
@@ -71,6 +71,16 @@ async def main(binary: str, config: str) -> None:
 
             live = structured(await session.call_tool("instances", {}))
             assert live["instances"][0]["state"] == "ready", live
+
+            gpus = structured(await session.call_tool("gpu_status", {}))
+            assert gpus["strategy"] == "static" and isinstance(gpus["gpus"], list), gpus
+            assert gpus["gpus"] or gpus["gpu_unavailable"], gpus
+
+            bad = await session.call_tool("set_strategy", {"pin": "everything"})
+            assert is_error(bad) and "choose one of" in bad.content[0].text, bad.content[0].text
+            # Only external instances here: the allocator does not run, and says so.
+            none = await session.call_tool("set_strategy", {"pin": "think"})
+            assert is_error(none) and "allocator does not run" in none.content[0].text, none.content[0].text
     print("mcp client: all checks passed")
 
 

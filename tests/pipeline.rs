@@ -100,7 +100,7 @@ fn a_row_inserted_by_another_program_is_dispatched() {
     assert_eq!(s.run(&["migrate"]).code(), 0);
     let d = DaemonProcess::start(&s, "daemon");
     wait_for("the daemon is up", LIMIT, || {
-        d.log().contains("instance is ready")
+        d.log().contains("loading → ready")
     });
     let payload = s.stage().join("p.json");
     std::fs::write(&payload, r#"{"prompt": "from another program"}"#).unwrap();

@@ -359,7 +359,13 @@ impl AllocatorState {
             .gpu
             .as_ref()
             .and_then(|g| g.gpus.first())
-            .map(|g| format!(" (GPU {} has {:.1} GiB)", g.index, g.memory_total_bytes as f64 / (1u64 << 30) as f64))
+            .map(|g| {
+                format!(
+                    " (GPU {} has {:.1} GiB)",
+                    g.index,
+                    g.memory_total_bytes as f64 / (1u64 << 30) as f64
+                )
+            })
             .unwrap_or_default();
         info!(
             "strategy {from} → {}: {}; {}{memory}",
@@ -448,8 +454,16 @@ impl AllocatorState {
             idle_for: self.last_work.elapsed(),
             think,
             vision,
-            load_think: self.loads.get(&ModelType::Think).copied().unwrap_or_default(),
-            load_vision: self.loads.get(&ModelType::Vision).copied().unwrap_or_default(),
+            load_think: self
+                .loads
+                .get(&ModelType::Think)
+                .copied()
+                .unwrap_or_default(),
+            load_vision: self
+                .loads
+                .get(&ModelType::Vision)
+                .copied()
+                .unwrap_or_default(),
             pinned: self.status.pinned,
         };
         if let Some(d) = decide(&inputs, &self.args.settings) {
@@ -536,7 +550,9 @@ impl Actor for AllocatorActor {
                             &myself,
                             Decision {
                                 to: s,
-                                why: format!("pinned by an operator (`gpu-feeder strategy pin {s}`)"),
+                                why: format!(
+                                    "pinned by an operator (`gpu-feeder strategy pin {s}`)"
+                                ),
                             },
                         );
                     }
@@ -549,7 +565,10 @@ impl Actor for AllocatorActor {
                 if problems.is_empty() {
                     info!("strategy {to} in force");
                 } else {
-                    warn!("strategy {to} applied with problems: {}", problems.join("; "));
+                    warn!(
+                        "strategy {to} applied with problems: {}",
+                        problems.join("; ")
+                    );
                 }
             }
             AllocatorMsg::Status(reply) => {

@@ -698,8 +698,12 @@ impl Actor for DispatchActor {
                 let cap = factor.map(|f| ((state.args.window as f64 * f).floor() as u32).max(1));
                 if cap != state.thermal_cap {
                     match cap {
-                        Some(c) => warn!(instance = %state.args.instance, "its GPU is too hot: window at most {c} until it cools"),
-                        None => info!(instance = %state.args.instance, "its GPU cooled: window back to {}", state.args.window),
+                        Some(c) => {
+                            warn!(instance = %state.args.instance, "its GPU is too hot: window at most {c} until it cools")
+                        }
+                        None => {
+                            info!(instance = %state.args.instance, "its GPU cooled: window back to {}", state.args.window)
+                        }
                     }
                 }
                 state.thermal_cap = cap;

@@ -82,7 +82,8 @@ impl GpuMonitorState {
                 info!(
                     gpu = g.index,
                     "GPU {} cooled to {} °C, below gpu.temp_clear_c = {clear_c}: the alert is over",
-                    g.index, g.temperature_c
+                    g.index,
+                    g.temperature_c
                 );
             }
         }

@@ -2,11 +2,14 @@
 //! outcome to the instance's ContainerActor (through the
 //! InstanceSupervisor), which turns outcomes into states.
 //!
-//! A probe checks `/health` and the model list; until a probe has passed
-//! since the last failure it is *deep*: a one-token canary completion
-//! confirms that the server really answers. The outcome tells "not
-//! listening", "loading (503)" and "broken" apart. A probe that takes longer
-//! than `timeout` counts as broken.
+//! A probe checks `/health` and the model list. Until a server has been
+//! confirmed — at start, and whenever it was seen not listening or loading,
+//! as a relaunched server is — the probe is *deep*: a one-token canary
+//! completion (allowed `canary_timeout`) confirms that it really answers.
+//! A confirmed server is not sent canaries again: under load they would wait
+//! behind real requests, and a busy server is not a broken one. The outcome
+//! tells "not listening", "loading (503)" and "broken" apart. A probe that
+//! takes longer than `timeout` counts as broken.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +67,8 @@ pub struct HealthArgs {
     pub interval: Duration,
     /// Time allowed for one probe.
     pub timeout: Duration,
+    /// Time allowed for a deep probe (its canary is a real completion).
+    pub canary_timeout: Duration,
 }
 
 struct Probed {
@@ -80,6 +85,7 @@ pub struct HealthState {
     instances: HashMap<String, Probed>,
     sink: ActorRef<InstanceSupMsg>,
     timeout: Duration,
+    canary_timeout: Duration,
 }
 
 /// Probes the instances.
@@ -117,6 +123,7 @@ impl Actor for HealthActor {
             instances,
             sink: args.sink,
             timeout: args.timeout,
+            canary_timeout: args.canary_timeout,
         })
     }
 
@@ -133,8 +140,12 @@ impl Actor for HealthActor {
                     let client = inst.client.clone();
                     let me = myself.clone();
                     let instance = name.clone();
-                    let timeout = state.timeout;
                     let deep = !inst.confirmed;
+                    let timeout = if deep {
+                        state.canary_timeout.max(state.timeout)
+                    } else {
+                        state.timeout
+                    };
                     tokio::spawn(async move {
                         let outcome = match tokio::time::timeout(timeout, client.probe(deep)).await
                         {
@@ -168,7 +179,10 @@ impl Actor for HealthActor {
                     }
                     Err(e) => {
                         inst.failures += 1;
-                        inst.confirmed = false;
+                        // A server that is gone or loading will be a new one.
+                        if matches!(e, ProbeError::NotListening(_) | ProbeError::Loading(_)) {
+                            inst.confirmed = false;
+                        }
                         inst.last_error = Some(e.to_string());
                     }
                 }

@@ -40,16 +40,6 @@ pub enum InstanceSupMsg {
         /// The dispatcher.
         dispatcher: ActorRef<DispatchMsg>,
     },
-    /// Relaunch `instance` with `plan`; replies once it is launching
-    /// (`Err` names an unknown instance or an actor that did not answer).
-    Reconfigure {
-        /// The instance.
-        instance: String,
-        /// The new plan.
-        plan: LaunchPlan,
-        /// Answered when the relaunch has begun.
-        reply: RpcReplyPort<Result<(), String>>,
-    },
     /// The allocator's word on `instance`: run it with `plan` (launching
     /// it if parked, relaunching it if the plan changed), or park it
     /// (`None`: drained, stopped, not restarted). Replies when stopped, or
@@ -222,34 +212,6 @@ impl Actor for InstanceSupervisor {
                 }
                 None => warn!(instance, "a dispatcher watches an unknown instance"),
             },
-            InstanceSupMsg::Reconfigure {
-                instance,
-                plan,
-                reply,
-            } => {
-                let Some(slot) = state.slot(&instance) else {
-                    let _ = reply.send(Err(format!("no instance named `{instance}`")));
-                    return Ok(());
-                };
-                slot.plan = plan.clone();
-                let Some(actor) = slot.actor.clone() else {
-                    // Restarting: the new actor launches with the new plan.
-                    let _ = reply.send(Ok(()));
-                    return Ok(());
-                };
-                tokio::spawn(async move {
-                    let answer = actor
-                        .call(
-                            |r| ContainerMsg::Reconfigure { plan, reply: r },
-                            Some(Duration::from_secs(600)),
-                        )
-                        .await;
-                    let _ = reply.send(match answer {
-                        Ok(CallResult::Success(())) => Ok(()),
-                        other => Err(format!("{instance} did not reconfigure: {other:?}")),
-                    });
-                });
-            }
             InstanceSupMsg::Allocate {
                 instance,
                 plan,
@@ -271,7 +233,11 @@ impl Actor for InstanceSupervisor {
                 };
                 tokio::spawn(async move {
                     let answer = match plan {
-                        None => actor.call(ContainerMsg::Park, Some(Duration::from_secs(3_600))).await,
+                        None => {
+                            actor
+                                .call(ContainerMsg::Park, Some(Duration::from_secs(3_600)))
+                                .await
+                        }
                         Some(plan) if was_parked => {
                             actor
                                 .call(
@@ -291,7 +257,9 @@ impl Actor for InstanceSupervisor {
                     };
                     let _ = reply.send(match answer {
                         Ok(CallResult::Success(())) => Ok(()),
-                        other => Err(format!("{instance} did not follow the allocation: {other:?}")),
+                        other => Err(format!(
+                            "{instance} did not follow the allocation: {other:?}"
+                        )),
                     });
                 });
             }

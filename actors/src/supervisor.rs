@@ -16,16 +16,19 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::allocator::{AllocatorActor, AllocatorArgs, AllocatorMsg, AllocatorSettings, AllocatorStatus, Managed, Strategy};
+use crate::allocator::{
+    AllocatorActor, AllocatorArgs, AllocatorMsg, AllocatorSettings, AllocatorStatus, Managed,
+    Strategy,
+};
 use crate::backoff::Backoff;
-use crate::gpu::{GpuProbe, GpuSnapshot};
-use crate::gpu_monitor::{GpuMonitorActor, GpuMonitorArgs, GpuMonitorMsg, ThermalLimits};
 use crate::container::{InstanceStatus, LifecycleSettings};
 use crate::dispatch::DispatchStatus;
 use crate::dispatch_supervisor::{
     DispatchSupArgs, DispatchSupMsg, DispatchSupervisor, InstanceSpec,
 };
 use crate::fanin::{FanInActor, FanInArgs, FanInMsg};
+use crate::gpu::{GpuProbe, GpuSnapshot};
+use crate::gpu_monitor::{GpuMonitorActor, GpuMonitorArgs, GpuMonitorMsg, ThermalLimits};
 use crate::health::{HealthActor, HealthArgs, HealthMsg, InstanceHealth};
 use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::peers::Peers;
@@ -167,6 +170,8 @@ pub struct PipelineSettings {
     pub health_interval: Duration,
     /// Time allowed for one probe.
     pub health_timeout: Duration,
+    /// Time allowed for a probe with a canary completion.
+    pub canary_timeout: Duration,
     /// Restarts of the model servers, health thresholds, crash loops.
     pub lifecycle: LifecycleSettings,
     /// Leave the servers running when the pipeline shuts down.
@@ -204,6 +209,7 @@ impl Default for PipelineSettings {
             call_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(5),
             health_timeout: Duration::from_secs(5),
+            canary_timeout: Duration::from_secs(120),
             lifecycle: LifecycleSettings::default(),
             keep_servers_on_exit: true,
             poison_after: 3,
@@ -338,6 +344,7 @@ impl FeederState {
                         .collect(),
                     interval: s.health_interval,
                     timeout: s.health_timeout,
+                    canary_timeout: s.canary_timeout,
                 };
                 let (a, _) = HealthActor::spawn_linked(None, HealthActor, args, cell).await?;
                 let id = a.get_id();
@@ -371,7 +378,8 @@ impl FeederState {
                     limits: s.thermal,
                     sink: myself.clone(),
                 };
-                let (a, _) = GpuMonitorActor::spawn_linked(None, GpuMonitorActor, args, cell).await?;
+                let (a, _) =
+                    GpuMonitorActor::spawn_linked(None, GpuMonitorActor, args, cell).await?;
                 let id = a.get_id();
                 self.gpu_monitor = Some(a);
                 id
@@ -587,7 +595,9 @@ impl Actor for FeederSupervisor {
                     && state.queue.is_some()
                     && state.fanin.is_some()
                     && state.gpu_monitor.is_some()
-                    && (state.allocator.is_some() || state.args.settings.allocator.is_none() || state.managed().is_empty())
+                    && (state.allocator.is_some()
+                        || state.args.settings.allocator.is_none()
+                        || state.managed().is_empty())
                     && status.dispatch.len() == state.args.instances.len();
                 status.restarts = state
                     .trackers
@@ -637,7 +647,10 @@ impl Actor for FeederSupervisor {
                 };
                 tokio::spawn(async move {
                     let answer = a
-                        .call(|r| AllocatorMsg::Pin { strategy, reply: r }, Some(Duration::from_secs(10)))
+                        .call(
+                            |r| AllocatorMsg::Pin { strategy, reply: r },
+                            Some(Duration::from_secs(10)),
+                        )
                         .await;
                     let _ = reply.send(match answer {
                         Ok(CallResult::Success(s)) => Ok(s),

@@ -14,14 +14,13 @@ use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, LifecycleSettings};
 use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::gpu_monitor::ThermalLimits;
-use feeder_actors::queue::QueueMsg;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::supervisor::{
-    peers, FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
+    FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
 };
 use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{
-    wait_until, FakeGpu, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
+    submit, wait_until, FakeGpu, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
 };
 use feeder_actors::{JobStatus, ModelType, Timestamp, TokioClock};
 
@@ -139,7 +138,11 @@ impl Lab {
     }
 
     async fn strategy(&self) -> Strategy {
-        self.status().await.allocator.expect("the allocator runs").strategy
+        self.status()
+            .await
+            .allocator
+            .expect("the allocator runs")
+            .strategy
     }
 
     async fn wait_strategy(&self, want: Strategy) {
@@ -155,17 +158,8 @@ impl Lab {
     }
 
     async fn submit(&self, model: ModelType, tag: &str, n: usize) {
-        let p = peers(&self.feeder, Duration::from_secs(5)).await.unwrap();
         let jobs = (0..n).map(|i| job(model, &format!("{tag}-{i}"))).collect();
-        match p
-            .queue
-            .call(|r| QueueMsg::Submit { jobs, reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(Ok(_)) => {}
-            other => panic!("{other:?}"),
-        }
+        submit(&self.feeder, jobs).await;
     }
 
     fn count(&self, status: JobStatus) -> usize {
@@ -212,16 +206,101 @@ fn the_policy_as_a_table() {
     };
     let cases: Vec<(&str, Inputs, Option<Strategy>)> = vec![
         ("no work, no idle_ttl: hold", base.clone(), None),
-        ("only vision: vision", Inputs { vision: some, ..base.clone() }, Some(Strategy::Vision)),
-        ("only think: think", Inputs { think: some, ..base.clone() }, Some(Strategy::Think)),
-        ("both under static: no restart for nothing", Inputs { think: some, vision: some, ..base.clone() }, None),
-        ("both under vision: shared, at once (think first)", Inputs { current: Strategy::Vision, held_for: Duration::from_secs(1), think: some, vision: some, ..base.clone() }, Some(Strategy::Shared)),
-        ("both under think: shared after the dwell", Inputs { current: Strategy::Think, think: some, vision: some, ..base.clone() }, Some(Strategy::Shared)),
-        ("both under think, within the dwell: hold", Inputs { current: Strategy::Think, held_for: Duration::from_secs(60), think: some, vision: some, ..base.clone() }, None),
-        ("vision under think, younger than a load: hold", Inputs { current: Strategy::Think, vision: young, ..base.clone() }, None),
-        ("think under idle: think at once", Inputs { current: Strategy::Idle, held_for: Duration::ZERO, think: young, ..base.clone() }, Some(Strategy::Think)),
-        ("pinned: the pin wins", Inputs { vision: some, pinned: Some(Strategy::Think), ..base.clone() }, Some(Strategy::Think)),
-        ("pinned and in force: hold", Inputs { current: Strategy::Think, vision: some, pinned: Some(Strategy::Think), ..base.clone() }, None),
+        (
+            "only vision: vision",
+            Inputs {
+                vision: some,
+                ..base.clone()
+            },
+            Some(Strategy::Vision),
+        ),
+        (
+            "only think: think",
+            Inputs {
+                think: some,
+                ..base.clone()
+            },
+            Some(Strategy::Think),
+        ),
+        (
+            "both under static: no restart for nothing",
+            Inputs {
+                think: some,
+                vision: some,
+                ..base.clone()
+            },
+            None,
+        ),
+        (
+            "both under vision: shared, at once (think first)",
+            Inputs {
+                current: Strategy::Vision,
+                held_for: Duration::from_secs(1),
+                think: some,
+                vision: some,
+                ..base.clone()
+            },
+            Some(Strategy::Shared),
+        ),
+        (
+            "both under think: shared after the dwell",
+            Inputs {
+                current: Strategy::Think,
+                think: some,
+                vision: some,
+                ..base.clone()
+            },
+            Some(Strategy::Shared),
+        ),
+        (
+            "both under think, within the dwell: hold",
+            Inputs {
+                current: Strategy::Think,
+                held_for: Duration::from_secs(60),
+                think: some,
+                vision: some,
+                ..base.clone()
+            },
+            None,
+        ),
+        (
+            "vision under think, younger than a load: hold",
+            Inputs {
+                current: Strategy::Think,
+                vision: young,
+                ..base.clone()
+            },
+            None,
+        ),
+        (
+            "think under idle: think at once",
+            Inputs {
+                current: Strategy::Idle,
+                held_for: Duration::ZERO,
+                think: young,
+                ..base.clone()
+            },
+            Some(Strategy::Think),
+        ),
+        (
+            "pinned: the pin wins",
+            Inputs {
+                vision: some,
+                pinned: Some(Strategy::Think),
+                ..base.clone()
+            },
+            Some(Strategy::Think),
+        ),
+        (
+            "pinned and in force: hold",
+            Inputs {
+                current: Strategy::Think,
+                vision: some,
+                pinned: Some(Strategy::Think),
+                ..base.clone()
+            },
+            None,
+        ),
     ];
     for (name, inputs, want) in cases {
         let got = decide(&inputs, &s).map(|d| d.to);
@@ -243,17 +322,34 @@ async fn only_vision_work_switches_to_vision_after_the_dwell_and_loses_nothing()
     let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
     lab.submit(ModelType::Vision, "v", 40).await;
     tokio::time::sleep(DWELL - Duration::from_secs(30)).await;
-    assert_eq!(lab.strategy().await, Strategy::Static, "not before the dwell");
+    assert_eq!(
+        lab.strategy().await,
+        Strategy::Static,
+        "not before the dwell"
+    );
     lab.wait_strategy(Strategy::Vision).await;
     // Think was drained and parked; vision relaunched with the solo share.
     assert_eq!(lab.state_of("think").await, InstanceState::Stopped);
-    assert!(lab.think.runtime.calls().iter().any(|c| c.starts_with("stop")));
+    assert!(lab
+        .think
+        .runtime
+        .calls()
+        .iter()
+        .any(|c| c.starts_with("stop")));
     assert_eq!(
-        lab.vision.runtime.plans().last().unwrap().gpu_memory_utilization,
+        lab.vision
+            .runtime
+            .plans()
+            .last()
+            .unwrap()
+            .gpu_memory_utilization,
         0.75
     );
     let why = lab.status().await.allocator.unwrap().why;
-    assert!(why.contains("vision: 40 pending") || why.contains("pending"), "{why}");
+    assert!(
+        why.contains("vision: 40 pending") || why.contains("pending"),
+        "{why}"
+    );
     lab.vision.inference.release(10_000);
     wait_until("all done", LIMIT, || lab.count(JobStatus::Done) == 40).await;
     assert_eq!(lab.count(JobStatus::Failed), 0);
@@ -268,14 +364,22 @@ async fn think_work_comes_first_then_both_share() {
     // Think work arrives: it does not wait for the dwell.
     lab.submit(ModelType::Think, "t", 10).await;
     while lab.strategy().await != Strategy::Shared {
-        assert!(switched_at.elapsed() < Duration::from_secs(30), "think first");
+        assert!(
+            switched_at.elapsed() < Duration::from_secs(30),
+            "think first"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // The vision requests in flight finish, then vision relaunches at 0.40.
     lab.vision.inference.release(10_000);
     lab.wait_strategy(Strategy::Shared).await;
     assert_eq!(
-        lab.think.runtime.plans().last().unwrap().gpu_memory_utilization,
+        lab.think
+            .runtime
+            .plans()
+            .last()
+            .unwrap()
+            .gpu_memory_utilization,
         0.40
     );
     lab.think.inference.release(10_000);
@@ -292,7 +396,8 @@ async fn a_flapping_backlog_does_not_flap_the_strategy() {
     let mut last = lab.strategy().await;
     for minute in 0..40 {
         if minute % 2 == 0 {
-            lab.submit(ModelType::Vision, &format!("v{minute}"), 3).await;
+            lab.submit(ModelType::Vision, &format!("v{minute}"), 3)
+                .await;
             lab.vision.inference.release(3);
         }
         for _ in 0..12 {
@@ -304,9 +409,16 @@ async fn a_flapping_backlog_does_not_flap_the_strategy() {
             }
         }
     }
-    assert!(switches.len() <= 4, "{} switches in 40 min: {switches:?}", switches.len());
+    assert!(
+        switches.len() <= 4,
+        "{} switches in 40 min: {switches:?}",
+        switches.len()
+    );
     for w in switches.windows(2) {
-        assert!(w[1].0 - w[0].0 >= DWELL, "two switches within the dwell: {switches:?}");
+        assert!(
+            w[1].0 - w[0].0 >= DWELL,
+            "two switches within the dwell: {switches:?}"
+        );
     }
 }
 
@@ -317,7 +429,10 @@ async fn a_hot_gpu_narrows_the_window_once_and_a_cool_one_restores_it() {
     s.allocator = None;
     let lab = Lab::start(Some(gpu.clone()), s).await;
     let window = |st: &FeederStatus, name: &str| {
-        st.dispatch.iter().find(|d| d.instance == name).map(|d| (d.window, d.thermal_cap))
+        st.dispatch
+            .iter()
+            .find(|d| d.instance == name)
+            .map(|d| (d.window, d.thermal_cap))
     };
     lab.gpu.set_temperature(0, 85);
     wait_until_async(|| async { window(&lab.status().await, "think") == Some((4, Some(4))) }).await;
@@ -329,7 +444,11 @@ async fn a_hot_gpu_narrows_the_window_once_and_a_cool_one_restores_it() {
     assert_eq!(st.gpus.as_ref().unwrap().hot, vec![0]);
     lab.gpu.set_temperature(0, 86);
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(lab.status().await.gpus.unwrap().alerts, 1, "one alert per episode");
+    assert_eq!(
+        lab.status().await.gpus.unwrap().alerts,
+        1,
+        "one alert per episode"
+    );
     lab.gpu.set_temperature(0, 74);
     wait_until_async(|| async { window(&lab.status().await, "think") == Some((8, None)) }).await;
     let st = lab.status().await;
@@ -338,9 +457,16 @@ async fn a_hot_gpu_narrows_the_window_once_and_a_cool_one_restores_it() {
     lab.gpu.set_temperature(0, 90);
     wait_until_async(|| async { window(&lab.status().await, "think") == Some((4, Some(4))) }).await;
     lab.submit(ModelType::Think, "hot", 20).await;
-    wait_until("4 in flight", LIMIT, || lab.think.inference.in_flight() == 4).await;
+    wait_until("4 in flight", LIMIT, || {
+        lab.think.inference.in_flight() == 4
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(lab.think.inference.max_in_flight(), 4, "never more than the thermal cap");
+    assert_eq!(
+        lab.think.inference.max_in_flight(),
+        4,
+        "never more than the thermal cap"
+    );
     lab.think.inference.release(10_000);
     wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 20).await;
 }
@@ -375,7 +501,17 @@ async fn a_pinned_strategy_holds_until_released() {
     let pin = |s: Option<Strategy>| {
         let f = lab.feeder.clone();
         async move {
-            match f.call(|r| FeederMsg::Pin { strategy: s, reply: r }, None).await.unwrap() {
+            match f
+                .call(
+                    |r| FeederMsg::Pin {
+                        strategy: s,
+                        reply: r,
+                    },
+                    None,
+                )
+                .await
+                .unwrap()
+            {
                 CallResult::Success(r) => r.unwrap(),
                 other => panic!("{other:?}"),
             }
@@ -396,4 +532,3 @@ async fn a_pinned_strategy_holds_until_released() {
     lab.vision.inference.release(10_000);
     wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 10).await;
 }
-

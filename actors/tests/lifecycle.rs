@@ -13,11 +13,12 @@ use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, InstanceStatus, LifecycleSettings};
 use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::inference::ProbeError;
-use feeder_actors::queue::QueueMsg;
 use feeder_actors::runtime::{ContainerRuntime, Found, LaunchPlan};
-use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
-use feeder_actors::testkit::{wait_until, FakeInference, FakeRuntime, MemoryResults, MemoryStore};
+use feeder_actors::testkit::{
+    submit, wait_until, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
+};
 use feeder_actors::{InferenceError, JobId, JobStatus, JobStore, ModelType, Timestamp, TokioClock};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -125,19 +126,14 @@ impl Lab {
     }
 
     async fn submit(&self, n: usize) -> Vec<JobId> {
-        let p = peers(&self.feeder, Duration::from_secs(5)).await.unwrap();
+        self.submit_tagged("lab", n).await
+    }
+
+    async fn submit_tagged(&self, tag: &str, n: usize) -> Vec<JobId> {
         let jobs = (0..n)
-            .map(|i| job(ModelType::Vision, &format!("lab-{i}")))
+            .map(|i| job(ModelType::Vision, &format!("{tag}-{i}")))
             .collect();
-        match p
-            .queue
-            .call(|r| QueueMsg::Submit { jobs, reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(Ok(s)) => s.into_iter().map(|s| s.id).collect(),
-            other => panic!("{other:?}"),
-        }
+        submit(&self.feeder, jobs).await
     }
 
     fn count(&self, status: JobStatus) -> usize {
@@ -297,29 +293,11 @@ async fn restarts_back_off_exponentially_then_a_crash_loop_fails_the_instance() 
         .collect();
     assert_eq!(delays, vec![10, 20, 40, 80]);
     // Failed: no further launches; new work waits in pending, never fails.
-    lab.submit_more(4).await;
+    lab.submit_tagged("more", 4).await;
     tokio::time::sleep(Duration::from_secs(1_000)).await;
     assert_eq!(lab.runtime.starts(), 5);
     assert_eq!(lab.count(JobStatus::Pending), 4);
     assert_eq!(lab.count(JobStatus::Failed), 0);
-}
-
-impl Lab {
-    async fn submit_more(&self, n: usize) -> Vec<JobId> {
-        let p = peers(&self.feeder, Duration::from_secs(5)).await.unwrap();
-        let jobs = (0..n)
-            .map(|i| job(ModelType::Vision, &format!("more-{i}")))
-            .collect();
-        match p
-            .queue
-            .call(|r| QueueMsg::Submit { jobs, reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(Ok(s)) => s.into_iter().map(|s| s.id).collect(),
-            other => panic!("{other:?}"),
-        }
-    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -479,7 +457,7 @@ async fn a_job_in_flight_during_three_crashes_is_quarantined() {
     let error = j.error.unwrap();
     assert!(error.starts_with("poison job"), "{error}");
     // The server comes back, and other work runs.
-    let more = lab.submit_more(2).await;
+    let more = lab.submit_tagged("more", 2).await;
     server.release(1_000);
     wait_until("others done", LIMIT, || {
         more.iter()

@@ -16,7 +16,9 @@ use feeder_actors::queue::{QueueActor, QueueArgs, QueueMsg};
 use feeder_actors::results::{JobResult, ResultStore};
 use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
-use feeder_actors::testkit::{wait_until, FakeInference, MemoryResults, MemoryStore, Recorder};
+use feeder_actors::testkit::{
+    submit, wait_until, FakeInference, MemoryResults, MemoryStore, Recorder,
+};
 use feeder_actors::{
     Backoff, Completion, InferenceError, JobId, JobStatus, JobStore, ListFilter, ModelType, Settle,
     Timestamp, TokioClock,
@@ -89,21 +91,10 @@ impl Pipeline {
     }
 
     async fn submit(&self, model: ModelType, n: usize) -> Vec<JobId> {
-        let peers = peers(&self.feeder, Duration::from_secs(5))
-            .await
-            .expect("the supervisor answers");
         let jobs = (0..n)
             .map(|i| job(model, &format!("{model}-{i}-{}", rand_tag())))
             .collect();
-        match peers
-            .queue
-            .call(|r| QueueMsg::Submit { jobs, reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(Ok(s)) => s.into_iter().map(|s| s.id).collect(),
-            other => panic!("submit failed: {other:?}"),
-        }
+        submit(&self.feeder, jobs).await
     }
 
     fn count(&self, status: JobStatus) -> usize {

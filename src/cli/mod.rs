@@ -376,7 +376,11 @@ async fn strategy(ctx: &Context, cmd: StrategyCommand) -> anyhow::Result<i32> {
         match doc["pinned"].as_str() {
             Some(p) => println!(
                 "pinned to {p}{} until `gpu-feeder strategy unpin`",
-                if doc["switching"] == true { " (switching now)" } else { "" }
+                if doc["switching"] == true {
+                    " (switching now)"
+                } else {
+                    ""
+                }
             ),
             None => println!(
                 "unpinned: the backlog decides again (now {})",

@@ -243,7 +243,11 @@ pub fn gpu_table(gpus: &[feeder_actors::gpu::GpuReading]) -> String {
             clip(&g.name, 28),
             format!("{} °C", g.temperature_c),
             format!("{} %", g.utilization_pct),
-            format!("{:.1}/{:.1} GiB", gib(g.memory_used_bytes), gib(g.memory_total_bytes)),
+            format!(
+                "{:.1}/{:.1} GiB",
+                gib(g.memory_used_bytes),
+                gib(g.memory_total_bytes)
+            ),
             g.power_w.map_or("-".into(), |w| format!("{w:.0} W")),
             g.sm_clock_mhz.map_or("-".into(), |c| format!("{c} MHz")),
             if g.throttle_reasons.is_empty() {
@@ -319,10 +323,35 @@ pub fn instances_table(status: &Value) -> String {
         }
     }
     out.push_str(&notes);
+    let alloc = &status["allocator"];
     let _ = writeln!(
         out,
-        "strategy: {}",
-        status["strategy"].as_str().unwrap_or("-")
+        "strategy: {}{}{}",
+        status["strategy"].as_str().unwrap_or("-"),
+        alloc["pinned"]
+            .as_str()
+            .map(|p| format!(" (pinned to {p})"))
+            .unwrap_or_default(),
+        alloc["why"]
+            .as_str()
+            .map(|w| format!(": {}", clip(w, 160)))
+            .unwrap_or_default()
     );
+    for g in status["gpus"].as_array().into_iter().flatten() {
+        let gib = |v: &Value| v.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
+        let _ = writeln!(
+            out,
+            "gpu {}: {} °C{} · {} % · {:.1}/{:.1} GiB",
+            g["index"],
+            g["temperature_c"],
+            if g["hot"] == true { " (alert)" } else { "" },
+            g["utilization_pct"],
+            gib(&g["memory_used_bytes"]),
+            gib(&g["memory_total_bytes"])
+        );
+    }
+    if let Some(why) = status["gpu_unavailable"].as_str() {
+        let _ = writeln!(out, "gpus: {}", clip(why, 160));
+    }
     out
 }

@@ -207,7 +207,12 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         }
     }
 
-    c.range_f64(&[key("allocator"), key("interval_s")], a.interval_s, 0.05, 3_600.0);
+    c.range_f64(
+        &[key("allocator"), key("interval_s")],
+        a.interval_s,
+        0.05,
+        3_600.0,
+    );
     if a.shared_memory_utilization * 2.0 > 1.0 {
         c.at(
             &[key("allocator"), key("shared_memory_utilization")],

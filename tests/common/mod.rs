@@ -277,3 +277,26 @@ impl Scratch {
         self.instance(name).is_some_and(|i| i["state"] == state)
     }
 }
+
+/// Kills the model servers a test launched with the `process` backend (the
+/// pid files under `dir`), since by design they outlive the daemon.
+pub struct ProcessServers(pub PathBuf);
+
+impl Drop for ProcessServers {
+    fn drop(&mut self) {
+        use nix::sys::signal::{killpg, Signal};
+        use nix::unistd::Pid;
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "pid") {
+                if let Some(pid) = std::fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["pid"].as_u64())
+                {
+                    // Each server leads its own process group.
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}

@@ -262,3 +262,23 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Submits `jobs` through the running pipeline's QueueActor (as the CLI's
+/// in-process callers do); their ids, in order.
+pub async fn submit(
+    feeder: &ActorRef<crate::supervisor::FeederMsg>,
+    jobs: Vec<crate::job::NewJob>,
+) -> Vec<JobId> {
+    let peers = crate::supervisor::peers(feeder, Duration::from_secs(5))
+        .await
+        .expect("the supervisor answers");
+    match peers
+        .queue
+        .call(|r| crate::queue::QueueMsg::Submit { jobs, reply: r }, None)
+        .await
+        .expect("the queue actor runs")
+    {
+        ractor::rpc::CallResult::Success(Ok(s)) => s.into_iter().map(|s| s.id).collect(),
+        other => panic!("submit failed: {other:?}"),
+    }
+}

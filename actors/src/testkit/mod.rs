@@ -10,7 +10,7 @@ pub mod memory_store;
 pub mod runtime;
 pub mod store_contract;
 
-pub use fakes::{wait_until, FakeInference, MemoryResults, Recorder};
+pub use fakes::{submit, wait_until, FakeInference, MemoryResults, Recorder};
 pub use gpu::FakeGpu;
 pub use memory_store::MemoryStore;
 pub use runtime::FakeRuntime;
