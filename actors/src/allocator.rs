@@ -14,7 +14,8 @@
 //! asks for another strategy and the current one has held for `min_dwell`
 //! (so a flapping backlog does not flap the servers). Think work comes first:
 //! when think jobs wait and no running strategy serves them, the switch does
-//! not wait for the dwell. A switch that would launch a server is only made
+//! not wait for the dwell, nor does any work that arrives while `idle`. A
+//! switch that would launch a server is only made
 //! when the work it serves has waited at least as long as that server was
 //! seen to take to load (a switch must be worth its cost). A switch drains
 //! the instances it stops or relaunches (their requests in flight finish),
@@ -210,6 +211,12 @@ pub fn decide(i: &Inputs, s: &AllocatorSettings) -> Option<Decision> {
         return Some(Decision {
             to: want,
             why: format!("think work waits and nothing serves it (think first); {backlog}"),
+        });
+    }
+    if i.current == Strategy::Idle {
+        return Some(Decision {
+            to: want,
+            why: format!("work arrived while idle; {backlog}"),
         });
     }
     if i.held_for < s.min_dwell {

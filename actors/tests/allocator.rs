@@ -283,6 +283,16 @@ fn the_policy_as_a_table() {
             Some(Strategy::Think),
         ),
         (
+            "vision under idle: vision at once",
+            Inputs {
+                current: Strategy::Idle,
+                held_for: Duration::ZERO,
+                vision: young,
+                ..base.clone()
+            },
+            Some(Strategy::Vision),
+        ),
+        (
             "pinned: the pin wins",
             Inputs {
                 vision: some,
@@ -531,4 +541,25 @@ async fn a_pinned_strategy_holds_until_released() {
     lab.wait_strategy(Strategy::Vision).await;
     lab.vision.inference.release(10_000);
     wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 10).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_stops_everything_and_work_wakes_it_at_once() {
+    let mut s = settings();
+    if let Some(a) = &mut s.allocator {
+        a.idle_ttl = Some(Duration::from_secs(120));
+    }
+    let lab = Lab::start(Some(FakeGpu::new(1)), s).await;
+    lab.wait_strategy(Strategy::Idle).await;
+    assert_eq!(lab.state_of("think").await, InstanceState::Stopped);
+    assert_eq!(lab.state_of("vision").await, InstanceState::Stopped);
+    let idle_since = tokio::time::Instant::now();
+    lab.submit(ModelType::Vision, "late", 5).await;
+    lab.wait_strategy(Strategy::Vision).await;
+    assert!(
+        idle_since.elapsed() < Duration::from_secs(60),
+        "no dwell out of idle"
+    );
+    lab.vision.inference.release(10_000);
+    wait_until("done", LIMIT, || lab.count(JobStatus::Done) == 5).await;
 }
