@@ -57,15 +57,23 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
     assert_eq!(strategy(&s).as_deref(), Some("static"));
 
     // Only vision work: after the dwell, vision runs alone with the solo share.
+    let submitted = std::time::Instant::now();
     s.submit_prompts("vision", "v", 600);
     wait_for("strategy vision", LIMIT, || {
         strategy(&s).as_deref() == Some("vision")
     });
+    let decided = submitted.elapsed();
     wait_for("think parked, vision relaunched at 0.75", LIMIT, || {
         s.instance_is("think", "stopped")
             && s.instance_is("vision", "ready")
             && memory_share(&s, "vision").as_deref() == Some("0.75")
     });
+    eprintln!(
+        "figure: vision-only backlog → strategy vision {} ms (min_dwell_s = 2), \
+         → vision relaunched at 0.75 and ready {} ms (0.5 s load, 300 ms requests drained)",
+        decided.as_millis(),
+        submitted.elapsed().as_millis()
+    );
     let why = s.instances().unwrap()["allocator"]["why"]
         .as_str()
         .unwrap()
@@ -74,10 +82,15 @@ fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
 
     // Think work arrives: it comes first, without waiting for the dwell;
     // with vision work still waiting both share the GPU.
+    let submitted = std::time::Instant::now();
     s.submit_prompts("think", "t", 100);
     wait_for("strategy shared", LIMIT, || {
         strategy(&s).as_deref() == Some("shared")
     });
+    eprintln!(
+        "figure: think work arrives → strategy shared {} ms (think first: no dwell)",
+        submitted.elapsed().as_millis()
+    );
     wait_for("both running at 0.4", LIMIT, || {
         s.instance_is("think", "ready")
             && s.instance_is("vision", "ready")

@@ -60,7 +60,20 @@ pub fn prepared() {
             "making sure {IMAGE} holds the current gpu-feeder ({})",
             script.display()
         );
-        let status = Command::new(&script)
+        let mut cmd = Command::new(&script);
+        // What cargo sets for test processes (the library path of build
+        // outputs, package variables) would make the script's cargo build
+        // see a changed environment and rebuild for nothing.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if (k.starts_with("CARGO") && k != "CARGO_HOME")
+                || k == "LD_LIBRARY_PATH"
+                || k == "RUST_RECURSION_COUNT"
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        let status = cmd
             .arg(IMAGE)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
