@@ -268,6 +268,35 @@ async fn status(State(a): State<Admin>) -> Response {
     }
 }
 
+/// `POST /v1/instances/NAME/restart`: launch a failed (or stopped)
+/// instance again, its crash-loop count started over.
+async fn restart_instance(
+    State(a): State<Admin>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let Some(peers) = feeder_actors::supervisor::peers(&a.feeder, Duration::from_secs(5)).await
+    else {
+        return bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer");
+    };
+    let answer = peers
+        .instances
+        .call(
+            |reply| feeder_actors::instances::InstanceSupMsg::Revive {
+                instance: name.clone(),
+                reply,
+            },
+            Some(Duration::from_secs(15)),
+        )
+        .await;
+    match answer {
+        Ok(CallResult::Success(Ok(()))) => {
+            Json(json!({"instance": name, "restarting": true})).into_response()
+        }
+        Ok(CallResult::Success(Err(e))) => bad(StatusCode::CONFLICT, e),
+        _ => bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer"),
+    }
+}
+
 /// `POST /v1/strategy`: `{"pin": "think"}` holds a strategy until
 /// `{"pin": null}` releases it; answers the allocator's status.
 async fn strategy(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
@@ -422,6 +451,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/jobs", post(submit))
         .route("/v1/strategy", post(strategy))
+        .route("/v1/instances/{name}/restart", post(restart_instance))
         .with_state(admin)
         .layer(middleware::from_fn_with_state(token, auth))
 }

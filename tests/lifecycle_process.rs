@@ -204,7 +204,7 @@ fn a_poison_job_is_quarantined_and_the_server_recovers() {
             )),
     );
     let _servers = ProcessServers(s.path().join("servers"));
-    let _d = DaemonProcess::start(&s, "daemon");
+    let d = DaemonProcess::start(&s, "daemon");
     wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
     let r = s.run(&[
         "submit",
@@ -218,9 +218,17 @@ fn a_poison_job_is_quarantined_and_the_server_recovers() {
     let poison: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
     let id = poison["id"].as_str().unwrap().to_string();
     s.submit_prompts("think", "fine", 10);
-    wait_for("the poison job is quarantined", LIMIT, || {
-        s.json(&["status", &id, "--json"])["status"] == "failed"
-    });
+    let start = std::time::Instant::now();
+    while s.json(&["status", &id, "--json"])["status"] != "failed" {
+        assert!(
+            start.elapsed() < LIMIT,
+            "the poison job is not quarantined: {}\njobs: {:?}\n{}",
+            s.json(&["status", &id, "--json"]),
+            s.counts(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let job = s.json(&["status", &id, "--json"]);
     let error = job["error"].as_str().unwrap();
     assert!(error.starts_with("poison job"), "{error}");
@@ -268,4 +276,22 @@ fn a_crash_looping_server_is_failed_and_its_jobs_wait() {
         "{table}"
     );
     assert!(d.log().contains("crash loop"), "{}", d.log());
+
+    // An operator launches it again: the crash-loop count starts over (it
+    // fails again here, after two more restarts, as its cause is unfixed).
+    let r = s.run(&["instances", "restart", "think"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert!(r.stdout().contains("think: restarting"), "{}", r.stdout());
+    wait_for("failed again after two more restarts", LIMIT, || {
+        s.instance("think")
+            .is_some_and(|i| i["state"] == "failed" && i["restarts"] == 4)
+    });
+    let unknown = s.run(&["instances", "restart", "nope"]);
+    assert_ne!(unknown.code(), 0);
+    assert!(
+        unknown.stderr().contains("no instance named `nope`"),
+        "{}",
+        unknown.stderr()
+    );
+    assert_eq!(s.count("pending"), 3);
 }

@@ -179,6 +179,9 @@ pub enum ContainerMsg {
         /// Why it failed, if it did.
         result: Result<(), String>,
     },
+    /// An operator asks to launch a failed (or stopped) instance again:
+    /// the crash-loop count starts over. `Err` says why it was not done.
+    Revive(RpcReplyPort<Result<(), String>>),
     /// A snapshot.
     Status(RpcReplyPort<InstanceStatus>),
 }
@@ -444,7 +447,8 @@ impl ContainerState {
                 InstanceState::Failed,
                 format!(
                     "crash loop: {n} restarts within {window} s did not help; not restarting again. \
-                     Its jobs wait in `pending`. Fix the cause (see last_error), then restart gpu-feeder"
+                     Its jobs wait in `pending`. Fix the cause (see last_error), then `gpu-feeder instances restart {}`",
+                    self.args.name
                 ),
             );
             if let Some(id) = old {
@@ -819,6 +823,31 @@ impl Actor for ContainerActor {
             }
             ContainerMsg::Status(reply) => {
                 let _ = reply.send(state.status());
+            }
+            ContainerMsg::Revive(reply) => {
+                let answer = match state.state {
+                    _ if state.args.runtime.is_none() => Err(format!(
+                        "{} is an external server: gpu-feeder does not launch it",
+                        state.name()
+                    )),
+                    _ if state.args.parked => Err(format!(
+                        "{} is parked by the allocator: pin a strategy that runs it (`gpu-feeder strategy pin …`)",
+                        state.name()
+                    )),
+                    InstanceState::Failed | InstanceState::Stopped => {
+                        state.recent.clear();
+                        state.streak = 0;
+                        state.generation += 1;
+                        state.set(InstanceState::Stopped, "an operator asked for a restart");
+                        state.launch(&myself);
+                        Ok(())
+                    }
+                    other => Err(format!(
+                        "{} is {other}: only a failed or stopped instance is restarted by hand (it restarts itself otherwise)",
+                        state.name()
+                    )),
+                };
+                let _ = reply.send(answer);
             }
         }
         Ok(())

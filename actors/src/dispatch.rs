@@ -516,8 +516,10 @@ impl DispatchState {
                 // because its server is down.
                 if self.parked.is_empty() {
                     info!(instance = %self.args.instance, "the server is not answering ({message}); pausing dispatch");
+                    // One step of backoff per episode, not per request that
+                    // found the server gone.
+                    self.overload_streak += 1;
                 }
-                self.overload_streak += 1;
                 let pause = self.args.overload.delay(self.overload_streak);
                 self.paused_until = Some(Instant::now() + pause);
                 self.parked.insert(job_id, f);
@@ -670,8 +672,15 @@ impl Actor for DispatchActor {
                 if ready != state.ready {
                     debug!(instance = %state.args.instance, ready, "dispatch readiness changed");
                 }
+                let became_ready = ready && !state.ready;
                 state.ready = ready;
                 if ready {
+                    if became_ready {
+                        // A (re)started server: a pause for the old one's
+                        // absence no longer applies.
+                        state.paused_until = None;
+                        state.overload_streak = 0;
+                    }
                     state.exhausted = false;
                     state.fill(&myself);
                 } else {

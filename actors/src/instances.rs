@@ -52,6 +52,13 @@ pub enum InstanceSupMsg {
         /// Answered when done; `Err` says what went wrong.
         reply: RpcReplyPort<Result<(), String>>,
     },
+    /// An operator asks to launch `instance` again (after a crash loop).
+    Revive {
+        /// The instance.
+        instance: String,
+        /// `Err` says why it was not done.
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// Every instance's status, in configuration order.
     Status(RpcReplyPort<Vec<InstanceStatus>>),
     /// Stop every server (or leave them running); replies when done.
@@ -260,6 +267,31 @@ impl Actor for InstanceSupervisor {
                         other => Err(format!(
                             "{instance} did not follow the allocation: {other:?}"
                         )),
+                    });
+                });
+            }
+            InstanceSupMsg::Revive { instance, reply } => {
+                let names: Vec<String> = state.slots.iter().map(|s| s.spec.name.clone()).collect();
+                let Some(slot) = state.slot(&instance) else {
+                    let _ = reply.send(Err(format!(
+                        "no instance named `{instance}` (configured: {})",
+                        names.join(", ")
+                    )));
+                    return Ok(());
+                };
+                let Some(actor) = slot.actor.clone() else {
+                    let _ = reply.send(Err(format!(
+                        "{instance}: its container actor is restarting; try again in a moment"
+                    )));
+                    return Ok(());
+                };
+                tokio::spawn(async move {
+                    let answer = actor
+                        .call(ContainerMsg::Revive, Some(Duration::from_secs(10)))
+                        .await;
+                    let _ = reply.send(match answer {
+                        Ok(CallResult::Success(r)) => r,
+                        other => Err(format!("{instance} did not answer: {other:?}")),
                     });
                 });
             }

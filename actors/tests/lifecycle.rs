@@ -611,3 +611,57 @@ async fn bystanders_of_a_poison_job_are_not_quarantined() {
     }
     assert_eq!(crashes, 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_revives_a_failed_instance() {
+    let server = ready_server();
+    let rt = FakeRuntime::serving(server.clone(), Duration::from_secs(1));
+    let mut s = settings();
+    s.lifecycle.crash_loop_restarts = 1;
+    let lab = Lab::start(server, rt, s).await;
+    let revive = |name: &str| {
+        let (f, name) = (lab.feeder.clone(), name.to_string());
+        async move {
+            let p = feeder_actors::supervisor::peers(&f, Duration::from_secs(5))
+                .await
+                .unwrap();
+            match p
+                .instances
+                .call(
+                    |r| feeder_actors::instances::InstanceSupMsg::Revive {
+                        instance: name,
+                        reply: r,
+                    },
+                    None,
+                )
+                .await
+                .unwrap()
+            {
+                CallResult::Success(r) => r,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    lab.wait_state(InstanceState::Ready).await;
+    let e = revive("v").await.unwrap_err();
+    assert!(e.contains("only a failed or stopped instance"), "{e}");
+    assert!(revive("nope").await.unwrap_err().contains("configured: v"));
+    lab.runtime.crash(1);
+    wait_until("relaunched", LIMIT, || lab.runtime.starts() == 2).await;
+    lab.wait_state(InstanceState::Ready).await;
+    lab.runtime.crash(1);
+    lab.wait_state(InstanceState::Failed).await;
+    revive("v").await.unwrap();
+    let s = lab.wait_state(InstanceState::Ready).await;
+    assert_eq!(lab.runtime.starts(), 3);
+    assert!(s
+        .history
+        .iter()
+        .any(|t| t.reason.contains("an operator asked")));
+    // The crash-loop count started over: one more crash is restarted again.
+    lab.runtime.crash(1);
+    wait_until("relaunched after the revival", LIMIT, || {
+        lab.runtime.starts() == 4
+    })
+    .await;
+}

@@ -120,6 +120,9 @@ pub enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+        /// What to do (default: show them)
+        #[command(subcommand)]
+        action: Option<InstancesCommand>,
     },
     /// One reading of every GPU, through NVML (no daemon needed)
     Gpu {
@@ -133,6 +136,16 @@ pub enum Command {
     /// Configuration tools
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+/// `gpu-feeder instances …`
+#[derive(Debug, Subcommand)]
+pub enum InstancesCommand {
+    /// Launch a failed (or stopped) instance again, its crash-loop count started over
+    Restart {
+        /// The instance's name
+        name: String,
+    },
 }
 
 /// `gpu-feeder strategy …`
@@ -279,7 +292,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             runtime()?.block_on(crate::daemon::run(ctx.config, &ctx.config_path))
         }
         Command::Demo(_) | Command::Sim(_) => unreachable!("handled above"),
-        Command::Instances { json } => runtime()?.block_on(instances(&ctx, json)),
+        Command::Instances {
+            action: Some(InstancesCommand::Restart { name }),
+            ..
+        } => runtime()?.block_on(restart_instance(&ctx, &name)),
+        Command::Instances { json, action: None } => runtime()?.block_on(instances(&ctx, json)),
         Command::Gpu { json } => gpu(json),
         Command::Strategy(cmd) => runtime()?.block_on(strategy(&ctx, cmd)),
         Command::Mcp => {
@@ -319,6 +336,21 @@ async fn instances(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     } else {
         print!("{}", output::instances_table(&body));
     }
+    Ok(0)
+}
+
+/// `instances restart NAME`, through the admin endpoint.
+async fn restart_instance(ctx: &Context, name: &str) -> anyhow::Result<i32> {
+    let path = format!("/v1/instances/{name}/restart");
+    crate::admin::call_admin(
+        &ctx.config,
+        &ctx.config_path,
+        &path,
+        Some(serde_json::json!({})),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    println!("{name}: restarting (follow it with `gpu-feeder instances`)");
     Ok(0)
 }
 
