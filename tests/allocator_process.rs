@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{bin, cmdline, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -28,8 +28,7 @@ fn strategy(s: &Scratch) -> Option<String> {
 
 fn memory_share(s: &Scratch, name: &str) -> Option<String> {
     let pid = s.instance(name)?["container_id"].as_str()?.to_string();
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    let cmd = cmdline(pid)?;
     cmd.split("--gpu-memory-utilization ")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())

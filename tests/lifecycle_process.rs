@@ -94,8 +94,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
         .collect();
     assert_eq!(states, ["starting", "loading", "ready"], "{think}");
     let pid = pid_of(&s, "think");
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let cmdline = common::cmdline(pid).unwrap();
     for part in [
         "--model /models/think",
         "--served-model-name sim-think",
@@ -181,9 +180,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     assert_ne!(new_think, tpid, "think was recreated");
     assert!(!alive(tpid), "the old think server was stopped");
     assert_eq!(s.instance("think").unwrap()["adopted"], false);
-    let cmdline =
-        String::from_utf8_lossy(&std::fs::read(format!("/proc/{new_think}/cmdline")).unwrap())
-            .replace('\0', " ");
+    let cmdline = common::cmdline(new_think).unwrap();
     assert!(
         cmdline.contains("--gpu-memory-utilization 0.5"),
         "{cmdline}"

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::info;
 
 use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
@@ -19,7 +19,7 @@ use crate::inference::InferenceClient;
 use crate::job::ModelType;
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
+use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
 use crate::runtime::{ContainerRuntime, LaunchPlan};
 
@@ -356,27 +356,17 @@ impl Actor for DispatchSupervisor {
             other => format!("none ({other:?}; they return when their leases expire)"),
         };
         let policy = state.args.restart;
-        match state.slots[i]
-            .tracker
-            .failed(&policy, Instant::now(), reason.clone())
-        {
-            RestartDecision::RestartIn(delay) => {
-                warn!(
-                    instance = %name,
-                    "dispatcher {reason}; released its jobs: {released}; restarting in {:.1} s",
-                    delay.as_secs_f64()
-                );
-                myself.send_after(delay, move || DispatchSupMsg::Restart(i));
-            }
-            RestartDecision::Escalate { restarts } => {
-                error!(
-                    instance = %name,
-                    "dispatcher {reason}; it restarted {restarts} times within {} s: giving up and escalating",
-                    policy.window.as_secs()
-                );
-                myself.stop(Some(format!("dispatcher {name} keeps failing: {reason}")));
-            }
-        }
+        let what = format!("the dispatcher of {name}");
+        let note = format!("; released its jobs: {released}");
+        restart_or_escalate(
+            &myself,
+            &mut state.slots[i].tracker,
+            &policy,
+            &what,
+            reason,
+            &note,
+            move || DispatchSupMsg::Restart(i),
+        );
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use crate::container::{
 use crate::dispatch::DispatchMsg;
 use crate::dispatch_supervisor::InstanceSpec;
 use crate::inference::ProbeError;
-use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
+use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::runtime::LaunchPlan;
 
 /// Messages of the InstanceSupervisor.
@@ -391,29 +391,16 @@ impl Actor for InstanceSupervisor {
             let _ = w.cast(DispatchMsg::Ready(false));
         }
         let policy = state.args.restart;
-        match state.slots[i]
-            .tracker
-            .failed(&policy, Instant::now(), reason.clone())
-        {
-            RestartDecision::RestartIn(delay) => {
-                warn!(
-                    instance = %name,
-                    "its container actor {reason}; restarting it in {:.1} s (the server itself is adopted)",
-                    delay.as_secs_f64()
-                );
-                myself.send_after(delay, move || InstanceSupMsg::Restart(i));
-            }
-            RestartDecision::Escalate { restarts } => {
-                error!(
-                    instance = %name,
-                    "its container actor failed {restarts} times within {} s: escalating",
-                    policy.window.as_secs()
-                );
-                myself.stop(Some(format!(
-                    "the container actor of {name} keeps failing: {reason}"
-                )));
-            }
-        }
+        let what = format!("the container actor of {name}");
+        restart_or_escalate(
+            &myself,
+            &mut state.slots[i].tracker,
+            &policy,
+            &what,
+            reason,
+            " (its server is adopted by the next one)",
+            move || InstanceSupMsg::Restart(i),
+        );
         Ok(())
     }
 }

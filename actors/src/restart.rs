@@ -119,6 +119,38 @@ pub fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorCell,
     }
 }
 
+/// What every supervisor does when a child fails: count the failure, then
+/// schedule `restart` after the backoff, or give up and stop `myself` (so
+/// its own parent sees the failure) when the child keeps failing. `what`
+/// names the child in the log ("the dispatcher of vision"); `note` adds what
+/// was already done about it.
+pub fn restart_or_escalate<M: ractor::Message>(
+    myself: &ractor::ActorRef<M>,
+    tracker: &mut RestartTracker,
+    policy: &RestartPolicy,
+    what: &str,
+    reason: String,
+    note: &str,
+    restart: impl FnOnce() -> M + Send + 'static,
+) {
+    match tracker.failed(policy, Instant::now(), reason.clone()) {
+        RestartDecision::RestartIn(delay) => {
+            tracing::warn!(
+                "{what} {reason}{note}; restarting it in {:.1} s",
+                delay.as_secs_f64()
+            );
+            myself.send_after(delay, restart);
+        }
+        RestartDecision::Escalate { restarts } => {
+            tracing::error!(
+                "{what} {reason}; it restarted {restarts} times within {} s: giving up and escalating",
+                policy.window.as_secs()
+            );
+            myself.stop(Some(format!("{what} keeps failing: {reason}")));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use crate::health::{HealthActor, HealthArgs, HealthMsg, InstanceHealth};
 use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::peers::Peers;
 use crate::queue::{QueueActor, QueueArgs, QueueMsg};
-use crate::restart::{child_exit, RestartDecision, RestartPolicy, RestartTracker};
+use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
 use crate::store::JobStore;
 use crate::time::Clock;
@@ -688,22 +688,10 @@ impl Actor for FeederSupervisor {
         }
         let policy = state.args.settings.restart;
         let tracker = state.trackers.entry(child).or_default();
-        match tracker.failed(&policy, Instant::now(), reason.clone()) {
-            RestartDecision::RestartIn(delay) => {
-                warn!(
-                    "the {child} {reason}; restarting in {:.1} s",
-                    delay.as_secs_f64()
-                );
-                myself.send_after(delay, move || FeederMsg::Restart(child));
-            }
-            RestartDecision::Escalate { restarts } => {
-                error!(
-                    "the {child} {reason}; it restarted {restarts} times within {} s: giving up, the feeder stops",
-                    policy.window.as_secs()
-                );
-                myself.stop(Some(format!("the {child} keeps failing: {reason}")));
-            }
-        }
+        let what = format!("the {child}");
+        restart_or_escalate(&myself, tracker, &policy, &what, reason, "", move || {
+            FeederMsg::Restart(child)
+        });
         Ok(())
     }
 }

@@ -280,17 +280,7 @@ async fn restarts_back_off_exponentially_then_a_crash_loop_fails_the_instance() 
     assert!(s.reason.contains("crash loop"), "{}", s.reason);
     assert_eq!(s.restarts, 4);
     // The delays between each crash and the next launch: 10, 20, 40, 80 s.
-    let calls: Vec<_> = lab
-        .runtime
-        .timed_calls()
-        .into_iter()
-        .filter(|(_, c)| c != "find")
-        .collect();
-    let delays: Vec<u64> = calls
-        .windows(2)
-        .filter(|w| w[0].1.starts_with("crash") && w[1].1.starts_with("start"))
-        .map(|w| (w[1].0 - w[0].0).as_secs())
-        .collect();
+    let delays = lab.runtime.restart_delays_s();
     assert_eq!(delays, vec![10, 20, 40, 80]);
     // Failed: no further launches; new work waits in pending, never fails.
     lab.submit_tagged("more", 4).await;
@@ -316,17 +306,7 @@ async fn the_backoff_starts_over_after_a_long_healthy_run() {
     tokio::time::sleep(Duration::from_secs(700)).await;
     lab.runtime.crash(1);
     wait_until("fourth launch", LIMIT, || lab.runtime.starts() == 4).await;
-    let calls: Vec<_> = lab
-        .runtime
-        .timed_calls()
-        .into_iter()
-        .filter(|(_, c)| c != "find")
-        .collect();
-    let delays: Vec<u64> = calls
-        .windows(2)
-        .filter(|w| w[0].1.starts_with("crash") && w[1].1.starts_with("start"))
-        .map(|w| (w[1].0 - w[0].0).as_secs())
-        .collect();
+    let delays = lab.runtime.restart_delays_s();
     assert_eq!(delays, vec![10, 20, 10]);
 }
 

@@ -300,3 +300,9 @@ impl Drop for ProcessServers {
         }
     }
 }
+
+/// A running process's command line, arguments joined by spaces.
+pub fn cmdline(pid: impl std::fmt::Display) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(String::from_utf8_lossy(&raw).replace('\0', " "))
+}

@@ -107,6 +107,20 @@ impl FakeRuntime {
         self.inner.lock().unwrap().calls.clone()
     }
 
+    /// Whole seconds between each crash and the launch that followed it.
+    pub fn restart_delays_s(&self) -> Vec<u64> {
+        let calls: Vec<_> = self
+            .timed_calls()
+            .into_iter()
+            .filter(|(_, c)| c != "find")
+            .collect();
+        calls
+            .windows(2)
+            .filter(|w| w[0].1.starts_with("crash") && w[1].1.starts_with("start"))
+            .map(|w| (w[1].0 - w[0].0).as_secs())
+            .collect()
+    }
+
     /// How many servers were launched.
     pub fn starts(&self) -> usize {
         self.calls()
