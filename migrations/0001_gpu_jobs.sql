@@ -79,3 +79,13 @@ CREATE INDEX gpu_jobs_status ON gpu_jobs (model_type, status, created_at);
 
 -- Listing, newest first.
 CREATE INDEX gpu_jobs_created ON gpu_jobs (created_at);
+
+-- Mark: this file records that it was applied, so that a database built by
+-- running the files through the sqlite3 CLI is known to be at this version.
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at REAL NOT NULL
+);
+INSERT OR IGNORE INTO schema_migrations (version, name, applied_at)
+VALUES (1, 'gpu_jobs', (julianday('now') - 2440587.5) * 86400.0);

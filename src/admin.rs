@@ -79,6 +79,7 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
         .map(|inst| {
             let s = status.instances.iter().find(|s| s.name == inst.name);
             let d = status.dispatch.iter().find(|d| d.instance == inst.name);
+            let h = status.health.iter().find(|h| h.instance == inst.name);
             let history: Vec<Value> = s
                 .map(|s| {
                     s.history
@@ -109,6 +110,7 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
                 "restarts": s.map_or(0, |s| s.restarts),
                 "gpu_memory_utilization": s.and_then(|s| s.plan.as_ref()).map(|p| p.gpu_memory_utilization),
                 "last_error": s.and_then(|s| s.last_error.clone()),
+                "probes": h.map(|h| h.checks.clone()),
                 "history": history,
                 "crashed": d.map_or(0, |d| d.crashed),
                 "in_flight": d.map_or(0, |d| d.in_flight),

@@ -15,11 +15,14 @@
 //! quotes the start of the body.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
 use serde_json::{json, Map, Value};
+use tracing::info;
 
 use feeder_actors::inference::ProbeError;
 use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job, ModelType};
@@ -198,6 +201,8 @@ pub struct OpenAiClient {
     base_url: String,
     defaults: RequestDefaults,
     timeout: Duration,
+    /// What the probes learnt of the server's routes.
+    routes: Arc<Routes>,
 }
 
 impl OpenAiClient {
@@ -214,6 +219,7 @@ impl OpenAiClient {
             base_url: base_url.trim_end_matches('/').to_string(),
             defaults,
             timeout,
+            routes: Arc::default(),
         }
     }
 
@@ -252,6 +258,12 @@ fn server_message(body: &str) -> String {
 }
 
 /// Turns a chat-completion response into an output.
+///
+/// Servers other than vLLM differ in small ways, each accepted: `content`
+/// as a list of text parts; no `content` but `reasoning_content` (a
+/// reasoning model cut short by `max_tokens`: the content is empty, the
+/// whole response is kept); `usage` counted as `input_tokens` /
+/// `output_tokens`, as a number with a fraction or in a string, or absent.
 pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput, InferenceError> {
     let missing = || {
         InferenceError::Retryable(format!(
@@ -260,17 +272,34 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
         ))
     };
     let v: Value = serde_json::from_str(body).map_err(|_| missing())?;
-    let content = v
-        .pointer("/choices/0/message/content")
-        .and_then(Value::as_str)
-        .ok_or_else(missing)?
-        .to_string();
+    let message = v.pointer("/choices/0/message").ok_or_else(missing)?;
+    let content = match message.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ if ["reasoning_content", "reasoning"]
+            .iter()
+            .any(|k| message.get(*k).is_some_and(Value::is_string)) =>
+        {
+            String::new()
+        }
+        _ => return Err(missing()),
+    };
+    let count = |keys: &[&str]| {
+        keys.iter().find_map(|k| {
+            let u = v.get("usage")?.get(*k)?;
+            u.as_u64()
+                .or_else(|| u.as_f64().filter(|f| *f >= 0.0).map(|f| f.round() as u64))
+                .or_else(|| u.as_str()?.trim().parse().ok())
+        })
+    };
     Ok(InferenceOutput {
         content,
-        prompt_tokens: v.pointer("/usage/prompt_tokens").and_then(Value::as_u64),
-        completion_tokens: v
-            .pointer("/usage/completion_tokens")
-            .and_then(Value::as_u64),
+        prompt_tokens: count(&["prompt_tokens", "input_tokens"]),
+        completion_tokens: count(&["completion_tokens", "output_tokens"]),
         latency,
         response: v,
     })
@@ -360,34 +389,168 @@ impl InferenceClient for OpenAiClient {
     }
 
     async fn probe(&self, deep: bool) -> Result<(), ProbeError> {
-        let url = self.url("/health");
         let limit = self.timeout.min(Duration::from_secs(10));
-        match self.http.get(&url).timeout(limit).send().await {
+        if self.routes.health() != Route::Absent {
+            let url = self.url("/health");
+            match self.http.get(&url).timeout(limit).send().await {
+                Err(e) if e.is_connect() => {
+                    return Err(ProbeError::NotListening(format!(
+                        "nothing listens at {url}"
+                    )))
+                }
+                Err(e) => return Err(ProbeError::Broken(format!("{url}: {e}"))),
+                Ok(r) if matches!(r.status().as_u16(), 404 | 405) => {
+                    let code = r.status().as_u16();
+                    self.routes.set_health(Route::Absent, code);
+                    info!(
+                        instance = %self.defaults.instance,
+                        "{url} answers HTTP {code}: not a vLLM server, so it is probed through /v1/models and a canary completion instead"
+                    );
+                }
+                Ok(r) if r.status().as_u16() == 503 => {
+                    return Err(ProbeError::Loading(format!("{url} answers 503")))
+                }
+                Ok(r) if !r.status().is_success() => {
+                    return Err(ProbeError::Broken(format!(
+                        "{url} answers HTTP {}",
+                        r.status().as_u16()
+                    )))
+                }
+                Ok(_) => self.routes.set_health(Route::Present, 200),
+            }
+        }
+        if self.routes.models() != Route::Absent {
+            self.check_models(limit).await?;
+        }
+        // Without either route a shallow probe would check nothing: every
+        // probe of such a server is a canary.
+        let blind = self.routes.health() == Route::Absent && self.routes.models() == Route::Absent;
+        if deep || blind {
+            self.canary().await?;
+        }
+        Ok(())
+    }
+
+    fn probe_checks(&self) -> String {
+        let mut checks = Vec::new();
+        let mut notes = Vec::new();
+        match self.routes.health() {
+            Route::Absent => notes.push(format!(
+                "/health answers HTTP {}",
+                self.routes.health_code()
+            )),
+            _ => checks.push("GET /health".to_string()),
+        }
+        match self.routes.models() {
+            Route::Absent => notes.push(format!(
+                "/v1/models answers HTTP {}",
+                self.routes.models_code()
+            )),
+            _ => checks.push(format!(
+                "GET /v1/models (must list `{}`)",
+                self.defaults.served_model_name
+            )),
+        }
+        if checks.is_empty() {
+            checks.push("a canary completion at every probe".into());
+        } else {
+            checks.push("a canary completion until confirmed".into());
+        }
+        let mut out = checks.join(", ");
+        if !notes.is_empty() {
+            out.push_str(&format!(" ({}: not a vLLM server)", notes.join(", ")));
+        }
+        out
+    }
+}
+
+/// Whether the server has a route vLLM has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Not probed yet.
+    Unknown,
+    /// It answers there.
+    Present,
+    /// It answers 404 or 405 there: another kind of server.
+    Absent,
+}
+
+/// What the probes have learnt of the server's routes (shared by clones).
+#[derive(Debug, Default)]
+struct Routes {
+    /// 0 unknown, 1 present, else the HTTP status that showed it absent.
+    health: AtomicU16,
+    models: AtomicU16,
+}
+
+impl Routes {
+    fn route(v: u16) -> Route {
+        match v {
+            0 => Route::Unknown,
+            1 => Route::Present,
+            _ => Route::Absent,
+        }
+    }
+    fn health(&self) -> Route {
+        Self::route(self.health.load(Ordering::Relaxed))
+    }
+    fn models(&self) -> Route {
+        Self::route(self.models.load(Ordering::Relaxed))
+    }
+    fn health_code(&self) -> u16 {
+        self.health.load(Ordering::Relaxed)
+    }
+    fn models_code(&self) -> u16 {
+        self.models.load(Ordering::Relaxed)
+    }
+    fn code(route: Route, code: u16) -> u16 {
+        match route {
+            Route::Unknown => 0,
+            Route::Present => 1,
+            Route::Absent => code.max(2),
+        }
+    }
+    fn set_health(&self, route: Route, code: u16) {
+        self.health
+            .store(Self::code(route, code), Ordering::Relaxed);
+    }
+    fn set_models(&self, route: Route, code: u16) {
+        self.models
+            .store(Self::code(route, code), Ordering::Relaxed);
+    }
+}
+
+impl OpenAiClient {
+    /// `/v1/models` lists the served model; a server without the route
+    /// (404, 405) is remembered as such and relies on the canary.
+    async fn check_models(&self, limit: Duration) -> Result<(), ProbeError> {
+        let models = self.url("/v1/models");
+        let resp = match self.http.get(&models).timeout(limit).send().await {
             Err(e) if e.is_connect() => {
                 return Err(ProbeError::NotListening(format!(
-                    "nothing listens at {url}"
+                    "nothing listens at {models}"
                 )))
             }
-            Err(e) => return Err(ProbeError::Broken(format!("{url}: {e}"))),
-            Ok(r) if r.status().as_u16() == 503 => {
-                return Err(ProbeError::Loading(format!("{url} answers 503")))
+            Err(e) => return Err(ProbeError::Broken(format!("{models}: {e}"))),
+            Ok(r) => r,
+        };
+        match resp.status().as_u16() {
+            404 | 405 => {
+                let code = resp.status().as_u16();
+                self.routes.set_models(Route::Absent, code);
+                info!(
+                    instance = %self.defaults.instance,
+                    "{models} answers HTTP {code}: the served model cannot be listed, so the canary completion confirms it"
+                );
+                return Ok(());
             }
-            Ok(r) if !r.status().is_success() => {
-                return Err(ProbeError::Broken(format!(
-                    "{url} answers HTTP {}",
-                    r.status().as_u16()
-                )))
+            503 => return Err(ProbeError::Loading(format!("{models} answers 503"))),
+            c if !(200..300).contains(&c) => {
+                return Err(ProbeError::Broken(format!("{models} answers HTTP {c}")))
             }
-            Ok(_) => {}
+            _ => self.routes.set_models(Route::Present, 200),
         }
-        let models = self.url("/v1/models");
-        let list: Value = self
-            .http
-            .get(&models)
-            .timeout(limit)
-            .send()
-            .await
-            .map_err(|e| ProbeError::Broken(format!("{models}: {e}")))?
+        let list: Value = resp
             .json()
             .await
             .map_err(|e| ProbeError::Broken(format!("{models} did not answer JSON: {e}")))?;
@@ -405,9 +568,6 @@ impl InferenceClient for OpenAiClient {
                 "{} serves {:?}, not `{}` (check served_model_name)",
                 self.base_url, ids, self.defaults.served_model_name
             )));
-        }
-        if deep {
-            self.canary().await?;
         }
         Ok(())
     }
@@ -438,7 +598,13 @@ impl OpenAiClient {
             .json(&body)
             .send()
             .await
-            .map_err(|e| ProbeError::Broken(format!("the canary completion failed: {e}")))?;
+            .map_err(|e| {
+                if e.is_connect() {
+                    ProbeError::NotListening(format!("nothing listens at {url}"))
+                } else {
+                    ProbeError::Broken(format!("the canary completion failed: {e}"))
+                }
+            })?;
         let code = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
         match code {
@@ -588,6 +754,44 @@ mod tests {
             (ok.content.as_str(), ok.prompt_tokens, ok.completion_tokens),
             ("x", Some(3), Some(4))
         );
+    }
+
+    #[test]
+    fn other_servers_ways_of_answering_are_accepted() {
+        let parts = parse_completion(
+            r#"{"choices":[{"message":{"content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}}],"usage":{"input_tokens":3,"output_tokens":4.0}}"#,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                parts.content.as_str(),
+                parts.prompt_tokens,
+                parts.completion_tokens
+            ),
+            ("ab", Some(3), Some(4))
+        );
+        let reasoning = parse_completion(
+            r#"{"choices":[{"message":{"content":null,"reasoning_content":"thinking…"},"finish_reason":"length"}],"usage":{"prompt_tokens":"5"}}"#,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!(reasoning.content, "");
+        assert_eq!(reasoning.prompt_tokens, Some(5));
+        assert_eq!(reasoning.completion_tokens, None);
+        let bare = parse_completion(
+            r#"{"choices":[{"message":{"content":"x"}}]}"#,
+            Duration::ZERO,
+        )
+        .unwrap();
+        assert_eq!((bare.prompt_tokens, bare.completion_tokens), (None, None));
+        assert!(matches!(
+            parse_completion(
+                r#"{"choices":[{"message":{"content":null}}]}"#,
+                Duration::ZERO
+            ),
+            Err(InferenceError::Retryable(_))
+        ));
     }
 
     #[test]

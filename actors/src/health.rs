@@ -2,7 +2,9 @@
 //! outcome to the instance's ContainerActor (through the
 //! InstanceSupervisor), which turns outcomes into states.
 //!
-//! A probe checks `/health` and the model list. Until a server has been
+//! A probe checks `/health` and the model list (servers other than vLLM may
+//! lack either; the client then relies on what is there and the canary,
+//! and says so: see `InferenceClient::probe_checks`). Until a server has been
 //! confirmed — at start, and whenever it was seen not listening or loading,
 //! as a relaunched server is — the probe is *deep*: a one-token canary
 //! completion (allowed `canary_timeout`) confirms that it really answers.
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tracing::info;
 
 use crate::inference::{InferenceClient, ProbeError};
 use crate::instances::InstanceSupMsg;
@@ -55,6 +58,8 @@ pub struct InstanceHealth {
     pub consecutive_failures: u32,
     /// The last failure.
     pub last_error: Option<String>,
+    /// What the probes check (they differ for servers other than vLLM).
+    pub checks: String,
 }
 
 /// How the HealthActor is started.
@@ -78,6 +83,8 @@ struct Probed {
     probing: bool,
     failures: u32,
     last_error: Option<String>,
+    /// What the last probe checked, as last logged.
+    checks: String,
 }
 
 /// The HealthActor's state.
@@ -113,6 +120,7 @@ impl Actor for HealthActor {
                         probing: false,
                         failures: 0,
                         last_error: None,
+                        checks: String::new(),
                     },
                 )
             })
@@ -172,6 +180,11 @@ impl Actor for HealthActor {
                     return Ok(());
                 };
                 inst.probing = false;
+                let checks = inst.client.probe_checks();
+                if checks != inst.checks {
+                    info!(%instance, "probed with {checks}");
+                    inst.checks = checks;
+                }
                 match &outcome {
                     Ok(()) => {
                         inst.failures = 0;
@@ -203,6 +216,7 @@ impl Actor for HealthActor {
                         ready: i.failures == 0 && i.confirmed,
                         consecutive_failures: i.failures,
                         last_error: i.last_error.clone(),
+                        checks: i.checks.clone(),
                     })
                     .collect();
                 out.sort_by(|a, b| a.instance.cmp(&b.instance));

@@ -64,6 +64,13 @@ pub trait InferenceClient: Send + Sync + 'static {
     /// model. `deep` also confirms with a one-token completion (for a vision
     /// model, one with a tiny image) — used until readiness is confirmed.
     async fn probe(&self, deep: bool) -> Result<(), ProbeError>;
+
+    /// What `probe` checks, in words, for the log and `instances`. It may
+    /// change once a probe has learnt that the server lacks a route vLLM
+    /// has (an OpenAI-compatible server without `/health`, say).
+    fn probe_checks(&self) -> String {
+        "readiness probe".into()
+    }
 }
 
 /// Why a probe did not find the server ready; the kinds are told apart

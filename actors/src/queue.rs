@@ -23,7 +23,11 @@ use crate::job::{
 };
 use crate::peers::Peers;
 use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult};
-use crate::time::Clock;
+use crate::time::{Clock, Timestamp};
+
+/// A due timer fires this much after its `run_at`, so that the claim it
+/// triggers finds the job due despite the rounding of stored times.
+const DUE_SLACK: Duration = Duration::from_millis(2);
 
 /// Messages of the QueueActor.
 #[derive(Debug)]
@@ -137,6 +141,22 @@ pub enum QueueMsg {
     Reclaim,
     /// Internal: wake the dispatchers of one model (`None`: all).
     Wake(Option<ModelType>),
+    /// Internal: read when the next job of these models comes due.
+    RefreshDue(Vec<ModelType>),
+    /// Internal: the next `run_at` of a model, as read.
+    DueAt {
+        /// The model.
+        model: ModelType,
+        /// Its earliest future `run_at`, if any.
+        at: Option<Timestamp>,
+    },
+    /// Internal: a due timer fired.
+    Due {
+        /// The model whose job came due.
+        model: ModelType,
+        /// The `run_at` the timer was set for.
+        at: Timestamp,
+    },
 }
 
 /// One settlement's outcome, as committed.
@@ -176,6 +196,8 @@ pub struct QueueState {
     flush_waiters: Vec<RpcReplyPort<()>>,
     polling: bool,
     last_token: Option<i64>,
+    /// Per model, the `run_at` its due timer is set for (the earliest known).
+    due: HashMap<ModelType, Timestamp>,
 }
 
 /// A settlement waiting for the next group commit.
@@ -222,6 +244,33 @@ impl QueueState {
                 subs.retain(|d| d.cast(DispatchMsg::Wake).is_ok());
             }
         }
+    }
+
+    /// Sets `model`'s due timer for `at`, unless one is set for earlier.
+    fn schedule_due(&mut self, myself: &ActorRef<QueueMsg>, model: ModelType, at: Timestamp) {
+        if self.due.get(&model).is_some_and(|t| *t <= at) {
+            return;
+        }
+        self.due.insert(model, at);
+        let delay = at.since(self.args.clock.now()) + DUE_SLACK;
+        myself.send_after(delay, move || QueueMsg::Due { model, at });
+    }
+
+    /// Reads, in the background, when the next job of `models` comes due.
+    fn refresh_due(&self, myself: &ActorRef<QueueMsg>, models: Vec<ModelType>) {
+        let store = self.args.store.clone();
+        let now = self.args.clock.now();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            for model in models {
+                match blocking(&store, move |s| s.next_due(model, now)).await {
+                    Ok(at) => {
+                        let _ = me.cast(QueueMsg::DueAt { model, at });
+                    }
+                    Err(e) => warn!("reading when the next {model} job comes due failed: {e}"),
+                }
+            }
+        });
     }
 
     fn start_flush(&mut self, myself: &ActorRef<QueueMsg>) {
@@ -283,9 +332,11 @@ impl QueueState {
                     }
                 }
                 Ok(Settled::Failed(FailOutcome::Retrying { run_at, .. })) => {
-                    let model = item.model;
-                    let delay = run_at.since(now);
-                    myself.send_after(delay, move || QueueMsg::Wake(Some(model)));
+                    if run_at > now {
+                        self.schedule_due(myself, item.model, run_at);
+                    } else {
+                        wake.push(item.model);
+                    }
                 }
                 Ok(Settled::Released) => wake.push(item.model),
                 Err(StoreError::StaleClaim { .. }) => {
@@ -334,7 +385,7 @@ impl Actor for QueueActor {
         let last_token = blocking(&args.store, |s| s.change_token()).await?;
         myself.send_interval(args.poll_interval, || QueueMsg::Poll);
         myself.send_interval(args.reclaim_interval, || QueueMsg::Reclaim);
-        Ok(QueueState {
+        let state = QueueState {
             args,
             peers: None,
             subscribers: HashMap::new(),
@@ -343,7 +394,11 @@ impl Actor for QueueActor {
             flush_waiters: Vec::new(),
             polling: false,
             last_token,
-        })
+            due: HashMap::new(),
+        };
+        // Jobs a previous run left in backoff, or others scheduled ahead.
+        state.refresh_due(&myself, ModelType::ALL.to_vec());
+        Ok(state)
     }
 
     async fn handle(
@@ -362,7 +417,17 @@ impl Actor for QueueActor {
                 reply,
             } => {
                 let lease = state.args.lease;
-                answer(store, reply, move |s| s.claim(model, n, lease, &owner, now));
+                let store = store.clone();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    let out =
+                        blocking(&store, move |s| s.claim(model, n, lease, &owner, now)).await;
+                    // A short claim: what is left may be waiting for its run_at.
+                    if out.as_ref().is_ok_and(|jobs| jobs.len() < n) {
+                        let _ = me.cast(QueueMsg::RefreshDue(vec![model]));
+                    }
+                    let _ = reply.send(out);
+                });
             }
             QueueMsg::Settle {
                 claim,
@@ -455,6 +520,8 @@ impl Actor for QueueActor {
                 if token.is_some() && token != state.last_token {
                     state.last_token = token;
                     state.wake(None);
+                    // Another program may have scheduled work ahead.
+                    state.refresh_due(&myself, ModelType::ALL.to_vec());
                 }
             }
             QueueMsg::Reclaim => {
@@ -472,6 +539,21 @@ impl Actor for QueueActor {
                 });
             }
             QueueMsg::Wake(model) => state.wake(model),
+            QueueMsg::RefreshDue(models) => state.refresh_due(&myself, models),
+            QueueMsg::DueAt { model, at } => {
+                if let Some(at) = at {
+                    state.schedule_due(&myself, model, at);
+                }
+            }
+            QueueMsg::Due { model, at } => {
+                if state.due.get(&model) == Some(&at) {
+                    state.due.remove(&model);
+                }
+                debug!(%model, "a job scheduled for later came due");
+                state.wake(Some(model));
+                // The next one after it, if any.
+                state.refresh_due(&myself, vec![model]);
+            }
         }
         Ok(())
     }

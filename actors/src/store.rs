@@ -63,6 +63,10 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The database holds tables that are not a schema this build knows
+    /// (the message names what differs and what to do); nothing was changed.
+    #[error("{0}")]
+    Schema(String),
     /// The backend failed (I/O, locking, SQL).
     #[error("job store error: {0}")]
     Backend(String),
@@ -137,6 +141,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// Gives a claimed job back to `pending` without counting an attempt
     /// (shutdown, a crashed dispatcher, an instance going down).
     fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
+
+    /// The earliest `run_at` after `now` among the pending jobs of `model`
+    /// (jobs waiting out a retry backoff, or inserted by another program to
+    /// run later): when the next of them comes due, whoever scheduled it.
+    fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>>;
 
     /// Returns every job whose lease has expired to `pending`; the count.
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;

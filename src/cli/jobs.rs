@@ -27,8 +27,23 @@ pub(super) fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
             "from_version": report.from,
             "version": report.to,
             "applied": report.applied,
+            "adopted": report.adopted,
         }));
-    } else if report.applied.is_empty() {
+    } else {
+        if !report.adopted.is_empty() {
+            println!(
+                "{}: found a schema made without gpu-feeder at {}; recorded it as applied",
+                path.display(),
+                report.adopted.join(", ")
+            );
+        }
+        print_migrated(path, &report);
+    }
+    Ok(0)
+}
+
+fn print_migrated(path: &std::path::Path, report: &crate::store::MigrationReport) {
+    if report.applied.is_empty() {
         println!(
             "{}: up to date (schema version {})",
             path.display(),
@@ -43,7 +58,6 @@ pub(super) fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
             report.applied.join(", ")
         );
     }
-    Ok(0)
 }
 
 pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {

@@ -66,6 +66,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the full schema as SQL (for sqlite3 and other programs)
+    Schema,
     /// Queue a job (or many, with --jsonl)
     Submit(SubmitArgs),
     /// Show one job
@@ -273,6 +275,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Command::Config(ConfigCommand::Check { path }) = &cli.command {
         return Ok(config_check(path.as_deref().or(cli.config.as_deref())));
     }
+    if let Command::Schema = cli.command {
+        print!("{}", crate::store::full_schema());
+        return Ok(0);
+    }
     if let Command::Sim(cfg) = cli.command {
         crate::logging::init(&Default::default(), cli.log_format);
         return runtime()?.block_on(crate::sim::serve(cfg)).map(|()| 0);
@@ -291,7 +297,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             crate::logging::init(&ctx.config.logging, cli.log_format);
             runtime()?.block_on(crate::daemon::run(ctx.config, &ctx.config_path))
         }
-        Command::Demo(_) | Command::Sim(_) => unreachable!("handled above"),
+        Command::Demo(_) | Command::Sim(_) | Command::Schema => unreachable!("handled above"),
         Command::Instances {
             action: Some(InstancesCommand::Restart { name }),
             ..

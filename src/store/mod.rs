@@ -23,7 +23,7 @@ use feeder_actors::{
 
 use feeder_actors::store::poison_error;
 
-pub use migrate::{latest_version, MigrationReport};
+pub use migrate::{full_schema, latest_version, MigrationReport};
 use rows::{job_from_row, secs, Db};
 
 const CLAIM: &str = include_str!("sql/claim.sql");
@@ -37,6 +37,7 @@ const INSERT: &str = include_str!("sql/insert.sql");
 const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
 const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
 const PENDING_FOLLOW_UPS: &str = include_str!("sql/pending_follow_ups.sql");
+const NEXT_DUE: &str = include_str!("sql/next_due.sql");
 
 const SELECT_JOB: &str = "SELECT rowid AS seq, * FROM gpu_jobs";
 
@@ -542,6 +543,18 @@ impl JobStore for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Settled> {
         self.write(|tx| crashed_in(tx, claim, instance, limit, now))
+    }
+
+    fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(NEXT_DUE).db()?;
+        stmt.query_row(
+            named_params! { ":model": model.as_str(), ":now": secs(now) },
+            |r| r.get::<_, f64>(0),
+        )
+        .optional()
+        .db()
+        .map(|t| t.map(Timestamp::from_secs_f64))
     }
 
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {

@@ -4,9 +4,16 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod openai_like;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+fn config(queue: &str, extra: &str) -> String {
+    format!(
+        "[queue]\ndb_path = \"jobs.db\"\nresults_dir = \"results\"\nstage_dir = \"stage\"\n{queue}\n{extra}"
+    )
+}
 
 /// A scratch folder holding `feeder.toml`, the database and the state folders.
 pub struct Scratch {
@@ -23,12 +30,14 @@ impl Scratch {
     /// Like `new`, with `queue` lines added to the `[queue]` table.
     pub fn with_queue(queue: &str, extra: &str) -> Scratch {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = format!(
-            "[queue]\ndb_path = \"jobs.db\"\nresults_dir = \"results\"\nstage_dir = \"stage\"\n{queue}\n{extra}"
-        );
-        std::fs::write(dir.path().join("feeder.toml"), config).expect("write config");
+        std::fs::write(dir.path().join("feeder.toml"), config(queue, extra)).expect("write config");
         std::fs::create_dir_all(dir.path().join("stage")).expect("stage dir");
         Scratch { dir }
+    }
+
+    /// Replaces the configuration, keeping the `[queue]` paths.
+    pub fn rewrite(&self, extra: &str) {
+        std::fs::write(self.config(), config("", extra)).expect("write config");
     }
 
     pub fn path(&self) -> &Path {

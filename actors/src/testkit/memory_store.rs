@@ -2,6 +2,7 @@
 //! message-level tests. It runs the same contract suite as the SQLite
 //! adapter, so it cannot drift from it.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,14 +20,36 @@ struct Inner {
     /// (insertion sequence, job), in insertion order.
     rows: Vec<(u64, Job)>,
     next_seq: u64,
-    version: i64,
+    /// Write calls ("commits") made through every handle...
+    commits: i64,
+    /// ...and through each handle, by its connection number.
+    own_commits: HashMap<u64, i64>,
+    /// The number the next handle gets.
+    next_conn: u64,
 }
 
-/// An in-memory job store. Clones share the same jobs, like connections to
-/// one database.
-#[derive(Clone, Default)]
+/// An in-memory job store. Clones share the same jobs and are separate
+/// connections to it, as handles on one database file are: the change token
+/// of a handle moves only when *another* handle writes, as SQLite's
+/// `PRAGMA data_version` does, so message-level tests get exactly the
+/// wake-ups the daemon gets from SQLite.
+#[derive(Default)]
 pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
+    /// This handle's connection number.
+    conn: u64,
+}
+
+impl Clone for MemoryStore {
+    /// Another connection to the same jobs.
+    fn clone(&self) -> Self {
+        let mut inner = self.lock();
+        inner.next_conn += 1;
+        MemoryStore {
+            inner: self.inner.clone(),
+            conn: inner.next_conn,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -37,6 +60,14 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks for a write, counted as a commit of this connection.
+    fn write(&self) -> MutexGuard<'_, Inner> {
+        let mut inner = self.lock();
+        inner.commits += 1;
+        *inner.own_commits.entry(self.conn).or_default() += 1;
+        inner
     }
 
     /// Every job, in insertion order (for assertions).
@@ -125,7 +156,6 @@ impl Inner {
         };
         self.next_seq += 1;
         self.rows.push((self.next_seq, job));
-        self.version += 1;
         Ok(id)
     }
 
@@ -153,11 +183,11 @@ fn to_pending(j: &mut Job) {
 
 impl JobStore for MemoryStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
-        Ok(self.lock().submit(&job, now))
+        Ok(self.write().submit(&job, now))
     }
 
     fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         Ok(jobs.iter().map(|j| inner.submit(j, now)).collect())
     }
 
@@ -173,7 +203,7 @@ impl JobStore for MemoryStore {
             ));
         }
         let total = fragments.len() as u32;
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let id = match inner.insert(&parent, JobStatus::Processing, None, Some(total), now) {
             Ok(id) => id,
             Err(existing) => {
@@ -210,7 +240,7 @@ impl JobStore for MemoryStore {
         owner: &str,
         now: Timestamp,
     ) -> StoreResult<Vec<ClaimedJob>> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let mut candidates: Vec<(i64, Timestamp, u64, JobId)> = inner
             .rows
             .iter()
@@ -243,12 +273,11 @@ impl JobStore for MemoryStore {
                 },
             });
         }
-        inner.version += 1;
         Ok(out)
     }
 
     fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let j = inner.current(claim)?;
         j.status = JobStatus::Done;
         j.result_path = Some(done.result_path);
@@ -260,12 +289,11 @@ impl JobStore for MemoryStore {
         j.claim_id = None;
         j.lease_until = None;
         j.finished_at = Some(now);
-        inner.version += 1;
         Ok(())
     }
 
     fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let j = inner.current(claim)?;
         j.attempts += 1;
         j.error = Some(failure.message);
@@ -288,14 +316,12 @@ impl JobStore for MemoryStore {
                 }
             }
         };
-        inner.version += 1;
         Ok(outcome)
     }
 
     fn release(&self, claim: &Claim, _now: Timestamp) -> StoreResult<()> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         to_pending(inner.current(claim)?);
-        inner.version += 1;
         Ok(())
     }
 
@@ -306,7 +332,7 @@ impl JobStore for MemoryStore {
         limit: u32,
         now: Timestamp,
     ) -> StoreResult<Settled> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let j = inner.current(claim)?;
         j.crashes += 1;
         let out = if j.crashes >= limit {
@@ -322,12 +348,11 @@ impl JobStore for MemoryStore {
             to_pending(j);
             Settled::Released
         };
-        inner.version += 1;
         Ok(out)
     }
 
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let mut n = 0;
         for (_, j) in inner.rows.iter_mut() {
             if j.status == JobStatus::Processing && j.lease_until.is_some_and(|l| l < now) {
@@ -335,12 +360,11 @@ impl JobStore for MemoryStore {
                 n += 1;
             }
         }
-        inner.version += 1;
         Ok(n)
     }
 
     fn release_owner(&self, owner: &str, _now: Timestamp) -> StoreResult<u64> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let below = format!("{owner}/");
         let mut n = 0;
         for (_, j) in inner.rows.iter_mut() {
@@ -353,12 +377,11 @@ impl JobStore for MemoryStore {
                 n += 1;
             }
         }
-        inner.version += 1;
         Ok(n)
     }
 
     fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let status = inner.find(id).ok_or(StoreError::NotFound(id))?.status;
         if status.is_terminal() {
             return Err(StoreError::InvalidState {
@@ -376,12 +399,11 @@ impl JobStore for MemoryStore {
                 j.finished_at = Some(now);
             }
         }
-        inner.version += 1;
         Ok(inner.find(id).expect("exists").clone())
     }
 
     fn retry(&self, id: JobId, _now: Timestamp) -> StoreResult<Job> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let job = inner.find(id).ok_or(StoreError::NotFound(id))?.clone();
         if !matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
             return Err(StoreError::InvalidState {
@@ -416,7 +438,6 @@ impl JobStore for MemoryStore {
                 reset(j, JobStatus::Pending);
             }
         }
-        inner.version += 1;
         Ok(inner.find(id).expect("exists").clone())
     }
 
@@ -499,7 +520,7 @@ impl JobStore for MemoryStore {
         outcome: ParentOutcome,
         now: Timestamp,
     ) -> StoreResult<bool> {
-        let mut inner = self.lock();
+        let mut inner = self.write();
         let Some(p) = inner.find(id) else {
             return Ok(false);
         };
@@ -518,7 +539,6 @@ impl JobStore for MemoryStore {
         }
         p.attempts += 1;
         p.finished_at = Some(now);
-        inner.version += 1;
         Ok(true)
     }
 
@@ -535,7 +555,20 @@ impl JobStore for MemoryStore {
             .collect())
     }
 
+    fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>> {
+        Ok(self
+            .lock()
+            .rows
+            .iter()
+            .map(|(_, j)| j)
+            .filter(|j| j.status == JobStatus::Pending && j.model_type == model)
+            .filter_map(|j| j.run_at.filter(|r| *r > now))
+            .min())
+    }
+
     fn change_token(&self) -> StoreResult<Option<i64>> {
-        Ok(Some(self.lock().version))
+        let inner = self.lock();
+        let own = inner.own_commits.get(&self.conn).copied().unwrap_or(0);
+        Ok(Some(inner.commits - own))
     }
 }

@@ -40,7 +40,8 @@ macro_rules! store_contract_tests {
             release_owner_returns_its_claims, cancel,
             manual_retry, fragments_of_parent, complete_records_result,
             settle_batch_mixes_outcomes, parents_finish_exactly_once,
-            change_token_moves_on_foreign_commits, follow_ups_are_pending_until_created,
+            change_token_moves_on_foreign_commits, next_due_is_the_earliest_future_run_at,
+            follow_ups_are_pending_until_created,
             a_follow_up_is_created_once, stats_per_model_and_status,
             list_filters_and_limit, get_unknown_is_none);
     };
@@ -733,7 +734,9 @@ pub fn a_follow_up_is_created_once(f: &impl StoreFixture) {
     assert!(standalone.created);
 }
 
-/// The change token moves when another handle commits.
+/// The change token moves when another handle commits, and only then: a
+/// handle's own writes leave its token as it was (SQLite's `data_version`
+/// rule), so a daemon learns of its own work from itself, never from a poll.
 pub fn change_token_moves_on_foreign_commits(f: &impl StoreFixture) {
     let watcher = f.handle();
     let writer = f.handle();
@@ -742,7 +745,63 @@ pub fn change_token_moves_on_foreign_commits(f: &impl StoreFixture) {
     };
     writer.submit(job(ModelType::Think, "ct"), T0).unwrap();
     let after = watcher.change_token().unwrap().unwrap();
-    assert_ne!(before, after);
+    assert_ne!(before, after, "another handle's commit moves the token");
+    // The watcher's own writes of every kind do not.
+    let own = watcher.submit(job(ModelType::Think, "own"), T0).unwrap();
+    let c = claim_one(&watcher, ModelType::Think, T0).unwrap();
+    watcher.complete(&c, done("own"), T0).unwrap();
+    watcher.cancel(own.id, T0).ok();
+    watcher.reclaim_expired(T0).unwrap();
+    assert_eq!(
+        watcher.change_token().unwrap().unwrap(),
+        after,
+        "a handle's own commits must not move its token"
+    );
+    writer.submit(job(ModelType::Vision, "ct2"), T0).unwrap();
+    assert_ne!(watcher.change_token().unwrap().unwrap(), after);
+}
+
+/// `next_due` finds the earliest future `run_at` of one model's pending
+/// jobs: retry backoffs, and rows scheduled ahead; not jobs due already,
+/// jobs of the other model, or jobs no longer pending.
+pub fn next_due_is_the_earliest_future_run_at(f: &impl StoreFixture) {
+    let s = f.handle();
+    assert_eq!(s.next_due(ModelType::Think, T0).unwrap(), None);
+    for (tag, delay) in [("a", 30u64), ("b", 10), ("c", 20)] {
+        s.submit(job(ModelType::Think, tag), T0).unwrap();
+        let c = claim_one(&s, ModelType::Think, T0).unwrap();
+        s.fail(&c, retryable(tag, secs(delay)), T0).unwrap();
+    }
+    let v = s.submit(job(ModelType::Vision, "v"), T0).unwrap().id;
+    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
+    s.fail(&c, retryable("v", secs(5)), T0).unwrap();
+    assert_eq!(
+        s.next_due(ModelType::Think, T0).unwrap(),
+        Some(T0 + secs(10))
+    );
+    assert_eq!(
+        s.next_due(ModelType::Vision, T0).unwrap(),
+        Some(T0 + secs(5))
+    );
+    // Past its run_at a job is due, no longer "next".
+    assert_eq!(
+        s.next_due(ModelType::Think, T0 + secs(10)).unwrap(),
+        Some(T0 + secs(20))
+    );
+    // Claimed or cancelled jobs do not count.
+    let c = claim_one(&s, ModelType::Think, T0 + secs(15)).unwrap();
+    assert_eq!(
+        s.next_due(ModelType::Think, T0 + secs(15)).unwrap(),
+        Some(T0 + secs(20))
+    );
+    s.release(&c, T0 + secs(15)).unwrap();
+    s.cancel(v, T0).unwrap();
+    assert_eq!(s.next_due(ModelType::Vision, T0).unwrap(), None);
+    // Another handle sees the same.
+    assert_eq!(
+        f.handle().next_due(ModelType::Think, T0).unwrap(),
+        Some(T0 + secs(10))
+    );
 }
 
 /// Stats count per model and status and age the oldest pending job.

@@ -1,0 +1,250 @@
+//! A job is never stuck: work whose `run_at` comes due is sent whoever set
+//! it (a daemon that died, another program), and random `kill -9` of the
+//! daemon leaves every job terminal exactly once. The real binary, real
+//! simulated servers, a real SQLite file.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::openai_like::{OpenAiLike, Quirks};
+use common::{external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+use rand::{Rng, SeedableRng};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// The poll interval for changes made by other programs; the promise is
+/// that nothing waits longer than its `run_at` plus this.
+const POLL_MS: u64 = 500;
+
+fn config(admin_port: u16, dispatch: &str, instances: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[dispatch]\nwindow = 64\nexternal_poll_ms = {POLL_MS}\nshutdown_grace_s = 5\n{dispatch}\n\n[health]\ninterval_s = 0.2\n\n{instances}"
+    )
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn f(job: &serde_json::Value, key: &str) -> f64 {
+    job[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("job {} has no {key}: {job}", job["id"]))
+}
+
+/// When instance `name` of the running daemon last became ready.
+fn ready_at(s: &Scratch, name: &str) -> f64 {
+    let inst = s.instance(name).expect("the daemon answers");
+    inst["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["to"] == "ready")
+        .map(|t| t["at"].as_f64().unwrap())
+        .fold(f64::NAN, f64::max)
+}
+
+/// Every job was claimed no later than one poll interval after it could
+/// be: after its `run_at` and after its server was ready.
+fn assert_sent_when_due(s: &Scratch, ready: f64) {
+    let slack = POLL_MS as f64 / 1000.0;
+    for j in s.jobs() {
+        let run_at = f(&j, "run_at");
+        let started = f(&j, "started_at");
+        let could = run_at.max(ready);
+        assert!(
+            started >= run_at,
+            "job {} was claimed {:.3} s before its run_at",
+            j["id"],
+            run_at - started
+        );
+        assert!(
+            started - could <= slack,
+            "job {} was claimed {:.3} s after it came due (run_at {run_at:.3}, server ready at {ready:.3}); the promise is {slack} s",
+            j["id"],
+            started - could
+        );
+    }
+}
+
+#[test]
+fn jobs_waiting_out_a_retry_backoff_are_sent_when_due_after_a_kill_9() {
+    // Every job's request fails with HTTP 500 (the canary passes), so every
+    // job goes back to pending with a run_at a few seconds ahead, set by
+    // the daemon about to die.
+    let failing = OpenAiLike::start(Quirks {
+        health_route: true,
+        invalid_as_500: Some("backoff".into()),
+        ..Quirks::default()
+    });
+    let port = free_port();
+    let s = Scratch::new(&config(
+        port,
+        "max_attempts = 5\nretry_base_s = 6\nretry_max_s = 6",
+        &external("think", "think", &failing.url),
+    ));
+    s.submit_prompts("think", "backoff", 20);
+    let mut first = DaemonProcess::start(&s, "first");
+    wait_for("every job has failed once", LIMIT, || {
+        let jobs = s.jobs();
+        jobs.iter()
+            .all(|j| j["status"] == "pending" && j["attempts"] == 1)
+    });
+    first.kill9();
+    let earliest = s
+        .jobs()
+        .iter()
+        .map(|j| f(j, "run_at"))
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        earliest > now(),
+        "the backoff already ran out before the restart: the test proves nothing"
+    );
+
+    // The same instance, now healthy; the new daemon never set those run_ats.
+    let healthy = SimProcess::start(&[]);
+    s.rewrite(&config(
+        port,
+        "max_attempts = 5\nretry_base_s = 6\nretry_max_s = 6",
+        &external("think", "think", &healthy.url),
+    ));
+    let second = DaemonProcess::start(&s, "second");
+    wait_for("every job is done", Duration::from_secs(30), || {
+        s.count("done") == 20
+    });
+    assert_sent_when_due(&s, ready_at(&s, "think"));
+    assert!(second.log().contains("loading → ready"), "{}", second.log());
+}
+
+#[test]
+fn a_row_inserted_with_a_future_run_at_is_sent_when_it_comes_due() {
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(&config(
+        free_port(),
+        "",
+        &external("think", "think", &think.url),
+    ));
+    let d = DaemonProcess::start(&s, "daemon");
+    wait_for("the daemon is up", LIMIT, || {
+        d.log().contains("loading → ready")
+    });
+    let ready = ready_at(&s, "think");
+    let insert = "PRAGMA busy_timeout = 10000; \
+         INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_inline, created_at, run_at) \
+         VALUES (randomblob(16), 'later', 'think', '{\"prompt\": \"later\"}', strftime('%s','now'), \
+                 (julianday('now') - 2440587.5) * 86400.0 + 3.0);";
+    let out = std::process::Command::new("sqlite3")
+        .arg(s.db())
+        .arg(insert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the job is done", Duration::from_secs(30), || {
+        s.count("done") == 1
+    });
+    assert_sent_when_due(&s, ready);
+}
+
+/// `CHAOS_SEED=N` replays a run; the seed is printed either way.
+fn seed() -> u64 {
+    std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
+}
+
+#[test]
+fn random_kill_9s_leave_every_job_terminal_exactly_once() {
+    const JOBS: usize = 5000;
+    const KILLS: usize = 15;
+    const MAX_ATTEMPTS: u64 = 3;
+    let seed = seed();
+    println!("chaos seed {seed} (CHAOS_SEED={seed} replays the kill points)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let think = SimProcess::start(&["--fail-rate", "0.1", "--latency-ms", "50"]);
+    let s = Scratch::new(&config(
+        0,
+        &format!("max_attempts = {MAX_ATTEMPTS}\nretry_base_s = 0.05\nretry_max_s = 0.2"),
+        &external("think", "think", &think.url),
+    ));
+    s.submit_prompts("think", "chaos", JOBS);
+
+    let terminal = |s: &Scratch| {
+        let c = s.counts();
+        c.get("done").copied().unwrap_or(0) + c.get("failed").copied().unwrap_or(0)
+    };
+    let mut kills = 0;
+    let mut stranded = 0;
+    for round in 0..KILLS {
+        let mut d = DaemonProcess::start(&s, &format!("daemon-{round}"));
+        // Kill at a random point once this run has made some progress, so
+        // every run both claims and finishes work before it dies.
+        let before = terminal(&s);
+        let step = rng.random_range(20..=(JOBS as u64 / (KILLS as u64 * 2)));
+        wait_for("progress before the kill", LIMIT, || {
+            terminal(&s) >= (before + step).min(JOBS as u64)
+        });
+        let extra = Duration::from_millis(rng.random_range(0..300));
+        std::thread::sleep(extra);
+        d.kill9();
+        kills += 1;
+        stranded += s.count("processing");
+        if terminal(&s) == JOBS as u64 {
+            break;
+        }
+    }
+    let last = DaemonProcess::start(&s, "last");
+    wait_for("every job is terminal", LIMIT, || {
+        terminal(&s) == JOBS as u64
+    });
+
+    let jobs = s.jobs();
+    assert_eq!(jobs.len(), JOBS, "jobs were lost or made twice");
+    let (mut done, mut failed) = (0, 0);
+    let mut results = HashSet::new();
+    let mut prompts = HashSet::new();
+    for j in &jobs {
+        let payload: serde_json::Value =
+            serde_json::from_str(j["payload_inline"].as_str().unwrap()).unwrap();
+        let prompt = payload["prompt"].as_str().unwrap().to_string();
+        assert!(prompts.insert(prompt.clone()), "two jobs for `{prompt}`");
+        match j["status"].as_str().unwrap() {
+            "done" => {
+                done += 1;
+                let path = j["result_path"].as_str().expect("a done job has a result");
+                assert!(results.insert(path.to_string()), "two jobs share {path}");
+                let doc: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+                assert_eq!(doc["id"], j["id"]);
+                assert_eq!(doc["content"], format!("echo: {prompt}"));
+            }
+            "failed" => {
+                failed += 1;
+                assert_eq!(j["attempts"], MAX_ATTEMPTS, "{j}");
+                let error = j["error"].as_str().unwrap_or("");
+                assert!(
+                    error.contains("HTTP 500") && error.contains("simulated failure"),
+                    "a failed job names its reason: {j}"
+                );
+            }
+            other => panic!("job {} is {other}", j["id"]),
+        }
+    }
+    println!(
+        "chaos: {kills} kill -9 over {JOBS} jobs ({stranded} claims stranded by the kills); \
+         {done} done, {failed} failed after {MAX_ATTEMPTS} attempts, 0 twice"
+    );
+    assert!(kills >= 10, "only {kills} kills happened");
+    assert_eq!(done + failed, JOBS);
+    drop(last);
+}
