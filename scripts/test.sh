@@ -23,6 +23,11 @@ say() { echo "test.sh: $*"; }
 root=false
 [ "$(id -u)" -eq 0 ] && root=true
 
+if ! command -v cargo >/dev/null 2>&1; then
+  say "cargo is not on PATH: install a Rust toolchain (https://rustup.rs), then run this again" >&2
+  exit 1
+fi
+
 # Debian packages, by the command that shows they are there.
 apt=()
 command -v sqlite3 >/dev/null 2>&1 || apt+=(sqlite3)

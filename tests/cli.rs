@@ -345,3 +345,50 @@ fn strategy_pin_names_the_choices_and_the_missing_daemon() {
         down.stderr()
     );
 }
+
+#[test]
+fn the_readmes_test_command_is_the_one_ci_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("## Two commands")
+        .nth(1)
+        .expect("the README has a `Two commands` section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block in `Two commands`");
+    let commands: Vec<&str> = block
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert!(commands[0].ends_with("demo"), "{commands:?}");
+    let test = commands[1];
+
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let last = ci
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with('#'))
+        .unwrap();
+    assert_eq!(
+        last,
+        format!("exec {test}"),
+        ".ci/run must end by running the README's test command"
+    );
+    // That command is a script of the repository that runs the whole suite.
+    let script = std::fs::read_to_string(root.join(test)).unwrap();
+    assert!(
+        script.contains("exec cargo test --workspace"),
+        "{test} does not run cargo test --workspace"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join(test))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert!(mode & 0o111 != 0, "{test} is not executable");
+}

@@ -148,6 +148,88 @@ impl fmt::Display for Index {
     }
 }
 
+/// One way a schema differs from a version's: a missing table; a column
+/// or index missing (`None`) or defined otherwise (`Some(what it is)`),
+/// with what the version defines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Diff {
+    Table(String),
+    Column(String, String, Option<String>),
+    Index(String, String, Option<String>),
+}
+
+impl std::fmt::Display for Diff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Diff::Table(t) => write!(f, "table {t} is missing"),
+            Diff::Column(c, want, None) => write!(f, "column {c} ({want}) is missing"),
+            Diff::Column(c, want, Some(got)) => {
+                write!(f, "column {c} is {got} here, {want} expected")
+            }
+            Diff::Index(i, want, None) => write!(f, "index {i} ({want}) is missing"),
+            Diff::Index(i, want, Some(got)) => {
+                write!(f, "index {i} is {got} here, {want} expected")
+            }
+        }
+    }
+}
+
+/// The differences in a few lines' worth: missing objects by name (the
+/// first few), differing ones in full. SQLite's own indexes for a primary
+/// key or a UNIQUE column are left out: their column says it all.
+fn summarise(diffs: &[Diff]) -> String {
+    fn names(what: &str, list: Vec<&str>) -> Option<String> {
+        const SHOWN: usize = 8;
+        match list.len() {
+            0 => None,
+            n if n > SHOWN => Some(format!(
+                "{what} missing: {} and {} more",
+                list[..SHOWN].join(", "),
+                n - SHOWN
+            )),
+            _ => Some(format!("{what} missing: {}", list.join(", "))),
+        }
+    }
+    let mut parts = Vec::new();
+    let missing = |pick: fn(&Diff) -> Option<&str>| diffs.iter().filter_map(pick).collect();
+    parts.extend(names(
+        "tables",
+        missing(|d| match d {
+            Diff::Table(t) => Some(t.as_str()),
+            _ => None,
+        }),
+    ));
+    parts.extend(names(
+        "columns",
+        missing(|d| match d {
+            Diff::Column(c, _, None) => Some(c.as_str()),
+            _ => None,
+        }),
+    ));
+    parts.extend(
+        diffs
+            .iter()
+            .filter(|d| matches!(d, Diff::Column(_, _, Some(_))))
+            .map(Diff::to_string),
+    );
+    parts.extend(names(
+        "indexes",
+        missing(|d| match d {
+            Diff::Index(i, _, None) if !i.starts_with("sqlite_autoindex_") => Some(i.as_str()),
+            _ => None,
+        }),
+    ));
+    parts.extend(
+        diffs
+            .iter()
+            .filter(
+                |d| matches!(d, Diff::Index(i, _, Some(_)) if !i.starts_with("sqlite_autoindex_")),
+            )
+            .map(Diff::to_string),
+    );
+    parts.join("; ")
+}
+
 /// The objects a schema version consists of: tables with their columns,
 /// and indexes. Objects of other programs are not part of it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -159,18 +241,21 @@ struct Shape {
 impl Shape {
     /// What `actual` lacks or has otherwise than `self` (extra objects,
     /// such as another program's index, are not differences).
-    fn missing_from(&self, actual: &Shape) -> Vec<String> {
+    fn missing_from(&self, actual: &Shape) -> Vec<Diff> {
         let mut out = Vec::new();
         for (table, columns) in &self.tables {
             let Some(have) = actual.tables.get(table) else {
-                out.push(format!("table {table} is missing"));
+                out.push(Diff::Table(table.clone()));
                 continue;
             };
             for (name, want) in columns {
+                let column = format!("{table}.{name}");
                 match have.get(name) {
-                    None => out.push(format!("column {table}.{name} ({want}) is missing")),
-                    Some(got) if got != want => out.push(format!(
-                        "column {table}.{name} is {got} here, {want} expected"
+                    None => out.push(Diff::Column(column, want.to_string(), None)),
+                    Some(got) if got != want => out.push(Diff::Column(
+                        column,
+                        want.to_string(),
+                        Some(got.to_string()),
                     )),
                     Some(_) => {}
                 }
@@ -178,10 +263,12 @@ impl Shape {
         }
         for (name, want) in &self.indexes {
             match actual.indexes.get(name) {
-                None => out.push(format!("index {name} ({want}) is missing")),
-                Some(got) if got != want => {
-                    out.push(format!("index {name} is {got} here, {want} expected"))
-                }
+                None => out.push(Diff::Index(name.clone(), want.to_string(), None)),
+                Some(got) if got != want => out.push(Diff::Index(
+                    name.clone(),
+                    want.to_string(),
+                    Some(got.to_string()),
+                )),
                 Some(_) => {}
             }
         }
@@ -304,7 +391,7 @@ fn label(version: i64) -> String {
 /// The version a database's objects show: the newest whose every object is
 /// there as that version made it, or `None` with what differs from the
 /// closest one when there are objects of ours but no version fits.
-fn recognise(actual: &Shape) -> Result<i64, (i64, Vec<String>)> {
+fn recognise(actual: &Shape) -> Result<i64, (i64, Vec<Diff>)> {
     let shapes = shapes();
     let mut best: Option<i64> = None;
     for (v, want) in shapes.iter().enumerate().skip(1) {
@@ -334,8 +421,8 @@ fn recognise(actual: &Shape) -> Result<i64, (i64, Vec<String>)> {
     }
 }
 
-fn foreign(path: &str, closest: i64, diffs: &[String], extra: &[String]) -> StoreError {
-    let mut what = diffs.join("; ");
+fn foreign(path: &str, closest: i64, diffs: &[Diff], extra: &[String]) -> StoreError {
+    let mut what = summarise(diffs);
     if !extra.is_empty() {
         what.push_str(&format!(
             "; columns gpu-feeder does not know: {}",
@@ -416,7 +503,7 @@ pub fn migrate(conn: &mut Connection, path: &str) -> StoreResult<MigrationReport
                      queue.db_path at another file",
                     label(recorded),
                     label(v),
-                    diffs.join("; ")
+                    summarise(&diffs)
                 )));
             }
             Err((closest, diffs)) => {
@@ -545,7 +632,11 @@ mod tests {
         let actual = read_shape(&conn).unwrap();
         let (closest, diffs) = recognise(&actual).unwrap_err();
         assert_eq!(closest, 1);
-        let text = diffs.join("\n");
+        let text = diffs
+            .iter()
+            .map(Diff::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
         assert!(
             text.contains("column gpu_jobs.payload_sha256 (TEXT NOT NULL) is missing"),
             "{text}"

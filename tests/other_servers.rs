@@ -1,0 +1,176 @@
+//! `external` instances that are OpenAI-compatible but not vLLM: no
+//! `/health`, no `/v1/models`, one request at a time, validation errors as
+//! HTTP 500, `usage` counted in other fields or not at all. Each is a clear
+//! outcome, never a stuck job. A real HTTP server (`common::openai_like`),
+//! the real binary, a real SQLite file.
+
+mod common;
+
+use std::time::Duration;
+
+use common::openai_like::{OpenAiLike, Quirks, Usage};
+use common::{external, free_port, wait_for, DaemonProcess, Scratch};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A scratch folder whose daemon feeds `server` as instance `other`.
+fn scratch(server: &OpenAiLike, dispatch: &str) -> Scratch {
+    Scratch::new(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[dispatch]\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.1\n{dispatch}\n\n[health]\ninterval_s = 0.2\n\n{}",
+        free_port(),
+        external("other", "think", &server.url)
+    ))
+}
+
+/// Submits `n` prompts, starts the daemon, waits for every queued job to end.
+fn feed(s: &Scratch, tag: &str, n: usize) -> DaemonProcess {
+    s.submit_prompts("think", tag, n);
+    let d = DaemonProcess::start(s, "daemon");
+    wait_for("every job has ended", LIMIT, || {
+        let c = s.counts();
+        let ended = c.get("done").copied().unwrap_or(0) + c.get("failed").copied().unwrap_or(0);
+        ended == c.values().sum::<u64>()
+    });
+    d
+}
+
+fn assert_all_done(s: &Scratch, d: &DaemonProcess) {
+    for j in s.jobs() {
+        assert_eq!(j["status"], "done", "{j}\n{}", d.log());
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(j["result_path"].as_str().unwrap()).unwrap())
+                .unwrap();
+        assert!(
+            doc["content"].as_str().unwrap().starts_with("answer: "),
+            "{doc}"
+        );
+    }
+}
+
+#[test]
+fn a_server_whose_health_route_answers_404_becomes_ready_and_completes_jobs() {
+    let server = OpenAiLike::start(Quirks::default());
+    let s = scratch(&server, "");
+    let d = feed(&s, "no-health", 20);
+    assert_all_done(&s, &d);
+    assert_eq!(
+        server
+            .received()
+            .iter()
+            .filter(|t| t.starts_with("no-health"))
+            .count(),
+        20,
+        "each job was sent once"
+    );
+    // Which checks it is probed with, in the log and in `instances`.
+    let log = d.log();
+    assert!(
+        log.contains("probed with GET /v1/models") && log.contains("/health answers HTTP 404"),
+        "{log}"
+    );
+    let inst = s.instance("other").expect("the daemon answers");
+    assert_eq!(inst["state"], "ready", "{inst}");
+    let probes = inst["probes"].as_str().unwrap_or_default();
+    assert!(
+        probes.contains("/v1/models") && probes.contains("not a vLLM server"),
+        "{inst}"
+    );
+}
+
+#[test]
+fn a_server_with_only_the_completions_route_is_probed_by_canary_and_used() {
+    let server = OpenAiLike::start(Quirks {
+        models_route: false,
+        ..Quirks::default()
+    });
+    let s = scratch(&server, "");
+    let d = feed(&s, "bare", 10);
+    assert_all_done(&s, &d);
+    let probes = s.instance("other").unwrap()["probes"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        probes.contains("a canary completion at every probe"),
+        "{probes}"
+    );
+}
+
+#[test]
+fn a_server_that_runs_one_request_at_a_time_still_gets_every_job_done() {
+    let server = OpenAiLike::start(Quirks {
+        one_at_a_time: true,
+        latency: Duration::from_millis(20),
+        ..Quirks::default()
+    });
+    let s = scratch(&server, "window = 8");
+    let d = feed(&s, "serial", 40);
+    assert_all_done(&s, &d);
+    assert_eq!(server.most_at_once(), 1);
+}
+
+#[test]
+fn validation_errors_answered_with_500_fail_the_job_with_the_servers_words() {
+    let server = OpenAiLike::start(Quirks {
+        invalid_as_500: Some("malformed".into()),
+        ..Quirks::default()
+    });
+    let s = scratch(&server, "max_attempts = 2");
+    s.submit_prompts("think", "malformed", 1);
+    let d = feed(&s, "fine", 5);
+    let jobs = s.jobs();
+    let bad: Vec<_> = jobs.iter().filter(|j| j["status"] == "failed").collect();
+    assert_eq!(bad.len(), 1, "{jobs:?}");
+    let error = bad[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("HTTP 500")
+            && error.contains("validation error: field `messages` contains `malformed`"),
+        "{error}"
+    );
+    assert_eq!(
+        bad[0]["attempts"], 2,
+        "retried up to max_attempts, then failed"
+    );
+    assert_eq!(
+        server
+            .received()
+            .iter()
+            .filter(|t| t.contains("malformed"))
+            .count(),
+        2
+    );
+    assert_eq!(s.count("done"), 5, "{}", d.log());
+}
+
+#[test]
+fn usage_counted_as_input_and_output_tokens_is_recorded() {
+    let server = OpenAiLike::start(Quirks {
+        usage: Usage::InputOutput,
+        ..Quirks::default()
+    });
+    let s = scratch(&server, "");
+    let d = feed(&s, "counted", 5);
+    assert_all_done(&s, &d);
+    for j in s.jobs() {
+        assert!(j["prompt_tokens"].as_u64().is_some_and(|n| n > 0), "{j}");
+        assert!(
+            j["completion_tokens"].as_u64().is_some_and(|n| n > 0),
+            "{j}"
+        );
+    }
+}
+
+#[test]
+fn a_response_without_usage_completes_the_job_with_tokens_unknown() {
+    let server = OpenAiLike::start(Quirks {
+        usage: Usage::Absent,
+        ..Quirks::default()
+    });
+    let s = scratch(&server, "");
+    let d = feed(&s, "uncounted", 5);
+    assert_all_done(&s, &d);
+    for j in s.jobs() {
+        assert!(j["prompt_tokens"].is_null(), "{j}");
+        assert!(j["completion_tokens"].is_null(), "{j}");
+    }
+}

@@ -1,0 +1,226 @@
+//! Databases whose schema was made by hand, with the `sqlite3` CLI and the
+//! files in `migrations/` or `gpu-feeder schema`: adopted and upgraded
+//! from where they stand; a foreign `gpu_jobs` refused before anything
+//! changes. The real binary, the real `sqlite3` CLI, real files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{external, wait_for, DaemonProcess, Scratch, SimProcess};
+
+/// The migration files, in order.
+fn migrations() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    files
+}
+
+/// Runs `sqlite3 DB` with `sql` on its standard input; returns stdout.
+fn sqlite3(db: &Path, sql: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sqlite3")
+        .arg(db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the sqlite3 CLI (scripts/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sqlite3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A migration file as an older copy of it was: without its mark.
+fn unmarked(file: &Path) -> String {
+    let sql = std::fs::read_to_string(file).unwrap();
+    let at = sql
+        .find("-- Mark:")
+        .unwrap_or_else(|| panic!("{} records no version", file.display()));
+    sql[..at].to_string()
+}
+
+#[test]
+fn the_plans_procedure_works_step_by_step() {
+    let vision = SimProcess::start(&[]);
+    let s = Scratch::new(&format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nexternal_poll_ms = 100\n\n[health]\ninterval_s = 0.2\n\n{}",
+        external("vision", "vision", &vision.url)
+    ));
+    // 1. The schema through the sqlite3 CLI, file by file.
+    for file in migrations() {
+        sqlite3(&s.db(), &std::fs::read_to_string(&file).unwrap());
+    }
+    // 2. The minimal insert of a vision job.
+    let payload = s.stage().join("p.json");
+    std::fs::write(&payload, r#"{"prompt": "describe the page"}"#).unwrap();
+    sqlite3(
+        &s.db(),
+        &format!(
+            "INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_path, created_at) \
+             VALUES (randomblob(16), 'x', 'vision', '{}', strftime('%s','now'));",
+            payload.display()
+        ),
+    );
+    // 3. gpu-feeder run.
+    let d = DaemonProcess::start(&s, "daemon");
+    // 4. The job is done, as the plan's query shows.
+    let query = "SELECT status, COUNT(*) FROM gpu_jobs GROUP BY status;";
+    wait_for("the job is done", Duration::from_secs(60), || {
+        sqlite3(&s.db(), query).trim() == "done|1"
+    });
+    assert!(
+        !d.log().contains("migration"),
+        "the daemon changed a complete schema: {}",
+        d.log()
+    );
+}
+
+#[test]
+fn a_database_with_only_the_first_migration_is_upgraded() {
+    let s = Scratch::new("");
+    let files = migrations();
+    sqlite3(&s.db(), &std::fs::read_to_string(&files[0]).unwrap());
+    let report = s.json(&["migrate", "--json"]);
+    assert_eq!(report["from_version"], 1, "{report}");
+    assert_eq!(report["version"], files.len(), "{report}");
+    assert_eq!(report["adopted"], serde_json::json!([]), "{report}");
+    assert_eq!(
+        report["applied"].as_array().unwrap().len(),
+        files.len() - 1,
+        "{report}"
+    );
+    // Usable afterwards, and up to date.
+    assert_eq!(
+        s.run(&["submit", "--model", "think", "--prompt", "hi"])
+            .code(),
+        0
+    );
+    let again = s.run(&["migrate"]);
+    assert!(again.stdout().contains("up to date"), "{}", again.stdout());
+}
+
+#[test]
+fn a_schema_made_without_the_marks_is_adopted_at_the_version_it_matches() {
+    let s = Scratch::new("");
+    let files = migrations();
+    for file in &files[..2] {
+        sqlite3(&s.db(), &unmarked(file));
+    }
+    sqlite3(
+        &s.db(),
+        "INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_inline, created_at) \
+         VALUES (randomblob(16), 'x', 'think', '{\"prompt\": \"kept\"}', strftime('%s','now'));",
+    );
+    let r = s.run(&["migrate"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert!(
+        r.stdout()
+            .contains("found a schema made without gpu-feeder at 0001_gpu_jobs, 0002_follow_ups"),
+        "{}",
+        r.stdout()
+    );
+    assert!(r.stdout().contains("schema version 2 → "), "{}", r.stdout());
+    // The row survived the upgrade, and the marks are there now.
+    assert_eq!(s.jobs().len(), 1);
+    let versions = sqlite3(
+        &s.db(),
+        "SELECT version FROM schema_migrations ORDER BY version;",
+    );
+    let expected: String = (1..=files.len()).map(|v| format!("{v}\n")).collect();
+    assert_eq!(versions, expected);
+}
+
+#[test]
+fn a_foreign_gpu_jobs_table_is_refused_naming_the_difference_and_left_alone() {
+    let s = Scratch::new(&external("think", "think", "http://127.0.0.1:9"));
+    sqlite3(
+        &s.db(),
+        "CREATE TABLE gpu_jobs (id INTEGER PRIMARY KEY, payload TEXT, model_type TEXT);",
+    );
+    let r = s.run(&["migrate"]);
+    assert_ne!(r.code(), 0, "a foreign table was accepted: {}", r.stdout());
+    let err = r.stderr();
+    assert!(err.contains("gpu_jobs"), "{err}");
+    assert!(
+        err.contains("columns missing: gpu_jobs.attempts"),
+        "names the missing columns: {err}"
+    );
+    assert!(
+        err.contains("does not know: gpu_jobs.payload."),
+        "names the extra column: {err}"
+    );
+    assert!(err.contains("Nothing was changed"), "{err}");
+    // Nothing was created or changed.
+    let tables = sqlite3(
+        &s.db(),
+        "SELECT name FROM sqlite_master WHERE type = 'table';",
+    );
+    assert_eq!(tables.trim(), "gpu_jobs", "{tables}");
+    // The daemon refuses it the same way.
+    let run = s.run(&["run"]);
+    assert_ne!(run.code(), 0);
+    assert!(
+        run.stderr().contains("gpu_jobs.attempts"),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn a_gpu_jobs_table_changed_by_hand_is_refused_naming_the_one_difference() {
+    let s = Scratch::new("");
+    let files = migrations();
+    for file in &files {
+        sqlite3(&s.db(), &std::fs::read_to_string(file).unwrap());
+    }
+    sqlite3(
+        &s.db(),
+        "DROP INDEX gpu_jobs_claim; ALTER TABLE gpu_jobs RENAME COLUMN priority TO prio;",
+    );
+    let r = s.run(&["migrate"]);
+    assert_ne!(r.code(), 0, "a changed table was accepted: {}", r.stdout());
+    let err = r.stderr();
+    assert!(
+        err.contains("columns missing: gpu_jobs.priority;"),
+        "names the one missing column: {err}"
+    );
+    assert!(
+        err.contains("indexes missing: gpu_jobs_claim;"),
+        "names the dropped index: {err}"
+    );
+    assert!(
+        err.contains("does not know: gpu_jobs.prio."),
+        "names the renamed column: {err}"
+    );
+}
+
+#[test]
+fn gpu_feeder_schema_makes_a_database_this_build_uses_as_it_is() {
+    let s = Scratch::new("");
+    let schema = s.run(&["schema"]);
+    assert_eq!(schema.code(), 0, "{}", schema.stderr());
+    sqlite3(&s.db(), &schema.stdout());
+    let r = s.json(&["migrate", "--json"]);
+    assert_eq!(r["applied"], serde_json::json!([]), "{r}");
+    assert_eq!(r["adopted"], serde_json::json!([]), "{r}");
+    assert_eq!(r["from_version"], r["version"], "{r}");
+}
