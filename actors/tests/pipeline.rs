@@ -435,6 +435,72 @@ async fn the_queue_actor_claims_settles_and_releases() {
     }
 }
 
+/// Waits for the next `Wake` a recorder hears, skipping other messages.
+async fn next_wake(heard: &mut tokio::sync::mpsc::UnboundedReceiver<DispatchMsg>) {
+    let wake = async {
+        loop {
+            match heard.recv().await {
+                Some(DispatchMsg::Wake) => return,
+                Some(_) => continue,
+                None => panic!("recorder closed"),
+            }
+        }
+    };
+    tokio::time::timeout(LIMIT, wake)
+        .await
+        .unwrap_or_else(|_| panic!("no wake within {LIMIT:?}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_run_at_set_by_another_program_wakes_the_dispatcher_when_it_comes_due() {
+    let store = MemoryStore::new();
+    let queue = spawn_queue(&store).await;
+    let (dispatcher, mut heard) = Recorder::<DispatchMsg>::spawn().await;
+    queue
+        .cast(QueueMsg::Subscribe {
+            model: ModelType::Think,
+            dispatcher,
+        })
+        .unwrap();
+    next_wake(&mut heard).await;
+
+    // Another connection (a daemon that died since, or another program)
+    // leaves a job pending until T0 + 30 s.
+    let start = tokio::time::Instant::now();
+    store.submit(job(ModelType::Think, "later"), T0).unwrap();
+    let c = store
+        .claim(ModelType::Think, 1, Duration::from_secs(60), "gone", T0)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .claim;
+    store
+        .fail(
+            &c,
+            feeder_actors::Failure {
+                message: "HTTP 500".into(),
+                retry_after: Some(Duration::from_secs(30)),
+            },
+            T0,
+        )
+        .unwrap();
+    // The change is noticed by the poll (a dispatcher would claim nothing)...
+    next_wake(&mut heard).await;
+    assert!(start.elapsed() < Duration::from_secs(1));
+    // ...and the next wake comes when the job is due, not at some later poll.
+    next_wake(&mut heard).await;
+    let woke = start.elapsed();
+    assert!(
+        woke >= Duration::from_secs(30) && woke <= Duration::from_millis(30_200),
+        "woken {woke:?} after the job was left due at 30 s"
+    );
+    // A claim now gets it.
+    let got = store
+        .claim(ModelType::Think, 1, Duration::from_secs(60), "o", T0 + woke)
+        .unwrap();
+    assert_eq!(got.len(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     let store = MemoryStore::new();
