@@ -35,7 +35,10 @@ command -v promtool >/dev/null 2>&1 || apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || apt+=(systemd)
 command -v curl >/dev/null 2>&1 || apt+=(curl)
 command -v python3 >/dev/null 2>&1 || apt+=(python3 python3-pip)
-command -v docker >/dev/null 2>&1 || apt+=(docker.io)
+# The engine itself, not only a docker client: dockerd comes with docker.io.
+if ! command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
+  apt+=(docker.io)
+fi
 if [ ${#apt[@]} -gt 0 ]; then
   if ! $root; then
     say "missing: ${apt[*]}; install them (sudo apt-get install ${apt[*]}) or run this script as root" >&2
