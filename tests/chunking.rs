@@ -374,6 +374,18 @@ fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
             >= 3
     });
     first.kill9();
+    // The kill landed with fan-in work unfinished: parents not done or
+    // follow-ups not created yet.
+    let at_kill = s.jobs();
+    let parents_done = at_kill
+        .iter()
+        .filter(|j| j["total_fragments"] == 3 && j["parent_id"].is_null() && j["status"] == "done")
+        .count();
+    let follow_ups = at_kill.iter().filter(|j| !j["follows"].is_null()).count();
+    assert!(
+        parents_done < 20 || follow_ups < 20,
+        "every parent and follow-up was finished before the kill: the test proves nothing"
+    );
     let _second = DaemonProcess::start(&s, "second");
     wait_for("every parent and its follow-up are done", LIMIT, || {
         let jobs = s.jobs();
@@ -388,8 +400,33 @@ fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
         }
     }
     assert_eq!(followed, parents.iter().cloned().collect::<HashSet<_>>());
+    // Each parent's result is its own fragments' answers in order, and its
+    // follow-up was asked about exactly that text.
     for p in &parents {
-        let job = s.json(&["status", p, "--json"]);
-        assert_eq!(job["attempts"], 1, "parent {p} was finished more than once");
+        let parent = jobs.iter().find(|j| j["id"] == p.as_str()).unwrap();
+        let mut frags: Vec<_> = jobs
+            .iter()
+            .filter(|j| j["parent_id"] == p.as_str())
+            .collect();
+        frags.sort_by_key(|j| j["fragment_index"].as_u64());
+        // Token windows are merged word by word, dropping a repeated
+        // overlap; each answer here starts with `echo:`, so none repeats
+        // the end of the one before and every word is kept, in order.
+        let words: Vec<String> = frags
+            .iter()
+            .flat_map(|f| {
+                let doc = result_doc(f);
+                let text = doc["content"].as_str().unwrap().to_string();
+                text.split_whitespace()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let merged = result_doc(parent);
+        assert_eq!(merged["content"], words.join(" "), "parent {p}");
+        let follow = jobs.iter().find(|j| j["follows"] == p.as_str()).unwrap();
+        let payload: serde_json::Value =
+            serde_json::from_str(follow["payload_inline"].as_str().unwrap()).unwrap();
+        assert_eq!(payload["prompt"], merged["content"], "the follow-up of {p}");
     }
 }

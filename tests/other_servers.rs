@@ -174,3 +174,33 @@ fn a_response_without_usage_completes_the_job_with_tokens_unknown() {
         assert!(j["completion_tokens"].is_null(), "{j}");
     }
 }
+
+#[test]
+fn overload_with_retry_after_is_honoured_and_never_counted_as_an_attempt() {
+    for code in [429u16, 503] {
+        let server = OpenAiLike::start(Quirks {
+            overload_matching: Some(("busy".into(), code, 2, 1)),
+            ..Quirks::default()
+        });
+        // One attempt allowed: an overload counted as one would fail the job.
+        let s = scratch(&server, "max_attempts = 1");
+        let d = feed(&s, "busy", 1);
+        let job = &s.jobs()[0];
+        assert_eq!(job["status"], "done", "HTTP {code}: {job}\n{}", d.log());
+        assert_eq!(job["attempts"], 1, "HTTP {code}: {job}");
+        let sent: Vec<_> = server
+            .arrivals()
+            .into_iter()
+            .filter(|(t, _)| t.starts_with("busy"))
+            .map(|(_, at)| at)
+            .collect();
+        assert_eq!(sent.len(), 3, "HTTP {code}: twice refused, then answered");
+        for pair in sent.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_secs(1),
+                "HTTP {code}: sent again {gap:?} after `Retry-After: 1`"
+            );
+        }
+    }
+}

@@ -22,6 +22,26 @@ fn jsonl(s: &Scratch, name: &str, n: usize, line: impl Fn(usize) -> String) -> S
     path.to_str().unwrap().to_string()
 }
 
+/// What the sim answers to a job's payload: it echoes the prompt, so every
+/// result can be matched to the request that produced it.
+fn expected_content(job: &serde_json::Value) -> (String, bool) {
+    let payload: serde_json::Value = match job["payload_inline"].as_str() {
+        Some(inline) => serde_json::from_str(inline).unwrap(),
+        None => serde_json::from_slice(
+            &std::fs::read(job["payload_path"].as_str().expect("a payload")).unwrap(),
+        )
+        .unwrap(),
+    };
+    let prompt = payload["prompt"].as_str().expect("a prompt").to_string();
+    if payload.get("image_path").is_some() || payload.get("image_b64").is_some() {
+        (format!("; {prompt}"), true)
+    } else {
+        (format!("echo: {prompt}"), false)
+    }
+}
+
+/// Every job is done, with a result file of its own whose content answers
+/// that job's own prompt.
 fn assert_results_valid(s: &Scratch) -> usize {
     let jobs = s.jobs();
     let mut paths = HashSet::new();
@@ -34,7 +54,19 @@ fn assert_results_valid(s: &Scratch) -> usize {
         let path = j["result_path"].as_str().expect("a done job has a result");
         let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         assert_eq!(doc["id"], j["id"]);
-        assert!(doc["content"].as_str().is_some_and(|c| !c.is_empty()));
+        let content = doc["content"].as_str().unwrap_or_default();
+        match expected_content(j) {
+            (ending, true) => assert!(
+                content.starts_with("ocr: image of about") && content.ends_with(&ending),
+                "job {} got `{content}`, not the answer to its own image and prompt",
+                j["id"]
+            ),
+            (echo, false) => assert_eq!(
+                content, echo,
+                "job {} got the answer to another request",
+                j["id"]
+            ),
+        }
         assert!(
             paths.insert(path.to_string()),
             "two jobs share a result file"
@@ -226,29 +258,101 @@ fn a_malformed_payload_file_fails_that_job_and_no_other() {
     );
 }
 
+/// A daemon feeding `think` through a window of 4 with this grace.
+fn shutdown_scratch(think: &SimProcess, grace_s: u64) -> Scratch {
+    Scratch::new(
+        &(dispatch("").replace("window = 16", "window = 4").replace(
+            "shutdown_grace_s = 5",
+            &format!("shutdown_grace_s = {grace_s}"),
+        ) + &external("think", "think", &think.url)),
+    )
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 #[test]
-fn sigterm_finishes_what_it_can_releases_the_rest_and_exits_0() {
-    let think = SimProcess::start(&["--max-num-seqs", "4", "--latency-ms", "30000"]);
-    let s = Scratch::new(
-        &(dispatch("")
-            .replace("window = 16", "window = 4")
-            .replace("shutdown_grace_s = 5", "shutdown_grace_s = 1")
-            + &external("think", "think", &think.url)),
-    );
-    let t = jsonl(&s, "t.jsonl", 10, |i| format!(r#"{{"prompt": "q{i}"}}"#));
-    s.json(&["submit", "--model", "think", "--jsonl", &t, "--json"]);
+fn sigterm_lets_requests_in_flight_finish_puts_the_rest_back_and_exits_0() {
+    let think = SimProcess::start(&["--latency-ms", "3000"]);
+    let s = shutdown_scratch(&think, 60);
+    s.submit_prompts("think", "q", 10);
     let mut d = DaemonProcess::start(&s, "daemon");
-    // 4 requests in flight, and 4 more claimed into the dispatcher's buffer.
-    wait_for("8 jobs are claimed", LIMIT, || s.count("processing") == 8);
+    wait_for("4 requests in flight", LIMIT, || think.running() == 4);
+    let termed = unix_now();
+    d.term();
+    assert_eq!(d.wait_exit(Duration::from_secs(60)), Some(0), "{}", d.log());
+    let jobs = s.jobs();
+    let done: Vec<_> = jobs.iter().filter(|j| j["status"] == "done").collect();
+    assert_eq!(
+        done.len(),
+        4,
+        "the 4 requests in flight finished: {}",
+        d.log()
+    );
+    for j in &done {
+        assert!(
+            j["finished_at"].as_f64().unwrap() > termed,
+            "{} finished before the signal, so it proves nothing",
+            j["id"]
+        );
+    }
+    assert_eq!(s.count("pending"), 6, "the rest went back: {}", d.log());
+    assert_eq!(s.count("processing"), 0);
+    assert!(jobs.iter().all(|j| j["attempts"].as_u64() <= Some(1)));
+}
+
+#[test]
+fn requests_still_running_when_the_grace_ends_go_back_to_pending_uncounted() {
+    // 32 tokens at 0.5 tokens/s: a minute per job, a 2 s one-token canary.
+    let think = SimProcess::start(&["--tokens-per-s", "0.5"]);
+    let s = shutdown_scratch(&think, 1);
+    s.submit_prompts("think", "q", 10);
+    let mut d = DaemonProcess::start(&s, "daemon");
+    wait_for("4 requests in flight", LIMIT, || think.running() == 4);
     d.term();
     assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0), "{}", d.log());
-    assert_eq!(s.count("processing"), 0);
-    assert_eq!(s.count("pending"), 10);
-    assert!(
-        d.log().contains("4 jobs released back to pending"),
+    assert_eq!(s.count("pending"), 10, "{}", d.log());
+    for j in s.jobs() {
+        assert_eq!(j["attempts"], 0, "a shutdown is not an attempt: {j}");
+    }
+}
+
+#[test]
+fn a_second_signal_stops_at_once_and_the_next_start_releases_the_claims() {
+    // A minute per job (see above) against a grace of ten minutes.
+    let slow = SimProcess::start(&["--tokens-per-s", "0.5"]);
+    let s = shutdown_scratch(&slow, 600);
+    s.submit_prompts("think", "q", 10);
+    let mut d = DaemonProcess::start(&s, "first");
+    wait_for("4 requests in flight", LIMIT, || slow.running() == 4);
+    d.term();
+    wait_for("the shutdown began", LIMIT, || {
+        d.log().contains("shutting down")
+    });
+    d.term();
+    // Far sooner than the 600 s grace.
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(30)),
+        Some(130),
         "{}",
         d.log()
     );
+    assert!(s.count("processing") >= 4, "the claims in flight were left");
+
+    let fast = SimProcess::start(&[]);
+    s.rewrite(&(dispatch("") + &external("think", "think", &fast.url)));
+    let second = DaemonProcess::start(&s, "second");
+    wait_for("every job is done", LIMIT, || s.count("done") == 10);
+    assert!(
+        second.log().contains("claimed by a previous run"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(assert_results_valid(&s), 10);
 }
 
 #[test]

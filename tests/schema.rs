@@ -224,3 +224,42 @@ fn gpu_feeder_schema_makes_a_database_this_build_uses_as_it_is() {
     assert_eq!(r["adopted"], serde_json::json!([]), "{r}");
     assert_eq!(r["from_version"], r["version"], "{r}");
 }
+
+#[test]
+fn each_older_version_is_upgraded_with_its_rows_and_a_newer_one_is_refused() {
+    let files = migrations();
+    for applied in 1..files.len() {
+        let s = Scratch::new("");
+        for file in &files[..applied] {
+            sqlite3(&s.db(), &std::fs::read_to_string(file).unwrap());
+        }
+        sqlite3(
+            &s.db(),
+            "INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_inline, created_at) \
+             VALUES (randomblob(16), 'x', 'think', '{\"prompt\": \"kept\"}', strftime('%s','now'));",
+        );
+        let r = s.json(&["migrate", "--json"]);
+        assert_eq!(r["from_version"], applied, "{r}");
+        assert_eq!(r["version"], files.len(), "{r}");
+        assert_eq!(
+            r["applied"].as_array().unwrap().len(),
+            files.len() - applied,
+            "{r}"
+        );
+        let jobs = s.jobs();
+        assert_eq!(jobs.len(), 1, "the row survived the upgrade from {applied}");
+        assert_eq!(jobs[0]["payload_inline"], "{\"prompt\": \"kept\"}");
+    }
+
+    let s = Scratch::new("");
+    sqlite3(&s.db(), &s.run(&["schema"]).stdout());
+    sqlite3(
+        &s.db(),
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'from_the_future', 0);",
+    );
+    let r = s.run(&["migrate"]);
+    assert_ne!(r.code(), 0, "a newer schema was accepted: {}", r.stdout());
+    assert!(r.stderr().contains("99"), "{}", r.stderr());
+    let versions = sqlite3(&s.db(), "SELECT max(version) FROM schema_migrations;");
+    assert_eq!(versions.trim(), "99", "nothing was changed");
+}

@@ -356,10 +356,7 @@ async fn only_vision_work_switches_to_vision_after_the_dwell_and_loses_nothing()
         0.75
     );
     let why = lab.status().await.allocator.unwrap().why;
-    assert!(
-        why.contains("vision: 40 pending") || why.contains("pending"),
-        "{why}"
-    );
+    assert!(why.contains("vision: 40 pending"), "{why}");
     lab.vision.inference.release(10_000);
     wait_until("all done", LIMIT, || lab.count(JobStatus::Done) == 40).await;
     assert_eq!(lab.count(JobStatus::Failed), 0);

@@ -450,8 +450,9 @@ async fn a_job_in_flight_during_three_crashes_is_quarantined() {
 async fn an_external_server_is_probed_but_never_restarted() {
     let server = ready_server();
     let spec = InstanceSpec::external("x", ModelType::Think, 2, Arc::new(server.clone()));
+    let store = MemoryStore::new();
     let args = FeederArgs {
-        store: Arc::new(MemoryStore::new()),
+        store: Arc::new(store.clone()),
         results: Arc::new(MemoryResults::new()),
         clock: Arc::new(TokioClock::starting_at(T0)),
         instances: vec![spec],
@@ -462,27 +463,65 @@ async fn an_external_server_is_probed_but_never_restarted() {
         gpu_unavailable: "no GPU in message-level tests".into(),
     };
     let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
-    let state = || async {
+    let status = || async {
         match feeder
             .call(|r| FeederMsg::Status { reply: r }, None)
             .await
             .unwrap()
         {
-            CallResult::Success(s) => s.instances[0].state,
+            CallResult::Success(s) => s.instances[0].clone(),
             other => panic!("{other:?}"),
         }
     };
-    while state().await != InstanceState::Ready {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let wait = |want: InstanceState| async move {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let s = status().await;
+            if s.state == want {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never {want}; now {:?}: {}",
+                s.state,
+                s.reason
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait(InstanceState::Ready).await;
     server.set_probe(Err(ProbeError::NotListening("connection refused".into())));
-    while state().await != InstanceState::Unhealthy {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let down = wait(InstanceState::Unhealthy).await;
+    // Long past every restart delay: an external server is only probed.
+    tokio::time::sleep(settings().lifecycle.restart.base * 3).await;
+    let s = status().await;
+    assert_eq!(s.state, InstanceState::Unhealthy, "{:?}", Lab::states(&s));
+    assert_eq!(s.restarts, 0);
+    assert!(
+        !Lab::states(&s).contains(&InstanceState::Restarting),
+        "{:?}",
+        Lab::states(&s)
+    );
+    assert_eq!(down.restarts, 0);
+    // Its jobs wait meanwhile, and run once it answers again.
+    let ids = submit(
+        &feeder,
+        (0..3)
+            .map(|i| job(ModelType::Think, &format!("x{i}")))
+            .collect(),
+    )
+    .await;
+    assert!(ids
+        .iter()
+        .all(|id| store.get(*id).unwrap().unwrap().status == JobStatus::Pending));
     server.set_probe(Ok(()));
-    while state().await != InstanceState::Ready {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let back = wait(InstanceState::Ready).await;
+    assert_eq!(back.restarts, 0);
+    wait_until("its jobs done", LIMIT, || {
+        ids.iter()
+            .all(|id| store.get(*id).unwrap().unwrap().status == JobStatus::Done)
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -514,26 +553,56 @@ async fn shutdown_leaves_servers_running_or_stops_them() {
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_daemon_adopts_with_pending_jobs_intact() {
-    // One store, two daemons in turn: the second adopts the first's server.
+    // One store, two daemons in turn: the second adopts the first's server
+    // and runs the jobs left pending (and in flight) by the first.
     let store = MemoryStore::new();
-    let server = ready_server();
+    let server = FakeInference::gated();
     let rt = FakeRuntime::serving(server.clone(), Duration::from_secs(20));
     let first = Lab::start_with(store.clone(), server.clone(), rt.clone(), settings()).await;
     first.wait_state(InstanceState::Ready).await;
-    first.submit(3).await;
+    let early = first.submit_tagged("early", 3).await;
+    server.release(3);
     wait_until("3 done", LIMIT, || first.count(JobStatus::Done) == 3).await;
+    // Work left behind: some in flight (the server holds them), the rest pending.
+    let left = first.submit_tagged("left", 6).await;
+    wait_until("requests in flight", LIMIT, || server.in_flight() > 0).await;
     first.feeder.stop(None);
+    let unfinished = left
+        .iter()
+        .filter(|id| store.get(**id).unwrap().unwrap().status != JobStatus::Done)
+        .count();
+    assert_eq!(unfinished, 6, "the first daemon left all 6 unfinished");
     let id = rt.current().unwrap();
     rt.leave_behind(Found {
         id: id.clone(),
         running: true,
         config_hash: Some(rt.config_hash(&PLAN)),
     });
-    let second = Lab::start_with(store, server, rt.clone(), settings()).await;
+    let sent_before = server.received().len();
+    let second = Lab::start_with(store.clone(), server.clone(), rt.clone(), settings()).await;
     let s = second.wait_state(InstanceState::Ready).await;
     assert!(s.adopted);
     assert_eq!(s.container_id, Some(id));
     assert_eq!(rt.starts(), 1, "no relaunch, the model stays loaded");
+    server.release(1_000);
+    wait_until("the jobs left behind are done", LIMIT, || {
+        left.iter()
+            .all(|id| store.get(*id).unwrap().unwrap().status == JobStatus::Done)
+    })
+    .await;
+    // Every job left behind was sent again by the second daemon, and the
+    // early ones were not.
+    let resent = &server.received()[sent_before..];
+    for id in &left {
+        assert!(
+            resent.contains(id),
+            "{id} was never sent by the second daemon"
+        );
+    }
+    for id in &early {
+        assert!(!resent.contains(id), "{id} was done, yet sent again");
+        assert_eq!(store.get(*id).unwrap().unwrap().attempts, 1);
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -139,6 +139,28 @@ impl SimProcess {
     }
 }
 
+impl SimProcess {
+    /// A gauge from the sim's `/metrics`, such as `vllm:num_requests_running`.
+    pub fn gauge(&self, name: &str) -> f64 {
+        use std::io::{Read, Write};
+        let addr = self.url.strip_prefix("http://").unwrap();
+        let mut conn = std::net::TcpStream::connect(addr).expect("the sim answers");
+        write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the sim's /metrics:\n{text}"))
+    }
+
+    /// Requests the sim is running now.
+    pub fn running(&self) -> u64 {
+        self.gauge("vllm:num_requests_running") as u64
+    }
+}
+
 impl Drop for SimProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

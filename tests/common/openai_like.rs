@@ -37,6 +37,9 @@ pub struct Quirks {
     /// A request whose text contains this gets HTTP 500 with a validation
     /// message, where vLLM would answer 400.
     pub invalid_as_500: Option<String>,
+    /// A request whose text contains `.0` is answered with status `.1` and
+    /// `Retry-After: .3` seconds, its first `.2` times.
+    pub overload_matching: Option<(String, u16, usize, u64)>,
     /// How usage is counted.
     pub usage: Usage,
     /// Time per request.
@@ -52,6 +55,7 @@ impl Default for Quirks {
             models_route: true,
             one_at_a_time: false,
             invalid_as_500: None,
+            overload_matching: None,
             usage: Usage::OpenAi,
             latency: Duration::ZERO,
             model: "sim".into(),
@@ -62,8 +66,8 @@ impl Default for Quirks {
 struct Shared {
     quirks: Quirks,
     one: tokio::sync::Semaphore,
-    /// The last user text of every completion request received.
-    received: Mutex<Vec<String>>,
+    /// The last user text of every completion request received, and when.
+    received: Mutex<Vec<(String, std::time::Instant)>>,
     /// Requests running now, and the most ever seen at once.
     running: Mutex<(usize, usize)>,
 }
@@ -116,6 +120,11 @@ impl OpenAiLike {
 
     /// The last user text of every completion request received, in order.
     pub fn received(&self) -> Vec<String> {
+        self.arrivals().into_iter().map(|(t, _)| t).collect()
+    }
+
+    /// Every completion request's text with the time it arrived.
+    pub fn arrivals(&self) -> Vec<(String, std::time::Instant)> {
         self.shared.received.lock().unwrap().clone()
     }
 
@@ -161,7 +170,21 @@ fn user_text(body: &Value) -> String {
 
 async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
     let text = user_text(&body);
-    s.received.lock().unwrap().push(text.clone());
+    let seen = {
+        let mut r = s.received.lock().unwrap();
+        r.push((text.clone(), std::time::Instant::now()));
+        r.iter().filter(|(t, _)| *t == text).count()
+    };
+    if let Some((needle, code, times, after)) = &s.quirks.overload_matching {
+        if text.contains(needle.as_str()) && seen <= *times {
+            return (
+                StatusCode::from_u16(*code).unwrap(),
+                [("retry-after", after.to_string())],
+                Json(json!({"error": {"message": "busy, try again later"}})),
+            )
+                .into_response();
+        }
+    }
     let _turn = if s.quirks.one_at_a_time {
         Some(s.one.acquire().await.unwrap())
     } else {
