@@ -248,3 +248,112 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
     assert_eq!(done + failed, JOBS);
     drop(last);
 }
+
+/// The daemon's own claim statement, run by another process: the
+/// `sqlite3` CLI, with its parameters written in.
+fn cli_claim(db: &std::path::Path, n: usize) -> Vec<String> {
+    let sql = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/sql/claim.sql"),
+    )
+    .unwrap();
+    let t = now();
+    let statement = sql
+        .replace(":claim_id", "'cli-claim'")
+        .replace(":owner", "'another-process'")
+        .replace(":lease_until", &format!("{}", t + 3600.0))
+        .replace(":now", &format!("{t}"))
+        .replace(":model", "'think'")
+        .replace(":n", &n.to_string())
+        .replace("RETURNING rowid AS seq, *;", "RETURNING hex(id);");
+    let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 10000"])
+        .arg(db)
+        // Without its comment lines: a leading `--` reads as an option.
+        .arg(
+            statement
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("--"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        )
+        .output()
+        .expect("the sqlite3 CLI");
+    assert!(
+        out.status.success(),
+        "sqlite3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().to_lowercase())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn a_daemon_and_another_process_claiming_at_once_never_share_a_job() {
+    const JOBS: usize = 1500;
+    let think = SimProcess::start(&["--latency-ms", "5"]);
+    let s = Scratch::with_queue(
+        "lease_s = 3600",
+        &config(0, "", &external("think", "think", &think.url)),
+    );
+    s.submit_prompts("think", "shared", JOBS);
+    let d = DaemonProcess::start(&s, "daemon");
+    wait_for("the daemon claims", LIMIT, || s.count("done") > 0);
+    // Claim alongside the daemon until nothing is left pending.
+    let mut theirs = HashSet::new();
+    loop {
+        let got = cli_claim(&s.db(), 7);
+        if got.is_empty() && s.count("pending") == 0 {
+            break;
+        }
+        for id in got {
+            assert!(
+                theirs.insert(id.clone()),
+                "{id} was claimed twice by the CLI"
+            );
+        }
+    }
+    wait_for("the daemon's jobs are done", LIMIT, || {
+        s.count("processing") == theirs.len() as u64
+    });
+    let jobs = s.jobs();
+    assert_eq!(jobs.len(), JOBS);
+    let sent: HashSet<String> = answered_by_the_daemon(&jobs, &theirs);
+    for j in &jobs {
+        let id = j["id"].as_str().unwrap();
+        if theirs.contains(id) {
+            assert_eq!(j["status"], "processing", "{j}");
+            assert_eq!(
+                j["claimed_by"], "another-process",
+                "taken from under its claim: {j}"
+            );
+        } else {
+            assert_eq!(j["status"], "done", "{j}\n{}", d.log());
+        }
+    }
+    assert!(
+        !theirs.is_empty() && theirs.len() < JOBS,
+        "both claimed some: the CLI took {} of {JOBS}",
+        theirs.len()
+    );
+    println!(
+        "two processes: the daemon took {}, the sqlite3 CLI {}, none both",
+        JOBS - theirs.len(),
+        theirs.len()
+    );
+    assert!(
+        sent.is_empty(),
+        "the daemon sent jobs the CLI held: {sent:?}"
+    );
+}
+
+/// The prompts of the CLI's jobs that the daemon wrote a result for.
+fn answered_by_the_daemon(jobs: &[serde_json::Value], theirs: &HashSet<String>) -> HashSet<String> {
+    jobs.iter()
+        .filter(|j| theirs.contains(j["id"].as_str().unwrap()) && !j["result_path"].is_null())
+        .map(|j| j["payload_inline"].as_str().unwrap().to_string())
+        .collect()
+}

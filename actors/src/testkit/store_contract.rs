@@ -200,6 +200,24 @@ pub fn claim_respects_run_at_and_model(f: &impl StoreFixture) {
         .claim(ModelType::Vision, 0, secs(60), "o", T0)
         .unwrap()
         .is_empty());
+    // Back to pending with a run_at 30 s ahead: not claimed a moment
+    // before it, claimed at it.
+    s.fail(&got[0].claim, retryable("later", secs(30)), T0)
+        .unwrap();
+    assert_eq!(s.get(v).unwrap().unwrap().run_at, Some(T0 + secs(30)));
+    for early in [T0, T0 + secs(29), T0 + Duration::from_millis(29_999)] {
+        assert!(
+            s.claim(ModelType::Vision, 10, secs(60), "o", early)
+                .unwrap()
+                .is_empty(),
+            "claimed {:?} before its run_at",
+            (T0 + secs(30)).since(early)
+        );
+    }
+    let due = s
+        .claim(ModelType::Vision, 10, secs(60), "o", T0 + secs(30))
+        .unwrap();
+    assert_eq!(due.iter().map(|c| c.job.id).collect::<Vec<_>>(), vec![v]);
 }
 
 /// Two claimers on separate handles never receive the same job and together take all.
