@@ -15,7 +15,7 @@ use gpu_feeder::actors::runtime::{ContainerRuntime, Exit, LaunchPlan};
 use gpu_feeder::config::InstanceConfig;
 use gpu_feeder::runtime::docker::{ping, DockerRuntime};
 use gpu_feeder::runtime::{
-    container_name, vllm_args, LABEL_CONFIG_HASH, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY,
+    container_name, LABEL_CONFIG_HASH, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY,
 };
 use serde_json::Value;
 
@@ -149,8 +149,23 @@ async fn start_runs_a_labelled_container_that_answers_and_is_found_again() {
     assert_eq!(labels.get(LABEL_INSTANCE), Some(&name));
     assert_eq!(labels.get(LABEL_CONFIG_HASH), Some(&hash));
     let cmd: Vec<String> = serde_json::from_value(c["Config"]["Cmd"].clone()).expect("cmd");
-    assert_eq!(cmd, vllm_args(&inst, &plan));
-    assert!(cmd.windows(2).any(|w| w == ["--port", &port.to_string()]));
+    // vLLM's command line, as the contract gives it: the model, the served
+    // name, the port and the memory share from the plan, then `args`.
+    assert_eq!(
+        cmd,
+        [
+            "--model",
+            "org/sim-model",
+            "--served-model-name",
+            &format!("sim-{name}"),
+            "--port",
+            &port.to_string(),
+            "--gpu-memory-utilization",
+            "0.5",
+            "--max-num-seqs",
+            "8",
+        ]
+    );
     let entrypoint: Vec<String> =
         serde_json::from_value(c["Config"]["Entrypoint"].clone()).expect("entrypoint");
     assert_eq!(entrypoint, ENTRYPOINT, "the image's entrypoint is kept");
@@ -387,4 +402,48 @@ async fn an_engine_that_does_not_answer_is_explained() {
 
     let err = DockerRuntime::connect("ssh://someone@somewhere").expect_err("unsupported scheme");
     assert!(err.contains("not supported"), "{err}");
+}
+
+#[tokio::test]
+async fn gpu_ids_become_an_nvidia_device_request_for_exactly_those_gpus() {
+    let docker = engine().await;
+    let name = unique("gpus");
+    let mut inst = instance(&name, free_port(), "");
+    inst.gpu_ids = vec![0, 2];
+    let _cleanup = Cleanup(container_name(&name));
+    let rt = DockerRuntime::new(docker, &inst);
+    match rt.start(&plan()).await {
+        // A host with the NVIDIA Container Toolkit runs it: the request is
+        // on the container.
+        Ok(id) => {
+            let c = inspect(&id).expect("the started container exists");
+            assert_eq!(
+                c["HostConfig"]["DeviceRequests"],
+                serde_json::json!([{
+                    "Driver": "nvidia",
+                    "Count": 0,
+                    "DeviceIDs": ["0", "2"],
+                    "Capabilities": [["gpu"]],
+                    "Options": null,
+                }]),
+                "{c:#}"
+            );
+        }
+        // Without it, the engine refuses the request in its own words (which
+        // name the driver and the capability asked for), the error says what
+        // to do, and no container is left behind.
+        Err(e) => {
+            assert!(
+                e.contains(r#"could not select device driver "nvidia" with capabilities: [[gpu]]"#),
+                "{e}"
+            );
+            assert!(e.contains("install nvidia-container-toolkit"), "{e}");
+            assert!(e.contains("gpu_ids = []"), "{e}");
+            assert_eq!(
+                rt.find().await,
+                Ok(None),
+                "the failed container was removed"
+            );
+        }
+    }
 }

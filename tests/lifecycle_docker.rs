@@ -41,7 +41,7 @@ fn config(admin: u16, instances: &[(&str, &str, u16)]) -> String {
             "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"docker\"\n\
              image = \"{IMAGE}\"\nport = {port}\nserved_model_name = \"sim-{model}\"\n\
              model = \"/models/{model}\"\nargs = [\"--load-s\", \"2\", \"--latency-ms\", \"200\", \"--dtype\", \"bfloat16\"]\n\
-             gpu_ids = []\ndocker_network = \"host\"\nshm_size = \"64m\"\nmax_tokens = 16\n\n"
+             gpu_ids = []\ngpu_memory_utilization = 0.35\ndocker_network = \"host\"\nshm_size = \"64m\"\nmax_tokens = 16\n\n"
         ));
     }
     out
@@ -64,11 +64,12 @@ fn docker_servers_run_jobs_survive_a_kill_and_are_adopted_after_a_daemon_restart
         format!("gpu-feeder-{vision}"),
         format!("gpu-feeder-{think}"),
     ]);
+    let think_port = free_port();
     let s = Scratch::new(&config(
         free_port(),
         &[
             (&vision, "vision", free_port()),
-            (&think, "think", free_port()),
+            (&think, "think", think_port),
         ],
     ));
     let started = Instant::now();
@@ -87,10 +88,32 @@ fn docker_servers_run_jobs_survive_a_kill_and_are_adopted_after_a_daemon_restart
         labels.contains("io.gpu-feeder.managed-by") && labels.contains(&think),
         "{labels}"
     );
-    let cmd = docker_ok(&["inspect", "-f", "{{json .Config.Cmd}}", &think_id]);
-    assert!(
-        cmd.contains("--served-model-name") && cmd.contains("--gpu-memory-utilization"),
-        "{cmd}"
+    let cmd: Vec<String> = serde_json::from_str(&docker_ok(&[
+        "inspect",
+        "-f",
+        "{{json .Config.Cmd}}",
+        &think_id,
+    ]))
+    .unwrap();
+    let port = think_port.to_string();
+    assert_eq!(
+        cmd,
+        [
+            "--model",
+            "/models/think",
+            "--served-model-name",
+            "sim-think",
+            "--port",
+            port.as_str(),
+            "--gpu-memory-utilization",
+            "0.35",
+            "--load-s",
+            "2",
+            "--latency-ms",
+            "200",
+            "--dtype",
+            "bfloat16",
+        ]
     );
 
     s.submit_prompts("vision", "a", 20);
