@@ -5,13 +5,15 @@
 //! say). When every fragment has finished, the parent's result lists the
 //! fragments' results in order with their texts joined, and the parent
 //! becomes `done`; if any fragment failed, the parent fails naming them.
-//! The store ends a parent exactly once, however many checks race.
+//! A parent is merged only while it is still `processing`, so repeated
+//! checks write its result once; the store ends it exactly once.
 //!
 //! It also starts next stages: when a job (or a parent) that names a
 //! `then_model` is done, it creates the follow-up job for that model with
-//! the result's text as its prompt, recording the job it follows. The store
-//! keeps one follow-up per job, so a restart never creates it twice; a scan
-//! finds follow-ups left to create after a crash.
+//! the result's text as its prompt, recording the job it follows. It asks
+//! once per job (it remembers the jobs it has followed up); the scan that
+//! finds follow-ups left to create after a crash lists only jobs without
+//! one, and the store's one-follow-up-per-job rule guards the rest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +61,16 @@ pub struct FanInState {
     args: FanInArgs,
     /// Parents completed by this actor since start.
     pub completed: u64,
+    /// Jobs whose follow-up this actor has created or found, so that a
+    /// repeated request (a scan overtaking a completion, say) is answered
+    /// here rather than refused by the store. Bounded: past
+    /// `FOLLOWED_CAP` it starts over, and the store's one-follow-up-per-job
+    /// rule still holds.
+    followed: std::collections::HashSet<JobId>,
 }
+
+/// How many jobs `FanInState::followed` remembers at most.
+const FOLLOWED_CAP: usize = 100_000;
 
 /// Completes parents.
 pub struct FanInActor;
@@ -170,6 +181,9 @@ impl FanInState {
     /// Creates the follow-up of `id` if it is done, names a next model, and
     /// has none yet.
     async fn follow_up(&mut self, id: JobId) -> Result<(), String> {
+        if self.followed.contains(&id) {
+            return Ok(());
+        }
         let q = self.args.queue.clone();
         let t = self.args.call_timeout;
         let Some(job) = ask(&q, t, |reply| QueueMsg::Get { id, reply }).await? else {
@@ -211,6 +225,10 @@ impl FanInState {
         if let Some(s) = created.first().filter(|s| s.created) {
             info!(job = %id, follow_up = %s.id, "next stage: {next} job created from the result");
         }
+        if self.followed.len() >= FOLLOWED_CAP {
+            self.followed.clear();
+        }
+        self.followed.insert(id);
         Ok(())
     }
 
@@ -318,7 +336,11 @@ impl Actor for FanInActor {
     ) -> Result<FanInState, ActorProcessingErr> {
         let _ = myself.cast(FanInMsg::Scan);
         myself.send_interval(args.scan_interval, || FanInMsg::Scan);
-        Ok(FanInState { args, completed: 0 })
+        Ok(FanInState {
+            args,
+            completed: 0,
+            followed: Default::default(),
+        })
     }
 
     async fn handle(

@@ -657,6 +657,9 @@ async fn a_done_job_naming_a_next_model_gets_exactly_one_follow_up() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let f = follow_up();
     assert_eq!(f.len(), 1);
+    // The code asked once: nothing was left for the store's unique rule
+    // on `follows` to refuse.
+    assert_eq!(p.store.follow_ups_refused(), 0);
     assert_eq!(f[0].model_type, ModelType::Think);
     assert_eq!(f[0].parent_id, None, "a follow-up is not a fragment");
     let payload: serde_json::Value =

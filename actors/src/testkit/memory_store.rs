@@ -26,6 +26,9 @@ struct Inner {
     own_commits: HashMap<u64, i64>,
     /// The number the next handle gets.
     next_conn: u64,
+    /// Follow-ups refused because the job already has one (what SQLite's
+    /// unique index on `follows` refuses).
+    follow_ups_refused: usize,
 }
 
 /// An in-memory job store. Clones share the same jobs and are separate
@@ -74,6 +77,12 @@ impl MemoryStore {
     pub fn all(&self) -> Vec<Job> {
         self.lock().rows.iter().map(|(_, j)| j.clone()).collect()
     }
+
+    /// How many follow-ups were refused because their job already had one:
+    /// zero when the code asks only once.
+    pub fn follow_ups_refused(&self) -> usize {
+        self.lock().follow_ups_refused
+    }
 }
 
 impl Inner {
@@ -117,7 +126,11 @@ impl Inner {
             }
         });
         if let Some(existing) = conflict {
-            return Err(Box::new(existing.clone()));
+            let existing = Box::new(existing.clone());
+            if new.follows.is_some() {
+                self.follow_ups_refused += 1;
+            }
+            return Err(existing);
         }
         let (payload_path, payload_inline) = match &new.payload {
             Payload::File(p) => (Some(p.clone()), None),
