@@ -94,6 +94,18 @@ pub enum DispatchMsg {
     },
     /// The current peers: (re)subscribe to the queue and to health.
     Peers(Peers),
+    /// The queue committed this job's settlement.
+    Settled(JobId),
+    /// This job's settlement did not reach the store (the queue stopped,
+    /// or the store failed): it is kept and sent again.
+    SettleLost {
+        /// The job.
+        job: JobId,
+        /// What happened.
+        why: String,
+    },
+    /// Send this job's kept settlement again.
+    Resettle(JobId),
     /// Fault injection for tests: fail as a bug in the handler would.
     #[cfg(any(test, feature = "testkit"))]
     InjectPanic,
@@ -215,10 +227,29 @@ struct InFlight {
     _task: AbortOnDrop,
 }
 
+/// A settlement sent to the queue and not yet acknowledged.
+struct Unsettled {
+    claim: Claim,
+    settle: Settle,
+    parent: Option<JobId>,
+    follow_up: bool,
+    /// Times sent.
+    tries: u32,
+}
+
+/// The longest wait before a lost settlement is sent again.
+const RESETTLE_MAX: Duration = Duration::from_secs(5);
+
 /// The DispatchActor's state.
 pub struct DispatchState {
     args: DispatchArgs,
     peers: Peers,
+    /// This actor, for the acknowledgements of its settlements.
+    me: ActorRef<DispatchMsg>,
+    /// Settlements the queue has not acknowledged yet: kept until it has,
+    /// so that one the queue loses (it restarted) is sent again rather
+    /// than redone after its lease expires.
+    unsettled: HashMap<JobId, Unsettled>,
     in_flight: HashMap<JobId, InFlight>,
     /// Requests that found no server ("connection refused"): held until a
     /// crash report explains them, or `Unpark` gives them back.
@@ -255,14 +286,81 @@ pub struct DispatchState {
 pub struct DispatchActor;
 
 impl DispatchState {
-    fn settle(&self, claim: Claim, settle: Settle, parent: Option<JobId>, follow_up: bool) {
-        let _ = self.peers.queue.cast(QueueMsg::Settle {
-            claim,
-            settle,
+    fn settle(&mut self, claim: Claim, settle: Settle, parent: Option<JobId>, follow_up: bool) {
+        let job = claim.job_id;
+        self.unsettled.insert(
+            job,
+            Unsettled {
+                claim,
+                settle,
+                parent,
+                follow_up,
+                tries: 0,
+            },
+        );
+        self.send_settlement(job);
+    }
+
+    /// Sends a kept settlement to the current queue; its acknowledgement
+    /// (or its loss) comes back as a message.
+    fn send_settlement(&mut self, job: JobId) {
+        let Some(u) = self.unsettled.get_mut(&job) else {
+            return;
+        };
+        u.tries += 1;
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let msg = QueueMsg::Settle {
+            claim: u.claim.clone(),
+            settle: u.settle.clone(),
             model: self.args.model,
-            parent,
-            follow_up,
+            parent: u.parent,
+            follow_up: u.follow_up,
+            ack: Some(tx.into()),
+        };
+        let me = self.me.clone();
+        if let Err(e) = self.peers.queue.cast(msg) {
+            let _ = me.cast(DispatchMsg::SettleLost {
+                job,
+                why: format!("the queue is not running ({e})"),
+            });
+            return;
+        }
+        let timeout = self.args.call_timeout;
+        tokio::spawn(async move {
+            let outcome = match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(Ok(()))) => DispatchMsg::Settled(job),
+                Ok(Ok(Err(e))) => DispatchMsg::SettleLost {
+                    job,
+                    why: format!("the store failed: {e}"),
+                },
+                Ok(Err(_)) => DispatchMsg::SettleLost {
+                    job,
+                    why: "the queue stopped before committing it".into(),
+                },
+                Err(_) => DispatchMsg::SettleLost {
+                    job,
+                    why: format!("the queue did not commit it within {} s", timeout.as_secs()),
+                },
+            };
+            let _ = me.cast(outcome);
         });
+    }
+
+    /// A lost settlement: sent again after a short pause, growing with
+    /// each loss (the queue is being restarted).
+    fn settle_lost(&mut self, job: JobId, why: &str) {
+        let Some(u) = self.unsettled.get(&job) else {
+            return;
+        };
+        let pause =
+            Duration::from_millis(100 * 2u64.saturating_pow(u.tries.min(10))).min(RESETTLE_MAX);
+        if u.tries == 1 {
+            warn!(instance = %self.args.instance, %job, "the outcome of job {job} did not reach the store: {why}; kept and sent again in {} ms", pause.as_millis());
+        } else {
+            debug!(%job, tries = u.tries, "settlement lost again: {why}");
+        }
+        self.me
+            .send_after(pause, move || DispatchMsg::Resettle(job));
     }
 
     fn subscribe(&self, myself: &ActorRef<DispatchMsg>) {
@@ -625,6 +723,8 @@ impl Actor for DispatchActor {
     ) -> Result<DispatchState, ActorProcessingErr> {
         let state = DispatchState {
             peers: args.peers.clone(),
+            me: myself.clone(),
+            unsettled: HashMap::new(),
             window: args.window.max(1),
             args,
             in_flight: HashMap::new(),
@@ -761,6 +861,11 @@ impl Actor for DispatchActor {
                 state.peers = peers;
                 state.subscribe(&myself);
             }
+            DispatchMsg::Settled(job) => {
+                state.unsettled.remove(&job);
+            }
+            DispatchMsg::SettleLost { job, why } => state.settle_lost(job, &why),
+            DispatchMsg::Resettle(job) => state.send_settlement(job),
             #[cfg(any(test, feature = "testkit"))]
             DispatchMsg::InjectPanic => {
                 panic!("injected fault in dispatcher {}", state.args.instance)

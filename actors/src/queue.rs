@@ -43,7 +43,10 @@ pub enum QueueMsg {
         /// The claimed jobs.
         reply: RpcReplyPort<StoreResult<Vec<ClaimedJob>>>,
     },
-    /// Settle a claim (group-committed; no reply).
+    /// Settle a claim (group-committed). `ack`, when given, is answered
+    /// once the batch holding it has reached the store: `Ok` when it was
+    /// applied or could no longer apply (a stale claim), `Err` when the
+    /// store failed and the sender should send it again.
     Settle {
         /// The claim.
         claim: Claim,
@@ -55,7 +58,12 @@ pub enum QueueMsg {
         parent: Option<JobId>,
         /// The job names a next model: create its follow-up when it is done.
         follow_up: bool,
+        /// Answered when the settlement is committed.
+        ack: Option<RpcReplyPort<Result<(), String>>>,
     },
+    /// Fault injection for tests: fail as a bug in the handler would.
+    #[cfg(any(test, feature = "testkit"))]
+    InjectPanic,
     /// Submit jobs in-process and wake their model's dispatchers.
     Submit {
         /// The jobs, inserted in one transaction.
@@ -207,6 +215,7 @@ struct Pending {
     model: ModelType,
     parent: Option<JobId>,
     follow_up: bool,
+    ack: Option<RpcReplyPort<Result<(), String>>>,
 }
 
 /// The sole owner of the job store.
@@ -287,8 +296,14 @@ impl QueueState {
                 .iter()
                 .map(|p| (p.model, p.parent, p.follow_up, p.claim.job_id))
                 .collect();
-            let items: Vec<(Claim, Settle)> =
-                batch.into_iter().map(|p| (p.claim, p.settle)).collect();
+            let mut acks = Vec::with_capacity(batch.len());
+            let items: Vec<(Claim, Settle)> = batch
+                .into_iter()
+                .map(|p| {
+                    acks.push(p.ack);
+                    (p.claim, p.settle)
+                })
+                .collect();
             let n = items.len();
             let results = blocking(&store, move |s| s.settle_batch(items, now)).await;
             let results: Vec<StoreResult<Settled>> = match results {
@@ -300,6 +315,17 @@ impl QueueState {
                         .collect()
                 }
             };
+            // Answered from here, not from the actor: a settlement that
+            // reached the store is acknowledged even if the actor has
+            // died meanwhile.
+            for (ack, result) in acks.into_iter().zip(&results) {
+                if let Some(ack) = ack {
+                    let _ = ack.send(match result {
+                        Err(StoreError::Backend(e)) => Err(e.clone()),
+                        _ => Ok(()),
+                    });
+                }
+            }
             let flushed = meta
                 .into_iter()
                 .zip(results)
@@ -435,6 +461,7 @@ impl Actor for QueueActor {
                 model,
                 parent,
                 follow_up,
+                ack,
             } => {
                 state.pending.push(Pending {
                     claim,
@@ -442,9 +469,12 @@ impl Actor for QueueActor {
                     model,
                     parent,
                     follow_up,
+                    ack,
                 });
                 state.start_flush(&myself);
             }
+            #[cfg(any(test, feature = "testkit"))]
+            QueueMsg::InjectPanic => panic!("injected fault in the queue"),
             QueueMsg::Submit { jobs, reply } => {
                 let models: Vec<ModelType> = jobs.iter().map(|j| j.model_type).collect();
                 let out = blocking(store, move |s| s.submit_batch(jobs, now)).await;

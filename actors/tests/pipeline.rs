@@ -292,6 +292,45 @@ async fn a_panicking_dispatcher_is_restarted_and_its_jobs_return_to_pending() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_queue_restarted_while_results_come_back_settles_them_once_without_a_lease() {
+    let server = FakeInference::gated();
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 3, server.clone())]).await;
+    let ids = p.submit(ModelType::Vision, 3).await;
+    wait_until("3 in flight", LIMIT, || server.in_flight() == 3).await;
+    let queue = peers(&p.feeder, Duration::from_secs(5))
+        .await
+        .expect("the supervisor answers")
+        .queue;
+    queue.cast(QueueMsg::InjectPanic).unwrap();
+    wait_until("the queue is down", LIMIT, || {
+        queue.get_status() == ractor::ActorStatus::Stopped
+    })
+    .await;
+    // The requests finish while no queue runs: their results are written,
+    // their settlements have nowhere to go yet.
+    let start = tokio::time::Instant::now();
+    server.release(3);
+    wait_until("all done", LIMIT, || p.count(JobStatus::Done) == 3).await;
+    let took = start.elapsed();
+    let lease = settings().lease;
+    assert!(
+        took < lease / 10,
+        "settled after {took:?}: the lease ({lease:?}) did it, not the dispatcher"
+    );
+    assert_eq!(server.received().len(), 3, "no request was sent twice");
+    assert_eq!(p.results.writes(), 3, "no result was written twice");
+    for id in &ids {
+        let j = p.store.get(*id).unwrap().unwrap();
+        assert_eq!(j.attempts, 1);
+    }
+    let after = peers(&p.feeder, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .queue;
+    assert_ne!(queue.get_id(), after.get_id(), "a new queue runs");
+}
+
+#[tokio::test(start_paused = true)]
 async fn shutdown_lets_requests_finish_then_releases_the_rest() {
     let server = FakeInference::gated();
     let p = Pipeline::start(vec![("v", ModelType::Vision, 4, server.clone())]).await;
@@ -404,6 +443,7 @@ async fn the_queue_actor_claims_settles_and_releases() {
         model: ModelType::Vision,
         parent: None,
         follow_up: false,
+        ack: None,
     };
     queue.cast(settle(0, Settle::Complete(done))).unwrap();
     queue
