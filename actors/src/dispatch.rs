@@ -109,6 +109,10 @@ pub enum DispatchMsg {
     /// Fault injection for tests: fail as a bug in the handler would.
     #[cfg(any(test, feature = "testkit"))]
     InjectPanic,
+    /// Fault injection for tests: stop answering for this long, as a
+    /// handler stuck on a slow call would.
+    #[cfg(any(test, feature = "testkit"))]
+    InjectStall(Duration),
 }
 
 /// What `Status` reports.
@@ -866,6 +870,8 @@ impl Actor for DispatchActor {
             }
             DispatchMsg::SettleLost { job, why } => state.settle_lost(job, &why),
             DispatchMsg::Resettle(job) => state.send_settlement(job),
+            #[cfg(any(test, feature = "testkit"))]
+            DispatchMsg::InjectStall(pause) => tokio::time::sleep(pause).await,
             #[cfg(any(test, feature = "testkit"))]
             DispatchMsg::InjectPanic => {
                 panic!("injected fault in dispatcher {}", state.args.instance)

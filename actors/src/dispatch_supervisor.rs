@@ -305,19 +305,28 @@ impl Actor for DispatchSupervisor {
                 }
             }
             DispatchSupMsg::Status { reply } => {
-                let mut out = Vec::new();
-                for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
-                    if let Ok(CallResult::Success(s)) = a
-                        .call(
+                // Asked all at once, in a task of its own, so that a
+                // dispatcher slow to answer stalls neither this supervisor
+                // nor the others' answers.
+                let actors: Vec<ActorRef<DispatchMsg>> =
+                    state.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                tokio::spawn(async move {
+                    let asks = actors.iter().map(|a| {
+                        a.call(
                             |r| DispatchMsg::Status { reply: r },
                             Some(Duration::from_secs(2)),
                         )
+                    });
+                    let out = futures_util::future::join_all(asks)
                         .await
-                    {
-                        out.push(s);
-                    }
-                }
-                let _ = reply.send(out);
+                        .into_iter()
+                        .filter_map(|r| match r {
+                            Ok(CallResult::Success(s)) => Some(s),
+                            _ => None,
+                        })
+                        .collect();
+                    let _ = reply.send(out);
+                });
             }
         }
         Ok(())

@@ -61,6 +61,8 @@ pub enum InstanceSupMsg {
     },
     /// Every instance's status, in configuration order.
     Status(RpcReplyPort<Vec<InstanceStatus>>),
+    /// Statuses just gathered, kept as the last known.
+    Observed(Vec<InstanceStatus>),
     /// Stop every server (or leave them running); replies when done.
     Shutdown {
         /// Stop the servers, or leave them for the next run to adopt.
@@ -296,53 +298,69 @@ impl Actor for InstanceSupervisor {
                 });
             }
             InstanceSupMsg::Status(reply) => {
-                let mut out = Vec::with_capacity(state.slots.len());
-                for slot in &mut state.slots {
-                    let answer = match &slot.actor {
-                        Some(a) => a
-                            .call(ContainerMsg::Status, Some(Duration::from_secs(5)))
-                            .await
-                            .ok()
-                            .and_then(|r| match r {
-                                CallResult::Success(s) => Some(s),
-                                _ => None,
-                            }),
-                        None => None,
-                    };
-                    let status = match answer {
-                        Some(s) => {
-                            slot.last = Some(s.clone());
-                            s
-                        }
-                        None => {
-                            // The actor is restarting or busy: report what
-                            // was last known, marked as such.
-                            let mut s = slot.last.clone().unwrap_or(InstanceStatus {
-                                name: slot.spec.name.clone(),
-                                model: slot.spec.model,
-                                backend: slot
-                                    .spec
-                                    .runtime
-                                    .as_ref()
-                                    .map_or("external", |r| r.backend())
-                                    .to_string(),
-                                state: InstanceState::Stopped,
-                                reason: String::new(),
-                                in_state_for: Duration::ZERO,
-                                container_id: None,
-                                adopted: false,
-                                restarts: 0,
-                                last_error: None,
-                                plan: None,
-                                history: Vec::new(),
-                            });
-                            s.reason = "its container actor is restarting".into();
-                            s
-                        }
-                    };
-                    out.push(status);
+                // Asked all at once, in a task of its own: a container
+                // actor slow to answer stalls neither this supervisor nor
+                // the others' answers. One that does not answer (restarting,
+                // or busy) is reported as last known, marked as such.
+                let asks: Vec<(Option<ActorRef<ContainerMsg>>, InstanceStatus)> = state
+                    .slots
+                    .iter()
+                    .map(|slot| {
+                        let mut known = slot.last.clone().unwrap_or(InstanceStatus {
+                            name: slot.spec.name.clone(),
+                            model: slot.spec.model,
+                            backend: slot
+                                .spec
+                                .runtime
+                                .as_ref()
+                                .map_or("external", |r| r.backend())
+                                .to_string(),
+                            state: InstanceState::Stopped,
+                            reason: String::new(),
+                            in_state_for: Duration::ZERO,
+                            container_id: None,
+                            adopted: false,
+                            restarts: 0,
+                            last_error: None,
+                            plan: None,
+                            history: Vec::new(),
+                        });
+                        known.reason = "its container actor is restarting".into();
+                        (slot.actor.clone(), known)
+                    })
+                    .collect();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    let answers =
+                        futures_util::future::join_all(asks.iter().map(|(actor, _)| async move {
+                            match actor {
+                                Some(a) => match a
+                                    .call(ContainerMsg::Status, Some(Duration::from_secs(5)))
+                                    .await
+                                {
+                                    Ok(CallResult::Success(s)) => Some(s),
+                                    _ => None,
+                                },
+                                None => None,
+                            }
+                        }))
+                        .await;
+                    let fresh: Vec<InstanceStatus> = answers.iter().flatten().cloned().collect();
+                    let out = asks
+                        .into_iter()
+                        .zip(answers)
+                        .map(|((_, known), answer)| answer.unwrap_or(known))
+                        .collect();
+                    let _ = reply.send(out);
+                    let _ = me.cast(InstanceSupMsg::Observed(fresh));
+                });
+            }
+            InstanceSupMsg::Observed(fresh) => {
+                for s in fresh {
+                    if let Some(slot) = state.slots.iter_mut().find(|x| x.spec.name == s.name) {
+                        slot.last = Some(s);
+                    }
                 }
-                let _ = reply.send(out);
             }
             InstanceSupMsg::Shutdown {
                 stop_servers,

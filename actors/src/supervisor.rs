@@ -123,6 +123,14 @@ pub async fn peers(feeder: &ActorRef<FeederMsg>, timeout: Duration) -> Option<Pe
     }
 }
 
+/// A call's answer, if it came in time.
+fn answer<T, E>(r: Result<CallResult<T>, E>) -> Option<T> {
+    match r {
+        Ok(CallResult::Success(v)) => Some(v),
+        _ => None,
+    }
+}
+
 /// What a graceful shutdown did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ShutdownReport {
@@ -546,65 +554,73 @@ impl Actor for FeederSupervisor {
                 let _ = reply.send(report);
             }
             FeederMsg::Status { reply } => {
-                let mut status = FeederStatus::default();
-                let mut answered = 0;
-                if let Some(d) = &state.dispatch {
-                    if let Ok(CallResult::Success(s)) = d
-                        .call(
-                            |r| DispatchSupMsg::Status { reply: r },
-                            Some(Duration::from_secs(5)),
-                        )
-                        .await
-                    {
-                        status.dispatch = s;
-                        answered += 1;
-                    }
-                }
-                if let Some(h) = &state.health {
-                    if let Ok(CallResult::Success(s)) = h
-                        .call(
-                            |r| HealthMsg::Status { reply: r },
-                            Some(Duration::from_secs(5)),
-                        )
-                        .await
-                    {
-                        status.health = s;
-                        answered += 1;
-                    }
-                }
-                if let Some(i) = &state.instances {
-                    if let Ok(CallResult::Success(s)) = i
-                        .call(InstanceSupMsg::Status, Some(Duration::from_secs(5)))
-                        .await
-                    {
-                        status.instances = s;
-                        answered += 1;
-                    }
-                }
-                if let Some(a) = &state.allocator {
-                    if let Ok(CallResult::Success(s)) = a
-                        .call(AllocatorMsg::Status, Some(Duration::from_secs(5)))
-                        .await
-                    {
-                        status.allocator = Some(s);
-                    }
-                }
-                status.gpus = state.gpus.clone();
-                // Every child is running, and those asked answered in time.
-                status.children_answered = answered == 3
-                    && state.queue.is_some()
+                // Gathered in a task of its own: a child slow to answer
+                // never stalls supervision, `/healthz` or the watchdog.
+                let dispatch = state.dispatch.clone();
+                let health = state.health.clone();
+                let instances = state.instances.clone();
+                let allocator = state.allocator.clone();
+                let mut status = FeederStatus {
+                    gpus: state.gpus.clone(),
+                    restarts: state
+                        .trackers
+                        .iter()
+                        .map(|(c, t)| (c.to_string(), t.total, t.last_error.clone()))
+                        .collect(),
+                    ..FeederStatus::default()
+                };
+                // Every child is running, and those asked answer in time.
+                let running = state.queue.is_some()
                     && state.fanin.is_some()
                     && state.gpu_monitor.is_some()
                     && (state.allocator.is_some()
                         || state.args.settings.allocator.is_none()
-                        || state.managed().is_empty())
-                    && status.dispatch.len() == state.args.instances.len();
-                status.restarts = state
-                    .trackers
-                    .iter()
-                    .map(|(c, t)| (c.to_string(), t.total, t.last_error.clone()))
-                    .collect();
-                let _ = reply.send(status);
+                        || state.managed().is_empty());
+                let expected = state.args.instances.len();
+                tokio::spawn(async move {
+                    let limit = Some(Duration::from_secs(5));
+                    let (d, h, i, a) = tokio::join!(
+                        async {
+                            match &dispatch {
+                                Some(d) => answer(
+                                    d.call(|r| DispatchSupMsg::Status { reply: r }, limit).await,
+                                ),
+                                None => None,
+                            }
+                        },
+                        async {
+                            match &health {
+                                Some(h) => {
+                                    answer(h.call(|r| HealthMsg::Status { reply: r }, limit).await)
+                                }
+                                None => None,
+                            }
+                        },
+                        async {
+                            match &instances {
+                                Some(i) => answer(i.call(InstanceSupMsg::Status, limit).await),
+                                None => None,
+                            }
+                        },
+                        async {
+                            match &allocator {
+                                Some(a) => answer(a.call(AllocatorMsg::Status, limit).await),
+                                None => None,
+                            }
+                        },
+                    );
+                    let answered = [d.is_some(), h.is_some(), i.is_some()]
+                        .iter()
+                        .filter(|x| **x)
+                        .count();
+                    status.dispatch = d.unwrap_or_default();
+                    status.health = h.unwrap_or_default();
+                    status.instances = i.unwrap_or_default();
+                    status.allocator = a;
+                    status.children_answered =
+                        answered == 3 && running && status.dispatch.len() == expected;
+                    let _ = reply.send(status);
+                });
             }
             FeederMsg::Dispatchers { reply } => {
                 let mut out = Vec::new();

@@ -852,3 +852,57 @@ async fn fan_in_under_concurrent_completions_finishes_each_parent_once() {
         assert_eq!(order, (0..FRAGMENTS as u64).collect::<Vec<_>>());
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_child_that_does_not_answer_stalls_neither_status_nor_supervision() {
+    let p = Pipeline::start(vec![("v", ModelType::Vision, 2, FakeInference::new())]).await;
+    let before = peers(&p.feeder, Duration::from_secs(5)).await.unwrap();
+    // The dispatcher stops answering for an hour.
+    p.dispatcher("v")
+        .await
+        .cast(DispatchMsg::InjectStall(Duration::from_secs(3600)))
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    let feeder = p.feeder.clone();
+    let status = tokio::spawn(async move {
+        feeder
+            .call(
+                |r| FeederMsg::Status { reply: r },
+                Some(Duration::from_secs(30)),
+            )
+            .await
+    });
+    // While that status is being gathered, a child crashes: the supervisor
+    // restarts it at once, not after the status call's timeouts.
+    before.queue.cast(QueueMsg::InjectPanic).unwrap();
+    loop {
+        // (No peers while the queue is down.)
+        let now = peers(&p.feeder, Duration::from_secs(30)).await;
+        if now.is_some_and(|n| n.queue.get_id() != before.queue.get_id()) {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "the queue was never restarted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let restarted = start.elapsed();
+    assert!(
+        restarted < Duration::from_secs(1),
+        "the crashed queue was restarted {restarted:?} later: supervision waited for the status"
+    );
+    // The status comes within its timeouts, saying a child did not answer.
+    let s = match status.await.unwrap().unwrap() {
+        CallResult::Success(s) => s,
+        other => panic!("{other:?}"),
+    };
+    let answered = start.elapsed();
+    assert!(
+        answered <= Duration::from_secs(5),
+        "status took {answered:?}"
+    );
+    assert!(!s.children_answered);
+    assert!(
+        s.dispatch.is_empty(),
+        "the stalled dispatcher is not listed"
+    );
+    assert_eq!(s.instances.len(), 1, "the others still answered");
+}
