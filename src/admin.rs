@@ -18,14 +18,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ractor::rpc::CallResult;
-use ractor::ActorRef;
 use serde_json::{json, Value};
 
 use feeder_actors::allocator::Strategy;
 use feeder_actors::gpu::GpuSnapshot;
-use feeder_actors::queue::QueueMsg;
-use feeder_actors::supervisor::{FeederMsg, FeederStatus};
+use feeder_actors::handle::{FeederHandle, HandleError};
+use feeder_actors::supervisor::FeederStatus;
 use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
 
 use crate::cli::output::stats_json;
@@ -38,7 +36,7 @@ use crate::submit::Submitter;
 #[derive(Clone)]
 pub struct Admin {
     /// The root supervisor.
-    pub feeder: ActorRef<FeederMsg>,
+    pub feeder: FeederHandle,
     /// A connection for reads (stats).
     pub reader: Arc<SqliteStore>,
     /// The configuration in force.
@@ -49,17 +47,7 @@ pub struct Admin {
 
 impl Admin {
     async fn status(&self) -> Option<FeederStatus> {
-        match self
-            .feeder
-            .call(
-                |reply| FeederMsg::Status { reply },
-                Some(Duration::from_secs(3)),
-            )
-            .await
-        {
-            Ok(CallResult::Success(s)) => Some(s),
-            _ => None,
-        }
+        self.feeder.status().await.ok()
     }
 
     async fn stats(&self) -> Option<QueueStats> {
@@ -276,26 +264,10 @@ async fn restart_instance(
     State(a): State<Admin>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
-    let Some(peers) = feeder_actors::supervisor::peers(&a.feeder, Duration::from_secs(5)).await
-    else {
-        return bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer");
-    };
-    let answer = peers
-        .instances
-        .call(
-            |reply| feeder_actors::instances::InstanceSupMsg::Revive {
-                instance: name.clone(),
-                reply,
-            },
-            Some(Duration::from_secs(15)),
-        )
-        .await;
-    match answer {
-        Ok(CallResult::Success(Ok(()))) => {
-            Json(json!({"instance": name, "restarting": true})).into_response()
-        }
-        Ok(CallResult::Success(Err(e))) => bad(StatusCode::CONFLICT, e),
-        _ => bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer"),
+    match a.feeder.restart_instance(&name).await {
+        Ok(()) => Json(json!({"instance": name, "restarting": true})).into_response(),
+        Err(HandleError::Refused(e)) => bad(StatusCode::CONFLICT, e),
+        Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
@@ -315,26 +287,16 @@ async fn strategy(State(a): State<Admin>, body: Option<Json<Value>>) -> Response
             )
         }
     };
-    let answer = a
-        .feeder
-        .call(
-            |reply| FeederMsg::Pin {
-                strategy: pin,
-                reply,
-            },
-            Some(Duration::from_secs(15)),
-        )
-        .await;
-    match answer {
-        Ok(CallResult::Success(Ok(s))) => Json(json!({
+    match a.feeder.pin(pin).await {
+        Ok(s) => Json(json!({
             "strategy": s.strategy.as_str(),
             "pinned": s.pinned.map(|p| p.as_str()),
             "switching": s.switching,
             "why": s.why,
         }))
         .into_response(),
-        Ok(CallResult::Success(Err(e))) => bad(StatusCode::CONFLICT, e),
-        _ => bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer"),
+        Err(HandleError::Refused(e)) => bad(StatusCode::CONFLICT, e),
+        Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 
@@ -391,22 +353,8 @@ async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
         Ok(payload) => sub.inline_job(payload),
         Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let Some(peers) = feeder_actors::supervisor::peers(&a.feeder, Duration::from_secs(3)).await
-    else {
-        return bad(StatusCode::SERVICE_UNAVAILABLE, "the actors do not answer");
-    };
-    match peers
-        .queue
-        .call(
-            |reply| QueueMsg::Submit {
-                jobs: vec![job],
-                reply,
-            },
-            Some(Duration::from_secs(30)),
-        )
-        .await
-    {
-        Ok(CallResult::Success(Ok(mut s))) => {
+    match a.feeder.submit(vec![job]).await {
+        Ok(mut s) => {
             let s = s.remove(0);
             let code = if s.created {
                 StatusCode::CREATED
@@ -419,8 +367,8 @@ async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
             )
                 .into_response()
         }
-        Ok(CallResult::Success(Err(e))) => bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        _ => bad(StatusCode::SERVICE_UNAVAILABLE, "the queue did not answer"),
+        Err(e @ HandleError::Store(_)) => bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

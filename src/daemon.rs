@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 use tracing::{error, info, warn};
 
@@ -24,6 +23,7 @@ use feeder_actors::dispatch::DispatchObserver;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::gpu::GpuProbe;
 use feeder_actors::gpu_monitor::ThermalLimits;
+use feeder_actors::handle::FeederHandle;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::supervisor::{
     FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
@@ -234,17 +234,12 @@ impl Pipeline {
 /// Stops claiming, lets requests finish within `grace`, releases the rest,
 /// commits every outcome and stops the actors; the number released.
 pub async fn drain(feeder: &ActorRef<FeederMsg>, grace: Duration) -> usize {
-    let report = feeder
-        .call(
-            |reply| FeederMsg::Shutdown { grace, reply },
-            Some(grace + Duration::from_secs(60)),
-        )
-        .await;
+    let report = FeederHandle::new(feeder.clone()).shutdown(grace).await;
     feeder.stop(None);
     match report {
-        Ok(CallResult::Success(r)) => r.released,
-        other => {
-            warn!("the shutdown did not complete cleanly: {other:?}");
+        Ok(r) => r.released,
+        Err(e) => {
+            warn!("the shutdown did not complete cleanly: {e}");
             0
         }
     }
@@ -282,7 +277,7 @@ fn lock(db: &Path) -> anyhow::Result<DbLock> {
 /// so systemd restarts the daemon.
 async fn heartbeat(
     notifier: Notifier,
-    feeder: ActorRef<FeederMsg>,
+    feeder: FeederHandle,
     reader: Arc<SqliteStore>,
     config: Arc<Config>,
 ) {
@@ -295,12 +290,9 @@ async fn heartbeat(
         .min(Duration::from_secs(5));
     loop {
         let answer = feeder
-            .call(
-                |reply| FeederMsg::Status { reply },
-                Some(every.max(Duration::from_millis(500))),
-            )
+            .status_within(every.max(Duration::from_millis(500)))
             .await;
-        if let Ok(CallResult::Success(status)) = answer {
+        if let Ok(status) = answer {
             if status.children_answered {
                 notifier.watchdog();
             } else {
@@ -396,7 +388,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
     let reader = Arc::new(SqliteStore::open(&config.queue.db_path)?);
     let config = Arc::new(config);
     let admin = Admin {
-        feeder: pipeline.feeder.clone(),
+        feeder: FeederHandle::new(pipeline.feeder.clone()),
         reader: reader.clone(),
         config: config.clone(),
         metrics,
@@ -420,7 +412,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
     notifier.ready();
     let heartbeat = tokio::spawn(heartbeat(
         notifier.clone(),
-        pipeline.feeder.clone(),
+        FeederHandle::new(pipeline.feeder.clone()),
         reader,
         config.clone(),
     ));

@@ -46,6 +46,7 @@ pub mod dispatch_supervisor;
 pub mod fanin;
 pub mod gpu;
 pub mod gpu_monitor;
+pub mod handle;
 pub mod health;
 pub mod inference;
 pub mod instances;

@@ -269,16 +269,11 @@ pub async fn submit(
     feeder: &ActorRef<crate::supervisor::FeederMsg>,
     jobs: Vec<crate::job::NewJob>,
 ) -> Vec<JobId> {
-    let peers = crate::supervisor::peers(feeder, Duration::from_secs(5))
+    match crate::handle::FeederHandle::new(feeder.clone())
+        .submit(jobs)
         .await
-        .expect("the supervisor answers");
-    match peers
-        .queue
-        .call(|r| crate::queue::QueueMsg::Submit { jobs, reply: r }, None)
-        .await
-        .expect("the queue actor runs")
     {
-        ractor::rpc::CallResult::Success(Ok(s)) => s.into_iter().map(|s| s.id).collect(),
-        other => panic!("submit failed: {other:?}"),
+        Ok(s) => s.into_iter().map(|s| s.id).collect(),
+        Err(e) => panic!("submit failed: {e}"),
     }
 }
