@@ -30,7 +30,7 @@ use crate::inference::{InferenceClient, InferenceError};
 use crate::instances::InstanceSupMsg;
 use crate::job::{Claim, ClaimedJob, Completion, Failure, Job, JobId, ModelType};
 use crate::peers::Peers;
-use crate::queue::QueueMsg;
+use crate::queue::{QueueMsg, WorkAvailable};
 use crate::results::{JobResult, ResultStore};
 use crate::store::Settle;
 
@@ -370,7 +370,7 @@ impl DispatchState {
     fn subscribe(&self, myself: &ActorRef<DispatchMsg>) {
         let _ = self.peers.queue.cast(QueueMsg::Subscribe {
             model: self.args.model,
-            dispatcher: myself.clone(),
+            subscriber: myself.get_derived(),
         });
         let _ = self.peers.instances.cast(InstanceSupMsg::Watch {
             instance: self.args.instance.clone(),
@@ -878,5 +878,23 @@ impl Actor for DispatchActor {
             }
         }
         Ok(())
+    }
+}
+
+/// The queue's news of available work is a `Wake`.
+impl From<WorkAvailable> for DispatchMsg {
+    fn from(_: WorkAvailable) -> Self {
+        DispatchMsg::Wake
+    }
+}
+
+impl TryFrom<DispatchMsg> for WorkAvailable {
+    type Error = DispatchMsg;
+
+    fn try_from(msg: DispatchMsg) -> Result<Self, DispatchMsg> {
+        match msg {
+            DispatchMsg::Wake => Ok(WorkAvailable),
+            other => Err(other),
+        }
     }
 }

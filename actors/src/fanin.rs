@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::job::{Job, JobId, JobStatus, NewJob, Payload};
 use crate::peers::Peers;
-use crate::queue::QueueMsg;
+use crate::queue::{JobFinished, QueueMsg};
 use crate::results::{FragmentResult, JobResult, MissingFragment, ResultStore};
 use crate::store::ParentOutcome;
 
@@ -35,6 +35,9 @@ pub enum FanInMsg {
     Check(JobId),
     /// This job is done and names a next model: create its follow-up.
     FollowUp(JobId),
+    /// The queue's news of a finished job: a `Check` of its parent, or
+    /// its `FollowUp`.
+    Finished(JobFinished),
     /// Look for parents whose fragments have all finished, and follow-ups
     /// left to create.
     Scan,
@@ -360,6 +363,15 @@ impl Actor for FanInActor {
                     error!(job = %id, "creating the follow-up failed: {e}; it is tried again at the next scan");
                 }
             }
+            FanInMsg::Finished(e) => {
+                let next = match e.parent {
+                    Some(parent) => FanInMsg::Check(parent),
+                    None => FanInMsg::FollowUp(e.job),
+                };
+                if e.parent.is_some() || e.follow_up {
+                    let _ = myself.cast(next);
+                }
+            }
             FanInMsg::Scan => {
                 let q = state.args.queue.clone();
                 let t = state.args.call_timeout;
@@ -406,6 +418,24 @@ pub fn merge_overlapping(parts: &[&str], min_words: usize) -> String {
         merged.extend_from_slice(&words[skip..]);
     }
     merged.join(" ")
+}
+
+/// The queue's news of a finished job.
+impl From<JobFinished> for FanInMsg {
+    fn from(e: JobFinished) -> Self {
+        FanInMsg::Finished(e)
+    }
+}
+
+impl TryFrom<FanInMsg> for JobFinished {
+    type Error = FanInMsg;
+
+    fn try_from(msg: FanInMsg) -> Result<Self, FanInMsg> {
+        match msg {
+            FanInMsg::Finished(e) => Ok(e),
+            other => Err(other),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,8 +21,13 @@
 //! Actors, one per file, each with its messages, arguments and state:
 //! - [`supervisor`]: `FeederSupervisor`, the root; restarts its children and
 //!   runs the graceful shutdown.
-//! - [`queue`]: `QueueActor`, sole owner of the job store; group-commits outcomes
-//!   and wakes dispatchers when work may be available.
+//! - [`queue`]: `QueueActor`, sole owner of the job store; group-commits
+//!   outcomes. It publishes events it owns: `WorkAvailable` to the
+//!   subscribers of a model (the dispatchers, which hear it as `Wake`) and
+//!   `JobFinished` to the fan-in (heard as `Check` or `FollowUp`); each
+//!   subscriber converts them into its own messages through ractor's derived
+//!   references, so the queue names neither.
+//! - [`handle`]: `FeederHandle`, the frontends' typed way into the pipeline.
 //! - [`dispatch_supervisor`]: `DispatchSupervisor`, one dispatcher per instance.
 //! - [`dispatch`]: `DispatchActor`, keeps one instance's window of requests full.
 //! - [`fanin`]: `FanInActor`, completes parents when their fragments are done.

@@ -13,21 +13,37 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
-use crate::dispatch::DispatchMsg;
-use crate::fanin::FanInMsg;
 use crate::job::{
     Claim, ClaimedJob, FailOutcome, Job, JobId, ModelType, NewJob, QueueStats, Submitted,
 };
-use crate::peers::Peers;
 use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult};
 use crate::time::{Clock, Timestamp};
 
 /// A due timer fires this much after its `run_at`, so that the claim it
 /// triggers finds the job due despite the rounding of stored times.
 const DUE_SLACK: Duration = Duration::from_millis(2);
+
+/// Published to the subscribers of a model: work for it may be waiting
+/// (jobs were submitted, released, came due, or changed by another
+/// program); claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkAvailable;
+
+/// Published when a settlement finished a job that has more to start: a
+/// parent to check (it is a fragment), or a follow-up to create (it is
+/// done and names a next model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobFinished {
+    /// The job.
+    pub job: JobId,
+    /// Its parent, when it is a fragment.
+    pub parent: Option<JobId>,
+    /// It is done and names a next model.
+    pub follow_up: bool,
+}
 
 /// Messages of the QueueActor.
 #[derive(Debug)]
@@ -125,15 +141,17 @@ pub enum QueueMsg {
         /// Per model and status.
         reply: RpcReplyPort<StoreResult<QueueStats>>,
     },
-    /// A dispatcher wants to hear when `model` work may be available.
+    /// `subscriber` wants to hear when `model` work may be available
+    /// (`WorkAvailable`); it hears it once at once.
     Subscribe {
         /// The model.
         model: ModelType,
-        /// The dispatcher.
-        dispatcher: ActorRef<DispatchMsg>,
+        /// Who hears it (a dispatcher, through its derived reference).
+        subscriber: DerivedActorRef<WorkAvailable>,
     },
-    /// The current peers (after a start or a restart).
-    Peers(Peers),
+    /// `subscriber` hears of every job that finished and has a fan-in or a
+    /// follow-up to start (`JobFinished`), replacing any earlier one.
+    SubscribeFinished(DerivedActorRef<JobFinished>),
     /// Reply once every settlement received so far is committed.
     Flush {
         /// Answered when flushed.
@@ -197,8 +215,10 @@ pub struct QueueArgs {
 /// The QueueActor's state.
 pub struct QueueState {
     args: QueueArgs,
-    peers: Option<Peers>,
-    subscribers: HashMap<ModelType, Vec<ActorRef<DispatchMsg>>>,
+    /// Who hears of finished jobs (the fan-in).
+    finished: Option<DerivedActorRef<JobFinished>>,
+    /// Who hears of available work, per model (the dispatchers).
+    subscribers: HashMap<ModelType, Vec<DerivedActorRef<WorkAvailable>>>,
     pending: Vec<Pending>,
     flushing: bool,
     flush_waiters: Vec<RpcReplyPort<()>>,
@@ -250,7 +270,7 @@ impl QueueState {
     fn wake(&mut self, model: Option<ModelType>) {
         for (m, subs) in self.subscribers.iter_mut() {
             if model.is_none_or(|x| x == *m) {
-                subs.retain(|d| d.cast(DispatchMsg::Wake).is_ok());
+                subs.retain(|d| d.send_message(WorkAvailable).is_ok());
             }
         }
     }
@@ -349,11 +369,22 @@ impl QueueState {
             match item.result {
                 Ok(Settled::Done) | Ok(Settled::Failed(FailOutcome::Failed { .. })) => {
                     let done = matches!(item.result, Ok(Settled::Done));
-                    if let Some(peers) = &self.peers {
-                        if let Some(parent) = item.parent {
-                            let _ = peers.fanin.cast(FanInMsg::Check(parent));
-                        } else if done && item.follow_up {
-                            let _ = peers.fanin.cast(FanInMsg::FollowUp(item.job_id));
+                    let follow_up = done && item.follow_up && item.parent.is_none();
+                    if item.parent.is_some() || follow_up {
+                        let event = JobFinished {
+                            job: item.job_id,
+                            parent: item.parent,
+                            follow_up,
+                        };
+                        match &self.finished {
+                            Some(to) => {
+                                if let Err(e) = to.send_message(event) {
+                                    warn!(job = %item.job_id, "the fan-in did not take the news of a finished job ({e}); its next scan finds it");
+                                }
+                            }
+                            None => {
+                                debug!(job = %item.job_id, "no fan-in subscribed yet; its first scan finds the job")
+                            }
                         }
                     }
                 }
@@ -413,7 +444,7 @@ impl Actor for QueueActor {
         myself.send_interval(args.reclaim_interval, || QueueMsg::Reclaim);
         let state = QueueState {
             args,
-            peers: None,
+            finished: None,
             subscribers: HashMap::new(),
             pending: Vec::new(),
             flushing: false,
@@ -518,13 +549,14 @@ impl Actor for QueueActor {
                 answer(store, reply, move |s| s.finish_parent(id, outcome, now))
             }
             QueueMsg::Stats { reply } => answer(store, reply, move |s| s.stats(now)),
-            QueueMsg::Subscribe { model, dispatcher } => {
+            QueueMsg::Subscribe { model, subscriber } => {
                 let subs = state.subscribers.entry(model).or_default();
-                subs.retain(|d| d.get_id() != dispatcher.get_id());
-                let _ = dispatcher.cast(DispatchMsg::Wake);
-                subs.push(dispatcher);
+                subs.retain(|d| d.get_id() != subscriber.get_id());
+                if subscriber.send_message(WorkAvailable).is_ok() {
+                    subs.push(subscriber);
+                }
             }
-            QueueMsg::Peers(peers) => state.peers = Some(peers),
+            QueueMsg::SubscribeFinished(to) => state.finished = Some(to),
             QueueMsg::Flush { reply } => {
                 if state.flushing || !state.pending.is_empty() {
                     state.flush_waiters.push(reply);

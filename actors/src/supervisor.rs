@@ -429,7 +429,9 @@ impl FeederState {
 
     fn broadcast_peers(&self) {
         let Some(peers) = self.peers() else { return };
-        let _ = peers.queue.cast(QueueMsg::Peers(peers.clone()));
+        let _ = peers
+            .queue
+            .cast(QueueMsg::SubscribeFinished(peers.fanin.get_derived()));
         let _ = peers.fanin.cast(FanInMsg::Peers(peers.clone()));
         let _ = peers.health.cast(HealthMsg::Peers(peers.clone()));
         if let Some(a) = &self.allocator {

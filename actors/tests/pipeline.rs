@@ -12,7 +12,7 @@ use ractor::{Actor, ActorRef};
 use feeder_actors::dispatch::DispatchMsg;
 use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg};
-use feeder_actors::queue::{QueueActor, QueueArgs, QueueMsg};
+use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAvailable};
 use feeder_actors::results::{JobResult, ResultStore};
 use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
@@ -396,15 +396,15 @@ async fn a_previous_runs_claims_are_released_at_start() {
 async fn the_queue_actor_claims_settles_and_releases() {
     let store = MemoryStore::new();
     let queue = spawn_queue(&store).await;
-    let (dispatcher, mut heard) = Recorder::<DispatchMsg>::spawn().await;
+    let (dispatcher, mut heard) = Recorder::<WorkAvailable>::spawn().await;
     queue
         .cast(QueueMsg::Subscribe {
             model: ModelType::Vision,
-            dispatcher,
+            subscriber: dispatcher.get_derived(),
         })
         .unwrap();
     assert!(
-        matches!(heard.recv().await, Some(DispatchMsg::Wake)),
+        matches!(heard.recv().await, Some(WorkAvailable)),
         "a subscriber is woken at once"
     );
 
@@ -412,7 +412,7 @@ async fn the_queue_actor_claims_settles_and_releases() {
     store.submit(job(ModelType::Vision, "a"), T0).unwrap();
     store.submit(job(ModelType::Vision, "b"), T0).unwrap();
     store.submit(job(ModelType::Vision, "c"), T0).unwrap();
-    assert!(matches!(heard.recv().await, Some(DispatchMsg::Wake)));
+    assert!(matches!(heard.recv().await, Some(WorkAvailable)));
 
     let claimed = match queue
         .call(
@@ -466,40 +466,26 @@ async fn the_queue_actor_claims_settles_and_releases() {
         (JobStatus::Done, JobStatus::Failed, JobStatus::Pending)
     );
     // The release woke the model's dispatcher.
-    loop {
-        match heard.recv().await {
-            Some(DispatchMsg::Wake) => break,
-            Some(_) => continue,
-            None => panic!("recorder closed"),
-        }
-    }
+    assert_eq!(heard.recv().await, Some(WorkAvailable));
 }
 
 /// Waits for the next `Wake` a recorder hears, skipping other messages.
-async fn next_wake(heard: &mut tokio::sync::mpsc::UnboundedReceiver<DispatchMsg>) {
-    let wake = async {
-        loop {
-            match heard.recv().await {
-                Some(DispatchMsg::Wake) => return,
-                Some(_) => continue,
-                None => panic!("recorder closed"),
-            }
-        }
-    };
-    tokio::time::timeout(LIMIT, wake)
+async fn next_wake(heard: &mut tokio::sync::mpsc::UnboundedReceiver<WorkAvailable>) {
+    let wake = tokio::time::timeout(LIMIT, heard.recv())
         .await
         .unwrap_or_else(|_| panic!("no wake within {LIMIT:?}"));
+    assert_eq!(wake, Some(WorkAvailable));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_run_at_set_by_another_program_wakes_the_dispatcher_when_it_comes_due() {
     let store = MemoryStore::new();
     let queue = spawn_queue(&store).await;
-    let (dispatcher, mut heard) = Recorder::<DispatchMsg>::spawn().await;
+    let (dispatcher, mut heard) = Recorder::<WorkAvailable>::spawn().await;
     queue
         .cast(QueueMsg::Subscribe {
             model: ModelType::Think,
-            dispatcher,
+            subscriber: dispatcher.get_derived(),
         })
         .unwrap();
     next_wake(&mut heard).await;
@@ -905,4 +891,89 @@ async fn a_child_that_does_not_answer_stalls_neither_status_nor_supervision() {
         "the stalled dispatcher is not listed"
     );
     assert_eq!(s.instances.len(), 1, "the others still answered");
+}
+
+/// The queue's `JobFinished` events, heard by a recording stand-in: no
+/// fan-in, and no other actor's messages, involved.
+#[tokio::test(start_paused = true)]
+async fn the_queue_publishes_finished_fragments_and_follow_ups_only() {
+    let store = MemoryStore::new();
+    let queue = spawn_queue(&store).await;
+    let (fanin, mut heard) = Recorder::<JobFinished>::spawn().await;
+    queue
+        .cast(QueueMsg::SubscribeFinished(fanin.get_derived()))
+        .unwrap();
+    let parent = store
+        .submit_parent(
+            job(ModelType::Think, "p"),
+            vec![job(ModelType::Think, "frag")],
+            T0,
+        )
+        .unwrap()
+        .id;
+    let mut staged = job(ModelType::Think, "staged");
+    staged.then_model = Some(ModelType::Vision);
+    let staged = store.submit(staged, T0).unwrap().id;
+    let plain = store.submit(job(ModelType::Think, "plain"), T0).unwrap().id;
+    let claimed = match queue
+        .call(
+            |r| QueueMsg::Claim {
+                model: ModelType::Think,
+                n: 10,
+                owner: "o".into(),
+                reply: r,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(Ok(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(claimed.len(), 3);
+    for c in &claimed {
+        let done = Completion {
+            result_path: format!("/results/{}.json", c.job.id).into(),
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency: Duration::from_millis(5),
+        };
+        queue
+            .cast(QueueMsg::Settle {
+                claim: c.claim.clone(),
+                settle: Settle::Complete(done),
+                model: ModelType::Think,
+                parent: c.job.parent_id,
+                follow_up: c.job.then_model.is_some(),
+                ack: None,
+            })
+            .unwrap();
+    }
+    queue
+        .call(|r| QueueMsg::Flush { reply: r }, None)
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while let Ok(e) = heard.try_recv() {
+        events.push(e);
+    }
+    events.sort_by_key(|e| e.follow_up);
+    let frag = claimed.iter().find(|c| c.job.parent_id.is_some()).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            JobFinished {
+                job: frag.job.id,
+                parent: Some(parent),
+                follow_up: false,
+            },
+            JobFinished {
+                job: staged,
+                parent: None,
+                follow_up: true,
+            },
+        ],
+        "nothing for {plain}, a plain job"
+    );
 }
