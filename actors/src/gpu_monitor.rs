@@ -11,11 +11,10 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tracing::{info, warn};
 
 use crate::gpu::{GpuProbe, GpuReading, GpuSnapshot};
-use crate::supervisor::FeederMsg;
 
 /// Messages of the GpuMonitorActor.
 #[derive(Debug)]
@@ -46,7 +45,7 @@ pub struct GpuMonitorArgs {
     /// Temperature limits.
     pub limits: ThermalLimits,
     /// Where snapshots go.
-    pub sink: ActorRef<FeederMsg>,
+    pub sink: DerivedActorRef<GpuSnapshot>,
 }
 
 /// The GpuMonitorActor's state.
@@ -63,7 +62,7 @@ pub struct GpuMonitorActor;
 
 impl GpuMonitorState {
     fn publish(&self, snapshot: GpuSnapshot) {
-        let _ = self.args.sink.cast(FeederMsg::Gpu(snapshot));
+        let _ = self.args.sink.send_message(snapshot);
     }
 
     fn alerts(&mut self, gpus: &[GpuReading]) {

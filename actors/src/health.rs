@@ -17,12 +17,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tracing::info;
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
+use tracing::{debug, info};
 
 use crate::inference::{InferenceClient, ProbeError};
-use crate::instances::InstanceSupMsg;
-use crate::peers::Peers;
+
+/// What the HealthActor publishes: a probe's outcome for one instance,
+/// once it means something (a failure, or a pass that a canary confirmed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeOutcome {
+    /// The instance.
+    pub instance: String,
+    /// What the probe found.
+    pub outcome: Result<(), ProbeError>,
+}
 
 /// Messages of the HealthActor.
 #[derive(Debug)]
@@ -38,8 +46,8 @@ pub enum HealthMsg {
         /// What it found.
         outcome: Result<(), ProbeError>,
     },
-    /// The current peers (where outcomes go).
-    Peers(Peers),
+    /// Where outcomes go from now on (after the instance supervisor restarted).
+    Sink(DerivedActorRef<ProbeOutcome>),
     /// The last outcome per instance.
     Status {
         /// The snapshot.
@@ -67,7 +75,7 @@ pub struct HealthArgs {
     /// The instances to probe, by name.
     pub instances: Vec<(String, Arc<dyn InferenceClient>)>,
     /// Where outcomes go.
-    pub sink: ActorRef<InstanceSupMsg>,
+    pub sink: DerivedActorRef<ProbeOutcome>,
     /// Time between probe rounds.
     pub interval: Duration,
     /// Time allowed for one probe.
@@ -90,7 +98,7 @@ struct Probed {
 /// The HealthActor's state.
 pub struct HealthState {
     instances: HashMap<String, Probed>,
-    sink: ActorRef<InstanceSupMsg>,
+    sink: DerivedActorRef<ProbeOutcome>,
     timeout: Duration,
     canary_timeout: Duration,
 }
@@ -201,12 +209,12 @@ impl Actor for HealthActor {
                 }
                 // A shallow pass before any deep one is not a confirmation.
                 if outcome.is_err() || deep || inst.confirmed {
-                    let _ = state
-                        .sink
-                        .cast(InstanceSupMsg::Probed { instance, outcome });
+                    if let Err(e) = state.sink.send_message(ProbeOutcome { instance, outcome }) {
+                        debug!("a probe outcome found no one to take it ({e}); the next round repeats it");
+                    }
                 }
             }
-            HealthMsg::Peers(peers) => state.sink = peers.instances,
+            HealthMsg::Sink(sink) => state.sink = sink,
             HealthMsg::Status { reply } => {
                 let mut out: Vec<InstanceHealth> = state
                     .instances

@@ -17,6 +17,7 @@ use crate::container::{
 };
 use crate::dispatch::DispatchMsg;
 use crate::dispatch_supervisor::InstanceSpec;
+use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
 use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::runtime::LaunchPlan;
@@ -420,5 +421,25 @@ impl Actor for InstanceSupervisor {
             move || InstanceSupMsg::Restart(i),
         );
         Ok(())
+    }
+}
+/// A health probe's outcome is routed to its instance's ContainerActor.
+impl From<ProbeOutcome> for InstanceSupMsg {
+    fn from(p: ProbeOutcome) -> Self {
+        InstanceSupMsg::Probed {
+            instance: p.instance,
+            outcome: p.outcome,
+        }
+    }
+}
+
+impl TryFrom<InstanceSupMsg> for ProbeOutcome {
+    type Error = InstanceSupMsg;
+
+    fn try_from(msg: InstanceSupMsg) -> Result<Self, InstanceSupMsg> {
+        match msg {
+            InstanceSupMsg::Probed { instance, outcome } => Ok(ProbeOutcome { instance, outcome }),
+            other => Err(other),
+        }
     }
 }

@@ -31,11 +31,13 @@
 //! - [`dispatch_supervisor`]: `DispatchSupervisor`, one dispatcher per instance.
 //! - [`dispatch`]: `DispatchActor`, keeps one instance's window of requests full.
 //! - [`fanin`]: `FanInActor`, completes parents when their fragments are done.
-//! - [`health`]: `HealthActor`, probes every instance and reports the outcomes.
+//! - [`health`]: `HealthActor`, probes every instance and publishes
+//!   `ProbeOutcome`s (the instance supervisor hears them as `Probed`).
 //! - [`instances`]: `InstanceSupervisor`, one ContainerActor per instance;
 //!   routes probe outcomes and dispatcher watches to them.
 //! - [`gpu_monitor`]: `GpuMonitorActor`, reads the GPUs every second; temperature
-//!   alerts with hysteresis.
+//!   alerts with hysteresis; publishes each `GpuSnapshot` (the supervisor
+//!   hears it as `Gpu`).
 //! - [`allocator`]: `AllocatorActor`, chooses the strategy (which instances run,
 //!   with which memory share) from the durable backlog.
 //! - [`container`]: `ContainerActor`, one model server's lifecycle: launch,

@@ -342,8 +342,9 @@ impl FeederState {
                 let args = HealthArgs {
                     sink: self
                         .instances
-                        .clone()
-                        .ok_or("the instance supervisor is not running")?,
+                        .as_ref()
+                        .ok_or("the instance supervisor is not running")?
+                        .get_derived(),
                     instances: self
                         .args
                         .instances
@@ -384,7 +385,7 @@ impl FeederState {
                     unavailable: self.args.gpu_unavailable.clone(),
                     interval: s.gpu_interval,
                     limits: s.thermal,
-                    sink: myself.clone(),
+                    sink: myself.get_derived(),
                 };
                 let (a, _) =
                     GpuMonitorActor::spawn_linked(None, GpuMonitorActor, args, cell).await?;
@@ -433,7 +434,9 @@ impl FeederState {
             .queue
             .cast(QueueMsg::SubscribeFinished(peers.fanin.get_derived()));
         let _ = peers.fanin.cast(FanInMsg::Peers(peers.clone()));
-        let _ = peers.health.cast(HealthMsg::Peers(peers.clone()));
+        let _ = peers
+            .health
+            .cast(HealthMsg::Sink(peers.instances.get_derived()));
         if let Some(a) = &self.allocator {
             let _ = a.cast(AllocatorMsg::Peers(peers.clone()));
         }
@@ -711,5 +714,22 @@ impl Actor for FeederSupervisor {
             FeederMsg::Restart(child)
         });
         Ok(())
+    }
+}
+/// The GPU monitor's snapshots are kept for `Status` and handed on.
+impl From<GpuSnapshot> for FeederMsg {
+    fn from(s: GpuSnapshot) -> Self {
+        FeederMsg::Gpu(s)
+    }
+}
+
+impl TryFrom<FeederMsg> for GpuSnapshot {
+    type Error = FeederMsg;
+
+    fn try_from(msg: FeederMsg) -> Result<Self, FeederMsg> {
+        match msg {
+            FeederMsg::Gpu(s) => Ok(s),
+            other => Err(other),
+        }
     }
 }
