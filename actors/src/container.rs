@@ -28,12 +28,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::dispatch::DispatchMsg;
 use crate::inference::ProbeError;
 use crate::job::ModelType;
 use crate::runtime::{ContainerRuntime, Exit, LaunchPlan};
@@ -111,6 +110,27 @@ impl fmt::Display for InstanceState {
     }
 }
 
+/// What a ContainerActor publishes to the dispatchers watching its
+/// instance (each hears them as its own messages).
+#[derive(Debug)]
+pub enum InstanceEvent {
+    /// The instance is Ready (`true`) or no longer (`false`); sent on every
+    /// change and once to each new watcher.
+    Ready(bool),
+    /// The server went down (exited, or failed its probes) with requests
+    /// in flight.
+    Down {
+        /// What happened, for the log.
+        reason: String,
+    },
+    /// The server is about to be stopped on purpose: answer `idle` once
+    /// nothing is in flight.
+    Stopping {
+        /// Answered when the last request has finished.
+        idle: RpcReplyPort<()>,
+    },
+}
+
 /// Messages of a ContainerActor.
 #[derive(Debug)]
 pub enum ContainerMsg {
@@ -145,7 +165,7 @@ pub enum ContainerMsg {
         generation: u64,
     },
     /// `dispatcher` wants Ready updates and down notices.
-    Watch(ActorRef<DispatchMsg>),
+    Watch(DerivedActorRef<InstanceEvent>),
     /// Relaunch with another plan (the allocator's memory share), draining
     /// first: the dispatcher is told the instance is not Ready, then the
     /// server is stopped and launched again. Replies once it is launching.
@@ -270,7 +290,7 @@ pub struct ContainerArgs {
     /// Timings and limits.
     pub settings: LifecycleSettings,
     /// Dispatchers already watching (after a restart of this actor).
-    pub watchers: Vec<ActorRef<DispatchMsg>>,
+    pub watchers: Vec<DerivedActorRef<InstanceEvent>>,
     /// Parked by the allocator: not launched until unparked.
     pub parked: bool,
 }
@@ -340,7 +360,7 @@ impl ContainerState {
             let ready = state == InstanceState::Ready;
             self.args
                 .watchers
-                .retain(|w| w.cast(DispatchMsg::Ready(ready)).is_ok());
+                .retain(|w| w.send_message(InstanceEvent::Ready(ready)).is_ok());
         }
     }
 
@@ -348,7 +368,7 @@ impl ContainerState {
     fn tell_down(&mut self, reason: &str) {
         let reason = format!("{} went down: {reason}", self.args.name);
         self.args.watchers.retain(|w| {
-            w.cast(DispatchMsg::InstanceDown {
+            w.send_message(InstanceEvent::Down {
                 reason: reason.clone(),
             })
             .is_ok()
@@ -555,9 +575,12 @@ impl ContainerState {
             // The dispatchers stopped sending (not Ready); let the requests
             // in flight finish before the server goes.
             for w in watchers {
-                let _ = w
-                    .call(|reply| DispatchMsg::WhenIdle { reply }, Some(drain))
-                    .await;
+                let (tx, rx) = ractor::concurrency::oneshot();
+                if w.send_message(InstanceEvent::Stopping { idle: tx.into() })
+                    .is_ok()
+                {
+                    let _ = tokio::time::timeout(drain, rx).await;
+                }
             }
             let result = runtime.stop(&id, grace).await;
             let _ = me.cast(ContainerMsg::StopDone { generation, result });
@@ -605,7 +628,7 @@ impl Actor for ContainerActor {
         args: ContainerArgs,
     ) -> Result<ContainerState, ActorProcessingErr> {
         for w in &args.watchers {
-            let _ = w.cast(DispatchMsg::Ready(false));
+            let _ = w.send_message(InstanceEvent::Ready(false));
         }
         let _ = myself.cast(ContainerMsg::Start);
         Ok(ContainerState {
@@ -739,7 +762,8 @@ impl Actor for ContainerActor {
                     .args
                     .watchers
                     .retain(|w| w.get_id() != dispatcher.get_id());
-                let _ = dispatcher.cast(DispatchMsg::Ready(state.state == InstanceState::Ready));
+                let _ = dispatcher
+                    .send_message(InstanceEvent::Ready(state.state == InstanceState::Ready));
                 state.args.watchers.push(dispatcher);
             }
             ContainerMsg::Reconfigure { plan, reply } => {

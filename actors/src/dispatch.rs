@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::container::InstanceEvent;
 use crate::inference::{InferenceClient, InferenceError};
 use crate::instances::InstanceSupMsg;
 use crate::job::{Claim, ClaimedJob, Completion, Failure, Job, JobId, ModelType};
@@ -374,7 +375,7 @@ impl DispatchState {
         });
         let _ = self.peers.instances.cast(InstanceSupMsg::Watch {
             instance: self.args.instance.clone(),
-            dispatcher: myself.clone(),
+            dispatcher: myself.get_derived(),
         });
     }
 
@@ -878,6 +879,30 @@ impl Actor for DispatchActor {
             }
         }
         Ok(())
+    }
+}
+
+/// A watched instance's news.
+impl From<InstanceEvent> for DispatchMsg {
+    fn from(e: InstanceEvent) -> Self {
+        match e {
+            InstanceEvent::Ready(ready) => DispatchMsg::Ready(ready),
+            InstanceEvent::Down { reason } => DispatchMsg::InstanceDown { reason },
+            InstanceEvent::Stopping { idle } => DispatchMsg::WhenIdle { reply: idle },
+        }
+    }
+}
+
+impl TryFrom<DispatchMsg> for InstanceEvent {
+    type Error = DispatchMsg;
+
+    fn try_from(msg: DispatchMsg) -> Result<Self, DispatchMsg> {
+        match msg {
+            DispatchMsg::Ready(ready) => Ok(InstanceEvent::Ready(ready)),
+            DispatchMsg::InstanceDown { reason } => Ok(InstanceEvent::Down { reason }),
+            DispatchMsg::WhenIdle { reply } => Ok(InstanceEvent::Stopping { idle: reply }),
+            other => Err(other),
+        }
     }
 }
 

@@ -8,14 +8,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
+};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::container::{
-    ContainerActor, ContainerArgs, ContainerMsg, InstanceState, InstanceStatus, LifecycleSettings,
+    ContainerActor, ContainerArgs, ContainerMsg, InstanceEvent, InstanceState, InstanceStatus,
+    LifecycleSettings,
 };
-use crate::dispatch::DispatchMsg;
 use crate::dispatch_supervisor::InstanceSpec;
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
@@ -38,8 +40,8 @@ pub enum InstanceSupMsg {
     Watch {
         /// The instance.
         instance: String,
-        /// The dispatcher.
-        dispatcher: ActorRef<DispatchMsg>,
+        /// The dispatcher, through its derived reference.
+        dispatcher: DerivedActorRef<InstanceEvent>,
     },
     /// The allocator's word on `instance`: run it with `plan` (launching
     /// it if parked, relaunching it if the plan changed), or park it
@@ -87,7 +89,7 @@ struct Slot {
     spec: InstanceSpec,
     plan: LaunchPlan,
     actor: Option<ActorRef<ContainerMsg>>,
-    watchers: Vec<ActorRef<DispatchMsg>>,
+    watchers: Vec<DerivedActorRef<InstanceEvent>>,
     parked: bool,
     tracker: RestartTracker,
     last: Option<InstanceStatus>,
@@ -216,7 +218,7 @@ impl Actor for InstanceSupervisor {
                             let _ = a.cast(ContainerMsg::Watch(dispatcher));
                         }
                         None => {
-                            let _ = dispatcher.cast(DispatchMsg::Ready(false));
+                            let _ = dispatcher.send_message(InstanceEvent::Ready(false));
                         }
                     }
                 }
@@ -407,7 +409,7 @@ impl Actor for InstanceSupervisor {
         }
         let name = state.slots[i].spec.name.clone();
         for w in &state.slots[i].watchers {
-            let _ = w.cast(DispatchMsg::Ready(false));
+            let _ = w.send_message(InstanceEvent::Ready(false));
         }
         let policy = state.args.restart;
         let what = format!("the container actor of {name}");
