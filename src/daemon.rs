@@ -20,11 +20,11 @@ use tracing::{error, info, warn};
 use feeder_actors::allocator::AllocatorSettings;
 use feeder_actors::container::LifecycleSettings;
 use feeder_actors::dispatch::DispatchObserver;
-use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::gpu::GpuProbe;
 use feeder_actors::gpu_monitor::ThermalLimits;
 use feeder_actors::handle::FeederHandle;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
+use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{
     FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
 };

@@ -15,57 +15,11 @@ use tracing::info;
 
 use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
-use crate::inference::InferenceClient;
-use crate::job::ModelType;
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
-use crate::runtime::{ContainerRuntime, LaunchPlan};
-
-/// One instance as the dispatch side sees it.
-#[derive(Clone)]
-pub struct InstanceSpec {
-    /// Unique name.
-    pub name: String,
-    /// The model it serves.
-    pub model: ModelType,
-    /// Requests in flight at most.
-    pub window: u32,
-    /// Its server, as requests see it.
-    pub client: Arc<dyn InferenceClient>,
-    /// How its server is launched; `None` for an external server.
-    pub runtime: Option<Arc<dyn ContainerRuntime>>,
-    /// The launch plan at start.
-    pub plan: LaunchPlan,
-    /// Time allowed from launch to Ready.
-    pub startup_timeout: Duration,
-    /// The GPUs its server uses (thermal back-off).
-    pub gpu_ids: Vec<u32>,
-}
-
-impl InstanceSpec {
-    /// An instance whose server someone else runs: only probed.
-    pub fn external(
-        name: impl Into<String>,
-        model: ModelType,
-        window: u32,
-        client: Arc<dyn InferenceClient>,
-    ) -> Self {
-        InstanceSpec {
-            name: name.into(),
-            model,
-            window,
-            client,
-            runtime: None,
-            plan: LaunchPlan {
-                gpu_memory_utilization: 0.9,
-            },
-            startup_timeout: Duration::from_secs(900),
-            gpu_ids: Vec::new(),
-        }
-    }
-}
+use crate::spec::InstanceSpec;
 
 /// Messages of the DispatchSupervisor.
 #[derive(Debug)]

@@ -23,7 +23,6 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{error, info, warn};
 
 use crate::job::{Job, JobId, JobStatus, NewJob, Payload};
-use crate::peers::Peers;
 use crate::queue::{JobFinished, QueueMsg};
 use crate::results::{FragmentResult, JobResult, MissingFragment, ResultStore};
 use crate::store::ParentOutcome;
@@ -41,8 +40,8 @@ pub enum FanInMsg {
     /// Look for parents whose fragments have all finished, and follow-ups
     /// left to create.
     Scan,
-    /// The current peers.
-    Peers(Peers),
+    /// The queue to ask from now on (after it restarted).
+    Queue(ActorRef<QueueMsg>),
 }
 
 /// How the FanInActor is started.
@@ -392,7 +391,7 @@ impl Actor for FanInActor {
                     Err(e) => warn!("scanning for follow-ups to create failed: {e}"),
                 }
             }
-            FanInMsg::Peers(peers) => state.args.queue = peers.queue,
+            FanInMsg::Queue(queue) => state.args.queue = queue,
         }
         Ok(())
     }

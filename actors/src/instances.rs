@@ -18,11 +18,11 @@ use crate::container::{
     ContainerActor, ContainerArgs, ContainerMsg, InstanceEvent, InstanceState, InstanceStatus,
     LifecycleSettings,
 };
-use crate::dispatch_supervisor::InstanceSpec;
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
 use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::runtime::LaunchPlan;
+use crate::spec::InstanceSpec;
 
 /// Messages of the InstanceSupervisor.
 #[derive(Debug)]

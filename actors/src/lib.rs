@@ -43,6 +43,7 @@
 //! - [`container`]: `ContainerActor`, one model server's lifecycle: launch,
 //!   adopt, Loading → Ready → Unhealthy → Restarting, crash loop → Failed.
 //! - [`peers`]: the references actors hold to one another.
+//! - [`spec`]: `InstanceSpec`, one instance as the supervisors see it.
 //! - `testkit` (feature `testkit`): the store contract suite run by every adapter.
 
 pub mod allocator;
@@ -63,6 +64,7 @@ pub mod queue;
 pub mod restart;
 pub mod results;
 pub mod runtime;
+pub mod spec;
 pub mod store;
 pub mod supervisor;
 pub mod time;

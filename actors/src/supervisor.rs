@@ -23,9 +23,7 @@ use crate::allocator::{
 use crate::backoff::Backoff;
 use crate::container::{InstanceStatus, LifecycleSettings};
 use crate::dispatch::DispatchStatus;
-use crate::dispatch_supervisor::{
-    DispatchSupArgs, DispatchSupMsg, DispatchSupervisor, InstanceSpec,
-};
+use crate::dispatch_supervisor::{DispatchSupArgs, DispatchSupMsg, DispatchSupervisor};
 use crate::fanin::{FanInActor, FanInArgs, FanInMsg};
 use crate::gpu::{GpuProbe, GpuSnapshot};
 use crate::gpu_monitor::{GpuMonitorActor, GpuMonitorArgs, GpuMonitorMsg, ThermalLimits};
@@ -35,6 +33,7 @@ use crate::peers::Peers;
 use crate::queue::{QueueActor, QueueArgs, QueueMsg};
 use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
+use crate::spec::InstanceSpec;
 use crate::store::JobStore;
 use crate::time::Clock;
 
@@ -433,7 +432,7 @@ impl FeederState {
         let _ = peers
             .queue
             .cast(QueueMsg::SubscribeFinished(peers.fanin.get_derived()));
-        let _ = peers.fanin.cast(FanInMsg::Peers(peers.clone()));
+        let _ = peers.fanin.cast(FanInMsg::Queue(peers.queue.clone()));
         let _ = peers
             .health
             .cast(HealthMsg::Sink(peers.instances.get_derived()));

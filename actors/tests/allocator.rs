@@ -12,9 +12,9 @@ use ractor::{Actor, ActorRef};
 use feeder_actors::allocator::{decide, AllocatorSettings, Backlog, Inputs, Strategy};
 use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, LifecycleSettings};
-use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::gpu_monitor::ThermalLimits;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
+use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{
     FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
 };

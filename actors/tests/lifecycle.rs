@@ -11,9 +11,9 @@ use ractor::{Actor, ActorRef};
 
 use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, InstanceStatus, LifecycleSettings};
-use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::inference::ProbeError;
 use feeder_actors::runtime::{ContainerRuntime, Found, LaunchPlan};
+use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{

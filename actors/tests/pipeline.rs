@@ -10,10 +10,10 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 
 use feeder_actors::dispatch::DispatchMsg;
-use feeder_actors::dispatch_supervisor::InstanceSpec;
 use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg};
 use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAvailable};
 use feeder_actors::results::{JobResult, ResultStore};
+use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{
