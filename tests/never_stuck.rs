@@ -6,10 +6,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::openai_like::{OpenAiLike, Quirks};
-use common::{external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{
+    external, free_port, sqlite3, unix_now, wait_for, DaemonProcess, Scratch, SimProcess,
+};
 use rand::{Rng, SeedableRng};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -22,13 +24,6 @@ fn config(admin_port: u16, dispatch: &str, instances: &str) -> String {
     format!(
         "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n[dispatch]\nwindow = 64\nexternal_poll_ms = {POLL_MS}\nshutdown_grace_s = 5\n{dispatch}\n\n[health]\ninterval_s = 0.2\n\n{instances}"
     )
-}
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
 }
 
 fn f(job: &serde_json::Value, key: &str) -> f64 {
@@ -110,7 +105,7 @@ fn jobs_waiting_out_a_retry_backoff_are_sent_when_due_after_a_kill_9() {
         .map(|j| f(j, "run_at"))
         .fold(f64::INFINITY, f64::min);
     assert!(
-        earliest > now(),
+        earliest > unix_now(),
         "the backoff already ran out before the restart: the test proves nothing"
     );
 
@@ -146,16 +141,7 @@ fn a_row_inserted_with_a_future_run_at_is_sent_when_it_comes_due() {
          INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_inline, created_at, run_at) \
          VALUES (randomblob(16), 'later', 'think', '{\"prompt\": \"later\"}', strftime('%s','now'), \
                  (julianday('now') - 2440587.5) * 86400.0 + 3.0);";
-    let out = std::process::Command::new("sqlite3")
-        .arg(s.db())
-        .arg(insert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sqlite3(&s.db(), insert);
     wait_for("the job is done", Duration::from_secs(30), || {
         s.count("done") == 1
     });
@@ -264,7 +250,7 @@ fn cli_claim(db: &std::path::Path, n: usize) -> Vec<String> {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/sql/claim.sql"),
     )
     .unwrap();
-    let t = now();
+    let t = unix_now();
     let statement = sql
         .replace(":claim_id", "'cli-claim'")
         .replace(":owner", "'another-process'")

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{external, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{external, sqlite3, unix_now, wait_for, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -141,16 +141,7 @@ fn a_row_inserted_by_another_program_is_dispatched() {
          VALUES (randomblob(16), 'x', 'think', '{}', strftime('%s','now'));",
         payload.display()
     );
-    let out = std::process::Command::new("sqlite3")
-        .arg(s.db())
-        .arg(&insert)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sqlite3(&s.db(), &insert);
     wait_for("the inserted job is done", Duration::from_secs(30), || {
         s.count("done") == 1
     });
@@ -266,13 +257,6 @@ fn shutdown_scratch(think: &SimProcess, grace_s: u64) -> Scratch {
             &format!("shutdown_grace_s = {grace_s}"),
         ) + &external("think", "think", &think.url)),
     )
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
 }
 
 #[test]

@@ -6,10 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{external, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{external, sqlite3, wait_for, DaemonProcess, Scratch, SimProcess};
 
 /// The migration files, in order.
 fn migrations() -> Vec<PathBuf> {
@@ -22,31 +21,6 @@ fn migrations() -> Vec<PathBuf> {
     files.sort();
     assert!(files.len() >= 4, "{files:?}");
     files
-}
-
-/// Runs `sqlite3 DB` with `sql` on its standard input; returns stdout.
-fn sqlite3(db: &Path, sql: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new("sqlite3")
-        .arg(db)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the sqlite3 CLI (scripts/test.sh installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(sql.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sqlite3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A migration file as an older copy of it was: without its mark.

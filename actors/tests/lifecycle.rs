@@ -50,6 +50,36 @@ fn settings() -> PipelineSettings {
     }
 }
 
+/// The first instance's status.
+async fn instance_status(feeder: &ActorRef<FeederMsg>) -> InstanceStatus {
+    match feeder
+        .call(|r| FeederMsg::Status { reply: r }, None)
+        .await
+        .unwrap()
+    {
+        CallResult::Success(s) => s.instances.into_iter().next().expect("one instance"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Waits (polling) until the first instance is in state `want`.
+async fn wait_instance_state(feeder: &ActorRef<FeederMsg>, want: InstanceState) -> InstanceStatus {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let s = instance_status(feeder).await;
+        if s.state == want {
+            return s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {want}; now {:?}: {}",
+            s.state,
+            s.reason
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 struct Lab {
     store: MemoryStore,
     server: FakeInference,
@@ -97,32 +127,11 @@ impl Lab {
     }
 
     async fn status(&self) -> InstanceStatus {
-        match self
-            .feeder
-            .call(|r| FeederMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s.instances.into_iter().next().expect("one instance"),
-            other => panic!("{other:?}"),
-        }
+        instance_status(&self.feeder).await
     }
 
     async fn wait_state(&self, want: InstanceState) -> InstanceStatus {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let s = self.status().await;
-            if s.state == want {
-                return s;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never {want}; now {:?}: {}",
-                s.state,
-                s.reason
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_instance_state(&self.feeder, want).await
     }
 
     async fn submit(&self, n: usize) -> Vec<JobId> {
@@ -463,32 +472,8 @@ async fn an_external_server_is_probed_but_never_restarted() {
         gpu_unavailable: "no GPU in message-level tests".into(),
     };
     let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
-    let status = || async {
-        match feeder
-            .call(|r| FeederMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s.instances[0].clone(),
-            other => panic!("{other:?}"),
-        }
-    };
-    let wait = |want: InstanceState| async move {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let s = status().await;
-            if s.state == want {
-                return s;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "never {want}; now {:?}: {}",
-                s.state,
-                s.reason
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let status = || instance_status(&feeder);
+    let wait = |want| wait_instance_state(&feeder, want);
     wait(InstanceState::Ready).await;
     server.set_probe(Err(ProbeError::NotListening("connection refused".into())));
     let down = wait(InstanceState::Unhealthy).await;

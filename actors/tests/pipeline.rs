@@ -138,6 +138,55 @@ async fn spawn_queue(store: &MemoryStore) -> ActorRef<QueueMsg> {
         .0
 }
 
+/// Claims up to `n` jobs of `model` through the queue actor.
+async fn claim_through(
+    queue: &ActorRef<QueueMsg>,
+    model: ModelType,
+    n: usize,
+) -> Vec<feeder_actors::ClaimedJob> {
+    match queue
+        .call(
+            |r| QueueMsg::Claim {
+                model,
+                n,
+                owner: "o".into(),
+                reply: r,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(Ok(c)) => c,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A QueueActor on `store` with a recording subscriber to `model`'s
+/// `WorkAvailable`, the first one (heard at once on subscribing) taken.
+async fn subscribed_queue(
+    store: &MemoryStore,
+    model: ModelType,
+) -> (
+    ActorRef<QueueMsg>,
+    tokio::sync::mpsc::UnboundedReceiver<WorkAvailable>,
+) {
+    let queue = spawn_queue(store).await;
+    let (dispatcher, mut heard) = Recorder::<WorkAvailable>::spawn().await;
+    queue
+        .cast(QueueMsg::Subscribe {
+            model,
+            subscriber: dispatcher.get_derived(),
+        })
+        .unwrap();
+    assert_eq!(
+        heard.recv().await,
+        Some(WorkAvailable),
+        "a subscriber is woken at once"
+    );
+    (queue, heard)
+}
+
 fn rand_tag() -> String {
     hex::encode(rand::random::<[u8; 4]>())
 }
@@ -395,18 +444,7 @@ async fn a_previous_runs_claims_are_released_at_start() {
 #[tokio::test(start_paused = true)]
 async fn the_queue_actor_claims_settles_and_releases() {
     let store = MemoryStore::new();
-    let queue = spawn_queue(&store).await;
-    let (dispatcher, mut heard) = Recorder::<WorkAvailable>::spawn().await;
-    queue
-        .cast(QueueMsg::Subscribe {
-            model: ModelType::Vision,
-            subscriber: dispatcher.get_derived(),
-        })
-        .unwrap();
-    assert!(
-        matches!(heard.recv().await, Some(WorkAvailable)),
-        "a subscriber is woken at once"
-    );
+    let (queue, mut heard) = subscribed_queue(&store, ModelType::Vision).await;
 
     // Another program inserts: the change-token poll wakes the subscriber.
     store.submit(job(ModelType::Vision, "a"), T0).unwrap();
@@ -414,22 +452,7 @@ async fn the_queue_actor_claims_settles_and_releases() {
     store.submit(job(ModelType::Vision, "c"), T0).unwrap();
     assert!(matches!(heard.recv().await, Some(WorkAvailable)));
 
-    let claimed = match queue
-        .call(
-            |r| QueueMsg::Claim {
-                model: ModelType::Vision,
-                n: 3,
-                owner: "o".into(),
-                reply: r,
-            },
-            None,
-        )
-        .await
-        .unwrap()
-    {
-        CallResult::Success(Ok(c)) => c,
-        other => panic!("{other:?}"),
-    };
+    let claimed = claim_through(&queue, ModelType::Vision, 3).await;
     assert_eq!(claimed.len(), 3);
     let done = Completion {
         result_path: "/results/a.json".into(),
@@ -480,15 +503,7 @@ async fn next_wake(heard: &mut tokio::sync::mpsc::UnboundedReceiver<WorkAvailabl
 #[tokio::test(start_paused = true)]
 async fn a_run_at_set_by_another_program_wakes_the_dispatcher_when_it_comes_due() {
     let store = MemoryStore::new();
-    let queue = spawn_queue(&store).await;
-    let (dispatcher, mut heard) = Recorder::<WorkAvailable>::spawn().await;
-    queue
-        .cast(QueueMsg::Subscribe {
-            model: ModelType::Think,
-            subscriber: dispatcher.get_derived(),
-        })
-        .unwrap();
-    next_wake(&mut heard).await;
+    let (_queue, mut heard) = subscribed_queue(&store, ModelType::Think).await;
 
     // Another connection (a daemon that died since, or another program)
     // leaves a job pending until T0 + 30 s.
@@ -915,22 +930,7 @@ async fn the_queue_publishes_finished_fragments_and_follow_ups_only() {
     staged.then_model = Some(ModelType::Vision);
     let staged = store.submit(staged, T0).unwrap().id;
     let plain = store.submit(job(ModelType::Think, "plain"), T0).unwrap().id;
-    let claimed = match queue
-        .call(
-            |r| QueueMsg::Claim {
-                model: ModelType::Think,
-                n: 10,
-                owner: "o".into(),
-                reply: r,
-            },
-            None,
-        )
-        .await
-        .unwrap()
-    {
-        CallResult::Success(Ok(c)) => c,
-        other => panic!("{other:?}"),
-    };
+    let claimed = claim_through(&queue, ModelType::Think, 10).await;
     assert_eq!(claimed.len(), 3);
     for c in &claimed {
         let done = Completion {
