@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::inference::ProbeError;
 use crate::job::ModelType;
+use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
 use crate::runtime::{ContainerRuntime, Exit, LaunchPlan};
 
 /// Lines of server output kept with a failure.
@@ -305,10 +306,9 @@ pub struct ContainerState {
     id: Option<String>,
     adopted: bool,
     restarts: u64,
-    /// Restarts in a row without `restart_reset` of good health between.
-    streak: u32,
-    /// When recent restarts happened (for crash-loop detection).
-    recent: VecDeque<Instant>,
+    /// Restarts in a row and within the crash-loop window: the same
+    /// bookkeeping as the supervisors' (ready counts as started).
+    tracker: RestartTracker,
     failures: u32,
     last_probe_error: Option<ProbeError>,
     last_error: Option<String>,
@@ -356,6 +356,9 @@ impl ContainerState {
         self.state = state;
         self.reason = reason;
         self.since = Instant::now();
+        if state == InstanceState::Ready && was != InstanceState::Ready {
+            self.tracker.started(self.since);
+        }
         if ready_changed {
             let ready = state == InstanceState::Ready;
             self.args
@@ -445,24 +448,23 @@ impl ContainerState {
             return; // External: probes bring it back.
         };
         let s = &self.args.settings;
-        if was_ready_for.is_some_and(|d| d >= s.restart_reset) {
-            self.streak = 0;
+        let policy = RestartPolicy {
+            backoff: s.restart,
+            max_restarts: s.crash_loop_restarts as usize,
+            window: s.crash_loop_window,
+            reset_after: s.restart_reset,
+        };
+        if was_ready_for.is_none() {
+            // Only a run that became ready can have lasted.
+            self.tracker.clear_start();
         }
-        let now = Instant::now();
-        while self
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > s.crash_loop_window)
-        {
-            self.recent.pop_front();
-        }
+        let decision = self.tracker.failed(&policy, Instant::now(), reason);
         self.generation += 1;
         let generation = self.generation;
         let old = self.id.take();
         let grace = s.stop_grace;
-        if self.recent.len() as u32 >= s.crash_loop_restarts {
+        if let RestartDecision::Escalate { restarts: n } = decision {
             let window = s.crash_loop_window.as_secs();
-            let n = self.recent.len();
             self.set(
                 InstanceState::Failed,
                 format!(
@@ -480,8 +482,9 @@ impl ContainerState {
             }
             return;
         }
-        self.streak += 1;
-        let delay = s.restart.delay(self.streak);
+        let RestartDecision::RestartIn(delay) = decision else {
+            unreachable!("escalation returned above")
+        };
         self.set(
             InstanceState::Restarting,
             format!(
@@ -640,8 +643,7 @@ impl Actor for ContainerActor {
             id: None,
             adopted: false,
             restarts: 0,
-            streak: 0,
-            recent: VecDeque::new(),
+            tracker: RestartTracker::default(),
             failures: 0,
             last_probe_error: None,
             last_error: None,
@@ -752,7 +754,6 @@ impl Actor for ContainerActor {
             ContainerMsg::RestartNow { generation } => {
                 if generation == state.generation && state.state == InstanceState::Restarting {
                     state.restarts += 1;
-                    state.recent.push_back(Instant::now());
                     state.state = InstanceState::Stopped;
                     state.launch(&myself);
                 }
@@ -859,8 +860,7 @@ impl Actor for ContainerActor {
                         state.name()
                     )),
                     InstanceState::Failed | InstanceState::Stopped => {
-                        state.recent.clear();
-                        state.streak = 0;
+                        state.tracker.forgive();
                         state.generation += 1;
                         state.set(InstanceState::Stopped, "an operator asked for a restart");
                         state.launch(&myself);

@@ -63,9 +63,24 @@ pub struct RestartTracker {
 }
 
 impl RestartTracker {
-    /// Records that the child (re)started now.
+    /// Records that the child (re)started now (for a model server: that it
+    /// became ready).
     pub fn started(&mut self, now: Instant) {
         self.last_start = Some(now);
+    }
+
+    /// Forgets the last start: the run that fails next did not get going
+    /// (for a model server: it never became ready), so it cannot have lasted.
+    pub fn clear_start(&mut self) {
+        self.last_start = None;
+    }
+
+    /// Forgets the failures (an operator revived what was given up on);
+    /// the total is kept.
+    pub fn forgive(&mut self) {
+        self.recent.clear();
+        self.consecutive = 0;
+        self.last_start = None;
     }
 
     /// Records a failure at `now` and decides what to do.
@@ -76,8 +91,11 @@ impl RestartTracker {
         reason: String,
     ) -> RestartDecision {
         self.last_error = Some(reason);
+        // A run that lasted `reset_after` starts the backoff afresh; the
+        // next run counts from its own `started`.
         if self
             .last_start
+            .take()
             .is_some_and(|s| now.duration_since(s) >= policy.reset_after)
         {
             self.consecutive = 0;
