@@ -34,6 +34,7 @@ use crate::peers::Peers;
 use crate::queue::{QueueMsg, WorkAvailable};
 use crate::results::{JobResult, ResultStore};
 use crate::store::Settle;
+use crate::tell::tell;
 
 /// Messages of a DispatchActor.
 #[derive(Debug)]
@@ -369,14 +370,22 @@ impl DispatchState {
     }
 
     fn subscribe(&self, myself: &ActorRef<DispatchMsg>) {
-        let _ = self.peers.queue.cast(QueueMsg::Subscribe {
-            model: self.args.model,
-            subscriber: myself.get_derived(),
-        });
-        let _ = self.peers.instances.cast(InstanceSupMsg::Watch {
-            instance: self.args.instance.clone(),
-            dispatcher: myself.get_derived(),
-        });
+        tell(
+            &self.peers.queue,
+            "a dispatcher's subscription to its model's work",
+            QueueMsg::Subscribe {
+                model: self.args.model,
+                subscriber: myself.get_derived(),
+            },
+        );
+        tell(
+            &self.peers.instances,
+            "a dispatcher's watch of its instance",
+            InstanceSupMsg::Watch {
+                instance: self.args.instance.clone(),
+                dispatcher: myself.get_derived(),
+            },
+        );
     }
 
     fn paused(&self) -> bool {

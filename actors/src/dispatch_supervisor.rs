@@ -20,6 +20,7 @@ use crate::queue::QueueMsg;
 use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
+use crate::tell::tell;
 
 /// Messages of the DispatchSupervisor.
 #[derive(Debug)]
@@ -132,7 +133,7 @@ impl DispatchSupState {
         self.by_id.insert(actor.get_id(), i);
         self.slots[i].tracker.started(Instant::now());
         if let Some(f) = self.slots[i].thermal {
-            let _ = actor.cast(DispatchMsg::Thermal(Some(f)));
+            tell(&actor, "a thermal cap", DispatchMsg::Thermal(Some(f)));
         }
         self.slots[i].actor = Some(actor);
         Ok(())
@@ -208,7 +209,7 @@ impl Actor for DispatchSupervisor {
             DispatchSupMsg::Peers(peers) => {
                 state.args.peers = peers.clone();
                 for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
-                    let _ = a.cast(DispatchMsg::Peers(peers.clone()));
+                    tell(a, "the new peers", DispatchMsg::Peers(peers.clone()));
                 }
             }
             DispatchSupMsg::Drain { grace, reply } => {
@@ -253,7 +254,7 @@ impl Actor for DispatchSupervisor {
                     if want != slot.thermal {
                         slot.thermal = want;
                         if let Some(a) = &slot.actor {
-                            let _ = a.cast(DispatchMsg::Thermal(want));
+                            tell(a, "a thermal cap", DispatchMsg::Thermal(want));
                         }
                     }
                 }

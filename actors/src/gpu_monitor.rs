@@ -15,6 +15,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use tracing::{info, warn};
 
 use crate::gpu::{GpuProbe, GpuReading, GpuSnapshot};
+use crate::tell::publish;
 
 /// Messages of the GpuMonitorActor.
 #[derive(Debug)]
@@ -62,7 +63,7 @@ pub struct GpuMonitorActor;
 
 impl GpuMonitorState {
     fn publish(&self, snapshot: GpuSnapshot) {
-        let _ = self.args.sink.send_message(snapshot);
+        publish(&self.args.sink, "a GPU snapshot", snapshot);
     }
 
     fn alerts(&mut self, gpus: &[GpuReading]) {

@@ -23,6 +23,7 @@ use crate::inference::ProbeError;
 use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
+use crate::tell::{publish, tell};
 
 /// Messages of the InstanceSupervisor.
 #[derive(Debug)]
@@ -203,7 +204,7 @@ impl Actor for InstanceSupervisor {
             }
             InstanceSupMsg::Probed { instance, outcome } => {
                 if let Some(a) = state.slot(&instance).and_then(|s| s.actor.as_ref()) {
-                    let _ = a.cast(ContainerMsg::Probed(outcome));
+                    tell(a, "a probe outcome", ContainerMsg::Probed(outcome));
                 }
             }
             InstanceSupMsg::Watch {
@@ -215,10 +216,14 @@ impl Actor for InstanceSupervisor {
                     slot.watchers.push(dispatcher.clone());
                     match &slot.actor {
                         Some(a) => {
-                            let _ = a.cast(ContainerMsg::Watch(dispatcher));
+                            tell(a, "a dispatcher's watch", ContainerMsg::Watch(dispatcher));
                         }
                         None => {
-                            let _ = dispatcher.send_message(InstanceEvent::Ready(false));
+                            publish(
+                                &dispatcher,
+                                "a not-ready notice",
+                                InstanceEvent::Ready(false),
+                            );
                         }
                     }
                 }

@@ -67,6 +67,7 @@ pub mod runtime;
 pub mod spec;
 pub mod store;
 pub mod supervisor;
+pub mod tell;
 pub mod time;
 
 #[cfg(feature = "testkit")]

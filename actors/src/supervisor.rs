@@ -35,6 +35,7 @@ use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTrac
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::store::JobStore;
+use crate::tell::tell;
 use crate::time::Clock;
 
 /// The children of the FeederSupervisor.
@@ -429,18 +430,26 @@ impl FeederState {
 
     fn broadcast_peers(&self) {
         let Some(peers) = self.peers() else { return };
-        let _ = peers
-            .queue
-            .cast(QueueMsg::SubscribeFinished(peers.fanin.get_derived()));
-        let _ = peers.fanin.cast(FanInMsg::Queue(peers.queue.clone()));
-        let _ = peers
-            .health
-            .cast(HealthMsg::Sink(peers.instances.get_derived()));
+        tell(
+            &peers.queue,
+            "the fan-in's subscription",
+            QueueMsg::SubscribeFinished(peers.fanin.get_derived()),
+        );
+        tell(
+            &peers.fanin,
+            "the new queue",
+            FanInMsg::Queue(peers.queue.clone()),
+        );
+        tell(
+            &peers.health,
+            "the new instance supervisor",
+            HealthMsg::Sink(peers.instances.get_derived()),
+        );
         if let Some(a) = &self.allocator {
-            let _ = a.cast(AllocatorMsg::Peers(peers.clone()));
+            tell(a, "the new peers", AllocatorMsg::Peers(peers.clone()));
         }
         if let Some(d) = &self.dispatch {
-            let _ = d.cast(DispatchSupMsg::Peers(peers));
+            tell(d, "the new peers", DispatchSupMsg::Peers(peers));
         }
     }
 }
@@ -648,13 +657,17 @@ impl Actor for FeederSupervisor {
             }
             FeederMsg::Gpu(snapshot) => {
                 if let Some(d) = &state.dispatch {
-                    let _ = d.cast(DispatchSupMsg::Thermal {
-                        hot: snapshot.hot.clone(),
-                        factor: state.args.settings.thermal_window_factor,
-                    });
+                    tell(
+                        d,
+                        "the hot GPUs",
+                        DispatchSupMsg::Thermal {
+                            hot: snapshot.hot.clone(),
+                            factor: state.args.settings.thermal_window_factor,
+                        },
+                    );
                 }
                 if let Some(a) = &state.allocator {
-                    let _ = a.cast(AllocatorMsg::Gpu(snapshot.clone()));
+                    tell(a, "a GPU snapshot", AllocatorMsg::Gpu(snapshot.clone()));
                 }
                 state.gpus = Some(snapshot);
             }
