@@ -154,14 +154,9 @@ impl FeederMcp {
                 Submission::Single(sub.inline_job(checked))
             };
             let now = Timestamp::now();
-            let (s, fragments) = match submission {
-                Submission::Single(job) => (store.submit(job, now), None),
-                Submission::Parent { parent, fragments } => {
-                    let n = fragments.len();
-                    (store.submit_parent(parent, fragments, now), Some(n))
-                }
-            };
-            let s = s.map_err(|e| e.to_string())?;
+            let (s, fragments) = submission
+                .store(store.as_ref(), now)
+                .map_err(|e| e.to_string())?;
             Ok(CallToolResult::structured(json!({
                 "id": s.id, "created": s.created, "status": s.status, "fragments": fragments,
             })))

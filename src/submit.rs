@@ -60,6 +60,27 @@ pub enum Submission {
     },
 }
 
+impl Submission {
+    /// Queues it in one transaction: the job, or the parent with its
+    /// fragments. The one way the CLI and the MCP server store what they
+    /// were given (the admin endpoint goes through the running queue
+    /// actor, which also wakes the dispatchers). Also says how many
+    /// fragments there are, for a parent.
+    pub fn store(
+        self,
+        store: &dyn feeder_actors::JobStore,
+        now: feeder_actors::Timestamp,
+    ) -> feeder_actors::StoreResult<(feeder_actors::Submitted, Option<usize>)> {
+        match self {
+            Submission::Single(job) => Ok((store.submit(job, now)?, None)),
+            Submission::Parent { parent, fragments } => {
+                let n = fragments.len();
+                Ok((store.submit_parent(parent, fragments, now)?, Some(n)))
+            }
+        }
+    }
+}
+
 /// Image types a vision payload may carry, by extension, with their MIME type.
 pub const IMAGE_TYPES: &[(&str, &str)] = &[
     ("png", "image/png"),

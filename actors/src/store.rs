@@ -204,6 +204,32 @@ pub trait JobStore: Send + Sync + 'static {
     /// A value that changes when another program commits to the store, or
     /// `None` if the store cannot tell. Cheap: polled every few hundred ms.
     fn change_token(&self) -> StoreResult<Option<i64>>;
+
+    /// Up to `limit` ids whose hex digits start with `prefix` (lower case).
+    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
+
+    /// A job id, or a unique prefix of at least 4 hex digits, as a user
+    /// types it; the error says what to give instead.
+    fn resolve(&self, text: &str) -> StoreResult<JobId> {
+        let text = text.trim().to_ascii_lowercase();
+        if let Ok(id) = text.parse::<JobId>() {
+            return Ok(id);
+        }
+        if text.len() < 4 || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::Invalid(format!(
+                "`{text}` is not a job id: give the 32 hex digits printed by `gpu-feeder submit` or `list`, or a unique prefix of at least 4"
+            )));
+        }
+        match self.ids_with_prefix(&text, 2)?.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(StoreError::Invalid(format!(
+                "no job id starts with `{text}`: check it with `gpu-feeder list`"
+            ))),
+            _ => Err(StoreError::Invalid(format!(
+                "more than one job id starts with `{text}`: give more digits"
+            ))),
+        }
+    }
 }
 
 /// The error of a job quarantined as a poison job.

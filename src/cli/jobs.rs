@@ -132,13 +132,7 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
     } else {
         unreachable!("clap requires one input");
     };
-    let (s, fragments) = match submission {
-        Submission::Single(job) => (store.submit(job, now)?, None),
-        Submission::Parent { parent, fragments } => {
-            let n = fragments.len();
-            (store.submit_parent(parent, fragments, now)?, Some(n))
-        }
-    };
+    let (s, fragments) = submission.store(&store, now)?;
     if args.wait {
         if !args.json {
             let verb = if s.created {

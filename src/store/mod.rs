@@ -100,40 +100,6 @@ impl SqliteStore {
             .db()
     }
 
-    /// Resolves a job id or a unique prefix of at least 4 hex digits.
-    pub fn resolve(&self, text: &str) -> StoreResult<JobId> {
-        let text = text.trim().to_ascii_lowercase();
-        if let Ok(id) = text.parse::<JobId>() {
-            return Ok(id);
-        }
-        if text.len() < 4 || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(StoreError::Invalid(format!(
-                "`{text}` is not a job id: give the 32 hex digits printed by `gpu-feeder submit` or `list`, or a unique prefix of at least 4"
-            )));
-        }
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare_cached("SELECT id FROM gpu_jobs WHERE hex(id) LIKE ?1 || '%' LIMIT 2")
-            .db()?;
-        let ids: Vec<Vec<u8>> = stmt
-            .query_map([text.to_ascii_uppercase()], |r| r.get(0))
-            .db()?
-            .collect::<Result<_, _>>()
-            .db()?;
-        match ids.as_slice() {
-            [one] => JobId::from_slice(one).ok_or_else(|| StoreError::Corrupt {
-                id: hex::encode(one),
-                reason: "id is not 16 bytes".into(),
-            }),
-            [] => Err(StoreError::Invalid(format!(
-                "no job id starts with `{text}`: check it with `gpu-feeder list`"
-            ))),
-            _ => Err(StoreError::Invalid(format!(
-                "more than one job id starts with `{text}`: give more digits"
-            ))),
-        }
-    }
-
     /// Runs a query of job ids that takes a `:limit`.
     fn ids(&self, sql: &str, limit: usize) -> StoreResult<Vec<JobId>> {
         let conn = self.lock();
@@ -398,6 +364,29 @@ fn crashed_in(
 impl JobStore for SqliteStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
         self.write(|tx| submit_in(tx, &job, now))
+    }
+
+    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached("SELECT id FROM gpu_jobs WHERE hex(id) LIKE ?1 || '%' LIMIT ?2")
+            .db()?;
+        let ids: Vec<Vec<u8>> = stmt
+            .query_map(
+                rusqlite::params![prefix.to_ascii_uppercase(), limit as i64],
+                |r| r.get(0),
+            )
+            .db()?
+            .collect::<Result<_, _>>()
+            .db()?;
+        ids.iter()
+            .map(|one| {
+                JobId::from_slice(one).ok_or_else(|| StoreError::Corrupt {
+                    id: hex::encode(one),
+                    reason: "id is not 16 bytes".into(),
+                })
+            })
+            .collect()
     }
 
     fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {

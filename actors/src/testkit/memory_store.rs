@@ -579,6 +579,17 @@ impl JobStore for MemoryStore {
             .min())
     }
 
+    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>> {
+        Ok(self
+            .lock()
+            .rows
+            .iter()
+            .map(|(_, j)| j.id)
+            .filter(|id| id.to_hex().starts_with(prefix))
+            .take(limit)
+            .collect())
+    }
+
     fn change_token(&self) -> StoreResult<Option<i64>> {
         let inner = self.lock();
         let own = inner.own_commits.get(&self.conn).copied().unwrap_or(0);

@@ -43,7 +43,7 @@ macro_rules! store_contract_tests {
             change_token_moves_on_foreign_commits, next_due_is_the_earliest_future_run_at,
             follow_ups_are_pending_until_created,
             a_follow_up_is_created_once, stats_per_model_and_status,
-            list_filters_and_limit, get_unknown_is_none);
+            list_filters_and_limit, get_unknown_is_none, resolve_takes_ids_and_unique_prefixes);
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
         $(
@@ -894,4 +894,49 @@ pub fn list_filters_and_limit(f: &impl StoreFixture) {
 pub fn get_unknown_is_none(f: &impl StoreFixture) {
     let s = f.handle();
     assert!(s.get(JobId([1; 16])).unwrap().is_none());
+}
+
+/// `resolve` takes a whole id, or a unique prefix of at least 4 hex digits
+/// in either case; anything else is refused saying what to give.
+pub fn resolve_takes_ids_and_unique_prefixes(f: &impl StoreFixture) {
+    let s = f.handle();
+    let ids: Vec<JobId> = (0..40)
+        .map(|i| {
+            s.submit(job(ModelType::Think, &format!("r{i}")), T0)
+                .unwrap()
+                .id
+        })
+        .collect();
+    let first = ids[0];
+    assert_eq!(s.resolve(&first.to_hex()).unwrap(), first);
+    assert_eq!(
+        s.resolve(&format!(" {} ", first.to_hex().to_uppercase()))
+            .unwrap(),
+        first
+    );
+    // The shortest prefix of each id that no other id shares resolves to it.
+    for id in &ids {
+        let hex = id.to_hex();
+        let n = (4..=32)
+            .find(|n| {
+                ids.iter()
+                    .filter(|o| o.to_hex().starts_with(&hex[..*n]))
+                    .count()
+                    == 1
+            })
+            .unwrap();
+        assert_eq!(s.resolve(&hex[..n]).unwrap(), *id, "prefix {}", &hex[..n]);
+    }
+    let err = |text: &str| s.resolve(text).unwrap_err().to_string();
+    assert!(err("abc").contains("at least 4"), "{}", err("abc"));
+    assert!(err("zzzz").contains("is not a job id"), "{}", err("zzzz"));
+    let unknown = (0..u16::MAX)
+        .map(|n| format!("{n:04x}"))
+        .find(|p| !ids.iter().any(|i| i.to_hex().starts_with(p.as_str())))
+        .unwrap();
+    assert!(
+        err(&unknown).contains("no job id starts with"),
+        "{}",
+        err(&unknown)
+    );
 }
