@@ -754,7 +754,6 @@ impl Actor for ContainerActor {
             ContainerMsg::RestartNow { generation } => {
                 if generation == state.generation && state.state == InstanceState::Restarting {
                     state.restarts += 1;
-                    state.state = InstanceState::Stopped;
                     state.launch(&myself);
                 }
             }
@@ -792,7 +791,6 @@ impl Actor for ContainerActor {
                         state.pending_reconfigure.push(reply);
                         if !state.stop_server(&myself, "relaunching with a new plan") {
                             state.generation += 1;
-                            state.state = InstanceState::Stopped;
                             state.launch(&myself);
                         }
                     }
@@ -838,7 +836,6 @@ impl Actor for ContainerActor {
                         );
                     } else {
                         // Stopped to relaunch with a new plan.
-                        state.state = InstanceState::Stopped;
                         state.launch(&myself);
                     }
                     for r in state.pending_park.drain(..) {

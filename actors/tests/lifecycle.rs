@@ -188,6 +188,10 @@ async fn launch_load_ready_crash_restart_ready() {
         Lab::states(&s),
         vec![Starting, Loading, Ready, Unhealthy, Restarting, Starting, Loading, Ready]
     );
+    // Every change is in the history: each one starts where the last ended.
+    for pair in s.history.windows(2) {
+        assert_eq!(pair[1].from, pair[0].to, "{:?}", s.history);
+    }
     let unhealthy = &s.history[3];
     assert!(
         unhealthy.reason.contains("exited with code 137")
