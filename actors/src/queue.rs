@@ -157,32 +157,46 @@ pub enum QueueMsg {
         /// Answered when flushed.
         reply: RpcReplyPort<()>,
     },
-    /// Internal: a settlement batch was committed.
+    /// The actor's own timers and background results; only it makes them.
+    Internal(Internal),
+}
+
+/// A message the QueueActor sends itself; opaque outside this module.
+#[derive(Debug)]
+pub struct Internal(Tick);
+
+#[derive(Debug)]
+enum Tick {
+    /// a settlement batch was committed.
     Flushed(Vec<FlushedItem>),
-    /// Internal: time to poll the store's change token.
+    /// time to poll the store's change token.
     Poll,
-    /// Internal: the change token read by a poll.
+    /// the change token read by a poll.
     Polled(Option<i64>),
-    /// Internal: time to reclaim expired leases.
+    /// time to reclaim expired leases.
     Reclaim,
-    /// Internal: wake the dispatchers of one model (`None`: all).
+    /// wake the dispatchers of one model (`None`: all).
     Wake(Option<ModelType>),
-    /// Internal: read when the next job of these models comes due.
+    /// read when the next job of these models comes due.
     RefreshDue(Vec<ModelType>),
-    /// Internal: the next `run_at` of a model, as read.
+    /// the next `run_at` of a model, as read.
     DueAt {
         /// The model.
         model: ModelType,
         /// Its earliest future `run_at`, if any.
         at: Option<Timestamp>,
     },
-    /// Internal: a due timer fired.
+    /// a due timer fired.
     Due {
         /// The model whose job came due.
         model: ModelType,
         /// The `run_at` the timer was set for.
         at: Timestamp,
     },
+}
+
+fn tick(t: Tick) -> QueueMsg {
+    QueueMsg::Internal(Internal(t))
 }
 
 /// One settlement's outcome, as committed.
@@ -282,7 +296,7 @@ impl QueueState {
         }
         self.due.insert(model, at);
         let delay = at.since(self.args.clock.now()) + DUE_SLACK;
-        myself.send_after(delay, move || QueueMsg::Due { model, at });
+        myself.send_after(delay, move || tick(Tick::Due { model, at }));
     }
 
     /// Reads, in the background, when the next job of `models` comes due.
@@ -294,7 +308,7 @@ impl QueueState {
             for model in models {
                 match blocking(&store, move |s| s.next_due(model, now)).await {
                     Ok(at) => {
-                        let _ = me.cast(QueueMsg::DueAt { model, at });
+                        let _ = me.cast(tick(Tick::DueAt { model, at }));
                     }
                     Err(e) => warn!("reading when the next {model} job comes due failed: {e}"),
                 }
@@ -357,7 +371,7 @@ impl QueueState {
                     result,
                 })
                 .collect();
-            let _ = myself.cast(QueueMsg::Flushed(flushed));
+            let _ = myself.cast(tick(Tick::Flushed(flushed)));
         });
     }
 
@@ -440,8 +454,8 @@ impl Actor for QueueActor {
             info!("reclaimed {n} jobs whose lease had expired");
         }
         let last_token = blocking(&args.store, |s| s.change_token()).await?;
-        myself.send_interval(args.poll_interval, || QueueMsg::Poll);
-        myself.send_interval(args.reclaim_interval, || QueueMsg::Reclaim);
+        myself.send_interval(args.poll_interval, || tick(Tick::Poll));
+        myself.send_interval(args.reclaim_interval, || tick(Tick::Reclaim));
         let state = QueueState {
             args,
             finished: None,
@@ -481,7 +495,7 @@ impl Actor for QueueActor {
                         blocking(&store, move |s| s.claim(model, n, lease, &owner, now)).await;
                     // A short claim: what is left may be waiting for its run_at.
                     if out.as_ref().is_ok_and(|jobs| jobs.len() < n) {
-                        let _ = me.cast(QueueMsg::RefreshDue(vec![model]));
+                        let _ = me.cast(tick(Tick::RefreshDue(vec![model])));
                     }
                     let _ = reply.send(out);
                 });
@@ -565,19 +579,19 @@ impl Actor for QueueActor {
                     let _ = reply.send(());
                 }
             }
-            QueueMsg::Flushed(items) => state.flushed(&myself, items),
-            QueueMsg::Poll => {
+            QueueMsg::Internal(Internal(Tick::Flushed(items))) => state.flushed(&myself, items),
+            QueueMsg::Internal(Internal(Tick::Poll)) => {
                 if !state.polling {
                     state.polling = true;
                     let store = store.clone();
                     let me = myself.clone();
                     tokio::spawn(async move {
                         let token = blocking(&store, |s| s.change_token()).await.unwrap_or(None);
-                        let _ = me.cast(QueueMsg::Polled(token));
+                        let _ = me.cast(tick(Tick::Polled(token)));
                     });
                 }
             }
-            QueueMsg::Polled(token) => {
+            QueueMsg::Internal(Internal(Tick::Polled(token))) => {
                 state.polling = false;
                 if token.is_some() && token != state.last_token {
                     state.last_token = token;
@@ -586,7 +600,7 @@ impl Actor for QueueActor {
                     state.refresh_due(&myself, ModelType::ALL.to_vec());
                 }
             }
-            QueueMsg::Reclaim => {
+            QueueMsg::Internal(Internal(Tick::Reclaim)) => {
                 let store = store.clone();
                 let me = myself.clone();
                 tokio::spawn(async move {
@@ -594,20 +608,22 @@ impl Actor for QueueActor {
                         Ok(0) => {}
                         Ok(n) => {
                             warn!("reclaimed {n} jobs whose lease expired (their holder died or stalled)");
-                            let _ = me.cast(QueueMsg::Wake(None));
+                            let _ = me.cast(tick(Tick::Wake(None)));
                         }
                         Err(e) => error!("reclaiming expired leases failed: {e}"),
                     }
                 });
             }
-            QueueMsg::Wake(model) => state.wake(model),
-            QueueMsg::RefreshDue(models) => state.refresh_due(&myself, models),
-            QueueMsg::DueAt { model, at } => {
+            QueueMsg::Internal(Internal(Tick::Wake(model))) => state.wake(model),
+            QueueMsg::Internal(Internal(Tick::RefreshDue(models))) => {
+                state.refresh_due(&myself, models)
+            }
+            QueueMsg::Internal(Internal(Tick::DueAt { model, at })) => {
                 if let Some(at) = at {
                     state.schedule_due(&myself, model, at);
                 }
             }
-            QueueMsg::Due { model, at } => {
+            QueueMsg::Internal(Internal(Tick::Due { model, at })) => {
                 if state.due.get(&model) == Some(&at) {
                     state.due.remove(&model);
                 }
