@@ -50,26 +50,6 @@ pub enum DispatchMsg {
         /// What happened, for the log.
         reason: String,
     },
-    /// Jobs parked after "connection refused" were not explained by a
-    /// crash: give them back without an attempt counted.
-    Unpark {
-        /// The parking round it ends.
-        round: u64,
-    },
-    /// A background claim's answer.
-    Claimed {
-        /// How many jobs were asked for.
-        asked: usize,
-        /// The jobs, or why there are none.
-        result: Result<Vec<ClaimedJob>, String>,
-    },
-    /// A request finished (its result already written when it succeeded).
-    Finished {
-        /// The job.
-        job_id: JobId,
-        /// The completion, or why there is none.
-        outcome: Result<Completion, InferenceError>,
-    },
     /// Reply once nothing is in flight (a planned stop of the server waits
     /// for it; the instance is no longer Ready, so nothing new is sent).
     WhenIdle {
@@ -96,6 +76,43 @@ pub enum DispatchMsg {
     },
     /// The current peers: (re)subscribe to the queue and to health.
     Peers(Peers),
+    /// The actor's own timers and background results; only it makes them.
+    Internal(Internal),
+    /// Fault injection for tests: fail as a bug in the handler would.
+    #[cfg(any(test, feature = "testkit"))]
+    InjectPanic,
+    /// Fault injection for tests: stop answering for this long, as a
+    /// handler stuck on a slow call would.
+    #[cfg(any(test, feature = "testkit"))]
+    InjectStall(Duration),
+}
+
+/// A message the DispatchActor sends itself; opaque outside this module.
+#[derive(Debug)]
+pub struct Internal(Tick);
+
+#[derive(Debug)]
+enum Tick {
+    /// Jobs parked after "connection refused" were not explained by a
+    /// crash: give them back without an attempt counted.
+    Unpark {
+        /// The parking round it ends.
+        round: u64,
+    },
+    /// A background claim's answer.
+    Claimed {
+        /// How many jobs were asked for.
+        asked: usize,
+        /// The jobs, or why there are none.
+        result: Result<Vec<ClaimedJob>, String>,
+    },
+    /// A request finished (its result already written when it succeeded).
+    Finished {
+        /// The job.
+        job_id: JobId,
+        /// The completion, or why there is none.
+        outcome: Result<Completion, InferenceError>,
+    },
     /// The queue committed this job's settlement.
     Settled(JobId),
     /// This job's settlement did not reach the store (the queue stopped,
@@ -108,13 +125,10 @@ pub enum DispatchMsg {
     },
     /// Send this job's kept settlement again.
     Resettle(JobId),
-    /// Fault injection for tests: fail as a bug in the handler would.
-    #[cfg(any(test, feature = "testkit"))]
-    InjectPanic,
-    /// Fault injection for tests: stop answering for this long, as a
-    /// handler stuck on a slow call would.
-    #[cfg(any(test, feature = "testkit"))]
-    InjectStall(Duration),
+}
+
+fn tick(t: Tick) -> DispatchMsg {
+    DispatchMsg::Internal(Internal(t))
 }
 
 /// What `Status` reports.
@@ -325,30 +339,30 @@ impl DispatchState {
         };
         let me = self.me.clone();
         if let Err(e) = self.peers.queue.cast(msg) {
-            let _ = me.cast(DispatchMsg::SettleLost {
+            let _ = me.cast(tick(Tick::SettleLost {
                 job,
                 why: format!("the queue is not running ({e})"),
-            });
+            }));
             return;
         }
         let timeout = self.args.call_timeout;
         tokio::spawn(async move {
             let outcome = match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(Ok(()))) => DispatchMsg::Settled(job),
-                Ok(Ok(Err(e))) => DispatchMsg::SettleLost {
+                Ok(Ok(Ok(()))) => Tick::Settled(job),
+                Ok(Ok(Err(e))) => Tick::SettleLost {
                     job,
                     why: format!("the store failed: {e}"),
                 },
-                Ok(Err(_)) => DispatchMsg::SettleLost {
+                Ok(Err(_)) => Tick::SettleLost {
                     job,
                     why: "the queue stopped before committing it".into(),
                 },
-                Err(_) => DispatchMsg::SettleLost {
+                Err(_) => Tick::SettleLost {
                     job,
                     why: format!("the queue did not commit it within {} s", timeout.as_secs()),
                 },
             };
-            let _ = me.cast(outcome);
+            let _ = me.cast(tick(outcome));
         });
     }
 
@@ -365,8 +379,7 @@ impl DispatchState {
         } else {
             debug!(%job, tries = u.tries, "settlement lost again: {why}");
         }
-        self.me
-            .send_after(pause, move || DispatchMsg::Resettle(job));
+        self.me.send_after(pause, move || tick(Tick::Resettle(job)));
     }
 
     fn subscribe(&self, myself: &ActorRef<DispatchMsg>) {
@@ -445,7 +458,7 @@ impl DispatchState {
                         "the request panicked: {what}"
                     )))
                 });
-            let _ = me.cast(DispatchMsg::Finished { job_id, outcome });
+            let _ = me.cast(tick(Tick::Finished { job_id, outcome }));
         });
         self.sent += 1;
         self.in_flight.insert(
@@ -518,10 +531,10 @@ impl DispatchState {
                 Ok(CallResult::SenderError) => Err("the queue dropped the request".into()),
                 Err(e) => Err(format!("the queue is gone: {e}")),
             };
-            let _ = me.cast(DispatchMsg::Claimed {
+            let _ = me.cast(tick(Tick::Claimed {
                 asked: want,
                 result,
-            });
+            }));
         });
     }
 
@@ -636,7 +649,7 @@ impl DispatchState {
                 self.paused_until = Some(Instant::now() + pause);
                 self.parked.insert(job_id, f);
                 let round = self.park_round;
-                myself.send_after(pause, move || DispatchMsg::Unpark { round });
+                myself.send_after(pause, move || tick(Tick::Unpark { round }));
             }
             Err(InferenceError::Retryable(message)) => {
                 self.failed += 1;
@@ -778,7 +791,7 @@ impl Actor for DispatchActor {
                 state.woken_while_claiming = state.claiming;
                 state.fill(&myself);
             }
-            DispatchMsg::Claimed { asked, result } => {
+            DispatchMsg::Internal(Internal(Tick::Claimed { asked, result })) => {
                 state.claimed(&myself, asked, result);
                 state.fill(&myself);
             }
@@ -805,11 +818,11 @@ impl Actor for DispatchActor {
             DispatchMsg::InstanceDown { reason } => {
                 state.instance_down(&reason);
             }
-            DispatchMsg::Unpark { round } => {
+            DispatchMsg::Internal(Internal(Tick::Unpark { round })) => {
                 state.unpark(round);
                 state.fill(&myself);
             }
-            DispatchMsg::Finished { job_id, outcome } => {
+            DispatchMsg::Internal(Internal(Tick::Finished { job_id, outcome })) => {
                 state.finished(&myself, job_id, outcome);
                 state.fill(&myself);
             }
@@ -875,11 +888,13 @@ impl Actor for DispatchActor {
                 state.peers = peers;
                 state.subscribe(&myself);
             }
-            DispatchMsg::Settled(job) => {
+            DispatchMsg::Internal(Internal(Tick::Settled(job))) => {
                 state.unsettled.remove(&job);
             }
-            DispatchMsg::SettleLost { job, why } => state.settle_lost(job, &why),
-            DispatchMsg::Resettle(job) => state.send_settlement(job),
+            DispatchMsg::Internal(Internal(Tick::SettleLost { job, why })) => {
+                state.settle_lost(job, &why)
+            }
+            DispatchMsg::Internal(Internal(Tick::Resettle(job))) => state.send_settlement(job),
             #[cfg(any(test, feature = "testkit"))]
             DispatchMsg::InjectStall(pause) => tokio::time::sleep(pause).await,
             #[cfg(any(test, feature = "testkit"))]
