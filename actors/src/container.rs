@@ -132,9 +132,12 @@ pub enum InstanceEvent {
     },
 }
 
-/// Messages of a ContainerActor.
+/// A message the ContainerActor sends itself; opaque outside this module.
 #[derive(Debug)]
-pub enum ContainerMsg {
+pub struct Internal(Tick);
+
+#[derive(Debug)]
+enum Tick {
     /// Launch or adopt the server.
     Start,
     /// A launch finished.
@@ -153,8 +156,6 @@ pub enum ContainerMsg {
         /// Its last lines of output.
         log_tail: String,
     },
-    /// A probe's outcome, from the HealthActor.
-    Probed(Result<(), ProbeError>),
     /// The load took too long.
     StartupTimeout {
         /// The launch it belongs to.
@@ -165,6 +166,26 @@ pub enum ContainerMsg {
         /// The launch it belongs to.
         generation: u64,
     },
+    /// A stop finished.
+    StopDone {
+        /// The stop it answers.
+        generation: u64,
+        /// Why it failed, if it did.
+        result: Result<(), String>,
+    },
+}
+
+fn tick(t: Tick) -> ContainerMsg {
+    ContainerMsg::Internal(Internal(t))
+}
+
+/// Messages of a ContainerActor.
+#[derive(Debug)]
+pub enum ContainerMsg {
+    /// The actor's own timers and background results; only it makes them.
+    Internal(Internal),
+    /// A probe's outcome, from the HealthActor.
+    Probed(Result<(), ProbeError>),
     /// `dispatcher` wants Ready updates and down notices.
     Watch(DerivedActorRef<InstanceEvent>),
     /// Relaunch with another plan (the allocator's memory share), draining
@@ -192,13 +213,6 @@ pub enum ContainerMsg {
         stop_server: bool,
         /// Answered when the server is stopped (or left).
         reply: RpcReplyPort<()>,
-    },
-    /// A stop finished.
-    StopDone {
-        /// The stop it answers.
-        generation: u64,
-        /// Why it failed, if it did.
-        result: Result<(), String>,
     },
     /// An operator asks to launch a failed (or stopped) instance again:
     /// the crash-loop count starts over. `Err` says why it was not done.
@@ -404,7 +418,7 @@ impl ContainerState {
         let me = myself.clone();
         tokio::spawn(async move {
             let result = adopt_or_start(&*runtime, &plan, grace, &instance).await;
-            let _ = me.cast(ContainerMsg::Launched { generation, result });
+            let _ = me.cast(tick(Tick::Launched { generation, result }));
         });
     }
 
@@ -427,14 +441,14 @@ impl ContainerState {
         tokio::spawn(async move {
             let exit = runtime.wait_exit(&id).await;
             let log_tail = runtime.logs(&id, LOG_LINES).await;
-            let _ = me.cast(ContainerMsg::Exited {
+            let _ = me.cast(tick(Tick::Exited {
                 generation,
                 exit,
                 log_tail,
-            });
+            }));
         });
         let timeout = self.args.settings.startup_timeout;
-        myself.send_after(timeout, move || ContainerMsg::StartupTimeout { generation });
+        myself.send_after(timeout, move || tick(Tick::StartupTimeout { generation }));
     }
 
     /// The server is down or unusable: tell the dispatchers, then restart
@@ -477,7 +491,7 @@ impl ContainerState {
                 let me = myself.clone();
                 tokio::spawn(async move {
                     let result = runtime.stop(&id, grace).await;
-                    let _ = me.cast(ContainerMsg::StopDone { generation, result });
+                    let _ = me.cast(tick(Tick::StopDone { generation, result }));
                 });
             }
             return;
@@ -500,7 +514,7 @@ impl ContainerState {
                     warn!("stopping {id} before its restart failed: {e}");
                 }
             }
-            me.send_after(delay, move || ContainerMsg::RestartNow { generation });
+            me.send_after(delay, move || tick(Tick::RestartNow { generation }));
         });
     }
 
@@ -586,7 +600,7 @@ impl ContainerState {
                 }
             }
             let result = runtime.stop(&id, grace).await;
-            let _ = me.cast(ContainerMsg::StopDone { generation, result });
+            let _ = me.cast(tick(Tick::StopDone { generation, result }));
         });
         true
     }
@@ -633,7 +647,7 @@ impl Actor for ContainerActor {
         for w in &args.watchers {
             let _ = w.send_message(InstanceEvent::Ready(false));
         }
-        let _ = myself.cast(ContainerMsg::Start);
+        let _ = myself.cast(tick(Tick::Start));
         Ok(ContainerState {
             args,
             state: InstanceState::Stopped,
@@ -661,7 +675,7 @@ impl Actor for ContainerActor {
         state: &mut ContainerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ContainerMsg::Start => {
+            ContainerMsg::Internal(Internal(Tick::Start)) => {
                 if state.state == InstanceState::Stopped {
                     if state.args.parked {
                         state.set(InstanceState::Stopped, "parked by the allocator");
@@ -703,7 +717,7 @@ impl Actor for ContainerActor {
                 }
                 let _ = reply.send(());
             }
-            ContainerMsg::Launched { generation, result } => {
+            ContainerMsg::Internal(Internal(Tick::Launched { generation, result })) => {
                 if generation != state.generation || state.state != InstanceState::Starting {
                     return Ok(());
                 }
@@ -715,11 +729,11 @@ impl Actor for ContainerActor {
                     Err(e) => state.unhealthy(&myself, format!("launching failed: {e}")),
                 }
             }
-            ContainerMsg::Exited {
+            ContainerMsg::Internal(Internal(Tick::Exited {
                 generation,
                 exit,
                 log_tail,
-            } => {
+            })) => {
                 if generation != state.generation {
                     return Ok(());
                 }
@@ -738,7 +752,7 @@ impl Actor for ContainerActor {
                 }
             }
             ContainerMsg::Probed(outcome) => state.probed(&myself, outcome),
-            ContainerMsg::StartupTimeout { generation } => {
+            ContainerMsg::Internal(Internal(Tick::StartupTimeout { generation })) => {
                 if generation == state.generation && state.state == InstanceState::Loading {
                     let last = state
                         .last_probe_error
@@ -751,7 +765,7 @@ impl Actor for ContainerActor {
                     state.unhealthy(&myself, reason);
                 }
             }
-            ContainerMsg::RestartNow { generation } => {
+            ContainerMsg::Internal(Internal(Tick::RestartNow { generation })) => {
                 if generation == state.generation && state.state == InstanceState::Restarting {
                     state.restarts += 1;
                     state.launch(&myself);
@@ -816,7 +830,7 @@ impl Actor for ContainerActor {
                     let _ = reply.send(());
                 }
             }
-            ContainerMsg::StopDone { generation, result } => {
+            ContainerMsg::Internal(Internal(Tick::StopDone { generation, result })) => {
                 if let Err(e) = &result {
                     warn!(instance = state.name(), "stopping the server failed: {e}");
                 }
