@@ -17,9 +17,14 @@ use tracing::{info, warn};
 use crate::gpu::{GpuProbe, GpuReading, GpuSnapshot};
 use crate::tell::publish;
 
-/// Messages of the GpuMonitorActor.
+/// Messages of the GpuMonitorActor: only its own timers and readings, so
+/// opaque outside this module.
 #[derive(Debug)]
-pub enum GpuMonitorMsg {
+pub struct GpuMonitorMsg(Tick);
+
+/// What the GpuMonitorActor sends itself: it takes no other messages.
+#[derive(Debug)]
+enum Tick {
     /// Time to read the GPUs.
     Sample,
     /// A reading.
@@ -108,8 +113,8 @@ impl Actor for GpuMonitorActor {
             failing: false,
         };
         if state.args.probe.is_some() {
-            let _ = myself.cast(GpuMonitorMsg::Sample);
-            myself.send_interval(state.args.interval, || GpuMonitorMsg::Sample);
+            let _ = myself.cast(GpuMonitorMsg(Tick::Sample));
+            myself.send_interval(state.args.interval, || GpuMonitorMsg(Tick::Sample));
         } else {
             state.publish(GpuSnapshot::unavailable(state.args.unavailable.clone()));
         }
@@ -123,7 +128,7 @@ impl Actor for GpuMonitorActor {
         state: &mut GpuMonitorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            GpuMonitorMsg::Sample => {
+            GpuMonitorMsg(Tick::Sample) => {
                 let Some(probe) = state.args.probe.clone() else {
                     return Ok(());
                 };
@@ -136,10 +141,10 @@ impl Actor for GpuMonitorActor {
                     let read = tokio::task::spawn_blocking(move || probe.read())
                         .await
                         .unwrap_or_else(|e| Err(format!("reading the GPUs panicked: {e}")));
-                    let _ = me.cast(GpuMonitorMsg::Read(read));
+                    let _ = me.cast(GpuMonitorMsg(Tick::Read(read)));
                 });
             }
-            GpuMonitorMsg::Read(read) => {
+            GpuMonitorMsg(Tick::Read(read)) => {
                 state.reading = false;
                 match read {
                     Ok(gpus) => {

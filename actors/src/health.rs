@@ -32,9 +32,12 @@ pub struct ProbeOutcome {
     pub outcome: Result<(), ProbeError>,
 }
 
-/// Messages of the HealthActor.
+/// A message the HealthActor sends itself; opaque outside this module.
 #[derive(Debug)]
-pub enum HealthMsg {
+pub struct Internal(Tick);
+
+#[derive(Debug)]
+enum Tick {
     /// Time to probe every instance.
     Probe,
     /// A probe's answer.
@@ -46,6 +49,13 @@ pub enum HealthMsg {
         /// What it found.
         outcome: Result<(), ProbeError>,
     },
+}
+
+/// Messages of the HealthActor.
+#[derive(Debug)]
+pub enum HealthMsg {
+    /// The actor's own timers and probe answers; only it makes them.
+    Internal(Internal),
     /// Where outcomes go from now on (after the instance supervisor restarted).
     Sink(DerivedActorRef<ProbeOutcome>),
     /// The last outcome per instance.
@@ -133,8 +143,8 @@ impl Actor for HealthActor {
                 )
             })
             .collect();
-        let _ = myself.cast(HealthMsg::Probe);
-        myself.send_interval(args.interval, || HealthMsg::Probe);
+        let _ = myself.cast(HealthMsg::Internal(Internal(Tick::Probe)));
+        myself.send_interval(args.interval, || HealthMsg::Internal(Internal(Tick::Probe)));
         Ok(HealthState {
             instances,
             sink: args.sink,
@@ -150,7 +160,7 @@ impl Actor for HealthActor {
         state: &mut HealthState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            HealthMsg::Probe => {
+            HealthMsg::Internal(Internal(Tick::Probe)) => {
                 for (name, inst) in state.instances.iter_mut().filter(|(_, i)| !i.probing) {
                     inst.probing = true;
                     let client = inst.client.clone();
@@ -171,19 +181,19 @@ impl Actor for HealthActor {
                                 timeout.as_secs_f64()
                             ))),
                         };
-                        let _ = me.cast(HealthMsg::Probed {
+                        let _ = me.cast(HealthMsg::Internal(Internal(Tick::Probed {
                             instance,
                             deep,
                             outcome,
-                        });
+                        })));
                     });
                 }
             }
-            HealthMsg::Probed {
+            HealthMsg::Internal(Internal(Tick::Probed {
                 instance,
                 deep,
                 outcome,
-            } => {
+            })) => {
                 let Some(inst) = state.instances.get_mut(&instance) else {
                     return Ok(());
                 };
