@@ -75,6 +75,11 @@ fn a_server_whose_health_route_answers_404_becomes_ready_and_completes_jobs() {
         probes.contains("/v1/models") && probes.contains("not a vLLM server"),
         "{inst}"
     );
+    let table = s.run(&["instances"]).stdout();
+    assert!(
+        table.contains("other: probed with GET /v1/models"),
+        "{table}"
+    );
 }
 
 #[test]

@@ -321,6 +321,13 @@ pub fn instances_table(status: &Value) -> String {
         if let Some(e) = i["last_error"].as_str().filter(|_| state != "ready") {
             let _ = writeln!(notes, "{name}: last error: {e}");
         }
+        // Said only for servers that are not probed as vLLM is.
+        if let Some(p) = i["probes"]
+            .as_str()
+            .filter(|p| p.contains("not a vLLM server"))
+        {
+            let _ = writeln!(notes, "{name}: probed with {p}");
+        }
     }
     out.push_str(&notes);
     let alloc = &status["allocator"];
