@@ -260,6 +260,19 @@ struct Unsettled {
 /// The longest wait before a lost settlement is sent again.
 const RESETTLE_MAX: Duration = Duration::from_secs(5);
 
+/// Where a dispatcher's claim cycle stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimCycle {
+    /// No claim under way; one may be made.
+    Idle,
+    /// A background claim is under way. `woken`: a Wake came meanwhile, so
+    /// its answer may predate the new work and a short one does not mean
+    /// the queue is dry.
+    Asking { woken: bool },
+    /// The last claim found fewer jobs than asked: wait for a Wake.
+    Dry,
+}
+
 /// The DispatchActor's state.
 pub struct DispatchState {
     args: DispatchArgs,
@@ -279,16 +292,13 @@ pub struct DispatchState {
     suspect_in_flight: Option<JobId>,
     /// Claimed jobs waiting for a slot (at most one window's worth).
     buffer: VecDeque<ClaimedJob>,
-    /// A background claim is under way.
-    claiming: bool,
-    /// A Wake came while a claim was under way: its answer may predate the
-    /// new work, so a short answer does not mean the queue is dry.
-    woken_while_claiming: bool,
+    /// Where the claim cycle stands.
+    claim: ClaimCycle,
+    /// The instance is Ready: requests may be sent.
     ready: bool,
+    /// Stopped claiming for good (a shutdown or a planned stop).
     draining: bool,
     drain_waiters: Vec<RpcReplyPort<()>>,
-    /// The last claim found fewer jobs than asked: wait for a Wake.
-    exhausted: bool,
     window: u32,
     /// While a GPU is too hot: the window may not exceed this.
     thermal_cap: Option<u32>,
@@ -499,14 +509,11 @@ impl DispatchState {
         let held = self.in_flight.len() + self.buffer.len();
         let want = (2 * window).saturating_sub(held);
         let slots_idle = self.in_flight.len() < window;
-        if self.claiming
-            || self.exhausted
-            || want == 0
-            || (want < window.div_ceil(2) && !slots_idle)
+        if self.claim != ClaimCycle::Idle || want == 0 || (want < window.div_ceil(2) && !slots_idle)
         {
             return;
         }
-        self.claiming = true;
+        self.claim = ClaimCycle::Asking { woken: false };
         let queue = self.peers.queue.clone();
         let owner = self.args.owner.clone();
         let model = self.args.model;
@@ -544,11 +551,14 @@ impl DispatchState {
         asked: usize,
         result: Result<Vec<ClaimedJob>, String>,
     ) {
-        self.claiming = false;
-        let woken = std::mem::take(&mut self.woken_while_claiming);
+        let woken = matches!(self.claim, ClaimCycle::Asking { woken: true });
         match result {
             Ok(jobs) => {
-                self.exhausted = jobs.len() < asked && !woken;
+                self.claim = if jobs.len() < asked && !woken {
+                    ClaimCycle::Dry
+                } else {
+                    ClaimCycle::Idle
+                };
                 if self.draining {
                     // Claimed while a shutdown began: give them straight back.
                     for c in jobs {
@@ -560,7 +570,7 @@ impl DispatchState {
             }
             Err(e) => {
                 warn!(instance = %self.args.instance, "claiming jobs failed: {e}; trying again in 1 s");
-                self.exhausted = true;
+                self.claim = ClaimCycle::Dry;
                 myself.send_after(Duration::from_secs(1), || DispatchMsg::Wake);
             }
         }
@@ -759,12 +769,10 @@ impl Actor for DispatchActor {
             park_round: 0,
             suspect_in_flight: None,
             buffer: VecDeque::new(),
-            claiming: false,
-            woken_while_claiming: false,
+            claim: ClaimCycle::Idle,
             ready: false,
             draining: false,
             drain_waiters: Vec::new(),
-            exhausted: false,
             thermal_cap: None,
             successes_at_window: 0,
             overload_streak: 0,
@@ -787,8 +795,10 @@ impl Actor for DispatchActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             DispatchMsg::Wake => {
-                state.exhausted = false;
-                state.woken_while_claiming = state.claiming;
+                state.claim = match state.claim {
+                    ClaimCycle::Asking { .. } => ClaimCycle::Asking { woken: true },
+                    ClaimCycle::Idle | ClaimCycle::Dry => ClaimCycle::Idle,
+                };
                 state.fill(&myself);
             }
             DispatchMsg::Internal(Internal(Tick::Claimed { asked, result })) => {
@@ -808,7 +818,9 @@ impl Actor for DispatchActor {
                         state.paused_until = None;
                         state.overload_streak = 0;
                     }
-                    state.exhausted = false;
+                    if state.claim == ClaimCycle::Dry {
+                        state.claim = ClaimCycle::Idle;
+                    }
                     state.fill(&myself);
                 } else {
                     // Claimed jobs not yet sent go back for others (or later).
