@@ -312,23 +312,38 @@ pub struct ContainerArgs {
 
 /// The ContainerActor's state.
 pub struct ContainerState {
+    /// How it was started (the watchers included).
     args: ContainerArgs,
+    /// The lifecycle state; changed only through `set`.
     state: InstanceState,
+    /// Why it is in that state.
     reason: String,
+    /// When it entered that state.
     since: Instant,
+    /// Counts launches and stops, so that late answers of an old one are ignored.
     generation: u64,
+    /// The server (container id, or pid) of the current launch.
     id: Option<String>,
+    /// That server was found running and adopted rather than launched.
     adopted: bool,
+    /// Restarts since start (shown in `instances`).
     restarts: u64,
     /// Restarts in a row and within the crash-loop window: the same
     /// bookkeeping as the supervisors' (ready counts as started).
     tracker: RestartTracker,
+    /// Failed probes in a row.
     failures: u32,
+    /// The last probe failure while loading (a new kind is logged).
     last_probe_error: Option<ProbeError>,
+    /// The last failure (exit, probes, timeout), for `instances`.
     last_error: Option<String>,
+    /// Answered when a relaunch with a new plan is under way.
     pending_reconfigure: Vec<RpcReplyPort<()>>,
+    /// Answered when a park (allocator) has stopped the server.
     pending_park: Vec<RpcReplyPort<()>>,
+    /// Answered when the shutdown has stopped (or left) the server.
     shutdown_waiters: Vec<RpcReplyPort<()>>,
+    /// The last state changes, oldest first.
     history: VecDeque<Transition>,
 }
 

@@ -275,7 +275,9 @@ enum ClaimCycle {
 
 /// The DispatchActor's state.
 pub struct DispatchState {
+    /// How it was started.
     args: DispatchArgs,
+    /// The queue and instance supervisor it talks to (replaced after their restarts).
     peers: Peers,
     /// This actor, for the acknowledgements of its settlements.
     me: ActorRef<DispatchMsg>,
@@ -283,10 +285,12 @@ pub struct DispatchState {
     /// so that one the queue loses (it restarted) is sent again rather
     /// than redone after its lease expires.
     unsettled: HashMap<JobId, Unsettled>,
+    /// Requests under way, by job.
     in_flight: HashMap<JobId, InFlight>,
     /// Requests that found no server ("connection refused"): held until a
     /// crash report explains them, or `Unpark` gives them back.
     parked: HashMap<JobId, InFlight>,
+    /// Counts parking episodes, so that an old `Unpark` timer is ignored.
     park_round: u64,
     /// A suspect (a job in flight at an earlier crash) runs alone.
     suspect_in_flight: Option<JobId>,
@@ -298,17 +302,27 @@ pub struct DispatchState {
     ready: bool,
     /// Stopped claiming for good (a shutdown or a planned stop).
     draining: bool,
+    /// Answered once nothing is in flight (a drain, or a planned stop).
     drain_waiters: Vec<RpcReplyPort<()>>,
+    /// Requests in flight at most now (narrowed under back-pressure).
     window: u32,
     /// While a GPU is too hot: the window may not exceed this.
     thermal_cap: Option<u32>,
+    /// Successes since the window last changed (it widens after enough).
     successes_at_window: u32,
+    /// 429/503 answers in a row (each step lengthens the pause).
     overload_streak: u32,
+    /// No request is sent before this (after an overload or a vanished server).
     paused_until: Option<Instant>,
+    /// Requests sent since start.
     sent: u64,
+    /// Requests that produced a result.
     completed: u64,
+    /// Requests that failed (retried, or failing their job).
     failed: u64,
+    /// 429/503 answers.
     overloaded: u64,
+    /// Requests in flight when the server went down.
     crashed: u64,
 }
 

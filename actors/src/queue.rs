@@ -228,15 +228,21 @@ pub struct QueueArgs {
 
 /// The QueueActor's state.
 pub struct QueueState {
+    /// How it was started.
     args: QueueArgs,
     /// Who hears of finished jobs (the fan-in).
     finished: Option<DerivedActorRef<JobFinished>>,
     /// Who hears of available work, per model (the dispatchers).
     subscribers: HashMap<ModelType, Vec<DerivedActorRef<WorkAvailable>>>,
+    /// Settlements waiting for the next group commit.
     pending: Vec<Pending>,
+    /// A group commit is under way (one at a time).
     flushing: bool,
+    /// Answered once everything received so far is committed.
     flush_waiters: Vec<RpcReplyPort<()>>,
+    /// A change-token poll is under way.
     polling: bool,
+    /// The change token last read (another program committed when it moves).
     last_token: Option<i64>,
     /// Per model, the `run_at` its due timer is set for (the earliest known).
     due: HashMap<ModelType, Timestamp>,
