@@ -317,12 +317,19 @@ pub struct AllocatorArgs {
 
 /// The AllocatorActor's state.
 pub struct AllocatorState {
+    /// How it was started.
     args: AllocatorArgs,
+    /// The strategy now, and why (for `Status`).
     status: AllocatorStatus,
+    /// When the current strategy was applied (the dwell counts from it).
     since: Instant,
+    /// When work was last seen waiting (the idle timeout counts from it).
     last_work: Instant,
+    /// The last GPU snapshot.
     gpu: Option<GpuSnapshot>,
+    /// The longest each model took from starting to ready, from the instances' histories.
     loads: BTreeMap<ModelType, Duration>,
+    /// A decision is under way (one at a time).
     deciding: bool,
 }
 

@@ -91,9 +91,13 @@ struct Slot {
 
 /// The DispatchSupervisor's state.
 pub struct DispatchSupState {
+    /// How it was started (with the current peers).
     args: DispatchSupArgs,
+    /// One per instance, in configuration order.
     slots: Vec<Slot>,
+    /// Which slot each running dispatcher fills, for its supervision events.
     by_id: HashMap<ActorId, usize>,
+    /// A shutdown is under way: exits are expected, nothing is restarted.
     stopping: bool,
 }
 

@@ -60,6 +60,7 @@ pub struct FanInArgs {
 
 /// The FanInActor's state.
 pub struct FanInState {
+    /// How it was started (with the current queue).
     args: FanInArgs,
     /// Parents completed by this actor since start.
     pub completed: u64,

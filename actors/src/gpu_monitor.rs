@@ -56,10 +56,15 @@ pub struct GpuMonitorArgs {
 
 /// The GpuMonitorActor's state.
 pub struct GpuMonitorState {
+    /// How it was started.
     args: GpuMonitorArgs,
+    /// GPUs in a temperature alert now.
     hot: BTreeSet<u32>,
+    /// Alerts (episodes) since start.
     alerts: u64,
+    /// A reading is under way (one at a time).
     reading: bool,
+    /// The last reading failed (a failure is logged once, a recovery once).
     failing: bool,
 }
 

@@ -107,9 +107,13 @@ struct Probed {
 
 /// The HealthActor's state.
 pub struct HealthState {
+    /// Each instance's client and last outcome, by name.
     instances: HashMap<String, Probed>,
+    /// Where outcomes are published.
     sink: DerivedActorRef<ProbeOutcome>,
+    /// Time allowed for one probe.
     timeout: Duration,
+    /// Time allowed for a deep probe (its canary is a real completion).
     canary_timeout: Duration,
 }
 

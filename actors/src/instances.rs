@@ -98,9 +98,13 @@ struct Slot {
 
 /// The InstanceSupervisor's state.
 pub struct InstanceSupState {
+    /// How it was started.
     args: InstanceSupArgs,
+    /// One per instance, in configuration order.
     slots: Vec<Slot>,
+    /// Which slot each running ContainerActor fills, for its supervision events.
     by_id: HashMap<ActorId, usize>,
+    /// A shutdown is under way: exits are expected, nothing is restarted.
     stopping: bool,
 }
 

@@ -260,18 +260,31 @@ pub struct FeederArgs {
 
 /// The FeederSupervisor's state.
 pub struct FeederState {
+    /// How it was started.
     args: FeederArgs,
+    /// The QueueActor, while it runs.
     queue: Option<ActorRef<QueueMsg>>,
+    /// The FanInActor, while it runs.
     fanin: Option<ActorRef<FanInMsg>>,
+    /// The HealthActor, while it runs.
     health: Option<ActorRef<HealthMsg>>,
+    /// The InstanceSupervisor, while it runs.
     instances: Option<ActorRef<InstanceSupMsg>>,
+    /// The DispatchSupervisor, while it runs.
     dispatch: Option<ActorRef<DispatchSupMsg>>,
+    /// The GpuMonitorActor, while it runs.
     gpu_monitor: Option<ActorRef<GpuMonitorMsg>>,
+    /// The AllocatorActor, while it runs (only with managed instances).
     allocator: Option<ActorRef<AllocatorMsg>>,
+    /// The last GPU snapshot, for `Status`.
     gpus: Option<GpuSnapshot>,
+    /// Which child each running actor is, for its supervision events.
     ids: HashMap<ActorId, Child>,
+    /// Each child's restarts (backoff and intensity limit).
     trackers: HashMap<Child, RestartTracker>,
+    /// A shutdown is under way: exits are expected, nothing is restarted.
     stopping: bool,
+    /// The queue has not started yet: its first start releases a previous run's claims.
     first_queue_start: bool,
 }
 
