@@ -34,7 +34,11 @@ command -v sqlite3 >/dev/null 2>&1 || apt+=(sqlite3)
 command -v promtool >/dev/null 2>&1 || apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || apt+=(systemd)
 command -v curl >/dev/null 2>&1 || apt+=(curl)
-command -v python3 >/dev/null 2>&1 || apt+=(python3 python3-pip)
+command -v python3 >/dev/null 2>&1 || apt+=(python3)
+# pip, unless the MCP SDK is already there (python3 alone often comes without it).
+if ! python3 -c 'import mcp' >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+  apt+=(python3-pip)
+fi
 # The engine itself, not only a docker client: dockerd comes with docker.io.
 if ! command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
   apt+=(docker.io)
