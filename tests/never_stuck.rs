@@ -181,15 +181,14 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
     let mut stranded = 0;
     for round in 0..KILLS {
         let mut d = DaemonProcess::start(&s, &format!("daemon-{round}"));
-        // Kill at a random point once this run has made some progress, so
-        // every run both claims and finishes work before it dies.
+        // Kill once this run has finished a random amount of work (the
+        // seed picks it), so every run both claims and finishes work before
+        // it dies, and the kill lands with requests in flight.
         let before = terminal(&s);
         let step = rng.random_range(20..=(JOBS as u64 / (KILLS as u64 * 2)));
         wait_for("progress before the kill", LIMIT, || {
             terminal(&s) >= (before + step).min(JOBS as u64)
         });
-        let extra = Duration::from_millis(rng.random_range(0..300));
-        std::thread::sleep(extra);
         d.kill9();
         kills += 1;
         stranded += s.count("processing");

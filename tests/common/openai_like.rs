@@ -195,6 +195,9 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
         r.0 += 1;
         r.1 = r.1.max(r.0);
     }
+    // The server's own service time, as `gpu-feeder sim --latency-ms`: what
+    // keeps a one-at-a-time server busy long enough for requests to queue.
+    // Not a wait in a test; tests poll for the states they need.
     if !s.quirks.latency.is_zero() {
         tokio::time::sleep(s.quirks.latency).await;
     }
