@@ -390,41 +390,21 @@ impl InferenceClient for OpenAiClient {
 
     async fn probe(&self, deep: bool) -> Result<(), ProbeError> {
         let limit = self.timeout.min(Duration::from_secs(10));
-        if self.routes.health() != Route::Absent {
-            let url = self.url("/health");
-            match self.http.get(&url).timeout(limit).send().await {
-                Err(e) if e.is_connect() => {
-                    return Err(ProbeError::NotListening(format!(
-                        "nothing listens at {url}"
-                    )))
-                }
-                Err(e) => return Err(ProbeError::Broken(format!("{url}: {e}"))),
-                Ok(r) if matches!(r.status().as_u16(), 404 | 405) => {
-                    let code = r.status().as_u16();
-                    self.routes.set_health(Route::Absent, code);
-                    info!(
-                        instance = %self.defaults.instance,
-                        "{url} answers HTTP {code}: not a vLLM server, so it is probed through /v1/models and a canary completion instead"
-                    );
-                }
-                Ok(r) if r.status().as_u16() == 503 => {
-                    return Err(ProbeError::Loading(format!("{url} answers 503")))
-                }
-                Ok(r) if !r.status().is_success() => {
-                    return Err(ProbeError::Broken(format!(
-                        "{url} answers HTTP {}",
-                        r.status().as_u16()
-                    )))
-                }
-                Ok(_) => self.routes.set_health(Route::Present, 200),
-            }
+        if self.routes.health.absent().is_none() {
+            self.probe_route(
+                "/health",
+                limit,
+                &self.routes.health,
+                "not a vLLM server, so it is probed through /v1/models and a canary completion instead",
+            )
+            .await?;
         }
-        if self.routes.models() != Route::Absent {
+        if self.routes.models.absent().is_none() {
             self.check_models(limit).await?;
         }
         // Without either route a shallow probe would check nothing: every
         // probe of such a server is a canary.
-        let blind = self.routes.health() == Route::Absent && self.routes.models() == Route::Absent;
+        let blind = self.routes.health.absent().is_some() && self.routes.models.absent().is_some();
         if deep || blind {
             self.canary().await?;
         }
@@ -434,19 +414,13 @@ impl InferenceClient for OpenAiClient {
     fn probe_checks(&self) -> String {
         let mut checks = Vec::new();
         let mut notes = Vec::new();
-        match self.routes.health() {
-            Route::Absent => notes.push(format!(
-                "/health answers HTTP {}",
-                self.routes.health_code()
-            )),
-            _ => checks.push("GET /health".to_string()),
+        match self.routes.health.absent() {
+            Some(code) => notes.push(format!("/health answers HTTP {code}")),
+            None => checks.push("GET /health".to_string()),
         }
-        match self.routes.models() {
-            Route::Absent => notes.push(format!(
-                "/v1/models answers HTTP {}",
-                self.routes.models_code()
-            )),
-            _ => checks.push(format!(
+        match self.routes.models.absent() {
+            Some(code) => notes.push(format!("/v1/models answers HTTP {code}")),
+            None => checks.push(format!(
                 "GET /v1/models (must list `{}`)",
                 self.defaults.served_model_name
             )),
@@ -464,92 +438,92 @@ impl InferenceClient for OpenAiClient {
     }
 }
 
-/// Whether the server has a route vLLM has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Route {
-    /// Not probed yet.
-    Unknown,
-    /// It answers there.
-    Present,
-    /// It answers 404 or 405 there: another kind of server.
-    Absent,
+/// What the probes have learnt of one route vLLM has (shared by clones):
+/// not probed yet, answering there, or answering 404/405 there (another
+/// kind of server), with that status.
+#[derive(Debug, Default)]
+struct Route(AtomicU16);
+
+impl Route {
+    // 0 (the default): not probed yet.
+    const PRESENT: u16 = 1;
+
+    /// The status that showed the route absent, if it did.
+    fn absent(&self) -> Option<u16> {
+        let v = self.0.load(Ordering::Relaxed);
+        (v > Self::PRESENT).then_some(v)
+    }
+
+    fn set_present(&self) {
+        self.0.store(Self::PRESENT, Ordering::Relaxed);
+    }
+
+    fn set_absent(&self, code: u16) {
+        self.0.store(code.max(Self::PRESENT + 1), Ordering::Relaxed);
+    }
 }
 
-/// What the probes have learnt of the server's routes (shared by clones).
+/// What the probes have learnt of the server's routes.
 #[derive(Debug, Default)]
 struct Routes {
-    /// 0 unknown, 1 present, else the HTTP status that showed it absent.
-    health: AtomicU16,
-    models: AtomicU16,
-}
-
-impl Routes {
-    fn route(v: u16) -> Route {
-        match v {
-            0 => Route::Unknown,
-            1 => Route::Present,
-            _ => Route::Absent,
-        }
-    }
-    fn health(&self) -> Route {
-        Self::route(self.health.load(Ordering::Relaxed))
-    }
-    fn models(&self) -> Route {
-        Self::route(self.models.load(Ordering::Relaxed))
-    }
-    fn health_code(&self) -> u16 {
-        self.health.load(Ordering::Relaxed)
-    }
-    fn models_code(&self) -> u16 {
-        self.models.load(Ordering::Relaxed)
-    }
-    fn code(route: Route, code: u16) -> u16 {
-        match route {
-            Route::Unknown => 0,
-            Route::Present => 1,
-            Route::Absent => code.max(2),
-        }
-    }
-    fn set_health(&self, route: Route, code: u16) {
-        self.health
-            .store(Self::code(route, code), Ordering::Relaxed);
-    }
-    fn set_models(&self, route: Route, code: u16) {
-        self.models
-            .store(Self::code(route, code), Ordering::Relaxed);
-    }
+    health: Route,
+    models: Route,
 }
 
 impl OpenAiClient {
+    /// GETs one of vLLM's probe routes: its 2xx response; `None` when it
+    /// answers 404 or 405 (the route is remembered as absent, and the log
+    /// says so with `absent_note`); otherwise the probe's failure: nothing
+    /// listening, loading (503), or broken.
+    async fn probe_route(
+        &self,
+        path: &str,
+        limit: Duration,
+        route: &Route,
+        absent_note: &str,
+    ) -> Result<Option<reqwest::Response>, ProbeError> {
+        let url = self.url(path);
+        let resp = match self.http.get(&url).timeout(limit).send().await {
+            Err(e) if e.is_connect() => {
+                return Err(ProbeError::NotListening(format!(
+                    "nothing listens at {url}"
+                )))
+            }
+            Err(e) => return Err(ProbeError::Broken(format!("{url}: {e}"))),
+            Ok(r) => r,
+        };
+        match resp.status().as_u16() {
+            code @ (404 | 405) => {
+                route.set_absent(code);
+                info!(instance = %self.defaults.instance, "{url} answers HTTP {code}: {absent_note}");
+                Ok(None)
+            }
+            503 => Err(ProbeError::Loading(format!("{url} answers 503"))),
+            code if !(200..300).contains(&code) => {
+                Err(ProbeError::Broken(format!("{url} answers HTTP {code}")))
+            }
+            _ => {
+                route.set_present();
+                Ok(Some(resp))
+            }
+        }
+    }
+
     /// `/v1/models` lists the served model; a server without the route
     /// (404, 405) is remembered as such and relies on the canary.
     async fn check_models(&self, limit: Duration) -> Result<(), ProbeError> {
         let models = self.url("/v1/models");
-        let resp = match self.http.get(&models).timeout(limit).send().await {
-            Err(e) if e.is_connect() => {
-                return Err(ProbeError::NotListening(format!(
-                    "nothing listens at {models}"
-                )))
-            }
-            Err(e) => return Err(ProbeError::Broken(format!("{models}: {e}"))),
-            Ok(r) => r,
+        let Some(resp) = self
+            .probe_route(
+                "/v1/models",
+                limit,
+                &self.routes.models,
+                "the served model cannot be listed, so the canary completion confirms it",
+            )
+            .await?
+        else {
+            return Ok(());
         };
-        match resp.status().as_u16() {
-            404 | 405 => {
-                let code = resp.status().as_u16();
-                self.routes.set_models(Route::Absent, code);
-                info!(
-                    instance = %self.defaults.instance,
-                    "{models} answers HTTP {code}: the served model cannot be listed, so the canary completion confirms it"
-                );
-                return Ok(());
-            }
-            503 => return Err(ProbeError::Loading(format!("{models} answers 503"))),
-            c if !(200..300).contains(&c) => {
-                return Err(ProbeError::Broken(format!("{models} answers HTTP {c}")))
-            }
-            _ => self.routes.set_models(Route::Present, 200),
-        }
         let list: Value = resp
             .json()
             .await

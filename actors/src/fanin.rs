@@ -420,23 +420,8 @@ pub fn merge_overlapping(parts: &[&str], min_words: usize) -> String {
     merged.join(" ")
 }
 
-/// The queue's news of a finished job.
-impl From<JobFinished> for FanInMsg {
-    fn from(e: JobFinished) -> Self {
-        FanInMsg::Finished(e)
-    }
-}
-
-impl TryFrom<FanInMsg> for JobFinished {
-    type Error = FanInMsg;
-
-    fn try_from(msg: FanInMsg) -> Result<Self, FanInMsg> {
-        match msg {
-            FanInMsg::Finished(e) => Ok(e),
-            other => Err(other),
-        }
-    }
-}
+// The queue's news of a finished job.
+crate::heard_as!(JobFinished => FanInMsg::Finished);
 
 #[cfg(test)]
 mod tests {

@@ -741,20 +741,5 @@ impl Actor for FeederSupervisor {
         Ok(())
     }
 }
-/// The GPU monitor's snapshots are kept for `Status` and handed on.
-impl From<GpuSnapshot> for FeederMsg {
-    fn from(s: GpuSnapshot) -> Self {
-        FeederMsg::Gpu(s)
-    }
-}
-
-impl TryFrom<FeederMsg> for GpuSnapshot {
-    type Error = FeederMsg;
-
-    fn try_from(msg: FeederMsg) -> Result<Self, FeederMsg> {
-        match msg {
-            FeederMsg::Gpu(s) => Ok(s),
-            other => Err(other),
-        }
-    }
-}
+// The GPU monitor's snapshots are kept for `Status` and handed on.
+crate::heard_as!(GpuSnapshot => FeederMsg::Gpu);

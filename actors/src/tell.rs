@@ -30,3 +30,28 @@ pub fn publish<E: Message>(to: &DerivedActorRef<E>, what: &str, event: E) -> boo
         }
     }
 }
+
+/// Lets a subscriber hear a publisher's event as one of its own messages,
+/// `$msg::$variant(event)`, through a derived reference:
+/// `heard_as!(JobFinished => FanInMsg::Finished);`.
+#[macro_export]
+macro_rules! heard_as {
+    ($event:ty => $msg:ident :: $variant:ident) => {
+        impl From<$event> for $msg {
+            fn from(e: $event) -> Self {
+                $msg::$variant(e)
+            }
+        }
+
+        impl TryFrom<$msg> for $event {
+            type Error = $msg;
+
+            fn try_from(msg: $msg) -> Result<Self, $msg> {
+                match msg {
+                    $msg::$variant(e) => Ok(e),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}

@@ -309,12 +309,19 @@ async fn nothing_is_sent_to_an_instance_that_is_not_ready() {
     .await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_panicking_dispatcher_is_restarted_and_its_jobs_return_to_pending() {
+/// A pipeline with one vision instance of window 3 on a gated server, and
+/// 3 jobs in flight on it.
+async fn three_in_flight() -> (FakeInference, Pipeline, Vec<JobId>) {
     let server = FakeInference::gated();
     let p = Pipeline::start(vec![("v", ModelType::Vision, 3, server.clone())]).await;
     let ids = p.submit(ModelType::Vision, 3).await;
     wait_until("3 in flight", LIMIT, || server.in_flight() == 3).await;
+    (server, p, ids)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_dispatcher_is_restarted_and_its_jobs_return_to_pending() {
+    let (server, p, ids) = three_in_flight().await;
     let before = p.dispatcher("v").await;
     before.cast(DispatchMsg::InjectPanic).unwrap();
     // The crashed dispatcher's requests are aborted and its jobs released;
@@ -342,10 +349,7 @@ async fn a_panicking_dispatcher_is_restarted_and_its_jobs_return_to_pending() {
 
 #[tokio::test(start_paused = true)]
 async fn a_queue_restarted_while_results_come_back_settles_them_once_without_a_lease() {
-    let server = FakeInference::gated();
-    let p = Pipeline::start(vec![("v", ModelType::Vision, 3, server.clone())]).await;
-    let ids = p.submit(ModelType::Vision, 3).await;
-    wait_until("3 in flight", LIMIT, || server.in_flight() == 3).await;
+    let (server, p, ids) = three_in_flight().await;
     let queue = peers(&p.feeder, Duration::from_secs(5))
         .await
         .expect("the supervisor answers")
