@@ -167,26 +167,24 @@ pub struct Internal(Tick);
 
 #[derive(Debug)]
 enum Tick {
-    /// a settlement batch was committed.
+    /// A settlement batch was committed.
     Flushed(Vec<FlushedItem>),
-    /// time to poll the store's change token.
+    /// Time to poll the store's change token.
     Poll,
-    /// the change token read by a poll.
+    /// The change token read by a poll.
     Polled(Option<i64>),
-    /// time to reclaim expired leases.
+    /// Time to reclaim expired leases.
     Reclaim,
-    /// wake the dispatchers of one model (`None`: all).
+    /// Wake the dispatchers of one model (`None`: all).
     Wake(Option<ModelType>),
-    /// read when the next job of these models comes due.
-    RefreshDue(Vec<ModelType>),
-    /// the next `run_at` of a model, as read.
+    /// The next `run_at` of a model, as read.
     DueAt {
         /// The model.
         model: ModelType,
         /// Its earliest future `run_at`, if any.
         at: Option<Timestamp>,
     },
-    /// a due timer fired.
+    /// A due timer fired.
     Due {
         /// The model whose job came due.
         model: ModelType,
@@ -497,12 +495,27 @@ impl Actor for QueueActor {
                 let store = store.clone();
                 let me = myself.clone();
                 tokio::spawn(async move {
-                    let out =
-                        blocking(&store, move |s| s.claim(model, n, lease, &owner, now)).await;
-                    // A short claim: what is left may be waiting for its run_at.
-                    if out.as_ref().is_ok_and(|jobs| jobs.len() < n) {
-                        let _ = me.cast(tick(Tick::RefreshDue(vec![model])));
-                    }
+                    // A short claim: what is left may be waiting for its
+                    // run_at, read in the same trip to the store.
+                    // (Its failure never costs the claim, which is committed.)
+                    let out = blocking(&store, move |s| {
+                        let jobs = s.claim(model, n, lease, &owner, now)?;
+                        let next = (jobs.len() < n).then(|| s.next_due(model, now));
+                        Ok((jobs, next))
+                    })
+                    .await;
+                    let out = out.map(|(jobs, next)| {
+                        match next {
+                            Some(Ok(at)) => {
+                                let _ = me.cast(tick(Tick::DueAt { model, at }));
+                            }
+                            Some(Err(e)) => {
+                                warn!("reading when the next {model} job comes due failed: {e}")
+                            }
+                            None => {}
+                        }
+                        jobs
+                    });
                     let _ = reply.send(out);
                 });
             }
@@ -621,9 +634,6 @@ impl Actor for QueueActor {
                 });
             }
             QueueMsg::Internal(Internal(Tick::Wake(model))) => state.wake(model),
-            QueueMsg::Internal(Internal(Tick::RefreshDue(models))) => {
-                state.refresh_due(&myself, models)
-            }
             QueueMsg::Internal(Internal(Tick::DueAt { model, at })) => {
                 if let Some(at) = at {
                     state.schedule_due(&myself, model, at);
