@@ -20,7 +20,7 @@ use ractor::rpc::CallResult;
 
 use feeder_actors::queue::QueueMsg;
 use feeder_actors::supervisor::{peers, FeederMsg};
-use feeder_actors::{JobStore, ModelType, NewJob, Payload, Timestamp};
+use feeder_actors::{Blocking, BlockingJobStore, ModelType, NewJob, Payload, Timestamp};
 use gpu_feeder::config::{Config, InstanceConfig};
 use gpu_feeder::daemon::Pipeline;
 use gpu_feeder::results::FileResults;
@@ -59,9 +59,15 @@ fn jobs(n: usize, tag: &str) -> Vec<NewJob> {
 async fn start(c: &Config) -> (Pipeline, SqliteStore) {
     let store = SqliteStore::open(&c.queue.db_path).unwrap();
     let results = FileResults::new(&c.queue.results_dir).unwrap();
-    let p = Pipeline::start(c, Arc::new(store), Arc::new(results), "bench".into(), None)
-        .await
-        .unwrap();
+    let p = Pipeline::start(
+        c,
+        Blocking::port(Arc::new(store)),
+        Arc::new(results),
+        "bench".into(),
+        None,
+    )
+    .await
+    .unwrap();
     // Wait until the instance is Ready.
     loop {
         if let Ok(CallResult::Success(s)) = p

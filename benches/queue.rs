@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use feeder_actors::{Completion, JobStore, ModelType, NewJob, Payload, Settle, Timestamp};
+use feeder_actors::{BlockingJobStore, Completion, ModelType, NewJob, Payload, Settle, Timestamp};
 use gpu_feeder::store::SqliteStore;
 
 const LEASE: Duration = Duration::from_secs(300);

@@ -29,7 +29,6 @@ use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
 use crate::cli::output::stats_json;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::store::SqliteStore;
 use crate::submit::Submitter;
 
 /// What the endpoint serves from.
@@ -38,7 +37,7 @@ pub struct Admin {
     /// The root supervisor.
     pub feeder: FeederHandle,
     /// A connection for reads (stats).
-    pub reader: Arc<SqliteStore>,
+    pub reader: Arc<dyn JobStore>,
     /// The configuration in force.
     pub config: Arc<Config>,
     /// The metrics.
@@ -51,11 +50,7 @@ impl Admin {
     }
 
     async fn stats(&self) -> Option<QueueStats> {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || reader.stats(Timestamp::now()).ok())
-            .await
-            .ok()
-            .flatten()
+        self.reader.stats(Timestamp::now()).await.ok()
     }
 }
 

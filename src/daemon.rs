@@ -36,7 +36,6 @@ use crate::metrics::Metrics;
 use crate::openai::{OpenAiClient, RequestDefaults};
 use crate::results::FileResults;
 use crate::runtime::process::ProcessRuntime;
-use crate::store::SqliteStore;
 use crate::systemd::Notifier;
 
 /// This host's claim owner id.
@@ -278,7 +277,7 @@ fn lock(db: &Path) -> anyhow::Result<DbLock> {
 async fn heartbeat(
     notifier: Notifier,
     feeder: FeederHandle,
-    reader: Arc<SqliteStore>,
+    reader: Arc<dyn JobStore>,
     config: Arc<Config>,
 ) {
     if !notifier.enabled() {
@@ -298,13 +297,11 @@ async fn heartbeat(
             } else {
                 warn!("the supervisor's children did not all answer: no watchdog ping this time");
             }
-            let r = reader.clone();
-            let pending =
-                tokio::task::spawn_blocking(move || r.stats(feeder_actors::Timestamp::now()).ok())
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|s| s.models.iter().map(|(_, m)| m.counts.pending).sum::<u64>());
+            let pending = reader
+                .stats(feeder_actors::Timestamp::now())
+                .await
+                .ok()
+                .map(|s| s.models.iter().map(|(_, m)| m.counts.pending).sum::<u64>());
             notifier.status(&status_line(&config, &status, pending));
         }
         tokio::time::sleep(every).await;
@@ -350,16 +347,8 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         });
     }
     config.create_state_dirs(config_path)?;
-    let db = config.queue.db_path.clone();
-    let _lock = lock(&db)?;
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
-        .await?
-        .with_context(|| {
-            format!(
-                "opening the job database {}",
-                config.queue.db_path.display()
-            )
-        })?;
+    let _lock = lock(&config.queue.db_path)?;
+    let store = crate::store::connect(&config.queue).await?;
     let results = FileResults::new(&config.queue.results_dir).with_context(|| {
         format!(
             "creating queue.results_dir {}",
@@ -379,13 +368,15 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
     let metrics = Arc::new(Metrics::new());
     let pipeline = Pipeline::start(
         &config,
-        Arc::new(store),
+        store,
         Arc::new(results),
         owner.clone(),
         Some(metrics.clone() as Arc<dyn DispatchObserver>),
     )
     .await?;
-    let reader = Arc::new(SqliteStore::open(&config.queue.db_path)?);
+    // A second connection for reads, so that `/v1/status` never waits
+    // behind the queue's writes.
+    let reader = crate::store::connect(&config.queue).await?;
     let config = Arc::new(config);
     let admin = Admin {
         feeder: FeederHandle::new(pipeline.feeder.clone()),

@@ -13,13 +13,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use feeder_actors::{JobStatus, JobStore, ListFilter, ModelType, NewJob, Payload, Timestamp};
+use feeder_actors::{JobStatus, ListFilter, ModelType, NewJob, Payload, Timestamp};
 
 use crate::config::{Backend, Config, InstanceConfig};
 use crate::daemon::{owner_id, Pipeline};
 use crate::results::FileResults;
 use crate::sim::{self, SimConfig};
-use crate::store::SqliteStore;
 use crate::submit::Submitter;
 
 /// `gpu-feeder demo` options.
@@ -121,7 +120,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     // model, and one parent whose fragments fan in.
     let n_vision = args.jobs / 3;
     let n_think = args.jobs - n_vision;
-    let submit_store = SqliteStore::open(&config.queue.db_path)?;
+    let submit_store = crate::store::connect(&config.queue).await?;
     let vision = Submitter::new(ModelType::Vision, &config.queue.roots(), 0, 3);
     let think = Submitter::new(ModelType::Think, &config.queue.roots(), 0, 3);
     let mut jobs: Vec<NewJob> = Vec::new();
@@ -136,7 +135,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         ))?);
     }
     let now = Timestamp::now();
-    submit_store.submit_batch(jobs, now)?;
+    submit_store.submit_batch(jobs, now).await?;
     let chapters = [
         "The feeder claims jobs.",
         "Each job is one request.",
@@ -155,10 +154,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         Payload::Inline(serde_json::json!({ "prompt": whole }).to_string()),
         format!("demo-parent-{}", now.0),
     );
-    let parent = submit_store.submit_parent(parent_job, fragments, now)?.id;
+    let parent = submit_store
+        .submit_parent(parent_job, fragments, now)
+        .await?
+        .id;
     // Everything in the database, whatever was there before (with --keep).
     let total: u64 = submit_store
-        .stats(Timestamp::now())?
+        .stats(Timestamp::now())
+        .await?
         .models
         .iter()
         .map(|(_, m)| {
@@ -171,12 +174,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         chapters.len()
     );
 
-    let store = SqliteStore::open(&config.queue.db_path)?;
+    let store = crate::store::connect(&config.queue).await?;
     let results = FileResults::new(&config.queue.results_dir)?;
     let start = Instant::now();
     let pipeline = Pipeline::start(
         &config,
-        Arc::new(store),
+        store,
         Arc::new(results),
         format!("{}/demo", owner_id()),
         None,
@@ -191,7 +194,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     );
     let deadline = Duration::from_secs(60 + args.jobs / 20);
     let finished = loop {
-        let stats = submit_store.stats(Timestamp::now())?;
+        let stats = submit_store.stats(Timestamp::now()).await?;
         let mut finished = 0;
         let mut parts = Vec::new();
         for (model, s) in &stats.models {
@@ -215,10 +218,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let elapsed = start.elapsed();
     pipeline.shutdown(Duration::from_secs(5)).await;
 
-    let all = submit_store.list(&ListFilter {
-        limit: usize::MAX,
-        ..Default::default()
-    })?;
+    let all = submit_store
+        .list(&ListFilter {
+            limit: usize::MAX,
+            ..Default::default()
+        })
+        .await?;
     let done = all.iter().filter(|j| j.status == JobStatus::Done).count();
     let failed = all.iter().filter(|j| j.status == JobStatus::Failed).count();
     let mut latencies: Vec<u64> = all.iter().filter_map(|j| j.latency_ms).collect();
@@ -250,7 +255,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             .load(std::sync::atomic::Ordering::Relaxed)
     );
     let p = submit_store
-        .get(parent)?
+        .get(parent)
+        .await?
         .context("the parent job vanished")?;
     println!(
         "  fan-in    parent {} is {} ({} fragments)",

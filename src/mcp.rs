@@ -17,7 +17,6 @@ use feeder_actors::{JobStatus, JobStore, ListFilter, ModelType, Timestamp};
 
 use crate::cli::output::{job_json, stats_json};
 use crate::config::Config;
-use crate::store::SqliteStore;
 use crate::submit::{Submission, Submitter};
 
 /// `submit_job` arguments.
@@ -74,7 +73,7 @@ pub struct ListJobs {
 /// The MCP server.
 #[derive(Clone)]
 pub struct FeederMcp {
-    store: Arc<SqliteStore>,
+    store: Arc<dyn JobStore>,
     config: Arc<Config>,
     config_path: Arc<PathBuf>,
 }
@@ -94,9 +93,9 @@ async fn blocking<T: Send + 'static>(
 #[tool_router]
 impl FeederMcp {
     /// A server on the configured store.
-    pub fn new(store: SqliteStore, config: Config, config_path: PathBuf) -> Self {
+    pub fn new(store: Arc<dyn JobStore>, config: Config, config_path: PathBuf) -> Self {
         FeederMcp {
-            store: Arc::new(store),
+            store,
             config: Arc::new(config),
             config_path: Arc::new(config_path),
         }
@@ -124,8 +123,9 @@ impl FeederMcp {
         if inputs.iter().filter(|x| **x).count() != 1 {
             return Err("give exactly one of `prompt`, `messages`, `image_path`, `payload_path`, `text_file`".into());
         }
-        let (store, config) = (self.store.clone(), self.config.clone());
-        blocking(move || {
+        // Reading, tiling and chunking files is blocking work.
+        let config = self.config.clone();
+        let submission = blocking(move || {
             let cfg = &config;
             let then = then.or_else(|| cfg.instances_for(m).find_map(|i| i.then));
             let sub = Submitter::new(m, &cfg.queue.roots(), a.priority, cfg.dispatch.max_attempts).then(then);
@@ -153,39 +153,39 @@ impl FeederMcp {
                 let checked = sub.validate(&Value::Object(payload), "the arguments").map_err(|e| e.to_string())?;
                 Submission::Single(sub.inline_job(checked))
             };
-            let now = Timestamp::now();
-            let (s, fragments) = submission
-                .store(store.as_ref(), now)
-                .map_err(|e| e.to_string())?;
-            Ok(CallToolResult::structured(json!({
-                "id": s.id, "created": s.created, "status": s.status, "fragments": fragments,
-            })))
+            Ok(submission)
         })
-        .await
+        .await?;
+        let (s, fragments) = submission
+            .store(self.store.as_ref(), Timestamp::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(CallToolResult::structured(json!({
+            "id": s.id, "created": s.created, "status": s.status, "fragments": fragments,
+        })))
     }
 
     #[tool(
         description = "One job: its status, attempts, error, and, once it is done, its result text."
     )]
     async fn get_job(&self, Parameters(a): Parameters<JobRef>) -> Result<CallToolResult, String> {
-        let store = self.store.clone();
-        blocking(move || {
-            let id = store.resolve(&a.id).map_err(|e| e.to_string())?;
-            let job = store
-                .get(id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("no job {id}"))?;
-            let mut v = job_json(&job);
-            if let Some(path) = &job.result_path {
-                let doc: Value = std::fs::read(path)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok())
-                    .unwrap_or(Value::Null);
-                v["result"] = doc.get("content").cloned().unwrap_or(Value::Null);
-            }
-            Ok(CallToolResult::structured(v))
-        })
-        .await
+        let store = &self.store;
+        let id = store.resolve(&a.id).await.map_err(|e| e.to_string())?;
+        let job = store
+            .get(id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no job {id}"))?;
+        let mut v = job_json(&job);
+        if let Some(path) = &job.result_path {
+            let doc: Value = tokio::fs::read(path)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null);
+            v["result"] = doc.get("content").cloned().unwrap_or(Value::Null);
+        }
+        Ok(CallToolResult::structured(v))
     }
 
     #[tool(description = "Jobs, newest first, optionally filtered by status and model.")]
@@ -199,19 +199,15 @@ impl FeederMcp {
             .map(|s| s.parse::<JobStatus>().map_err(|e| e.to_string()))
             .transpose()?;
         let model_type = a.model.as_deref().map(model).transpose()?;
-        let store = self.store.clone();
-        blocking(move || {
-            let filter = ListFilter {
-                status,
-                model_type,
-                parent_id: None,
-                limit: a.limit.unwrap_or(20).min(1000),
-            };
-            let jobs = store.list(&filter).map_err(|e| e.to_string())?;
-            let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
-            Ok(CallToolResult::structured(json!({ "jobs": jobs })))
-        })
-        .await
+        let filter = ListFilter {
+            status,
+            model_type,
+            parent_id: None,
+            limit: a.limit.unwrap_or(20).min(1000),
+        };
+        let jobs = self.store.list(&filter).await.map_err(|e| e.to_string())?;
+        let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
+        Ok(CallToolResult::structured(json!({ "jobs": jobs })))
     }
 
     #[tool(
@@ -221,40 +217,36 @@ impl FeederMcp {
         &self,
         Parameters(a): Parameters<JobRef>,
     ) -> Result<CallToolResult, String> {
-        let store = self.store.clone();
-        blocking(move || {
-            let id = store.resolve(&a.id).map_err(|e| e.to_string())?;
-            let job = store
-                .cancel(id, Timestamp::now())
-                .map_err(|e| e.to_string())?;
-            Ok(CallToolResult::structured(job_json(&job)))
-        })
-        .await
+        let id = self.store.resolve(&a.id).await.map_err(|e| e.to_string())?;
+        let job = self
+            .store
+            .cancel(id, Timestamp::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(CallToolResult::structured(job_json(&job)))
     }
 
     #[tool(description = "Put a failed or cancelled job back in the queue with fresh attempts.")]
     async fn retry_job(&self, Parameters(a): Parameters<JobRef>) -> Result<CallToolResult, String> {
-        let store = self.store.clone();
-        blocking(move || {
-            let id = store.resolve(&a.id).map_err(|e| e.to_string())?;
-            let job = store
-                .retry(id, Timestamp::now())
-                .map_err(|e| e.to_string())?;
-            Ok(CallToolResult::structured(job_json(&job)))
-        })
-        .await
+        let id = self.store.resolve(&a.id).await.map_err(|e| e.to_string())?;
+        let job = self
+            .store
+            .retry(id, Timestamp::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(CallToolResult::structured(job_json(&job)))
     }
 
     #[tool(
         description = "Job counts per model and status, and the oldest pending job's age in seconds."
     )]
     async fn queue_stats(&self) -> Result<CallToolResult, String> {
-        let store = self.store.clone();
-        blocking(move || {
-            let stats = store.stats(Timestamp::now()).map_err(|e| e.to_string())?;
-            Ok(CallToolResult::structured(stats_json(&stats)))
-        })
-        .await
+        let stats = self
+            .store
+            .stats(Timestamp::now())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(CallToolResult::structured(stats_json(&stats)))
     }
 
     #[tool(description = "Live instance state from the running daemon (its admin endpoint).")]
@@ -378,7 +370,11 @@ fn screen(line: &str) -> Line {
 /// Lines from stdin are screened (see `screen`) before the server reads
 /// them; the server's output and the screen's errors reach stdout through
 /// one writer, one whole line at a time.
-pub async fn serve(store: SqliteStore, config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(
+    store: Arc<dyn JobStore>,
+    config: Config,
+    config_path: PathBuf,
+) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
     let (mut to_server, server_in) = tokio::io::duplex(1 << 16);

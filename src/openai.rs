@@ -632,7 +632,7 @@ mod tests {
 
     fn as_job(payload: &str) -> Job {
         let store = feeder_actors::testkit::MemoryStore::new();
-        use feeder_actors::JobStore;
+        use feeder_actors::BlockingJobStore;
         let mut j = job(ModelType::Vision, "x");
         j.payload = Payload::Inline(payload.into());
         let id = store.submit(j, feeder_actors::Timestamp(0)).unwrap().id;

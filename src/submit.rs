@@ -66,16 +66,16 @@ impl Submission {
     /// were given (the admin endpoint goes through the running queue
     /// actor, which also wakes the dispatchers). Also says how many
     /// fragments there are, for a parent.
-    pub fn store(
+    pub async fn store(
         self,
         store: &dyn feeder_actors::JobStore,
         now: feeder_actors::Timestamp,
     ) -> feeder_actors::StoreResult<(feeder_actors::Submitted, Option<usize>)> {
         match self {
-            Submission::Single(job) => Ok((store.submit(job, now)?, None)),
+            Submission::Single(job) => Ok((store.submit(job, now).await?, None)),
             Submission::Parent { parent, fragments } => {
                 let n = fragments.len();
-                Ok((store.submit_parent(parent, fragments, now)?, Some(n)))
+                Ok((store.submit_parent(parent, fragments, now).await?, Some(n)))
             }
         }
     }

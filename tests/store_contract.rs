@@ -2,7 +2,10 @@
 //! database file; each "handle" is a separate connection, as a second
 //! process would have.
 
+use std::sync::Arc;
+
 use feeder_actors::testkit::store_contract::StoreFixture;
+use feeder_actors::{Blocking, JobStore};
 use gpu_feeder::store::SqliteStore;
 
 struct SqliteFixture {
@@ -17,11 +20,15 @@ impl SqliteFixture {
     }
 }
 
+#[async_trait::async_trait]
 impl StoreFixture for SqliteFixture {
-    type Store = SqliteStore;
-
-    fn handle(&self) -> SqliteStore {
-        SqliteStore::open(&self.dir.path().join("jobs.db")).expect("open store")
+    async fn handle(&self) -> Arc<dyn JobStore> {
+        let path = self.dir.path().join("jobs.db");
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .expect("open store")
+            .expect("open store");
+        Blocking::port(Arc::new(store))
     }
 }
 

@@ -81,6 +81,7 @@ pub use job::{
 };
 pub use results::{FragmentResult, JobResult, ResultStore};
 pub use store::{
-    JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+    Blocking, BlockingJobStore, JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult,
+    DEFAULT_MAX_ATTEMPTS,
 };
 pub use time::{Clock, SystemClock, Timestamp, TokioClock};

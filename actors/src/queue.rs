@@ -1,7 +1,7 @@
 //! `QueueActor`: the sole owner of the `JobStore`.
 //!
-//! Every store call runs on a blocking thread, never on the async runtime.
-//! Claims are answered as soon as the store answers; settlements
+//! Store calls run in tasks of their own (the actor never waits on a slow
+//! read), except the few whose answer changes its state. Claims are answered as soon as the store answers; settlements
 //! (complete, fail, release) are group-committed: while one batch is being
 //! written, the next accumulates, so that a busy pipeline pays one
 //! transaction for many jobs. The actor also wakes dispatchers when work may
@@ -259,28 +259,14 @@ struct Pending {
 /// The sole owner of the job store.
 pub struct QueueActor;
 
-/// Runs `f` against the store on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    store: &Arc<dyn JobStore>,
-    f: impl FnOnce(&dyn JobStore) -> StoreResult<T> + Send + 'static,
-) -> StoreResult<T> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .unwrap_or_else(|e| Err(StoreError::Backend(format!("store call panicked: {e}"))))
-}
-
-/// Runs `f` on a blocking thread and sends the answer to `reply`, without
+/// Sends what `out` comes to to `reply` from a task of its own, without
 /// holding up the actor.
 fn answer<T: Send + 'static>(
-    store: &Arc<dyn JobStore>,
     reply: RpcReplyPort<StoreResult<T>>,
-    f: impl FnOnce(&dyn JobStore) -> StoreResult<T> + Send + 'static,
+    out: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
 ) {
-    let store = store.clone();
     tokio::spawn(async move {
-        let out = blocking(&store, f).await;
-        let _ = reply.send(out);
+        let _ = reply.send(out.await);
     });
 }
 
@@ -310,7 +296,7 @@ impl QueueState {
         let me = myself.clone();
         tokio::spawn(async move {
             for model in models {
-                match blocking(&store, move |s| s.next_due(model, now)).await {
+                match store.next_due(model, now).await {
                     Ok(at) => {
                         let _ = me.cast(tick(Tick::DueAt { model, at }));
                     }
@@ -343,7 +329,7 @@ impl QueueState {
                 })
                 .collect();
             let n = items.len();
-            let results = blocking(&store, move |s| s.settle_batch(items, now)).await;
+            let results = store.settle_batch(items, now).await;
             let results: Vec<StoreResult<Settled>> = match results {
                 Ok(r) => r,
                 Err(e) => {
@@ -448,16 +434,16 @@ impl Actor for QueueActor {
     ) -> Result<QueueState, ActorProcessingErr> {
         let now = args.clock.now();
         if let Some(owner) = args.release_on_start.clone() {
-            let n = blocking(&args.store, move |s| s.release_owner(&owner, now)).await?;
+            let n = args.store.release_owner(&owner, now).await?;
             if n > 0 {
                 info!("released {n} jobs claimed by a previous run of this daemon");
             }
         }
-        let n = blocking(&args.store, move |s| s.reclaim_expired(now)).await?;
+        let n = args.store.reclaim_expired(now).await?;
         if n > 0 {
             info!("reclaimed {n} jobs whose lease had expired");
         }
-        let last_token = blocking(&args.store, |s| s.change_token()).await?;
+        let last_token = args.store.change_token().await?;
         myself.send_interval(args.poll_interval, || tick(Tick::Poll));
         myself.send_interval(args.reclaim_interval, || tick(Tick::Reclaim));
         let state = QueueState {
@@ -498,25 +484,19 @@ impl Actor for QueueActor {
                     // A short claim: what is left may be waiting for its
                     // run_at, read in the same trip to the store.
                     // (Its failure never costs the claim, which is committed.)
-                    let out = blocking(&store, move |s| {
-                        let jobs = s.claim(model, n, lease, &owner, now)?;
-                        let next = (jobs.len() < n).then(|| s.next_due(model, now));
-                        Ok((jobs, next))
-                    })
-                    .await;
-                    let out = out.map(|(jobs, next)| {
-                        match next {
-                            Some(Ok(at)) => {
+                    let out = store.claim(model, n, lease, &owner, now).await;
+                    let short = out.as_ref().is_ok_and(|jobs| jobs.len() < n);
+                    let _ = reply.send(out);
+                    if short {
+                        match store.next_due(model, now).await {
+                            Ok(at) => {
                                 let _ = me.cast(tick(Tick::DueAt { model, at }));
                             }
-                            Some(Err(e)) => {
+                            Err(e) => {
                                 warn!("reading when the next {model} job comes due failed: {e}")
                             }
-                            None => {}
                         }
-                        jobs
-                    });
-                    let _ = reply.send(out);
+                    }
                 });
             }
             QueueMsg::Settle {
@@ -541,7 +521,7 @@ impl Actor for QueueActor {
             QueueMsg::InjectPanic => panic!("injected fault in the queue"),
             QueueMsg::Submit { jobs, reply } => {
                 let models: Vec<ModelType> = jobs.iter().map(|j| j.model_type).collect();
-                let out = blocking(store, move |s| s.submit_batch(jobs, now)).await;
+                let out = store.submit_batch(jobs, now).await;
                 if out.is_ok() {
                     for m in ModelType::ALL.into_iter().filter(|m| models.contains(m)) {
                         state.wake(Some(m));
@@ -555,7 +535,7 @@ impl Actor for QueueActor {
                 reply,
             } => {
                 let model = fragments.first().map(|f| f.model_type);
-                let out = blocking(store, move |s| s.submit_parent(parent, fragments, now)).await;
+                let out = store.submit_parent(parent, fragments, now).await;
                 if out.is_ok() {
                     if let Some(m) = model {
                         state.wake(Some(m));
@@ -564,24 +544,39 @@ impl Actor for QueueActor {
                 let _ = reply.send(out);
             }
             QueueMsg::ReleaseOwner { owner, reply } => {
-                let out = blocking(store, move |s| s.release_owner(&owner, now)).await;
+                let out = store.release_owner(&owner, now).await;
                 if matches!(out, Ok(n) if n > 0) {
                     state.wake(None);
                 }
                 let _ = reply.send(out);
             }
-            QueueMsg::Get { id, reply } => answer(store, reply, move |s| s.get(id)),
-            QueueMsg::Fragments { parent, reply } => {
-                answer(store, reply, move |s| s.fragments(parent))
+            QueueMsg::Get { id, reply } => {
+                let store = store.clone();
+                answer(reply, async move { store.get(id).await })
             }
-            QueueMsg::ReadyParents { reply } => answer(store, reply, |s| s.ready_parents(100)),
+            QueueMsg::Fragments { parent, reply } => {
+                let store = store.clone();
+                answer(reply, async move { store.fragments(parent).await })
+            }
+            QueueMsg::ReadyParents { reply } => {
+                let store = store.clone();
+                answer(reply, async move { store.ready_parents(100).await })
+            }
             QueueMsg::PendingFollowUps { reply } => {
-                answer(store, reply, |s| s.pending_follow_ups(100))
+                let store = store.clone();
+                answer(reply, async move { store.pending_follow_ups(100).await })
             }
             QueueMsg::FinishParent { id, outcome, reply } => {
-                answer(store, reply, move |s| s.finish_parent(id, outcome, now))
+                let store = store.clone();
+                answer(
+                    reply,
+                    async move { store.finish_parent(id, outcome, now).await },
+                )
             }
-            QueueMsg::Stats { reply } => answer(store, reply, move |s| s.stats(now)),
+            QueueMsg::Stats { reply } => {
+                let store = store.clone();
+                answer(reply, async move { store.stats(now).await })
+            }
             QueueMsg::Subscribe { model, subscriber } => {
                 let subs = state.subscribers.entry(model).or_default();
                 subs.retain(|d| d.get_id() != subscriber.get_id());
@@ -605,7 +600,7 @@ impl Actor for QueueActor {
                     let store = store.clone();
                     let me = myself.clone();
                     tokio::spawn(async move {
-                        let token = blocking(&store, |s| s.change_token()).await.unwrap_or(None);
+                        let token = store.change_token().await.unwrap_or(None);
                         let _ = me.cast(tick(Tick::Polled(token)));
                     });
                 }
@@ -623,7 +618,7 @@ impl Actor for QueueActor {
                 let store = store.clone();
                 let me = myself.clone();
                 tokio::spawn(async move {
-                    match blocking(&store, move |s| s.reclaim_expired(now)).await {
+                    match store.reclaim_expired(now).await {
                         Ok(0) => {}
                         Ok(n) => {
                             warn!("reclaimed {n} jobs whose lease expired (their holder died or stalled)");

@@ -5,11 +5,19 @@
 //! same contract so that several GPU hosts share one queue. The contract is
 //! pinned down by `testkit::store_contract`, which every adapter runs.
 //!
-//! Methods are synchronous: callers on an async runtime run them on a
-//! blocking thread (the QueueActor does), never on a runtime worker.
+//! [`JobStore`] is asynchronous, so that an adapter over an asynchronous
+//! database client needs no thread of its own per call. An adapter over a
+//! synchronous library (SQLite, the in-memory fake) implements
+//! [`BlockingJobStore`] instead, and [`Blocking`] makes it a `JobStore`
+//! that runs each call on a blocking thread, never on a runtime worker.
+//! Everything above the adapters (the actors, the CLI, the MCP server, the
+//! admin endpoint, the demo) holds an `Arc<dyn JobStore>`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use crate::job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
@@ -87,18 +95,19 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// - `claim` is atomic: concurrent claimers, in this process or others,
 ///   never receive the same job.
 /// - `complete`, `fail` and `release` take effect only with the current claim.
+#[async_trait]
 pub trait JobStore: Send + Sync + 'static {
     /// Adds a job, or returns the identical one already there.
-    fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted>;
+    async fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted>;
 
     /// Adds many jobs in one transaction, each idempotent on its own.
-    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>>;
+    async fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>>;
 
     /// Adds a parent and its fragments in one transaction. The parent is
     /// never dispatched itself: it waits in `processing` until fan-in.
     /// Idempotent on the parent: an identical parent returns the existing one
     /// and adds no fragments.
-    fn submit_parent(
+    async fn submit_parent(
         &self,
         parent: NewJob,
         fragments: Vec<NewJob>,
@@ -108,7 +117,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// Claims up to `n` pending jobs of `model` whose `run_at` has come, in
     /// order of priority (highest first) then age (oldest first), setting
     /// them `processing` under a lease of `lease` held by `owner`.
-    fn claim(
+    async fn claim(
         &self,
         model: ModelType,
         n: usize,
@@ -118,43 +127,43 @@ pub trait JobStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<ClaimedJob>>;
 
     /// Marks a claimed job `done` with its result.
-    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
+    async fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
 
     /// Settles many claims in one transaction (group commit): each element's
     /// result is that of `complete`, `fail` or `release` for it, and a stale
     /// claim does not abort the others.
-    fn settle_batch(
+    async fn settle_batch(
         &self,
         items: Vec<(Claim, Settle)>,
         now: Timestamp,
-    ) -> StoreResult<Vec<StoreResult<Settled>>> {
-        Ok(items
-            .into_iter()
-            .map(|(claim, settle)| settle_one(self, &claim, settle, now))
-            .collect())
-    }
+    ) -> StoreResult<Vec<StoreResult<Settled>>>;
 
     /// Records a failed attempt: back to `pending` after the failure's delay
     /// while attempts remain and the failure is retryable, else `failed`.
-    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome>;
+    async fn fail(
+        &self,
+        claim: &Claim,
+        failure: Failure,
+        now: Timestamp,
+    ) -> StoreResult<FailOutcome>;
 
     /// Gives a claimed job back to `pending` without counting an attempt
     /// (shutdown, a crashed dispatcher, an instance going down).
-    fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
+    async fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
 
     /// The earliest `run_at` after `now` among the pending jobs of `model`
     /// (jobs waiting out a retry backoff, or inserted by another program to
     /// run later): when the next of them comes due, whoever scheduled it.
-    fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>>;
+    async fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>>;
 
     /// Returns every job whose lease has expired to `pending`; the count.
-    fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
+    async fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
 
     /// The job's server went down while the job was in flight: back to
     /// `pending` with `crashes` counted (not `attempts`), or `failed` with
     /// [`poison_error`] once `crashes` reaches `limit`. Only the current
     /// claim may; `Settled::Released` or `Settled::Failed`.
-    fn release_crashed(
+    async fn release_crashed(
         &self,
         claim: &Claim,
         instance: &str,
@@ -166,51 +175,55 @@ pub trait JobStore: Send + Sync + 'static {
     /// with `owner` followed by `/`, to `pending`, leases or not: for a daemon
     /// that restarts after a crash, or a dispatcher that crashed, whose claims
     /// are known to be dead.
-    fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
+    async fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
 
     /// Cancels a pending or processing job (and a parent's unfinished fragments).
-    fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
 
     /// Puts a failed or cancelled job back to `pending` with fresh attempts
     /// (for a parent: its failed and cancelled fragments, too).
-    fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
 
     /// One job.
-    fn get(&self, id: JobId) -> StoreResult<Option<Job>>;
+    async fn get(&self, id: JobId) -> StoreResult<Option<Job>>;
 
     /// Jobs matching `filter`, newest first.
-    fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
 
     /// Counts per model and status, and the oldest pending age.
-    fn stats(&self, now: Timestamp) -> StoreResult<QueueStats>;
+    async fn stats(&self, now: Timestamp) -> StoreResult<QueueStats>;
 
     /// The fragments of `parent`, in fragment order.
-    fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
+    async fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
 
     /// Up to `limit` parents still `processing` whose fragments have all
     /// finished: fan-in work left over (after a crash, say).
-    fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+    async fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>>;
 
     /// Ends a parent waiting in `processing`; `false` if it was not waiting
     /// (already finished by a concurrent fan-in, or cancelled). Exactly one
     /// caller ever gets `true` for a parent.
-    fn finish_parent(&self, id: JobId, outcome: ParentOutcome, now: Timestamp)
-        -> StoreResult<bool>;
+    async fn finish_parent(
+        &self,
+        id: JobId,
+        outcome: ParentOutcome,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
 
     /// Up to `limit` jobs that are `done` and name a `then_model`, but whose
     /// follow-up job does not exist yet.
-    fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+    async fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>>;
 
     /// A value that changes when another program commits to the store, or
     /// `None` if the store cannot tell. Cheap: polled every few hundred ms.
-    fn change_token(&self) -> StoreResult<Option<i64>>;
+    async fn change_token(&self) -> StoreResult<Option<i64>>;
 
     /// Up to `limit` ids whose hex digits start with `prefix` (lower case).
-    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
+    async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
 
     /// A job id, or a unique prefix of at least 4 hex digits, as a user
     /// types it; the error says what to give instead.
-    fn resolve(&self, text: &str) -> StoreResult<JobId> {
+    async fn resolve(&self, text: &str) -> StoreResult<JobId> {
         let text = text.trim().to_ascii_lowercase();
         if let Ok(id) = text.parse::<JobId>() {
             return Ok(id);
@@ -220,7 +233,7 @@ pub trait JobStore: Send + Sync + 'static {
                 "`{text}` is not a job id: give the 32 hex digits printed by `gpu-feeder submit` or `list`, or a unique prefix of at least 4"
             )));
         }
-        match self.ids_with_prefix(&text, 2)?.as_slice() {
+        match self.ids_with_prefix(&text, 2).await?.as_slice() {
             [one] => Ok(*one),
             [] => Err(StoreError::Invalid(format!(
                 "no job id starts with `{text}`: check it with `gpu-feeder list`"
@@ -229,6 +242,270 @@ pub trait JobStore: Send + Sync + 'static {
                 "more than one job id starts with `{text}`: give more digits"
             ))),
         }
+    }
+}
+
+/// The durable job queue as an adapter over a synchronous client writes it
+/// (SQLite, the in-memory fake). [`Blocking`] makes it a [`JobStore`]; each
+/// method is the one of the same name there, with the same guarantees.
+/// Calls may block on I/O or locks: never make them on a runtime worker.
+pub trait BlockingJobStore: Send + Sync + 'static {
+    /// See [`JobStore::submit`].
+    fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted>;
+
+    /// See [`JobStore::submit_batch`].
+    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>>;
+
+    /// See [`JobStore::submit_parent`].
+    fn submit_parent(
+        &self,
+        parent: NewJob,
+        fragments: Vec<NewJob>,
+        now: Timestamp,
+    ) -> StoreResult<Submitted>;
+
+    /// See [`JobStore::claim`].
+    fn claim(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>>;
+
+    /// See [`JobStore::complete`].
+    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
+
+    /// See [`JobStore::settle_batch`]. By default one call per claim; an
+    /// adapter with transactions commits them together.
+    fn settle_batch(
+        &self,
+        items: Vec<(Claim, Settle)>,
+        now: Timestamp,
+    ) -> StoreResult<Vec<StoreResult<Settled>>> {
+        Ok(items
+            .into_iter()
+            .map(|(claim, settle)| settle_one(self, &claim, settle, now))
+            .collect())
+    }
+
+    /// See [`JobStore::fail`].
+    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome>;
+
+    /// See [`JobStore::release`].
+    fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
+
+    /// See [`JobStore::next_due`].
+    fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>>;
+
+    /// See [`JobStore::reclaim_expired`].
+    fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
+
+    /// See [`JobStore::release_crashed`].
+    fn release_crashed(
+        &self,
+        claim: &Claim,
+        instance: &str,
+        limit: u32,
+        now: Timestamp,
+    ) -> StoreResult<Settled>;
+
+    /// See [`JobStore::release_owner`].
+    fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
+
+    /// See [`JobStore::cancel`].
+    fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+
+    /// See [`JobStore::retry`].
+    fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+
+    /// See [`JobStore::get`].
+    fn get(&self, id: JobId) -> StoreResult<Option<Job>>;
+
+    /// See [`JobStore::list`].
+    fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
+
+    /// See [`JobStore::stats`].
+    fn stats(&self, now: Timestamp) -> StoreResult<QueueStats>;
+
+    /// See [`JobStore::fragments`].
+    fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
+
+    /// See [`JobStore::ready_parents`].
+    fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+
+    /// See [`JobStore::finish_parent`].
+    fn finish_parent(&self, id: JobId, outcome: ParentOutcome, now: Timestamp)
+        -> StoreResult<bool>;
+
+    /// See [`JobStore::pending_follow_ups`].
+    fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+
+    /// See [`JobStore::change_token`].
+    fn change_token(&self) -> StoreResult<Option<i64>>;
+
+    /// See [`JobStore::ids_with_prefix`].
+    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
+}
+
+/// A [`BlockingJobStore`] as a [`JobStore`]: every call runs on one of
+/// tokio's blocking threads, so a slow disk or a held lock never stalls a
+/// runtime worker (and with it every actor on it).
+pub struct Blocking<S>(Arc<S>);
+
+impl<S: BlockingJobStore> Blocking<S> {
+    /// The port over `store`, for the actors and frontends to share.
+    pub fn port(store: Arc<S>) -> Arc<dyn JobStore> {
+        Arc::new(Blocking(store))
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&S) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Backend(format!("store call panicked: {e}"))))
+    }
+}
+
+#[async_trait]
+impl<S: BlockingJobStore> JobStore for Blocking<S> {
+    async fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
+        self.run(move |s| s.submit(job, now)).await
+    }
+
+    async fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
+        self.run(move |s| s.submit_batch(jobs, now)).await
+    }
+
+    async fn submit_parent(
+        &self,
+        parent: NewJob,
+        fragments: Vec<NewJob>,
+        now: Timestamp,
+    ) -> StoreResult<Submitted> {
+        self.run(move |s| s.submit_parent(parent, fragments, now))
+            .await
+    }
+
+    async fn claim(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        let owner = owner.to_string();
+        self.run(move |s| s.claim(model, n, lease, &owner, now))
+            .await
+    }
+
+    async fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
+        let claim = claim.clone();
+        self.run(move |s| s.complete(&claim, done, now)).await
+    }
+
+    async fn settle_batch(
+        &self,
+        items: Vec<(Claim, Settle)>,
+        now: Timestamp,
+    ) -> StoreResult<Vec<StoreResult<Settled>>> {
+        self.run(move |s| s.settle_batch(items, now)).await
+    }
+
+    async fn fail(
+        &self,
+        claim: &Claim,
+        failure: Failure,
+        now: Timestamp,
+    ) -> StoreResult<FailOutcome> {
+        let claim = claim.clone();
+        self.run(move |s| s.fail(&claim, failure, now)).await
+    }
+
+    async fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()> {
+        let claim = claim.clone();
+        self.run(move |s| s.release(&claim, now)).await
+    }
+
+    async fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>> {
+        self.run(move |s| s.next_due(model, now)).await
+    }
+
+    async fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
+        self.run(move |s| s.reclaim_expired(now)).await
+    }
+
+    async fn release_crashed(
+        &self,
+        claim: &Claim,
+        instance: &str,
+        limit: u32,
+        now: Timestamp,
+    ) -> StoreResult<Settled> {
+        let (claim, instance) = (claim.clone(), instance.to_string());
+        self.run(move |s| s.release_crashed(&claim, &instance, limit, now))
+            .await
+    }
+
+    async fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64> {
+        let owner = owner.to_string();
+        self.run(move |s| s.release_owner(&owner, now)).await
+    }
+
+    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
+        self.run(move |s| s.cancel(id, now)).await
+    }
+
+    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
+        self.run(move |s| s.retry(id, now)).await
+    }
+
+    async fn get(&self, id: JobId) -> StoreResult<Option<Job>> {
+        self.run(move |s| s.get(id)).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>> {
+        let filter = filter.clone();
+        self.run(move |s| s.list(&filter)).await
+    }
+
+    async fn stats(&self, now: Timestamp) -> StoreResult<QueueStats> {
+        self.run(move |s| s.stats(now)).await
+    }
+
+    async fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>> {
+        self.run(move |s| s.fragments(parent)).await
+    }
+
+    async fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>> {
+        self.run(move |s| s.ready_parents(limit)).await
+    }
+
+    async fn finish_parent(
+        &self,
+        id: JobId,
+        outcome: ParentOutcome,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        self.run(move |s| s.finish_parent(id, outcome, now)).await
+    }
+
+    async fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
+        self.run(move |s| s.pending_follow_ups(limit)).await
+    }
+
+    async fn change_token(&self) -> StoreResult<Option<i64>> {
+        self.run(|s| s.change_token()).await
+    }
+
+    async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>> {
+        let prefix = prefix.to_string();
+        self.run(move |s| s.ids_with_prefix(&prefix, limit)).await
     }
 }
 
@@ -288,7 +565,7 @@ pub enum ParentOutcome {
 }
 
 /// Applies one settlement through the single-claim methods.
-pub fn settle_one<S: JobStore + ?Sized>(
+pub fn settle_one<S: BlockingJobStore + ?Sized>(
     store: &S,
     claim: &Claim,
     settle: Settle,

@@ -97,7 +97,7 @@ impl Lab {
         let (think, vision) = (server(), server());
         let gpu = probe.clone().unwrap_or_else(|| FakeGpu::new(1));
         let args = FeederArgs {
-            store: Arc::new(store.clone()),
+            store: store.connect(),
             results: Arc::new(MemoryResults::new()),
             clock: Arc::new(TokioClock::starting_at(T0)),
             instances: vec![

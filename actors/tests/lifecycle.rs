@@ -19,7 +19,9 @@ use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{
     submit, wait_until, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
 };
-use feeder_actors::{InferenceError, JobId, JobStatus, JobStore, ModelType, Timestamp, TokioClock};
+use feeder_actors::{
+    BlockingJobStore, InferenceError, JobId, JobStatus, ModelType, Timestamp, TokioClock,
+};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 const LIMIT: Duration = Duration::from_secs(3_600);
@@ -105,7 +107,7 @@ impl Lab {
             ..InstanceSpec::external("v", ModelType::Vision, 4, Arc::new(server.clone()))
         };
         let args = FeederArgs {
-            store: Arc::new(store.clone()),
+            store: store.connect(),
             results: Arc::new(MemoryResults::new()),
             clock: Arc::new(TokioClock::starting_at(T0)),
             instances: vec![spec],
@@ -465,7 +467,7 @@ async fn an_external_server_is_probed_but_never_restarted() {
     let spec = InstanceSpec::external("x", ModelType::Think, 2, Arc::new(server.clone()));
     let store = MemoryStore::new();
     let args = FeederArgs {
-        store: Arc::new(store.clone()),
+        store: store.connect(),
         results: Arc::new(MemoryResults::new()),
         clock: Arc::new(TokioClock::starting_at(T0)),
         instances: vec![spec],

@@ -1,16 +1,18 @@
 //! The `JobStore` contract suite against the in-memory fake, so that the
 //! fake used by message-level tests behaves as the SQLite adapter does.
 
+use std::sync::Arc;
+
 use feeder_actors::testkit::store_contract::StoreFixture;
 use feeder_actors::testkit::MemoryStore;
+use feeder_actors::JobStore;
 
 struct MemoryFixture(MemoryStore);
 
+#[async_trait::async_trait]
 impl StoreFixture for MemoryFixture {
-    type Store = MemoryStore;
-
-    fn handle(&self) -> MemoryStore {
-        self.0.clone()
+    async fn handle(&self) -> Arc<dyn JobStore> {
+        self.0.connect()
     }
 }
 

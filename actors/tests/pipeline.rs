@@ -20,8 +20,8 @@ use feeder_actors::testkit::{
     submit, wait_until, FakeInference, MemoryResults, MemoryStore, Recorder,
 };
 use feeder_actors::{
-    Backoff, Completion, InferenceError, JobId, JobStatus, JobStore, ListFilter, ModelType, Settle,
-    Timestamp, TokioClock,
+    Backoff, BlockingJobStore, Completion, InferenceError, JobId, JobStatus, ListFilter, ModelType,
+    Settle, Timestamp, TokioClock,
 };
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -65,7 +65,7 @@ impl Pipeline {
     ) -> Pipeline {
         let results = MemoryResults::new();
         let args = FeederArgs {
-            store: Arc::new(store.clone()),
+            store: store.connect(),
             results: Arc::new(results.clone()),
             clock: Arc::new(TokioClock::starting_at(T0)),
             instances: instances
@@ -125,7 +125,7 @@ impl Pipeline {
 /// A QueueActor on `store` alone, with a 60 s lease.
 async fn spawn_queue(store: &MemoryStore) -> ActorRef<QueueMsg> {
     let args = QueueArgs {
-        store: Arc::new(store.clone()),
+        store: store.connect(),
         clock: Arc::new(TokioClock::starting_at(T0)),
         lease: Duration::from_secs(60),
         reclaim_interval: Duration::from_secs(30),

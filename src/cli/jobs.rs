@@ -9,7 +9,7 @@ use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, Timestamp
 
 use super::output;
 use super::{Context, SubmitArgs};
-use crate::store::{latest_version, SqliteStore};
+use crate::store::latest_version;
 use crate::submit::{Submission, Submitter};
 
 fn print_json(v: &serde_json::Value) {
@@ -19,8 +19,8 @@ fn print_json(v: &serde_json::Value) {
 pub(super) fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     ctx.config.create_state_dirs(&ctx.config_path)?;
     let path = &ctx.config.queue.db_path;
-    let (_, report) = SqliteStore::open_with_report(path)
-        .with_context(|| format!("migrating {}", path.display()))?;
+    let report =
+        crate::store::migrate(path).with_context(|| format!("migrating {}", path.display()))?;
     if json {
         print_json(&json!({
             "db_path": path,
@@ -60,8 +60,8 @@ fn print_migrated(path: &std::path::Path, report: &crate::store::MigrationReport
     }
 }
 
-pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
-    let store = ctx.open_store()?;
+pub(super) async fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
+    let store = ctx.open_store().await?;
     let cfg = &ctx.config;
     if cfg.instances_for(args.model).next().is_none() && !cfg.instances.is_empty() {
         eprintln!(
@@ -88,7 +88,7 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
 
     if let Some(path) = &args.jsonl {
         let jobs = sub.jsonl(path)?;
-        let out = store.submit_batch(jobs, now)?;
+        let out = store.submit_batch(jobs, now).await?;
         let created = out.iter().filter(|s| s.created).count();
         if args.json {
             let jobs: Vec<_> = out
@@ -132,7 +132,7 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
     } else {
         unreachable!("clap requires one input");
     };
-    let (s, fragments) = submission.store(&store, now)?;
+    let (s, fragments) = submission.store(store.as_ref(), now).await?;
     if args.wait {
         if !args.json {
             let verb = if s.created {
@@ -143,11 +143,12 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
             eprintln!("{verb} {} ({}); waiting…", s.id, args.model);
         }
         return wait(
-            &store,
+            store.as_ref(),
             s.id,
             args.timeout_s.map(Duration::from_secs),
             args.json,
-        );
+        )
+        .await;
     }
     let what = match fragments {
         Some(n) => format!("{}, parent of {n} fragments, {}", args.model, s.status),
@@ -166,8 +167,8 @@ pub(super) fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 /// Polls the job until it finishes; exit 0 if done, 1 otherwise.
-fn wait(
-    store: &SqliteStore,
+async fn wait(
+    store: &dyn JobStore,
     id: JobId,
     timeout: Option<Duration>,
     json: bool,
@@ -177,7 +178,8 @@ fn wait(
     let mut hinted = false;
     loop {
         let job = store
-            .get(id)?
+            .get(id)
+            .await?
             .with_context(|| format!("job {id} disappeared"))?;
         if job.status.is_terminal() {
             if json {
@@ -200,16 +202,17 @@ fn wait(
             eprintln!("job {id} is still pending after 10 s: is `gpu-feeder run` running?");
             hinted = true;
         }
-        std::thread::sleep(interval);
+        tokio::time::sleep(interval).await;
         interval = (interval * 2).min(Duration::from_millis(500));
     }
 }
 
-pub(super) fn status(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
-    let store = ctx.open_store()?;
-    let id = store.resolve(job)?;
+pub(super) async fn status(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store().await?;
+    let id = store.resolve(job).await?;
     let job = store
-        .get(id)?
+        .get(id)
+        .await?
         .with_context(|| format!("no job {id}: check the id with `gpu-feeder list`"))?;
     if json {
         print_json(&output::job_json(&job));
@@ -219,20 +222,22 @@ pub(super) fn status(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32
     Ok(0)
 }
 
-pub(super) fn list(
+pub(super) async fn list(
     ctx: &Context,
     status: Option<JobStatus>,
     model: Option<ModelType>,
     limit: usize,
     json: bool,
 ) -> anyhow::Result<i32> {
-    let store = ctx.open_store()?;
-    let jobs = store.list(&ListFilter {
-        status,
-        model_type: model,
-        parent_id: None,
-        limit,
-    })?;
+    let store = ctx.open_store().await?;
+    let jobs = store
+        .list(&ListFilter {
+            status,
+            model_type: model,
+            parent_id: None,
+            limit,
+        })
+        .await?;
     if json {
         let jobs: Vec<_> = jobs.iter().map(output::job_json).collect();
         print_json(&json!({ "jobs": jobs }));
@@ -242,9 +247,9 @@ pub(super) fn list(
     Ok(0)
 }
 
-pub(super) fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
-    let store = ctx.open_store()?;
-    let stats = store.stats(Timestamp::now())?;
+pub(super) async fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store().await?;
+    let stats = store.stats(Timestamp::now()).await?;
     if json {
         print_json(&output::stats_json(&stats));
     } else {
@@ -253,10 +258,10 @@ pub(super) fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub(super) fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
-    let store = ctx.open_store()?;
-    let id = store.resolve(job)?;
-    let job = store.cancel(id, Timestamp::now())?;
+pub(super) async fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store().await?;
+    let id = store.resolve(job).await?;
+    let job = store.cancel(id, Timestamp::now()).await?;
     if json {
         print_json(&output::job_json(&job));
     } else {
@@ -265,10 +270,10 @@ pub(super) fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32
     Ok(0)
 }
 
-pub(super) fn retry(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
-    let store = ctx.open_store()?;
-    let id = store.resolve(job)?;
-    let job = store.retry(id, Timestamp::now())?;
+pub(super) async fn retry(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+    let store = ctx.open_store().await?;
+    let id = store.resolve(job).await?;
+    let job = store.retry(id, Timestamp::now()).await?;
     if json {
         print_json(&output::job_json(&job));
     } else {

@@ -17,7 +17,9 @@ use feeder_actors::{JobStatus, ModelType};
 use crate::config::{Config, ConfigError, ConfigSource, LogFormat};
 use crate::demo::DemoArgs;
 use crate::sim::SimConfig;
-use crate::store::SqliteStore;
+use std::sync::Arc;
+
+use feeder_actors::JobStore;
 
 /// Exit status for a bad configuration (sysexits' EX_CONFIG).
 pub const EX_CONFIG: i32 = 78;
@@ -262,11 +264,9 @@ impl Context {
     }
 
     /// Opens the job store, creating the state folders first.
-    pub fn open_store(&self) -> anyhow::Result<SqliteStore> {
+    pub async fn open_store(&self) -> anyhow::Result<Arc<dyn JobStore>> {
         self.config.create_state_dirs(&self.config_path)?;
-        let path = &self.config.queue.db_path;
-        SqliteStore::open(path)
-            .with_context(|| format!("opening the job database {}", path.display()))
+        crate::store::connect(&self.config.queue).await
     }
 }
 
@@ -311,23 +311,24 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 &ctx.config.logging,
                 Some(cli.log_format.unwrap_or(LogFormat::Human)),
             );
-            let store = ctx.open_store()?;
-            runtime()?
-                .block_on(crate::mcp::serve(store, ctx.config, ctx.config_path))
-                .map(|()| 0)
+            runtime()?.block_on(async {
+                let store = ctx.open_store().await?;
+                crate::mcp::serve(store, ctx.config, ctx.config_path).await?;
+                Ok(0)
+            })
         }
         Command::Migrate { json } => jobs::migrate(&ctx, json),
-        Command::Submit(args) => jobs::submit(&ctx, args),
-        Command::Status { job, json } => jobs::status(&ctx, &job, json),
+        Command::Submit(args) => runtime()?.block_on(jobs::submit(&ctx, args)),
+        Command::Status { job, json } => runtime()?.block_on(jobs::status(&ctx, &job, json)),
         Command::List {
             status,
             model,
             limit,
             json,
-        } => jobs::list(&ctx, status, model, limit, json),
-        Command::Stats { json } => jobs::stats(&ctx, json),
-        Command::Cancel { job, json } => jobs::cancel(&ctx, &job, json),
-        Command::Retry { job, json } => jobs::retry(&ctx, &job, json),
+        } => runtime()?.block_on(jobs::list(&ctx, status, model, limit, json)),
+        Command::Stats { json } => runtime()?.block_on(jobs::stats(&ctx, json)),
+        Command::Cancel { job, json } => runtime()?.block_on(jobs::cancel(&ctx, &job, json)),
+        Command::Retry { job, json } => runtime()?.block_on(jobs::retry(&ctx, &job, json)),
         Command::Config(_) => unreachable!("handled above"),
     }
 }

@@ -10,15 +10,16 @@ mod rows;
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{named_params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
+use anyhow::Context as _;
 use feeder_actors::{
-    Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, JobStore,
-    ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle, Settled,
-    StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
+    Blocking, BlockingJobStore, Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId,
+    JobStatus, JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats,
+    Settle, Settled, StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
 
 use feeder_actors::store::poison_error;
@@ -38,6 +39,27 @@ const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
 const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
 const PENDING_FOLLOW_UPS: &str = include_str!("sql/pending_follow_ups.sql");
 const NEXT_DUE: &str = include_str!("sql/next_due.sql");
+
+/// Opens the job queue that `queue` names, creating and migrating it, as
+/// the port everything above the adapters holds. The one place that
+/// chooses an adapter (the composition root): the daemon, the CLI, the MCP
+/// server and the demo all open their store here.
+pub async fn connect(queue: &crate::config::QueueConfig) -> anyhow::Result<Arc<dyn JobStore>> {
+    let path = queue.db_path.clone();
+    let store = tokio::task::spawn_blocking(move || {
+        SqliteStore::open(&path)
+            .with_context(|| format!("opening the job database {}", path.display()))
+    })
+    .await
+    .context("opening the job database panicked")??;
+    Ok(Blocking::port(Arc::new(store)))
+}
+
+/// Creates or migrates the database at `path` and says what it did
+/// (`gpu-feeder migrate`).
+pub fn migrate(path: &Path) -> StoreResult<MigrationReport> {
+    SqliteStore::open_with_report(path).map(|(_, report)| report)
+}
 
 const SELECT_JOB: &str = "SELECT rowid AS seq, * FROM gpu_jobs";
 
@@ -361,7 +383,7 @@ fn crashed_in(
     }
 }
 
-impl JobStore for SqliteStore {
+impl BlockingJobStore for SqliteStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
         self.write(|tx| submit_in(tx, &job, now))
     }

@@ -11,7 +11,8 @@ use crate::job::{
     ModelStats, ModelType, NewJob, Payload, QueueStats, Submitted,
 };
 use crate::store::{
-    poison_error, JobStore, ParentOutcome, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+    poison_error, Blocking, BlockingJobStore, JobStore, ParentOutcome, Settled, StoreError,
+    StoreResult, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -71,6 +72,12 @@ impl MemoryStore {
         inner.commits += 1;
         *inner.own_commits.entry(self.conn).or_default() += 1;
         inner
+    }
+
+    /// Another connection to the same jobs, as the port the actors and
+    /// frontends hold.
+    pub fn connect(&self) -> Arc<dyn JobStore> {
+        Blocking::port(Arc::new(self.clone()))
     }
 
     /// Every job, in insertion order (for assertions).
@@ -194,7 +201,7 @@ fn to_pending(j: &mut Job) {
     j.lease_until = None;
 }
 
-impl JobStore for MemoryStore {
+impl BlockingJobStore for MemoryStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
         Ok(self.write().submit(&job, now))
     }

@@ -2,12 +2,14 @@
 //!
 //! An adapter's test file provides a [`StoreFixture`] and expands
 //! [`store_contract_tests!`](crate::store_contract_tests), which makes one
-//! `#[test]` per case below.
+//! `#[tokio::test]` per case below.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Barrier};
+use std::sync::Arc;
+
 use std::time::Duration;
+use tokio::sync::Barrier;
 
 use crate::job::{
     Claim, Completion, FailOutcome, Failure, JobId, JobStatus, ListFilter, ModelType, NewJob,
@@ -17,16 +19,14 @@ use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError};
 use crate::time::Timestamp;
 
 /// Gives handles on one fresh store.
-pub trait StoreFixture {
-    /// The adapter under test.
-    type Store: JobStore;
-
+#[async_trait::async_trait]
+pub trait StoreFixture: Send + Sync {
     /// A new handle on the same store: for a database, a separate connection,
     /// as a second process would have.
-    fn handle(&self) -> Self::Store;
+    async fn handle(&self) -> Arc<dyn JobStore>;
 }
 
-/// Expands to one `#[test]` per contract case, each with a fresh fixture
+/// Expands to one `#[tokio::test]` per contract case, each with a fresh fixture
 /// from `$fixture` (an expression evaluated once per test).
 #[macro_export]
 macro_rules! store_contract_tests {
@@ -47,10 +47,10 @@ macro_rules! store_contract_tests {
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
         $(
-            #[test]
-            fn $case() {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
                 let fixture = $fixture;
-                $crate::testkit::store_contract::$case(&fixture);
+                $crate::testkit::store_contract::$case(&fixture).await;
             }
         )*
     };
@@ -88,35 +88,41 @@ fn retryable(msg: &str, after: Duration) -> Failure {
     }
 }
 
-fn status_of<S: JobStore>(s: &S, id: JobId) -> JobStatus {
-    s.get(id).unwrap().expect("job exists").status
+async fn status_of(s: &Arc<dyn JobStore>, id: JobId) -> JobStatus {
+    s.get(id).await.unwrap().expect("job exists").status
 }
 
-fn claim_one<S: JobStore>(s: &S, model: ModelType, now: Timestamp) -> Option<Claim> {
-    let mut got = s.claim(model, 1, secs(60), "owner-a", now).unwrap();
+async fn claim_one(s: &Arc<dyn JobStore>, model: ModelType, now: Timestamp) -> Option<Claim> {
+    let mut got = s.claim(model, 1, secs(60), "owner-a", now).await.unwrap();
     assert!(got.len() <= 1, "claim(1) returned {} jobs", got.len());
     got.pop().map(|c| c.claim)
 }
 
 /// The same model and payload hash give the same job; another model does not.
-pub fn idempotent_submit(f: &impl StoreFixture) {
-    let s = f.handle();
-    let a = s.submit(job(ModelType::Vision, "a"), T0).unwrap();
+pub async fn idempotent_submit(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let a = s.submit(job(ModelType::Vision, "a"), T0).await.unwrap();
     assert!(a.created);
     assert_eq!(a.status, JobStatus::Pending);
-    let again = s.submit(job(ModelType::Vision, "a"), T0 + secs(1)).unwrap();
+    let again = s
+        .submit(job(ModelType::Vision, "a"), T0 + secs(1))
+        .await
+        .unwrap();
     assert!(
         !again.created,
         "a resubmission must return the existing job"
     );
     assert_eq!(again.id, a.id);
-    let other_model = s.submit(job(ModelType::Think, "a"), T0).unwrap();
+    let other_model = s.submit(job(ModelType::Think, "a"), T0).await.unwrap();
     assert!(other_model.created);
     assert_ne!(other_model.id, a.id);
     // The existing job is returned in whatever state it is now.
-    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
-    s.complete(&c, done("a"), T0).unwrap();
-    let third = s.submit(job(ModelType::Vision, "a"), T0 + secs(2)).unwrap();
+    let c = claim_one(&s, ModelType::Vision, T0).await.unwrap();
+    s.complete(&c, done("a"), T0).await.unwrap();
+    let third = s
+        .submit(job(ModelType::Vision, "a"), T0 + secs(2))
+        .await
+        .unwrap();
     assert_eq!(
         (third.id, third.created, third.status),
         (a.id, false, JobStatus::Done)
@@ -126,54 +132,64 @@ pub fn idempotent_submit(f: &impl StoreFixture) {
             limit: 100,
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(all.len(), 2);
 }
 
 /// A batch inserts each job once, also when it repeats itself.
-pub fn submit_batch_is_idempotent_line_by_line(f: &impl StoreFixture) {
-    let s = f.handle();
-    s.submit(job(ModelType::Think, "x"), T0).unwrap();
+pub async fn submit_batch_is_idempotent_line_by_line(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    s.submit(job(ModelType::Think, "x"), T0).await.unwrap();
     let batch = vec![
         job(ModelType::Think, "x"),
         job(ModelType::Think, "y"),
         job(ModelType::Think, "y"),
         job(ModelType::Think, "z"),
     ];
-    let out = s.submit_batch(batch, T0).unwrap();
+    let out = s.submit_batch(batch, T0).await.unwrap();
     let created: Vec<bool> = out.iter().map(|o| o.created).collect();
     assert_eq!(created, vec![false, true, false, true]);
     assert_eq!(out[1].id, out[2].id);
     assert_eq!(
-        s.stats(T0).unwrap().model(ModelType::Think).counts.pending,
+        s.stats(T0)
+            .await
+            .unwrap()
+            .model(ModelType::Think)
+            .counts
+            .pending,
         3
     );
 }
 
 /// Claims go by priority (highest first), then age (oldest first).
-pub fn claim_order(f: &impl StoreFixture) {
-    let s = f.handle();
-    let old = s.submit(job(ModelType::Think, "old"), T0).unwrap().id;
+pub async fn claim_order(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let old = s.submit(job(ModelType::Think, "old"), T0).await.unwrap().id;
     let newer = s
         .submit(job(ModelType::Think, "newer"), T0 + secs(10))
+        .await
         .unwrap()
         .id;
     let mut urgent = job(ModelType::Think, "urgent");
     urgent.priority = 5;
-    let urgent = s.submit(urgent, T0 + secs(20)).unwrap().id;
+    let urgent = s.submit(urgent, T0 + secs(20)).await.unwrap().id;
     let newest = s
         .submit(job(ModelType::Think, "newest"), T0 + secs(30))
+        .await
         .unwrap()
         .id;
     let mut low = job(ModelType::Think, "low");
     low.priority = -1;
-    let low = s.submit(low, T0).unwrap().id;
+    let low = s.submit(low, T0).await.unwrap().id;
 
     let first = s
         .claim(ModelType::Think, 2, secs(60), "o", T0 + secs(40))
+        .await
         .unwrap();
     let rest = s
         .claim(ModelType::Think, 10, secs(60), "o", T0 + secs(40))
+        .await
         .unwrap();
     let order: Vec<JobId> = first.iter().chain(rest.iter()).map(|c| c.job.id).collect();
     assert_eq!(order, vec![urgent, old, newer, newest, low]);
@@ -185,29 +201,36 @@ pub fn claim_order(f: &impl StoreFixture) {
     }
     assert!(s
         .claim(ModelType::Think, 10, secs(60), "o", T0 + secs(40))
+        .await
         .unwrap()
         .is_empty());
 }
 
 /// A claim takes only its own model's jobs, and none before their `run_at`.
-pub fn claim_respects_run_at_and_model(f: &impl StoreFixture) {
-    let s = f.handle();
-    let v = s.submit(job(ModelType::Vision, "v"), T0).unwrap().id;
-    s.submit(job(ModelType::Think, "t"), T0).unwrap();
-    let got = s.claim(ModelType::Vision, 10, secs(60), "o", T0).unwrap();
+pub async fn claim_respects_run_at_and_model(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let v = s.submit(job(ModelType::Vision, "v"), T0).await.unwrap().id;
+    s.submit(job(ModelType::Think, "t"), T0).await.unwrap();
+    let got = s
+        .claim(ModelType::Vision, 10, secs(60), "o", T0)
+        .await
+        .unwrap();
     assert_eq!(got.iter().map(|c| c.job.id).collect::<Vec<_>>(), vec![v]);
     assert!(s
         .claim(ModelType::Vision, 0, secs(60), "o", T0)
+        .await
         .unwrap()
         .is_empty());
     // Back to pending with a run_at 30 s ahead: not claimed a moment
     // before it, claimed at it.
     s.fail(&got[0].claim, retryable("later", secs(30)), T0)
+        .await
         .unwrap();
-    assert_eq!(s.get(v).unwrap().unwrap().run_at, Some(T0 + secs(30)));
+    assert_eq!(s.get(v).await.unwrap().unwrap().run_at, Some(T0 + secs(30)));
     for early in [T0, T0 + secs(29), T0 + Duration::from_millis(29_999)] {
         assert!(
             s.claim(ModelType::Vision, 10, secs(60), "o", early)
+                .await
                 .unwrap()
                 .is_empty(),
             "claimed {:?} before its run_at",
@@ -216,46 +239,51 @@ pub fn claim_respects_run_at_and_model(f: &impl StoreFixture) {
     }
     let due = s
         .claim(ModelType::Vision, 10, secs(60), "o", T0 + secs(30))
+        .await
         .unwrap();
     assert_eq!(due.iter().map(|c| c.job.id).collect::<Vec<_>>(), vec![v]);
 }
 
 /// Two claimers on separate handles never receive the same job and together take all.
-pub fn concurrent_claimers_never_share(f: &impl StoreFixture) {
+pub async fn concurrent_claimers_never_share(f: &impl StoreFixture) {
     const JOBS: usize = 3000;
-    let setup = f.handle();
+    let setup = f.handle().await;
     let batch = (0..JOBS)
         .map(|i| job(ModelType::Vision, &format!("c{i}")))
         .collect();
-    setup.submit_batch(batch, T0).unwrap();
+    setup.submit_batch(batch, T0).await.unwrap();
 
+    // Two tasks on a multi-threaded runtime, released together.
     let barrier = Arc::new(Barrier::new(2));
-    let workers: Vec<_> = (0..2)
-        .map(|w| {
-            let store = f.handle();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                let mut mine = Vec::new();
-                let mut n = 1;
-                loop {
-                    let got = store
-                        .claim(ModelType::Vision, n, secs(60), &format!("w{w}"), T0)
-                        .unwrap();
-                    if got.is_empty() {
-                        break;
-                    }
-                    for c in got {
-                        store.complete(&c.claim, done("c"), T0).unwrap();
-                        mine.push(c.job.id);
-                    }
-                    n = n % 16 + 1;
+    let mut workers = Vec::new();
+    for w in 0..2 {
+        let store = f.handle().await;
+        let barrier = barrier.clone();
+        workers.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut mine = Vec::new();
+            let mut n = 1;
+            loop {
+                let got = store
+                    .claim(ModelType::Vision, n, secs(60), &format!("w{w}"), T0)
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    break;
                 }
-                mine
-            })
-        })
-        .collect();
-    let results: Vec<Vec<JobId>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+                for c in got {
+                    store.complete(&c.claim, done("c"), T0).await.unwrap();
+                    mine.push(c.job.id);
+                }
+                n = n % 16 + 1;
+            }
+            mine
+        }));
+    }
+    let mut results: Vec<Vec<JobId>> = Vec::new();
+    for w in workers {
+        results.push(w.await.unwrap());
+    }
     let a: HashSet<JobId> = results[0].iter().copied().collect();
     let b: HashSet<JobId> = results[1].iter().copied().collect();
     assert_eq!(
@@ -270,66 +298,80 @@ pub fn concurrent_claimers_never_share(f: &impl StoreFixture) {
     );
     assert!(a.is_disjoint(&b), "two claimers received the same job");
     assert_eq!(a.len() + b.len(), JOBS, "some jobs were never claimed");
-    let counts = setup.stats(T0).unwrap().model(ModelType::Vision).counts;
+    let counts = setup
+        .stats(T0)
+        .await
+        .unwrap()
+        .model(ModelType::Vision)
+        .counts;
     assert_eq!(counts.done, JOBS as u64);
 }
 
 /// An expired lease goes back to `pending`; an unexpired one stays.
-pub fn lease_expiry_reclaims(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job(ModelType::Vision, "l"), T0).unwrap().id;
-    let got = s.claim(ModelType::Vision, 1, secs(10), "o", T0).unwrap();
+pub async fn lease_expiry_reclaims(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s.submit(job(ModelType::Vision, "l"), T0).await.unwrap().id;
+    let got = s
+        .claim(ModelType::Vision, 1, secs(10), "o", T0)
+        .await
+        .unwrap();
     assert_eq!(got.len(), 1);
-    assert_eq!(s.reclaim_expired(T0 + secs(9)).unwrap(), 0);
-    assert_eq!(status_of(&s, id), JobStatus::Processing);
-    assert_eq!(s.reclaim_expired(T0 + secs(11)).unwrap(), 1);
-    let job = s.get(id).unwrap().unwrap();
+    assert_eq!(s.reclaim_expired(T0 + secs(9)).await.unwrap(), 0);
+    assert_eq!(status_of(&s, id).await, JobStatus::Processing);
+    assert_eq!(s.reclaim_expired(T0 + secs(11)).await.unwrap(), 1);
+    let job = s.get(id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Pending);
     assert_eq!(job.claim_id, None);
     assert_eq!(job.lease_until, None);
     assert_eq!(job.attempts, 0, "a reclaim is not an attempt");
-    let again = claim_one(&s, ModelType::Vision, T0 + secs(12)).unwrap();
+    let again = claim_one(&s, ModelType::Vision, T0 + secs(12))
+        .await
+        .unwrap();
     assert_eq!(again.job_id, id);
     assert_ne!(again.claim_id, got[0].claim.claim_id);
 }
 
 /// After a reclaim, the old claim can neither complete, fail nor release.
-pub fn stale_claim_cannot_complete(f: &impl StoreFixture) {
-    let s = f.handle();
-    s.submit(job(ModelType::Think, "s"), T0).unwrap();
-    let old = claim_one(&s, ModelType::Think, T0).unwrap();
-    s.reclaim_expired(T0 + secs(61)).unwrap();
-    let new = claim_one(&s, ModelType::Think, T0 + secs(62)).unwrap();
+pub async fn stale_claim_cannot_complete(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    s.submit(job(ModelType::Think, "s"), T0).await.unwrap();
+    let old = claim_one(&s, ModelType::Think, T0).await.unwrap();
+    s.reclaim_expired(T0 + secs(61)).await.unwrap();
+    let new = claim_one(&s, ModelType::Think, T0 + secs(62))
+        .await
+        .unwrap();
     let stale = |r: Result<(), StoreError>| {
         assert!(
             matches!(r, Err(StoreError::StaleClaim { .. })),
             "expected StaleClaim, got {r:?}"
         )
     };
-    stale(s.complete(&old, done("old"), T0 + secs(63)));
+    stale(s.complete(&old, done("old"), T0 + secs(63)).await);
     stale(
         s.fail(&old, retryable("x", secs(1)), T0 + secs(63))
+            .await
             .map(|_| ()),
     );
-    stale(s.release(&old, T0 + secs(63)));
-    let job = s.get(old.job_id).unwrap().unwrap();
+    stale(s.release(&old, T0 + secs(63)).await);
+    let job = s.get(old.job_id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Processing);
     assert_eq!(job.claim_id.as_deref(), Some(new.claim_id.as_str()));
-    s.complete(&new, done("new"), T0 + secs(64)).unwrap();
-    let job = s.get(old.job_id).unwrap().unwrap();
+    s.complete(&new, done("new"), T0 + secs(64)).await.unwrap();
+    let job = s.get(old.job_id).await.unwrap().unwrap();
     assert_eq!(job.result_path, Some(PathBuf::from("/results/new.json")));
-    stale(s.complete(&new, done("twice"), T0 + secs(65)));
+    stale(s.complete(&new, done("twice"), T0 + secs(65)).await);
 }
 
 /// A retryable failure waits its delay; the job is not claimable before.
-pub fn backoff_schedule(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job(ModelType::Vision, "b"), T0).unwrap().id;
+pub async fn backoff_schedule(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s.submit(job(ModelType::Vision, "b"), T0).await.unwrap().id;
     let mut now = T0;
     for (attempt, delay) in [(1u32, 4u64), (2, 8)] {
-        let c = claim_one(&s, ModelType::Vision, now).unwrap();
+        let c = claim_one(&s, ModelType::Vision, now).await.unwrap();
         let out = s
             .fail(&c, retryable(&format!("boom {attempt}"), secs(delay)), now)
+            .await
             .unwrap();
         assert_eq!(
             out,
@@ -338,7 +380,7 @@ pub fn backoff_schedule(f: &impl StoreFixture) {
                 attempts: attempt
             }
         );
-        let job = s.get(id).unwrap().unwrap();
+        let job = s.get(id).await.unwrap().unwrap();
         assert_eq!(job.status, JobStatus::Pending);
         assert_eq!(job.attempts, attempt);
         assert_eq!(
@@ -351,40 +393,43 @@ pub fn backoff_schedule(f: &impl StoreFixture) {
             ModelType::Vision,
             now + secs(delay) - Duration::from_millis(1)
         )
+        .await
         .is_none());
         now = now + secs(delay);
     }
-    assert!(claim_one(&s, ModelType::Vision, now).is_some());
+    assert!(claim_one(&s, ModelType::Vision, now).await.is_some());
 }
 
 /// The last allowed attempt failing leaves the job `failed` with its error.
-pub fn max_attempts_leads_to_failed(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn max_attempts_leads_to_failed(f: &impl StoreFixture) {
+    let s = f.handle().await;
     let mut j = job(ModelType::Think, "m");
     j.max_attempts = Some(2);
-    let id = s.submit(j, T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    let id = s.submit(j, T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
     assert!(matches!(
-        s.fail(&c, retryable("first", secs(0)), T0).unwrap(),
+        s.fail(&c, retryable("first", secs(0)), T0).await.unwrap(),
         FailOutcome::Retrying { attempts: 1, .. }
     ));
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
     assert_eq!(
-        s.fail(&c, retryable("second", secs(0)), T0).unwrap(),
+        s.fail(&c, retryable("second", secs(0)), T0).await.unwrap(),
         FailOutcome::Failed { attempts: 2 }
     );
-    let job = s.get(id).unwrap().unwrap();
+    let job = s.get(id).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.error.as_deref(), Some("second"));
     assert_eq!(job.finished_at, Some(T0));
-    assert!(claim_one(&s, ModelType::Think, T0 + secs(1000)).is_none());
+    assert!(claim_one(&s, ModelType::Think, T0 + secs(1000))
+        .await
+        .is_none());
 }
 
 /// A permanent failure fails the job on its first attempt.
-pub fn permanent_failure_fails_at_once(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job(ModelType::Think, "p"), T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+pub async fn permanent_failure_fails_at_once(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s.submit(job(ModelType::Think, "p"), T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
     let out = s
         .fail(
             &c,
@@ -394,50 +439,58 @@ pub fn permanent_failure_fails_at_once(f: &impl StoreFixture) {
             },
             T0,
         )
+        .await
         .unwrap();
     assert_eq!(out, FailOutcome::Failed { attempts: 1 });
-    assert_eq!(status_of(&s, id), JobStatus::Failed);
+    assert_eq!(status_of(&s, id).await, JobStatus::Failed);
 }
 
 /// A release returns the job without counting an attempt.
-pub fn release_keeps_attempts(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job(ModelType::Vision, "r"), T0).unwrap().id;
+pub async fn release_keeps_attempts(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s.submit(job(ModelType::Vision, "r"), T0).await.unwrap().id;
     for _ in 0..5 {
-        let c = claim_one(&s, ModelType::Vision, T0).unwrap();
-        s.release(&c, T0).unwrap();
+        let c = claim_one(&s, ModelType::Vision, T0).await.unwrap();
+        s.release(&c, T0).await.unwrap();
     }
-    let job = s.get(id).unwrap().unwrap();
+    let job = s.get(id).await.unwrap().unwrap();
     assert_eq!((job.status, job.attempts), (JobStatus::Pending, 0));
     assert_eq!(job.claim_id, None);
 }
 
 /// A crash under a job counts `crashes`, not `attempts`; at the limit the
 /// job fails as a poison job; a stale claim is refused; retry starts over.
-pub fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job(ModelType::Vision, "poison"), T0).unwrap().id;
+pub async fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s
+        .submit(job(ModelType::Vision, "poison"), T0)
+        .await
+        .unwrap()
+        .id;
     for n in 1..=2 {
-        let c = claim_one(&s, ModelType::Vision, T0).unwrap();
-        let out = s.release_crashed(&c, "vision", 3, T0).unwrap();
+        let c = claim_one(&s, ModelType::Vision, T0).await.unwrap();
+        let out = s.release_crashed(&c, "vision", 3, T0).await.unwrap();
         assert_eq!(out, crate::store::Settled::Released);
-        let j = s.get(id).unwrap().unwrap();
+        let j = s.get(id).await.unwrap().unwrap();
         assert_eq!(
             (j.status, j.attempts, j.crashes),
             (JobStatus::Pending, 0, n)
         );
         assert!(
-            s.release_crashed(&c, "vision", 3, T0).is_err(),
+            s.release_crashed(&c, "vision", 3, T0).await.is_err(),
             "a stale claim"
         );
     }
-    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
-    let out = s.release_crashed(&c, "vision", 3, T0 + secs(1)).unwrap();
+    let c = claim_one(&s, ModelType::Vision, T0).await.unwrap();
+    let out = s
+        .release_crashed(&c, "vision", 3, T0 + secs(1))
+        .await
+        .unwrap();
     assert_eq!(
         out,
         crate::store::Settled::Failed(crate::job::FailOutcome::Failed { attempts: 0 })
     );
-    let j = s.get(id).unwrap().unwrap();
+    let j = s.get(id).await.unwrap().unwrap();
     assert_eq!((j.status, j.crashes), (JobStatus::Failed, 3));
     let error = j.error.unwrap();
     assert!(
@@ -445,7 +498,7 @@ pub fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
         "{error}"
     );
     assert_eq!(j.finished_at, Some(T0 + secs(1)));
-    let j = s.retry(id, T0 + secs(2)).unwrap();
+    let j = s.retry(id, T0 + secs(2)).await.unwrap();
     assert_eq!(
         (j.status, j.crashes, j.attempts),
         (JobStatus::Pending, 0, 0)
@@ -453,54 +506,63 @@ pub fn crashes_quarantine_a_poison_job(f: &impl StoreFixture) {
 }
 
 /// `release_owner` returns exactly that owner's claims.
-pub fn release_owner_returns_its_claims(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn release_owner_returns_its_claims(f: &impl StoreFixture) {
+    let s = f.handle().await;
     for i in 0..4 {
         s.submit(job(ModelType::Vision, &format!("o{i}")), T0)
+            .await
             .unwrap();
     }
     let dead = s
         .claim(ModelType::Vision, 3, secs(300), "dead-daemon", T0)
+        .await
         .unwrap();
     let alive = s
         .claim(ModelType::Vision, 1, secs(300), "live-daemon", T0)
+        .await
         .unwrap();
     assert_eq!((dead.len(), alive.len()), (3, 1));
-    assert_eq!(s.release_owner("dead-daemon", T0 + secs(1)).unwrap(), 3);
+    assert_eq!(
+        s.release_owner("dead-daemon", T0 + secs(1)).await.unwrap(),
+        3
+    );
     for c in &dead {
-        assert_eq!(status_of(&s, c.job.id), JobStatus::Pending);
+        assert_eq!(status_of(&s, c.job.id).await, JobStatus::Pending);
     }
-    assert_eq!(status_of(&s, alive[0].job.id), JobStatus::Processing);
+    assert_eq!(status_of(&s, alive[0].job.id).await, JobStatus::Processing);
 }
 
 /// Cancel: pending and processing jobs end `cancelled`; finished ones are refused.
-pub fn cancel(f: &impl StoreFixture) {
-    let s = f.handle();
-    let pending = s.submit(job(ModelType::Think, "cp"), T0).unwrap().id;
-    let job = s.cancel(pending, T0).unwrap();
+pub async fn cancel(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let pending = s.submit(job(ModelType::Think, "cp"), T0).await.unwrap().id;
+    let job = s.cancel(pending, T0).await.unwrap();
     assert_eq!(job.status, JobStatus::Cancelled);
     assert_eq!(job.finished_at, Some(T0));
-    assert!(claim_one(&s, ModelType::Think, T0).is_none());
+    assert!(claim_one(&s, ModelType::Think, T0).await.is_none());
 
-    let running = s.submit(job_of("cr"), T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    let running = s.submit(job_of("cr"), T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
     assert_eq!(c.job_id, running);
-    assert_eq!(s.cancel(running, T0).unwrap().status, JobStatus::Cancelled);
+    assert_eq!(
+        s.cancel(running, T0).await.unwrap().status,
+        JobStatus::Cancelled
+    );
     assert!(matches!(
-        s.complete(&c, done("late"), T0),
+        s.complete(&c, done("late"), T0).await,
         Err(StoreError::StaleClaim { .. })
     ));
-    assert_eq!(status_of(&s, running), JobStatus::Cancelled);
+    assert_eq!(status_of(&s, running).await, JobStatus::Cancelled);
 
-    let finished = s.submit(job_of("cd"), T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
-    s.complete(&c, done("cd"), T0).unwrap();
+    let finished = s.submit(job_of("cd"), T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
+    s.complete(&c, done("cd"), T0).await.unwrap();
     assert!(matches!(
-        s.cancel(finished, T0),
+        s.cancel(finished, T0).await,
         Err(StoreError::InvalidState { .. })
     ));
     assert!(matches!(
-        s.cancel(JobId([7; 16]), T0),
+        s.cancel(JobId([7; 16]), T0).await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -510,10 +572,10 @@ fn job_of(tag: &str) -> NewJob {
 }
 
 /// A manual retry gives a failed or cancelled job fresh attempts.
-pub fn manual_retry(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job_of("mr"), T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+pub async fn manual_retry(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s.submit(job_of("mr"), T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
     s.fail(
         &c,
         Failure {
@@ -522,39 +584,46 @@ pub fn manual_retry(f: &impl StoreFixture) {
         },
         T0,
     )
+    .await
     .unwrap();
-    let job = s.retry(id, T0 + secs(5)).unwrap();
+    let job = s.retry(id, T0 + secs(5)).await.unwrap();
     assert_eq!((job.status, job.attempts), (JobStatus::Pending, 0));
-    assert!(claim_one(&s, ModelType::Think, T0 + secs(5)).is_some());
+    assert!(claim_one(&s, ModelType::Think, T0 + secs(5))
+        .await
+        .is_some());
     assert!(matches!(
-        s.retry(id, T0),
+        s.retry(id, T0).await,
         Err(StoreError::InvalidState { .. })
     ));
-    let cancelled = s.submit(job_of("mr2"), T0).unwrap().id;
-    s.cancel(cancelled, T0).unwrap();
-    assert_eq!(s.retry(cancelled, T0).unwrap().status, JobStatus::Pending);
+    let cancelled = s.submit(job_of("mr2"), T0).await.unwrap().id;
+    s.cancel(cancelled, T0).await.unwrap();
+    assert_eq!(
+        s.retry(cancelled, T0).await.unwrap().status,
+        JobStatus::Pending
+    );
     assert!(matches!(
-        s.retry(JobId([9; 16]), T0),
+        s.retry(JobId([9; 16]), T0).await,
         Err(StoreError::NotFound(_))
     ));
 }
 
 /// A parent waits in `processing`; its fragments are claimable and listed in order.
-pub fn fragments_of_parent(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn fragments_of_parent(f: &impl StoreFixture) {
+    let s = f.handle().await;
     let frags: Vec<NewJob> = (0..3)
         .map(|i| job(ModelType::Think, &format!("frag{i}")))
         .collect();
     let parent = s
         .submit_parent(job(ModelType::Think, "parent"), frags.clone(), T0)
+        .await
         .unwrap();
     assert!(parent.created);
     assert_eq!(parent.status, JobStatus::Processing);
-    let p = s.get(parent.id).unwrap().unwrap();
+    let p = s.get(parent.id).await.unwrap().unwrap();
     assert!(p.is_parent());
     assert_eq!(p.total_fragments, Some(3));
 
-    let listed = s.fragments(parent.id).unwrap();
+    let listed = s.fragments(parent.id).await.unwrap();
     assert_eq!(listed.len(), 3);
     for (i, fr) in listed.iter().enumerate() {
         assert_eq!(fr.parent_id, Some(parent.id));
@@ -563,40 +632,46 @@ pub fn fragments_of_parent(f: &impl StoreFixture) {
         assert_eq!(fr.status, JobStatus::Pending);
     }
     // The parent itself is never claimed; its fragments are, in order.
-    let claimed = s.claim(ModelType::Think, 10, secs(60), "o", T0).unwrap();
+    let claimed = s
+        .claim(ModelType::Think, 10, secs(60), "o", T0)
+        .await
+        .unwrap();
     let ids: Vec<JobId> = claimed.iter().map(|c| c.job.id).collect();
     assert_eq!(ids, listed.iter().map(|j| j.id).collect::<Vec<_>>());
 
     // Resubmitting the parent returns it and adds nothing.
     let again = s
         .submit_parent(job(ModelType::Think, "parent"), frags, T0)
+        .await
         .unwrap();
     assert_eq!((again.id, again.created), (parent.id, false));
-    assert_eq!(s.fragments(parent.id).unwrap().len(), 3);
+    assert_eq!(s.fragments(parent.id).await.unwrap().len(), 3);
     // A fragment whose payload equals a standalone job's is still its own job.
-    let standalone = s.submit(job(ModelType::Think, "frag0"), T0).unwrap();
+    let standalone = s.submit(job(ModelType::Think, "frag0"), T0).await.unwrap();
     assert!(standalone.created);
 
     assert!(matches!(
-        s.submit_parent(job(ModelType::Think, "empty"), vec![], T0),
+        s.submit_parent(job(ModelType::Think, "empty"), vec![], T0)
+            .await,
         Err(StoreError::Invalid(_))
     ));
     // Cancelling the parent cancels its unfinished fragments.
-    s.cancel(parent.id, T0).unwrap();
+    s.cancel(parent.id, T0).await.unwrap();
     assert!(s
         .fragments(parent.id)
+        .await
         .unwrap()
         .iter()
         .all(|j| j.status == JobStatus::Cancelled));
 }
 
 /// `complete` records the result, usage and latency.
-pub fn complete_records_result(f: &impl StoreFixture) {
-    let s = f.handle();
-    let id = s.submit(job(ModelType::Vision, "cr"), T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
-    s.complete(&c, done("cr"), T0 + secs(2)).unwrap();
-    let j = s.get(id).unwrap().unwrap();
+pub async fn complete_records_result(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let id = s.submit(job(ModelType::Vision, "cr"), T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Vision, T0).await.unwrap();
+    s.complete(&c, done("cr"), T0 + secs(2)).await.unwrap();
+    let j = s.get(id).await.unwrap().unwrap();
     assert_eq!(j.status, JobStatus::Done);
     assert_eq!(j.result_path, Some(PathBuf::from("/results/cr.json")));
     assert_eq!((j.prompt_tokens, j.completion_tokens), (Some(11), Some(22)));
@@ -609,13 +684,17 @@ pub fn complete_records_result(f: &impl StoreFixture) {
 
 /// A settle batch applies completes, failures and releases, and refuses a stale claim
 /// without aborting the others.
-pub fn settle_batch_mixes_outcomes(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn settle_batch_mixes_outcomes(f: &impl StoreFixture) {
+    let s = f.handle().await;
     for i in 0..4 {
         s.submit(job(ModelType::Vision, &format!("cb{i}")), T0)
+            .await
             .unwrap();
     }
-    let claimed = s.claim(ModelType::Vision, 4, secs(60), "o", T0).unwrap();
+    let claimed = s
+        .claim(ModelType::Vision, 4, secs(60), "o", T0)
+        .await
+        .unwrap();
     let mut stale = claimed[1].claim.clone();
     stale.claim_id = "not-the-claim".into();
     let items = vec![
@@ -627,7 +706,7 @@ pub fn settle_batch_mixes_outcomes(f: &impl StoreFixture) {
         ),
         (claimed[3].claim.clone(), Settle::Release),
     ];
-    let out = s.settle_batch(items, T0).unwrap();
+    let out = s.settle_batch(items, T0).await.unwrap();
     assert_eq!(out[0].as_ref().unwrap(), &Settled::Done);
     assert!(matches!(out[1], Err(StoreError::StaleClaim { .. })));
     assert_eq!(
@@ -638,28 +717,37 @@ pub fn settle_batch_mixes_outcomes(f: &impl StoreFixture) {
         })
     );
     assert_eq!(out[3].as_ref().unwrap(), &Settled::Released);
-    assert_eq!(status_of(&s, claimed[0].job.id), JobStatus::Done);
-    assert_eq!(status_of(&s, claimed[1].job.id), JobStatus::Processing);
-    assert_eq!(status_of(&s, claimed[2].job.id), JobStatus::Pending);
-    assert_eq!(s.get(claimed[3].job.id).unwrap().unwrap().attempts, 0);
+    assert_eq!(status_of(&s, claimed[0].job.id).await, JobStatus::Done);
+    assert_eq!(
+        status_of(&s, claimed[1].job.id).await,
+        JobStatus::Processing
+    );
+    assert_eq!(status_of(&s, claimed[2].job.id).await, JobStatus::Pending);
+    assert_eq!(s.get(claimed[3].job.id).await.unwrap().unwrap().attempts, 0);
 }
 
 /// A parent is ready for fan-in once every fragment has finished, and is
 /// finished exactly once.
-pub fn parents_finish_exactly_once(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn parents_finish_exactly_once(f: &impl StoreFixture) {
+    let s = f.handle().await;
     let frags: Vec<NewJob> = (0..2)
         .map(|i| job(ModelType::Think, &format!("pf{i}")))
         .collect();
     let parent = s
         .submit_parent(job(ModelType::Think, "pp"), frags, T0)
+        .await
         .unwrap()
         .id;
-    assert!(s.ready_parents(10).unwrap().is_empty());
-    let claimed = s.claim(ModelType::Think, 2, secs(60), "o", T0).unwrap();
-    s.complete(&claimed[0].claim, done("pf0"), T0).unwrap();
+    assert!(s.ready_parents(10).await.unwrap().is_empty());
+    let claimed = s
+        .claim(ModelType::Think, 2, secs(60), "o", T0)
+        .await
+        .unwrap();
+    s.complete(&claimed[0].claim, done("pf0"), T0)
+        .await
+        .unwrap();
     assert!(
-        s.ready_parents(10).unwrap().is_empty(),
+        s.ready_parents(10).await.unwrap().is_empty(),
         "one fragment is still running"
     );
     s.fail(
@@ -670,30 +758,35 @@ pub fn parents_finish_exactly_once(f: &impl StoreFixture) {
         },
         T0,
     )
+    .await
     .unwrap();
-    assert_eq!(s.ready_parents(10).unwrap(), vec![parent]);
+    assert_eq!(s.ready_parents(10).await.unwrap(), vec![parent]);
     let outcome = ParentOutcome::Done {
         result_path: PathBuf::from("/results/pp.json"),
     };
     assert!(s
         .finish_parent(parent, outcome.clone(), T0 + secs(1))
+        .await
         .unwrap());
     assert!(
-        !s.finish_parent(parent, outcome, T0 + secs(2)).unwrap(),
+        !s.finish_parent(parent, outcome, T0 + secs(2))
+            .await
+            .unwrap(),
         "finished twice"
     );
-    let p = s.get(parent).unwrap().unwrap();
+    let p = s.get(parent).await.unwrap().unwrap();
     assert_eq!(p.status, JobStatus::Done);
     assert_eq!(p.result_path, Some(PathBuf::from("/results/pp.json")));
     assert_eq!(p.finished_at, Some(T0 + secs(1)));
-    assert!(s.ready_parents(10).unwrap().is_empty());
+    assert!(s.ready_parents(10).await.unwrap().is_empty());
 
     let frags = vec![job(ModelType::Think, "qf0")];
     let failing = s
         .submit_parent(job(ModelType::Think, "qp"), frags, T0)
+        .await
         .unwrap()
         .id;
-    let c = claim_one(&s, ModelType::Think, T0).unwrap();
+    let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
     s.fail(
         &c,
         Failure {
@@ -702,12 +795,13 @@ pub fn parents_finish_exactly_once(f: &impl StoreFixture) {
         },
         T0,
     )
+    .await
     .unwrap();
     let outcome = ParentOutcome::Failed {
         error: "fragment 0 failed: x".into(),
     };
-    assert!(s.finish_parent(failing, outcome, T0).unwrap());
-    let p = s.get(failing).unwrap().unwrap();
+    assert!(s.finish_parent(failing, outcome, T0).await.unwrap());
+    let p = s.get(failing).await.unwrap().unwrap();
     assert_eq!(
         (p.status, p.error.as_deref()),
         (JobStatus::Failed, Some("fragment 0 failed: x"))
@@ -715,127 +809,161 @@ pub fn parents_finish_exactly_once(f: &impl StoreFixture) {
 }
 
 /// A done job naming a next model waits for its follow-up until one exists.
-pub fn follow_ups_are_pending_until_created(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn follow_ups_are_pending_until_created(f: &impl StoreFixture) {
+    let s = f.handle().await;
     let mut first = job(ModelType::Vision, "stage1");
     first.then_model = Some(ModelType::Think);
-    let id = s.submit(first, T0).unwrap().id;
-    s.submit(job(ModelType::Vision, "plain"), T0).unwrap();
-    let claimed = s.claim(ModelType::Vision, 2, secs(60), "o", T0).unwrap();
-    assert!(s.pending_follow_ups(10).unwrap().is_empty(), "not done yet");
+    let id = s.submit(first, T0).await.unwrap().id;
+    s.submit(job(ModelType::Vision, "plain"), T0).await.unwrap();
+    let claimed = s
+        .claim(ModelType::Vision, 2, secs(60), "o", T0)
+        .await
+        .unwrap();
+    assert!(
+        s.pending_follow_ups(10).await.unwrap().is_empty(),
+        "not done yet"
+    );
     for c in &claimed {
-        s.complete(&c.claim, done("x"), T0).unwrap();
+        s.complete(&c.claim, done("x"), T0).await.unwrap();
     }
-    assert_eq!(s.pending_follow_ups(10).unwrap(), vec![id]);
+    assert_eq!(s.pending_follow_ups(10).await.unwrap(), vec![id]);
     let mut next = job(ModelType::Think, "stage2");
     next.follows = Some(id);
-    s.submit(next, T0).unwrap();
-    assert!(s.pending_follow_ups(10).unwrap().is_empty());
+    s.submit(next, T0).await.unwrap();
+    assert!(s.pending_follow_ups(10).await.unwrap().is_empty());
 }
 
 /// Follow-ups are unique per job they follow, whatever their payload.
-pub fn a_follow_up_is_created_once(f: &impl StoreFixture) {
-    let s = f.handle();
-    let first = s.submit(job(ModelType::Vision, "origin"), T0).unwrap().id;
+pub async fn a_follow_up_is_created_once(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let first = s
+        .submit(job(ModelType::Vision, "origin"), T0)
+        .await
+        .unwrap()
+        .id;
     let mut a = job(ModelType::Think, "one payload");
     a.follows = Some(first);
     let mut b = job(ModelType::Think, "another payload");
     b.follows = Some(first);
-    let x = s.submit(a, T0).unwrap();
-    let y = s.submit(b, T0).unwrap();
+    let x = s.submit(a, T0).await.unwrap();
+    let y = s.submit(b, T0).await.unwrap();
     assert!(x.created && !y.created);
     assert_eq!(x.id, y.id);
-    let j = s.get(x.id).unwrap().unwrap();
+    let j = s.get(x.id).await.unwrap().unwrap();
     assert_eq!(j.follows, Some(first));
     // A follow-up with a payload equal to a standalone job's is still its own job.
-    let standalone = s.submit(job(ModelType::Think, "one payload"), T0).unwrap();
+    let standalone = s
+        .submit(job(ModelType::Think, "one payload"), T0)
+        .await
+        .unwrap();
     assert!(standalone.created);
 }
 
 /// The change token moves when another handle commits, and only then: a
 /// handle's own writes leave its token as it was (SQLite's `data_version`
 /// rule), so a daemon learns of its own work from itself, never from a poll.
-pub fn change_token_moves_on_foreign_commits(f: &impl StoreFixture) {
-    let watcher = f.handle();
-    let writer = f.handle();
-    let Some(before) = watcher.change_token().unwrap() else {
+pub async fn change_token_moves_on_foreign_commits(f: &impl StoreFixture) {
+    let watcher = f.handle().await;
+    let writer = f.handle().await;
+    let Some(before) = watcher.change_token().await.unwrap() else {
         return; // This store cannot tell; callers poll by claiming.
     };
-    writer.submit(job(ModelType::Think, "ct"), T0).unwrap();
-    let after = watcher.change_token().unwrap().unwrap();
+    writer
+        .submit(job(ModelType::Think, "ct"), T0)
+        .await
+        .unwrap();
+    let after = watcher.change_token().await.unwrap().unwrap();
     assert_ne!(before, after, "another handle's commit moves the token");
     // The watcher's own writes of every kind do not.
-    let own = watcher.submit(job(ModelType::Think, "own"), T0).unwrap();
-    let c = claim_one(&watcher, ModelType::Think, T0).unwrap();
-    watcher.complete(&c, done("own"), T0).unwrap();
-    watcher.cancel(own.id, T0).ok();
-    watcher.reclaim_expired(T0).unwrap();
+    let own = watcher
+        .submit(job(ModelType::Think, "own"), T0)
+        .await
+        .unwrap();
+    let c = claim_one(&watcher, ModelType::Think, T0).await.unwrap();
+    watcher.complete(&c, done("own"), T0).await.unwrap();
+    watcher.cancel(own.id, T0).await.ok();
+    watcher.reclaim_expired(T0).await.unwrap();
     assert_eq!(
-        watcher.change_token().unwrap().unwrap(),
+        watcher.change_token().await.unwrap().unwrap(),
         after,
         "a handle's own commits must not move its token"
     );
-    writer.submit(job(ModelType::Vision, "ct2"), T0).unwrap();
-    assert_ne!(watcher.change_token().unwrap().unwrap(), after);
+    writer
+        .submit(job(ModelType::Vision, "ct2"), T0)
+        .await
+        .unwrap();
+    assert_ne!(watcher.change_token().await.unwrap().unwrap(), after);
 }
 
 /// `next_due` finds the earliest future `run_at` of one model's pending
 /// jobs: retry backoffs, and rows scheduled ahead; not jobs due already,
 /// jobs of the other model, or jobs no longer pending.
-pub fn next_due_is_the_earliest_future_run_at(f: &impl StoreFixture) {
-    let s = f.handle();
-    assert_eq!(s.next_due(ModelType::Think, T0).unwrap(), None);
+pub async fn next_due_is_the_earliest_future_run_at(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    assert_eq!(s.next_due(ModelType::Think, T0).await.unwrap(), None);
     for (tag, delay) in [("a", 30u64), ("b", 10), ("c", 20)] {
-        s.submit(job(ModelType::Think, tag), T0).unwrap();
-        let c = claim_one(&s, ModelType::Think, T0).unwrap();
-        s.fail(&c, retryable(tag, secs(delay)), T0).unwrap();
+        s.submit(job(ModelType::Think, tag), T0).await.unwrap();
+        let c = claim_one(&s, ModelType::Think, T0).await.unwrap();
+        s.fail(&c, retryable(tag, secs(delay)), T0).await.unwrap();
     }
-    let v = s.submit(job(ModelType::Vision, "v"), T0).unwrap().id;
-    let c = claim_one(&s, ModelType::Vision, T0).unwrap();
-    s.fail(&c, retryable("v", secs(5)), T0).unwrap();
+    let v = s.submit(job(ModelType::Vision, "v"), T0).await.unwrap().id;
+    let c = claim_one(&s, ModelType::Vision, T0).await.unwrap();
+    s.fail(&c, retryable("v", secs(5)), T0).await.unwrap();
     assert_eq!(
-        s.next_due(ModelType::Think, T0).unwrap(),
+        s.next_due(ModelType::Think, T0).await.unwrap(),
         Some(T0 + secs(10))
     );
     assert_eq!(
-        s.next_due(ModelType::Vision, T0).unwrap(),
+        s.next_due(ModelType::Vision, T0).await.unwrap(),
         Some(T0 + secs(5))
     );
     // Past its run_at a job is due, no longer "next".
     assert_eq!(
-        s.next_due(ModelType::Think, T0 + secs(10)).unwrap(),
+        s.next_due(ModelType::Think, T0 + secs(10)).await.unwrap(),
         Some(T0 + secs(20))
     );
     // Claimed or cancelled jobs do not count.
-    let c = claim_one(&s, ModelType::Think, T0 + secs(15)).unwrap();
+    let c = claim_one(&s, ModelType::Think, T0 + secs(15))
+        .await
+        .unwrap();
     assert_eq!(
-        s.next_due(ModelType::Think, T0 + secs(15)).unwrap(),
+        s.next_due(ModelType::Think, T0 + secs(15)).await.unwrap(),
         Some(T0 + secs(20))
     );
-    s.release(&c, T0 + secs(15)).unwrap();
-    s.cancel(v, T0).unwrap();
-    assert_eq!(s.next_due(ModelType::Vision, T0).unwrap(), None);
+    s.release(&c, T0 + secs(15)).await.unwrap();
+    s.cancel(v, T0).await.unwrap();
+    assert_eq!(s.next_due(ModelType::Vision, T0).await.unwrap(), None);
     // Another handle sees the same.
     assert_eq!(
-        f.handle().next_due(ModelType::Think, T0).unwrap(),
+        f.handle()
+            .await
+            .next_due(ModelType::Think, T0)
+            .await
+            .unwrap(),
         Some(T0 + secs(10))
     );
 }
 
 /// Stats count per model and status and age the oldest pending job.
-pub fn stats_per_model_and_status(f: &impl StoreFixture) {
-    let s = f.handle();
-    s.submit(job(ModelType::Vision, "s1"), T0).unwrap();
+pub async fn stats_per_model_and_status(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    s.submit(job(ModelType::Vision, "s1"), T0).await.unwrap();
     s.submit(job(ModelType::Vision, "s2"), T0 + secs(30))
+        .await
         .unwrap();
     s.submit(job(ModelType::Vision, "s3"), T0 + secs(40))
+        .await
         .unwrap();
-    s.submit(job(ModelType::Think, "s4"), T0).unwrap();
-    let c = claim_one(&s, ModelType::Vision, T0 + secs(50)).unwrap();
-    s.complete(&c, done("s1"), T0 + secs(50)).unwrap();
-    claim_one(&s, ModelType::Think, T0 + secs(50)).unwrap();
+    s.submit(job(ModelType::Think, "s4"), T0).await.unwrap();
+    let c = claim_one(&s, ModelType::Vision, T0 + secs(50))
+        .await
+        .unwrap();
+    s.complete(&c, done("s1"), T0 + secs(50)).await.unwrap();
+    claim_one(&s, ModelType::Think, T0 + secs(50))
+        .await
+        .unwrap();
 
-    let st = s.stats(T0 + secs(100)).unwrap();
+    let st = s.stats(T0 + secs(100)).await.unwrap();
     let v = st.model(ModelType::Vision);
     assert_eq!(
         (v.counts.pending, v.counts.done, v.counts.processing),
@@ -849,24 +977,26 @@ pub fn stats_per_model_and_status(f: &impl StoreFixture) {
 }
 
 /// `list` filters by status and model, returns newest first, and honours the limit.
-pub fn list_filters_and_limit(f: &impl StoreFixture) {
-    let s = f.handle();
+pub async fn list_filters_and_limit(f: &impl StoreFixture) {
+    let s = f.handle().await;
     let mut ids = Vec::new();
     for i in 0..5u64 {
         ids.push(
             s.submit(job(ModelType::Vision, &format!("l{i}")), T0 + secs(i))
+                .await
                 .unwrap()
                 .id,
         );
     }
-    s.submit(job(ModelType::Think, "lt"), T0).unwrap();
-    s.cancel(ids[1], T0).unwrap();
+    s.submit(job(ModelType::Think, "lt"), T0).await.unwrap();
+    s.cancel(ids[1], T0).await.unwrap();
     let all_vision = s
         .list(&ListFilter {
             model_type: Some(ModelType::Vision),
             limit: 100,
             ..Default::default()
         })
+        .await
         .unwrap();
     let order: Vec<JobId> = all_vision.iter().map(|j| j.id).collect();
     assert_eq!(order, ids.iter().rev().copied().collect::<Vec<_>>());
@@ -875,6 +1005,7 @@ pub fn list_filters_and_limit(f: &impl StoreFixture) {
             limit: 2,
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(limited.len(), 2);
     let cancelled = s
@@ -883,6 +1014,7 @@ pub fn list_filters_and_limit(f: &impl StoreFixture) {
             limit: 100,
             ..Default::default()
         })
+        .await
         .unwrap();
     assert_eq!(
         cancelled.iter().map(|j| j.id).collect::<Vec<_>>(),
@@ -891,26 +1023,25 @@ pub fn list_filters_and_limit(f: &impl StoreFixture) {
 }
 
 /// An unknown id is `None`, not an error.
-pub fn get_unknown_is_none(f: &impl StoreFixture) {
-    let s = f.handle();
-    assert!(s.get(JobId([1; 16])).unwrap().is_none());
+pub async fn get_unknown_is_none(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    assert!(s.get(JobId([1; 16])).await.unwrap().is_none());
 }
 
 /// `resolve` takes a whole id, or a unique prefix of at least 4 hex digits
 /// in either case; anything else is refused saying what to give.
-pub fn resolve_takes_ids_and_unique_prefixes(f: &impl StoreFixture) {
-    let s = f.handle();
-    let ids: Vec<JobId> = (0..40)
-        .map(|i| {
-            s.submit(job(ModelType::Think, &format!("r{i}")), T0)
-                .unwrap()
-                .id
-        })
-        .collect();
+pub async fn resolve_takes_ids_and_unique_prefixes(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let mut ids: Vec<JobId> = Vec::new();
+    for i in 0..40 {
+        let job = job(ModelType::Think, &format!("r{i}"));
+        ids.push(s.submit(job, T0).await.unwrap().id);
+    }
     let first = ids[0];
-    assert_eq!(s.resolve(&first.to_hex()).unwrap(), first);
+    assert_eq!(s.resolve(&first.to_hex()).await.unwrap(), first);
     assert_eq!(
         s.resolve(&format!(" {} ", first.to_hex().to_uppercase()))
+            .await
             .unwrap(),
         first
     );
@@ -925,18 +1056,22 @@ pub fn resolve_takes_ids_and_unique_prefixes(f: &impl StoreFixture) {
                     == 1
             })
             .unwrap();
-        assert_eq!(s.resolve(&hex[..n]).unwrap(), *id, "prefix {}", &hex[..n]);
+        assert_eq!(
+            s.resolve(&hex[..n]).await.unwrap(),
+            *id,
+            "prefix {}",
+            &hex[..n]
+        );
     }
-    let err = |text: &str| s.resolve(text).unwrap_err().to_string();
-    assert!(err("abc").contains("at least 4"), "{}", err("abc"));
-    assert!(err("zzzz").contains("is not a job id"), "{}", err("zzzz"));
+    let err = async |text: &str| s.resolve(text).await.unwrap_err().to_string();
+    let short = err("abc").await;
+    assert!(short.contains("at least 4"), "{short}");
+    let not_hex = err("zzzz").await;
+    assert!(not_hex.contains("is not a job id"), "{not_hex}");
     let unknown = (0..u16::MAX)
         .map(|n| format!("{n:04x}"))
         .find(|p| !ids.iter().any(|i| i.to_hex().starts_with(p.as_str())))
         .unwrap();
-    assert!(
-        err(&unknown).contains("no job id starts with"),
-        "{}",
-        err(&unknown)
-    );
+    let none = err(&unknown).await;
+    assert!(none.contains("no job id starts with"), "{none}");
 }
