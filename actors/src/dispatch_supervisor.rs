@@ -4,20 +4,18 @@
 //! lost, none is failed by the crash. Too many crashes in a window escalate
 //! to the FeederSupervisor.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::time::Instant;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::info;
 
 use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
+use crate::restart::{RestartPolicy, Supervision};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::tell::tell;
@@ -81,11 +79,15 @@ pub struct DispatchSupArgs {
     pub poison_after: u32,
 }
 
+/// One instance's dispatcher.
 struct Slot {
+    /// The instance it serves.
     spec: InstanceSpec,
+    /// The dispatcher, while it runs.
     actor: Option<ActorRef<DispatchMsg>>,
+    /// Starts so far: each start claims under an owner name of its own.
     incarnation: u32,
-    tracker: RestartTracker,
+    /// The thermal cap on its window, while its GPUs are hot.
     thermal: Option<f64>,
 }
 
@@ -95,10 +97,8 @@ pub struct DispatchSupState {
     args: DispatchSupArgs,
     /// One per instance, in configuration order.
     slots: Vec<Slot>,
-    /// Which slot each running dispatcher fills, for its supervision events.
-    by_id: HashMap<ActorId, usize>,
-    /// A shutdown is under way: exits are expected, nothing is restarted.
-    stopping: bool,
+    /// Which slot each dispatcher fills, restarts, shutdown.
+    sup: Supervision<usize>,
 }
 
 /// Supervises the dispatchers.
@@ -134,8 +134,7 @@ impl DispatchSupState {
         };
         let (actor, _) =
             DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;
-        self.by_id.insert(actor.get_id(), i);
-        self.slots[i].tracker.started(Instant::now());
+        self.sup.started(i, actor.get_id());
         if let Some(f) = self.slots[i].thermal {
             tell(&actor, "a thermal cap", DispatchMsg::Thermal(Some(f)));
         }
@@ -161,16 +160,11 @@ impl Actor for DispatchSupervisor {
                 spec: spec.clone(),
                 actor: None,
                 incarnation: 0,
-                tracker: RestartTracker::default(),
                 thermal: None,
             })
             .collect();
-        let mut state = DispatchSupState {
-            args,
-            slots,
-            by_id: HashMap::new(),
-            stopping: false,
-        };
+        let sup = Supervision::new(args.restart);
+        let mut state = DispatchSupState { args, slots, sup };
         for i in 0..state.slots.len() {
             state.spawn(&myself, i).await?;
         }
@@ -205,9 +199,18 @@ impl Actor for DispatchSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             DispatchSupMsg::Restart(i) => {
-                if !state.stopping && state.slots[i].actor.is_none() {
-                    state.spawn(&myself, i).await?;
-                    info!(instance = %state.slots[i].spec.name, "dispatcher restarted");
+                if state.sup.stopping() || state.slots[i].actor.is_some() {
+                    return Ok(());
+                }
+                let name = state.slots[i].spec.name.clone();
+                match state.spawn(&myself, i).await {
+                    Ok(()) => info!(instance = %name, "dispatcher restarted"),
+                    Err(e) => {
+                        let what = format!("the dispatcher of {name}");
+                        state.sup.respawn_failed(&myself, i, &what, &e, move || {
+                            DispatchSupMsg::Restart(i)
+                        });
+                    }
                 }
             }
             DispatchSupMsg::Peers(peers) => {
@@ -217,7 +220,7 @@ impl Actor for DispatchSupervisor {
                 }
             }
             DispatchSupMsg::Drain { grace, reply } => {
-                state.stopping = true;
+                state.sup.stop();
                 let actors: Vec<ActorRef<DispatchMsg>> =
                     state.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 let drains = actors
@@ -297,14 +300,12 @@ impl Actor for DispatchSupervisor {
         event: SupervisionEvent,
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some((cell, reason)) = child_exit(event) else {
+        let Some(exit) = state.sup.exited(event) else {
             return Ok(());
         };
-        let Some(i) = state.by_id.remove(&cell.get_id()) else {
-            return Ok(());
-        };
+        let i = exit.key;
         state.slots[i].actor = None;
-        if state.stopping {
+        if state.sup.stopping() {
             return Ok(());
         }
         let name = state.slots[i].spec.name.clone();
@@ -323,18 +324,13 @@ impl Actor for DispatchSupervisor {
             Ok(CallResult::Success(Ok(n))) => n.to_string(),
             other => format!("none ({other:?}; they return when their leases expire)"),
         };
-        let policy = state.args.restart;
         let what = format!("the dispatcher of {name}");
         let note = format!("; released its jobs: {released}");
-        restart_or_escalate(
-            &myself,
-            &mut state.slots[i].tracker,
-            &policy,
-            &what,
-            reason,
-            &note,
-            move || DispatchSupMsg::Restart(i),
-        );
+        state
+            .sup
+            .failed(&myself, i, &what, exit.reason, &note, move || {
+                DispatchSupMsg::Restart(i)
+            });
         Ok(())
     }
 }

@@ -4,15 +4,13 @@
 //! from the HealthActor and watch requests from the dispatchers go to the
 //! right ContainerActor, and the watchers survive a ContainerActor restart.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{
-    Actor, ActorId, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
+    Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
-use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::container::{
     ContainerActor, ContainerArgs, ContainerMsg, InstanceEvent, InstanceState, InstanceStatus,
@@ -20,7 +18,7 @@ use crate::container::{
 };
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
-use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
+use crate::restart::{RestartPolicy, Supervision};
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
 use crate::tell::{publish, tell};
@@ -86,13 +84,19 @@ pub struct InstanceSupArgs {
     pub restart: RestartPolicy,
 }
 
+/// One instance's container actor.
 struct Slot {
+    /// The instance as configured.
     spec: InstanceSpec,
+    /// How it is launched now (the allocator may have changed it).
     plan: LaunchPlan,
+    /// The container actor, while it runs.
     actor: Option<ActorRef<ContainerMsg>>,
+    /// Dispatchers to tell of its readiness, kept across restarts.
     watchers: Vec<DerivedActorRef<InstanceEvent>>,
+    /// The allocator parked it: a restarted actor starts parked too.
     parked: bool,
-    tracker: RestartTracker,
+    /// Its status when last asked, for when its actor cannot answer.
     last: Option<InstanceStatus>,
 }
 
@@ -102,10 +106,8 @@ pub struct InstanceSupState {
     args: InstanceSupArgs,
     /// One per instance, in configuration order.
     slots: Vec<Slot>,
-    /// Which slot each running ContainerActor fills, for its supervision events.
-    by_id: HashMap<ActorId, usize>,
-    /// A shutdown is under way: exits are expected, nothing is restarted.
-    stopping: bool,
+    /// Which slot each container actor fills, restarts, shutdown.
+    sup: Supervision<usize>,
 }
 
 /// Supervises the ContainerActors.
@@ -131,10 +133,8 @@ impl InstanceSupState {
         };
         let (actor, _) =
             ContainerActor::spawn_linked(None, ContainerActor, args, myself.get_cell()).await?;
-        self.by_id.insert(actor.get_id(), i);
-        let slot = &mut self.slots[i];
-        slot.actor = Some(actor);
-        slot.tracker.started(Instant::now());
+        self.sup.started(i, actor.get_id());
+        self.slots[i].actor = Some(actor);
         Ok(())
     }
 
@@ -162,16 +162,11 @@ impl Actor for InstanceSupervisor {
                 actor: None,
                 watchers: Vec::new(),
                 parked: false,
-                tracker: RestartTracker::default(),
                 last: None,
             })
             .collect();
-        let mut state = InstanceSupState {
-            args,
-            slots,
-            by_id: HashMap::new(),
-            stopping: false,
-        };
+        let sup = Supervision::new(args.restart);
+        let mut state = InstanceSupState { args, slots, sup };
         for i in 0..state.slots.len() {
             state.spawn(&myself, i).await?;
         }
@@ -195,15 +190,18 @@ impl Actor for InstanceSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             InstanceSupMsg::Restart(i) => {
-                if state.stopping || state.slots[i].actor.is_some() {
+                if state.sup.stopping() || state.slots[i].actor.is_some() {
                     return Ok(());
                 }
                 let name = state.slots[i].spec.name.clone();
-                if let Err(e) = state.spawn(&myself, i).await {
-                    error!(instance = %name, "restarting its container actor failed: {e}");
-                    myself.send_after(Duration::from_secs(5), move || InstanceSupMsg::Restart(i));
-                } else {
-                    info!(instance = %name, "container actor restarted");
+                match state.spawn(&myself, i).await {
+                    Ok(()) => info!(instance = %name, "container actor restarted"),
+                    Err(e) => {
+                        let what = format!("the container actor of {name}");
+                        state.sup.respawn_failed(&myself, i, &what, &e, move || {
+                            InstanceSupMsg::Restart(i)
+                        });
+                    }
                 }
             }
             InstanceSupMsg::Probed { instance, outcome } => {
@@ -378,7 +376,7 @@ impl Actor for InstanceSupervisor {
                 stop_servers,
                 reply,
             } => {
-                state.stopping = true;
+                state.sup.stop();
                 let actors: Vec<_> = state.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 tokio::spawn(async move {
                     let calls = actors.into_iter().map(|a| async move {
@@ -406,31 +404,25 @@ impl Actor for InstanceSupervisor {
         event: SupervisionEvent,
         state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some((cell, reason)) = child_exit(event) else {
+        let Some(exit) = state.sup.exited(event) else {
             return Ok(());
         };
-        let Some(i) = state.by_id.remove(&cell.get_id()) else {
-            return Ok(());
-        };
+        let i = exit.key;
         state.slots[i].actor = None;
-        if state.stopping {
+        if state.sup.stopping() {
             return Ok(());
         }
         let name = state.slots[i].spec.name.clone();
         for w in &state.slots[i].watchers {
             let _ = w.send_message(InstanceEvent::Ready(false));
         }
-        let policy = state.args.restart;
         let what = format!("the container actor of {name}");
-        restart_or_escalate(
-            &myself,
-            &mut state.slots[i].tracker,
-            &policy,
-            &what,
-            reason,
-            " (its server is adopted by the next one)",
-            move || InstanceSupMsg::Restart(i),
-        );
+        let note = " (its server is adopted by the next one)";
+        state
+            .sup
+            .failed(&myself, i, &what, exit.reason, note, move || {
+                InstanceSupMsg::Restart(i)
+            });
         Ok(())
     }
 }

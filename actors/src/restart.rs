@@ -121,7 +121,7 @@ impl RestartTracker {
 
 /// The child that exited and why, from a supervision event; `None` for
 /// events that are not an exit (a child starting, say).
-pub fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
+fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
     match event {
         ractor::SupervisionEvent::ActorFailed(cell, err) => {
             Some((cell, format!("panicked: {err}")))
@@ -137,35 +137,128 @@ pub fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorCell,
     }
 }
 
-/// What every supervisor does when a child fails: count the failure, then
-/// schedule `restart` after the backoff, or give up and stop `myself` (so
-/// its own parent sees the failure) when the child keeps failing. `what`
-/// names the child in the log ("the dispatcher of vision"); `note` adds what
-/// was already done about it.
-pub fn restart_or_escalate<M: ractor::Message>(
-    myself: &ractor::ActorRef<M>,
-    tracker: &mut RestartTracker,
-    policy: &RestartPolicy,
-    what: &str,
-    reason: String,
-    note: &str,
-    restart: impl FnOnce() -> M + Send + 'static,
-) {
-    match tracker.failed(policy, Instant::now(), reason.clone()) {
-        RestartDecision::RestartIn(delay) => {
-            tracing::warn!(
-                "{what} {reason}{note}; restarting it in {:.1} s",
-                delay.as_secs_f64()
-            );
-            myself.send_after(delay, restart);
+/// A child of a supervisor that exited while it was wanted.
+#[derive(Debug)]
+pub struct Exit<K> {
+    /// Which child.
+    pub key: K,
+    /// Why ("panicked: …", "stopped (…)").
+    pub reason: String,
+}
+
+/// The one-for-one supervision every supervisor here does, written once:
+/// which running actor fills which slot (`K`: an instance's index, a child's
+/// kind), each slot's restart history, and what happens when a child exits
+/// or cannot be started again. The supervisor keeps its children's
+/// references (of whatever message types) and its own reactions to an exit
+/// (releasing a dispatcher's jobs, telling an instance's watchers); this
+/// keeps the rules.
+///
+/// The rule for a failed respawn is the rule for a failure: it counts
+/// against the slot's intensity limit, the next try comes after the backoff,
+/// and a child that cannot be started within the limit stops the supervisor
+/// so that its own parent sees the failure.
+#[derive(Debug)]
+pub struct Supervision<K> {
+    /// How children are restarted.
+    policy: RestartPolicy,
+    /// Which slot each running child fills, for its supervision events.
+    by_id: std::collections::HashMap<ractor::ActorId, K>,
+    /// Each slot's restart history.
+    trackers: std::collections::HashMap<K, RestartTracker>,
+    /// A shutdown is under way: exits are expected, nothing is restarted.
+    stopping: bool,
+}
+
+impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
+    /// No children yet, restarted by `policy`.
+    pub fn new(policy: RestartPolicy) -> Self {
+        Supervision {
+            policy,
+            by_id: Default::default(),
+            trackers: Default::default(),
+            stopping: false,
         }
-        RestartDecision::Escalate { restarts } => {
-            tracing::error!(
-                "{what} {reason}; it restarted {restarts} times within {} s: giving up and escalating",
-                policy.window.as_secs()
-            );
-            myself.stop(Some(format!("{what} keeps failing: {reason}")));
+    }
+
+    /// The actor `child` now fills `key` (started or restarted).
+    pub fn started(&mut self, key: K, child: ractor::ActorId) {
+        self.by_id.insert(child, key);
+        self.trackers
+            .entry(key)
+            .or_default()
+            .started(Instant::now());
+    }
+
+    /// From here on, exits are expected and nothing is restarted.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Whether a shutdown is under way.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
+    /// Each slot's restart history that has one (for status).
+    pub fn trackers(&self) -> impl Iterator<Item = (&K, &RestartTracker)> {
+        self.trackers.iter()
+    }
+
+    /// The child that `event` says exited, and why; `None` for other
+    /// events and for actors that are not (or no longer) a child. The
+    /// exited actor no longer fills its slot; during a shutdown
+    /// ([`Supervision::stopping`]) it is not to be restarted.
+    pub fn exited(&mut self, event: ractor::SupervisionEvent) -> Option<Exit<K>> {
+        let (cell, reason) = child_exit(event)?;
+        let key = self.by_id.remove(&cell.get_id())?;
+        Some(Exit { key, reason })
+    }
+
+    /// A child failed: schedule `restart` after the backoff, or give up and
+    /// stop `myself` when it keeps failing. `what` names the child in the
+    /// log ("the dispatcher of vision"); `note` adds what was already done.
+    pub fn failed<M: ractor::Message>(
+        &mut self,
+        myself: &ractor::ActorRef<M>,
+        key: K,
+        what: &str,
+        reason: String,
+        note: &str,
+        restart: impl FnOnce() -> M + Send + 'static,
+    ) {
+        let tracker = self.trackers.entry(key).or_default();
+        match tracker.failed(&self.policy, Instant::now(), reason.clone()) {
+            RestartDecision::RestartIn(delay) => {
+                tracing::warn!(
+                    "{what} {reason}{note}; restarting it in {:.1} s",
+                    delay.as_secs_f64()
+                );
+                myself.send_after(delay, restart);
+            }
+            RestartDecision::Escalate { restarts } => {
+                tracing::error!(
+                    "{what} {reason}; it restarted {restarts} times within {} s: giving up and escalating",
+                    self.policy.window.as_secs()
+                );
+                myself.stop(Some(format!("{what} keeps failing: {reason}")));
+            }
         }
+    }
+
+    /// Starting a child again failed (`error`): the same as a failure of
+    /// the child itself, so the next try comes after the backoff.
+    pub fn respawn_failed<M: ractor::Message>(
+        &mut self,
+        myself: &ractor::ActorRef<M>,
+        key: K,
+        what: &str,
+        error: &ractor::ActorProcessingErr,
+        restart: impl FnOnce() -> M + Send + 'static,
+    ) {
+        self.trackers.entry(key).or_default().clear_start();
+        let reason = format!("could not be started again: {error}");
+        self.failed(myself, key, what, reason, "", restart);
     }
 }
 
@@ -224,5 +317,205 @@ mod tests {
         );
         assert_eq!(t.total, 3);
         assert_eq!(t.last_error.as_deref(), Some("c"));
+    }
+
+    /// A supervisor of one child, through `Supervision`, as the real ones.
+    mod one_child {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+        use super::super::*;
+
+        /// Refuses to start while `refusals` is above zero; panics on any message.
+        pub struct Child;
+
+        pub struct ChildArgs {
+            pub refusals: Arc<AtomicUsize>,
+            pub starts: Arc<AtomicUsize>,
+        }
+
+        impl Actor for Child {
+            type Msg = ();
+            type State = ();
+            type Arguments = ChildArgs;
+
+            async fn pre_start(
+                &self,
+                _: ActorRef<()>,
+                args: ChildArgs,
+            ) -> Result<(), ActorProcessingErr> {
+                args.starts.fetch_add(1, Ordering::SeqCst);
+                let refused = args
+                    .refusals
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if refused {
+                    return Err("refused to start".into());
+                }
+                Ok(())
+            }
+
+            async fn handle(
+                &self,
+                _: ActorRef<()>,
+                _: (),
+                _: &mut (),
+            ) -> Result<(), ActorProcessingErr> {
+                panic!("boom");
+            }
+        }
+
+        pub enum Msg {
+            Restart,
+            Crash,
+            Running(RpcReplyPort<bool>),
+        }
+
+        pub struct Sup;
+
+        pub struct State {
+            sup: Supervision<usize>,
+            child: Option<ActorRef<()>>,
+            refusals: Arc<AtomicUsize>,
+            starts: Arc<AtomicUsize>,
+        }
+
+        impl State {
+            async fn spawn(&mut self, myself: &ActorRef<Msg>) -> Result<(), ActorProcessingErr> {
+                let args = ChildArgs {
+                    refusals: self.refusals.clone(),
+                    starts: self.starts.clone(),
+                };
+                let (child, _) = Child::spawn_linked(None, Child, args, myself.get_cell()).await?;
+                self.sup.started(0, child.get_id());
+                self.child = Some(child);
+                Ok(())
+            }
+        }
+
+        impl Actor for Sup {
+            type Msg = Msg;
+            type State = State;
+            type Arguments = (RestartPolicy, Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+            async fn pre_start(
+                &self,
+                myself: ActorRef<Msg>,
+                (policy, refusals, starts): Self::Arguments,
+            ) -> Result<State, ActorProcessingErr> {
+                let mut state = State {
+                    sup: Supervision::new(policy),
+                    child: None,
+                    refusals,
+                    starts,
+                };
+                state.spawn(&myself).await?;
+                Ok(state)
+            }
+
+            async fn handle(
+                &self,
+                myself: ActorRef<Msg>,
+                msg: Msg,
+                state: &mut State,
+            ) -> Result<(), ActorProcessingErr> {
+                match msg {
+                    Msg::Restart => {
+                        if let Err(e) = state.spawn(&myself).await {
+                            state
+                                .sup
+                                .respawn_failed(&myself, 0, "the child", &e, || Msg::Restart);
+                        }
+                    }
+                    Msg::Crash => {
+                        if let Some(c) = &state.child {
+                            let _ = c.cast(());
+                        }
+                    }
+                    Msg::Running(reply) => {
+                        let _ = reply.send(state.child.is_some());
+                    }
+                }
+                Ok(())
+            }
+
+            async fn handle_supervisor_evt(
+                &self,
+                myself: ActorRef<Msg>,
+                event: SupervisionEvent,
+                state: &mut State,
+            ) -> Result<(), ActorProcessingErr> {
+                if let Some(exit) = state.sup.exited(event) {
+                    state.child = None;
+                    state
+                        .sup
+                        .failed(&myself, exit.key, "the child", exit.reason, "", || {
+                            Msg::Restart
+                        });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_respawn_is_retried_after_the_backoff() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let refusals = Arc::new(AtomicUsize::new(0));
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (sup, _done) = ractor::Actor::spawn(
+            None,
+            one_child::Sup,
+            (policy(), refusals.clone(), starts.clone()),
+        )
+        .await
+        .unwrap();
+        refusals.store(2, Ordering::SeqCst);
+        sup.cast(one_child::Msg::Crash).unwrap();
+        // Polled in paused time: each pause lets the backoff run out.
+        let running = async {
+            loop {
+                let up = sup.call(one_child::Msg::Running, None).await.unwrap();
+                if matches!(up, ractor::rpc::CallResult::Success(true))
+                    && starts.load(Ordering::SeqCst) > 1
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), running)
+            .await
+            .expect("the child runs again once it can start");
+        // The first start, two refused, one that worked.
+        assert_eq!(starts.load(Ordering::SeqCst), 4);
+        sup.stop(None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_child_that_cannot_be_started_again_escalates_within_the_limit() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let refusals = Arc::new(AtomicUsize::new(0));
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (sup, done) = ractor::Actor::spawn(
+            None,
+            one_child::Sup,
+            (policy(), refusals.clone(), starts.clone()),
+        )
+        .await
+        .unwrap();
+        refusals.store(usize::MAX, Ordering::SeqCst);
+        sup.cast(one_child::Msg::Crash).unwrap();
+        tokio::time::timeout(Duration::from_secs(600), done)
+            .await
+            .expect("the supervisor gives up and stops")
+            .unwrap();
+        // The crash and two refused starts fill the limit of 3; the third
+        // refusal escalates.
+        assert_eq!(starts.load(Ordering::SeqCst), 4);
     }
 }

@@ -6,15 +6,13 @@
 //! and runs the graceful shutdown: stop claiming, let requests in flight
 //! finish within a grace period, release the rest, commit every outcome.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::time::Instant;
-use tracing::{error, info, warn};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tracing::{info, warn};
 
 use crate::allocator::{
     AllocatorActor, AllocatorArgs, AllocatorMsg, AllocatorSettings, AllocatorStatus, Managed,
@@ -31,7 +29,7 @@ use crate::health::{HealthActor, HealthArgs, HealthMsg, InstanceHealth};
 use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::peers::Peers;
 use crate::queue::{QueueActor, QueueArgs, QueueMsg};
-use crate::restart::{child_exit, restart_or_escalate, RestartPolicy, RestartTracker};
+use crate::restart::{RestartPolicy, Supervision};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::store::JobStore;
@@ -278,12 +276,8 @@ pub struct FeederState {
     allocator: Option<ActorRef<AllocatorMsg>>,
     /// The last GPU snapshot, for `Status`.
     gpus: Option<GpuSnapshot>,
-    /// Which child each running actor is, for its supervision events.
-    ids: HashMap<ActorId, Child>,
-    /// Each child's restarts (backoff and intensity limit).
-    trackers: HashMap<Child, RestartTracker>,
-    /// A shutdown is under way: exits are expected, nothing is restarted.
-    stopping: bool,
+    /// Which child each running actor is, their restarts, shutdown.
+    sup: Supervision<Child>,
     /// The queue has not started yet: its first start releases a previous run's claims.
     first_queue_start: bool,
 }
@@ -419,12 +413,21 @@ impl FeederState {
                 id
             }
         };
-        self.ids.insert(id, child);
-        self.trackers
-            .entry(child)
-            .or_default()
-            .started(Instant::now());
+        self.sup.started(child, id);
         Ok(())
+    }
+
+    /// Whether `child` runs now.
+    fn is_running(&self, child: Child) -> bool {
+        match child {
+            Child::Queue => self.queue.is_some(),
+            Child::FanIn => self.fanin.is_some(),
+            Child::Instances => self.instances.is_some(),
+            Child::Health => self.health.is_some(),
+            Child::Dispatch => self.dispatch.is_some(),
+            Child::GpuMonitor => self.gpu_monitor.is_some(),
+            Child::Allocator => self.allocator.is_some(),
+        }
     }
 
     /// The instances the allocator may start and stop.
@@ -477,6 +480,7 @@ impl Actor for FeederSupervisor {
         myself: ActorRef<FeederMsg>,
         args: FeederArgs,
     ) -> Result<FeederState, ActorProcessingErr> {
+        let sup = Supervision::new(args.settings.restart);
         let mut state = FeederState {
             args,
             queue: None,
@@ -487,9 +491,7 @@ impl Actor for FeederSupervisor {
             gpu_monitor: None,
             allocator: None,
             gpus: None,
-            ids: HashMap::new(),
-            trackers: HashMap::new(),
-            stopping: false,
+            sup,
             first_queue_start: true,
         };
         for child in [
@@ -526,19 +528,23 @@ impl Actor for FeederSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             FeederMsg::Restart(child) => {
-                if state.stopping {
+                if state.sup.stopping() || state.is_running(child) {
                     return Ok(());
                 }
                 if let Err(e) = state.spawn(&myself, child).await {
-                    error!("restarting the {child} failed: {e}; stopping the feeder");
-                    myself.stop(Some(format!("cannot restart the {child}: {e}")));
+                    let what = format!("the {child}");
+                    state
+                        .sup
+                        .respawn_failed(&myself, child, &what, &e, move || {
+                            FeederMsg::Restart(child)
+                        });
                     return Ok(());
                 }
                 info!("{child} restarted");
                 state.broadcast_peers();
             }
             FeederMsg::Shutdown { grace, reply } => {
-                state.stopping = true;
+                state.sup.stop();
                 let mut report = ShutdownReport::default();
                 if let Some(d) = &state.dispatch {
                     info!(
@@ -589,8 +595,8 @@ impl Actor for FeederSupervisor {
                 let mut status = FeederStatus {
                     gpus: state.gpus.clone(),
                     restarts: state
-                        .trackers
-                        .iter()
+                        .sup
+                        .trackers()
                         .map(|(c, t)| (c.to_string(), t.total, t.last_error.clone()))
                         .collect(),
                     ..FeederStatus::default()
@@ -714,12 +720,10 @@ impl Actor for FeederSupervisor {
         event: SupervisionEvent,
         state: &mut FeederState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some((cell, reason)) = child_exit(event) else {
+        let Some(exit) = state.sup.exited(event) else {
             return Ok(());
         };
-        let Some(child) = state.ids.remove(&cell.get_id()) else {
-            return Ok(());
-        };
+        let child = exit.key;
         match child {
             Child::Queue => state.queue = None,
             Child::FanIn => state.fanin = None,
@@ -729,15 +733,15 @@ impl Actor for FeederSupervisor {
             Child::GpuMonitor => state.gpu_monitor = None,
             Child::Allocator => state.allocator = None,
         }
-        if state.stopping {
+        if state.sup.stopping() {
             return Ok(());
         }
-        let policy = state.args.settings.restart;
-        let tracker = state.trackers.entry(child).or_default();
         let what = format!("the {child}");
-        restart_or_escalate(&myself, tracker, &policy, &what, reason, "", move || {
-            FeederMsg::Restart(child)
-        });
+        state
+            .sup
+            .failed(&myself, child, &what, exit.reason, "", move || {
+                FeederMsg::Restart(child)
+            });
         Ok(())
     }
 }
