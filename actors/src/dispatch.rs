@@ -131,6 +131,19 @@ fn tick(t: Tick) -> DispatchMsg {
     DispatchMsg::Internal(Internal(t))
 }
 
+/// What a dispatcher may do, one state at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DispatchMode {
+    /// Its instance is not Ready: nothing is sent, and claimed jobs that
+    /// were not sent go back to the queue.
+    Waiting,
+    /// Its instance is Ready: jobs are claimed and sent, up to the window.
+    Sending,
+    /// Stopped claiming for good (a shutdown, or a planned stop): requests
+    /// in flight finish; nothing new is sent, whatever the instance does.
+    Draining,
+}
+
 /// What `Status` reports.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DispatchStatus {
@@ -138,10 +151,8 @@ pub struct DispatchStatus {
     pub instance: String,
     /// Its model.
     pub model: ModelType,
-    /// Whether the instance is Ready.
-    pub ready: bool,
-    /// Whether the dispatcher stopped claiming.
-    pub draining: bool,
+    /// Whether it sends, waits for its instance, or drains.
+    pub mode: DispatchMode,
     /// Requests in flight.
     pub in_flight: usize,
     /// Jobs claimed and waiting for a free slot.
@@ -298,10 +309,8 @@ pub struct DispatchState {
     buffer: VecDeque<ClaimedJob>,
     /// Where the claim cycle stands.
     claim: ClaimCycle,
-    /// The instance is Ready: requests may be sent.
-    ready: bool,
-    /// Stopped claiming for good (a shutdown or a planned stop).
-    draining: bool,
+    /// Sending, waiting for the instance, or draining.
+    mode: DispatchMode,
     /// Answered once nothing is in flight (a drain, or a planned stop).
     drain_waiters: Vec<RpcReplyPort<()>>,
     /// Requests in flight at most now (narrowed under back-pressure).
@@ -500,7 +509,7 @@ impl DispatchState {
     /// Starts buffered jobs in free slots, and tops the buffer up with a
     /// background claim when it runs low.
     fn fill(&mut self, myself: &ActorRef<DispatchMsg>) {
-        if !self.ready || self.draining || self.paused() {
+        if self.mode != DispatchMode::Sending || self.paused() {
             return;
         }
         let window = self.window.min(self.thermal_cap.unwrap_or(u32::MAX)) as usize;
@@ -573,7 +582,7 @@ impl DispatchState {
                 } else {
                     ClaimCycle::Idle
                 };
-                if self.draining {
+                if self.mode == DispatchMode::Draining {
                     // Claimed while a shutdown began: give them straight back.
                     for c in jobs {
                         self.settle(c.claim, Settle::Release, c.job.parent_id, false);
@@ -718,7 +727,9 @@ impl DispatchState {
     /// parked) goes back with the crash counted; buffered jobs go back as
     /// they were.
     fn instance_down(&mut self, reason: &str) {
-        self.ready = false;
+        if self.mode == DispatchMode::Sending {
+            self.mode = DispatchMode::Waiting;
+        }
         self.suspect_in_flight = None;
         let hit: Vec<InFlight> = self
             .in_flight
@@ -784,8 +795,7 @@ impl Actor for DispatchActor {
             suspect_in_flight: None,
             buffer: VecDeque::new(),
             claim: ClaimCycle::Idle,
-            ready: false,
-            draining: false,
+            mode: DispatchMode::Waiting,
             drain_waiters: Vec::new(),
             thermal_cap: None,
             successes_at_window: 0,
@@ -819,12 +829,19 @@ impl Actor for DispatchActor {
                 state.claimed(&myself, asked, result);
                 state.fill(&myself);
             }
+            // A draining dispatcher stays draining, whatever its instance does.
+            DispatchMsg::Ready(_) if state.mode == DispatchMode::Draining => {}
             DispatchMsg::Ready(ready) => {
-                if ready != state.ready {
+                let was_ready = state.mode == DispatchMode::Sending;
+                if ready != was_ready {
                     debug!(instance = %state.args.instance, ready, "dispatch readiness changed");
                 }
-                let became_ready = ready && !state.ready;
-                state.ready = ready;
+                let became_ready = ready && !was_ready;
+                state.mode = if ready {
+                    DispatchMode::Sending
+                } else {
+                    DispatchMode::Waiting
+                };
                 if ready {
                     if became_ready {
                         // A (re)started server: a pause for the old one's
@@ -872,7 +889,7 @@ impl Actor for DispatchActor {
                 state.fill(&myself);
             }
             DispatchMsg::Drain { reply } => {
-                state.draining = true;
+                state.mode = DispatchMode::Draining;
                 state.release_buffer();
                 state.drain_waiters.push(reply);
                 state.answer_drain_waiters();
@@ -896,8 +913,7 @@ impl Actor for DispatchActor {
                 let _ = reply.send(DispatchStatus {
                     instance: state.args.instance.clone(),
                     model: state.args.model,
-                    ready: state.ready,
-                    draining: state.draining,
+                    mode: state.mode,
                     in_flight: state.in_flight.len() + state.parked.len(),
                     buffered: state.buffer.len(),
                     window: state.window.min(state.thermal_cap.unwrap_or(u32::MAX)),

@@ -15,7 +15,7 @@ use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::restart::{RestartPolicy, Supervision};
+use crate::restart::{Restart, RestartPolicy, Supervision};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::tell::tell;
@@ -23,8 +23,8 @@ use crate::tell::tell;
 /// Messages of the DispatchSupervisor.
 #[derive(Debug)]
 pub enum DispatchSupMsg {
-    /// Restart the dispatcher of instance number `usize` (after its backoff).
-    Restart(usize),
+    /// Its own timer, once a dispatcher's backoff has run out: start it again.
+    Restart(Restart<usize>),
     /// The current peers, passed on to every dispatcher.
     Peers(Peers),
     /// Graceful stop: no new claims; wait up to `grace` for requests in
@@ -198,7 +198,8 @@ impl Actor for DispatchSupervisor {
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DispatchSupMsg::Restart(i) => {
+            DispatchSupMsg::Restart(r) => {
+                let i = r.slot();
                 if state.sup.stopping() || state.slots[i].actor.is_some() {
                     return Ok(());
                 }
@@ -207,9 +208,9 @@ impl Actor for DispatchSupervisor {
                     Ok(()) => info!(instance = %name, "dispatcher restarted"),
                     Err(e) => {
                         let what = format!("the dispatcher of {name}");
-                        state.sup.respawn_failed(&myself, i, &what, &e, move || {
-                            DispatchSupMsg::Restart(i)
-                        });
+                        state
+                            .sup
+                            .respawn_failed(&myself, i, &what, &e, DispatchSupMsg::Restart);
                     }
                 }
             }
@@ -326,11 +327,14 @@ impl Actor for DispatchSupervisor {
         };
         let what = format!("the dispatcher of {name}");
         let note = format!("; released its jobs: {released}");
-        state
-            .sup
-            .failed(&myself, i, &what, exit.reason, &note, move || {
-                DispatchSupMsg::Restart(i)
-            });
+        state.sup.failed(
+            &myself,
+            i,
+            &what,
+            exit.reason,
+            &note,
+            DispatchSupMsg::Restart,
+        );
         Ok(())
     }
 }

@@ -38,10 +38,23 @@ pub enum FanInMsg {
     /// its `FollowUp`.
     Finished(JobFinished),
     /// Look for parents whose fragments have all finished, and follow-ups
-    /// left to create.
-    Scan,
+    /// left to create: its own timer (tests may ask with [`Scan::now`]).
+    Scan(Scan),
     /// The queue to ask from now on (after it restarted).
     Queue(ActorRef<QueueMsg>),
+}
+
+/// A scan of the store for fan-in work left over; only the actor's timer
+/// makes one, and tests.
+#[derive(Debug)]
+pub struct Scan(());
+
+#[cfg(any(test, feature = "testkit"))]
+impl Scan {
+    /// A scan now, for a test that cannot wait for the timer.
+    pub fn now() -> Self {
+        Scan(())
+    }
 }
 
 /// How the FanInActor is started.
@@ -337,8 +350,8 @@ impl Actor for FanInActor {
         myself: ActorRef<FanInMsg>,
         args: FanInArgs,
     ) -> Result<FanInState, ActorProcessingErr> {
-        let _ = myself.cast(FanInMsg::Scan);
-        myself.send_interval(args.scan_interval, || FanInMsg::Scan);
+        let _ = myself.cast(FanInMsg::Scan(Scan(())));
+        myself.send_interval(args.scan_interval, || FanInMsg::Scan(Scan(())));
         Ok(FanInState {
             args,
             completed: 0,
@@ -372,7 +385,7 @@ impl Actor for FanInActor {
                     let _ = myself.cast(next);
                 }
             }
-            FanInMsg::Scan => {
+            FanInMsg::Scan(_) => {
                 let q = state.args.queue.clone();
                 let t = state.args.call_timeout;
                 match ask(&q, t, |reply| QueueMsg::ReadyParents { reply }).await {

@@ -18,7 +18,7 @@ use crate::container::{
 };
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
-use crate::restart::{RestartPolicy, Supervision};
+use crate::restart::{Restart, RestartPolicy, Supervision};
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
 use crate::tell::{publish, tell};
@@ -26,8 +26,8 @@ use crate::tell::{publish, tell};
 /// Messages of the InstanceSupervisor.
 #[derive(Debug)]
 pub enum InstanceSupMsg {
-    /// Restart the ContainerActor of instance number `usize`.
-    Restart(usize),
+    /// Its own timer, once a container actor's backoff has run out: start it again.
+    Restart(Restart<usize>),
     /// A probe's outcome for `instance`.
     Probed {
         /// The instance.
@@ -189,7 +189,8 @@ impl Actor for InstanceSupervisor {
         state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InstanceSupMsg::Restart(i) => {
+            InstanceSupMsg::Restart(r) => {
+                let i = r.slot();
                 if state.sup.stopping() || state.slots[i].actor.is_some() {
                     return Ok(());
                 }
@@ -198,9 +199,9 @@ impl Actor for InstanceSupervisor {
                     Ok(()) => info!(instance = %name, "container actor restarted"),
                     Err(e) => {
                         let what = format!("the container actor of {name}");
-                        state.sup.respawn_failed(&myself, i, &what, &e, move || {
-                            InstanceSupMsg::Restart(i)
-                        });
+                        state
+                            .sup
+                            .respawn_failed(&myself, i, &what, &e, InstanceSupMsg::Restart);
                     }
                 }
             }
@@ -418,11 +419,14 @@ impl Actor for InstanceSupervisor {
         }
         let what = format!("the container actor of {name}");
         let note = " (its server is adopted by the next one)";
-        state
-            .sup
-            .failed(&myself, i, &what, exit.reason, note, move || {
-                InstanceSupMsg::Restart(i)
-            });
+        state.sup.failed(
+            &myself,
+            i,
+            &what,
+            exit.reason,
+            note,
+            InstanceSupMsg::Restart,
+        );
         Ok(())
     }
 }

@@ -137,6 +137,19 @@ fn child_exit(event: ractor::SupervisionEvent) -> Option<(ractor::ActorCell, Str
     }
 }
 
+/// A supervisor's note to itself to start the child of slot `K` again,
+/// sent when the backoff has run out. Opaque outside this crate, so that
+/// only the supervisor's own timer restarts a child.
+#[derive(Debug)]
+pub struct Restart<K>(K);
+
+impl<K> Restart<K> {
+    /// The slot to fill again.
+    pub(crate) fn slot(self) -> K {
+        self.0
+    }
+}
+
 /// A child of a supervisor that exited while it was wanted.
 #[derive(Debug)]
 pub struct Exit<K> {
@@ -225,8 +238,10 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
         what: &str,
         reason: String,
         note: &str,
-        restart: impl FnOnce() -> M + Send + 'static,
-    ) {
+        restart: impl FnOnce(Restart<K>) -> M + Send + 'static,
+    ) where
+        K: Send + 'static,
+    {
         let tracker = self.trackers.entry(key).or_default();
         match tracker.failed(&self.policy, Instant::now(), reason.clone()) {
             RestartDecision::RestartIn(delay) => {
@@ -234,7 +249,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
                     "{what} {reason}{note}; restarting it in {:.1} s",
                     delay.as_secs_f64()
                 );
-                myself.send_after(delay, restart);
+                myself.send_after(delay, move || restart(Restart(key)));
             }
             RestartDecision::Escalate { restarts } => {
                 tracing::error!(
@@ -254,8 +269,10 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
         key: K,
         what: &str,
         error: &ractor::ActorProcessingErr,
-        restart: impl FnOnce() -> M + Send + 'static,
-    ) {
+        restart: impl FnOnce(Restart<K>) -> M + Send + 'static,
+    ) where
+        K: Send + 'static,
+    {
         self.trackers.entry(key).or_default().clear_start();
         let reason = format!("could not be started again: {error}");
         self.failed(myself, key, what, reason, "", restart);
@@ -368,7 +385,7 @@ mod tests {
         }
 
         pub enum Msg {
-            Restart,
+            Restart(Restart<usize>),
             Crash,
             Running(RpcReplyPort<bool>),
         }
@@ -422,11 +439,12 @@ mod tests {
                 state: &mut State,
             ) -> Result<(), ActorProcessingErr> {
                 match msg {
-                    Msg::Restart => {
+                    Msg::Restart(r) => {
+                        let slot = r.slot();
                         if let Err(e) = state.spawn(&myself).await {
                             state
                                 .sup
-                                .respawn_failed(&myself, 0, "the child", &e, || Msg::Restart);
+                                .respawn_failed(&myself, slot, "the child", &e, Msg::Restart);
                         }
                     }
                     Msg::Crash => {
@@ -449,11 +467,14 @@ mod tests {
             ) -> Result<(), ActorProcessingErr> {
                 if let Some(exit) = state.sup.exited(event) {
                     state.child = None;
-                    state
-                        .sup
-                        .failed(&myself, exit.key, "the child", exit.reason, "", || {
-                            Msg::Restart
-                        });
+                    state.sup.failed(
+                        &myself,
+                        exit.key,
+                        "the child",
+                        exit.reason,
+                        "",
+                        Msg::Restart,
+                    );
                 }
                 Ok(())
             }

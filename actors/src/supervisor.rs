@@ -29,7 +29,7 @@ use crate::health::{HealthActor, HealthArgs, HealthMsg, InstanceHealth};
 use crate::instances::{InstanceSupArgs, InstanceSupMsg, InstanceSupervisor};
 use crate::peers::Peers;
 use crate::queue::{QueueActor, QueueArgs, QueueMsg};
-use crate::restart::{RestartPolicy, Supervision};
+use crate::restart::{Restart, RestartPolicy, Supervision};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::store::JobStore;
@@ -72,8 +72,8 @@ impl fmt::Display for Child {
 /// Messages of the FeederSupervisor.
 #[derive(Debug)]
 pub enum FeederMsg {
-    /// Restart a child (after its backoff).
-    Restart(Child),
+    /// Its own timer, once a child's backoff has run out: start it again.
+    Restart(Restart<Child>),
     /// Graceful shutdown; replies when every outcome is committed.
     Shutdown {
         /// How long requests in flight may take to finish.
@@ -527,7 +527,8 @@ impl Actor for FeederSupervisor {
         state: &mut FeederState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            FeederMsg::Restart(child) => {
+            FeederMsg::Restart(r) => {
+                let child = r.slot();
                 if state.sup.stopping() || state.is_running(child) {
                     return Ok(());
                 }
@@ -535,9 +536,7 @@ impl Actor for FeederSupervisor {
                     let what = format!("the {child}");
                     state
                         .sup
-                        .respawn_failed(&myself, child, &what, &e, move || {
-                            FeederMsg::Restart(child)
-                        });
+                        .respawn_failed(&myself, child, &what, &e, FeederMsg::Restart);
                     return Ok(());
                 }
                 info!("{child} restarted");
@@ -739,9 +738,7 @@ impl Actor for FeederSupervisor {
         let what = format!("the {child}");
         state
             .sup
-            .failed(&myself, child, &what, exit.reason, "", move || {
-                FeederMsg::Restart(child)
-            });
+            .failed(&myself, child, &what, exit.reason, "", FeederMsg::Restart);
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 
 use feeder_actors::dispatch::DispatchMsg;
-use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg};
+use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg, Scan};
 use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAvailable};
 use feeder_actors::results::{JobResult, ResultStore};
 use feeder_actors::spec::InstanceSpec;
@@ -604,13 +604,13 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
             fanin.cast(FanInMsg::Check(parent)).unwrap();
         }
     }
-    fanin.cast(FanInMsg::Scan).unwrap();
+    fanin.cast(FanInMsg::Scan(Scan::now())).unwrap();
     wait_until("the parent is done", LIMIT, || {
         store.get(parent).unwrap().unwrap().status == JobStatus::Done
     })
     .await;
     // Let every queued check and a scan run against the finished parent.
-    fanin.cast(FanInMsg::Scan).unwrap();
+    fanin.cast(FanInMsg::Scan(Scan::now())).unwrap();
     for _ in 0..3 {
         fanin.cast(FanInMsg::Check(parent)).unwrap();
     }
@@ -697,7 +697,7 @@ async fn a_done_job_naming_a_next_model_gets_exactly_one_follow_up() {
         .expect("the supervisor answers");
     for _ in 0..3 {
         peers.fanin.cast(FanInMsg::FollowUp(id)).unwrap();
-        peers.fanin.cast(FanInMsg::Scan).unwrap();
+        peers.fanin.cast(FanInMsg::Scan(Scan::now())).unwrap();
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let f = follow_up();
