@@ -31,7 +31,8 @@ use crate::config::InstanceConfig;
 use crate::submit::image_mime;
 
 /// Keys of a payload that are gpu-feeder's, not OpenAI's (`chunk` and
-/// `tile` place a fragment in its parent).
+/// `tile` placed a fragment in its parent before the `place` column; rows
+/// written then may still carry them).
 const OWN_KEYS: &[&str] = &["prompt", "image_path", "chunk", "tile"];
 
 /// What a request for one instance is built from.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use feeder_actors::fragment::Place;
 use feeder_actors::{ModelType, NewJob, Payload};
 
 use crate::chunk::{self, ChunkError};
@@ -143,9 +144,10 @@ impl Submitter {
     }
 
     /// A fragment: like a job, but never the one that starts a next stage.
-    fn fragment(&self, payload: serde_json::Value) -> NewJob {
+    fn fragment(&self, payload: serde_json::Value, place: Place) -> NewJob {
         let mut job = self.inline(payload);
         job.then_model = None;
+        job.place = Some(place);
         job
     }
 
@@ -197,12 +199,12 @@ impl Submitter {
         );
         let fragments = windows
             .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                self.fragment(serde_json::json!({
-                    "prompt": w.text,
-                    "chunk": {"index": i, "token_start": w.token_start, "token_end": w.token_end},
-                }))
+            .map(|w| {
+                let tokens = [w.token_start as u64, w.token_end as u64];
+                self.fragment(
+                    serde_json::json!({ "prompt": w.text }),
+                    Place::Tokens(tokens),
+                )
             })
             .collect();
         Ok(Submission::Parent { parent, fragments })
@@ -262,10 +264,7 @@ impl Submitter {
         let fragments = written
             .iter()
             .map(|(t, file)| {
-                self.fragment(serde_json::json!({
-                    "image_path": file,
-                    "tile": t,
-                }))
+                self.fragment(serde_json::json!({ "image_path": file }), Place::Tile(*t))
             })
             .collect();
         Ok(Submission::Parent { parent, fragments })

@@ -237,3 +237,63 @@ fn each_older_version_is_upgraded_with_its_rows_and_a_newer_one_is_refused() {
     let versions = sqlite3(&s.db(), "SELECT max(version) FROM schema_migrations;");
     assert_eq!(versions.trim(), "99", "nothing was changed");
 }
+
+#[test]
+fn fragments_written_before_the_place_column_keep_their_place() {
+    let files = migrations();
+    let s = Scratch::new("");
+    // The schema as it was before version 5, with one text parent and one
+    // image parent whose fragments carry their place in the payload.
+    for file in files.iter().filter(|f| {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        name.as_str() < "0005"
+    }) {
+        sqlite3(&s.db(), &std::fs::read_to_string(file).unwrap());
+    }
+    sqlite3(
+        &s.db(),
+        "INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_inline, status, total_fragments, created_at) \
+         VALUES (x'00000000000000000000000000000001', 'p', 'think', '{\"chunked_text\": {}}', 'processing', 4, 1); \
+         INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_inline, parent_id, fragment_index, total_fragments, created_at) \
+         VALUES (x'00000000000000000000000000000002', 'a', 'think', \
+                 '{\"prompt\": \"one\", \"chunk\": {\"index\": 0, \"token_start\": 0, \"token_end\": 512}}', \
+                 x'00000000000000000000000000000001', 0, 4, 1), \
+                (x'00000000000000000000000000000003', 'b', 'think', \
+                 '{\"prompt\": \"two\", \"chunk\": {\"index\": 1, \"token_start\": 392, \"token_end\": 904}}', \
+                 x'00000000000000000000000000000001', 1, 4, 1), \
+                (x'00000000000000000000000000000004', 'c', 'vision', \
+                 '{\"image_path\": \"/t.png\", \"tile\": {\"row\": 1, \"col\": 2, \"x\": 784, \"y\": 392, \"width\": 512, \"height\": 300}}', \
+                 x'00000000000000000000000000000001', 2, 4, 1), \
+                (x'00000000000000000000000000000005', 'd', 'think', \
+                 '{\"prompt\": \"no place\"}', x'00000000000000000000000000000001', 3, 4, 1);",
+    );
+    s.json(&["migrate", "--json"]);
+    let place = |id: &str| {
+        let job = s.json(&["status", id, "--json"]);
+        job["place"].clone()
+    };
+    assert_eq!(
+        place("00000000000000000000000000000002"),
+        serde_json::json!({"tokens": [0, 512]})
+    );
+    assert_eq!(
+        place("00000000000000000000000000000003"),
+        serde_json::json!({"tokens": [392, 904]})
+    );
+    assert_eq!(
+        place("00000000000000000000000000000004"),
+        serde_json::json!({"tile": {"row": 1, "col": 2, "x": 784, "y": 392, "width": 512, "height": 300}})
+    );
+    assert!(place("00000000000000000000000000000005").is_null());
+    assert!(place("00000000000000000000000000000001").is_null());
+    // A place that is not JSON is refused by the column's check.
+    let out = std::process::Command::new("sqlite3")
+        .arg(s.db())
+        .arg("UPDATE gpu_jobs SET place = 'not json' WHERE id = x'00000000000000000000000000000002';")
+        .output()
+        .expect("the sqlite3 CLI");
+    assert!(
+        !out.status.success(),
+        "the place column took text that is not JSON"
+    );
+}

@@ -22,6 +22,7 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{error, info, warn};
 
+use crate::fragment::{self, Place};
 use crate::job::{Job, JobId, JobStatus, NewJob, Payload};
 use crate::queue::{JobFinished, QueueMsg};
 use crate::results::{FragmentResult, JobResult, MissingFragment, ResultStore};
@@ -105,25 +106,6 @@ async fn ask<T: Send + 'static>(
     }
 }
 
-/// Where a fragment sits in its parent, from its payload: a text window's
-/// tokens (`chunk`) or an image tile (`tile`).
-fn position(f: &Job) -> (Option<[u64; 2]>, Option<serde_json::Value>) {
-    let Some(payload) = f
-        .payload_inline
-        .as_deref()
-        .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
-    else {
-        return (None, None);
-    };
-    let tokens = payload.get("chunk").and_then(|c| {
-        Some([
-            c.get("token_start")?.as_u64()?,
-            c.get("token_end")?.as_u64()?,
-        ])
-    });
-    (tokens, payload.get("tile").cloned())
-}
-
 fn read_result(results: &dyn ResultStore, f: &Job) -> Result<JobResult, String> {
     let index = f.fragment_index.unwrap_or(0);
     let path = f
@@ -163,23 +145,31 @@ fn merge(parent: &Job, fragments: &[Job], results: &dyn ResultStore) -> Result<J
         let doc = read_result(results, f)?;
         prompt += doc.prompt_tokens.unwrap_or(0);
         completion += doc.completion_tokens.unwrap_or(0);
-        let (tokens, tile) = position(f);
-        parts.push(FragmentResult {
-            index,
-            id: f.id,
-            result_path: f.result_path.clone().unwrap_or_default(),
-            content: doc.content,
-            tokens,
-            tile,
-        });
+        parts.push((
+            f.place,
+            FragmentResult {
+                index,
+                id: f.id,
+                result_path: f.result_path.clone().unwrap_or_default(),
+                content: doc.content,
+                tokens: match f.place {
+                    Some(Place::Tokens(t)) => Some(t),
+                    _ => None,
+                },
+                tile: match f.place {
+                    Some(Place::Tile(t)) => Some(t),
+                    _ => None,
+                },
+            },
+        ));
     }
-    parts.sort_by_key(|p| p.index);
-    let texts: Vec<&str> = parts.iter().map(|p| p.content.as_str()).collect();
-    let content = if parts.iter().any(|p| p.tokens.is_some()) {
-        merge_overlapping(&texts, 3)
-    } else {
-        texts.join("\n")
-    };
+    parts.sort_by_key(|(_, p)| p.index);
+    let texts: Vec<(Option<Place>, &str)> = parts
+        .iter()
+        .map(|(place, p)| (*place, p.content.as_str()))
+        .collect();
+    let content = fragment::merge(&texts);
+    let parts: Vec<FragmentResult> = parts.into_iter().map(|(_, p)| p).collect();
     Ok(JobResult {
         id: parent.id,
         model_type: parent.model_type,
@@ -411,47 +401,5 @@ impl Actor for FanInActor {
     }
 }
 
-/// Joins consecutive window outputs, dropping the start of each output that
-/// repeats the end of the text so far (the overlap, where the outputs
-/// agree on at least `min_words` words).
-pub fn merge_overlapping(parts: &[&str], min_words: usize) -> String {
-    let mut merged: Vec<&str> = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
-        let words: Vec<&str> = part.split_whitespace().collect();
-        let mut skip = 0;
-        if i > 0 {
-            let max = merged.len().min(words.len());
-            for k in (min_words.max(1)..=max).rev() {
-                if merged[merged.len() - k..] == words[..k] {
-                    skip = k;
-                    break;
-                }
-            }
-        }
-        merged.extend_from_slice(&words[skip..]);
-    }
-    merged.join(" ")
-}
-
 // The queue's news of a finished job.
 crate::heard_as!(JobFinished => FanInMsg::Finished);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlaps_are_merged_where_outputs_agree() {
-        let parts = [
-            "the quick brown fox jumps over",
-            "fox jumps over the lazy dog",
-            "lazy dog sleeps",
-        ];
-        assert_eq!(
-            merge_overlapping(&parts, 2),
-            "the quick brown fox jumps over the lazy dog sleeps"
-        );
-        // Outputs that do not agree are kept whole.
-        assert_eq!(merge_overlapping(&["a b c", "x y z"], 2), "a b c x y z");
-    }
-}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fragment::Place;
 use crate::time::Timestamp;
 
 /// A job's identity: 16 random bytes, shown as 32 lowercase hex digits.
@@ -216,6 +217,9 @@ pub struct NewJob {
     pub then_model: Option<ModelType>,
     /// The job this one was created from (a next-stage job).
     pub follows: Option<JobId>,
+    /// For a fragment: where it sits in its parent (a text window's tokens,
+    /// an image tile), so that fan-in can merge the answers.
+    pub place: Option<Place>,
 }
 
 impl NewJob {
@@ -229,6 +233,7 @@ impl NewJob {
             max_attempts: None,
             then_model: None,
             follows: None,
+            place: None,
         }
     }
 }
@@ -278,6 +283,8 @@ pub struct Job {
     pub fragment_index: Option<u32>,
     /// Fragment count: on a fragment, and on a parent.
     pub total_fragments: Option<u32>,
+    /// For a fragment: where it sits in its parent.
+    pub place: Option<Place>,
     /// The job this next-stage job was created from.
     pub follows: Option<JobId>,
     /// Model of the follow-up job to create when this one is done.

@@ -8,12 +8,16 @@
 //!
 //! Modules:
 //! - [`job`]: jobs, their ids, statuses, payloads, claims and outcomes.
-//! - [`store`]: the `JobStore` port, the durable queue's contract.
+//! - [`store`]: the `JobStore` port, the durable queue's contract (async),
+//!   and `Blocking`, which serves it from a synchronous `BlockingJobStore`.
 //! - [`inference`]: the `InferenceClient` port, one model server.
 //! - [`results`]: the `ResultStore` port and the result document.
+//! - [`fragment`]: splitting texts and images into overlapping fragments,
+//!   each fragment's [`fragment::Place`], and merging their answers.
 //! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
 //! - [`time`]: `Timestamp`, the unit of every stored time, and `Clock`.
-//! - [`restart`]: restart policy as data (backoff, intensity limit).
+//! - [`restart`]: restart policy as data (backoff, intensity limit), and
+//!   `Supervision`, the one-for-one bookkeeping every supervisor shares.
 //! - [`gpu`]: the `GpuProbe` port and the GPU snapshot.
 //! - [`runtime`]: the `ContainerRuntime` port: launching, adopting, watching
 //!   and stopping a model server (Docker, local process).
@@ -52,6 +56,7 @@ pub mod container;
 pub mod dispatch;
 pub mod dispatch_supervisor;
 pub mod fanin;
+pub mod fragment;
 pub mod gpu;
 pub mod gpu_monitor;
 pub mod handle;

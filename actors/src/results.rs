@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fragment::Tile;
 use crate::job::{JobId, ModelType};
 
 /// The document written for a finished job.
@@ -57,7 +58,7 @@ pub struct FragmentResult {
     pub tokens: Option<[u64; 2]>,
     /// For an image tile: its place (`row`, `col`, `x`, `y`, `width`, `height`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tile: Option<serde_json::Value>,
+    pub tile: Option<Tile>,
 }
 
 /// A fragment that did not succeed, in a parent's result.

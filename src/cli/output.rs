@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use feeder_actors::fragment::Place;
 use feeder_actors::{Job, JobStatus, ModelType, QueueStats, Timestamp};
 
 use crate::config::{Backend, Config};
@@ -119,6 +120,17 @@ pub fn job_human(job: &Job, now: Timestamp) -> String {
     }
     if let (Some(p), Some(i), Some(n)) = (job.parent_id, job.fragment_index, job.total_fragments) {
         line("parent", format!("{p} (fragment {} of {n})", i + 1));
+        match job.place {
+            Some(Place::Tokens([a, b])) => line("place", format!("tokens {a}–{b}")),
+            Some(Place::Tile(t)) => line(
+                "place",
+                format!(
+                    "tile row {}, column {} ({}×{} px at {}, {})",
+                    t.row, t.col, t.width, t.height, t.x, t.y
+                ),
+            ),
+            None => {}
+        }
     } else if let Some(n) = job.total_fragments {
         line("fragments", n.to_string());
     }

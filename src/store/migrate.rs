@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "due",
         sql: include_str!("../../migrations/0004_due.sql"),
     },
+    Migration {
+        version: 5,
+        name: "place",
+        sql: include_str!("../../migrations/0005_place.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.

@@ -212,6 +212,7 @@ fn insert(
             ":total_fragments": fragment.map(|f| f.2).or(total),
             ":follows": job.follows.map(|f| f.0),
             ":then_model": job.then_model.map(|m| m.as_str()),
+            ":place": job.place.map(|p| p.to_json()),
             ":now": secs(now),
         })
         .map_err(|e| StoreError::Invalid(format!("job rejected by the database: {e}")))?;

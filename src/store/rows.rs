@@ -11,6 +11,7 @@ use std::str::FromStr;
 use rusqlite::types::FromSql;
 use rusqlite::Row;
 
+use feeder_actors::fragment::Place;
 use feeder_actors::{Job, JobId, StoreError, StoreResult, Timestamp};
 
 /// Turns `rusqlite` errors into `StoreError::Backend`.
@@ -100,6 +101,13 @@ pub(crate) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<StoreResult<Job>> {
             parent_id: id_of(col(r, "parent_id", row)?, "parent_id", row)?,
             fragment_index: col(r, "fragment_index", row)?,
             total_fragments: col(r, "total_fragments", row)?,
+            place: col::<Option<String>>(r, "place", row)?
+                .map(|p| Place::from_json(&p))
+                .transpose()
+                .map_err(|reason| StoreError::Corrupt {
+                    id: row.to_string(),
+                    reason: format!("column place: {reason}"),
+                })?,
             follows: id_of(col(r, "follows", row)?, "follows", row)?,
             then_model: parsed(r, "then_model", row)?,
             prompt_tokens: col(r, "prompt_tokens", row)?,

@@ -160,6 +160,7 @@ impl Inner {
             parent_id: fragment.map(|f| f.0),
             fragment_index: fragment.map(|f| f.1),
             total_fragments: fragment.map(|f| f.2).or(total),
+            place: new.place,
             follows: new.follows,
             then_model: new.then_model,
             prompt_tokens: None,

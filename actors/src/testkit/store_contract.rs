@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Barrier;
 
+use crate::fragment::{Place, Tile};
 use crate::job::{
     Claim, Completion, FailOutcome, Failure, JobId, JobStatus, ListFilter, ModelType, NewJob,
     Payload,
@@ -607,11 +608,28 @@ pub async fn manual_retry(f: &impl StoreFixture) {
     ));
 }
 
-/// A parent waits in `processing`; its fragments are claimable and listed in order.
+/// A parent waits in `processing`; its fragments are claimable and listed
+/// in order, each with the place it was given.
 pub async fn fragments_of_parent(f: &impl StoreFixture) {
     let s = f.handle().await;
+    let place = |i: u64| match i {
+        0 => None,
+        1 => Some(Place::Tokens([392, 904])),
+        _ => Some(Place::Tile(Tile {
+            row: 1,
+            col: 2,
+            x: 784,
+            y: 392,
+            width: 512,
+            height: 300,
+        })),
+    };
     let frags: Vec<NewJob> = (0..3)
-        .map(|i| job(ModelType::Think, &format!("frag{i}")))
+        .map(|i| {
+            let mut j = job(ModelType::Think, &format!("frag{i}"));
+            j.place = place(i);
+            j
+        })
         .collect();
     let parent = s
         .submit_parent(job(ModelType::Think, "parent"), frags.clone(), T0)
@@ -630,6 +648,7 @@ pub async fn fragments_of_parent(f: &impl StoreFixture) {
         assert_eq!(fr.fragment_index, Some(i as u32));
         assert_eq!(fr.total_fragments, Some(3));
         assert_eq!(fr.status, JobStatus::Pending);
+        assert_eq!(fr.place, place(i as u64), "fragment {i} keeps its place");
     }
     // The parent itself is never claimed; its fragments are, in order.
     let claimed = s
