@@ -1,9 +1,23 @@
 //! `gpu-feeder sim`: a simulated vLLM OpenAI-compatible server, for tests,
 //! the demo, benchmarks and capacity planning.
 //!
-//! Like vLLM it batches continuously: at most `--max-num-seqs` requests run
-//! at once, the rest wait in arrival order. A request takes `--latency-ms`
-//! plus its `max_tokens` at `--tokens-per-s` (instant by default). It serves
+//! Two modes. By default it batches continuously in the simplest way: at
+//! most `--max-num-seqs` requests run at once, the rest wait in arrival
+//! order, and a request takes `--latency-ms` plus its `max_tokens` at
+//! `--tokens-per-s` (instant by default), whatever the batch.
+//!
+//! With `--kv-cache-tokens N` it runs the engine model of [`engine`]: vLLM's
+//! iteration-level scheduler with a finite KV cache in blocks, chunked
+//! prefill, preemption by recompute, prefix caching, step times that grow
+//! with the batch (calibrated for an 8B model on one H100; see [`engine`]
+//! for the figures), `--max-num-queued-reqs` admission control (503), and
+//! every request generating exactly its `max_tokens`. `/metrics` then has
+//! vLLM's counters and histograms (`vllm:num_preemptions_total`,
+//! `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds`, …).
+//! `--time-scale F` runs the engine's clock F times faster than the wall
+//! clock, for benchmarks.
+//!
+//! It serves
 //! `/health` (503 while "loading" for `--load-s`), `/v1/models`,
 //! `/v1/chat/completions` with usage, and `/metrics` with
 //! `vllm:num_requests_running`, `vllm:num_requests_waiting` and
@@ -32,6 +46,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
+
+pub mod engine;
+mod served;
+
+use served::Served;
 
 /// How a simulated server behaves.
 #[derive(Clone, Debug, clap::Args)]
@@ -78,6 +97,39 @@ pub struct SimConfig {
     /// vLLM's GPU memory share (recorded and shown on /metrics)
     #[arg(long, value_name = "SHARE")]
     pub gpu_memory_utilization: Option<f64>,
+    /// Turns on the engine model: a KV cache of this many tokens, with
+    /// iteration-level scheduling, preemption and prefix caching (see
+    /// `--step-ms`); without it every request takes `--latency-ms`
+    #[arg(long, value_name = "TOKENS")]
+    pub kv_cache_tokens: Option<u64>,
+    /// Engine model: tokens per KV block
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// Engine model: tokens (decode and prefill) one step may process
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: u32,
+    /// Engine model: fixed part of a step, ms (an 8B model on one H100)
+    #[arg(long, default_value_t = 6.5)]
+    pub step_ms: f64,
+    /// Engine model: step time per running request, ms
+    #[arg(long, default_value_t = 0.05)]
+    pub step_ms_per_seq: f64,
+    /// Engine model: step time per 1,000 prefill tokens, ms
+    #[arg(long, default_value_t = 32.0)]
+    pub prefill_ms_per_1k: f64,
+    /// Engine model: prompt tokens an image part counts for
+    #[arg(long, default_value_t = 1200)]
+    pub image_tokens: u32,
+    /// Engine model: turn the prefix cache off
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// Engine model: beyond this many waiting requests, answer 503
+    #[arg(long, value_name = "N")]
+    pub max_num_queued_reqs: Option<usize>,
+    /// Engine model: run the engine's clock this many times faster than the
+    /// wall clock (benchmarks); latencies on /metrics are in engine seconds
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
 }
 
 impl Default for SimConfig {
@@ -97,6 +149,16 @@ impl Default for SimConfig {
             crash_matching: None,
             model: None,
             gpu_memory_utilization: None,
+            kv_cache_tokens: None,
+            block_size: 16,
+            max_num_batched_tokens: 8192,
+            step_ms: 6.5,
+            step_ms_per_seq: 0.05,
+            prefill_ms_per_1k: 32.0,
+            image_tokens: 1200,
+            no_prefix_caching: false,
+            max_num_queued_reqs: None,
+            time_scale: 1.0,
         }
     }
 }
@@ -121,6 +183,8 @@ struct Sim {
     started: Instant,
     slots: Semaphore,
     counters: Arc<SimCounters>,
+    /// The engine model, with `--kv-cache-tokens`.
+    served: Option<Arc<Served>>,
 }
 
 /// A simulated server running in this process.
@@ -151,6 +215,7 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let addr = listener.local_addr()?;
     let counters = Arc::new(SimCounters::default());
     let sim = Arc::new(Sim {
+        served: Served::start(&cfg),
         slots: Semaphore::new(cfg.max_num_seqs.max(1)),
         cfg,
         started: Instant::now(),
@@ -210,6 +275,10 @@ async fn models(State(sim): State<Arc<Sim>>) -> Json<Value> {
 }
 
 async fn metrics(State(sim): State<Arc<Sim>>) -> String {
+    if let Some(served) = &sim.served {
+        let mem = sim.cfg.gpu_memory_utilization.unwrap_or(0.9);
+        return served.metrics(&sim.cfg.served_model_name, mem);
+    }
     let c = &sim.counters;
     let running = c.running.load(Ordering::Relaxed);
     let waiting = c.waiting.load(Ordering::Relaxed);
@@ -350,6 +419,25 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
     if roll < sim.cfg.fail_rate + sim.cfg.hang_rate {
         std::future::pending::<()>().await;
     }
+    if let Some(served) = &sim.served {
+        let max_tokens = u32::try_from(max_tokens).unwrap_or(u32::MAX);
+        let Some(done) = served.run(n, messages, max_tokens).await else {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server's queue is full (--max-num-queued-reqs); try again later",
+            );
+        };
+        let (content, _) = answer(messages);
+        c.completed.fetch_add(1, Ordering::Relaxed);
+        return completion(
+            &sim,
+            n,
+            content,
+            "length",
+            done.prompt_tokens as u64,
+            done.generated as u64,
+        );
+    }
     let permit = {
         let _waiting = Gauge::up(&c.waiting);
         sim.slots
@@ -369,6 +457,25 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
     let (content, prompt_tokens) = answer(messages);
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
+    completion(
+        &sim,
+        n,
+        content,
+        "stop",
+        prompt_tokens as u64,
+        completion_tokens,
+    )
+}
+
+/// A chat completion response.
+fn completion(
+    sim: &Sim,
+    n: u64,
+    content: String,
+    finish_reason: &str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> Response {
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -381,12 +488,12 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": content},
-            "finish_reason": "stop",
+            "finish_reason": finish_reason,
         }],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens as u64 + completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         },
     }))
     .into_response()
@@ -408,6 +515,15 @@ const SIM_FLAGS: &[&str] = &[
     "--crash-matching",
     "--model",
     "--gpu-memory-utilization",
+    "--kv-cache-tokens",
+    "--block-size",
+    "--max-num-batched-tokens",
+    "--step-ms",
+    "--step-ms-per-seq",
+    "--prefill-ms-per-1k",
+    "--image-tokens",
+    "--max-num-queued-reqs",
+    "--time-scale",
     "--config",
     "--db",
     "--log-format",
@@ -438,6 +554,12 @@ pub fn vllm_compatible_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
         if arg == "-h" || arg == "--help" || arg == "-V" || arg == "--version" {
             out.push(arg.into());
             i += 1;
+        } else if arg == "--no-prefix-caching" || arg == "--no-enable-prefix-caching" {
+            // vLLM's spelling, or the simulator's.
+            out.push("--no-prefix-caching".into());
+            i += 1;
+        } else if arg == "--enable-prefix-caching" {
+            i += 1; // on by default
         } else if SIM_FLAGS.contains(&name) {
             served |= name == "--served-model-name";
             let value = if arg.contains('=') {
@@ -538,6 +660,13 @@ mod tests {
         assert_eq!(
             args("gpu-feeder list --limit 3"),
             ["gpu-feeder", "list", "--limit", "3"]
+        );
+        // The engine model's flags, vLLM's spellings of them among them.
+        assert_eq!(
+            args("gpu-feeder sim --kv-cache-tokens 1000 --block-size 32 --max-num-batched-tokens=2048 \
+                  --enable-prefix-caching --no-enable-prefix-caching --max-num-queued-reqs 5"),
+            args("gpu-feeder sim --kv-cache-tokens 1000 --block-size 32 --max-num-batched-tokens 2048 \
+                  --no-prefix-caching --max-num-queued-reqs 5")
         );
     }
 

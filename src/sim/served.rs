@@ -1,0 +1,287 @@
+//! The engine model served: one task runs [`Engine`] steps back to back
+//! while there is work, keeping engine time in step with the wall clock
+//! (`--time-scale` times faster), and hands each finished request its
+//! answer. Also the text of `/metrics` in engine mode, with vLLM's names.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::engine::{Engine, EngineConfig, EngineRequest, Finished, Histogram};
+use super::SimConfig;
+
+/// The engine and the requests waiting for it.
+pub struct Served {
+    engine: Mutex<Engine>,
+    waiters: Mutex<HashMap<u64, oneshot::Sender<Finished>>>,
+    work: Notify,
+    /// Wall time at engine time 0.
+    t0: Instant,
+    scale: f64,
+    image_tokens: u32,
+}
+
+impl Served {
+    /// The engine `cfg` asks for, if it asks for one, with its driving task
+    /// started on the current runtime.
+    pub fn start(cfg: &SimConfig) -> Option<Arc<Served>> {
+        let kv = cfg.kv_cache_tokens?;
+        let engine = Engine::new(EngineConfig {
+            kv_cache_tokens: kv,
+            block_size: cfg.block_size.max(1),
+            max_num_seqs: cfg.max_num_seqs.max(1),
+            max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+            step_ms: cfg.step_ms.max(0.0),
+            step_ms_per_seq: cfg.step_ms_per_seq.max(0.0),
+            prefill_ms_per_1k: cfg.prefill_ms_per_1k.max(0.0),
+            prefix_caching: !cfg.no_prefix_caching,
+            max_num_queued_reqs: cfg.max_num_queued_reqs,
+        });
+        let served = Arc::new(Served {
+            engine: Mutex::new(engine),
+            waiters: Mutex::new(HashMap::new()),
+            work: Notify::new(),
+            t0: Instant::now(),
+            scale: if cfg.time_scale > 0.0 {
+                cfg.time_scale
+            } else {
+                1.0
+            },
+            image_tokens: cfg.image_tokens,
+        });
+        tokio::spawn(drive(served.clone()));
+        Some(served)
+    }
+
+    fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Engine time that corresponds to the wall clock now.
+    fn engine_now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64() * self.scale
+    }
+
+    /// Runs `messages` through the engine; `None` when its queue is full
+    /// (`--max-num-queued-reqs`: answer 503).
+    pub async fn run(&self, id: u64, messages: &[Value], max_tokens: u32) -> Option<Finished> {
+        let prompt = prompt_tokens(messages, self.image_tokens);
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let added = {
+            let mut e = self.engine();
+            if !e.busy() {
+                // An idle engine's clock follows the wall clock.
+                e.advance_to(self.engine_now());
+            }
+            e.add(EngineRequest {
+                id,
+                prompt,
+                max_tokens: max_tokens.max(1),
+            })
+        };
+        if added.is_err() {
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return None;
+        }
+        self.work.notify_one();
+        rx.await.ok()
+    }
+
+    /// `/metrics` in engine mode.
+    pub fn metrics(&self, model: &str, gpu_memory_utilization: f64) -> String {
+        let e = self.engine();
+        let st = e.stats();
+        let l = format!("model_name=\"{model}\"");
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+            let _ = writeln!(out, "# HELP vllm:{name} {help}");
+            let _ = writeln!(out, "# TYPE vllm:{name} {kind}");
+            let _ = writeln!(out, "vllm:{name}{{{l}}} {value}");
+        };
+        gauge(
+            "num_requests_running",
+            "Number of requests in model execution batches.",
+            "gauge",
+            e.running().to_string(),
+        );
+        gauge(
+            "num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            "gauge",
+            e.waiting().to_string(),
+        );
+        gauge(
+            "kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            "gauge",
+            format!("{:.6}", e.kv_usage()),
+        );
+        gauge(
+            "num_preemptions_total",
+            "Cumulative number of preemption from the engine.",
+            "counter",
+            st.preemptions.to_string(),
+        );
+        gauge(
+            "prompt_tokens_total",
+            "Number of prefill tokens processed.",
+            "counter",
+            st.prompt_tokens.to_string(),
+        );
+        gauge(
+            "generation_tokens_total",
+            "Number of generation tokens processed.",
+            "counter",
+            st.generation_tokens.to_string(),
+        );
+        gauge(
+            "prefix_cache_queries_total",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            "counter",
+            st.prefix_queries.to_string(),
+        );
+        gauge(
+            "prefix_cache_hits_total",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            "counter",
+            st.prefix_hits.to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n\
+             # TYPE vllm:request_success_total counter\n\
+             vllm:request_success_total{{{l},finished_reason=\"length\"}} {}",
+            st.successes
+        );
+        histogram(
+            &mut out,
+            "time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            &l,
+            &st.ttft,
+        );
+        histogram(
+            &mut out,
+            "e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            &l,
+            &st.e2e,
+        );
+        histogram(
+            &mut out,
+            "request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            &l,
+            &st.queue_time,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig.\n\
+             # TYPE vllm:cache_config_info gauge\n\
+             vllm:cache_config_info{{{l},gpu_memory_utilization=\"{gpu_memory_utilization}\",block_size=\"{}\",num_gpu_blocks=\"{}\"}} 1",
+            e.config().block_size,
+            e.config().kv_cache_tokens / e.config().block_size.max(1) as u64,
+        );
+        out
+    }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP vllm:{name} {help}");
+    let _ = writeln!(out, "# TYPE vllm:{name} histogram");
+    let mut cumulative = 0;
+    for (bound, n) in h.bounds.iter().zip(&h.counts) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "vllm:{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "vllm:{name}_bucket{{{labels},le=\"+Inf\"}} {}",
+        h.count
+    );
+    let _ = writeln!(out, "vllm:{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "vllm:{name}_count{{{labels}}} {}", h.count);
+}
+
+/// Steps the engine while it has work; sleeps until the wall clock has
+/// caught up with a step's end before answering the requests it finished.
+async fn drive(served: Arc<Served>) {
+    loop {
+        let step = served.engine().step();
+        let Some(step) = step else {
+            served.work.notified().await;
+            continue;
+        };
+        let end = served.engine().now();
+        let due = served.t0 + Duration::from_secs_f64(end / served.scale);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        if !step.finished.is_empty() {
+            let mut waiters = served.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            for f in step.finished {
+                if let Some(tx) = waiters.remove(&f.id) {
+                    let _ = tx.send(f);
+                }
+            }
+        }
+    }
+}
+
+/// A stable id for a piece of text (for the prefix cache only).
+fn token_id(bytes: &[u8], salt: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The prompt as the engine counts it: a token per 4 characters of text
+/// (rounded up, per part), `image_tokens` per image part, each token's id
+/// derived from its content so that equal prefixes give equal tokens.
+pub fn prompt_tokens(messages: &[Value], image_tokens: u32) -> Vec<u64> {
+    fn text(t: &str, out: &mut Vec<u64>) {
+        out.extend(t.as_bytes().chunks(4).map(|c| token_id(c, 1)));
+    }
+    let mut out = Vec::new();
+    for m in messages {
+        if let Some(role) = m.get("role").and_then(Value::as_str) {
+            out.push(token_id(role.as_bytes(), 2));
+        }
+        match m.get("content") {
+            Some(Value::String(s)) => text(s, &mut out),
+            Some(Value::Array(parts)) => {
+                for p in parts {
+                    if let Some(t) = p.get("text").and_then(Value::as_str) {
+                        text(t, &mut out);
+                    }
+                    if let Some(u) = p.pointer("/image_url/url").and_then(Value::as_str) {
+                        let image = token_id(u.as_bytes(), 3);
+                        out.extend(
+                            (0..image_tokens as u64).map(|i| token_id(&i.to_le_bytes(), image)),
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}

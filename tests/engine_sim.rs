@@ -1,0 +1,200 @@
+//! `gpu-feeder sim` with the engine model on (`--kv-cache-tokens`): a real
+//! HTTP server in this process, asked as gpu-feeder and Prometheus ask it.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use gpu_feeder::sim::{self, SimConfig, SimHandle};
+use serde_json::{json, Value};
+
+fn engine(kv: u64) -> SimConfig {
+    SimConfig {
+        kv_cache_tokens: Some(kv),
+        ..SimConfig::default()
+    }
+}
+
+async fn chat(sim: &SimHandle, text: &str, max_tokens: u32) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sim.url()))
+        .json(&json!({
+            "model": "sim",
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+        }))
+        .send()
+        .await
+        .expect("the sim answers")
+}
+
+async fn metrics(sim: &SimHandle) -> String {
+    reqwest::get(format!("{}/metrics", sim.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the sample `name{…}` (the first one matching `name` and
+/// then `{` or a space).
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+}
+
+async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_request_generates_its_max_tokens_and_the_metrics_count_them() {
+    let sim = sim::start(SimConfig {
+        time_scale: 20.0,
+        ..engine(100_000)
+    })
+    .await
+    .unwrap();
+    let text = "a".repeat(400); // 100 tokens of text, and the role
+    let asks = (0..8).map(|_| chat(&sim, &text, 50));
+    let answers = futures_util::future::join_all(asks).await;
+    for a in answers {
+        assert_eq!(a.status(), 200);
+        let body: Value = a.json().await.unwrap();
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+        assert_eq!(body["usage"]["completion_tokens"], 50);
+        assert_eq!(body["usage"]["prompt_tokens"], 101);
+        assert!(body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("echo: aaaa"));
+    }
+    let m = metrics(&sim).await;
+    assert_eq!(sample(&m, "vllm:generation_tokens_total"), 400.0);
+    assert_eq!(sample(&m, "vllm:request_success_total"), 8.0);
+    assert_eq!(sample(&m, "vllm:prompt_tokens_total"), 808.0);
+    assert_eq!(sample(&m, "vllm:num_requests_running"), 0.0);
+    assert_eq!(sample(&m, "vllm:num_requests_waiting"), 0.0);
+    assert_eq!(sample(&m, "vllm:num_preemptions_total"), 0.0);
+    assert_eq!(sample(&m, "vllm:time_to_first_token_seconds_count"), 8.0);
+    assert_eq!(sample(&m, "vllm:e2e_request_latency_seconds_count"), 8.0);
+    assert_eq!(sample(&m, "vllm:request_queue_time_seconds_count"), 8.0);
+    // The same prompt eight times: all but the first hit the prefix cache
+    // (whole blocks of 16 tokens, never the last prompt token).
+    assert_eq!(sample(&m, "vllm:prefix_cache_queries_total"), 808.0);
+    assert!(sample(&m, "vllm:prefix_cache_hits_total") >= 7.0 * 96.0 - 96.0);
+    // Each request decoded 50 tokens at 6.5 ms and more (engine time).
+    let e2e = sample(&m, "vllm:e2e_request_latency_seconds_sum") / 8.0;
+    assert!(e2e > 50.0 * 0.0065, "mean e2e {e2e} s");
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test.sh installs the Debian package prometheus)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(m.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    // vLLM's names carry a colon, which promtool's lint flags (as it does
+    // for vLLM itself); anything else it says is a real problem.
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = said
+        .lines()
+        .filter(|l| !l.ends_with("metric names should not contain ':'"))
+        .collect();
+    assert!(
+        problems.is_empty() && (out.status.success() || !said.is_empty()),
+        "promtool check metrics:\n{said}\n{m}"
+    );
+    assert!(
+        said.lines().count() >= 10,
+        "each vLLM metric was read: {said}"
+    );
+}
+
+#[tokio::test]
+async fn beyond_max_num_queued_reqs_the_server_answers_503() {
+    let sim = sim::start(SimConfig {
+        max_num_seqs: 1,
+        max_num_queued_reqs: Some(2),
+        ..engine(100_000)
+    })
+    .await
+    .unwrap();
+    let url = sim.url();
+    // One runs (for minutes of decoding), so that the queue is what counts.
+    let long = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100_000}))
+            .send()
+            .await
+    });
+    wait_until("the long request runs", async || {
+        sample(&metrics(&sim).await, "vllm:num_requests_running") == 1.0
+    })
+    .await;
+    let url = sim.url();
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let url = url.clone();
+        waiting.push(tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&json!({"model": "sim", "messages": [{"role": "user", "content": format!("w{i}")}], "max_tokens": 1}))
+                .send()
+                .await
+        }));
+    }
+    wait_until("two wait", async || {
+        sample(&metrics(&sim).await, "vllm:num_requests_waiting") == 2.0
+    })
+    .await;
+    for _ in 0..3 {
+        let refused = chat(&sim, "one more", 1).await;
+        assert_eq!(refused.status(), 503);
+        let body: Value = refused.json().await.unwrap();
+        let msg = body["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("--max-num-queued-reqs"), "{msg}");
+    }
+    long.abort();
+    for w in waiting {
+        w.abort();
+    }
+}
+
+#[tokio::test]
+async fn without_the_engine_model_a_request_takes_its_fixed_latency() {
+    let sim = sim::start(SimConfig {
+        latency_ms: 0,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let a = chat(&sim, "hello", 50).await;
+    let body: Value = a.json().await.unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert!(body["usage"]["completion_tokens"].as_u64().unwrap() < 50);
+    assert!(!metrics(&sim).await.contains("vllm:num_preemptions_total"));
+}
