@@ -32,7 +32,7 @@ fn config(dir: &Path, url: &str, window: u32) -> Config {
     c.queue.db_path = dir.join("jobs.db");
     c.queue.results_dir = dir.join("results");
     c.queue.stage_dir = dir.join("stage");
-    c.dispatch.window = window;
+    c.dispatch.window = gpu_feeder::config::WindowSetting::Fixed(window);
     c.dispatch.external_poll_ms = 200;
     c.health.interval_s = 1.0;
     let inst: InstanceConfig = toml::from_str(&format!(

@@ -54,6 +54,21 @@ impl Admin {
     }
 }
 
+/// What the window controller read last, for `instances --json`.
+fn window_signals(s: &feeder_actors::window::WindowSignals) -> Value {
+    json!({
+        "running": s.metrics.map(|m| m.running),
+        "waiting": s.metrics.map(|m| m.waiting),
+        "kv_cache_usage": s.metrics.map(|m| m.kv_usage),
+        "preemptions_total": s.metrics.map(|m| m.preemptions_total),
+        "new_preemptions": s.new_preemptions,
+        "generation_tokens_per_s": s.tokens_per_s,
+        "ceiling": s.ceiling,
+        "median_latency_ms": s.median_latency.map(|d| d.as_secs_f64() * 1000.0),
+        "server_queue_share": s.queue_share,
+    })
+}
+
 /// The `/v1/status` document.
 pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueStats>) -> Value {
     let instances: Vec<Value> = config
@@ -99,6 +114,10 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
                 "in_flight": d.map_or(0, |d| d.in_flight),
                 "buffered": d.map_or(0, |d| d.buffered),
                 "window": d.map_or(0, |d| d.window),
+                "window_mode": d.map(|d| if d.auto_window { "auto" } else { "fixed" }),
+                "window_max": d.map(|d| d.max_window),
+                "window_reason": d.map(|d| d.window_reason.clone()),
+                "window_signals": d.map(|d| window_signals(&d.window_signals)),
                 "sent": d.map_or(0, |d| d.sent),
                 "completed": d.map_or(0, |d| d.completed),
             })

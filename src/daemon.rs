@@ -131,12 +131,12 @@ pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>
     };
     let mut specs = Vec::new();
     for inst in &config.instances {
-        let window = inst.window.unwrap_or(config.dispatch.window);
+        let window = inst.window_mode(&config.dispatch);
         let client = OpenAiClient::new(
             &inst.base_url(),
             RequestDefaults::from_instance(inst, &roots),
             Duration::from_secs(config.dispatch.request_timeout_s),
-            window as usize * 2,
+            window.max() as usize * 2,
         );
         let runtime: Option<Arc<dyn ContainerRuntime>> = match inst.backend {
             Backend::External => None,

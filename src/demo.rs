@@ -100,7 +100,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     config.queue.results_dir = dir.join("results");
     config.queue.stage_dir = dir.join("stage");
     config.health.interval_s = 1.0;
-    config.dispatch.window = 16;
+    config.dispatch.window = crate::config::WindowSetting::Fixed(16);
     config.instances = vec![
         instance("vision", ModelType::Vision, vision_sim.url(), "demo-vision"),
         instance("think", ModelType::Think, think_sim.url(), "demo-think"),

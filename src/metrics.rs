@@ -82,6 +82,10 @@ pub struct Metrics {
     buffered: Family<Instance, Gauge>,
     window: Family<Instance, Gauge>,
     max_window: Family<Instance, Gauge>,
+    window_auto: Family<Instance, Gauge>,
+    server_waiting: Family<Instance, FloatGauge>,
+    server_kv_usage: Family<Instance, FloatGauge>,
+    server_tokens_per_s: Family<Instance, FloatGauge>,
     ready: Family<Instance, Gauge>,
     state: Family<InstanceState, Gauge>,
     health_failures: Family<Instance, Gauge>,
@@ -124,6 +128,10 @@ impl Metrics {
             buffered: Family::default(),
             window: Family::default(),
             max_window: Family::default(),
+            window_auto: Family::default(),
+            server_waiting: Family::default(),
+            server_kv_usage: Family::default(),
+            server_tokens_per_s: Family::default(),
             ready: Family::default(),
             state: Family::default(),
             health_failures: Family::default(),
@@ -180,8 +188,28 @@ impl Metrics {
         );
         r.register(
             "window_max",
-            "Configured window, by instance",
+            "Configured window, or the most an auto window may reach, by instance",
             m.max_window.clone(),
+        );
+        r.register(
+            "window_auto",
+            "1 when the window is found from the server's metrics (window = \"auto\")",
+            m.window_auto.clone(),
+        );
+        r.register(
+            "server_waiting",
+            "Requests waiting inside the server, as its /metrics said last (auto window)",
+            m.server_waiting.clone(),
+        );
+        r.register(
+            "server_kv_cache_usage",
+            "The server's KV cache usage, 0 to 1, as its /metrics said last (auto window)",
+            m.server_kv_usage.clone(),
+        );
+        r.register(
+            "server_generation_tokens_per_second",
+            "Tokens the server generated per second between its last two readings (auto window)",
+            m.server_tokens_per_s.clone(),
         );
         r.register(
             "instance_ready",
@@ -295,6 +323,14 @@ impl Metrics {
                 self.buffered.get_or_create(&i).set(d.buffered as i64);
                 self.window.get_or_create(&i).set(d.window as i64);
                 self.max_window.get_or_create(&i).set(d.max_window as i64);
+                self.window_auto.get_or_create(&i).set(d.auto_window as i64);
+                if let Some(m) = d.window_signals.metrics {
+                    self.server_waiting.get_or_create(&i).set(m.waiting);
+                    self.server_kv_usage.get_or_create(&i).set(m.kv_usage);
+                }
+                if let Some(r) = d.window_signals.tokens_per_s {
+                    self.server_tokens_per_s.get_or_create(&i).set(r);
+                }
             }
             for d in &status.dispatch {
                 let i = Instance {

@@ -25,6 +25,7 @@ use serde_json::{json, Map, Value};
 use tracing::info;
 
 use feeder_actors::inference::ProbeError;
+use feeder_actors::window::EngineMetrics;
 use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job, ModelType};
 
 use crate::config::InstanceConfig;
@@ -306,6 +307,60 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
     })
 }
 
+/// vLLM's engine metrics from its Prometheus text, summed over label sets
+/// (one per model or engine); `None` when the text lacks the generation
+/// counter, which the adaptive window cannot do without (another server's
+/// metrics, or none).
+pub fn parse_engine_metrics(text: &str) -> Option<EngineMetrics> {
+    fn add(h: &mut Option<(f64, f64)>, sum: f64, count: f64) {
+        let (s, c) = h.get_or_insert((0.0, 0.0));
+        *s += sum;
+        *c += count;
+    }
+    let mut m = EngineMetrics::default();
+    let mut generation = false;
+    let mut kv_v1 = false;
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let Some(value) = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+        else {
+            continue;
+        };
+        match name {
+            "vllm:num_requests_running" => m.running += value,
+            "vllm:num_requests_waiting" => m.waiting += value,
+            "vllm:kv_cache_usage_perc" => {
+                // The newer name wins over the older one.
+                if !kv_v1 {
+                    m.kv_usage = 0.0;
+                }
+                kv_v1 = true;
+                m.kv_usage = m.kv_usage.max(value);
+            }
+            "vllm:gpu_cache_usage_perc" if !kv_v1 => m.kv_usage = m.kv_usage.max(value),
+            "vllm:num_preemptions_total" => m.preemptions_total += value,
+            "vllm:generation_tokens_total" => {
+                generation = true;
+                m.generation_tokens_total += value;
+            }
+            "vllm:request_queue_time_seconds_sum" => add(&mut m.queue_time, value, 0.0),
+            "vllm:request_queue_time_seconds_count" => add(&mut m.queue_time, 0.0, value),
+            "vllm:e2e_request_latency_seconds_sum" => add(&mut m.e2e, value, 0.0),
+            "vllm:e2e_request_latency_seconds_count" => add(&mut m.e2e, 0.0, value),
+            _ => {}
+        }
+    }
+    generation.then_some(m)
+}
+
 #[async_trait]
 impl InferenceClient for OpenAiClient {
     async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError> {
@@ -387,6 +442,31 @@ impl InferenceClient for OpenAiClient {
                 server_message(&text)
             ))),
         }
+    }
+
+    async fn engine_metrics(&self) -> Result<Option<EngineMetrics>, InferenceError> {
+        let url = self.url("/metrics");
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| InferenceError::Retryable(format!("{url}: {e}")))?;
+        if matches!(resp.status().as_u16(), 404 | 405) {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(InferenceError::Retryable(format!(
+                "{url}: HTTP {}",
+                resp.status().as_u16()
+            )));
+        }
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| InferenceError::Retryable(format!("{url}: {e}")))?;
+        Ok(parse_engine_metrics(&text))
     }
 
     async fn probe(&self, deep: bool) -> Result<(), ProbeError> {

@@ -8,7 +8,10 @@
 //! The actor sends only while its instance is Ready.
 //! 429 and 503 mean the server is saturated: the job goes back without an
 //! attempt counted, the window halves and dispatch pauses for a backoff;
-//! each window's worth of successes widens it again by one.
+//! a fixed window widens again by one after each window's worth of
+//! successes. With `window = "auto"` the window is the
+//! [`WindowController`]'s, fed the server's own metrics (polled about every
+//! second) and the latencies seen.
 //!
 //! A job that was in flight when its server went down (`crashes > 0`) is a
 //! suspect: it is sent alone, once the requests before it have finished, so
@@ -35,6 +38,7 @@ use crate::queue::{QueueMsg, WorkAvailable};
 use crate::results::{JobResult, ResultStore};
 use crate::store::Settle;
 use crate::tell::tell;
+use crate::window::{EngineMetrics, WindowController, WindowMode, WindowSignals, AUTO_START};
 
 /// Messages of a DispatchActor.
 #[derive(Debug)]
@@ -125,6 +129,10 @@ enum Tick {
     },
     /// Send this job's kept settlement again.
     Resettle(JobId),
+    /// Time to read the server's metrics (auto window).
+    PollMetrics,
+    /// What the server's metrics said: `Ok(None)` when it has none.
+    Metrics(Result<Option<EngineMetrics>, InferenceError>),
 }
 
 fn tick(t: Tick) -> DispatchMsg {
@@ -159,8 +167,14 @@ pub struct DispatchStatus {
     pub buffered: usize,
     /// The window now (narrowed under back-pressure).
     pub window: u32,
-    /// The configured window.
+    /// The configured window, or the most `auto` may reach.
     pub max_window: u32,
+    /// Whether the window is found by the controller (`auto`).
+    pub auto_window: bool,
+    /// Why the window is what it is.
+    pub window_reason: String,
+    /// The signals the controller read last.
+    pub window_signals: WindowSignals,
     /// The thermal cap on the window, while a GPU it uses is too hot.
     pub thermal_cap: Option<u32>,
     /// Requests sent since start.
@@ -219,8 +233,8 @@ pub struct DispatchArgs {
     pub model: ModelType,
     /// Claim owner id: `<daemon>/<instance>/<incarnation>`.
     pub owner: String,
-    /// Requests in flight at most.
-    pub window: u32,
+    /// Requests in flight at most, fixed or found.
+    pub window: WindowMode,
     /// The instance's server.
     pub client: Arc<dyn InferenceClient>,
     /// Where results are written.
@@ -313,11 +327,13 @@ pub struct DispatchState {
     mode: DispatchMode,
     /// Answered once nothing is in flight (a drain, or a planned stop).
     drain_waiters: Vec<RpcReplyPort<()>>,
-    /// Requests in flight at most now (narrowed under back-pressure).
-    window: u32,
+    /// Requests in flight at most now, and how that is decided.
+    ctl: WindowController,
+    /// A metrics reading is under way.
+    polling: bool,
     /// While a GPU is too hot: the window may not exceed this.
     thermal_cap: Option<u32>,
-    /// Successes since the window last changed (it widens after enough).
+    /// Successes since a narrowed fixed window last widened.
     successes_at_window: u32,
     /// 429/503 answers in a row (each step lengthens the pause).
     overload_streak: u32,
@@ -339,6 +355,61 @@ pub struct DispatchState {
 pub struct DispatchActor;
 
 impl DispatchState {
+    /// Requests in flight at most now: the controller's window, under the
+    /// thermal cap.
+    fn window(&self) -> u32 {
+        self.ctl.window().min(self.thermal_cap.unwrap_or(u32::MAX))
+    }
+
+    /// Reads the server's metrics in the background (one reading at a time).
+    fn poll_metrics(&mut self, myself: &ActorRef<DispatchMsg>) {
+        if self.polling || self.mode == DispatchMode::Draining {
+            return;
+        }
+        self.polling = true;
+        let client = self.args.client.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let read = client.engine_metrics().await;
+            let _ = me.cast(tick(Tick::Metrics(read)));
+        });
+    }
+
+    /// Feeds a metrics reading to the controller; schedules the next.
+    fn metrics_read(
+        &mut self,
+        myself: &ActorRef<DispatchMsg>,
+        read: Result<Option<EngineMetrics>, InferenceError>,
+    ) {
+        self.polling = false;
+        let before = self.ctl.window();
+        let now = Instant::now();
+        let in_flight = self.in_flight.len() + self.parked.len();
+        match read {
+            Ok(Some(m)) => {
+                self.ctl.on_metrics(now, m, in_flight);
+            }
+            Ok(None) => {
+                self.ctl.on_no_metrics(now, in_flight);
+            }
+            // A server that is down or busy says nothing about the window.
+            Err(e) => {
+                debug!(instance = %self.args.instance, "reading the server's metrics failed: {e}")
+            }
+        }
+        let after = self.ctl.window();
+        if after != before {
+            info!(
+                instance = %self.args.instance,
+                "window {before} → {after}: {}",
+                self.ctl.reason()
+            );
+        }
+        if self.mode != DispatchMode::Draining {
+            myself.send_after(self.ctl.poll_interval(), || tick(Tick::PollMetrics));
+        }
+    }
+
     fn settle(&mut self, claim: Claim, settle: Settle, parent: Option<JobId>, follow_up: bool) {
         let job = claim.job_id;
         self.unsettled.insert(
@@ -512,7 +583,7 @@ impl DispatchState {
         if self.mode != DispatchMode::Sending || self.paused() {
             return;
         }
-        let window = self.window.min(self.thermal_cap.unwrap_or(u32::MAX)) as usize;
+        let window = self.window() as usize;
         while self.in_flight.len() < window && self.suspect_in_flight.is_none() {
             let Some(front) = self.buffer.front() else {
                 break;
@@ -634,12 +705,12 @@ impl DispatchState {
             Ok(done) => {
                 self.completed += 1;
                 self.overload_streak = 0;
-                if self.window < self.args.window {
-                    self.successes_at_window += 1;
-                    if self.successes_at_window >= self.window {
-                        self.window += 1;
-                        self.successes_at_window = 0;
-                        debug!(instance = %self.args.instance, window = self.window, "widening the window");
+                self.ctl.on_latency(done.latency);
+                self.successes_at_window += 1;
+                if self.successes_at_window >= self.ctl.window() {
+                    self.successes_at_window = 0;
+                    if let Some(w) = self.ctl.fixed_recovery(Instant::now()) {
+                        debug!(instance = %self.args.instance, window = w, "widening the window");
                     }
                 }
                 self.settle(f.claim, Settle::Complete(done), f.parent, f.follow_up);
@@ -650,18 +721,17 @@ impl DispatchState {
             }) => {
                 self.overloaded += 1;
                 self.overload_streak += 1;
-                let narrowed = (self.window / 2).max(1);
+                let before = self.ctl.window();
+                let narrowed = self.ctl.on_overload(Instant::now());
                 let pause =
                     retry_after.unwrap_or_else(|| self.args.overload.delay(self.overload_streak));
-                if narrowed < self.window || self.overload_streak == 1 {
+                if narrowed < before || self.overload_streak == 1 {
                     info!(
                         instance = %self.args.instance,
-                        "server overloaded ({message}): window {} → {narrowed}, pausing {:.1} s",
-                        self.window,
+                        "server overloaded ({message}): window {before} → {narrowed}, pausing {:.1} s",
                         pause.as_secs_f64()
                     );
                 }
-                self.window = narrowed;
                 self.successes_at_window = 0;
                 self.paused_until = Some(Instant::now() + pause);
                 myself.send_after(pause, || DispatchMsg::Wake);
@@ -787,7 +857,8 @@ impl Actor for DispatchActor {
             peers: args.peers.clone(),
             me: myself.clone(),
             unsettled: HashMap::new(),
-            window: args.window.max(1),
+            ctl: WindowController::new(args.window, AUTO_START, Instant::now()),
+            polling: false,
             args,
             in_flight: HashMap::new(),
             parked: HashMap::new(),
@@ -808,6 +879,9 @@ impl Actor for DispatchActor {
             crashed: 0,
         };
         state.subscribe(&myself);
+        if state.ctl.is_auto() {
+            myself.send_after(state.ctl.poll_interval(), || tick(Tick::PollMetrics));
+        }
         Ok(state)
     }
 
@@ -823,6 +897,18 @@ impl Actor for DispatchActor {
                     ClaimCycle::Asking { .. } => ClaimCycle::Asking { woken: true },
                     ClaimCycle::Idle | ClaimCycle::Dry => ClaimCycle::Idle,
                 };
+                state.fill(&myself);
+            }
+            DispatchMsg::Internal(Internal(Tick::PollMetrics)) => {
+                if state.mode == DispatchMode::Sending {
+                    state.poll_metrics(&myself);
+                } else {
+                    // Nothing to learn from a server that is not serving us.
+                    myself.send_after(state.ctl.poll_interval(), || tick(Tick::PollMetrics));
+                }
+            }
+            DispatchMsg::Internal(Internal(Tick::Metrics(read))) => {
+                state.metrics_read(&myself, read);
                 state.fill(&myself);
             }
             DispatchMsg::Internal(Internal(Tick::Claimed { asked, result })) => {
@@ -874,14 +960,14 @@ impl Actor for DispatchActor {
                 state.answer_drain_waiters();
             }
             DispatchMsg::Thermal(factor) => {
-                let cap = factor.map(|f| ((state.args.window as f64 * f).floor() as u32).max(1));
+                let cap = factor.map(|f| ((state.ctl.window() as f64 * f).floor() as u32).max(1));
                 if cap != state.thermal_cap {
                     match cap {
                         Some(c) => {
                             warn!(instance = %state.args.instance, "its GPU is too hot: window at most {c} until it cools")
                         }
                         None => {
-                            info!(instance = %state.args.instance, "its GPU cooled: window back to {}", state.args.window)
+                            info!(instance = %state.args.instance, "its GPU cooled: window back to {}", state.ctl.window())
                         }
                     }
                 }
@@ -916,8 +1002,11 @@ impl Actor for DispatchActor {
                     mode: state.mode,
                     in_flight: state.in_flight.len() + state.parked.len(),
                     buffered: state.buffer.len(),
-                    window: state.window.min(state.thermal_cap.unwrap_or(u32::MAX)),
-                    max_window: state.args.window,
+                    window: state.window(),
+                    max_window: state.args.window.max(),
+                    auto_window: state.ctl.is_auto(),
+                    window_reason: state.ctl.reason().to_string(),
+                    window_signals: state.ctl.signals().clone(),
                     thermal_cap: state.thermal_cap,
                     sent: state.sent,
                     completed: state.completed,

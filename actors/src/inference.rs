@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::job::Job;
+use crate::window::EngineMetrics;
 
 /// A successful completion.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +65,12 @@ pub trait InferenceClient: Send + Sync + 'static {
     /// model. `deep` also confirms with a one-token completion (for a vision
     /// model, one with a tiny image) — used until readiness is confirmed.
     async fn probe(&self, deep: bool) -> Result<(), ProbeError>;
+
+    /// The server's own engine metrics (vLLM's `/metrics`), for the
+    /// adaptive window; `Ok(None)` when the server has none to read.
+    async fn engine_metrics(&self) -> Result<Option<EngineMetrics>, InferenceError> {
+        Ok(None)
+    }
 
     /// What `probe` checks, in words, for the log and `instances`. It may
     /// change once a probe has learnt that the server lacks a route vLLM

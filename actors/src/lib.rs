@@ -19,6 +19,7 @@
 //! - [`restart`]: restart policy as data (backoff, intensity limit), and
 //!   `Supervision`, the one-for-one bookkeeping every supervisor shares.
 //! - [`gpu`]: the `GpuProbe` port and the GPU snapshot.
+//! - [`window`]: the adaptive window's controller (`dispatch.window = "auto"`).
 //! - [`runtime`]: the `ContainerRuntime` port: launching, adopting, watching
 //!   and stopping a model server (Docker, local process).
 //!
@@ -74,6 +75,7 @@ pub mod store;
 pub mod supervisor;
 pub mod tell;
 pub mod time;
+pub mod window;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

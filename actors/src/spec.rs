@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::inference::InferenceClient;
 use crate::job::ModelType;
 use crate::runtime::{ContainerRuntime, LaunchPlan};
+use crate::window::WindowMode;
 
 /// One instance, as the supervisors and its actors see it.
 #[derive(Clone)]
@@ -16,8 +17,8 @@ pub struct InstanceSpec {
     pub name: String,
     /// The model it serves.
     pub model: ModelType,
-    /// Requests in flight at most.
-    pub window: u32,
+    /// Requests in flight at most: fixed, or found by the controller.
+    pub window: WindowMode,
     /// Its server, as requests see it.
     pub client: Arc<dyn InferenceClient>,
     /// How its server is launched; `None` for an external server.
@@ -35,13 +36,13 @@ impl InstanceSpec {
     pub fn external(
         name: impl Into<String>,
         model: ModelType,
-        window: u32,
+        window: impl Into<WindowMode>,
         client: Arc<dyn InferenceClient>,
     ) -> Self {
         InstanceSpec {
             name: name.into(),
             model,
-            window,
+            window: window.into(),
             client,
             runtime: None,
             plan: LaunchPlan {

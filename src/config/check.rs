@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::locate::{line_of, Seg};
-use super::{Backend, Config, Problem};
+use super::{Backend, Config, Problem, WindowSetting};
 
 /// Flags the vLLM command line must not carry, because a key owns them.
 const OWNED_FLAGS: &[(&str, &str)] = &[
@@ -79,7 +79,12 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
     }
 
     let d = &config.dispatch;
-    c.range_u64(&[key("dispatch"), key("window")], d.window.into(), 1, 4096);
+    if let WindowSetting::Fixed(n) = d.window {
+        c.range_u64(&[key("dispatch"), key("window")], n.into(), 1, 4096);
+    }
+    if let Some(n) = d.window_max {
+        c.range_u64(&[key("dispatch"), key("window_max")], n.into(), 1, 4096);
+    }
     c.range_u64(
         &[key("dispatch"), key("max_attempts")],
         d.max_attempts.into(),
@@ -375,8 +380,13 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
                 c.at(&at("args"), format!("contains {flag}: set the key `{owner}` instead (gpu-feeder passes the flag itself)"));
             }
         }
-        if inst.window == Some(0) {
-            c.at(&at("window"), "must be at least 1");
+        if let Some(WindowSetting::Fixed(n)) = inst.window {
+            if !(1..=4096).contains(&n) {
+                c.at(
+                    &at("window"),
+                    format!("{n} is out of range: allowed \"auto\" or 1 to 4096"),
+                );
+            }
         }
         if inst.max_tokens == 0 {
             c.at(&at("max_tokens"), "must be at least 1");

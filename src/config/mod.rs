@@ -95,12 +95,65 @@ impl QueueConfig {
     }
 }
 
+/// How many requests an instance gets at once: `"auto"` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowSetting {
+    /// Found from the server's own metrics (see `feeder_actors::window`).
+    Auto,
+    /// Always this many.
+    Fixed(u32),
+}
+
+impl<'de> Deserialize<'de> for WindowSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = WindowSetting;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\" or a number of requests (1 to 4096)")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<WindowSetting, E> {
+                u32::try_from(v).map(WindowSetting::Fixed).map_err(|_| {
+                    E::custom(format!(
+                        "{v} is not a window: give \"auto\" or a number of requests from 1 to 4096"
+                    ))
+                })
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<WindowSetting, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WindowSetting, E> {
+                match v {
+                    "auto" => Ok(WindowSetting::Auto),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not a window: give \"auto\" (found from the server's metrics) or a number of requests"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl fmt::Display for WindowSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WindowSetting::Auto => f.write_str("auto"),
+            WindowSetting::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 /// `[dispatch]`
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
-    /// Requests in flight per instance (an instance may override it).
-    pub window: u32,
+    /// Requests in flight per instance (an instance may override it):
+    /// `"auto"` or a number.
+    pub window: WindowSetting,
+    /// The most an `auto` window may reach; `None`: the instance's
+    /// `--max-num-seqs` when its args carry one, else 1024.
+    pub window_max: Option<u32>,
     /// Attempts per job before it fails for good.
     pub max_attempts: u32,
     /// Time allowed for one chat-completion request.
@@ -118,7 +171,8 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
-            window: 16,
+            window: WindowSetting::Auto,
+            window_max: None,
             max_attempts: 3,
             request_timeout_s: 120,
             external_poll_ms: 200,
@@ -437,9 +491,9 @@ pub struct InstanceConfig {
     /// The model's `tokenizer.json`, for chunking text by tokens.
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
-    /// Requests in flight; overrides `dispatch.window`.
+    /// Requests in flight (`"auto"` or a number); overrides `dispatch.window`.
     #[serde(default)]
-    pub window: Option<u32>,
+    pub window: Option<WindowSetting>,
     /// Default `max_tokens` of a request.
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
@@ -484,6 +538,36 @@ fn default_ocr_prompt() -> String {
 }
 
 impl InstanceConfig {
+    /// The `--max-num-seqs` its args give the server, if they give one.
+    pub fn max_num_seqs(&self) -> Option<u32> {
+        let at = self
+            .args
+            .iter()
+            .position(|a| a == "--max-num-seqs" || a.starts_with("--max-num-seqs="))?;
+        let arg = &self.args[at];
+        let value = match arg.split_once('=') {
+            Some((_, v)) => v,
+            None => self.args.get(at + 1)?,
+        };
+        value.parse().ok()
+    }
+
+    /// How its dispatcher sets the window: this instance's `window`, else
+    /// `dispatch.window`; an `auto` window reaches at most
+    /// `dispatch.window_max`, else the server's `--max-num-seqs`, else 1024.
+    pub fn window_mode(&self, dispatch: &DispatchConfig) -> feeder_actors::window::WindowMode {
+        use feeder_actors::window::WindowMode;
+        match self.window.unwrap_or(dispatch.window) {
+            WindowSetting::Fixed(n) => WindowMode::Fixed(n),
+            WindowSetting::Auto => WindowMode::Auto {
+                max: dispatch
+                    .window_max
+                    .or_else(|| self.max_num_seqs())
+                    .unwrap_or(1024),
+            },
+        }
+    }
+
     /// The server's base URL.
     pub fn base_url(&self) -> String {
         match (&self.url, self.port) {
