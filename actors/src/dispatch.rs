@@ -705,7 +705,7 @@ impl DispatchState {
             Ok(done) => {
                 self.completed += 1;
                 self.overload_streak = 0;
-                self.ctl.on_latency(done.latency);
+                self.ctl.on_latency(Instant::now(), done.latency);
                 self.successes_at_window += 1;
                 if self.successes_at_window >= self.ctl.window() {
                     self.successes_at_window = 0;

@@ -525,9 +525,16 @@ impl WindowController {
         self.window
     }
 
-    /// A request finished after `latency` (the fallback rule's signal).
-    pub fn on_latency(&mut self, latency: Duration) {
+    /// A request finished at `now` after `latency` (the fallback rule's
+    /// signal). Only requests sent since the window last changed count.
+    pub fn on_latency(&mut self, now: Instant, latency: Duration) {
         if !self.is_auto() {
+            return;
+        }
+        if now
+            .checked_sub(latency)
+            .is_none_or(|sent| sent < self.since)
+        {
             return;
         }
         self.base_latency = Some(self.base_latency.map_or(latency, |b| b.min(latency)));

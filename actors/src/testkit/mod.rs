@@ -4,12 +4,14 @@
 //!
 //! Enabled by the `testkit` feature; only tests depend on it.
 
+pub mod engine;
 pub mod fakes;
 pub mod gpu;
 pub mod memory_store;
 pub mod runtime;
 pub mod store_contract;
 
+pub use engine::{FakeEngine, FakeEngineShape};
 pub use fakes::{submit, wait_until, FakeInference, MemoryResults, Recorder};
 pub use gpu::FakeGpu;
 pub use memory_store::MemoryStore;

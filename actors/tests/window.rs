@@ -1,0 +1,201 @@
+//! The adaptive window at message level: a DispatchActor with
+//! `WindowMode::Auto` against `FakeEngine`, whose latency and metrics follow
+//! a small engine model, under paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+
+use feeder_actors::dispatch::DispatchStatus;
+use feeder_actors::handle::FeederHandle;
+use feeder_actors::spec::InstanceSpec;
+use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::testkit::{FakeEngine, FakeEngineShape, MemoryResults, MemoryStore};
+use feeder_actors::window::WindowMode;
+use feeder_actors::{BlockingJobStore, ModelType, NewJob, Payload, Timestamp, TokioClock};
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+struct Lab {
+    feeder: ActorRef<FeederMsg>,
+    engine: FakeEngine,
+}
+
+impl Lab {
+    async fn start(shape: FakeEngineShape, max: u32, jobs: usize) -> Lab {
+        let store = MemoryStore::new();
+        let batch = (0..jobs)
+            .map(|i| {
+                NewJob::new(
+                    ModelType::Think,
+                    Payload::Inline(format!("{{\"prompt\":\"bulk {i}\"}}")),
+                    format!("bulk-{i}"),
+                )
+            })
+            .collect();
+        store.submit_batch(batch, T0).unwrap();
+        let engine = FakeEngine::new(shape, 7);
+        let args = FeederArgs {
+            store: store.connect(),
+            results: Arc::new(MemoryResults::new()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            instances: vec![InstanceSpec::external(
+                "think",
+                ModelType::Think,
+                WindowMode::Auto { max },
+                Arc::new(engine.clone()),
+            )],
+            owner: "test-host".into(),
+            settings: PipelineSettings {
+                health_interval: Duration::from_secs(1),
+                ..PipelineSettings::default()
+            },
+            observer: None,
+            gpu_probe: None,
+            gpu_unavailable: "no GPU in message-level tests".into(),
+        };
+        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
+            .await
+            .expect("feeder starts");
+        Lab { feeder, engine }
+    }
+
+    async fn dispatch(&self) -> DispatchStatus {
+        let st = FeederHandle::new(self.feeder.clone())
+            .status()
+            .await
+            .expect("the supervisor answers");
+        st.dispatch
+            .into_iter()
+            .find(|d| d.instance == "think")
+            .expect("the dispatcher runs")
+    }
+
+    /// The window each second for `secs` seconds of paused time.
+    async fn watch(&self, secs: u64) -> Vec<u32> {
+        self.watch_queue(secs).await.0
+    }
+
+    /// The window, and the requests waiting inside the server, each second.
+    async fn watch_queue(&self, secs: u64) -> (Vec<u32>, Vec<usize>) {
+        let (mut ws, mut queued) = (Vec::new(), Vec::new());
+        for _ in 0..secs {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ws.push(self.dispatch().await.window);
+            queued.push(self.engine.load().1);
+        }
+        (ws, queued)
+    }
+}
+
+fn spread(ws: &[u32]) -> (u32, u32) {
+    (*ws.iter().min().unwrap(), *ws.iter().max().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn converges_from_below_to_the_servers_slots_without_a_queue() {
+    let lab = Lab::start(FakeEngineShape::default(), 1024, 30_000).await;
+    let (ws, mut queued) = lab.watch_queue(40).await;
+    // 256 slots: the window ends there, plus the small allowance, and stays
+    // (but for a probe an eighth higher every 30 s, which the server's
+    // queue sends back).
+    let settled = &ws[20..];
+    let at_slots = settled.iter().filter(|w| (240..=272).contains(*w)).count();
+    assert!(at_slots >= settled.len() - 2, "windows {ws:?}");
+    let d = lab.dispatch().await;
+    assert!(d.auto_window);
+    assert_eq!(lab.engine.preemptions(), 0.0);
+    assert!(d.window_signals.metrics.is_some(), "the metrics were read");
+    // What waits inside the server is the allowance of 1/32 of the window.
+    let settled_queue = &mut queued[20..];
+    settled_queue.sort_unstable();
+    let median = settled_queue[settled_queue.len() / 2];
+    assert!(median <= 9, "the server keeps a queue: {queued:?}");
+    assert!(ws[0] < 100, "it started low: {ws:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn converges_from_above_when_the_server_shrinks_and_its_queue_grows() {
+    let lab = Lab::start(FakeEngineShape::default(), 1024, 60_000).await;
+    let before = lab.watch(30).await;
+    assert!(*before.last().unwrap() >= 240, "{before:?}");
+    // The server now runs at most 64 at once: the rest queue inside it.
+    lab.engine.reshape(|s| s.max_seqs = 64);
+    let after = lab.watch(30).await;
+    let settled = &after[15..];
+    let at_slots = settled.iter().filter(|w| (60..=80).contains(*w)).count();
+    assert!(
+        at_slots >= settled.len() - 2,
+        "windows after the change {after:?}"
+    );
+    let d = lab.dispatch().await;
+    assert!(
+        d.window_reason.contains("queues") || d.window_reason.contains("knee"),
+        "{}",
+        d.window_reason
+    );
+    let (_, waiting) = lab.engine.load();
+    assert!(waiting <= 8, "the server still queues {waiting}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn backs_off_on_preemptions_and_stays_under_the_kv_limit() {
+    let shape = FakeEngineShape {
+        kv_seqs: 100,
+        ..FakeEngineShape::default()
+    };
+    let lab = Lab::start(shape, 1024, 30_000).await;
+    lab.watch(30).await;
+    let preempted = lab.engine.preemptions();
+    let ws = lab.watch(30).await;
+    let (_, hi) = spread(&ws);
+    assert!(hi <= 100, "the window went past the KV limit: {ws:?}");
+    assert!(spread(&ws).0 >= 70, "it backed off too far: {ws:?}");
+    // No preemption once it has found the limit.
+    assert_eq!(lab.engine.preemptions(), preempted, "{ws:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn holds_steady_under_noisy_metrics() {
+    let shape = FakeEngineShape {
+        noise: 0.15,
+        max_seqs: 1024,
+        ..FakeEngineShape::default()
+    };
+    let lab = Lab::start(shape, 400, 60_000).await;
+    lab.watch(30).await;
+    let ws = lab.watch(40).await;
+    let (lo, hi) = spread(&ws);
+    assert!(
+        hi as f64 <= lo as f64 * 1.15,
+        "the window wandered under noise: {ws:?}"
+    );
+    let changes = ws.windows(2).filter(|p| p[0] != p[1]).count();
+    assert!(changes <= 4, "{changes} changes in 40 s: {ws:?}");
+    assert!(lo >= 100, "noise kept it low: {ws:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_metrics_a_latency_rule_sizes_the_window() {
+    let shape = FakeEngineShape {
+        metrics: false,
+        max_seqs: 64,
+        ..FakeEngineShape::default()
+    };
+    let lab = Lab::start(shape, 1024, 30_000).await;
+    let ws = lab.watch(60).await;
+    let d = lab.dispatch().await;
+    assert!(
+        d.window_reason.contains("no /metrics"),
+        "{}",
+        d.window_reason
+    );
+    assert!(d.window_signals.metrics.is_none());
+    assert!(d.window_signals.median_latency.is_some());
+    // It grew from 16, and stopped where requests started to queue inside
+    // the server (64 slots): latency doubles not far past that.
+    let (lo, hi) = spread(&ws[30..]);
+    assert!(lo >= 48 && hi <= 160, "windows {ws:?}");
+    assert!(ws[0] <= 20, "{ws:?}");
+}
