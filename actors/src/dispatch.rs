@@ -1,9 +1,9 @@
 //! `DispatchActor`: keeps one instance's continuous batch full.
 //!
 //! Up to `window` requests are in flight at once; the moment one finishes,
-//! its slot is refilled from a small buffer of claimed jobs (at most one
-//! window's worth), and the buffer is topped up by a claim running in the
-//! background. So a slot never waits for a store round trip, and claims come
+//! its slot is refilled from a small buffer of claimed jobs (a quarter of a
+//! window, highest priority first), and the buffer is topped up by a claim
+//! running in the background. So a slot never waits for a store round trip, and claims come
 //! in batches without any request waiting for a whole batch to finish.
 //! The actor sends only while its instance is Ready.
 //! 429 and 503 mean the server is saturated: the job goes back without an
@@ -254,6 +254,11 @@ pub struct DispatchArgs {
     pub poison_after: u32,
 }
 
+/// Claimed jobs kept ready beside a window of `window` in flight.
+fn buffer_target(window: usize) -> usize {
+    (window / 4).max(2)
+}
+
 /// Aborts a request task when dropped (the actor stopped or crashed).
 #[derive(Debug)]
 struct AbortOnDrop(AbortHandle);
@@ -319,7 +324,8 @@ pub struct DispatchState {
     park_round: u64,
     /// A suspect (a job in flight at an earlier crash) runs alone.
     suspect_in_flight: Option<JobId>,
-    /// Claimed jobs waiting for a slot (at most one window's worth).
+    /// Claimed jobs waiting for a slot (about a quarter of a window),
+    /// highest priority first.
     buffer: VecDeque<ClaimedJob>,
     /// Where the claim cycle stands.
     claim: ClaimCycle,
@@ -598,12 +604,15 @@ impl DispatchState {
             let c = self.buffer.pop_front().expect("checked above");
             self.start_request(myself, c.job, c.claim);
         }
-        // Keep up to one window in flight and one window buffered; claim
-        // when at least half a window (or anything, if slots are idle) is missing.
+        // Keep a window in flight and a quarter of one buffered (enough to
+        // refill slots while a claim is under way, few enough that a job
+        // submitted with a higher priority is claimed soon); claim when half
+        // the buffer (or anything, if slots are idle) is missing.
+        let spare = buffer_target(window);
         let held = self.in_flight.len() + self.buffer.len();
-        let want = (2 * window).saturating_sub(held);
+        let want = (window + spare).saturating_sub(held);
         let slots_idle = self.in_flight.len() < window;
-        if self.claim != ClaimCycle::Idle || want == 0 || (want < window.div_ceil(2) && !slots_idle)
+        if self.claim != ClaimCycle::Idle || want == 0 || (want < spare.div_ceil(2) && !slots_idle)
         {
             return;
         }
@@ -659,7 +668,12 @@ impl DispatchState {
                         self.settle(c.claim, Settle::Release, c.job.parent_id, false);
                     }
                 } else {
+                    // Highest priority first (the queue hands each claim
+                    // out in that order; a later claim may bring higher).
                     self.buffer.extend(jobs);
+                    self.buffer
+                        .make_contiguous()
+                        .sort_by_key(|c| std::cmp::Reverse(c.job.priority));
                 }
             }
             Err(e) => {

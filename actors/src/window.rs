@@ -7,24 +7,28 @@
 //! inside the server) and preemptions stay near zero (past what the KV
 //! cache holds, vLLM preempts requests and computes them again).
 //!
-//! Read from vLLM's `/metrics` about every second (four times as often
-//! while the window is moving), the controller:
+//! Read from vLLM's `/metrics` about every second (every 250 ms
+//! while it probes, every 100 ms while it doubles at the start), the
+//! controller:
 //! - **backs off on preemptions**: the number running when the cache ran
 //!   out, less a tenth, becomes a ceiling for the next minute (once what
 //!   is in flight has come down to the window: a cut takes a while);
 //! - **backs off on a server queue**: when requests wait inside the server
-//!   (`vllm:num_requests_waiting` above 1/32 of the window) in two readings
-//!   in a row (one may only be requests that arrived since the server's
-//!   last step), the window drops to what the server runs, plus that
-//!   allowance;
+//!   (`vllm:num_requests_waiting` above 1/32 of the window) and either the
+//!   requests that finished meanwhile spent over 5 % of their time waiting
+//!   there (`vllm:request_queue_time_seconds` against
+//!   `vllm:e2e_request_latency_seconds`), or for 750 ms the server has run no
+//!   more while they wait (one reading may only catch requests that arrived
+//!   since the server's last step), the window drops to what the server
+//!   runs, plus that allowance;
 //! - **holds** while the KV cache is over 92 % full, and while gpu-feeder
 //!   has too little work to fill the window (growing then proves nothing);
-//! - **grows** otherwise: doubling while a doubling still buys 10 % more
-//!   tokens per second, then by an eighth while that buys 2 %, never past
-//!   what the KV cache is projected to hold (92 % of it, at the most one
-//!   request was seen to hold); then it
-//!   holds at the knee and probes an eighth higher every 30 s, in case the
-//!   work changed.
+//! - **grows** otherwise: doubling at every reading until one of those
+//!   limits shows (throughput only rises until then), never past what the
+//!   KV cache is projected to hold (92 % of it, at the most one request was
+//!   seen to hold); then it holds, and every 30 s probes an eighth higher,
+//!   going on while each eighth buys 2 % more tokens per second, in case
+//!   the work changed.
 //!
 //! A 429 or 503 halves it at once. A server without `/metrics` (llama.cpp's
 //! server, say) gets a latency rule instead: grow by an eighth while the
@@ -172,8 +176,12 @@ pub struct WindowController {
     base_latency: Option<Duration>,
     /// The server answered `/metrics` with nothing to read.
     no_metrics: bool,
-    /// Readings in a row in which requests waited inside the server.
-    queued_readings: u32,
+    /// Since when readings have found requests waiting inside the server,
+    /// and how many it ran then.
+    queued_since: Option<(Instant, f64)>,
+    /// Requests the server ran, in the last readings: the most of them is
+    /// what it can run (one reading may catch a batch between two waves).
+    recent_running: VecDeque<f64>,
     signals: WindowSignals,
 }
 
@@ -181,8 +189,6 @@ pub struct WindowController {
 const MEASURE_FOR: Duration = Duration::from_millis(500);
 /// Readings skipped after a change before judging its effect.
 const SETTLE_READINGS: u32 = 1;
-/// A doubling must buy this much to go on doubling.
-const DOUBLING_GAIN: f64 = 1.10;
 /// A step of an eighth must buy this much to go on.
 const STEP_GAIN: f64 = 1.02;
 /// The KV cache share above which the window holds.
@@ -196,6 +202,15 @@ const PREEMPTION_BACKOFF: f64 = 0.9;
 const CEILING_FOR: Duration = Duration::from_secs(60);
 /// How often a window at its knee probes higher.
 const REPROBE_AFTER: Duration = Duration::from_secs(30);
+/// While doubling, the share of its final KV cache a request is assumed
+/// to hold yet.
+const YOUNG_KV: f64 = 0.6;
+/// How long requests must keep waiting inside the server, without it
+/// running more, to count as a queue without its histograms' word.
+const PLATEAU_FOR: Duration = Duration::from_millis(750);
+/// Readings whose running count is kept (the most of them is what the
+/// server can run).
+const RUNNING_READINGS: usize = 8;
 /// Latencies kept for the fallback rule.
 const LATENCY_SAMPLES: usize = 64;
 
@@ -224,7 +239,8 @@ impl WindowController {
             latencies: VecDeque::new(),
             base_latency: None,
             no_metrics: false,
-            queued_readings: 0,
+            queued_since: None,
+            recent_running: VecDeque::new(),
             signals: WindowSignals::default(),
         }
     }
@@ -259,7 +275,8 @@ impl WindowController {
     pub fn poll_interval(&self) -> Duration {
         match self.phase {
             Phase::Hold => Duration::from_secs(1),
-            _ => Duration::from_millis(250),
+            Phase::Probe => Duration::from_millis(250),
+            Phase::SlowStart => Duration::from_millis(100),
         }
     }
 
@@ -279,7 +296,6 @@ impl WindowController {
             self.since = now;
             self.settle = SETTLE_READINGS;
             self.measure_from = None;
-            self.kv_per_seq = 0.0;
         }
         self.reason = reason;
     }
@@ -316,6 +332,9 @@ impl WindowController {
             median_latency: self.signals.median_latency,
             queue_share,
         };
+        // Requests hold the most just before they end, whatever the window:
+        // the most seen is kept, fading slowly (the work may change).
+        self.kv_per_seq *= 0.999;
         if m.running >= 1.0 {
             self.kv_per_seq = self.kv_per_seq.max(m.kv_usage / m.running);
         }
@@ -347,46 +366,62 @@ impl WindowController {
         // next, so a reading with requests waiting may be only that: a
         // queue is requests waiting now that finished requests confirm
         // (they spent over 5 % of their time waiting), or, where the server
-        // keeps no queue-time histogram, requests waiting in three readings
-        // in a row.
+        // keeps no queue-time histogram, requests waiting for PLATEAU_FOR;
+        // and only while the server runs fewer than it has of ours.
         let waiting_now = m.waiting > allowance;
-        let was_waiting = self.queued_readings > 0;
-        if waiting_now {
-            self.queued_readings += 1;
-        } else {
-            self.queued_readings = 0;
+        let was_waiting = self.queued_since.is_some();
+        if !waiting_now {
+            self.queued_since = None;
+        } else if self.queued_since.is_none() {
+            self.queued_since = Some((now, m.running));
         }
-        let queue = match queue_share {
-            Some(share) => share > QUEUE_SHARE && (waiting_now || was_waiting),
-            None => self.queued_readings >= 3,
-        };
+        let queued_for = self
+            .queued_since
+            .map_or(Duration::ZERO, |(t, _)| now.duration_since(t));
+        if self.recent_running.len() == RUNNING_READINGS {
+            self.recent_running.pop_front();
+        }
+        self.recent_running.push_back(m.running);
+        let most_run = self.recent_running.iter().copied().fold(0.0, f64::max);
+        let keep = (most_run.floor() as u32 + allowance as u32).max(1);
+        // Or the window just grew and, for a while, the server has run no
+        // more than before while the rest waits: it can run no more. (A
+        // server still admitting long prompts runs more as time goes on.)
+        let plateau = queued_for >= PLATEAU_FOR
+            && self
+                .queued_since
+                .is_some_and(|(_, then)| m.running <= then + allowance)
+            && self
+                .before_growth
+                .is_some_and(|b| m.running <= (b.window as f64 + allowance));
+        let queue = keep < w
+            && (plateau
+                || match queue_share {
+                    Some(share) => share > QUEUE_SHARE && (waiting_now || was_waiting),
+                    None => queued_for >= PLATEAU_FOR,
+                });
         if waiting_now && !queue {
+            // Perhaps only arrivals since the server's last step: wait and see.
             return self.window;
         }
         if queue {
-            let ours_running = (in_flight as f64 - m.waiting).max(m.running);
-            let keep = (ours_running.floor() as u32 + allowance as u32).max(1);
             self.phase = Phase::Hold;
             self.before_growth = None;
-            if keep < w {
-                self.set(
-                    keep,
-                    now,
-                    format!(
-                        "the server queues {:.0} requests and runs {:.0}: keeping only what it runs",
-                        m.waiting, m.running
-                    ),
-                );
-            } else {
-                self.reason = format!("the server queues {:.0} requests", m.waiting);
-            }
+            self.set(
+                keep,
+                now,
+                format!(
+                    "the server queues {:.0} requests and runs {:.0}: keeping only what it runs",
+                    m.waiting, m.running
+                ),
+            );
             return self.window;
         }
         if w > cap {
             self.set(cap, now, format!("back under the ceiling of {cap}"));
             return self.window;
         }
-        if self.settle > 0 {
+        if self.settle > 0 && self.phase != Phase::SlowStart {
             self.settle -= 1;
             return self.window;
         }
@@ -395,6 +430,16 @@ impl WindowController {
             self.measure_from = None;
             self.reason = format!("{in_flight} in flight: waiting for work to fill {w}");
             return self.window;
+        }
+        if m.kv_usage >= KV_HIGH {
+            self.phase = Phase::Hold;
+            self.reason = format!("the KV cache is {:.0} % full: holding", m.kv_usage * 100.0);
+            return self.window;
+        }
+        if self.phase == Phase::SlowStart {
+            // Doubling until a limit shows: the server queues, preempts, or
+            // its cache would not hold more. Throughput only rises until then.
+            return self.grow(now, &m, rate, cap);
         }
         // The present window's rate, over at least MEASURE_FOR (a single
         // interval is noisy: requests that started together finish together).
@@ -406,10 +451,6 @@ impl WindowController {
             return self.window;
         }
         let rate = (m.generation_tokens_total - tokens) / span.as_secs_f64();
-        if m.kv_usage >= KV_HIGH {
-            self.reason = format!("the KV cache is {:.0} % full: holding", m.kv_usage * 100.0);
-            return self.window;
-        }
         // Judge the last growth, then grow again or hold.
         if let Some(before) = self.before_growth {
             let gain = if before.rate > 0.0 {
@@ -417,26 +458,16 @@ impl WindowController {
             } else {
                 f64::INFINITY
             };
-            let needed = if self.phase == Phase::SlowStart {
-                DOUBLING_GAIN
-            } else {
-                STEP_GAIN
-            };
-            if gain < needed {
+            if gain < STEP_GAIN {
                 self.before_growth = None;
-                self.phase = match self.phase {
-                    Phase::SlowStart => Phase::Probe,
-                    _ => Phase::Hold,
-                };
-                if self.phase == Phase::Hold {
-                    self.since = now;
-                    self.reason = format!(
-                        "at the knee: {} → {w} gained {:.1} %",
-                        before.window,
-                        (gain - 1.0) * 100.0
-                    );
-                    return self.window;
-                }
+                self.phase = Phase::Hold;
+                self.since = now;
+                self.reason = format!(
+                    "at the knee: {} → {w} gained {:.1} %",
+                    before.window,
+                    (gain - 1.0) * 100.0
+                );
+                return self.window;
             }
         }
         if self.phase == Phase::Hold {
@@ -446,6 +477,13 @@ impl WindowController {
             }
             self.phase = Phase::Probe;
         }
+        self.grow(now, &m, rate, cap)
+    }
+
+    /// Grows the window a step (doubling in slow start, else an eighth),
+    /// or holds at a limit: the cap, or what the KV cache would hold.
+    fn grow(&mut self, now: Instant, m: &EngineMetrics, rate: f64, cap: u32) -> u32 {
+        let w = self.window;
         if w >= cap {
             self.phase = Phase::Hold;
             self.since = now;
@@ -454,18 +492,37 @@ impl WindowController {
             } else {
                 format!("at dispatch.window_max ({cap})")
             };
-            return self.window;
+            return w;
+        }
+        // No further than the KV cache is projected to hold, at the most
+        // one request was seen to hold. While doubling, requests are young
+        // and hold less than they will: a doubling stops short of that, and
+        // the rest is probed an eighth at a time.
+        let room_at =
+            |share: f64| (self.kv_per_seq > 0.0).then(|| (share / self.kv_per_seq).floor() as u32);
+        if self.phase == Phase::SlowStart && room_at(KV_HIGH * YOUNG_KV).is_some_and(|r| r <= w) {
+            self.phase = Phase::Probe;
+        }
+        let room = match self.phase {
+            Phase::SlowStart => room_at(KV_HIGH * YOUNG_KV),
+            _ => room_at(KV_HIGH),
+        };
+        if let Some(r) = room.filter(|r| *r <= w) {
+            self.phase = Phase::Hold;
+            self.since = now;
+            self.reason = format!(
+                "the KV cache would hold no more than {r} ({:.0} % full now): holding",
+                m.kv_usage * 100.0
+            );
+            return w;
         }
         let mut next = match self.phase {
             Phase::SlowStart => w.saturating_mul(2),
             _ => w + (w / 8).max(1),
         }
         .min(cap);
-        // No further than the KV cache is projected to hold, at the most
-        // one request was seen to hold.
-        if self.kv_per_seq > 0.0 {
-            let room = (KV_HIGH / self.kv_per_seq).floor() as u32;
-            next = next.min(room.max(w + 1));
+        if let Some(r) = room {
+            next = next.min(r);
         }
         self.before_growth = Some(Measured { window: w, rate });
         self.set(

@@ -96,6 +96,7 @@ fn spread(ws: &[u32]) -> (u32, u32) {
 #[tokio::test(start_paused = true)]
 async fn converges_from_below_to_the_servers_slots_without_a_queue() {
     let lab = Lab::start(FakeEngineShape::default(), 1024, 30_000).await;
+    let first = lab.dispatch().await.window;
     let (ws, mut queued) = lab.watch_queue(40).await;
     // 256 slots: the window ends there, plus the small allowance, and stays
     // (but for a probe an eighth higher every 30 s, which the server's
@@ -112,7 +113,11 @@ async fn converges_from_below_to_the_servers_slots_without_a_queue() {
     settled_queue.sort_unstable();
     let median = settled_queue[settled_queue.len() / 2];
     assert!(median <= 9, "the server keeps a queue: {queued:?}");
-    assert!(ws[0] < 100, "it started low: {ws:?}");
+    assert_eq!(
+        first,
+        feeder_actors::window::AUTO_START,
+        "it starts at 16 and grows"
+    );
 }
 
 #[tokio::test(start_paused = true)]

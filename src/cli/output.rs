@@ -294,7 +294,7 @@ pub fn strategy_text(doc: &Value) -> String {
 /// when it failed).
 pub fn instances_table(status: &Value) -> String {
     let mut out = format!(
-        "{:<12} {:<7} {:<9} {:<10} {:>8} {:>9} {:>7}  {}\n",
+        "{:<12} {:<7} {:<9} {:<10} {:>8} {:>9} {:>9}  {}\n",
         "INSTANCE", "MODEL", "BACKEND", "STATE", "RESTARTS", "IN FLIGHT", "WINDOW", "SERVER"
     );
     let mut notes = String::new();
@@ -315,16 +315,25 @@ pub fn instances_table(status: &Value) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<12} {:<7} {:<9} {:<10} {:>8} {:>9} {:>7}  {}",
+            "{:<12} {:<7} {:<9} {:<10} {:>8} {:>9} {:>9}  {}",
             name,
             i["model_type"].as_str().unwrap_or(""),
             i["backend"].as_str().unwrap_or(""),
             state,
             i["restarts"].to_string(),
             i["in_flight"].to_string(),
-            i["window"].to_string(),
+            match i["window_mode"].as_str() {
+                Some("auto") => format!("{} auto", i["window"]),
+                _ => i["window"].to_string(),
+            },
             server
         );
+        if let Some(why) = i["window_reason"]
+            .as_str()
+            .filter(|_| i["window_mode"] == "auto")
+        {
+            let _ = writeln!(notes, "{name}: window {}: {}", i["window"], clip(why, 200));
+        }
         if state != "ready" {
             if let Some(reason) = i["reason"].as_str() {
                 let _ = writeln!(notes, "{name}: {state}: {}", clip(reason, 200));

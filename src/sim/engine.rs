@@ -127,6 +127,8 @@ pub struct Step {
     pub prefill_tokens: u32,
     /// Requests that finished, with their timings.
     pub finished: Vec<Finished>,
+    /// Requests that sampled their first token in it.
+    pub first_tokens: Vec<u64>,
 }
 
 /// Counters and histograms, with vLLM's meanings.
@@ -598,6 +600,7 @@ impl Engine {
 
         // Tokens sampled at the end of the step; finished requests leave.
         let mut finished = Vec::new();
+        let mut first_tokens = Vec::new();
         let mut r = 0;
         while r < self.running.len() {
             let seq = &mut self.running[r];
@@ -611,6 +614,9 @@ impl Engine {
             }
             seq.generated += 1;
             self.stats.generation_tokens += 1;
+            if seq.first_token.is_none() {
+                first_tokens.push(seq.req.id);
+            }
             let first = *seq.first_token.get_or_insert(now);
             if seq.generated < seq.req.max_tokens.max(1) {
                 r += 1;
@@ -639,6 +645,7 @@ impl Engine {
             batch,
             prefill_tokens: prefill,
             finished,
+            first_tokens,
         })
     }
 }

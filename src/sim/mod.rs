@@ -50,6 +50,7 @@ use tokio::sync::Semaphore;
 pub mod engine;
 mod served;
 
+pub use served::EngineView;
 use served::Served;
 
 /// How a simulated server behaves.
@@ -193,19 +194,50 @@ pub struct SimHandle {
     pub addr: SocketAddr,
     /// Its counters.
     pub counters: Arc<SimCounters>,
+    served: Option<Arc<Served>>,
     task: tokio::task::JoinHandle<()>,
+    engine_task: Option<tokio::task::JoinHandle<()>>,
+    dropped: Arc<tokio::sync::Notify>,
 }
 
 impl SimHandle {
+    /// The engine model's figures now (`None` without `--kv-cache-tokens`).
+    pub fn engine(&self) -> Option<EngineView> {
+        self.served.as_ref().map(|s| s.view())
+    }
+
+    /// Watches requests whose text contains `needle` (engine model only).
+    pub fn watch(&self, needle: &str) {
+        if let Some(s) = &self.served {
+            s.watch(needle);
+        }
+    }
+
+    /// Watched requests: (arrival, first token), engine seconds.
+    pub fn watched(&self) -> Vec<(f64, Option<f64>)> {
+        self.served.as_ref().map_or_else(Vec::new, |s| s.watched())
+    }
+
     /// Its base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Completes once this handle is dropped: for a thread that runs the
+    /// server on a runtime of its own and should end with it.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let dropped = self.dropped.clone();
+        async move { dropped.notified().await }
     }
 }
 
 impl Drop for SimHandle {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(t) = &self.engine_task {
+            t.abort();
+        }
+        self.dropped.notify_one();
     }
 }
 
@@ -214,8 +246,9 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
     let addr = listener.local_addr()?;
     let counters = Arc::new(SimCounters::default());
+    let (served, engine_task) = Served::start(&cfg).unzip();
     let sim = Arc::new(Sim {
-        served: Served::start(&cfg),
+        served: served.clone(),
         slots: Semaphore::new(cfg.max_num_seqs.max(1)),
         cfg,
         started: Instant::now(),
@@ -233,7 +266,10 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
     Ok(SimHandle {
         addr,
         counters,
+        served,
         task,
+        engine_task,
+        dropped: Arc::new(tokio::sync::Notify::new()),
     })
 }
 

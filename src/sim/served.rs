@@ -24,12 +24,29 @@ pub struct Served {
     t0: Instant,
     scale: f64,
     image_tokens: u32,
+    /// Requests whose text contains this are watched (benchmarks).
+    needle: Mutex<Option<String>>,
+    /// Watched requests: engine time of arrival and of the first token.
+    watched: Mutex<HashMap<u64, (f64, Option<f64>)>>,
+}
+
+/// Engine-side figures, for benchmarks.
+#[derive(Clone, Debug)]
+pub struct EngineView {
+    /// Engine time now, seconds.
+    pub now: f64,
+    /// Requests waiting inside the engine.
+    pub waiting: usize,
+    /// Requests running.
+    pub running: usize,
+    /// Counters and histograms.
+    pub stats: super::engine::EngineStats,
 }
 
 impl Served {
     /// The engine `cfg` asks for, if it asks for one, with its driving task
-    /// started on the current runtime.
-    pub fn start(cfg: &SimConfig) -> Option<Arc<Served>> {
+    /// started on the current runtime (abort it to stop the engine).
+    pub fn start(cfg: &SimConfig) -> Option<(Arc<Served>, tokio::task::JoinHandle<()>)> {
         let kv = cfg.kv_cache_tokens?;
         let engine = Engine::new(EngineConfig {
             kv_cache_tokens: kv,
@@ -53,9 +70,11 @@ impl Served {
                 1.0
             },
             image_tokens: cfg.image_tokens,
+            needle: Mutex::new(None),
+            watched: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(drive(served.clone()));
-        Some(served)
+        let task = tokio::spawn(drive(served.clone()));
+        Some((served, task))
     }
 
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
@@ -67,6 +86,28 @@ impl Served {
         self.t0.elapsed().as_secs_f64() * self.scale
     }
 
+    /// Watches requests whose text contains `needle` from now on.
+    pub fn watch(&self, needle: &str) {
+        *self.needle.lock().unwrap_or_else(|e| e.into_inner()) = Some(needle.to_string());
+    }
+
+    /// Watched requests: (arrival, first token), engine seconds.
+    pub fn watched(&self) -> Vec<(f64, Option<f64>)> {
+        let w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        w.values().copied().collect()
+    }
+
+    /// The engine's figures now.
+    pub fn view(&self) -> EngineView {
+        let e = self.engine();
+        EngineView {
+            now: e.now().max(self.engine_now()),
+            waiting: e.waiting(),
+            running: e.running(),
+            stats: e.stats().clone(),
+        }
+    }
+
     /// Runs `messages` through the engine; `None` when its queue is full
     /// (`--max-num-queued-reqs`: answer 503).
     pub async fn run(&self, id: u64, messages: &[Value], max_tokens: u32) -> Option<Finished> {
@@ -76,11 +117,23 @@ impl Served {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
+        let watch = self
+            .needle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|n| serde_json::to_string(messages).is_ok_and(|t| t.contains(n.as_str())));
         let added = {
             let mut e = self.engine();
             if !e.busy() {
                 // An idle engine's clock follows the wall clock.
                 e.advance_to(self.engine_now());
+            }
+            if watch {
+                self.watched
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id, (e.now(), None));
             }
             e.add(EngineRequest {
                 id,
@@ -228,6 +281,14 @@ async fn drive(served: Arc<Served>) {
             continue;
         };
         let end = served.engine().now();
+        if !step.first_tokens.is_empty() {
+            let mut w = served.watched.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &step.first_tokens {
+                if let Some(entry) = w.get_mut(id) {
+                    entry.1 = Some(end);
+                }
+            }
+        }
         let due = served.t0 + Duration::from_secs_f64(end / served.scale);
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
