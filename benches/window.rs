@@ -327,7 +327,7 @@ async fn run(w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
             }
         }
         let done = e.stats.successes - start_engine.stats.successes;
-        if Instant::now() >= until || done >= JOBS as u64 + 1 {
+        if Instant::now() >= until || done > JOBS as u64 {
             if let Some(p) = &pipeline {
                 if let Ok(st) = FeederHandle::new(p.feeder.clone()).status().await {
                     final_window = st.dispatch.first().map(|d| d.window);
