@@ -1,9 +1,11 @@
 //! `gpu-feeder sim` with the engine model on (`--kv-cache-tokens`): a real
 //! HTTP server in this process, asked as gpu-feeder and Prometheus ask it.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::Duration;
+
+use common::promtool;
 
 use gpu_feeder::sim::{self, SimConfig, SimHandle};
 use serde_json::{json, Value};
@@ -98,33 +100,15 @@ async fn every_request_generates_its_max_tokens_and_the_metrics_count_them() {
     let e2e = sample(&m, "vllm:e2e_request_latency_seconds_sum") / 8.0;
     assert!(e2e > 50.0 * 0.0065, "mean e2e {e2e} s");
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (scripts/test.sh installs the Debian package prometheus)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(m.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
+    let (passed, said) = promtool(&m);
     // vLLM's names carry a colon, which promtool's lint flags (as it does
     // for vLLM itself); anything else it says is a real problem.
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     let problems: Vec<&str> = said
         .lines()
         .filter(|l| !l.ends_with("metric names should not contain ':'"))
         .collect();
     assert!(
-        problems.is_empty() && (out.status.success() || !said.is_empty()),
+        problems.is_empty() && (passed || !said.is_empty()),
         "promtool check metrics:\n{said}\n{m}"
     );
     assert!(

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{bin, external, free_port, promtool, wait_for, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -158,26 +158,8 @@ fn metrics_pass_promtool_and_move_as_jobs_run() {
         1.0
     );
     assert!(metric(&after, "gpu_feeder_request_duration_seconds_count") >= 25.0);
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (.ci/run installs the Debian package prometheus)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(after.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (passed, said) = promtool(&after);
+    assert!(passed, "promtool check metrics failed:\n{said}");
 }
 
 #[test]
