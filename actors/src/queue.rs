@@ -1,7 +1,8 @@
 //! `QueueActor`: the sole owner of the `JobStore`.
 //!
 //! Store calls run in tasks of their own (the actor never waits on a slow
-//! read), except the few whose answer changes its state. Claims are answered as soon as the store answers; settlements
+//! read), except the few whose answer changes its state. Claims are
+//! answered as soon as the store answers; settlements
 //! (complete, fail, release) are group-committed: while one batch is being
 //! written, the next accumulates, so that a busy pipeline pays one
 //! transaction for many jobs. The actor also wakes dispatchers when work may
