@@ -117,9 +117,7 @@ fn jobs_waiting_out_a_retry_backoff_are_sent_when_due_after_a_kill_9() {
         &external("think", "think", &healthy.url),
     ));
     let second = DaemonProcess::start(&s, "second");
-    wait_for("every job is done", Duration::from_secs(30), || {
-        s.count("done") == 20
-    });
+    wait_for("every job is done", LIMIT, || s.count("done") == 20);
     assert_sent_when_due(&s, ready_at(&s, "think"));
     assert!(second.log().contains("loading → ready"), "{}", second.log());
 }
