@@ -334,6 +334,24 @@ impl Engine {
         &self.stats
     }
 
+    /// Drops every request and the whole KV cache, prefix cache included,
+    /// as vLLM's sleep does; returns the ids of the requests dropped (they
+    /// are answered `abort`). The clock and the counters stay.
+    pub fn discard(&mut self) -> Vec<u64> {
+        let ids = self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .map(|s| s.req.id)
+            .collect();
+        let n = self.blocks.len();
+        self.blocks = vec![Block::default(); n];
+        self.free = (0..n).map(|i| (i, 0)).collect();
+        self.free_count = n;
+        self.cached.clear();
+        ids
+    }
+
     /// Queues a request at engine time now; `Err` (to answer 503) when
     /// `max_num_queued_reqs` are waiting already.
     pub fn add(&mut self, req: EngineRequest) -> Result<(), EngineRequest> {

@@ -17,6 +17,11 @@
 //! `--time-scale F` runs the engine's clock F times faster than the wall
 //! clock, for benchmarks.
 //!
+//! With `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1` it serves
+//! vLLM's sleep mode (see `sleep.rs`): `/sleep`, `/wake_up`, `/collective_rpc`
+//! (`reload_weights`) and `/is_sleeping`, with `--sleep-s`, `--wake-s` and
+//! `--wake-l2-s`; completions get 503 while it sleeps.
+//!
 //! It serves
 //! `/health` (503 while "loading" for `--load-s`), `/v1/models`,
 //! `/v1/chat/completions` with usage, and `/metrics` with
@@ -49,9 +54,11 @@ use tokio::sync::Semaphore;
 
 pub mod engine;
 mod served;
+mod sleep;
 
 pub use served::EngineView;
-use served::Served;
+use served::{Refused, Served};
+use sleep::{Admission, Sleeper};
 
 /// How a simulated server behaves.
 #[derive(Clone, Debug, clap::Args)]
@@ -131,6 +138,22 @@ pub struct SimConfig {
     /// wall clock (benchmarks); latencies on /metrics are in engine seconds
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
+    /// Serve vLLM's sleep mode (`/sleep`, `/wake_up`, `/collective_rpc`,
+    /// `/is_sleeping`); as with vLLM, only with `VLLM_SERVER_DEV_MODE=1`
+    #[arg(long)]
+    pub enable_sleep_mode: bool,
+    /// Sleep mode: seconds a sleep takes
+    #[arg(long, default_value_t = 0.3)]
+    pub sleep_s: f64,
+    /// Sleep mode: seconds a level-1 wake takes (weights back from host memory)
+    #[arg(long, default_value_t = 2.2)]
+    pub wake_s: f64,
+    /// Sleep mode: seconds the reload after a level-2 wake takes (weights from disk)
+    #[arg(long, default_value_t = 6.5)]
+    pub wake_l2_s: f64,
+    /// Whether `VLLM_SERVER_DEV_MODE=1` holds; `None` reads the environment.
+    #[arg(skip)]
+    pub dev_mode: Option<bool>,
 }
 
 impl Default for SimConfig {
@@ -160,6 +183,11 @@ impl Default for SimConfig {
             no_prefix_caching: false,
             max_num_queued_reqs: None,
             time_scale: 1.0,
+            enable_sleep_mode: false,
+            sleep_s: 0.3,
+            wake_s: 2.2,
+            wake_l2_s: 6.5,
+            dev_mode: None,
         }
     }
 }
@@ -175,6 +203,8 @@ pub struct SimCounters {
     pub running: AtomicUsize,
     /// Requests waiting for a slot now.
     pub waiting: AtomicUsize,
+    /// Requests admitted and not yet answered.
+    pub in_flight: AtomicUsize,
     /// When the last request arrived (for latency measurements).
     pub last_arrival: std::sync::Mutex<Option<Instant>>,
 }
@@ -186,6 +216,8 @@ struct Sim {
     counters: Arc<SimCounters>,
     /// The engine model, with `--kv-cache-tokens`.
     served: Option<Arc<Served>>,
+    /// Sleep mode, with `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1`.
+    sleep: Option<Arc<Sleeper>>,
 }
 
 /// A simulated server running in this process.
@@ -247,8 +279,19 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let addr = listener.local_addr()?;
     let counters = Arc::new(SimCounters::default());
     let (served, engine_task) = Served::start(&cfg).unzip();
+    let dev_mode = cfg
+        .dev_mode
+        .unwrap_or_else(|| std::env::var("VLLM_SERVER_DEV_MODE").is_ok_and(|v| v == "1"));
+    if cfg.enable_sleep_mode && !dev_mode {
+        eprintln!(
+            "sim: --enable-sleep-mode without VLLM_SERVER_DEV_MODE=1: the sleep endpoints are not served (as with vLLM)"
+        );
+    }
+    let sleep = (cfg.enable_sleep_mode && dev_mode)
+        .then(|| Arc::new(Sleeper::new(cfg.sleep_s, cfg.wake_s, cfg.wake_l2_s)));
     let sim = Arc::new(Sim {
         served: served.clone(),
+        sleep,
         slots: Semaphore::new(cfg.max_num_seqs.max(1)),
         cfg,
         started: Instant::now(),
@@ -259,6 +302,10 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/metrics", get(metrics))
+        .route("/sleep", post(sleep::sleep))
+        .route("/wake_up", post(sleep::wake_up))
+        .route("/collective_rpc", post(sleep::collective_rpc))
+        .route("/is_sleeping", get(sleep::is_sleeping))
         .with_state(sim);
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -292,6 +339,11 @@ pub async fn serve(cfg: SimConfig) -> anyhow::Result<()> {
 impl Sim {
     fn loading(&self) -> bool {
         self.started.elapsed().as_secs_f64() < self.cfg.load_s
+    }
+
+    /// Requests admitted and not yet answered.
+    fn in_flight(&self) -> usize {
+        self.counters.in_flight.load(Ordering::Relaxed)
     }
 }
 
@@ -410,6 +462,18 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
     if sim.loading() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the model is loading");
     }
+    let admission = sim
+        .sleep
+        .as_ref()
+        .map_or(Admission::Serve, |s| s.admission());
+    if admission == Admission::Asleep {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is asleep (POST /wake_up wakes it)",
+        );
+    }
+    let aborted = sim.sleep.as_ref().map(|s| s.aborted());
+    let _in_flight = Gauge::up(&c.in_flight);
     let Some(Json(body)) = body else {
         return error(StatusCode::BAD_REQUEST, "the body is not valid JSON");
     };
@@ -455,15 +519,23 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
     if roll < sim.cfg.fail_rate + sim.cfg.hang_rate {
         std::future::pending::<()>().await;
     }
+    let garbled = |content: String| match admission {
+        Admission::Garbage => sleep::garbage(n),
+        _ => content,
+    };
     if let Some(served) = &sim.served {
         let max_tokens = u32::try_from(max_tokens).unwrap_or(u32::MAX);
-        let Some(done) = served.run(n, messages, max_tokens).await else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server's queue is full (--max-num-queued-reqs); try again later",
-            );
+        let done = match served.run(n, messages, max_tokens).await {
+            Ok(done) => done,
+            Err(Refused::QueueFull) => {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the server's queue is full (--max-num-queued-reqs); try again later",
+                )
+            }
+            Err(Refused::Aborted) => return completion(&sim, n, String::new(), "abort", 0, 0),
         };
-        let (content, _) = answer(messages);
+        let content = garbled(answer(messages).0);
         c.completed.fetch_add(1, Ordering::Relaxed);
         return completion(
             &sim,
@@ -474,23 +546,35 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
             done.generated as u64,
         );
     }
-    let permit = {
-        let _waiting = Gauge::up(&c.waiting);
-        sim.slots
-            .acquire()
-            .await
-            .expect("the semaphore is never closed")
+    let run = async {
+        let permit = {
+            let _waiting = Gauge::up(&c.waiting);
+            sim.slots
+                .acquire()
+                .await
+                .expect("the semaphore is never closed")
+        };
+        let _running = Gauge::up(&c.running);
+        let mut delay = Duration::from_millis(sim.cfg.latency_ms);
+        if sim.cfg.tokens_per_s > 0.0 {
+            delay += Duration::from_secs_f64(max_tokens as f64 / sim.cfg.tokens_per_s);
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        drop(permit);
     };
-    let _running = Gauge::up(&c.running);
-    let mut delay = Duration::from_millis(sim.cfg.latency_ms);
-    if sim.cfg.tokens_per_s > 0.0 {
-        delay += Duration::from_secs_f64(max_tokens as f64 / sim.cfg.tokens_per_s);
+    match aborted {
+        Some(aborted) => {
+            tokio::select! {
+                () = run => {}
+                () = aborted => return completion(&sim, n, String::new(), "abort", 0, 0),
+            }
+        }
+        None => run.await,
     }
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    drop(permit);
     let (content, prompt_tokens) = answer(messages);
+    let content = garbled(content);
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
     completion(
@@ -560,6 +644,9 @@ const SIM_FLAGS: &[&str] = &[
     "--image-tokens",
     "--max-num-queued-reqs",
     "--time-scale",
+    "--sleep-s",
+    "--wake-s",
+    "--wake-l2-s",
     "--config",
     "--db",
     "--log-format",
@@ -593,6 +680,9 @@ pub fn vllm_compatible_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
         } else if arg == "--no-prefix-caching" || arg == "--no-enable-prefix-caching" {
             // vLLM's spelling, or the simulator's.
             out.push("--no-prefix-caching".into());
+            i += 1;
+        } else if arg == "--enable-sleep-mode" {
+            out.push(arg.into());
             i += 1;
         } else if arg == "--enable-prefix-caching" {
             i += 1; // on by default

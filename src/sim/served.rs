@@ -30,6 +30,15 @@ pub struct Served {
     watched: Mutex<HashMap<u64, (f64, Option<f64>)>>,
 }
 
+/// Why the engine did not run a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// `--max-num-queued-reqs` are waiting already.
+    QueueFull,
+    /// A sleep aborted it.
+    Aborted,
+}
+
 /// Engine-side figures, for benchmarks.
 #[derive(Clone, Debug)]
 pub struct EngineView {
@@ -108,9 +117,14 @@ impl Served {
         }
     }
 
-    /// Runs `messages` through the engine; `None` when its queue is full
-    /// (`--max-num-queued-reqs`: answer 503).
-    pub async fn run(&self, id: u64, messages: &[Value], max_tokens: u32) -> Option<Finished> {
+    /// Runs `messages` through the engine; refused when its queue is full
+    /// (`--max-num-queued-reqs`: answer 503) or when a sleep aborts it.
+    pub async fn run(
+        &self,
+        id: u64,
+        messages: &[Value],
+        max_tokens: u32,
+    ) -> Result<Finished, Refused> {
         let prompt = prompt_tokens(messages, self.image_tokens);
         let (tx, rx) = oneshot::channel();
         self.waiters
@@ -146,10 +160,21 @@ impl Served {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            return None;
+            return Err(Refused::QueueFull);
         }
         self.work.notify_one();
-        rx.await.ok()
+        rx.await.map_err(|_| Refused::Aborted)
+    }
+
+    /// Drops every request (each is answered `abort`) and the KV cache:
+    /// the engine side of a sleep.
+    pub fn discard(&self) -> usize {
+        let ids = self.engine().discard();
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        for id in &ids {
+            waiters.remove(id);
+        }
+        ids.len()
     }
 
     /// `/metrics` in engine mode.

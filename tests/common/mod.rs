@@ -142,10 +142,17 @@ pub struct SimProcess {
 impl SimProcess {
     /// Starts `gpu-feeder sim --port 0 ARGS` and reads the URL it prints.
     pub fn start(args: &[&str]) -> SimProcess {
+        SimProcess::start_env(args, &[])
+    }
+
+    /// `start`, with these variables added to its environment.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> SimProcess {
         use std::io::BufRead;
         let mut child = Command::new(bin())
             .args(["sim", "--port", "0"])
             .args(args)
+            .env_remove("VLLM_SERVER_DEV_MODE")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -178,6 +185,24 @@ impl SimProcess {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in the sim's /metrics:\n{text}"))
+    }
+
+    /// The status of an empty `POST path` to the sim.
+    pub fn post(&self, path: &str) -> u16 {
+        use std::io::{Read, Write};
+        let addr = self.url.strip_prefix("http://").unwrap();
+        let mut conn = std::net::TcpStream::connect(addr).expect("the sim answers");
+        write!(
+            conn,
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        conn.read_to_string(&mut text).unwrap();
+        text.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {text}"))
     }
 
     /// Requests the sim is running now.
