@@ -259,6 +259,18 @@ fn server_message(body: &str) -> String {
     excerpt(body)
 }
 
+/// Why a sleep-mode call was refused, with what to do about a 404.
+fn sleep_refused(url: &str, code: u16, text: &str) -> String {
+    if code == 404 {
+        format!(
+            "{url} answers 404: the server was not launched with --enable-sleep-mode and \
+             VLLM_SERVER_DEV_MODE=1 (set sleep_mode = true on the instance)"
+        )
+    } else {
+        format!("{url} answers HTTP {code}: {}", server_message(text))
+    }
+}
+
 /// Turns a chat-completion response into an output.
 ///
 /// Servers other than vLLM differ in small ways, each accepted: `content`
@@ -274,6 +286,12 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
         ))
     };
     let v: Value = serde_json::from_str(body).map_err(|_| missing())?;
+    if v.pointer("/choices/0/finish_reason").and_then(Value::as_str) == Some("abort") {
+        return Err(InferenceError::Aborted(
+            "the server aborted the request (finish_reason \"abort\": put to sleep or stopping)"
+                .into(),
+        ));
+    }
     let message = v.pointer("/choices/0/message").ok_or_else(missing)?;
     let content = match message.get("content") {
         Some(Value::String(s)) => s.clone(),
@@ -444,6 +462,47 @@ impl InferenceClient for OpenAiClient {
         }
     }
 
+    async fn sleep(&self, level: u8) -> Result<(), String> {
+        self.sleep_call(&format!("/sleep?level={level}"), None)
+            .await
+            .map(drop)
+    }
+
+    async fn wake_up(&self, tags: Option<&str>) -> Result<(), String> {
+        let path = match tags {
+            Some(t) => format!("/wake_up?tags={t}"),
+            None => "/wake_up".into(),
+        };
+        self.sleep_call(&path, None).await.map(drop)
+    }
+
+    async fn reload_weights(&self) -> Result<(), String> {
+        let body = serde_json::json!({"method": "reload_weights"});
+        self.sleep_call("/collective_rpc", Some(body))
+            .await
+            .map(drop)
+    }
+
+    async fn is_sleeping(&self) -> Result<bool, String> {
+        let url = self.url("/is_sleeping");
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let code = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        if code != 200 {
+            return Err(sleep_refused(&url, code, &text));
+        }
+        serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("is_sleeping").and_then(Value::as_bool))
+            .ok_or_else(|| format!("{url} answered without `is_sleeping`: {}", excerpt(&text)))
+    }
+
     async fn engine_metrics(&self) -> Result<Option<EngineMetrics>, InferenceError> {
         let url = self.url("/metrics");
         let resp = self
@@ -552,6 +611,25 @@ struct Routes {
 }
 
 impl OpenAiClient {
+    /// POSTs one of vLLM's sleep-mode routes; a sleep, or a wake with its
+    /// reload from disk, may take minutes.
+    async fn sleep_call(&self, path: &str, body: Option<Value>) -> Result<String, String> {
+        let url = self.url(path);
+        let req = self.http.post(&url).timeout(Duration::from_secs(600));
+        let req = match body {
+            Some(b) => req.json(&b),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+        let code = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        if (200..300).contains(&code) {
+            Ok(text)
+        } else {
+            Err(sleep_refused(&url, code, &text))
+        }
+    }
+
     /// GETs one of vLLM's probe routes: its 2xx response; `None` when it
     /// answers 404 or 405 (the route is remembered as absent, and the log
     /// says so with `absent_note`); otherwise the probe's failure: nothing

@@ -6,6 +6,7 @@
 //! ```text
 //! Stopped → Starting → Loading → Ready ⇄ Unhealthy → Restarting → Starting …
 //!                                  ↘ Stopping → Stopped     (crash loop) → Failed
+//!                                  ↘ Sleeping → Waking → Ready   (sleep mode)
 //! ```
 //!
 //! - Loading lasts until a probe confirms the server (health, model list and
@@ -20,6 +21,16 @@
 //!   model's jobs simply wait in `pending`.
 //! - An `external` instance (no runtime) is only probed: Loading → Ready ⇄
 //!   Unhealthy, never restarted.
+//! - With sleep mode (`sleep_mode = true`), parking a Ready instance puts
+//!   its model to sleep instead of stopping the server: Sleeping while its
+//!   dispatchers drain (their requests in flight finish, within
+//!   `drain_timeout`) and while `POST /sleep` runs; anything the server
+//!   still aborts comes back with no attempt counted. Unparking wakes it
+//!   (Waking: `/wake_up`, and at level 2 `reload_weights` between the
+//!   weights and the KV cache), and a canary completion confirms it before
+//!   it is Ready. A sleep that fails stops the server instead; a wake that
+//!   fails, or whose canary fails, makes it Unhealthy (a restart, cold).
+//!   A server adopted asleep stays asleep while parked, or is woken.
 //!
 //! Every transition is logged with its reason and kept for `Status`.
 
@@ -33,10 +44,11 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::inference::ProbeError;
+use crate::inference::{InferenceClient, ProbeError};
 use crate::job::ModelType;
 use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
 use crate::runtime::{ContainerRuntime, Exit, LaunchPlan};
+use crate::spec::{host_memory_available, SleepLevel};
 
 /// Lines of server output kept with a failure.
 const LOG_LINES: usize = 20;
@@ -75,6 +87,11 @@ pub enum InstanceState {
     Stopping,
     /// Restarted too often: left alone until an operator steps in.
     Failed,
+    /// Sleep mode: draining before its sleep, or asleep (the server runs,
+    /// its model is off the GPU).
+    Sleeping,
+    /// Sleep mode: being woken and confirmed by a canary.
+    Waking,
 }
 
 impl InstanceState {
@@ -89,11 +106,13 @@ impl InstanceState {
             InstanceState::Restarting => "restarting",
             InstanceState::Stopping => "stopping",
             InstanceState::Failed => "failed",
+            InstanceState::Sleeping => "sleeping",
+            InstanceState::Waking => "waking",
         }
     }
 
     /// Every state, in lifecycle order.
-    pub const ALL: [InstanceState; 8] = [
+    pub const ALL: [InstanceState; 10] = [
         InstanceState::Stopped,
         InstanceState::Starting,
         InstanceState::Loading,
@@ -102,6 +121,8 @@ impl InstanceState {
         InstanceState::Restarting,
         InstanceState::Stopping,
         InstanceState::Failed,
+        InstanceState::Sleeping,
+        InstanceState::Waking,
     ];
 }
 
@@ -165,6 +186,29 @@ enum Tick {
     RestartNow {
         /// The launch it belongs to.
         generation: u64,
+    },
+    /// A sleep finished (the drain, then `/sleep`).
+    SleepDone {
+        /// The sleep it answers.
+        generation: u64,
+        /// The level asked for.
+        level: u8,
+        /// Why it failed, if it did.
+        result: Result<(), String>,
+    },
+    /// A wake finished (wake, reload, canary).
+    WakeDone {
+        /// The wake it answers.
+        generation: u64,
+        /// How long it took, or why it failed.
+        result: Result<Duration, String>,
+    },
+    /// What an adopted server said of its sleep.
+    AdoptedAsleep {
+        /// The launch it belongs to.
+        generation: u64,
+        /// It sleeps.
+        asleep: bool,
     },
     /// A stop finished.
     StopDone {
@@ -308,6 +352,10 @@ pub struct ContainerArgs {
     pub watchers: Vec<DerivedActorRef<InstanceEvent>>,
     /// Parked by the allocator: not launched until unparked.
     pub parked: bool,
+    /// Its server, for sleep and wake calls and the wake's canary.
+    pub client: Arc<dyn InferenceClient>,
+    /// Sleep mode: parking puts the model to sleep; `None` stops the server.
+    pub sleep: Option<SleepLevel>,
 }
 
 /// The ContainerActor's state.
@@ -345,6 +393,10 @@ pub struct ContainerState {
     shutdown_waiters: Vec<RpcReplyPort<()>>,
     /// The last state changes, oldest first.
     history: VecDeque<Transition>,
+    /// The level its model sleeps at, once asleep (Sleeping).
+    asleep: Option<u8>,
+    /// Unparked with another plan while falling asleep: relaunch once asleep.
+    replan: bool,
 }
 
 /// Runs one model server.
@@ -464,6 +516,16 @@ impl ContainerState {
         });
         let timeout = self.args.settings.startup_timeout;
         myself.send_after(timeout, move || tick(Tick::StartupTimeout { generation }));
+        if adopted && self.args.sleep.is_some() {
+            // A server left asleep answers no canary: ask it.
+            let client = self.args.client.clone();
+            let me = myself.clone();
+            tokio::spawn(async move {
+                if let Ok(asleep) = client.is_sleeping().await {
+                    let _ = me.cast(tick(Tick::AdoptedAsleep { generation, asleep }));
+                }
+            });
+        }
     }
 
     /// The server is down or unusable: tell the dispatchers, then restart
@@ -604,21 +666,98 @@ impl ContainerState {
         let watchers = self.args.watchers.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            // The dispatchers stopped sending (not Ready); let the requests
-            // in flight finish before the server goes.
-            for w in watchers {
-                let (tx, rx) = ractor::concurrency::oneshot();
-                if w.send_message(InstanceEvent::Stopping { idle: tx.into() })
-                    .is_ok()
-                {
-                    let _ = tokio::time::timeout(drain, rx).await;
-                }
-            }
+            drain_watchers(watchers, drain).await;
             let result = runtime.stop(&id, grace).await;
             let _ = me.cast(tick(Tick::StopDone { generation, result }));
         });
         true
     }
+
+    /// Sleep mode: drains the dispatchers, then puts the model to sleep;
+    /// `false` when this instance does not sleep (or is not up to).
+    fn sleep_server(&mut self, myself: &ActorRef<ContainerMsg>, why: &str) -> bool {
+        let Some(sleep) = self.args.sleep else {
+            return false;
+        };
+        if !matches!(self.state, InstanceState::Ready | InstanceState::Waking) || self.id.is_none()
+        {
+            return false;
+        }
+        let (level, how) = sleep.choose(host_memory_available());
+        self.generation += 1;
+        let generation = self.generation;
+        self.asleep = None;
+        self.set(
+            InstanceState::Sleeping,
+            format!("draining, then sleep level {level} ({how}): {why}"),
+        );
+        let drain = self.args.settings.drain_timeout;
+        let watchers = self.args.watchers.clone();
+        let client = self.args.client.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            drain_watchers(watchers, drain).await;
+            let result = client.sleep(level).await;
+            let _ = me.cast(tick(Tick::SleepDone {
+                generation,
+                level,
+                result,
+            }));
+        });
+        true
+    }
+
+    /// Sleep mode: wakes the model and confirms it with a canary.
+    fn wake(&mut self, myself: &ActorRef<ContainerMsg>, why: &str) {
+        // An adopted server's level is unknown unless configured: wake
+        // as from level 2 (a reload after a level-1 sleep only costs time).
+        let level = self.asleep.unwrap_or(2);
+        self.generation += 1;
+        let generation = self.generation;
+        self.set(
+            InstanceState::Waking,
+            format!("waking from sleep level {level}: {why}"),
+        );
+        let client = self.args.client.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = wake_server(&*client, level)
+                .await
+                .map(|()| started.elapsed());
+            let _ = me.cast(tick(Tick::WakeDone { generation, result }));
+        });
+    }
+}
+
+/// Tells each dispatcher the server is about to go, and waits (up to
+/// `limit` each) until its requests in flight have finished.
+async fn drain_watchers(watchers: Vec<DerivedActorRef<InstanceEvent>>, limit: Duration) {
+    for w in watchers {
+        let (tx, rx) = ractor::concurrency::oneshot();
+        if w.send_message(InstanceEvent::Stopping { idle: tx.into() })
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(limit, rx).await;
+        }
+    }
+}
+
+/// Wakes a sleeping model: everything at once from level 1; from level 2
+/// the weights, their reload from disk (else the model answers garbage),
+/// then the KV cache. A canary completion confirms it.
+async fn wake_server(client: &dyn InferenceClient, level: u8) -> Result<(), String> {
+    if level >= 2 {
+        client.wake_up(Some("weights")).await?;
+        client.reload_weights().await?;
+        client.wake_up(Some("kv_cache")).await?;
+    } else {
+        client.wake_up(None).await?;
+    }
+    client
+        .probe(true)
+        .await
+        .map_err(|e| format!("the canary completion after the wake failed: {e}"))
 }
 
 /// Adopts the server an earlier run left when it runs with this
@@ -680,6 +819,8 @@ impl Actor for ContainerActor {
             pending_park: Vec::new(),
             shutdown_waiters: Vec::new(),
             history: VecDeque::new(),
+            asleep: None,
+            replan: false,
         })
     }
 
@@ -710,9 +851,15 @@ impl Actor for ContainerActor {
                     InstanceState::Stopped | InstanceState::Failed => {
                         let _ = reply.send(());
                     }
+                    InstanceState::Sleeping if state.asleep.is_some() => {
+                        let _ = reply.send(());
+                    }
+                    InstanceState::Sleeping => state.pending_park.push(reply),
                     _ => {
                         state.pending_park.push(reply);
-                        if !state.stop_server(&myself, "the allocator parks it") {
+                        if !state.sleep_server(&myself, "the allocator parks it")
+                            && !state.stop_server(&myself, "the allocator parks it")
+                        {
                             // Nothing runs (restarting, or still launching):
                             // stop whatever would come next.
                             state.generation += 1;
@@ -725,12 +872,105 @@ impl Actor for ContainerActor {
                 }
             }
             ContainerMsg::Unpark { plan, reply } => {
+                let same_plan = plan == state.args.plan;
                 state.args.plan = plan;
                 let was_parked = std::mem::replace(&mut state.args.parked, false);
-                if was_parked && state.state == InstanceState::Stopped {
-                    state.launch(&myself);
+                match state.state {
+                    InstanceState::Stopped if was_parked => state.launch(&myself),
+                    InstanceState::Sleeping if state.asleep.is_some() && same_plan => {
+                        state.wake(&myself, "the allocator runs it again");
+                    }
+                    InstanceState::Sleeping if state.asleep.is_some() => {
+                        // Another memory share needs a new server.
+                        if !state.stop_server(&myself, "relaunching with a new plan") {
+                            state.launch(&myself);
+                        }
+                    }
+                    // Falling asleep: woken (or relaunched) once asleep.
+                    InstanceState::Sleeping => state.replan |= !same_plan,
+                    _ => {}
                 }
                 let _ = reply.send(());
+            }
+            ContainerMsg::Internal(Internal(Tick::SleepDone {
+                generation,
+                level,
+                result,
+            })) => {
+                if generation != state.generation || state.state != InstanceState::Sleeping {
+                    return Ok(());
+                }
+                match result {
+                    Ok(()) => {
+                        state.asleep = Some(level);
+                        let kept = if level == 1 {
+                            "its weights in host memory"
+                        } else {
+                            "its weights dropped (reloaded from disk on wake)"
+                        };
+                        state.set(
+                            InstanceState::Sleeping,
+                            format!("asleep at level {level}, {kept}; woken in seconds when its strategy runs it"),
+                        );
+                        for r in state.pending_park.drain(..) {
+                            let _ = r.send(());
+                        }
+                        if state.args.parked {
+                        } else if std::mem::take(&mut state.replan) {
+                            if !state.stop_server(&myself, "relaunching with a new plan") {
+                                state.launch(&myself);
+                            }
+                        } else {
+                            state.wake(&myself, "the allocator runs it again");
+                        }
+                    }
+                    Err(e) => {
+                        let reason = format!("the sleep (level {level}) failed: {e}; stopping the server instead");
+                        warn!(instance = state.name(), "{reason}");
+                        state.last_error = Some(reason.clone());
+                        if !state.stop_server(&myself, &reason) {
+                            state.set(InstanceState::Stopped, reason);
+                            for r in state.pending_park.drain(..) {
+                                let _ = r.send(());
+                            }
+                        }
+                    }
+                }
+            }
+            ContainerMsg::Internal(Internal(Tick::WakeDone { generation, result })) => {
+                if generation != state.generation || state.state != InstanceState::Waking {
+                    return Ok(());
+                }
+                state.asleep = None;
+                match result {
+                    Ok(took) => state.set(
+                        InstanceState::Ready,
+                        format!(
+                            "woke in {:.1} s; a canary completion confirmed it",
+                            took.as_secs_f64()
+                        ),
+                    ),
+                    Err(e) => state.unhealthy(&myself, format!("waking failed: {e}")),
+                }
+            }
+            ContainerMsg::Internal(Internal(Tick::AdoptedAsleep { generation, asleep })) => {
+                if generation != state.generation || state.state != InstanceState::Loading || !asleep
+                {
+                    return Ok(());
+                }
+                state.asleep = Some(match state.args.sleep {
+                    Some(SleepLevel::One) => 1,
+                    _ => 2,
+                });
+                if state.args.parked {
+                    state.set(
+                        InstanceState::Sleeping,
+                        "adopted asleep; woken when its strategy runs it",
+                    );
+                } else {
+                    state.set(InstanceState::Sleeping, "adopted asleep");
+                    state.wake(&myself, "adopted asleep, and its strategy runs it");
+                }
             }
             ContainerMsg::Internal(Internal(Tick::Launched { generation, result })) => {
                 if generation != state.generation || state.state != InstanceState::Starting {
@@ -752,9 +992,28 @@ impl Actor for ContainerActor {
                 if generation != state.generation {
                     return Ok(());
                 }
+                if state.state == InstanceState::Sleeping {
+                    state.id = None;
+                    state.asleep = None;
+                    state.generation += 1;
+                    state.set(
+                        InstanceState::Stopped,
+                        format!("the server {} while asleep; launched again when its strategy runs it", exit.detail),
+                    );
+                    for r in state.pending_park.drain(..) {
+                        let _ = r.send(());
+                    }
+                    if !state.args.parked {
+                        state.launch(&myself);
+                    }
+                    return Ok(());
+                }
                 if matches!(
                     state.state,
-                    InstanceState::Loading | InstanceState::Ready | InstanceState::Starting
+                    InstanceState::Loading
+                        | InstanceState::Ready
+                        | InstanceState::Starting
+                        | InstanceState::Waking
                 ) {
                     let tail = log_tail.trim();
                     let reason = if tail.is_empty() {

@@ -187,6 +187,8 @@ pub struct DispatchStatus {
     pub overloaded: u64,
     /// Jobs given back because the server went down under them.
     pub crashed: u64,
+    /// Requests the server aborted (their jobs went back, no attempt counted).
+    pub aborted: u64,
 }
 
 /// How a request ended, for metrics.
@@ -202,6 +204,8 @@ pub enum RequestOutcome {
     Overloaded,
     /// The server was not there (connection refused or dropped).
     Unavailable,
+    /// The server aborted it (put to sleep, or stopping).
+    Aborted,
 }
 
 impl RequestOutcome {
@@ -213,6 +217,7 @@ impl RequestOutcome {
             RequestOutcome::Permanent => "permanent",
             RequestOutcome::Overloaded => "overloaded",
             RequestOutcome::Unavailable => "unavailable",
+            RequestOutcome::Aborted => "aborted",
         }
     }
 }
@@ -355,6 +360,8 @@ pub struct DispatchState {
     overloaded: u64,
     /// Requests in flight when the server went down.
     crashed: u64,
+    /// Requests the server aborted.
+    aborted: u64,
 }
 
 /// Keeps one instance's batch full.
@@ -712,6 +719,7 @@ impl DispatchState {
                 Err(InferenceError::Permanent(_)) => RequestOutcome::Permanent,
                 Err(InferenceError::Overloaded { .. }) => RequestOutcome::Overloaded,
                 Err(InferenceError::Unavailable(_)) => RequestOutcome::Unavailable,
+                Err(InferenceError::Aborted(_)) => RequestOutcome::Aborted,
             };
             o.request_finished(&self.args.instance, kind, outcome.as_ref().ok());
         }
@@ -767,6 +775,13 @@ impl DispatchState {
                 self.parked.insert(job_id, f);
                 let round = self.park_round;
                 myself.send_after(pause, move || tick(Tick::Unpark { round }));
+            }
+            Err(InferenceError::Aborted(message)) => {
+                // Cut short by the server (a sleep, a stop): nothing was
+                // wrong with the job, so no attempt is counted.
+                debug!(job = %job_id, instance = %self.args.instance, "{message}; the job goes back");
+                self.aborted += 1;
+                self.settle(f.claim, Settle::Release, f.parent, f.follow_up);
             }
             Err(InferenceError::Retryable(message)) => {
                 self.failed += 1;
@@ -891,6 +906,7 @@ impl Actor for DispatchActor {
             failed: 0,
             overloaded: 0,
             crashed: 0,
+            aborted: 0,
         };
         state.subscribe(&myself);
         if state.ctl.is_auto() {
@@ -1027,6 +1043,7 @@ impl Actor for DispatchActor {
                     failed: state.failed,
                     overloaded: state.overloaded,
                     crashed: state.crashed,
+                    aborted: state.aborted,
                 });
             }
             DispatchMsg::Peers(peers) => {

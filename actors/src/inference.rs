@@ -49,11 +49,19 @@ pub enum InferenceError {
     /// the crash is counted against the job instead (poison-job quarantine).
     #[error("{0}")]
     Unavailable(String),
+    /// The server aborted the request (vLLM's `finish_reason: "abort"`: a
+    /// sleep, or a shutdown, cut it short): the job goes back without an
+    /// attempt counted, and nothing backs off.
+    #[error("{0}")]
+    Aborted(String),
     /// Retrying cannot help: the payload is malformed or missing, or the
     /// server refused the request (4xx other than 429) — its words are kept.
     #[error("{0}")]
     Permanent(String),
 }
+
+/// What a client without sleep mode answers to its calls.
+pub const NO_SLEEP_MODE: &str = "this server has no sleep mode";
 
 /// One model server.
 #[async_trait]
@@ -70,6 +78,31 @@ pub trait InferenceClient: Send + Sync + 'static {
     /// adaptive window; `Ok(None)` when the server has none to read.
     async fn engine_metrics(&self) -> Result<Option<EngineMetrics>, InferenceError> {
         Ok(None)
+    }
+
+    /// Puts the server's model to sleep (vLLM's sleep mode, `POST
+    /// /sleep?level=`): level 1 keeps the weights in host memory, level 2
+    /// drops them. The server aborts what is still in flight.
+    async fn sleep(&self, level: u8) -> Result<(), String> {
+        let _ = level;
+        Err(NO_SLEEP_MODE.into())
+    }
+
+    /// Wakes what `tags` names (`weights`, `kv_cache`), or everything.
+    async fn wake_up(&self, tags: Option<&str>) -> Result<(), String> {
+        let _ = tags;
+        Err(NO_SLEEP_MODE.into())
+    }
+
+    /// Reloads the weights from disk: needed after waking the weights of a
+    /// level-2 sleep, or the model answers garbage.
+    async fn reload_weights(&self) -> Result<(), String> {
+        Err(NO_SLEEP_MODE.into())
+    }
+
+    /// Whether the server's model is asleep.
+    async fn is_sleeping(&self) -> Result<bool, String> {
+        Err(NO_SLEEP_MODE.into())
     }
 
     /// What `probe` checks, in words, for the log and `instances`. It may

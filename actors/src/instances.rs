@@ -130,6 +130,8 @@ impl InstanceSupState {
             settings,
             watchers: slot.watchers.clone(),
             parked: slot.parked,
+            client: slot.spec.client.clone(),
+            sleep: slot.spec.sleep,
         };
         let (actor, _) =
             ContainerActor::spawn_linked(None, ContainerActor, args, myself.get_cell()).await?;

@@ -29,6 +29,74 @@ pub struct InstanceSpec {
     pub startup_timeout: Duration,
     /// The GPUs its server uses (thermal back-off).
     pub gpu_ids: Vec<u32>,
+    /// Sleep mode: the server was launched with `--enable-sleep-mode`, and
+    /// the allocator switches it by sleep and wake rather than stop and
+    /// launch; `None` without.
+    pub sleep: Option<SleepLevel>,
+}
+
+/// How deep an instance with sleep mode sleeps.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SleepLevel {
+    /// Weights to host memory: wakes in seconds, holds their size in RAM.
+    One,
+    /// Weights dropped: reloaded from disk on wake (slower), no RAM held.
+    Two,
+    /// Level 1 when the host has the memory for the weights (with a
+    /// quarter to spare) at the moment of the sleep, else level 2.
+    Auto {
+        /// The size of the model's weights, when known; unknown sleeps at 2.
+        weights_bytes: Option<u64>,
+    },
+}
+
+impl SleepLevel {
+    /// The level of a sleep now, given the host's available memory, and why.
+    pub fn choose(&self, host_available: Option<u64>) -> (u8, String) {
+        match *self {
+            SleepLevel::One => (1, "sleep_level = 1".into()),
+            SleepLevel::Two => (2, "sleep_level = 2".into()),
+            SleepLevel::Auto {
+                weights_bytes: None,
+            } => (
+                2,
+                "sleep_level = \"auto\" without the weights' size (set weights_gib)".into(),
+            ),
+            SleepLevel::Auto {
+                weights_bytes: Some(w),
+            } => {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                match host_available {
+                    Some(a) if a >= w + w / 4 => (
+                        1,
+                        format!(
+                            "auto: {:.1} GiB of host memory free for {:.1} GiB of weights",
+                            gib(a),
+                            gib(w)
+                        ),
+                    ),
+                    Some(a) => (
+                        2,
+                        format!(
+                            "auto: only {:.1} GiB of host memory free for {:.1} GiB of weights",
+                            gib(a),
+                            gib(w)
+                        ),
+                    ),
+                    None => (2, "auto: the host's free memory is unknown".into()),
+                }
+            }
+        }
+    }
+}
+
+/// The host's available memory (`MemAvailable` of `/proc/meminfo`), where
+/// the system tells.
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl InstanceSpec {
@@ -50,6 +118,37 @@ impl InstanceSpec {
             },
             startup_timeout: Duration::from_secs(900),
             gpu_ids: Vec::new(),
+            sleep: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_sleeps_at_one_only_with_room_for_the_weights() {
+        let gib = 1u64 << 30;
+        let auto = SleepLevel::Auto {
+            weights_bytes: Some(16 * gib),
+        };
+        assert_eq!(auto.choose(Some(64 * gib)).0, 1);
+        assert_eq!(auto.choose(Some(20 * gib)).0, 1);
+        assert_eq!(auto.choose(Some(19 * gib)).0, 2);
+        assert_eq!(auto.choose(None).0, 2);
+        let unknown = SleepLevel::Auto {
+            weights_bytes: None,
+        };
+        assert!(unknown.choose(Some(1 << 50)).1.contains("weights_gib"));
+        assert_eq!(SleepLevel::One.choose(Some(0)).0, 1);
+        assert_eq!(SleepLevel::Two.choose(Some(1 << 50)).0, 2);
+    }
+
+    #[test]
+    fn the_host_memory_is_read_where_linux_tells() {
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(host_memory_available().is_some_and(|b| b > 0));
         }
     }
 }

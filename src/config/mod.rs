@@ -144,6 +144,53 @@ impl fmt::Display for WindowSetting {
     }
 }
 
+/// How deep an instance with sleep mode sleeps: `1`, `2` or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SleepLevelSetting {
+    /// Weights kept in host memory: wakes in seconds.
+    #[default]
+    One,
+    /// Weights dropped, reloaded from disk on wake.
+    Two,
+    /// 1 when the host has the memory for the weights, else 2.
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for SleepLevelSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SleepLevelSetting;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("1, 2 or \"auto\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SleepLevelSetting, E> {
+                match v {
+                    1 => Ok(SleepLevelSetting::One),
+                    2 => Ok(SleepLevelSetting::Two),
+                    _ => Err(E::custom(format!(
+                        "{v} is not a sleep level: give 1 (weights kept in host memory), 2 (weights dropped) or \"auto\""
+                    ))),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SleepLevelSetting, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SleepLevelSetting, E> {
+                match v {
+                    "auto" => Ok(SleepLevelSetting::Auto),
+                    "1" => Ok(SleepLevelSetting::One),
+                    "2" => Ok(SleepLevelSetting::Two),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not a sleep level: give 1, 2 or \"auto\" (1 when the host has memory for the weights)"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
 /// `[dispatch]`
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -510,6 +557,17 @@ pub struct InstanceConfig {
     /// this model is created from its result.
     #[serde(default)]
     pub then: Option<ModelType>,
+    /// Launch with `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1`; the
+    /// allocator then switches it by sleep and wake instead of stop and launch.
+    #[serde(default)]
+    pub sleep_mode: bool,
+    /// How deep it sleeps: 1, 2 or `"auto"`.
+    #[serde(default)]
+    pub sleep_level: SleepLevelSetting,
+    /// Size of the model's weights, GiB, for `sleep_level = "auto"`;
+    /// without it, measured from the model's directory when it is on this host.
+    #[serde(default)]
+    pub weights_gib: Option<f64>,
 }
 
 fn default_image() -> String {
@@ -568,6 +626,31 @@ impl InstanceConfig {
         }
     }
 
+    /// How its model sleeps, with sleep mode on (`None`: off).
+    pub fn sleep(&self) -> Option<feeder_actors::spec::SleepLevel> {
+        use feeder_actors::spec::SleepLevel;
+        if !self.sleep_mode {
+            return None;
+        }
+        Some(match self.sleep_level {
+            SleepLevelSetting::One => SleepLevel::One,
+            SleepLevelSetting::Two => SleepLevel::Two,
+            SleepLevelSetting::Auto => SleepLevel::Auto {
+                weights_bytes: self
+                    .weights_gib
+                    .map(|g| (g * (1u64 << 30) as f64) as u64)
+                    .or_else(|| self.model_dir().and_then(|d| weights_size(&d))),
+            },
+        })
+    }
+
+    /// The model's directory, when the weights it names are on this host.
+    fn model_dir(&self) -> Option<PathBuf> {
+        let m = self.model.as_deref().unwrap_or(&self.served_model_name);
+        let p = PathBuf::from(m);
+        (self.backend == Backend::Process && p.is_dir()).then_some(p)
+    }
+
     /// The server's base URL.
     pub fn base_url(&self) -> String {
         match (&self.url, self.port) {
@@ -576,6 +659,24 @@ impl InstanceConfig {
             (None, None) => String::new(),
         }
     }
+}
+
+/// Bytes of weight files (`*.safetensors`, `*.bin`, `*.pt`) in `dir`.
+fn weights_size(dir: &std::path::Path) -> Option<u64> {
+    let total: u64 = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            [".safetensors", ".bin", ".pt"]
+                .iter()
+                .any(|x| name.ends_with(x))
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    (total > 0).then_some(total)
 }
 
 /// One problem in a configuration.

@@ -151,7 +151,10 @@ impl DockerRuntime {
             (LABEL_INSTANCE.to_string(), inst.name.clone()),
             (LABEL_CONFIG_HASH.to_string(), self.config_hash(plan)),
         ]);
-        let env: Vec<String> = inst.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env: Vec<String> = super::server_env(inst)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
 
         let mut host = HostConfig {
             binds: (!inst.volumes.is_empty()).then(|| inst.volumes.clone()),

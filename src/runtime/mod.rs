@@ -45,8 +45,21 @@ pub fn vllm_args(inst: &InstanceConfig, plan: &LaunchPlan) -> Vec<String> {
     }
     out.push("--gpu-memory-utilization".into());
     out.push(format!("{}", plan.gpu_memory_utilization));
+    if inst.sleep_mode {
+        out.push("--enable-sleep-mode".into());
+    }
     out.extend(inst.args.iter().cloned());
     out
+}
+
+/// The server's environment: as configured, plus `VLLM_SERVER_DEV_MODE=1`
+/// with sleep mode (vLLM serves `/sleep` and `/wake_up` only then).
+pub fn server_env(inst: &InstanceConfig) -> std::collections::BTreeMap<String, String> {
+    let mut env = inst.env.clone();
+    if inst.sleep_mode {
+        env.insert("VLLM_SERVER_DEV_MODE".into(), "1".into());
+    }
+    env
 }
 
 /// A short hash of everything that shapes the launched server.
@@ -56,7 +69,7 @@ pub fn config_hash(inst: &InstanceConfig, plan: &LaunchPlan) -> String {
         "image": inst.image,
         "command": inst.command,
         "args": vllm_args(inst, plan),
-        "env": inst.env,
+        "env": server_env(inst),
         "volumes": inst.volumes,
         "gpu_ids": inst.gpu_ids,
         "shm_size": inst.shm_size,

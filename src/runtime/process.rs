@@ -179,7 +179,7 @@ impl ContainerRuntime for ProcessRuntime {
         }
         let child = cmd
             .args(args)
-            .envs(&self.inst.env)
+            .envs(super::server_env(&self.inst))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err_log)
