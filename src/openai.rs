@@ -286,7 +286,10 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
         ))
     };
     let v: Value = serde_json::from_str(body).map_err(|_| missing())?;
-    if v.pointer("/choices/0/finish_reason").and_then(Value::as_str) == Some("abort") {
+    if v.pointer("/choices/0/finish_reason")
+        .and_then(Value::as_str)
+        == Some("abort")
+    {
         return Err(InferenceError::Aborted(
             "the server aborted the request (finish_reason \"abort\": put to sleep or stopping)"
                 .into(),

@@ -21,6 +21,20 @@
 //! the instances it stops or relaunches (their requests in flight finish),
 //! then stops or relaunches them; no job is lost or failed by it. A pin holds
 //! a strategy until it is released.
+//!
+//! Instances with sleep mode are parked by putting their model to sleep and
+//! brought back by waking it: seconds instead of a load. What each model
+//! costs to bring in is learned from the instances' histories: its wake
+//! (Waking → Ready) when its instances sleep with the plan they would run
+//! with, else its load (Starting → Ready). When every managed instance has
+//! sleep mode, work of both kinds is served in turns, one model at a time
+//! with the whole memory, instead of `shared` (which would relaunch both):
+//! think first, then each turn holds at least `min_dwell`, and a model is
+//! not left while its own backlog would drain (at the rate its jobs were
+//! seen to finish) in less time than a round trip of switches costs. A
+//! model whose backlog is gone is left at once. Where GPUs are read, the
+//! memory a sleep frees is checked before the incoming model is woken, and
+//! a sleep that freed less than half of what the instance held is reported.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -136,6 +150,16 @@ pub struct Backlog {
     pub pending: u64,
     /// How long the oldest has waited.
     pub oldest: Duration,
+    /// Jobs of this model seen finishing per second while it was served
+    /// (0: not measured yet).
+    pub rate: f64,
+}
+
+impl Backlog {
+    /// The time its pending jobs take at the measured rate (`None`: unknown).
+    pub fn drain_time(&self) -> Option<Duration> {
+        (self.rate > 0.0).then(|| Duration::from_secs_f64(self.pending as f64 / self.rate))
+    }
 }
 
 /// What `decide` sees.
@@ -151,12 +175,43 @@ pub struct Inputs {
     pub think: Backlog,
     /// The backlog per model.
     pub vision: Backlog,
-    /// The longest load seen, per model (zero when never seen).
-    pub load_think: Duration,
-    /// The longest load seen, per model (zero when never seen).
-    pub load_vision: Duration,
+    /// What bringing the think model in costs now: its longest wake seen
+    /// when its instances sleep with the plan they would run, else its
+    /// longest load seen (zero when never seen, or already running).
+    pub cost_think: Duration,
+    /// The same for the vision model.
+    pub cost_vision: Duration,
+    /// Every managed instance has sleep mode: switches are cheap, and work
+    /// of both kinds is served in turns rather than `shared`.
+    pub by_sleep: bool,
     /// A strategy pinned by an operator.
     pub pinned: Option<Strategy>,
+}
+
+impl Inputs {
+    fn backlog(&self, m: ModelType) -> Backlog {
+        match m {
+            ModelType::Think => self.think,
+            ModelType::Vision => self.vision,
+        }
+    }
+
+    fn cost(&self, m: ModelType) -> Duration {
+        match m {
+            ModelType::Think => self.cost_think,
+            ModelType::Vision => self.cost_vision,
+        }
+    }
+
+    fn describe_backlog(&self) -> String {
+        format!(
+            "think: {} pending (oldest {} s), vision: {} pending (oldest {} s)",
+            self.think.pending,
+            self.think.oldest.as_secs(),
+            self.vision.pending,
+            self.vision.oldest.as_secs()
+        )
+    }
 }
 
 /// A decision: switch to `to`, because `why`.
@@ -179,6 +234,7 @@ pub fn decide(i: &Inputs, s: &AllocatorSettings) -> Option<Decision> {
     }
     let (t, v) = (i.think.pending > 0, i.vision.pending > 0);
     let want = match (t, v) {
+        (true, true) if i.by_sleep => return take_turns(i, s),
         (true, true) => Strategy::Shared,
         (true, false) => Strategy::Think,
         (false, true) => Strategy::Vision,
@@ -199,13 +255,7 @@ pub fn decide(i: &Inputs, s: &AllocatorSettings) -> Option<Decision> {
     if want == i.current || (i.current == Strategy::Static && want == Strategy::Shared) {
         return None;
     }
-    let backlog = format!(
-        "think: {} pending (oldest {} s), vision: {} pending (oldest {} s)",
-        i.think.pending,
-        i.think.oldest.as_secs(),
-        i.vision.pending,
-        i.vision.oldest.as_secs()
-    );
+    let backlog = i.describe_backlog();
     let think_first = t && !i.current.serves(ModelType::Think);
     if think_first {
         return Some(Decision {
@@ -219,19 +269,23 @@ pub fn decide(i: &Inputs, s: &AllocatorSettings) -> Option<Decision> {
             why: format!("work arrived while idle; {backlog}"),
         });
     }
-    if i.held_for < s.min_dwell {
+    // With sleep mode nothing is gained by holding a model whose work is
+    // done: the dwell only keeps turns from flapping.
+    let current_idle = i.by_sleep
+        && [ModelType::Think, ModelType::Vision]
+            .into_iter()
+            .all(|m| !i.current.serves(m) || i.backlog(m).pending == 0);
+    if i.held_for < s.min_dwell && !current_idle {
         return None;
     }
-    // A launch costs the server's load time: worth it only for work that
-    // has already waited that long.
-    for (model, b, load) in [
-        (ModelType::Think, i.think, i.load_think),
-        (ModelType::Vision, i.vision, i.load_vision),
-    ] {
-        if want.serves(model) && !i.current.serves(model) && b.pending > 0 && b.oldest < load {
+    // Bringing a model in costs its load (or wake): worth it only for work
+    // that has already waited that long.
+    for model in [ModelType::Think, ModelType::Vision] {
+        let (b, cost) = (i.backlog(model), i.cost(model));
+        if want.serves(model) && !i.current.serves(model) && b.pending > 0 && b.oldest < cost {
             debug!(
-                "{want} would launch {model} (loads in {} s) for work {} s old: not yet",
-                load.as_secs(),
+                "{want} would bring {model} in (in {} s) for work {} s old: not yet",
+                cost.as_secs(),
                 b.oldest.as_secs()
             );
             return None;
@@ -244,6 +298,58 @@ pub fn decide(i: &Inputs, s: &AllocatorSettings) -> Option<Decision> {
             i.current,
             i.held_for.as_secs(),
             s.min_dwell.as_secs()
+        ),
+    })
+}
+
+/// Both kinds of work wait and every instance sleeps: one model at a time,
+/// in turns of at least `min_dwell`, think first.
+fn take_turns(i: &Inputs, s: &AllocatorSettings) -> Option<Decision> {
+    let backlog = i.describe_backlog();
+    let (serving, other) = match i.current {
+        Strategy::Think => (ModelType::Think, ModelType::Vision),
+        Strategy::Vision => (ModelType::Vision, ModelType::Think),
+        // Everything runs: nothing to gain by a switch.
+        Strategy::Static | Strategy::Shared => return None,
+        Strategy::Idle => {
+            return Some(Decision {
+                to: Strategy::Think,
+                why: format!(
+                    "work arrived while idle; both kinds take turns (think first); {backlog}"
+                ),
+            })
+        }
+    };
+    if i.held_for < s.min_dwell {
+        return None;
+    }
+    let cost = i.cost(other);
+    let round_trip = cost + i.cost(serving);
+    if let Some(drain) = i.backlog(serving).drain_time() {
+        if drain <= round_trip {
+            debug!(
+                "{serving} drains in {:.1} s, less than the {:.1} s two switches cost: finishing it first",
+                drain.as_secs_f64(),
+                round_trip.as_secs_f64()
+            );
+            return None;
+        }
+    }
+    if i.backlog(other).oldest < cost {
+        return None;
+    }
+    let to = match other {
+        ModelType::Think => Strategy::Think,
+        ModelType::Vision => Strategy::Vision,
+    };
+    Some(Decision {
+        to,
+        why: format!(
+            "both kinds wait and every instance sleeps, so they take turns: {serving} held for {} s \
+             (allocator.min_dwell_s = {}), {other} comes in within about {:.1} s; {backlog}",
+            i.held_for.as_secs(),
+            s.min_dwell.as_secs(),
+            cost.as_secs_f64()
         ),
     })
 }
@@ -290,6 +396,9 @@ pub struct AllocatorStatus {
     pub switching: bool,
     /// Switches since start.
     pub switches: u64,
+    /// What went wrong in the last switch (a sleep that freed too little
+    /// memory, an instance that did not follow); empty when nothing did.
+    pub problems: Vec<String>,
 }
 
 /// An instance the allocator manages.
@@ -301,6 +410,10 @@ pub struct Managed {
     pub model: ModelType,
     /// Its configured plan (for `static`).
     pub configured: LaunchPlan,
+    /// It has sleep mode: parked by sleep, brought back by a wake.
+    pub sleep: bool,
+    /// The GPUs it runs on (where a sleep's freed memory is checked).
+    pub gpu_ids: Vec<u32>,
 }
 
 /// How the AllocatorActor is started.
@@ -329,6 +442,12 @@ pub struct AllocatorState {
     gpu: Option<GpuSnapshot>,
     /// The longest each model took from starting to ready, from the instances' histories.
     loads: BTreeMap<ModelType, Duration>,
+    /// The longest each model took from waking to ready.
+    wakes: BTreeMap<ModelType, Duration>,
+    /// Per model: jobs done when last read, when, and the rate measured.
+    rates: BTreeMap<ModelType, (u64, Instant, f64)>,
+    /// The latest GPU snapshot, for switches checking what a sleep freed.
+    gpu_watch: tokio::sync::watch::Sender<Option<GpuSnapshot>>,
     /// A decision is under way (one at a time).
     deciding: bool,
 }
@@ -394,17 +513,39 @@ impl AllocatorState {
             pinned: self.status.pinned,
             switching: true,
             switches: self.status.switches + 1,
+            problems: Vec::new(),
         };
         self.since = Instant::now();
         let instances = self.args.peers.instances.clone();
         let me = myself.clone();
         let to = d.to;
+        // What each instance holds now, for checking what its sleep frees.
+        let held: BTreeMap<String, f64> = self
+            .targets(from)
+            .into_iter()
+            .filter_map(|(n, p)| Some((n, p?.gpu_memory_utilization)))
+            .collect();
+        let sleepers: BTreeMap<String, Vec<u32>> = self
+            .args
+            .instances
+            .iter()
+            .filter(|m| m.sleep)
+            .map(|m| (m.name.clone(), m.gpu_ids.clone()))
+            .collect();
+        let mut gpu = self.gpu_watch.subscribe();
         tokio::spawn(async move {
             let mut problems = Vec::new();
             // Stop first (frees memory), then relaunch or start.
             let mut ordered = targets;
             ordered.sort_by_key(|(_, p)| p.is_some());
             for (instance, plan) in ordered {
+                let check = match (&plan, sleepers.get(&instance), held.get(&instance)) {
+                    (None, Some(ids), Some(share)) => {
+                        let before = gpu.borrow_and_update().clone();
+                        before.map(|b| (ids.clone(), *share, b))
+                    }
+                    _ => None,
+                };
                 let answer = instances
                     .call(
                         |reply| InstanceSupMsg::Allocate {
@@ -419,6 +560,12 @@ impl AllocatorState {
                     Ok(CallResult::Success(Ok(()))) => {}
                     Ok(CallResult::Success(Err(e))) => problems.push(e),
                     other => problems.push(format!("{instance}: no answer ({other:?})")),
+                }
+                if let Some((ids, share, before)) = check {
+                    if let Some(p) = check_freed(&instance, &ids, share, &before, &mut gpu).await {
+                        warn!("{p}");
+                        problems.push(p);
+                    }
                 }
             }
             let _ = me.cast(AllocatorMsg::Applied { to, problems });
@@ -456,8 +603,12 @@ impl AllocatorState {
             warn!("the allocator could not read the backlog; deciding later");
             return;
         };
-        self.learn_loads(&statuses);
-        let backlog = |m: ModelType| backlog_of(&stats, m);
+        self.learn_costs(&statuses);
+        self.learn_rates(&stats);
+        let backlog = |m: ModelType| Backlog {
+            rate: self.rates.get(&m).map_or(0.0, |r| r.2),
+            ..backlog_of(&stats, m)
+        };
         let (think, vision) = (backlog(ModelType::Think), backlog(ModelType::Vision));
         if think.pending > 0 || vision.pending > 0 {
             self.last_work = Instant::now();
@@ -468,16 +619,9 @@ impl AllocatorState {
             idle_for: self.last_work.elapsed(),
             think,
             vision,
-            load_think: self
-                .loads
-                .get(&ModelType::Think)
-                .copied()
-                .unwrap_or_default(),
-            load_vision: self
-                .loads
-                .get(&ModelType::Vision)
-                .copied()
-                .unwrap_or_default(),
+            cost_think: self.cost(ModelType::Think, Strategy::Think, &statuses),
+            cost_vision: self.cost(ModelType::Vision, Strategy::Vision, &statuses),
+            by_sleep: self.args.instances.iter().all(|m| m.sleep),
             pinned: self.status.pinned,
         };
         if let Some(d) = decide(&inputs, &self.args.settings) {
@@ -485,25 +629,132 @@ impl AllocatorState {
         }
     }
 
-    /// The longest Starting → Ready seen per model.
-    fn learn_loads(&mut self, statuses: &[InstanceStatus]) {
+    /// The longest Starting → Ready (a load) and Waking → Ready (a wake)
+    /// seen per model.
+    fn learn_costs(&mut self, statuses: &[InstanceStatus]) {
         for s in statuses {
-            let mut started = None;
+            let mut began: Option<(InstanceState, SystemTime)> = None;
             for t in &s.history {
                 match t.to {
-                    InstanceState::Starting => started = Some(t.at),
+                    InstanceState::Starting | InstanceState::Waking => began = Some((t.to, t.at)),
                     InstanceState::Ready => {
-                        if let Some(d) = started.and_then(|a| t.at.duration_since(a).ok()) {
-                            let e = self.loads.entry(s.model).or_default();
-                            *e = (*e).max(d);
+                        if let Some((kind, at)) = began.take() {
+                            let table = if kind == InstanceState::Waking {
+                                &mut self.wakes
+                            } else {
+                                &mut self.loads
+                            };
+                            if let Ok(d) = t.at.duration_since(at) {
+                                let e = table.entry(s.model).or_default();
+                                *e = (*e).max(d);
+                            }
                         }
-                        started = None;
                     }
                     _ => {}
                 }
             }
         }
     }
+
+    /// What bringing `model` in under `to` costs now: nothing if its
+    /// instances are Ready with the plan they would run, its wake if they
+    /// sleep with it, else its load.
+    fn cost(&self, model: ModelType, to: Strategy, statuses: &[InstanceStatus]) -> Duration {
+        let targets = self.targets(to);
+        let mine: Vec<&InstanceStatus> = statuses.iter().filter(|s| s.model == model).collect();
+        let same_plan = |s: &InstanceStatus| {
+            targets
+                .iter()
+                .find(|(n, _)| *n == s.name)
+                .is_some_and(|(_, p)| p.is_some() && *p == s.plan)
+        };
+        let load = self.loads.get(&model).copied().unwrap_or_default();
+        if mine.is_empty() {
+            return load;
+        }
+        if mine
+            .iter()
+            .all(|s| s.state == InstanceState::Ready && same_plan(s))
+        {
+            return Duration::ZERO;
+        }
+        if mine.iter().all(|s| {
+            matches!(s.state, InstanceState::Sleeping | InstanceState::Ready) && same_plan(s)
+        }) {
+            return self.wakes.get(&model).copied().unwrap_or_default();
+        }
+        load
+    }
+
+    /// Measures how fast each model's jobs finish while it is served.
+    fn learn_rates(&mut self, stats: &QueueStats) {
+        let now = Instant::now();
+        for m in [ModelType::Think, ModelType::Vision] {
+            let done = stats.model(m).counts.done;
+            let serving = self.status.strategy.serves(m) && !self.status.switching;
+            let e = self.rates.entry(m).or_insert((done, now, 0.0));
+            let dt = now.duration_since(e.1).as_secs_f64();
+            if dt <= 0.0 {
+                continue;
+            }
+            if serving && done > e.0 {
+                let r = (done - e.0) as f64 / dt;
+                e.2 = if e.2 > 0.0 { 0.5 * e.2 + 0.5 * r } else { r };
+            }
+            e.0 = done;
+            e.1 = now;
+        }
+    }
+}
+
+/// Waits for a GPU reading taken after a sleep, and says so if the sleep
+/// freed less than half of the memory the instance held.
+async fn check_freed(
+    instance: &str,
+    gpu_ids: &[u32],
+    share: f64,
+    before: &GpuSnapshot,
+    gpu: &mut tokio::sync::watch::Receiver<Option<GpuSnapshot>>,
+) -> Option<String> {
+    if before.gpus.is_empty() {
+        return None; // No readings (no NVML): nothing to check.
+    }
+    let slept_at = SystemTime::now();
+    let wait = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if gpu.changed().await.is_err() {
+                return None;
+            }
+            let s = gpu.borrow_and_update().clone();
+            if let Some(s) = s.filter(|s| s.at >= slept_at) {
+                return Some(s);
+            }
+        }
+    });
+    let after = wait.await.ok().flatten()?;
+    let on = |s: &GpuSnapshot| -> (u64, u64) {
+        s.gpus
+            .iter()
+            .filter(|g| gpu_ids.contains(&g.index))
+            .fold((0, 0), |(u, t), g| {
+                (u + g.memory_used_bytes, t + g.memory_total_bytes)
+            })
+    };
+    let (used_before, total) = on(before);
+    let (used_after, _) = on(&after);
+    let held = (share * total as f64) as u64;
+    let freed = used_before.saturating_sub(used_after);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    (held > 0 && freed < held / 2).then(|| {
+        format!(
+            "{instance}: its sleep freed only {:.1} GiB of GPU memory (it held about {:.1} GiB; {:.1} → {:.1} GiB in use on GPU {gpu_ids:?}): \
+             vLLM sometimes keeps memory after a sleep — see the server's log; the incoming model may not fit",
+            gib(freed),
+            gib(held),
+            gib(used_before),
+            gib(used_after)
+        )
+    })
 }
 
 fn backlog_of(stats: &QueueStats, model: ModelType) -> Backlog {
@@ -511,6 +762,7 @@ fn backlog_of(stats: &QueueStats, model: ModelType) -> Backlog {
     Backlog {
         pending: m.counts.pending,
         oldest: m.oldest_pending_age.unwrap_or_default(),
+        rate: 0.0,
     }
 }
 
@@ -534,11 +786,15 @@ impl Actor for AllocatorActor {
                 pinned: None,
                 switching: false,
                 switches: 0,
+                problems: Vec::new(),
             },
             since: Instant::now(),
             last_work: Instant::now(),
             gpu: None,
             loads: BTreeMap::new(),
+            wakes: BTreeMap::new(),
+            rates: BTreeMap::new(),
+            gpu_watch: tokio::sync::watch::channel(None).0,
             deciding: false,
         })
     }
@@ -551,7 +807,10 @@ impl Actor for AllocatorActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             AllocatorMsg::Tick => state.tick(&myself).await,
-            AllocatorMsg::Gpu(g) => state.gpu = Some(g),
+            AllocatorMsg::Gpu(g) => {
+                state.gpu_watch.send_replace(Some(g.clone()));
+                state.gpu = Some(g);
+            }
             AllocatorMsg::Pin { strategy, reply } => {
                 state.status.pinned = strategy;
                 match strategy {
@@ -576,6 +835,7 @@ impl Actor for AllocatorActor {
             AllocatorMsg::Peers(p) => state.args.peers = p,
             AllocatorMsg::Applied { to, problems } => {
                 state.status.switching = false;
+                state.status.problems = problems.clone();
                 if problems.is_empty() {
                     info!("strategy {to} in force");
                 } else {

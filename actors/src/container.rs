@@ -925,7 +925,9 @@ impl Actor for ContainerActor {
                         }
                     }
                     Err(e) => {
-                        let reason = format!("the sleep (level {level}) failed: {e}; stopping the server instead");
+                        let reason = format!(
+                            "the sleep (level {level}) failed: {e}; stopping the server instead"
+                        );
                         warn!(instance = state.name(), "{reason}");
                         state.last_error = Some(reason.clone());
                         if !state.stop_server(&myself, &reason) {
@@ -954,7 +956,9 @@ impl Actor for ContainerActor {
                 }
             }
             ContainerMsg::Internal(Internal(Tick::AdoptedAsleep { generation, asleep })) => {
-                if generation != state.generation || state.state != InstanceState::Loading || !asleep
+                if generation != state.generation
+                    || state.state != InstanceState::Loading
+                    || !asleep
                 {
                     return Ok(());
                 }
@@ -998,7 +1002,10 @@ impl Actor for ContainerActor {
                     state.generation += 1;
                     state.set(
                         InstanceState::Stopped,
-                        format!("the server {} while asleep; launched again when its strategy runs it", exit.detail),
+                        format!(
+                            "the server {} while asleep; launched again when its strategy runs it",
+                            exit.detail
+                        ),
                     );
                     for r in state.pending_park.drain(..) {
                         let _ = r.send(());

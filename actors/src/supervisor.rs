@@ -440,6 +440,8 @@ impl FeederState {
                 name: i.name.clone(),
                 model: i.model,
                 configured: i.plan.clone(),
+                sleep: i.sleep.is_some(),
+                gpu_ids: i.gpu_ids.clone(),
             })
             .collect()
     }

@@ -189,6 +189,7 @@ fn the_policy_as_a_table() {
     let some = Backlog {
         pending: 10,
         oldest: Duration::from_secs(900),
+        ..Backlog::default()
     };
     let base = Inputs {
         current: Strategy::Static,
@@ -196,13 +197,27 @@ fn the_policy_as_a_table() {
         idle_for: Duration::ZERO,
         think: none,
         vision: none,
-        load_think: Duration::from_secs(120),
-        load_vision: Duration::from_secs(120),
+        cost_think: Duration::from_secs(120),
+        cost_vision: Duration::from_secs(120),
+        by_sleep: false,
         pinned: None,
     };
     let young = Backlog {
         pending: 10,
         oldest: Duration::from_secs(30),
+        ..Backlog::default()
+    };
+    // Every instance sleeps: a switch costs a wake of two seconds.
+    let asleep = Inputs {
+        by_sleep: true,
+        cost_think: Duration::from_secs(2),
+        cost_vision: Duration::from_secs(2),
+        ..base.clone()
+    };
+    let draining = Backlog {
+        pending: 10,
+        oldest: Duration::from_secs(900),
+        rate: 20.0, // done in half a second
     };
     let cases: Vec<(&str, Inputs, Option<Strategy>)> = vec![
         ("no work, no idle_ttl: hold", base.clone(), None),
@@ -291,6 +306,86 @@ fn the_policy_as_a_table() {
                 ..base.clone()
             },
             Some(Strategy::Vision),
+        ),
+        (
+            "sleep mode, both under vision within the dwell: hold (turns, not shared)",
+            Inputs {
+                current: Strategy::Vision,
+                held_for: Duration::from_secs(60),
+                think: some,
+                vision: some,
+                ..asleep.clone()
+            },
+            None,
+        ),
+        (
+            "sleep mode, both under vision after the dwell: think's turn",
+            Inputs {
+                current: Strategy::Vision,
+                think: some,
+                vision: some,
+                ..asleep.clone()
+            },
+            Some(Strategy::Think),
+        ),
+        (
+            "sleep mode, both under think after the dwell: vision's turn",
+            Inputs {
+                current: Strategy::Think,
+                think: some,
+                vision: some,
+                ..asleep.clone()
+            },
+            Some(Strategy::Vision),
+        ),
+        (
+            "sleep mode: think drains sooner than two switches cost, so it finishes first",
+            Inputs {
+                current: Strategy::Think,
+                think: draining,
+                vision: some,
+                ..asleep.clone()
+            },
+            None,
+        ),
+        (
+            "sleep mode, both under static: everything runs, hold",
+            Inputs {
+                think: some,
+                vision: some,
+                ..asleep.clone()
+            },
+            None,
+        ),
+        (
+            "sleep mode, both under idle: think first",
+            Inputs {
+                current: Strategy::Idle,
+                think: young,
+                vision: young,
+                ..asleep.clone()
+            },
+            Some(Strategy::Think),
+        ),
+        (
+            "sleep mode, think done, vision waits: vision at once (no dwell for an idle model)",
+            Inputs {
+                current: Strategy::Think,
+                held_for: Duration::from_secs(5),
+                vision: young,
+                ..asleep.clone()
+            },
+            Some(Strategy::Vision),
+        ),
+        (
+            "relaunching, think done, vision waits: the dwell holds",
+            Inputs {
+                current: Strategy::Think,
+                held_for: Duration::from_secs(5),
+                vision: some,
+                ..base.clone()
+            },
+            None,
         ),
         (
             "pinned: the pin wins",

@@ -333,18 +333,16 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
                 "is for servers gpu-feeder launches (docker or process): an external server is never switched",
             );
         }
-        if inst.sleep_mode
-            && inst
-                .args
-                .iter()
-                .any(|a| a == "--enable-sleep-mode")
-        {
+        if inst.sleep_mode && inst.args.iter().any(|a| a == "--enable-sleep-mode") {
             c.at(
                 &at("args"),
                 "--enable-sleep-mode is added by sleep_mode = true: remove it from args",
             );
         }
-        if inst.weights_gib.is_some_and(|g| !(g > 0.0 && g.is_finite())) {
+        if inst
+            .weights_gib
+            .is_some_and(|g| !(g > 0.0 && g.is_finite()))
+        {
             c.at(&at("weights_gib"), "must be a size in GiB above 0");
         }
         match inst.backend {
