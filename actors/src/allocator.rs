@@ -399,6 +399,19 @@ pub struct AllocatorStatus {
     /// What went wrong in the last switch (a sleep that freed too little
     /// memory, an instance that did not follow); empty when nothing did.
     pub problems: Vec<String>,
+    /// What bringing each model in was seen to cost.
+    pub costs: Vec<SwitchCost>,
+}
+
+/// What bringing one model in was seen to cost (the longest seen).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwitchCost {
+    /// The model.
+    pub model: ModelType,
+    /// Starting → Ready.
+    pub load: Option<Duration>,
+    /// Waking → Ready (sleep mode).
+    pub wake: Option<Duration>,
 }
 
 /// An instance the allocator manages.
@@ -514,6 +527,7 @@ impl AllocatorState {
             switching: true,
             switches: self.status.switches + 1,
             problems: Vec::new(),
+            costs: self.status.costs.clone(),
         };
         self.since = Instant::now();
         let instances = self.args.peers.instances.clone();
@@ -604,6 +618,14 @@ impl AllocatorState {
             return;
         };
         self.learn_costs(&statuses);
+        self.status.costs = [ModelType::Think, ModelType::Vision]
+            .into_iter()
+            .map(|m| SwitchCost {
+                model: m,
+                load: self.loads.get(&m).copied(),
+                wake: self.wakes.get(&m).copied(),
+            })
+            .collect();
         self.learn_rates(&stats);
         let backlog = |m: ModelType| Backlog {
             rate: self.rates.get(&m).map_or(0.0, |r| r.2),
@@ -633,10 +655,12 @@ impl AllocatorState {
     /// seen per model.
     fn learn_costs(&mut self, statuses: &[InstanceStatus]) {
         for s in statuses {
-            let mut began: Option<(InstanceState, SystemTime)> = None;
+            let mut began: Option<(InstanceState, Instant)> = None;
             for t in &s.history {
                 match t.to {
-                    InstanceState::Starting | InstanceState::Waking => began = Some((t.to, t.at)),
+                    InstanceState::Starting | InstanceState::Waking => {
+                        began = Some((t.to, t.instant))
+                    }
                     InstanceState::Ready => {
                         if let Some((kind, at)) = began.take() {
                             let table = if kind == InstanceState::Waking {
@@ -644,10 +668,9 @@ impl AllocatorState {
                             } else {
                                 &mut self.loads
                             };
-                            if let Ok(d) = t.at.duration_since(at) {
-                                let e = table.entry(s.model).or_default();
-                                *e = (*e).max(d);
-                            }
+                            let d = t.instant.duration_since(at);
+                            let e = table.entry(s.model).or_default();
+                            *e = (*e).max(d);
                         }
                     }
                     _ => {}
@@ -787,6 +810,7 @@ impl Actor for AllocatorActor {
                 switching: false,
                 switches: 0,
                 problems: Vec::new(),
+                costs: Vec::new(),
             },
             since: Instant::now(),
             last_work: Instant::now(),

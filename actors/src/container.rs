@@ -66,6 +66,8 @@ pub struct Transition {
     pub reason: String,
     /// When (wall clock).
     pub at: std::time::SystemTime,
+    /// When (monotonic: durations between transitions are taken from it).
+    pub instant: Instant,
 }
 
 /// Where an instance is in its life.
@@ -433,6 +435,7 @@ impl ContainerState {
             to: state,
             reason: reason.clone(),
             at: std::time::SystemTime::now(),
+            instant: Instant::now(),
         });
         self.state = state;
         self.reason = reason;

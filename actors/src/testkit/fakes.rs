@@ -22,6 +22,13 @@ use crate::results::ResultStore;
 /// [`FakeInference::script`] are used first, in order. With
 /// [`FakeInference::gated`], each request waits for a permit that the test
 /// hands out with [`FakeInference::release`].
+///
+/// It also plays vLLM's sleep mode: `sleep` aborts what is in flight (those
+/// requests answer [`InferenceError::Aborted`]) unless
+/// [`FakeInference::sleep_waits`], takes `sleep_time`, and leaves the model
+/// asleep (requests and canaries 503) until `wake_up` (`wake_time`,
+/// tokio time). Sleep-mode calls and deep probes are logged in order
+/// ([`FakeInference::events`]).
 #[derive(Clone)]
 pub struct FakeInference {
     inner: Arc<FakeInner>,
@@ -36,6 +43,19 @@ struct FakeInner {
     max_in_flight: AtomicUsize,
     probe: Mutex<Result<(), ProbeError>>,
     deep_probes: AtomicUsize,
+    sleep: Mutex<FakeSleep>,
+    aborts: tokio::sync::watch::Sender<u64>,
+    events: Mutex<Vec<(tokio::time::Instant, String)>>,
+}
+
+/// The fake's sleep mode.
+#[derive(Default)]
+struct FakeSleep {
+    asleep: bool,
+    waits: bool,
+    sleep_time: Duration,
+    wake_time: Duration,
+    on_sleep: Option<Arc<dyn Fn(u8) + Send + Sync>>,
 }
 
 impl Default for FakeInference {
@@ -56,6 +76,9 @@ impl FakeInference {
                 max_in_flight: AtomicUsize::new(0),
                 probe: Mutex::new(Ok(())),
                 deep_probes: AtomicUsize::new(0),
+                sleep: Mutex::new(FakeSleep::default()),
+                aborts: tokio::sync::watch::channel(0).0,
+                events: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -121,6 +144,44 @@ impl FakeInference {
     pub fn max_in_flight(&self) -> usize {
         self.inner.max_in_flight.load(Ordering::SeqCst)
     }
+
+    /// How long a sleep and a wake take (tokio time).
+    pub fn sleep_timings(&self, sleep: Duration, wake: Duration) {
+        let mut s = self.inner.sleep.lock().unwrap();
+        s.sleep_time = sleep;
+        s.wake_time = wake;
+    }
+
+    /// A sleep lets requests in flight finish instead of aborting them.
+    pub fn sleep_waits(&self) {
+        self.inner.sleep.lock().unwrap().waits = true;
+    }
+
+    /// Runs `f(level)` at each sleep (a fake GPU's memory falling, say).
+    pub fn on_sleep(&self, f: impl Fn(u8) + Send + Sync + 'static) {
+        self.inner.sleep.lock().unwrap().on_sleep = Some(Arc::new(f));
+    }
+
+    /// Whether the model is asleep.
+    pub fn is_asleep(&self) -> bool {
+        self.inner.sleep.lock().unwrap().asleep
+    }
+
+    /// Sleep-mode calls and deep probes, in order: `sleep 1 (2 in flight)`,
+    /// `wake_up`, `wake_up weights`, `reload_weights`, `canary`.
+    pub fn events(&self) -> Vec<String> {
+        self.timed_events().into_iter().map(|(_, e)| e).collect()
+    }
+
+    /// `events`, each with when it began (tokio time).
+    pub fn timed_events(&self) -> Vec<(tokio::time::Instant, String)> {
+        self.inner.events.lock().unwrap().clone()
+    }
+
+    fn log(&self, event: String) {
+        let now = tokio::time::Instant::now();
+        self.inner.events.lock().unwrap().push((now, event));
+    }
 }
 
 struct InFlightGuard<'a>(&'a AtomicUsize);
@@ -135,16 +196,33 @@ impl Drop for InFlightGuard<'_> {
 impl InferenceClient for FakeInference {
     async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError> {
         let inner = &self.inner;
+        if inner.sleep.lock().unwrap().asleep {
+            return Err(InferenceError::Overloaded {
+                message: "HTTP 503: the engine is asleep".into(),
+                retry_after: None,
+            });
+        }
         inner.received.lock().unwrap().push(job.id);
         let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
         let _guard = InFlightGuard(&inner.in_flight);
-        if let Some(g) = &inner.gate {
-            g.acquire().await.expect("gate open").forget();
-        }
         let latency = *inner.latency.lock().unwrap();
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
+        let mut aborted = inner.aborts.subscribe();
+        let work = async {
+            if let Some(g) = &inner.gate {
+                g.acquire().await.expect("gate open").forget();
+            }
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            Ok(()) = aborted.changed() => {
+                return Err(InferenceError::Aborted(
+                    "the server aborted the request (finish_reason \"abort\")".into(),
+                ));
+            }
         }
         let scripted = inner.script.lock().unwrap().pop_front();
         let content = match scripted {
@@ -164,8 +242,59 @@ impl InferenceClient for FakeInference {
     async fn probe(&self, deep: bool) -> Result<(), ProbeError> {
         if deep {
             self.inner.deep_probes.fetch_add(1, Ordering::SeqCst);
+            self.log("canary".into());
+        }
+        // As vLLM: /health and /v1/models answer while the model sleeps;
+        // only a completion (the canary) is refused.
+        if deep && self.is_asleep() {
+            return Err(ProbeError::Loading("the model is asleep".into()));
         }
         self.inner.probe.lock().unwrap().clone()
+    }
+
+    async fn sleep(&self, level: u8) -> Result<(), String> {
+        let (waits, time, hook) = {
+            let s = self.inner.sleep.lock().unwrap();
+            (s.waits, s.sleep_time, s.on_sleep.clone())
+        };
+        self.log(format!("sleep {level} ({} in flight)", self.in_flight()));
+        if waits {
+            while self.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        } else {
+            self.inner.aborts.send_modify(|n| *n += 1);
+        }
+        tokio::time::sleep(time).await;
+        self.inner.sleep.lock().unwrap().asleep = true;
+        if let Some(f) = hook {
+            f(level);
+        }
+        Ok(())
+    }
+
+    async fn wake_up(&self, tags: Option<&str>) -> Result<(), String> {
+        self.log(match tags {
+            Some(t) => format!("wake_up {t}"),
+            None => "wake_up".into(),
+        });
+        let time = self.inner.sleep.lock().unwrap().wake_time;
+        if tags != Some("kv_cache") {
+            tokio::time::sleep(time).await;
+        }
+        if tags != Some("weights") {
+            self.inner.sleep.lock().unwrap().asleep = false;
+        }
+        Ok(())
+    }
+
+    async fn reload_weights(&self) -> Result<(), String> {
+        self.log("reload_weights".into());
+        Ok(())
+    }
+
+    async fn is_sleeping(&self) -> Result<bool, String> {
+        Ok(self.is_asleep())
     }
 }
 

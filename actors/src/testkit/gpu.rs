@@ -43,6 +43,15 @@ impl FakeGpu {
         }
     }
 
+    /// GPU `index` reads `bytes` of memory in use from now on.
+    pub fn set_memory_used(&self, index: u32, bytes: u64) {
+        if let Ok(gpus) = &mut *self.gpus.lock().unwrap() {
+            for g in gpus.iter_mut().filter(|g| g.index == index) {
+                g.memory_used_bytes = bytes;
+            }
+        }
+    }
+
     /// Reading fails with `why` from now on.
     pub fn fail(&self, why: &str) {
         *self.gpus.lock().unwrap() = Err(why.into());
