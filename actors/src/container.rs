@@ -710,6 +710,13 @@ impl ContainerState {
         true
     }
 
+    /// Stops the server and launches it again with the current plan.
+    fn relaunch(&mut self, myself: &ActorRef<ContainerMsg>) {
+        if !self.stop_server(myself, "relaunching with a new plan") {
+            self.launch(myself);
+        }
+    }
+
     /// Sleep mode: wakes the model and confirms it with a canary.
     fn wake(&mut self, myself: &ActorRef<ContainerMsg>, why: &str) {
         // An adopted server's level is unknown unless configured: wake
@@ -883,12 +890,8 @@ impl Actor for ContainerActor {
                     InstanceState::Sleeping if state.asleep.is_some() && same_plan => {
                         state.wake(&myself, "the allocator runs it again");
                     }
-                    InstanceState::Sleeping if state.asleep.is_some() => {
-                        // Another memory share needs a new server.
-                        if !state.stop_server(&myself, "relaunching with a new plan") {
-                            state.launch(&myself);
-                        }
-                    }
+                    // Another memory share needs a new server.
+                    InstanceState::Sleeping if state.asleep.is_some() => state.relaunch(&myself),
                     // Falling asleep: woken (or relaunched) once asleep.
                     InstanceState::Sleeping => state.replan |= !same_plan,
                     _ => {}
@@ -920,9 +923,7 @@ impl Actor for ContainerActor {
                         }
                         if state.args.parked {
                         } else if std::mem::take(&mut state.replan) {
-                            if !state.stop_server(&myself, "relaunching with a new plan") {
-                                state.launch(&myself);
-                            }
+                            state.relaunch(&myself);
                         } else {
                             state.wake(&myself, "the allocator runs it again");
                         }

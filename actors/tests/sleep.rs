@@ -238,8 +238,8 @@ async fn a_switch_drains_sleeps_wakes_and_canaries_in_that_order() {
     assert!(slept.0 >= decided);
     let woke = think
         .iter()
-        .filter(|(_, e)| e == "wake_up")
-        .last()
+        .rev()
+        .find(|(_, e)| e == "wake_up")
         .expect("think woke");
     assert!(
         woke.0 > slept.0,
