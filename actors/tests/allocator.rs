@@ -3,182 +3,29 @@
 //! scripted GPU, a scripted runtime per instance and the in-memory store as
 //! the durable backlog, under paused tokio time.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorRef};
-
 use feeder_actors::allocator::{decide, AllocatorSettings, Backlog, Inputs, Strategy};
-use feeder_actors::backoff::Backoff;
-use feeder_actors::container::{InstanceState, LifecycleSettings};
-use feeder_actors::gpu_monitor::ThermalLimits;
-use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
-use feeder_actors::spec::InstanceSpec;
-use feeder_actors::supervisor::{
-    FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
-};
-use feeder_actors::testkit::store_contract::job;
-use feeder_actors::testkit::{
-    submit, wait_until, FakeGpu, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
-};
-use feeder_actors::{JobStatus, ModelType, Timestamp, TokioClock};
+use feeder_actors::container::InstanceState;
+use feeder_actors::supervisor::{FeederMsg, FeederStatus, PipelineSettings};
+use feeder_actors::testkit::{wait_until, FakeGpu, FakeInference};
+use feeder_actors::{JobStatus, ModelType};
+use ractor::rpc::CallResult;
 
-const T0: Timestamp = Timestamp(1_700_000_000_000);
-const LIMIT: Duration = Duration::from_secs(7_200);
+use common::{server, Lab, LIMIT};
+
 const DWELL: Duration = Duration::from_secs(600);
 
 fn settings() -> PipelineSettings {
-    PipelineSettings {
-        health_interval: Duration::from_secs(1),
-        health_timeout: Duration::from_secs(1),
-        lifecycle: LifecycleSettings {
-            startup_timeout: Duration::from_secs(120),
-            restart: Backoff {
-                base: Duration::from_secs(1),
-                max: Duration::from_secs(10),
-                factor: 2.0,
-                jitter: 0.0,
-            },
-            stop_grace: Duration::from_secs(1),
-            drain_timeout: Duration::from_secs(60),
-            ..LifecycleSettings::default()
-        },
-        gpu_interval: Duration::from_secs(1),
-        thermal: ThermalLimits {
-            alert_c: 80,
-            clear_c: 75,
-        },
-        thermal_window_factor: 0.5,
-        allocator: Some(AllocatorSettings {
-            interval: Duration::from_secs(5),
-            min_dwell: DWELL,
-            idle_ttl: None,
-            shared: 0.40,
-            solo: 0.75,
-        }),
-        ..PipelineSettings::default()
-    }
+    common::settings(DWELL, 0.75, Duration::from_secs(60))
 }
 
-struct Server {
-    inference: FakeInference,
-    runtime: FakeRuntime,
-}
-
-struct Lab {
-    store: MemoryStore,
-    gpu: FakeGpu,
-    think: Server,
-    vision: Server,
-    feeder: ActorRef<FeederMsg>,
-}
-
-fn server() -> Server {
-    let inference = FakeInference::gated();
-    let runtime = FakeRuntime::serving(inference.clone(), Duration::from_secs(20));
-    Server { inference, runtime }
-}
-
-fn spec(name: &str, model: ModelType, s: &Server) -> InstanceSpec {
-    InstanceSpec {
-        runtime: Some(Arc::new(s.runtime.clone()) as Arc<dyn ContainerRuntime>),
-        plan: LaunchPlan {
-            gpu_memory_utilization: 0.40,
-        },
-        gpu_ids: vec![0],
-        ..InstanceSpec::external(name, model, 8, Arc::new(s.inference.clone()))
-    }
-}
-
-impl Lab {
-    async fn start(probe: Option<FakeGpu>, settings: PipelineSettings) -> Lab {
-        let store = MemoryStore::new();
-        let (think, vision) = (server(), server());
-        let gpu = probe.clone().unwrap_or_else(|| FakeGpu::new(1));
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(MemoryResults::new()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: vec![
-                spec("think", ModelType::Think, &think),
-                spec("vision", ModelType::Vision, &vision),
-            ],
-            owner: "lab".into(),
-            settings,
-            observer: None,
-            gpu_probe: probe.map(|p| Arc::new(p) as _),
-            gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
-        let lab = Lab {
-            store,
-            gpu,
-            think,
-            vision,
-            feeder,
-        };
-        wait_until("both ready", LIMIT, || {
-            lab.think.runtime.current().is_some() && lab.vision.runtime.current().is_some()
-        })
-        .await;
-        lab
-    }
-
-    async fn status(&self) -> FeederStatus {
-        match self
-            .feeder
-            .call(|r| FeederMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    async fn strategy(&self) -> Strategy {
-        self.status()
-            .await
-            .allocator
-            .expect("the allocator runs")
-            .strategy
-    }
-
-    async fn wait_strategy(&self, want: Strategy) {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        while self.strategy().await != want {
-            assert!(tokio::time::Instant::now() < deadline, "never {want}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        // And applied.
-        while self.status().await.allocator.unwrap().switching {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn submit(&self, model: ModelType, tag: &str, n: usize) {
-        let jobs = (0..n).map(|i| job(model, &format!("{tag}-{i}"))).collect();
-        submit(&self.feeder, jobs).await;
-    }
-
-    fn count(&self, status: JobStatus) -> usize {
-        self.store
-            .all()
-            .iter()
-            .filter(|j| j.status == status)
-            .count()
-    }
-
-    async fn state_of(&self, name: &str) -> InstanceState {
-        self.status()
-            .await
-            .instances
-            .into_iter()
-            .find(|i| i.name == name)
-            .unwrap()
-            .state
-    }
+/// The lab with gated servers that load in 20 s.
+async fn start(gpu: Option<FakeGpu>, settings: PipelineSettings) -> Lab {
+    let gated = || server(FakeInference::gated(), Duration::from_secs(20));
+    Lab::start(gpu, gated(), gated(), None, settings).await
 }
 
 /// The policy alone, as a table: what each backlog asks for.
@@ -424,7 +271,7 @@ fn the_policy_as_a_table() {
 
 #[tokio::test(start_paused = true)]
 async fn only_vision_work_switches_to_vision_after_the_dwell_and_loses_nothing() {
-    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    let lab = start(Some(FakeGpu::new(1)), settings()).await;
     lab.submit(ModelType::Vision, "v", 40).await;
     tokio::time::sleep(DWELL - Duration::from_secs(30)).await;
     assert_eq!(
@@ -459,7 +306,7 @@ async fn only_vision_work_switches_to_vision_after_the_dwell_and_loses_nothing()
 
 #[tokio::test(start_paused = true)]
 async fn think_work_comes_first_then_both_share() {
-    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    let lab = start(Some(FakeGpu::new(1)), settings()).await;
     lab.submit(ModelType::Vision, "v", 40).await;
     lab.wait_strategy(Strategy::Vision).await;
     let switched_at = tokio::time::Instant::now();
@@ -491,7 +338,7 @@ async fn think_work_comes_first_then_both_share() {
 
 #[tokio::test(start_paused = true)]
 async fn a_flapping_backlog_does_not_flap_the_strategy() {
-    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    let lab = start(Some(FakeGpu::new(1)), settings()).await;
     // Think work always waits; vision work comes and goes every minute.
     lab.submit(ModelType::Think, "t", 1_000).await;
     let mut switches = Vec::new();
@@ -529,34 +376,34 @@ async fn a_hot_gpu_narrows_the_window_once_and_a_cool_one_restores_it() {
     let gpu = FakeGpu::new(1);
     let mut s = settings();
     s.allocator = None;
-    let lab = Lab::start(Some(gpu.clone()), s).await;
+    let lab = start(Some(gpu.clone()), s).await;
     let window = |st: &FeederStatus, name: &str| {
         st.dispatch
             .iter()
             .find(|d| d.instance == name)
             .map(|d| (d.window, d.thermal_cap))
     };
-    lab.gpu.set_temperature(0, 85);
+    gpu.set_temperature(0, 85);
     wait_until_async(|| async { window(&lab.status().await, "think") == Some((4, Some(4))) }).await;
     // Hysteresis: 78 °C is below the alert but above the clear level.
-    lab.gpu.set_temperature(0, 78);
+    gpu.set_temperature(0, 78);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let st = lab.status().await;
     assert_eq!(window(&st, "vision"), Some((4, Some(4))));
     assert_eq!(st.gpus.as_ref().unwrap().hot, vec![0]);
-    lab.gpu.set_temperature(0, 86);
+    gpu.set_temperature(0, 86);
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(
         lab.status().await.gpus.unwrap().alerts,
         1,
         "one alert per episode"
     );
-    lab.gpu.set_temperature(0, 74);
+    gpu.set_temperature(0, 74);
     wait_until_async(|| async { window(&lab.status().await, "think") == Some((8, None)) }).await;
     let st = lab.status().await;
     assert!(st.gpus.as_ref().unwrap().hot.is_empty());
     // Work runs through a narrowed window too.
-    lab.gpu.set_temperature(0, 90);
+    gpu.set_temperature(0, 90);
     wait_until_async(|| async { window(&lab.status().await, "think") == Some((4, Some(4))) }).await;
     lab.submit(ModelType::Think, "hot", 20).await;
     wait_until("4 in flight", LIMIT, || {
@@ -587,7 +434,7 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn without_nvml_the_daemon_runs_on() {
-    let lab = Lab::start(None, settings()).await;
+    let lab = start(None, settings()).await;
     let st = lab.status().await;
     let gpus = st.gpus.expect("a snapshot");
     assert!(gpus.unavailable.unwrap().contains("NVML"));
@@ -599,7 +446,7 @@ async fn without_nvml_the_daemon_runs_on() {
 
 #[tokio::test(start_paused = true)]
 async fn a_pinned_strategy_holds_until_released() {
-    let lab = Lab::start(Some(FakeGpu::new(1)), settings()).await;
+    let lab = start(Some(FakeGpu::new(1)), settings()).await;
     let pin = |s: Option<Strategy>| {
         let f = lab.feeder.clone();
         async move {
@@ -641,7 +488,7 @@ async fn idle_stops_everything_and_work_wakes_it_at_once() {
     if let Some(a) = &mut s.allocator {
         a.idle_ttl = Some(Duration::from_secs(120));
     }
-    let lab = Lab::start(Some(FakeGpu::new(1)), s).await;
+    let lab = start(Some(FakeGpu::new(1)), s).await;
     lab.wait_strategy(Strategy::Idle).await;
     assert_eq!(lab.state_of("think").await, InstanceState::Stopped);
     assert_eq!(lab.state_of("vision").await, InstanceState::Stopped);

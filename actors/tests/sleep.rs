@@ -3,197 +3,52 @@
 //! that sleep and wake as vLLM's do, a scripted GPU, and the in-memory store,
 //! under paused tokio time.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use ractor::rpc::CallResult;
-use ractor::{Actor, ActorRef};
+use feeder_actors::allocator::Strategy;
+use feeder_actors::container::InstanceState;
+use feeder_actors::spec::SleepLevel;
+use feeder_actors::supervisor::PipelineSettings;
+use feeder_actors::testkit::{wait_until, FakeGpu, FakeInference};
+use feeder_actors::{JobStatus, ModelType};
 
-use feeder_actors::allocator::{AllocatorSettings, AllocatorStatus, Strategy};
-use feeder_actors::backoff::Backoff;
-use feeder_actors::container::{InstanceState, LifecycleSettings};
-use feeder_actors::gpu_monitor::ThermalLimits;
-use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
-use feeder_actors::spec::{InstanceSpec, SleepLevel};
-use feeder_actors::supervisor::{
-    FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
-};
-use feeder_actors::testkit::store_contract::job;
-use feeder_actors::testkit::{
-    submit, wait_until, FakeGpu, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
-};
-use feeder_actors::{JobStatus, ModelType, Timestamp, TokioClock};
+use common::{Lab, Server, LIMIT};
 
-const T0: Timestamp = Timestamp(1_700_000_000_000);
-const LIMIT: Duration = Duration::from_secs(7_200);
 const DWELL: Duration = Duration::from_secs(60);
 const LOAD: Duration = Duration::from_secs(30);
 const WAKE: Duration = Duration::from_millis(1_500);
 const GIB: u64 = 1 << 30;
 
+/// Every strategy runs an instance with the share it was launched with:
+/// switches are sleeps and wakes, never relaunches.
 fn settings(drain: Duration) -> PipelineSettings {
-    PipelineSettings {
-        health_interval: Duration::from_secs(1),
-        health_timeout: Duration::from_secs(1),
-        lifecycle: LifecycleSettings {
-            startup_timeout: Duration::from_secs(120),
-            restart: Backoff {
-                base: Duration::from_secs(1),
-                max: Duration::from_secs(10),
-                factor: 2.0,
-                jitter: 0.0,
-            },
-            stop_grace: Duration::from_secs(1),
-            drain_timeout: drain,
-            ..LifecycleSettings::default()
-        },
-        gpu_interval: Duration::from_secs(1),
-        thermal: ThermalLimits {
-            alert_c: 80,
-            clear_c: 75,
-        },
-        thermal_window_factor: 0.5,
-        // Every strategy runs an instance with the share it was launched
-        // with: switches are sleeps and wakes, never relaunches.
-        allocator: Some(AllocatorSettings {
-            interval: Duration::from_secs(5),
-            min_dwell: DWELL,
-            idle_ttl: None,
-            shared: 0.40,
-            solo: 0.40,
-        }),
-        ..PipelineSettings::default()
-    }
+    common::settings(DWELL, 0.40, drain)
 }
 
-struct Server {
-    inference: FakeInference,
-    runtime: FakeRuntime,
-}
-
-struct Lab {
-    store: MemoryStore,
-    think: Server,
-    vision: Server,
-    feeder: ActorRef<FeederMsg>,
+/// A server that sleeps in 0.5 s and wakes in `WAKE`.
+fn sleeper(inference: FakeInference) -> Server {
+    inference.sleep_timings(Duration::from_millis(500), WAKE);
+    common::server(inference, LOAD)
 }
 
 fn server(latency: Duration) -> Server {
-    let inference = FakeInference::new().with_latency(latency);
-    inference.sleep_timings(Duration::from_millis(500), WAKE);
-    let runtime = FakeRuntime::serving(inference.clone(), LOAD);
-    Server { inference, runtime }
+    sleeper(FakeInference::new().with_latency(latency))
 }
 
-fn spec(name: &str, model: ModelType, s: &Server) -> InstanceSpec {
-    InstanceSpec {
-        runtime: Some(Arc::new(s.runtime.clone()) as Arc<dyn ContainerRuntime>),
-        plan: LaunchPlan {
-            gpu_memory_utilization: 0.40,
-        },
-        gpu_ids: vec![0],
-        sleep: Some(SleepLevel::One),
-        ..InstanceSpec::external(name, model, 8, Arc::new(s.inference.clone()))
-    }
-}
-
-impl Lab {
-    async fn start(gpu: Option<FakeGpu>, vision: Server, settings: PipelineSettings) -> Lab {
-        let store = MemoryStore::new();
-        let think = server(Duration::from_secs(2));
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(MemoryResults::new()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: vec![
-                spec("think", ModelType::Think, &think),
-                spec("vision", ModelType::Vision, &vision),
-            ],
-            owner: "lab".into(),
-            settings,
-            observer: None,
-            gpu_probe: gpu.map(|p| Arc::new(p) as _),
-            gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
-        let lab = Lab {
-            store,
-            think,
-            vision,
-            feeder,
-        };
-        lab.wait_state("think", InstanceState::Ready).await;
-        lab.wait_state("vision", InstanceState::Ready).await;
-        lab
-    }
-
-    async fn status(&self) -> FeederStatus {
-        match self
-            .feeder
-            .call(|r| FeederMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    async fn allocator(&self) -> AllocatorStatus {
-        self.status().await.allocator.expect("the allocator runs")
-    }
-
-    /// Waits until `want` is in force and applied.
-    async fn wait_strategy(&self, want: Strategy) {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            let a = self.allocator().await;
-            if a.strategy == want && !a.switching {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "never {want}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    async fn state_of(&self, name: &str) -> InstanceState {
-        self.status()
-            .await
-            .instances
-            .into_iter()
-            .find(|i| i.name == name)
-            .unwrap()
-            .state
-    }
-
-    async fn wait_state(&self, name: &str, want: InstanceState) {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        while self.state_of(name).await != want {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name} never {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn submit(&self, model: ModelType, tag: &str, n: usize) {
-        let jobs = (0..n).map(|i| job(model, &format!("{tag}-{i}"))).collect();
-        submit(&self.feeder, jobs).await;
-    }
-
-    fn jobs(&self, model: ModelType, status: JobStatus) -> Vec<feeder_actors::Job> {
-        self.store
-            .all()
-            .into_iter()
-            .filter(|j| j.model_type == model && j.status == status)
-            .collect()
-    }
+/// Think answers in 2 s; both sleep at level 1; both Ready.
+async fn start(gpu: Option<FakeGpu>, vision: Server, settings: PipelineSettings) -> Lab {
+    let think = server(Duration::from_secs(2));
+    let lab = Lab::start(gpu, think, vision, Some(SleepLevel::One), settings).await;
+    lab.wait_state("think", InstanceState::Ready).await;
+    lab.wait_state("vision", InstanceState::Ready).await;
+    lab
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_switch_drains_sleeps_wakes_and_canaries_in_that_order() {
-    let lab = Lab::start(
+    let lab = start(
         Some(FakeGpu::new(1)),
         server(Duration::from_secs(20)),
         settings(Duration::from_secs(600)),
@@ -301,11 +156,8 @@ async fn a_switch_drains_sleeps_wakes_and_canaries_in_that_order() {
 async fn a_server_that_aborts_on_sleep_gives_its_jobs_back_with_no_attempt_counted() {
     // Vision requests never finish on their own, and the drain gives them
     // 5 s: the sleep aborts them.
-    let inference = FakeInference::gated();
-    inference.sleep_timings(Duration::from_millis(500), WAKE);
-    let runtime = FakeRuntime::serving(inference.clone(), LOAD);
-    let vision = Server { inference, runtime };
-    let lab = Lab::start(
+    let vision = sleeper(FakeInference::gated());
+    let lab = start(
         Some(FakeGpu::new(1)),
         vision,
         settings(Duration::from_secs(5)),
@@ -356,7 +208,7 @@ async fn a_server_that_aborts_on_sleep_gives_its_jobs_back_with_no_attempt_count
 async fn a_sleep_that_frees_too_little_memory_is_reported() {
     let gpu = FakeGpu::new(1);
     gpu.set_memory_used(0, 64 * GIB);
-    let lab = Lab::start(
+    let lab = start(
         Some(gpu.clone()),
         server(Duration::from_secs(20)),
         settings(Duration::from_secs(600)),
@@ -384,7 +236,7 @@ async fn a_sleep_that_frees_too_little_memory_is_reported() {
 
 #[tokio::test(start_paused = true)]
 async fn without_gpu_readings_a_sleep_is_not_checked_and_nothing_waits_for_one() {
-    let lab = Lab::start(
+    let lab = start(
         None,
         server(Duration::from_secs(20)),
         settings(Duration::from_secs(600)),

@@ -1,0 +1,206 @@
+//! The scenario lab shared by the allocator and sleep-mode tests: the real
+//! FeederSupervisor with a think and a vision instance on GPU 0, each a
+//! scripted server behind a scripted runtime, the in-memory store as the
+//! durable backlog, under paused tokio time.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+
+use feeder_actors::allocator::{AllocatorSettings, AllocatorStatus, Strategy};
+use feeder_actors::backoff::Backoff;
+use feeder_actors::container::{InstanceState, LifecycleSettings};
+use feeder_actors::gpu_monitor::ThermalLimits;
+use feeder_actors::handle::FeederHandle;
+use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
+use feeder_actors::spec::{InstanceSpec, SleepLevel};
+use feeder_actors::supervisor::{
+    FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
+};
+use feeder_actors::testkit::store_contract::job;
+use feeder_actors::testkit::{
+    submit, FakeGpu, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
+};
+use feeder_actors::{Job, JobStatus, ModelType, Timestamp, TokioClock};
+
+pub const T0: Timestamp = Timestamp(1_700_000_000_000);
+pub const LIMIT: Duration = Duration::from_secs(7_200);
+
+/// Fast probes and restarts, the allocator deciding every 5 s with these
+/// dwell and memory shares, and `drain` for requests in flight at a stop.
+pub fn settings(min_dwell: Duration, solo: f64, drain: Duration) -> PipelineSettings {
+    PipelineSettings {
+        health_interval: Duration::from_secs(1),
+        health_timeout: Duration::from_secs(1),
+        lifecycle: LifecycleSettings {
+            startup_timeout: Duration::from_secs(120),
+            restart: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(10),
+                factor: 2.0,
+                jitter: 0.0,
+            },
+            stop_grace: Duration::from_secs(1),
+            drain_timeout: drain,
+            ..LifecycleSettings::default()
+        },
+        gpu_interval: Duration::from_secs(1),
+        thermal: ThermalLimits {
+            alert_c: 80,
+            clear_c: 75,
+        },
+        thermal_window_factor: 0.5,
+        allocator: Some(AllocatorSettings {
+            interval: Duration::from_secs(5),
+            min_dwell,
+            idle_ttl: None,
+            shared: 0.40,
+            solo,
+        }),
+        ..PipelineSettings::default()
+    }
+}
+
+/// A scripted server and the runtime that launches it.
+pub struct Server {
+    pub inference: FakeInference,
+    pub runtime: FakeRuntime,
+}
+
+/// `inference` behind a runtime whose launches load for `load`.
+pub fn server(inference: FakeInference, load: Duration) -> Server {
+    let runtime = FakeRuntime::serving(inference.clone(), load);
+    Server { inference, runtime }
+}
+
+fn spec(name: &str, model: ModelType, s: &Server, sleep: Option<SleepLevel>) -> InstanceSpec {
+    InstanceSpec {
+        runtime: Some(Arc::new(s.runtime.clone()) as Arc<dyn ContainerRuntime>),
+        plan: LaunchPlan {
+            gpu_memory_utilization: 0.40,
+        },
+        gpu_ids: vec![0],
+        sleep,
+        ..InstanceSpec::external(name, model, 8, Arc::new(s.inference.clone()))
+    }
+}
+
+pub struct Lab {
+    pub store: MemoryStore,
+    pub think: Server,
+    pub vision: Server,
+    pub feeder: ActorRef<FeederMsg>,
+}
+
+impl Lab {
+    /// Starts the feeder with `think` and `vision` (both with `sleep`, if
+    /// given) and waits until both servers are launched.
+    pub async fn start(
+        gpu: Option<FakeGpu>,
+        think: Server,
+        vision: Server,
+        sleep: Option<SleepLevel>,
+        settings: PipelineSettings,
+    ) -> Lab {
+        let store = MemoryStore::new();
+        let args = FeederArgs {
+            store: store.connect(),
+            results: Arc::new(MemoryResults::new()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            instances: vec![
+                spec("think", ModelType::Think, &think, sleep),
+                spec("vision", ModelType::Vision, &vision, sleep),
+            ],
+            owner: "lab".into(),
+            settings,
+            observer: None,
+            gpu_probe: gpu.map(|p| Arc::new(p) as _),
+            gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
+        };
+        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
+        let lab = Lab {
+            store,
+            think,
+            vision,
+            feeder,
+        };
+        feeder_actors::testkit::wait_until("both launched", LIMIT, || {
+            lab.think.runtime.current().is_some() && lab.vision.runtime.current().is_some()
+        })
+        .await;
+        lab
+    }
+
+    pub async fn status(&self) -> FeederStatus {
+        FeederHandle::new(self.feeder.clone())
+            .status()
+            .await
+            .expect("the feeder answers")
+    }
+
+    pub async fn allocator(&self) -> AllocatorStatus {
+        self.status().await.allocator.expect("the allocator runs")
+    }
+
+    pub async fn strategy(&self) -> Strategy {
+        self.allocator().await.strategy
+    }
+
+    /// Waits until `want` is in force and applied.
+    pub async fn wait_strategy(&self, want: Strategy) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let a = self.allocator().await;
+            if a.strategy == want && !a.switching {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never {want}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn state_of(&self, name: &str) -> InstanceState {
+        self.status()
+            .await
+            .instances
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap()
+            .state
+    }
+
+    pub async fn wait_state(&self, name: &str, want: InstanceState) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while self.state_of(name).await != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn submit(&self, model: ModelType, tag: &str, n: usize) {
+        let jobs = (0..n).map(|i| job(model, &format!("{tag}-{i}"))).collect();
+        submit(&self.feeder, jobs).await;
+    }
+
+    pub fn count(&self, status: JobStatus) -> usize {
+        self.store
+            .all()
+            .iter()
+            .filter(|j| j.status == status)
+            .count()
+    }
+
+    pub fn jobs(&self, model: ModelType, status: JobStatus) -> Vec<Job> {
+        self.store
+            .all()
+            .into_iter()
+            .filter(|j| j.model_type == model && j.status == status)
+            .collect()
+    }
+}
