@@ -3,31 +3,17 @@
 
 mod common;
 
-use std::time::Duration;
+use gpu_feeder::sim::{self, SimConfig, SimHandle};
+use serde_json::Value;
 
 use common::promtool;
-
-use gpu_feeder::sim::{self, SimConfig, SimHandle};
-use serde_json::{json, Value};
+use common::sim::{chat, poll_until};
 
 fn engine(kv: u64) -> SimConfig {
     SimConfig {
         kv_cache_tokens: Some(kv),
         ..SimConfig::default()
     }
-}
-
-async fn chat(sim: &SimHandle, text: &str, max_tokens: u32) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", sim.url()))
-        .json(&json!({
-            "model": "sim",
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens,
-        }))
-        .send()
-        .await
-        .expect("the sim answers")
 }
 
 async fn metrics(sim: &SimHandle) -> String {
@@ -49,17 +35,6 @@ fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
-async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !cond().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn every_request_generates_its_max_tokens_and_the_metrics_count_them() {
     let sim = sim::start(SimConfig {
@@ -69,7 +44,7 @@ async fn every_request_generates_its_max_tokens_and_the_metrics_count_them() {
     .await
     .unwrap();
     let text = "a".repeat(400); // 100 tokens of text, and the role
-    let asks = (0..8).map(|_| chat(&sim, &text, 50));
+    let asks = (0..8).map(|_| chat(&sim.url(), &text, 50));
     let answers = futures_util::future::join_all(asks).await;
     for a in answers {
         assert_eq!(a.status(), 200);
@@ -128,35 +103,22 @@ async fn beyond_max_num_queued_reqs_the_server_answers_503() {
     .unwrap();
     let url = sim.url();
     // One runs (for minutes of decoding), so that the queue is what counts.
-    let long = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "long"}], "max_tokens": 100_000}))
-            .send()
-            .await
-    });
-    wait_until("the long request runs", async || {
+    let long = tokio::spawn(chat(&url, "long", 100_000));
+    poll_until("the long request runs", async || {
         sample(&metrics(&sim).await, "vllm:num_requests_running") == 1.0
     })
     .await;
     let url = sim.url();
     let mut waiting = Vec::new();
     for i in 0..2 {
-        let url = url.clone();
-        waiting.push(tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"model": "sim", "messages": [{"role": "user", "content": format!("w{i}")}], "max_tokens": 1}))
-                .send()
-                .await
-        }));
+        waiting.push(tokio::spawn(chat(&url, &format!("w{i}"), 1)));
     }
-    wait_until("two wait", async || {
+    poll_until("two wait", async || {
         sample(&metrics(&sim).await, "vllm:num_requests_waiting") == 2.0
     })
     .await;
     for _ in 0..3 {
-        let refused = chat(&sim, "one more", 1).await;
+        let refused = chat(&sim.url(), "one more", 1).await;
         assert_eq!(refused.status(), 503);
         let body: Value = refused.json().await.unwrap();
         let msg = body["error"]["message"].as_str().unwrap();
@@ -176,7 +138,7 @@ async fn without_the_engine_model_a_request_takes_its_fixed_latency() {
     })
     .await
     .unwrap();
-    let a = chat(&sim, "hello", 50).await;
+    let a = chat(&sim.url(), "hello", 50).await;
     let body: Value = a.json().await.unwrap();
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert!(body["usage"]["completion_tokens"].as_u64().unwrap() < 50);

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use gpu_feeder::sim::{self, SimConfig, SimHandle};
 use serde_json::{json, Value};
 
+use common::sim::{chat, poll_until};
+
 fn sleepy(cfg: SimConfig) -> SimConfig {
     SimConfig {
         enable_sleep_mode: true,
@@ -19,19 +21,6 @@ fn sleepy(cfg: SimConfig) -> SimConfig {
         wake_l2_s: 0.6,
         ..cfg
     }
-}
-
-async fn chat(sim: &SimHandle, text: &str, max_tokens: u32) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", sim.url()))
-        .json(&json!({
-            "model": "sim",
-            "messages": [{"role": "user", "content": text}],
-            "max_tokens": max_tokens,
-        }))
-        .send()
-        .await
-        .expect("the sim answers")
 }
 
 async fn post(sim: &SimHandle, path: &str, body: Option<Value>) -> reqwest::Response {
@@ -67,20 +56,13 @@ async fn content(r: reqwest::Response) -> (String, String) {
     )
 }
 
+/// Waits until the sim has `n` requests admitted.
 async fn wait_in_flight(sim: &SimHandle, n: usize) {
-    let start = Instant::now();
-    while sim
-        .counters
-        .in_flight
-        .load(std::sync::atomic::Ordering::Relaxed)
-        < n
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no request in flight"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let in_flight = &sim.counters.in_flight;
+    poll_until("requests in flight", async || {
+        in_flight.load(std::sync::atomic::Ordering::Relaxed) >= n
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -103,7 +85,10 @@ async fn without_the_dev_mode_variable_the_endpoints_are_not_served() {
             .await
             .unwrap();
         assert_eq!(r.status(), 404);
-        assert_eq!(content(chat(&sim, "still awake", 4).await).await.1, "stop");
+        assert_eq!(
+            content(chat(&sim.url(), "still awake", 4).await).await.1,
+            "stop"
+        );
     }
 }
 
@@ -115,7 +100,7 @@ async fn level_one_sleeps_answers_503_and_wakes_in_its_times() {
     assert_eq!(post(&sim, "/sleep?level=1", None).await.status(), 200);
     assert!(t.elapsed() >= Duration::from_millis(200), "--sleep-s");
     assert!(sleeping(&sim).await);
-    let r = chat(&sim, "while asleep", 4).await;
+    let r = chat(&sim.url(), "while asleep", 4).await;
     assert_eq!(r.status(), 503);
     let body: Value = r.json().await.unwrap();
     assert!(
@@ -132,7 +117,7 @@ async fn level_one_sleeps_answers_503_and_wakes_in_its_times() {
     assert_eq!(post(&sim, "/wake_up", None).await.status(), 200);
     assert!(t.elapsed() >= Duration::from_millis(400), "--wake-s");
     assert!(!sleeping(&sim).await);
-    let (text, why) = content(chat(&sim, "awake again", 4).await).await;
+    let (text, why) = content(chat(&sim.url(), "awake again", 4).await).await;
     assert_eq!(why, "stop");
     assert!(text.contains("awake again"), "{text}");
 }
@@ -146,17 +131,7 @@ async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     }))
     .await
     .unwrap();
-    let long = tokio::spawn({
-        let url = sim.url();
-        async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "long"}]}))
-                .send()
-                .await
-                .unwrap()
-        }
-    });
+    let long = tokio::spawn(chat(&sim.url(), "long", 16));
     wait_in_flight(&sim, 1).await;
     assert_eq!(post(&sim, "/sleep?level=1", None).await.status(), 200);
     let (text, why) = content(long.await.unwrap()).await;
@@ -170,15 +145,7 @@ async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     }))
     .await
     .unwrap();
-    let url = sim.url();
-    let long = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "long"}], "max_tokens": 1_000_000}))
-            .send()
-            .await
-            .unwrap()
-    });
+    let long = tokio::spawn(chat(&sim.url(), "long", 1_000_000));
     wait_in_flight(&sim, 1).await;
     assert_eq!(post(&sim, "/sleep?mode=abort", None).await.status(), 200);
     assert_eq!(content(long.await.unwrap()).await.1, "abort");
@@ -191,15 +158,7 @@ async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     }))
     .await
     .unwrap();
-    let url = sim.url();
-    let short = tokio::spawn(async move {
-        reqwest::Client::new()
-            .post(format!("{url}/v1/chat/completions"))
-            .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "short"}]}))
-            .send()
-            .await
-            .unwrap()
-    });
+    let short = tokio::spawn(chat(&sim.url(), "short", 16));
     wait_in_flight(&sim, 1).await;
     assert_eq!(
         post(&sim, "/sleep?level=1&mode=wait", None).await.status(),
@@ -227,14 +186,14 @@ async fn level_two_answers_garbage_until_its_weights_are_reloaded() {
         post(&sim, "/wake_up?tags=weights", None).await.status(),
         200
     );
-    assert_eq!(chat(&sim, "half awake", 4).await.status(), 503);
+    assert_eq!(chat(&sim.url(), "half awake", 4).await.status(), 503);
     assert!(sleeping(&sim).await);
     assert_eq!(
         post(&sim, "/wake_up?tags=kv_cache", None).await.status(),
         200
     );
     assert!(!sleeping(&sim).await);
-    let (text, _) = content(chat(&sim, "what is written here", 4).await).await;
+    let (text, _) = content(chat(&sim.url(), "what is written here", 4).await).await;
     assert!(
         !text.contains("what is written here"),
         "a level-2 wake without reload_weights answers garbage, not: {text}"
@@ -250,7 +209,7 @@ async fn level_two_answers_garbage_until_its_weights_are_reloaded() {
     .await;
     assert_eq!(r.status(), 200);
     assert!(t.elapsed() >= Duration::from_millis(600), "--wake-l2-s");
-    let (text, _) = content(chat(&sim, "what is written here", 4).await).await;
+    let (text, _) = content(chat(&sim.url(), "what is written here", 4).await).await;
     assert!(text.contains("what is written here"), "{text}");
     // Bad arguments are named.
     let r = post(&sim, "/sleep?level=3", None).await;

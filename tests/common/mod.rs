@@ -5,6 +5,7 @@
 
 pub mod docker;
 pub mod openai_like;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -110,27 +111,37 @@ pub fn wait_for(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -
 
 /// `promtool check metrics` on `text`: whether it passed, and what it said.
 pub fn promtool(text: &str) -> (bool, String) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool is installed (scripts/test.sh installs the Debian package prometheus)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = pipe(
+        Command::new("promtool").args(["check", "metrics"]),
+        text,
+        "promtool is installed (scripts/test.sh installs the Debian package prometheus)",
+    );
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), said)
+}
+
+/// Runs `cmd` with `input` on its standard input, and collects its output;
+/// `missing` says what must be installed when it cannot start.
+fn pipe(cmd: &mut Command, input: &str, missing: &str) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(missing);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
 
 /// A `gpu-feeder sim` child process on a free port; killed on drop.
@@ -319,21 +330,11 @@ impl Scratch {
 
 /// Runs `sqlite3 DB` with `sql` on its standard input; returns stdout.
 pub fn sqlite3(db: &Path, sql: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("sqlite3")
-        .arg(db)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("the sqlite3 CLI (scripts/test.sh installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(sql.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = pipe(
+        Command::new("sqlite3").arg(db),
+        sql,
+        "the sqlite3 CLI (scripts/test.sh installs it)",
+    );
     assert!(
         out.status.success(),
         "sqlite3 failed: {}",
