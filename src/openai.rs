@@ -259,6 +259,18 @@ fn server_message(body: &str) -> String {
     excerpt(body)
 }
 
+/// Sends a sleep-mode request: the body of a 2xx answer, else why not.
+async fn sleep_answer(url: &str, req: reqwest::RequestBuilder) -> Result<String, String> {
+    let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+    let code = resp.status().as_u16();
+    let text = resp.text().await.unwrap_or_default();
+    if (200..300).contains(&code) {
+        Ok(text)
+    } else {
+        Err(sleep_refused(url, code, &text))
+    }
+}
+
 /// Why a sleep-mode call was refused, with what to do about a 404.
 fn sleep_refused(url: &str, code: u16, text: &str) -> String {
     if code == 404 {
@@ -488,18 +500,8 @@ impl InferenceClient for OpenAiClient {
 
     async fn is_sleeping(&self) -> Result<bool, String> {
         let url = self.url("/is_sleeping");
-        let resp = self
-            .http
-            .get(&url)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        let code = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        if code != 200 {
-            return Err(sleep_refused(&url, code, &text));
-        }
+        let req = self.http.get(&url).timeout(Duration::from_secs(10));
+        let text = sleep_answer(&url, req).await?;
         serde_json::from_str::<Value>(&text)
             .ok()
             .and_then(|v| v.get("is_sleeping").and_then(Value::as_bool))
@@ -623,14 +625,7 @@ impl OpenAiClient {
             Some(b) => req.json(&b),
             None => req,
         };
-        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
-        let code = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        if (200..300).contains(&code) {
-            Ok(text)
-        } else {
-            Err(sleep_refused(&url, code, &text))
-        }
+        sleep_answer(&url, req).await
     }
 
     /// GETs one of vLLM's probe routes: its 2xx response; `None` when it

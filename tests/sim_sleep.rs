@@ -229,3 +229,50 @@ fn the_program_serves_sleep_mode_only_with_the_variable() {
     assert_eq!(with.post("/wake_up"), 200);
     assert_eq!(without.post("/sleep?level=1"), 404);
 }
+
+/// The OpenAI adapter's sleep-mode calls, against the simulator over HTTP.
+#[tokio::test]
+async fn the_openai_adapter_sleeps_and_wakes_the_sim() {
+    use feeder_actors::inference::{InferenceClient, InferenceError, ProbeError};
+    use gpu_feeder::openai::{parse_completion, OpenAiClient, RequestDefaults};
+    let sim = sim::start(sleepy(SimConfig::default())).await.unwrap();
+    let make = |url: &str| {
+        let defaults = RequestDefaults {
+            instance: "think".into(),
+            served_model_name: "sim".into(),
+            max_tokens: 4,
+            temperature: 0.0,
+            system_prompt: None,
+            ocr_prompt: String::new(),
+            payload_roots: Vec::new(),
+            vision: false,
+        };
+        OpenAiClient::new(url, defaults, Duration::from_secs(10), 4)
+    };
+    let client = make(&sim.url());
+    assert_eq!(client.is_sleeping().await, Ok(false));
+    client.probe(true).await.expect("awake, the canary answers");
+    client.sleep(2).await.unwrap();
+    assert_eq!(client.is_sleeping().await, Ok(true));
+    assert!(matches!(
+        client.probe(true).await,
+        Err(ProbeError::Loading(_))
+    ));
+    // Level 2: weights, reload, KV cache — as the ContainerActor wakes it.
+    client.wake_up(Some("weights")).await.unwrap();
+    client.reload_weights().await.unwrap();
+    client.wake_up(Some("kv_cache")).await.unwrap();
+    assert_eq!(client.is_sleeping().await, Ok(false));
+    client.probe(true).await.expect("awake again");
+    // An aborted answer is not a completion: the job goes back.
+    let aborted = r#"{"choices":[{"message":{"content":""},"finish_reason":"abort"}]}"#;
+    assert!(matches!(
+        parse_completion(aborted, Duration::ZERO),
+        Err(InferenceError::Aborted(_))
+    ));
+    // A server without sleep mode: the error says what to set.
+    let plain = sim::start(SimConfig::default()).await.unwrap();
+    let c = make(&plain.url());
+    let e = c.sleep(1).await.unwrap_err();
+    assert!(e.contains("sleep_mode = true"), "{e}");
+}

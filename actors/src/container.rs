@@ -921,11 +921,12 @@ impl Actor for ContainerActor {
                         for r in state.pending_park.drain(..) {
                             let _ = r.send(());
                         }
-                        if state.args.parked {
-                        } else if std::mem::take(&mut state.replan) {
-                            state.relaunch(&myself);
-                        } else {
-                            state.wake(&myself, "the allocator runs it again");
+                        if !state.args.parked {
+                            if std::mem::take(&mut state.replan) {
+                                state.relaunch(&myself);
+                            } else {
+                                state.wake(&myself, "the allocator runs it again");
+                            }
                         }
                     }
                     Err(e) => {
