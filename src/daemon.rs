@@ -69,6 +69,9 @@ pub fn settings(config: &Config) -> PipelineSettings {
         lifecycle: lifecycle(config),
         keep_servers_on_exit: config.servers.keep_servers_on_exit,
         poison_after: config.health.poison_after_crashes,
+        prefix_grouping: d
+            .prefix_grouping
+            .then(|| Duration::from_secs_f64(d.prefix_max_wait_s)),
         min_success_ratio: config.chunk.min_success_ratio,
         gpu_interval: Duration::from_millis(config.gpu.interval_ms),
         thermal: ThermalLimits {

@@ -388,6 +388,18 @@ pub fn parse_engine_metrics(text: &str) -> Option<EngineMetrics> {
             "vllm:request_queue_time_seconds_count" => add(&mut m.queue_time, 0.0, value),
             "vllm:e2e_request_latency_seconds_sum" => add(&mut m.e2e, value, 0.0),
             "vllm:e2e_request_latency_seconds_count" => add(&mut m.e2e, 0.0, value),
+            "vllm:prefix_cache_hits_total" => add(&mut m.prefix_cache, value, 0.0),
+            "vllm:prefix_cache_queries_total" => add(&mut m.prefix_cache, 0.0, value),
+            "vllm:cache_config_info" => {
+                let label = |key: &str| -> Option<f64> {
+                    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
+                    let rest = &line[start..];
+                    rest[..rest.find('"')?].parse().ok()
+                };
+                if let (Some(blocks), Some(size)) = (label("num_gpu_blocks"), label("block_size")) {
+                    *m.kv_cache_tokens.get_or_insert(0.0) += blocks * size;
+                }
+            }
             _ => {}
         }
     }

@@ -305,7 +305,9 @@ impl Submitter {
             reason: format!("not valid JSON ({e})"),
         })?;
         self.validate(&value, &real.display().to_string())?;
-        Ok(self.job(Payload::File(real), sha256_hex(&bytes)))
+        let mut job = self.job(Payload::File(real), sha256_hex(&bytes));
+        job.prefix_key = feeder_actors::prefix::prefix_key(&value);
+        Ok(job)
     }
 
     /// A job asking `text` as a user message.
@@ -351,7 +353,10 @@ impl Submitter {
         hasher.update(b"image\0");
         hasher.update(&bytes);
         let sha = hex::encode(hasher.finalize());
-        Ok(self.job(Payload::Inline(Value::Object(obj).to_string()), sha))
+        let mut job = self.job(Payload::Inline(Value::Object(obj).to_string()), sha);
+        // Questions about one image share it, wherever its file lies.
+        job.prefix_key = Some(feeder_actors::prefix::image_key(&bytes));
+        Ok(job)
     }
 
     /// One job per non-empty line of the JSONL file at `path`, each line a

@@ -34,6 +34,7 @@ use crate::inference::{InferenceClient, InferenceError};
 use crate::instances::InstanceSupMsg;
 use crate::job::{Claim, ClaimedJob, Completion, Failure, Job, JobId, ModelType};
 use crate::peers::Peers;
+use crate::prefix::{ClaimOrder, Grouping};
 use crate::queue::{QueueMsg, WorkAvailable};
 use crate::results::{JobResult, ResultStore};
 use crate::store::Settle;
@@ -257,7 +258,18 @@ pub struct DispatchArgs {
     /// A job in flight during this many crashes of the server is failed
     /// as a poison job.
     pub poison_after: u32,
+    /// Claims grouped by prefix key (see [`crate::prefix`]), no group that
+    /// has waited longer than this held back by warm ones; `None`: plain
+    /// order (`dispatch.prefix_grouping = false`).
+    pub prefix_grouping: Option<Duration>,
 }
+
+/// Prefix keys remembered as warm when the server does not say how much
+/// its KV cache holds.
+pub const WARM_KEYS_DEFAULT: usize = 32;
+
+/// Prefix keys remembered as warm at most.
+pub const WARM_KEYS_MAX: usize = 256;
 
 /// Claimed jobs kept ready beside a window of `window` in flight.
 fn buffer_target(window: usize) -> usize {
@@ -362,12 +374,48 @@ pub struct DispatchState {
     crashed: u64,
     /// Requests the server aborted.
     aborted: u64,
+    /// Prefix keys sent lately, most recent first: those the server's
+    /// prefix cache most likely holds, as many as it can.
+    warm: VecDeque<String>,
+    /// Prompt tokens per request lately (moving average), to size `warm`.
+    prompt_tokens: Option<f64>,
 }
 
 /// Keeps one instance's batch full.
 pub struct DispatchActor;
 
 impl DispatchState {
+    /// How many prompt prefixes the server's KV cache holds: its capacity
+    /// (from `vllm:cache_config_info`) over the prompt tokens of a request
+    /// lately, or [`WARM_KEYS_DEFAULT`] when either is unknown.
+    fn warm_slots(&self) -> usize {
+        let kv = self.ctl.signals().metrics.and_then(|m| m.kv_cache_tokens);
+        match (kv, self.prompt_tokens) {
+            (Some(kv), Some(p)) if p >= 1.0 => ((kv / p) as usize).clamp(1, WARM_KEYS_MAX),
+            _ => WARM_KEYS_DEFAULT,
+        }
+    }
+
+    /// Remembers that a job of `key` was just sent.
+    fn warmed(&mut self, key: &str) {
+        if self.warm.front().map(String::as_str) != Some(key) {
+            self.warm.retain(|k| k != key);
+            self.warm.push_front(key.to_string());
+        }
+        self.warm.truncate(self.warm_slots());
+    }
+
+    /// The order of the next claim.
+    fn claim_order(&self) -> ClaimOrder {
+        match self.args.prefix_grouping {
+            Some(max_wait) => ClaimOrder::Grouped(Grouping {
+                warm: self.warm.iter().cloned().collect(),
+                max_wait,
+            }),
+            None => ClaimOrder::Plain,
+        }
+    }
+
     /// Requests in flight at most now: the controller's window, under the
     /// thermal cap.
     fn window(&self) -> u32 {
@@ -523,6 +571,9 @@ impl DispatchState {
     }
 
     fn start_request(&mut self, myself: &ActorRef<DispatchMsg>, job: Job, claim: Claim) {
+        if let Some(key) = &job.prefix_key {
+            self.warmed(key);
+        }
         let job_id = job.id;
         let parent = job.parent_id;
         let follow_up = job.then_model.is_some();
@@ -628,6 +679,7 @@ impl DispatchState {
         let owner = self.args.owner.clone();
         let model = self.args.model;
         let timeout = self.args.call_timeout;
+        let order = self.claim_order();
         let me = myself.clone();
         tokio::spawn(async move {
             let answer = queue
@@ -636,6 +688,7 @@ impl DispatchState {
                         model,
                         n: want,
                         owner,
+                        order,
                         reply,
                     },
                     Some(timeout),
@@ -727,6 +780,10 @@ impl DispatchState {
             Ok(done) => {
                 self.completed += 1;
                 self.overload_streak = 0;
+                if let Some(p) = done.prompt_tokens {
+                    let p = p as f64;
+                    self.prompt_tokens = Some(self.prompt_tokens.map_or(p, |m| 0.9 * m + 0.1 * p));
+                }
                 self.ctl.on_latency(Instant::now(), done.latency);
                 self.successes_at_window += 1;
                 if self.successes_at_window >= self.ctl.window() {
@@ -907,6 +964,8 @@ impl Actor for DispatchActor {
             overloaded: 0,
             crashed: 0,
             aborted: 0,
+            warm: VecDeque::new(),
+            prompt_tokens: None,
         };
         state.subscribe(&myself);
         if state.ctl.is_auto() {

@@ -77,6 +77,8 @@ pub struct DispatchSupArgs {
     pub observer: Option<Arc<dyn crate::dispatch::DispatchObserver>>,
     /// Crashes under a job that make it a poison job.
     pub poison_after: u32,
+    /// Claims grouped by prefix key with this age bound; `None`: plain order.
+    pub prefix_grouping: Option<Duration>,
 }
 
 /// One instance's dispatcher.
@@ -131,6 +133,7 @@ impl DispatchSupState {
             peers: self.args.peers.clone(),
             observer: self.args.observer.clone(),
             poison_after: self.args.poison_after,
+            prefix_grouping: self.args.prefix_grouping,
         };
         let (actor, _) =
             DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;

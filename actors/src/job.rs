@@ -220,11 +220,22 @@ pub struct NewJob {
     /// For a fragment: where it sits in its parent (a text window's tokens,
     /// an image tile), so that fan-in can merge the answers.
     pub place: Option<Place>,
+    /// Jobs with the same key share a prompt prefix and are claimed
+    /// together (see [`crate::prefix`]). `NewJob::new` derives it from an
+    /// inline payload; a fragment takes its parent's id in the store.
+    pub prefix_key: Option<String>,
 }
 
 impl NewJob {
-    /// A job with default priority and attempts.
+    /// A job with default priority and attempts, and the prefix key of its
+    /// payload when it is inline JSON.
     pub fn new(model_type: ModelType, payload: Payload, payload_sha256: impl Into<String>) -> Self {
+        let prefix_key = match &payload {
+            Payload::Inline(text) => serde_json::from_str(text)
+                .ok()
+                .and_then(|v| crate::prefix::prefix_key(&v)),
+            Payload::File(_) => None,
+        };
         NewJob {
             model_type,
             payload,
@@ -234,6 +245,7 @@ impl NewJob {
             then_model: None,
             follows: None,
             place: None,
+            prefix_key,
         }
     }
 }
@@ -285,6 +297,8 @@ pub struct Job {
     pub total_fragments: Option<u32>,
     /// For a fragment: where it sits in its parent.
     pub place: Option<Place>,
+    /// Jobs with the same key share a prompt prefix (see [`crate::prefix`]).
+    pub prefix_key: Option<String>,
     /// The job this next-stage job was created from.
     pub follows: Option<JobId>,
     /// Model of the follow-up job to create when this one is done.

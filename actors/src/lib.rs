@@ -14,6 +14,8 @@
 //! - [`results`]: the `ResultStore` port and the result document.
 //! - [`fragment`]: splitting texts and images into overlapping fragments,
 //!   each fragment's [`fragment::Place`], and merging their answers.
+//! - [`prefix`]: prefix keys, and the grouped order in which claims take
+//!   jobs that share a prompt prefix.
 //! - [`backoff`]: capped exponential backoff with jitter (retries, restarts).
 //! - [`time`]: `Timestamp`, the unit of every stored time, and `Clock`.
 //! - [`restart`]: restart policy as data (backoff, intensity limit), and
@@ -66,6 +68,7 @@ pub mod inference;
 pub mod instances;
 pub mod job;
 pub mod peers;
+pub mod prefix;
 pub mod queue;
 pub mod restart;
 pub mod results;
@@ -86,6 +89,7 @@ pub use job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
     ModelStats, ModelType, NewJob, Payload, QueueStats, StatusCounts, Submitted,
 };
+pub use prefix::{ClaimOrder, Grouping};
 pub use results::{FragmentResult, JobResult, ResultStore};
 pub use store::{
     Blocking, BlockingJobStore, JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult,

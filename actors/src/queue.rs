@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::job::{
     Claim, ClaimedJob, FailOutcome, Job, JobId, ModelType, NewJob, QueueStats, Submitted,
 };
+use crate::prefix::ClaimOrder;
 use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult};
 use crate::time::{Clock, Timestamp};
 
@@ -57,6 +58,8 @@ pub enum QueueMsg {
         n: usize,
         /// Who holds the claims (a dispatcher's owner id).
         owner: String,
+        /// Plain, or grouped by prefix key.
+        order: ClaimOrder,
         /// The claimed jobs.
         reply: RpcReplyPort<StoreResult<Vec<ClaimedJob>>>,
     },
@@ -476,6 +479,7 @@ impl Actor for QueueActor {
                 model,
                 n,
                 owner,
+                order,
                 reply,
             } => {
                 let lease = state.args.lease;
@@ -485,7 +489,7 @@ impl Actor for QueueActor {
                     // A short claim: what is left may be waiting for its
                     // run_at, read in the same trip to the store.
                     // (Its failure never costs the claim, which is committed.)
-                    let out = store.claim(model, n, lease, &owner, now).await;
+                    let out = store.claim_with(model, n, lease, &owner, now, &order).await;
                     let short = out.as_ref().is_ok_and(|jobs| jobs.len() < n);
                     let _ = reply.send(out);
                     if short {

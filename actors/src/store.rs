@@ -23,6 +23,7 @@ use crate::job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
     ModelType, NewJob, QueueStats, Submitted,
 };
+use crate::prefix::ClaimOrder;
 use crate::time::Timestamp;
 
 /// Errors of a job store.
@@ -124,6 +125,23 @@ pub trait JobStore: Send + Sync + 'static {
         lease: Duration,
         owner: &str,
         now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
+            .await
+    }
+
+    /// Like `claim`, in `order`: with [`ClaimOrder::Grouped`], jobs sharing
+    /// a prefix key come together, in the order [`crate::prefix::pick`]
+    /// gives over the oldest [`crate::prefix::lookahead`] due jobs and
+    /// those of the warm keys. The jobs come back in that order.
+    async fn claim_with(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+        order: &ClaimOrder,
     ) -> StoreResult<Vec<ClaimedJob>>;
 
     /// Marks a claimed job `done` with its result.
@@ -272,6 +290,19 @@ pub trait BlockingJobStore: Send + Sync + 'static {
         lease: Duration,
         owner: &str,
         now: Timestamp,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
+    }
+
+    /// See [`JobStore::claim_with`].
+    fn claim_with(
+        &self,
+        model: ModelType,
+        n: usize,
+        lease: Duration,
+        owner: &str,
+        now: Timestamp,
+        order: &ClaimOrder,
     ) -> StoreResult<Vec<ClaimedJob>>;
 
     /// See [`JobStore::complete`].
@@ -391,16 +422,18 @@ impl<S: BlockingJobStore> JobStore for Blocking<S> {
             .await
     }
 
-    async fn claim(
+    async fn claim_with(
         &self,
         model: ModelType,
         n: usize,
         lease: Duration,
         owner: &str,
         now: Timestamp,
+        order: &ClaimOrder,
     ) -> StoreResult<Vec<ClaimedJob>> {
         let owner = owner.to_string();
-        self.run(move |s| s.claim(model, n, lease, &owner, now))
+        let order = order.clone();
+        self.run(move |s| s.claim_with(model, n, lease, &owner, now, &order))
             .await
     }
 

@@ -184,6 +184,8 @@ pub struct PipelineSettings {
     pub keep_servers_on_exit: bool,
     /// Crashes under a job that make it a poison job.
     pub poison_after: u32,
+    /// Claims grouped by prefix key with this age bound; `None`: plain order.
+    pub prefix_grouping: Option<Duration>,
     /// Restart policy of every supervisor.
     pub restart: RestartPolicy,
     /// Share of a parent's fragments that must succeed for it to be `done`.
@@ -219,6 +221,7 @@ impl Default for PipelineSettings {
             lifecycle: LifecycleSettings::default(),
             keep_servers_on_exit: true,
             poison_after: 3,
+            prefix_grouping: Some(Duration::from_secs(60)),
             restart: RestartPolicy::default(),
             min_success_ratio: 1.0,
             gpu_interval: Duration::from_secs(1),
@@ -379,6 +382,7 @@ impl FeederState {
                     peers: self.peers().ok_or("peers are not all running")?,
                     observer: self.args.observer.clone(),
                     poison_after: s.poison_after,
+                    prefix_grouping: s.prefix_grouping,
                 };
                 let (a, _) =
                     DispatchSupervisor::spawn_linked(None, DispatchSupervisor, args, cell).await?;

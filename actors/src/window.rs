@@ -91,6 +91,12 @@ pub struct EngineMetrics {
     pub queue_time: Option<(f64, f64)>,
     /// `vllm:e2e_request_latency_seconds` (sum, count), when the server has it.
     pub e2e: Option<(f64, f64)>,
+    /// KV cache capacity in tokens (`num_gpu_blocks` × `block_size` of
+    /// `vllm:cache_config_info`), when the server says.
+    pub kv_cache_tokens: Option<f64>,
+    /// `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total`
+    /// (tokens), when the server has them.
+    pub prefix_cache: Option<(f64, f64)>,
 }
 
 impl EngineMetrics {

@@ -150,6 +150,7 @@ async fn claim_through(
                 model,
                 n,
                 owner: "o".into(),
+                order: feeder_actors::ClaimOrder::Plain,
                 reply: r,
             },
             None,

@@ -109,6 +109,12 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         0,
         3_600,
     );
+    if !(d.prefix_max_wait_s > 0.0 && d.prefix_max_wait_s <= 86_400.0) {
+        c.at(
+            &[key("dispatch"), key("prefix_max_wait_s")],
+            "must be more than 0 and at most 86400 seconds (one day): how long a job may wait while jobs of other prefixes are grouped ahead of it",
+        );
+    }
     if !(d.retry_base_s > 0.0 && d.retry_base_s <= 3600.0) {
         c.at(
             &[key("dispatch"), key("retry_base_s")],

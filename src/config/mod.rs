@@ -213,6 +213,12 @@ pub struct DispatchConfig {
     pub retry_max_s: f64,
     /// On shutdown, how long in-flight requests may finish before their jobs are released.
     pub shutdown_grace_s: u64,
+    /// Claims take jobs that share a prompt prefix together, so that the
+    /// server's prefix cache is hit; `false`: priority, then age.
+    pub prefix_grouping: bool,
+    /// A job pending longer than this is claimed before any grouping
+    /// (within its priority): grouping never starves a job.
+    pub prefix_max_wait_s: f64,
 }
 
 impl Default for DispatchConfig {
@@ -226,6 +232,8 @@ impl Default for DispatchConfig {
             retry_base_s: 2.0,
             retry_max_s: 300.0,
             shutdown_grace_s: 30,
+            prefix_grouping: true,
+            prefix_max_wait_s: 60.0,
         }
     }
 }

@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "place",
         sql: include_str!("../../migrations/0005_place.sql"),
     },
+    Migration {
+        version: 6,
+        name: "prefix",
+        sql: include_str!("../../migrations/0006_prefix.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.

@@ -8,6 +8,7 @@
 pub mod migrate;
 mod rows;
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,12 +23,15 @@ use feeder_actors::{
     Settle, Settled, StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
 
+use feeder_actors::prefix::{self, Candidate, ClaimOrder, Grouping};
 use feeder_actors::store::poison_error;
 
 pub use migrate::{full_schema, latest_version, MigrationReport};
 use rows::{job_from_row, secs, Db};
 
 const CLAIM: &str = include_str!("sql/claim.sql");
+const CLAIM_CANDIDATES: &str = include_str!("sql/claim_candidates.sql");
+const CLAIM_ROWS: &str = include_str!("sql/claim_rows.sql");
 const COMPLETE: &str = include_str!("sql/complete.sql");
 const FAIL: &str = include_str!("sql/fail.sql");
 const RELEASE: &str = include_str!("sql/release.sql");
@@ -213,10 +217,82 @@ fn insert(
             ":follows": job.follows.map(|f| f.0),
             ":then_model": job.then_model.map(|m| m.as_str()),
             ":place": job.place.map(|p| p.to_json()),
+            // A fragment shares its parent's key (see `feeder_actors::prefix`).
+            ":prefix_key": match fragment {
+                Some((parent, _, _)) => Some(parent.to_string()),
+                None => job.prefix_key.clone(),
+            },
             ":now": secs(now),
         })
         .map_err(|e| StoreError::Invalid(format!("job rejected by the database: {e}")))?;
     Ok((n == 1).then_some(id))
+}
+
+/// A grouped claim inside `tx`: reads the candidates, picks with
+/// [`prefix::pick`], claims those rows; each comes back with its rank in
+/// the order picked.
+#[allow(clippy::too_many_arguments)]
+fn claim_grouped(
+    tx: &Transaction<'_>,
+    model: ModelType,
+    n: usize,
+    lease: Duration,
+    owner: &str,
+    now: Timestamp,
+    grouping: &Grouping,
+    claim_id: &str,
+) -> StoreResult<Vec<(i64, StoreResult<Job>)>> {
+    let warm = serde_json::to_string(&grouping.warm).expect("strings serialize");
+    let mut stmt = tx.prepare_cached(CLAIM_CANDIDATES).db()?;
+    let cands = stmt
+        .query_map(
+            named_params! {
+                ":model": model.as_str(),
+                ":now": secs(now),
+                ":lookahead": prefix::lookahead(n) as i64,
+                ":warm": warm,
+            },
+            |r| {
+                Ok(Candidate {
+                    seq: r.get("seq")?,
+                    priority: r.get("priority")?,
+                    created_at: Timestamp::from_secs_f64(r.get("created_at")?),
+                    key: r.get("prefix_key")?,
+                })
+            },
+        )
+        .db()?
+        .collect::<Result<Vec<_>, _>>()
+        .db()?;
+    let picked = prefix::pick(&cands, n, grouping, now);
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rank: HashMap<i64, i64> = picked
+        .iter()
+        .enumerate()
+        .map(|(r, &i)| (cands[i].seq, r as i64))
+        .collect();
+    let rowids: Vec<i64> = picked.iter().map(|&i| cands[i].seq).collect();
+    let mut stmt = tx.prepare_cached(CLAIM_ROWS).db()?;
+    let rows = stmt
+        .query_map(
+            named_params! {
+                ":claim_id": claim_id,
+                ":owner": owner,
+                ":lease_until": secs(now + lease),
+                ":now": secs(now),
+                ":rowids": serde_json::to_string(&rowids).expect("numbers serialize"),
+            },
+            |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)),
+        )
+        .db()?
+        .collect::<Result<Vec<_>, _>>()
+        .db()?;
+    Ok(rows
+        .into_iter()
+        .map(|(seq, job)| (rank.get(&seq).copied().unwrap_or(i64::MAX), job))
+        .collect())
 }
 
 /// The existing job that an insert of `job` conflicted with.
@@ -455,50 +531,60 @@ impl BlockingJobStore for SqliteStore {
         })
     }
 
-    fn claim(
+    fn claim_with(
         &self,
         model: ModelType,
         n: usize,
         lease: Duration,
         owner: &str,
         now: Timestamp,
+        order: &ClaimOrder,
     ) -> StoreResult<Vec<ClaimedJob>> {
         if n == 0 {
             return Ok(Vec::new());
         }
         let claim_id = hex::encode(rand::random::<[u8; 12]>());
-        let mut rows = self.write(|tx| {
-            let mut stmt = tx.prepare_cached(CLAIM).db()?;
-            let rows = stmt
-                .query_map(
-                    named_params! {
-                        ":claim_id": claim_id,
-                        ":owner": owner,
-                        ":lease_until": secs(now + lease),
-                        ":now": secs(now),
-                        ":model": model.as_str(),
-                        ":n": n as i64,
-                    },
-                    |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)),
-                )
-                .db()?
-                .collect::<Result<Vec<_>, _>>()
-                .db()?;
-            Ok(rows)
+        let mut rows = self.write(|tx| match order {
+            ClaimOrder::Plain => {
+                let mut stmt = tx.prepare_cached(CLAIM).db()?;
+                let rows = stmt
+                    .query_map(
+                        named_params! {
+                            ":claim_id": claim_id,
+                            ":owner": owner,
+                            ":lease_until": secs(now + lease),
+                            ":now": secs(now),
+                            ":model": model.as_str(),
+                            ":n": n as i64,
+                        },
+                        |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)),
+                    )
+                    .db()?
+                    .collect::<Result<Vec<_>, _>>()
+                    .db()?;
+                Ok(rows)
+            }
+            ClaimOrder::Grouped(grouping) => {
+                claim_grouped(tx, model, n, lease, owner, now, grouping, &claim_id)
+            }
         })?;
-        // RETURNING does not keep the subquery's order: restore it.
-        rows.sort_by(|(sa, a), (sb, b)| {
-            b.as_ref()
-                .map(|j| j.priority)
-                .ok()
-                .cmp(&a.as_ref().map(|j| j.priority).ok())
-                .then_with(|| {
-                    let ca = a.as_ref().map(|j| j.created_at).ok();
-                    let cb = b.as_ref().map(|j| j.created_at).ok();
-                    ca.cmp(&cb)
-                })
-                .then(sa.cmp(sb))
-        });
+        match order {
+            // RETURNING does not keep the subquery's order: restore it.
+            ClaimOrder::Plain => rows.sort_by(|(sa, a), (sb, b)| {
+                b.as_ref()
+                    .map(|j| j.priority)
+                    .ok()
+                    .cmp(&a.as_ref().map(|j| j.priority).ok())
+                    .then_with(|| {
+                        let ca = a.as_ref().map(|j| j.created_at).ok();
+                        let cb = b.as_ref().map(|j| j.created_at).ok();
+                        ca.cmp(&cb)
+                    })
+                    .then(sa.cmp(sb))
+            }),
+            // `claim_grouped` numbered them in the order chosen.
+            ClaimOrder::Grouped(_) => rows.sort_by_key(|(rank, _)| *rank),
+        }
         rows.into_iter()
             .map(|(_, job)| {
                 let job = job?;

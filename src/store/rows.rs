@@ -108,6 +108,7 @@ pub(crate) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<StoreResult<Job>> {
                     id: row.to_string(),
                     reason: format!("column place: {reason}"),
                 })?,
+            prefix_key: col(r, "prefix_key", row)?,
             follows: id_of(col(r, "follows", row)?, "follows", row)?,
             then_model: parsed(r, "then_model", row)?,
             prompt_tokens: col(r, "prompt_tokens", row)?,

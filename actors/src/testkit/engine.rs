@@ -213,6 +213,7 @@ impl InferenceClient for FakeEngine {
             generation_tokens_total: s.reported,
             queue_time: Some(s.queue_time),
             e2e: Some(s.e2e),
+            ..EngineMetrics::default()
         }))
     }
 }

@@ -10,6 +10,7 @@ use crate::job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
     ModelStats, ModelType, NewJob, Payload, QueueStats, Submitted,
 };
+use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
     poison_error, Blocking, BlockingJobStore, JobStore, ParentOutcome, Settled, StoreError,
     StoreResult, DEFAULT_MAX_ATTEMPTS,
@@ -161,6 +162,11 @@ impl Inner {
             fragment_index: fragment.map(|f| f.1),
             total_fragments: fragment.map(|f| f.2).or(total),
             place: new.place,
+            // A fragment shares its parent's key (see `crate::prefix`).
+            prefix_key: match fragment {
+                Some((parent, _, _)) => Some(parent.to_string()),
+                None => new.prefix_key.clone(),
+            },
             follows: new.follows,
             then_model: new.then_model,
             prompt_tokens: None,
@@ -253,16 +259,17 @@ impl BlockingJobStore for MemoryStore {
         })
     }
 
-    fn claim(
+    fn claim_with(
         &self,
         model: ModelType,
         n: usize,
         lease: Duration,
         owner: &str,
         now: Timestamp,
+        order: &ClaimOrder,
     ) -> StoreResult<Vec<ClaimedJob>> {
         let mut inner = self.write();
-        let mut candidates: Vec<(i64, Timestamp, u64, JobId)> = inner
+        let mut due: Vec<(i64, Timestamp, u64, JobId)> = inner
             .rows
             .iter()
             .filter(|(_, j)| {
@@ -272,8 +279,42 @@ impl BlockingJobStore for MemoryStore {
             })
             .map(|(seq, j)| (-j.priority, j.created_at, *seq, j.id))
             .collect();
-        candidates.sort();
-        candidates.truncate(n);
+        due.sort();
+        let candidates: Vec<(i64, Timestamp, u64, JobId)> = match order {
+            ClaimOrder::Plain => due.into_iter().take(n).collect(),
+            ClaimOrder::Grouped(grouping) => {
+                // As the SQLite adapter reads them: the oldest due jobs,
+                // and every due job of a warm key.
+                let keys: HashMap<JobId, Option<String>> = inner
+                    .rows
+                    .iter()
+                    .map(|(_, j)| (j.id, j.prefix_key.clone()))
+                    .collect();
+                let reach = prefix::lookahead(n);
+                let read: Vec<Candidate> = due
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, d)| {
+                        *i < reach
+                            || keys[&d.3]
+                                .as_ref()
+                                .is_some_and(|k| grouping.warm.contains(k))
+                    })
+                    .map(|(_, d)| Candidate {
+                        seq: d.2 as i64,
+                        priority: -d.0,
+                        created_at: d.1,
+                        key: keys[&d.3].clone(),
+                    })
+                    .collect();
+                let by_seq: HashMap<u64, (i64, Timestamp, u64, JobId)> =
+                    due.iter().map(|d| (d.2, *d)).collect();
+                prefix::pick(&read, n, grouping, now)
+                    .into_iter()
+                    .map(|i| by_seq[&(read[i].seq as u64)])
+                    .collect()
+            }
+        };
         if candidates.is_empty() {
             return Ok(Vec::new());
         }

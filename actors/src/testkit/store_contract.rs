@@ -16,6 +16,7 @@ use crate::job::{
     Claim, Completion, FailOutcome, Failure, JobId, JobStatus, ListFilter, ModelType, NewJob,
     Payload,
 };
+use crate::prefix::{ClaimOrder, Grouping};
 use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError};
 use crate::time::Timestamp;
 
@@ -44,7 +45,10 @@ macro_rules! store_contract_tests {
             change_token_moves_on_foreign_commits, next_due_is_the_earliest_future_run_at,
             follow_ups_are_pending_until_created,
             a_follow_up_is_created_once, stats_per_model_and_status,
-            list_filters_and_limit, get_unknown_is_none, resolve_takes_ids_and_unique_prefixes);
+            list_filters_and_limit, get_unknown_is_none, resolve_takes_ids_and_unique_prefixes,
+            grouped_claims_take_a_prefix_together, grouping_never_starves_an_old_job,
+            priority_wins_over_grouping, a_warm_key_is_found_beyond_the_lookahead,
+            fragments_share_their_parents_key);
     };
     (@cases $fixture:expr; $($case:ident),* $(,)?) => {
         $(
@@ -71,6 +75,24 @@ pub fn job(model: ModelType, tag: &str) -> NewJob {
         Payload::Inline(format!("{{\"prompt\":\"{tag}\"}}")),
         format!("sha-{tag}"),
     )
+}
+
+/// A question about document `doc`: the document's text (longer than a
+/// prefix key's lead) followed by question `q`.
+pub fn question(doc: &str, q: usize) -> NewJob {
+    let text = format!("{} question {q}?", format!("document {doc}. ").repeat(60));
+    NewJob::new(
+        ModelType::Think,
+        Payload::Inline(serde_json::json!({ "prompt": text }).to_string()),
+        format!("sha-{doc}-{q}"),
+    )
+}
+
+fn grouped(warm: &[&str], max_wait: Duration) -> ClaimOrder {
+    ClaimOrder::Grouped(Grouping {
+        warm: warm.iter().map(|k| k.to_string()).collect(),
+        max_wait,
+    })
 }
 
 fn done(tag: &str) -> Completion {
@@ -1093,4 +1115,218 @@ pub async fn resolve_takes_ids_and_unique_prefixes(f: &impl StoreFixture) {
         .unwrap();
     let none = err(&unknown).await;
     assert!(none.contains("no job id starts with"), "{none}");
+}
+
+/// Submits `jobs`, one second apart from `start`; their ids.
+async fn submit_spaced(s: &Arc<dyn JobStore>, jobs: Vec<NewJob>, start: Timestamp) -> Vec<JobId> {
+    let mut ids = Vec::new();
+    for (i, j) in jobs.into_iter().enumerate() {
+        ids.push(s.submit(j, start + secs(i as u64)).await.unwrap().id);
+    }
+    ids
+}
+
+/// A grouped claim takes the questions about one document together, in
+/// order of the oldest; a plain claim keeps arrival order. The key is
+/// stored with the job.
+pub async fn grouped_claims_take_a_prefix_together(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    // a1 b1 c1 a2 b2 c2 a3 b3 c3, interleaved as they arrived.
+    let jobs: Vec<NewJob> = (1..=3)
+        .flat_map(|q| ["a", "b", "c"].map(|d| question(d, q)))
+        .collect();
+    let key_a = jobs[0]
+        .prefix_key
+        .clone()
+        .expect("a prompt has a prefix key");
+    assert_eq!(
+        jobs[3].prefix_key.as_ref(),
+        Some(&key_a),
+        "a1 and a2 share a prefix"
+    );
+    assert_ne!(jobs[1].prefix_key.as_ref(), Some(&key_a));
+    let ids = submit_spaced(&s, jobs, T0).await;
+    let stored = s.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!(
+        stored.prefix_key.as_ref(),
+        Some(&key_a),
+        "the key is stored"
+    );
+
+    let now = T0 + secs(20);
+    let order = grouped(&[], secs(600));
+    let first = s
+        .claim_with(ModelType::Think, 4, secs(60), "o", now, &order)
+        .await
+        .unwrap();
+    let got: Vec<JobId> = first.iter().map(|c| c.job.id).collect();
+    assert_eq!(
+        got,
+        vec![ids[0], ids[3], ids[6], ids[1]],
+        "all of a, then b's oldest"
+    );
+    // The instance was just sent b: the rest of b comes before c.
+    let b = first[3].job.prefix_key.clone().unwrap();
+    let next = s
+        .claim_with(
+            ModelType::Think,
+            3,
+            secs(60),
+            "o",
+            now,
+            &grouped(&[&b], secs(600)),
+        )
+        .await
+        .unwrap();
+    let got: Vec<JobId> = next.iter().map(|c| c.job.id).collect();
+    assert_eq!(got, vec![ids[4], ids[7], ids[2]]);
+    // Plain order is arrival order.
+    let plain = s
+        .claim_with(ModelType::Think, 1, secs(60), "o", now, &ClaimOrder::Plain)
+        .await
+        .unwrap();
+    assert_eq!(plain[0].job.id, ids[5], "the oldest left (c2)");
+    for c in first.iter().chain(&next) {
+        assert_eq!(c.job.status, JobStatus::Processing);
+        assert_eq!(c.job.claim_id.as_deref(), Some(c.claim.claim_id.as_str()));
+    }
+}
+
+/// A job that has waited longer than `max_wait` goes before the warm
+/// group, however many jobs of it there are; before that, the warm group
+/// goes first.
+pub async fn grouping_never_starves_an_old_job(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let old = s.submit(question("lonely", 1), T0).await.unwrap().id;
+    let hot: Vec<NewJob> = (1..=5).map(|q| question("hot", q)).collect();
+    let key = hot[0].prefix_key.clone().unwrap();
+    let hot = submit_spaced(&s, hot, T0 + secs(100)).await;
+    let now = T0 + secs(110);
+    let patient = s
+        .claim_with(
+            ModelType::Think,
+            2,
+            secs(60),
+            "o",
+            now,
+            &grouped(&[&key], secs(600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        patient.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![hot[0], hot[1]],
+        "within max_wait, the warm key first"
+    );
+    let impatient = s
+        .claim_with(
+            ModelType::Think,
+            2,
+            secs(60),
+            "o",
+            now,
+            &grouped(&[&key], secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        impatient.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![old, hot[2]],
+        "a job older than max_wait goes first"
+    );
+}
+
+/// Priority comes before any grouping: an urgent job of a cold key goes
+/// before the warm group.
+pub async fn priority_wins_over_grouping(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let warm: Vec<NewJob> = (1..=3).map(|q| question("warm", q)).collect();
+    let key = warm[0].prefix_key.clone().unwrap();
+    let warm = submit_spaced(&s, warm, T0).await;
+    let mut urgent = question("cold", 1);
+    urgent.priority = 9;
+    let urgent = s.submit(urgent, T0 + secs(50)).await.unwrap().id;
+    let got = s
+        .claim_with(
+            ModelType::Think,
+            2,
+            secs(60),
+            "o",
+            T0 + secs(51),
+            &grouped(&[&key], secs(600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.job.id).collect::<Vec<_>>(),
+        vec![urgent, warm[0]]
+    );
+}
+
+/// Jobs of a warm key are found however deep in the backlog they lie:
+/// beyond the oldest jobs a grouped claim reads.
+pub async fn a_warm_key_is_found_beyond_the_lookahead(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let depth = crate::prefix::lookahead(2) + 10;
+    let backlog: Vec<NewJob> = (0..depth).map(|i| question(&format!("d{i}"), 1)).collect();
+    s.submit_batch(backlog, T0).await.unwrap();
+    let late: Vec<NewJob> = (1..=2).map(|q| question("late", q)).collect();
+    let key = late[0].prefix_key.clone().unwrap();
+    let late = submit_spaced(&s, late, T0 + secs(10)).await;
+    let got = s
+        .claim_with(
+            ModelType::Think,
+            2,
+            secs(60),
+            "o",
+            T0 + secs(20),
+            &grouped(&[&key], secs(600)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.iter().map(|c| c.job.id).collect::<Vec<_>>(), late);
+}
+
+/// A fragment's prefix key is its parent's id, so that a parent's
+/// fragments are claimed together.
+pub async fn fragments_share_their_parents_key(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let other = s
+        .submit(job(ModelType::Think, "before"), T0)
+        .await
+        .unwrap()
+        .id;
+    let frags: Vec<NewJob> = (0..3)
+        .map(|i| job(ModelType::Think, &format!("w{i}")))
+        .collect();
+    let parent = s
+        .submit_parent(job(ModelType::Think, "doc"), frags, T0 + secs(1))
+        .await
+        .unwrap()
+        .id;
+    let later = s
+        .submit(job(ModelType::Think, "after"), T0 + secs(1))
+        .await
+        .unwrap()
+        .id;
+    let fragments = s.fragments(parent).await.unwrap();
+    assert!(fragments
+        .iter()
+        .all(|f| f.prefix_key.as_deref() == Some(parent.to_string().as_str())));
+    let got = s
+        .claim_with(
+            ModelType::Think,
+            5,
+            secs(60),
+            "o",
+            T0 + secs(2),
+            &grouped(&[], secs(600)),
+        )
+        .await
+        .unwrap();
+    let ids: Vec<JobId> = got.iter().map(|c| c.job.id).collect();
+    let frag_ids: Vec<JobId> = fragments.iter().map(|f| f.id).collect();
+    assert_eq!(ids[0], other);
+    assert_eq!(ids[1..4], frag_ids[..], "the fragments together, in order");
+    assert_eq!(ids[4], later);
 }

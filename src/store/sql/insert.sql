@@ -4,8 +4,8 @@
 INSERT INTO gpu_jobs
        (id, payload_sha256, model_type, payload_path, payload_inline, created_at,
         status, priority, max_attempts, parent_id, fragment_index, total_fragments,
-        follows, then_model, place, updated_at)
+        follows, then_model, place, prefix_key, updated_at)
 VALUES (:id, :payload_sha256, :model_type, :payload_path, :payload_inline, :created_at,
         :status, :priority, :max_attempts, :parent_id, :fragment_index, :total_fragments,
-        :follows, :then_model, :place, :now)
+        :follows, :then_model, :place, :prefix_key, :now)
 ON CONFLICT DO NOTHING;
