@@ -28,10 +28,13 @@ use feeder_actors::handle::FeederHandle;
 use feeder_actors::{
     Blocking, BlockingJobStore, Completion, ModelType, NewJob, Payload, Settle, Timestamp,
 };
-use gpu_feeder::config::{Config, InstanceConfig, WindowSetting};
+mod common;
+
+use common::env_f64;
+use gpu_feeder::config::{Config, WindowSetting};
 use gpu_feeder::daemon::Pipeline;
 use gpu_feeder::results::FileResults;
-use gpu_feeder::sim::{self, SimConfig, SimHandle};
+use gpu_feeder::sim::{SimConfig, SimHandle};
 use gpu_feeder::store::SqliteStore;
 
 const JOBS: usize = 5_000;
@@ -95,13 +98,6 @@ struct Row {
     final_window: Option<u32>,
 }
 
-fn env_f64(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn payload(w: &Workload, i: usize, tag: &str) -> String {
     // Distinct from the first characters, so that no two share a prefix.
     let head = format!("{tag} {i:06} ");
@@ -129,52 +125,22 @@ fn job(w: &Workload, i: usize, tag: &str, priority: i64) -> NewJob {
 }
 
 fn config(dir: &Path, url: &str, w: &Workload, mode: Mode) -> Config {
-    let mut c = Config::default();
-    c.queue.db_path = dir.join("jobs.db");
-    c.queue.results_dir = dir.join("results");
-    c.queue.stage_dir = dir.join("stage");
-    c.dispatch.window = match mode {
+    let window = match mode {
         Mode::Fixed(n) => WindowSetting::Fixed(n),
         _ => WindowSetting::Auto,
     };
-    c.dispatch.window_max = Some(1024);
-    c.dispatch.external_poll_ms = 200;
-    c.dispatch.request_timeout_s = 3_600;
-    c.health.interval_s = 1.0;
-    let inst: InstanceConfig = toml::from_str(&format!(
-        "name = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = {}\n",
-        w.max_tokens
-    ))
-    .unwrap();
-    c.instances = vec![inst];
-    c.create_state_dirs(Path::new("bench")).unwrap();
-    c
+    common::config(dir, url, w.max_tokens, window)
 }
 
-/// The engine simulator on a thread and runtime of its own, as a server
-/// process would be: the pipeline's work must not slow its clock.
+/// The engine of every run: `--kv-cache-tokens 400000 --max-num-seqs 256`.
 async fn engine(scale: f64) -> SimHandle {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let sim = sim::start(SimConfig {
-                kv_cache_tokens: Some(400_000),
-                max_num_seqs: 256,
-                time_scale: scale,
-                ..SimConfig::default()
-            })
-            .await
-            .unwrap();
-            let stop = sim.stopped();
-            let _ = tx.send(sim);
-            stop.await;
-        });
-    });
-    rx.await.unwrap()
+    common::engine(SimConfig {
+        kv_cache_tokens: Some(400_000),
+        max_num_seqs: 256,
+        time_scale: scale,
+        ..SimConfig::default()
+    })
+    .await
 }
 
 fn median(mut v: Vec<usize>) -> usize {
@@ -249,12 +215,7 @@ async fn plan_loop(
 
 async fn run(w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
     let sim = engine(scale).await;
-    let dir = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
-        "/dev/shm"
-    } else {
-        "/tmp"
-    })
-    .unwrap();
+    let dir = common::scratch();
     let c = config(dir.path(), &sim.url(), &w, mode);
     let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
     store

@@ -1,0 +1,68 @@
+//! What the benchmarks against the engine simulator share: the simulator on
+//! a thread of its own, a scratch folder, and a pipeline configuration with
+//! one external instance pointing at it.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use gpu_feeder::config::{Config, InstanceConfig, WindowSetting};
+use gpu_feeder::sim::{self, SimConfig, SimHandle};
+
+/// The engine simulator on a thread and runtime of its own, as a server
+/// process would be: the pipeline's work must not slow its clock.
+pub async fn engine(cfg: SimConfig) -> SimHandle {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let sim = sim::start(cfg).await.unwrap();
+            let stop = sim.stopped();
+            let _ = tx.send(sim);
+            stop.await;
+        });
+    });
+    rx.await.unwrap()
+}
+
+/// A scratch folder, in memory where the machine has /dev/shm.
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    })
+    .unwrap()
+}
+
+/// A configuration whose state lies in `dir`, with one external think
+/// instance at `url` answering `max_tokens` tokens, its window `window`.
+pub fn config(dir: &Path, url: &str, max_tokens: u32, window: WindowSetting) -> Config {
+    let mut c = Config::default();
+    c.queue.db_path = dir.join("jobs.db");
+    c.queue.results_dir = dir.join("results");
+    c.queue.stage_dir = dir.join("stage");
+    c.dispatch.window = window;
+    c.dispatch.window_max = Some(1024);
+    c.dispatch.external_poll_ms = 200;
+    c.dispatch.request_timeout_s = 3_600;
+    c.health.interval_s = 1.0;
+    let inst: InstanceConfig = toml::from_str(&format!(
+        "name = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = {max_tokens}\n",
+    ))
+    .unwrap();
+    c.instances = vec![inst];
+    c.create_state_dirs(Path::new("bench")).unwrap();
+    c
+}
+
+/// A number from the environment, or `default`.
+pub fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
