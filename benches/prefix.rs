@@ -168,7 +168,11 @@ fn main() {
     let mut plain = None;
     for grouping in [false, true] {
         let r = rt.block_on(run(grouping, window, scale));
-        let label = if grouping { "grouped by prefix" } else { "plain order" };
+        let label = if grouping {
+            "grouped by prefix"
+        } else {
+            "plain order"
+        };
         let gain = match (grouping, plain) {
             (true, Some(p)) => format!("  {:.2}× the tokens/s of plain order", r.tokens_per_s / p),
             _ => String::new(),

@@ -60,6 +60,13 @@ fn window_signals(s: &feeder_actors::window::WindowSignals) -> Value {
         "running": s.metrics.map(|m| m.running),
         "waiting": s.metrics.map(|m| m.waiting),
         "kv_cache_usage": s.metrics.map(|m| m.kv_usage),
+        "kv_cache_tokens": s.metrics.and_then(|m| m.kv_cache_tokens),
+        // Since the server started: vLLM's hits over queries, in tokens.
+        "prefix_cache_hit_rate": s
+            .metrics
+            .and_then(|m| m.prefix_cache)
+            .filter(|(_, queries)| *queries > 0.0)
+            .map(|(hits, queries)| hits / queries),
         "preemptions_total": s.metrics.map(|m| m.preemptions_total),
         "new_preemptions": s.new_preemptions,
         "generation_tokens_per_s": s.tokens_per_s,
@@ -112,6 +119,7 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
                 "history": history,
                 "crashed": d.map_or(0, |d| d.crashed),
                 "aborted": d.map_or(0, |d| d.aborted),
+                "warm_prefixes": d.map_or(0, |d| d.warm_prefixes),
                 "in_flight": d.map_or(0, |d| d.in_flight),
                 "buffered": d.map_or(0, |d| d.buffered),
                 "window": d.map_or(0, |d| d.window),

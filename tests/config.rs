@@ -127,7 +127,7 @@ fn a_duplicate_port_is_named_with_its_line() {
 #[test]
 fn every_cross_check_problem_is_reported_at_once() {
     let s = Scratch::new(
-        "[gpu]\ntemp_alert_c = 70\n\n[chunk]\noverlap = 600\n\n\
+        "[gpu]\ntemp_alert_c = 70\n\n[chunk]\noverlap = 600\n\n[dispatch]\nprefix_max_wait_s = 0\n\n\
          [[instances]]\nname = \"a\"\nmodel_type = \"vision\"\nbackend = \"process\"\nport = 8001\n\
          served_model_name = \"m\"\ngpu_memory_utilization = 0\nargs = [\"--gpu-memory-utilization\", \"0.9\"]\n\n\
          [[instances]]\nname = \"a\"\nmodel_type = \"think\"\nbackend = \"external\"\nserved_model_name = \"m\"\n",
@@ -143,7 +143,8 @@ fn every_cross_check_problem_is_reported_at_once() {
         "instances[0].args: contains --gpu-memory-utilization",
         "instances[1].name: `a` is also the name of instances[0]",
         "instances[1].url: backend = \"external\" needs url",
-        "7 problems in",
+        "dispatch.prefix_max_wait_s: must be more than 0",
+        "8 problems in",
     ] {
         assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
     }

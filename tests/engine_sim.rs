@@ -71,6 +71,16 @@ async fn every_request_generates_its_max_tokens_and_the_metrics_count_them() {
     // (whole blocks of 16 tokens, never the last prompt token).
     assert_eq!(sample(&m, "vllm:prefix_cache_queries_total"), 808.0);
     assert!(sample(&m, "vllm:prefix_cache_hits_total") >= 7.0 * 96.0 - 96.0);
+    // What gpu-feeder reads from the same text: the prefix counters, and
+    // the KV cache's size from `vllm:cache_config_info` (100,000 tokens
+    // are 6,250 blocks of 16), which sizes a dispatcher's warm prefixes.
+    let read = gpu_feeder::openai::parse_engine_metrics(&m).expect("vLLM metrics");
+    assert_eq!(read.kv_cache_tokens, Some(100_000.0));
+    assert_eq!(
+        read.prefix_cache,
+        Some((sample(&m, "vllm:prefix_cache_hits_total"), 808.0))
+    );
+    assert_eq!(read.generation_tokens_total, 400.0);
     // Each request decoded 50 tokens at 6.5 ms and more (engine time).
     let e2e = sample(&m, "vllm:e2e_request_latency_seconds_sum") / 8.0;
     assert!(e2e > 50.0 * 0.0065, "mean e2e {e2e} s");

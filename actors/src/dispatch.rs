@@ -190,6 +190,9 @@ pub struct DispatchStatus {
     pub crashed: u64,
     /// Requests the server aborted (their jobs went back, no attempt counted).
     pub aborted: u64,
+    /// Prefix keys the dispatcher holds as warm (sent lately; as many as
+    /// the server's KV cache holds), which its claims take first.
+    pub warm_prefixes: usize,
 }
 
 /// How a request ended, for metrics.
@@ -1091,6 +1094,7 @@ impl Actor for DispatchActor {
                     mode: state.mode,
                     in_flight: state.in_flight.len() + state.parked.len(),
                     buffered: state.buffer.len(),
+                    warm_prefixes: state.warm.len(),
                     window: state.window(),
                     max_window: state.args.window.max(),
                     auto_window: state.ctl.is_auto(),

@@ -15,7 +15,7 @@ use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAva
 use feeder_actors::results::{JobResult, ResultStore};
 use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
-use feeder_actors::testkit::store_contract::job;
+use feeder_actors::testkit::store_contract::{job, question};
 use feeder_actors::testkit::{
     submit, wait_until, FakeInference, MemoryResults, MemoryStore, Recorder,
 };
@@ -981,4 +981,49 @@ async fn the_queue_publishes_finished_fragments_and_follow_ups_only() {
         ],
         "nothing for {plain}, a plain job"
     );
+}
+
+/// Sends a question about `a`, then submits one about `b` and a second
+/// about `a` together, and says which of the two the dispatcher sends next.
+async fn sent_after_a_warm_key(prefix_grouping: Option<Duration>) -> &'static str {
+    let server = FakeInference::gated();
+    let p = Pipeline::start_custom(
+        MemoryStore::new(),
+        vec![("t", ModelType::Think, 1, server.clone())],
+        PipelineSettings {
+            prefix_grouping,
+            ..settings()
+        },
+    )
+    .await;
+    submit(&p.feeder, vec![question("a", 1)]).await;
+    wait_until("a1 is sent", LIMIT, || server.received().len() == 1).await;
+    // b1 is older than a2 (submitted first, in the same second).
+    let ids = submit(&p.feeder, vec![question("b", 1), question("a", 2)]).await;
+    let handle = feeder_actors::handle::FeederHandle::new(p.feeder.clone());
+    let start = tokio::time::Instant::now();
+    while handle.status().await.unwrap().dispatch[0].buffered < 2 {
+        assert!(start.elapsed() < LIMIT, "b1 and a2 were never claimed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.release(1);
+    wait_until("a second request", LIMIT, || server.received().len() == 2).await;
+    server.release(10);
+    wait_until("all done", LIMIT, || p.count(JobStatus::Done) == 3).await;
+    match server.received()[1] {
+        id if id == ids[0] => "b1",
+        id if id == ids[1] => "a2",
+        other => panic!("{other} was not submitted"),
+    }
+}
+
+/// With prefix grouping, a job of the key an instance was just sent goes
+/// before an older job of another key; without, plain age order.
+#[tokio::test(start_paused = true)]
+async fn a_dispatcher_claims_the_key_it_just_sent_first() {
+    assert_eq!(
+        sent_after_a_warm_key(Some(Duration::from_secs(60))).await,
+        "a2"
+    );
+    assert_eq!(sent_after_a_warm_key(None).await, "b1");
 }
