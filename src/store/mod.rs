@@ -228,6 +228,22 @@ fn insert(
     Ok((n == 1).then_some(id))
 }
 
+/// Runs a claiming `UPDATE … RETURNING rowid AS seq, *`: the rows it
+/// claimed, each with its rowid.
+fn claimed(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[(&str, &dyn rusqlite::ToSql)],
+) -> StoreResult<Vec<(i64, StoreResult<Job>)>> {
+    let mut stmt = tx.prepare_cached(sql).db()?;
+    let rows = stmt
+        .query_map(params, |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)))
+        .db()?
+        .collect::<Result<Vec<_>, _>>()
+        .db()?;
+    Ok(rows)
+}
+
 /// A grouped claim inside `tx`: reads the candidates, picks with
 /// [`prefix::pick`], claims those rows; each comes back with its rank in
 /// the order picked.
@@ -274,21 +290,17 @@ fn claim_grouped(
         .map(|(r, &i)| (cands[i].seq, r as i64))
         .collect();
     let rowids: Vec<i64> = picked.iter().map(|&i| cands[i].seq).collect();
-    let mut stmt = tx.prepare_cached(CLAIM_ROWS).db()?;
-    let rows = stmt
-        .query_map(
-            named_params! {
-                ":claim_id": claim_id,
-                ":owner": owner,
-                ":lease_until": secs(now + lease),
-                ":now": secs(now),
-                ":rowids": serde_json::to_string(&rowids).expect("numbers serialize"),
-            },
-            |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)),
-        )
-        .db()?
-        .collect::<Result<Vec<_>, _>>()
-        .db()?;
+    let rows = claimed(
+        tx,
+        CLAIM_ROWS,
+        named_params! {
+            ":claim_id": claim_id,
+            ":owner": owner,
+            ":lease_until": secs(now + lease),
+            ":now": secs(now),
+            ":rowids": serde_json::to_string(&rowids).expect("numbers serialize"),
+        },
+    )?;
     Ok(rows
         .into_iter()
         .map(|(seq, job)| (rank.get(&seq).copied().unwrap_or(i64::MAX), job))
@@ -545,25 +557,18 @@ impl BlockingJobStore for SqliteStore {
         }
         let claim_id = hex::encode(rand::random::<[u8; 12]>());
         let mut rows = self.write(|tx| match order {
-            ClaimOrder::Plain => {
-                let mut stmt = tx.prepare_cached(CLAIM).db()?;
-                let rows = stmt
-                    .query_map(
-                        named_params! {
-                            ":claim_id": claim_id,
-                            ":owner": owner,
-                            ":lease_until": secs(now + lease),
-                            ":now": secs(now),
-                            ":model": model.as_str(),
-                            ":n": n as i64,
-                        },
-                        |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)),
-                    )
-                    .db()?
-                    .collect::<Result<Vec<_>, _>>()
-                    .db()?;
-                Ok(rows)
-            }
+            ClaimOrder::Plain => claimed(
+                tx,
+                CLAIM,
+                named_params! {
+                    ":claim_id": claim_id,
+                    ":owner": owner,
+                    ":lease_until": secs(now + lease),
+                    ":now": secs(now),
+                    ":model": model.as_str(),
+                    ":n": n as i64,
+                },
+            ),
             ClaimOrder::Grouped(grouping) => {
                 claim_grouped(tx, model, n, lease, owner, now, grouping, &claim_id)
             }

@@ -1,12 +1,13 @@
 -- What a grouped claim chooses from: the oldest :lookahead due pending jobs
 -- of one model, and every due pending job of a warm key (:warm, a JSON
--- array of the keys just sent to the claiming instance).
+-- array of the keys just sent to the claiming instance). `+run_at` keeps
+-- the planner on gpu_jobs_claim and gpu_jobs_prefix (see claim.sql).
 SELECT rowid AS seq, priority, created_at, prefix_key
   FROM (SELECT rowid, priority, created_at, prefix_key
           FROM gpu_jobs
          WHERE status = 'pending'
            AND model_type = :model
-           AND run_at <= :now
+           AND +run_at <= :now
          ORDER BY priority DESC, created_at, rowid
          LIMIT :lookahead)
 UNION
@@ -14,5 +15,5 @@ SELECT rowid, priority, created_at, prefix_key
   FROM gpu_jobs
  WHERE status = 'pending'
    AND model_type = :model
-   AND run_at <= :now
+   AND +run_at <= :now
    AND prefix_key IN (SELECT value FROM json_each(:warm));
