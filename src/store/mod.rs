@@ -174,9 +174,22 @@ fn create_private(path: &Path) -> StoreResult<()> {
 
 fn configure(conn: &Connection) -> Result<(), String> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| e.to_string())?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
+    // Setting the journal mode while another connection creates or
+    // migrates the database answers "database is locked" at once, without
+    // the busy handler: wait for it as the busy timeout would.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Ok(mode) => break mode,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!(
             "the database refused WAL mode (it stays in `{mode}`); is it on a network file system?"
