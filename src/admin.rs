@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use feeder_actors::allocator::Strategy;
+use feeder_actors::allocator::{GroupStatus, Strategy};
 use feeder_actors::gpu::GpuSnapshot;
 use feeder_actors::handle::{FeederHandle, HandleError};
 use feeder_actors::supervisor::FeederStatus;
@@ -147,6 +147,7 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
                 "load_s": c.load.map(|d| d.as_secs_f64()),
                 "wake_s": c.wake.map(|d| d.as_secs_f64()),
             }))).collect::<serde_json::Map<_, _>>(),
+            "groups": groups_json(&a.groups),
         })),
         "instances": instances,
         "gpus": status.gpus.as_ref().map_or_else(Vec::new, gpus_json),
@@ -154,6 +155,28 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
         "gpu_alerts": status.gpus.as_ref().map_or(0, |g| g.alerts),
         "queue": stats.map(stats_json),
     })
+}
+
+/// Each GPU group's strategy, as `instances --json` and `strategy show
+/// --json` show it.
+fn groups_json(groups: &[GroupStatus]) -> Vec<Value> {
+    groups
+        .iter()
+        .map(|g| {
+            json!({
+                "group": g.name,
+                "gpu_ids": g.gpu_ids,
+                "instances": g.instances,
+                "strategy": g.strategy.as_str(),
+                "since": unix(g.since),
+                "why": g.why,
+                "pinned": g.pinned.map(|p| p.as_str()),
+                "switching": g.switching,
+                "switches": g.switches,
+                "problems": g.problems,
+            })
+        })
+        .collect()
 }
 
 fn unix(t: std::time::SystemTime) -> f64 {
@@ -321,6 +344,7 @@ async fn strategy(State(a): State<Admin>, body: Option<Json<Value>>) -> Response
             "pinned": s.pinned.map(|p| p.as_str()),
             "switching": s.switching,
             "why": s.why,
+            "groups": groups_json(&s.groups),
         }))
         .into_response(),
         Err(HandleError::Refused(e)) => bad(StatusCode::CONFLICT, e),

@@ -52,6 +52,12 @@ struct StrategyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupStrategyLabel {
+    group: String,
+    strategy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Model {
     model_type: String,
 }
@@ -101,6 +107,7 @@ pub struct Metrics {
     gpu_alerts: Gauge,
     gpu_available: Gauge,
     strategy: Family<StrategyLabel, Gauge>,
+    group_strategy: Family<GroupStrategyLabel, Gauge>,
     strategy_switches: Gauge,
 }
 
@@ -147,6 +154,7 @@ impl Metrics {
             gpu_alerts: Gauge::default(),
             gpu_available: Gauge::default(),
             strategy: Family::default(),
+            group_strategy: Family::default(),
             strategy_switches: Gauge::default(),
         };
         r.register("requests", "Chat-completion requests finished, by instance and outcome (done, retryable, permanent, overloaded)", m.requests.clone());
@@ -279,8 +287,13 @@ impl Metrics {
         );
         r.register(
             "strategy",
-            "1 for the allocator's strategy in force",
+            "1 for the allocator's strategy in force (with several GPU groups: the first group's)",
             m.strategy.clone(),
+        );
+        r.register(
+            "group_strategy",
+            "1 for the strategy in force in each GPU group (instances whose gpu_ids overlap)",
+            m.group_strategy.clone(),
         );
         r.register(
             "strategy_switches",
@@ -399,8 +412,23 @@ impl Metrics {
                     })
                     .set((s == current) as i64);
             }
-            self.strategy_switches
-                .set(status.allocator.as_ref().map_or(0, |a| a.switches) as i64);
+            for g in status.allocator.iter().flat_map(|a| &a.groups) {
+                for s in feeder_actors::allocator::Strategy::ALL {
+                    self.group_strategy
+                        .get_or_create(&GroupStrategyLabel {
+                            group: g.name.clone(),
+                            strategy: s.as_str().into(),
+                        })
+                        .set((s == g.strategy) as i64);
+                }
+            }
+            self.strategy_switches.set(
+                status
+                    .allocator
+                    .as_ref()
+                    .map_or(0, |a| a.groups.iter().map(|g| g.switches).sum::<u64>())
+                    as i64,
+            );
             for (actor, restarts, _) in &status.restarts {
                 self.restarts
                     .get_or_create(&ActorLabel {

@@ -192,3 +192,97 @@ fn feeder_config_env_names_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn impossible_gpu_layouts_are_errors_naming_the_instances() {
+    let s = Scratch::new("");
+    let model = s.path().join("qwen");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        r#"{"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 28}"#,
+    )
+    .unwrap();
+    let inst = |name: &str, model_type: &str, port: u16, gpus: &str, extra: &str| {
+        format!(
+            "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model_type}\"\nbackend = \"process\"\n\
+             port = {port}\nserved_model_name = \"{name}\"\ncommand = [\"vllm\", \"serve\"]\n\
+             gpu_ids = [{gpus}]\n{extra}\n"
+        )
+    };
+    s.rewrite(
+        &[
+            inst(
+                "tp4",
+                "vision",
+                9001,
+                "0, 1",
+                "args = [\"--tensor-parallel-size\", \"4\"]",
+            ),
+            inst("twice", "think", 9002, "2, 2", ""),
+            inst("big-v", "vision", 9003, "3", "gpu_memory_utilization = 0.7"),
+            inst("big-t", "think", 9004, "3", "gpu_memory_utilization = 0.5"),
+            inst("v1", "vision", 9005, "4", "gpu_memory_utilization = 0.4"),
+            inst("v2", "vision", 9006, "4", "gpu_memory_utilization = 0.4"),
+            inst("t1", "think", 9007, "4", "gpu_memory_utilization = 0.1"),
+            inst(
+                "heads",
+                "think",
+                9008,
+                "5, 6, 7",
+                &format!("model = \"{}\"", model.display()),
+            ),
+            inst("bad-tp", "think", 9009, "8", "args = [\"-tp=two\"]"),
+            // Fine: tensor parallel on two GPUs of its own, and a pipeline
+            // split over four.
+            inst("tp2", "think", 9010, "9, 10", ""),
+            inst(
+                "pp",
+                "think",
+                9011,
+                "11, 12, 13, 14",
+                "args = [\"-pp\", \"2\"]",
+            ),
+        ]
+        .concat(),
+    );
+    let r = check(&s);
+    assert_eq!(r.code(), 78, "{}", r.stdout());
+    let err = r.stderr();
+    for expected in [
+        "instances[0].gpu_ids: lists 2 GPUs but the server would use 4 × 1 = 4",
+        "instances[1].gpu_ids: GPU 2 is listed twice",
+        "instances[3].gpu_ids: GPU 3 is shared by `big-v` and `big-t` as configured (strategy static, at the start): \
+         instances[2] `big-v` 0.7 + instances[3] `big-t` 0.5 = 1.20",
+        "instances[5].gpu_ids: GPU 4 is shared by `v1` and `v2` under strategy shared (allocator.shared_memory_utilization = 0.4)",
+        "instances[7].gpu_ids: tensor-parallel size 3 does not divide the model's 28 attention heads",
+        "instances[8].args: --tensor-parallel-size `two` is not a size",
+        "6 problems in",
+    ] {
+        assert!(err.contains(expected), "missing `{expected}` in:\n{err}");
+    }
+    assert!(!err.contains("`tp2`") && !err.contains("`pp`"), "{err}");
+    // Without the allocator nothing is shared out by strategies: only the
+    // configured shares count.
+    let text = std::fs::read_to_string(s.config()).unwrap();
+    std::fs::write(
+        s.config(),
+        format!("[allocator]\nenabled = false\n\n{text}"),
+    )
+    .unwrap();
+    let err = check(&s).stderr();
+    assert!(!err.contains("strategy shared"), "{err}");
+    assert!(err.contains("5 problems in"), "{err}");
+}
+
+#[test]
+fn the_readmes_four_gpu_example_passes() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme.find("### Several GPUs").expect("the section")..];
+    let start = section.find("```toml\n").expect("its example") + 8;
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let s = Scratch::new(example);
+    let r = check(&s);
+    assert_eq!(r.code(), 0, "{}{}", r.stdout(), r.stderr());
+}

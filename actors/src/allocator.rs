@@ -372,6 +372,8 @@ pub enum AllocatorMsg {
     Peers(Peers),
     /// A switch finished applying.
     Applied {
+        /// The group it was for.
+        group: usize,
         /// The strategy applied.
         to: Strategy,
         /// Problems met on the way.
@@ -401,6 +403,9 @@ pub struct AllocatorStatus {
     pub problems: Vec<String>,
     /// What bringing each model in was seen to cost.
     pub costs: Vec<SwitchCost>,
+    /// Each GPU group's strategy (one group where every instance shares
+    /// its GPUs; the fields above are the first group's).
+    pub groups: Vec<GroupStatus>,
 }
 
 /// What bringing one model in was seen to cost (the longest seen).
@@ -441,22 +446,139 @@ pub struct AllocatorArgs {
     pub call_timeout: Duration,
 }
 
+/// The instances of one GPU group, as `instances --json` shows them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupStatus {
+    /// Its name: `gpu 0`, `gpus 2,3`, or `gpus unset` (the instances
+    /// without `gpu_ids`).
+    pub name: String,
+    /// The GPUs its instances use.
+    pub gpu_ids: Vec<u32>,
+    /// Its instances.
+    pub instances: Vec<String>,
+    /// The strategy in force for them.
+    pub strategy: Strategy,
+    /// Since when.
+    pub since: SystemTime,
+    /// Why it was chosen.
+    pub why: String,
+    /// A pinned strategy, if any.
+    pub pinned: Option<Strategy>,
+    /// A switch is being applied.
+    pub switching: bool,
+    /// Switches since start.
+    pub switches: u64,
+    /// What went wrong in its last switch.
+    pub problems: Vec<String>,
+}
+
+/// Splits instances into GPU groups: two instances whose `gpu_ids` share a
+/// GPU are in one group, and so are instances linked through others (A on
+/// 0–1, B on 1–2, C on 2–3 make one group). Instances without `gpu_ids`
+/// are not kept to any GPU (a process sees every GPU, and vLLM takes the
+/// first): they form one group together. Each group is a list of indices
+/// into `gpu_ids`, in order; groups are ordered by their first instance.
+pub fn gpu_groups(gpu_ids: &[&[u32]]) -> Vec<Vec<usize>> {
+    let n = gpu_ids.len();
+    let mut parent: Vec<usize> = (0..n).collect();
+    fn root(parent: &mut [usize], mut i: usize) -> usize {
+        while parent[i] != i {
+            parent[i] = parent[parent[i]];
+            i = parent[i];
+        }
+        i
+    }
+    for a in 0..n {
+        for b in a + 1..n {
+            let unset = gpu_ids[a].is_empty() && gpu_ids[b].is_empty();
+            if unset || gpu_ids[a].iter().any(|g| gpu_ids[b].contains(g)) {
+                let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+                parent[ra.max(rb)] = ra.min(rb);
+            }
+        }
+    }
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in 0..n {
+        let r = root(&mut parent, i);
+        groups.entry(r).or_default().push(i);
+    }
+    groups.into_values().collect()
+}
+
+/// A group's name from its GPUs.
+pub fn group_name(gpu_ids: &[u32]) -> String {
+    match gpu_ids {
+        [] => "gpus unset".into(),
+        [one] => format!("gpu {one}"),
+        many => format!(
+            "gpus {}",
+            many.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
+}
+
+/// One GPU group: its instances, decided together.
+struct Group {
+    /// What `Status` shows of it.
+    status: GroupStatus,
+    /// Its instances, as indices into `AllocatorArgs::instances`.
+    members: Vec<usize>,
+    /// Whether it has think and vision instances.
+    think: bool,
+    vision: bool,
+    /// When its strategy was applied (the dwell counts from it).
+    since: Instant,
+    /// When work for its models was last seen waiting (for `idle`).
+    last_work: Instant,
+}
+
+impl Group {
+    fn has(&self, m: ModelType) -> bool {
+        match m {
+            ModelType::Think => self.think,
+            ModelType::Vision => self.vision,
+        }
+    }
+
+    /// What `s` means for this group: itself when the group has both kinds;
+    /// for a group of one kind, `static` for any strategy that serves that
+    /// kind (there is nothing to share memory with), `idle` for idle, and
+    /// `None` for a strategy that serves only the other kind (it does not
+    /// apply: such a group is never stopped for another model's work).
+    fn fit(&self, s: Strategy) -> Option<Strategy> {
+        if self.think && self.vision {
+            return Some(s);
+        }
+        let mine = if self.think {
+            ModelType::Think
+        } else {
+            ModelType::Vision
+        };
+        match s {
+            Strategy::Idle => Some(Strategy::Idle),
+            _ if s.serves(mine) => Some(Strategy::Static),
+            _ => None,
+        }
+    }
+}
+
 /// The AllocatorActor's state.
 pub struct AllocatorState {
     /// How it was started.
     args: AllocatorArgs,
-    /// The strategy now, and why (for `Status`).
-    status: AllocatorStatus,
-    /// When the current strategy was applied (the dwell counts from it).
-    since: Instant,
-    /// When work was last seen waiting (the idle timeout counts from it).
-    last_work: Instant,
+    /// The GPU groups, each with its strategy.
+    groups: Vec<Group>,
     /// The last GPU snapshot.
     gpu: Option<GpuSnapshot>,
     /// The longest each model took from starting to ready, from the instances' histories.
     loads: BTreeMap<ModelType, Duration>,
     /// The longest each model took from waking to ready.
     wakes: BTreeMap<ModelType, Duration>,
+    /// What bringing each model in was seen to cost, for `Status`.
+    costs: Vec<SwitchCost>,
     /// Per model: jobs done when last read, when, and the rate measured.
     rates: BTreeMap<ModelType, (u64, Instant, f64)>,
     /// The latest GPU snapshot, for switches checking what a sleep freed.
@@ -469,13 +591,31 @@ pub struct AllocatorState {
 pub struct AllocatorActor;
 
 impl AllocatorState {
-    /// The plan of each managed instance under `s` (`None`: stopped).
-    fn targets(&self, s: Strategy) -> Vec<(String, Option<LaunchPlan>)> {
+    /// Every group's status; the top-level fields are the first group's
+    /// (the only one on a host where every instance shares its GPUs).
+    fn status(&self) -> AllocatorStatus {
+        let first = &self.groups[0].status;
+        AllocatorStatus {
+            strategy: first.strategy,
+            since: first.since,
+            why: first.why.clone(),
+            pinned: first.pinned,
+            switching: first.switching,
+            switches: first.switches,
+            problems: first.problems.clone(),
+            costs: self.costs.clone(),
+            groups: self.groups.iter().map(|g| g.status.clone()).collect(),
+        }
+    }
+
+    /// The plan of each instance of group `g` under `s` (`None`: stopped).
+    fn targets(&self, g: usize, s: Strategy) -> Vec<(String, Option<LaunchPlan>)> {
         let set = &self.args.settings;
-        self.args
-            .instances
+        self.groups[g]
+            .members
             .iter()
-            .map(|m| {
+            .map(|&i| {
+                let m = &self.args.instances[i];
                 let plan = match s {
                     Strategy::Static => Some(m.configured.clone()),
                     Strategy::Shared => Some(LaunchPlan {
@@ -491,9 +631,9 @@ impl AllocatorState {
             .collect()
     }
 
-    fn switch(&mut self, myself: &ActorRef<AllocatorMsg>, d: Decision) {
-        let from = self.status.strategy;
-        let targets = self.targets(d.to);
+    fn switch(&mut self, myself: &ActorRef<AllocatorMsg>, g: usize, d: Decision) {
+        let from = self.groups[g].status.strategy;
+        let targets = self.targets(g, d.to);
         let plan: Vec<String> = targets
             .iter()
             .map(|(n, p)| match p {
@@ -501,51 +641,58 @@ impl AllocatorState {
                 None => format!("{n} stopped"),
             })
             .collect();
+        let group = &self.groups[g];
+        let first_gpu = group.status.gpu_ids.first().copied();
         let memory = self
             .gpu
             .as_ref()
-            .and_then(|g| g.gpus.first())
-            .map(|g| {
+            .and_then(|s| s.gpus.iter().find(|r| Some(r.index) == first_gpu))
+            .map(|r| {
                 format!(
                     " (GPU {} has {:.1} GiB)",
-                    g.index,
-                    g.memory_total_bytes as f64 / (1u64 << 30) as f64
+                    r.index,
+                    r.memory_total_bytes as f64 / (1u64 << 30) as f64
                 )
             })
             .unwrap_or_default();
+        let whose = if self.groups.len() > 1 {
+            format!("{}: ", group.status.name)
+        } else {
+            String::new()
+        };
         info!(
-            "strategy {from} → {}: {}; {}{memory}",
+            "{whose}strategy {from} → {}: {}; {}{memory}",
             d.to,
             d.why,
             plan.join(", ")
         );
-        self.status = AllocatorStatus {
-            strategy: d.to,
-            since: SystemTime::now(),
-            why: d.why,
-            pinned: self.status.pinned,
-            switching: true,
-            switches: self.status.switches + 1,
-            problems: Vec::new(),
-            costs: self.status.costs.clone(),
-        };
-        self.since = Instant::now();
-        let instances = self.args.peers.instances.clone();
-        let me = myself.clone();
-        let to = d.to;
         // What each instance holds now, for checking what its sleep frees.
         let held: BTreeMap<String, f64> = self
-            .targets(from)
+            .targets(g, from)
             .into_iter()
             .filter_map(|(n, p)| Some((n, p?.gpu_memory_utilization)))
             .collect();
-        let sleepers: BTreeMap<String, Vec<u32>> = self
-            .args
-            .instances
+        let sleepers: BTreeMap<String, Vec<u32>> = group
+            .members
             .iter()
+            .map(|&i| &self.args.instances[i])
             .filter(|m| m.sleep)
             .map(|m| (m.name.clone(), m.gpu_ids.clone()))
             .collect();
+        let group = &mut self.groups[g];
+        group.status = GroupStatus {
+            strategy: d.to,
+            since: SystemTime::now(),
+            why: d.why,
+            switching: true,
+            switches: group.status.switches + 1,
+            problems: Vec::new(),
+            ..group.status.clone()
+        };
+        group.since = Instant::now();
+        let instances = self.args.peers.instances.clone();
+        let me = myself.clone();
+        let to = d.to;
         let mut gpu = self.gpu_watch.subscribe();
         tokio::spawn(async move {
             let mut problems = Vec::new();
@@ -582,12 +729,16 @@ impl AllocatorState {
                     }
                 }
             }
-            let _ = me.cast(AllocatorMsg::Applied { to, problems });
+            let _ = me.cast(AllocatorMsg::Applied {
+                group: g,
+                to,
+                problems,
+            });
         });
     }
 
     async fn tick(&mut self, myself: &ActorRef<AllocatorMsg>) {
-        if self.status.switching || self.deciding {
+        if self.deciding || self.groups.iter().all(|g| g.status.switching) {
             return;
         }
         self.deciding = true;
@@ -618,7 +769,7 @@ impl AllocatorState {
             return;
         };
         self.learn_costs(&statuses);
-        self.status.costs = [ModelType::Think, ModelType::Vision]
+        self.costs = [ModelType::Think, ModelType::Vision]
             .into_iter()
             .map(|m| SwitchCost {
                 model: m,
@@ -627,27 +778,75 @@ impl AllocatorState {
             })
             .collect();
         self.learn_rates(&stats);
-        let backlog = |m: ModelType| Backlog {
-            rate: self.rates.get(&m).map_or(0.0, |r| r.2),
-            ..backlog_of(&stats, m)
-        };
-        let (think, vision) = (backlog(ModelType::Think), backlog(ModelType::Vision));
-        if think.pending > 0 || vision.pending > 0 {
-            self.last_work = Instant::now();
+        for g in 0..self.groups.len() {
+            if self.groups[g].status.switching {
+                continue;
+            }
+            let group = &self.groups[g];
+            // A group decides from the backlog of the models it has.
+            let backlog = |m: ModelType| {
+                if !group.has(m) {
+                    return Backlog::default();
+                }
+                Backlog {
+                    rate: self.rates.get(&m).map_or(0.0, |r| r.2),
+                    ..backlog_of(&stats, m)
+                }
+            };
+            let (think, vision) = (backlog(ModelType::Think), backlog(ModelType::Vision));
+            let cost = |m: ModelType, s: Strategy| {
+                if group.has(m) {
+                    self.cost(g, m, s, &statuses)
+                } else {
+                    Duration::ZERO
+                }
+            };
+            let inputs = Inputs {
+                current: group.status.strategy,
+                held_for: group.since.elapsed(),
+                idle_for: group.last_work.elapsed(),
+                think,
+                vision,
+                cost_think: cost(ModelType::Think, Strategy::Think),
+                cost_vision: cost(ModelType::Vision, Strategy::Vision),
+                by_sleep: group.members.iter().all(|&i| self.args.instances[i].sleep),
+                pinned: group.status.pinned,
+            };
+            let work = think.pending > 0 || vision.pending > 0;
+            let decision = decide(&inputs, &self.args.settings).and_then(|d| {
+                let to = group.fit(d.to)?;
+                (to != group.status.strategy).then_some(Decision { to, ..d })
+            });
+            if work {
+                self.groups[g].last_work = Instant::now();
+            }
+            if let Some(d) = decision {
+                self.switch(myself, g, d);
+            }
         }
-        let inputs = Inputs {
-            current: self.status.strategy,
-            held_for: self.since.elapsed(),
-            idle_for: self.last_work.elapsed(),
-            think,
-            vision,
-            cost_think: self.cost(ModelType::Think, Strategy::Think, &statuses),
-            cost_vision: self.cost(ModelType::Vision, Strategy::Vision, &statuses),
-            by_sleep: self.args.instances.iter().all(|m| m.sleep),
-            pinned: self.status.pinned,
-        };
-        if let Some(d) = decide(&inputs, &self.args.settings) {
-            self.switch(myself, d);
+    }
+
+    /// Applies an operator's pin to every group it fits (see `Group::fit`).
+    fn pin(&mut self, myself: &ActorRef<AllocatorMsg>, strategy: Option<Strategy>) {
+        for g in 0..self.groups.len() {
+            let fitted = strategy.and_then(|s| self.groups[g].fit(s));
+            let group = &mut self.groups[g];
+            group.status.pinned = fitted;
+            if let Some(s) = fitted {
+                if s != group.status.strategy && !group.status.switching {
+                    let asked = strategy.unwrap_or(s);
+                    self.switch(
+                        myself,
+                        g,
+                        Decision {
+                            to: s,
+                            why: format!(
+                                "pinned by an operator (`gpu-feeder strategy pin {asked}`)"
+                            ),
+                        },
+                    );
+                }
+            }
         }
     }
 
@@ -679,12 +878,21 @@ impl AllocatorState {
         }
     }
 
-    /// What bringing `model` in under `to` costs now: nothing if its
-    /// instances are Ready with the plan they would run, its wake if they
-    /// sleep with it, else its load.
-    fn cost(&self, model: ModelType, to: Strategy, statuses: &[InstanceStatus]) -> Duration {
-        let targets = self.targets(to);
-        let mine: Vec<&InstanceStatus> = statuses.iter().filter(|s| s.model == model).collect();
+    /// What bringing `model` in under `to` in group `g` costs now: nothing
+    /// if its instances there are Ready with the plan they would run, its
+    /// wake if they sleep with it, else its load.
+    fn cost(
+        &self,
+        g: usize,
+        model: ModelType,
+        to: Strategy,
+        statuses: &[InstanceStatus],
+    ) -> Duration {
+        let targets = self.targets(g, to);
+        let mine: Vec<&InstanceStatus> = statuses
+            .iter()
+            .filter(|s| s.model == model && targets.iter().any(|(n, _)| *n == s.name))
+            .collect();
         let same_plan = |s: &InstanceStatus| {
             targets
                 .iter()
@@ -714,7 +922,10 @@ impl AllocatorState {
         let now = Instant::now();
         for m in [ModelType::Think, ModelType::Vision] {
             let done = stats.model(m).counts.done;
-            let serving = self.status.strategy.serves(m) && !self.status.switching;
+            let serving = self
+                .groups
+                .iter()
+                .any(|g| g.has(m) && g.status.strategy.serves(m) && !g.status.switching);
             let e = self.rates.entry(m).or_insert((done, now, 0.0));
             let dt = now.duration_since(e.1).as_secs_f64();
             if dt <= 0.0 {
@@ -800,23 +1011,70 @@ impl Actor for AllocatorActor {
         args: AllocatorArgs,
     ) -> Result<AllocatorState, ActorProcessingErr> {
         myself.send_interval(args.settings.interval, || AllocatorMsg::Tick);
+        let ids: Vec<&[u32]> = args
+            .instances
+            .iter()
+            .map(|m| m.gpu_ids.as_slice())
+            .collect();
+        let mut groups: Vec<Group> = gpu_groups(&ids)
+            .into_iter()
+            .map(|members| {
+                let mut gpu_ids: Vec<u32> = members
+                    .iter()
+                    .flat_map(|&i| args.instances[i].gpu_ids.iter().copied())
+                    .collect();
+                gpu_ids.sort_unstable();
+                gpu_ids.dedup();
+                let has = |m: ModelType| members.iter().any(|&i| args.instances[i].model == m);
+                Group {
+                    status: GroupStatus {
+                        name: group_name(&gpu_ids),
+                        gpu_ids,
+                        instances: members
+                            .iter()
+                            .map(|&i| args.instances[i].name.clone())
+                            .collect(),
+                        strategy: Strategy::Static,
+                        since: SystemTime::now(),
+                        why: "every instance as configured, until the backlog asks for a switch"
+                            .into(),
+                        pinned: None,
+                        switching: false,
+                        switches: 0,
+                        problems: Vec::new(),
+                    },
+                    think: has(ModelType::Think),
+                    vision: has(ModelType::Vision),
+                    members,
+                    since: Instant::now(),
+                    last_work: Instant::now(),
+                }
+            })
+            .collect();
+        // Ordered by GPU, so that the first group (whose strategy is the
+        // top-level one) is the one on the lowest GPU.
+        groups.sort_by(|a, b| a.status.gpu_ids.cmp(&b.status.gpu_ids));
+        if groups.is_empty() {
+            return Err("the allocator has no instance to manage".into());
+        }
+        if groups.len() > 1 {
+            let list: Vec<String> = groups
+                .iter()
+                .map(|g| format!("{} ({})", g.status.name, g.status.instances.join(", ")))
+                .collect();
+            info!(
+                "the allocator decides {} GPU groups, each on its own: {}",
+                groups.len(),
+                list.join("; ")
+            );
+        }
         Ok(AllocatorState {
             args,
-            status: AllocatorStatus {
-                strategy: Strategy::Static,
-                since: SystemTime::now(),
-                why: "every instance as configured, until the backlog asks for a switch".into(),
-                pinned: None,
-                switching: false,
-                switches: 0,
-                problems: Vec::new(),
-                costs: Vec::new(),
-            },
-            since: Instant::now(),
-            last_work: Instant::now(),
+            groups,
             gpu: None,
             loads: BTreeMap::new(),
             wakes: BTreeMap::new(),
+            costs: Vec::new(),
             rates: BTreeMap::new(),
             gpu_watch: tokio::sync::watch::channel(None).0,
             deciding: false,
@@ -836,41 +1094,41 @@ impl Actor for AllocatorActor {
                 state.gpu = Some(g);
             }
             AllocatorMsg::Pin { strategy, reply } => {
-                state.status.pinned = strategy;
                 match strategy {
                     Some(s) => info!("strategy pinned to {s} until `gpu-feeder strategy unpin`"),
                     None => info!("strategy pin released: the backlog decides again"),
                 }
-                if let Some(s) = strategy {
-                    if s != state.status.strategy && !state.status.switching {
-                        state.switch(
-                            &myself,
-                            Decision {
-                                to: s,
-                                why: format!(
-                                    "pinned by an operator (`gpu-feeder strategy pin {s}`)"
-                                ),
-                            },
-                        );
-                    }
-                }
-                let _ = reply.send(state.status.clone());
+                state.pin(&myself, strategy);
+                let _ = reply.send(state.status());
             }
             AllocatorMsg::Peers(p) => state.args.peers = p,
-            AllocatorMsg::Applied { to, problems } => {
-                state.status.switching = false;
-                state.status.problems = problems.clone();
+            AllocatorMsg::Applied {
+                group,
+                to,
+                problems,
+            } => {
+                let several = state.groups.len() > 1;
+                let Some(g) = state.groups.get_mut(group) else {
+                    return Ok(());
+                };
+                g.status.switching = false;
+                g.status.problems = problems.clone();
+                let whose = if several {
+                    format!("{}: ", g.status.name)
+                } else {
+                    String::new()
+                };
                 if problems.is_empty() {
-                    info!("strategy {to} in force");
+                    info!("{whose}strategy {to} in force");
                 } else {
                     warn!(
-                        "strategy {to} applied with problems: {}",
+                        "{whose}strategy {to} applied with problems: {}",
                         problems.join("; ")
                     );
                 }
             }
             AllocatorMsg::Status(reply) => {
-                let _ = reply.send(state.status.clone());
+                let _ = reply.send(state.status());
             }
         }
         Ok(())

@@ -406,11 +406,22 @@ async fn strategy(ctx: &Context, cmd: StrategyCommand) -> anyhow::Result<i32> {
         }
         StrategyCommand::Unpin { json } => (serde_json::json!({"pin": null}), json),
     };
+    let unpin = body["pin"].is_null();
     let doc = crate::admin::call_admin(&ctx.config, &ctx.config_path, "/v1/strategy", Some(body))
         .await
         .map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else if doc["groups"].as_array().is_some_and(|g| g.len() > 1) {
+        println!(
+            "{}",
+            if unpin {
+                "unpinned: the backlog decides again in every GPU group"
+            } else {
+                "pinned in the GPU groups it applies to, until `gpu-feeder strategy unpin`"
+            }
+        );
+        print!("{}", output::groups_text(&doc));
     } else {
         match doc["pinned"].as_str() {
             Some(p) => println!(

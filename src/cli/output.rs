@@ -274,6 +274,10 @@ pub fn gpu_table(gpus: &[feeder_actors::gpu::GpuReading]) -> String {
 
 /// `strategy show` without `--json`.
 pub fn strategy_text(doc: &Value) -> String {
+    let groups = groups_text(doc);
+    if !groups.is_empty() {
+        return format!("strategy per GPU group:\n{groups}");
+    }
     let mut out = format!(
         "strategy: {}{}\n",
         doc["strategy"].as_str().unwrap_or("?"),
@@ -286,6 +290,40 @@ pub fn strategy_text(doc: &Value) -> String {
         let _ = writeln!(out, "why:      {why}");
     }
     let _ = writeln!(out, "switches: {}", doc["switches"]);
+    out
+}
+
+/// One line per GPU group, when there are several (one group is the
+/// strategy line itself).
+pub fn groups_text(allocator: &Value) -> String {
+    let mut out = String::new();
+    let groups = allocator["groups"].as_array().map_or(&[][..], |g| g);
+    if groups.len() < 2 {
+        return out;
+    }
+    for g in groups {
+        let names: Vec<&str> = g["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<10} {:<7}{} ({}){}",
+            g["group"].as_str().unwrap_or("?"),
+            g["strategy"].as_str().unwrap_or("?"),
+            g["pinned"]
+                .as_str()
+                .map(|p| format!(" (pinned to {p})"))
+                .unwrap_or_default(),
+            names.join(", "),
+            g["why"]
+                .as_str()
+                .map(|w| format!(": {}", clip(w, 120)))
+                .unwrap_or_default()
+        );
+    }
     out
 }
 
@@ -352,19 +390,24 @@ pub fn instances_table(status: &Value) -> String {
     }
     out.push_str(&notes);
     let alloc = &status["allocator"];
-    let _ = writeln!(
-        out,
-        "strategy: {}{}{}",
-        status["strategy"].as_str().unwrap_or("-"),
-        alloc["pinned"]
-            .as_str()
-            .map(|p| format!(" (pinned to {p})"))
-            .unwrap_or_default(),
-        alloc["why"]
-            .as_str()
-            .map(|w| format!(": {}", clip(w, 160)))
-            .unwrap_or_default()
-    );
+    let groups = groups_text(alloc);
+    if groups.is_empty() {
+        let _ = writeln!(
+            out,
+            "strategy: {}{}{}",
+            status["strategy"].as_str().unwrap_or("-"),
+            alloc["pinned"]
+                .as_str()
+                .map(|p| format!(" (pinned to {p})"))
+                .unwrap_or_default(),
+            alloc["why"]
+                .as_str()
+                .map(|w| format!(": {}", clip(w, 160)))
+                .unwrap_or_default()
+        );
+    } else {
+        let _ = write!(out, "strategy per GPU group:\n{groups}");
+    }
     for g in status["gpus"].as_array().into_iter().flatten() {
         let gib = |v: &Value| v.as_f64().unwrap_or(0.0) / (1u64 << 30) as f64;
         let _ = writeln!(

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::locate::{line_of, Seg};
-use super::{Backend, Config, Problem, WindowSetting};
+use super::{Backend, Config, InstanceConfig, Problem, WindowSetting};
+use feeder_actors::ModelType;
 
 /// Flags the vLLM command line must not carry, because a key owns them.
 const OWNED_FLAGS: &[(&str, &str)] = &[
@@ -303,7 +304,181 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
     }
 
     check_instances(&mut c, config, admin_port);
+    check_gpu_layout(&mut c, config);
     c.problems
+}
+
+/// Each launched instance's GPUs and parallel sizes, and GPUs whose memory
+/// no strategy can share out among the instances on them.
+fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
+    use crate::runtime::{flag_value, PP_FLAGS, TP_FLAGS};
+    let launched: Vec<(usize, &InstanceConfig)> = config
+        .instances
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.backend != Backend::External)
+        .collect();
+    for &(i, inst) in &launched {
+        let at = |k: &'static str| [key("instances"), Seg::Index(i), key(k)];
+        let mut seen = Vec::new();
+        for g in &inst.gpu_ids {
+            if seen.contains(g) {
+                c.at(
+                    &at("gpu_ids"),
+                    format!("GPU {g} is listed twice: list each GPU once"),
+                );
+            }
+            seen.push(*g);
+        }
+        let n = inst.gpu_ids.len();
+        let size = |c: &mut Checker<'_>, names: &[&str]| -> Option<usize> {
+            match flag_value(&inst.args, names)? {
+                Some(v) => {
+                    match v.parse::<usize>() {
+                        Ok(k) if k >= 1 => Some(k),
+                        _ => {
+                            c.at(&at("args"), format!("{} `{v}` is not a size: give a whole number of GPUs, at least 1", names[0]));
+                            None
+                        }
+                    }
+                }
+                None => {
+                    c.at(
+                        &at("args"),
+                        format!("{} has no value: give a whole number of GPUs", names[0]),
+                    );
+                    None
+                }
+            }
+        };
+        let tp_set = size(c, TP_FLAGS);
+        let pp = size(c, PP_FLAGS).unwrap_or(1);
+        if n == 0 {
+            continue;
+        }
+        let tp = tp_set.unwrap_or((n / pp).max(1));
+        if tp * pp != n {
+            c.at(
+                &at("gpu_ids"),
+                format!(
+                    "lists {n} GPU{} but the server would use {tp} × {pp} = {} (tensor-parallel × pipeline-parallel size): \
+                     list exactly the GPUs it runs on, or leave --tensor-parallel-size out of args (gpu-feeder sets it to the number of GPUs)",
+                    if n == 1 { "" } else { "s" },
+                    tp * pp
+                ),
+            );
+        } else if let Some(heads) = inst.model.as_deref().and_then(attention_heads) {
+            if tp > 1 && heads % tp as u64 != 0 {
+                c.at(
+                    &at("gpu_ids"),
+                    format!(
+                        "tensor-parallel size {tp} does not divide the model's {heads} attention heads (num_attention_heads in {}/config.json): \
+                         vLLM would refuse to start; use a number of GPUs that divides {heads}",
+                        inst.model.as_deref().unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+    // Memory on each GPU: at the start every instance runs as configured;
+    // with the allocator, a GPU group with both kinds runs them all at the
+    // shared share, or one kind's at the solo share.
+    let gpus: std::collections::BTreeSet<u32> = launched
+        .iter()
+        .flat_map(|(_, i)| i.gpu_ids.iter().copied())
+        .collect();
+    let mut reported: std::collections::HashSet<(usize, usize)> = Default::default();
+    for g in gpus {
+        let on: Vec<(usize, &InstanceConfig)> = launched
+            .iter()
+            .filter(|(_, i)| i.gpu_ids.contains(&g))
+            .copied()
+            .collect();
+        let mut layouts: Vec<(String, Vec<Share<'_>>)> = vec![(
+            "as configured (strategy static, at the start)".into(),
+            on.iter()
+                .map(|&(k, i)| (k, i, i.gpu_memory_utilization))
+                .collect(),
+        )];
+        if config.allocator.enabled {
+            let group = group_of(&launched, g);
+            let both = [ModelType::Think, ModelType::Vision]
+                .iter()
+                .all(|m| group.iter().any(|i| i.model_type == *m));
+            if both {
+                let a = &config.allocator;
+                layouts.push((
+                    format!(
+                        "under strategy shared (allocator.shared_memory_utilization = {})",
+                        a.shared_memory_utilization
+                    ),
+                    on.iter()
+                        .map(|&(k, i)| (k, i, a.shared_memory_utilization))
+                        .collect(),
+                ));
+                for m in [ModelType::Think, ModelType::Vision] {
+                    layouts.push((
+                        format!(
+                            "under strategy {m} (allocator.solo_memory_utilization = {})",
+                            a.solo_memory_utilization
+                        ),
+                        on.iter()
+                            .filter(|(_, i)| i.model_type == m)
+                            .map(|&(k, i)| (k, i, a.solo_memory_utilization))
+                            .collect(),
+                    ));
+                }
+            }
+        }
+        for (when, shares) in layouts {
+            let total: f64 = shares.iter().map(|s| s.2).sum();
+            if total <= 1.0 + 1e-9 || shares.len() < 2 {
+                continue;
+            }
+            let (a, b) = (shares[0].0, shares[1].0);
+            if !reported.insert((a, b)) {
+                continue;
+            }
+            let list: Vec<String> = shares
+                .iter()
+                .map(|(k, i, u)| format!("instances[{k}] `{}` {u}", i.name))
+                .collect();
+            c.at(
+                &[key("instances"), Seg::Index(shares[1].0), key("gpu_ids")],
+                format!(
+                    "GPU {g} is shared by `{}` and `{}` {when}: {} = {total:.2} of its memory, more than it has; \
+                     lower their gpu_memory_utilization (or the allocator's shares), or put them on GPUs of their own",
+                    config.instances[a].name,
+                    config.instances[b].name,
+                    list.join(" + ")
+                ),
+            );
+        }
+    }
+}
+
+/// An instance's share of a GPU's memory: its index, itself, the share.
+type Share<'a> = (usize, &'a InstanceConfig, f64);
+
+/// The instances in the GPU group of GPU `g`: those on it, and those whose
+/// GPUs overlap theirs, transitively.
+fn group_of<'a>(launched: &[(usize, &'a InstanceConfig)], g: u32) -> Vec<&'a InstanceConfig> {
+    let ids: Vec<&[u32]> = launched.iter().map(|(_, i)| i.gpu_ids.as_slice()).collect();
+    feeder_actors::allocator::gpu_groups(&ids)
+        .into_iter()
+        .find(|grp| grp.iter().any(|&k| launched[k].1.gpu_ids.contains(&g)))
+        .map(|grp| grp.into_iter().map(|k| launched[k].1).collect())
+        .unwrap_or_default()
+}
+
+/// `num_attention_heads` of a model in a local directory (its
+/// `config.json`, or the `text_config` of a vision-language model).
+fn attention_heads(model: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(std::path::Path::new(model).join("config.json")).ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    doc["num_attention_heads"]
+        .as_u64()
+        .or_else(|| doc["text_config"]["num_attention_heads"].as_u64())
 }
 
 fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>) {

@@ -48,8 +48,45 @@ pub fn vllm_args(inst: &InstanceConfig, plan: &LaunchPlan) -> Vec<String> {
     if inst.sleep_mode {
         out.push("--enable-sleep-mode".into());
     }
+    if let Some(tp) = tensor_parallel_added(inst) {
+        out.push("--tensor-parallel-size".into());
+        out.push(tp.to_string());
+    }
     out.extend(inst.args.iter().cloned());
     out
+}
+
+/// vLLM's spellings of the tensor-parallel size.
+pub const TP_FLAGS: &[&str] = &["--tensor-parallel-size", "-tp"];
+/// vLLM's spellings of the pipeline-parallel size.
+pub const PP_FLAGS: &[&str] = &["--pipeline-parallel-size", "-pp"];
+
+/// The value `args` give a flag (`--flag V` or `--flag=V`, any of `names`):
+/// `Some(None)` when the flag is there without a value.
+pub fn flag_value<'a>(args: &'a [String], names: &[&str]) -> Option<Option<&'a str>> {
+    args.iter().enumerate().find_map(|(i, a)| {
+        if names.contains(&a.as_str()) {
+            return Some(args.get(i + 1).map(String::as_str));
+        }
+        let (name, value) = a.split_once('=')?;
+        names.contains(&name).then_some(Some(value))
+    })
+}
+
+/// The `--tensor-parallel-size` gpu-feeder adds: an instance on several
+/// GPUs spreads its model over all of them (divided by a pipeline-parallel
+/// size its args set), unless its args set the size themselves.
+pub fn tensor_parallel_added(inst: &InstanceConfig) -> Option<usize> {
+    let n = inst.gpu_ids.len();
+    if n < 2 || flag_value(&inst.args, TP_FLAGS).is_some() {
+        return None;
+    }
+    let pp = flag_value(&inst.args, PP_FLAGS)
+        .flatten()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .max(1);
+    Some((n / pp).max(1))
 }
 
 /// The server's environment: as configured, plus `VLLM_SERVER_DEV_MODE=1`
@@ -77,4 +114,68 @@ pub fn config_hash(inst: &InstanceConfig, plan: &LaunchPlan) -> String {
     });
     let digest = Sha256::digest(doc.to_string().as_bytes());
     hex::encode(&digest[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAN: LaunchPlan = LaunchPlan {
+        gpu_memory_utilization: 0.4,
+    };
+
+    fn inst(gpus: &str, args: &str) -> InstanceConfig {
+        toml::from_str(&format!(
+            "name = \"t\"\nmodel_type = \"think\"\nbackend = \"process\"\nport = 8002\n\
+             served_model_name = \"m\"\ncommand = [\"vllm\", \"serve\"]\ngpu_ids = [{gpus}]\nargs = [{args}]\n"
+        ))
+        .expect("a valid instance")
+    }
+
+    fn tp(i: &InstanceConfig) -> Option<String> {
+        let args = vllm_args(i, &PLAN);
+        let at = args.iter().position(|a| a == "--tensor-parallel-size")?;
+        Some(args[at + 1].clone())
+    }
+
+    #[test]
+    fn an_instance_on_several_gpus_spreads_its_model_over_all_of_them() {
+        assert_eq!(
+            tp(&inst("0", "")),
+            None,
+            "one GPU: no flag (nor a new hash)"
+        );
+        assert_eq!(tp(&inst("", "")), None);
+        assert_eq!(tp(&inst("2, 3", "")).as_deref(), Some("2"));
+        assert_eq!(tp(&inst("0, 1, 2, 3", "")).as_deref(), Some("4"));
+        // A pipeline-parallel size divides the GPUs between the two.
+        assert_eq!(
+            tp(&inst("0, 1, 2, 3", "\"--pipeline-parallel-size\", \"2\"")).as_deref(),
+            Some("2")
+        );
+        assert_eq!(tp(&inst("0, 1, 2, 3", "\"-pp=4\"")).as_deref(), Some("1"));
+        // Set in args: left alone, and given once.
+        for set in [
+            "\"--tensor-parallel-size\", \"2\"",
+            "\"-tp\", \"2\"",
+            "\"--tensor-parallel-size=2\"",
+        ] {
+            let i = inst("0, 1", set);
+            let args = vllm_args(&i, &PLAN);
+            let n = args
+                .iter()
+                .filter(|a| a.contains("tensor-parallel") || *a == "-tp")
+                .count();
+            assert_eq!(n, 1, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn flag_values_are_read_in_both_spellings() {
+        let args: Vec<String> = ["--x", "1", "-tp=4", "--bare"].map(String::from).to_vec();
+        assert_eq!(flag_value(&args, &["--x"]), Some(Some("1")));
+        assert_eq!(flag_value(&args, TP_FLAGS), Some(Some("4")));
+        assert_eq!(flag_value(&args, &["--bare"]), Some(None));
+        assert_eq!(flag_value(&args, PP_FLAGS), None);
+    }
 }

@@ -421,3 +421,12 @@ pub fn cmdline(pid: impl std::fmt::Display) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(String::from_utf8_lossy(&raw).replace('\0', " "))
 }
+
+/// One variable of a running process's environment, from `/proc` (Linux).
+pub fn environ(pid: impl std::fmt::Display, name: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{name}=");
+    raw.split(|b| *b == 0)
+        .map(String::from_utf8_lossy)
+        .find_map(|kv| kv.strip_prefix(&prefix).map(String::from))
+}

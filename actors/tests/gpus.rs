@@ -1,0 +1,340 @@
+//! Several GPUs, at the message level: the real FeederSupervisor with
+//! scripted servers on the GPUs of a fake probe that reports four, under
+//! paused tokio time. Instances whose `gpu_ids` overlap form a group that
+//! the allocator decides alone; an instance on GPUs of its own is never
+//! stopped for another model's work; replicas of one model share its
+//! queue; a tensor-parallel instance is hot when any of its GPUs is.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+
+use common::{server, settings, Server, LIMIT, T0};
+use feeder_actors::allocator::{GroupStatus, Strategy};
+use feeder_actors::container::InstanceState;
+use feeder_actors::handle::FeederHandle;
+use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
+use feeder_actors::spec::InstanceSpec;
+use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederStatus, FeederSupervisor};
+use feeder_actors::testkit::store_contract::job;
+use feeder_actors::testkit::{
+    submit, wait_until, FakeGpu, FakeInference, MemoryResults, MemoryStore,
+};
+use feeder_actors::{JobStatus, ModelType, TokioClock};
+
+const DWELL: Duration = Duration::from_secs(60);
+
+/// One instance of the rig: a name, its model, its GPUs, its server.
+struct Placed {
+    name: &'static str,
+    model: ModelType,
+    gpu_ids: Vec<u32>,
+    server: Server,
+}
+
+fn placed(name: &'static str, model: ModelType, gpu_ids: &[u32]) -> Placed {
+    Placed {
+        name,
+        model,
+        gpu_ids: gpu_ids.to_vec(),
+        server: server(FakeInference::gated(), Duration::from_secs(20)),
+    }
+}
+
+struct Rig {
+    store: MemoryStore,
+    gpu: FakeGpu,
+    placed: Vec<Placed>,
+    feeder: ActorRef<FeederMsg>,
+}
+
+impl Rig {
+    /// The feeder with `placed` on a host with four GPUs, once every
+    /// server is launched.
+    async fn start(placed: Vec<Placed>) -> Rig {
+        let gpu = FakeGpu::new(4);
+        let store = MemoryStore::new();
+        let instances = placed
+            .iter()
+            .map(|p| InstanceSpec {
+                runtime: Some(Arc::new(p.server.runtime.clone()) as Arc<dyn ContainerRuntime>),
+                plan: LaunchPlan {
+                    gpu_memory_utilization: 0.40,
+                },
+                gpu_ids: p.gpu_ids.clone(),
+                ..InstanceSpec::external(p.name, p.model, 8, Arc::new(p.server.inference.clone()))
+            })
+            .collect();
+        let args = FeederArgs {
+            store: store.connect(),
+            results: Arc::new(MemoryResults::new()),
+            clock: Arc::new(TokioClock::starting_at(T0)),
+            instances,
+            owner: "gpus".into(),
+            settings: settings(DWELL, 0.75, Duration::from_secs(60)),
+            observer: None,
+            gpu_probe: Some(Arc::new(gpu.clone()) as _),
+            gpu_unavailable: "NVML is not available".into(),
+        };
+        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
+        let rig = Rig {
+            store,
+            gpu,
+            placed,
+            feeder,
+        };
+        for p in &rig.placed {
+            rig.wait_state(p.name, InstanceState::Ready).await;
+        }
+        rig
+    }
+
+    fn server(&self, name: &str) -> &Server {
+        &self.placed.iter().find(|p| p.name == name).unwrap().server
+    }
+
+    async fn status(&self) -> FeederStatus {
+        FeederHandle::new(self.feeder.clone())
+            .status()
+            .await
+            .expect("the feeder answers")
+    }
+
+    async fn groups(&self) -> Vec<GroupStatus> {
+        self.status()
+            .await
+            .allocator
+            .expect("the allocator runs")
+            .groups
+    }
+
+    async fn group(&self, name: &str) -> GroupStatus {
+        self.groups()
+            .await
+            .into_iter()
+            .find(|g| g.name == name)
+            .unwrap_or_else(|| panic!("no group {name}"))
+    }
+
+    async fn state_of(&self, name: &str) -> InstanceState {
+        self.status()
+            .await
+            .instances
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap()
+            .state
+    }
+
+    async fn wait_state(&self, name: &str, want: InstanceState) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while self.state_of(name).await != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_group(&self, name: &str, want: Strategy) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let g = self.group(name).await;
+            if g.strategy == want && !g.switching {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn submit(&self, model: ModelType, tag: &str, n: usize) {
+        let jobs = (0..n).map(|i| job(model, &format!("{tag}-{i}"))).collect();
+        submit(&self.feeder, jobs).await;
+    }
+
+    fn count(&self, status: JobStatus) -> usize {
+        self.store
+            .all()
+            .iter()
+            .filter(|j| j.status == status)
+            .count()
+    }
+
+    fn stops(&self, name: &str) -> usize {
+        self.server(name)
+            .runtime
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("stop"))
+            .count()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn disjoint_instances_never_stop_each_other() {
+    let rig = Rig::start(vec![
+        placed("vision", ModelType::Vision, &[0]),
+        placed("think", ModelType::Think, &[1]),
+    ])
+    .await;
+    let groups = rig.groups().await;
+    let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["gpu 0", "gpu 1"], "one group per GPU");
+    // Think work only, for many dwells: on a shared GPU this would stop
+    // vision; here vision has GPU 0 to itself.
+    rig.submit(ModelType::Think, "t", 30).await;
+    wait_until("think busy", LIMIT, || {
+        rig.server("think").inference.in_flight() > 0
+    })
+    .await;
+    tokio::time::sleep(DWELL * 5).await;
+    assert_eq!(rig.state_of("vision").await, InstanceState::Ready);
+    assert_eq!(rig.stops("vision"), 0, "vision was never stopped");
+    assert_eq!(rig.server("vision").runtime.starts(), 1);
+    for g in rig.groups().await {
+        assert_eq!(g.strategy, Strategy::Static, "{}: {}", g.name, g.why);
+        assert_eq!(g.switches, 0, "{}", g.name);
+    }
+    rig.server("think").inference.release(10_000);
+    wait_until("think done", LIMIT, || rig.count(JobStatus::Done) == 30).await;
+    // And the other way round.
+    rig.submit(ModelType::Vision, "v", 30).await;
+    tokio::time::sleep(DWELL * 5).await;
+    assert_eq!(rig.state_of("think").await, InstanceState::Ready);
+    assert_eq!(rig.stops("think"), 0, "think was never stopped");
+    rig.server("vision").inference.release(10_000);
+    wait_until("all done", LIMIT, || rig.count(JobStatus::Done) == 60).await;
+    assert_eq!(rig.count(JobStatus::Failed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_sharing_gpu_0_switch_by_backlog_while_a_third_on_gpu_1_stays_up() {
+    let rig = Rig::start(vec![
+        placed("think", ModelType::Think, &[0]),
+        placed("vision-a", ModelType::Vision, &[0]),
+        placed("vision-b", ModelType::Vision, &[1]),
+    ])
+    .await;
+    assert_eq!(
+        rig.group("gpu 0").await.instances,
+        ["think", "vision-a"],
+        "the two on GPU 0 are one group"
+    );
+    // Think only: GPU 0 gives itself to think (think first, no dwell).
+    rig.submit(ModelType::Think, "t", 20).await;
+    rig.wait_group("gpu 0", Strategy::Think).await;
+    assert_eq!(rig.state_of("vision-a").await, InstanceState::Stopped);
+    let top = rig.status().await.allocator.unwrap();
+    assert_eq!(
+        (top.strategy, top.groups.len()),
+        (Strategy::Think, 2),
+        "the top-level strategy is the first group's"
+    );
+    rig.server("think").inference.release(10_000);
+    wait_until("think done", LIMIT, || rig.count(JobStatus::Done) == 20).await;
+    // Vision only: after the dwell GPU 0 switches to vision, and both
+    // vision replicas take the work.
+    rig.submit(ModelType::Vision, "v", 40).await;
+    rig.wait_group("gpu 0", Strategy::Vision).await;
+    assert_eq!(rig.state_of("think").await, InstanceState::Stopped);
+    rig.wait_state("vision-a", InstanceState::Ready).await;
+    for name in ["vision-a", "vision-b"] {
+        rig.server(name).inference.release(10_000);
+    }
+    wait_until("all done", LIMIT, || rig.count(JobStatus::Done) == 60).await;
+    let (a, b) = (
+        rig.server("vision-a").inference.received().len(),
+        rig.server("vision-b").inference.received().len(),
+    );
+    assert!(
+        a > 0 && b > 0,
+        "both replicas took vision work: {a} and {b}"
+    );
+    // GPU 1 was never touched.
+    let g1 = rig.group("gpu 1").await;
+    assert_eq!(
+        (g1.strategy, g1.switches),
+        (Strategy::Static, 0),
+        "{}",
+        g1.why
+    );
+    assert_eq!(rig.stops("vision-b"), 0);
+    assert_eq!(rig.server("vision-b").runtime.starts(), 1);
+    assert_eq!(rig.count(JobStatus::Failed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tensor_parallel_instance_is_hot_when_either_of_its_gpus_is() {
+    let rig = Rig::start(vec![
+        placed("vision", ModelType::Vision, &[0]),
+        placed("think", ModelType::Think, &[2, 3]),
+    ])
+    .await;
+    assert_eq!(
+        rig.groups()
+            .await
+            .iter()
+            .map(|g| g.name.as_str())
+            .collect::<Vec<_>>(),
+        ["gpu 0", "gpus 2,3"]
+    );
+    let caps = |st: &FeederStatus| -> (Option<u32>, Option<u32>) {
+        let cap = |n: &str| {
+            st.dispatch
+                .iter()
+                .find(|d| d.instance == n)
+                .and_then(|d| d.thermal_cap)
+        };
+        (cap("vision"), cap("think"))
+    };
+    let wait_caps = |want: (bool, bool)| {
+        let rig = &rig;
+        async move {
+            let deadline = tokio::time::Instant::now() + LIMIT;
+            loop {
+                let (v, t) = caps(&rig.status().await);
+                if (v.is_some(), t.is_some()) == want {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "never {want:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    for hot in [3, 2] {
+        rig.gpu.set_temperature(hot, 88);
+        wait_caps((false, true)).await;
+        rig.gpu.set_temperature(hot, 60);
+        wait_caps((false, false)).await;
+    }
+    // GPU 1 holds nobody: its heat narrows nothing.
+    rig.gpu.set_temperature(1, 95);
+    wait_until_hot(&rig, 1).await;
+    assert_eq!(caps(&rig.status().await), (None, None));
+    rig.gpu.set_temperature(0, 90);
+    wait_caps((true, false)).await;
+}
+
+async fn wait_until_hot(rig: &Rig, gpu: u32) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !rig
+        .status()
+        .await
+        .gpus
+        .is_some_and(|g| g.hot.contains(&gpu))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "GPU {gpu} never hot"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
