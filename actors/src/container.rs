@@ -36,6 +36,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::gpu::GpuSnapshot;
 use crate::inference::{InferenceClient, ProbeError};
 use crate::job::ModelType;
 use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
@@ -178,6 +180,13 @@ enum Tick {
         exit: Exit,
         /// Its last lines of output.
         log_tail: String,
+    },
+    /// A launch waits for memory on its GPUs, and why.
+    WaitingForMemory {
+        /// The launch it belongs to.
+        generation: u64,
+        /// What holds the memory.
+        reason: String,
     },
     /// The load took too long.
     StartupTimeout {
@@ -358,6 +367,11 @@ pub struct ContainerArgs {
     pub client: Arc<dyn InferenceClient>,
     /// Sleep mode: parking puts the model to sleep; `None` stops the server.
     pub sleep: Option<SleepLevel>,
+    /// The GPUs it runs on.
+    pub gpu_ids: Vec<u32>,
+    /// The GPU monitor's latest reading: a launch waits until its GPUs have
+    /// the memory it asks for (`None`, or no readings: it does not wait).
+    pub gpu: Option<tokio::sync::watch::Receiver<Option<GpuSnapshot>>>,
 }
 
 /// The ContainerActor's state.
@@ -372,6 +386,9 @@ pub struct ContainerState {
     since: Instant,
     /// Counts launches and stops, so that late answers of an old one are ignored.
     generation: u64,
+    /// `generation`, for launch tasks that wait: a launch no longer wanted
+    /// (parked, stopped) gives up.
+    live: Arc<AtomicU64>,
     /// The server (container id, or pid) of the current launch.
     id: Option<String>,
     /// That server was found running and adopted rather than launched.
@@ -417,6 +434,7 @@ impl ContainerState {
     }
 
     fn set(&mut self, state: InstanceState, reason: impl Into<String>) {
+        self.live.store(self.generation, Ordering::SeqCst);
         let reason = reason.into();
         let was = self.state;
         let instance = self.args.name.as_str();
@@ -486,8 +504,16 @@ impl ContainerState {
         let grace = self.args.settings.stop_grace;
         let instance = self.args.name.clone();
         let me = myself.clone();
+        let gate = self.args.gpu.clone().map(|gpu| MemoryGate {
+            gpu,
+            gpu_ids: self.args.gpu_ids.clone(),
+            share: plan.gpu_memory_utilization,
+            live: self.live.clone(),
+            generation,
+            actor: myself.clone(),
+        });
         tokio::spawn(async move {
-            let result = adopt_or_start(&*runtime, &plan, grace, &instance).await;
+            let result = adopt_or_start(&*runtime, &plan, grace, &instance, gate).await;
             let _ = me.cast(tick(Tick::Launched { generation, result }));
         });
     }
@@ -777,6 +803,7 @@ async fn adopt_or_start(
     plan: &LaunchPlan,
     grace: Duration,
     instance: &str,
+    gate: Option<MemoryGate>,
 ) -> Result<(String, bool), String> {
     let want = runtime.config_hash(plan);
     match runtime.find().await? {
@@ -795,7 +822,106 @@ async fn adopt_or_start(
         Some(f) => info!(instance, "replacing the stopped server {}", f.id),
         None => {}
     }
+    if let Some(gate) = gate {
+        gate.wait(instance).await?;
+    }
     runtime.start(plan).await.map(|id| (id, false))
+}
+
+/// Holds a launch until the GPUs it runs on have the memory it asks for
+/// (vLLM refuses to start when a GPU's free memory is below
+/// `gpu_memory_utilization` × its total), saying which processes hold it.
+struct MemoryGate {
+    gpu: tokio::sync::watch::Receiver<Option<GpuSnapshot>>,
+    gpu_ids: Vec<u32>,
+    share: f64,
+    live: Arc<AtomicU64>,
+    generation: u64,
+    actor: ActorRef<ContainerMsg>,
+}
+
+impl MemoryGate {
+    async fn wait(mut self, instance: &str) -> Result<(), String> {
+        let mut said: Option<String> = None;
+        // The monitor's first reading comes within a second or two of the
+        // start; without one in 5 s, launch unchecked.
+        if self.gpu.borrow().is_none() {
+            let first = tokio::time::timeout(Duration::from_secs(5), self.gpu.changed()).await;
+            if !matches!(first, Ok(Ok(()))) {
+                return Ok(());
+            }
+        }
+        loop {
+            if self.live.load(Ordering::SeqCst) != self.generation {
+                return Err("no longer wanted while it waited for GPU memory".into());
+            }
+            let reading = self.gpu.borrow_and_update().clone();
+            let Some(short) = reading.and_then(|r| memory_short(&r, &self.gpu_ids, self.share))
+            else {
+                return Ok(());
+            };
+            if said.as_deref() != Some(short.as_str()) {
+                warn!(instance, "not launching yet: {short}");
+                let _ = self.actor.cast(tick(Tick::WaitingForMemory {
+                    generation: self.generation,
+                    reason: short.clone(),
+                }));
+                said = Some(short);
+            }
+            // The next reading (every gpu.interval_ms), and at least every
+            // second a look at whether the launch is still wanted.
+            if let Ok(Err(_)) =
+                tokio::time::timeout(Duration::from_secs(1), self.gpu.changed()).await
+            {
+                return Ok(()); // The monitor is gone: nothing to wait for.
+            }
+        }
+    }
+}
+
+/// Why `gpu_ids` lack the memory a server at `share` needs, from one
+/// reading; `None` when they have it, or cannot be read.
+pub fn memory_short(reading: &GpuSnapshot, gpu_ids: &[u32], share: f64) -> Option<String> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let short: Vec<String> = gpu_ids
+        .iter()
+        .filter_map(|id| reading.gpus.iter().find(|g| g.index == *id))
+        .filter_map(|g| {
+            let need = (share * g.memory_total_bytes as f64) as u64;
+            let free = g.memory_total_bytes.saturating_sub(g.memory_used_bytes);
+            if free >= need {
+                return None;
+            }
+            let holders: Vec<String> = g
+                .processes
+                .iter()
+                .map(|(pid, bytes)| {
+                    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .map(|n| format!(" {}", n.trim()))
+                        .unwrap_or_default();
+                    format!("pid {pid}{name} {:.1} GiB", gib(*bytes))
+                })
+                .collect();
+            Some(format!(
+                "GPU {} has {:.1} GiB free of {:.1} GiB and gpu_memory_utilization {share} needs {:.1} GiB; held by {}",
+                g.index,
+                gib(free),
+                gib(g.memory_total_bytes),
+                gib(need),
+                if holders.is_empty() {
+                    "processes the driver does not list".to_string()
+                } else {
+                    holders.join(", ")
+                }
+            ))
+        })
+        .collect();
+    (!short.is_empty()).then(|| {
+        format!(
+            "{}: waiting until it is freed (stop what holds it, or lower gpu_memory_utilization)",
+            short.join("; ")
+        )
+    })
 }
 
 impl Actor for ContainerActor {
@@ -818,6 +944,7 @@ impl Actor for ContainerActor {
             reason: "not started yet".into(),
             since: Instant::now(),
             generation: 0,
+            live: Arc::new(AtomicU64::new(0)),
             id: None,
             adopted: false,
             restarts: 0,
@@ -1038,6 +1165,11 @@ impl Actor for ContainerActor {
                 }
             }
             ContainerMsg::Probed(outcome) => state.probed(&myself, outcome),
+            ContainerMsg::Internal(Internal(Tick::WaitingForMemory { generation, reason })) => {
+                if generation == state.generation && state.state == InstanceState::Starting {
+                    state.reason = format!("waiting for GPU memory: {reason}");
+                }
+            }
             ContainerMsg::Internal(Internal(Tick::StartupTimeout { generation })) => {
                 if generation == state.generation && state.state == InstanceState::Loading {
                     let last = state

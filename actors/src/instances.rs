@@ -82,6 +82,8 @@ pub struct InstanceSupArgs {
     pub lifecycle: LifecycleSettings,
     /// Restart policy of the ContainerActors themselves.
     pub restart: RestartPolicy,
+    /// The GPU monitor's latest reading, for launches to wait for memory.
+    pub gpu: Option<tokio::sync::watch::Receiver<Option<crate::gpu::GpuSnapshot>>>,
 }
 
 /// One instance's container actor.
@@ -132,6 +134,8 @@ impl InstanceSupState {
             parked: slot.parked,
             client: slot.spec.client.clone(),
             sleep: slot.spec.sleep,
+            gpu_ids: slot.spec.gpu_ids.clone(),
+            gpu: self.args.gpu.clone(),
         };
         let (actor, _) =
             ContainerActor::spawn_linked(None, ContainerActor, args, myself.get_cell()).await?;

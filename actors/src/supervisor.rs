@@ -283,6 +283,8 @@ pub struct FeederState {
     sup: Supervision<Child>,
     /// The queue has not started yet: its first start releases a previous run's claims.
     first_queue_start: bool,
+    /// The latest GPU snapshot, for launches waiting for memory.
+    gpu_watch: tokio::sync::watch::Sender<Option<GpuSnapshot>>,
 }
 
 /// The root of the actor tree.
@@ -341,6 +343,11 @@ impl FeederState {
                     instances: self.args.instances.clone(),
                     lifecycle: s.lifecycle.clone(),
                     restart: s.restart,
+                    gpu: self
+                        .args
+                        .gpu_probe
+                        .is_some()
+                        .then(|| self.gpu_watch.subscribe()),
                 };
                 let (a, _) =
                     InstanceSupervisor::spawn_linked(None, InstanceSupervisor, args, cell).await?;
@@ -497,6 +504,7 @@ impl Actor for FeederSupervisor {
             gpu_monitor: None,
             allocator: None,
             gpus: None,
+            gpu_watch: tokio::sync::watch::channel(None).0,
             sup,
             first_queue_start: true,
         };
@@ -693,6 +701,7 @@ impl Actor for FeederSupervisor {
                 if let Some(a) = &state.allocator {
                     tell(a, "a GPU snapshot", AllocatorMsg::Gpu(snapshot.clone()));
                 }
+                state.gpu_watch.send_replace(Some(snapshot.clone()));
                 state.gpus = Some(snapshot);
             }
             FeederMsg::Pin { strategy, reply } => {

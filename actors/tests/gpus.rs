@@ -55,7 +55,15 @@ impl Rig {
     /// The feeder with `placed` on a host with four GPUs, once every
     /// server is launched.
     async fn start(placed: Vec<Placed>) -> Rig {
-        let gpu = FakeGpu::new(4);
+        let rig = Rig::spawn(placed, FakeGpu::new(4)).await;
+        for p in &rig.placed {
+            rig.wait_state(p.name, InstanceState::Ready).await;
+        }
+        rig
+    }
+
+    /// The feeder with `placed` on the GPUs of `gpu`.
+    async fn spawn(placed: Vec<Placed>, gpu: FakeGpu) -> Rig {
         let store = MemoryStore::new();
         let instances = placed
             .iter()
@@ -80,16 +88,22 @@ impl Rig {
             gpu_unavailable: "NVML is not available".into(),
         };
         let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
-        let rig = Rig {
+        Rig {
             store,
             gpu,
             placed,
             feeder,
-        };
-        for p in &rig.placed {
-            rig.wait_state(p.name, InstanceState::Ready).await;
         }
-        rig
+    }
+
+    async fn reason_of(&self, name: &str) -> String {
+        self.status()
+            .await
+            .instances
+            .into_iter()
+            .find(|i| i.name == name)
+            .unwrap()
+            .reason
     }
 
     fn server(&self, name: &str) -> &Server {
@@ -337,4 +351,79 @@ async fn wait_until_hot(rig: &Rig, gpu: u32) {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_launch_waits_for_memory_another_process_holds_and_says_who() {
+    let gpu = FakeGpu::new(4);
+    // 70 of GPU 1's 80 GiB are held: a server at 0.40 (32 GiB) cannot start.
+    gpu.hold(1, 4242, 70 << 30);
+    let rig = Rig::spawn(
+        vec![
+            placed("vision", ModelType::Vision, &[0]),
+            placed("think", ModelType::Think, &[1]),
+        ],
+        gpu,
+    )
+    .await;
+    rig.wait_state("vision", InstanceState::Ready).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let reason = loop {
+        let r = rig.reason_of("think").await;
+        if r.contains("waiting for GPU memory") {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never waited: {r}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        reason.contains("GPU 1 has 10.0 GiB free of 80.0 GiB")
+            && reason.contains("needs 32.0 GiB")
+            && reason.contains("pid 4242"),
+        "{reason}"
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(rig.state_of("think").await, InstanceState::Starting);
+    assert_eq!(
+        rig.server("think").runtime.starts(),
+        0,
+        "nothing launched to fail"
+    );
+    // Work for it waits, and is served once the memory is let go.
+    rig.submit(ModelType::Think, "t", 5).await;
+    rig.gpu.hold(1, 4242, 0);
+    rig.wait_state("think", InstanceState::Ready).await;
+    assert_eq!(rig.server("think").runtime.starts(), 1);
+    rig.server("think").inference.release(100);
+    wait_until("done", LIMIT, || rig.count(JobStatus::Done) == 5).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_launch_waiting_for_memory_gives_up_when_parked() {
+    let gpu = FakeGpu::new(4);
+    gpu.hold(0, 4242, 70 << 30);
+    let rig = Rig::spawn(
+        vec![
+            placed("think", ModelType::Think, &[0]),
+            placed("vision", ModelType::Vision, &[0]),
+        ],
+        gpu,
+    )
+    .await;
+    // Think work: GPU 0's group gives itself to think and parks vision,
+    // whose launch was waiting for memory; it must not start later.
+    rig.submit(ModelType::Think, "t", 5).await;
+    rig.wait_group("gpu 0", Strategy::Think).await;
+    rig.wait_state("vision", InstanceState::Stopped).await;
+    rig.gpu.hold(0, 4242, 0);
+    rig.wait_state("think", InstanceState::Ready).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        rig.server("vision").runtime.starts(),
+        0,
+        "the parked launch gave up"
+    );
+    assert_eq!(rig.state_of("vision").await, InstanceState::Stopped);
+    rig.server("think").inference.release(100);
+    wait_until("done", LIMIT, || rig.count(JobStatus::Done) == 5).await;
 }

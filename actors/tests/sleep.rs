@@ -207,13 +207,14 @@ async fn a_server_that_aborts_on_sleep_gives_its_jobs_back_with_no_attempt_count
 #[tokio::test(start_paused = true)]
 async fn a_sleep_that_frees_too_little_memory_is_reported() {
     let gpu = FakeGpu::new(1);
-    gpu.set_memory_used(0, 64 * GIB);
     let lab = start(
         Some(gpu.clone()),
         server(Duration::from_secs(20)),
         settings(Duration::from_secs(600)),
     )
     .await;
+    // The two servers, once launched, hold 64 GiB.
+    gpu.set_memory_used(0, 64 * GIB);
     // Think sleeps and the GPU still reads 64 GiB in use: reported.
     lab.submit(ModelType::Vision, "v", 40).await;
     lab.wait_strategy(Strategy::Vision).await;

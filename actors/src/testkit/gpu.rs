@@ -52,6 +52,25 @@ impl FakeGpu {
         }
     }
 
+    /// Another process (`pid`) holds `bytes` of GPU `index` from now on
+    /// (`bytes` 0: it let go), counted in the memory in use.
+    pub fn hold(&self, index: u32, pid: u32, bytes: u64) {
+        if let Ok(gpus) = &mut *self.gpus.lock().unwrap() {
+            for g in gpus.iter_mut().filter(|g| g.index == index) {
+                let before = g
+                    .processes
+                    .iter()
+                    .find(|(p, _)| *p == pid)
+                    .map_or(0, |(_, b)| *b);
+                g.processes.retain(|(p, _)| *p != pid);
+                if bytes > 0 {
+                    g.processes.push((pid, bytes));
+                }
+                g.memory_used_bytes = g.memory_used_bytes - before + bytes;
+            }
+        }
+    }
+
     /// Reading fails with `why` from now on.
     pub fn fail(&self, why: &str) {
         *self.gpus.lock().unwrap() = Err(why.into());
