@@ -32,6 +32,7 @@ fn pid(s: &Scratch, name: &str) -> String {
 
 #[test]
 fn each_gpu_is_its_own_group_and_replicas_share_the_queue() {
+    let admin_port = free_port();
     let s = Scratch::new(&format!(
         "[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
          [dispatch]\nexternal_poll_ms = 50\n\n\
@@ -39,7 +40,7 @@ fn each_gpu_is_its_own_group_and_replicas_share_the_queue() {
          [servers]\nstate_dir = \"servers\"\nstop_grace_s = 2\n\n\
          [gpu]\nenabled = false\n\n\
          [allocator]\ninterval_s = 0.2\nmin_dwell_s = 1\n\n{}{}{}",
-        free_port(),
+        admin_port,
         instance("vision", "vision", free_port(), "0"),
         instance("think-a", "think", free_port(), "1"),
         instance("think-b", "think", free_port(), "2"),
@@ -121,6 +122,50 @@ fn each_gpu_is_its_own_group_and_replicas_share_the_queue() {
         "{}",
         shown.stdout()
     );
+    // Metrics: a strategy per group.
+    let out = std::process::Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{admin_port}/metrics")])
+        .output()
+        .expect("curl is installed");
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    for g in ["gpu 0", "gpu 1", "gpu 2"] {
+        let line = format!("gpu_feeder_group_strategy{{group=\"{g}\",strategy=\"static\"}} 1");
+        assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+    }
+    // A pin applies where it fits: think holds in the think groups (a
+    // group of one model runs it as configured) and leaves vision alone.
+    let pinned = s.run(&["strategy", "pin", "think"]);
+    assert_eq!(pinned.code(), 0, "{}", pinned.stderr());
+    assert!(
+        pinned
+            .stdout()
+            .contains("pinned in the GPU groups it applies to"),
+        "{}",
+        pinned.stdout()
+    );
+    let shown = s.json(&["strategy", "show", "--json"]);
+    let pins: Vec<(String, serde_json::Value)> = shown["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["group"].as_str().unwrap().to_string(),
+                g["pinned"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pins,
+        [
+            ("gpu 0".to_string(), serde_json::Value::Null),
+            ("gpu 1".to_string(), "static".into()),
+            ("gpu 2".to_string(), "static".into()),
+        ],
+        "{shown}"
+    );
+    assert!(s.instance_is("vision", "ready"));
+    assert_eq!(s.run(&["strategy", "unpin"]).code(), 0);
     let log = d.log();
     assert!(log.contains("the allocator decides 3 GPU groups"), "{log}");
     assert!(!log.contains("strategy static →"), "no switch: {log}");

@@ -272,6 +272,18 @@ async fn two_sharing_gpu_0_switch_by_backlog_while_a_third_on_gpu_1_stays_up() {
         a > 0 && b > 0,
         "both replicas took vision work: {a} and {b}"
     );
+    // A pin of think holds think on GPU 0 and leaves GPU 1's vision alone;
+    // a pin of vision holds GPU 1 as configured.
+    let handle = FeederHandle::new(rig.feeder.clone());
+    handle.pin(Some(Strategy::Think)).await.unwrap();
+    rig.wait_group("gpu 0", Strategy::Think).await;
+    let g1 = rig.group("gpu 1").await;
+    assert_eq!((g1.strategy, g1.pinned), (Strategy::Static, None));
+    let a = handle.pin(Some(Strategy::Vision)).await.unwrap();
+    let pins: Vec<_> = a.groups.iter().map(|g| g.pinned).collect();
+    assert_eq!(pins, [Some(Strategy::Vision), Some(Strategy::Static)]);
+    rig.wait_group("gpu 0", Strategy::Vision).await;
+    handle.pin(None).await.unwrap();
     // GPU 1 was never touched.
     let g1 = rig.group("gpu 1").await;
     assert_eq!(
