@@ -439,3 +439,33 @@ async fn a_launch_waiting_for_memory_gives_up_when_parked() {
     rig.server("think").inference.release(100);
     wait_until("done", LIMIT, || rig.count(JobStatus::Done) == 5).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn replicas_take_work_by_what_they_can_serve() {
+    let fast = FakeInference::new().with_latency(Duration::from_millis(100));
+    let slow = FakeInference::new().with_latency(Duration::from_millis(300));
+    let rig = Rig::start(vec![
+        Placed {
+            server: server(fast, Duration::from_secs(20)),
+            ..placed("think-fast", ModelType::Think, &[1])
+        },
+        Placed {
+            server: server(slow, Duration::from_secs(20)),
+            ..placed("think-slow", ModelType::Think, &[2])
+        },
+    ])
+    .await;
+    rig.submit(ModelType::Think, "t", 800).await;
+    wait_until("all done", LIMIT, || rig.count(JobStatus::Done) == 800).await;
+    let (f, s) = (
+        rig.server("think-fast").inference.received().len(),
+        rig.server("think-slow").inference.received().len(),
+    );
+    assert_eq!(f + s, 800, "each job sent once");
+    // Same windows, a third of the latency: about three times the jobs.
+    let ratio = f as f64 / s as f64;
+    assert!(
+        (2.5..=3.5).contains(&ratio),
+        "fast {f}, slow {s}: ratio {ratio:.2}"
+    );
+}
