@@ -464,6 +464,7 @@ async fn replicas_take_work_by_what_they_can_serve() {
     assert_eq!(f + s, 800, "each job sent once");
     // Same windows, a third of the latency: about three times the jobs.
     let ratio = f as f64 / s as f64;
+    eprintln!("figure: 800 jobs over replicas at 100 and 300 ms: {f} and {s} ({ratio:.2}×)");
     assert!(
         (2.5..=3.5).contains(&ratio),
         "fast {f}, slow {s}: ratio {ratio:.2}"
