@@ -285,4 +285,12 @@ fn the_readmes_four_gpu_example_passes() {
     let s = Scratch::new(example);
     let r = check(&s);
     assert_eq!(r.code(), 0, "{}{}", r.stdout(), r.stderr());
+    let out = r.stdout();
+    for expected in [
+        "GPU [2, 3] at 0.90 · --tensor-parallel-size 2",
+        "groups     gpu 0: vision-0 (one model: as configured, or idle) · gpu 1: vision-1 (one model",
+        "gpus 2,3: think (one model",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
 }

@@ -225,9 +225,12 @@ pub fn config_summary(c: &Config) -> String {
                 format!("`{}` on port {}", i.command.join(" "), i.port.unwrap_or(0))
             }
         };
+        let tp = crate::runtime::tensor_parallel_added(i)
+            .map(|n| format!(" · --tensor-parallel-size {n}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "  instance   {} ({}, {}): {} · model {} · GPU {:?} at {:.2}",
+            "  instance   {} ({}, {}): {} · model {} · GPU {:?} at {:.2}{tp}",
             i.name,
             i.model_type,
             i.backend,
@@ -236,6 +239,41 @@ pub fn config_summary(c: &Config) -> String {
             i.gpu_ids,
             i.gpu_memory_utilization
         );
+    }
+    // The GPU groups the allocator decides, each on its own.
+    let managed: Vec<_> = c
+        .instances
+        .iter()
+        .filter(|i| i.backend != Backend::External)
+        .collect();
+    if c.allocator.enabled && !managed.is_empty() {
+        let ids: Vec<&[u32]> = managed.iter().map(|i| i.gpu_ids.as_slice()).collect();
+        let groups: Vec<String> = feeder_actors::allocator::gpu_groups(&ids)
+            .into_iter()
+            .map(|g| {
+                let mut gpus: Vec<u32> = g
+                    .iter()
+                    .flat_map(|&k| managed[k].gpu_ids.iter().copied())
+                    .collect();
+                gpus.sort_unstable();
+                gpus.dedup();
+                let names: Vec<&str> = g.iter().map(|&k| managed[k].name.as_str()).collect();
+                let both = g
+                    .iter()
+                    .any(|&k| managed[k].model_type != managed[g[0]].model_type);
+                format!(
+                    "{}: {} ({})",
+                    feeder_actors::allocator::group_name(&gpus),
+                    names.join(", "),
+                    if both {
+                        "switched by the backlog"
+                    } else {
+                        "one model: as configured, or idle"
+                    }
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "  groups     {}", groups.join(" · "));
     }
     out
 }
