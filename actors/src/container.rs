@@ -852,7 +852,11 @@ impl MemoryGate {
             }
         }
         loop {
-            if self.live.load(Ordering::SeqCst) != self.generation {
+            let gone = matches!(
+                self.actor.get_status(),
+                ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+            );
+            if gone || self.live.load(Ordering::SeqCst) != self.generation {
                 return Err("no longer wanted while it waited for GPU memory".into());
             }
             let reading = self.gpu.borrow_and_update().clone();
