@@ -505,6 +505,17 @@ pub fn gpu_groups(gpu_ids: &[&[u32]]) -> Vec<Vec<usize>> {
     groups.into_values().collect()
 }
 
+/// The GPUs of a group (`members`, indices into `gpu_ids`), sorted, each once.
+pub fn group_gpus(gpu_ids: &[&[u32]], members: &[usize]) -> Vec<u32> {
+    let mut gpus: Vec<u32> = members
+        .iter()
+        .flat_map(|&i| gpu_ids[i].iter().copied())
+        .collect();
+    gpus.sort_unstable();
+    gpus.dedup();
+    gpus
+}
+
 /// A group's name from its GPUs.
 pub fn group_name(gpu_ids: &[u32]) -> String {
     match gpu_ids {
@@ -1019,12 +1030,7 @@ impl Actor for AllocatorActor {
         let mut groups: Vec<Group> = gpu_groups(&ids)
             .into_iter()
             .map(|members| {
-                let mut gpu_ids: Vec<u32> = members
-                    .iter()
-                    .flat_map(|&i| args.instances[i].gpu_ids.iter().copied())
-                    .collect();
-                gpu_ids.sort_unstable();
-                gpu_ids.dedup();
+                let gpu_ids = group_gpus(&ids, &members);
                 let has = |m: ModelType| members.iter().any(|&i| args.instances[i].model == m);
                 Group {
                     status: GroupStatus {

@@ -251,12 +251,7 @@ pub fn config_summary(c: &Config) -> String {
         let groups: Vec<String> = feeder_actors::allocator::gpu_groups(&ids)
             .into_iter()
             .map(|g| {
-                let mut gpus: Vec<u32> = g
-                    .iter()
-                    .flat_map(|&k| managed[k].gpu_ids.iter().copied())
-                    .collect();
-                gpus.sort_unstable();
-                gpus.dedup();
+                let gpus = feeder_actors::allocator::group_gpus(&ids, &g);
                 let names: Vec<&str> = g.iter().map(|&k| managed[k].name.as_str()).collect();
                 let both = g
                     .iter()

@@ -387,6 +387,8 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
         .iter()
         .flat_map(|(_, i)| i.gpu_ids.iter().copied())
         .collect();
+    let ids: Vec<&[u32]> = launched.iter().map(|(_, i)| i.gpu_ids.as_slice()).collect();
+    let groups = feeder_actors::allocator::gpu_groups(&ids);
     let mut reported: std::collections::HashSet<(usize, usize)> = Default::default();
     for g in gpus {
         let on: Vec<(usize, &InstanceConfig)> = launched
@@ -401,10 +403,15 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
                 .collect(),
         )];
         if config.allocator.enabled {
-            let group = group_of(&launched, g);
+            // The group of GPU `g`: those on it, and those whose GPUs
+            // overlap theirs, transitively.
+            let group = groups
+                .iter()
+                .find(|grp| grp.iter().any(|&k| launched[k].1.gpu_ids.contains(&g)))
+                .map_or(&[][..], Vec::as_slice);
             let both = [ModelType::Think, ModelType::Vision]
                 .iter()
-                .all(|m| group.iter().any(|i| i.model_type == *m));
+                .all(|m| group.iter().any(|&k| launched[k].1.model_type == *m));
             if both {
                 let a = &config.allocator;
                 layouts.push((
@@ -459,17 +466,6 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
 
 /// An instance's share of a GPU's memory: its index, itself, the share.
 type Share<'a> = (usize, &'a InstanceConfig, f64);
-
-/// The instances in the GPU group of GPU `g`: those on it, and those whose
-/// GPUs overlap theirs, transitively.
-fn group_of<'a>(launched: &[(usize, &'a InstanceConfig)], g: u32) -> Vec<&'a InstanceConfig> {
-    let ids: Vec<&[u32]> = launched.iter().map(|(_, i)| i.gpu_ids.as_slice()).collect();
-    feeder_actors::allocator::gpu_groups(&ids)
-        .into_iter()
-        .find(|grp| grp.iter().any(|&k| launched[k].1.gpu_ids.contains(&g)))
-        .map(|grp| grp.into_iter().map(|k| launched[k].1).collect())
-        .unwrap_or_default()
-}
 
 /// `num_attention_heads` of a model in a local directory (its
 /// `config.json`, or the `text_config` of a vision-language model).
