@@ -44,7 +44,7 @@ fn fill(store: &SqliteStore, n: usize) -> Duration {
 
 fn done() -> Completion {
     Completion {
-        result_path: PathBuf::from("/var/lib/gpu-feeder/results/x.json"),
+        result_path: PathBuf::from("/var/lib/gpu-feeder/results/x.json").into(),
         prompt_tokens: Some(100),
         completion_tokens: Some(200),
         latency: Duration::from_millis(150),

@@ -201,7 +201,7 @@ async fn plan_loop(
                 (
                     c.claim,
                     Settle::Complete(Completion {
-                        result_path: "/dev/null".into(),
+                        result_path: std::path::PathBuf::from("/dev/null").into(),
                         prompt_tokens: None,
                         completion_tokens: None,
                         latency,

@@ -4,7 +4,10 @@
 //! - `GET /healthz`: liveness (the actors answer);
 //! - `GET /readyz`: the store answers and at least one instance is Ready;
 //! - `GET /v1/status`: instances and queue as JSON (`gpu-feeder instances`);
-//! - `POST /v1/jobs`: submit a job, with the CLI's validation.
+//! - `POST /v1/jobs`: submit a job, with the CLI's validation;
+//! - `GET /v1/jobs/{id}`: one job (`status --json`), with its answer's text;
+//! - `GET /v1/jobs/{id}/result`: its result document, from its file or the
+//!   database, wherever the job says (`gpu-feeder result`).
 //!
 //! With `admin.token` set, every endpoint but `/healthz` requires
 //! `Authorization: Bearer <token>`.
@@ -38,6 +41,8 @@ pub struct Admin {
     pub feeder: FeederHandle,
     /// A connection for reads (stats).
     pub reader: Arc<dyn JobStore>,
+    /// The queue's result documents.
+    pub results: Arc<crate::results::Results>,
     /// The configuration in force.
     pub config: Arc<Config>,
     /// The metrics.
@@ -261,11 +266,11 @@ async fn healthz(State(a): State<Admin>) -> Response {
 
 async fn readyz(State(a): State<Admin>) -> Response {
     if a.stats().await.is_none() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the job store does not answer\n",
-        )
-            .into_response();
+        let why = a
+            .reader
+            .connection_problem()
+            .unwrap_or_else(|| "the job store does not answer".into());
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
     match a.status().await {
         Some(s)
@@ -298,9 +303,25 @@ async fn metrics(State(a): State<Admin>) -> Response {
 }
 
 async fn status(State(a): State<Admin>) -> Response {
-    let (stats, status) = tokio::join!(a.stats(), a.status());
+    let (stats, status, daemons) =
+        tokio::join!(a.stats(), a.status(), a.reader.daemons(Timestamp::now()));
     match status {
-        Some(s) => Json(status_json(&a.config, &s, stats.as_ref())).into_response(),
+        Some(s) => {
+            let mut v = status_json(&a.config, &s, stats.as_ref());
+            // The daemons sharing this queue (one, on SQLite).
+            v["daemons"] = match daemons {
+                Ok(ds) => json!(ds
+                    .iter()
+                    .map(|d| {
+                        let mut one = serde_json::to_value(d).unwrap_or(Value::Null);
+                        one["alive"] = json!(d.alive());
+                        one
+                    })
+                    .collect::<Vec<_>>()),
+                Err(_) => Value::Null,
+            };
+            Json(v).into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"error": "the actors do not answer"})),
@@ -349,6 +370,69 @@ async fn strategy(State(a): State<Admin>, body: Option<Json<Value>>) -> Response
         .into_response(),
         Err(HandleError::Refused(e)) => bad(StatusCode::CONFLICT, e),
         Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The job `id` names (a unique prefix will do), or the error response.
+async fn job_of(a: &Admin, id: &str) -> Result<feeder_actors::Job, Response> {
+    let id = a
+        .reader
+        .resolve(id)
+        .await
+        .map_err(|e| bad(StatusCode::BAD_REQUEST, e.to_string()))?;
+    match a.reader.get(id).await {
+        Ok(Some(job)) => Ok(job),
+        Ok(None) => Err(bad(StatusCode::NOT_FOUND, format!("no job {id}"))),
+        Err(e) => Err(bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+/// `GET /v1/jobs/ID`: the job as `status --json` prints it, with
+/// `result` (its answer's text) once it is done.
+async fn get_job(
+    State(a): State<Admin>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let job = match job_of(&a, &id).await {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let mut v = crate::cli::output::job_json(&job);
+    if let Some(at) = &job.result_path {
+        match a.results.document(at).await {
+            Ok(doc) => v["result"] = doc.get("content").cloned().unwrap_or(Value::Null),
+            Err(e) => {
+                return bad(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("job {} is done but its result cannot be read: {e}", job.id),
+                )
+            }
+        }
+    }
+    Json(v).into_response()
+}
+
+/// `GET /v1/jobs/ID/result`: the job's result document.
+async fn get_result(
+    State(a): State<Admin>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let job = match job_of(&a, &id).await {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let Some(at) = &job.result_path else {
+        return bad(
+            StatusCode::NOT_FOUND,
+            format!("job {} is {} and has no result yet", job.id, job.status),
+        );
+    };
+    match a.results.document(at).await {
+        Ok(doc) => Json(doc).into_response(),
+        Err(e) => bad(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the result of job {} ({at}): {e}", job.id),
+        ),
     }
 }
 
@@ -452,6 +536,8 @@ pub fn router(admin: Admin) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/result", get(get_result))
         .route("/v1/strategy", post(strategy))
         .route("/v1/instances/{name}/restart", post(restart_instance))
         .with_state(admin)

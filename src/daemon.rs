@@ -34,20 +34,8 @@ use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
 use crate::openai::{OpenAiClient, RequestDefaults};
-use crate::results::FileResults;
 use crate::runtime::process::ProcessRuntime;
 use crate::systemd::Notifier;
-
-/// This host's claim owner id.
-pub fn owner_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("gpu-feeder@{host}")
-}
 
 /// The pipeline's settings from the configuration.
 pub fn settings(config: &Config) -> PipelineSettings {
@@ -89,8 +77,42 @@ pub fn settings(config: &Config) -> PipelineSettings {
                 solo: a.solo_memory_utilization,
             }
         }),
+        heartbeat: Some(feeder_actors::queue::Heartbeat {
+            interval: Duration::from_secs(config.queue.heartbeat_s),
+            timeout: Duration::from_secs(config.queue.heartbeat_timeout_s),
+            about: serde_json::json!({
+                "host": crate::config::hostname(),
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+            }),
+        }),
         ..PipelineSettings::default()
     }
+}
+
+/// Refuses to start when another live daemon already uses this daemon's
+/// id on the queue: their claims would be taken for each other's. A
+/// registration left by this host's previous run (its pid gone) is ours.
+async fn check_unique(store: &dyn JobStore, config: &Config, owner: &str) -> anyhow::Result<()> {
+    let daemons = store.daemons(feeder_actors::Timestamp::now()).await?;
+    let Some(other) = daemons.iter().find(|d| d.daemon_id == owner && d.alive()) else {
+        return Ok(());
+    };
+    let host = other.about["host"].as_str().unwrap_or("?");
+    let pid = other.about["pid"].as_u64();
+    let here = host == crate::config::hostname();
+    let running = pid.is_some_and(|p| {
+        p != u64::from(std::process::id()) && Path::new(&format!("/proc/{p}")).exists()
+    });
+    if here && !running {
+        return Ok(()); // A previous run of this daemon, killed.
+    }
+    anyhow::bail!(
+        "another daemon is registered as {owner} on {} and alive (host {host}, pid {}, heartbeat {:.0} s ago): give each daemon its own queue.daemon_id (the default, gpu-feeder@HOSTNAME, is the same for two daemons on one host)",
+        config.queue.location(),
+        pid.map_or("?".to_string(), |p| p.to_string()),
+        other.heartbeat_age.as_secs_f64()
+    )
 }
 
 /// Restarts, health thresholds and crash loops from `[health]` and `[servers]`.
@@ -351,15 +373,16 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         });
     }
     config.create_state_dirs(config_path)?;
-    let _lock = lock(&config.queue.db_path)?;
-    let store = crate::store::connect(&config.queue).await?;
-    let results = FileResults::new(&config.queue.results_dir).with_context(|| {
-        format!(
-            "creating queue.results_dir {}",
-            config.queue.results_dir.display()
-        )
-    })?;
-    let owner = owner_id();
+    // One daemon per SQLite file; daemons sharing a PostgreSQL queue are
+    // told apart by their `queue.daemon_id` instead.
+    let _lock = match config.queue.database_url {
+        None => Some(lock(&config.queue.db_path)?),
+        Some(_) => None,
+    };
+    let opened = crate::store::open(&config, crate::store::pg::Patience::Reconnect).await?;
+    let store = opened.jobs.clone();
+    let owner = config.queue.owner();
+    check_unique(store.as_ref(), &config, &owner).await?;
     let listener = tokio::net::TcpListener::bind(&config.admin.listen)
         .await
         .with_context(|| {
@@ -372,19 +395,20 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
     let metrics = Arc::new(Metrics::new());
     let pipeline = Pipeline::start(
         &config,
-        store,
-        Arc::new(results),
+        store.clone(),
+        opened.results.clone(),
         owner.clone(),
         Some(metrics.clone() as Arc<dyn DispatchObserver>),
     )
     .await?;
     // A second connection for reads, so that `/v1/status` never waits
     // behind the queue's writes.
-    let reader = crate::store::connect(&config.queue).await?;
+    let reader = crate::store::connect(&config.queue, crate::store::pg::Patience::FailFast).await?;
     let config = Arc::new(config);
     let admin = Admin {
         feeder: FeederHandle::new(pipeline.feeder.clone()),
         reader: reader.clone(),
+        results: opened.results.clone(),
         config: config.clone(),
         metrics,
     };
@@ -422,6 +446,9 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
             tokio::select! {
                 released = drain(&feeder, grace) => {
                     let _ = join.await;
+                    if let Err(e) = store.sign_off(&owner).await {
+                        warn!("could not sign off from the queue: {e}");
+                    }
                     info!("stopped; {released} jobs released back to pending");
                     Ok(0)
                 }

@@ -7,7 +7,6 @@
 //! fan-in result.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -16,8 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use feeder_actors::{JobStatus, ListFilter, ModelType, NewJob, Payload, Timestamp};
 
 use crate::config::{Backend, Config, InstanceConfig};
-use crate::daemon::{owner_id, Pipeline};
-use crate::results::FileResults;
+use crate::daemon::Pipeline;
 use crate::sim::{self, SimConfig};
 use crate::submit::Submitter;
 
@@ -120,7 +118,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     // model, and one parent whose fragments fan in.
     let n_vision = args.jobs / 3;
     let n_think = args.jobs - n_vision;
-    let submit_store = crate::store::connect(&config.queue).await?;
+    let opened = crate::store::open(&config, crate::store::pg::Patience::FailFast).await?;
+    let submit_store = opened.jobs.clone();
     let vision = Submitter::new(ModelType::Vision, &config.queue.roots(), 0, 3);
     let think = Submitter::new(ModelType::Think, &config.queue.roots(), 0, 3);
     let mut jobs: Vec<NewJob> = Vec::new();
@@ -174,14 +173,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         chapters.len()
     );
 
-    let store = crate::store::connect(&config.queue).await?;
-    let results = FileResults::new(&config.queue.results_dir)?;
+    let store = crate::store::connect(&config.queue, crate::store::pg::Patience::FailFast).await?;
+    let results = opened.results.clone();
     let start = Instant::now();
     let pipeline = Pipeline::start(
         &config,
         store,
-        Arc::new(results),
-        format!("{}/demo", owner_id()),
+        results.clone(),
+        format!("{}/demo", config.queue.owner()),
         None,
     )
     .await?;
@@ -264,19 +263,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         p.status,
         p.total_fragments.unwrap_or(0)
     );
-    if let Some(path) = &p.result_path {
-        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    if let Some(at) = &p.result_path {
+        let doc = results.document(at).await?;
         for line in doc["content"].as_str().unwrap_or("").lines().take(6) {
             println!("            │ {line}");
         }
-        println!("            result: {}", path.display());
+        println!("            result: {at}");
     }
     if let Some(j) = all
         .iter()
         .find(|j| j.model_type == ModelType::Vision && j.status == JobStatus::Done)
     {
-        if let Some(path) = &j.result_path {
-            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+        if let Some(at) = &j.result_path {
+            let doc = results.document(at).await?;
             let text: String = doc["content"]
                 .as_str()
                 .unwrap_or("")

@@ -74,6 +74,7 @@ pub struct ListJobs {
 #[derive(Clone)]
 pub struct FeederMcp {
     store: Arc<dyn JobStore>,
+    results: Arc<crate::results::Results>,
     config: Arc<Config>,
     config_path: Arc<PathBuf>,
 }
@@ -93,9 +94,10 @@ async fn blocking<T: Send + 'static>(
 #[tool_router]
 impl FeederMcp {
     /// A server on the configured store.
-    pub fn new(store: Arc<dyn JobStore>, config: Config, config_path: PathBuf) -> Self {
+    pub fn new(queue: crate::store::Opened, config: Config, config_path: PathBuf) -> Self {
         FeederMcp {
-            store,
+            store: queue.jobs,
+            results: queue.results,
             config: Arc::new(config),
             config_path: Arc::new(config_path),
         }
@@ -177,12 +179,12 @@ impl FeederMcp {
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("no job {id}"))?;
         let mut v = job_json(&job);
-        if let Some(path) = &job.result_path {
-            let doc: Value = tokio::fs::read(path)
+        if let Some(at) = &job.result_path {
+            let doc = self
+                .results
+                .document(at)
                 .await
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or(Value::Null);
+                .map_err(|e| format!("job {id} is done but its result cannot be read: {e}"))?;
             v["result"] = doc.get("content").cloned().unwrap_or(Value::Null);
         }
         Ok(CallToolResult::structured(v))
@@ -371,7 +373,7 @@ fn screen(line: &str) -> Line {
 /// them; the server's output and the screen's errors reach stdout through
 /// one writer, one whole line at a time.
 pub async fn serve(
-    store: Arc<dyn JobStore>,
+    store: crate::store::Opened,
     config: Config,
     config_path: PathBuf,
 ) -> anyhow::Result<()> {

@@ -1,11 +1,19 @@
-//! The file adapter of the `ResultStore` port: one JSON file per job under
-//! `queue.results_dir/<first two hex digits of the id>/<id>.json`, written to
-//! a temporary file and renamed into place, so a reader never sees half a
-//! result.
+//! Result documents: the file adapter of the `ResultStore` port (one JSON
+//! file per job under `queue.results_dir/<first two hex digits>/<id>.json`,
+//! written to a temporary file and renamed into place, so a reader never
+//! sees half a result), the database rows (`gpu_results`, which every host
+//! sharing a PostgreSQL queue can read), and [`Results`], which writes to
+//! the one `results.store` names and reads whatever a job's reference
+//! points at.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use feeder_actors::{JobId, ResultStore};
+use async_trait::async_trait;
+
+use feeder_actors::{JobId, ResultRef, ResultStore, StoreResult};
+
+use crate::config::ResultsKind;
 
 /// Result files under one folder.
 #[derive(Clone, Debug)]
@@ -30,10 +38,8 @@ impl FileResults {
         let hex = id.to_hex();
         self.dir.join(&hex[..2]).join(format!("{hex}.json"))
     }
-}
 
-impl ResultStore for FileResults {
-    fn write(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
+    fn write_now(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
         let path = self.path_of(id);
         let shard = path.parent().expect("sharded path");
         let tmp = shard.join(format!(
@@ -55,9 +61,110 @@ impl ResultStore for FileResults {
         }
         Ok(path)
     }
+}
 
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
-        std::fs::read(path)
+#[async_trait]
+impl ResultStore for FileResults {
+    async fn write(&self, id: JobId, doc: Vec<u8>) -> std::io::Result<ResultRef> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.write_now(id, &doc))
+            .await
+            .map_err(std::io::Error::other)?
+            .map(|p| ResultRef::file(&p))
+    }
+
+    async fn read(&self, at: &ResultRef) -> std::io::Result<Vec<u8>> {
+        match at.as_file() {
+            Some(path) => tokio::fs::read(path).await,
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{at} is kept in the job database, not in a file"),
+            )),
+        }
+    }
+}
+
+/// Result documents kept as rows of the job database (`gpu_results`).
+#[async_trait]
+pub trait ResultRows: Send + Sync + 'static {
+    /// Writes (or rewrites) the document of job `id`.
+    async fn put_result(&self, id: JobId, doc: Vec<u8>) -> StoreResult<()>;
+    /// The document of job `id`, if one was written.
+    async fn get_result(&self, id: JobId) -> StoreResult<Option<Vec<u8>>>;
+}
+
+/// The results of one queue: written where `results.store` says, read from
+/// wherever a job's reference points (a queue may hold both kinds, when
+/// the setting changed).
+#[derive(Clone)]
+pub struct Results {
+    files: FileResults,
+    rows: Arc<dyn ResultRows>,
+    kind: ResultsKind,
+}
+
+impl std::fmt::Debug for Results {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Results")
+            .field("files", &self.files)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl Results {
+    /// Results written to `kind`, in `files` or `rows`.
+    pub fn new(files: FileResults, rows: Arc<dyn ResultRows>, kind: ResultsKind) -> Self {
+        Results { files, rows, kind }
+    }
+
+    /// Where new results go.
+    pub fn kind(&self) -> ResultsKind {
+        self.kind
+    }
+
+    /// The result document at `at`, parsed.
+    pub async fn document(&self, at: &ResultRef) -> std::io::Result<serde_json::Value> {
+        let bytes = self.read(at).await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{at} is not a result document: {e}"),
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl ResultStore for Results {
+    async fn write(&self, id: JobId, doc: Vec<u8>) -> std::io::Result<ResultRef> {
+        match self.kind {
+            ResultsKind::Files => self.files.write(id, doc).await,
+            ResultsKind::Database => {
+                self.rows
+                    .put_result(id, doc)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok(ResultRef::database(id))
+            }
+        }
+    }
+
+    async fn read(&self, at: &ResultRef) -> std::io::Result<Vec<u8>> {
+        match at.database_id() {
+            Some(id) => self
+                .rows
+                .get_result(id)
+                .await
+                .map_err(std::io::Error::other)?
+                .ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no row for {at} in gpu_results"),
+                    )
+                }),
+            None => self.files.read(at).await,
+        }
     }
 }
 
@@ -65,17 +172,20 @@ impl ResultStore for FileResults {
 mod tests {
     use super::*;
 
-    #[test]
-    fn writes_atomically_and_overwrites() {
+    #[tokio::test]
+    async fn writes_atomically_and_overwrites() {
         let dir = tempfile::tempdir().unwrap();
         let r = FileResults::new(&dir.path().join("results")).unwrap();
         let id = JobId([0xab; 16]);
-        let p = r.write(id, b"{\"a\":1}").unwrap();
+        let at = r.write(id, b"{\"a\":1}".to_vec()).await.unwrap();
+        let p = at.as_file().unwrap().to_path_buf();
         assert!(p.starts_with(dir.path().join("results").join("ab")));
-        assert_eq!(r.read(&p).unwrap(), b"{\"a\":1}");
-        assert_eq!(r.write(id, b"{\"a\":2}").unwrap(), p);
-        assert_eq!(r.read(&p).unwrap(), b"{\"a\":2}");
+        assert_eq!(r.read(&at).await.unwrap(), b"{\"a\":1}");
+        assert_eq!(r.write(id, b"{\"a\":2}".to_vec()).await.unwrap(), at);
+        assert_eq!(r.read(&at).await.unwrap(), b"{\"a\":2}");
         let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+        let elsewhere = ResultRef::database(id);
+        assert!(r.read(&elsewhere).await.is_err());
     }
 }

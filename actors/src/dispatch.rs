@@ -600,17 +600,13 @@ impl DispatchState {
                 };
                 let bytes = serde_json::to_vec_pretty(&doc).expect("a result serializes");
                 let id = job.id;
-                let written = tokio::task::spawn_blocking(move || results.write(id, &bytes)).await;
-                match written {
-                    Ok(Ok(result_path)) => Ok(Completion {
+                match results.write(id, bytes).await {
+                    Ok(result_path) => Ok(Completion {
                         result_path,
                         prompt_tokens: out.prompt_tokens,
                         completion_tokens: out.completion_tokens,
                         latency: out.latency,
                     }),
-                    Ok(Err(e)) => Err(InferenceError::Retryable(format!(
-                        "writing the result failed: {e}"
-                    ))),
                     Err(e) => Err(InferenceError::Retryable(format!(
                         "writing the result failed: {e}"
                     ))),

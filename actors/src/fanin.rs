@@ -106,29 +106,27 @@ async fn ask<T: Send + 'static>(
     }
 }
 
-fn read_result(results: &dyn ResultStore, f: &Job) -> Result<JobResult, String> {
+async fn read_result(results: &dyn ResultStore, f: &Job) -> Result<JobResult, String> {
     let index = f.fragment_index.unwrap_or(0);
-    let path = f
+    let at = f
         .result_path
         .clone()
-        .ok_or_else(|| format!("fragment {index} ({}) is done but has no result file", f.id))?;
-    let bytes = results.read(&path).map_err(|e| {
-        format!(
-            "reading the result of fragment {index} ({}): {e}",
-            path.display()
-        )
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "the result of fragment {index} ({}) is not a result document: {e}",
-            path.display()
-        )
-    })
+        .ok_or_else(|| format!("fragment {index} ({}) is done but has no result", f.id))?;
+    let bytes = results
+        .read(&at)
+        .await
+        .map_err(|e| format!("reading the result of fragment {index} ({at}): {e}"))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the result of fragment {index} ({at}) is not a result document: {e}"))
 }
 
 /// The parent's result: its done fragments in order, their texts merged
 /// (text windows without their repeated overlap; tiles by row then column).
-fn merge(parent: &Job, fragments: &[Job], results: &dyn ResultStore) -> Result<JobResult, String> {
+async fn merge(
+    parent: &Job,
+    fragments: &[Job],
+    results: &dyn ResultStore,
+) -> Result<JobResult, String> {
     let mut parts = Vec::with_capacity(fragments.len());
     let mut missing = Vec::new();
     let (mut prompt, mut completion) = (0u64, 0u64);
@@ -142,7 +140,7 @@ fn merge(parent: &Job, fragments: &[Job], results: &dyn ResultStore) -> Result<J
             });
             continue;
         }
-        let doc = read_result(results, f)?;
+        let doc = read_result(results, f).await?;
         prompt += doc.prompt_tokens.unwrap_or(0);
         completion += doc.completion_tokens.unwrap_or(0);
         parts.push((
@@ -201,20 +199,18 @@ impl FanInState {
         if job.status != JobStatus::Done {
             return Ok(());
         }
-        let results = self.args.results.clone();
-        let path = job
+        let at = job
             .result_path
             .clone()
-            .ok_or("the job is done but has no result file")?;
-        let doc = tokio::task::spawn_blocking(move || {
-            let bytes = results
-                .read(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            serde_json::from_slice::<JobResult>(&bytes)
-                .map_err(|e| format!("{} is not a result document: {e}", path.display()))
-        })
-        .await
-        .map_err(|e| format!("reading the result panicked: {e}"))??;
+            .ok_or("the job is done but has no result")?;
+        let bytes = self
+            .args
+            .results
+            .read(&at)
+            .await
+            .map_err(|e| format!("reading {at}: {e}"))?;
+        let doc = serde_json::from_slice::<JobResult>(&bytes)
+            .map_err(|e| format!("{at} is not a result document: {e}"))?;
         let mut follow = NewJob::new(
             next,
             Payload::Inline(serde_json::json!({ "prompt": doc.content }).to_string()),
@@ -294,15 +290,15 @@ impl FanInState {
             }
         } else {
             let results = self.args.results.clone();
-            let merged = tokio::task::spawn_blocking(move || {
-                let doc = merge(&parent, &fragments, results.as_ref())?;
+            let merged = async {
+                let doc = merge(&parent, &fragments, results.as_ref()).await?;
                 let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| e.to_string())?;
                 results
-                    .write(parent.id, &bytes)
+                    .write(parent.id, bytes)
+                    .await
                     .map_err(|e| format!("writing the merged result: {e}"))
-            })
-            .await
-            .map_err(|e| format!("merging panicked: {e}"))?;
+            }
+            .await;
             match merged {
                 Ok(result_path) => ParentOutcome::Done { result_path },
                 Err(error) => ParentOutcome::Failed { error },

@@ -2,7 +2,7 @@
 //! the values that move between the queue and its callers.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -286,7 +286,7 @@ pub struct Job {
     /// The inline payload, when there is no file.
     pub payload_inline: Option<String>,
     /// The result file of a finished job.
-    pub result_path: Option<PathBuf>,
+    pub result_path: Option<ResultRef>,
     /// Why the job failed (or why its last attempt did).
     pub error: Option<String>,
     /// Parent job, for a fragment.
@@ -365,8 +365,8 @@ pub struct ClaimedJob {
 /// A successful attempt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
-    /// The result file, already written.
-    pub result_path: PathBuf,
+    /// Where the result is, already written.
+    pub result_path: ResultRef,
     /// Prompt tokens, when the server reported usage.
     pub prompt_tokens: Option<u64>,
     /// Completion tokens, when the server reported usage.
@@ -473,5 +473,59 @@ impl QueueStats {
             .find(|(m, _)| *m == model)
             .map(|(_, s)| s.clone())
             .unwrap_or_default()
+    }
+}
+
+/// Where a job's result is: opaque to everything but the result stores.
+///
+/// Stored as text in `gpu_jobs.result_path`: a file path (the file store),
+/// or `db:` and the job id in hex (a row of `gpu_results`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ResultRef(String);
+
+impl ResultRef {
+    const DB: &'static str = "db:";
+
+    /// A result file.
+    pub fn file(path: &Path) -> Self {
+        ResultRef(path.to_string_lossy().into_owned())
+    }
+
+    /// The `gpu_results` row of job `id`.
+    pub fn database(id: JobId) -> Self {
+        ResultRef(format!("{}{}", Self::DB, id.to_hex()))
+    }
+
+    /// A reference as stored.
+    pub fn parse(stored: impl Into<String>) -> Self {
+        ResultRef(stored.into())
+    }
+
+    /// The job whose `gpu_results` row this names, for a database reference.
+    pub fn database_id(&self) -> Option<JobId> {
+        self.0.strip_prefix(Self::DB).and_then(|h| h.parse().ok())
+    }
+
+    /// The file this names, for a file reference.
+    pub fn as_file(&self) -> Option<&Path> {
+        (!self.0.starts_with(Self::DB)).then(|| Path::new(&self.0))
+    }
+
+    /// The reference as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ResultRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<PathBuf> for ResultRef {
+    fn from(p: PathBuf) -> Self {
+        ResultRef::file(&p)
     }
 }

@@ -90,9 +90,9 @@ pub use job::{
     ModelStats, ModelType, NewJob, Payload, QueueStats, StatusCounts, Submitted,
 };
 pub use prefix::{ClaimOrder, Grouping};
-pub use results::{FragmentResult, JobResult, ResultStore};
+pub use results::{FragmentResult, JobResult, ResultRef, ResultStore};
 pub use store::{
-    Blocking, BlockingJobStore, JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult,
-    DEFAULT_MAX_ATTEMPTS,
+    Blocking, BlockingJobStore, DaemonInfo, JobStore, ParentOutcome, Settle, Settled, StoreError,
+    StoreResult, DEFAULT_MAX_ATTEMPTS,
 };
 pub use time::{Clock, SystemClock, Timestamp, TokioClock};

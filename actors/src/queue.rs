@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, MessagingErr, RpcReplyPort};
 use tracing::{debug, error, info, warn};
 
 use crate::job::{
@@ -179,6 +179,8 @@ enum Tick {
     Polled(Option<i64>),
     /// Time to reclaim expired leases.
     Reclaim,
+    /// Time to renew this daemon's heartbeat.
+    Heartbeat,
     /// Wake the dispatchers of one model (`None`: all).
     Wake(Option<ModelType>),
     /// The next `run_at` of a model, as read.
@@ -226,6 +228,20 @@ pub struct QueueArgs {
     /// Claims of this owner (and below it) are released at start: a
     /// previous run of this daemon that died without releasing them.
     pub release_on_start: Option<String>,
+    /// This daemon's registration on the queue, renewed every interval
+    /// (each renewal also takes back the claims of daemons gone silent).
+    pub heartbeat: Option<(String, Heartbeat)>,
+}
+
+/// How a daemon tells the other daemons on its queue that it is alive.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    /// How often it says so.
+    pub interval: Duration,
+    /// Silent longer than this, the others take its claims back.
+    pub timeout: Duration,
+    /// What it says of itself (host, pid, version).
+    pub about: serde_json::Value,
 }
 
 /// The QueueActor's state.
@@ -437,6 +453,12 @@ impl Actor for QueueActor {
         args: QueueArgs,
     ) -> Result<QueueState, ActorProcessingErr> {
         let now = args.clock.now();
+        if let Some((daemon, beat)) = &args.heartbeat {
+            args.store
+                .heartbeat(daemon, &beat.about, beat.timeout, now)
+                .await?;
+            myself.send_interval(beat.interval, || tick(Tick::Heartbeat));
+        }
         if let Some(owner) = args.release_on_start.clone() {
             let n = args.store.release_owner(&owner, now).await?;
             if n > 0 {
@@ -491,7 +513,21 @@ impl Actor for QueueActor {
                     // (Its failure never costs the claim, which is committed.)
                     let out = store.claim_with(model, n, lease, &owner, now, &order).await;
                     let short = out.as_ref().is_ok_and(|jobs| jobs.len() < n);
-                    let _ = reply.send(out);
+                    if let Err(MessagingErr::SendErr(Ok(jobs))) = reply.send(out) {
+                        // The claimer stopped waiting (its call timed out
+                        // while the store was slow, or it stopped): give
+                        // the jobs back now, not when their leases end.
+                        let mut back = 0;
+                        for job in &jobs {
+                            if store.release(&job.claim, now).await.is_ok() {
+                                back += 1;
+                            }
+                        }
+                        if back > 0 {
+                            warn!("{back} {model} jobs claimed for {owner} went back to pending: it no longer waited for them");
+                            let _ = me.cast(tick(Tick::Wake(Some(model))));
+                        }
+                    }
                     if short {
                         match store.next_due(model, now).await {
                             Ok(at) => {
@@ -630,6 +666,31 @@ impl Actor for QueueActor {
                             let _ = me.cast(tick(Tick::Wake(None)));
                         }
                         Err(e) => error!("reclaiming expired leases failed: {e}"),
+                    }
+                });
+            }
+            QueueMsg::Internal(Internal(Tick::Heartbeat)) => {
+                let Some((daemon, beat)) = state.args.heartbeat.clone() else {
+                    return Ok(());
+                };
+                let store = store.clone();
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store
+                        .heartbeat(&daemon, &beat.about, beat.timeout, now)
+                        .await
+                    {
+                        warn!("renewing this daemon's heartbeat failed: {e}");
+                        return;
+                    }
+                    // Daemons gone silent: their claims come back now,
+                    // not when their leases end.
+                    match store.reclaim_expired(now).await {
+                        Ok(0) => {}
+                        Ok(_) => {
+                            let _ = me.cast(tick(Tick::Wake(None)));
+                        }
+                        Err(e) => error!("taking back the claims of silent daemons failed: {e}"),
                     }
                 });
             }

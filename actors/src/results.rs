@@ -4,12 +4,18 @@
 //! temporary file and renames it), before the job is marked `done`; so a
 //! `done` job always has a whole result, and a crash between the two leaves
 //! a job that is simply run again.
+//!
+//! A job records where its result is as a [`ResultRef`]: a file path for
+//! the file store, `db:<id>` for a row of `gpu_results` in the job
+//! database (the database store, which every host sharing a PostgreSQL
+//! queue can read). Readers never build a path themselves; they hand the
+//! reference to a [`ResultStore`].
 
-use std::path::{Path, PathBuf};
-
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::fragment::Tile;
+pub use crate::job::ResultRef;
 use crate::job::{JobId, ModelType};
 
 /// The document written for a finished job.
@@ -49,8 +55,8 @@ pub struct FragmentResult {
     pub index: u32,
     /// The fragment job.
     pub id: JobId,
-    /// Its result file.
-    pub result_path: PathBuf,
+    /// Where its result is.
+    pub result_path: ResultRef,
     /// Its answer's text.
     pub content: String,
     /// For a text window: its tokens, `[start, end)`.
@@ -73,10 +79,12 @@ pub struct MissingFragment {
 }
 
 /// Keeps result documents.
+#[async_trait]
 pub trait ResultStore: Send + Sync + 'static {
     /// Writes `doc` as the result of job `id`, atomically; returns where.
-    fn write(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf>;
+    async fn write(&self, id: JobId, doc: Vec<u8>) -> std::io::Result<ResultRef>;
 
-    /// Reads a result written by `write`.
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>>;
+    /// Reads a result written by `write` (by this store or any other kind:
+    /// a reader is handed whatever reference the job carries).
+    async fn read(&self, at: &ResultRef) -> std::io::Result<Vec<u8>>;
 }

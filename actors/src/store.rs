@@ -13,7 +13,6 @@
 //! Everything above the adapters (the actors, the CLI, the MCP server, the
 //! admin endpoint, the demo) holds an `Arc<dyn JobStore>`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -239,6 +238,33 @@ pub trait JobStore: Send + Sync + 'static {
     /// Up to `limit` ids whose hex digits start with `prefix` (lower case).
     async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
 
+    /// Says that daemon `daemon` is alive: registers it, or renews its
+    /// heartbeat. Silent for longer than `timeout`, it is taken for dead,
+    /// and [`reclaim_expired`](JobStore::reclaim_expired), run by any
+    /// daemon, returns its claims (and those of its dispatchers,
+    /// `DAEMON/...`) to `pending` without waiting for their leases.
+    /// `about` is what it says of itself (host, pid, version), shown by
+    /// [`daemons`](JobStore::daemons).
+    async fn heartbeat(
+        &self,
+        daemon: &str,
+        about: &serde_json::Value,
+        timeout: Duration,
+        now: Timestamp,
+    ) -> StoreResult<()>;
+
+    /// Removes daemon `daemon` from the registry (it stops cleanly).
+    async fn sign_off(&self, daemon: &str) -> StoreResult<()>;
+
+    /// The daemons registered, by id.
+    async fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>>;
+
+    /// Why the store cannot be reached right now (its connection is lost
+    /// and being re-made), or `None` when it can. Cheap: no I/O.
+    fn connection_problem(&self) -> Option<String> {
+        None
+    }
+
     /// A job id, or a unique prefix of at least 4 hex digits, as a user
     /// types it; the error says what to give instead.
     async fn resolve(&self, text: &str) -> StoreResult<JobId> {
@@ -378,6 +404,49 @@ pub trait BlockingJobStore: Send + Sync + 'static {
 
     /// See [`JobStore::ids_with_prefix`].
     fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
+
+    /// See [`JobStore::heartbeat`].
+    fn heartbeat(
+        &self,
+        daemon: &str,
+        about: &serde_json::Value,
+        timeout: Duration,
+        now: Timestamp,
+    ) -> StoreResult<()>;
+
+    /// See [`JobStore::sign_off`].
+    fn sign_off(&self, daemon: &str) -> StoreResult<()>;
+
+    /// See [`JobStore::daemons`].
+    fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>>;
+}
+
+/// A daemon registered on a queue.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DaemonInfo {
+    /// Its `queue.daemon_id`.
+    pub daemon_id: String,
+    /// What it says of itself (host, pid, version).
+    pub about: serde_json::Value,
+    /// When it registered.
+    pub started_at: Timestamp,
+    /// How long ago its last heartbeat was, by the store's clock.
+    #[serde(serialize_with = "secs")]
+    pub heartbeat_age: Duration,
+    /// Silent longer than this, it is taken for dead.
+    #[serde(serialize_with = "secs")]
+    pub timeout: Duration,
+}
+
+impl DaemonInfo {
+    /// Whether its heartbeat is recent enough.
+    pub fn alive(&self) -> bool {
+        self.heartbeat_age <= self.timeout
+    }
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
 /// A [`BlockingJobStore`] as a [`JobStore`]: every call runs on one of
@@ -540,6 +609,27 @@ impl<S: BlockingJobStore> JobStore for Blocking<S> {
         let prefix = prefix.to_string();
         self.run(move |s| s.ids_with_prefix(&prefix, limit)).await
     }
+
+    async fn heartbeat(
+        &self,
+        daemon: &str,
+        about: &serde_json::Value,
+        timeout: Duration,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let (daemon, about) = (daemon.to_string(), about.clone());
+        self.run(move |s| s.heartbeat(&daemon, &about, timeout, now))
+            .await
+    }
+
+    async fn sign_off(&self, daemon: &str) -> StoreResult<()> {
+        let daemon = daemon.to_string();
+        self.run(move |s| s.sign_off(&daemon)).await
+    }
+
+    async fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>> {
+        self.run(move |s| s.daemons(now)).await
+    }
 }
 
 /// The error of a job quarantined as a poison job.
@@ -588,7 +678,7 @@ pub enum ParentOutcome {
     /// Every fragment (or enough of them) succeeded; the merged result is here.
     Done {
         /// The merged result file.
-        result_path: PathBuf,
+        result_path: crate::results::ResultRef,
     },
     /// Fragments failed; `error` names them.
     Failed {

@@ -198,6 +198,8 @@ pub struct PipelineSettings {
     pub thermal_window_factor: f64,
     /// The allocator's settings; `None` keeps every instance as configured.
     pub allocator: Option<AllocatorSettings>,
+    /// This daemon's heartbeat on its queue; `None`: it does not register.
+    pub heartbeat: Option<crate::queue::Heartbeat>,
 }
 
 impl Default for PipelineSettings {
@@ -231,6 +233,7 @@ impl Default for PipelineSettings {
             },
             thermal_window_factor: 0.5,
             allocator: None,
+            heartbeat: None,
         }
     }
 }
@@ -318,6 +321,7 @@ impl FeederState {
                     // Only the first start releases a previous run's claims:
                     // a restarted queue actor must not release live ones.
                     release_on_start: self.first_queue_start.then(|| self.args.owner.clone()),
+                    heartbeat: s.heartbeat.clone().map(|b| (self.args.owner.clone(), b)),
                 };
                 self.first_queue_start = false;
                 let (a, _) = QueueActor::spawn_linked(None, QueueActor, args, cell).await?;

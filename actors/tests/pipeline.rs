@@ -131,6 +131,7 @@ async fn spawn_queue(store: &MemoryStore) -> ActorRef<QueueMsg> {
         reclaim_interval: Duration::from_secs(30),
         poll_interval: Duration::from_millis(200),
         release_on_start: None,
+        heartbeat: None,
     };
     Actor::spawn(None, QueueActor, args)
         .await
@@ -217,7 +218,7 @@ async fn the_window_stays_full_and_refills_one_slot_at_a_time() {
     for j in p.store.all() {
         let doc = p
             .results
-            .doc(j.result_path.as_deref().unwrap())
+            .doc(j.result_path.as_ref().unwrap())
             .expect("result written");
         assert_eq!(doc["content"], format!("echo {}", j.id));
     }
@@ -460,7 +461,7 @@ async fn the_queue_actor_claims_settles_and_releases() {
     let claimed = claim_through(&queue, ModelType::Vision, 3).await;
     assert_eq!(claimed.len(), 3);
     let done = Completion {
-        result_path: "/results/a.json".into(),
+        result_path: feeder_actors::ResultRef::file(std::path::Path::new("/results/a.json")),
         prompt_tokens: None,
         completion_tokens: None,
         latency: Duration::from_millis(5),
@@ -592,7 +593,8 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
             response: None,
         };
         let path = results
-            .write(c.job.id, &serde_json::to_vec(&doc).unwrap())
+            .write(c.job.id, serde_json::to_vec(&doc).unwrap())
+            .await
             .unwrap();
         let done = Completion {
             result_path: path,
@@ -620,7 +622,7 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     // The 4 fragment results written above, and one merged result: a second
     // fan-in of the same parent would write it again.
     assert_eq!(results.writes(), 5, "the merged result was written once");
-    let merged = results.doc(p.result_path.as_deref().unwrap()).unwrap();
+    let merged = results.doc(p.result_path.as_ref().unwrap()).unwrap();
     assert_eq!(merged["content"], "part 0\npart 1\npart 2\npart 3");
     let order: Vec<u64> = merged["fragments"]
         .as_array()
@@ -754,7 +756,7 @@ async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
                 .unwrap()
                 .unwrap()
                 .result_path
-                .as_deref()
+                .as_ref()
                 .unwrap(),
         )
         .unwrap();
@@ -844,7 +846,7 @@ async fn fan_in_under_concurrent_completions_finishes_each_parent_once() {
     );
     for parent in &parents {
         let job = p.store.get(*parent).unwrap().unwrap();
-        let merged = p.results.doc(job.result_path.as_deref().unwrap()).unwrap();
+        let merged = p.results.doc(job.result_path.as_ref().unwrap()).unwrap();
         let mut frags = p.store.fragments(*parent).unwrap();
         frags.sort_by_key(|f| f.fragment_index);
         let expected: Vec<String> = frags.iter().map(|f| format!("echo {}", f.id)).collect();
@@ -939,7 +941,7 @@ async fn the_queue_publishes_finished_fragments_and_follow_ups_only() {
     assert_eq!(claimed.len(), 3);
     for c in &claimed {
         let done = Completion {
-            result_path: format!("/results/{}.json", c.job.id).into(),
+            result_path: feeder_actors::ResultRef::parse(format!("/results/{}.json", c.job.id)),
             prompt_tokens: None,
             completion_tokens: None,
             latency: Duration::from_millis(5),

@@ -9,55 +9,83 @@ use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, Timestamp
 
 use super::output;
 use super::{Context, SubmitArgs};
-use crate::store::latest_version;
 use crate::submit::{Submission, Submitter};
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
 }
 
-pub(super) fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
+pub(super) async fn migrate(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     ctx.config.create_state_dirs(&ctx.config_path)?;
-    let path = &ctx.config.queue.db_path;
-    let report =
-        crate::store::migrate(path).with_context(|| format!("migrating {}", path.display()))?;
+    let queue = &ctx.config.queue;
+    let place = queue.location();
+    let report = crate::store::migrate_queue(queue)
+        .await
+        .with_context(|| format!("migrating {place}"))?;
     if json {
-        print_json(&json!({
-            "db_path": path,
+        let mut v = json!({
             "from_version": report.from,
             "version": report.to,
             "applied": report.applied,
             "adopted": report.adopted,
-        }));
+        });
+        match &queue.database_url {
+            Some(_) => v["database_url"] = json!(place),
+            None => v["db_path"] = json!(queue.db_path),
+        }
+        print_json(&v);
     } else {
         if !report.adopted.is_empty() {
             println!(
-                "{}: found a schema made without gpu-feeder at {}; recorded it as applied",
-                path.display(),
+                "{place}: found a schema made without gpu-feeder at {}; recorded it as applied",
                 report.adopted.join(", ")
             );
         }
-        print_migrated(path, &report);
+        if report.applied.is_empty() {
+            println!("{place}: up to date (schema version {})", report.to);
+        } else {
+            println!(
+                "{place}: schema version {} → {} (applied {})",
+                report.from,
+                report.to,
+                report.applied.join(", ")
+            );
+        }
     }
     Ok(0)
 }
 
-fn print_migrated(path: &std::path::Path, report: &crate::store::MigrationReport) {
-    if report.applied.is_empty() {
-        println!(
-            "{}: up to date (schema version {})",
-            path.display(),
-            latest_version()
+/// `gpu-feeder result JOB`: the job's result document (from a file or the
+/// database, wherever the job says), or its answer's text alone.
+pub(super) async fn result(ctx: &Context, job: &str, text: bool) -> anyhow::Result<i32> {
+    let queue = ctx.open_queue().await?;
+    let id = queue.jobs.resolve(job).await?;
+    let job = queue
+        .jobs
+        .get(id)
+        .await?
+        .with_context(|| format!("no job {id}: check the id with `gpu-feeder list`"))?;
+    let Some(at) = &job.result_path else {
+        anyhow::bail!(
+            "job {id} is {} and has no result yet{}",
+            job.status,
+            match &job.error {
+                Some(e) => format!(" (its error: {e})"),
+                None => String::new(),
+            }
         );
+    };
+    let doc = queue
+        .results
+        .document(at)
+        .await
+        .with_context(|| format!("reading the result of job {id} ({at})"))?;
+    if text {
+        println!("{}", doc["content"].as_str().unwrap_or_default());
     } else {
-        println!(
-            "{}: schema version {} → {} (applied {})",
-            path.display(),
-            report.from,
-            report.to,
-            report.applied.join(", ")
-        );
+        print_json(&doc);
     }
+    Ok(0)
 }
 
 pub(super) async fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i32> {

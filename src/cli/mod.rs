@@ -31,8 +31,9 @@ pub struct Cli {
     /// Configuration file [default: $FEEDER_CONFIG, else ./feeder.toml]
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Job database; overrides queue.db_path
-    #[arg(long, global = true, value_name = "PATH")]
+    /// Job queue: a SQLite file (overrides queue.db_path) or a
+    /// postgresql:// URL (overrides queue.database_url and $FEEDER_DATABASE_URL)
+    #[arg(long, global = true, value_name = "PATH|URL")]
     pub db: Option<PathBuf>,
     /// Log format on stderr: auto, human or json; overrides logging.format
     #[arg(long, global = true, value_name = "FORMAT", value_parser = parse_log_format)]
@@ -72,6 +73,14 @@ pub enum Command {
     Schema,
     /// Queue a job (or many, with --jsonl)
     Submit(SubmitArgs),
+    /// Print a job's result document (from its file or the database)
+    Result {
+        /// Job id (or a unique prefix of at least 4 hex digits)
+        job: String,
+        /// Print only the answer's text
+        #[arg(long)]
+        text: bool,
+    },
     /// Show one job
     Status {
         /// Job id (or a unique prefix of at least 4 hex digits)
@@ -254,8 +263,24 @@ impl Context {
             ConfigSource::Default(p) if !p.exists() => Config::default(),
             _ => Config::load(&path)?,
         };
+        if let Ok(url) = std::env::var("FEEDER_DATABASE_URL") {
+            if !url.trim().is_empty() {
+                config.queue.database_url = Some(url.trim().to_string());
+            }
+        }
         if let Some(db) = db {
-            config.queue.db_path = db.to_path_buf();
+            match db.to_str().filter(|s| crate::store::pg::is_url(s)) {
+                Some(url) => config.queue.database_url = Some(url.to_string()),
+                None => {
+                    config.queue.db_path = db.to_path_buf();
+                    config.queue.database_url = None;
+                }
+            }
+        }
+        if let Some(url) = &config.queue.database_url {
+            if let Err(e) = crate::store::pg::parse_url(url) {
+                return Err(ConfigError::single(&path, "queue.database_url", None, e));
+            }
         }
         Ok(Context {
             config,
@@ -263,10 +288,16 @@ impl Context {
         })
     }
 
+    /// Opens the queue with its results, creating the state folders first.
+    pub async fn open_queue(&self) -> anyhow::Result<crate::store::Opened> {
+        self.config.create_state_dirs(&self.config_path)?;
+        crate::store::open(&self.config, crate::store::pg::Patience::FailFast).await
+    }
+
     /// Opens the job store, creating the state folders first.
     pub async fn open_store(&self) -> anyhow::Result<Arc<dyn JobStore>> {
         self.config.create_state_dirs(&self.config_path)?;
-        crate::store::connect(&self.config.queue).await
+        crate::store::connect(&self.config.queue, crate::store::pg::Patience::FailFast).await
     }
 }
 
@@ -312,12 +343,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Some(cli.log_format.unwrap_or(LogFormat::Human)),
             );
             runtime()?.block_on(async {
-                let store = ctx.open_store().await?;
-                crate::mcp::serve(store, ctx.config, ctx.config_path).await?;
+                let queue = ctx.open_queue().await?;
+                crate::mcp::serve(queue, ctx.config, ctx.config_path).await?;
                 Ok(0)
             })
         }
-        Command::Migrate { json } => jobs::migrate(&ctx, json),
+        Command::Migrate { json } => runtime()?.block_on(jobs::migrate(&ctx, json)),
+        Command::Result { job, text } => runtime()?.block_on(jobs::result(&ctx, &job, text)),
         Command::Submit(args) => runtime()?.block_on(jobs::submit(&ctx, args)),
         Command::Status { job, json } => runtime()?.block_on(jobs::status(&ctx, &job, json)),
         Command::List {

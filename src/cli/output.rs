@@ -100,7 +100,7 @@ pub fn job_human(job: &Job, now: Timestamp) -> String {
         }
     }
     if let Some(r) = &job.result_path {
-        line("result", r.display().to_string());
+        line("result", r.to_string());
     }
     if let Some(e) = &job.error {
         line("error", e.clone());
@@ -157,7 +157,7 @@ pub fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
     );
     for j in jobs {
         let detail = match (&j.result_path, &j.error, j.total_fragments, j.parent_id) {
-            (Some(r), _, _, _) => r.display().to_string(),
+            (Some(r), _, _, _) => r.to_string(),
             (None, Some(e), _, _) => clip(e, 60),
             (None, None, Some(n), None) => format!("parent of {n} fragments"),
             _ => String::new(),

@@ -72,6 +72,35 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         1,
         3_600,
     );
+    c.range_u64(&[key("queue"), key("heartbeat_s")], q.heartbeat_s, 1, 600);
+    c.range_u64(
+        &[key("queue"), key("heartbeat_timeout_s")],
+        q.heartbeat_timeout_s,
+        2,
+        3_600,
+    );
+    if q.heartbeat_timeout_s <= q.heartbeat_s.saturating_mul(2) {
+        c.at(
+            &[key("queue"), key("heartbeat_timeout_s")],
+            format!(
+                "is {} s, not more than two heartbeats (queue.heartbeat_s = {} s): a daemon that is only slow would be taken for dead; make it at least three heartbeats",
+                q.heartbeat_timeout_s, q.heartbeat_s
+            ),
+        );
+    }
+    if let Some(url) = &q.database_url {
+        if let Err(e) = crate::store::pg::parse_url(url) {
+            c.at(&[key("queue"), key("database_url")], e);
+        }
+    }
+    if let Some(id) = &q.daemon_id {
+        if id.is_empty() || id.len() > 200 || id.contains('/') || id.chars().any(char::is_control) {
+            c.at(
+                &[key("queue"), key("daemon_id")],
+                format!("is {id:?}: give a name of 1 to 200 characters without `/` (claims are named `DAEMON/instance/n`), unique among the daemons on this queue"),
+            );
+        }
+    }
     if q.payload_roots.as_ref().is_some_and(|r| r.is_empty()) {
         c.at(
             &[key("queue"), key("payload_roots")],

@@ -45,6 +45,8 @@ pub struct Config {
     pub chunk: ChunkConfig,
     /// Log level and format.
     pub logging: LoggingConfig,
+    /// Where result documents are kept.
+    pub results: ResultsConfig,
     /// The model servers.
     pub instances: Vec<InstanceConfig>,
 }
@@ -55,6 +57,18 @@ pub struct Config {
 pub struct QueueConfig {
     /// The SQLite database file (`--db` overrides it).
     pub db_path: PathBuf,
+    /// A PostgreSQL queue shared by several daemons, instead of `db_path`
+    /// (`postgresql://user@host:5432/db`; `--db URL` and
+    /// `$FEEDER_DATABASE_URL` override it).
+    pub database_url: Option<String>,
+    /// This daemon's name on a shared queue, unique among the daemons that
+    /// use it (claims carry it); `gpu-feeder@<hostname>` when unset.
+    pub daemon_id: Option<String>,
+    /// How often a daemon says it is alive on a PostgreSQL queue.
+    pub heartbeat_s: u64,
+    /// A daemon silent for this long is taken for dead: the others take
+    /// its claims back without waiting for their leases.
+    pub heartbeat_timeout_s: u64,
     /// Where result files are written.
     pub results_dir: PathBuf,
     /// Where generated payloads and image tiles are written.
@@ -74,10 +88,58 @@ impl Default for QueueConfig {
             db_path: "/var/lib/gpu-feeder/jobs.db".into(),
             results_dir: "/var/lib/gpu-feeder/results".into(),
             stage_dir: "/var/lib/gpu-feeder/stage".into(),
+            database_url: None,
+            daemon_id: None,
             payload_roots: None,
             lease_s: 300,
             reclaim_interval_s: 30,
+            heartbeat_s: 5,
+            heartbeat_timeout_s: 30,
         }
+    }
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `[results]`
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResultsConfig {
+    /// `files` (one JSON file per job under `queue.results_dir`) or
+    /// `database` (a row of `gpu_results` in the job database, readable by
+    /// every host that shares it). Unset: `database` with PostgreSQL,
+    /// `files` with SQLite.
+    pub store: Option<ResultsKind>,
+}
+
+/// Where result documents go.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultsKind {
+    /// One file per job under `queue.results_dir`.
+    Files,
+    /// A row per job in the job database.
+    Database,
+}
+
+impl Config {
+    /// Where results go, with the default for the queue's database filled in.
+    pub fn results_kind(&self) -> ResultsKind {
+        self.results
+            .store
+            .unwrap_or(if self.queue.database_url.is_some() {
+                ResultsKind::Database
+            } else {
+                ResultsKind::Files
+            })
     }
 }
 
@@ -87,6 +149,22 @@ impl QueueConfig {
         self.payload_roots
             .clone()
             .unwrap_or_else(|| vec![self.stage_dir.clone()])
+    }
+
+    /// This daemon's name on the queue (`daemon_id`, or `gpu-feeder@<hostname>`).
+    pub fn owner(&self) -> String {
+        self.daemon_id
+            .clone()
+            .unwrap_or_else(|| format!("gpu-feeder@{}", hostname()))
+    }
+
+    /// Where the queue is, for messages: the PostgreSQL server (without
+    /// its password) or the SQLite file.
+    pub fn location(&self) -> String {
+        match &self.database_url {
+            Some(url) => crate::store::pg::redact(url),
+            None => self.db_path.display().to_string(),
+        }
     }
 
     /// The lease as a duration.
@@ -728,7 +806,12 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    fn single(path: &Path, key: &str, line: Option<usize>, message: impl Into<String>) -> Self {
+    pub(crate) fn single(
+        path: &Path,
+        key: &str,
+        line: Option<usize>,
+        message: impl Into<String>,
+    ) -> Self {
         ConfigError {
             path: path.to_path_buf(),
             problems: vec![Problem {

@@ -65,6 +65,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "prefix",
         sql: include_str!("../../migrations/0006_prefix.sql"),
     },
+    Migration {
+        version: 7,
+        name: "daemons_results",
+        sql: include_str!("../../migrations/0007_daemons_results.sql"),
+    },
 ];
 
 /// The newest schema version this build knows.

@@ -6,6 +6,7 @@
 //! `src/store/sql/`, one file each.
 
 pub mod migrate;
+pub mod pg;
 mod rows;
 
 use std::collections::HashMap;
@@ -18,9 +19,10 @@ use rusqlite::{named_params, Connection, OptionalExtension, Transaction, Transac
 
 use anyhow::Context as _;
 use feeder_actors::{
-    Blocking, BlockingJobStore, Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId,
-    JobStatus, JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats,
-    Settle, Settled, StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
+    Blocking, BlockingJobStore, Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure,
+    Job, JobId, JobStatus, JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome,
+    QueueStats, Settle, Settled, StoreError, StoreResult, Submitted, Timestamp,
+    DEFAULT_MAX_ATTEMPTS,
 };
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder, Grouping};
@@ -43,26 +45,121 @@ const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
 const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
 const PENDING_FOLLOW_UPS: &str = include_str!("sql/pending_follow_ups.sql");
 const NEXT_DUE: &str = include_str!("sql/next_due.sql");
+const HEARTBEAT: &str = include_str!("sql/heartbeat.sql");
 
-/// Opens the job queue that `queue` names, creating and migrating it, as
-/// the port everything above the adapters holds. The one place that
-/// chooses an adapter (the composition root): the daemon, the CLI, the MCP
-/// server and the demo all open their store here.
-pub async fn connect(queue: &crate::config::QueueConfig) -> anyhow::Result<Arc<dyn JobStore>> {
+/// Opens the job queue that `queue` names (`database_url`, or the SQLite
+/// file at `db_path`), creating and migrating it, as the port everything
+/// above the adapters holds. The one place that chooses an adapter (the
+/// composition root): the daemon, the CLI, the MCP server and the demo all
+/// open their store here. `patience` says what a PostgreSQL store does
+/// when it loses its server: wait for it (the daemon) or fail (the CLI).
+pub async fn connect(
+    queue: &crate::config::QueueConfig,
+    patience: pg::Patience,
+) -> anyhow::Result<Arc<dyn JobStore>> {
+    Ok(open_queue(queue, patience).await?.0)
+}
+
+/// The job store and the result rows of one queue.
+async fn open_queue(
+    queue: &crate::config::QueueConfig,
+    patience: pg::Patience,
+) -> anyhow::Result<(Arc<dyn JobStore>, Arc<dyn crate::results::ResultRows>)> {
+    if let Some(url) = &queue.database_url {
+        let store = Arc::new(pg::PgStore::connect(url, pg::Clock::Database, patience).await?);
+        return Ok((store.clone(), store));
+    }
     let path = queue.db_path.clone();
-    let store = tokio::task::spawn_blocking(move || {
-        SqliteStore::open(&path)
-            .with_context(|| format!("opening the job database {}", path.display()))
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || {
+            SqliteStore::open(&path)
+                .with_context(|| format!("opening the job database {}", path.display()))
+        })
+        .await
+        .context("opening the job database panicked")??,
+    );
+    Ok((Blocking::port(store.clone()), Arc::new(SqliteRows(store))))
+}
+
+/// A queue opened: its jobs, and its results (written where
+/// `results.store` says, read from wherever a job points).
+#[derive(Clone)]
+pub struct Opened {
+    /// The job store.
+    pub jobs: Arc<dyn JobStore>,
+    /// The result documents.
+    pub results: Arc<crate::results::Results>,
+}
+
+/// Opens the queue of `config` with its results (see [`connect`]).
+pub async fn open(
+    config: &crate::config::Config,
+    patience: pg::Patience,
+) -> anyhow::Result<Opened> {
+    let (jobs, rows) = open_queue(&config.queue, patience).await?;
+    let dir = &config.queue.results_dir;
+    let files = crate::results::FileResults::new(dir)
+        .with_context(|| format!("creating queue.results_dir {}", dir.display()))?;
+    Ok(Opened {
+        jobs,
+        results: Arc::new(crate::results::Results::new(
+            files,
+            rows,
+            config.results_kind(),
+        )),
     })
-    .await
-    .context("opening the job database panicked")??;
-    Ok(Blocking::port(Arc::new(store)))
+}
+
+/// Creates or migrates the queue `queue` names and says what it did
+/// (`gpu-feeder migrate`).
+pub async fn migrate_queue(queue: &crate::config::QueueConfig) -> StoreResult<MigrationReport> {
+    match &queue.database_url {
+        Some(url) => {
+            pg::PgStore::connect_with_report(url, pg::Clock::Database, pg::Patience::FailFast)
+                .await
+                .map(|(_, report)| report)
+        }
+        None => {
+            let path = queue.db_path.clone();
+            tokio::task::spawn_blocking(move || migrate(&path))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Backend(format!("migrating panicked: {e}"))))
+        }
+    }
 }
 
 /// Creates or migrates the database at `path` and says what it did
 /// (`gpu-feeder migrate`).
 pub fn migrate(path: &Path) -> StoreResult<MigrationReport> {
     SqliteStore::open_with_report(path).map(|(_, report)| report)
+}
+
+/// The result rows of a SQLite queue, on a connection of their own.
+struct SqliteRows(Arc<SqliteStore>);
+
+#[async_trait::async_trait]
+impl crate::results::ResultRows for SqliteRows {
+    async fn put_result(&self, id: JobId, doc: Vec<u8>) -> StoreResult<()> {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || store.put_result(id, &doc, Timestamp::now()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Backend(format!(
+                    "writing a result panicked: {e}"
+                )))
+            })
+    }
+
+    async fn get_result(&self, id: JobId) -> StoreResult<Option<Vec<u8>>> {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || store.get_result(id))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Backend(format!(
+                    "reading a result panicked: {e}"
+                )))
+            })
+    }
 }
 
 const SELECT_JOB: &str = "SELECT rowid AS seq, * FROM gpu_jobs";
@@ -384,7 +481,7 @@ fn complete_in(
         .execute(named_params! {
             ":id": claim.job_id.0,
             ":claim_id": claim.claim_id,
-            ":result_path": done.result_path.to_string_lossy(),
+            ":result_path": done.result_path.as_str(),
             ":prompt_tokens": done.prompt_tokens.map(|t| t as i64),
             ":completion_tokens": done.completion_tokens.map(|t| t as i64),
             ":latency_ms": done.latency.as_millis() as i64,
@@ -675,11 +772,37 @@ impl BlockingJobStore for SqliteStore {
 
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
         self.write(|tx| {
-            let n = tx
+            let mut n = tx
                 .prepare_cached(RECLAIM)
                 .db()?
                 .execute(named_params! { ":now": secs(now) })
                 .db()?;
+            // Daemons silent past their timeout: their claims go back.
+            let dead: Vec<(String, f64)> = tx
+                .prepare_cached(
+                    "DELETE FROM gpu_daemons WHERE heartbeat_at < :now - timeout_s \
+                     RETURNING daemon_id, :now - heartbeat_at",
+                )
+                .db()?
+                .query_map(named_params! { ":now": secs(now) }, |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .db()?
+                .collect::<Result<_, _>>()
+                .db()?;
+            for (daemon, silent) in dead {
+                let taken = tx
+                    .prepare_cached(RELEASE_OWNER)
+                    .db()?
+                    .execute(named_params! { ":owner": daemon, ":now": secs(now) })
+                    .db()?;
+                if taken > 0 {
+                    tracing::warn!(
+                        "daemon {daemon} has been silent for {silent:.1} s, past its heartbeat timeout: its {taken} claims go back to pending"
+                    );
+                }
+                n += taken;
+            }
             Ok(n as u64)
         })
     }
@@ -853,7 +976,7 @@ impl BlockingJobStore for SqliteStore {
         let (status, result_path, error) = match outcome {
             ParentOutcome::Done { result_path } => (
                 JobStatus::Done,
-                Some(result_path.to_string_lossy().into_owned()),
+                Some(result_path.as_str().to_string()),
                 None,
             ),
             ParentOutcome::Failed { error } => (JobStatus::Failed, None, Some(error)),
@@ -880,5 +1003,93 @@ impl BlockingJobStore for SqliteStore {
 
     fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
         self.ids(PENDING_FOLLOW_UPS, limit)
+    }
+
+    fn heartbeat(
+        &self,
+        daemon: &str,
+        about: &serde_json::Value,
+        timeout: Duration,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached(HEARTBEAT)
+                .db()?
+                .execute(named_params! {
+                    ":daemon": daemon,
+                    ":about": about.to_string(),
+                    ":timeout": timeout.as_secs_f64(),
+                    ":now": secs(now),
+                })
+                .db()?;
+            Ok(())
+        })
+    }
+
+    fn sign_off(&self, daemon: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM gpu_daemons WHERE daemon_id = ?1", [daemon])
+                .db()?;
+            Ok(())
+        })
+    }
+
+    fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT daemon_id, about, started_at, heartbeat_at, timeout_s \
+                 FROM gpu_daemons ORDER BY daemon_id",
+            )
+            .db()?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, f64>(2)?,
+                    r.get::<_, f64>(3)?,
+                    r.get::<_, f64>(4)?,
+                ))
+            })
+            .db()?
+            .collect::<Result<Vec<_>, _>>()
+            .db()?;
+        Ok(rows
+            .into_iter()
+            .map(|(daemon_id, about, started, beat, timeout)| DaemonInfo {
+                daemon_id,
+                about: serde_json::from_str(&about).unwrap_or(serde_json::Value::Null),
+                started_at: Timestamp::from_secs_f64(started),
+                heartbeat_age: now.since(Timestamp::from_secs_f64(beat)),
+                timeout: Duration::from_secs_f64(timeout.max(0.0)),
+            })
+            .collect())
+    }
+}
+
+impl SqliteStore {
+    /// Writes the result document of job `id` into `gpu_results`.
+    pub fn put_result(&self, id: JobId, doc: &[u8], now: Timestamp) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO gpu_results (id, doc, written_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, written_at = excluded.written_at",
+            )
+            .db()?
+            .execute(rusqlite::params![id.0, doc, secs(now)])
+            .db()?;
+            Ok(())
+        })
+    }
+
+    /// The result document of job `id` in `gpu_results`, if there is one.
+    pub fn get_result(&self, id: JobId) -> StoreResult<Option<Vec<u8>>> {
+        self.lock()
+            .query_row("SELECT doc FROM gpu_results WHERE id = ?1", [id.0], |r| {
+                r.get(0)
+            })
+            .optional()
+            .db()
     }
 }

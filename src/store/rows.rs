@@ -96,7 +96,8 @@ pub(crate) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<StoreResult<Job>> {
             payload_sha256: col(r, "payload_sha256", row)?,
             payload_path: col::<Option<String>>(r, "payload_path", row)?.map(PathBuf::from),
             payload_inline: col(r, "payload_inline", row)?,
-            result_path: col::<Option<String>>(r, "result_path", row)?.map(PathBuf::from),
+            result_path: col::<Option<String>>(r, "result_path", row)?
+                .map(feeder_actors::ResultRef::parse),
             error: col(r, "error", row)?,
             parent_id: id_of(col(r, "parent_id", row)?, "parent_id", row)?,
             fragment_index: col(r, "fragment_index", row)?,

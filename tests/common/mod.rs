@@ -5,6 +5,7 @@
 
 pub mod docker;
 pub mod openai_like;
+pub mod pg;
 pub mod sim;
 
 use std::path::{Path, PathBuf};

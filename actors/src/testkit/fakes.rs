@@ -2,7 +2,7 @@
 //! recording stand-in actor.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::inference::{InferenceClient, InferenceError, InferenceOutput, ProbeError};
 use crate::job::{Job, JobId};
-use crate::results::ResultStore;
+use crate::results::{ResultRef, ResultStore};
 
 /// A scripted model server.
 ///
@@ -301,7 +301,7 @@ impl InferenceClient for FakeInference {
 /// Result documents kept in memory, at paths `/results/<id>.json`.
 #[derive(Clone, Default)]
 pub struct MemoryResults {
-    docs: Arc<Mutex<HashMap<PathBuf, Vec<u8>>>>,
+    docs: Arc<Mutex<HashMap<ResultRef, Vec<u8>>>>,
     writes: Arc<AtomicUsize>,
 }
 
@@ -312,9 +312,9 @@ impl MemoryResults {
     }
 
     /// The document at `path`, parsed.
-    pub fn doc(&self, path: &Path) -> Option<serde_json::Value> {
+    pub fn doc(&self, at: &ResultRef) -> Option<serde_json::Value> {
         let docs = self.docs.lock().unwrap();
-        docs.get(path)
+        docs.get(at)
             .map(|b| serde_json::from_slice(b).expect("JSON result"))
     }
 
@@ -324,19 +324,20 @@ impl MemoryResults {
     }
 }
 
+#[async_trait::async_trait]
 impl ResultStore for MemoryResults {
-    fn write(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
-        let path = PathBuf::from(format!("/results/{id}.json"));
-        self.docs.lock().unwrap().insert(path.clone(), doc.to_vec());
+    async fn write(&self, id: JobId, doc: Vec<u8>) -> std::io::Result<ResultRef> {
+        let at = ResultRef::file(Path::new(&format!("/results/{id}.json")));
+        self.docs.lock().unwrap().insert(at.clone(), doc);
         self.writes.fetch_add(1, Ordering::SeqCst);
-        Ok(path)
+        Ok(at)
     }
 
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+    async fn read(&self, at: &ResultRef) -> std::io::Result<Vec<u8>> {
         self.docs
             .lock()
             .unwrap()
-            .get(path)
+            .get(at)
             .cloned()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such result"))
     }

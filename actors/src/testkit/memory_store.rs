@@ -28,6 +28,8 @@ struct Inner {
     own_commits: HashMap<u64, i64>,
     /// The number the next handle gets.
     next_conn: u64,
+    /// The daemons registered: (id, about, started, last heartbeat, timeout).
+    daemons: Vec<(String, serde_json::Value, Timestamp, Timestamp, Duration)>,
     /// Follow-ups refused because the job already has one (what SQLite's
     /// unique index on `follows` refuses).
     follow_ups_refused: usize,
@@ -416,8 +418,25 @@ impl BlockingJobStore for MemoryStore {
     fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
         let mut inner = self.write();
         let mut n = 0;
+        let (dead, alive): (Vec<_>, Vec<_>) = std::mem::take(&mut inner.daemons)
+            .into_iter()
+            .partition(|d| now.since(d.3) > d.4);
+        inner.daemons = alive;
+        let silent = |by: Option<&str>| {
+            by.is_some_and(|by| {
+                dead.iter().any(|d| {
+                    by == d.0
+                        || by
+                            .strip_prefix(d.0.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                })
+            })
+        };
         for (_, j) in inner.rows.iter_mut() {
-            if j.status == JobStatus::Processing && j.lease_until.is_some_and(|l| l < now) {
+            let taken = j.lease_until.is_some() && silent(j.claimed_by.as_deref());
+            if j.status == JobStatus::Processing
+                && (j.lease_until.is_some_and(|l| l < now) || taken)
+            {
                 to_pending(j);
                 n += 1;
             }
@@ -626,6 +645,51 @@ impl BlockingJobStore for MemoryStore {
             .filter(|j| j.status == JobStatus::Pending && j.model_type == model)
             .filter_map(|j| j.run_at.filter(|r| *r > now))
             .min())
+    }
+
+    fn heartbeat(
+        &self,
+        daemon: &str,
+        about: &serde_json::Value,
+        timeout: Duration,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let mut inner = self.write();
+        match inner.daemons.iter_mut().find(|d| d.0 == daemon) {
+            Some(d) => {
+                if d.1 != *about {
+                    d.2 = now;
+                }
+                d.1 = about.clone();
+                d.3 = now;
+                d.4 = timeout;
+            }
+            None => inner
+                .daemons
+                .push((daemon.to_string(), about.clone(), now, now, timeout)),
+        }
+        inner.daemons.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(())
+    }
+
+    fn sign_off(&self, daemon: &str) -> StoreResult<()> {
+        self.write().daemons.retain(|d| d.0 != daemon);
+        Ok(())
+    }
+
+    fn daemons(&self, now: Timestamp) -> StoreResult<Vec<crate::store::DaemonInfo>> {
+        Ok(self
+            .lock()
+            .daemons
+            .iter()
+            .map(|d| crate::store::DaemonInfo {
+                daemon_id: d.0.clone(),
+                about: d.1.clone(),
+                started_at: d.2,
+                heartbeat_age: now.since(d.3),
+                timeout: d.4,
+            })
+            .collect())
     }
 
     fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>> {

@@ -5,7 +5,9 @@
 //! `#[tokio::test]` per case below.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::Path;
+
+use crate::results::ResultRef;
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -39,7 +41,8 @@ macro_rules! store_contract_tests {
             lease_expiry_reclaims, stale_claim_cannot_complete, backoff_schedule,
             max_attempts_leads_to_failed, permanent_failure_fails_at_once,
             release_keeps_attempts, crashes_quarantine_a_poison_job,
-            release_owner_returns_its_claims, cancel,
+            release_owner_returns_its_claims, a_silent_daemons_claims_are_taken_back,
+            daemons_register_renew_and_sign_off, cancel,
             manual_retry, fragments_of_parent, complete_records_result,
             settle_batch_mixes_outcomes, parents_finish_exactly_once,
             change_token_moves_on_foreign_commits, next_due_is_the_earliest_future_run_at,
@@ -97,7 +100,7 @@ fn grouped(warm: &[&str], max_wait: Duration) -> ClaimOrder {
 
 fn done(tag: &str) -> Completion {
     Completion {
-        result_path: PathBuf::from(format!("/results/{tag}.json")),
+        result_path: ResultRef::file(Path::new(&format!("/results/{tag}.json"))),
         prompt_tokens: Some(11),
         completion_tokens: Some(22),
         latency: Duration::from_millis(345),
@@ -381,7 +384,10 @@ pub async fn stale_claim_cannot_complete(f: &impl StoreFixture) {
     assert_eq!(job.claim_id.as_deref(), Some(new.claim_id.as_str()));
     s.complete(&new, done("new"), T0 + secs(64)).await.unwrap();
     let job = s.get(old.job_id).await.unwrap().unwrap();
-    assert_eq!(job.result_path, Some(PathBuf::from("/results/new.json")));
+    assert_eq!(
+        job.result_path,
+        Some(ResultRef::file(Path::new("/results/new.json")))
+    );
     stale(s.complete(&new, done("twice"), T0 + secs(65)).await);
 }
 
@@ -555,6 +561,122 @@ pub async fn release_owner_returns_its_claims(f: &impl StoreFixture) {
     assert_eq!(status_of(&s, alive[0].job.id).await, JobStatus::Processing);
 }
 
+/// A daemon silent past its heartbeat timeout has its claims (its own and
+/// its dispatchers', `DAEMON/...`) taken back by `reclaim_expired` long
+/// before their leases end; a live daemon's, an unregistered owner's and a
+/// daemon's whose name merely starts alike are left alone.
+pub async fn a_silent_daemons_claims_are_taken_back(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    let other = f.handle().await;
+    let about = serde_json::json!({"host": "h", "pid": 1});
+    for i in 0..5 {
+        s.submit(job(ModelType::Think, &format!("hb{i}")), T0)
+            .await
+            .unwrap();
+    }
+    let timeout = secs(10);
+    s.heartbeat("host-a", &about, timeout, T0).await.unwrap();
+    s.heartbeat("host-ab", &about, timeout, T0).await.unwrap();
+    other
+        .heartbeat("host-b", &about, timeout, T0)
+        .await
+        .unwrap();
+    let lease = secs(300);
+    let a = s
+        .claim(ModelType::Think, 1, lease, "host-a", T0)
+        .await
+        .unwrap();
+    let a_disp = s
+        .claim(ModelType::Think, 1, lease, "host-a/think/0", T0)
+        .await
+        .unwrap();
+    let ab = s
+        .claim(ModelType::Think, 1, lease, "host-ab/think/0", T0)
+        .await
+        .unwrap();
+    let b = other
+        .claim(ModelType::Think, 1, lease, "host-b/think/0", T0)
+        .await
+        .unwrap();
+    let stray = s
+        .claim(ModelType::Think, 1, lease, "unregistered", T0)
+        .await
+        .unwrap();
+    // Within the timeout nothing moves, even with host-a silent.
+    other
+        .heartbeat("host-b", &about, timeout, T0 + secs(8))
+        .await
+        .unwrap();
+    s.heartbeat("host-ab", &about, timeout, T0 + secs(8))
+        .await
+        .unwrap();
+    assert_eq!(other.reclaim_expired(T0 + secs(9)).await.unwrap(), 0);
+    // Past it, host-a's two claims go back; nothing else does.
+    assert_eq!(other.reclaim_expired(T0 + secs(12)).await.unwrap(), 2);
+    for c in a.iter().chain(&a_disp) {
+        let j = s.get(c.job.id).await.unwrap().unwrap();
+        assert_eq!((j.status, j.attempts), (JobStatus::Pending, 0), "{j:?}");
+        assert_eq!(j.claim_id, None);
+    }
+    for c in ab.iter().chain(&b).chain(&stray) {
+        assert_eq!(status_of(&s, c.job.id).await, JobStatus::Processing);
+    }
+    // Its late results are stale.
+    let late = s.complete(&a[0].claim, done("late"), T0 + secs(13)).await;
+    assert!(
+        matches!(late, Err(StoreError::StaleClaim { .. })),
+        "{late:?}"
+    );
+    // And it is no longer registered.
+    let ids: Vec<String> = other
+        .daemons(T0 + secs(12))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.daemon_id)
+        .collect();
+    assert_eq!(ids, ["host-ab", "host-b"]);
+}
+
+/// The registry: a heartbeat registers or renews, `daemons` lists by id with
+/// the age of the last heartbeat, `sign_off` removes.
+pub async fn daemons_register_renew_and_sign_off(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    assert!(s.daemons(T0).await.unwrap().is_empty());
+    let about = serde_json::json!({"host": "h1", "pid": 42});
+    s.heartbeat("d2", &about, secs(30), T0).await.unwrap();
+    s.heartbeat("d1", &about, secs(30), T0).await.unwrap();
+    s.heartbeat("d1", &about, secs(30), T0 + secs(5))
+        .await
+        .unwrap();
+    let ds = s.daemons(T0 + secs(7)).await.unwrap();
+    assert_eq!(ds.len(), 2);
+    assert_eq!(ds[0].daemon_id, "d1");
+    assert_eq!(ds[0].about, about);
+    assert_eq!(ds[0].heartbeat_age, secs(2));
+    assert_eq!(ds[0].started_at, T0, "a renewal keeps the start");
+    assert_eq!(ds[0].timeout, secs(30));
+    assert!(ds[0].alive());
+    assert_eq!(ds[1].heartbeat_age, secs(7));
+    // A restarted daemon (another pid) starts anew.
+    let again = serde_json::json!({"host": "h1", "pid": 43});
+    s.heartbeat("d1", &again, secs(30), T0 + secs(8))
+        .await
+        .unwrap();
+    let d1 = s.daemons(T0 + secs(8)).await.unwrap().remove(0);
+    assert_eq!((d1.started_at, d1.about), (T0 + secs(8), again));
+    s.sign_off("d1").await.unwrap();
+    let ids: Vec<String> = s
+        .daemons(T0 + secs(9))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.daemon_id)
+        .collect();
+    assert_eq!(ids, ["d2"]);
+    assert!(!s.daemons(T0 + secs(40)).await.unwrap()[0].alive());
+}
+
 /// Cancel: pending and processing jobs end `cancelled`; finished ones are refused.
 pub async fn cancel(f: &impl StoreFixture) {
     let s = f.handle().await;
@@ -714,7 +836,10 @@ pub async fn complete_records_result(f: &impl StoreFixture) {
     s.complete(&c, done("cr"), T0 + secs(2)).await.unwrap();
     let j = s.get(id).await.unwrap().unwrap();
     assert_eq!(j.status, JobStatus::Done);
-    assert_eq!(j.result_path, Some(PathBuf::from("/results/cr.json")));
+    assert_eq!(
+        j.result_path,
+        Some(ResultRef::file(Path::new("/results/cr.json")))
+    );
     assert_eq!((j.prompt_tokens, j.completion_tokens), (Some(11), Some(22)));
     assert_eq!(j.latency_ms, Some(345));
     assert_eq!(j.attempts, 1);
@@ -803,7 +928,7 @@ pub async fn parents_finish_exactly_once(f: &impl StoreFixture) {
     .unwrap();
     assert_eq!(s.ready_parents(10).await.unwrap(), vec![parent]);
     let outcome = ParentOutcome::Done {
-        result_path: PathBuf::from("/results/pp.json"),
+        result_path: ResultRef::file(Path::new("/results/pp.json")),
     };
     assert!(s
         .finish_parent(parent, outcome.clone(), T0 + secs(1))
@@ -817,7 +942,10 @@ pub async fn parents_finish_exactly_once(f: &impl StoreFixture) {
     );
     let p = s.get(parent).await.unwrap().unwrap();
     assert_eq!(p.status, JobStatus::Done);
-    assert_eq!(p.result_path, Some(PathBuf::from("/results/pp.json")));
+    assert_eq!(
+        p.result_path,
+        Some(ResultRef::file(Path::new("/results/pp.json")))
+    );
     assert_eq!(p.finished_at, Some(T0 + secs(1)));
     assert!(s.ready_parents(10).await.unwrap().is_empty());
 
