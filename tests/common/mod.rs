@@ -431,3 +431,26 @@ pub fn environ(pid: impl std::fmt::Display, name: &str) -> Option<String> {
         .map(String::from_utf8_lossy)
         .find_map(|kv| kv.strip_prefix(&prefix).map(String::from))
 }
+
+/// A word-level tokenizer.json knowing the words `w0` … `w{n-1}`: one token per word.
+pub fn word_tokenizer(dir: &Path, n: usize) -> PathBuf {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for i in 0..n {
+        vocab.insert(format!("w{i}"), (i + 1).into());
+    }
+    let tk = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tk.to_string()).unwrap();
+    path
+}

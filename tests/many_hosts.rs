@@ -1,0 +1,479 @@
+//! Several daemons on one PostgreSQL queue, as several GPU hosts run them:
+//! each with its own state folder and its own simulated servers, all real
+//! processes on a real PostgreSQL server. Jobs are done once, parents
+//! finished once, follow-ups created once, whatever dies on the way; rows
+//! inserted with plain SQL wake an idle daemon; a PostgreSQL restart loses
+//! nothing; and the command line, the MCP server and the admin endpoint
+//! work against the shared queue.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use common::{bin, external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// One host: its configuration and state folder, its two simulated
+/// servers, its admin port, and its daemon while it runs.
+struct Host {
+    name: String,
+    scratch: Scratch,
+    admin: u16,
+    daemon: Option<DaemonProcess>,
+    _sims: Vec<SimProcess>,
+}
+
+fn host(url: &str, name: &str, latency_ms: u64) -> Host {
+    let lat = latency_ms.to_string();
+    let vision = SimProcess::start(&["--latency-ms", &lat]);
+    let think = SimProcess::start(&["--latency-ms", &lat]);
+    let admin = free_port();
+    let queue = format!(
+        "database_url = \"{url}\"\ndaemon_id = \"{name}\"\nheartbeat_s = 1\nheartbeat_timeout_s = 4\nlease_s = 600\n"
+    );
+    let extra = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[health]\ninterval_s = 1\n\n[dispatch]\nexternal_poll_ms = 100\nwindow = 16\n\n{}{}",
+        external("vision", "vision", &vision.url),
+        external("think", "think", &think.url)
+    );
+    let scratch = Scratch::with_queue(&queue, &extra);
+    // One token per word, for chunking (the think instance is the last table).
+    let tk = common::word_tokenizer(scratch.path(), 100);
+    let config = std::fs::read_to_string(scratch.config()).unwrap();
+    std::fs::write(
+        scratch.config(),
+        format!("{config}tokenizer = \"{}\"\n", tk.display()),
+    )
+    .unwrap();
+    Host {
+        name: name.to_string(),
+        scratch,
+        admin,
+        daemon: None,
+        _sims: vec![vision, think],
+    }
+}
+
+impl Host {
+    fn start(&mut self, run: usize) {
+        let d = DaemonProcess::start(&self.scratch, &format!("{}-{run}", self.name));
+        self.daemon = Some(d);
+        wait_for(&format!("{} is ready", self.name), LIMIT, || {
+            self.scratch.instance_is("think", "ready")
+                && self.scratch.instance_is("vision", "ready")
+        });
+    }
+
+    fn kill9(&mut self) {
+        self.daemon.as_mut().expect("running").kill9();
+    }
+
+    fn log(&self) -> String {
+        self.daemon.as_ref().map(|d| d.log()).unwrap_or_default()
+    }
+}
+
+fn counts(pg: &PgServer, url: &str) -> HashMap<String, i64> {
+    pg.psql(url, "SELECT status, count(*) FROM gpu_jobs GROUP BY status")
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(s, n)| (s.to_string(), n.trim().parse().unwrap()))
+        .collect()
+}
+
+fn one(pg: &PgServer, url: &str, sql: &str) -> i64 {
+    pg.psql(url, sql)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Words `start..start+n` of a long text, for fragmented parents.
+fn words(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Three daemons share 6,000 jobs of both models, with fragmented parents
+/// and follow-ups. One is killed with `kill -9` and started again; another
+/// is killed for good, and its claims are taken over within the heartbeat
+/// timeout. Every job is done once, every parent finished once, every
+/// follow-up created once, and every host reads every result.
+#[test]
+fn three_daemons_share_one_queue_through_crashes() {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut hosts: Vec<Host> = ["host-a", "host-b", "host-c"]
+        .iter()
+        .map(|n| host(&url, n, 40))
+        .collect();
+    // The queue is made by `migrate`, before any daemon runs.
+    let m = hosts[0].scratch.json(&["migrate", "--json"]);
+    assert_eq!(m["version"], 4, "{m}");
+
+    // 6,000 jobs: vision and think prompts (a tenth of the think prompts
+    // with a vision follow-up), and twenty parents of four fragments each.
+    let s = &hosts[0].scratch;
+    let mut think = String::new();
+    for i in 0..3000 {
+        think.push_str(&format!("{{\"prompt\": \"think {i}\"}}\n"));
+    }
+    let mut vision = String::new();
+    for i in 0..2900 {
+        vision.push_str(&format!("{{\"prompt\": \"vision {i}\"}}\n"));
+    }
+    std::fs::write(s.path().join("think.jsonl"), think).unwrap();
+    std::fs::write(s.path().join("vision.jsonl"), vision).unwrap();
+    let r = s.run(&["submit", "--model", "vision", "--jsonl", "vision.jsonl"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    let r = s.run(&["submit", "--model", "think", "--jsonl", "think.jsonl"]);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    pg.psql(
+        &url,
+        "UPDATE gpu_jobs SET then_model = 'vision' WHERE model_type = 'think' AND payload_inline LIKE '%think %0\"%'",
+    );
+    let mut parents = Vec::new();
+    for p in 0..20 {
+        let text = s.path().join(format!("doc-{p}.txt"));
+        std::fs::write(&text, words(p * 10_000, 1500)).unwrap();
+        let out = s.json(&[
+            "submit",
+            "--model",
+            "think",
+            "--text-file",
+            text.to_str().unwrap(),
+            "--chunk",
+            "--json",
+        ]);
+        assert!(out["fragments"].as_u64().unwrap() >= 2, "{out}");
+        parents.push(out["id"].as_str().unwrap().to_string());
+    }
+    let fragments = one(
+        &pg,
+        &url,
+        "SELECT count(*) FROM gpu_jobs WHERE parent_id IS NOT NULL",
+    );
+    let submitted = one(&pg, &url, "SELECT count(*) FROM gpu_jobs");
+    assert_eq!(submitted, 5900 + 20 + fragments);
+    let follow_ups = one(
+        &pg,
+        &url,
+        "SELECT count(*) FROM gpu_jobs WHERE then_model IS NOT NULL",
+    );
+    assert_eq!(follow_ups, 300);
+    let total = submitted + follow_ups;
+    assert!(total >= 6000, "{total} jobs");
+    for h in hosts.iter_mut() {
+        h.start(0);
+    }
+
+    // A crash and a restart of host-a once work is under way.
+    wait_for("a tenth is done", LIMIT, || {
+        counts(&pg, &url).get("done").copied().unwrap_or(0) >= total / 10
+    });
+    let held = one(
+        &pg,
+        &url,
+        "SELECT count(*) FROM gpu_jobs WHERE status = 'processing' AND claimed_by LIKE 'host-a/%'",
+    );
+    hosts[0].kill9();
+    hosts[0].start(1);
+    // Its own earlier claims come back at once, as it starts again.
+    let log = hosts[0].log();
+    if held > 0 {
+        assert!(
+            log.contains("claimed by a previous run of this daemon"),
+            "{log}"
+        );
+    }
+
+    // host-c dies for good, holding claims; the others take them back
+    // within its heartbeat timeout (4 s), long before its 600 s leases.
+    wait_for("host-c holds claims", LIMIT, || {
+        one(
+            &pg,
+            &url,
+            "SELECT count(*) FROM gpu_jobs WHERE status = 'processing' AND claimed_by LIKE 'host-c/%'",
+        ) > 0
+    });
+    hosts[2].kill9();
+    let killed = Instant::now();
+    wait_for(
+        "host-c's claims are taken back",
+        Duration::from_secs(30),
+        || {
+            one(
+            &pg,
+            &url,
+            "SELECT count(*) FROM gpu_jobs WHERE status = 'processing' AND claimed_by LIKE 'host-c/%'",
+        ) == 0
+        },
+    );
+    let taken_in = killed.elapsed();
+    println!(
+        "host-c's claims taken back {:.1} s after kill -9 (heartbeat timeout 4 s, every 1 s)",
+        taken_in.as_secs_f64()
+    );
+    assert!(
+        taken_in < Duration::from_secs(4 + 3),
+        "taken back after {taken_in:?}, not within the heartbeat timeout"
+    );
+    let taken_log = format!("{}{}", hosts[0].log(), hosts[1].log());
+    assert!(
+        taken_log.contains("daemon host-c has been silent"),
+        "{taken_log}"
+    );
+
+    wait_for("every job is done", LIMIT, || {
+        let c = counts(&pg, &url);
+        c.get("done").copied().unwrap_or(0) == total && c.len() == 1
+    });
+    // Once each: one attempt per job and parent (a release after a crash
+    // counts none), one follow-up per job that names one.
+    assert_eq!(
+        one(
+            &pg,
+            &url,
+            "SELECT count(*) FROM gpu_jobs WHERE attempts <> 1"
+        ),
+        0
+    );
+    assert_eq!(
+        one(
+            &pg,
+            &url,
+            "SELECT count(*) FROM gpu_jobs j WHERE then_model IS NOT NULL \
+             AND (SELECT count(*) FROM gpu_jobs f WHERE f.follows = j.id) <> 1"
+        ),
+        0
+    );
+    // Every result is in the database, and any host reads any result.
+    assert_eq!(
+        one(&pg, &url, "SELECT count(*) FROM gpu_jobs j LEFT JOIN gpu_results r ON r.id = j.id WHERE r.id IS NULL OR j.result_path NOT LIKE 'db:%'"),
+        0
+    );
+    let by_c = pg.psql(
+        &url,
+        "SELECT encode(id, 'hex') FROM gpu_jobs WHERE parent_id IS NULL AND total_fragments IS NOT NULL LIMIT 1",
+    );
+    let doc = hosts[1].scratch.json(&["result", by_c.trim()]);
+    assert!(doc["fragments"].as_array().unwrap().len() >= 2, "{doc}");
+    let per_host = pg.psql(
+        &url,
+        "SELECT split_part(claimed_by, '/', 1), count(*) FROM gpu_jobs WHERE claimed_by IS NOT NULL GROUP BY 1 ORDER BY 1",
+    );
+    println!("jobs per host (last claim):\n{per_host}");
+    // host-c signed nothing off; a and b are registered and alive.
+    let st: serde_json::Value =
+        serde_json::from_str(&http_get(hosts[1].admin, "/v1/status")).unwrap();
+    let ids: Vec<&str> = st["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["daemon_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["host-a", "host-b"], "{st}");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://127.0.0.1:{port}{path}")])
+        .output()
+        .expect("curl is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn http_code(port: u16, path: &str) -> (u16, String) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .expect("curl is installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A row inserted with plain SQL, by a program that knows nothing of
+/// gpu-feeder, wakes an idle daemon at once: the trigger notifies and the
+/// daemon listens, rather than polling the table. Judged by the database's
+/// own clock: from the row's `created_at` to its `started_at`.
+#[test]
+fn jobs_inserted_with_sql_wake_an_idle_daemon_within_a_second() {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut h = host(&url, "idle", 0);
+    h.start(0);
+    let payload = h.scratch.stage().join("p.json");
+    std::fs::write(&payload, r#"{"prompt": "from another program"}"#).unwrap();
+    for i in 0..3 {
+        pg.psql(
+            &url,
+            &format!(
+                "INSERT INTO gpu_jobs (payload_sha256, model_type, payload_path) VALUES ('sql-{i}', 'think', '{}')",
+                payload.display()
+            ),
+        );
+        wait_for("the row is done", Duration::from_secs(30), || {
+            one(&pg, &url, &format!("SELECT count(*) FROM gpu_jobs WHERE payload_sha256 = 'sql-{i}' AND status = 'done'")) == 1
+        });
+        let waited: f64 = pg
+            .psql(
+                &url,
+                &format!(
+                    "SELECT started_at - created_at FROM gpu_jobs WHERE payload_sha256 = 'sql-{i}'"
+                ),
+            )
+            .trim()
+            .parse()
+            .unwrap();
+        println!("row {i} claimed {:.3} s after its insert", waited);
+        assert!(waited < 1.0, "claimed {waited} s after its insert");
+    }
+}
+
+/// PostgreSQL stops while jobs run and comes back: the daemon says so in
+/// its log and in `/readyz`, loses nothing, and finishes every job once.
+#[test]
+fn a_postgres_restart_mid_run_loses_nothing() {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut h = host(&url, "restarts", 50);
+    h.start(0);
+    h.scratch.submit_prompts("think", "pr", 600);
+    h.scratch.submit_prompts("vision", "pr", 400);
+    wait_for("some are done", LIMIT, || {
+        counts(&pg, &url).get("done").copied().unwrap_or(0) >= 100
+    });
+    pg.stop();
+    wait_for(
+        "/readyz says the queue is unreachable",
+        Duration::from_secs(60),
+        || {
+            let (code, body) = http_code(h.admin, "/readyz");
+            code == 503
+                && body.contains("PostgreSQL queue")
+                && body.contains(&format!("{}", pg.port()))
+        },
+    );
+    pg.start_again();
+    wait_for("every job is done", LIMIT, || {
+        counts(&pg, &url).get("done").copied().unwrap_or(0) == 1000
+    });
+    wait_for("/readyz is ready again", Duration::from_secs(60), || {
+        http_code(h.admin, "/readyz").0 == 200
+    });
+    assert_eq!(
+        one(
+            &pg,
+            &url,
+            "SELECT count(*) FROM gpu_jobs WHERE attempts <> 1"
+        ),
+        0
+    );
+    let log = h.log();
+    assert!(log.contains("cannot reach the queue"), "{log}");
+    assert!(log.contains("reconnected to the queue"), "{log}");
+}
+
+/// The command line, a real MCP client and the admin endpoint, all on a
+/// PostgreSQL queue: `--db URL` and `$FEEDER_DATABASE_URL` select it, and
+/// results come from the database.
+#[test]
+fn cli_mcp_and_admin_work_against_postgres() {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut h = host(&url, "tools", 0);
+    h.start(0);
+    // CLI with --db URL, from a folder with no configuration at all.
+    let bare = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str], env: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .current_dir(bare.path())
+            .env_remove("FEEDER_CONFIG")
+            .env_remove("FEEDER_DATABASE_URL");
+        if let Some(u) = env {
+            cmd.env("FEEDER_DATABASE_URL", u);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(
+        &[
+            "--db", &url, "submit", "--model", "think", "--prompt", "hello", "--wait", "--json",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let job: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    assert!(
+        job["result_path"].as_str().unwrap().starts_with("db:"),
+        "{job}"
+    );
+    let (code, out, err) = cli(&["result", &id, "--text"], Some(&url));
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty());
+    let (code, out, _) = cli(&["--db", &url, "stats", "--json"], None);
+    assert_eq!(code, 0);
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["jobs"]["think"]["done"], 1, "{stats}");
+    let (code, out, _) = cli(&["--db", &url, "list", "--json"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains(&id));
+    let (code, out, _) = cli(&["--db", &url, "migrate"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("up to date (schema version 4)"), "{out}");
+    let (code, _, err) = cli(&["--db", &url, "cancel", &id], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("done"), "{err}");
+    // A server that is not there: the error names it and what to check.
+    let nowhere = format!("postgresql://feeder:pw@127.0.0.1:{}/queue", free_port());
+    let (code, _, err) = cli(&["--db", &nowhere, "stats"], None);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot connect to the PostgreSQL queue at feeder@127.0.0.1"),
+        "{err}"
+    );
+    assert!(!err.contains("pw@"), "{err}");
+
+    // The admin endpoint: the job and its result document.
+    let v: serde_json::Value =
+        serde_json::from_str(&http_get(h.admin, &format!("/v1/jobs/{id}"))).unwrap();
+    assert_eq!(v["status"], "done");
+    assert!(v["result"].is_string(), "{v}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&http_get(h.admin, &format!("/v1/jobs/{}/result", &id[..8]))).unwrap();
+    assert_eq!(doc["id"], id.as_str());
+
+    // A real MCP client on the same queue.
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
+        .arg(bin())
+        .arg(h.scratch.config())
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the MCP client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
