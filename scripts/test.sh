@@ -10,6 +10,9 @@
 #   systemd-analyze  verifies the unit file (Debian systemd)
 #   curl             an HTTP client for the admin endpoint (Debian curl)
 #   mcp              an independent MCP client (PyPI mcp, for python3)
+#   postgres         a real PostgreSQL server for the shared queue (Debian
+#                    postgresql; initdb and pg_ctl run as the postgres user
+#                    in a temporary folder, one server per test binary)
 #   dockerd          the Docker engine the Docker backend launches on
 #                    (Debian docker.io), and the local image
 #                    gpu-feeder-sim:test (scripts/sim-image.sh)
@@ -35,6 +38,12 @@ command -v promtool >/dev/null 2>&1 || apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || apt+=(systemd)
 command -v curl >/dev/null 2>&1 || apt+=(curl)
 command -v python3 >/dev/null 2>&1 || apt+=(python3)
+# PostgreSQL server binaries ($FEEDER_PG_BIN, or any /usr/lib/postgresql/*/bin).
+if ! { [ -n "${FEEDER_PG_BIN:-}" ] && [ -x "$FEEDER_PG_BIN/initdb" ]; } \
+   && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt+=(postgresql)
+fi
+command -v runuser >/dev/null 2>&1 || ! $root || apt+=(util-linux)
 # pip, unless the MCP SDK is already there (python3 alone often comes without it).
 if ! python3 -c 'import mcp' >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
   apt+=(python3-pip)

@@ -294,3 +294,45 @@ fn the_readmes_four_gpu_example_passes() {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
 }
+
+#[test]
+fn shared_queue_settings_are_checked() {
+    let s = Scratch::with_queue(
+        "database_url = \"mysql://u:secret@db/q\"\ndaemon_id = \"a/b\"\nheartbeat_s = 10\nheartbeat_timeout_s = 15\n",
+        "[results]\nstore = \"s3\"\n",
+    );
+    let r = check(&s);
+    assert_eq!(r.code(), 78, "{}", r.stdout());
+    let err = r.stderr();
+    assert!(err.contains("results.store"), "{err}");
+    // Fix the type error to see the others (a bad value stops parsing).
+    let s = Scratch::with_queue(
+        "database_url = \"mysql://u:secret@db/q\"\ndaemon_id = \"a/b\"\nheartbeat_s = 10\nheartbeat_timeout_s = 15\n",
+        "[results]\nstore = \"database\"\n",
+    );
+    let r = check(&s);
+    assert_eq!(r.code(), 78);
+    let err = r.stderr();
+    assert!(
+        err.contains("queue.database_url") && err.contains("not a PostgreSQL URL"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("secret"),
+        "the password is never shown: {err}"
+    );
+    assert!(
+        err.contains("queue.daemon_id") && err.contains("without `/`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("queue.heartbeat_timeout_s") && err.contains("two heartbeats"),
+        "{err}"
+    );
+    let s = Scratch::with_queue(
+        "database_url = \"postgresql://feeder@db:5432/q\"\ndaemon_id = \"gpu-07\"\n",
+        "",
+    );
+    let r = check(&s);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+}

@@ -1029,3 +1029,99 @@ async fn a_dispatcher_claims_the_key_it_just_sent_first() {
     );
     assert_eq!(sent_after_a_warm_key(None).await, "b1");
 }
+
+/// A QueueActor for daemon `daemon` on `store`, registered with a heartbeat
+/// every second and a 4 s timeout.
+async fn daemon_queue(store: &MemoryStore, daemon: &str) -> ActorRef<QueueMsg> {
+    let args = QueueArgs {
+        store: store.connect(),
+        clock: Arc::new(TokioClock::starting_at(T0)),
+        lease: Duration::from_secs(600),
+        reclaim_interval: Duration::from_secs(600),
+        poll_interval: Duration::from_millis(200),
+        release_on_start: Some(daemon.to_string()),
+        heartbeat: Some((
+            daemon.to_string(),
+            feeder_actors::queue::Heartbeat {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(4),
+                about: serde_json::json!({"host": daemon}),
+            },
+        )),
+    };
+    Actor::spawn(None, QueueActor, args)
+        .await
+        .expect("queue actor starts")
+        .0
+}
+
+/// Two daemons share a store; one stops without a word, holding claims
+/// with long leases. The other's heartbeats take them back once the silent
+/// one's timeout has passed, and not before.
+#[tokio::test(start_paused = true)]
+async fn a_silent_daemons_claims_come_back_through_another_daemons_heartbeat() {
+    let store = MemoryStore::new();
+    let a = daemon_queue(&store, "host-a").await;
+    let b = daemon_queue(&store, "host-b").await;
+    let s = store.connect();
+    for i in 0..3 {
+        s.submit(job(ModelType::Think, &format!("hb{i}")), T0)
+            .await
+            .unwrap();
+    }
+    let claimed = match a
+        .call(
+            |r| QueueMsg::Claim {
+                model: ModelType::Think,
+                n: 2,
+                owner: "host-a/think/0".into(),
+                order: feeder_actors::ClaimOrder::Plain,
+                reply: r,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+    {
+        CallResult::Success(Ok(c)) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(claimed.len(), 2);
+    let names: Vec<String> = s
+        .daemons(T0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.daemon_id)
+        .collect();
+    assert_eq!(names, ["host-a", "host-b"]);
+    a.stop(None);
+    let stopped = tokio::time::Instant::now();
+    let processing = || {
+        store
+            .all()
+            .iter()
+            .filter(|j| j.status == JobStatus::Processing)
+            .count()
+    };
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(processing(), 2, "within the timeout, the claims hold");
+    wait_until("host-a's claims are pending again", LIMIT, || {
+        processing() == 0
+    })
+    .await;
+    let after = stopped.elapsed();
+    assert!(
+        after <= Duration::from_secs(6),
+        "taken back after {after:?}"
+    );
+    let names: Vec<String> = s
+        .daemons(T0 + after)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.daemon_id)
+        .collect();
+    assert_eq!(names, ["host-b"]);
+    b.stop(None);
+}

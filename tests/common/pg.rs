@@ -1,8 +1,11 @@
 //! A real, throwaway PostgreSQL server for the tests: `initdb` in a
 //! temporary folder, `pg_ctl start` on a free loopback port, stopped and
 //! removed when dropped. The server binaries come from `$FEEDER_PG_BIN`,
-//! `/usr/lib/postgresql/*/bin`, or `pg_config --bindir`. PostgreSQL refuses
-//! to run as root, so as root they run as the `postgres` user (`runuser`).
+//! `/usr/lib/postgresql/*/bin` (the newest), `pg_config --bindir`, or the
+//! `PATH`. PostgreSQL refuses to run as root, so as root they run as the
+//! `postgres` user (`runuser`, or `su` where there is no `runuser`).
+//! Each server has its own folder and port, so several test binaries can run
+//! one each at the same time.
 //!
 //! A server kept in a `static` is never dropped: a small watchdog shell
 //! stops it (and removes its folder) once the test process is gone.
@@ -14,16 +17,30 @@ use std::time::{Duration, Instant};
 
 /// A running PostgreSQL server.
 pub struct PgServer {
+    /// The temporary folder: the data folder, the log and the Unix socket.
     dir: tempfile::TempDir,
+    /// The folder holding `initdb`, `pg_ctl` and `pg_isready`.
     bin: PathBuf,
+    /// The loopback port it listens on.
     port: u16,
+    /// Whether the server binaries run as the `postgres` user (we are root).
     as_postgres: bool,
 }
+
+/// What to install when the server binaries are missing.
+const INSTALL: &str = "install PostgreSQL's server (apt-get install postgresql; scripts/test.sh \
+     does), or set FEEDER_PG_BIN to the folder with initdb and pg_ctl";
 
 /// The folder holding `initdb` and `pg_ctl`.
 fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("FEEDER_PG_BIN") {
-        return PathBuf::from(dir);
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("initdb").exists() && dir.join("pg_ctl").exists(),
+            "FEEDER_PG_BIN={} has no initdb and pg_ctl: {INSTALL}",
+            dir.display()
+        );
+        return dir;
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -48,12 +65,32 @@ fn bin_dir() -> PathBuf {
             return b;
         }
     }
-    panic!(
-        "no PostgreSQL server binaries (initdb, pg_ctl): install them (apt-get install postgresql), \
-         or set FEEDER_PG_BIN to the folder that has them; scripts/test.sh installs them"
-    );
+    if let Some(b) = on_path("initdb") {
+        return b;
+    }
+    panic!("no PostgreSQL server binaries (initdb, pg_ctl) found: {INSTALL}");
 }
 
+/// The `PATH` folder holding `program`, if any.
+fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).find(|d| d.join(program).is_file())
+}
+
+/// `s` quoted for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A port on 127.0.0.1 that nothing listened on a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Whether this process runs as root (`id -u` says 0).
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -63,7 +100,9 @@ fn is_root() -> bool {
 }
 
 impl PgServer {
-    /// Starts a fresh server in a new temporary folder on a free port.
+    /// Starts a fresh server in a new temporary folder on a free 127.0.0.1
+    /// port (trying up to three ports). Panics, naming what is missing or
+    /// with the end of the server's log, when it cannot.
     pub fn start() -> PgServer {
         let bin = bin_dir();
         let as_postgres = is_root();
@@ -78,8 +117,10 @@ impl PgServer {
             as_postgres,
         };
         if as_postgres {
+            // tempfile makes the folder 0700 for root: hand it to postgres.
             server.must(
                 Command::new("chown")
+                    .arg("-R")
                     .arg("postgres:")
                     .arg(server.dir.path()),
             );
@@ -103,30 +144,37 @@ impl PgServer {
         );
         assert!(
             out.status.success(),
-            "initdb failed: {}{}",
+            "initdb ({}) failed: {}{}",
+            initdb.display(),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         let mut last = String::new();
         for _ in 0..3 {
-            server.port = super::free_port();
+            server.port = free_port();
             if server.pg_ctl_start() {
                 server.watchdog();
                 return server;
             }
+            // Most often the port was taken meanwhile: try another one,
+            // after making sure no half-started server holds the data.
             last = server.log_tail();
+            server.kill();
         }
         panic!("PostgreSQL did not start; the end of its log:\n{last}");
     }
 
+    /// The data folder (`initdb -D`).
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
+    /// The server's log file (`pg_ctl -l`).
     fn log(&self) -> PathBuf {
         self.dir.path().join("server.log")
     }
 
+    /// The last 30 lines of the server's log.
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.log()).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -135,20 +183,35 @@ impl PgServer {
 
     /// Runs a server binary (as `postgres` when we are root).
     fn run(&self, program: &Path, args: &[&str]) -> Output {
-        let mut cmd = if self.as_postgres {
+        let mut cmd = if !self.as_postgres {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        } else if on_path("runuser").is_some() {
             let mut c = Command::new("runuser");
-            c.arg("-u").arg("postgres").arg("--").arg(program);
+            c.arg("-u")
+                .arg("postgres")
+                .arg("--")
+                .arg(program)
+                .args(args);
             c
         } else {
-            Command::new(program)
+            let line = std::iter::once(program.to_str().expect("UTF-8 path"))
+                .chain(args.iter().copied())
+                .map(sh_quote)
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut c = Command::new("su");
+            c.args(["postgres", "-s", "/bin/sh", "-c", &line]);
+            c
         };
-        cmd.args(args)
-            .current_dir(self.dir.path())
+        cmd.current_dir(self.dir.path())
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("running {}: {e}", program.display()))
     }
 
+    /// Runs `cmd` (as we are), panicking with its stderr when it fails.
     fn must(&self, cmd: &mut Command) {
         let out = cmd.output().expect("run");
         assert!(
@@ -158,6 +221,8 @@ impl PgServer {
         );
     }
 
+    /// `pg_ctl start` on `self.port`, then waits until it answers; whether
+    /// it came up.
     fn pg_ctl_start(&self) -> bool {
         let data = self.data();
         let log = self.log();
@@ -205,18 +270,23 @@ impl PgServer {
     /// Stops the server and removes its folder once this process is gone
     /// (for a server held in a `static`, which is never dropped).
     fn watchdog(&self) {
+        let stop = format!(
+            "{} -D {} -m immediate stop",
+            sh_quote(&self.bin.join("pg_ctl").display().to_string()),
+            sh_quote(&self.data().display().to_string()),
+        );
+        let stop = if !self.as_postgres {
+            stop
+        } else if on_path("runuser").is_some() {
+            format!("runuser -u postgres -- {stop}")
+        } else {
+            format!("su postgres -s /bin/sh -c {}", sh_quote(&stop))
+        };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             {run}{pg_ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+             {stop} >/dev/null 2>&1; rm -rf {dir}",
             pid = std::process::id(),
-            run = if self.as_postgres {
-                "runuser -u postgres -- "
-            } else {
-                ""
-            },
-            pg_ctl = self.bin.join("pg_ctl").display(),
-            data = self.data().display(),
-            dir = self.dir.path().display(),
+            dir = sh_quote(&self.dir.path().display().to_string()),
         );
         let _ = Command::new("setsid")
             .args(["sh", "-c", &script])
@@ -287,8 +357,9 @@ impl PgServer {
         );
         assert!(
             out.status.success(),
-            "pg_ctl stop: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "pg_ctl stop: {}; the end of the server's log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
         );
     }
 
@@ -308,8 +379,9 @@ impl PgServer {
     }
 }
 
-impl Drop for PgServer {
-    fn drop(&mut self) {
+impl PgServer {
+    /// `pg_ctl stop -m immediate`, ignoring whether there was a server.
+    fn kill(&self) {
         let data = self.data();
         let _ = self.run(
             &self.bin.join("pg_ctl"),
@@ -322,5 +394,12 @@ impl Drop for PgServer {
                 "stop",
             ],
         );
+    }
+}
+
+impl Drop for PgServer {
+    /// Stops the server at once; the temporary folder goes with `dir`.
+    fn drop(&mut self) {
+        self.kill();
     }
 }
