@@ -632,6 +632,20 @@ impl<S: BlockingJobStore> JobStore for Blocking<S> {
     }
 }
 
+/// How many fragments a parent gets: at least one, and no more than the
+/// schema's integer columns hold.
+pub fn fragment_count(fragments: &[NewJob]) -> StoreResult<u32> {
+    if fragments.is_empty() {
+        return Err(StoreError::Invalid(
+            "a parent job needs at least one fragment".into(),
+        ));
+    }
+    u32::try_from(fragments.len())
+        .ok()
+        .filter(|&n| n <= i32::MAX as u32)
+        .ok_or_else(|| StoreError::Invalid("too many fragments".into()))
+}
+
 /// The error of a job quarantined as a poison job.
 pub fn poison_error(crashes: u32, instance: &str) -> String {
     format!(

@@ -145,12 +145,22 @@ async fn claim_through(
     model: ModelType,
     n: usize,
 ) -> Vec<feeder_actors::ClaimedJob> {
+    claim_as(queue, model, n, "o").await
+}
+
+/// Claims up to `n` jobs of `model` for `owner` through the queue actor.
+async fn claim_as(
+    queue: &ActorRef<QueueMsg>,
+    model: ModelType,
+    n: usize,
+    owner: &str,
+) -> Vec<feeder_actors::ClaimedJob> {
     match queue
         .call(
             |r| QueueMsg::Claim {
                 model,
                 n,
-                owner: "o".into(),
+                owner: owner.into(),
                 order: feeder_actors::ClaimOrder::Plain,
                 reply: r,
             },
@@ -1069,23 +1079,7 @@ async fn a_silent_daemons_claims_come_back_through_another_daemons_heartbeat() {
             .await
             .unwrap();
     }
-    let claimed = match a
-        .call(
-            |r| QueueMsg::Claim {
-                model: ModelType::Think,
-                n: 2,
-                owner: "host-a/think/0".into(),
-                order: feeder_actors::ClaimOrder::Plain,
-                reply: r,
-            },
-            None,
-        )
-        .await
-        .unwrap()
-    {
-        CallResult::Success(Ok(c)) => c,
-        other => panic!("{other:?}"),
-    };
+    let claimed = claim_as(&a, ModelType::Think, 2, "host-a/think/0").await;
     assert_eq!(claimed.len(), 2);
     let names: Vec<String> = s
         .daemons(T0)

@@ -26,7 +26,7 @@ use feeder_actors::{
 };
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder, Grouping};
-use feeder_actors::store::poison_error;
+use feeder_actors::store::{fragment_count, poison_error};
 
 pub use migrate::{full_schema, latest_version, MigrationReport};
 use rows::{job_from_row, secs, Db};
@@ -620,13 +620,7 @@ impl BlockingJobStore for SqliteStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        if fragments.is_empty() {
-            return Err(StoreError::Invalid(
-                "a parent job needs at least one fragment".into(),
-            ));
-        }
-        let total = u32::try_from(fragments.len())
-            .map_err(|_| StoreError::Invalid("too many fragments".into()))?;
+        let total = fragment_count(&fragments)?;
         self.write(|tx| {
             let Some(id) = insert(tx, &parent, JobStatus::Processing, None, Some(total), now)?
             else {

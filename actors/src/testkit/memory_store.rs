@@ -12,8 +12,8 @@ use crate::job::{
 };
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
-    poison_error, Blocking, BlockingJobStore, JobStore, ParentOutcome, Settled, StoreError,
-    StoreResult, DEFAULT_MAX_ATTEMPTS,
+    fragment_count, poison_error, Blocking, BlockingJobStore, JobStore, ParentOutcome, Settled,
+    StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -226,12 +226,7 @@ impl BlockingJobStore for MemoryStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        if fragments.is_empty() {
-            return Err(StoreError::Invalid(
-                "a parent job needs at least one fragment".into(),
-            ));
-        }
-        let total = fragments.len() as u32;
+        let total = fragment_count(&fragments)?;
         let mut inner = self.write();
         let id = match inner.insert(&parent, JobStatus::Processing, None, Some(total), now) {
             Ok(id) => id,

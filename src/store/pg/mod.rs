@@ -44,7 +44,7 @@ use tokio_postgres::NoTls;
 use tracing::{info, warn};
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder};
-use feeder_actors::store::poison_error;
+use feeder_actors::store::{fragment_count, poison_error};
 use feeder_actors::{
     Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId, JobStatus,
     JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
@@ -919,13 +919,7 @@ impl JobStore for PgStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        if fragments.is_empty() {
-            return Err(StoreError::Invalid(
-                "a parent job needs at least one fragment".into(),
-            ));
-        }
-        let total = u32::try_from(fragments.len())
-            .map_err(|_| StoreError::Invalid("too many fragments".into()))?;
+        let total = fragment_count(&fragments)?;
         let at = self.at(now);
         run!(self, |c, _tries| {
             let tx = c.transaction().await?;
