@@ -27,29 +27,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use feeder_actors::prefix::ClaimOrder;
-use feeder_actors::{
-    Blocking, Completion, JobStore, ModelType, NewJob, Payload, ResultRef, Settle, Timestamp,
-};
+use feeder_actors::{Blocking, Completion, JobStore, ModelType, ResultRef, Settle, Timestamp};
 use gpu_feeder::config::{ResultsKind, WindowSetting};
 use gpu_feeder::daemon::Pipeline;
 use gpu_feeder::sim::SimConfig;
 use gpu_feeder::store::pg::{Clock, Patience, PgStore};
 use gpu_feeder::store::SqliteStore;
 
-fn jobs(n: usize, tag: &str) -> Vec<NewJob> {
-    (0..n)
-        .map(|i| {
-            NewJob::new(
-                ModelType::Think,
-                Payload::Inline(format!("{{\"prompt\":\"{tag} {i}\"}}")),
-                format!("{tag}-{i}"),
-            )
-        })
-        .collect()
-}
-
 async fn fill(store: &Arc<dyn JobStore>, n: usize, tag: &str) {
-    let all = jobs(n, tag);
+    let all = common::jobs(n, tag);
     for chunk in all.chunks(1000) {
         store
             .submit_batch(chunk.to_vec(), Timestamp::now())

@@ -11,6 +11,8 @@
 //!    for in-process submission and for a row inserted by another connection
 //!    (as another program would), with `external_poll_ms = 200`.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use ractor::rpc::CallResult;
 
 use feeder_actors::queue::QueueMsg;
 use feeder_actors::supervisor::{peers, FeederMsg};
-use feeder_actors::{Blocking, BlockingJobStore, ModelType, NewJob, Payload, Timestamp};
+use feeder_actors::{Blocking, BlockingJobStore, ModelType, Timestamp};
 use gpu_feeder::config::{Config, InstanceConfig};
 use gpu_feeder::daemon::Pipeline;
 use gpu_feeder::results::FileResults;
@@ -42,18 +44,6 @@ fn config(dir: &Path, url: &str, window: u32) -> Config {
     c.instances = vec![inst];
     c.create_state_dirs(Path::new("bench")).unwrap();
     c
-}
-
-fn jobs(n: usize, tag: &str) -> Vec<NewJob> {
-    (0..n)
-        .map(|i| {
-            NewJob::new(
-                ModelType::Think,
-                Payload::Inline(format!("{{\"prompt\":\"{tag} {i}\"}}")),
-                format!("{tag}-{i}"),
-            )
-        })
-        .collect()
 }
 
 async fn start(c: &Config) -> (Pipeline, SqliteStore) {
@@ -154,7 +144,7 @@ async fn throughput() {
             .await
             .expect("the supervisor answers");
         let t0 = Instant::now();
-        let batch = jobs(n, &format!("w{window}"));
+        let batch = common::jobs(n, &format!("w{window}"));
         peers
             .queue
             .call(
@@ -199,7 +189,7 @@ async fn saturation() {
         .queue
         .call(
             |r| QueueMsg::Submit {
-                jobs: jobs(n, "sat"),
+                jobs: common::jobs(n, "sat"),
                 reply: r,
             },
             None,
@@ -240,7 +230,7 @@ async fn arrival() {
     for i in 0..300 {
         let before = sim.counters.requests.load(Ordering::SeqCst);
         let t0 = Instant::now();
-        let job = jobs(1, &format!("in-{i}"));
+        let job = common::jobs(1, &format!("in-{i}"));
         let queue = peers.queue.clone();
         tokio::spawn(async move {
             queue
@@ -269,7 +259,7 @@ async fn arrival() {
         let t0 = Instant::now();
         other
             .submit(
-                jobs(1, &format!("ext-{i}")).pop().unwrap(),
+                common::jobs(1, &format!("ext-{i}")).pop().unwrap(),
                 Timestamp::now(),
             )
             .unwrap();

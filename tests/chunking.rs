@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{wait_for, words, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -24,13 +24,6 @@ fn instance(name: &str, model: &str, url: &str, extra: &str) -> String {
 }
 
 const SETTINGS: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n\n[dispatch]\nwindow = 4\nexternal_poll_ms = 100\nretry_base_s = 0.05\nretry_max_s = 0.2\n\n[health]\ninterval_s = 1\n\n";
-
-fn words(from: usize, to: usize) -> String {
-    (from..to)
-        .map(|i| format!("w{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// A scratch folder whose think instance at `think` has a word-level
 /// tokenizer (in the scratch folder), and a 1,200-word text file in it.

@@ -92,14 +92,6 @@ fn one(pg: &PgServer, url: &str, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// Words `start..start+n` of a long text, for fragmented parents.
-fn words(start: usize, n: usize) -> String {
-    (start..start + n)
-        .map(|i| format!("w{i}"))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Three daemons share 6,000 jobs of both models, with fragmented parents
 /// and follow-ups. One is killed with `kill -9` and started again; another
 /// is killed for good, and its claims are taken over within the heartbeat
@@ -141,7 +133,7 @@ fn three_daemons_share_one_queue_through_crashes() {
     let mut parents = Vec::new();
     for p in 0..20 {
         let text = s.path().join(format!("doc-{p}.txt"));
-        std::fs::write(&text, words(p * 10_000, 1500)).unwrap();
+        std::fs::write(&text, common::words(p * 10_000, p * 10_000 + 1500)).unwrap();
         let out = s.json(&[
             "submit",
             "--model",

@@ -66,3 +66,16 @@ pub fn env_f64(name: &str, default: f64) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// `n` inline think prompts tagged `tag`, each its own payload.
+pub fn jobs(n: usize, tag: &str) -> Vec<feeder_actors::NewJob> {
+    (0..n)
+        .map(|i| {
+            feeder_actors::NewJob::new(
+                feeder_actors::ModelType::Think,
+                feeder_actors::Payload::Inline(format!("{{\"prompt\":\"{tag} {i}\"}}")),
+                format!("{tag}-{i}"),
+            )
+        })
+        .collect()
+}

@@ -454,3 +454,11 @@ pub fn word_tokenizer(dir: &Path, n: usize) -> PathBuf {
     std::fs::write(&path, tk.to_string()).unwrap();
     path
 }
+
+/// The words `w{from}` … `w{to-1}`, one space apart.
+pub fn words(from: usize, to: usize) -> String {
+    (from..to)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
 
 /// A running PostgreSQL server.
 pub struct PgServer {
@@ -247,24 +246,8 @@ impl PgServer {
                 "start",
             ],
         );
-        out.status.success() && self.answers(Duration::from_secs(30))
-    }
-
-    /// Polls the port until the server accepts connections.
-    fn answers(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            let ready = Command::new(self.bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .status()
-                .map(|s| s.success())
-                .unwrap_or_else(|_| std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok());
-            if ready {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        // `-w`: pg_ctl returns once the server accepts connections.
+        out.status.success()
     }
 
     /// Stops the server and removes its folder once this process is gone

@@ -1,5 +1,5 @@
-//! The listening connection: `LISTEN gpu_jobs`, kept up for as long as the
-//! store lives. Each notification from another connection moves the
+//! The listening connection: `LISTEN gpu_jobs`, kept up from the first read
+//! of the store's change token for as long as the store lives. Each notification from another connection moves the
 //! store's change token, so a row inserted by any program (the trigger in
 //! `migrations/postgres/0003_notify.sql` notifies for it) wakes the
 //! daemon's dispatchers at its next poll of the token, a round trip on
@@ -56,8 +56,10 @@ pub(super) async fn run(config: tokio_postgres::Config, shared: Arc<Shared>) {
                         // Whatever came in while nobody listened.
                         shared.notified.fetch_add(1, Ordering::SeqCst);
                         *shared.listener.lock().await = Some(client);
+                        shared.up.send_replace(true);
                         let why = driver.await.unwrap_or_else(|e| e.to_string());
                         *shared.listener.lock().await = None;
+                        shared.up.send_replace(false);
                         warn!(
                             "the connection listening for new jobs on {} ended ({why}); until it is back, the queue is polled every {} s",
                             shared.place,

@@ -14,7 +14,7 @@
 //!   past its timeout has its claims taken back by the others
 //!   (`reclaim_expired`).
 //! - **Wake-ups** come by `LISTEN gpu_jobs` on a connection of its own
-//!   ([`listen`]): a trigger notifies for every row that becomes
+//!   ([`listen`], opened by the first read of the change token): a trigger notifies for every row that becomes
 //!   claimable, written by anyone. The change token counts the
 //!   notifications from other connections; while the listening connection
 //!   is down it moves every few seconds instead (a slow poll).
@@ -228,6 +228,8 @@ struct Shared {
     /// The listening connection, while it is up: a round trip on it
     /// delivers every notification sent before.
     listener: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+    /// Whether the listening connection is up.
+    up: tokio::sync::watch::Sender<bool>,
     /// When the slow poll last moved the token.
     last_tick: Mutex<Instant>,
     /// Since when, and why, the server cannot be reached.
@@ -302,7 +304,10 @@ pub struct PgStore {
     clock: Clock,
     patience: Patience,
     shared: Arc<Shared>,
-    listen: Option<tokio::task::JoinHandle<()>>,
+    /// Where the listening connection goes.
+    config: tokio_postgres::Config,
+    /// The task keeping it up, once someone asked for the change token.
+    listen: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -316,7 +321,12 @@ impl std::fmt::Debug for PgStore {
 
 impl Drop for PgStore {
     fn drop(&mut self) {
-        if let Some(task) = self.listen.take() {
+        if let Some(task) = self
+            .listen
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             task.abort();
         }
     }
@@ -352,6 +362,7 @@ impl PgStore {
             own_pids: Mutex::new(HashSet::new()),
             notified: AtomicI64::new(0),
             listener: tokio::sync::Mutex::new(None),
+            up: tokio::sync::watch::Sender::new(false),
             last_tick: Mutex::new(Instant::now()),
             down: Mutex::new(None),
             back_at: Mutex::new(None),
@@ -390,14 +401,14 @@ impl PgStore {
         let mut client = pool.get().await.map_err(|e| connect_error(&place, &e))?;
         let report = migrate::migrate(&mut client, &place).await?;
         drop(client);
-        let listen = Some(tokio::spawn(listen::run(config, shared.clone())));
         Ok((
             PgStore {
                 pool,
                 clock,
                 patience,
                 shared,
-                listen,
+                config,
+                listen: Mutex::new(None),
             },
             report,
         ))
@@ -474,6 +485,28 @@ impl PgStore {
                 .await?
                 .map(|r| r.get(0)))
         })
+    }
+
+    /// Starts the listening connection unless it runs: only a store whose
+    /// change token is read (the daemon's queue) needs one, so the command
+    /// line and the admin endpoint's reads open none.
+    fn ensure_listening(&self) {
+        let mut task = self.listen.lock().unwrap_or_else(|e| e.into_inner());
+        if task.is_none() {
+            *task = Some(tokio::spawn(listen::run(
+                self.config.clone(),
+                self.shared.clone(),
+            )));
+        }
+    }
+
+    /// Returns once the listening connection is up (starting it if needed):
+    /// from then on, every row another connection makes claimable moves
+    /// the change token.
+    pub async fn listening(&self) {
+        self.ensure_listening();
+        let mut up = self.shared.up.subscribe();
+        let _ = up.wait_for(|up| *up).await;
     }
 
     /// Where the server is, for messages.
@@ -1379,6 +1412,7 @@ impl JobStore for PgStore {
     }
 
     async fn change_token(&self) -> StoreResult<Option<i64>> {
+        self.ensure_listening();
         let listener = self.shared.listener.lock().await;
         match listener.as_ref().filter(|c| !c.is_closed()) {
             Some(client) => {
