@@ -490,14 +490,17 @@ impl PgStore {
     /// Starts the listening connection unless it runs: only a store whose
     /// change token is read (the daemon's queue) needs one, so the command
     /// line and the admin endpoint's reads open none.
-    fn ensure_listening(&self) {
+    /// Says whether it started it now.
+    fn ensure_listening(&self) -> bool {
         let mut task = self.listen.lock().unwrap_or_else(|e| e.into_inner());
-        if task.is_none() {
-            *task = Some(tokio::spawn(listen::run(
-                self.config.clone(),
-                self.shared.clone(),
-            )));
+        if task.is_some() {
+            return false;
         }
+        *task = Some(tokio::spawn(listen::run(
+            self.config.clone(),
+            self.shared.clone(),
+        )));
+        true
     }
 
     /// Returns once the listening connection is up (starting it if needed):
@@ -1412,7 +1415,13 @@ impl JobStore for PgStore {
     }
 
     async fn change_token(&self) -> StoreResult<Option<i64>> {
-        self.ensure_listening();
+        if self.ensure_listening() {
+            // The first token counts from a connection that listens, so
+            // that no commit after it goes unseen (the slow poll covers a
+            // server that will not let it listen).
+            let mut up = self.shared.up.subscribe();
+            let _ = tokio::time::timeout(SLOW_POLL, up.wait_for(|up| *up)).await;
+        }
         let listener = self.shared.listener.lock().await;
         match listener.as_ref().filter(|c| !c.is_closed()) {
             Some(client) => {
