@@ -292,3 +292,44 @@ fn a_crash_looping_server_is_failed_and_its_jobs_wait() {
     );
     assert_eq!(s.count("pending"), 3);
 }
+
+#[test]
+fn a_killed_servers_own_children_do_not_outlive_it() {
+    // vLLM's API server runs its engine in child processes that a `kill -9`
+    // of the server leaves behind; here a shell starts such a child in the
+    // server's process group, then becomes the simulated server.
+    let admin = free_port();
+    let s = Scratch::new(&settings(admin, ""));
+    let child_pid = s.path().join("engine.pid");
+    let script = format!(
+        "sleep 600 & echo $! > '{}'; exec \"$0\" sim \"$@\"",
+        child_pid.display()
+    );
+    let config = std::fs::read_to_string(s.config()).unwrap()
+        + &format!(
+            "[[instances]]\nname = \"think\"\nmodel_type = \"think\"\nbackend = \"process\"\n\
+             port = {}\nserved_model_name = \"sim-think\"\n\
+             command = [\"/bin/sh\", \"-c\", {script:?}, \"{}\"]\nmax_tokens = 16\n\n",
+            free_port(),
+            bin()
+        );
+    std::fs::write(s.config(), config).unwrap();
+    let _servers = ProcessServers(s.path().join("servers"));
+    let _d = DaemonProcess::start(&s, "daemon");
+    wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
+    let engine: u32 = std::fs::read_to_string(&child_pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(engine));
+    kill9(pid_of(&s, "think"));
+    wait_for("relaunched", LIMIT, || {
+        s.instance("think")
+            .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)
+    });
+    assert!(
+        !alive(engine),
+        "the dead server's child was killed before the relaunch"
+    );
+}

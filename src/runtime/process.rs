@@ -27,6 +27,10 @@ use crate::config::InstanceConfig;
 /// How often an adopted process (not our child) is checked for having exited.
 const POLL: Duration = Duration::from_millis(200);
 
+/// How long the processes left in a dead server's group get to die of
+/// SIGKILL before the exit is reported anyway.
+const GROUP_GONE: Duration = Duration::from_secs(10);
+
 /// What the pid file holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct PidFile {
@@ -110,6 +114,36 @@ fn alive(pid: u32, started: u64) -> bool {
 fn signal_group(pid: u32, sig: Signal) {
     if let Ok(p) = i32::try_from(pid) {
         let _ = killpg(Pid::from_raw(p), sig);
+    }
+}
+
+/// Whether any process is left in the group that `pid` led.
+fn group_alive(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|p| killpg(Pid::from_raw(p), None).is_ok())
+}
+
+/// Kills what is left of a server's process group once its leader is gone.
+///
+/// vLLM's API server runs its engine in child processes (`EngineCore`, its
+/// workers) that outlive a `kill -9` or a crash of the server: left alone
+/// they hold the model's memory (on a GPU, the very memory the relaunch
+/// needs) and compute for nobody. The group's id stays the dead leader's
+/// pid, and Linux does not hand that pid to a new process while the group
+/// has members, so the signal reaches only what the server started.
+async fn kill_leftovers(pid: u32) {
+    if !group_alive(pid) {
+        return;
+    }
+    signal_group(pid, Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + GROUP_GONE;
+    while group_alive(pid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if group_alive(pid) {
+        tracing::warn!(
+            pid,
+            "processes of the server's group {pid} outlived SIGKILL for {GROUP_GONE:?}"
+        );
     }
 }
 
@@ -219,6 +253,7 @@ impl ContainerRuntime for ProcessRuntime {
         let pid = parse_pid(id)?;
         let Some(started) = start_time(pid) else {
             self.forget(pid);
+            kill_leftovers(pid).await;
             return Ok(());
         };
         signal_group(pid, Signal::SIGTERM);
@@ -235,6 +270,7 @@ impl ContainerRuntime for ProcessRuntime {
             }
         }
         self.forget(pid);
+        kill_leftovers(pid).await;
         Ok(())
     }
 
@@ -251,13 +287,15 @@ impl ContainerRuntime for ProcessRuntime {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&pid);
         if let Some(mut child) = child {
-            return match child.wait().await {
+            let exit = match child.wait().await {
                 Ok(status) => describe(status),
                 Err(e) => Exit {
                     code: None,
                     detail: format!("could not be waited for: {e}"),
                 },
             };
+            kill_leftovers(pid).await;
+            return exit;
         }
         // Adopted from an earlier run: not our child, so poll.
         let Some(started) = start_time(pid) else {
@@ -269,6 +307,7 @@ impl ContainerRuntime for ProcessRuntime {
         while alive(pid, started) {
             tokio::time::sleep(POLL).await;
         }
+        kill_leftovers(pid).await;
         Exit {
             code: None,
             detail: "exited (adopted from an earlier run, so its exit code is unknown)".into(),

@@ -7,6 +7,7 @@ pub mod docker;
 pub mod openai_like;
 pub mod pg;
 pub mod sim;
+pub mod vllm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
