@@ -27,6 +27,14 @@ use common::{free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
 const START: Duration = Duration::from_secs(600);
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// One test at a time: a CPU vLLM's engine spins on its queues, so the three
+/// servers of two tests on two cores slow each other more than running the
+/// tests side by side saves.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn settings(admin: u16, keep: bool) -> String {
     format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n\
@@ -39,11 +47,7 @@ fn settings(admin: u16, keep: bool) -> String {
 
 /// A `process` instance running the real vLLM on `model`.
 fn instance(name: &str, model_type: &str, model: &Path, port: u16, extra: &str) -> String {
-    let command: Vec<String> = vllm()
-        .command()
-        .iter()
-        .map(|a| format!("{a:?}"))
-        .collect();
+    let command: Vec<String> = vllm().command().iter().map(|a| format!("{a:?}")).collect();
     let mut args: Vec<String> = vllm::base_args().iter().map(|a| format!("{a:?}")).collect();
     args.extend(["\"--max-num-seqs\"".into(), "\"16\"".into()]);
     let env: Vec<String> = vllm::ENV
@@ -120,6 +124,7 @@ fn result_doc(job: &serde_json::Value) -> serde_json::Value {
 
 #[test]
 fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
+    let _one = one_at_a_time();
     let v = vllm();
     let admin = free_port();
     let port = free_port();
@@ -207,12 +212,16 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
 
     // The window's signals come from vLLM's /metrics.
     submit_jsonl(&s, "think", "b", &prompts("b", 150, 48));
-    wait_for("the window reads vLLM's metrics while it runs", LIMIT, || {
-        s.instance("think").is_some_and(|i| {
-            i["window_signals"]["running"].as_f64() > Some(0.0)
-                && i["window_signals"]["kv_cache_tokens"].as_f64() > Some(0.0)
-        })
-    });
+    wait_for(
+        "the window reads vLLM's metrics while it runs",
+        LIMIT,
+        || {
+            s.instance("think").is_some_and(|i| {
+                i["window_signals"]["running"].as_f64() > Some(0.0)
+                    && i["window_signals"]["kv_cache_tokens"].as_f64() > Some(0.0)
+            })
+        },
+    );
     let metrics = vllm::get(&url, "/metrics").unwrap().1;
     let i = s.instance("think").unwrap();
     let info = metrics
@@ -232,7 +241,9 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         "{i}"
     );
     assert!(
-        i["window_signals"]["prefix_cache_hit_rate"].as_f64().is_some(),
+        i["window_signals"]["prefix_cache_hit_rate"]
+            .as_f64()
+            .is_some(),
         "vLLM's prefix counters are read: {i}"
     );
     assert!(
@@ -286,10 +297,15 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     let pid = pid_of(&s, "think");
     d.term();
     assert_eq!(d.wait_exit(LIMIT), Some(0), "{}", d.log());
-    assert!(alive(pid), "vLLM outlives the daemon (keep_servers_on_exit)");
+    assert!(
+        alive(pid),
+        "vLLM outlives the daemon (keep_servers_on_exit)"
+    );
     let restarted = Instant::now();
     let d2 = DaemonProcess::start(&s, "daemon-2");
-    wait_for("adopted and ready", LIMIT, || s.instance_is("think", "ready"));
+    wait_for("adopted and ready", LIMIT, || {
+        s.instance_is("think", "ready")
+    });
     eprintln!(
         "figure: daemon restart → adopted vLLM ready in {:.1} s",
         restarted.elapsed().as_secs_f64()
@@ -325,15 +341,22 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     );
 }
 
-fn png(path: &Path, w: u32, h: u32) {
+/// A page image of its own (`seed` tells pages apart: an identical image
+/// would be the same job).
+fn png(path: &Path, w: u32, h: u32, seed: u32) {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+        image::Rgb([
+            (x % 256) as u8,
+            (y % 256) as u8,
+            ((x + y + seed) % 256) as u8,
+        ])
     });
     img.save(path).unwrap();
 }
 
 #[test]
 fn the_default_two_model_setup_runs_on_vllm() {
+    let _one = one_at_a_time();
     let v = vllm();
     let admin = free_port();
     let s = Scratch::new(
@@ -344,9 +367,15 @@ fn the_default_two_model_setup_runs_on_vllm() {
                 "vision",
                 &v.qwen2_vl(),
                 free_port(),
-                "ocr_prompt = \"Read the text.\"",
+                "ocr_prompt = \"Read the text.\"\ngpu_memory_utilization = 0.45",
             )
-            + &instance("think", "think", &v.llama(), free_port(), "")),
+            + &instance(
+                "think",
+                "think",
+                &v.llama(),
+                free_port(),
+                "gpu_memory_utilization = 0.45",
+            )),
     );
     let _servers = ProcessServers(s.path().join("servers"));
     let _d = DaemonProcess::start(&s, "daemon");
@@ -355,13 +384,19 @@ fn the_default_two_model_setup_runs_on_vllm() {
     let mut pages = Vec::new();
     for i in 0..3 {
         let p = s.stage().join(format!("page-{i}.png"));
-        png(&p, 600, 400);
+        png(&p, 600, 400, i);
         pages.push(p);
     }
     let big = s.stage().join("scan.png");
-    png(&big, 1200, 1200);
+    png(&big, 1200, 1200, 99);
     for p in &pages {
-        let r = s.run(&["submit", "--model", "vision", "--image", p.to_str().unwrap()]);
+        let r = s.run(&[
+            "submit",
+            "--model",
+            "vision",
+            "--image",
+            p.to_str().unwrap(),
+        ]);
         assert_eq!(r.code(), 0, "{}", r.stderr());
     }
     let out = s.json(&[
@@ -397,7 +432,9 @@ fn the_default_two_model_setup_runs_on_vllm() {
     // more prompt tokens than its short text prompt alone.
     let vision: Vec<&serde_json::Value> = jobs
         .iter()
-        .filter(|j| j["model_type"] == "vision" && j["parent_id"].is_null() && j["id"] != parent.as_str())
+        .filter(|j| {
+            j["model_type"] == "vision" && j["parent_id"].is_null() && j["id"] != parent.as_str()
+        })
         .collect();
     assert_eq!(vision.len(), 3, "{vision:?}");
     for j in &vision {
