@@ -112,8 +112,9 @@ async fn beyond_max_num_queued_reqs_the_server_answers_503() {
     .await
     .unwrap();
     let url = sim.url();
-    // One runs (for minutes of decoding), so that the queue is what counts.
-    let long = tokio::spawn(chat(&url, "long", 100_000));
+    // One runs (for minutes of decoding), so that the queue is what counts;
+    // it fits in the KV cache (one that could not would be refused).
+    let long = tokio::spawn(chat(&url, "long", 90_000));
     poll_until("the long request runs", async || {
         sample(&metrics(&sim).await, "vllm:num_requests_running") == 1.0
     })
@@ -153,4 +154,143 @@ async fn without_the_engine_model_a_request_takes_its_fixed_latency() {
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert!(body["usage"]["completion_tokens"].as_u64().unwrap() < 50);
     assert!(!metrics(&sim).await.contains("vllm:num_preemptions_total"));
+}
+
+/// A tokenizer.json of whole words (anything else is `[UNK]`), with
+/// ChatML's markers as special tokens and a BOS its post-processor puts in
+/// front, as a Llama-3-style tokenizer does.
+const WORDS_TOKENIZER: &str = r#"{
+  "version": "1.0",
+  "truncation": null,
+  "padding": null,
+  "added_tokens": [
+    {"id": 5, "content": "<|im_start|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 6, "content": "<|im_end|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+    {"id": 7, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+  ],
+  "normalizer": null,
+  "pre_tokenizer": {"type": "Whitespace"},
+  "post_processor": {
+    "type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+    "special_tokens": {"<s>": {"id": "<s>", "ids": [7], "tokens": ["<s>"]}}
+  },
+  "decoder": null,
+  "model": {
+    "type": "WordLevel",
+    "vocab": {"[UNK]": 0, "user": 1, "hello": 2, "world": 3, "assistant": 4, "<|im_start|>": 5, "<|im_end|>": 6, "<s>": 7, "system": 8},
+    "unk_token": "[UNK]"
+  }
+}"#;
+
+async fn chat_messages(url: &str, messages: Value, max_tokens: u32) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&serde_json::json!({"model": "sim", "messages": messages, "max_tokens": max_tokens}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn with_the_models_tokenizer_prompt_tokens_are_counted_over_the_chat_template() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), WORDS_TOKENIZER).unwrap();
+    for kv in [Some(10_000), None] {
+        let sim = sim::start(SimConfig {
+            kv_cache_tokens: kv,
+            time_scale: 20.0,
+            // A folder names its tokenizer.json, as vLLM's --tokenizer does.
+            tokenizer: Some(dir.path().to_path_buf()),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        // <s> <|im_start|> user hello world <|im_end|> <|im_start|> assistant
+        let a = chat(&sim.url(), "hello world", 3).await;
+        let body: Value = a.json().await.unwrap();
+        assert_eq!(body["usage"]["prompt_tokens"], 8, "engine model {kv:?}");
+        // Each message adds its markers and its role; unknown words count.
+        let a = chat_messages(
+            &sim.url(),
+            serde_json::json!([
+                {"role": "system", "content": "hello there"},
+                {"role": "user", "content": [{"type": "text", "text": "world"}]},
+            ]),
+            3,
+        )
+        .await;
+        let body: Value = a.json().await.unwrap();
+        assert_eq!(
+            body["usage"]["prompt_tokens"],
+            1 + 5 + 4 + 2,
+            "engine model {kv:?}"
+        );
+    }
+    let missing = sim::start(SimConfig {
+        tokenizer: Some(dir.path().join("absent.json")),
+        ..SimConfig::default()
+    })
+    .await;
+    let e = missing.err().expect("a missing tokenizer is an error");
+    assert!(e.to_string().contains("absent.json"), "{e}");
+}
+
+#[tokio::test]
+async fn vllms_block_count_flag_sizes_the_kv_cache() {
+    let sim = sim::start(SimConfig {
+        num_gpu_blocks_override: Some(80),
+        block_size: 128,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let m = metrics(&sim).await;
+    let info = m
+        .lines()
+        .find(|l| l.starts_with("vllm:cache_config_info{"))
+        .unwrap();
+    assert!(info.contains("block_size=\"128\""), "{info}");
+    assert!(info.contains("num_gpu_blocks=\"80\""), "{info}");
+    // A request that could never fit in the 79 blocks vLLM would use (one
+    // is its null block) is refused at once.
+    let a = chat(&sim.url(), "short", 20_000).await;
+    assert_eq!(a.status(), 400);
+    let body: Value = a.json().await.unwrap();
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains(&(79 * 128).to_string()), "{msg}");
+}
+
+#[tokio::test]
+async fn the_prefix_cache_is_reset_on_request_in_dev_mode_only() {
+    let text = "a".repeat(2_000); // 500 tokens of text: 31 full blocks
+    for dev in [true, false] {
+        let sim = sim::start(SimConfig {
+            time_scale: 20.0,
+            dev_mode: Some(dev),
+            ..engine(100_000)
+        })
+        .await
+        .unwrap();
+        let hits = async || sample(&metrics(&sim).await, "vllm:prefix_cache_hits_total");
+        assert_eq!(chat(&sim.url(), &text, 2).await.status(), 200);
+        assert_eq!(hits().await, 0.0);
+        assert_eq!(chat(&sim.url(), &text, 2).await.status(), 200);
+        let after_repeat = hits().await;
+        assert!(after_repeat >= 480.0, "{after_repeat}");
+        let reset = reqwest::Client::new()
+            .post(format!("{}/reset_prefix_cache", sim.url()))
+            .send()
+            .await
+            .unwrap();
+        if !dev {
+            assert_eq!(reset.status(), 404, "as vLLM without VLLM_SERVER_DEV_MODE");
+            continue;
+        }
+        let body: Value = reset.json().await.unwrap();
+        assert_eq!(body["success"], true);
+        assert_eq!(chat(&sim.url(), &text, 2).await.status(), 200);
+        assert_eq!(hits().await, after_repeat, "nothing hit after the reset");
+    }
 }

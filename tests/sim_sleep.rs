@@ -145,7 +145,7 @@ async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     }))
     .await
     .unwrap();
-    let long = tokio::spawn(chat(&sim.url(), "long", 1_000_000));
+    let long = tokio::spawn(chat(&sim.url(), "long", 9_000));
     wait_in_flight(&sim, 1).await;
     assert_eq!(post(&sim, "/sleep?mode=abort", None).await.status(), 200);
     assert_eq!(content(long.await.unwrap()).await.1, "abort");

@@ -1,32 +1,55 @@
 //! The engine model behind `gpu-feeder sim --kv-cache-tokens N`: an
-//! iteration-level model of vLLM's scheduler, so that a simulated server
+//! iteration-level model of vLLM's V1 scheduler, so that a simulated server
 //! behaves like a real one under load. Throughput rises with the batch and
-//! flattens; the KV cache is finite, and past what fits requests are
-//! preempted and recomputed; repeated prompt prefixes hit the prefix cache.
+//! flattens; the KV cache is finite, and past what fits requests wait or
+//! are preempted and recomputed; repeated prompt prefixes hit the prefix
+//! cache.
 //!
 //! The model is pure: [`Engine::step`] runs one iteration and says how long
 //! it took in engine time, and the server drives it against the clock. Each
-//! step, as vLLM's V1 scheduler does:
-//! 1. every running request that has finished its prefill decodes one token
-//!    (one token of the step's budget each), in admission order; a request
-//!    that needs a new KV block when none is free preempts the most recently
-//!    admitted running request (its blocks are freed and it goes back to the
-//!    head of the queue, to compute its prompt and its output so far again);
-//! 2. running requests still in prefill get the next chunk of it, as far as
-//!    the budget (`max_num_batched_tokens`) goes (chunked prefill);
-//! 3. waiting requests are admitted first come first served while fewer
-//!    than `max_num_seqs` run, the budget lasts and blocks are free for
-//!    their first chunk; a full prompt block already in the prefix cache is
-//!    not computed again.
+//! step does what `Scheduler.schedule` of vLLM 0.32 does (with its default
+//! FCFS policy, no speculative decoding, no KV connector):
+//! 1. Running requests, in admission order, are each scheduled for the
+//!    tokens they lack, as far as the step's budget
+//!    (`max_num_batched_tokens`) goes: one token for a request that decodes,
+//!    the next chunk for one in prefill (chunked prefill). A request that
+//!    needs a KV block when none is free preempts the most recently admitted
+//!    running request (its blocks are freed and it goes back to the head of
+//!    the queue, to compute its prompt and its output so far again); when
+//!    that is itself, no further running request is scheduled.
+//! 2. Unless the step preempted a request, waiting requests are admitted
+//!    first come first served while fewer than `max_num_seqs` run and the
+//!    budget lasts, each only when blocks for *all* its tokens are free
+//!    (vLLM's `scheduler_reserve_full_isl`, on by default), not only for
+//!    its first chunk. Its leading full blocks found in the prefix cache are
+//!    reused (never its last token, which must be computed to sample).
+//! 3. A request whose computed tokens reach its tokens samples one; a
+//!    request that has generated its `max_tokens` leaves and frees its blocks.
+//!
+//! The KV cache is a pool of blocks that reuses and evicts them in vLLM's
+//! order (`blocks.rs`): that order decides the prefix hit rate. As in vLLM,
+//! one of the blocks is the null block and holds no request's tokens: a
+//! cache of 80 blocks of 128 tokens holds 79 × 128. A request
+//! that arrives while a step runs waits for it to end before the engine
+//! takes it in, as vLLM's engine core takes new requests between steps: its
+//! time to first token and its latency count that wait (from its arrival),
+//! its queue time does not (from the engine's intake to its first step,
+//! as `vllm:request_queue_time_seconds`).
 //!
 //! Step time = `step_ms` + `step_ms_per_seq` × requests in the step +
-//! `prefill_ms_per_1k` × prefill tokens in the step / 1000. A request whose
-//! prefill completes in a step also samples its first token in that step.
-//! Every request generates exactly its `max_tokens`.
+//! `prefill_ms_per_1k` × prefill tokens in the step / 1000 (every token a
+//! request computes in the step, unless it only decodes one) +
+//! `step_ms_per_1k_context` × the context its requests attend over / 1000
+//! (their computed tokens, prompt and output: each request's KV cache is
+//! read every step, so long contexts slow decoding). Every request
+//! generates exactly its `max_tokens`.
 //!
-//! The defaults model an 8B-parameter model in bf16 (Llama-3.1-8B: 32
-//! layers, 8 KV heads of 128 dimensions, so 128 KiB of KV cache per token)
-//! on one H100 SXM:
+//! # Calibrations
+//!
+//! ## An 8B model on one H100 (the defaults)
+//!
+//! Llama-3.1-8B in bf16 (32 layers, 8 KV heads of 128 dimensions, so 128 KiB
+//! of KV cache per token) on one H100 SXM, derived from published figures:
 //! - `step_ms` = 6.5: decoding is bound by reading the 16 GB of weights
 //!   once per step; at the H100 SXM's 3.35 TB/s that is 4.8 ms, and measured
 //!   decode runs at about 77 % of the memory roofline (75 tokens/s at one
@@ -40,14 +63,51 @@
 //!   `--gpu-memory-utilization` 0.9, less 16 GB of weights and a few GB of
 //!   activations, leaves about 50 GB, some 400,000 tokens.
 //! - `max_num_batched_tokens` = 8192 and `block_size` = 16 are vLLM's
-//!   defaults; `max_num_seqs` is 256 (1024 on an H100 by vLLM's defaults).
+//!   defaults on an H100; `max_num_seqs` is 256 (vLLM's is 1024 there).
+//!
+//! `step_ms_per_1k_context` is 0: `step_ms_per_seq` stands for a request's
+//! KV cache read at a typical context.
+//!
+//! ## vLLM's CPU build on two cores ([`EngineConfig::cpu`])
+//!
+//! Fitted by `benches/fidelity.rs` to vLLM 0.32.0's CPU build serving a
+//! tiny random-weight Llama (2 layers, hidden 256, bf16) on a machine of
+//! two cores, vLLM's model worker bound to one, its API server, its engine
+//! core and the benchmark's clients sharing the other (load average 2–6
+//! from other work); each figure is the mean of two runs' fits, which
+//! differed by 1 to 20 %. The fit makes the simulator's closed-loop
+//! throughput match vLLM's as its clients see it, over four sweeps (short
+//! and long prompts and outputs, 1 to 64 requests at once), so what vLLM's
+//! frontend adds to a request or a token is in the figures too:
+//! - `step_ms` = 2.09: a step's fixed cost, mostly Python around a forward
+//!   pass that takes little for so small a model (vLLM's mean inter-token
+//!   latency of one request alone: 1.9–2.4 ms).
+//! - `step_ms_per_seq` = 0.07 per request in the step.
+//! - `prefill_ms_per_1k` = 30.6: vLLM's own prefill times of one request
+//!   agree (`vllm:request_prefill_time_seconds`: 17.5 ms for 400 tokens,
+//!   27.6 ms for 800); past 1,000 tokens attention makes them grow faster.
+//! - `step_ms_per_1k_context` = 0.25 per 1,000 tokens of context read (the
+//!   CPU's paged attention): twelve requests decoding at ≈500 tokens of
+//!   context step 1.2 ms slower than at ≈100; vLLM's inter-token latency in
+//!   such a pair of runs rose by 1.3–2 ms more than their extra prefill
+//!   explains.
+//! - blocks of 128 tokens, `max_num_batched_tokens` 2048 and
+//!   `max_num_seqs` 128 are vLLM's defaults on a CPU (its CPU platform's
+//!   block size, its API server's batch defaults there).
+//!
+//! They describe that machine, not CPUs in general: the benchmark refits
+//! them wherever it runs and prints both.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use super::blocks::BlockPool;
+pub use super::stats::{EngineStats, Histogram, LATENCY_BUCKETS};
 
 /// The engine's settings (see the module docs for the defaults' sources).
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineConfig {
-    /// KV cache capacity in tokens.
+    /// KV cache in tokens: blocks of `block_size`, one of them vLLM's null
+    /// block.
     pub kv_cache_tokens: u64,
     /// Tokens per KV block.
     pub block_size: u32,
@@ -61,7 +121,10 @@ pub struct EngineConfig {
     pub step_ms_per_seq: f64,
     /// Per 1,000 prefill tokens in the step, in milliseconds.
     pub prefill_ms_per_1k: f64,
-    /// Reuse full prompt blocks already computed.
+    /// Per 1,000 tokens of KV cache the step's requests attend over, in
+    /// milliseconds: reading each request's context every step.
+    pub step_ms_per_1k_context: f64,
+    /// Reuse full blocks already computed.
     pub prefix_caching: bool,
     /// Beyond this many waiting, new requests are refused (503).
     pub max_num_queued_reqs: Option<usize>,
@@ -77,8 +140,28 @@ impl Default for EngineConfig {
             step_ms: 6.5,
             step_ms_per_seq: 0.05,
             prefill_ms_per_1k: 32.0,
+            step_ms_per_1k_context: 0.0,
             prefix_caching: true,
             max_num_queued_reqs: None,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The profile fitted to vLLM's CPU build serving a tiny model on two
+    /// cores (see the module docs for where each figure comes from), with
+    /// `num_blocks` KV blocks of 128 tokens.
+    pub fn cpu(num_blocks: u64) -> Self {
+        EngineConfig {
+            kv_cache_tokens: num_blocks * 128,
+            block_size: 128,
+            max_num_seqs: 128,
+            max_num_batched_tokens: 2048,
+            step_ms: 2.09,
+            step_ms_per_seq: 0.07,
+            prefill_ms_per_1k: 30.6,
+            step_ms_per_1k_context: 0.25,
+            ..EngineConfig::default()
         }
     }
 }
@@ -95,6 +178,21 @@ pub struct EngineRequest {
     pub max_tokens: u32,
 }
 
+/// Why [`Engine::add`] refused a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// `max_num_queued_reqs` are waiting already (answer 503).
+    QueueFull,
+    /// Its prompt and output need more tokens than the whole KV cache holds,
+    /// so it could never finish (vLLM refuses it for `max_model_len`: 400).
+    TooLong {
+        /// Prompt plus output tokens.
+        tokens: u64,
+        /// Tokens the KV cache holds.
+        capacity: u64,
+    },
+}
+
 /// A request that finished in a step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Finished {
@@ -108,7 +206,8 @@ pub struct Finished {
     pub ttft: f64,
     /// Arrival to last token, engine seconds.
     pub e2e: f64,
-    /// Arrival to first scheduled, engine seconds.
+    /// Taken in (the end of the step it arrived in) to first scheduled,
+    /// engine seconds.
     pub queued: f64,
     /// Prompt tokens served from the prefix cache (at its first admission).
     pub cached_tokens: u32,
@@ -125,124 +224,74 @@ pub struct Step {
     pub batch: usize,
     /// Prefill tokens computed in it.
     pub prefill_tokens: u32,
+    /// Tokens of KV cache its requests attend over (their computed tokens).
+    pub context_tokens: u64,
+    /// Requests preempted in it.
+    pub preempted: u32,
+    /// Requests admitted from the queue in it.
+    pub admitted: u32,
     /// Requests that finished, with their timings.
     pub finished: Vec<Finished>,
     /// Requests that sampled their first token in it.
     pub first_tokens: Vec<u64>,
 }
 
-/// Counters and histograms, with vLLM's meanings.
-#[derive(Clone, Debug, Default)]
-pub struct EngineStats {
-    /// `vllm:num_preemptions_total`.
-    pub preemptions: u64,
-    /// `vllm:prompt_tokens_total`: prompt tokens of requests that started.
-    pub prompt_tokens: u64,
-    /// `vllm:generation_tokens_total`.
-    pub generation_tokens: u64,
-    /// `vllm:request_success_total`.
-    pub successes: u64,
-    /// `vllm:prefix_cache_queries_total`, in tokens.
-    pub prefix_queries: u64,
-    /// `vllm:prefix_cache_hits_total`, in tokens.
-    pub prefix_hits: u64,
-    /// `vllm:time_to_first_token_seconds`.
-    pub ttft: Histogram,
-    /// `vllm:e2e_request_latency_seconds`.
-    pub e2e: Histogram,
-    /// `vllm:request_queue_time_seconds`.
-    pub queue_time: Histogram,
-}
-
-/// A Prometheus histogram with fixed buckets (seconds).
-#[derive(Clone, Debug)]
-pub struct Histogram {
-    /// Upper bounds.
-    pub bounds: &'static [f64],
-    /// Observations at or below each bound (not cumulative).
-    pub counts: Vec<u64>,
-    /// Sum of the observations.
-    pub sum: f64,
-    /// Number of observations.
-    pub count: u64,
-}
-
-/// The buckets vLLM uses for its latency histograms (a subset).
-pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-];
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            bounds: LATENCY_BUCKETS,
-            counts: vec![0; LATENCY_BUCKETS.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&mut self, v: f64) {
-        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
-            self.counts[i] += 1;
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-}
-
-/// One physical KV block.
-#[derive(Clone, Debug, Default)]
-struct Block {
-    /// Requests holding it.
-    refs: u32,
-    /// The hash of the full prompt block it holds, once computed.
-    hash: Option<u64>,
-    /// Bumped whenever it leaves the free queue, so stale entries are skipped.
-    generation: u64,
-}
-
-/// What a request does in the step under way.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    /// Not scheduled.
-    Idle,
-    /// Computes a chunk of its prefill, not the last.
-    Prefill,
-    /// Computes the last chunk of its prefill and samples its first token.
-    LastPrefill,
-    /// Decodes: computes the token sampled last and samples the next.
-    Decode,
-}
-
 /// A request inside the engine.
 #[derive(Debug)]
 struct Seq {
     req: EngineRequest,
-    /// Hashes of the prompt's full blocks, chained.
-    block_hashes: Vec<u64>,
-    /// Tokens whose KV is in the cache (prompt, then output).
+    /// Hashes of its full blocks (prompt, then output), chained; extended
+    /// as its tokens fill blocks.
+    hashes: Vec<u64>,
+    /// Tokens whose KV is computed (or scheduled to be, in the step under way).
     computed: u32,
-    /// Tokens its prefill must compute: the prompt and, after a
-    /// preemption, the output so far.
-    target: u32,
-    /// Its prefill is done: it decodes.
-    prefilled: bool,
     /// Tokens generated so far (kept across a preemption).
     generated: u32,
+    /// Its leading blocks already committed to the prefix cache.
+    committed: usize,
     /// The blocks it holds, in order.
     blocks: Vec<usize>,
-    /// Its part in the step under way.
-    role: Role,
+    /// Tokens it computes in the step under way (0: not scheduled).
+    scheduled: u32,
+    /// In the step under way it only computes the token it sampled last.
+    decoding: bool,
+    /// When it arrived (time to first token and latency count from here).
     arrived: f64,
+    /// When the engine took it in: the end of the step it arrived in
+    /// (queue time counts from here).
+    taken_in: f64,
     first_scheduled: Option<f64>,
     first_token: Option<f64>,
     cached_tokens: Option<u32>,
     preemptions: u32,
+}
+
+impl Seq {
+    /// Its tokens so far: the prompt and what it generated.
+    fn tokens(&self) -> u32 {
+        self.req.prompt.len() as u32 + self.generated
+    }
+
+    /// Token `i`: the prompt's, or a generated one (an id of its own, as
+    /// no other request generates the same text).
+    fn token(&self, i: usize) -> u64 {
+        match self.req.prompt.get(i) {
+            Some(t) => *t,
+            None => chain(self.req.id, &[i as u64]),
+        }
+    }
+
+    /// Makes sure the hashes of its first `n` full blocks are known.
+    fn hash_blocks(&mut self, n: usize, block_size: usize) {
+        while self.hashes.len() < n {
+            let k = self.hashes.len();
+            let prev = self.hashes.last().copied().unwrap_or(0);
+            let tokens: Vec<u64> = (k * block_size..(k + 1) * block_size)
+                .map(|i| self.token(i))
+                .collect();
+            self.hashes.push(chain(prev, &tokens));
+        }
+    }
 }
 
 /// Hash of a block given the hash of the block before it.
@@ -264,13 +313,9 @@ pub struct Engine {
     cfg: EngineConfig,
     /// Engine time now, seconds.
     now: f64,
-    blocks: Vec<Block>,
-    /// Blocks with no holder, least recently freed first (with the
-    /// generation they were freed at; stale entries are skipped).
-    free: VecDeque<(usize, u64)>,
-    free_count: usize,
-    /// Full prompt blocks computed, by hash.
-    cached: HashMap<u64, usize>,
+    pool: BlockPool,
+    /// Blocks in all, the null block among them (`num_gpu_blocks`).
+    num_blocks: usize,
     waiting: VecDeque<Seq>,
     /// In admission order.
     running: Vec<Seq>,
@@ -280,12 +325,12 @@ pub struct Engine {
 impl Engine {
     /// An idle engine at engine time 0.
     pub fn new(cfg: EngineConfig) -> Self {
-        let n = (cfg.kv_cache_tokens / cfg.block_size.max(1) as u64).max(1) as usize;
+        let n = (cfg.kv_cache_tokens / cfg.block_size.max(1) as u64).max(2) as usize;
         Engine {
-            blocks: vec![Block::default(); n],
-            free: (0..n).map(|i| (i, 0)).collect(),
-            free_count: n,
-            cached: HashMap::new(),
+            // vLLM keeps its first block as the null block (a placeholder
+            // that never holds a request's tokens): one block less to use.
+            pool: BlockPool::new(n - 1, cfg.prefix_caching),
+            num_blocks: n,
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats: EngineStats::default(),
@@ -299,7 +344,7 @@ impl Engine {
         &self.cfg
     }
 
-    /// Engine time now, seconds.
+    /// Engine time now, seconds: the end of the last step.
     pub fn now(&self) -> f64 {
         self.now
     }
@@ -309,12 +354,12 @@ impl Engine {
         self.now = self.now.max(t);
     }
 
-    /// Requests running.
+    /// Requests running (`vllm:num_requests_running`: those in prefill too).
     pub fn running(&self) -> usize {
         self.running.len()
     }
 
-    /// Requests waiting.
+    /// Requests waiting (preempted ones among them).
     pub fn waiting(&self) -> usize {
         self.waiting.len()
     }
@@ -324,9 +369,14 @@ impl Engine {
         !self.running.is_empty() || !self.waiting.is_empty()
     }
 
-    /// Share of the KV blocks held by requests, 0 to 1.
+    /// KV blocks in all (vLLM's `num_gpu_blocks`), the null block among them.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Share of the usable KV blocks held by requests, 0 to 1.
     pub fn kv_usage(&self) -> f64 {
-        1.0 - self.free_count as f64 / self.blocks.len() as f64
+        self.pool.usage()
     }
 
     /// The counters and histograms so far.
@@ -344,44 +394,54 @@ impl Engine {
             .chain(self.waiting.drain(..))
             .map(|s| s.req.id)
             .collect();
-        let n = self.blocks.len();
-        self.blocks = vec![Block::default(); n];
-        self.free = (0..n).map(|i| (i, 0)).collect();
-        self.free_count = n;
-        self.cached.clear();
+        self.pool.clear();
         ids
     }
 
-    /// Queues a request at engine time now; `Err` (to answer 503) when
-    /// `max_num_queued_reqs` are waiting already.
-    pub fn add(&mut self, req: EngineRequest) -> Result<(), EngineRequest> {
+    /// Forgets the prefix cache, as vLLM's `POST /reset_prefix_cache`
+    /// does; `false` (and nothing done) while requests hold blocks.
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        self.pool.reset_prefix_cache()
+    }
+
+    /// Queues a request arriving now. See [`Engine::add_at`].
+    pub fn add(&mut self, req: EngineRequest) -> Result<(), (EngineRequest, Rejected)> {
+        self.add_at(req, self.now)
+    }
+
+    /// Queues a request that arrived at engine time `arrived`: earlier than
+    /// [`Engine::now`] when it came in while the step that ends then ran;
+    /// the engine takes it in at [`Engine::now`], between steps.
+    /// Refused when `max_num_queued_reqs` are waiting, or when it could not
+    /// fit in the KV cache even alone.
+    pub fn add_at(
+        &mut self,
+        req: EngineRequest,
+        arrived: f64,
+    ) -> Result<(), (EngineRequest, Rejected)> {
         if self
             .cfg
             .max_num_queued_reqs
             .is_some_and(|n| self.waiting.len() >= n)
         {
-            return Err(req);
+            return Err((req, Rejected::QueueFull));
         }
-        let b = self.cfg.block_size.max(1) as usize;
-        let mut prev = 0;
-        let block_hashes = req
-            .prompt
-            .chunks_exact(b)
-            .map(|c| {
-                prev = chain(prev, c);
-                prev
-            })
-            .collect();
+        let tokens = req.prompt.len() as u64 + req.max_tokens.max(1) as u64;
+        let capacity = self.pool.len() as u64 * self.cfg.block_size.max(1) as u64;
+        if tokens > capacity {
+            return Err((req, Rejected::TooLong { tokens, capacity }));
+        }
         self.waiting.push_back(Seq {
-            target: req.prompt.len() as u32,
             req,
-            block_hashes,
+            hashes: Vec::new(),
             computed: 0,
-            prefilled: false,
             generated: 0,
+            committed: 0,
             blocks: Vec::new(),
-            role: Role::Idle,
-            arrived: self.now,
+            scheduled: 0,
+            decoding: false,
+            arrived: arrived.min(self.now),
+            taken_in: self.now,
             first_scheduled: None,
             first_token: None,
             cached_tokens: None,
@@ -390,66 +450,29 @@ impl Engine {
         Ok(())
     }
 
-    /// A free block, evicting the least recently freed cached one.
-    fn allocate(&mut self) -> Option<usize> {
-        while let Some((i, generation)) = self.free.pop_front() {
-            let block = &mut self.blocks[i];
-            if block.refs > 0 || block.generation != generation {
-                continue; // taken again from the cache since it was freed
-            }
-            if let Some(h) = block.hash.take() {
-                if self.cached.get(&h) == Some(&i) {
-                    self.cached.remove(&h);
-                }
-            }
-            block.refs = 1;
-            block.generation += 1;
-            self.free_count -= 1;
-            return Some(i);
-        }
-        None
-    }
-
-    fn release(&mut self, i: usize) {
-        let block = &mut self.blocks[i];
-        block.refs -= 1;
-        if block.refs == 0 {
-            block.generation += 1;
-            self.free.push_back((i, block.generation));
-            self.free_count += 1;
-        }
-    }
-
-    /// Takes a cached block for another holder.
-    fn reuse(&mut self, i: usize) {
-        let block = &mut self.blocks[i];
-        if block.refs == 0 {
-            block.generation += 1; // its free-queue entry is now stale
-            self.free_count -= 1;
-        }
-        block.refs += 1;
-    }
-
-    /// Frees every block of `seq` and resets its progress.
-    fn free_seq(&mut self, seq: &mut Seq) {
-        for i in std::mem::take(&mut seq.blocks) {
-            self.release(i);
-        }
-        seq.computed = 0;
-    }
-
-    /// Blocks `seq` needs to hold `tokens` tokens.
+    /// Blocks needed to hold `tokens` tokens.
     fn blocks_for(&self, tokens: u32) -> usize {
         tokens.div_ceil(self.cfg.block_size.max(1)) as usize
     }
 
-    /// Grows running request `r` to hold `tokens`, preempting the most
+    /// Commits the full blocks of running request `r` computed so far.
+    fn commit(&mut self, r: usize) {
+        let b = self.cfg.block_size.max(1) as usize;
+        let seq = &mut self.running[r];
+        let full = (seq.computed as usize / b).min(seq.blocks.len());
+        seq.hash_blocks(full, b);
+        for k in seq.committed..full {
+            self.pool.commit(seq.blocks[k], seq.hashes[k]);
+        }
+        seq.committed = seq.committed.max(full);
+    }
+
+    /// Grows running request `r` to `need` blocks, preempting the most
     /// recently admitted running requests while blocks are short. `false`
     /// when `r` itself had to be preempted.
-    fn grow(&mut self, r: usize, tokens: u32) -> bool {
-        let need = self.blocks_for(tokens);
+    fn grow(&mut self, r: usize, need: usize) -> bool {
         while self.running[r].blocks.len() < need {
-            match self.allocate() {
+            match self.pool.allocate() {
                 Some(b) => self.running[r].blocks.push(b),
                 None => {
                     let victim = self.running.len() - 1;
@@ -463,88 +486,81 @@ impl Engine {
         true
     }
 
+    /// Preemption by recompute: the request's blocks go back to the pool
+    /// (its committed ones stay cached until evicted) and it goes to the
+    /// head of the queue, to compute its prompt and its output so far again.
     fn preempt(&mut self, r: usize) {
         let mut seq = self.running.remove(r);
-        self.free_seq(&mut seq);
-        // Recomputed from scratch: its prompt and what it generated so far.
-        seq.prefilled = false;
-        seq.target = seq.req.prompt.len() as u32 + seq.generated;
-        seq.role = Role::Idle;
+        self.pool.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.computed = 0;
+        seq.committed = 0;
+        seq.scheduled = 0;
         seq.preemptions += 1;
         self.stats.preemptions += 1;
         self.waiting.push_front(seq);
     }
 
-    /// Registers the full prompt blocks of running request `r` computed so far.
-    fn register_blocks(&mut self, r: usize) {
-        if !self.cfg.prefix_caching {
-            return;
-        }
-        let b = self.cfg.block_size.max(1);
+    /// Schedules running request `r` for the tokens it lacks, as far as
+    /// `budget` goes; `None` when it was preempted for want of blocks.
+    fn schedule_running(&mut self, r: usize, budget: u32) -> Option<u32> {
         let seq = &self.running[r];
-        let full = (seq.computed.min(seq.req.prompt.len() as u32) / b) as usize;
-        let pairs: Vec<(u64, usize)> = (0..full.min(seq.blocks.len()))
-            .map(|k| (seq.block_hashes[k], seq.blocks[k]))
-            .collect();
-        for (h, i) in pairs {
-            if self.blocks[i].hash.is_none() {
-                self.blocks[i].hash = Some(h);
-                self.cached.entry(h).or_insert(i);
-            }
+        let new = (seq.tokens() - seq.computed).min(budget);
+        let need = self.blocks_for(seq.computed + new);
+        if !self.grow(r, need) {
+            return None;
         }
+        let seq = &mut self.running[r];
+        seq.decoding = new == 1 && seq.generated > 0 && seq.computed + 1 == seq.tokens();
+        seq.computed += new;
+        seq.scheduled = new;
+        self.commit(r);
+        Some(new)
     }
 
-    /// Admits the head of the queue if it fits; how many prefill tokens
-    /// it takes from `budget`.
+    /// Admits the head of the queue if it fits; how many tokens it takes
+    /// from `budget`. A hit in the prefix cache is reused (never the last
+    /// token: it must be computed to sample). As vLLM does by default
+    /// (`scheduler_reserve_full_isl`), the request is admitted only when
+    /// blocks for all its tokens are free, not only for its first chunk.
     fn admit(&mut self, budget: u32) -> Option<u32> {
         let b = self.cfg.block_size.max(1);
-        let head = self.waiting.front()?;
-        // Leading full prompt blocks already cached (the last prompt token
-        // is always computed, so a whole cached prompt still samples).
-        let mut hits = Vec::new();
-        if self.cfg.prefix_caching {
-            let usable = (head.req.prompt.len() as u32).saturating_sub(1) / b;
-            for h in head.block_hashes.iter().take(usable as usize) {
-                match self.cached.get(h) {
-                    Some(&i) => hits.push(i),
-                    None => break,
-                }
-            }
-        }
+        let head = self.waiting.front_mut()?;
+        let tokens = head.tokens();
+        let usable = ((tokens - 1) / b) as usize;
+        head.hash_blocks(usable, b as usize);
+        let hits = self.pool.lookup(&head.hashes[..usable]);
         let cached = hits.len() as u32 * b;
-        let chunk = (head.target - cached).min(budget);
-        let need = self.blocks_for(cached + chunk) - hits.len();
-        let reusable_free = hits.iter().filter(|i| self.blocks[**i].refs == 0).count();
-        if need + reusable_free > self.free_count {
+        let new = (tokens - cached).min(budget);
+        let evictable = self.pool.evictable(&hits);
+        let whole = self.blocks_for(tokens) - hits.len() + evictable;
+        if whole > self.pool.free() {
             return None;
         }
         let mut seq = self.waiting.pop_front().expect("checked above");
-        for i in hits {
-            self.reuse(i);
+        for &i in &hits {
+            self.pool.reuse(i);
+        }
+        seq.committed = hits.len();
+        seq.blocks = hits;
+        let fresh = self.blocks_for(cached + new) - seq.blocks.len();
+        for _ in 0..fresh {
+            let i = self.pool.allocate().expect("counted above");
             seq.blocks.push(i);
         }
-        for _ in 0..need {
-            let i = self.allocate().expect("counted above");
-            seq.blocks.push(i);
-        }
-        if seq.cached_tokens.is_none() {
+        if seq.preemptions == 0 {
             seq.cached_tokens = Some(cached);
-            self.stats.prefix_queries += seq.req.prompt.len() as u64;
+            self.stats.prefix_queries += tokens as u64;
             self.stats.prefix_hits += cached as u64;
             self.stats.prompt_tokens += seq.req.prompt.len() as u64;
         }
         seq.first_scheduled.get_or_insert(self.now);
-        seq.computed = cached + chunk;
-        seq.role = if seq.computed == seq.target {
-            seq.prefilled = true;
-            Role::LastPrefill
-        } else {
-            Role::Prefill
-        };
+        seq.computed = cached + new;
+        seq.scheduled = new;
+        seq.decoding = false;
         self.running.push(seq);
-        let r = self.running.len() - 1;
-        self.register_blocks(r);
-        Some(chunk)
+        self.commit(self.running.len() - 1);
+        Some(new)
     }
 
     /// Runs one iteration; `None` when there is nothing to do.
@@ -553,82 +569,56 @@ impl Engine {
             return None;
         }
         let mut budget = self.cfg.max_num_batched_tokens.max(1);
-        let mut prefill = 0u32;
         for seq in &mut self.running {
-            seq.role = Role::Idle;
+            seq.scheduled = 0;
+            seq.decoding = false;
         }
+        let preempted_before = self.stats.preemptions;
 
-        // 1. Decodes, in admission order.
+        // 1. Running requests in admission order, each for the tokens it
+        //    lacks: one to decode, or the next chunk of its prefill.
         let mut r = 0;
         while r < self.running.len() && budget > 0 {
-            if !self.running[r].prefilled {
-                r += 1;
-                continue;
+            match self.schedule_running(r, budget) {
+                Some(n) => budget -= n,
+                None => break, // it preempted itself: nothing left to free
             }
-            let tokens = self.running[r].computed + 1;
-            if !self.grow(r, tokens) {
-                continue; // r itself was preempted; the next one moved to r
-            }
-            budget -= 1;
-            self.running[r].role = Role::Decode;
             r += 1;
         }
-        // 2. Chunks of running prefills.
-        let mut r = 0;
-        while r < self.running.len() && budget > 0 {
-            let seq = &self.running[r];
-            if seq.prefilled || seq.role != Role::Idle {
-                r += 1;
-                continue;
-            }
-            let chunk = (seq.target - seq.computed).min(budget);
-            let tokens = seq.computed + chunk;
-            if !self.grow(r, tokens) {
-                continue;
-            }
-            let seq = &mut self.running[r];
-            seq.computed = tokens;
-            seq.role = if tokens == seq.target {
-                seq.prefilled = true;
-                Role::LastPrefill
-            } else {
-                Role::Prefill
-            };
-            budget -= chunk;
-            prefill += chunk;
-            self.register_blocks(r);
-            r += 1;
-        }
-        // 3. Admissions, first come first served.
-        while self.running.len() < self.cfg.max_num_seqs && budget > 0 {
-            let Some(chunk) = self.admit(budget) else {
+        let preempted = (self.stats.preemptions - preempted_before) as u32;
+        // 2. Waiting requests, first come first served, unless this step
+        //    had to preempt (vLLM admits none then).
+        let mut admitted = 0;
+        while preempted == 0 && self.running.len() < self.cfg.max_num_seqs && budget > 0 {
+            let Some(n) = self.admit(budget) else {
                 break;
             };
-            budget -= chunk;
-            prefill += chunk;
+            budget -= n;
+            admitted += 1;
         }
 
-        let batch = self.running.iter().filter(|s| s.role != Role::Idle).count();
+        let scheduled = self.running.iter().filter(|s| s.scheduled > 0);
+        let batch = scheduled.clone().count();
+        let context: u64 = scheduled.clone().map(|s| s.computed as u64).sum();
+        let prefill: u32 = scheduled.filter(|s| !s.decoding).map(|s| s.scheduled).sum();
         let duration = (self.cfg.step_ms
             + self.cfg.step_ms_per_seq * batch as f64
-            + self.cfg.prefill_ms_per_1k * prefill as f64 / 1000.0)
+            + self.cfg.prefill_ms_per_1k * prefill as f64 / 1000.0
+            + self.cfg.step_ms_per_1k_context * context as f64 / 1000.0)
             / 1000.0;
         self.now += duration;
         let now = self.now;
 
-        // Tokens sampled at the end of the step; finished requests leave.
+        // A request whose computed tokens caught up with its tokens samples
+        // one at the end of the step; finished requests leave.
         let mut finished = Vec::new();
         let mut first_tokens = Vec::new();
         let mut r = 0;
         while r < self.running.len() {
             let seq = &mut self.running[r];
-            match seq.role {
-                Role::Idle | Role::Prefill => {
-                    r += 1;
-                    continue;
-                }
-                Role::Decode => seq.computed += 1,
-                Role::LastPrefill => {}
+            if seq.scheduled == 0 || seq.computed < seq.tokens() {
+                r += 1;
+                continue;
             }
             seq.generated += 1;
             self.stats.generation_tokens += 1;
@@ -640,14 +630,15 @@ impl Engine {
                 r += 1;
                 continue;
             }
-            let mut seq = self.running.remove(r);
+            let seq = self.running.remove(r);
+            self.pool.release(&seq.blocks);
             let out = Finished {
                 id: seq.req.id,
                 prompt_tokens: seq.req.prompt.len() as u32,
                 generated: seq.generated,
                 ttft: first - seq.arrived,
                 e2e: now - seq.arrived,
-                queued: seq.first_scheduled.unwrap_or(now) - seq.arrived,
+                queued: seq.first_scheduled.unwrap_or(now) - seq.taken_in,
                 cached_tokens: seq.cached_tokens.unwrap_or(0),
                 preemptions: seq.preemptions,
             };
@@ -655,13 +646,15 @@ impl Engine {
             self.stats.ttft.observe(out.ttft);
             self.stats.e2e.observe(out.e2e);
             self.stats.queue_time.observe(out.queued);
-            self.free_seq(&mut seq);
             finished.push(out);
         }
         Some(Step {
             duration,
             batch,
             prefill_tokens: prefill,
+            context_tokens: context,
+            preempted,
+            admitted,
             finished,
             first_tokens,
         })
@@ -669,206 +662,4 @@ impl Engine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg() -> EngineConfig {
-        EngineConfig {
-            kv_cache_tokens: 1_000_000,
-            max_num_seqs: 1024,
-            ..EngineConfig::default()
-        }
-    }
-
-    /// A prompt of `n` tokens unique to `tag`.
-    fn prompt(tag: u64, n: usize) -> Vec<u64> {
-        (0..n as u64).map(|i| tag << 32 | i).collect()
-    }
-
-    /// Keeps `concurrency` requests in the engine until `total` have run;
-    /// generated tokens per engine second, and the engine.
-    fn run_closed_loop(
-        cfg: EngineConfig,
-        concurrency: usize,
-        total: u64,
-        prompt_len: usize,
-        out_len: u32,
-    ) -> (f64, Engine) {
-        let mut e = Engine::new(cfg);
-        let mut next = 0u64;
-        let mut done = 0u64;
-        let submit = |e: &mut Engine, next: &mut u64| {
-            e.add(EngineRequest {
-                id: *next,
-                prompt: prompt(*next, prompt_len),
-                max_tokens: out_len,
-            })
-            .unwrap();
-            *next += 1;
-        };
-        for _ in 0..concurrency.min(total as usize) {
-            submit(&mut e, &mut next);
-        }
-        while done < total {
-            let step = e.step().expect("work is left");
-            for _ in &step.finished {
-                done += 1;
-                if next < total {
-                    submit(&mut e, &mut next);
-                }
-            }
-        }
-        (e.stats().generation_tokens as f64 / e.now(), e)
-    }
-
-    #[test]
-    fn throughput_rises_with_concurrency_then_flattens() {
-        let rates: Vec<f64> = [1, 4, 16, 64, 256, 1024]
-            .iter()
-            .map(|&c| run_closed_loop(cfg(), c, (c as u64 * 4).max(64), 200, 64).0)
-            .collect();
-        for pair in rates.windows(2) {
-            assert!(pair[1] > pair[0], "throughput falls: {rates:?}");
-        }
-        // One request decodes at about 1 / 6.55 ms (plus its prefill).
-        assert!(rates[0] > 120.0 && rates[0] < 160.0, "{rates:?}");
-        // Quadrupling the batch gains less and less: the curve flattens.
-        let gains: Vec<f64> = rates.windows(2).map(|p| p[1] / p[0]).collect();
-        assert!(gains[0] > 3.0, "{gains:?}");
-        assert!(gains[4] < 1.6, "{gains:?}");
-        assert!(gains.windows(2).all(|g| g[1] < g[0]), "{gains:?}");
-    }
-
-    #[test]
-    fn requests_beyond_the_kv_cache_are_preempted_and_counted() {
-        // 64 requests of 100 + 400 tokens need 32,000 tokens at the end;
-        // the cache holds 8,000: they cannot all run to the end together.
-        let small = EngineConfig {
-            kv_cache_tokens: 8_000,
-            ..cfg()
-        };
-        let (_, e) = run_closed_loop(small, 64, 64, 100, 400);
-        assert!(e.stats().preemptions > 0, "no preemption");
-        assert_eq!(e.stats().successes, 64, "every request still finishes");
-        assert_eq!(e.stats().generation_tokens, 64 * 400);
-        assert_eq!(e.kv_usage(), 0.0, "every block is freed at the end");
-        // With room for all of them, none is preempted.
-        let (_, e) = run_closed_loop(cfg(), 64, 64, 100, 400);
-        assert_eq!(e.stats().preemptions, 0);
-    }
-
-    #[test]
-    fn a_repeated_prefix_hits_the_cache_and_skips_its_prefill() {
-        for caching in [true, false] {
-            let mut e = Engine::new(EngineConfig {
-                prefix_caching: caching,
-                ..cfg()
-            });
-            let shared = prompt(7, 2_000);
-            e.add(EngineRequest {
-                id: 1,
-                prompt: shared.clone(),
-                max_tokens: 4,
-            })
-            .unwrap();
-            let mut first = Vec::new();
-            while let Some(s) = e.step() {
-                first.extend(s.finished);
-            }
-            let mut again = shared.clone();
-            again.extend(prompt(8, 40));
-            e.add(EngineRequest {
-                id: 2,
-                prompt: again,
-                max_tokens: 4,
-            })
-            .unwrap();
-            let mut prefill = 0;
-            let mut second = Vec::new();
-            while let Some(s) = e.step() {
-                prefill += s.prefill_tokens;
-                second.extend(s.finished);
-            }
-            let hit = second[0].cached_tokens;
-            if caching {
-                assert_eq!(hit, 2_000, "the whole shared prefix is cached");
-                assert_eq!(prefill, 40, "only the new tokens are computed");
-                assert!(second[0].ttft < first[0].ttft / 5.0);
-                assert_eq!(e.stats().prefix_hits, 2_000);
-                assert_eq!(e.stats().prefix_queries, 4_040);
-            } else {
-                assert_eq!(hit, 0);
-                assert_eq!(prefill, 2_040);
-            }
-        }
-    }
-
-    #[test]
-    fn cached_blocks_are_evicted_least_recently_freed_first() {
-        // Room for two 1,600-token prompts: a third evicts the oldest.
-        let mut e = Engine::new(EngineConfig {
-            kv_cache_tokens: 3_400,
-            ..cfg()
-        });
-        let run = |e: &mut Engine, id: u64, p: Vec<u64>| -> u32 {
-            e.add(EngineRequest {
-                id,
-                prompt: p,
-                max_tokens: 1,
-            })
-            .unwrap();
-            let mut hit = 0;
-            while let Some(s) = e.step() {
-                hit += s.finished.iter().map(|f| f.cached_tokens).sum::<u32>();
-            }
-            hit
-        };
-        assert_eq!(run(&mut e, 1, prompt(1, 1_600)), 0);
-        assert_eq!(run(&mut e, 2, prompt(2, 1_600)), 0);
-        assert_eq!(run(&mut e, 3, prompt(2, 1_600)), 1_584, "2 is still cached");
-        assert_eq!(run(&mut e, 4, prompt(3, 1_600)), 0);
-        assert_eq!(run(&mut e, 5, prompt(1, 1_600)), 0, "1 was evicted first");
-    }
-
-    #[test]
-    fn a_full_queue_refuses_new_requests() {
-        let mut e = Engine::new(EngineConfig {
-            max_num_queued_reqs: Some(2),
-            ..cfg()
-        });
-        let req = |id| EngineRequest {
-            id,
-            prompt: prompt(id, 10),
-            max_tokens: 1,
-        };
-        assert!(e.add(req(1)).is_ok());
-        assert!(e.add(req(2)).is_ok());
-        assert!(e.add(req(3)).is_err());
-        e.step();
-        assert!(e.add(req(3)).is_ok(), "room again once they run");
-    }
-
-    #[test]
-    fn chunked_prefill_shares_the_step_budget_with_decodes() {
-        let mut e = Engine::new(cfg());
-        e.add(EngineRequest {
-            id: 1,
-            prompt: prompt(1, 100),
-            max_tokens: 1_000,
-        })
-        .unwrap();
-        e.step();
-        e.add(EngineRequest {
-            id: 2,
-            prompt: prompt(2, 20_000),
-            max_tokens: 1,
-        })
-        .unwrap();
-        let s = e.step().unwrap();
-        // One decode, then as much of the long prompt as the budget allows.
-        assert_eq!(s.batch, 2);
-        assert_eq!(s.prefill_tokens, 8_191);
-        let expected = (6.5 + 0.05 * 2.0 + 32.0 * 8.191) / 1000.0;
-        assert!((s.duration - expected).abs() < 1e-9, "{}", s.duration);
-    }
-}
+mod tests;

@@ -6,16 +6,25 @@
 //! order, and a request takes `--latency-ms` plus its `max_tokens` at
 //! `--tokens-per-s` (instant by default), whatever the batch.
 //!
-//! With `--kv-cache-tokens N` it runs the engine model of [`engine`]: vLLM's
+//! With `--kv-cache-tokens N` (or vLLM's `--num-gpu-blocks-override N`, in
+//! blocks of `--block-size`) it runs the engine model of [`engine`]: vLLM's
 //! iteration-level scheduler with a finite KV cache in blocks, chunked
 //! prefill, preemption by recompute, prefix caching, step times that grow
-//! with the batch (calibrated for an 8B model on one H100; see [`engine`]
-//! for the figures), `--max-num-queued-reqs` admission control (503), and
-//! every request generating exactly its `max_tokens`. `/metrics` then has
-//! vLLM's counters and histograms (`vllm:num_preemptions_total`,
-//! `vllm:generation_tokens_total`, `vllm:time_to_first_token_seconds`, …).
+//! with the batch (calibrated for an 8B model on one H100 by default, and
+//! against vLLM's CPU build; see [`engine`] for the figures and
+//! `benches/fidelity.rs` for the comparison), `--max-num-queued-reqs`
+//! admission control (503), and every request generating exactly its
+//! `max_tokens`. `/metrics` then has vLLM's counters and histograms
+//! (`vllm:num_preemptions_total`, `vllm:generation_tokens_total`,
+//! `vllm:time_to_first_token_seconds`, …), and with `VLLM_SERVER_DEV_MODE=1`
+//! `POST /reset_prefix_cache` empties the prefix cache, as vLLM's does.
 //! `--time-scale F` runs the engine's clock F times faster than the wall
 //! clock, for benchmarks.
+//!
+//! Prompt tokens are 4 characters each, unless `--tokenizer` names the
+//! model's `tokenizer.json`: then they are counted as vLLM counts them,
+//! over the chat template (see `prompt.rs`), for `usage.prompt_tokens` and
+//! for the engine model's prefix cache alike.
 //!
 //! With `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1` it serves
 //! vLLM's sleep mode (see `sleep.rs`): `/sleep`, `/wake_up`, `/collective_rpc`
@@ -34,12 +43,20 @@
 //!
 //! It also accepts the vLLM server's command line, so that a configuration
 //! can swap the vLLM image or program for the simulator and change nothing
-//! else: `--model`, `--served-model-name`, `--port`, `--max-num-seqs` and
-//! `--gpu-memory-utilization` are understood; any other flag (`--dtype
-//! bfloat16`, `--enforce-eager`, …) is accepted and ignored, with a note on
-//! stderr ([`vllm_compatible_args`]).
+//! else: `--model`, `--served-model-name`, `--port`, `--max-num-seqs`,
+//! `--gpu-memory-utilization`, `--block-size`, `--max-num-batched-tokens`,
+//! `--num-gpu-blocks-override` and `--tokenizer` are understood; any other
+//! flag (`--dtype bfloat16`, `--enforce-eager`, …) is accepted and ignored,
+//! with a note on stderr ([`vllm_compatible_args`]).
+//!
+//! Its parts: this file (the command line, the HTTP server, the simple
+//! mode), [`engine`] (the scheduler model), `blocks.rs` (the KV cache's
+//! blocks and prefix cache), `stats.rs` (counters with vLLM's meanings),
+//! `prompt.rs` (prompt tokens), `served.rs` (the engine against the clock,
+//! and its `/metrics`) and `sleep.rs` (sleep mode).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -52,10 +69,15 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
+mod blocks;
 pub mod engine;
+mod prompt;
 mod served;
 mod sleep;
+mod stats;
 
+use prompt::Prompts;
+pub use prompt::TokenizerError;
 pub use served::EngineView;
 use served::{Refused, Served};
 use sleep::{Admission, Sleeper};
@@ -110,6 +132,10 @@ pub struct SimConfig {
     /// `--step-ms`); without it every request takes `--latency-ms`
     #[arg(long, value_name = "TOKENS")]
     pub kv_cache_tokens: Option<u64>,
+    /// Turns on the engine model with this many KV blocks of
+    /// `--block-size` tokens (vLLM's flag; wins over `--kv-cache-tokens`)
+    #[arg(long, value_name = "BLOCKS")]
+    pub num_gpu_blocks_override: Option<u64>,
     /// Engine model: tokens per KV block
     #[arg(long, default_value_t = 16)]
     pub block_size: u32,
@@ -125,9 +151,18 @@ pub struct SimConfig {
     /// Engine model: step time per 1,000 prefill tokens, ms
     #[arg(long, default_value_t = 32.0)]
     pub prefill_ms_per_1k: f64,
+    /// Engine model: step time per 1,000 tokens of context its requests
+    /// attend over (their KV cache, read every step), ms
+    #[arg(long, default_value_t = 0.0)]
+    pub step_ms_per_1k_context: f64,
     /// Engine model: prompt tokens an image part counts for
     #[arg(long, default_value_t = 1200)]
     pub image_tokens: u32,
+    /// Count prompt tokens with this Hugging Face tokenizer.json (or the
+    /// folder holding it) over the ChatML chat template, as vLLM serving
+    /// that model counts them; without it, a token is 4 characters
+    #[arg(long, value_name = "PATH")]
+    pub tokenizer: Option<PathBuf>,
     /// Engine model: turn the prefix cache off
     #[arg(long)]
     pub no_prefix_caching: bool,
@@ -174,12 +209,15 @@ impl Default for SimConfig {
             model: None,
             gpu_memory_utilization: None,
             kv_cache_tokens: None,
+            num_gpu_blocks_override: None,
             block_size: 16,
             max_num_batched_tokens: 8192,
             step_ms: 6.5,
             step_ms_per_seq: 0.05,
             prefill_ms_per_1k: 32.0,
+            step_ms_per_1k_context: 0.0,
             image_tokens: 1200,
+            tokenizer: None,
             no_prefix_caching: false,
             max_num_queued_reqs: None,
             time_scale: 1.0,
@@ -189,6 +227,27 @@ impl Default for SimConfig {
             wake_l2_s: 6.5,
             dev_mode: None,
         }
+    }
+}
+
+impl SimConfig {
+    /// The engine model's KV cache in tokens, when it is on: vLLM's
+    /// `--num-gpu-blocks-override` blocks, else `--kv-cache-tokens`.
+    pub fn engine_kv_tokens(&self) -> Option<u64> {
+        self.num_gpu_blocks_override
+            .map(|n| n * self.block_size.max(1) as u64)
+            .or(self.kv_cache_tokens)
+    }
+
+    /// The tokenizer file `--tokenizer` names (a folder names its
+    /// `tokenizer.json`, as vLLM's `--tokenizer` takes a model folder).
+    fn tokenizer_file(&self) -> Option<PathBuf> {
+        let t = self.tokenizer.as_ref()?;
+        Some(if t.is_dir() {
+            t.join("tokenizer.json")
+        } else {
+            t.clone()
+        })
     }
 }
 
@@ -218,6 +277,10 @@ struct Sim {
     served: Option<Arc<Served>>,
     /// Sleep mode, with `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1`.
     sleep: Option<Arc<Sleeper>>,
+    /// Counts prompt tokens.
+    prompts: Arc<Prompts>,
+    /// `VLLM_SERVER_DEV_MODE=1`: the development endpoints are served.
+    dev_mode: bool,
 }
 
 /// A simulated server running in this process.
@@ -273,12 +336,16 @@ impl Drop for SimHandle {
     }
 }
 
-/// Starts a simulated server on the current runtime.
+/// Starts a simulated server on the current runtime; fails when it cannot
+/// listen or `--tokenizer` cannot be loaded.
 pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
+    let prompts = Prompts::load(cfg.tokenizer_file().as_deref())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let prompts = Arc::new(prompts);
     let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
     let addr = listener.local_addr()?;
     let counters = Arc::new(SimCounters::default());
-    let (served, engine_task) = Served::start(&cfg).unzip();
+    let (served, engine_task) = Served::start(&cfg, prompts.clone()).unzip();
     let dev_mode = cfg
         .dev_mode
         .unwrap_or_else(|| std::env::var("VLLM_SERVER_DEV_MODE").is_ok_and(|v| v == "1"));
@@ -292,6 +359,8 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let sim = Arc::new(Sim {
         served: served.clone(),
         sleep,
+        prompts,
+        dev_mode,
         slots: Semaphore::new(cfg.max_num_seqs.max(1)),
         cfg,
         started: Instant::now(),
@@ -306,6 +375,7 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
         .route("/wake_up", post(sleep::wake_up))
         .route("/collective_rpc", post(sleep::collective_rpc))
         .route("/is_sleeping", get(sleep::is_sleeping))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .with_state(sim);
     let task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -322,12 +392,13 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
 
 /// `gpu-feeder sim`: serves until killed; prints `listening on URL` first.
 pub async fn serve(cfg: SimConfig) -> anyhow::Result<()> {
-    let handle = start(cfg.clone()).await.map_err(|e| {
-        anyhow::anyhow!(
+    let handle = start(cfg.clone()).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => anyhow::anyhow!("{e}"),
+        _ => anyhow::anyhow!(
             "cannot listen on {}:{}: {e} (choose another --port)",
             cfg.host,
             cfg.port
-        )
+        ),
     })?;
     println!("listening on {}", handle.url());
     use std::io::Write as _;
@@ -387,6 +458,17 @@ async fn metrics(State(sim): State<Arc<Sim>>) -> String {
          vllm:cache_config_info{{model_name=\"{model}\",gpu_memory_utilization=\"{mem}\"}} 1\n",
         mem = sim.cfg.gpu_memory_utilization.unwrap_or(0.9)
     )
+}
+
+/// `POST /reset_prefix_cache`, a vLLM development endpoint (served only
+/// with `VLLM_SERVER_DEV_MODE=1`): `{"success": false}` while requests hold
+/// KV blocks. Benchmarks reset between runs, as with vLLM.
+async fn reset_prefix_cache(State(sim): State<Arc<Sim>>) -> Response {
+    if !sim.dev_mode {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    let success = sim.served.as_ref().is_none_or(|s| s.reset_prefix_cache());
+    Json(json!({ "success": success })).into_response()
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -533,6 +615,14 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
                     "the server's queue is full (--max-num-queued-reqs); try again later",
                 )
             }
+            Err(Refused::TooLong { tokens, capacity }) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "the request needs {tokens} tokens (its prompt and max_tokens), more than the KV cache holds ({capacity})"
+                    ),
+                )
+            }
             Err(Refused::Aborted) => return completion(&sim, n, String::new(), "abort", 0, 0),
         };
         let content = garbled(answer(messages).0);
@@ -573,7 +663,11 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
         }
         None => run.await,
     }
-    let (content, prompt_tokens) = answer(messages);
+    let (content, estimated) = answer(messages);
+    let prompt_tokens = match *sim.prompts {
+        Prompts::Estimate => estimated,
+        _ => sim.prompts.tokens(messages, sim.cfg.image_tokens).len(),
+    };
     let content = garbled(content);
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
@@ -641,7 +735,10 @@ const SIM_FLAGS: &[&str] = &[
     "--step-ms",
     "--step-ms-per-seq",
     "--prefill-ms-per-1k",
+    "--step-ms-per-1k-context",
     "--image-tokens",
+    "--tokenizer",
+    "--num-gpu-blocks-override",
     "--max-num-queued-reqs",
     "--time-scale",
     "--sleep-s",
@@ -810,6 +907,23 @@ mod tests {
                 assert_eq!(c.served_model_name, "/m/q");
                 assert_eq!(c.max_num_seqs, 4);
                 assert_eq!(c.model.as_deref(), Some("/m/q"));
+                assert_eq!(c.engine_kv_tokens(), None, "no engine model asked for");
+            }
+            _ => panic!("not sim"),
+        }
+        // vLLM's own engine flags turn the engine model on with its cache.
+        let cli = crate::cli::Cli::parse_from(vllm_compatible_args(
+            "gpu-feeder sim /m/q --block-size 128 --num-gpu-blocks-override 80 \
+             --kv-cache-tokens 5 --max-num-batched-tokens 2048 --tokenizer /m/q"
+                .split_whitespace()
+                .map(Into::into)
+                .collect(),
+        ));
+        match cli.command {
+            crate::cli::Command::Sim(c) => {
+                assert_eq!(c.engine_kv_tokens(), Some(80 * 128));
+                assert_eq!(c.max_num_batched_tokens, 2048);
+                assert_eq!(c.tokenizer.as_deref(), Some(std::path::Path::new("/m/q")));
             }
             _ => panic!("not sim"),
         }

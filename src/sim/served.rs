@@ -12,7 +12,8 @@ use serde_json::Value;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::engine::{Engine, EngineConfig, EngineRequest, Finished, Histogram};
+use super::engine::{Engine, EngineConfig, EngineRequest, Finished, Histogram, Rejected};
+use super::prompt::Prompts;
 use super::SimConfig;
 
 /// The engine and the requests waiting for it.
@@ -24,6 +25,7 @@ pub struct Served {
     t0: Instant,
     scale: f64,
     image_tokens: u32,
+    prompts: Arc<Prompts>,
     /// Requests whose text contains this are watched (benchmarks).
     needle: Mutex<Option<String>>,
     /// Watched requests: engine time of arrival and of the first token.
@@ -37,6 +39,13 @@ pub enum Refused {
     QueueFull,
     /// A sleep aborted it.
     Aborted,
+    /// It could not fit in the KV cache even alone (answer 400).
+    TooLong {
+        /// Its prompt and `max_tokens`.
+        tokens: u64,
+        /// What the KV cache holds.
+        capacity: u64,
+    },
 }
 
 /// Engine-side figures, for benchmarks.
@@ -54,9 +63,13 @@ pub struct EngineView {
 
 impl Served {
     /// The engine `cfg` asks for, if it asks for one, with its driving task
-    /// started on the current runtime (abort it to stop the engine).
-    pub fn start(cfg: &SimConfig) -> Option<(Arc<Served>, tokio::task::JoinHandle<()>)> {
-        let kv = cfg.kv_cache_tokens?;
+    /// started on the current runtime (abort it to stop the engine);
+    /// `prompts` counts the requests' tokens.
+    pub fn start(
+        cfg: &SimConfig,
+        prompts: Arc<Prompts>,
+    ) -> Option<(Arc<Served>, tokio::task::JoinHandle<()>)> {
+        let kv = cfg.engine_kv_tokens()?;
         let engine = Engine::new(EngineConfig {
             kv_cache_tokens: kv,
             block_size: cfg.block_size.max(1),
@@ -65,6 +78,7 @@ impl Served {
             step_ms: cfg.step_ms.max(0.0),
             step_ms_per_seq: cfg.step_ms_per_seq.max(0.0),
             prefill_ms_per_1k: cfg.prefill_ms_per_1k.max(0.0),
+            step_ms_per_1k_context: cfg.step_ms_per_1k_context.max(0.0),
             prefix_caching: !cfg.no_prefix_caching,
             max_num_queued_reqs: cfg.max_num_queued_reqs,
         });
@@ -79,6 +93,7 @@ impl Served {
                 1.0
             },
             image_tokens: cfg.image_tokens,
+            prompts,
             needle: Mutex::new(None),
             watched: Mutex::new(HashMap::new()),
         });
@@ -118,14 +133,15 @@ impl Served {
     }
 
     /// Runs `messages` through the engine; refused when its queue is full
-    /// (`--max-num-queued-reqs`: answer 503) or when a sleep aborts it.
+    /// (`--max-num-queued-reqs`: answer 503), when it could never fit in
+    /// the KV cache, or when a sleep aborts it.
     pub async fn run(
         &self,
         id: u64,
         messages: &[Value],
         max_tokens: u32,
     ) -> Result<Finished, Refused> {
-        let prompt = prompt_tokens(messages, self.image_tokens);
+        let prompt = self.prompts.tokens(messages, self.image_tokens);
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -139,28 +155,36 @@ impl Served {
             .is_some_and(|n| serde_json::to_string(messages).is_ok_and(|t| t.contains(n.as_str())));
         let added = {
             let mut e = self.engine();
+            let now = self.engine_now();
             if !e.busy() {
                 // An idle engine's clock follows the wall clock.
-                e.advance_to(self.engine_now());
+                e.advance_to(now);
             }
+            // A busy engine's clock is at the end of the step under way:
+            // the request came in during it.
+            let arrived = now.min(e.now());
             if watch {
                 self.watched
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(id, (e.now(), None));
+                    .insert(id, (arrived, None));
             }
-            e.add(EngineRequest {
+            let req = EngineRequest {
                 id,
                 prompt,
                 max_tokens: max_tokens.max(1),
-            })
+            };
+            e.add_at(req, arrived)
         };
-        if added.is_err() {
+        if let Err((_, why)) = added {
             self.waiters
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            return Err(Refused::QueueFull);
+            return Err(match why {
+                Rejected::QueueFull => Refused::QueueFull,
+                Rejected::TooLong { tokens, capacity } => Refused::TooLong { tokens, capacity },
+            });
         }
         self.work.notify_one();
         rx.await.map_err(|_| Refused::Aborted)
@@ -175,6 +199,12 @@ impl Served {
             waiters.remove(id);
         }
         ids.len()
+    }
+
+    /// Forgets the prefix cache (`POST /reset_prefix_cache`); `false`
+    /// while requests hold KV blocks, as vLLM answers then.
+    pub fn reset_prefix_cache(&self) -> bool {
+        self.engine().reset_prefix_cache()
     }
 
     /// `/metrics` in engine mode.
@@ -270,7 +300,7 @@ impl Served {
              # TYPE vllm:cache_config_info gauge\n\
              vllm:cache_config_info{{{l},gpu_memory_utilization=\"{gpu_memory_utilization}\",block_size=\"{}\",num_gpu_blocks=\"{}\"}} 1",
             e.config().block_size,
-            e.config().kv_cache_tokens / e.config().block_size.max(1) as u64,
+            e.num_blocks(),
         );
         out
     }
@@ -327,47 +357,4 @@ async fn drive(served: Arc<Served>) {
             }
         }
     }
-}
-
-/// A stable id for a piece of text (for the prefix cache only).
-fn token_id(bytes: &[u8], salt: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ salt;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
-/// The prompt as the engine counts it: a token per 4 characters of text
-/// (rounded up, per part), `image_tokens` per image part, each token's id
-/// derived from its content so that equal prefixes give equal tokens.
-pub fn prompt_tokens(messages: &[Value], image_tokens: u32) -> Vec<u64> {
-    fn text(t: &str, out: &mut Vec<u64>) {
-        out.extend(t.as_bytes().chunks(4).map(|c| token_id(c, 1)));
-    }
-    let mut out = Vec::new();
-    for m in messages {
-        if let Some(role) = m.get("role").and_then(Value::as_str) {
-            out.push(token_id(role.as_bytes(), 2));
-        }
-        match m.get("content") {
-            Some(Value::String(s)) => text(s, &mut out),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    if let Some(t) = p.get("text").and_then(Value::as_str) {
-                        text(t, &mut out);
-                    }
-                    if let Some(u) = p.pointer("/image_url/url").and_then(Value::as_str) {
-                        let image = token_id(u.as_bytes(), 3);
-                        out.extend(
-                            (0..image_tokens as u64).map(|i| token_id(&i.to_le_bytes(), image)),
-                        );
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
 }

@@ -235,13 +235,14 @@ fn request(url: &str, method: &str, path: &str, body: Option<&str>) -> Option<(u
     let addr = url.strip_prefix("http://").unwrap_or(url);
     let mut conn = std::net::TcpStream::connect(addr).ok()?;
     conn.set_read_timeout(Some(Duration::from_secs(120))).ok()?;
+    conn.set_nodelay(true).ok()?;
     let body = body.unwrap_or("");
-    write!(
-        conn,
+    // One write: a request in pieces meets Nagle and delayed ACKs (40 ms).
+    let request = format!(
         "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .ok()?;
+    );
+    conn.write_all(request.as_bytes()).ok()?;
     let mut reader = std::io::BufReader::new(conn);
     let mut status = String::new();
     reader.read_line(&mut status).ok()?;
