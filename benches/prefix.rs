@@ -1,77 +1,106 @@
-//! Prefix-aware claiming against the engine simulator: prints figures,
-//! asserts nothing.
+//! Prefix-aware claiming against the engine simulator and the real vLLM,
+//! side by side: prints figures, asserts nothing.
 //!
 //!     cargo bench --bench prefix
-//!     BENCH_TIME_SCALE=10 cargo bench --bench prefix   # a faster clock
+//!     BENCH_ENGINE=sim cargo bench --bench prefix      # sim | vllm | both (the default)
+//!     BENCH_TIME_SCALE=10 cargo bench --bench prefix   # a faster simulator clock
 //!     BENCH_WINDOW=32 cargo bench --bench prefix       # a fixed window
 //!
-//! The workload: 100 documents of about 2,000 tokens (8,000 characters of
-//! words no other document shares, so that documents share no prefix), 8
-//! questions about each, every question a prompt of its document followed
-//! by the question: 800 jobs, submitted in shuffled order. One engine, as
+//! The workload: documents that share no prefix (words no other document
+//! shares), several questions about each, every question a prompt of its
+//! document followed by the question, submitted in shuffled order, against
+//! a KV cache that holds a fifth of the documents. The same run twice,
+//! `dispatch.prefix_grouping` off and on, the window `auto` unless
+//! `BENCH_WINDOW` fixes it. For each: generated tokens per second, the
+//! prefix-cache hit rate (`vllm:prefix_cache_hits_total /
+//! vllm:prefix_cache_queries_total`, both in tokens), the mean time to
+//! first token (`vllm:time_to_first_token_seconds`), and the time to
+//! finish them all.
+//!
+//! **Simulator.** 100 documents of about 2,000 tokens (8,000 characters at
+//! the simulator's 4 a token) × 8 questions: 800 jobs. One engine, as
 //! `gpu-feeder sim --kv-cache-tokens 40960` (2,560 blocks of 16 tokens:
 //! about 20 documents) with its default step times (an 8B model on one
 //! H100: 6.5 ms a step + 0.05 ms per running request + 32 ms per 1,000
 //! prefill tokens; 8,192 tokens a step; 256 requests at most), its clock
-//! running `BENCH_TIME_SCALE` (5) times faster than the wall clock; 64
-//! tokens out per question. The same run twice, `dispatch.prefix_grouping`
-//! off and on, the window `auto` unless `BENCH_WINDOW` fixes it. For each:
-//! generated tokens per second of engine time, the prefix-cache hit rate
-//! (`vllm:prefix_cache_hits_total / vllm:prefix_cache_queries_total`, read
-//! from the simulator's /metrics), the mean time to first token, and the
-//! engine time to finish all 800.
+//! running `BENCH_TIME_SCALE` (5) times faster than the wall clock, a fresh
+//! one per run; 64 tokens out per question. Times are engine seconds.
+//!
+//! **vLLM.** Its CPU build (`tests/common/vllm.rs`) serving the tiny
+//! random-weight Llama with `--max-num-seqs 64 --num-gpu-blocks-override
+//! 120` (blocks of 128 tokens: 15,360 tokens, about 10 documents), started
+//! once for both runs, which share the machine's cores with it; before each
+//! run it is left idle and its prefix cache is reset. 50 documents of about
+//! 1,430 tokens (1,900 characters: vLLM's tokenizer makes about 1.3 of them
+//! a token) × 8 questions: 400 jobs, 32 tokens out each, `ignore_eos` so
+//! that each generates exactly that. Times are wall seconds, figures from
+//! vLLM's `/metrics`.
 
 mod common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::engine::{self, Engine, Kind, Reading, RealVllm};
 use common::env_f64;
 use feeder_actors::{Blocking, BlockingJobStore, ModelType, NewJob, Payload, Timestamp};
 use gpu_feeder::config::WindowSetting;
 use gpu_feeder::daemon::Pipeline;
-use gpu_feeder::openai::parse_engine_metrics;
 use gpu_feeder::results::FileResults;
 use gpu_feeder::sim::SimConfig;
 use gpu_feeder::store::SqliteStore;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
-const DOCS: usize = 100;
-const QUESTIONS: usize = 8;
-/// About 2,000 tokens at the simulator's 4 characters a token.
-const DOC_CHARS: usize = 8_000;
-const KV_TOKENS: u64 = 40_960;
-const MAX_TOKENS: u32 = 64;
 const SEED: u64 = 20_261_203;
 
-/// Document `d`: words drawn for it alone.
-fn document(d: usize) -> String {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(SEED + d as u64);
-    let mut text = format!("Document {d:03}.");
-    while text.len() < DOC_CHARS {
-        let len = rng.random_range(3..9);
-        let word: String = (0..len)
-            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
-            .collect();
-        text.push(' ');
-        text.push_str(&word);
-    }
-    text.truncate(DOC_CHARS);
-    text
+/// One engine's workload.
+struct Workload {
+    docs: usize,
+    questions: usize,
+    doc_chars: usize,
+    max_tokens: u32,
 }
 
-/// The 800 jobs, shuffled.
-fn jobs() -> Vec<NewJob> {
-    let mut jobs: Vec<NewJob> = (0..DOCS)
+const SIM: Workload = Workload {
+    docs: 100,
+    questions: 8,
+    doc_chars: 8_000,
+    max_tokens: 64,
+};
+/// The simulator's KV cache, in tokens: about 20 documents.
+const SIM_KV_TOKENS: u64 = 40_960;
+
+const VLLM: Workload = Workload {
+    docs: 50,
+    questions: 8,
+    doc_chars: 1_900,
+    max_tokens: 32,
+};
+/// About 10 documents of KV cache; 64 slots.
+const VLLM_ARGS: [&str; 4] = ["--max-num-seqs", "64", "--num-gpu-blocks-override", "120"];
+
+/// Document `d`: words drawn for it alone.
+fn document(w: &Workload, d: usize) -> String {
+    common::words(SEED + d as u64, &format!("Document {d:03}."), w.doc_chars)
+}
+
+/// Every question about every document, shuffled.
+fn jobs(w: &Workload, kind: Kind) -> Vec<NewJob> {
+    let mut jobs: Vec<NewJob> = (0..w.docs)
         .flat_map(|d| {
-            let doc = document(d);
-            (0..QUESTIONS).map(move |q| {
+            let doc = document(w, d);
+            (0..w.questions).map(move |q| {
                 let prompt =
                     format!("{doc}\n\nQuestion {q}: what does part {q} of document {d} say?");
+                let mut p = serde_json::json!({ "prompt": prompt });
+                if kind == Kind::Vllm {
+                    // A random-weight model may end at once otherwise.
+                    p["ignore_eos"] = true.into();
+                }
                 NewJob::new(
                     ModelType::Think,
-                    Payload::Inline(serde_json::json!({ "prompt": prompt }).to_string()),
+                    Payload::Inline(p.to_string()),
                     format!("doc-{d}-q-{q}"),
                 )
             })
@@ -90,19 +119,20 @@ struct Row {
     preemptions: u64,
 }
 
-async fn run(grouping: bool, window: WindowSetting, scale: f64) -> Row {
-    let sim = common::engine(SimConfig {
-        kv_cache_tokens: Some(KV_TOKENS),
-        time_scale: scale,
-        ..SimConfig::default()
-    })
-    .await;
+async fn run(engine: &Engine<'_>, w: &Workload, grouping: bool, window: WindowSetting) -> Row {
+    let kind = engine.kind();
     let dir = common::scratch();
-    let mut c = common::config(dir.path(), &sim.url(), MAX_TOKENS, window);
+    let mut c = common::config_serving(
+        dir.path(),
+        &engine.url(),
+        engine.served_name(),
+        w.max_tokens,
+        window,
+    );
     c.dispatch.prefix_grouping = grouping;
     let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
-    store.submit_batch(jobs(), Timestamp::now()).unwrap();
-    let start = sim.engine().unwrap();
+    store.submit_batch(jobs(w, kind), Timestamp::now()).unwrap();
+    let start = engine.reading().await;
     let pipeline = Pipeline::start(
         &c,
         Blocking::port(store.clone()),
@@ -112,62 +142,49 @@ async fn run(grouping: bool, window: WindowSetting, scale: f64) -> Row {
     )
     .await
     .unwrap();
-    let total = (DOCS * QUESTIONS) as u64;
+    let total = (w.docs * w.questions) as f64;
+    let every = match kind {
+        Kind::Sim => Duration::from_millis(50),
+        Kind::Vllm => Duration::from_millis(250),
+    };
     let limit = Instant::now() + Duration::from_secs(600);
-    while sim.engine().unwrap().stats.successes - start.stats.successes < total
-        && Instant::now() < limit
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut end = engine.reading().await;
+    while end.successes - start.successes < total && Instant::now() < limit {
+        tokio::time::sleep(every).await;
+        end = engine.reading().await;
     }
-    let end = sim.engine().unwrap();
-    let text = reqwest::get(format!("{}/metrics", sim.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
     pipeline.shutdown(Duration::ZERO).await;
-    let (hits, queries) = parse_engine_metrics(&text)
-        .and_then(|m| m.prefix_cache)
-        .unwrap_or((0.0, 0.0));
-    let ttft = &end.stats.ttft;
-    let span = end.now - start.now;
     Row {
-        tokens_per_s: (end.stats.generation_tokens - start.stats.generation_tokens) as f64 / span,
-        hit_rate: if queries > 0.0 { hits / queries } else { 0.0 },
-        ttft: ttft.sum / ttft.count.max(1) as f64,
-        engine_s: span,
+        tokens_per_s: end.tokens_per_s_since(&start),
+        hit_rate: end.hit_rate_since(&start),
+        ttft: Reading::mean_since(end.ttft, start.ttft),
+        engine_s: end.now - start.now,
         done: store
             .stats(Timestamp::now())
             .unwrap()
             .model(ModelType::Think)
             .counts
             .done,
-        preemptions: end.stats.preemptions - start.stats.preemptions,
+        preemptions: (end.preemptions - start.preemptions) as u64,
     }
 }
 
-fn main() {
-    let scale = env_f64("BENCH_TIME_SCALE", 5.0);
-    let window = match std::env::var("BENCH_WINDOW") {
-        Ok(n) => WindowSetting::Fixed(n.parse().expect("BENCH_WINDOW is a number")),
-        Err(_) => WindowSetting::Auto,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    println!(
-        "engine: --kv-cache-tokens {KV_TOKENS} (about 20 documents), default step times, clock ×{scale}; \
-         {DOCS} documents of ≈2,000 tokens × {QUESTIONS} questions, shuffled, {MAX_TOKENS} tokens out; window {window:?}"
-    );
+/// Runs and prints plain order, then grouped claims; `engine` makes each
+/// run's engine.
+fn table<'a, F>(rt: &tokio::runtime::Runtime, w: &Workload, window: WindowSetting, engine: F)
+where
+    F: Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Engine<'a>> + 'a>>,
+{
     println!(
         "  {:<18} {:>10} {:>9} {:>10} {:>10} {:>8} {:>12}",
         "claims", "tokens/s", "hit rate", "mean TTFT", "all done", "done", "preemptions"
     );
     let mut plain = None;
     for grouping in [false, true] {
-        let r = rt.block_on(run(grouping, window, scale));
+        let r = rt.block_on(async {
+            let e = engine().await;
+            run(&e, w, grouping, window).await
+        });
         let label = if grouping {
             "grouped by prefix"
         } else {
@@ -182,5 +199,67 @@ fn main() {
             label, r.tokens_per_s, r.hit_rate, r.ttft, r.engine_s, r.done, r.preemptions
         );
         plain = Some(r.tokens_per_s);
+    }
+}
+
+fn main() {
+    let window = match std::env::var("BENCH_WINDOW") {
+        Ok(n) => WindowSetting::Fixed(n.parse().expect("BENCH_WINDOW is a number")),
+        Err(_) => WindowSetting::Auto,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for kind in engine::chosen() {
+        match kind {
+            Kind::Sim => {
+                let scale = env_f64("BENCH_TIME_SCALE", 5.0);
+                let w = &SIM;
+                println!(
+                    "engine: sim --kv-cache-tokens {SIM_KV_TOKENS} (about 20 documents), default step times, clock ×{scale}; \
+                     {} documents of ≈2,000 tokens × {} questions, shuffled, {} tokens out; window {window:?}; times in engine seconds",
+                    w.docs, w.questions, w.max_tokens
+                );
+                table(&rt, w, window, || {
+                    Box::pin(async move {
+                        Engine::Sim(
+                            common::engine(SimConfig {
+                                kv_cache_tokens: Some(SIM_KV_TOKENS),
+                                time_scale: scale,
+                                ..SimConfig::default()
+                            })
+                            .await,
+                        )
+                    })
+                });
+            }
+            Kind::Vllm => {
+                let w = &VLLM;
+                let real = RealVllm::start("prefix", &VLLM_ARGS);
+                let one = serde_json::json!([{"role": "user", "content": format!(
+                    "{}\n\nQuestion 0: what does part 0 of document 0 say?",
+                    document(w, 0)
+                )}]);
+                let tokens = rt.block_on(real.prompt_tokens(&one));
+                println!();
+                println!(
+                    "engine: vLLM (CPU) on the tiny Llama, {}; {} documents × {} questions ({} prompt tokens each), shuffled, {} tokens out; window {window:?}; times in wall seconds (log: {})",
+                    real.args.join(" "),
+                    w.docs,
+                    w.questions,
+                    tokens.map_or("?".into(), |t| t.to_string()),
+                    w.max_tokens,
+                    RealVllm::log_path("prefix").display()
+                );
+                let real = &real;
+                table(&rt, w, window, || {
+                    Box::pin(async move {
+                        real.settle().await;
+                        Engine::Vllm(real)
+                    })
+                });
+            }
+        }
     }
 }

@@ -1,24 +1,49 @@
-//! Window figures against the engine simulator: prints them, asserts nothing.
+//! Window figures against the engine simulator and the real vLLM, side by
+//! side: prints them, asserts nothing.
 //!
-//!     cargo bench --bench window                  # every workload
-//!     cargo bench --bench window -- chat          # or ocr, long
-//!     BENCH_SECONDS=20 cargo bench --bench window # longer runs
+//!     cargo bench --bench window                  # every workload, both engines
+//!     cargo bench --bench window -- chat          # or ocr, long, doc
+//!     BENCH_ENGINE=sim cargo bench --bench window # sim | vllm | both (the default)
+//!     BENCH_SECONDS=20 cargo bench --bench window # the simulator's runs, wall s
+//!     BENCH_VLLM_SECONDS=30 cargo bench --bench window  # vLLM's runs, wall s
+//!     BENCH_WINDOWS=48,64,96 cargo bench --bench window # other fixed windows
 //!     BENCH_AUTO_ONLY=1 BENCH_TRACE=1 cargo bench --bench window -- chat
 //!                                                 # auto alone, its every change
+//!     BENCH_TRACE=every cargo bench --bench window -- chat
+//!                                                 # every reading of every run
 //!
-//! One engine, as `gpu-feeder sim --kv-cache-tokens 400000 --max-num-seqs 256`
-//! with its default step times (an 8B model on one H100: 6.5 ms a step +
-//! 0.05 ms per running request + 32 ms per 1,000 prefill tokens; blocks of
-//! 16 tokens; 8,192 tokens a step), its clock running `BENCH_TIME_SCALE`
-//! (5) times faster than the wall clock. Three workloads, 5,000 bulk jobs
-//! each: short chat (≈200-token prompts, 128 tokens out), OCR-like (one
-//! image part of 1,200 tokens and a short prompt, 512 out) and long
-//! documents (≈3,000-token prompts, 256 out). For each: fixed windows from
-//! 4 to 512, `auto`, and the plan's original loop (poll every 5 s, claim
-//! 32, wait for all 32), each run for `BENCH_SECONDS` (20) of wall time or
-//! until the bulk is done. Halfway through, one high-priority job is
-//! submitted; its submit → first token time is printed beside the service
-//! time of one bulk request. Times are engine seconds.
+//! For every workload: fixed windows, `auto`, and the plan's original loop
+//! (poll every 5 s, claim 32, wait for all 32), each run for its seconds of
+//! wall time or until the bulk is done. Halfway through, one high-priority
+//! job is submitted: its submit → first token time (simulator) or submit →
+//! done time (vLLM: the pipeline does not stream, and vLLM keeps no record
+//! per request) is printed beside the mean service time of a bulk request.
+//!
+//! **Simulator.** One engine, as `gpu-feeder sim --kv-cache-tokens 400000
+//! --max-num-seqs 256` with its default step times (an 8B model on one
+//! H100: 6.5 ms a step + 0.05 ms per running request + 32 ms per 1,000
+//! prefill tokens; blocks of 16 tokens; 8,192 tokens a step), its clock
+//! running `BENCH_TIME_SCALE` (5) times faster than the wall clock, a fresh
+//! one per run. Three workloads, 5,000 bulk jobs each: short chat (≈200-token
+//! prompts, 128 tokens out), OCR-like (one image part of 1,200 tokens and a
+//! short prompt, 512 out) and long documents (≈3,000-token prompts, 256
+//! out); windows 4 to 512; `BENCH_SECONDS` (20) per run. Times and tokens/s
+//! are engine seconds.
+//!
+//! **vLLM.** Its CPU build (`tests/common/vllm.rs`) serving the tiny
+//! random-weight Llama (2 layers, hidden 256) with `--max-num-seqs 64
+//! --num-gpu-blocks-override 160` (blocks of 128 tokens: 20,480 tokens of
+//! KV cache), started once for all the runs, which share the machine's
+//! cores with it; before each run it is left to finish what it ran and its
+//! prefix cache is reset. Prompts are random words (about 1.3 characters a
+//! token; the header shows vLLM's count), every request asks
+//! `ignore_eos` so that it generates exactly its `max_tokens`. Three
+//! workloads, 20,000 bulk jobs each (more than any run finishes): chat
+//! (≈120-token prompts, 32 out: bound by the 64 slots), doc (≈400-token
+//! prompts, 64 out: the KV cache holds about 40) and long (≈1,000-token
+//! prompts, 32 out: the KV cache holds about 17, and prefill bounds
+//! throughput); windows 4 to 128; `BENCH_VLLM_SECONDS` (30) per run. Times
+//! and tokens/s are wall seconds, figures from vLLM's `/metrics`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,50 +51,88 @@ use std::time::{Duration, Instant};
 
 use feeder_actors::handle::FeederHandle;
 use feeder_actors::{
-    Blocking, BlockingJobStore, Completion, ModelType, NewJob, Payload, Settle, Timestamp,
+    Blocking, BlockingJobStore, Completion, JobId, JobStatus, ModelType, NewJob, Payload, Settle,
+    Timestamp,
 };
 mod common;
 
+use common::engine::{self, Engine, Kind, Reading, RealVllm};
 use common::env_f64;
 use gpu_feeder::config::{Config, WindowSetting};
 use gpu_feeder::daemon::Pipeline;
 use gpu_feeder::results::FileResults;
-use gpu_feeder::sim::{SimConfig, SimHandle};
+use gpu_feeder::sim::SimConfig;
 use gpu_feeder::store::SqliteStore;
 
-const JOBS: usize = 5_000;
 const URGENT: &str = "URGENT-JOB";
 
 #[derive(Clone, Copy)]
 struct Workload {
     name: &'static str,
-    /// Characters of text per prompt (4 per token).
+    /// Characters of text per prompt.
     chars: usize,
     /// One image part per prompt.
     image: bool,
     max_tokens: u32,
+    /// Bulk jobs submitted before the run.
+    jobs: usize,
 }
 
-const WORKLOADS: [Workload; 3] = [
+const SIM_WORKLOADS: [Workload; 3] = [
     Workload {
         name: "chat",
         chars: 800,
         image: false,
         max_tokens: 128,
+        jobs: 5_000,
     },
     Workload {
         name: "ocr",
         chars: 60,
         image: true,
         max_tokens: 512,
+        jobs: 5_000,
     },
     Workload {
         name: "long",
         chars: 12_000,
         image: false,
         max_tokens: 256,
+        jobs: 5_000,
     },
 ];
+
+const SIM_WINDOWS: [u32; 8] = [4, 8, 16, 32, 64, 128, 256, 512];
+
+/// Sized so that each run takes tens of seconds on two cores and the KV
+/// cache, not only the slots, limits the two longer workloads.
+const VLLM_WORKLOADS: [Workload; 3] = [
+    Workload {
+        name: "chat",
+        chars: 150,
+        image: false,
+        max_tokens: 32,
+        jobs: 20_000,
+    },
+    Workload {
+        name: "doc",
+        chars: 520,
+        image: false,
+        max_tokens: 64,
+        jobs: 20_000,
+    },
+    Workload {
+        name: "long",
+        chars: 1_320,
+        image: false,
+        max_tokens: 32,
+        jobs: 20_000,
+    },
+];
+
+const VLLM_ARGS: [&str; 4] = ["--max-num-seqs", "64", "--num-gpu-blocks-override", "160"];
+
+const VLLM_WINDOWS: [u32; 6] = [4, 8, 16, 32, 64, 128];
 
 #[derive(Clone, Copy, Debug)]
 enum Mode {
@@ -93,54 +156,73 @@ struct Row {
     preemptions: u64,
     requests: u64,
     median_waiting: usize,
-    urgent_first_token: Option<f64>,
+    /// Submit → first token (simulator) or → done (vLLM), engine seconds.
+    urgent: Option<f64>,
     service: f64,
     final_window: Option<u32>,
 }
 
-fn payload(w: &Workload, i: usize, tag: &str) -> String {
+/// The job's payload. The simulator counts 4 characters a token, whatever
+/// they are; a real tokenizer makes one token of a long run of one letter
+/// only now and then, so vLLM's prompts are words, and ask it to ignore the
+/// end of text (a random-weight model may stop at once).
+fn payload(w: &Workload, i: usize, tag: &str, kind: Kind) -> String {
     // Distinct from the first characters, so that no two share a prefix.
     let head = format!("{tag} {i:06} ");
-    let text = format!("{head}{}", "w".repeat(w.chars.saturating_sub(head.len())));
-    if w.image {
+    let text = match kind {
+        Kind::Sim => format!("{head}{}", "w".repeat(w.chars.saturating_sub(head.len()))),
+        Kind::Vllm => common::words(i as u64, &head, w.chars),
+    };
+    let mut p = if w.image {
         let url = format!("data:image/png;base64,{}{i:08}", "iVBORw0KGgo");
         serde_json::json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": text},
         ]}]})
-        .to_string()
     } else {
-        serde_json::json!({ "prompt": text }).to_string()
+        serde_json::json!({ "prompt": text })
+    };
+    if kind == Kind::Vllm {
+        p["ignore_eos"] = true.into();
     }
+    p.to_string()
 }
 
-fn job(w: &Workload, i: usize, tag: &str, priority: i64) -> NewJob {
+fn job(w: &Workload, i: usize, tag: &str, priority: i64, kind: Kind) -> NewJob {
     let mut j = NewJob::new(
         ModelType::Think,
-        Payload::Inline(payload(w, i, tag)),
+        Payload::Inline(payload(w, i, tag, kind)),
         format!("{tag}-{i}"),
     );
     j.priority = priority;
     j
 }
 
-fn config(dir: &Path, url: &str, w: &Workload, mode: Mode) -> Config {
+fn config(dir: &Path, engine: &Engine<'_>, w: &Workload, mode: Mode) -> Config {
     let window = match mode {
         Mode::Fixed(n) => WindowSetting::Fixed(n),
         _ => WindowSetting::Auto,
     };
-    common::config(dir, url, w.max_tokens, window)
+    common::config_serving(
+        dir,
+        &engine.url(),
+        engine.served_name(),
+        w.max_tokens,
+        window,
+    )
 }
 
-/// The engine of every run: `--kv-cache-tokens 400000 --max-num-seqs 256`.
-async fn engine(scale: f64) -> SimHandle {
-    common::engine(SimConfig {
-        kv_cache_tokens: Some(400_000),
-        max_num_seqs: 256,
-        time_scale: scale,
-        ..SimConfig::default()
-    })
-    .await
+/// The simulator of every run: `--kv-cache-tokens 400000 --max-num-seqs 256`.
+async fn sim_engine(scale: f64) -> Engine<'static> {
+    Engine::Sim(
+        common::engine(SimConfig {
+            kv_cache_tokens: Some(400_000),
+            max_num_seqs: 256,
+            time_scale: scale,
+            ..SimConfig::default()
+        })
+        .await,
+    )
 }
 
 fn median(mut v: Vec<usize>) -> usize {
@@ -148,11 +230,28 @@ fn median(mut v: Vec<usize>) -> usize {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
+/// The chat-completion body of a payload: its messages (a prompt becomes
+/// one), its other keys as they are.
+fn body(payload: &str, model: &str, max_tokens: u32) -> serde_json::Value {
+    let p: serde_json::Value = serde_json::from_str(payload).unwrap();
+    let mut body = p.as_object().cloned().unwrap_or_default();
+    if let Some(prompt) = body.remove("prompt") {
+        body.insert(
+            "messages".into(),
+            serde_json::json!([{"role": "user", "content": prompt}]),
+        );
+    }
+    body.insert("model".into(), model.into());
+    body.insert("max_tokens".into(), max_tokens.into());
+    serde_json::Value::Object(body)
+}
+
 /// The plan's loop: every 5 s (engine time) claim 32, send them all, wait
 /// for all of them, record them, claim again at once while there is work.
 async fn plan_loop(
     store: Arc<SqliteStore>,
-    sim_url: String,
+    url: String,
+    model: &'static str,
     w: Workload,
     scale: f64,
     until: Instant,
@@ -176,17 +275,17 @@ async fn plan_loop(
         }
         let sends = claimed.iter().map(|c| {
             let http = http.clone();
-            let url = format!("{sim_url}/v1/chat/completions");
-            let p: serde_json::Value =
-                serde_json::from_str(c.job.payload_inline.as_deref().unwrap()).unwrap();
-            let messages = p.get("messages").cloned().unwrap_or_else(|| {
-                serde_json::json!([{"role": "user", "content": p["prompt"]}])
-            });
+            let url = format!("{url}/v1/chat/completions");
+            let body = body(
+                c.job.payload_inline.as_deref().unwrap(),
+                model,
+                w.max_tokens,
+            );
             async move {
                 let start = Instant::now();
                 let _ = http
                     .post(url)
-                    .json(&serde_json::json!({"model": "sim", "messages": messages, "max_tokens": w.max_tokens}))
+                    .json(&body)
                     .send()
                     .await
                     .and_then(|r| r.error_for_status());
@@ -213,25 +312,43 @@ async fn plan_loop(
     }
 }
 
-async fn run(w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
-    let sim = engine(scale).await;
+/// Where the urgent job stands: when it was submitted (engine and wall
+/// clock), and when vLLM's answer to it was recorded.
+struct Urgent {
+    id: JobId,
+    at: f64,
+    wall: Instant,
+    done: Option<f64>,
+}
+
+async fn run(engine: &Engine<'_>, w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
+    let kind = engine.kind();
     let dir = common::scratch();
-    let c = config(dir.path(), &sim.url(), &w, mode);
+    let c = config(dir.path(), engine, &w, mode);
     let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
     store
         .submit_batch(
-            (0..JOBS).map(|i| job(&w, i, "bulk", 0)).collect(),
+            (0..w.jobs).map(|i| job(&w, i, "bulk", 0, kind)).collect(),
             Timestamp::now(),
         )
         .unwrap();
-    sim.watch(URGENT);
-    let start_engine = sim.engine().unwrap();
+    if let Engine::Sim(sim) = engine {
+        sim.watch(URGENT);
+    }
+    let first = engine.reading().await;
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(seconds);
 
     let pipeline = match mode {
         Mode::PlanLoop => {
-            tokio::spawn(plan_loop(store.clone(), sim.url(), w, scale, until));
+            tokio::spawn(plan_loop(
+                store.clone(),
+                engine.url(),
+                engine.served_name(),
+                w,
+                scale,
+                until,
+            ));
             None
         }
         _ => Some(
@@ -248,38 +365,66 @@ async fn run(w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
     };
 
     let mut waiting = Vec::new();
-    let mut urgent_at: Option<f64> = None;
+    let mut urgent: Option<Urgent> = None;
     let mut final_window = None;
-    let trace = std::env::var("BENCH_TRACE").is_ok() && matches!(mode, Mode::Auto);
+    let trace_all = std::env::var("BENCH_TRACE").as_deref() == Ok("every");
+    let trace = std::env::var("BENCH_TRACE").is_ok() && (trace_all || matches!(mode, Mode::Auto));
     let mut last_trace: Option<(u32, String)> = None;
+    let mut last = first;
     loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let e = sim.engine().unwrap();
-        waiting.push(e.waiting);
+        tokio::time::sleep(engine.sample_every()).await;
+        let e = engine.reading().await;
+        waiting.push(e.waiting as usize);
         let elapsed = start.elapsed().as_secs_f64();
-        if urgent_at.is_none() && elapsed >= seconds / 2.0 {
-            let urgent = job(&w, 0, URGENT, 100);
-            urgent_at = Some(sim.engine().unwrap().now);
-            match &pipeline {
+        if urgent.is_none() && elapsed >= seconds / 2.0 {
+            let job = job(&w, 0, URGENT, 100, kind);
+            let at = engine.reading().await.now;
+            let id = match &pipeline {
                 Some(p) => {
                     FeederHandle::new(p.feeder.clone())
-                        .submit(vec![urgent])
+                        .submit(vec![job])
                         .await
-                        .unwrap();
+                        .unwrap()[0]
+                        .id
                 }
-                None => {
-                    store.submit(urgent, Timestamp::now()).unwrap();
-                }
+                None => store.submit(job, Timestamp::now()).unwrap().id,
+            };
+            urgent = Some(Urgent {
+                id,
+                at,
+                wall: Instant::now(),
+                done: None,
+            });
+        }
+        if let Some(u) = urgent.as_mut().filter(|u| u.done.is_none()) {
+            if kind == Kind::Vllm
+                && store
+                    .get(u.id)
+                    .unwrap()
+                    .is_some_and(|j| j.status == JobStatus::Done)
+            {
+                u.done = Some(u.wall.elapsed().as_secs_f64());
             }
         }
         if trace {
             if let Some(p) = &pipeline {
                 if let Ok(st) = FeederHandle::new(p.feeder.clone()).status().await {
                     if let Some(d) = st.dispatch.first() {
-                        if last_trace.as_ref() != Some(&(d.window, d.window_reason.clone())) {
+                        if trace_all
+                            || last_trace.as_ref() != Some(&(d.window, d.window_reason.clone()))
+                        {
                             println!(
-                                "    {:>6.2}s window {:>4} in flight {:>4}: {}",
-                                elapsed, d.window, d.in_flight, d.window_reason
+                                "    {:>6.2}s window {:>4} in flight {:>4} | engine runs {:>3} queues {:>3} kv {:>3.0} % {:>6.0} tokens/s {:>3} preempted | {}",
+                                elapsed,
+                                d.window,
+                                d.in_flight,
+                                e.running,
+                                e.waiting,
+                                e.kv_usage * 100.0,
+                                (e.generation_tokens - last.generation_tokens)
+                                    / (e.now - last.now).max(1e-9),
+                                e.preemptions - last.preemptions,
+                                d.window_reason
                             );
                             last_trace = Some((d.window, d.window_reason.clone()));
                         }
@@ -287,8 +432,9 @@ async fn run(w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
                 }
             }
         }
-        let done = e.stats.successes - start_engine.stats.successes;
-        if Instant::now() >= until || done > JOBS as u64 {
+        last = e;
+        let done = e.successes - first.successes;
+        if Instant::now() >= until || done > w.jobs as f64 {
             if let Some(p) = &pipeline {
                 if let Ok(st) = FeederHandle::new(p.feeder.clone()).status().await {
                     final_window = st.dispatch.first().map(|d| d.window);
@@ -297,33 +443,117 @@ async fn run(w: Workload, mode: Mode, seconds: f64, scale: f64) -> Row {
             break;
         }
     }
-    let end = sim.engine().unwrap();
+    let end = engine.reading().await;
     if let Some(p) = pipeline {
         p.shutdown(Duration::ZERO).await;
     }
-    let tokens = (end.stats.generation_tokens - start_engine.stats.generation_tokens) as f64;
-    let span = end.now - start_engine.now;
-    let urgent_first_token = urgent_at.and_then(|at| {
-        sim.watched()
+    let urgent = urgent.and_then(|u| match engine {
+        Engine::Sim(sim) => sim
+            .watched()
             .iter()
             .filter_map(|(_, first)| *first)
-            .map(|first| first - at)
-            .next()
+            .map(|first| first - u.at)
+            .next(),
+        Engine::Vllm(_) => u.done,
     });
-    let e2e = &end.stats.e2e;
     Row {
-        tokens_per_s: tokens / span,
-        preemptions: end.stats.preemptions - start_engine.stats.preemptions,
-        requests: end.stats.successes - start_engine.stats.successes,
+        tokens_per_s: end.tokens_per_s_since(&first),
+        preemptions: (end.preemptions - first.preemptions) as u64,
+        requests: (end.successes - first.successes) as u64,
         median_waiting: median(waiting),
-        urgent_first_token,
-        service: if e2e.count > 0 {
-            e2e.sum / e2e.count as f64
-        } else {
-            0.0
-        },
+        urgent,
+        service: Reading::mean_since(end.e2e, first.e2e),
         final_window,
     }
+}
+
+/// Runs and prints every mode of workload `w`; `engine` makes each run's
+/// engine.
+fn table<'a, F>(
+    rt: &tokio::runtime::Runtime,
+    kind: Kind,
+    w: Workload,
+    windows: &[u32],
+    seconds: f64,
+    scale: f64,
+    engine: F,
+) where
+    F: Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Engine<'a>> + 'a>>,
+{
+    println!(
+        "  {:<20} {:>12} {:>9} {:>12} {:>10} {:>14} {:>10}",
+        "mode",
+        "tokens/s",
+        "requests",
+        "preemptions",
+        "waiting",
+        match kind {
+            Kind::Sim => "urgent → 1st",
+            Kind::Vllm => "urgent → done",
+        },
+        "service"
+    );
+    let windows: Vec<u32> = match std::env::var("BENCH_WINDOWS") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("BENCH_WINDOWS is a list of numbers")
+            })
+            .collect(),
+        Err(_) => windows.to_vec(),
+    };
+    let mut modes: Vec<Mode> = windows.into_iter().map(Mode::Fixed).collect();
+    modes.push(Mode::Auto);
+    modes.push(Mode::PlanLoop);
+    if std::env::var("BENCH_AUTO_ONLY").is_ok() {
+        modes = vec![Mode::Auto];
+    }
+    let mut best = 0.0f64;
+    for mode in modes {
+        let r = rt.block_on(async {
+            let e = engine().await;
+            run(&e, w, mode, seconds, scale).await
+        });
+        if matches!(mode, Mode::Fixed(_)) {
+            best = best.max(r.tokens_per_s);
+        }
+        let label = match (mode, r.final_window) {
+            (Mode::Auto, Some(win)) => format!("auto (ended at {win})"),
+            _ => mode.label(),
+        };
+        let share = if matches!(mode, Mode::Auto) && best > 0.0 {
+            format!("  {:.2} of the best fixed", r.tokens_per_s / best)
+        } else {
+            String::new()
+        };
+        println!(
+            "  {:<20} {:>12.0} {:>9} {:>12} {:>10} {:>14} {:>9.2}s{share}",
+            label,
+            r.tokens_per_s,
+            r.requests,
+            format!(
+                "{} ({:.1} %)",
+                r.preemptions,
+                100.0 * r.preemptions as f64 / r.requests.max(1) as f64
+            ),
+            r.median_waiting,
+            r.urgent.map_or("not served".into(), |t| format!("{t:.2}s")),
+            r.service,
+        );
+    }
+}
+
+fn heading(w: &Workload, what: String) {
+    println!();
+    println!(
+        "{} ({}{}, {} tokens out)",
+        w.name,
+        what,
+        if w.image { " + one image part" } else { "" },
+        w.max_tokens
+    );
 }
 
 fn main() {
@@ -331,70 +561,65 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let seconds = env_f64("BENCH_SECONDS", 20.0);
-    let scale = env_f64("BENCH_TIME_SCALE", 5.0);
+    let wanted = |w: &Workload| filter.is_empty() || filter.iter().any(|f| f == w.name);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    println!(
-        "engine: --kv-cache-tokens 400000 --max-num-seqs 256, default step times, clock ×{scale}; {seconds} s of wall time per run, {JOBS} bulk jobs"
-    );
-    for w in WORKLOADS {
-        if !filter.is_empty() && !filter.iter().any(|f| f == w.name) {
-            continue;
-        }
-        println!();
-        println!(
-            "{} ({} prompt characters{}, {} tokens out)",
-            w.name,
-            w.chars,
-            if w.image { " + one image part" } else { "" },
-            w.max_tokens
-        );
-        println!(
-            "  {:<20} {:>12} {:>9} {:>12} {:>10} {:>14} {:>10}",
-            "mode", "tokens/s", "requests", "preemptions", "waiting", "urgent → 1st", "service"
-        );
-        let mut modes: Vec<Mode> = [4, 8, 16, 32, 64, 128, 256, 512]
-            .into_iter()
-            .map(Mode::Fixed)
-            .collect();
-        modes.push(Mode::Auto);
-        modes.push(Mode::PlanLoop);
-        if std::env::var("BENCH_AUTO_ONLY").is_ok() {
-            modes = vec![Mode::Auto];
-        }
-        let mut best = 0.0f64;
-        for mode in modes {
-            let r = rt.block_on(run(w, mode, seconds, scale));
-            if matches!(mode, Mode::Fixed(_)) {
-                best = best.max(r.tokens_per_s);
+    for kind in engine::chosen() {
+        match kind {
+            Kind::Sim => {
+                let seconds = env_f64("BENCH_SECONDS", 20.0);
+                let scale = env_f64("BENCH_TIME_SCALE", 5.0);
+                println!(
+                    "engine: sim --kv-cache-tokens 400000 --max-num-seqs 256, default step times, clock ×{scale}; {seconds} s of wall time per run; times in engine seconds"
+                );
+                for w in SIM_WORKLOADS.iter().filter(|w| wanted(w)) {
+                    heading(w, format!("{} prompt characters", w.chars));
+                    table(&rt, kind, *w, &SIM_WINDOWS, seconds, scale, || {
+                        Box::pin(sim_engine(scale))
+                    });
+                }
             }
-            let label = match (mode, r.final_window) {
-                (Mode::Auto, Some(win)) => format!("auto (ended at {win})"),
-                _ => mode.label(),
-            };
-            let share = if matches!(mode, Mode::Auto) && best > 0.0 {
-                format!("  {:.2} of the best fixed", r.tokens_per_s / best)
-            } else {
-                String::new()
-            };
-            println!(
-                "  {:<20} {:>12.0} {:>9} {:>12} {:>10} {:>14} {:>9.2}s{share}",
-                label,
-                r.tokens_per_s,
-                r.requests,
-                format!(
-                    "{} ({:.1} %)",
-                    r.preemptions,
-                    100.0 * r.preemptions as f64 / r.requests.max(1) as f64
-                ),
-                r.median_waiting,
-                r.urgent_first_token
-                    .map_or("not served".into(), |t| format!("{t:.2}s")),
-                r.service,
-            );
+            Kind::Vllm => {
+                let todo: Vec<Workload> = VLLM_WORKLOADS
+                    .iter()
+                    .copied()
+                    .filter(|w| wanted(w))
+                    .collect();
+                if todo.is_empty() {
+                    continue;
+                }
+                let seconds = env_f64("BENCH_VLLM_SECONDS", 30.0);
+                let real = RealVllm::start("window", &VLLM_ARGS);
+                println!();
+                println!(
+                    "engine: vLLM (CPU) on the tiny Llama, {}; {seconds} s of wall time per run; times in wall seconds (log: {})",
+                    real.args.join(" "),
+                    RealVllm::log_path("window").display()
+                );
+                for w in &todo {
+                    let p: serde_json::Value =
+                        serde_json::from_str(&payload(w, 0, "bulk", kind)).unwrap();
+                    let b = body(&p.to_string(), engine::VLLM_NAME, w.max_tokens);
+                    let tokens = rt.block_on(real.prompt_tokens(&b["messages"]));
+                    heading(
+                        w,
+                        format!(
+                            "{} prompt characters, {} tokens",
+                            w.chars,
+                            tokens.map_or("?".into(), |t| t.to_string())
+                        ),
+                    );
+                    let real = &real;
+                    table(&rt, kind, *w, &VLLM_WINDOWS, seconds, 1.0, || {
+                        Box::pin(async move {
+                            real.settle().await;
+                            Engine::Vllm(real)
+                        })
+                    });
+                }
+            }
         }
     }
 }

@@ -13,22 +13,34 @@
 //! - **backs off on preemptions**: the number running when the cache ran
 //!   out, less a tenth, becomes a ceiling for the next minute (once what
 //!   is in flight has come down to the window: a cut takes a while);
-//! - **backs off on a server queue**: when requests wait inside the server
-//!   (`vllm:num_requests_waiting` above 1/32 of the window) and either the
-//!   requests that finished meanwhile spent over 5 % of their time waiting
-//!   there (`vllm:request_queue_time_seconds` against
-//!   `vllm:e2e_request_latency_seconds`), or for 750 ms the server has run no
-//!   more while they wait (one reading may only catch requests that arrived
-//!   since the server's last step), the window drops to what the server
-//!   runs, plus that allowance;
+//! - **backs off on a server queue**: when requests have waited inside the
+//!   server (`vllm:num_requests_waiting` above 1/32 of the window) in every
+//!   reading for 750 ms, or a request's lifetime if that is longer, the
+//!   window drops by the part of that queue it did not need: the fewest
+//!   seen waiting, less the allowance, less the requests of ours that are
+//!   on their way (in flight here but neither running nor waiting there).
+//!   One reading may catch only requests that arrived since the server's
+//!   last step. And a real server's requests spend time outside its queue
+//!   (its front end's work, the answer's way back, our next request's way
+//!   out): while they do, the slots they left are refilled from its queue
+//!   or stay empty, so a queue as deep as what is on its way keeps the
+//!   server busy (Little's law: as many as finish in that time);
 //! - **holds** while the KV cache is over 92 % full, and while gpu-feeder
 //!   has too little work to fill the window (growing then proves nothing);
 //! - **grows** otherwise: doubling at every reading until one of those
 //!   limits shows (throughput only rises until then), never past what the
-//!   KV cache is projected to hold (92 % of it, at the most one request was
-//!   seen to hold); then it holds, and every 30 s probes an eighth higher,
-//!   going on while each eighth buys 2 % more tokens per second, in case
-//!   the work changed.
+//!   KV cache is projected to hold running (92 % of it, at the most one
+//!   request was seen to hold; requests waiting in the server or on their
+//!   way hold none; while doubling, requests are young and are taken to
+//!   hold 60 % of what they will, and once they have aged a request's
+//!   lifetime the rest of that room is taken at once: a server with large
+//!   KV blocks, as vLLM's CPU build with 128 tokens, gives a request nearly
+//!   all it will hold from the start); then an eighth at a time while each eighth buys 2 %
+//!   more tokens per second, each measured over two request lifetimes at
+//!   least (requests that start together end together, so a shorter
+//!   measure sees a wave or the gap after it), and measured twice before it
+//!   is called the knee; then it holds, and every 30 s probes an eighth
+//!   higher, in case the work changed.
 //!
 //! A 429 or 503 halves it at once. A server without `/metrics` (llama.cpp's
 //! server, say) gets a latency rule instead: grow by an eighth while the
@@ -139,6 +151,9 @@ pub struct WindowSignals {
 enum Phase {
     /// Doubling.
     SlowStart,
+    /// Held where young requests would fill the KV cache, until they have
+    /// aged a lifetime and show what they hold.
+    Ageing,
     /// Growing by an eighth.
     Probe,
     /// At the knee (or a limit); probes again later.
@@ -164,6 +179,9 @@ pub struct WindowController {
     before_growth: Option<Measured>,
     /// Readings to skip after a change (the batch settles).
     settle: u32,
+    /// The last growth seemed to buy nothing once; it is being measured
+    /// again.
+    doubted: bool,
     /// Where the measurement of the present window's rate began: time and
     /// generated tokens.
     measure_from: Option<(Instant, f64)>,
@@ -182,16 +200,24 @@ pub struct WindowController {
     base_latency: Option<Duration>,
     /// The server answered `/metrics` with nothing to read.
     no_metrics: bool,
-    /// Since when readings have found requests waiting inside the server,
-    /// and how many it ran then.
-    queued_since: Option<(Instant, f64)>,
+    /// Since when every reading has found requests waiting inside the
+    /// server beyond the allowance, and the fewest of them seen since.
+    queued: Option<(Instant, f64)>,
+    /// Requests of ours on their way, neither running nor waiting inside
+    /// the server (a moving average over readings).
+    transit: f64,
     /// Requests the server ran, in the last readings: the most of them is
-    /// what it can run (one reading may catch a batch between two waves).
+    /// what it runs at this window (one reading may catch a batch between
+    /// two waves).
     recent_running: VecDeque<f64>,
+    /// How long a request takes lately, as the dispatcher saw it (a moving
+    /// average): the time the server's load takes to swing.
+    lifetime: Option<Duration>,
     signals: WindowSignals,
 }
 
-/// How long a window's rate is measured before it is judged.
+/// How long a window's rate is measured before it is judged, at least (and
+/// two request lifetimes at least).
 const MEASURE_FOR: Duration = Duration::from_millis(500);
 /// Readings skipped after a change before judging its effect.
 const SETTLE_READINGS: u32 = 1;
@@ -199,9 +225,6 @@ const SETTLE_READINGS: u32 = 1;
 const STEP_GAIN: f64 = 1.02;
 /// The KV cache share above which the window holds.
 const KV_HIGH: f64 = 0.92;
-/// Requests that waited this share of their time inside the server mean
-/// it queues.
-const QUEUE_SHARE: f64 = 0.05;
 /// After preemptions, the ceiling is this share of what ran.
 const PREEMPTION_BACKOFF: f64 = 0.9;
 /// How long a ceiling learnt from preemptions holds.
@@ -211,11 +234,15 @@ const REPROBE_AFTER: Duration = Duration::from_secs(30);
 /// While doubling, the share of its final KV cache a request is assumed
 /// to hold yet.
 const YOUNG_KV: f64 = 0.6;
-/// How long requests must keep waiting inside the server, without it
-/// running more, to count as a queue without its histograms' word.
-const PLATEAU_FOR: Duration = Duration::from_millis(750);
-/// Readings whose running count is kept (the most of them is what the
-/// server can run).
+/// How long requests must keep waiting inside the server to count as a
+/// queue, at least (and a request lifetime at least).
+const QUEUE_FOR: Duration = Duration::from_millis(750);
+/// The weight of the newest request in the lifetime's moving average.
+const LIFETIME_WEIGHT: f64 = 0.05;
+/// The weight of the newest reading in the moving average of requests on
+/// their way.
+const TRANSIT_WEIGHT: f64 = 0.1;
+/// Readings whose running count is kept.
 const RUNNING_READINGS: usize = 8;
 /// Latencies kept for the fallback rule.
 const LATENCY_SAMPLES: usize = 64;
@@ -234,6 +261,7 @@ impl WindowController {
             last: None,
             before_growth: None,
             settle: 0,
+            doubted: false,
             measure_from: None,
             kv_per_seq: 0.0,
             ceiling: None,
@@ -245,8 +273,10 @@ impl WindowController {
             latencies: VecDeque::new(),
             base_latency: None,
             no_metrics: false,
-            queued_since: None,
+            queued: None,
+            transit: 0.0,
             recent_running: VecDeque::new(),
+            lifetime: None,
             signals: WindowSignals::default(),
         }
     }
@@ -281,9 +311,26 @@ impl WindowController {
     pub fn poll_interval(&self) -> Duration {
         match self.phase {
             Phase::Hold => Duration::from_secs(1),
-            Phase::Probe => Duration::from_millis(250),
+            Phase::Probe | Phase::Ageing => Duration::from_millis(250),
             Phase::SlowStart => Duration::from_millis(100),
         }
+    }
+
+    /// How long requests must keep waiting inside the server to count as a
+    /// queue: long enough for a wave's refill to arrive.
+    fn queue_for(&self) -> Duration {
+        QUEUE_FOR.max(self.lifetime.unwrap_or_default())
+    }
+
+    /// How long a window's rate is measured: long enough to hold waves and
+    /// the gaps between them alike.
+    fn measure_for(&self) -> Duration {
+        MEASURE_FOR.max(self.lifetime.unwrap_or_default() * 2)
+    }
+
+    /// The most requests the server ran in the last readings.
+    fn most_run(&self) -> f64 {
+        self.recent_running.iter().copied().fold(0.0, f64::max)
     }
 
     fn cap(&mut self, now: Instant) -> u32 {
@@ -302,6 +349,7 @@ impl WindowController {
             self.since = now;
             self.settle = SETTLE_READINGS;
             self.measure_from = None;
+            self.doubted = false;
         }
         self.reason = reason;
     }
@@ -368,60 +416,46 @@ impl WindowController {
             );
             return self.window;
         }
-        // Requests that arrived since the server's last step wait until its
-        // next, so a reading with requests waiting may be only that: a
-        // queue is requests waiting now that finished requests confirm
-        // (they spent over 5 % of their time waiting), or, where the server
-        // keeps no queue-time histogram, requests waiting for PLATEAU_FOR;
-        // and only while the server runs fewer than it has of ours.
-        let waiting_now = m.waiting > allowance;
-        let was_waiting = self.queued_since.is_some();
-        if !waiting_now {
-            self.queued_since = None;
-        } else if self.queued_since.is_none() {
-            self.queued_since = Some((now, m.running));
-        }
-        let queued_for = self
-            .queued_since
-            .map_or(Duration::ZERO, |(t, _)| now.duration_since(t));
+        // A queue is requests waiting in every reading for a while, beyond
+        // the allowance and beyond what is on its way to refill the slots
+        // that requests leave (see the module's docs). Readings taken while
+        // more than the window is in flight (a cut not yet in) say nothing
+        // of the window.
         if self.recent_running.len() == RUNNING_READINGS {
             self.recent_running.pop_front();
         }
         self.recent_running.push_back(m.running);
-        let most_run = self.recent_running.iter().copied().fold(0.0, f64::max);
-        let keep = (most_run.floor() as u32 + allowance as u32).max(1);
-        // Or the window just grew and, for a while, the server has run no
-        // more than before while the rest waits: it can run no more. (A
-        // server still admitting long prompts runs more as time goes on.)
-        let plateau = queued_for >= PLATEAU_FOR
-            && self
-                .queued_since
-                .is_some_and(|(_, then)| m.running <= then + allowance)
-            && self
-                .before_growth
-                .is_some_and(|b| m.running <= (b.window as f64 + allowance));
-        let queue = keep < w
-            && (plateau
-                || match queue_share {
-                    Some(share) => share > QUEUE_SHARE && (waiting_now || was_waiting),
-                    None => queued_for >= PLATEAU_FOR,
-                });
-        if waiting_now && !queue {
-            // Perhaps only arrivals since the server's last step: wait and see.
-            return self.window;
-        }
-        if queue {
-            self.phase = Phase::Hold;
-            self.before_growth = None;
-            self.set(
-                keep,
-                now,
-                format!(
-                    "the server queues {:.0} requests and runs {:.0}: keeping only what it runs",
-                    m.waiting, m.running
-                ),
-            );
-            return self.window;
+        let on_the_way = (in_flight as f64 - m.running - m.waiting).max(0.0);
+        self.transit = self.transit * (1.0 - TRANSIT_WEIGHT) + on_the_way * TRANSIT_WEIGHT;
+        if m.waiting <= allowance || in_flight as u32 > w {
+            self.queued = None;
+        } else {
+            let queue_for = self.queue_for();
+            let (since, least) = self.queued.get_or_insert((now, m.waiting));
+            *least = least.min(m.waiting);
+            if now.duration_since(*since) < queue_for {
+                // Perhaps only arrivals since the server's last step, or a
+                // wave's refill: wait and see.
+                return self.window;
+            }
+            let least = *least;
+            self.queued = None;
+            let excess = (least - allowance - self.transit).floor();
+            if excess >= 1.0 {
+                let excess = excess as u32;
+                self.phase = Phase::Hold;
+                self.before_growth = None;
+                self.set(
+                    w.saturating_sub(excess),
+                    now,
+                    format!(
+                        "the server queues {:.0} requests and runs {:.0}; {least:.0} or more waited all along, {:.0} on their way: {excess} fewer",
+                        m.waiting, m.running, self.transit
+                    ),
+                );
+                return self.window;
+            }
+            // A queue that the requests on their way need: not too many.
         }
         if w > cap {
             self.set(cap, now, format!("back under the ceiling of {cap}"));
@@ -447,13 +481,17 @@ impl WindowController {
             // its cache would not hold more. Throughput only rises until then.
             return self.grow(now, &m, rate, cap);
         }
-        // The present window's rate, over at least MEASURE_FOR (a single
-        // interval is noisy: requests that started together finish together).
+        if self.phase == Phase::Ageing {
+            return self.fill(now, &m, cap);
+        }
+        // The present window's rate, over at least MEASURE_FOR and two
+        // request lifetimes (a single interval is noisy: requests that
+        // started together finish together).
         let (since, tokens) = *self
             .measure_from
             .get_or_insert((t0, prev.generation_tokens_total));
         let span = now.duration_since(since);
-        if span < MEASURE_FOR {
+        if span < self.measure_for() {
             return self.window;
         }
         let rate = (m.generation_tokens_total - tokens) / span.as_secs_f64();
@@ -464,15 +502,34 @@ impl WindowController {
             } else {
                 f64::INFINITY
             };
+            if gain < STEP_GAIN && !self.doubted {
+                // One span may have held more of a wave's gap than the
+                // other: measure again before calling it the knee.
+                self.doubted = true;
+                self.measure_from = Some((now, m.generation_tokens_total));
+                self.reason = format!(
+                    "measuring {w} again: {} → {w} gained {:.1} %",
+                    before.window,
+                    (gain - 1.0) * 100.0
+                );
+                return self.window;
+            }
             if gain < STEP_GAIN {
                 self.before_growth = None;
                 self.phase = Phase::Hold;
-                self.since = now;
-                self.reason = format!(
+                let reason = format!(
                     "at the knee: {} → {w} gained {:.1} %",
                     before.window,
                     (gain - 1.0) * 100.0
                 );
+                if w > before.window + (before.window / 8).max(1) {
+                    // More than an eighth (the KV cache's room taken at
+                    // once) for nothing: back to where it was.
+                    self.set(before.window, now, reason);
+                } else {
+                    self.since = now;
+                    self.reason = reason;
+                }
                 return self.window;
             }
         }
@@ -500,24 +557,36 @@ impl WindowController {
             };
             return w;
         }
-        // No further than the KV cache is projected to hold, at the most
-        // one request was seen to hold. While doubling, requests are young
-        // and hold less than they will: a doubling stops short of that, and
-        // the rest is probed an eighth at a time.
+        // No further than the KV cache is projected to hold running, at
+        // the most one request was seen to hold. While doubling, requests
+        // are young and hold less than they will: a doubling stops short of
+        // that, and the rest is taken once they have aged (`fill`). Only
+        // requests that run hold blocks: where the server runs fewer than
+        // the window (the rest wait there or are on their way), the window
+        // may pass the projection by as many.
+        let running = self.most_run().min(w as f64).floor() as u32;
         let room_at =
             |share: f64| (self.kv_per_seq > 0.0).then(|| (share / self.kv_per_seq).floor() as u32);
-        if self.phase == Phase::SlowStart && room_at(KV_HIGH * YOUNG_KV).is_some_and(|r| r <= w) {
-            self.phase = Phase::Probe;
+        if let Some(r) =
+            room_at(KV_HIGH * YOUNG_KV).filter(|r| self.phase == Phase::SlowStart && *r <= running)
+        {
+            self.phase = Phase::Ageing;
+            self.since = now;
+            self.measure_from = Some((now, m.generation_tokens_total));
+            self.reason = format!(
+                "young requests would fill the KV cache at {r} running: seeing what they hold when they end"
+            );
+            return w;
         }
         let room = match self.phase {
             Phase::SlowStart => room_at(KV_HIGH * YOUNG_KV),
             _ => room_at(KV_HIGH),
         };
-        if let Some(r) = room.filter(|r| *r <= w) {
+        if let Some(r) = room.filter(|r| *r <= running) {
             self.phase = Phase::Hold;
             self.since = now;
             self.reason = format!(
-                "the KV cache would hold no more than {r} ({:.0} % full now): holding",
+                "the KV cache would hold no more than {r} running ({:.0} % full now): holding",
                 m.kv_usage * 100.0
             );
             return w;
@@ -528,7 +597,7 @@ impl WindowController {
         }
         .min(cap);
         if let Some(r) = room {
-            next = next.min(r);
+            next = next.min(w + (r - running));
         }
         self.before_growth = Some(Measured { window: w, rate });
         self.set(
@@ -537,6 +606,45 @@ impl WindowController {
             format!(
                 "growing: {rate:.0} tokens/s at {w}, {:.0} waiting, no preemptions",
                 m.waiting
+            ),
+        );
+        self.window
+    }
+
+    /// After a lifetime held at what young requests would fill, the KV
+    /// cache's room is known (requests hold the most just before they end;
+    /// a server that allocates large blocks gives a request its all at
+    /// once): the window takes it in one step, then probes on.
+    fn fill(&mut self, now: Instant, m: &EngineMetrics, cap: u32) -> u32 {
+        let aged = self
+            .lifetime
+            .is_some_and(|l| now.duration_since(self.since) >= l.max(MEASURE_FOR));
+        if !aged || self.kv_per_seq <= 0.0 {
+            return self.window;
+        }
+        self.phase = Phase::Probe;
+        let w = self.window;
+        let rate = self.measure_from.map(|(since, tokens)| {
+            (m.generation_tokens_total - tokens) / now.duration_since(since).as_secs_f64()
+        });
+        let running = self.most_run().min(w as f64).floor() as u32;
+        let room = (KV_HIGH / self.kv_per_seq).floor() as u32;
+        if room <= running {
+            self.phase = Phase::Hold;
+            self.reason = format!(
+                "the KV cache would hold no more than {room} running ({:.0} % full now): holding",
+                m.kv_usage * 100.0
+            );
+            return w;
+        }
+        // Judged as any growth is, and taken back if it buys nothing.
+        self.before_growth = rate.map(|rate| Measured { window: w, rate });
+        self.set(
+            (w + (room - running)).min(cap),
+            now,
+            format!(
+                "a request holds {:.1} % of the KV cache: room for {room} running",
+                self.kv_per_seq * 100.0
             ),
         );
         self.window
@@ -588,12 +696,16 @@ impl WindowController {
         self.window
     }
 
-    /// A request finished at `now` after `latency` (the fallback rule's
-    /// signal). Only requests sent since the window last changed count.
+    /// A request finished at `now` after `latency`: the lifetime that
+    /// measurements span, and the fallback rule's signal, for which only
+    /// requests sent since the window last changed count.
     pub fn on_latency(&mut self, now: Instant, latency: Duration) {
         if !self.is_auto() {
             return;
         }
+        self.lifetime = Some(self.lifetime.map_or(latency, |l| {
+            l.mul_f64(1.0 - LIFETIME_WEIGHT) + latency.mul_f64(LIFETIME_WEIGHT)
+        }));
         if now
             .checked_sub(latency)
             .is_none_or(|sent| sent < self.since)

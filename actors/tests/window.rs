@@ -12,7 +12,7 @@ use feeder_actors::handle::FeederHandle;
 use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
 use feeder_actors::testkit::{FakeEngine, FakeEngineShape, MemoryResults, MemoryStore};
-use feeder_actors::window::WindowMode;
+use feeder_actors::window::{EngineMetrics, WindowController, WindowMode};
 use feeder_actors::{BlockingJobStore, ModelType, NewJob, Payload, Timestamp, TokioClock};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -203,4 +203,165 @@ async fn without_metrics_a_latency_rule_sizes_the_window() {
     let (lo, hi) = spread(&ws[30..]);
     assert!(lo >= 48 && hi <= 160, "windows {ws:?}");
     assert!(ws[0] <= 20, "{ws:?}");
+}
+
+/// A server as the real vLLM on a few CPU cores looks from here: `slots`
+/// requests run at once, each for `service`, all of the same length, so
+/// that those that start together end together (waves); a request takes
+/// `way` to get from here into the server's queue (its front end's work)
+/// and its answer as long to come back and be replaced. Each running
+/// request makes `tokens_per_s`. Driven by the controller alone (no actors),
+/// in steps of 5 ms.
+struct WavyServer {
+    slots: usize,
+    service: f64,
+    way: f64,
+    tokens_per_s: f64,
+    /// When each request on its way in arrives.
+    coming: std::collections::VecDeque<(f64, f64)>,
+    waiting: std::collections::VecDeque<f64>,
+    /// When each running request ends, and when it was sent.
+    running: Vec<(f64, f64)>,
+    /// When each answer on its way back arrives, and when it was sent.
+    going: Vec<(f64, f64)>,
+    generated: f64,
+}
+
+impl WavyServer {
+    fn new(slots: usize, service: f64, way: f64) -> Self {
+        WavyServer {
+            slots,
+            service,
+            way,
+            tokens_per_s: 60.0,
+            coming: Default::default(),
+            waiting: Default::default(),
+            running: Vec::new(),
+            going: Vec::new(),
+            generated: 0.0,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.coming.len() + self.waiting.len() + self.running.len() + self.going.len()
+    }
+
+    fn metrics(&self) -> EngineMetrics {
+        EngineMetrics {
+            running: self.running.len() as f64,
+            waiting: self.waiting.len() as f64,
+            kv_usage: self.running.len() as f64 / (self.slots as f64 * 2.0),
+            generation_tokens_total: self.generated,
+            ..EngineMetrics::default()
+        }
+    }
+
+    /// Runs `secs` at `window` (or the controller's), returning the tokens
+    /// per second over the last half, and the server's median queue then.
+    fn run(
+        &mut self,
+        mut ctl: Option<&mut WindowController>,
+        window: u32,
+        secs: f64,
+    ) -> (f64, f64) {
+        let t0 = tokio::time::Instant::now();
+        let dt = 0.005;
+        let (mut t, mut next_poll) = (0.0, 0.0);
+        let mut half = None;
+        let mut queues = Vec::new();
+        while t < secs {
+            t += dt;
+            // Answers back; their latencies to the controller.
+            let now = t0 + Duration::from_secs_f64(t);
+            let back: Vec<f64> = self
+                .going
+                .iter()
+                .filter(|(at, _)| *at <= t)
+                .map(|(_, sent)| *sent)
+                .collect();
+            self.going.retain(|(at, _)| *at > t);
+            if let Some(c) = ctl.as_deref_mut() {
+                for sent in back {
+                    c.on_latency(now, Duration::from_secs_f64(t - sent));
+                }
+            }
+            // Arrivals into the queue, admissions, ends.
+            while self.coming.front().is_some_and(|(at, _)| *at <= t) {
+                let (_, sent) = self.coming.pop_front().unwrap();
+                self.waiting.push_back(sent);
+            }
+            let ended: Vec<(f64, f64)> = self
+                .running
+                .iter()
+                .copied()
+                .filter(|(end, _)| *end <= t)
+                .collect();
+            self.running.retain(|(end, _)| *end > t);
+            for (_, sent) in ended {
+                self.going.push((t + self.way, sent));
+            }
+            while self.running.len() < self.slots {
+                let Some(sent) = self.waiting.pop_front() else {
+                    break;
+                };
+                self.running.push((t + self.service, sent));
+            }
+            self.generated += self.running.len() as f64 * self.tokens_per_s * dt;
+            // The window, refilled at once.
+            let w = ctl.as_deref().map_or(window, |c| c.window()) as usize;
+            while self.in_flight() < w {
+                self.coming.push_back((t + self.way, t));
+            }
+            if t >= next_poll {
+                let m = self.metrics();
+                if let Some(c) = ctl.as_deref_mut() {
+                    c.on_metrics(now, m, self.in_flight());
+                    next_poll = t + c.poll_interval().as_secs_f64();
+                } else {
+                    next_poll = t + 0.25;
+                }
+                if t >= secs / 2.0 {
+                    queues.push(m.waiting);
+                }
+            }
+            if half.is_none() && t >= secs / 2.0 {
+                half = Some((t, self.generated));
+            }
+        }
+        let (th, gh) = half.unwrap();
+        queues.sort_by(f64::total_cmp);
+        ((self.generated - gh) / (t - th), queues[queues.len() / 2])
+    }
+}
+
+#[test]
+fn keeps_a_server_whose_requests_end_in_waves_busy_with_a_short_queue() {
+    // 64 slots, 0.5 s a request, 60 ms each way: a tenth of a request's
+    // life is spent outside the server, where the sim's requests spend none.
+    let (slots, service, way) = (64, 0.5, 0.06);
+    let fixed: Vec<(u32, f64)> = [64, 72, 80, 96, 128, 192]
+        .into_iter()
+        .map(|w| (w, WavyServer::new(slots, service, way).run(None, w, 60.0).0))
+        .collect();
+    let best = fixed.iter().map(|(_, r)| *r).fold(0.0, f64::max);
+    let mut c = WindowController::new(
+        WindowMode::Auto { max: 1024 },
+        16,
+        tokio::time::Instant::now(),
+    );
+    let (rate, queue) = WavyServer::new(slots, service, way).run(Some(&mut c), 0, 60.0);
+    assert!(
+        rate >= 0.95 * best,
+        "auto made {rate:.0} tokens/s at {} ({}), the best fixed window {best:.0}: {fixed:?}",
+        c.window(),
+        c.reason()
+    );
+    // Its queue inside the server stays short: under half of what it
+    // runs (the controller keeps one as deep as what is on its way).
+    assert!(
+        queue < slots as f64 / 2.0,
+        "the server queued {queue} at {}: {}",
+        c.window(),
+        c.reason()
+    );
 }

@@ -1,10 +1,17 @@
-//! What the benchmarks against the engine simulator share: the simulator on
-//! a thread of its own, a scratch folder, and a pipeline configuration with
-//! one external instance pointing at it.
+//! What the benchmarks share: the simulator on a thread of its own, the
+//! real vLLM beside it ([`engine`]), a scratch folder, a pipeline
+//! configuration with one external instance pointing at either, and prompt
+//! text.
 
 #![allow(dead_code)]
 
+pub mod engine;
+#[path = "../../tests/common/vllm.rs"]
+pub mod vllm;
+
 use std::path::Path;
+
+use rand::{Rng, SeedableRng};
 
 use gpu_feeder::config::{Config, InstanceConfig, WindowSetting};
 use gpu_feeder::sim::{self, SimConfig, SimHandle};
@@ -41,6 +48,17 @@ pub fn scratch() -> tempfile::TempDir {
 /// A configuration whose state lies in `dir`, with one external think
 /// instance at `url` answering `max_tokens` tokens, its window `window`.
 pub fn config(dir: &Path, url: &str, max_tokens: u32, window: WindowSetting) -> Config {
+    config_serving(dir, url, "sim", max_tokens, window)
+}
+
+/// [`config`] for a server whose model is served as `served_name`.
+pub fn config_serving(
+    dir: &Path,
+    url: &str,
+    served_name: &str,
+    max_tokens: u32,
+    window: WindowSetting,
+) -> Config {
     let mut c = Config::default();
     c.queue.db_path = dir.join("jobs.db");
     c.queue.results_dir = dir.join("results");
@@ -51,7 +69,7 @@ pub fn config(dir: &Path, url: &str, max_tokens: u32, window: WindowSetting) -> 
     c.dispatch.request_timeout_s = 3_600;
     c.health.interval_s = 1.0;
     let inst: InstanceConfig = toml::from_str(&format!(
-        "name = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = {max_tokens}\n",
+        "name = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\nurl = \"{url}\"\nserved_model_name = \"{served_name}\"\nmax_tokens = {max_tokens}\n",
     ))
     .unwrap();
     c.instances = vec![inst];
@@ -78,4 +96,23 @@ pub fn jobs(n: usize, tag: &str) -> Vec<feeder_actors::NewJob> {
             )
         })
         .collect()
+}
+
+/// `head`, then words of 3 to 8 random letters drawn from `seed`, cut at
+/// `chars` characters: text that shares no prefix with another seed's
+/// beyond the head. (A real tokenizer makes about 1.3 characters a token
+/// of it; the simulator counts 4.)
+pub fn words(seed: u64, head: &str, chars: usize) -> String {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut text = head.to_string();
+    while text.len() < chars {
+        let len = rng.random_range(3..9);
+        let word: String = (0..len)
+            .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+            .collect();
+        text.push(' ');
+        text.push_str(&word);
+    }
+    text.truncate(chars);
+    text
 }
