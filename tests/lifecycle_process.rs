@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{alive, bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -33,19 +33,6 @@ fn process(name: &str, model: &str, port: u16, sim_args: &str, extra: &str) -> S
          max_tokens = 16\n{extra}\n\n",
         command.join(", ")
     )
-}
-
-fn pid_of(s: &Scratch, name: &str) -> u32 {
-    let i = s.instance(name).expect("the daemon answers");
-    i["container_id"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid for {name}: {i}"))
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
 }
 
 fn kill9(pid: u32) {
@@ -93,7 +80,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
         .map(|t| t["to"].as_str().unwrap())
         .collect();
     assert_eq!(states, ["starting", "loading", "ready"], "{think}");
-    let pid = pid_of(&s, "think");
+    let pid = s.pid_of("think");
     let cmdline = common::cmdline(pid).unwrap();
     for part in [
         "--model /models/think",
@@ -146,7 +133,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
 
     // SIGTERM: the servers stay up (keep_servers_on_exit) and the next
     // daemon adopts them without a restart.
-    let (vpid, tpid) = (pid_of(&s, "vision"), pid_of(&s, "think"));
+    let (vpid, tpid) = (s.pid_of("vision"), s.pid_of("think"));
     d.term();
     assert_eq!(d.wait_exit(LIMIT), Some(0), "{}", d.log());
     assert!(alive(vpid) && alive(tpid), "the servers outlive the daemon");
@@ -161,7 +148,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     );
     for (name, pid) in [("vision", vpid), ("think", tpid)] {
         let i = s.instance(name).unwrap();
-        assert_eq!(pid_of(&s, name), pid, "{name} was adopted, not relaunched");
+        assert_eq!(s.pid_of(name), pid, "{name} was adopted, not relaunched");
         assert_eq!(i["adopted"], true);
         assert_eq!(i["restarts"], 0);
     }
@@ -175,8 +162,8 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     wait_for("both ready with the new configuration", LIMIT, || {
         s.instance_is("vision", "ready") && s.instance_is("think", "ready")
     });
-    assert_eq!(pid_of(&s, "vision"), vpid);
-    let new_think = pid_of(&s, "think");
+    assert_eq!(s.pid_of("vision"), vpid);
+    let new_think = s.pid_of("think");
     assert_ne!(new_think, tpid, "think was recreated");
     assert!(!alive(tpid), "the old think server was stopped");
     assert_eq!(s.instance("think").unwrap()["adopted"], false);
@@ -323,7 +310,7 @@ fn a_killed_servers_own_children_do_not_outlive_it() {
         .parse()
         .unwrap();
     assert!(alive(engine));
-    kill9(pid_of(&s, "think"));
+    kill9(s.pid_of("think"));
     wait_for("relaunched", LIMIT, || {
         s.instance("think")
             .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)

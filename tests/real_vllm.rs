@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::vllm::{self, vllm};
-use common::{free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{alive, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
 
 /// A CPU vLLM takes 60–90 s to start on two cores, more when another starts
 /// beside it.
@@ -63,19 +63,6 @@ fn instance(name: &str, model_type: &str, model: &Path, port: u16, extra: &str) 
         args.join(", "),
         env.join(", "),
     )
-}
-
-fn pid_of(s: &Scratch, name: &str) -> u32 {
-    let i = s.instance(name).expect("the daemon answers");
-    i["container_id"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid for {name}: {i}"))
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
 }
 
 /// Processes whose process group is `pgid` (a vLLM server and its engine).
@@ -157,7 +144,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         .map(|t| t["to"].as_str().unwrap())
         .collect();
     assert_eq!(states, ["starting", "loading", "ready"], "{i}");
-    let pid = pid_of(&s, "think");
+    let pid = s.pid_of("think");
     let vlog = s.path().join("servers/think.log");
     let log = std::fs::read_to_string(&vlog).unwrap();
     assert!(
@@ -294,7 +281,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     assert_eq!(s.count("failed"), 1, "only the over-long prompt failed");
 
     // SIGTERM: vLLM stays, and the next daemon adopts it (the same pid).
-    let pid = pid_of(&s, "think");
+    let pid = s.pid_of("think");
     d.term();
     assert_eq!(d.wait_exit(LIMIT), Some(0), "{}", d.log());
     assert!(
@@ -311,7 +298,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         restarted.elapsed().as_secs_f64()
     );
     let i = s.instance("think").unwrap();
-    assert_eq!(pid_of(&s, "think"), pid, "adopted, not relaunched: {i}");
+    assert_eq!(s.pid_of("think"), pid, "adopted, not relaunched: {i}");
     assert_eq!(i["adopted"], true);
     submit_jsonl(&s, "think", "c", &prompts("c", 10, 8));
     wait_for("10 more done", LIMIT, || s.count("done") == 184);
@@ -328,7 +315,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     .unwrap();
     let mut d3 = DaemonProcess::start(&s, "daemon-3");
     wait_for("adopted again", LIMIT, || s.instance_is("think", "ready"));
-    assert_eq!(pid_of(&s, "think"), pid);
+    assert_eq!(s.pid_of("think"), pid);
     let members = group_members(pid);
     d3.term();
     assert_eq!(d3.wait_exit(LIMIT), Some(0), "{}", d3.log());

@@ -418,6 +418,23 @@ impl Drop for ProcessServers {
     }
 }
 
+impl Scratch {
+    /// The process id of a `process` instance's server (its `container_id`).
+    pub fn pid_of(&self, name: &str) -> u32 {
+        let i = self.instance(name).expect("the daemon answers");
+        i["container_id"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid for {name}: {i}"))
+    }
+}
+
+/// Whether `pid` is a live process (a zombie is not).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+}
+
 /// A running process's command line, arguments joined by spaces.
 pub fn cmdline(pid: impl std::fmt::Display) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
