@@ -4,7 +4,7 @@
 //! time: on a machine without the driver, [`NvmlProbe::init`] fails with a
 //! sentence saying so, and the daemon runs on without GPU readings.
 
-use feeder_actors::gpu::{GpuProbe, GpuReading};
+use feeder_actors::gpu::{GpuProbe, GpuProcess, GpuReading};
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
@@ -68,7 +68,11 @@ impl GpuProbe for NvmlProbe {
                                 UsedGpuMemory::Used(b) => b,
                                 UsedGpuMemory::Unavailable => 0,
                             };
-                            (p.pid, used)
+                            GpuProcess {
+                                pid: p.pid,
+                                used_bytes: used,
+                                name: process_name(p.pid),
+                            }
                         })
                         .collect()
                 })
@@ -89,5 +93,42 @@ impl GpuProbe for NvmlProbe {
             });
         }
         Ok(out)
+    }
+}
+
+/// A process's command name (`/proc/PID/comm`), where the system tells.
+fn process_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|n| n.trim().to_string())
+}
+
+/// The host's available memory (`MemAvailable` of `/proc/meminfo`), where
+/// the system tells: what an instance with `sleep_level = "auto"` weighs
+/// its weights against when it falls asleep.
+pub fn host_memory_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_available(&text)
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn meminfo_available(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let text = "MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(meminfo_available(text), Some(2048 * 1024));
+        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(host_memory_available().is_some_and(|b| b > 0));
+        }
     }
 }

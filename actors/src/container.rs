@@ -50,7 +50,7 @@ use crate::inference::{InferenceClient, ProbeError};
 use crate::job::ModelType;
 use crate::restart::{RestartDecision, RestartPolicy, RestartTracker};
 use crate::runtime::{ContainerRuntime, Exit, LaunchPlan};
-use crate::spec::{host_memory_available, SleepLevel};
+use crate::spec::SleepLevel;
 
 /// Lines of server output kept with a failure.
 const LOG_LINES: usize = 20;
@@ -712,7 +712,7 @@ impl ContainerState {
         {
             return false;
         }
-        let (level, how) = sleep.choose(host_memory_available());
+        let (level, how) = sleep.choose_now();
         self.generation += 1;
         let generation = self.generation;
         self.asleep = None;
@@ -899,11 +899,9 @@ pub fn memory_short(reading: &GpuSnapshot, gpu_ids: &[u32], share: f64) -> Optio
             let holders: Vec<String> = g
                 .processes
                 .iter()
-                .map(|(pid, bytes)| {
-                    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .map(|n| format!(" {}", n.trim()))
-                        .unwrap_or_default();
-                    format!("pid {pid}{name} {:.1} GiB", gib(*bytes))
+                .map(|p| {
+                    let name = p.name.as_deref().map(|n| format!(" {n}")).unwrap_or_default();
+                    format!("pid {}{name} {:.1} GiB", p.pid, gib(p.used_bytes))
                 })
                 .collect();
             Some(format!(
@@ -1308,5 +1306,58 @@ impl Actor for ContainerActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::{GpuProcess, GpuReading};
+
+    fn reading(used: u64, processes: Vec<GpuProcess>) -> GpuSnapshot {
+        let mut s = GpuSnapshot::unavailable("");
+        s.unavailable = None;
+        s.gpus = vec![GpuReading {
+            index: 0,
+            name: "gpu".into(),
+            uuid: String::new(),
+            temperature_c: 40,
+            utilization_pct: 0,
+            memory_used_bytes: used,
+            memory_total_bytes: 80 << 30,
+            power_w: None,
+            sm_clock_mhz: None,
+            memory_clock_mhz: None,
+            throttle_reasons: Vec::new(),
+            processes,
+        }];
+        s
+    }
+
+    #[test]
+    fn memory_short_names_the_processes_that_hold_it() {
+        let held = reading(
+            70 << 30,
+            vec![GpuProcess {
+                pid: 7,
+                used_bytes: 70 << 30,
+                name: Some("python3".into()),
+            }],
+        );
+        let why = memory_short(&held, &[0], 0.4).expect("short");
+        assert!(why.contains("GPU 0 has 10.0 GiB free of 80.0 GiB"), "{why}");
+        assert!(why.contains("pid 7 python3 70.0 GiB"), "{why}");
+        assert!(memory_short(&held, &[1], 0.4).is_none(), "GPU 1 is not read");
+        assert!(memory_short(&reading(0, Vec::new()), &[0], 0.9).is_none());
+        let unnamed = reading(
+            70 << 30,
+            vec![GpuProcess {
+                pid: 8,
+                used_bytes: 1 << 30,
+                name: None,
+            }],
+        );
+        let why = memory_short(&unnamed, &[0], 0.4).expect("short");
+        assert!(why.contains("pid 8 1.0 GiB"), "{why}");
     }
 }

@@ -29,8 +29,26 @@ pub struct GpuReading {
     pub memory_clock_mhz: Option<u32>,
     /// Why the clocks are held down (`sw_thermal_slowdown`, `hw_slowdown`, …); empty when none.
     pub throttle_reasons: Vec<String>,
-    /// GPU memory per process (pid, bytes), where the driver tells.
-    pub processes: Vec<(u32, u64)>,
+    /// GPU memory per process, where the driver tells.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// One process holding memory on a GPU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuProcess {
+    /// Its process id.
+    pub pid: u32,
+    /// GPU memory it holds, bytes.
+    pub used_bytes: u64,
+    /// Its name (the command), where the adapter could tell.
+    pub name: Option<String>,
+}
+
+/// Written as `[pid, bytes]`, the shape `gpus` has always had in JSON.
+impl serde::Serialize for GpuProcess {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (self.pid, self.used_bytes).serialize(s)
+    }
 }
 
 /// Reads the GPUs.

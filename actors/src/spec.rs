@@ -36,7 +36,7 @@ pub struct InstanceSpec {
 }
 
 /// How deep an instance with sleep mode sleeps.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug)]
 pub enum SleepLevel {
     /// Weights to host memory: wakes in seconds, holds their size in RAM.
     One,
@@ -47,10 +47,42 @@ pub enum SleepLevel {
     Auto {
         /// The size of the model's weights, when known; unknown sleeps at 2.
         weights_bytes: Option<u64>,
+        /// Reads the host's available memory, where the host tells
+        /// (supplied by the daemon: this crate does no host I/O).
+        host_available: fn() -> Option<u64>,
     },
 }
 
+/// Levels are alike when they sleep alike: the host reader is not compared.
+impl PartialEq for SleepLevel {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (SleepLevel::One, SleepLevel::One) | (SleepLevel::Two, SleepLevel::Two) => true,
+            (
+                SleepLevel::Auto {
+                    weights_bytes: a, ..
+                },
+                SleepLevel::Auto {
+                    weights_bytes: b, ..
+                },
+            ) => a == b,
+            _ => false,
+        }
+    }
+}
+
 impl SleepLevel {
+    /// The level of a sleep now, reading the host's memory when it matters.
+    pub fn choose_now(&self) -> (u8, String) {
+        match *self {
+            SleepLevel::Auto {
+                weights_bytes: Some(_),
+                host_available,
+            } => self.choose(host_available()),
+            _ => self.choose(None),
+        }
+    }
+
     /// The level of a sleep now, given the host's available memory, and why.
     pub fn choose(&self, host_available: Option<u64>) -> (u8, String) {
         match *self {
@@ -58,12 +90,14 @@ impl SleepLevel {
             SleepLevel::Two => (2, "sleep_level = 2".into()),
             SleepLevel::Auto {
                 weights_bytes: None,
+                ..
             } => (
                 2,
                 "sleep_level = \"auto\" without the weights' size (set weights_gib)".into(),
             ),
             SleepLevel::Auto {
                 weights_bytes: Some(w),
+                ..
             } => {
                 let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
                 match host_available {
@@ -88,15 +122,6 @@ impl SleepLevel {
             }
         }
     }
-}
-
-/// The host's available memory (`MemAvailable` of `/proc/meminfo`), where
-/// the system tells.
-pub fn host_memory_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 impl InstanceSpec {
@@ -132,6 +157,7 @@ mod tests {
         let gib = 1u64 << 30;
         let auto = SleepLevel::Auto {
             weights_bytes: Some(16 * gib),
+            host_available: || None,
         };
         assert_eq!(auto.choose(Some(64 * gib)).0, 1);
         assert_eq!(auto.choose(Some(20 * gib)).0, 1);
@@ -139,6 +165,7 @@ mod tests {
         assert_eq!(auto.choose(None).0, 2);
         let unknown = SleepLevel::Auto {
             weights_bytes: None,
+            host_available: || Some(1 << 50),
         };
         assert!(unknown.choose(Some(1 << 50)).1.contains("weights_gib"));
         assert_eq!(SleepLevel::One.choose(Some(0)).0, 1);
@@ -146,9 +173,18 @@ mod tests {
     }
 
     #[test]
-    fn the_host_memory_is_read_where_linux_tells() {
-        if std::path::Path::new("/proc/meminfo").exists() {
-            assert!(host_memory_available().is_some_and(|b| b > 0));
-        }
+    fn a_sleep_now_reads_the_host_only_when_it_matters() {
+        let gib = 1u64 << 30;
+        let roomy = SleepLevel::Auto {
+            weights_bytes: Some(gib),
+            host_available: || Some(64 << 30),
+        };
+        assert_eq!(roomy.choose_now().0, 1);
+        let tight = SleepLevel::Auto {
+            weights_bytes: Some(gib),
+            host_available: || Some(1 << 20),
+        };
+        assert_eq!(tight.choose_now().0, 2);
+        assert_eq!(SleepLevel::One.choose_now().0, 1);
     }
 }

@@ -726,6 +726,7 @@ impl InstanceConfig {
                     .weights_gib
                     .map(|g| (g * (1u64 << 30) as f64) as u64)
                     .or_else(|| self.model_dir().and_then(|d| weights_size(&d))),
+                host_available: crate::gpu::host_memory_available,
             },
         })
     }

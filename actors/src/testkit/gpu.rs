@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::gpu::{GpuProbe, GpuReading};
+use crate::gpu::{GpuProbe, GpuProcess, GpuReading};
 
 /// GPUs whose temperatures the test sets; clones share state.
 #[derive(Clone)]
@@ -60,11 +60,15 @@ impl FakeGpu {
                 let before = g
                     .processes
                     .iter()
-                    .find(|(p, _)| *p == pid)
-                    .map_or(0, |(_, b)| *b);
-                g.processes.retain(|(p, _)| *p != pid);
+                    .find(|p| p.pid == pid)
+                    .map_or(0, |p| p.used_bytes);
+                g.processes.retain(|p| p.pid != pid);
                 if bytes > 0 {
-                    g.processes.push((pid, bytes));
+                    g.processes.push(GpuProcess {
+                        pid,
+                        used_bytes: bytes,
+                        name: None,
+                    });
                 }
                 g.memory_used_bytes = g.memory_used_bytes - before + bytes;
             }
