@@ -15,8 +15,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tracing::{info, warn};
 
 use crate::allocator::{
-    AllocatorActor, AllocatorArgs, AllocatorMsg, AllocatorSettings, AllocatorStatus, Managed,
-    Strategy,
+    AllocatorActor, AllocatorArgs, AllocatorMsg, AllocatorPeers, AllocatorSettings,
+    AllocatorStatus, Managed, Strategy,
 };
 use crate::backoff::Backoff;
 use crate::container::{InstanceStatus, LifecycleSettings};
@@ -303,6 +303,14 @@ impl FeederState {
         })
     }
 
+    /// What the allocator talks to, out of the peers.
+    fn allocator_peers(&self) -> Option<AllocatorPeers> {
+        Some(AllocatorPeers {
+            queue: self.queue.clone()?,
+            instances: self.instances.clone()?,
+        })
+    }
+
     async fn spawn(
         &mut self,
         myself: &ActorRef<FeederMsg>,
@@ -419,7 +427,7 @@ impl FeederState {
                 let args = AllocatorArgs {
                     settings: s.allocator.clone().ok_or("the allocator is off")?,
                     instances: self.managed(),
-                    peers: self.peers().ok_or("peers are not all running")?,
+                    peers: self.allocator_peers().ok_or("peers are not all running")?,
                     call_timeout: s.call_timeout,
                 };
                 let (a, _) = AllocatorActor::spawn_linked(None, AllocatorActor, args, cell).await?;
@@ -479,7 +487,11 @@ impl FeederState {
             HealthMsg::Sink(peers.instances.get_derived()),
         );
         if let Some(a) = &self.allocator {
-            tell(a, "the new peers", AllocatorMsg::Peers(peers.clone()));
+            let mine = AllocatorPeers {
+                queue: peers.queue.clone(),
+                instances: peers.instances.clone(),
+            };
+            tell(a, "the new peers", AllocatorMsg::Peers(mine));
         }
         if let Some(d) = &self.dispatch {
             tell(d, "the new peers", DispatchSupMsg::Peers(peers));
