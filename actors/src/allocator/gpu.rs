@@ -172,3 +172,53 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
     groups.sort_by(|a, b| a.status.gpu_ids.cmp(&b.status.gpu_ids));
     groups
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::LaunchPlan;
+
+    fn managed(name: &str, model: ModelType, gpu_ids: &[u32]) -> Managed {
+        Managed {
+            name: name.into(),
+            model,
+            configured: LaunchPlan {
+                gpu_memory_utilization: 0.4,
+            },
+            sleep: false,
+            gpu_ids: gpu_ids.to_vec(),
+        }
+    }
+
+    #[test]
+    fn instances_linked_through_a_shared_gpu_form_one_group() {
+        let ids: [&[u32]; 5] = [&[2, 3], &[0, 1], &[1, 2], &[5], &[]];
+        assert_eq!(gpu_groups(&ids), vec![vec![0, 1, 2], vec![3], vec![4]]);
+        assert_eq!(group_gpus(&ids, &[0, 1, 2]), vec![0, 1, 2, 3]);
+        assert_eq!(group_name(&[0]), "gpu 0");
+        assert_eq!(group_name(&[2, 3]), "gpus 2,3");
+        assert_eq!(group_name(&[]), "gpus unset");
+    }
+
+    #[test]
+    fn a_group_of_one_kind_runs_as_configured_for_its_own_work_only() {
+        let groups = groups_of(&[
+            managed("think", ModelType::Think, &[1]),
+            managed("vision", ModelType::Vision, &[0]),
+        ]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].status.instances, ["vision"], "ordered by GPU");
+        let vision = &groups[0];
+        assert!(vision.has(ModelType::Vision) && !vision.has(ModelType::Think));
+        assert_eq!(vision.fit(Strategy::Vision), Some(Strategy::Static));
+        assert_eq!(vision.fit(Strategy::Shared), Some(Strategy::Static));
+        assert_eq!(vision.fit(Strategy::Idle), Some(Strategy::Idle));
+        assert_eq!(vision.fit(Strategy::Think), None);
+        let both = groups_of(&[
+            managed("think", ModelType::Think, &[0]),
+            managed("vision", ModelType::Vision, &[0]),
+        ]);
+        assert_eq!(both.len(), 1);
+        assert_eq!(both[0].fit(Strategy::Think), Some(Strategy::Think));
+    }
+}

@@ -318,3 +318,69 @@ pub(super) fn backlog_of(stats: &QueueStats, model: ModelType) -> Backlog {
         rate: 0.0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn both_waiting(current: Strategy) -> Inputs {
+        let waiting = Backlog {
+            pending: 100,
+            oldest: Duration::from_secs(120),
+            rate: 0.0,
+        };
+        Inputs {
+            current,
+            held_for: Duration::from_secs(3_600),
+            idle_for: Duration::ZERO,
+            think: waiting,
+            vision: waiting,
+            cost_think: Duration::from_secs(5),
+            cost_vision: Duration::from_secs(5),
+            by_sleep: true,
+            pinned: None,
+        }
+    }
+
+    #[test]
+    fn every_strategy_parses_back_from_its_name() {
+        for s in Strategy::ALL {
+            assert_eq!(Strategy::parse(s.as_str()), Ok(s));
+        }
+        assert!(Strategy::parse("turbo").unwrap_err().contains("static"));
+    }
+
+    #[test]
+    fn a_backlog_drains_at_its_measured_rate() {
+        let b = Backlog {
+            pending: 30,
+            oldest: Duration::ZERO,
+            rate: 3.0,
+        };
+        assert_eq!(b.drain_time(), Some(Duration::from_secs(10)));
+        assert_eq!(Backlog { rate: 0.0, ..b }.drain_time(), None);
+    }
+
+    #[test]
+    fn turns_switch_after_the_dwell_unless_the_served_model_drains_first() {
+        let s = AllocatorSettings::default();
+        let turn = decide(&both_waiting(Strategy::Think), &s).map(|d| d.to);
+        assert_eq!(turn, Some(Strategy::Vision));
+        let mut almost_done = both_waiting(Strategy::Think);
+        almost_done.think.rate = 50.0; // 100 jobs in 2 s, less than 10 s of switches
+        assert_eq!(decide(&almost_done, &s), None);
+        let mut young = both_waiting(Strategy::Think);
+        young.held_for = Duration::from_secs(1);
+        assert_eq!(decide(&young, &s), None);
+        let from_idle = decide(&both_waiting(Strategy::Idle), &s).map(|d| d.to);
+        assert_eq!(from_idle, Some(Strategy::Think), "think first");
+    }
+
+    #[test]
+    fn the_backlog_is_read_per_model() {
+        let stats = QueueStats::default();
+        let b = backlog_of(&stats, ModelType::Think);
+        assert_eq!(b.pending, 0);
+        assert_eq!(b.rate, 0.0);
+    }
+}
