@@ -144,9 +144,7 @@ impl ContainerState {
                     exit.detail
                 ),
             );
-            for r in self.pending_park.drain(..) {
-                let _ = r.send(());
-            }
+            self.parked_now();
             if !self.args.parked {
                 self.launch(myself);
             }

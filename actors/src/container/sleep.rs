@@ -92,9 +92,7 @@ impl ContainerState {
                     InstanceState::Sleeping,
                     format!("asleep at level {level}, {kept}; woken in seconds when its strategy runs it"),
                 );
-                for r in self.pending_park.drain(..) {
-                    let _ = r.send(());
-                }
+                self.parked_now();
                 if !self.args.parked {
                     if std::mem::take(&mut self.replan) {
                         self.relaunch(myself);
@@ -110,9 +108,7 @@ impl ContainerState {
                 self.last_error = Some(reason.clone());
                 if !self.stop_server(myself, &reason) {
                     self.set(InstanceState::Stopped, reason);
-                    for r in self.pending_park.drain(..) {
-                        let _ = r.send(());
-                    }
+                    self.parked_now();
                 }
             }
         }

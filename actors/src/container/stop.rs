@@ -10,6 +10,13 @@ use super::{tick, ContainerMsg, ContainerState, InstanceEvent, InstanceState, Ti
 use crate::runtime::LaunchPlan;
 
 impl ContainerState {
+    /// Answers whoever waits for the park: nothing runs now.
+    pub(super) fn parked_now(&mut self) {
+        for r in self.pending_park.drain(..) {
+            let _ = r.send(());
+        }
+    }
+
     pub(super) fn stop_server(&mut self, myself: &ActorRef<ContainerMsg>, why: &str) -> bool {
         let Some(runtime) = self.args.runtime.clone() else {
             return false;
@@ -64,9 +71,7 @@ impl ContainerState {
                     // stop whatever would come next.
                     self.generation += 1;
                     self.set(InstanceState::Stopped, "parked by the allocator");
-                    for r in self.pending_park.drain(..) {
-                        let _ = r.send(());
-                    }
+                    self.parked_now();
                 }
             }
         }
@@ -188,9 +193,7 @@ impl ContainerState {
                 // Stopped to relaunch with a new plan.
                 self.launch(myself);
             }
-            for r in self.pending_park.drain(..) {
-                let _ = r.send(());
-            }
+            self.parked_now();
         }
     }
 }
