@@ -73,7 +73,7 @@ impl PartialEq for SleepLevel {
 
 impl SleepLevel {
     /// The level of a sleep now, reading the host's memory when it matters.
-    pub fn choose_now(&self) -> (u8, String) {
+    pub(crate) fn choose_now(&self) -> (u8, String) {
         match *self {
             SleepLevel::Auto {
                 weights_bytes: Some(_),

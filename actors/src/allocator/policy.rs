@@ -112,7 +112,7 @@ pub struct Backlog {
 
 impl Backlog {
     /// The time its pending jobs take at the measured rate (`None`: unknown).
-    pub fn drain_time(&self) -> Option<Duration> {
+    pub(crate) fn drain_time(&self) -> Option<Duration> {
         (self.rate > 0.0).then(|| Duration::from_secs_f64(self.pending as f64 / self.rate))
     }
 }

@@ -217,7 +217,7 @@ impl MemoryGate {
 
 /// Why `gpu_ids` lack the memory a server at `share` needs, from one
 /// reading; `None` when they have it, or cannot be read.
-pub fn memory_short(reading: &GpuSnapshot, gpu_ids: &[u32], share: f64) -> Option<String> {
+fn memory_short(reading: &GpuSnapshot, gpu_ids: &[u32], share: f64) -> Option<String> {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let short: Vec<String> = gpu_ids
         .iter()

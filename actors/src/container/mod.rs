@@ -56,7 +56,6 @@ use crate::restart::RestartTracker;
 use crate::runtime::{ContainerRuntime, Exit, LaunchPlan};
 use crate::spec::SleepLevel;
 
-pub use launch::memory_short;
 pub use state::{InstanceState, InstanceStatus, Transition};
 
 /// Lines of server output kept with a failure.
