@@ -1,8 +1,9 @@
 //! `Peers`: the references actors hold to one another.
 //!
-//! The FeederSupervisor hands every actor the current `Peers` when it starts
-//! them and again whenever it restarts one, so nobody keeps talking to a
-//! dead actor and nobody looks another up by name.
+//! The FeederSupervisor hands the dispatchers the current `Peers` when it
+//! starts them and again whenever it restarts one, so nobody keeps talking
+//! to a dead actor and nobody looks another up by name. An actor that needs
+//! fewer gets only those (the allocator: `allocator::AllocatorPeers`).
 
 use ractor::ActorRef;
 

@@ -2,7 +2,7 @@
 //!
 //! It starts the QueueActor, the FanInActor, the InstanceSupervisor, the
 //! HealthActor and the DispatchSupervisor, restarts whichever fails (one for one, with backoff
-//! and an intensity limit), hands everyone the new `Peers` after a restart,
+//! and an intensity limit), hands everyone the new peers after a restart,
 //! and runs the graceful shutdown: stop claiming, let requests in flight
 //! finish within a grace period, release the rest, commit every outcome.
 

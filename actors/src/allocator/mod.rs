@@ -35,6 +35,13 @@
 //! model whose backlog is gone is left at once. Where GPUs are read, the
 //! memory a sleep frees is checked before the incoming model is woken, and
 //! a sleep that freed less than half of what the instance held is reported.
+//!
+//! Here the actor, its arguments, messages and status, and each tick's
+//! decision per group; the rest by concern:
+//! - `policy`: the strategies and `decide`, the whole policy, pure;
+//! - `gpu`: GPU groups (instances sharing a GPU are decided together);
+//! - `cost`: what bringing a model in costs, and how fast its jobs finish;
+//! - `switch`: applying a strategy (drain, stop or sleep, relaunch or wake).
 
 mod cost;
 mod gpu;

@@ -33,6 +33,14 @@
 //!   A server adopted asleep stays asleep while parked, or is woken.
 //!
 //! Every transition is logged with its reason and kept for `Status`.
+//!
+//! Here the actor, its arguments and messages, and `handle`, which only
+//! routes each message to one of its state groups:
+//! - `state`: the states, `set` (every transition), the status, watchers;
+//! - `launch`: launching or adopting, and the memory gate before a launch;
+//! - `recovery`: probes, exits, load timeouts, restarts, crash loops;
+//! - `sleep`: sleep mode's sleep and wake;
+//! - `stop`: draining, parking, relaunching with a new plan, shutdown.
 
 mod launch;
 mod recovery;
