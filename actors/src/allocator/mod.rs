@@ -212,7 +212,9 @@ impl AllocatorState {
         }
     }
 
-    pub(super) async fn tick(&mut self, myself: &ActorRef<AllocatorMsg>) {
+    /// Reads the backlog and the instances, learns from them, and lets each
+    /// group that is not switching decide.
+    async fn tick(&mut self, myself: &ActorRef<AllocatorMsg>) {
         if self.deciding || self.groups.iter().all(|g| g.status.switching) {
             return;
         }

@@ -38,6 +38,8 @@ impl AllocatorState {
             .collect()
     }
 
+    /// Switches group `g` to `d.to`: logs the plan, then applies it in a
+    /// task (stops first, which frees memory), answered by `Applied`.
     pub(super) fn switch(&mut self, myself: &ActorRef<AllocatorMsg>, g: usize, d: Decision) {
         let from = self.groups[g].status.strategy;
         let targets = self.targets(g, d.to);
