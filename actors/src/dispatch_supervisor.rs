@@ -12,7 +12,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tracing::info;
 
 use crate::backoff::Backoff;
-use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
+use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchPeers, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::restart::{Restart, RestartPolicy, Supervision};
@@ -106,6 +106,14 @@ pub struct DispatchSupState {
 /// Supervises the dispatchers.
 pub struct DispatchSupervisor;
 
+/// The peers a dispatcher talks to, of all of them.
+fn dispatch_peers(peers: &Peers) -> DispatchPeers {
+    DispatchPeers {
+        queue: peers.queue.clone(),
+        instances: peers.instances.clone(),
+    }
+}
+
 impl DispatchSupState {
     fn owner_of(&self, i: usize) -> String {
         let s = &self.slots[i];
@@ -130,7 +138,7 @@ impl DispatchSupState {
             retry: self.args.retry,
             overload: self.args.overload,
             call_timeout: self.args.call_timeout,
-            peers: self.args.peers.clone(),
+            peers: dispatch_peers(&self.args.peers),
             observer: self.args.observer.clone(),
             poison_after: self.args.poison_after,
             prefix_grouping: self.args.prefix_grouping,
@@ -220,7 +228,11 @@ impl Actor for DispatchSupervisor {
             DispatchSupMsg::Peers(peers) => {
                 state.args.peers = peers.clone();
                 for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
-                    tell(a, "the new peers", DispatchMsg::Peers(peers.clone()));
+                    tell(
+                        a,
+                        "the new peers",
+                        DispatchMsg::Peers(dispatch_peers(&peers)),
+                    );
                 }
             }
             DispatchSupMsg::Drain { grace, reply } => {
