@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tracing::info;
 
 use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchPeers, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::restart::{Restart, RestartPolicy, Supervision};
+use crate::restart::{
+    child_failed, restart_slot, slot_exited, spawn_all, OneForOne, Restart, RestartPolicy,
+    Supervision,
+};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::tell::tell;
@@ -120,6 +122,53 @@ impl DispatchSupState {
         format!("{}/{}/{}", self.args.owner, s.spec.name, s.incarnation)
     }
 
+    /// Gives back every job `owner` holds (a dispatcher that stopped, or
+    /// all of them under the daemon's owner id); says how many went back.
+    async fn release_owner(&self, owner: String) -> String {
+        let released = self
+            .args
+            .peers
+            .queue
+            .call(
+                |reply| QueueMsg::ReleaseOwner { owner, reply },
+                Some(self.args.call_timeout),
+            )
+            .await;
+        match released {
+            Ok(CallResult::Success(Ok(n))) => n.to_string(),
+            other => format!("none ({other:?}; they return when their leases expire)"),
+        }
+    }
+}
+
+impl OneForOne for DispatchSupState {
+    type Msg = DispatchSupMsg;
+    const CHILD: &'static str = "dispatcher";
+
+    fn supervision(&mut self) -> &mut Supervision<usize> {
+        &mut self.sup
+    }
+
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn instance(&self, i: usize) -> &str {
+        &self.slots[i].spec.name
+    }
+
+    fn running(&self, i: usize) -> bool {
+        self.slots[i].actor.is_some()
+    }
+
+    fn vacate(&mut self, i: usize) {
+        self.slots[i].actor = None;
+    }
+
+    fn restart_msg(r: Restart<usize>) -> DispatchSupMsg {
+        DispatchSupMsg::Restart(r)
+    }
+
     async fn spawn(
         &mut self,
         myself: &ActorRef<DispatchSupMsg>,
@@ -176,9 +225,7 @@ impl Actor for DispatchSupervisor {
             .collect();
         let sup = Supervision::new(args.restart);
         let mut state = DispatchSupState { args, slots, sup };
-        for i in 0..state.slots.len() {
-            state.spawn(&myself, i).await?;
-        }
+        spawn_all(&mut state, &myself).await?;
         Ok(state)
     }
 
@@ -189,16 +236,7 @@ impl Actor for DispatchSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         myself.stop_children(None);
         // Whatever the dispatchers still held goes back to pending now.
-        let owner = state.args.owner.clone();
-        let _ = state
-            .args
-            .peers
-            .queue
-            .call(
-                |reply| QueueMsg::ReleaseOwner { owner, reply },
-                Some(state.args.call_timeout),
-            )
-            .await;
+        let _ = state.release_owner(state.args.owner.clone()).await;
         Ok(())
     }
 
@@ -209,22 +247,7 @@ impl Actor for DispatchSupervisor {
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DispatchSupMsg::Restart(r) => {
-                let i = r.slot();
-                if state.sup.stopping() || state.slots[i].actor.is_some() {
-                    return Ok(());
-                }
-                let name = state.slots[i].spec.name.clone();
-                match state.spawn(&myself, i).await {
-                    Ok(()) => info!(instance = %name, "dispatcher restarted"),
-                    Err(e) => {
-                        let what = format!("the dispatcher of {name}");
-                        state
-                            .sup
-                            .respawn_failed(&myself, i, &what, &e, DispatchSupMsg::Restart);
-                    }
-                }
-            }
+            DispatchSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
             DispatchSupMsg::Peers(peers) => {
                 state.args.peers = peers.clone();
                 for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
@@ -316,40 +339,13 @@ impl Actor for DispatchSupervisor {
         event: SupervisionEvent,
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(exit) = state.sup.exited(event) else {
+        let Some(exit) = slot_exited(state, event) else {
             return Ok(());
         };
-        let i = exit.key;
-        state.slots[i].actor = None;
-        if state.sup.stopping() {
-            return Ok(());
-        }
-        let name = state.slots[i].spec.name.clone();
         // Its jobs go back to pending now, not when their leases expire.
-        let owner = state.owner_of(i);
-        let released = state
-            .args
-            .peers
-            .queue
-            .call(
-                |reply| QueueMsg::ReleaseOwner { owner, reply },
-                Some(state.args.call_timeout),
-            )
-            .await;
-        let released = match released {
-            Ok(CallResult::Success(Ok(n))) => n.to_string(),
-            other => format!("none ({other:?}; they return when their leases expire)"),
-        };
-        let what = format!("the dispatcher of {name}");
+        let released = state.release_owner(state.owner_of(exit.key)).await;
         let note = format!("; released its jobs: {released}");
-        state.sup.failed(
-            &myself,
-            i,
-            &what,
-            exit.reason,
-            &note,
-            DispatchSupMsg::Restart,
-        );
+        child_failed(state, &myself, exit, &note);
         Ok(())
     }
 }

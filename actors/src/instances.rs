@@ -10,7 +10,7 @@ use ractor::rpc::CallResult;
 use ractor::{
     Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::container::{
     ContainerActor, ContainerArgs, ContainerMsg, InstanceEvent, InstanceState, InstanceStatus,
@@ -18,7 +18,10 @@ use crate::container::{
 };
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
-use crate::restart::{Restart, RestartPolicy, Supervision};
+use crate::restart::{
+    child_failed, restart_slot, slot_exited, spawn_all, OneForOne, Restart, RestartPolicy,
+    Supervision,
+};
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
 use crate::tell::{publish, tell};
@@ -116,6 +119,39 @@ pub struct InstanceSupState {
 pub struct InstanceSupervisor;
 
 impl InstanceSupState {
+    fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.spec.name == instance)
+    }
+}
+
+impl OneForOne for InstanceSupState {
+    type Msg = InstanceSupMsg;
+    const CHILD: &'static str = "container actor";
+
+    fn supervision(&mut self) -> &mut Supervision<usize> {
+        &mut self.sup
+    }
+
+    fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn instance(&self, i: usize) -> &str {
+        &self.slots[i].spec.name
+    }
+
+    fn running(&self, i: usize) -> bool {
+        self.slots[i].actor.is_some()
+    }
+
+    fn vacate(&mut self, i: usize) {
+        self.slots[i].actor = None;
+    }
+
+    fn restart_msg(r: Restart<usize>) -> InstanceSupMsg {
+        InstanceSupMsg::Restart(r)
+    }
+
     async fn spawn(
         &mut self,
         myself: &ActorRef<InstanceSupMsg>,
@@ -143,10 +179,6 @@ impl InstanceSupState {
         self.slots[i].actor = Some(actor);
         Ok(())
     }
-
-    fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
-        self.slots.iter_mut().find(|s| s.spec.name == instance)
-    }
 }
 
 impl Actor for InstanceSupervisor {
@@ -173,9 +205,7 @@ impl Actor for InstanceSupervisor {
             .collect();
         let sup = Supervision::new(args.restart);
         let mut state = InstanceSupState { args, slots, sup };
-        for i in 0..state.slots.len() {
-            state.spawn(&myself, i).await?;
-        }
+        spawn_all(&mut state, &myself).await?;
         Ok(state)
     }
 
@@ -195,22 +225,7 @@ impl Actor for InstanceSupervisor {
         state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InstanceSupMsg::Restart(r) => {
-                let i = r.slot();
-                if state.sup.stopping() || state.slots[i].actor.is_some() {
-                    return Ok(());
-                }
-                let name = state.slots[i].spec.name.clone();
-                match state.spawn(&myself, i).await {
-                    Ok(()) => info!(instance = %name, "container actor restarted"),
-                    Err(e) => {
-                        let what = format!("the container actor of {name}");
-                        state
-                            .sup
-                            .respawn_failed(&myself, i, &what, &e, InstanceSupMsg::Restart);
-                    }
-                }
-            }
+            InstanceSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
             InstanceSupMsg::Probed { instance, outcome } => {
                 if let Some(a) = state.slot(&instance).and_then(|s| s.actor.as_ref()) {
                     tell(a, "a probe outcome", ContainerMsg::Probed(outcome));
@@ -411,27 +426,17 @@ impl Actor for InstanceSupervisor {
         event: SupervisionEvent,
         state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(exit) = state.sup.exited(event) else {
+        let Some(exit) = slot_exited(state, event) else {
             return Ok(());
         };
-        let i = exit.key;
-        state.slots[i].actor = None;
-        if state.sup.stopping() {
-            return Ok(());
-        }
-        let name = state.slots[i].spec.name.clone();
-        for w in &state.slots[i].watchers {
+        for w in &state.slots[exit.key].watchers {
             let _ = w.send_message(InstanceEvent::Ready(false));
         }
-        let what = format!("the container actor of {name}");
-        let note = " (its server is adopted by the next one)";
-        state.sup.failed(
+        child_failed(
+            state,
             &myself,
-            i,
-            &what,
-            exit.reason,
-            note,
-            InstanceSupMsg::Restart,
+            exit,
+            " (its server is adopted by the next one)",
         );
         Ok(())
     }

@@ -279,6 +279,100 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     }
 }
 
+/// A supervisor with one child per slot (an instance's index), restarted
+/// one for one: what [`spawn_all`], [`restart_slot`], [`slot_exited`] and
+/// [`child_failed`] need of it, so that the rules of a restart are written
+/// once for every such supervisor.
+pub(crate) trait OneForOne: Send + Sized + 'static {
+    /// The supervisor's messages.
+    type Msg: ractor::Message;
+    /// What its children are called in logs ("dispatcher").
+    const CHILD: &'static str;
+    /// Its supervision bookkeeping.
+    fn supervision(&mut self) -> &mut Supervision<usize>;
+    /// How many slots it has.
+    fn slots(&self) -> usize;
+    /// The instance slot `i` serves.
+    fn instance(&self, i: usize) -> &str;
+    /// Whether slot `i`'s child runs.
+    fn running(&self, i: usize) -> bool;
+    /// Slot `i`'s child exited.
+    fn vacate(&mut self, i: usize);
+    /// Starts slot `i`'s child.
+    fn spawn(
+        &mut self,
+        myself: &ractor::ActorRef<Self::Msg>,
+        i: usize,
+    ) -> impl std::future::Future<Output = Result<(), ractor::ActorProcessingErr>> + Send;
+    /// The message its restart timer sends.
+    fn restart_msg(r: Restart<usize>) -> Self::Msg;
+}
+
+/// How slot `i`'s child is named in logs.
+fn child_of<S: OneForOne>(state: &S, i: usize) -> String {
+    format!("the {} of {}", S::CHILD, state.instance(i))
+}
+
+/// Starts every slot's child (in `pre_start`).
+pub(crate) async fn spawn_all<S: OneForOne>(
+    state: &mut S,
+    myself: &ractor::ActorRef<S::Msg>,
+) -> Result<(), ractor::ActorProcessingErr> {
+    for i in 0..state.slots() {
+        state.spawn(myself, i).await?;
+    }
+    Ok(())
+}
+
+/// A restart timer ran out: starts the slot's child again, unless a
+/// shutdown is under way or it runs already. One that cannot be started
+/// counts as a failure.
+pub(crate) async fn restart_slot<S: OneForOne>(
+    state: &mut S,
+    myself: &ractor::ActorRef<S::Msg>,
+    r: Restart<usize>,
+) {
+    let i = r.slot();
+    if state.supervision().stopping() || state.running(i) {
+        return;
+    }
+    match state.spawn(myself, i).await {
+        Ok(()) => tracing::info!(instance = %state.instance(i), "{} restarted", S::CHILD),
+        Err(e) => {
+            let what = child_of(state, i);
+            state
+                .supervision()
+                .respawn_failed(myself, i, &what, &e, S::restart_msg);
+        }
+    }
+}
+
+/// A supervision event: the child that exited, its slot now vacant, when
+/// it was wanted (no shutdown under way). The supervisor reacts, then
+/// passes it to [`child_failed`].
+pub(crate) fn slot_exited<S: OneForOne>(
+    state: &mut S,
+    event: ractor::SupervisionEvent,
+) -> Option<Exit<usize>> {
+    let exit = state.supervision().exited(event)?;
+    state.vacate(exit.key);
+    (!state.supervision().stopping()).then_some(exit)
+}
+
+/// Schedules the restart of a child that exited (`note` adds what the
+/// supervisor did about it), or escalates.
+pub(crate) fn child_failed<S: OneForOne>(
+    state: &mut S,
+    myself: &ractor::ActorRef<S::Msg>,
+    exit: Exit<usize>,
+    note: &str,
+) {
+    let what = child_of(state, exit.key);
+    state
+        .supervision()
+        .failed(myself, exit.key, &what, exit.reason, note, S::restart_msg);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
