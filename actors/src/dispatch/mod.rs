@@ -41,14 +41,14 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::container::InstanceEvent;
-use crate::inference::{InferenceClient, InferenceError};
+use crate::inference::{EngineMetrics, InferenceClient, InferenceError};
 use crate::instances::InstanceSupMsg;
 use crate::job::{Claim, ClaimedJob, Completion, Job, JobId, ModelType};
 use crate::queue::{QueueMsg, WorkAvailable};
 use crate::results::ResultStore;
 use crate::store::Settle;
 use crate::tell::tell;
-use crate::window::{EngineMetrics, WindowMode};
+use crate::window::WindowMode;
 
 use claims::ClaimBuffer;
 use ledger::Ledger;

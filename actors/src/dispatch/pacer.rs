@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::window::{EngineMetrics, WindowController, WindowMode, AUTO_START};
+use crate::inference::EngineMetrics;
+use crate::window::{WindowController, WindowMode, AUTO_START};
 
 /// The window and the pauses of one dispatcher.
 #[derive(Debug)]
