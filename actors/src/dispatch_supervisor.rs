@@ -24,7 +24,7 @@ use crate::tell::tell;
 
 /// Messages of the DispatchSupervisor.
 #[derive(Debug)]
-pub enum DispatchSupMsg {
+pub(crate) enum DispatchSupMsg {
     /// Its own timer, once a dispatcher's backoff has run out: start it again.
     Restart(Restart<usize>),
     /// The current peers, passed on to every dispatcher.
@@ -58,7 +58,7 @@ pub enum DispatchSupMsg {
 }
 
 /// How the DispatchSupervisor is started.
-pub struct DispatchSupArgs {
+pub(crate) struct DispatchSupArgs {
     /// The instances.
     pub instances: Vec<InstanceSpec>,
     /// The daemon's owner id; each dispatcher claims as `<owner>/<instance>/<n>`.
@@ -96,7 +96,7 @@ struct Slot {
 }
 
 /// The DispatchSupervisor's state.
-pub struct DispatchSupState {
+pub(crate) struct DispatchSupState {
     /// How it was started (with the current peers).
     args: DispatchSupArgs,
     /// One per instance, in configuration order.
@@ -106,7 +106,7 @@ pub struct DispatchSupState {
 }
 
 /// Supervises the dispatchers.
-pub struct DispatchSupervisor;
+pub(crate) struct DispatchSupervisor;
 
 /// The peers a dispatcher talks to, of all of them.
 fn dispatch_peers(peers: &Peers) -> DispatchPeers {

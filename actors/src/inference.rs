@@ -85,7 +85,7 @@ pub enum InferenceError {
 }
 
 /// What a client without sleep mode answers to its calls.
-pub const NO_SLEEP_MODE: &str = "this server has no sleep mode";
+pub(crate) const NO_SLEEP_MODE: &str = "this server has no sleep mode";
 
 /// One model server.
 #[async_trait]

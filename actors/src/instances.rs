@@ -78,15 +78,15 @@ pub enum InstanceSupMsg {
 }
 
 /// How the InstanceSupervisor is started.
-pub struct InstanceSupArgs {
+pub(crate) struct InstanceSupArgs {
     /// The instances.
-    pub instances: Vec<InstanceSpec>,
+    pub(crate) instances: Vec<InstanceSpec>,
     /// Restart and health settings (`startup_timeout` comes from each instance).
-    pub lifecycle: LifecycleSettings,
+    pub(crate) lifecycle: LifecycleSettings,
     /// Restart policy of the ContainerActors themselves.
-    pub restart: RestartPolicy,
+    pub(crate) restart: RestartPolicy,
     /// The GPU monitor's latest reading, for launches to wait for memory.
-    pub gpu: Option<tokio::sync::watch::Receiver<Option<crate::gpu::GpuSnapshot>>>,
+    pub(crate) gpu: Option<tokio::sync::watch::Receiver<Option<crate::gpu::GpuSnapshot>>>,
 }
 
 /// One instance's container actor.
@@ -106,7 +106,7 @@ struct Slot {
 }
 
 /// The InstanceSupervisor's state.
-pub struct InstanceSupState {
+pub(crate) struct InstanceSupState {
     /// How it was started.
     args: InstanceSupArgs,
     /// One per instance, in configuration order.
@@ -116,7 +116,7 @@ pub struct InstanceSupState {
 }
 
 /// Supervises the ContainerActors.
-pub struct InstanceSupervisor;
+pub(crate) struct InstanceSupervisor;
 
 impl InstanceSupState {
     fn slot(&mut self, instance: &str) -> Option<&mut Slot> {

@@ -40,7 +40,7 @@ impl Default for RestartPolicy {
 
 /// What to do about a child that failed.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RestartDecision {
+pub(crate) enum RestartDecision {
     /// Restart it after this delay.
     RestartIn(Duration),
     /// Too many restarts in the window: give up and escalate.
@@ -52,7 +52,7 @@ pub enum RestartDecision {
 
 /// One child's restart history: what the CLI can show, what decides the next step.
 #[derive(Clone, Debug, Default)]
-pub struct RestartTracker {
+pub(crate) struct RestartTracker {
     recent: VecDeque<Instant>,
     consecutive: u32,
     last_start: Option<Instant>,
@@ -65,26 +65,26 @@ pub struct RestartTracker {
 impl RestartTracker {
     /// Records that the child (re)started now (for a model server: that it
     /// became ready).
-    pub fn started(&mut self, now: Instant) {
+    pub(crate) fn started(&mut self, now: Instant) {
         self.last_start = Some(now);
     }
 
     /// Forgets the last start: the run that fails next did not get going
     /// (for a model server: it never became ready), so it cannot have lasted.
-    pub fn clear_start(&mut self) {
+    pub(crate) fn clear_start(&mut self) {
         self.last_start = None;
     }
 
     /// Forgets the failures (an operator revived what was given up on);
     /// the total is kept.
-    pub fn forgive(&mut self) {
+    pub(crate) fn forgive(&mut self) {
         self.recent.clear();
         self.consecutive = 0;
         self.last_start = None;
     }
 
     /// Records a failure at `now` and decides what to do.
-    pub fn failed(
+    pub(crate) fn failed(
         &mut self,
         policy: &RestartPolicy,
         now: Instant,
@@ -152,7 +152,7 @@ impl<K> Restart<K> {
 
 /// A child of a supervisor that exited while it was wanted.
 #[derive(Debug)]
-pub struct Exit<K> {
+pub(crate) struct Exit<K> {
     /// Which child.
     pub key: K,
     /// Why ("panicked: …", "stopped (…)").
@@ -172,7 +172,7 @@ pub struct Exit<K> {
 /// and a child that cannot be started within the limit stops the supervisor
 /// so that its own parent sees the failure.
 #[derive(Debug)]
-pub struct Supervision<K> {
+pub(crate) struct Supervision<K> {
     /// How children are restarted.
     policy: RestartPolicy,
     /// Which slot each running child fills, for its supervision events.
@@ -185,7 +185,7 @@ pub struct Supervision<K> {
 
 impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     /// No children yet, restarted by `policy`.
-    pub fn new(policy: RestartPolicy) -> Self {
+    pub(crate) fn new(policy: RestartPolicy) -> Self {
         Supervision {
             policy,
             by_id: Default::default(),
@@ -195,7 +195,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     }
 
     /// The actor `child` now fills `key` (started or restarted).
-    pub fn started(&mut self, key: K, child: ractor::ActorId) {
+    pub(crate) fn started(&mut self, key: K, child: ractor::ActorId) {
         self.by_id.insert(child, key);
         self.trackers
             .entry(key)
@@ -204,17 +204,17 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     }
 
     /// From here on, exits are expected and nothing is restarted.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stopping = true;
     }
 
     /// Whether a shutdown is under way.
-    pub fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stopping
     }
 
     /// Each slot's restart history that has one (for status).
-    pub fn trackers(&self) -> impl Iterator<Item = (&K, &RestartTracker)> {
+    pub(crate) fn trackers(&self) -> impl Iterator<Item = (&K, &RestartTracker)> {
         self.trackers.iter()
     }
 
@@ -222,7 +222,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     /// events and for actors that are not (or no longer) a child. The
     /// exited actor no longer fills its slot; during a shutdown
     /// ([`Supervision::stopping`]) it is not to be restarted.
-    pub fn exited(&mut self, event: ractor::SupervisionEvent) -> Option<Exit<K>> {
+    pub(crate) fn exited(&mut self, event: ractor::SupervisionEvent) -> Option<Exit<K>> {
         let (cell, reason) = child_exit(event)?;
         let key = self.by_id.remove(&cell.get_id())?;
         Some(Exit { key, reason })
@@ -231,7 +231,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     /// A child failed: schedule `restart` after the backoff, or give up and
     /// stop `myself` when it keeps failing. `what` names the child in the
     /// log ("the dispatcher of vision"); `note` adds what was already done.
-    pub fn failed<M: ractor::Message>(
+    pub(crate) fn failed<M: ractor::Message>(
         &mut self,
         myself: &ractor::ActorRef<M>,
         key: K,
@@ -263,7 +263,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
 
     /// Starting a child again failed (`error`): the same as a failure of
     /// the child itself, so the next try comes after the backoff.
-    pub fn respawn_failed<M: ractor::Message>(
+    pub(crate) fn respawn_failed<M: ractor::Message>(
         &mut self,
         myself: &ractor::ActorRef<M>,
         key: K,

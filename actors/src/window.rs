@@ -264,7 +264,7 @@ impl WindowController {
     }
 
     /// Whether the controller sets the window (auto), not the configuration.
-    pub fn is_auto(&self) -> bool {
+    pub(crate) fn is_auto(&self) -> bool {
         matches!(self.mode, WindowMode::Auto { .. })
     }
 
@@ -628,7 +628,7 @@ impl WindowController {
     }
 
     /// The server has no `/metrics` to read: the latency rule decides.
-    pub fn on_no_metrics(&mut self, now: Instant, in_flight: usize) -> u32 {
+    pub(crate) fn on_no_metrics(&mut self, now: Instant, in_flight: usize) -> u32 {
         if !self.is_auto() {
             return self.window;
         }
@@ -697,7 +697,7 @@ impl WindowController {
     }
 
     /// The server answered 429 or 503: halve the window at once.
-    pub fn on_overload(&mut self, now: Instant) -> u32 {
+    pub(crate) fn on_overload(&mut self, now: Instant) -> u32 {
         let half = (self.window / 2).max(1);
         if self.is_auto() {
             self.phase = Phase::Hold;
@@ -710,7 +710,7 @@ impl WindowController {
 
     /// A fixed window that was narrowed by overload widens by one after
     /// this many successes in a row (its window's worth); `None` for auto.
-    pub fn fixed_recovery(&mut self, now: Instant) -> Option<u32> {
+    pub(crate) fn fixed_recovery(&mut self, now: Instant) -> Option<u32> {
         match self.mode {
             WindowMode::Fixed(n) if self.window < n => {
                 self.set(self.window + 1, now, "recovering after overload".into());

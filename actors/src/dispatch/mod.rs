@@ -57,7 +57,6 @@ use requests::{run_request, AbortOnDrop, InFlight, Requests};
 use status::Counters;
 pub use status::{DispatchMode, DispatchObserver, DispatchStatus, RequestOutcome};
 use warm::WarmKeys;
-pub use warm::{WARM_KEYS_DEFAULT, WARM_KEYS_MAX};
 
 /// Messages of a DispatchActor.
 #[derive(Debug)]
@@ -169,40 +168,40 @@ pub struct DispatchPeers {
 
 /// How a DispatchActor is started.
 #[derive(Clone)]
-pub struct DispatchArgs {
+pub(crate) struct DispatchArgs {
     /// The instance's name.
-    pub instance: String,
+    pub(crate) instance: String,
     /// The model it serves.
-    pub model: ModelType,
+    pub(crate) model: ModelType,
     /// Claim owner id: `<daemon>/<instance>/<incarnation>`.
-    pub owner: String,
+    pub(crate) owner: String,
     /// Requests in flight at most, fixed or found.
-    pub window: WindowMode,
+    pub(crate) window: WindowMode,
     /// The instance's server.
-    pub client: Arc<dyn InferenceClient>,
+    pub(crate) client: Arc<dyn InferenceClient>,
     /// Where results are written.
-    pub results: Arc<dyn ResultStore>,
+    pub(crate) results: Arc<dyn ResultStore>,
     /// Retry delays of failed jobs.
-    pub retry: Backoff,
+    pub(crate) retry: Backoff,
     /// Pauses after 429/503.
-    pub overload: Backoff,
+    pub(crate) overload: Backoff,
     /// Time allowed for a call to the QueueActor.
-    pub call_timeout: Duration,
+    pub(crate) call_timeout: Duration,
     /// The peers at start.
-    pub peers: DispatchPeers,
+    pub(crate) peers: DispatchPeers,
     /// Told of every finished request (metrics), if set.
-    pub observer: Option<Arc<dyn DispatchObserver>>,
+    pub(crate) observer: Option<Arc<dyn DispatchObserver>>,
     /// A job in flight during this many crashes of the server is failed
     /// as a poison job.
-    pub poison_after: u32,
+    pub(crate) poison_after: u32,
     /// Claims grouped by prefix key (see [`crate::prefix`]), no group that
     /// has waited longer than this held back by warm ones; `None`: plain
     /// order (`dispatch.prefix_grouping = false`).
-    pub prefix_grouping: Option<Duration>,
+    pub(crate) prefix_grouping: Option<Duration>,
 }
 
 /// The DispatchActor's state.
-pub struct DispatchState {
+pub(crate) struct DispatchState {
     /// How it was started.
     args: DispatchArgs,
     /// The queue and instance supervisor it talks to (replaced after their restarts).
@@ -224,7 +223,7 @@ pub struct DispatchState {
 }
 
 /// Keeps one instance's batch full.
-pub struct DispatchActor;
+pub(crate) struct DispatchActor;
 
 impl DispatchState {
     fn settle(&mut self, claim: Claim, settle: Settle, parent: Option<JobId>, follow_up: bool) {

@@ -9,10 +9,10 @@ use crate::prefix::{ClaimOrder, Grouping};
 
 /// Prefix keys remembered as warm when the server does not say how much
 /// its KV cache holds.
-pub const WARM_KEYS_DEFAULT: usize = 32;
+pub(crate) const WARM_KEYS_DEFAULT: usize = 32;
 
 /// Prefix keys remembered as warm at most.
-pub const WARM_KEYS_MAX: usize = 256;
+pub(crate) const WARM_KEYS_MAX: usize = 256;
 
 /// The prefix keys sent lately, most recent first, as many as the server's
 /// KV cache can hold.
