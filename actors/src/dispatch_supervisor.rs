@@ -15,8 +15,8 @@ use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchPeers, D
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::restart::{
-    child_failed, restart_slot, slot_exited, spawn_all, OneForOne, Restart, RestartPolicy,
-    Supervision,
+    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
+    RestartPolicy, Supervision,
 };
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
@@ -142,32 +142,9 @@ impl DispatchSupState {
 }
 
 impl OneForOne for DispatchSupState {
-    type Msg = DispatchSupMsg;
+    one_for_one_slots!(DispatchSupMsg, DispatchSupMsg::Restart);
+
     const CHILD: &'static str = "dispatcher";
-
-    fn supervision(&mut self) -> &mut Supervision<usize> {
-        &mut self.sup
-    }
-
-    fn slots(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn instance(&self, i: usize) -> &str {
-        &self.slots[i].spec.name
-    }
-
-    fn running(&self, i: usize) -> bool {
-        self.slots[i].actor.is_some()
-    }
-
-    fn vacate(&mut self, i: usize) {
-        self.slots[i].actor = None;
-    }
-
-    fn restart_msg(r: Restart<usize>) -> DispatchSupMsg {
-        DispatchSupMsg::Restart(r)
-    }
 
     async fn spawn(
         &mut self,

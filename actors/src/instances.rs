@@ -19,8 +19,8 @@ use crate::container::{
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
 use crate::restart::{
-    child_failed, restart_slot, slot_exited, spawn_all, OneForOne, Restart, RestartPolicy,
-    Supervision,
+    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
+    RestartPolicy, Supervision,
 };
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
@@ -125,32 +125,9 @@ impl InstanceSupState {
 }
 
 impl OneForOne for InstanceSupState {
-    type Msg = InstanceSupMsg;
+    one_for_one_slots!(InstanceSupMsg, InstanceSupMsg::Restart);
+
     const CHILD: &'static str = "container actor";
-
-    fn supervision(&mut self) -> &mut Supervision<usize> {
-        &mut self.sup
-    }
-
-    fn slots(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn instance(&self, i: usize) -> &str {
-        &self.slots[i].spec.name
-    }
-
-    fn running(&self, i: usize) -> bool {
-        self.slots[i].actor.is_some()
-    }
-
-    fn vacate(&mut self, i: usize) {
-        self.slots[i].actor = None;
-    }
-
-    fn restart_msg(r: Restart<usize>) -> InstanceSupMsg {
-        InstanceSupMsg::Restart(r)
-    }
 
     async fn spawn(
         &mut self,

@@ -308,6 +308,41 @@ pub(crate) trait OneForOne: Send + Sized + 'static {
     fn restart_msg(r: Restart<usize>) -> Self::Msg;
 }
 
+/// Writes the bookkeeping half of a [`OneForOne`] impl for the usual
+/// shape of state: `sup`, its `Supervision<usize>`, and `slots`, each with
+/// its instance's `spec` and its child's `actor` while it runs. `$restart`
+/// wraps a [`Restart`] into the supervisor's message `$msg`.
+macro_rules! one_for_one_slots {
+    ($msg:ty, $restart:path) => {
+        type Msg = $msg;
+
+        fn supervision(&mut self) -> &mut $crate::restart::Supervision<usize> {
+            &mut self.sup
+        }
+
+        fn slots(&self) -> usize {
+            self.slots.len()
+        }
+
+        fn instance(&self, i: usize) -> &str {
+            &self.slots[i].spec.name
+        }
+
+        fn running(&self, i: usize) -> bool {
+            self.slots[i].actor.is_some()
+        }
+
+        fn vacate(&mut self, i: usize) {
+            self.slots[i].actor = None;
+        }
+
+        fn restart_msg(r: $crate::restart::Restart<usize>) -> $msg {
+            $restart(r)
+        }
+    };
+}
+pub(crate) use one_for_one_slots;
+
 /// How slot `i`'s child is named in logs.
 fn child_of<S: OneForOne>(state: &S, i: usize) -> String {
     format!("the {} of {}", S::CHILD, state.instance(i))
@@ -486,6 +521,24 @@ mod tests {
 
         pub struct Sup;
 
+        /// A supervisor whose child started, then refuses `refusals` starts
+        /// and crashes: the supervisor, its end, and the child's starts.
+        pub async fn crashed(
+            refusals: usize,
+        ) -> (
+            ActorRef<Msg>,
+            ractor::concurrency::JoinHandle<()>,
+            Arc<AtomicUsize>,
+        ) {
+            let refused = Arc::new(AtomicUsize::new(0));
+            let starts = Arc::new(AtomicUsize::new(0));
+            let args = (super::policy(), refused.clone(), starts.clone());
+            let (sup, done) = Actor::spawn(None, Sup, args).await.unwrap();
+            refused.store(refusals, Ordering::SeqCst);
+            sup.cast(Msg::Crash).unwrap();
+            (sup, done, starts)
+        }
+
         pub struct State {
             sup: Supervision<usize>,
             child: Option<ActorRef<()>>,
@@ -577,19 +630,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_respawn_is_retried_after_the_backoff() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let refusals = Arc::new(AtomicUsize::new(0));
-        let starts = Arc::new(AtomicUsize::new(0));
-        let (sup, _done) = ractor::Actor::spawn(
-            None,
-            one_child::Sup,
-            (policy(), refusals.clone(), starts.clone()),
-        )
-        .await
-        .unwrap();
-        refusals.store(2, Ordering::SeqCst);
-        sup.cast(one_child::Msg::Crash).unwrap();
+        use std::sync::atomic::Ordering;
+        let (sup, _done, starts) = one_child::crashed(2).await;
         // Polled in paused time: each pause lets the backoff run out.
         let running = async {
             loop {
@@ -612,19 +654,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_child_that_cannot_be_started_again_escalates_within_the_limit() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let refusals = Arc::new(AtomicUsize::new(0));
-        let starts = Arc::new(AtomicUsize::new(0));
-        let (sup, done) = ractor::Actor::spawn(
-            None,
-            one_child::Sup,
-            (policy(), refusals.clone(), starts.clone()),
-        )
-        .await
-        .unwrap();
-        refusals.store(usize::MAX, Ordering::SeqCst);
-        sup.cast(one_child::Msg::Crash).unwrap();
+        use std::sync::atomic::Ordering;
+        let (_sup, done, starts) = one_child::crashed(usize::MAX).await;
         tokio::time::timeout(Duration::from_secs(600), done)
             .await
             .expect("the supervisor gives up and stops")
