@@ -331,6 +331,13 @@ impl WindowController {
         self.reason = reason;
     }
 
+    /// Cuts the window to `window` and holds it there: growth starts over.
+    fn cut(&mut self, window: u32, now: Instant, reason: String) {
+        self.phase = Phase::Hold;
+        self.before_growth = None;
+        self.set(window, now, reason);
+    }
+
     /// A reading of the server's metrics at `now`, with `in_flight` requests
     /// of ours there; returns the window (changed or not).
     pub fn on_metrics(&mut self, now: Instant, m: EngineMetrics, in_flight: usize) -> u32 {
@@ -382,9 +389,7 @@ impl WindowController {
             let back = ((running * PREEMPTION_BACKOFF).floor() as u32).max(1);
             self.ceiling = Some((back, now + CEILING_FOR));
             self.signals.ceiling = Some(back);
-            self.phase = Phase::Hold;
-            self.before_growth = None;
-            self.set(
+            self.cut(
                 back.min(w),
                 now,
                 format!(
@@ -420,9 +425,7 @@ impl WindowController {
             let excess = (least - allowance - self.transit).floor();
             if excess >= 1.0 {
                 let excess = excess as u32;
-                self.phase = Phase::Hold;
-                self.before_growth = None;
-                self.set(
+                self.cut(
                     w.saturating_sub(excess),
                     now,
                     format!(
