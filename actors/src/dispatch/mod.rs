@@ -10,17 +10,17 @@
 //! attempt counted, the window halves and dispatch pauses for a backoff;
 //! a fixed window widens again by one after each window's worth of
 //! successes. With `window = "auto"` the window is the
-//! [`WindowController`]'s, fed the server's own metrics (polled about every
+//! [`WindowController`](crate::window::WindowController)'s, fed the server's own metrics (polled about every
 //! second) and the latencies seen.
 //!
 //! A job that was in flight when its server went down (`crashes > 0`) is a
 //! suspect: it is sent alone, once the requests before it have finished, so
 //! a crash it causes is counted against it and not against bystanders.
 //!
-//! The state comes in groups, each in a file of its own: the [`pacer`]
-//! (window, thermal cap, pauses), the [`claims`] buffer, the settlement
-//! [`ledger`], the [`requests`] under way, the [`warm`] keys, and what the
-//! dispatcher reports ([`status`]).
+//! The state comes in groups, each in a file of its own: the `pacer`
+//! (window, thermal cap, pauses), the `claims` buffer, the settlement
+//! `ledger`, the `requests` under way, the `warm` keys, and what the
+//! dispatcher reports (`status`); `outcomes` settles a request's end.
 
 mod claims;
 mod ledger;
@@ -526,16 +526,6 @@ impl DispatchState {
             aborted: self.counts.aborted,
         }
     }
-
-    /// A settlement's acknowledgement, loss, or time to send it again.
-    fn ledger_news(&mut self, t: Tick) {
-        match t {
-            Tick::Settled(job) => self.ledger.settled(job),
-            Tick::SettleLost { job, why } => self.ledger.lost(&self.args.instance, job, &why),
-            Tick::Resettle(job) => self.ledger.send(&self.peers.queue, job),
-            _ => {}
-        }
-    }
 }
 
 impl Actor for DispatchActor {
@@ -594,9 +584,9 @@ impl Actor for DispatchActor {
                 Tick::Claimed { asked, result } => state.claimed(&myself, asked, result),
                 Tick::Unpark { round } => state.unpark(&myself, round),
                 Tick::Finished { job_id, outcome } => state.finished(&myself, job_id, outcome),
-                t @ (Tick::Settled(_) | Tick::SettleLost { .. } | Tick::Resettle(_)) => {
-                    state.ledger_news(t)
-                }
+                Tick::Settled(job) => state.ledger.settled(job),
+                Tick::SettleLost { job, why } => state.ledger.lost(&state.args.instance, job, &why),
+                Tick::Resettle(job) => state.ledger.send(&state.peers.queue, job),
             },
             #[cfg(any(test, feature = "testkit"))]
             DispatchMsg::InjectStall(pause) => tokio::time::sleep(pause).await,
