@@ -32,7 +32,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The delay before retry number `retry` (1 for the first retry), without jitter.
-    pub fn nominal(&self, retry: u32) -> Duration {
+    pub(crate) fn nominal(&self, retry: u32) -> Duration {
         let exp = retry.saturating_sub(1).min(63) as i32;
         let secs = self.base.as_secs_f64() * self.factor.powi(exp);
         Duration::from_secs_f64(secs.min(self.max.as_secs_f64()))
@@ -40,7 +40,7 @@ impl Backoff {
 
     /// The delay before retry number `retry`, with jitter drawn from `unit`
     /// (a value in `[0, 1)`; pass `rand::random()`).
-    pub fn delay_with(&self, retry: u32, unit: f64) -> Duration {
+    pub(crate) fn delay_with(&self, retry: u32, unit: f64) -> Duration {
         let nominal = self.nominal(retry).as_secs_f64();
         let spread = (unit.clamp(0.0, 1.0) * 2.0 - 1.0) * self.jitter;
         Duration::from_secs_f64((nominal * (1.0 + spread)).max(0.0))

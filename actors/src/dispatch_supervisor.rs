@@ -9,20 +9,22 @@ use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tracing::info;
 
 use crate::backoff::Backoff;
-use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchStatus};
+use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchPeers, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
-use crate::restart::{Restart, RestartPolicy, Supervision};
+use crate::restart::{
+    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
+    RestartPolicy, Supervision,
+};
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
 use crate::tell::tell;
 
 /// Messages of the DispatchSupervisor.
 #[derive(Debug)]
-pub enum DispatchSupMsg {
+pub(crate) enum DispatchSupMsg {
     /// Its own timer, once a dispatcher's backoff has run out: start it again.
     Restart(Restart<usize>),
     /// The current peers, passed on to every dispatcher.
@@ -56,7 +58,7 @@ pub enum DispatchSupMsg {
 }
 
 /// How the DispatchSupervisor is started.
-pub struct DispatchSupArgs {
+pub(crate) struct DispatchSupArgs {
     /// The instances.
     pub instances: Vec<InstanceSpec>,
     /// The daemon's owner id; each dispatcher claims as `<owner>/<instance>/<n>`.
@@ -94,7 +96,7 @@ struct Slot {
 }
 
 /// The DispatchSupervisor's state.
-pub struct DispatchSupState {
+pub(crate) struct DispatchSupState {
     /// How it was started (with the current peers).
     args: DispatchSupArgs,
     /// One per instance, in configuration order.
@@ -104,13 +106,45 @@ pub struct DispatchSupState {
 }
 
 /// Supervises the dispatchers.
-pub struct DispatchSupervisor;
+pub(crate) struct DispatchSupervisor;
+
+/// The peers a dispatcher talks to, of all of them.
+fn dispatch_peers(peers: &Peers) -> DispatchPeers {
+    DispatchPeers {
+        queue: peers.queue.clone(),
+        instances: peers.instances.clone(),
+    }
+}
 
 impl DispatchSupState {
     fn owner_of(&self, i: usize) -> String {
         let s = &self.slots[i];
         format!("{}/{}/{}", self.args.owner, s.spec.name, s.incarnation)
     }
+
+    /// Gives back every job `owner` holds (a dispatcher that stopped, or
+    /// all of them under the daemon's owner id); says how many went back.
+    async fn release_owner(&self, owner: String) -> String {
+        let released = self
+            .args
+            .peers
+            .queue
+            .call(
+                |reply| QueueMsg::ReleaseOwner { owner, reply },
+                Some(self.args.call_timeout),
+            )
+            .await;
+        match released {
+            Ok(CallResult::Success(Ok(n))) => n.to_string(),
+            other => format!("none ({other:?}; they return when their leases expire)"),
+        }
+    }
+}
+
+impl OneForOne for DispatchSupState {
+    one_for_one_slots!(DispatchSupMsg, DispatchSupMsg::Restart);
+
+    const CHILD: &'static str = "dispatcher";
 
     async fn spawn(
         &mut self,
@@ -130,7 +164,7 @@ impl DispatchSupState {
             retry: self.args.retry,
             overload: self.args.overload,
             call_timeout: self.args.call_timeout,
-            peers: self.args.peers.clone(),
+            peers: dispatch_peers(&self.args.peers),
             observer: self.args.observer.clone(),
             poison_after: self.args.poison_after,
             prefix_grouping: self.args.prefix_grouping,
@@ -168,9 +202,7 @@ impl Actor for DispatchSupervisor {
             .collect();
         let sup = Supervision::new(args.restart);
         let mut state = DispatchSupState { args, slots, sup };
-        for i in 0..state.slots.len() {
-            state.spawn(&myself, i).await?;
-        }
+        spawn_all(&mut state, &myself).await?;
         Ok(state)
     }
 
@@ -181,16 +213,7 @@ impl Actor for DispatchSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         myself.stop_children(None);
         // Whatever the dispatchers still held goes back to pending now.
-        let owner = state.args.owner.clone();
-        let _ = state
-            .args
-            .peers
-            .queue
-            .call(
-                |reply| QueueMsg::ReleaseOwner { owner, reply },
-                Some(state.args.call_timeout),
-            )
-            .await;
+        let _ = state.release_owner(state.args.owner.clone()).await;
         Ok(())
     }
 
@@ -201,26 +224,15 @@ impl Actor for DispatchSupervisor {
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DispatchSupMsg::Restart(r) => {
-                let i = r.slot();
-                if state.sup.stopping() || state.slots[i].actor.is_some() {
-                    return Ok(());
-                }
-                let name = state.slots[i].spec.name.clone();
-                match state.spawn(&myself, i).await {
-                    Ok(()) => info!(instance = %name, "dispatcher restarted"),
-                    Err(e) => {
-                        let what = format!("the dispatcher of {name}");
-                        state
-                            .sup
-                            .respawn_failed(&myself, i, &what, &e, DispatchSupMsg::Restart);
-                    }
-                }
-            }
+            DispatchSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
             DispatchSupMsg::Peers(peers) => {
                 state.args.peers = peers.clone();
                 for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
-                    tell(a, "the new peers", DispatchMsg::Peers(peers.clone()));
+                    tell(
+                        a,
+                        "the new peers",
+                        DispatchMsg::Peers(dispatch_peers(&peers)),
+                    );
                 }
             }
             DispatchSupMsg::Drain { grace, reply } => {
@@ -304,40 +316,13 @@ impl Actor for DispatchSupervisor {
         event: SupervisionEvent,
         state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(exit) = state.sup.exited(event) else {
+        let Some(exit) = slot_exited(state, event) else {
             return Ok(());
         };
-        let i = exit.key;
-        state.slots[i].actor = None;
-        if state.sup.stopping() {
-            return Ok(());
-        }
-        let name = state.slots[i].spec.name.clone();
         // Its jobs go back to pending now, not when their leases expire.
-        let owner = state.owner_of(i);
-        let released = state
-            .args
-            .peers
-            .queue
-            .call(
-                |reply| QueueMsg::ReleaseOwner { owner, reply },
-                Some(state.args.call_timeout),
-            )
-            .await;
-        let released = match released {
-            Ok(CallResult::Success(Ok(n))) => n.to_string(),
-            other => format!("none ({other:?}; they return when their leases expire)"),
-        };
-        let what = format!("the dispatcher of {name}");
+        let released = state.release_owner(state.owner_of(exit.key)).await;
         let note = format!("; released its jobs: {released}");
-        state.sup.failed(
-            &myself,
-            i,
-            &what,
-            exit.reason,
-            &note,
-            DispatchSupMsg::Restart,
-        );
+        child_failed(state, &myself, exit, &note);
         Ok(())
     }
 }

@@ -99,13 +99,13 @@ pub fn tiles(width: u32, height: u32, tile: u32, overlap: u32) -> Vec<Tile> {
 
 /// Overlapping text windows agree on at least this many words where they meet
 /// before the repeat is dropped.
-pub const MIN_AGREEING_WORDS: usize = 3;
+pub(crate) const MIN_AGREEING_WORDS: usize = 3;
 
 /// The parent's text from its fragments' answers, given in fragment order
 /// (tiles come by row then column, as [`tiles`] makes them): text windows
 /// are joined without the words their overlap repeats; tiles and other
 /// fragments are joined line by line.
-pub fn merge(parts: &[(Option<Place>, &str)]) -> String {
+pub(crate) fn merge(parts: &[(Option<Place>, &str)]) -> String {
     let texts: Vec<&str> = parts.iter().map(|(_, t)| *t).collect();
     if parts
         .iter()
@@ -121,7 +121,7 @@ pub fn merge(parts: &[(Option<Place>, &str)]) -> String {
 /// and the start of the next part agree on at least `min_words` words (the
 /// longest such run), the repeat is dropped; parts that do not agree are
 /// kept whole. Words are split on whitespace and joined by one space.
-pub fn merge_overlapping(parts: &[&str], min_words: usize) -> String {
+pub(crate) fn merge_overlapping(parts: &[&str], min_words: usize) -> String {
     let mut merged: Vec<&str> = Vec::new();
     for (i, part) in parts.iter().enumerate() {
         let words: Vec<&str> = part.split_whitespace().collect();

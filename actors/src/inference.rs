@@ -10,7 +10,31 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::job::Job;
-use crate::window::EngineMetrics;
+
+/// One reading of the server's engine metrics (vLLM's names).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineMetrics {
+    /// `vllm:num_requests_running`.
+    pub running: f64,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: f64,
+    /// `vllm:kv_cache_usage_perc` (0 to 1).
+    pub kv_usage: f64,
+    /// `vllm:num_preemptions_total`.
+    pub preemptions_total: f64,
+    /// `vllm:generation_tokens_total`.
+    pub generation_tokens_total: f64,
+    /// `vllm:request_queue_time_seconds` (sum, count), when the server has it.
+    pub queue_time: Option<(f64, f64)>,
+    /// `vllm:e2e_request_latency_seconds` (sum, count), when the server has it.
+    pub e2e: Option<(f64, f64)>,
+    /// KV cache capacity in tokens (`num_gpu_blocks` × `block_size` of
+    /// `vllm:cache_config_info`), when the server says.
+    pub kv_cache_tokens: Option<f64>,
+    /// `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total`
+    /// (tokens), when the server has them.
+    pub prefix_cache: Option<(f64, f64)>,
+}
 
 /// A successful completion.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,7 +85,7 @@ pub enum InferenceError {
 }
 
 /// What a client without sleep mode answers to its calls.
-pub const NO_SLEEP_MODE: &str = "this server has no sleep mode";
+pub(crate) const NO_SLEEP_MODE: &str = "this server has no sleep mode";
 
 /// One model server.
 #[async_trait]

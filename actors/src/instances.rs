@@ -10,7 +10,7 @@ use ractor::rpc::CallResult;
 use ractor::{
     Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::container::{
     ContainerActor, ContainerArgs, ContainerMsg, InstanceEvent, InstanceState, InstanceStatus,
@@ -18,7 +18,10 @@ use crate::container::{
 };
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
-use crate::restart::{Restart, RestartPolicy, Supervision};
+use crate::restart::{
+    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
+    RestartPolicy, Supervision,
+};
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
 use crate::tell::{publish, tell};
@@ -75,15 +78,15 @@ pub enum InstanceSupMsg {
 }
 
 /// How the InstanceSupervisor is started.
-pub struct InstanceSupArgs {
+pub(crate) struct InstanceSupArgs {
     /// The instances.
-    pub instances: Vec<InstanceSpec>,
+    pub(crate) instances: Vec<InstanceSpec>,
     /// Restart and health settings (`startup_timeout` comes from each instance).
-    pub lifecycle: LifecycleSettings,
+    pub(crate) lifecycle: LifecycleSettings,
     /// Restart policy of the ContainerActors themselves.
-    pub restart: RestartPolicy,
+    pub(crate) restart: RestartPolicy,
     /// The GPU monitor's latest reading, for launches to wait for memory.
-    pub gpu: Option<tokio::sync::watch::Receiver<Option<crate::gpu::GpuSnapshot>>>,
+    pub(crate) gpu: Option<tokio::sync::watch::Receiver<Option<crate::gpu::GpuSnapshot>>>,
 }
 
 /// One instance's container actor.
@@ -103,7 +106,7 @@ struct Slot {
 }
 
 /// The InstanceSupervisor's state.
-pub struct InstanceSupState {
+pub(crate) struct InstanceSupState {
     /// How it was started.
     args: InstanceSupArgs,
     /// One per instance, in configuration order.
@@ -113,9 +116,19 @@ pub struct InstanceSupState {
 }
 
 /// Supervises the ContainerActors.
-pub struct InstanceSupervisor;
+pub(crate) struct InstanceSupervisor;
 
 impl InstanceSupState {
+    fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.spec.name == instance)
+    }
+}
+
+impl OneForOne for InstanceSupState {
+    one_for_one_slots!(InstanceSupMsg, InstanceSupMsg::Restart);
+
+    const CHILD: &'static str = "container actor";
+
     async fn spawn(
         &mut self,
         myself: &ActorRef<InstanceSupMsg>,
@@ -143,10 +156,6 @@ impl InstanceSupState {
         self.slots[i].actor = Some(actor);
         Ok(())
     }
-
-    fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
-        self.slots.iter_mut().find(|s| s.spec.name == instance)
-    }
 }
 
 impl Actor for InstanceSupervisor {
@@ -173,9 +182,7 @@ impl Actor for InstanceSupervisor {
             .collect();
         let sup = Supervision::new(args.restart);
         let mut state = InstanceSupState { args, slots, sup };
-        for i in 0..state.slots.len() {
-            state.spawn(&myself, i).await?;
-        }
+        spawn_all(&mut state, &myself).await?;
         Ok(state)
     }
 
@@ -195,22 +202,7 @@ impl Actor for InstanceSupervisor {
         state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InstanceSupMsg::Restart(r) => {
-                let i = r.slot();
-                if state.sup.stopping() || state.slots[i].actor.is_some() {
-                    return Ok(());
-                }
-                let name = state.slots[i].spec.name.clone();
-                match state.spawn(&myself, i).await {
-                    Ok(()) => info!(instance = %name, "container actor restarted"),
-                    Err(e) => {
-                        let what = format!("the container actor of {name}");
-                        state
-                            .sup
-                            .respawn_failed(&myself, i, &what, &e, InstanceSupMsg::Restart);
-                    }
-                }
-            }
+            InstanceSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
             InstanceSupMsg::Probed { instance, outcome } => {
                 if let Some(a) = state.slot(&instance).and_then(|s| s.actor.as_ref()) {
                     tell(a, "a probe outcome", ContainerMsg::Probed(outcome));
@@ -411,27 +403,17 @@ impl Actor for InstanceSupervisor {
         event: SupervisionEvent,
         state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(exit) = state.sup.exited(event) else {
+        let Some(exit) = slot_exited(state, event) else {
             return Ok(());
         };
-        let i = exit.key;
-        state.slots[i].actor = None;
-        if state.sup.stopping() {
-            return Ok(());
-        }
-        let name = state.slots[i].spec.name.clone();
-        for w in &state.slots[i].watchers {
+        for w in &state.slots[exit.key].watchers {
             let _ = w.send_message(InstanceEvent::Ready(false));
         }
-        let what = format!("the container actor of {name}");
-        let note = " (its server is adopted by the next one)";
-        state.sup.failed(
+        child_failed(
+            state,
             &myself,
-            i,
-            &what,
-            exit.reason,
-            note,
-            InstanceSupMsg::Restart,
+            exit,
+            " (its server is adopted by the next one)",
         );
         Ok(())
     }

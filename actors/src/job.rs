@@ -114,11 +114,10 @@ impl FromStr for ModelType {
     type Err = BadModelType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "vision" => Ok(ModelType::Vision),
-            "think" => Ok(ModelType::Think),
-            other => Err(BadModelType(other.to_string())),
-        }
+        ModelType::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| BadModelType(s.to_string()))
     }
 }
 
@@ -527,5 +526,22 @@ impl fmt::Display for ResultRef {
 impl From<PathBuf> for ResultRef {
     fn from(p: PathBuf) -> Self {
         ResultRef::file(&p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_model_type_and_status_is_read_back_from_its_name() {
+        for m in ModelType::ALL {
+            assert_eq!(m.as_str().parse::<ModelType>().unwrap(), m);
+        }
+        for st in JobStatus::ALL {
+            assert_eq!(st.to_string().parse::<JobStatus>().unwrap(), st);
+        }
+        assert!("Vision".parse::<ModelType>().is_err());
+        assert!("running".parse::<JobStatus>().is_err());
     }
 }

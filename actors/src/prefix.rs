@@ -33,7 +33,7 @@ use crate::time::Timestamp;
 
 /// Bytes of the first user message that make up its prefix key: about 128
 /// tokens, eight of vLLM's 16-token blocks.
-pub const LEAD_BYTES: usize = 512;
+pub(crate) const LEAD_BYTES: usize = 512;
 
 /// How a claim orders the jobs it may take, beyond priority.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -205,7 +205,7 @@ fn tick(t: Tick) -> QueueMsg {
 
 /// One settlement's outcome, as committed.
 #[derive(Debug)]
-pub struct FlushedItem {
+pub(crate) struct FlushedItem {
     model: ModelType,
     parent: Option<JobId>,
     follow_up: bool,

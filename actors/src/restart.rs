@@ -40,7 +40,7 @@ impl Default for RestartPolicy {
 
 /// What to do about a child that failed.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RestartDecision {
+pub(crate) enum RestartDecision {
     /// Restart it after this delay.
     RestartIn(Duration),
     /// Too many restarts in the window: give up and escalate.
@@ -52,7 +52,7 @@ pub enum RestartDecision {
 
 /// One child's restart history: what the CLI can show, what decides the next step.
 #[derive(Clone, Debug, Default)]
-pub struct RestartTracker {
+pub(crate) struct RestartTracker {
     recent: VecDeque<Instant>,
     consecutive: u32,
     last_start: Option<Instant>,
@@ -65,26 +65,26 @@ pub struct RestartTracker {
 impl RestartTracker {
     /// Records that the child (re)started now (for a model server: that it
     /// became ready).
-    pub fn started(&mut self, now: Instant) {
+    pub(crate) fn started(&mut self, now: Instant) {
         self.last_start = Some(now);
     }
 
     /// Forgets the last start: the run that fails next did not get going
     /// (for a model server: it never became ready), so it cannot have lasted.
-    pub fn clear_start(&mut self) {
+    pub(crate) fn clear_start(&mut self) {
         self.last_start = None;
     }
 
     /// Forgets the failures (an operator revived what was given up on);
     /// the total is kept.
-    pub fn forgive(&mut self) {
+    pub(crate) fn forgive(&mut self) {
         self.recent.clear();
         self.consecutive = 0;
         self.last_start = None;
     }
 
     /// Records a failure at `now` and decides what to do.
-    pub fn failed(
+    pub(crate) fn failed(
         &mut self,
         policy: &RestartPolicy,
         now: Instant,
@@ -152,7 +152,7 @@ impl<K> Restart<K> {
 
 /// A child of a supervisor that exited while it was wanted.
 #[derive(Debug)]
-pub struct Exit<K> {
+pub(crate) struct Exit<K> {
     /// Which child.
     pub key: K,
     /// Why ("panicked: …", "stopped (…)").
@@ -172,7 +172,7 @@ pub struct Exit<K> {
 /// and a child that cannot be started within the limit stops the supervisor
 /// so that its own parent sees the failure.
 #[derive(Debug)]
-pub struct Supervision<K> {
+pub(crate) struct Supervision<K> {
     /// How children are restarted.
     policy: RestartPolicy,
     /// Which slot each running child fills, for its supervision events.
@@ -185,7 +185,7 @@ pub struct Supervision<K> {
 
 impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     /// No children yet, restarted by `policy`.
-    pub fn new(policy: RestartPolicy) -> Self {
+    pub(crate) fn new(policy: RestartPolicy) -> Self {
         Supervision {
             policy,
             by_id: Default::default(),
@@ -195,7 +195,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     }
 
     /// The actor `child` now fills `key` (started or restarted).
-    pub fn started(&mut self, key: K, child: ractor::ActorId) {
+    pub(crate) fn started(&mut self, key: K, child: ractor::ActorId) {
         self.by_id.insert(child, key);
         self.trackers
             .entry(key)
@@ -204,17 +204,17 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     }
 
     /// From here on, exits are expected and nothing is restarted.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stopping = true;
     }
 
     /// Whether a shutdown is under way.
-    pub fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stopping
     }
 
     /// Each slot's restart history that has one (for status).
-    pub fn trackers(&self) -> impl Iterator<Item = (&K, &RestartTracker)> {
+    pub(crate) fn trackers(&self) -> impl Iterator<Item = (&K, &RestartTracker)> {
         self.trackers.iter()
     }
 
@@ -222,7 +222,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     /// events and for actors that are not (or no longer) a child. The
     /// exited actor no longer fills its slot; during a shutdown
     /// ([`Supervision::stopping`]) it is not to be restarted.
-    pub fn exited(&mut self, event: ractor::SupervisionEvent) -> Option<Exit<K>> {
+    pub(crate) fn exited(&mut self, event: ractor::SupervisionEvent) -> Option<Exit<K>> {
         let (cell, reason) = child_exit(event)?;
         let key = self.by_id.remove(&cell.get_id())?;
         Some(Exit { key, reason })
@@ -231,7 +231,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     /// A child failed: schedule `restart` after the backoff, or give up and
     /// stop `myself` when it keeps failing. `what` names the child in the
     /// log ("the dispatcher of vision"); `note` adds what was already done.
-    pub fn failed<M: ractor::Message>(
+    pub(crate) fn failed<M: ractor::Message>(
         &mut self,
         myself: &ractor::ActorRef<M>,
         key: K,
@@ -263,7 +263,7 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
 
     /// Starting a child again failed (`error`): the same as a failure of
     /// the child itself, so the next try comes after the backoff.
-    pub fn respawn_failed<M: ractor::Message>(
+    pub(crate) fn respawn_failed<M: ractor::Message>(
         &mut self,
         myself: &ractor::ActorRef<M>,
         key: K,
@@ -277,6 +277,135 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
         let reason = format!("could not be started again: {error}");
         self.failed(myself, key, what, reason, "", restart);
     }
+}
+
+/// A supervisor with one child per slot (an instance's index), restarted
+/// one for one: what [`spawn_all`], [`restart_slot`], [`slot_exited`] and
+/// [`child_failed`] need of it, so that the rules of a restart are written
+/// once for every such supervisor.
+pub(crate) trait OneForOne: Send + Sized + 'static {
+    /// The supervisor's messages.
+    type Msg: ractor::Message;
+    /// What its children are called in logs ("dispatcher").
+    const CHILD: &'static str;
+    /// Its supervision bookkeeping.
+    fn supervision(&mut self) -> &mut Supervision<usize>;
+    /// How many slots it has.
+    fn slots(&self) -> usize;
+    /// The instance slot `i` serves.
+    fn instance(&self, i: usize) -> &str;
+    /// Whether slot `i`'s child runs.
+    fn running(&self, i: usize) -> bool;
+    /// Slot `i`'s child exited.
+    fn vacate(&mut self, i: usize);
+    /// Starts slot `i`'s child.
+    fn spawn(
+        &mut self,
+        myself: &ractor::ActorRef<Self::Msg>,
+        i: usize,
+    ) -> impl std::future::Future<Output = Result<(), ractor::ActorProcessingErr>> + Send;
+    /// The message its restart timer sends.
+    fn restart_msg(r: Restart<usize>) -> Self::Msg;
+}
+
+/// Writes the bookkeeping half of a [`OneForOne`] impl for the usual
+/// shape of state: `sup`, its `Supervision<usize>`, and `slots`, each with
+/// its instance's `spec` and its child's `actor` while it runs. `$restart`
+/// wraps a [`Restart`] into the supervisor's message `$msg`.
+macro_rules! one_for_one_slots {
+    ($msg:ty, $restart:path) => {
+        type Msg = $msg;
+
+        fn supervision(&mut self) -> &mut $crate::restart::Supervision<usize> {
+            &mut self.sup
+        }
+
+        fn slots(&self) -> usize {
+            self.slots.len()
+        }
+
+        fn instance(&self, i: usize) -> &str {
+            &self.slots[i].spec.name
+        }
+
+        fn running(&self, i: usize) -> bool {
+            self.slots[i].actor.is_some()
+        }
+
+        fn vacate(&mut self, i: usize) {
+            self.slots[i].actor = None;
+        }
+
+        fn restart_msg(r: $crate::restart::Restart<usize>) -> $msg {
+            $restart(r)
+        }
+    };
+}
+pub(crate) use one_for_one_slots;
+
+/// How slot `i`'s child is named in logs.
+fn child_of<S: OneForOne>(state: &S, i: usize) -> String {
+    format!("the {} of {}", S::CHILD, state.instance(i))
+}
+
+/// Starts every slot's child (in `pre_start`).
+pub(crate) async fn spawn_all<S: OneForOne>(
+    state: &mut S,
+    myself: &ractor::ActorRef<S::Msg>,
+) -> Result<(), ractor::ActorProcessingErr> {
+    for i in 0..state.slots() {
+        state.spawn(myself, i).await?;
+    }
+    Ok(())
+}
+
+/// A restart timer ran out: starts the slot's child again, unless a
+/// shutdown is under way or it runs already. One that cannot be started
+/// counts as a failure.
+pub(crate) async fn restart_slot<S: OneForOne>(
+    state: &mut S,
+    myself: &ractor::ActorRef<S::Msg>,
+    r: Restart<usize>,
+) {
+    let i = r.slot();
+    if state.supervision().stopping() || state.running(i) {
+        return;
+    }
+    match state.spawn(myself, i).await {
+        Ok(()) => tracing::info!(instance = %state.instance(i), "{} restarted", S::CHILD),
+        Err(e) => {
+            let what = child_of(state, i);
+            state
+                .supervision()
+                .respawn_failed(myself, i, &what, &e, S::restart_msg);
+        }
+    }
+}
+
+/// A supervision event: the child that exited, its slot now vacant, when
+/// it was wanted (no shutdown under way). The supervisor reacts, then
+/// passes it to [`child_failed`].
+pub(crate) fn slot_exited<S: OneForOne>(
+    state: &mut S,
+    event: ractor::SupervisionEvent,
+) -> Option<Exit<usize>> {
+    let exit = state.supervision().exited(event)?;
+    state.vacate(exit.key);
+    (!state.supervision().stopping()).then_some(exit)
+}
+
+/// Schedules the restart of a child that exited (`note` adds what the
+/// supervisor did about it), or escalates.
+pub(crate) fn child_failed<S: OneForOne>(
+    state: &mut S,
+    myself: &ractor::ActorRef<S::Msg>,
+    exit: Exit<usize>,
+    note: &str,
+) {
+    let what = child_of(state, exit.key);
+    state
+        .supervision()
+        .failed(myself, exit.key, &what, exit.reason, note, S::restart_msg);
 }
 
 #[cfg(test)]
@@ -392,6 +521,24 @@ mod tests {
 
         pub struct Sup;
 
+        /// A supervisor whose child started, then refuses `refusals` starts
+        /// and crashes: the supervisor, its end, and the child's starts.
+        pub async fn crashed(
+            refusals: usize,
+        ) -> (
+            ActorRef<Msg>,
+            ractor::concurrency::JoinHandle<()>,
+            Arc<AtomicUsize>,
+        ) {
+            let refused = Arc::new(AtomicUsize::new(0));
+            let starts = Arc::new(AtomicUsize::new(0));
+            let args = (super::policy(), refused.clone(), starts.clone());
+            let (sup, done) = Actor::spawn(None, Sup, args).await.unwrap();
+            refused.store(refusals, Ordering::SeqCst);
+            sup.cast(Msg::Crash).unwrap();
+            (sup, done, starts)
+        }
+
         pub struct State {
             sup: Supervision<usize>,
             child: Option<ActorRef<()>>,
@@ -483,19 +630,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_respawn_is_retried_after_the_backoff() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let refusals = Arc::new(AtomicUsize::new(0));
-        let starts = Arc::new(AtomicUsize::new(0));
-        let (sup, _done) = ractor::Actor::spawn(
-            None,
-            one_child::Sup,
-            (policy(), refusals.clone(), starts.clone()),
-        )
-        .await
-        .unwrap();
-        refusals.store(2, Ordering::SeqCst);
-        sup.cast(one_child::Msg::Crash).unwrap();
+        use std::sync::atomic::Ordering;
+        let (sup, _done, starts) = one_child::crashed(2).await;
         // Polled in paused time: each pause lets the backoff run out.
         let running = async {
             loop {
@@ -518,19 +654,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_child_that_cannot_be_started_again_escalates_within_the_limit() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        use std::sync::Arc;
-        let refusals = Arc::new(AtomicUsize::new(0));
-        let starts = Arc::new(AtomicUsize::new(0));
-        let (sup, done) = ractor::Actor::spawn(
-            None,
-            one_child::Sup,
-            (policy(), refusals.clone(), starts.clone()),
-        )
-        .await
-        .unwrap();
-        refusals.store(usize::MAX, Ordering::SeqCst);
-        sup.cast(one_child::Msg::Crash).unwrap();
+        use std::sync::atomic::Ordering;
+        let (_sup, done, starts) = one_child::crashed(usize::MAX).await;
         tokio::time::timeout(Duration::from_secs(600), done)
             .await
             .expect("the supervisor gives up and stops")

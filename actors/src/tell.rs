@@ -10,7 +10,7 @@ use tracing::warn;
 
 /// Casts `msg` to `to`; logs `what` was lost if `to` is not running.
 /// Whether it was delivered to the mailbox.
-pub fn tell<M: Message>(to: &ActorRef<M>, what: &str, msg: M) -> bool {
+pub(crate) fn tell<M: Message>(to: &ActorRef<M>, what: &str, msg: M) -> bool {
     match to.cast(msg) {
         Ok(()) => true,
         Err(e) => {
@@ -21,7 +21,7 @@ pub fn tell<M: Message>(to: &ActorRef<M>, what: &str, msg: M) -> bool {
 }
 
 /// The same for an event sent through a derived reference.
-pub fn publish<E: Message>(to: &DerivedActorRef<E>, what: &str, event: E) -> bool {
+pub(crate) fn publish<E: Message>(to: &DerivedActorRef<E>, what: &str, event: E) -> bool {
     match to.send_message(event) {
         Ok(()) => true,
         Err(e) => {

@@ -55,6 +55,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+pub use crate::inference::EngineMetrics;
+
 /// How an instance's window is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WindowMode {
@@ -85,31 +87,6 @@ impl From<u32> for WindowMode {
 
 /// The window an auto instance starts at.
 pub const AUTO_START: u32 = 16;
-
-/// One reading of the server's engine metrics (vLLM's names).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct EngineMetrics {
-    /// `vllm:num_requests_running`.
-    pub running: f64,
-    /// `vllm:num_requests_waiting`.
-    pub waiting: f64,
-    /// `vllm:kv_cache_usage_perc` (0 to 1).
-    pub kv_usage: f64,
-    /// `vllm:num_preemptions_total`.
-    pub preemptions_total: f64,
-    /// `vllm:generation_tokens_total`.
-    pub generation_tokens_total: f64,
-    /// `vllm:request_queue_time_seconds` (sum, count), when the server has it.
-    pub queue_time: Option<(f64, f64)>,
-    /// `vllm:e2e_request_latency_seconds` (sum, count), when the server has it.
-    pub e2e: Option<(f64, f64)>,
-    /// KV cache capacity in tokens (`num_gpu_blocks` × `block_size` of
-    /// `vllm:cache_config_info`), when the server says.
-    pub kv_cache_tokens: Option<f64>,
-    /// `vllm:prefix_cache_hits_total` and `vllm:prefix_cache_queries_total`
-    /// (tokens), when the server has them.
-    pub prefix_cache: Option<(f64, f64)>,
-}
 
 impl EngineMetrics {
     /// The share of their time that the requests finished since `prev`
@@ -287,7 +264,7 @@ impl WindowController {
     }
 
     /// Whether the controller sets the window (auto), not the configuration.
-    pub fn is_auto(&self) -> bool {
+    pub(crate) fn is_auto(&self) -> bool {
         matches!(self.mode, WindowMode::Auto { .. })
     }
 
@@ -354,6 +331,13 @@ impl WindowController {
         self.reason = reason;
     }
 
+    /// Cuts the window to `window` and holds it there: growth starts over.
+    fn cut(&mut self, window: u32, now: Instant, reason: String) {
+        self.phase = Phase::Hold;
+        self.before_growth = None;
+        self.set(window, now, reason);
+    }
+
     /// A reading of the server's metrics at `now`, with `in_flight` requests
     /// of ours there; returns the window (changed or not).
     pub fn on_metrics(&mut self, now: Instant, m: EngineMetrics, in_flight: usize) -> u32 {
@@ -405,9 +389,7 @@ impl WindowController {
             let back = ((running * PREEMPTION_BACKOFF).floor() as u32).max(1);
             self.ceiling = Some((back, now + CEILING_FOR));
             self.signals.ceiling = Some(back);
-            self.phase = Phase::Hold;
-            self.before_growth = None;
-            self.set(
+            self.cut(
                 back.min(w),
                 now,
                 format!(
@@ -443,9 +425,7 @@ impl WindowController {
             let excess = (least - allowance - self.transit).floor();
             if excess >= 1.0 {
                 let excess = excess as u32;
-                self.phase = Phase::Hold;
-                self.before_growth = None;
-                self.set(
+                self.cut(
                     w.saturating_sub(excess),
                     now,
                     format!(
@@ -651,7 +631,7 @@ impl WindowController {
     }
 
     /// The server has no `/metrics` to read: the latency rule decides.
-    pub fn on_no_metrics(&mut self, now: Instant, in_flight: usize) -> u32 {
+    pub(crate) fn on_no_metrics(&mut self, now: Instant, in_flight: usize) -> u32 {
         if !self.is_auto() {
             return self.window;
         }
@@ -720,7 +700,7 @@ impl WindowController {
     }
 
     /// The server answered 429 or 503: halve the window at once.
-    pub fn on_overload(&mut self, now: Instant) -> u32 {
+    pub(crate) fn on_overload(&mut self, now: Instant) -> u32 {
         let half = (self.window / 2).max(1);
         if self.is_auto() {
             self.phase = Phase::Hold;
@@ -733,7 +713,7 @@ impl WindowController {
 
     /// A fixed window that was narrowed by overload widens by one after
     /// this many successes in a row (its window's worth); `None` for auto.
-    pub fn fixed_recovery(&mut self, now: Instant) -> Option<u32> {
+    pub(crate) fn fixed_recovery(&mut self, now: Instant) -> Option<u32> {
         match self.mode {
             WindowMode::Fixed(n) if self.window < n => {
                 self.set(self.window + 1, now, "recovering after overload".into());
