@@ -115,12 +115,9 @@ fn a_duplicate_port_is_named_with_its_line() {
          [[instances]]\nname = \"b\"\nmodel_type = \"think\"\nport = 8001\nserved_model_name = \"m\"\n",
     );
     let r = check(&s);
-    assert_eq!(r.code(), 78);
-    assert!(
-        r.stderr()
-            .contains("feeder.toml:15: instances[1].port: port 8001 is also used by instances[0]"),
-        "{}",
-        r.stderr()
+    r.refused(
+        78,
+        "feeder.toml:15: instances[1].port: port 8001 is also used by instances[0]",
     );
 }
 
@@ -168,12 +165,7 @@ fn a_missing_file_is_an_error_naming_it() {
 fn a_bad_configuration_stops_other_commands_with_78() {
     let s = Scratch::new("[dispatch]\nwindow = 0\n");
     let r = s.run(&["list"]);
-    assert_eq!(r.code(), 78);
-    assert!(
-        r.stderr().contains("dispatch.window: 0 is out of range"),
-        "{}",
-        r.stderr()
-    );
+    r.refused(78, "dispatch.window: 0 is out of range");
 }
 
 #[test]

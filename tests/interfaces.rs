@@ -9,7 +9,9 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, external, free_port, promtool, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{
+    bin, external, free_port, mcp_client, promtool, wait_for, DaemonProcess, Scratch, SimProcess,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -37,22 +39,8 @@ fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
     let think = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("the instance is ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
-        .arg(bin())
-        .arg(s.config())
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "the MCP client failed (is the Python `mcp` package installed? .ci/run installs it):\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    mcp_client(&s);
 }
 
 #[test]
@@ -108,10 +96,7 @@ fn metrics_pass_promtool_and_move_as_jobs_run() {
     let think = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("the instance is ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let base = format!("http://127.0.0.1:{port}");
     let metric = |text: &str, name: &str| -> f64 {
         text.lines()
@@ -171,10 +156,7 @@ fn the_admin_endpoint_is_loopback_by_default_and_a_token_is_enforced() {
     let think = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(&(admin(port, "s3cret") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("the instance is ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let base = format!("http://127.0.0.1:{port}");
     assert_eq!(http("GET", &format!("{base}/healthz"), None, None).0, 200);
     for path in ["/v1/status", "/metrics", "/readyz"] {
@@ -217,12 +199,7 @@ fn the_admin_endpoint_is_loopback_by_default_and_a_token_is_enforced() {
 fn instances_says_when_the_daemon_is_not_running() {
     let s = Scratch::new(&admin(free_port(), ""));
     let r = s.run(&["instances"]);
-    assert_eq!(r.code(), 1);
-    assert!(
-        r.stderr().contains("the daemon is not running"),
-        "{}",
-        r.stderr()
-    );
+    r.refused(1, "the daemon is not running");
 }
 
 #[test]
