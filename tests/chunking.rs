@@ -205,13 +205,7 @@ fn a_corrupt_image_is_a_clear_error() {
     let s = Scratch::new("");
     let bad = s.stage().join("broken.png");
     std::fs::write(&bad, vec![0u8; 5 * 1024 * 1024]).unwrap();
-    let r = s.run(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        bad.to_str().unwrap(),
-    ]);
+    let r = s.submit_run("vision", "--image", &bad, &[]);
     assert_eq!(r.code(), 1);
     assert!(
         r.stderr().contains("broken.png") && r.stderr().contains("not a readable image"),
@@ -226,14 +220,7 @@ fn chunking_without_a_tokenizer_says_where_to_set_it() {
     let s = Scratch::new(&instance("think", "think", "http://127.0.0.1:9", ""));
     let text = s.path().join("t.txt");
     std::fs::write(&text, "some text").unwrap();
-    let r = s.run(&[
-        "submit",
-        "--model",
-        "think",
-        "--text-file",
-        text.to_str().unwrap(),
-        "--chunk",
-    ]);
+    let r = s.submit_run("think", "--text-file", &text, &["--chunk"]);
     r.refused(1, "set `tokenizer");
 }
 

@@ -93,24 +93,12 @@ fn payload_files_and_images_must_lie_under_the_roots() {
         inside.canonicalize().unwrap().to_str().unwrap()
     );
 
-    let refused = s.run(&[
-        "submit",
-        "--model",
-        "think",
-        "--payload",
-        outside.to_str().unwrap(),
-    ]);
+    let refused = s.submit_run("think", "--payload", &outside, &[]);
     refused.refused(1, "outside the payload roots");
 
     let img = s.path().join("page.png");
     std::fs::write(&img, b"not really a png").unwrap();
-    let refused = s.run(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
+    let refused = s.submit_run("vision", "--image", &img, &[]);
     assert!(
         refused.stderr().contains("outside the payload roots"),
         "{}",
@@ -119,13 +107,7 @@ fn payload_files_and_images_must_lie_under_the_roots() {
     // An image_path inside a payload is checked too.
     let sneaky = s.stage().join("sneaky.json");
     std::fs::write(&sneaky, format!(r#"{{"image_path": "{}"}}"#, img.display())).unwrap();
-    let refused = s.run(&[
-        "submit",
-        "--model",
-        "vision",
-        "--payload",
-        sneaky.to_str().unwrap(),
-    ]);
+    let refused = s.submit_run("vision", "--payload", &sneaky, &[]);
     assert!(
         refused.stderr().contains("outside the payload roots"),
         "{}",
@@ -154,13 +136,7 @@ fn a_malformed_payload_is_refused_and_nothing_is_queued() {
     ] {
         let p = s.stage().join(name);
         std::fs::write(&p, body).unwrap();
-        let r = s.run(&[
-            "submit",
-            "--model",
-            "think",
-            "--payload",
-            p.to_str().unwrap(),
-        ]);
+        let r = s.submit_run("think", "--payload", &p, &[]);
         assert_eq!(r.code(), 1, "{name}");
         assert!(r.stderr().contains(expect), "{name}: {}", r.stderr());
         assert!(
@@ -244,13 +220,7 @@ fn image_jobs_need_a_vision_model() {
     let s = Scratch::new("");
     let img = s.stage().join("page.png");
     image::RgbImage::new(40, 30).save(&img).unwrap();
-    let r = s.run(&[
-        "submit",
-        "--model",
-        "think",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
+    let r = s.submit_run("think", "--image", &img, &[]);
     r.refused(1, "--model vision");
     assert_eq!(
         s.run(&[

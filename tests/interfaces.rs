@@ -34,13 +34,33 @@ fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u1
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-#[test]
-fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
+/// A running daemon with its admin endpoint on a port of its own (and
+/// `token`, unless empty), feeding one sim: what it needs is kept here.
+/// (Fields drop in order: the daemon stops first.)
+struct Running {
+    _d: DaemonProcess,
+    s: Scratch,
+    _think: SimProcess,
+    /// The admin endpoint's URL.
+    base: String,
+}
+
+fn running(token: &str) -> Running {
     let think = SimProcess::start(&[]);
     let port = free_port();
-    let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
-    mcp_client(&s);
+    let s = Scratch::new(&(admin(port, token) + &external("think", "think", &think.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    Running {
+        _d: d,
+        s,
+        _think: think,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+#[test]
+fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
+    mcp_client(&running("").s);
 }
 
 #[test]
@@ -93,11 +113,7 @@ fn malformed_lines_and_unknown_methods_get_json_rpc_errors_and_the_server_keeps_
 
 #[test]
 fn metrics_pass_promtool_and_move_as_jobs_run() {
-    let think = SimProcess::start(&[]);
-    let port = free_port();
-    let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
-    let base = format!("http://127.0.0.1:{port}");
+    let Running { base, s, .. } = &running("");
     let metric = |text: &str, name: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(name))
@@ -153,11 +169,7 @@ fn the_admin_endpoint_is_loopback_by_default_and_a_token_is_enforced() {
         .admin
         .listen
         .starts_with("127.0.0.1:"));
-    let think = SimProcess::start(&[]);
-    let port = free_port();
-    let s = Scratch::new(&(admin(port, "s3cret") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
-    let base = format!("http://127.0.0.1:{port}");
+    let Running { base, s, .. } = &running("s3cret");
     assert_eq!(http("GET", &format!("{base}/healthz"), None, None).0, 200);
     for path in ["/v1/status", "/metrics", "/readyz"] {
         assert_eq!(

@@ -357,18 +357,7 @@ fn run_without_instances_says_so_and_a_second_daemon_is_refused() {
 
 #[test]
 fn the_demo_runs_to_completion() {
-    let out = std::process::Command::new(common::bin())
-        .args(["demo", "--jobs", "60"])
-        .env_remove("FEEDER_CONFIG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::gpu_feeder(&["demo", "--jobs", "60"]).succeeded();
     // 20 images, 40 prompts, a parent and its 6 fragments.
     assert!(stdout.contains("finished  67 of 67 jobs"), "{stdout}");
     assert!(stdout.contains("67 done, 0 failed"), "{stdout}");

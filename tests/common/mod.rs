@@ -83,6 +83,17 @@ impl Scratch {
     }
 }
 
+/// Runs `gpu-feeder ARGS` to completion, outside any scratch folder and
+/// with no `FEEDER_CONFIG`.
+pub fn gpu_feeder(args: &[&str]) -> Run {
+    let out = Command::new(bin())
+        .args(args)
+        .env_remove("FEEDER_CONFIG")
+        .output()
+        .expect("run gpu-feeder");
+    Run(out)
+}
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_gpu-feeder")
@@ -100,6 +111,14 @@ impl Run {
     }
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+
+    /// Asserts that the run succeeded; its standard output.
+    #[track_caller]
+    pub fn succeeded(&self) -> String {
+        let out = self.stdout();
+        assert_eq!(self.code(), 0, "{out}\n{}", self.stderr());
+        out
     }
 
     /// Asserts that the run exited with `code` and that its standard error
@@ -460,13 +479,20 @@ impl Scratch {
         extra: &[&str],
     ) -> serde_json::Value {
         let file = file.to_str().expect("a UTF-8 path");
-        let args = [
-            &["submit", "--model", model, flag, file][..],
-            extra,
-            &["--json"],
-        ]
-        .concat();
-        self.json(&args)
+        self.json(
+            &[
+                &["submit", "--model", model, flag, file][..],
+                extra,
+                &["--json"],
+            ]
+            .concat(),
+        )
+    }
+
+    /// `submit --model MODEL FLAG FILE EXTRA…`, run whatever its outcome.
+    pub fn submit_run(&self, model: &str, flag: &str, file: &Path, extra: &[&str]) -> Run {
+        let file = file.to_str().expect("a UTF-8 path");
+        self.run(&[&["submit", "--model", model, flag, file][..], extra].concat())
     }
 
     /// `instances --json` from the running daemon, or `None` if it does not answer.
