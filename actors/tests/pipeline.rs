@@ -3,18 +3,21 @@
 //! under paused tokio time, with assertions on replies, on the store, and on
 //! what the fake server received.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 
+use common::{feeder_args, spawn_feeder};
 use feeder_actors::dispatch::DispatchMsg;
 use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg, Scan};
 use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAvailable};
 use feeder_actors::results::{JobResult, ResultStore};
 use feeder_actors::spec::InstanceSpec;
-use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{peers, FeederMsg, PipelineSettings};
 use feeder_actors::testkit::store_contract::{job, question};
 use feeder_actors::testkit::{
     submit, wait_until, FakeInference, MemoryResults, MemoryStore, Recorder,
@@ -64,25 +67,21 @@ impl Pipeline {
         settings: PipelineSettings,
     ) -> Pipeline {
         let results = MemoryResults::new();
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(results.clone()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: instances
-                .into_iter()
-                .map(|(name, model, window, client)| {
-                    InstanceSpec::external(name, model, window, Arc::new(client))
-                })
-                .collect(),
-            owner: "test-host".into(),
+        let instances = instances
+            .into_iter()
+            .map(|(name, model, window, client)| {
+                InstanceSpec::external(name, model, window, Arc::new(client))
+            })
+            .collect();
+        let shared = Arc::new(results.clone());
+        let feeder = spawn_feeder(feeder_args(
+            &store,
+            shared,
+            instances,
+            "test-host",
             settings,
-            observer: None,
-            gpu_probe: None,
-            gpu_unavailable: "no GPU in message-level tests".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
-            .await
-            .expect("feeder starts");
+        ))
+        .await;
         Pipeline {
             store,
             results,
@@ -98,11 +97,7 @@ impl Pipeline {
     }
 
     fn count(&self, status: JobStatus) -> usize {
-        self.store
-            .all()
-            .iter()
-            .filter(|j| j.status == status)
-            .count()
+        common::count(&self.store, status)
     }
 
     async fn dispatcher(&self, instance: &str) -> ActorRef<DispatchMsg> {
