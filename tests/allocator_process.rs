@@ -7,12 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{
-    bin, cmdline, free_port, process_servers_config, wait_for, DaemonProcess, ProcessServers,
-    Scratch,
-};
+use common::{bin, cmdline, start_think_and_vision, wait_for, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
+
+/// Quick decisions, a 2 s dwell, and a larger memory share for a model
+/// running alone.
+const ALLOCATOR: &str = "interval_s = 0.2\nmin_dwell_s = 2\nshared_memory_utilization = 0.4\nsolo_memory_utilization = 0.75\n";
 
 fn instance(name: &str, model: &str, port: u16) -> String {
     format!(
@@ -40,15 +41,7 @@ fn memory_share(s: &Scratch, name: &str) -> Option<String> {
 
 #[test]
 fn the_strategy_follows_the_backlog_and_no_job_is_lost() {
-    let s = Scratch::new(&format!(
-        "{}[allocator]\ninterval_s = 0.2\nmin_dwell_s = 2\n\
-         shared_memory_utilization = 0.4\nsolo_memory_utilization = 0.75\n\n{}{}",
-        process_servers_config(free_port()),
-        instance("think", "think", free_port()),
-        instance("vision", "vision", free_port()),
-    ));
-    let _servers = ProcessServers(s.path().join("servers"));
-    let d = DaemonProcess::start_ready(&s, "daemon", &["think", "vision"], LIMIT);
+    let (s, _servers, d) = start_think_and_vision(ALLOCATOR, instance, LIMIT);
     assert_eq!(strategy(&s).as_deref(), Some("static"));
 
     // Only vision work: after the dwell, vision runs alone with the solo share.

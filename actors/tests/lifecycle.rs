@@ -11,7 +11,7 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
-use common::{feeder_args, spawn_feeder};
+use common::{ask, feeder_args, spawn_feeder};
 use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, InstanceStatus, LifecycleSettings};
 use feeder_actors::inference::ProbeError;
@@ -639,21 +639,13 @@ async fn an_operator_revives_a_failed_instance() {
             let p = feeder_actors::supervisor::peers(&f, Duration::from_secs(5))
                 .await
                 .unwrap();
-            match p
-                .instances
-                .call(
-                    |r| feeder_actors::instances::InstanceSupMsg::Revive {
-                        instance: name,
-                        reply: r,
-                    },
-                    None,
-                )
-                .await
-                .unwrap()
-            {
-                CallResult::Success(r) => r,
-                other => panic!("{other:?}"),
-            }
+            ask(&p.instances, |r| {
+                feeder_actors::instances::InstanceSupMsg::Revive {
+                    instance: name,
+                    reply: r,
+                }
+            })
+            .await
         }
     };
     lab.wait_state(InstanceState::Ready).await;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 
-use common::{feeder_args, spawn_feeder};
+use common::{ask, feeder_args, spawn_feeder};
 use feeder_actors::dispatch::DispatchMsg;
 use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg, Scan};
 use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAvailable};
@@ -101,15 +101,7 @@ impl Pipeline {
     }
 
     async fn dispatcher(&self, instance: &str) -> ActorRef<DispatchMsg> {
-        let all = match self
-            .feeder
-            .call(|r| FeederMsg::Dispatchers { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(v) => v,
-            other => panic!("{other:?}"),
-        };
+        let all = ask(&self.feeder, |r| FeederMsg::Dispatchers { reply: r }).await;
         all.into_iter()
             .find(|(n, _)| n == instance)
             .expect("dispatcher")
@@ -269,14 +261,7 @@ async fn overload_releases_the_job_narrows_the_window_and_widens_again() {
     })
     .await;
     let narrowed = loop {
-        let s = match d
-            .call(|r| DispatchMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s,
-            other => panic!("{other:?}"),
-        };
+        let s = ask(&d, |r| DispatchMsg::Status { reply: r }).await;
         if s.overloaded == 1 {
             break s;
         }
@@ -290,14 +275,7 @@ async fn overload_releases_the_job_narrows_the_window_and_widens_again() {
     // Successes widen the window back.
     p.submit(ModelType::Think, 60).await;
     wait_until("61 done", LIMIT, || p.count(JobStatus::Done) == 61).await;
-    let s = match d
-        .call(|r| DispatchMsg::Status { reply: r }, None)
-        .await
-        .unwrap()
-    {
-        CallResult::Success(s) => s,
-        other => panic!("{other:?}"),
-    };
+    let s = ask(&d, |r| DispatchMsg::Status { reply: r }).await;
     assert_eq!(s.window, 8);
 }
 
@@ -402,21 +380,11 @@ async fn shutdown_lets_requests_finish_then_releases_the_rest() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         s.release(2);
     });
-    let report = match p
-        .feeder
-        .call(
-            |r| FeederMsg::Shutdown {
-                grace: Duration::from_secs(10),
-                reply: r,
-            },
-            None,
-        )
-        .await
-        .unwrap()
-    {
-        CallResult::Success(r) => r,
-        other => panic!("{other:?}"),
-    };
+    let report = ask(&p.feeder, |r| FeederMsg::Shutdown {
+        grace: Duration::from_secs(10),
+        reply: r,
+    })
+    .await;
     assert_eq!(report.released, 2);
     assert_eq!(p.count(JobStatus::Done), 2);
     assert_eq!(p.count(JobStatus::Pending), 6);
@@ -773,17 +741,7 @@ async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
 #[tokio::test(start_paused = true)]
 async fn status_says_whether_every_child_answers() {
     let p = Pipeline::start(vec![("v", ModelType::Vision, 2, FakeInference::gated())]).await;
-    let status = || async {
-        match p
-            .feeder
-            .call(|r| FeederMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s,
-            other => panic!("{other:?}"),
-        }
-    };
+    let status = || async { ask(&p.feeder, |r| FeederMsg::Status { reply: r }).await };
     assert!(status().await.children_answered);
     p.dispatcher("v")
         .await

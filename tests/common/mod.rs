@@ -166,6 +166,27 @@ pub fn process_servers_config(admin_port: u16) -> String {
     )
 }
 
+/// Starts the daemon on a scratch folder configured by
+/// [`process_servers_config`], then `[allocator]` with `allocator`, and a
+/// think and a vision instance from `instance(name, model_type, port)`;
+/// waits until both are ready. (Drop in reverse: the daemon, the servers,
+/// the folder.)
+pub fn start_think_and_vision(
+    allocator: &str,
+    instance: fn(&str, &str, u16) -> String,
+    limit: std::time::Duration,
+) -> (Scratch, ProcessServers, DaemonProcess) {
+    let s = Scratch::new(&format!(
+        "{}[allocator]\n{allocator}\n{}{}",
+        process_servers_config(free_port()),
+        instance("think", "think", free_port()),
+        instance("vision", "vision", free_port()),
+    ));
+    let servers = ProcessServers(s.path().join("servers"));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think", "vision"], limit);
+    (s, servers, d)
+}
+
 /// The string `key` of every element of the array `list`, in order.
 pub fn strings<'a>(list: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
     list.as_array()

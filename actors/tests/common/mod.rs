@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
 
 use feeder_actors::allocator::{AllocatorSettings, AllocatorStatus, Strategy};
 use feeder_actors::backoff::Backoff;
@@ -49,6 +50,23 @@ pub fn feeder_args(
         observer: None,
         gpu_probe: None,
         gpu_unavailable: "no GPU in message-level tests".into(),
+    }
+}
+
+/// Sends `actor` the message `msg` builds around a reply port, and waits
+/// for the reply.
+pub async fn ask<M: ractor::Message, R: Send + 'static>(
+    actor: &ActorRef<M>,
+    msg: impl FnOnce(RpcReplyPort<R>) -> M,
+) -> R {
+    let reply = actor
+        .call(msg, None)
+        .await
+        .unwrap_or_else(|_| panic!("the actor is gone"));
+    match reply {
+        CallResult::Success(r) => r,
+        CallResult::Timeout => panic!("the actor did not answer in time"),
+        CallResult::SenderError => panic!("the actor dropped the reply"),
     }
 }
 
