@@ -368,7 +368,7 @@ fn the_default_two_model_setup_runs_on_vllm() {
     let big = s.stage().join("scan.png");
     png(&big, 1200, 1200, 99);
     for p in &pages {
-        let r = s.submit_run("vision", "--image", &p, &[]);
+        let r = s.submit_run("vision", "--image", p, &[]);
         assert_eq!(r.code(), 0, "{}", r.stderr());
     }
     let out = s.submit_file("vision", "--image", &big, &["--then", "think"]);

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+// Included by the helpers that the benchmarks take by path too: loaded
+// more than once on purpose.
+#[allow(clippy::duplicate_mod)]
 pub mod command;
 pub mod docker;
 pub mod openai_like;

@@ -10,6 +10,9 @@
 //! A server kept in a `static` is never dropped: a small watchdog shell
 //! stops it (and removes its folder) once the test process is gone.
 
+// Included by the helpers that the benchmarks take by path too: loaded
+// more than once on purpose.
+#[allow(clippy::duplicate_mod)]
 #[path = "command.rs"]
 mod command;
 

@@ -9,6 +9,9 @@
 
 #![allow(dead_code)]
 
+// Included by the helpers that the benchmarks take by path too: loaded
+// more than once on purpose.
+#[allow(clippy::duplicate_mod)]
 #[path = "command.rs"]
 mod command;
 
