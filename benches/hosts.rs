@@ -212,10 +212,7 @@ async fn end_to_end(n: usize, pg_url: &dyn Fn() -> String) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let n = common::env_f64("BENCH_JOBS", 20_000.0) as usize;
     println!(
         "many-hosts benchmark ({} CPUs; every daemon and server in this one process)",

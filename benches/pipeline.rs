@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
+use ractor::ActorRef;
 
 use feeder_actors::queue::QueueMsg;
 use feeder_actors::supervisor::{peers, FeederMsg};
-use feeder_actors::{Blocking, BlockingJobStore, ModelType, Timestamp};
+use feeder_actors::{BlockingJobStore, ModelType, Timestamp};
 use gpu_feeder::config::{Config, InstanceConfig};
 use gpu_feeder::daemon::Pipeline;
-use gpu_feeder::results::FileResults;
 use gpu_feeder::sim::{self, SimConfig, SimHandle};
 use gpu_feeder::store::SqliteStore;
 
@@ -46,18 +46,11 @@ fn config(dir: &Path, url: &str, window: u32) -> Config {
     c
 }
 
-async fn start(c: &Config) -> (Pipeline, SqliteStore) {
+/// The pipeline for `c` once its instance is ready, a second connection to
+/// its store, and its QueueActor.
+async fn start(c: &Config) -> (Pipeline, SqliteStore, ActorRef<QueueMsg>) {
     let store = SqliteStore::open(&c.queue.db_path).unwrap();
-    let results = FileResults::new(&c.queue.results_dir).unwrap();
-    let p = Pipeline::start(
-        c,
-        Blocking::port(Arc::new(store)),
-        Arc::new(results),
-        "bench".into(),
-        None,
-    )
-    .await
-    .unwrap();
+    let p = common::start_pipeline(c, Arc::new(store)).await;
     // Wait until the instance is Ready.
     loop {
         if let Ok(CallResult::Success(s)) = p
@@ -71,7 +64,10 @@ async fn start(c: &Config) -> (Pipeline, SqliteStore) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (p, SqliteStore::open(&c.queue.db_path).unwrap())
+    let peers = peers(&p.feeder, Duration::from_secs(5))
+        .await
+        .expect("the supervisor answers");
+    (p, SqliteStore::open(&c.queue.db_path).unwrap(), peers.queue)
 }
 
 async fn wait_done(store: &SqliteStore, n: u64) {
@@ -139,14 +135,10 @@ async fn throughput() {
         };
         let c = config(dir.path(), &sim.url(), window);
         let n = 20_000;
-        let (p, store) = start(&c).await;
-        let peers = peers(&p.feeder, Duration::from_secs(5))
-            .await
-            .expect("the supervisor answers");
+        let (p, store, queue) = start(&c).await;
         let t0 = Instant::now();
         let batch = common::jobs(n, &format!("w{window}"));
-        peers
-            .queue
+        queue
             .call(
                 |r| QueueMsg::Submit {
                     jobs: batch,
@@ -179,14 +171,10 @@ async fn saturation() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), &sim.url(), 16);
-    let (p, store) = start(&c).await;
-    let peers = peers(&p.feeder, Duration::from_secs(5))
-        .await
-        .expect("the supervisor answers");
+    let (p, store, queue) = start(&c).await;
     let n = 400;
     let t0 = Instant::now();
-    peers
-        .queue
+    queue
         .call(
             |r| QueueMsg::Submit {
                 jobs: common::jobs(n, "sat"),
@@ -212,10 +200,7 @@ async fn arrival() {
     let sim = sim::start(SimConfig::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), &sim.url(), 16);
-    let (p, store) = start(&c).await;
-    let peers = peers(&p.feeder, Duration::from_secs(5))
-        .await
-        .expect("the supervisor answers");
+    let (p, store, queue) = start(&c).await;
     let arrived_after = |t0: Instant, before: u64| {
         let counters = sim.counters.clone();
         async move {
@@ -231,7 +216,7 @@ async fn arrival() {
         let before = sim.counters.requests.load(Ordering::SeqCst);
         let t0 = Instant::now();
         let job = common::jobs(1, &format!("in-{i}"));
-        let queue = peers.queue.clone();
+        let queue = queue.clone();
         tokio::spawn(async move {
             queue
                 .call(
@@ -276,10 +261,7 @@ async fn arrival() {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     println!(
         "pipeline benchmark ({} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())

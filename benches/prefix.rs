@@ -43,10 +43,8 @@ use std::time::{Duration, Instant};
 
 use common::engine::{self, Engine, Kind, Reading, RealVllm};
 use common::env_f64;
-use feeder_actors::{Blocking, BlockingJobStore, ModelType, NewJob, Payload, Timestamp};
+use feeder_actors::{BlockingJobStore, ModelType, NewJob, Payload, Timestamp};
 use gpu_feeder::config::WindowSetting;
-use gpu_feeder::daemon::Pipeline;
-use gpu_feeder::results::FileResults;
 use gpu_feeder::sim::SimConfig;
 use gpu_feeder::store::SqliteStore;
 use rand::seq::SliceRandom;
@@ -133,15 +131,7 @@ async fn run(engine: &Engine<'_>, w: &Workload, grouping: bool, window: WindowSe
     let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
     store.submit_batch(jobs(w, kind), Timestamp::now()).unwrap();
     let start = engine.reading().await;
-    let pipeline = Pipeline::start(
-        &c,
-        Blocking::port(store.clone()),
-        Arc::new(FileResults::new(&c.queue.results_dir).unwrap()),
-        "bench".into(),
-        None,
-    )
-    .await
-    .unwrap();
+    let pipeline = common::start_pipeline(&c, store.clone()).await;
     let total = (w.docs * w.questions) as f64;
     let every = match kind {
         Kind::Sim => Duration::from_millis(50),
@@ -207,10 +197,7 @@ fn main() {
         Ok(n) => WindowSetting::Fixed(n.parse().expect("BENCH_WINDOW is a number")),
         Err(_) => WindowSetting::Auto,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     for kind in engine::chosen() {
         match kind {
             Kind::Sim => {

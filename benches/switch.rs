@@ -24,10 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use feeder_actors::handle::FeederHandle;
-use feeder_actors::{Blocking, BlockingJobStore, JobStatus, ListFilter, ModelType, Timestamp};
+use feeder_actors::{BlockingJobStore, JobStatus, ListFilter, ModelType, Timestamp};
 use gpu_feeder::config::Config;
-use gpu_feeder::daemon::Pipeline;
-use gpu_feeder::results::FileResults;
 use gpu_feeder::store::SqliteStore;
 
 const PER_PHASE: usize = 40;
@@ -109,15 +107,7 @@ async fn run(sleep: bool, switches: usize) -> Run {
     let dir = common::scratch();
     let c = config(dir.path(), sleep);
     let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
-    let p = Pipeline::start(
-        &c,
-        Blocking::port(store.clone()),
-        Arc::new(FileResults::new(&c.queue.results_dir).unwrap()),
-        "bench".into(),
-        None,
-    )
-    .await
-    .unwrap();
+    let p = common::start_pipeline(&c, store.clone()).await;
     let feeder = FeederHandle::new(p.feeder.clone());
     poll("both servers ready", async || {
         let st = feeder.status().await.ok()?;
@@ -214,10 +204,7 @@ async fn run(sleep: bool, switches: usize) -> Run {
 
 fn main() {
     let switches = common::env_f64("BENCH_SWITCHES", 10.0) as usize;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     println!(
         "two sim processes (--load-s 30 --wake-s 1.5 --sleep-s 0.3 --latency-ms 200), \
          phases of {PER_PHASE} jobs of one kind; decision → first answer of the incoming model"

@@ -59,8 +59,6 @@ mod common;
 use common::engine::{self, Engine, Kind, Reading, RealVllm};
 use common::env_f64;
 use gpu_feeder::config::{Config, WindowSetting};
-use gpu_feeder::daemon::Pipeline;
-use gpu_feeder::results::FileResults;
 use gpu_feeder::sim::SimConfig;
 use gpu_feeder::store::SqliteStore;
 
@@ -352,15 +350,8 @@ async fn run(engine: &Engine<'_>, w: Workload, mode: Mode, seconds: f64, scale: 
             None
         }
         _ => Some(
-            Pipeline::start(
-                &c,
-                Blocking::port(Arc::new(SqliteStore::open(&c.queue.db_path).unwrap())),
-                Arc::new(FileResults::new(&c.queue.results_dir).unwrap()),
-                "bench".into(),
-                None,
-            )
-            .await
-            .unwrap(),
+            common::start_pipeline(&c, Arc::new(SqliteStore::open(&c.queue.db_path).unwrap()))
+                .await,
         ),
     };
 
@@ -562,10 +553,7 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let wanted = |w: &Workload| filter.is_empty() || filter.iter().any(|f| f == w.name);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     for kind in engine::chosen() {
         match kind {
             Kind::Sim => {

@@ -39,6 +39,14 @@ MARKER = ".complete"
 SEED = 20240601
 BPE_VOCAB = 3000
 
+# The text model of both: hidden 256, 2 layers, 4 heads (of 64).
+TEXT_SIZE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+
+# Qwen2-VL's patching of images and videos: 4 to 64 merged patches of 28x28.
+VISION_PATCHING = dict(min_pixels=4 * 28 * 28, max_pixels=64 * 28 * 28, patch_size=14,
+                       temporal_patch_size=2, merge_size=2)
+
 # ChatML with string content or a list of {"type": "text", "text": ...} parts.
 LLAMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -150,11 +158,29 @@ def bpe_tokenizer():
     return tok
 
 
-def save_weights(model, out):
-    import torch
+def fast_tokenizer(tok, **special):
+    """`tok` as a transformers tokenizer, with the `special` token arguments."""
+    from transformers import PreTrainedTokenizerFast
 
-    model = model.to(torch.bfloat16)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        clean_up_tokenization_spaces=False,
+        model_max_length=4096,
+        **special,
+    )
+
+
+def save_model(model_class, config, out, bos_id, eos_ids, pad_id):
+    """Seeded random weights for `config` in bfloat16, and the generation
+    config with these token ids."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(SEED)
+    model = model_class(config).to(torch.bfloat16)
     model.save_pretrained(out)  # safetensors
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_ids,
+                     pad_token_id=pad_id).save_pretrained(out)
 
 
 def finish(out, tmp, what, t0):
@@ -179,9 +205,8 @@ def scratch(out):
 
 
 def write_llama(out):
-    import torch
     from tokenizers import processors
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     t0 = time.monotonic()
     tmp = scratch(out)
@@ -199,14 +224,12 @@ def write_llama(out):
             special_tokens=[(bos, bos_id)],
         ),
     ])
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    hf_tok = fast_tokenizer(
+        tok,
         bos_token=bos,
         eos_token=im_end,
         pad_token=eot,
         additional_special_tokens=[im_start, eot],
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
     )
     hf_tok.chat_template = LLAMA_CHAT_TEMPLATE
     hf_tok.save_pretrained(tmp)
@@ -215,13 +238,8 @@ def write_llama(out):
 
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        **TEXT_SIZE,
         head_dim=64,
-        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         bos_token_id=bos_id,
@@ -230,20 +248,13 @@ def write_llama(out):
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config)
-    save_weights(model, tmp)
-    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_ids,
-                     pad_token_id=tok.token_to_id(eot)).save_pretrained(tmp)
+    save_model(LlamaForCausalLM, config, tmp, bos_id, eos_ids, tok.token_to_id(eot))
     finish(out, tmp, f"llama, vocab {vocab}", t0)
 
 
 def write_qwen2_vl(out):
-    import torch
     from tokenizers import processors
     from transformers import (
-        GenerationConfig,
-        PreTrainedTokenizerFast,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
@@ -260,34 +271,18 @@ def write_qwen2_vl(out):
     tok.add_special_tokens(specials)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     ids = {s: tok.token_to_id(s) for s in specials}
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    hf_tok = fast_tokenizer(
+        tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:],
-        clean_up_tokenization_spaces=False,
-        model_max_length=4096,
     )
     vocab = tok.get_vocab_size(with_added_tokens=True)
 
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=4 * 28 * 28,
-        max_pixels=64 * 28 * 28,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
-    video_processor = Qwen2VLVideoProcessor(
-        min_pixels=4 * 28 * 28,
-        max_pixels=64 * 28 * 28,
-        patch_size=14,
-        temporal_patch_size=2,
-        merge_size=2,
-    )
     processor = Qwen2VLProcessor(
-        image_processor=image_processor,
+        image_processor=Qwen2VLImageProcessor(**VISION_PATCHING),
         tokenizer=hf_tok,
-        video_processor=video_processor,
+        video_processor=Qwen2VLVideoProcessor(**VISION_PATCHING),
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
     hf_tok.chat_template = QWEN2_VL_CHAT_TEMPLATE
@@ -297,12 +292,7 @@ def write_qwen2_vl(out):
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab,
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=4096,
+            **TEXT_SIZE,
             max_window_layers=2,
             rms_norm_eps=1e-6,
             use_sliding_window=False,
@@ -330,11 +320,8 @@ def write_qwen2_vl(out):
         tie_word_embeddings=False,
         dtype="bfloat16",
     )
-    torch.manual_seed(SEED)
-    model = Qwen2VLForConditionalGeneration(config)
-    save_weights(model, tmp)
-    GenerationConfig(bos_token_id=ids["<|endoftext|>"], eos_token_id=eos_ids,
-                     pad_token_id=ids["<|endoftext|>"]).save_pretrained(tmp)
+    save_model(Qwen2VLForConditionalGeneration, config, tmp,
+               ids["<|endoftext|>"], eos_ids, ids["<|endoftext|>"])
     finish(out, tmp, f"qwen2-vl, vocab {vocab}", t0)
 
 

@@ -10,10 +10,14 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{bin, start_think_and_vision, wait_for, Scratch};
 
 const LIMIT: Duration = Duration::from_secs(90);
 const PER_PHASE: usize = 150;
+
+/// Quick decisions, a 1 s dwell, and the same memory share alone or
+/// shared: a switch only sleeps and wakes.
+const ALLOCATOR: &str = "interval_s = 0.2\nmin_dwell_s = 1\nshared_memory_utilization = 0.4\nsolo_memory_utilization = 0.4\n";
 
 fn instance(name: &str, model: &str, port: u16) -> String {
     format!(
@@ -75,23 +79,7 @@ fn phase(s: &Scratch, model: &str, other: &str, tag: &str, done_before: u64) {
 
 #[test]
 fn switches_by_sleep_and_wake_lose_nothing_and_relaunch_nothing() {
-    let s = Scratch::new(&format!(
-        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
-         [dispatch]\nexternal_poll_ms = 50\n\n\
-         [health]\ninterval_s = 0.2\nrestart_backoff_s = 0.2\n\n\
-         [servers]\nstate_dir = \"servers\"\nstop_grace_s = 2\n\n\
-         [gpu]\nenabled = false\n\n\
-         [allocator]\ninterval_s = 0.2\nmin_dwell_s = 1\n\
-         shared_memory_utilization = 0.4\nsolo_memory_utilization = 0.4\n\n{}{}",
-        free_port(),
-        instance("think", "think", free_port()),
-        instance("vision", "vision", free_port()),
-    ));
-    let _servers = ProcessServers(s.path().join("servers"));
-    let d = DaemonProcess::start(&s, "daemon");
-    wait_for("both ready", LIMIT, || {
-        s.instance_is("think", "ready") && s.instance_is("vision", "ready")
-    });
+    let (s, _servers, d) = start_think_and_vision(ALLOCATOR, instance, LIMIT);
     let started = common::unix_now();
     let before = servers(&s, started);
 

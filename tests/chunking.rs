@@ -55,15 +55,7 @@ fn result_doc(job: &serde_json::Value) -> serde_json::Value {
 fn a_long_text_completes_by_fan_in_in_token_windows() {
     let think = SimProcess::start(&[]);
     let (s, text) = long_text_scratch(&think);
-    let out = s.json(&[
-        "submit",
-        "--model",
-        "think",
-        "--text-file",
-        text.to_str().unwrap(),
-        "--chunk",
-        "--json",
-    ]);
+    let out = s.submit_file("think", "--text-file", &text, &["--chunk"]);
     assert_eq!(
         out["fragments"], 3,
         "1200 tokens make windows at 0, 392 and 688"
@@ -72,15 +64,7 @@ fn a_long_text_completes_by_fan_in_in_token_windows() {
     // A text that fits in one window is one ordinary job.
     let short = s.path().join("short.txt");
     std::fs::write(&short, words(0, 300)).unwrap();
-    let single = s.json(&[
-        "submit",
-        "--model",
-        "think",
-        "--text-file",
-        short.to_str().unwrap(),
-        "--chunk",
-        "--json",
-    ]);
+    let single = s.submit_file("think", "--text-file", &short, &["--chunk"]);
     assert!(single["fragments"].is_null());
 
     let _d = DaemonProcess::start(&s, "daemon");
@@ -147,26 +131,10 @@ fn a_large_image_is_tiled_completes_by_fan_in_and_starts_a_think_job() {
     let small = s.stage().join("small.png");
     noisy_png(&small, 300, 200);
 
-    let out = s.json(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        big.to_str().unwrap(),
-        "--then",
-        "think",
-        "--json",
-    ]);
+    let out = s.submit_file("vision", "--image", &big, &["--then", "think"]);
     assert_eq!(out["fragments"], 9, "1200 px gives 3 tiles a side");
     let parent = out["id"].as_str().unwrap().to_string();
-    let plain = s.json(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        small.to_str().unwrap(),
-        "--json",
-    ]);
+    let plain = s.submit_file("vision", "--image", &small, &[]);
     assert!(plain["fragments"].is_null(), "a small image is not tiled");
 
     let _d = DaemonProcess::start(&s, "daemon");
@@ -237,13 +205,7 @@ fn a_corrupt_image_is_a_clear_error() {
     let s = Scratch::new("");
     let bad = s.stage().join("broken.png");
     std::fs::write(&bad, vec![0u8; 5 * 1024 * 1024]).unwrap();
-    let r = s.run(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        bad.to_str().unwrap(),
-    ]);
+    let r = s.submit_run("vision", "--image", &bad, &[]);
     assert_eq!(r.code(), 1);
     assert!(
         r.stderr().contains("broken.png") && r.stderr().contains("not a readable image"),
@@ -258,16 +220,8 @@ fn chunking_without_a_tokenizer_says_where_to_set_it() {
     let s = Scratch::new(&instance("think", "think", "http://127.0.0.1:9", ""));
     let text = s.path().join("t.txt");
     std::fs::write(&text, "some text").unwrap();
-    let r = s.run(&[
-        "submit",
-        "--model",
-        "think",
-        "--text-file",
-        text.to_str().unwrap(),
-        "--chunk",
-    ]);
-    assert_eq!(r.code(), 1);
-    assert!(r.stderr().contains("set `tokenizer"), "{}", r.stderr());
+    let r = s.submit_run("think", "--text-file", &text, &["--chunk"]);
+    r.refused(1, "set `tokenizer");
 }
 
 #[test]
@@ -275,15 +229,7 @@ fn a_fragment_failing_for_good_fails_its_parent_and_names_it() {
     // Only the last window holds w1000.
     let think = SimProcess::start(&["--fail-matching", "w1000"]);
     let (s, text) = long_text_scratch(&think);
-    let parent = s.json(&[
-        "submit",
-        "--model",
-        "think",
-        "--text-file",
-        text.to_str().unwrap(),
-        "--chunk",
-        "--json",
-    ])["id"]
+    let parent = s.submit_file("think", "--text-file", &text, &["--chunk"])["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -323,17 +269,12 @@ fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
     for i in 0..20 {
         let text = s.path().join(format!("t{i}.txt"));
         std::fs::write(&text, words(i * 1000, i * 1000 + 1000)).unwrap();
-        let out = s.json(&[
-            "submit",
-            "--model",
+        let out = s.submit_file(
             "think",
             "--text-file",
-            text.to_str().unwrap(),
-            "--chunk",
-            "--then",
-            "vision",
-            "--json",
-        ]);
+            &text,
+            &["--chunk", "--then", "vision"],
+        );
         assert_eq!(out["fragments"], 3);
         parents.push(out["id"].as_str().unwrap().to_string());
     }

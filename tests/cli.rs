@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Scratch;
+use common::{succeed, Scratch};
 use serde_json::Value;
 
 #[test]
@@ -13,15 +13,11 @@ fn a_raw_sqlite3_insert_is_listed_pending() {
     // The plan's minimal insert, unchanged, through the sqlite3 program.
     let insert = "INSERT INTO gpu_jobs (id, payload_sha256, model_type, payload_path, created_at) \
                   VALUES (randomblob(16), 'x', 'vision', '/p/test.json', strftime('%s','now'));";
-    let out = std::process::Command::new("sqlite3")
-        .arg(s.db())
-        .arg(insert)
-        .output()
-        .expect("the sqlite3 program is installed (.ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        std::process::Command::new("sqlite3")
+            .arg(s.db())
+            .arg(insert),
+        "the sqlite3 program (.ci/run installs it)",
     );
 
     let listed = s.json(&["list", "--json"]);
@@ -90,43 +86,19 @@ fn payload_files_and_images_must_lie_under_the_roots() {
     std::fs::write(&inside, r#"{"prompt": "x"}"#).unwrap();
     let outside = s.path().join("p.json");
     std::fs::write(&outside, r#"{"prompt": "x"}"#).unwrap();
-    let ok = s.json(&[
-        "submit",
-        "--model",
-        "think",
-        "--payload",
-        inside.to_str().unwrap(),
-        "--json",
-    ]);
+    let ok = s.submit_file("think", "--payload", &inside, &[]);
     let job = s.json(&["status", ok["id"].as_str().unwrap(), "--json"]);
     assert_eq!(
         job["payload_path"],
         inside.canonicalize().unwrap().to_str().unwrap()
     );
 
-    let refused = s.run(&[
-        "submit",
-        "--model",
-        "think",
-        "--payload",
-        outside.to_str().unwrap(),
-    ]);
-    assert_eq!(refused.code(), 1);
-    assert!(
-        refused.stderr().contains("outside the payload roots"),
-        "{}",
-        refused.stderr()
-    );
+    let refused = s.submit_run("think", "--payload", &outside, &[]);
+    refused.refused(1, "outside the payload roots");
 
     let img = s.path().join("page.png");
     std::fs::write(&img, b"not really a png").unwrap();
-    let refused = s.run(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
+    let refused = s.submit_run("vision", "--image", &img, &[]);
     assert!(
         refused.stderr().contains("outside the payload roots"),
         "{}",
@@ -135,13 +107,7 @@ fn payload_files_and_images_must_lie_under_the_roots() {
     // An image_path inside a payload is checked too.
     let sneaky = s.stage().join("sneaky.json");
     std::fs::write(&sneaky, format!(r#"{{"image_path": "{}"}}"#, img.display())).unwrap();
-    let refused = s.run(&[
-        "submit",
-        "--model",
-        "vision",
-        "--payload",
-        sneaky.to_str().unwrap(),
-    ]);
+    let refused = s.submit_run("vision", "--payload", &sneaky, &[]);
     assert!(
         refused.stderr().contains("outside the payload roots"),
         "{}",
@@ -170,13 +136,7 @@ fn a_malformed_payload_is_refused_and_nothing_is_queued() {
     ] {
         let p = s.stage().join(name);
         std::fs::write(&p, body).unwrap();
-        let r = s.run(&[
-            "submit",
-            "--model",
-            "think",
-            "--payload",
-            p.to_str().unwrap(),
-        ]);
+        let r = s.submit_run("think", "--payload", &p, &[]);
         assert_eq!(r.code(), 1, "{name}");
         assert!(r.stderr().contains(expect), "{name}: {}", r.stderr());
         assert!(
@@ -199,14 +159,7 @@ fn jsonl_is_one_transaction_idempotent_line_by_line() {
         .map(|i| format!("{{\"prompt\": \"q{}\"}}\n", i % 400))
         .collect();
     std::fs::write(&f, lines).unwrap();
-    let out = s.json(&[
-        "submit",
-        "--model",
-        "think",
-        "--jsonl",
-        f.to_str().unwrap(),
-        "--json",
-    ]);
+    let out = s.submit_file("think", "--jsonl", &f, &[]);
     assert_eq!(out["created"], 400);
     assert_eq!(out["existing"], 100);
     let again = s.run(&["submit", "--model", "think", "--jsonl", f.to_str().unwrap()]);
@@ -219,8 +172,7 @@ fn jsonl_is_one_transaction_idempotent_line_by_line() {
     // One bad line refuses the whole file, naming the line.
     std::fs::write(&f, "{\"prompt\": \"new one\"}\n{\"prompt\": 5}\n").unwrap();
     let bad = s.run(&["submit", "--model", "think", "--jsonl", f.to_str().unwrap()]);
-    assert_eq!(bad.code(), 1);
-    assert!(bad.stderr().contains("line 2"), "{}", bad.stderr());
+    bad.refused(1, "line 2");
     assert_eq!(
         s.json(&["stats", "--json"])["jobs"]["think"]["pending"],
         400
@@ -238,17 +190,11 @@ fn cancel_and_retry_from_the_command_line() {
     let cancelled = s.json(&["cancel", &id[..8], "--json"]);
     assert_eq!(cancelled["status"], "cancelled");
     let again = s.run(&["cancel", &id]);
-    assert_eq!(again.code(), 1);
-    assert!(
-        again.stderr().contains("is cancelled"),
-        "{}",
-        again.stderr()
-    );
+    again.refused(1, "is cancelled");
     let retried = s.json(&["retry", &id, "--json"]);
     assert_eq!(retried["status"], "pending");
     let bad = s.run(&["status", "zz-not-an-id"]);
-    assert_eq!(bad.code(), 1);
-    assert!(bad.stderr().contains("not a job id"), "{}", bad.stderr());
+    bad.refused(1, "not a job id");
 }
 
 #[test]
@@ -264,8 +210,7 @@ fn wait_gives_up_after_its_timeout_and_the_job_stays() {
         "--timeout-s",
         "0",
     ]);
-    assert_eq!(r.code(), 1);
-    assert!(r.stderr().contains("still pending"), "{}", r.stderr());
+    r.refused(1, "still pending");
     let jobs: Value = s.json(&["list", "--json"]);
     assert_eq!(jobs["jobs"][0]["status"], "pending");
 }
@@ -275,15 +220,8 @@ fn image_jobs_need_a_vision_model() {
     let s = Scratch::new("");
     let img = s.stage().join("page.png");
     image::RgbImage::new(40, 30).save(&img).unwrap();
-    let r = s.run(&[
-        "submit",
-        "--model",
-        "think",
-        "--image",
-        img.to_str().unwrap(),
-    ]);
-    assert_eq!(r.code(), 1);
-    assert!(r.stderr().contains("--model vision"), "{}", r.stderr());
+    let r = s.submit_run("think", "--image", &img, &[]);
+    r.refused(1, "--model vision");
     assert_eq!(
         s.run(&[
             "submit",
@@ -317,12 +255,7 @@ fn gpu_explains_a_machine_without_nvml() {
         let v: serde_json::Value = serde_json::from_str(&r.stdout()).unwrap();
         assert!(!v["gpus"].as_array().unwrap().is_empty(), "{v}");
     } else {
-        assert_eq!(r.code(), 1);
-        assert!(
-            r.stderr().contains("NVML is not available"),
-            "{}",
-            r.stderr()
-        );
+        r.refused(1, "NVML is not available");
     }
 }
 
@@ -330,20 +263,9 @@ fn gpu_explains_a_machine_without_nvml() {
 fn strategy_pin_names_the_choices_and_the_missing_daemon() {
     let s = Scratch::new("[admin]\nlisten = \"127.0.0.1:9\"\n");
     let bad = s.run(&["strategy", "pin", "fast"]);
-    assert_ne!(bad.code(), 0);
-    assert!(
-        bad.stderr()
-            .contains("choose one of static, shared, think, vision, idle"),
-        "{}",
-        bad.stderr()
-    );
+    bad.fails_saying("choose one of static, shared, think, vision, idle");
     let down = s.run(&["strategy", "show"]);
-    assert_ne!(down.code(), 0);
-    assert!(
-        down.stderr().contains("the daemon is not running"),
-        "{}",
-        down.stderr()
-    );
+    down.fails_saying("the daemon is not running");
 }
 
 #[test]

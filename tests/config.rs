@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bin, Scratch};
+use common::{bin, gpu_feeder, Scratch};
 
 fn check(s: &Scratch) -> common::Run {
     s.run(&["config", "check"])
@@ -12,17 +12,7 @@ fn check(s: &Scratch) -> common::Run {
 #[test]
 fn the_shipped_feeder_toml_passes() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/feeder.toml");
-    let out = std::process::Command::new(bin())
-        .args(["config", "check", shipped])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = gpu_feeder(&["config", "check", shipped]).succeeded();
     assert!(stdout.starts_with("OK "), "{stdout}");
     assert!(
         stdout.contains("instance   vision (vision, docker)"),
@@ -79,49 +69,28 @@ fn a_queue_table_alone_is_valid() {
 }
 
 #[test]
-fn a_misspelt_key_is_named_with_its_line() {
-    let s = Scratch::new("[dispatch]\nwindow = 8\nmax_attempt = 3\n");
-    let r = check(&s);
-    assert_eq!(r.code(), 78);
-    let err = r.stderr();
-    assert!(
-        err.contains("feeder.toml:8: dispatch.max_attempt: unknown key `max_attempt`"),
-        "{err}"
-    );
-    assert!(
-        err.contains("`max_attempts`"),
-        "the error lists what is allowed: {err}"
-    );
-}
-
-#[test]
-fn a_wrong_type_is_named_with_its_line() {
-    let s = Scratch::new("[health]\ninterval_s = \"5s\"\n");
-    let r = check(&s);
-    assert_eq!(r.code(), 78);
-    assert!(
-        r.stderr().contains(
-            "feeder.toml:7: health.interval_s: invalid type: string \"5s\", expected a number"
+fn a_misspelt_key_a_wrong_type_and_a_duplicate_port_are_named_with_their_line() {
+    for (toml, said) in [
+        // The misspelt key, and the keys allowed.
+        (
+            "[dispatch]\nwindow = 8\nmax_attempt = 3\n",
+            &["feeder.toml:8: dispatch.max_attempt: unknown key `max_attempt`", "`max_attempts`"][..],
         ),
-        "{}",
-        r.stderr()
-    );
-}
-
-#[test]
-fn a_duplicate_port_is_named_with_its_line() {
-    let s = Scratch::new(
-        "[[instances]]\nname = \"a\"\nmodel_type = \"vision\"\nport = 8001\nserved_model_name = \"m\"\n\n\
-         [[instances]]\nname = \"b\"\nmodel_type = \"think\"\nport = 8001\nserved_model_name = \"m\"\n",
-    );
-    let r = check(&s);
-    assert_eq!(r.code(), 78);
-    assert!(
-        r.stderr()
-            .contains("feeder.toml:15: instances[1].port: port 8001 is also used by instances[0]"),
-        "{}",
-        r.stderr()
-    );
+        (
+            "[health]\ninterval_s = \"5s\"\n",
+            &["feeder.toml:7: health.interval_s: invalid type: string \"5s\", expected a number"],
+        ),
+        (
+            "[[instances]]\nname = \"a\"\nmodel_type = \"vision\"\nport = 8001\nserved_model_name = \"m\"\n\n\
+             [[instances]]\nname = \"b\"\nmodel_type = \"think\"\nport = 8001\nserved_model_name = \"m\"\n",
+            &["feeder.toml:15: instances[1].port: port 8001 is also used by instances[0]"],
+        ),
+    ] {
+        let r = check(&Scratch::new(toml));
+        for said in said {
+            r.refused(78, said);
+        }
+    }
 }
 
 #[test]
@@ -152,28 +121,15 @@ fn every_cross_check_problem_is_reported_at_once() {
 
 #[test]
 fn a_missing_file_is_an_error_naming_it() {
-    let out = std::process::Command::new(bin())
-        .args(["config", "check", "/nonexistent/feeder.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("/nonexistent/feeder.toml: no such file"),
-        "{err}"
-    );
+    gpu_feeder(&["config", "check", "/nonexistent/feeder.toml"])
+        .refused(78, "/nonexistent/feeder.toml: no such file");
 }
 
 #[test]
 fn a_bad_configuration_stops_other_commands_with_78() {
     let s = Scratch::new("[dispatch]\nwindow = 0\n");
     let r = s.run(&["list"]);
-    assert_eq!(r.code(), 78);
-    assert!(
-        r.stderr().contains("dispatch.window: 0 is out of range"),
-        "{}",
-        r.stderr()
-    );
+    r.refused(78, "dispatch.window: 0 is out of range");
 }
 
 #[test]

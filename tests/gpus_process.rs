@@ -9,7 +9,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bin, environ, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{
+    bin, environ, free_port, process_servers_config, strings, wait_for, DaemonProcess,
+    ProcessServers, Scratch,
+};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
@@ -34,24 +37,14 @@ fn pid(s: &Scratch, name: &str) -> String {
 fn each_gpu_is_its_own_group_and_replicas_share_the_queue() {
     let admin_port = free_port();
     let s = Scratch::new(&format!(
-        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n\
-         [dispatch]\nexternal_poll_ms = 50\n\n\
-         [health]\ninterval_s = 0.2\nrestart_backoff_s = 0.2\n\n\
-         [servers]\nstate_dir = \"servers\"\nstop_grace_s = 2\n\n\
-         [gpu]\nenabled = false\n\n\
-         [allocator]\ninterval_s = 0.2\nmin_dwell_s = 1\n\n{}{}{}",
-        admin_port,
+        "{}[allocator]\ninterval_s = 0.2\nmin_dwell_s = 1\n\n{}{}{}",
+        process_servers_config(admin_port),
         instance("vision", "vision", free_port(), "0"),
         instance("think-a", "think", free_port(), "1"),
         instance("think-b", "think", free_port(), "2"),
     ));
     let _servers = ProcessServers(s.path().join("servers"));
-    let d = DaemonProcess::start(&s, "daemon");
-    wait_for("all ready", LIMIT, || {
-        ["vision", "think-a", "think-b"]
-            .iter()
-            .all(|n| s.instance_is(n, "ready"))
-    });
+    let d = DaemonProcess::start_ready(&s, "daemon", &["vision", "think-a", "think-b"], LIMIT);
     for (name, gpus) in [("vision", "0"), ("think-a", "1"), ("think-b", "2")] {
         assert_eq!(
             environ(pid(&s, name), "CUDA_VISIBLE_DEVICES").as_deref(),
@@ -60,12 +53,7 @@ fn each_gpu_is_its_own_group_and_replicas_share_the_queue() {
         );
     }
     let groups = s.instances().unwrap()["allocator"]["groups"].clone();
-    let names: Vec<&str> = groups
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["group"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = strings(&groups, "group");
     assert_eq!(names, ["gpu 0", "gpu 1", "gpu 2"], "{groups}");
 
     // Think work only, for many times the dwell: vision is never stopped.

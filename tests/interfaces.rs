@@ -9,7 +9,9 @@ use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, external, free_port, promtool, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{
+    bin, external, free_port, mcp_client, promtool, wait_for, DaemonProcess, Scratch, SimProcess,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -32,27 +34,33 @@ fn http(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u1
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-#[test]
-fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
+/// A running daemon with its admin endpoint on a port of its own (and
+/// `token`, unless empty), feeding one sim: what it needs is kept here.
+/// (Fields drop in order: the daemon stops first.)
+struct Running {
+    _d: DaemonProcess,
+    s: Scratch,
+    _think: SimProcess,
+    /// The admin endpoint's URL.
+    base: String,
+}
+
+fn running(token: &str) -> Running {
     let think = SimProcess::start(&[]);
     let port = free_port();
-    let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("the instance is ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
-        .arg(bin())
-        .arg(s.config())
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "the MCP client failed (is the Python `mcp` package installed? .ci/run installs it):\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let s = Scratch::new(&(admin(port, token) + &external("think", "think", &think.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    Running {
+        _d: d,
+        s,
+        _think: think,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+#[test]
+fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
+    mcp_client(&running("").s);
 }
 
 #[test]
@@ -105,14 +113,7 @@ fn malformed_lines_and_unknown_methods_get_json_rpc_errors_and_the_server_keeps_
 
 #[test]
 fn metrics_pass_promtool_and_move_as_jobs_run() {
-    let think = SimProcess::start(&[]);
-    let port = free_port();
-    let s = Scratch::new(&(admin(port, "") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("the instance is ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
-    let base = format!("http://127.0.0.1:{port}");
+    let Running { base, s, .. } = &running("");
     let metric = |text: &str, name: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(name))
@@ -168,14 +169,7 @@ fn the_admin_endpoint_is_loopback_by_default_and_a_token_is_enforced() {
         .admin
         .listen
         .starts_with("127.0.0.1:"));
-    let think = SimProcess::start(&[]);
-    let port = free_port();
-    let s = Scratch::new(&(admin(port, "s3cret") + &external("think", "think", &think.url)));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("the instance is ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
-    let base = format!("http://127.0.0.1:{port}");
+    let Running { base, s, .. } = &running("s3cret");
     assert_eq!(http("GET", &format!("{base}/healthz"), None, None).0, 200);
     for path in ["/v1/status", "/metrics", "/readyz"] {
         assert_eq!(
@@ -217,12 +211,7 @@ fn the_admin_endpoint_is_loopback_by_default_and_a_token_is_enforced() {
 fn instances_says_when_the_daemon_is_not_running() {
     let s = Scratch::new(&admin(free_port(), ""));
     let r = s.run(&["instances"]);
-    assert_eq!(r.code(), 1);
-    assert!(
-        r.stderr().contains("the daemon is not running"),
-        "{}",
-        r.stderr()
-    );
+    r.refused(1, "the daemon is not running");
 }
 
 #[test]

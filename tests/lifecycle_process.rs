@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{alive, bin, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{alive, bin, free_port, strings, wait_for, DaemonProcess, ProcessServers, Scratch};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -63,22 +63,14 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     let s = Scratch::new(&config("0.4"));
     let _servers = ProcessServers(s.path().join("servers"));
     let started = Instant::now();
-    let mut d = DaemonProcess::start(&s, "daemon-1");
-    wait_for("both instances ready", LIMIT, || {
-        s.instance_is("vision", "ready") && s.instance_is("think", "ready")
-    });
+    let mut d = DaemonProcess::start_ready(&s, "daemon-1", &["vision", "think"], LIMIT);
     eprintln!(
         "figure: daemon start → both process servers ready (2 s load): {} ms",
         started.elapsed().as_millis()
     );
     // The server got vLLM's command line.
     let think = s.instance("think").unwrap();
-    let states: Vec<&str> = think["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["to"].as_str().unwrap())
-        .collect();
+    let states: Vec<&str> = strings(&think["history"], "to");
     assert_eq!(states, ["starting", "loading", "ready"], "{think}");
     let pid = s.pid_of("think");
     let cmdline = common::cmdline(pid).unwrap();
@@ -138,10 +130,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
     assert_eq!(d.wait_exit(LIMIT), Some(0), "{}", d.log());
     assert!(alive(vpid) && alive(tpid), "the servers outlive the daemon");
     let restarted = Instant::now();
-    let d2 = DaemonProcess::start(&s, "daemon-2");
-    wait_for("both ready after the daemon restart", LIMIT, || {
-        s.instance_is("vision", "ready") && s.instance_is("think", "ready")
-    });
+    let d2 = DaemonProcess::start_ready(&s, "daemon-2", &["vision", "think"], LIMIT);
     eprintln!(
         "figure: daemon restart → both adopted servers ready: {} ms",
         restarted.elapsed().as_millis()
@@ -158,10 +147,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
 
     // Another memory share for think: its server is recreated, vision's adopted.
     std::fs::write(s.config(), format!("[queue]\ndb_path = \"jobs.db\"\nresults_dir = \"results\"\nstage_dir = \"stage\"\n\n{}", config("0.5"))).unwrap();
-    let _d3 = DaemonProcess::start(&s, "daemon-3");
-    wait_for("both ready with the new configuration", LIMIT, || {
-        s.instance_is("vision", "ready") && s.instance_is("think", "ready")
-    });
+    let _d3 = DaemonProcess::start_ready(&s, "daemon-3", &["vision", "think"], LIMIT);
     assert_eq!(s.pid_of("vision"), vpid);
     let new_think = s.pid_of("think");
     assert_ne!(new_think, tpid, "think was recreated");
@@ -188,8 +174,7 @@ fn a_poison_job_is_quarantined_and_the_server_recovers() {
             )),
     );
     let _servers = ProcessServers(s.path().join("servers"));
-    let d = DaemonProcess::start(&s, "daemon");
-    wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let r = s.run(&[
         "submit",
         "--model",
@@ -271,12 +256,7 @@ fn a_crash_looping_server_is_failed_and_its_jobs_wait() {
             .is_some_and(|i| i["state"] == "failed" && i["restarts"] == 4)
     });
     let unknown = s.run(&["instances", "restart", "nope"]);
-    assert_ne!(unknown.code(), 0);
-    assert!(
-        unknown.stderr().contains("no instance named `nope`"),
-        "{}",
-        unknown.stderr()
-    );
+    unknown.fails_saying("no instance named `nope`");
     assert_eq!(s.count("pending"), 3);
 }
 
@@ -302,8 +282,7 @@ fn a_killed_servers_own_children_do_not_outlive_it() {
         );
     std::fs::write(s.config(), config).unwrap();
     let _servers = ProcessServers(s.path().join("servers"));
-    let _d = DaemonProcess::start(&s, "daemon");
-    wait_for("ready", LIMIT, || s.instance_is("think", "ready"));
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let engine: u32 = std::fs::read_to_string(&child_pid)
         .unwrap()
         .trim()

@@ -13,7 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pg::PgServer;
-use common::{bin, external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{
+    bin, external, free_port, mcp_client, strings, wait_for, DaemonProcess, Scratch, SimProcess,
+};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -134,15 +136,7 @@ fn three_daemons_share_one_queue_through_crashes() {
     for p in 0..20 {
         let text = s.path().join(format!("doc-{p}.txt"));
         std::fs::write(&text, common::words(p * 10_000, p * 10_000 + 1500)).unwrap();
-        let out = s.json(&[
-            "submit",
-            "--model",
-            "think",
-            "--text-file",
-            text.to_str().unwrap(),
-            "--chunk",
-            "--json",
-        ]);
+        let out = s.submit_file("think", "--text-file", &text, &["--chunk"]);
         assert!(out["fragments"].as_u64().unwrap() >= 2, "{out}");
         parents.push(out["id"].as_str().unwrap().to_string());
     }
@@ -264,12 +258,7 @@ fn three_daemons_share_one_queue_through_crashes() {
     // host-c signed nothing off; a and b are registered and alive.
     let st: serde_json::Value =
         serde_json::from_str(&http_get(hosts[1].admin, "/v1/status")).unwrap();
-    let ids: Vec<&str> = st["daemons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["daemon_id"].as_str().unwrap())
-        .collect();
+    let ids: Vec<&str> = strings(&st["daemons"], "daemon_id");
     assert_eq!(ids, ["host-a", "host-b"], "{st}");
 }
 
@@ -456,16 +445,5 @@ fn cli_mcp_and_admin_work_against_postgres() {
     assert_eq!(doc["id"], id.as_str());
 
     // A real MCP client on the same queue.
-    let out = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
-        .arg(bin())
-        .arg(h.scratch.config())
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "the MCP client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mcp_client(&h.scratch);
 }

@@ -256,7 +256,8 @@ fn cli_claim(db: &std::path::Path, n: usize) -> Vec<String> {
         .replace(":model", "'think'")
         .replace(":n", &n.to_string())
         .replace("RETURNING rowid AS seq, *;", "RETURNING hex(id);");
-    let out = std::process::Command::new("sqlite3")
+    let mut sqlite3 = std::process::Command::new("sqlite3");
+    sqlite3
         .args(["-cmd", ".timeout 10000"])
         .arg(db)
         // Without its comment lines: a leading `--` reads as an option.
@@ -266,14 +267,8 @@ fn cli_claim(db: &std::path::Path, n: usize) -> Vec<String> {
                 .filter(|l| !l.trim_start().starts_with("--"))
                 .collect::<Vec<_>>()
                 .join("\n"),
-        )
-        .output()
-        .expect("the sqlite3 CLI");
-    assert!(
-        out.status.success(),
-        "sqlite3: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        );
+    let out = common::succeed(&mut sqlite3, "the sqlite3 CLI");
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()

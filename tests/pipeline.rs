@@ -219,14 +219,7 @@ fn a_malformed_payload_file_fails_that_job_and_no_other() {
     let s = Scratch::new(&(dispatch("") + &external("think", "think", &think.url)));
     let bad = s.stage().join("bad.json");
     std::fs::write(&bad, r#"{"prompt": "fine at submission"}"#).unwrap();
-    let bad_id = s.json(&[
-        "submit",
-        "--model",
-        "think",
-        "--payload",
-        bad.to_str().unwrap(),
-        "--json",
-    ])["id"]
+    let bad_id = s.submit_file("think", "--payload", &bad, &[])["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -343,12 +336,7 @@ fn a_second_signal_stops_at_once_and_the_next_start_releases_the_claims() {
 fn run_without_instances_says_so_and_a_second_daemon_is_refused() {
     let s = Scratch::new("");
     let r = s.run(&["run"]);
-    assert_eq!(r.code(), 78);
-    assert!(
-        r.stderr().contains("no instance is configured"),
-        "{}",
-        r.stderr()
-    );
+    r.refused(78, "no instance is configured");
 
     let think = SimProcess::start(&[]);
     let s = Scratch::new(&(dispatch("") + &external("think", "think", &think.url)));
@@ -369,18 +357,7 @@ fn run_without_instances_says_so_and_a_second_daemon_is_refused() {
 
 #[test]
 fn the_demo_runs_to_completion() {
-    let out = std::process::Command::new(common::bin())
-        .args(["demo", "--jobs", "60"])
-        .env_remove("FEEDER_CONFIG")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::gpu_feeder(&["demo", "--jobs", "60"]).succeeded();
     // 20 images, 40 prompts, a parent and its 6 fragments.
     assert!(stdout.contains("finished  67 of 67 jobs"), "{stdout}");
     assert!(stdout.contains("67 done, 0 failed"), "{stdout}");

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::vllm::{self, vllm};
-use common::{alive, free_port, wait_for, DaemonProcess, ProcessServers, Scratch};
+use common::{alive, free_port, strings, wait_for, DaemonProcess, ProcessServers, Scratch};
 
 /// A CPU vLLM takes 60–90 s to start on two cores, more when another starts
 /// beside it.
@@ -137,12 +137,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         ready_at.as_secs_f64()
     );
     let i = s.instance("think").unwrap();
-    let states: Vec<&str> = i["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["to"].as_str().unwrap())
-        .collect();
+    let states: Vec<&str> = strings(&i["history"], "to");
     assert_eq!(states, ["starting", "loading", "ready"], "{i}");
     let pid = s.pid_of("think");
     let vlog = s.path().join("servers/think.log");
@@ -289,10 +284,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         "vLLM outlives the daemon (keep_servers_on_exit)"
     );
     let restarted = Instant::now();
-    let d2 = DaemonProcess::start(&s, "daemon-2");
-    wait_for("adopted and ready", LIMIT, || {
-        s.instance_is("think", "ready")
-    });
+    let d2 = DaemonProcess::start_ready(&s, "daemon-2", &["think"], LIMIT);
     eprintln!(
         "figure: daemon restart → adopted vLLM ready in {:.1} s",
         restarted.elapsed().as_secs_f64()
@@ -313,8 +305,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         ),
     )
     .unwrap();
-    let mut d3 = DaemonProcess::start(&s, "daemon-3");
-    wait_for("adopted again", LIMIT, || s.instance_is("think", "ready"));
+    let mut d3 = DaemonProcess::start_ready(&s, "daemon-3", &["think"], LIMIT);
     assert_eq!(s.pid_of("think"), pid);
     let members = group_members(pid);
     d3.term();
@@ -377,25 +368,10 @@ fn the_default_two_model_setup_runs_on_vllm() {
     let big = s.stage().join("scan.png");
     png(&big, 1200, 1200, 99);
     for p in &pages {
-        let r = s.run(&[
-            "submit",
-            "--model",
-            "vision",
-            "--image",
-            p.to_str().unwrap(),
-        ]);
+        let r = s.submit_run("vision", "--image", p, &[]);
         assert_eq!(r.code(), 0, "{}", r.stderr());
     }
-    let out = s.json(&[
-        "submit",
-        "--model",
-        "vision",
-        "--image",
-        big.to_str().unwrap(),
-        "--then",
-        "think",
-        "--json",
-    ]);
+    let out = s.submit_file("vision", "--image", &big, &["--then", "think"]);
     assert_eq!(out["fragments"], 9, "1200 px gives 3 tiles a side");
     let parent = out["id"].as_str().unwrap().to_string();
 

@@ -10,20 +10,23 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 
-use common::{server, settings, Server, LIMIT, T0};
+use common::{
+    count, feeder_args, feeder_status, instance, server, settings, spawn_feeder, wait_instance,
+    Server, LIMIT,
+};
 use feeder_actors::allocator::{GroupStatus, Strategy};
 use feeder_actors::container::InstanceState;
 use feeder_actors::handle::FeederHandle;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::spec::InstanceSpec;
-use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederStatus, FeederSupervisor};
+use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederStatus};
 use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{
     submit, wait_until, FakeGpu, FakeInference, MemoryResults, MemoryStore,
 };
-use feeder_actors::{JobStatus, ModelType, TokioClock};
+use feeder_actors::{JobStatus, ModelType};
 
 const DWELL: Duration = Duration::from_secs(60);
 
@@ -76,18 +79,14 @@ impl Rig {
                 ..InstanceSpec::external(p.name, p.model, 8, Arc::new(p.server.inference.clone()))
             })
             .collect();
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(MemoryResults::new()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances,
-            owner: "gpus".into(),
-            settings: settings(DWELL, 0.75, Duration::from_secs(60)),
-            observer: None,
+        let settings = settings(DWELL, 0.75, Duration::from_secs(60));
+        let results = Arc::new(MemoryResults::new());
+        let feeder = spawn_feeder(FeederArgs {
             gpu_probe: Some(Arc::new(gpu.clone()) as _),
             gpu_unavailable: "NVML is not available".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
+            ..feeder_args(&store, results, instances, "gpus", settings)
+        })
+        .await;
         Rig {
             store,
             gpu,
@@ -97,13 +96,7 @@ impl Rig {
     }
 
     async fn reason_of(&self, name: &str) -> String {
-        self.status()
-            .await
-            .instances
-            .into_iter()
-            .find(|i| i.name == name)
-            .unwrap()
-            .reason
+        instance(&self.feeder, name).await.reason
     }
 
     fn server(&self, name: &str) -> &Server {
@@ -111,10 +104,7 @@ impl Rig {
     }
 
     async fn status(&self) -> FeederStatus {
-        FeederHandle::new(self.feeder.clone())
-            .status()
-            .await
-            .expect("the feeder answers")
+        feeder_status(&self.feeder).await
     }
 
     async fn groups(&self) -> Vec<GroupStatus> {
@@ -134,24 +124,11 @@ impl Rig {
     }
 
     async fn state_of(&self, name: &str) -> InstanceState {
-        self.status()
-            .await
-            .instances
-            .into_iter()
-            .find(|i| i.name == name)
-            .unwrap()
-            .state
+        instance(&self.feeder, name).await.state
     }
 
     async fn wait_state(&self, name: &str, want: InstanceState) {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        while self.state_of(name).await != want {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name} never {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_instance(&self.feeder, name, want).await
     }
 
     async fn wait_group(&self, name: &str, want: Strategy) {
@@ -175,11 +152,7 @@ impl Rig {
     }
 
     fn count(&self, status: JobStatus) -> usize {
-        self.store
-            .all()
-            .iter()
-            .filter(|j| j.status == status)
-            .count()
+        count(&self.store, status)
     }
 
     fn stops(&self, name: &str) -> usize {

@@ -3,27 +3,27 @@
 //! DispatchActor, QueueActor) with a scripted runtime and fake servers,
 //! under paused tokio time.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 
+use common::{ask, feeder_args, spawn_feeder};
 use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, InstanceStatus, LifecycleSettings};
 use feeder_actors::inference::ProbeError;
 use feeder_actors::runtime::{ContainerRuntime, Found, LaunchPlan};
 use feeder_actors::spec::InstanceSpec;
-use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{FeederMsg, PipelineSettings};
 use feeder_actors::testkit::store_contract::job;
 use feeder_actors::testkit::{
     submit, wait_until, FakeInference, FakeRuntime, MemoryResults, MemoryStore,
 };
-use feeder_actors::{
-    BlockingJobStore, InferenceError, JobId, JobStatus, ModelType, Timestamp, TokioClock,
-};
+use feeder_actors::{BlockingJobStore, InferenceError, JobId, JobStatus, ModelType};
 
-const T0: Timestamp = Timestamp(1_700_000_000_000);
 const LIMIT: Duration = Duration::from_secs(3_600);
 const PLAN: LaunchPlan = LaunchPlan {
     gpu_memory_utilization: 0.75,
@@ -106,20 +106,8 @@ impl Lab {
             startup_timeout: settings.lifecycle.startup_timeout,
             ..InstanceSpec::external("v", ModelType::Vision, 4, Arc::new(server.clone()))
         };
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(MemoryResults::new()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: vec![spec],
-            owner: "lab".into(),
-            settings,
-            observer: None,
-            gpu_probe: None,
-            gpu_unavailable: "no GPU in message-level tests".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
-            .await
-            .expect("feeder starts");
+        let results = Arc::new(MemoryResults::new());
+        let feeder = spawn_feeder(feeder_args(&store, results, vec![spec], "lab", settings)).await;
         Lab {
             store,
             server,
@@ -148,11 +136,7 @@ impl Lab {
     }
 
     fn count(&self, status: JobStatus) -> usize {
-        self.store
-            .all()
-            .iter()
-            .filter(|j| j.status == status)
-            .count()
+        common::count(&self.store, status)
     }
 
     fn states(s: &InstanceStatus) -> Vec<InstanceState> {
@@ -466,18 +450,8 @@ async fn an_external_server_is_probed_but_never_restarted() {
     let server = ready_server();
     let spec = InstanceSpec::external("x", ModelType::Think, 2, Arc::new(server.clone()));
     let store = MemoryStore::new();
-    let args = FeederArgs {
-        store: store.connect(),
-        results: Arc::new(MemoryResults::new()),
-        clock: Arc::new(TokioClock::starting_at(T0)),
-        instances: vec![spec],
-        owner: "lab".into(),
-        settings: settings(),
-        observer: None,
-        gpu_probe: None,
-        gpu_unavailable: "no GPU in message-level tests".into(),
-    };
-    let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
+    let results = Arc::new(MemoryResults::new());
+    let feeder = spawn_feeder(feeder_args(&store, results, vec![spec], "lab", settings())).await;
     let status = || instance_status(&feeder);
     let wait = |want| wait_instance_state(&feeder, want);
     wait(InstanceState::Ready).await;
@@ -665,21 +639,13 @@ async fn an_operator_revives_a_failed_instance() {
             let p = feeder_actors::supervisor::peers(&f, Duration::from_secs(5))
                 .await
                 .unwrap();
-            match p
-                .instances
-                .call(
-                    |r| feeder_actors::instances::InstanceSupMsg::Revive {
-                        instance: name,
-                        reply: r,
-                    },
-                    None,
-                )
-                .await
-                .unwrap()
-            {
-                CallResult::Success(r) => r,
-                other => panic!("{other:?}"),
-            }
+            ask(&p.instances, |r| {
+                feeder_actors::instances::InstanceSupMsg::Revive {
+                    instance: name,
+                    reply: r,
+                }
+            })
+            .await
         }
     };
     lab.wait_state(InstanceState::Ready).await;

@@ -3,18 +3,21 @@
 //! under paused tokio time, with assertions on replies, on the store, and on
 //! what the fake server received.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
 
+use common::{ask, feeder_args, spawn_feeder};
 use feeder_actors::dispatch::DispatchMsg;
 use feeder_actors::fanin::{FanInActor, FanInArgs, FanInMsg, Scan};
 use feeder_actors::queue::{JobFinished, QueueActor, QueueArgs, QueueMsg, WorkAvailable};
 use feeder_actors::results::{JobResult, ResultStore};
 use feeder_actors::spec::InstanceSpec;
-use feeder_actors::supervisor::{peers, FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{peers, FeederMsg, PipelineSettings};
 use feeder_actors::testkit::store_contract::{job, question};
 use feeder_actors::testkit::{
     submit, wait_until, FakeInference, MemoryResults, MemoryStore, Recorder,
@@ -64,25 +67,21 @@ impl Pipeline {
         settings: PipelineSettings,
     ) -> Pipeline {
         let results = MemoryResults::new();
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(results.clone()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: instances
-                .into_iter()
-                .map(|(name, model, window, client)| {
-                    InstanceSpec::external(name, model, window, Arc::new(client))
-                })
-                .collect(),
-            owner: "test-host".into(),
+        let instances = instances
+            .into_iter()
+            .map(|(name, model, window, client)| {
+                InstanceSpec::external(name, model, window, Arc::new(client))
+            })
+            .collect();
+        let shared = Arc::new(results.clone());
+        let feeder = spawn_feeder(feeder_args(
+            &store,
+            shared,
+            instances,
+            "test-host",
             settings,
-            observer: None,
-            gpu_probe: None,
-            gpu_unavailable: "no GPU in message-level tests".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
-            .await
-            .expect("feeder starts");
+        ))
+        .await;
         Pipeline {
             store,
             results,
@@ -98,23 +97,11 @@ impl Pipeline {
     }
 
     fn count(&self, status: JobStatus) -> usize {
-        self.store
-            .all()
-            .iter()
-            .filter(|j| j.status == status)
-            .count()
+        common::count(&self.store, status)
     }
 
     async fn dispatcher(&self, instance: &str) -> ActorRef<DispatchMsg> {
-        let all = match self
-            .feeder
-            .call(|r| FeederMsg::Dispatchers { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(v) => v,
-            other => panic!("{other:?}"),
-        };
+        let all = ask(&self.feeder, |r| FeederMsg::Dispatchers { reply: r }).await;
         all.into_iter()
             .find(|(n, _)| n == instance)
             .expect("dispatcher")
@@ -274,14 +261,7 @@ async fn overload_releases_the_job_narrows_the_window_and_widens_again() {
     })
     .await;
     let narrowed = loop {
-        let s = match d
-            .call(|r| DispatchMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s,
-            other => panic!("{other:?}"),
-        };
+        let s = ask(&d, |r| DispatchMsg::Status { reply: r }).await;
         if s.overloaded == 1 {
             break s;
         }
@@ -295,14 +275,7 @@ async fn overload_releases_the_job_narrows_the_window_and_widens_again() {
     // Successes widen the window back.
     p.submit(ModelType::Think, 60).await;
     wait_until("61 done", LIMIT, || p.count(JobStatus::Done) == 61).await;
-    let s = match d
-        .call(|r| DispatchMsg::Status { reply: r }, None)
-        .await
-        .unwrap()
-    {
-        CallResult::Success(s) => s,
-        other => panic!("{other:?}"),
-    };
+    let s = ask(&d, |r| DispatchMsg::Status { reply: r }).await;
     assert_eq!(s.window, 8);
 }
 
@@ -407,21 +380,11 @@ async fn shutdown_lets_requests_finish_then_releases_the_rest() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         s.release(2);
     });
-    let report = match p
-        .feeder
-        .call(
-            |r| FeederMsg::Shutdown {
-                grace: Duration::from_secs(10),
-                reply: r,
-            },
-            None,
-        )
-        .await
-        .unwrap()
-    {
-        CallResult::Success(r) => r,
-        other => panic!("{other:?}"),
-    };
+    let report = ask(&p.feeder, |r| FeederMsg::Shutdown {
+        grace: Duration::from_secs(10),
+        reply: r,
+    })
+    .await;
     assert_eq!(report.released, 2);
     assert_eq!(p.count(JobStatus::Done), 2);
     assert_eq!(p.count(JobStatus::Pending), 6);
@@ -778,17 +741,7 @@ async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
 #[tokio::test(start_paused = true)]
 async fn status_says_whether_every_child_answers() {
     let p = Pipeline::start(vec![("v", ModelType::Vision, 2, FakeInference::gated())]).await;
-    let status = || async {
-        match p
-            .feeder
-            .call(|r| FeederMsg::Status { reply: r }, None)
-            .await
-            .unwrap()
-        {
-            CallResult::Success(s) => s,
-            other => panic!("{other:?}"),
-        }
-    };
+    let status = || async { ask(&p.feeder, |r| FeederMsg::Status { reply: r }).await };
     assert!(status().await.children_answered);
     p.dispatcher("v")
         .await

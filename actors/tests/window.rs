@@ -2,18 +2,21 @@
 //! `WindowMode::Auto` against `FakeEngine`, whose latency and metrics follow
 //! a small engine model, under paused time.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 
+use common::{feeder_args, spawn_feeder};
 use feeder_actors::dispatch::DispatchStatus;
 use feeder_actors::handle::FeederHandle;
 use feeder_actors::spec::InstanceSpec;
-use feeder_actors::supervisor::{FeederArgs, FeederMsg, FeederSupervisor, PipelineSettings};
+use feeder_actors::supervisor::{FeederMsg, PipelineSettings};
 use feeder_actors::testkit::{FakeEngine, FakeEngineShape, MemoryResults, MemoryStore};
 use feeder_actors::window::{EngineMetrics, WindowController, WindowMode};
-use feeder_actors::{BlockingJobStore, ModelType, NewJob, Payload, Timestamp, TokioClock};
+use feeder_actors::{BlockingJobStore, ModelType, NewJob, Payload, Timestamp};
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
@@ -36,28 +39,19 @@ impl Lab {
             .collect();
         store.submit_batch(batch, T0).unwrap();
         let engine = FakeEngine::new(shape, 7);
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(MemoryResults::new()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: vec![InstanceSpec::external(
-                "think",
-                ModelType::Think,
-                WindowMode::Auto { max },
-                Arc::new(engine.clone()),
-            )],
-            owner: "test-host".into(),
-            settings: PipelineSettings {
-                health_interval: Duration::from_secs(1),
-                ..PipelineSettings::default()
-            },
-            observer: None,
-            gpu_probe: None,
-            gpu_unavailable: "no GPU in message-level tests".into(),
+        let think = InstanceSpec::external(
+            "think",
+            ModelType::Think,
+            WindowMode::Auto { max },
+            Arc::new(engine.clone()),
+        );
+        let settings = PipelineSettings {
+            health_interval: Duration::from_secs(1),
+            ..PipelineSettings::default()
         };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
-            .await
-            .expect("feeder starts");
+        let results = Arc::new(MemoryResults::new());
+        let args = feeder_args(&store, results, vec![think], "test-host", settings);
+        let feeder = spawn_feeder(args).await;
         Lab { feeder, engine }
     }
 

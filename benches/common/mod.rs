@@ -10,11 +10,39 @@ pub mod engine;
 pub mod vllm;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 
+use feeder_actors::Blocking;
 use gpu_feeder::config::{Config, InstanceConfig, WindowSetting};
+use gpu_feeder::daemon::Pipeline;
+use gpu_feeder::results::FileResults;
 use gpu_feeder::sim::{self, SimConfig, SimHandle};
+use gpu_feeder::store::SqliteStore;
+
+/// The multi-threaded runtime a benchmark runs on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The daemon's pipeline for `c`, over `store`, its results in files in
+/// the configured folder.
+pub async fn start_pipeline(c: &Config, store: Arc<SqliteStore>) -> Pipeline {
+    let results = FileResults::new(&c.queue.results_dir).unwrap();
+    Pipeline::start(
+        c,
+        Blocking::port(store),
+        Arc::new(results),
+        "bench".into(),
+        None,
+    )
+    .await
+    .unwrap()
+}
 
 /// The engine simulator on a thread and runtime of its own, as a server
 /// process would be: the pipeline's work must not slow its clock.

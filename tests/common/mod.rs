@@ -3,6 +3,10 @@
 
 #![allow(dead_code)]
 
+// Included by the helpers that the benchmarks take by path too: loaded
+// more than once on purpose.
+#[allow(clippy::duplicate_mod)]
+pub mod command;
 pub mod docker;
 pub mod openai_like;
 pub mod pg;
@@ -11,6 +15,8 @@ pub mod vllm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+pub use command::succeed;
 
 fn config(queue: &str, extra: &str) -> String {
     format!(
@@ -80,6 +86,17 @@ impl Scratch {
     }
 }
 
+/// Runs `gpu-feeder ARGS` to completion, outside any scratch folder and
+/// with no `FEEDER_CONFIG`.
+pub fn gpu_feeder(args: &[&str]) -> Run {
+    let out = Command::new(bin())
+        .args(args)
+        .env_remove("FEEDER_CONFIG")
+        .output()
+        .expect("run gpu-feeder");
+    Run(out)
+}
+
 /// The binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_gpu-feeder")
@@ -98,6 +115,92 @@ impl Run {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
     }
+
+    /// Asserts that the run succeeded; its standard output.
+    #[track_caller]
+    pub fn succeeded(&self) -> String {
+        let out = self.stdout();
+        assert_eq!(self.code(), 0, "{out}\n{}", self.stderr());
+        out
+    }
+
+    /// Asserts that the run exited with `code` and that its standard error
+    /// says `said`.
+    #[track_caller]
+    pub fn refused(&self, code: i32, said: &str) {
+        assert_eq!(self.code(), code, "{}", self.stderr());
+        assert!(self.stderr().contains(said), "{}", self.stderr());
+    }
+
+    /// Asserts that the run failed, whatever its code, and that its standard
+    /// error says `said`.
+    #[track_caller]
+    pub fn fails_saying(&self, said: &str) {
+        assert_ne!(self.code(), 0, "{}", self.stderr());
+        assert!(self.stderr().contains(said), "{}", self.stderr());
+    }
+}
+
+/// Runs the real MCP client (`tests/mcp_client.py`, in Python) against
+/// `gpu-feeder mcp` on the queue of `s`, and asserts that all its checks
+/// passed.
+pub fn mcp_client(s: &Scratch) {
+    succeed(
+        Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
+            .arg(bin())
+            .arg(s.config()),
+        "the MCP client (is the Python `mcp` package installed? .ci/run installs it)",
+    );
+}
+
+/// The tables a daemon running `backend = "process"` servers needs in the
+/// tests: the admin endpoint on `admin_port`, quick polling, health checks
+/// and restarts, servers kept in `servers/` and stopped within 2 s, and no
+/// GPU reading. Complete the configuration with an `[allocator]` and
+/// `[[instances]]`.
+pub fn process_servers_config(admin_port: u16) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
+         [dispatch]\nexternal_poll_ms = 50\n\n\
+         [health]\ninterval_s = 0.2\nrestart_backoff_s = 0.2\n\n\
+         [servers]\nstate_dir = \"servers\"\nstop_grace_s = 2\n\n\
+         [gpu]\nenabled = false\n\n"
+    )
+}
+
+/// Starts the daemon on a scratch folder configured by
+/// [`process_servers_config`], then `[allocator]` with `allocator`, and a
+/// think and a vision instance from `instance(name, model_type, port)`;
+/// waits until both are ready. (Drop in reverse: the daemon, the servers,
+/// the folder.)
+pub fn start_think_and_vision(
+    allocator: &str,
+    instance: fn(&str, &str, u16) -> String,
+    limit: std::time::Duration,
+) -> (Scratch, ProcessServers, DaemonProcess) {
+    let s = Scratch::new(&format!(
+        "{}[allocator]\n{allocator}\n{}{}",
+        process_servers_config(free_port()),
+        instance("think", "think", free_port()),
+        instance("vision", "vision", free_port()),
+    ));
+    let servers = ProcessServers(s.path().join("servers"));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think", "vision"], limit);
+    (s, servers, d)
+}
+
+/// The string `key` of every element of the array `list`, in order.
+pub fn strings<'a>(list: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .map(|e| {
+            e[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no string {key} in {e}"))
+        })
+        .collect()
 }
 
 /// Polls `cond` every 50 ms until it holds; panics naming `what` after `limit`.
@@ -254,6 +357,21 @@ impl DaemonProcess {
         DaemonProcess { child, log }
     }
 
+    /// `start`, then waits up to `limit` until each instance in `ready`
+    /// reports `ready`.
+    pub fn start_ready(
+        s: &Scratch,
+        name: &str,
+        ready: &[&str],
+        limit: std::time::Duration,
+    ) -> DaemonProcess {
+        let d = DaemonProcess::start(s, name);
+        wait_for(&format!("{ready:?} ready ({name})"), limit, || {
+            ready.iter().all(|i| s.instance_is(i, "ready"))
+        });
+        d
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -372,6 +490,33 @@ impl Scratch {
         std::fs::write(&f, lines).unwrap();
         let r = self.run(&["submit", "--model", model, "--jsonl", f.to_str().unwrap()]);
         assert_eq!(r.code(), 0, "{}", r.stderr());
+    }
+
+    /// `submit --model MODEL FLAG FILE EXTRA… --json`: `file` submitted as
+    /// `flag` (`--image`, `--text-file`, …) with the options `extra`; the
+    /// reply.
+    pub fn submit_file(
+        &self,
+        model: &str,
+        flag: &str,
+        file: &Path,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let file = file.to_str().expect("a UTF-8 path");
+        self.json(
+            &[
+                &["submit", "--model", model, flag, file][..],
+                extra,
+                &["--json"],
+            ]
+            .concat(),
+        )
+    }
+
+    /// `submit --model MODEL FLAG FILE EXTRA…`, run whatever its outcome.
+    pub fn submit_run(&self, model: &str, flag: &str, file: &Path, extra: &[&str]) -> Run {
+        let file = file.to_str().expect("a UTF-8 path");
+        self.run(&[&["submit", "--model", model, flag, file][..], extra].concat())
     }
 
     /// `instances --json` from the running daemon, or `None` if it does not answer.

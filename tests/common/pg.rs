@@ -10,6 +10,12 @@
 //! A server kept in a `static` is never dropped: a small watchdog shell
 //! stops it (and removes its folder) once the test process is gone.
 
+// Included by the helpers that the benchmarks take by path too: loaded
+// more than once on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "command.rs"]
+mod command;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -307,26 +313,22 @@ impl PgServer {
             .into_iter()
             .find(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("psql"));
-        let out = Command::new(psql)
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                url,
-                "-c",
-                sql,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql");
-        assert!(
-            out.status.success(),
-            "psql {sql:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = command::succeed(
+            Command::new(psql)
+                .args([
+                    "-X",
+                    "-q",
+                    "-A",
+                    "-t",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-d",
+                    url,
+                    "-c",
+                    sql,
+                ])
+                .stdin(Stdio::null()),
+            &format!("psql {sql:?}"),
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }

