@@ -15,9 +15,10 @@ use serde_json::{json, Map, Value};
 
 use feeder_actors::{JobStatus, JobStore, ListFilter, ModelType, Timestamp};
 
-use crate::cli::output::{job_json, stats_json};
+use crate::admin::AdminClient;
 use crate::config::Config;
 use crate::submit::{Submission, Submitter};
+use crate::views::{job_json, stats_json};
 
 /// `submit_job` arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -76,7 +77,7 @@ pub struct FeederMcp {
     store: Arc<dyn JobStore>,
     results: Arc<crate::results::Results>,
     config: Arc<Config>,
-    config_path: Arc<PathBuf>,
+    admin: AdminClient,
 }
 
 fn model(s: &str) -> Result<ModelType, String> {
@@ -98,8 +99,8 @@ impl FeederMcp {
         FeederMcp {
             store: queue.jobs,
             results: queue.results,
+            admin: AdminClient::new(&config, &config_path),
             config: Arc::new(config),
-            config_path: Arc::new(config_path),
         }
     }
 
@@ -253,7 +254,7 @@ impl FeederMcp {
 
     #[tool(description = "Live instance state from the running daemon (its admin endpoint).")]
     async fn instances(&self) -> Result<CallToolResult, String> {
-        let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
+        let body = self.admin.status().await?;
         Ok(CallToolResult::structured(body))
     }
 
@@ -261,7 +262,7 @@ impl FeederMcp {
         description = "The GPUs as the running daemon reads them every second (temperature, utilization, memory, power, clocks, throttling, alerts), and the allocator's strategy."
     )]
     async fn gpu_status(&self) -> Result<CallToolResult, String> {
-        let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
+        let body = self.admin.status().await?;
         Ok(CallToolResult::structured(serde_json::json!({
             "gpus": body["gpus"],
             "gpu_unavailable": body["gpu_unavailable"],
@@ -282,13 +283,7 @@ impl FeederMcp {
             Some(s) => Some(feeder_actors::allocator::Strategy::parse(s)?),
             None => None,
         };
-        let body = crate::admin::call_admin(
-            &self.config,
-            &self.config_path,
-            "/v1/strategy",
-            Some(serde_json::json!({"pin": pin.map(|p| p.as_str())})),
-        )
-        .await?;
+        let body = self.admin.pin(pin).await?;
         Ok(CallToolResult::structured(body))
     }
 }

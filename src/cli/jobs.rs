@@ -10,6 +10,7 @@ use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, Timestamp
 use super::output;
 use super::{Context, SubmitArgs};
 use crate::submit::{Submission, Submitter};
+use crate::views;
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
@@ -211,7 +212,7 @@ async fn wait(
             .with_context(|| format!("job {id} disappeared"))?;
         if job.status.is_terminal() {
             if json {
-                print_json(&output::job_json(&job));
+                print_json(&views::job_json(&job));
             } else {
                 print!("{}", output::job_human(&job, Timestamp::now()));
             }
@@ -243,7 +244,7 @@ pub(super) async fn status(ctx: &Context, job: &str, json: bool) -> anyhow::Resu
         .await?
         .with_context(|| format!("no job {id}: check the id with `gpu-feeder list`"))?;
     if json {
-        print_json(&output::job_json(&job));
+        print_json(&views::job_json(&job));
     } else {
         print!("{}", output::job_human(&job, Timestamp::now()));
     }
@@ -267,7 +268,7 @@ pub(super) async fn list(
         })
         .await?;
     if json {
-        let jobs: Vec<_> = jobs.iter().map(output::job_json).collect();
+        let jobs: Vec<_> = jobs.iter().map(views::job_json).collect();
         print_json(&json!({ "jobs": jobs }));
     } else {
         print!("{}", output::jobs_table(&jobs, Timestamp::now()));
@@ -279,7 +280,7 @@ pub(super) async fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     let store = ctx.open_store().await?;
     let stats = store.stats(Timestamp::now()).await?;
     if json {
-        print_json(&output::stats_json(&stats));
+        print_json(&views::stats_json(&stats));
     } else {
         print!("{}", output::stats_table(&stats));
     }
@@ -291,7 +292,7 @@ pub(super) async fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Resu
     let id = store.resolve(job).await?;
     let job = store.cancel(id, Timestamp::now()).await?;
     if json {
-        print_json(&output::job_json(&job));
+        print_json(&views::job_json(&job));
     } else {
         println!("cancelled {id}");
     }
@@ -303,7 +304,7 @@ pub(super) async fn retry(ctx: &Context, job: &str, json: bool) -> anyhow::Resul
     let id = store.resolve(job).await?;
     let job = store.retry(id, Timestamp::now()).await?;
     if json {
-        print_json(&output::job_json(&job));
+        print_json(&views::job_json(&job));
     } else {
         println!("{id} is {} again", job.status);
     }

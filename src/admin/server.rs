@@ -13,7 +13,6 @@
 //! `Authorization: Bearer <token>`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -23,16 +22,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use feeder_actors::allocator::{GroupStatus, Strategy};
-use feeder_actors::gpu::GpuSnapshot;
+use feeder_actors::allocator::Strategy;
 use feeder_actors::handle::{FeederHandle, HandleError};
 use feeder_actors::supervisor::FeederStatus;
 use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
 
-use crate::cli::output::stats_json;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::submit::Submitter;
+use crate::views;
 
 /// What the endpoint serves from.
 #[derive(Clone)]
@@ -56,200 +54,6 @@ impl Admin {
 
     async fn stats(&self) -> Option<QueueStats> {
         self.reader.stats(Timestamp::now()).await.ok()
-    }
-}
-
-/// What the window controller read last, for `instances --json`.
-fn window_signals(s: &feeder_actors::window::WindowSignals) -> Value {
-    json!({
-        "running": s.metrics.map(|m| m.running),
-        "waiting": s.metrics.map(|m| m.waiting),
-        "kv_cache_usage": s.metrics.map(|m| m.kv_usage),
-        "kv_cache_tokens": s.metrics.and_then(|m| m.kv_cache_tokens),
-        // Since the server started: vLLM's hits over queries, in tokens.
-        "prefix_cache_hit_rate": s
-            .metrics
-            .and_then(|m| m.prefix_cache)
-            .filter(|(_, queries)| *queries > 0.0)
-            .map(|(hits, queries)| hits / queries),
-        "preemptions_total": s.metrics.map(|m| m.preemptions_total),
-        "new_preemptions": s.new_preemptions,
-        "generation_tokens_per_s": s.tokens_per_s,
-        "ceiling": s.ceiling,
-        "median_latency_ms": s.median_latency.map(|d| d.as_secs_f64() * 1000.0),
-        "server_queue_share": s.queue_share,
-    })
-}
-
-/// The `/v1/status` document.
-pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueStats>) -> Value {
-    let instances: Vec<Value> = config
-        .instances
-        .iter()
-        .map(|inst| {
-            let s = status.instances.iter().find(|s| s.name == inst.name);
-            let d = status.dispatch.iter().find(|d| d.instance == inst.name);
-            let h = status.health.iter().find(|h| h.instance == inst.name);
-            let history: Vec<Value> = s
-                .map(|s| {
-                    s.history
-                        .iter()
-                        .map(|t| {
-                            json!({
-                                "from": t.from.as_str(),
-                                "to": t.to.as_str(),
-                                "reason": t.reason,
-                                "at": t.at
-                                    .duration_since(std::time::UNIX_EPOCH)
-                                    .map_or(0.0, |d| d.as_secs_f64()),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            json!({
-                "name": inst.name,
-                "model_type": inst.model_type,
-                "state": s.map_or("starting", |s| s.state.as_str()),
-                "reason": s.map(|s| s.reason.clone()),
-                "in_state_s": s.map(|s| s.in_state_for.as_secs_f64()),
-                "backend": inst.backend.to_string(),
-                "url": inst.base_url(),
-                "container_id": s.and_then(|s| s.container_id.clone()),
-                "adopted": s.is_some_and(|s| s.adopted),
-                "restarts": s.map_or(0, |s| s.restarts),
-                "gpu_memory_utilization": s.and_then(|s| s.plan.as_ref()).map(|p| p.gpu_memory_utilization),
-                "last_error": s.and_then(|s| s.last_error.clone()),
-                "probes": h.map(|h| h.checks.clone()),
-                "history": history,
-                "crashed": d.map_or(0, |d| d.crashed),
-                "aborted": d.map_or(0, |d| d.aborted),
-                "warm_prefixes": d.map_or(0, |d| d.warm_prefixes),
-                "in_flight": d.map_or(0, |d| d.in_flight),
-                "buffered": d.map_or(0, |d| d.buffered),
-                "window": d.map_or(0, |d| d.window),
-                "window_mode": d.map(|d| if d.auto_window { "auto" } else { "fixed" }),
-                "window_max": d.map(|d| d.max_window),
-                "window_reason": d.map(|d| d.window_reason.clone()),
-                "window_signals": d.map(|d| window_signals(&d.window_signals)),
-                "sent": d.map_or(0, |d| d.sent),
-                "completed": d.map_or(0, |d| d.completed),
-            })
-        })
-        .collect();
-    let allocator = status.allocator.as_ref();
-    json!({
-        "strategy": allocator.map_or("static", |a| a.strategy.as_str()),
-        "allocator": allocator.map(|a| json!({
-            "strategy": a.strategy.as_str(),
-            "since": unix(a.since),
-            "why": a.why,
-            "pinned": a.pinned.map(|p| p.as_str()),
-            "switching": a.switching,
-            "switches": a.switches,
-            "problems": a.problems,
-            "switch_costs": a.costs.iter().map(|c| (c.model.as_str().to_string(), json!({
-                "load_s": c.load.map(|d| d.as_secs_f64()),
-                "wake_s": c.wake.map(|d| d.as_secs_f64()),
-            }))).collect::<serde_json::Map<_, _>>(),
-            "groups": groups_json(&a.groups),
-        })),
-        "instances": instances,
-        "gpus": status.gpus.as_ref().map_or_else(Vec::new, gpus_json),
-        "gpu_unavailable": status.gpus.as_ref().and_then(|g| g.unavailable.clone()),
-        "gpu_alerts": status.gpus.as_ref().map_or(0, |g| g.alerts),
-        "queue": stats.map(stats_json),
-    })
-}
-
-/// Each GPU group's strategy, as `instances --json` and `strategy show
-/// --json` show it.
-fn groups_json(groups: &[GroupStatus]) -> Vec<Value> {
-    groups
-        .iter()
-        .map(|g| {
-            json!({
-                "group": g.name,
-                "gpu_ids": g.gpu_ids,
-                "instances": g.instances,
-                "strategy": g.strategy.as_str(),
-                "since": unix(g.since),
-                "why": g.why,
-                "pinned": g.pinned.map(|p| p.as_str()),
-                "switching": g.switching,
-                "switches": g.switches,
-                "problems": g.problems,
-            })
-        })
-        .collect()
-}
-
-fn unix(t: std::time::SystemTime) -> f64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// The GPUs of a snapshot, as `/v1/status`, `gpu --json` and MCP show them.
-pub fn gpus_json(g: &GpuSnapshot) -> Vec<Value> {
-    g.gpus
-        .iter()
-        .map(|r| {
-            let mut v = serde_json::to_value(r).expect("a reading serializes");
-            v["hot"] = json!(g.hot.contains(&r.index));
-            v["read_at"] = json!(unix(g.at));
-            v
-        })
-        .collect()
-}
-
-/// Asks a running daemon for `/v1/status`, as `gpu-feeder instances` and the
-/// MCP `instances` tool do; the error says plainly when no daemon answers.
-pub async fn fetch_status(config: &Config, config_path: &std::path::Path) -> Result<Value, String> {
-    call_admin(config, config_path, "/v1/status", None).await
-}
-
-/// Asks the running daemon's admin endpoint: GET `path`, or POST `body`
-/// to it; the error says plainly when no daemon answers.
-pub async fn call_admin(
-    config: &Config,
-    config_path: &std::path::Path,
-    path: &str,
-    body: Option<Value>,
-) -> Result<Value, String> {
-    let admin = &config.admin;
-    let url = format!("http://{}{path}", admin.listen);
-    let client = reqwest::Client::new();
-    let mut req = match body {
-        Some(b) => client.post(&url).json(&b),
-        None => client.get(&url),
-    }
-    .timeout(Duration::from_secs(20));
-    if !admin.token.is_empty() {
-        req = req.bearer_auth(&admin.token);
-    }
-    let resp = req.send().await.map_err(|e| {
-        if e.is_connect() {
-            format!(
-                "the daemon is not running: nothing answers at {url} (admin.listen in {}); start it with `gpu-feeder run`",
-                config_path.display()
-            )
-        } else {
-            format!("asking {url}: {e}")
-        }
-    })?;
-    let code = resp.status();
-    let body: Value = resp
-        .json()
-        .await
-        .map_err(|e| format!("{url} did not answer JSON: {e}"))?;
-    if code.is_success() {
-        Ok(body)
-    } else {
-        Err(format!(
-            "{url} answered HTTP {}: {}",
-            code.as_u16(),
-            body["error"].as_str().unwrap_or("")
-        ))
     }
 }
 
@@ -307,7 +111,7 @@ async fn status(State(a): State<Admin>) -> Response {
         tokio::join!(a.stats(), a.status(), a.reader.daemons(Timestamp::now()));
     match status {
         Some(s) => {
-            let mut v = status_json(&a.config, &s, stats.as_ref());
+            let mut v = views::status_json(&a.config, &s, stats.as_ref());
             // The daemons sharing this queue (one, on SQLite).
             v["daemons"] = match daemons {
                 Ok(ds) => json!(ds
@@ -360,14 +164,7 @@ async fn strategy(State(a): State<Admin>, body: Option<Json<Value>>) -> Response
         }
     };
     match a.feeder.pin(pin).await {
-        Ok(s) => Json(json!({
-            "strategy": s.strategy.as_str(),
-            "pinned": s.pinned.map(|p| p.as_str()),
-            "switching": s.switching,
-            "why": s.why,
-            "groups": groups_json(&s.groups),
-        }))
-        .into_response(),
+        Ok(s) => Json(views::pinned_json(&s)).into_response(),
         Err(HandleError::Refused(e)) => bad(StatusCode::CONFLICT, e),
         Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -397,7 +194,7 @@ async fn get_job(
         Ok(j) => j,
         Err(r) => return r,
     };
-    let mut v = crate::cli::output::job_json(&job);
+    let mut v = views::job_json(&job);
     if let Some(at) = &job.result_path {
         match a.results.document(at).await {
             Ok(doc) => v["result"] = doc.get("content").cloned().unwrap_or(Value::Null),
