@@ -202,7 +202,8 @@ pub fn config_summary(c: &Config) -> String {
                 format!("`{}` on port {}", i.command.join(" "), i.port.unwrap_or(0))
             }
         };
-        let tp = crate::runtime::tensor_parallel_added(i)
+        let tp = i
+            .tensor_parallel_added()
             .map(|n| format!(" · --tensor-parallel-size {n}"))
             .unwrap_or_default();
         let _ = writeln!(

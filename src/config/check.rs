@@ -340,7 +340,6 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
 /// Each launched instance's GPUs and parallel sizes, and GPUs whose memory
 /// no strategy can share out among the instances on them.
 fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
-    use crate::runtime::{flag_value, PP_FLAGS, TP_FLAGS};
     let launched: Vec<(usize, &InstanceConfig)> = config
         .instances
         .iter()
@@ -361,7 +360,7 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
         }
         let n = inst.gpu_ids.len();
         let size = |c: &mut Checker<'_>, names: &[&str]| -> Option<usize> {
-            match flag_value(&inst.args, names)? {
+            match inst.flag(names)? {
                 Some(v) => {
                     match v.parse::<usize>() {
                         Ok(k) if k >= 1 => Some(k),
@@ -380,8 +379,8 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
                 }
             }
         };
-        let tp_set = size(c, TP_FLAGS);
-        let pp = size(c, PP_FLAGS).unwrap_or(1);
+        let tp_set = size(c, super::TP_FLAGS);
+        let pp = size(c, super::PP_FLAGS).unwrap_or(1);
         if n == 0 {
             continue;
         }
