@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use feeder_actors::allocator::Strategy;
 use feeder_actors::handle::{FeederHandle, HandleError};
 use feeder_actors::supervisor::FeederStatus;
-use feeder_actors::{JobStore, ModelType, QueueStats, Timestamp};
+use feeder_actors::{JobStore, ModelType, QueueStats, StoreError, Timestamp};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -180,7 +180,16 @@ async fn job_of(a: &Admin, id: &str) -> Result<feeder_actors::Job, Response> {
     match a.reader.get(id).await {
         Ok(Some(job)) => Ok(job),
         Ok(None) => Err(bad(StatusCode::NOT_FOUND, format!("no job {id}"))),
-        Err(e) => Err(bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => Err(bad(store_status(&e), e.to_string())),
+    }
+}
+
+/// 503 when the store cannot be reached now (trying again may succeed),
+/// 500 when the call itself failed.
+fn store_status(e: &StoreError) -> StatusCode {
+    match e {
+        StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -300,7 +309,7 @@ async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
             )
                 .into_response()
         }
-        Err(e @ HandleError::Store(_)) => bad(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(HandleError::Store(e)) => bad(store_status(&e), format!("the job store failed: {e}")),
         Err(e) => bad(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
@@ -339,4 +348,21 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/instances/{name}/restart", post(restart_instance))
         .with_state(admin)
         .layer(middleware::from_fn_with_state(token, auth))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_store_is_503_and_a_failed_call_500() {
+        assert_eq!(
+            store_status(&StoreError::Unavailable("locked".into())),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            store_status(&StoreError::Backend("disk I/O error".into())),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 }
