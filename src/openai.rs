@@ -28,8 +28,8 @@ use feeder_actors::inference::ProbeError;
 use feeder_actors::window::EngineMetrics;
 use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job, ModelType};
 
+use crate::chunk::image_mime;
 use crate::config::InstanceConfig;
-use crate::submit::image_mime;
 
 /// Keys of a payload that are gpu-feeder's, not OpenAI's (`chunk` and
 /// `tile` placed a fragment in its parent before the `place` column; rows

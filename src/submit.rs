@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use feeder_actors::fragment::Place;
 use feeder_actors::{ModelType, NewJob, Payload};
 
-use crate::chunk::{self, ChunkError};
+use crate::chunk::{self, image_mime, ChunkError, IMAGE_TYPES};
 use crate::config::ChunkConfig;
 
 /// Why a submission was refused.
@@ -80,21 +80,6 @@ impl Submission {
             }
         }
     }
-}
-
-/// Image types a vision payload may carry, by extension, with their MIME type.
-pub const IMAGE_TYPES: &[(&str, &str)] = &[
-    ("png", "image/png"),
-    ("jpg", "image/jpeg"),
-    ("jpeg", "image/jpeg"),
-    ("webp", "image/webp"),
-    ("gif", "image/gif"),
-];
-
-/// The MIME type of an image path, by extension.
-pub fn image_mime(path: &Path) -> Option<&'static str> {
-    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    IMAGE_TYPES.iter().find(|(e, _)| *e == ext).map(|(_, m)| *m)
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
