@@ -25,11 +25,11 @@ use serde_json::{json, Value};
 use feeder_actors::allocator::Strategy;
 use feeder_actors::handle::{FeederHandle, HandleError};
 use feeder_actors::supervisor::FeederStatus;
-use feeder_actors::{JobStore, ModelType, QueueStats, StoreError, Timestamp};
+use feeder_actors::{JobStore, QueueStats, StoreError, Timestamp};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::submit::Submitter;
+use crate::submit::{Built, Submission, SubmitRequest};
 use crate::views;
 
 /// What the endpoint serves from.
@@ -249,50 +249,15 @@ fn bad(status: StatusCode, msg: impl Into<String>) -> Response {
 /// `POST /v1/jobs`: `{"model": "think", "prompt": "…"}` (or `messages`,
 /// `image_path`), with optional `priority`, `max_attempts` and `then`.
 async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
-    let Some(Json(Value::Object(mut body))) = body else {
+    let Some(Json(body)) = body else {
         return bad(
             StatusCode::BAD_REQUEST,
             "the body must be a JSON object with `model` and `prompt`, `messages` or `image_path`",
         );
     };
-    let model = match body
-        .remove("model")
-        .as_ref()
-        .and_then(Value::as_str)
-        .map(str::parse::<ModelType>)
-    {
-        Some(Ok(m)) => m,
-        Some(Err(e)) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
-        None => {
-            return bad(
-                StatusCode::BAD_REQUEST,
-                "`model` is required: vision or think",
-            )
-        }
-    };
-    let priority = body
-        .remove("priority")
-        .and_then(|v| v.as_i64())
-        .unwrap_or(0);
-    let max_attempts = body
-        .remove("max_attempts")
-        .and_then(|v| v.as_u64())
-        .map_or(a.config.dispatch.max_attempts, |n| n.clamp(1, 100) as u32);
-    let then = match body.remove("then") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_str().map(str::parse::<ModelType>) {
-            Some(Ok(m)) if m != model => Some(m),
-            _ => {
-                return bad(
-                    StatusCode::BAD_REQUEST,
-                    "`then` must be the other model (vision or think)",
-                )
-            }
-        },
-    };
-    let sub = Submitter::new(model, &a.config.queue.roots(), priority, max_attempts).then(then);
-    let job = match sub.validate(&Value::Object(body), "the request body") {
-        Ok(payload) => sub.inline_job(payload),
+    let job = match SubmitRequest::from_json(body).and_then(|r| r.build(&a.config)) {
+        Ok(Built::One(Submission::Single(job))) => job,
+        Ok(other) => unreachable!("an inline payload is one job: {other:?}"),
         Err(e) => return bad(StatusCode::BAD_REQUEST, e.to_string()),
     };
     match a.feeder.submit(vec![job]).await {

@@ -1,7 +1,8 @@
 //! Turning what a user hands to `submit` (a payload file, a prompt, an image,
 //! a JSONL file) into jobs, with the checks that keep bad input out of the
 //! queue: payloads are JSON objects the dispatcher can send, and every file
-//! the daemon will read lies under one of `queue.payload_roots`.
+//! the daemon will read lies under one of `queue.payload_roots`. Every
+//! frontend parses into one [`SubmitRequest`], under one set of rules.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,11 @@ use feeder_actors::fragment::Place;
 use feeder_actors::{ModelType, NewJob, Payload};
 
 use crate::chunk::{self, image_mime, ChunkError, IMAGE_TYPES};
+
+mod request;
+
 use crate::config::ChunkConfig;
+pub use request::{Built, Input, SubmitRequest, MAX_ATTEMPTS};
 
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
