@@ -57,14 +57,19 @@ impl Admin {
     }
 }
 
+/// 503: the supervisor did not answer.
+fn actors_silent() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the actors do not answer\n",
+    )
+        .into_response()
+}
+
 async fn healthz(State(a): State<Admin>) -> Response {
     match a.status().await {
         Some(_) => (StatusCode::OK, "ok\n").into_response(),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the actors do not answer\n",
-        )
-            .into_response(),
+        None => actors_silent(),
     }
 }
 
@@ -85,11 +90,7 @@ async fn readyz(State(a): State<Admin>) -> Response {
             (StatusCode::OK, "ready\n").into_response()
         }
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "no instance is ready\n").into_response(),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the actors do not answer\n",
-        )
-            .into_response(),
+        None => actors_silent(),
     }
 }
 

@@ -210,12 +210,7 @@ impl Submitter {
         chunk: &ChunkConfig,
         stage_dir: &Path,
     ) -> Result<Submission, SubmitError> {
-        self.require_vision("--image")?;
-        let real = self.check_image(path, "--image")?;
-        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
-            path: real.clone(),
-            source,
-        })?;
+        let (real, bytes) = self.read_image(path)?;
         let (width, height) = chunk::image_size(&real)?;
         let big = bytes.len() as u64 > chunk.image_max_bytes
             || width > chunk.image_max_px
@@ -328,12 +323,7 @@ impl Submitter {
     /// A vision job for the image at `path`, with the model's OCR prompt.
     /// Idempotent on the image's content, wherever it lies.
     pub fn image(&self, path: &Path) -> Result<NewJob, SubmitError> {
-        self.require_vision("--image")?;
-        let real = self.check_image(path, "--image")?;
-        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
-            path: real.clone(),
-            source,
-        })?;
+        let (real, bytes) = self.read_image(path)?;
         let mut obj = Map::new();
         obj.insert(
             "image_path".into(),
@@ -407,6 +397,18 @@ impl Submitter {
                 ),
             })
         }
+    }
+
+    /// The image at `path` (for a vision model, of a known type, under
+    /// the roots), resolved, and its bytes.
+    fn read_image(&self, path: &Path) -> Result<(PathBuf, Vec<u8>), SubmitError> {
+        self.require_vision("--image")?;
+        let real = self.check_image(path, "--image")?;
+        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
+            path: real.clone(),
+            source,
+        })?;
+        Ok((real, bytes))
     }
 
     fn check_image(&self, path: &Path, place: &str) -> Result<PathBuf, SubmitError> {
