@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -198,35 +198,29 @@ fn store_status(e: &StoreError) -> StatusCode {
 /// `result` (its answer's text) once it is done.
 async fn get_job(
     State(a): State<Admin>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
-    let job = match job_of(&a, &id).await {
-        Ok(j) => j,
-        Err(r) => return r,
-    };
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, Response> {
+    let job = job_of(&a, &id).await?;
     let mut v = views::job_json(&job);
     if let Some(at) = &job.result_path {
         match a.results.document(at).await {
             Ok(doc) => v["result"] = doc.get("content").cloned().unwrap_or(Value::Null),
             Err(e) => {
-                return bad(
+                return Err(bad(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("job {} is done but its result cannot be read: {e}", job.id),
-                )
+                ))
             }
         }
     }
-    Json(v).into_response()
+    Ok(Json(v).into_response())
 }
 
 /// `GET /v1/jobs/ID/result`: the job's result document.
-async fn get_result(
-    State(a): State<Admin>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Response {
+async fn get_result(State(a): State<Admin>, UrlPath(id): UrlPath<String>) -> Response {
     let job = match job_of(&a, &id).await {
-        Ok(j) => j,
-        Err(r) => return r,
+        Ok(job) => job,
+        Err(refused) => return refused,
     };
     let Some(at) = &job.result_path else {
         return bad(

@@ -274,24 +274,32 @@ pub(super) async fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub(super) async fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
-    let store = ctx.open_store().await?;
-    let id = store.resolve(job).await?;
-    let job = store.cancel(id, Timestamp::now()).await?;
-    if json {
-        print_json(&views::job_json(&job));
-    } else {
-        println!("cancelled {id}");
-    }
-    Ok(0)
+/// What `cancel` and `retry` do to a job.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Change {
+    /// Cancel it (a parent's unfinished fragments too).
+    Cancel,
+    /// Put it back in the queue with fresh attempts.
+    Retry,
 }
 
-pub(super) async fn retry(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+pub(super) async fn change(
+    ctx: &Context,
+    job: &str,
+    json: bool,
+    what: Change,
+) -> anyhow::Result<i32> {
     let store = ctx.open_store().await?;
     let id = store.resolve(job).await?;
-    let job = store.retry(id, Timestamp::now()).await?;
+    let now = Timestamp::now();
+    let job = match what {
+        Change::Cancel => store.cancel(id, now).await?,
+        Change::Retry => store.retry(id, now).await?,
+    };
     if json {
         print_json(&views::job_json(&job));
+    } else if let Change::Cancel = what {
+        println!("cancelled {id}");
     } else {
         println!("{id} is {} again", job.status);
     }

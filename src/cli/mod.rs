@@ -364,8 +364,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
         } => runtime()?.block_on(jobs::list(&ctx, status, model, limit, json)),
         Command::Stats { json } => runtime()?.block_on(jobs::stats(&ctx, json)),
-        Command::Cancel { job, json } => runtime()?.block_on(jobs::cancel(&ctx, &job, json)),
-        Command::Retry { job, json } => runtime()?.block_on(jobs::retry(&ctx, &job, json)),
+        Command::Cancel { job, json } => {
+            runtime()?.block_on(jobs::change(&ctx, &job, json, jobs::Change::Cancel))
+        }
+        Command::Retry { job, json } => {
+            runtime()?.block_on(jobs::change(&ctx, &job, json, jobs::Change::Retry))
+        }
         Command::Config(_) => unreachable!("handled above"),
     }
 }

@@ -63,6 +63,16 @@ impl OpenAiClient {
         }
     }
 
+    /// A request that ran past the timeout: `what` did not come in time
+    /// (`then` follows the time).
+    fn too_slow(&self, what: &str, then: &str) -> InferenceError {
+        InferenceError::Retryable(format!(
+            "{}: {what} within {} s{then}",
+            self.defaults.instance,
+            self.timeout.as_secs()
+        ))
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
@@ -84,11 +94,7 @@ impl InferenceClient for OpenAiClient {
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Err(InferenceError::Retryable(format!(
-                    "{}: no answer within {} s ({url})",
-                    self.defaults.instance,
-                    self.timeout.as_secs()
-                )))
+                return Err(self.too_slow("no answer", &format!(" ({url})")))
             }
             Err(e) if e.is_connect() || e.is_request() => {
                 return Err(InferenceError::Unavailable(format!(
@@ -113,11 +119,7 @@ impl InferenceClient for OpenAiClient {
         let text = match resp.text().await {
             Ok(t) => t,
             Err(e) if e.is_timeout() => {
-                return Err(InferenceError::Retryable(format!(
-                    "{}: the response did not finish within {} s",
-                    self.defaults.instance,
-                    self.timeout.as_secs()
-                )))
+                return Err(self.too_slow("the response did not finish", ""))
             }
             Err(e) => {
                 return Err(InferenceError::Unavailable(format!(
