@@ -10,6 +10,21 @@ use std::path::{Path, PathBuf};
 
 pub use feeder_actors::fragment::{tiles, windows, Tile};
 
+/// Image types a vision payload may carry, by extension, with their MIME type.
+pub const IMAGE_TYPES: &[(&str, &str)] = &[
+    ("png", "image/png"),
+    ("jpg", "image/jpeg"),
+    ("jpeg", "image/jpeg"),
+    ("webp", "image/webp"),
+    ("gif", "image/gif"),
+];
+
+/// The MIME type of an image path, by extension.
+pub fn image_mime(path: &Path) -> Option<&'static str> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    IMAGE_TYPES.iter().find(|(e, _)| *e == ext).map(|(_, m)| *m)
+}
+
 /// Why a text or image could not be chunked.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {

@@ -15,7 +15,9 @@
 //! - [`daemon`]: `gpu-feeder run`: wiring, the database lock, signals, shutdown.
 //! - [`demo`]: `gpu-feeder demo`: simulated servers, sample jobs, a summary.
 //! - [`systemd`]: `Type=notify` readiness, status lines, watchdog, stopping.
-//! - [`admin`]: the admin HTTP endpoint: metrics, health, status, job submission.
+//! - [`admin`]: the admin HTTP endpoint (metrics, health, status, job submission)
+//!   and `AdminClient`, its client for the CLI and MCP.
+//! - [`views`]: the JSON views of jobs, statistics and status that every frontend prints.
 //! - [`mcp`]: `gpu-feeder mcp`, the MCP server over stdio (job tools, instances).
 //! - [`metrics`]: Prometheus metrics, fed by the dispatchers and read at scrape time.
 //! - [`logging`]: `tracing` to stderr, human or JSON.
@@ -38,5 +40,6 @@ pub mod sim;
 pub mod store;
 pub mod submit;
 pub mod systemd;
+pub mod views;
 
 pub use feeder_actors as actors;

@@ -15,9 +15,10 @@ use serde_json::{json, Map, Value};
 
 use feeder_actors::{JobStatus, JobStore, ListFilter, ModelType, Timestamp};
 
-use crate::cli::output::{job_json, stats_json};
+use crate::admin::AdminClient;
 use crate::config::Config;
-use crate::submit::{Submission, Submitter};
+use crate::submit::{Built, Input, SubmitRequest};
+use crate::views::{job_json, stats_json};
 
 /// `submit_job` arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -40,7 +41,8 @@ pub struct SubmitJob {
     /// Higher runs first (default 0).
     #[serde(default)]
     pub priority: i64,
-    /// When done, create a follow-up job for this model from the result.
+    /// When done, create a follow-up job for this model from the result
+    /// (default: the next stage its model's instance names).
     pub then: Option<String>,
 }
 
@@ -76,7 +78,7 @@ pub struct FeederMcp {
     store: Arc<dyn JobStore>,
     results: Arc<crate::results::Results>,
     config: Arc<Config>,
-    config_path: Arc<PathBuf>,
+    admin: AdminClient,
 }
 
 fn model(s: &str) -> Result<ModelType, String> {
@@ -98,8 +100,8 @@ impl FeederMcp {
         FeederMcp {
             store: queue.jobs,
             results: queue.results,
+            admin: AdminClient::new(&config, &config_path),
             config: Arc::new(config),
-            config_path: Arc::new(config_path),
         }
     }
 
@@ -110,11 +112,6 @@ impl FeederMcp {
         &self,
         Parameters(a): Parameters<SubmitJob>,
     ) -> Result<CallToolResult, String> {
-        let m = model(&a.model)?;
-        let then = a.then.as_deref().map(model).transpose()?;
-        if then == Some(m) {
-            return Err(format!("`then` must be the other model, not {m}"));
-        }
         let inputs = [
             a.prompt.is_some(),
             a.messages.is_some(),
@@ -125,39 +122,39 @@ impl FeederMcp {
         if inputs.iter().filter(|x| **x).count() != 1 {
             return Err("give exactly one of `prompt`, `messages`, `image_path`, `payload_path`, `text_file`".into());
         }
+        let input = if let Some(p) = a.payload_path {
+            Input::PayloadFile(p.into())
+        } else if let Some(i) = a.image_path {
+            Input::Image(i.into())
+        } else if let Some(f) = a.text_file {
+            Input::TextFile {
+                path: f.into(),
+                chunk: a.chunk,
+            }
+        } else {
+            let mut payload = Map::new();
+            if let Some(p) = a.prompt {
+                payload.insert("prompt".into(), Value::String(p));
+            }
+            if let Some(msgs) = a.messages {
+                payload.insert("messages".into(), Value::Array(msgs));
+            }
+            Input::Inline(payload)
+        };
+        let request = SubmitRequest {
+            model: model(&a.model)?,
+            input,
+            priority: a.priority,
+            max_attempts: None,
+            then: a.then.as_deref().map(model).transpose()?,
+        };
         // Reading, tiling and chunking files is blocking work.
         let config = self.config.clone();
-        let submission = blocking(move || {
-            let cfg = &config;
-            let then = then.or_else(|| cfg.instances_for(m).find_map(|i| i.then));
-            let sub = Submitter::new(m, &cfg.queue.roots(), a.priority, cfg.dispatch.max_attempts).then(then);
-            let submission = if let Some(p) = &a.payload_path {
-                Submission::Single(sub.payload_file(&PathBuf::from(p)).map_err(|e| e.to_string())?)
-            } else if let Some(i) = &a.image_path {
-                sub.image_or_tiles(&PathBuf::from(i), &cfg.chunk, &cfg.queue.stage_dir).map_err(|e| e.to_string())?
-            } else if let Some(f) = &a.text_file {
-                if a.chunk {
-                    let tk = cfg.instances_for(m).find_map(|i| i.tokenizer.clone()).ok_or_else(|| {
-                        format!("chunking needs the model's tokenizer: set `tokenizer` on an instance with model_type = \"{m}\"")
-                    })?;
-                    sub.chunked_text(&PathBuf::from(f), &tk, &cfg.chunk).map_err(|e| e.to_string())?
-                } else {
-                    Submission::Single(sub.text_file(&PathBuf::from(f)).map_err(|e| e.to_string())?)
-                }
-            } else {
-                let mut payload = Map::new();
-                if let Some(p) = a.prompt {
-                    payload.insert("prompt".into(), Value::String(p));
-                }
-                if let Some(msgs) = a.messages {
-                    payload.insert("messages".into(), Value::Array(msgs));
-                }
-                let checked = sub.validate(&Value::Object(payload), "the arguments").map_err(|e| e.to_string())?;
-                Submission::Single(sub.inline_job(checked))
+        let submission =
+            match blocking(move || request.build(&config).map_err(|e| e.to_string())).await? {
+                Built::One(s) => s,
+                Built::Many(_) => unreachable!("no JSONL through MCP"),
             };
-            Ok(submission)
-        })
-        .await?;
         let (s, fragments) = submission
             .store(self.store.as_ref(), Timestamp::now())
             .await
@@ -253,7 +250,7 @@ impl FeederMcp {
 
     #[tool(description = "Live instance state from the running daemon (its admin endpoint).")]
     async fn instances(&self) -> Result<CallToolResult, String> {
-        let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
+        let body = self.admin.status().await?;
         Ok(CallToolResult::structured(body))
     }
 
@@ -261,7 +258,7 @@ impl FeederMcp {
         description = "The GPUs as the running daemon reads them every second (temperature, utilization, memory, power, clocks, throttling, alerts), and the allocator's strategy."
     )]
     async fn gpu_status(&self) -> Result<CallToolResult, String> {
-        let body = crate::admin::fetch_status(&self.config, &self.config_path).await?;
+        let body = self.admin.status().await?;
         Ok(CallToolResult::structured(serde_json::json!({
             "gpus": body["gpus"],
             "gpu_unavailable": body["gpu_unavailable"],
@@ -282,13 +279,7 @@ impl FeederMcp {
             Some(s) => Some(feeder_actors::allocator::Strategy::parse(s)?),
             None => None,
         };
-        let body = crate::admin::call_admin(
-            &self.config,
-            &self.config_path,
-            "/v1/strategy",
-            Some(serde_json::json!({"pin": pin.map(|p| p.as_str())})),
-        )
-        .await?;
+        let body = self.admin.pin(pin).await?;
         Ok(CallToolResult::structured(body))
     }
 }

@@ -13,10 +13,11 @@ use crate::allocator::{AllocatorStatus, Strategy};
 use crate::instances::InstanceSupMsg;
 use crate::job::{NewJob, Submitted};
 use crate::queue::QueueMsg;
+use crate::store::StoreError;
 use crate::supervisor::{peers, FeederMsg, FeederStatus, ShutdownReport};
 
 /// Why a call through the handle did not succeed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// The actor did not answer in time, or is not running.
     #[error("{0} did not answer")]
@@ -24,9 +25,10 @@ pub enum HandleError {
     /// The actor answered with a refusal (an unknown instance, no allocator).
     #[error("{0}")]
     Refused(String),
-    /// The job store failed.
+    /// The job store failed; its kind tells an unreachable store
+    /// ([`StoreError::Unavailable`]) from a failed call.
     #[error("the job store failed: {0}")]
-    Store(String),
+    Store(#[source] StoreError),
 }
 
 /// Time allowed for the calls that only read state.
@@ -97,7 +99,7 @@ impl FeederHandle {
             reply,
         })
         .await?
-        .map_err(|e| HandleError::Store(e.to_string()))
+        .map_err(HandleError::Store)
     }
 
     /// Launches a failed instance again, its crash-loop count started over.

@@ -365,7 +365,7 @@ impl QueueState {
             for (ack, result) in acks.into_iter().zip(&results) {
                 if let Some(ack) = ack {
                     let _ = ack.send(match result {
-                        Err(StoreError::Backend(e)) => Err(e.clone()),
+                        Err(StoreError::Backend(e) | StoreError::Unavailable(e)) => Err(e.clone()),
                         _ => Ok(()),
                     });
                 }

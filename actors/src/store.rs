@@ -78,6 +78,10 @@ pub enum StoreError {
     /// The backend failed (I/O, locking, SQL).
     #[error("job store error: {0}")]
     Backend(String),
+    /// The store cannot be reached now (its server is down, or the database
+    /// stayed locked past the busy timeout): the same call may succeed later.
+    #[error("the job store is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Result of a store operation.

@@ -9,7 +9,8 @@ use feeder_actors::{JobId, JobStatus, JobStore, ListFilter, ModelType, Timestamp
 
 use super::output;
 use super::{Context, SubmitArgs};
-use crate::submit::{Submission, Submitter};
+use crate::submit::{Built, Input, SubmitRequest};
+use crate::views;
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
@@ -98,67 +99,54 @@ pub(super) async fn submit(ctx: &Context, args: SubmitArgs) -> anyhow::Result<i3
             args.model
         );
     }
-    let max_attempts = args.max_attempts.unwrap_or(cfg.dispatch.max_attempts);
-    let then = args
-        .then
-        .or_else(|| cfg.instances_for(args.model).find_map(|i| i.then));
-    if then == Some(args.model) {
-        anyhow::bail!(
-            "--then {}: a {} job cannot hand its result to {} again; choose the other model",
-            args.model,
-            args.model,
-            args.model
-        );
-    }
-    let sub =
-        Submitter::new(args.model, &cfg.queue.roots(), args.priority, max_attempts).then(then);
-    let now = Timestamp::now();
-
-    if let Some(path) = &args.jsonl {
-        let jobs = sub.jsonl(path)?;
-        let out = store.submit_batch(jobs, now).await?;
-        let created = out.iter().filter(|s| s.created).count();
-        if args.json {
-            let jobs: Vec<_> = out
-                .iter()
-                .map(|s| json!({"id": s.id, "created": s.created, "status": s.status}))
-                .collect();
-            print_json(&json!({"created": created, "existing": out.len() - created, "jobs": jobs}));
-        } else {
-            println!(
-                "{} jobs from {}: {created} new, {} already queued",
-                out.len(),
-                path.display(),
-                out.len() - created
-            );
-        }
-        return Ok(0);
-    }
-
-    let submission = if let Some(p) = &args.payload {
-        Submission::Single(sub.payload_file(p)?)
+    let input = if let Some(p) = &args.jsonl {
+        Input::Jsonl(p.clone())
+    } else if let Some(p) = &args.payload {
+        Input::PayloadFile(p.clone())
     } else if let Some(t) = &args.prompt {
-        Submission::Single(sub.prompt(t)?)
+        Input::Prompt(t.clone())
     } else if let Some(i) = &args.image {
-        sub.image_or_tiles(i, &cfg.chunk, &cfg.queue.stage_dir)?
+        Input::Image(i.clone())
     } else if let Some(f) = &args.text_file {
-        if args.chunk {
-            let tokenizer = cfg
-                .instances_for(args.model)
-                .find_map(|i| i.tokenizer.clone())
-                .with_context(|| {
-                    format!(
-                        "--chunk counts tokens with the model's tokenizer: set `tokenizer = \"/path/to/tokenizer.json\"` on an instance with model_type = \"{}\" in {}",
-                        args.model,
-                        ctx.config_path.display()
-                    )
-                })?;
-            sub.chunked_text(f, &tokenizer, &cfg.chunk)?
-        } else {
-            Submission::Single(sub.text_file(f)?)
+        Input::TextFile {
+            path: f.clone(),
+            chunk: args.chunk,
         }
     } else {
         unreachable!("clap requires one input");
+    };
+    let request = SubmitRequest {
+        model: args.model,
+        input,
+        priority: args.priority,
+        max_attempts: args.max_attempts.map(u64::from),
+        then: args.then,
+    };
+    let now = Timestamp::now();
+    let submission = match request.build(cfg)? {
+        Built::One(s) => s,
+        Built::Many(jobs) => {
+            let path = args.jsonl.as_deref().unwrap_or(std::path::Path::new(""));
+            let out = store.submit_batch(jobs, now).await?;
+            let created = out.iter().filter(|s| s.created).count();
+            if args.json {
+                let jobs: Vec<_> = out
+                    .iter()
+                    .map(|s| json!({"id": s.id, "created": s.created, "status": s.status}))
+                    .collect();
+                print_json(
+                    &json!({"created": created, "existing": out.len() - created, "jobs": jobs}),
+                );
+            } else {
+                println!(
+                    "{} jobs from {}: {created} new, {} already queued",
+                    out.len(),
+                    path.display(),
+                    out.len() - created
+                );
+            }
+            return Ok(0);
+        }
     };
     let (s, fragments) = submission.store(store.as_ref(), now).await?;
     if args.wait {
@@ -211,7 +199,7 @@ async fn wait(
             .with_context(|| format!("job {id} disappeared"))?;
         if job.status.is_terminal() {
             if json {
-                print_json(&output::job_json(&job));
+                print_json(&views::job_json(&job));
             } else {
                 print!("{}", output::job_human(&job, Timestamp::now()));
             }
@@ -243,7 +231,7 @@ pub(super) async fn status(ctx: &Context, job: &str, json: bool) -> anyhow::Resu
         .await?
         .with_context(|| format!("no job {id}: check the id with `gpu-feeder list`"))?;
     if json {
-        print_json(&output::job_json(&job));
+        print_json(&views::job_json(&job));
     } else {
         print!("{}", output::job_human(&job, Timestamp::now()));
     }
@@ -267,7 +255,7 @@ pub(super) async fn list(
         })
         .await?;
     if json {
-        let jobs: Vec<_> = jobs.iter().map(output::job_json).collect();
+        let jobs: Vec<_> = jobs.iter().map(views::job_json).collect();
         print_json(&json!({ "jobs": jobs }));
     } else {
         print!("{}", output::jobs_table(&jobs, Timestamp::now()));
@@ -279,31 +267,39 @@ pub(super) async fn stats(ctx: &Context, json: bool) -> anyhow::Result<i32> {
     let store = ctx.open_store().await?;
     let stats = store.stats(Timestamp::now()).await?;
     if json {
-        print_json(&output::stats_json(&stats));
+        print_json(&views::stats_json(&stats));
     } else {
         print!("{}", output::stats_table(&stats));
     }
     Ok(0)
 }
 
-pub(super) async fn cancel(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
-    let store = ctx.open_store().await?;
-    let id = store.resolve(job).await?;
-    let job = store.cancel(id, Timestamp::now()).await?;
-    if json {
-        print_json(&output::job_json(&job));
-    } else {
-        println!("cancelled {id}");
-    }
-    Ok(0)
+/// What `cancel` and `retry` do to a job.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Change {
+    /// Cancel it (a parent's unfinished fragments too).
+    Cancel,
+    /// Put it back in the queue with fresh attempts.
+    Retry,
 }
 
-pub(super) async fn retry(ctx: &Context, job: &str, json: bool) -> anyhow::Result<i32> {
+pub(super) async fn change(
+    ctx: &Context,
+    job: &str,
+    json: bool,
+    what: Change,
+) -> anyhow::Result<i32> {
     let store = ctx.open_store().await?;
     let id = store.resolve(job).await?;
-    let job = store.retry(id, Timestamp::now()).await?;
+    let now = Timestamp::now();
+    let job = match what {
+        Change::Cancel => store.cancel(id, now).await?,
+        Change::Retry => store.retry(id, now).await?,
+    };
     if json {
-        print_json(&output::job_json(&job));
+        print_json(&views::job_json(&job));
+    } else if let Change::Cancel = what {
+        println!("cancelled {id}");
     } else {
         println!("{id} is {} again", job.status);
     }

@@ -253,6 +253,11 @@ pub struct Context {
 }
 
 impl Context {
+    /// The running daemon's admin endpoint, as this configuration names it.
+    pub fn admin(&self) -> crate::admin::AdminClient {
+        crate::admin::AdminClient::new(&self.config, &self.config_path)
+    }
+
     /// Loads the configuration named by `--config`, `$FEEDER_CONFIG` or
     /// `./feeder.toml`. When that last default is missing, built-in defaults
     /// are used, so that `--db` alone is enough for the queue commands.
@@ -359,17 +364,19 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
         } => runtime()?.block_on(jobs::list(&ctx, status, model, limit, json)),
         Command::Stats { json } => runtime()?.block_on(jobs::stats(&ctx, json)),
-        Command::Cancel { job, json } => runtime()?.block_on(jobs::cancel(&ctx, &job, json)),
-        Command::Retry { job, json } => runtime()?.block_on(jobs::retry(&ctx, &job, json)),
+        Command::Cancel { job, json } => {
+            runtime()?.block_on(jobs::change(&ctx, &job, json, jobs::Change::Cancel))
+        }
+        Command::Retry { job, json } => {
+            runtime()?.block_on(jobs::change(&ctx, &job, json, jobs::Change::Retry))
+        }
         Command::Config(_) => unreachable!("handled above"),
     }
 }
 
 /// `instances`: asks the daemon's admin endpoint for `/v1/status`.
 async fn instances(ctx: &Context, json: bool) -> anyhow::Result<i32> {
-    let body = crate::admin::fetch_status(&ctx.config, &ctx.config_path)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let body = ctx.admin().status().await.map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
@@ -380,15 +387,10 @@ async fn instances(ctx: &Context, json: bool) -> anyhow::Result<i32> {
 
 /// `instances restart NAME`, through the admin endpoint.
 async fn restart_instance(ctx: &Context, name: &str) -> anyhow::Result<i32> {
-    let path = format!("/v1/instances/{name}/restart");
-    crate::admin::call_admin(
-        &ctx.config,
-        &ctx.config_path,
-        &path,
-        Some(serde_json::json!({})),
-    )
-    .await
-    .map_err(anyhow::Error::msg)?;
+    ctx.admin()
+        .restart(name)
+        .await
+        .map_err(anyhow::Error::msg)?;
     println!("{name}: restarting (follow it with `gpu-feeder instances`)");
     Ok(0)
 }
@@ -406,7 +408,7 @@ fn gpu(json: bool) -> anyhow::Result<i32> {
             hot: Vec::new(),
             alerts: 0,
         };
-        let mut doc = serde_json::json!({"gpus": crate::admin::gpus_json(&snapshot)});
+        let mut doc = serde_json::json!({"gpus": crate::views::gpus_json(&snapshot)});
         doc["driver_version"] = serde_json::json!(probe.driver_version());
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -417,11 +419,9 @@ fn gpu(json: bool) -> anyhow::Result<i32> {
 
 /// `strategy show|pin NAME|unpin`, through the admin endpoint.
 async fn strategy(ctx: &Context, cmd: StrategyCommand) -> anyhow::Result<i32> {
-    let (body, json) = match cmd {
+    let (pin, json) = match cmd {
         StrategyCommand::Show { json } => {
-            let status = crate::admin::fetch_status(&ctx.config, &ctx.config_path)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let status = ctx.admin().status().await.map_err(anyhow::Error::msg)?;
             let doc = status["allocator"].clone();
             if json {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
@@ -434,14 +434,12 @@ async fn strategy(ctx: &Context, cmd: StrategyCommand) -> anyhow::Result<i32> {
         }
         StrategyCommand::Pin { name, json } => {
             let s = feeder_actors::allocator::Strategy::parse(&name).map_err(anyhow::Error::msg)?;
-            (serde_json::json!({"pin": s.as_str()}), json)
+            (Some(s), json)
         }
-        StrategyCommand::Unpin { json } => (serde_json::json!({"pin": null}), json),
+        StrategyCommand::Unpin { json } => (None, json),
     };
-    let unpin = body["pin"].is_null();
-    let doc = crate::admin::call_admin(&ctx.config, &ctx.config_path, "/v1/strategy", Some(body))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let unpin = pin.is_none();
+    let doc = ctx.admin().pin(pin).await.map_err(anyhow::Error::msg)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else if doc["groups"].as_array().is_some_and(|g| g.len() > 1) {

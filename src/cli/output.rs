@@ -3,35 +3,12 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use feeder_actors::fragment::Place;
 use feeder_actors::{Job, JobStatus, ModelType, QueueStats, Timestamp};
 
 use crate::config::{Backend, Config};
-
-/// A job as `--json` prints it (the `status --json` contract).
-pub fn job_json(job: &Job) -> Value {
-    serde_json::to_value(job).expect("a job serializes")
-}
-
-/// `stats --json`.
-pub fn stats_json(stats: &QueueStats) -> Value {
-    let mut jobs = serde_json::Map::new();
-    let mut ages = serde_json::Map::new();
-    for (model, s) in &stats.models {
-        jobs.insert(
-            model.to_string(),
-            serde_json::to_value(s.counts).expect("counts"),
-        );
-        ages.insert(
-            model.to_string(),
-            s.oldest_pending_age
-                .map_or(Value::Null, |d| json!(d.as_secs_f64())),
-        );
-    }
-    json!({ "jobs": jobs, "oldest_pending_age_s": ages })
-}
 
 /// "3s", "4m 10s", "2h 5m", "3d 4h".
 pub fn age(d: Duration) -> String {
@@ -225,7 +202,8 @@ pub fn config_summary(c: &Config) -> String {
                 format!("`{}` on port {}", i.command.join(" "), i.port.unwrap_or(0))
             }
         };
-        let tp = crate::runtime::tensor_parallel_added(i)
+        let tp = i
+            .tensor_parallel_added()
             .map(|n| format!(" · --tensor-parallel-size {n}"))
             .unwrap_or_default();
         let _ = writeln!(

@@ -47,6 +47,20 @@ impl Checker<'_> {
         }
     }
 
+    /// A share, in (0, 1]; `message` says what it is a share of.
+    fn share(&mut self, path: &[Seg<'_>], v: f64, message: impl Into<String>) {
+        if !(v > 0.0 && v <= 1.0) {
+            self.at(path, message);
+        }
+    }
+
+    /// An overlap, less than what it overlaps (`limit`, the key `of`).
+    fn overlap(&mut self, path: &[Seg<'_>], v: u32, limit: u32, of: &str) {
+        if v >= limit {
+            self.at(path, format!("{v} must be less than {of} ({limit})"));
+        }
+    }
+
     fn range_f64(&mut self, path: &[Seg<'_>], v: f64, lo: f64, hi: f64) {
         if !(v >= lo && v <= hi) {
             self.at(path, format!("{v} is out of range: allowed {lo} to {hi}"));
@@ -240,12 +254,11 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         ("shared_memory_utilization", a.shared_memory_utilization),
         ("solo_memory_utilization", a.solo_memory_utilization),
     ] {
-        if !(v > 0.0 && v <= 1.0) {
-            c.at(
-                &[key("allocator"), key(name)],
-                format!("{v} is out of range: a share of GPU memory in (0, 1]"),
-            );
-        }
+        c.share(
+            &[key("allocator"), key(name)],
+            v,
+            format!("{v} is out of range: a share of GPU memory in (0, 1]"),
+        );
     }
 
     c.range_f64(
@@ -280,12 +293,11 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
             ),
         );
     }
-    if !(g.thermal_window_factor > 0.0 && g.thermal_window_factor <= 1.0) {
-        c.at(
-            &[key("gpu"), key("thermal_window_factor")],
-            "must be in (0, 1]: the share of the window kept while hot",
-        );
-    }
+    c.share(
+        &[key("gpu"), key("thermal_window_factor")],
+        g.thermal_window_factor,
+        "must be in (0, 1]: the share of the window kept while hot",
+    );
 
     let ch = &config.chunk;
     c.range_u64(
@@ -294,36 +306,29 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         16,
         1_000_000,
     );
-    if ch.overlap >= ch.tokens {
-        c.at(
-            &[key("chunk"), key("overlap")],
-            format!(
-                "{} must be less than chunk.tokens ({})",
-                ch.overlap, ch.tokens
-            ),
-        );
-    }
+    c.overlap(
+        &[key("chunk"), key("overlap")],
+        ch.overlap,
+        ch.tokens,
+        "chunk.tokens",
+    );
     c.range_u64(
         &[key("chunk"), key("tile_px")],
         ch.tile_px.into(),
         32,
         16_384,
     );
-    if ch.tile_overlap_px >= ch.tile_px {
-        c.at(
-            &[key("chunk"), key("tile_overlap_px")],
-            format!(
-                "{} must be less than chunk.tile_px ({})",
-                ch.tile_overlap_px, ch.tile_px
-            ),
-        );
-    }
-    if !(ch.min_success_ratio > 0.0 && ch.min_success_ratio <= 1.0) {
-        c.at(
-            &[key("chunk"), key("min_success_ratio")],
-            "must be in (0, 1]: the share of fragments that must succeed",
-        );
-    }
+    c.overlap(
+        &[key("chunk"), key("tile_overlap_px")],
+        ch.tile_overlap_px,
+        ch.tile_px,
+        "chunk.tile_px",
+    );
+    c.share(
+        &[key("chunk"), key("min_success_ratio")],
+        ch.min_success_ratio,
+        "must be in (0, 1]: the share of fragments that must succeed",
+    );
 
     if config.logging.level.trim().is_empty() {
         c.at(
@@ -340,7 +345,6 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
 /// Each launched instance's GPUs and parallel sizes, and GPUs whose memory
 /// no strategy can share out among the instances on them.
 fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
-    use crate::runtime::{flag_value, PP_FLAGS, TP_FLAGS};
     let launched: Vec<(usize, &InstanceConfig)> = config
         .instances
         .iter()
@@ -361,7 +365,7 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
         }
         let n = inst.gpu_ids.len();
         let size = |c: &mut Checker<'_>, names: &[&str]| -> Option<usize> {
-            match flag_value(&inst.args, names)? {
+            match inst.flag(names)? {
                 Some(v) => {
                     match v.parse::<usize>() {
                         Ok(k) if k >= 1 => Some(k),
@@ -380,8 +384,8 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
                 }
             }
         };
-        let tp_set = size(c, TP_FLAGS);
-        let pp = size(c, PP_FLAGS).unwrap_or(1);
+        let tp_set = size(c, super::TP_FLAGS);
+        let pp = size(c, super::PP_FLAGS).unwrap_or(1);
         if n == 0 {
             continue;
         }
@@ -589,12 +593,11 @@ fn check_instances(c: &mut Checker<'_>, config: &Config, admin_port: Option<u16>
             }
         }
         let g = inst.gpu_memory_utilization;
-        if !(g > 0.0 && g <= 1.0) {
-            c.at(
-                &at("gpu_memory_utilization"),
-                format!("{g} is out of range: a share of GPU memory in (0, 1], e.g. 0.75"),
-            );
-        }
+        c.share(
+            &at("gpu_memory_utilization"),
+            g,
+            format!("{g} is out of range: a share of GPU memory in (0, 1], e.g. 0.75"),
+        );
         for (flag, owner) in OWNED_FLAGS {
             if inst
                 .args

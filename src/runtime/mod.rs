@@ -48,45 +48,12 @@ pub fn vllm_args(inst: &InstanceConfig, plan: &LaunchPlan) -> Vec<String> {
     if inst.sleep_mode {
         out.push("--enable-sleep-mode".into());
     }
-    if let Some(tp) = tensor_parallel_added(inst) {
+    if let Some(tp) = inst.tensor_parallel_added() {
         out.push("--tensor-parallel-size".into());
         out.push(tp.to_string());
     }
     out.extend(inst.args.iter().cloned());
     out
-}
-
-/// vLLM's spellings of the tensor-parallel size.
-pub const TP_FLAGS: &[&str] = &["--tensor-parallel-size", "-tp"];
-/// vLLM's spellings of the pipeline-parallel size.
-pub const PP_FLAGS: &[&str] = &["--pipeline-parallel-size", "-pp"];
-
-/// The value `args` give a flag (`--flag V` or `--flag=V`, any of `names`):
-/// `Some(None)` when the flag is there without a value.
-pub fn flag_value<'a>(args: &'a [String], names: &[&str]) -> Option<Option<&'a str>> {
-    args.iter().enumerate().find_map(|(i, a)| {
-        if names.contains(&a.as_str()) {
-            return Some(args.get(i + 1).map(String::as_str));
-        }
-        let (name, value) = a.split_once('=')?;
-        names.contains(&name).then_some(Some(value))
-    })
-}
-
-/// The `--tensor-parallel-size` gpu-feeder adds: an instance on several
-/// GPUs spreads its model over all of them (divided by a pipeline-parallel
-/// size its args set), unless its args set the size themselves.
-pub fn tensor_parallel_added(inst: &InstanceConfig) -> Option<usize> {
-    let n = inst.gpu_ids.len();
-    if n < 2 || flag_value(&inst.args, TP_FLAGS).is_some() {
-        return None;
-    }
-    let pp = flag_value(&inst.args, PP_FLAGS)
-        .flatten()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(1)
-        .max(1);
-    Some((n / pp).max(1))
 }
 
 /// The server's environment: as configured, plus `VLLM_SERVER_DEV_MODE=1`
@@ -168,14 +135,5 @@ mod tests {
                 .count();
             assert_eq!(n, 1, "{args:?}");
         }
-    }
-
-    #[test]
-    fn flag_values_are_read_in_both_spellings() {
-        let args: Vec<String> = ["--x", "1", "-tp=4", "--bare"].map(String::from).to_vec();
-        assert_eq!(flag_value(&args, &["--x"]), Some(Some("1")));
-        assert_eq!(flag_value(&args, TP_FLAGS), Some(Some("4")));
-        assert_eq!(flag_value(&args, &["--bare"]), Some(None));
-        assert_eq!(flag_value(&args, PP_FLAGS), None);
     }
 }

@@ -213,59 +213,62 @@ impl Served {
         let st = e.stats();
         let l = format!("model_name=\"{model}\"");
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
+        // vLLM's name, help, type and value of each plain series.
+        let series = [
+            (
+                "num_requests_running",
+                "Number of requests in model execution batches.",
+                "gauge",
+                e.running().to_string(),
+            ),
+            (
+                "num_requests_waiting",
+                "Number of requests waiting to be processed.",
+                "gauge",
+                e.waiting().to_string(),
+            ),
+            (
+                "kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+                "gauge",
+                format!("{:.6}", e.kv_usage()),
+            ),
+            (
+                "num_preemptions_total",
+                "Cumulative number of preemption from the engine.",
+                "counter",
+                st.preemptions.to_string(),
+            ),
+            (
+                "prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                "counter",
+                st.prompt_tokens.to_string(),
+            ),
+            (
+                "generation_tokens_total",
+                "Number of generation tokens processed.",
+                "counter",
+                st.generation_tokens.to_string(),
+            ),
+            (
+                "prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                "counter",
+                st.prefix_queries.to_string(),
+            ),
+            (
+                "prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                "counter",
+                st.prefix_hits.to_string(),
+            ),
+        ];
+        for (name, help, kind, value) in series {
             let _ = writeln!(out, "# HELP vllm:{name} {help}");
             let _ = writeln!(out, "# TYPE vllm:{name} {kind}");
             let _ = writeln!(out, "vllm:{name}{{{l}}} {value}");
-        };
-        gauge(
-            "num_requests_running",
-            "Number of requests in model execution batches.",
-            "gauge",
-            e.running().to_string(),
-        );
-        gauge(
-            "num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            "gauge",
-            e.waiting().to_string(),
-        );
-        gauge(
-            "kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
-            "gauge",
-            format!("{:.6}", e.kv_usage()),
-        );
-        gauge(
-            "num_preemptions_total",
-            "Cumulative number of preemption from the engine.",
-            "counter",
-            st.preemptions.to_string(),
-        );
-        gauge(
-            "prompt_tokens_total",
-            "Number of prefill tokens processed.",
-            "counter",
-            st.prompt_tokens.to_string(),
-        );
-        gauge(
-            "generation_tokens_total",
-            "Number of generation tokens processed.",
-            "counter",
-            st.generation_tokens.to_string(),
-        );
-        gauge(
-            "prefix_cache_queries_total",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            "counter",
-            st.prefix_queries.to_string(),
-        );
-        gauge(
-            "prefix_cache_hits_total",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            "counter",
-            st.prefix_hits.to_string(),
-        );
+        }
         let _ = writeln!(
             out,
             "# HELP vllm:request_success_total Count of successfully processed requests.\n\

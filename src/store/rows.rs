@@ -14,14 +14,20 @@ use rusqlite::Row;
 use feeder_actors::fragment::Place;
 use feeder_actors::{Job, JobId, StoreError, StoreResult, Timestamp};
 
-/// Turns `rusqlite` errors into `StoreError::Backend`.
+/// Turns `rusqlite` errors into `StoreError::Backend`, or `Unavailable`
+/// when the database stayed locked past the busy timeout.
 pub(crate) trait Db<T> {
     fn db(self) -> StoreResult<T>;
 }
 
 impl<T> Db<T> for rusqlite::Result<T> {
     fn db(self) -> StoreResult<T> {
-        self.map_err(|e| StoreError::Backend(e.to_string()))
+        self.map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Backend(e.to_string()),
+        })
     }
 }
 

@@ -448,13 +448,20 @@ impl PgStore {
                         return None;
                     }
                 }
-                Some(Err(match e {
+                let unreachable = e.transient();
+                let err = match e {
                     OpError::Pool(p) => connect_error(&self.shared.place, &p),
                     other => StoreError::Backend(format!(
                         "the queue on {}: {}",
                         self.shared.place,
                         other.text()
                     )),
+                };
+                // The server could not be reached: the same call may
+                // succeed later.
+                Some(Err(match err {
+                    StoreError::Backend(m) if unreachable => StoreError::Unavailable(m),
+                    other => other,
                 }))
             }
         }

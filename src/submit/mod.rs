@@ -1,7 +1,8 @@
 //! Turning what a user hands to `submit` (a payload file, a prompt, an image,
 //! a JSONL file) into jobs, with the checks that keep bad input out of the
 //! queue: payloads are JSON objects the dispatcher can send, and every file
-//! the daemon will read lies under one of `queue.payload_roots`.
+//! the daemon will read lies under one of `queue.payload_roots`. Every
+//! frontend parses into one [`SubmitRequest`], under one set of rules.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -12,8 +13,12 @@ use sha2::{Digest, Sha256};
 use feeder_actors::fragment::Place;
 use feeder_actors::{ModelType, NewJob, Payload};
 
-use crate::chunk::{self, ChunkError};
+use crate::chunk::{self, image_mime, ChunkError, IMAGE_TYPES};
+
+mod request;
+
 use crate::config::ChunkConfig;
+pub use request::{Built, Input, SubmitRequest, MAX_ATTEMPTS};
 
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
@@ -80,21 +85,6 @@ impl Submission {
             }
         }
     }
-}
-
-/// Image types a vision payload may carry, by extension, with their MIME type.
-pub const IMAGE_TYPES: &[(&str, &str)] = &[
-    ("png", "image/png"),
-    ("jpg", "image/jpeg"),
-    ("jpeg", "image/jpeg"),
-    ("webp", "image/webp"),
-    ("gif", "image/gif"),
-];
-
-/// The MIME type of an image path, by extension.
-pub fn image_mime(path: &Path) -> Option<&'static str> {
-    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    IMAGE_TYPES.iter().find(|(e, _)| *e == ext).map(|(_, m)| *m)
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -220,12 +210,7 @@ impl Submitter {
         chunk: &ChunkConfig,
         stage_dir: &Path,
     ) -> Result<Submission, SubmitError> {
-        self.require_vision("--image")?;
-        let real = self.check_image(path, "--image")?;
-        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
-            path: real.clone(),
-            source,
-        })?;
+        let (real, bytes) = self.read_image(path)?;
         let (width, height) = chunk::image_size(&real)?;
         let big = bytes.len() as u64 > chunk.image_max_bytes
             || width > chunk.image_max_px
@@ -338,12 +323,7 @@ impl Submitter {
     /// A vision job for the image at `path`, with the model's OCR prompt.
     /// Idempotent on the image's content, wherever it lies.
     pub fn image(&self, path: &Path) -> Result<NewJob, SubmitError> {
-        self.require_vision("--image")?;
-        let real = self.check_image(path, "--image")?;
-        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
-            path: real.clone(),
-            source,
-        })?;
+        let (real, bytes) = self.read_image(path)?;
         let mut obj = Map::new();
         obj.insert(
             "image_path".into(),
@@ -417,6 +397,18 @@ impl Submitter {
                 ),
             })
         }
+    }
+
+    /// The image at `path` (for a vision model, of a known type, under
+    /// the roots), resolved, and its bytes.
+    fn read_image(&self, path: &Path) -> Result<(PathBuf, Vec<u8>), SubmitError> {
+        self.require_vision("--image")?;
+        let real = self.check_image(path, "--image")?;
+        let bytes = std::fs::read(&real).map_err(|source| SubmitError::Read {
+            path: real.clone(),
+            source,
+        })?;
+        Ok((real, bytes))
     }
 
     fn check_image(&self, path: &Path, place: &str) -> Result<PathBuf, SubmitError> {

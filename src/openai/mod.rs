@@ -14,187 +14,25 @@
 //! own message; a 200 without `choices[0].message.content` is retryable and
 //! quotes the start of the body.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tracing::info;
 
 use feeder_actors::inference::ProbeError;
 use feeder_actors::window::EngineMetrics;
-use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job, ModelType};
+use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job};
 
-use crate::config::InstanceConfig;
-use crate::submit::image_mime;
+mod request;
+mod response;
 
-/// Keys of a payload that are gpu-feeder's, not OpenAI's (`chunk` and
-/// `tile` placed a fragment in its parent before the `place` column; rows
-/// written then may still carry them).
-const OWN_KEYS: &[&str] = &["prompt", "image_path", "chunk", "tile"];
-
-/// What a request for one instance is built from.
-#[derive(Clone, Debug)]
-pub struct RequestDefaults {
-    /// The instance's name (for messages).
-    pub instance: String,
-    /// `model` in the request.
-    pub served_model_name: String,
-    /// Default `max_tokens`.
-    pub max_tokens: u32,
-    /// Default `temperature`.
-    pub temperature: f64,
-    /// Prepended as a system message when the payload has none.
-    pub system_prompt: Option<String>,
-    /// Sent with an image that comes without a prompt.
-    pub ocr_prompt: String,
-    /// Files a payload may name lie under one of these (canonical paths).
-    pub payload_roots: Vec<PathBuf>,
-    /// A vision model: its canary completion carries an image.
-    pub vision: bool,
-}
-
-impl RequestDefaults {
-    /// The defaults of a configured instance.
-    pub fn from_instance(inst: &InstanceConfig, payload_roots: &[PathBuf]) -> Self {
-        RequestDefaults {
-            instance: inst.name.clone(),
-            served_model_name: inst.served_model_name.clone(),
-            max_tokens: inst.max_tokens,
-            temperature: inst.temperature,
-            system_prompt: inst.system_prompt.clone(),
-            ocr_prompt: inst.ocr_prompt.clone(),
-            vision: inst.model_type == ModelType::Vision,
-            payload_roots: payload_roots
-                .iter()
-                .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
-                .collect(),
-        }
-    }
-
-    fn check_root(&self, path: &Path, what: &str) -> Result<PathBuf, InferenceError> {
-        let real = std::fs::canonicalize(path).map_err(|e| {
-            InferenceError::Permanent(format!("cannot read the {what} {}: {e}", path.display()))
-        })?;
-        if self.payload_roots.iter().any(|r| real.starts_with(r)) {
-            Ok(real)
-        } else {
-            Err(InferenceError::Permanent(format!(
-                "the {what} {} is outside queue.payload_roots; move it under one of them",
-                real.display()
-            )))
-        }
-    }
-}
-
-/// Reads a job's payload and builds the chat-completion body.
-pub async fn build_body(job: &Job, d: &RequestDefaults) -> Result<Value, InferenceError> {
-    let (text, place) = match (&job.payload_inline, &job.payload_path) {
-        (Some(inline), _) => (inline.clone(), "the inline payload".to_string()),
-        (None, Some(path)) => {
-            let d2 = d.clone();
-            let p2 = path.clone();
-            let real = tokio::task::spawn_blocking(move || d2.check_root(&p2, "payload file"))
-                .await
-                .map_err(|e| InferenceError::Retryable(e.to_string()))??;
-            let text = tokio::fs::read_to_string(&real).await.map_err(|e| {
-                InferenceError::Permanent(format!(
-                    "cannot read the payload file {}: {e}",
-                    real.display()
-                ))
-            })?;
-            (text, format!("payload file {}", real.display()))
-        }
-        (None, None) => {
-            return Err(InferenceError::Permanent(
-                "the job has neither payload_path nor payload_inline".into(),
-            ))
-        }
-    };
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| InferenceError::Permanent(format!("{place} is not valid JSON: {e}")))?;
-    let Value::Object(payload) = value else {
-        return Err(InferenceError::Permanent(format!(
-            "{place} must be a JSON object with `messages`, `prompt` or `image_path`"
-        )));
-    };
-    let mut body: Map<String, Value> = payload
-        .iter()
-        .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let prompt = payload.get("prompt").and_then(Value::as_str);
-    let messages = if let Some(m) = payload.get("messages") {
-        if m.as_array().is_none_or(|a| a.is_empty()) {
-            return Err(InferenceError::Permanent(format!(
-                "{place}: `messages` must be a non-empty array"
-            )));
-        }
-        m.clone()
-    } else if let Some(img) = payload.get("image_path") {
-        let Some(path) = img.as_str() else {
-            return Err(InferenceError::Permanent(format!(
-                "{place}: `image_path` must be a string"
-            )));
-        };
-        let url = image_data_url(Path::new(path), d).await?;
-        json!([{
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": prompt.unwrap_or(&d.ocr_prompt)},
-            ],
-        }])
-    } else if let Some(p) = prompt {
-        json!([{"role": "user", "content": p}])
-    } else {
-        return Err(InferenceError::Permanent(format!(
-            "{place} has no `messages`, `prompt` or `image_path`"
-        )));
-    };
-    let mut messages = match messages {
-        Value::Array(a) => a,
-        _ => unreachable!("built as arrays"),
-    };
-    if let Some(system) = &d.system_prompt {
-        let has_system = messages
-            .iter()
-            .any(|m| m.get("role").and_then(Value::as_str) == Some("system"));
-        if !has_system {
-            messages.insert(0, json!({"role": "system", "content": system}));
-        }
-    }
-    body.insert("messages".into(), Value::Array(messages));
-    body.entry("model")
-        .or_insert_with(|| json!(d.served_model_name));
-    body.entry("max_tokens")
-        .or_insert_with(|| json!(d.max_tokens));
-    body.entry("temperature")
-        .or_insert_with(|| json!(d.temperature));
-    body.insert("stream".into(), json!(false));
-    Ok(Value::Object(body))
-}
-
-async fn image_data_url(path: &Path, d: &RequestDefaults) -> Result<String, InferenceError> {
-    let Some(mime) = image_mime(path) else {
-        return Err(InferenceError::Permanent(format!(
-            "{} is not a supported image (png, jpg, jpeg, webp, gif)",
-            path.display()
-        )));
-    };
-    let (d2, p2) = (d.clone(), path.to_path_buf());
-    let real = tokio::task::spawn_blocking(move || d2.check_root(&p2, "image"))
-        .await
-        .map_err(|e| InferenceError::Retryable(e.to_string()))??;
-    let bytes = tokio::fs::read(&real).await.map_err(|e| {
-        InferenceError::Permanent(format!("cannot read the image {}: {e}", real.display()))
-    })?;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-    Ok(format!("data:{mime};base64,{b64}"))
-}
+pub use request::{build_body, RequestDefaults};
+use response::{excerpt, server_message, sleep_answer};
+pub use response::{parse_completion, parse_engine_metrics};
 
 /// One OpenAI-compatible server.
 #[derive(Clone, Debug)]
@@ -225,185 +63,19 @@ impl OpenAiClient {
         }
     }
 
+    /// A request that ran past the timeout: `what` did not come in time
+    /// (`then` follows the time).
+    fn too_slow(&self, what: &str, then: &str) -> InferenceError {
+        InferenceError::Retryable(format!(
+            "{}: {what} within {} s{then}",
+            self.defaults.instance,
+            self.timeout.as_secs()
+        ))
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
-}
-
-/// The start of a body, for error messages.
-fn excerpt(body: &str) -> String {
-    let one_line = body.trim().replace('\n', " ");
-    if one_line.chars().count() > 300 {
-        format!("{}…", one_line.chars().take(300).collect::<String>())
-    } else {
-        one_line
-    }
-}
-
-/// The server's own words from an error body (`{"error": {"message": …}}`,
-/// `{"message": …}`, `{"detail": …}`, or the text itself).
-fn server_message(body: &str) -> String {
-    if let Ok(v) = serde_json::from_str::<Value>(body) {
-        let found = v
-            .pointer("/error/message")
-            .or_else(|| v.get("message"))
-            .or_else(|| v.get("detail"))
-            .or_else(|| v.get("error"));
-        if let Some(m) = found {
-            return match m {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-        }
-    }
-    excerpt(body)
-}
-
-/// Sends a sleep-mode request: the body of a 2xx answer, else why not.
-async fn sleep_answer(url: &str, req: reqwest::RequestBuilder) -> Result<String, String> {
-    let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
-    let code = resp.status().as_u16();
-    let text = resp.text().await.unwrap_or_default();
-    if (200..300).contains(&code) {
-        Ok(text)
-    } else {
-        Err(sleep_refused(url, code, &text))
-    }
-}
-
-/// Why a sleep-mode call was refused, with what to do about a 404.
-fn sleep_refused(url: &str, code: u16, text: &str) -> String {
-    if code == 404 {
-        format!(
-            "{url} answers 404: the server was not launched with --enable-sleep-mode and \
-             VLLM_SERVER_DEV_MODE=1 (set sleep_mode = true on the instance)"
-        )
-    } else {
-        format!("{url} answers HTTP {code}: {}", server_message(text))
-    }
-}
-
-/// Turns a chat-completion response into an output.
-///
-/// Servers other than vLLM differ in small ways, each accepted: `content`
-/// as a list of text parts; no `content` but `reasoning_content` (a
-/// reasoning model cut short by `max_tokens`: the content is empty, the
-/// whole response is kept); `usage` counted as `input_tokens` /
-/// `output_tokens`, as a number with a fraction or in a string, or absent.
-pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput, InferenceError> {
-    let missing = || {
-        InferenceError::Retryable(format!(
-            "HTTP 200 without choices[0].message.content: {}",
-            excerpt(body)
-        ))
-    };
-    let v: Value = serde_json::from_str(body).map_err(|_| missing())?;
-    if v.pointer("/choices/0/finish_reason")
-        .and_then(Value::as_str)
-        == Some("abort")
-    {
-        return Err(InferenceError::Aborted(
-            "the server aborted the request (finish_reason \"abort\": put to sleep or stopping)"
-                .into(),
-        ));
-    }
-    let message = v.pointer("/choices/0/message").ok_or_else(missing)?;
-    let content = match message.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
-        _ if ["reasoning_content", "reasoning"]
-            .iter()
-            .any(|k| message.get(*k).is_some_and(Value::is_string)) =>
-        {
-            String::new()
-        }
-        _ => return Err(missing()),
-    };
-    let count = |keys: &[&str]| {
-        keys.iter().find_map(|k| {
-            let u = v.get("usage")?.get(*k)?;
-            u.as_u64()
-                .or_else(|| u.as_f64().filter(|f| *f >= 0.0).map(|f| f.round() as u64))
-                .or_else(|| u.as_str()?.trim().parse().ok())
-        })
-    };
-    Ok(InferenceOutput {
-        content,
-        prompt_tokens: count(&["prompt_tokens", "input_tokens"]),
-        completion_tokens: count(&["completion_tokens", "output_tokens"]),
-        latency,
-        response: v,
-    })
-}
-
-/// vLLM's engine metrics from its Prometheus text, summed over label sets
-/// (one per model or engine); `None` when the text lacks the generation
-/// counter, which the adaptive window cannot do without (another server's
-/// metrics, or none).
-pub fn parse_engine_metrics(text: &str) -> Option<EngineMetrics> {
-    fn add(h: &mut Option<(f64, f64)>, sum: f64, count: f64) {
-        let (s, c) = h.get_or_insert((0.0, 0.0));
-        *s += sum;
-        *c += count;
-    }
-    let mut m = EngineMetrics::default();
-    let mut generation = false;
-    let mut kv_v1 = false;
-    for line in text.lines() {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let name = &line[..name_end];
-        let Some(value) = line
-            .rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite())
-        else {
-            continue;
-        };
-        match name {
-            "vllm:num_requests_running" => m.running += value,
-            "vllm:num_requests_waiting" => m.waiting += value,
-            "vllm:kv_cache_usage_perc" => {
-                // The newer name wins over the older one.
-                if !kv_v1 {
-                    m.kv_usage = 0.0;
-                }
-                kv_v1 = true;
-                m.kv_usage = m.kv_usage.max(value);
-            }
-            "vllm:gpu_cache_usage_perc" if !kv_v1 => m.kv_usage = m.kv_usage.max(value),
-            "vllm:num_preemptions_total" => m.preemptions_total += value,
-            "vllm:generation_tokens_total" => {
-                generation = true;
-                m.generation_tokens_total += value;
-            }
-            "vllm:request_queue_time_seconds_sum" => add(&mut m.queue_time, value, 0.0),
-            "vllm:request_queue_time_seconds_count" => add(&mut m.queue_time, 0.0, value),
-            "vllm:e2e_request_latency_seconds_sum" => add(&mut m.e2e, value, 0.0),
-            "vllm:e2e_request_latency_seconds_count" => add(&mut m.e2e, 0.0, value),
-            "vllm:prefix_cache_hits_total" => add(&mut m.prefix_cache, value, 0.0),
-            "vllm:prefix_cache_queries_total" => add(&mut m.prefix_cache, 0.0, value),
-            "vllm:cache_config_info" => {
-                let label = |key: &str| -> Option<f64> {
-                    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
-                    let rest = &line[start..];
-                    rest[..rest.find('"')?].parse().ok()
-                };
-                if let (Some(blocks), Some(size)) = (label("num_gpu_blocks"), label("block_size")) {
-                    *m.kv_cache_tokens.get_or_insert(0.0) += blocks * size;
-                }
-            }
-            _ => {}
-        }
-    }
-    generation.then_some(m)
 }
 
 #[async_trait]
@@ -422,11 +94,7 @@ impl InferenceClient for OpenAiClient {
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Err(InferenceError::Retryable(format!(
-                    "{}: no answer within {} s ({url})",
-                    self.defaults.instance,
-                    self.timeout.as_secs()
-                )))
+                return Err(self.too_slow("no answer", &format!(" ({url})")))
             }
             Err(e) if e.is_connect() || e.is_request() => {
                 return Err(InferenceError::Unavailable(format!(
@@ -451,11 +119,7 @@ impl InferenceClient for OpenAiClient {
         let text = match resp.text().await {
             Ok(t) => t,
             Err(e) if e.is_timeout() => {
-                return Err(InferenceError::Retryable(format!(
-                    "{}: the response did not finish within {} s",
-                    self.defaults.instance,
-                    self.timeout.as_secs()
-                )))
+                return Err(self.too_slow("the response did not finish", ""))
             }
             Err(e) => {
                 return Err(InferenceError::Unavailable(format!(
@@ -784,7 +448,9 @@ fn canary_image() -> &'static str {
 mod tests {
     use super::*;
     use feeder_actors::testkit::store_contract::job;
+    use feeder_actors::ModelType;
     use feeder_actors::Payload;
+    use std::path::Path;
 
     fn defaults(root: &Path) -> RequestDefaults {
         RequestDefaults {
