@@ -185,7 +185,7 @@ pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>
             },
             startup_timeout: Duration::from_secs(inst.startup_timeout_s),
             gpu_ids: inst.gpu_ids.clone(),
-            sleep: inst.sleep(),
+            sleep: inst.sleep(crate::gpu::host_memory_available),
         });
     }
     Ok(specs)

@@ -209,8 +209,12 @@ impl InstanceConfig {
         }
     }
 
-    /// How its model sleeps, with sleep mode on (`None`: off).
-    pub fn sleep(&self) -> Option<feeder_actors::spec::SleepLevel> {
+    /// How its model sleeps, with sleep mode on (`None`: off); `auto` weighs
+    /// the weights against what `host_available` reads of the host's memory.
+    pub fn sleep(
+        &self,
+        host_available: fn() -> Option<u64>,
+    ) -> Option<feeder_actors::spec::SleepLevel> {
         use feeder_actors::spec::SleepLevel;
         if !self.sleep_mode {
             return None;
@@ -223,7 +227,7 @@ impl InstanceConfig {
                     .weights_gib
                     .map(|g| (g * (1u64 << 30) as f64) as u64)
                     .or_else(|| self.model_dir().and_then(|d| weights_size(&d))),
-                host_available: crate::gpu::host_memory_available,
+                host_available,
             },
         })
     }
