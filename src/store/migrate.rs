@@ -1,8 +1,10 @@
-//! Schema migrations: the numbered files in `migrations/`, embedded in the
+//! Schema migrations: the numbered files in `migrations/sqlite/`, embedded in the
 //! binary and applied in order, all in one transaction (a failed upgrade
 //! leaves the database as it was).
 //!
-//! Each file ends by recording its own version in `schema_migrations`, so a
+//! Each file ends by recording its own version in `schema_migrations` (the
+//! first file makes that table, and [`migrate`] makes it before anything
+//! else, for a database adopted by its shape), so a
 //! database built by running the files through the `sqlite3` CLI (as other
 //! programs may) is marked exactly as one built here. A database whose
 //! tables were made by hand from older copies of the files carries no marks;
@@ -33,42 +35,42 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-/// Every migration, in order. A test checks that this matches `migrations/`.
+/// Every migration, in order. A test checks that this matches `migrations/sqlite/`.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "gpu_jobs",
-        sql: include_str!("../../migrations/0001_gpu_jobs.sql"),
+        sql: include_str!("../../migrations/sqlite/0001_gpu_jobs.sql"),
     },
     Migration {
         version: 2,
         name: "follow_ups",
-        sql: include_str!("../../migrations/0002_follow_ups.sql"),
+        sql: include_str!("../../migrations/sqlite/0002_follow_ups.sql"),
     },
     Migration {
         version: 3,
         name: "crashes",
-        sql: include_str!("../../migrations/0003_crashes.sql"),
+        sql: include_str!("../../migrations/sqlite/0003_crashes.sql"),
     },
     Migration {
         version: 4,
         name: "due",
-        sql: include_str!("../../migrations/0004_due.sql"),
+        sql: include_str!("../../migrations/sqlite/0004_due.sql"),
     },
     Migration {
         version: 5,
         name: "place",
-        sql: include_str!("../../migrations/0005_place.sql"),
+        sql: include_str!("../../migrations/sqlite/0005_place.sql"),
     },
     Migration {
         version: 6,
         name: "prefix",
-        sql: include_str!("../../migrations/0006_prefix.sql"),
+        sql: include_str!("../../migrations/sqlite/0006_prefix.sql"),
     },
     Migration {
         version: 7,
         name: "daemons_results",
-        sql: include_str!("../../migrations/0007_daemons_results.sql"),
+        sql: include_str!("../../migrations/sqlite/0007_daemons_results.sql"),
     },
 ];
 
@@ -573,7 +575,7 @@ mod tests {
 
     #[test]
     fn every_file_in_migrations_is_listed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
