@@ -269,7 +269,7 @@ impl Context {
             }
         }
         if let Some(db) = db {
-            match db.to_str().filter(|s| crate::store::pg::is_url(s)) {
+            match db.to_str().filter(|s| crate::config::DatabaseUrl::is_url(s)) {
                 Some(url) => config.queue.database_url = Some(url.to_string()),
                 None => {
                     config.queue.db_path = db.to_path_buf();
@@ -278,7 +278,7 @@ impl Context {
             }
         }
         if let Some(url) = &config.queue.database_url {
-            if let Err(e) = crate::store::pg::parse_url(url) {
+            if let Err(e) = crate::config::DatabaseUrl::parse(url) {
                 return Err(ConfigError::single(&path, "queue.database_url", None, e));
             }
         }

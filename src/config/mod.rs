@@ -8,6 +8,7 @@
 //! Relative paths are taken relative to the configuration file's folder.
 
 mod check;
+mod database;
 mod locate;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use feeder_actors::{Backoff, ModelType};
+
+pub use database::DatabaseUrl;
 
 /// Where the configuration is looked for when neither `--config` nor
 /// `$FEEDER_CONFIG` names it.
@@ -162,7 +165,7 @@ impl QueueConfig {
     /// its password) or the SQLite file.
     pub fn location(&self) -> String {
         match &self.database_url {
-            Some(url) => crate::store::pg::redact(url),
+            Some(url) => DatabaseUrl::redact(url),
             None => self.db_path.display().to_string(),
         }
     }

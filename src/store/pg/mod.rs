@@ -30,7 +30,6 @@ pub mod migrate;
 mod rows;
 
 use std::collections::HashSet;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +51,7 @@ use feeder_actors::{
 };
 
 use super::migrate::MigrationReport;
+use crate::config::DatabaseUrl;
 use rows::job_from_row;
 
 /// Whose clock a store reads.
@@ -70,51 +70,6 @@ pub enum Patience {
     FailFast,
     /// Try again with backoff until the server is back (the daemon).
     Reconnect,
-}
-
-/// Whether `s` is meant as a PostgreSQL URL rather than a file.
-pub fn is_url(s: &str) -> bool {
-    s.starts_with("postgresql://") || s.starts_with("postgres://")
-}
-
-/// Checks a connection string; the error says what is wrong with it.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
-    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
-        return Err(format!(
-            "`{}` is not a PostgreSQL URL: write postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
-            redact(url)
-        ));
-    }
-    let config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| format!("`{}` is not a valid PostgreSQL URL: {e}", redact(url)))?;
-    if config.get_hosts().is_empty() {
-        return Err(format!(
-            "`{}` names no host: write postgresql://USER@HOST:PORT/DATABASE",
-            redact(url)
-        ));
-    }
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(format!(
-            "`{}` asks for TLS (sslmode=require), which this build does not speak: reach the server over a private network or a local TLS tunnel, and use sslmode=disable or prefer",
-            redact(url)
-        ));
-    }
-    Ok(config)
-}
-
-/// The URL with its password (if any) replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (auth, tail) = match rest.find('@') {
-        Some(at) if !rest[..at].contains('/') => (&rest[..at], &rest[at..]),
-        _ => return url.to_string(),
-    };
-    match auth.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{tail}"),
-        None => url.to_string(),
-    }
 }
 
 /// Where a configuration points, for messages: `user@host:port/database`.
@@ -348,8 +303,9 @@ impl PgStore {
         clock: Clock,
         patience: Patience,
     ) -> StoreResult<(Self, MigrationReport)> {
-        let mut config =
-            parse_url(url).map_err(|e| StoreError::Backend(format!("queue.database_url: {e}")))?;
+        let mut config = DatabaseUrl::parse(url)
+            .map_err(|e| StoreError::Backend(format!("queue.database_url: {e}")))?
+            .into_config();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(5));
         }
@@ -1546,27 +1502,5 @@ async fn get_locked(tx: &deadpool_postgres::Transaction<'_>, id: JobId) -> Op<Jo
     match tx.query_opt(&st, &[&bytes(&id)]).await? {
         Some(row) => Ok(job_from_row(&row)?),
         None => Err(StoreError::NotFound(id).into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_checked_and_passwords_never_shown() {
-        assert!(parse_url("postgresql://u@h:5432/db").is_ok());
-        assert!(parse_url("postgres://u:secret@h/db").is_ok());
-        let e = parse_url("mysql://u@h/db").unwrap_err();
-        assert!(e.contains("not a PostgreSQL URL"), "{e}");
-        let e = parse_url("postgresql://u:secret@h:notaport/db").unwrap_err();
-        assert!(!e.contains("secret"), "{e}");
-        let e = parse_url("postgresql://u@h/db?sslmode=require").unwrap_err();
-        assert!(e.contains("TLS"), "{e}");
-        assert_eq!(
-            redact("postgresql://u:secret@h:5432/db"),
-            "postgresql://u:***@h:5432/db"
-        );
-        assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
     }
 }
