@@ -12,8 +12,8 @@ use crate::job::{
 };
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
-    fragment_count, poison_error, Blocking, BlockingJobStore, JobStore, ParentOutcome, Settled,
-    StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+    fragment_count, poison_error, settle_one, Blocking, BlockingJobStore, JobStore, ParentOutcome,
+    Settle, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -349,6 +349,17 @@ impl BlockingJobStore for MemoryStore {
         j.lease_until = None;
         j.finished_at = Some(now);
         Ok(())
+    }
+
+    fn settle_batch(
+        &self,
+        items: Vec<(Claim, Settle)>,
+        now: Timestamp,
+    ) -> StoreResult<Vec<StoreResult<Settled>>> {
+        Ok(items
+            .into_iter()
+            .map(|(claim, settle)| settle_one(self, &claim, settle, now))
+            .collect())
     }
 
     fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome> {
