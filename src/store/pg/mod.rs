@@ -50,7 +50,8 @@ use feeder_actors::{
     Settled, StoreError, StoreResult, Submitted, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
 
-use super::migrate::MigrationReport;
+use super::migration::MigrationReport;
+pub use super::Patience;
 use crate::config::DatabaseUrl;
 use rows::job_from_row;
 
@@ -61,15 +62,6 @@ pub enum Clock {
     Database,
     /// The `now` each call is given (tests that set the time).
     Caller,
-}
-
-/// What a call does when the server cannot be reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Patience {
-    /// Fail at once, naming the server (the command line).
-    FailFast,
-    /// Try again with backoff until the server is back (the daemon).
-    Reconnect,
 }
 
 /// Where a configuration points, for messages: `user@host:port/database`.

@@ -1,0 +1,1 @@
+//! What the SQLite and PostgreSQL adapters do alike, written once.
