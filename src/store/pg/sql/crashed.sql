@@ -1,0 +1,8 @@
+UPDATE gpu_jobs
+   SET crashes     = crashes + 1,
+       status      = CASE WHEN crashes + 1 >= $4 THEN 'failed' ELSE 'pending' END,
+       finished_at = CASE WHEN crashes + 1 >= $4 THEN gpu_feeder_now($1) ELSE NULL END,
+       error       = CASE WHEN crashes + 1 >= $4 THEN $5 ELSE error END,
+       claim_id = NULL, lease_until = NULL, updated_at = gpu_feeder_now($1)
+ WHERE id = $2 AND claim_id = $3 AND status = 'processing'
+RETURNING status, attempts

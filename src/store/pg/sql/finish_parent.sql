@@ -1,0 +1,5 @@
+UPDATE gpu_jobs
+   SET status = $3, result_path = $4, error = $5, attempts = attempts + 1,
+       finished_at = gpu_feeder_now($1), updated_at = gpu_feeder_now($1)
+ WHERE id = $2 AND status = 'processing' AND total_fragments IS NOT NULL
+   AND parent_id IS NULL

@@ -1,0 +1,5 @@
+SELECT j.id
+  FROM gpu_jobs AS j
+ WHERE j.status = 'done' AND j.then_model IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM gpu_jobs AS f WHERE f.follows = j.id)
+ LIMIT $1

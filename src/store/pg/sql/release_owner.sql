@@ -1,0 +1,4 @@
+UPDATE gpu_jobs
+   SET status = 'pending', claim_id = NULL, lease_until = NULL, updated_at = gpu_feeder_now($1)
+ WHERE status = 'processing' AND lease_until IS NOT NULL
+   AND (claimed_by = $2 OR left(claimed_by, length($2) + 1) = $2 || '/')

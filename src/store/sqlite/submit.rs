@@ -1,0 +1,96 @@
+//! Submitting: one insert per job, idempotent, inside the caller's transaction.
+
+use rusqlite::{named_params, Transaction};
+
+use feeder_actors::{
+    Job, JobId, JobStatus, NewJob, StoreError, StoreResult, Submitted, Timestamp,
+    DEFAULT_MAX_ATTEMPTS,
+};
+
+use super::rows::{job_from_row, secs, Db};
+use super::*;
+
+pub(super) fn insert(
+    tx: &Transaction<'_>,
+    job: &NewJob,
+    status: JobStatus,
+    fragment: Option<(JobId, u32, u32)>,
+    total: Option<u32>,
+    now: Timestamp,
+) -> StoreResult<Option<JobId>> {
+    let id = JobId::random();
+    let (payload_path, payload_inline) = match &job.payload {
+        feeder_actors::Payload::File(p) => (Some(p.to_string_lossy().into_owned()), None),
+        feeder_actors::Payload::Inline(s) => (None, Some(s.as_str())),
+    };
+    let mut stmt = tx.prepare_cached(INSERT).db()?;
+    let n = stmt
+        .execute(named_params! {
+            ":id": id.0,
+            ":payload_sha256": job.payload_sha256,
+            ":model_type": job.model_type.as_str(),
+            ":payload_path": payload_path,
+            ":payload_inline": payload_inline,
+            ":created_at": now.as_secs(),
+            ":status": status.as_str(),
+            ":priority": job.priority,
+            ":max_attempts": job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            ":parent_id": fragment.map(|f| f.0 .0),
+            ":fragment_index": fragment.map(|f| f.1),
+            ":total_fragments": fragment.map(|f| f.2).or(total),
+            ":follows": job.follows.map(|f| f.0),
+            ":then_model": job.then_model.map(|m| m.as_str()),
+            ":place": job.place.map(|p| p.to_json()),
+            // A fragment shares its parent's key (see `feeder_actors::prefix`).
+            ":prefix_key": match fragment {
+                Some((parent, _, _)) => Some(parent.to_string()),
+                None => job.prefix_key.clone(),
+            },
+            ":now": secs(now),
+        })
+        .map_err(|e| StoreError::Invalid(format!("job rejected by the database: {e}")))?;
+    Ok((n == 1).then_some(id))
+}
+
+/// The existing job that an insert of `job` conflicted with.
+pub(super) fn existing(tx: &Transaction<'_>, job: &NewJob) -> StoreResult<Job> {
+    let found = if let Some(follows) = job.follows {
+        tx.query_row(
+            &format!("{SELECT_JOB} WHERE follows = ?1"),
+            [follows.0],
+            job_from_row,
+        )
+    } else {
+        tx.query_row(
+            &format!(
+                "{SELECT_JOB} WHERE model_type = ?1 AND payload_sha256 = ?2 \
+                 AND parent_id IS NULL AND follows IS NULL"
+            ),
+            [job.model_type.as_str(), job.payload_sha256.as_str()],
+            job_from_row,
+        )
+    };
+    found.db()?
+}
+
+pub(super) fn submit_in(
+    tx: &Transaction<'_>,
+    job: &NewJob,
+    now: Timestamp,
+) -> StoreResult<Submitted> {
+    match insert(tx, job, JobStatus::Pending, None, None, now)? {
+        Some(id) => Ok(Submitted {
+            id,
+            created: true,
+            status: JobStatus::Pending,
+        }),
+        None => {
+            let found = existing(tx, job)?;
+            Ok(Submitted {
+                id: found.id,
+                created: false,
+                status: found.status,
+            })
+        }
+    }
+}
