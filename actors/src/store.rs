@@ -516,3 +516,95 @@ pub fn settle_one<S: BlockingJobStore + ?Sized>(
         Settle::Crashed { instance, limit } => store.release_crashed(claim, &instance, limit, now),
     }
 }
+
+/// Where a fragment is inserted: its parent, its index, and how many
+/// fragments the parent has.
+pub type FragmentAt = (JobId, u32, u32);
+
+/// The two statements of a submission, as an adapter writes them inside
+/// its transaction; [`submit_in`] and [`submit_parent_in`] make every
+/// submission of them, the same way in every adapter. The methods are
+/// `async` for an adapter over an asynchronous client; a synchronous one
+/// writes them without awaiting anything and runs the submission with
+/// [`run_now`].
+// Callers name a concrete adapter, whose futures keep their auto traits.
+#[allow(async_fn_in_trait)]
+pub trait SubmitTx {
+    /// The adapter's error: a [`StoreError`], or one that carries it.
+    type Error: From<StoreError>;
+
+    /// Inserts `job` as `status` (at `fragment` of its parent, or as a
+    /// parent of `total` fragments) unless an identical one exists: its
+    /// new id, or `None` when it conflicted.
+    async fn insert(
+        &mut self,
+        job: &NewJob,
+        status: JobStatus,
+        fragment: Option<FragmentAt>,
+        total: Option<u32>,
+    ) -> Result<Option<JobId>, Self::Error>;
+
+    /// The existing job that an insert of `job` conflicted with.
+    async fn existing(&mut self, job: &NewJob) -> Result<Job, Self::Error>;
+}
+
+/// Submits one job: inserted `pending`, or the identical one already there.
+pub async fn submit_in<T: SubmitTx>(tx: &mut T, job: &NewJob) -> Result<Submitted, T::Error> {
+    match tx.insert(job, JobStatus::Pending, None, None).await? {
+        Some(id) => Ok(Submitted {
+            id,
+            created: true,
+            status: JobStatus::Pending,
+        }),
+        None => Ok(found(&tx.existing(job).await?)),
+    }
+}
+
+/// Submits a parent, waiting in `processing`, and its fragments; an
+/// identical parent already there is returned as it is, without fragments.
+pub async fn submit_parent_in<T: SubmitTx>(
+    tx: &mut T,
+    parent: &NewJob,
+    fragments: &[NewJob],
+) -> Result<Submitted, T::Error> {
+    let total = fragment_count(fragments)?;
+    let Some(id) = tx
+        .insert(parent, JobStatus::Processing, None, Some(total))
+        .await?
+    else {
+        return Ok(found(&tx.existing(parent).await?));
+    };
+    for (i, frag) in fragments.iter().enumerate() {
+        let at = Some((id, i as u32, total));
+        if tx
+            .insert(frag, JobStatus::Pending, at, None)
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::Invalid(format!(
+                "fragment {i} of parent {id} conflicts with an existing row"
+            ))
+            .into());
+        }
+    }
+    Ok(Submitted {
+        id,
+        created: true,
+        status: JobStatus::Processing,
+    })
+}
+
+fn found(existing: &Job) -> Submitted {
+    Submitted {
+        id: existing.id,
+        created: false,
+        status: existing.status,
+    }
+}
+
+/// Runs a submission over a synchronous adapter's [`SubmitTx`], whose
+/// statements never wait, to its end on this thread.
+pub fn run_now<T>(submission: impl std::future::Future<Output = T>) -> T {
+    futures_util::FutureExt::now_or_never(submission)
+        .expect("a synchronous adapter's statements never wait")
+}

@@ -12,8 +12,9 @@ use crate::job::{
 };
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
-    fragment_count, poison_error, settle_one, Blocking, BlockingJobStore, JobStore, ParentOutcome,
-    Settle, Settled, StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+    poison_error, run_now, settle_one, submit_in, submit_parent_in, Blocking, BlockingJobStore,
+    FragmentAt, JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult, SubmitTx,
+    DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -188,19 +189,45 @@ impl Inner {
         Ok(id)
     }
 
-    fn submit(&mut self, job: &NewJob, now: Timestamp) -> Submitted {
-        match self.insert(job, JobStatus::Pending, None, None, now) {
-            Ok(id) => Submitted {
-                id,
-                created: true,
-                status: JobStatus::Pending,
-            },
-            Err(existing) => Submitted {
-                id: existing.id,
-                created: false,
-                status: existing.status,
-            },
+    /// A submission's view of the rows, at `now`.
+    fn tx(&mut self, now: Timestamp) -> MemoryTx<'_> {
+        MemoryTx {
+            inner: self,
+            now,
+            conflict: None,
         }
+    }
+}
+
+/// The rows as a submission writes them: the job an insert conflicted with
+/// is kept for [`SubmitTx::existing`].
+struct MemoryTx<'a> {
+    inner: &'a mut Inner,
+    now: Timestamp,
+    conflict: Option<Box<Job>>,
+}
+
+impl SubmitTx for MemoryTx<'_> {
+    type Error = StoreError;
+
+    async fn insert(
+        &mut self,
+        job: &NewJob,
+        status: JobStatus,
+        fragment: Option<FragmentAt>,
+        total: Option<u32>,
+    ) -> StoreResult<Option<JobId>> {
+        match self.inner.insert(job, status, fragment, total, self.now) {
+            Ok(id) => Ok(Some(id)),
+            Err(existing) => {
+                self.conflict = Some(existing);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn existing(&mut self, _job: &NewJob) -> StoreResult<Job> {
+        Ok(*self.conflict.take().expect("an insert conflicted"))
     }
 }
 
@@ -212,12 +239,15 @@ fn to_pending(j: &mut Job) {
 
 impl BlockingJobStore for MemoryStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
-        Ok(self.write().submit(&job, now))
+        run_now(submit_in(&mut self.write().tx(now), &job))
     }
 
     fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
         let mut inner = self.write();
-        Ok(jobs.iter().map(|j| inner.submit(j, now)).collect())
+        let mut tx = inner.tx(now);
+        jobs.iter()
+            .map(|j| run_now(submit_in(&mut tx, j)))
+            .collect()
     }
 
     fn submit_parent(
@@ -226,34 +256,11 @@ impl BlockingJobStore for MemoryStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        let total = fragment_count(&fragments)?;
-        let mut inner = self.write();
-        let id = match inner.insert(&parent, JobStatus::Processing, None, Some(total), now) {
-            Ok(id) => id,
-            Err(existing) => {
-                return Ok(Submitted {
-                    id: existing.id,
-                    created: false,
-                    status: existing.status,
-                })
-            }
-        };
-        for (i, frag) in fragments.iter().enumerate() {
-            let at = Some((id, i as u32, total));
-            if inner
-                .insert(frag, JobStatus::Pending, at, None, now)
-                .is_err()
-            {
-                return Err(StoreError::Invalid(format!(
-                    "fragment {i} of parent {id} conflicts with an existing row"
-                )));
-            }
-        }
-        Ok(Submitted {
-            id,
-            created: true,
-            status: JobStatus::Processing,
-        })
+        run_now(submit_parent_in(
+            &mut self.write().tx(now),
+            &parent,
+            &fragments,
+        ))
     }
 
     fn claim_with(

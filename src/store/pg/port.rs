@@ -8,7 +8,7 @@ use deadpool_postgres::{Object, Transaction};
 use tracing::warn;
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder};
-use feeder_actors::store::fragment_count;
+use feeder_actors::store::{submit_in, submit_parent_in};
 use feeder_actors::{
     Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId, JobStatus,
     JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
@@ -49,7 +49,7 @@ impl JobStore for PgStore {
         let at = self.at(now);
         run!(self, |c, _tries| {
             let tx = c.transaction().await?;
-            let out = submit_in(&tx, at, &job).await?;
+            let out = submit_in(&mut PgTx { tx: &tx, at }, &job).await?;
             tx.commit().await?;
             Ok(out)
         })
@@ -60,8 +60,9 @@ impl JobStore for PgStore {
         run!(self, |c, _tries| {
             let tx = c.transaction().await?;
             let mut out = Vec::with_capacity(jobs.len());
+            let mut submit = PgTx { tx: &tx, at };
             for job in &jobs {
-                out.push(submit_in(&tx, at, job).await?);
+                out.push(submit_in(&mut submit, job).await?);
             }
             tx.commit().await?;
             Ok(out)
@@ -74,38 +75,12 @@ impl JobStore for PgStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        let total = fragment_count(&fragments)?;
         let at = self.at(now);
         run!(self, |c, _tries| {
             let tx = c.transaction().await?;
-            let Some(id) =
-                insert(&tx, at, &parent, JobStatus::Processing, None, Some(total)).await?
-            else {
-                let found = existing(&tx, &parent).await?;
-                return Ok(Submitted {
-                    id: found.id,
-                    created: false,
-                    status: found.status,
-                });
-            };
-            for (i, frag) in fragments.iter().enumerate() {
-                let place = Some((id, i as u32, total));
-                if insert(&tx, at, frag, JobStatus::Pending, place, None)
-                    .await?
-                    .is_none()
-                {
-                    return Err(StoreError::Invalid(format!(
-                        "fragment {i} of parent {id} conflicts with an existing row"
-                    ))
-                    .into());
-                }
-            }
+            let out = submit_parent_in(&mut PgTx { tx: &tx, at }, &parent, &fragments).await?;
             tx.commit().await?;
-            Ok(Submitted {
-                id,
-                created: true,
-                status: JobStatus::Processing,
-            })
+            Ok(out)
         })
     }
 

@@ -3,13 +3,14 @@
 use deadpool_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
-use feeder_actors::{Job, JobId, JobStatus, NewJob, StoreError, Submitted, DEFAULT_MAX_ATTEMPTS};
+use feeder_actors::store::{FragmentAt, SubmitTx};
+use feeder_actors::{Job, JobId, JobStatus, NewJob, StoreError, DEFAULT_MAX_ATTEMPTS};
 
 use super::rows::job_from_row;
 use super::*;
 
 /// Inserts `job` unless an identical one exists; `Some(id)` when inserted.
-pub(super) async fn insert(
+async fn insert(
     tx: &Transaction<'_>,
     at: Option<f64>,
     job: &NewJob,
@@ -64,7 +65,7 @@ pub(super) async fn insert(
 }
 
 /// The existing job that an insert of `job` conflicted with.
-pub(super) async fn existing(tx: &Transaction<'_>, job: &NewJob) -> Op<Job> {
+async fn existing(tx: &Transaction<'_>, job: &NewJob) -> Op<Job> {
     let row = if let Some(follows) = job.follows {
         let st = tx
             .prepare_cached("SELECT * FROM gpu_jobs WHERE follows = $1")
@@ -83,24 +84,26 @@ pub(super) async fn existing(tx: &Transaction<'_>, job: &NewJob) -> Op<Job> {
     Ok(job_from_row(&row)?)
 }
 
-pub(super) async fn submit_in(
-    tx: &Transaction<'_>,
-    at: Option<f64>,
-    job: &NewJob,
-) -> Op<Submitted> {
-    match insert(tx, at, job, JobStatus::Pending, None, None).await? {
-        Some(id) => Ok(Submitted {
-            id,
-            created: true,
-            status: JobStatus::Pending,
-        }),
-        None => {
-            let found = existing(tx, job).await?;
-            Ok(Submitted {
-                id: found.id,
-                created: false,
-                status: found.status,
-            })
-        }
+/// A PostgreSQL transaction as submissions write it, at `at`.
+pub(super) struct PgTx<'a, 'c> {
+    pub(super) tx: &'a Transaction<'c>,
+    pub(super) at: Option<f64>,
+}
+
+impl SubmitTx for PgTx<'_, '_> {
+    type Error = OpError;
+
+    async fn insert(
+        &mut self,
+        job: &NewJob,
+        status: JobStatus,
+        fragment: Option<FragmentAt>,
+        total: Option<u32>,
+    ) -> Op<Option<JobId>> {
+        insert(self.tx, self.at, job, status, fragment, total).await
+    }
+
+    async fn existing(&mut self, job: &NewJob) -> Op<Job> {
+        existing(self.tx, job).await
     }
 }

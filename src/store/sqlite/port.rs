@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{named_params, Connection, OptionalExtension, Transaction};
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder, Grouping};
-use feeder_actors::store::fragment_count;
+use feeder_actors::store::{run_now, submit_in, submit_parent_in};
 use feeder_actors::{
     BlockingJobStore, Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId,
     JobStatus, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
@@ -107,7 +107,7 @@ fn get_in(conn: &Connection, id: JobId) -> StoreResult<Option<Job>> {
 
 impl BlockingJobStore for SqliteStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
-        self.write(|tx| submit_in(tx, &job, now))
+        self.write(|tx| run_now(submit_in(&mut SqliteTx { tx, now }, &job)))
     }
 
     fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>> {
@@ -134,7 +134,12 @@ impl BlockingJobStore for SqliteStore {
     }
 
     fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
-        self.write(|tx| jobs.iter().map(|j| submit_in(tx, j, now)).collect())
+        self.write(|tx| {
+            let mut tx = SqliteTx { tx, now };
+            jobs.iter()
+                .map(|j| run_now(submit_in(&mut tx, j)))
+                .collect()
+        })
     }
 
     fn submit_parent(
@@ -143,30 +148,12 @@ impl BlockingJobStore for SqliteStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        let total = fragment_count(&fragments)?;
         self.write(|tx| {
-            let Some(id) = insert(tx, &parent, JobStatus::Processing, None, Some(total), now)?
-            else {
-                let found = existing(tx, &parent)?;
-                return Ok(Submitted {
-                    id: found.id,
-                    created: false,
-                    status: found.status,
-                });
-            };
-            for (i, frag) in fragments.iter().enumerate() {
-                let at = Some((id, i as u32, total));
-                if insert(tx, frag, JobStatus::Pending, at, None, now)?.is_none() {
-                    return Err(StoreError::Invalid(format!(
-                        "fragment {i} of parent {id} conflicts with an existing row"
-                    )));
-                }
-            }
-            Ok(Submitted {
-                id,
-                created: true,
-                status: JobStatus::Processing,
-            })
+            run_now(submit_parent_in(
+                &mut SqliteTx { tx, now },
+                &parent,
+                &fragments,
+            ))
         })
     }
 

@@ -2,15 +2,15 @@
 
 use rusqlite::{named_params, Transaction};
 
+use feeder_actors::store::{FragmentAt, SubmitTx};
 use feeder_actors::{
-    Job, JobId, JobStatus, NewJob, StoreError, StoreResult, Submitted, Timestamp,
-    DEFAULT_MAX_ATTEMPTS,
+    Job, JobId, JobStatus, NewJob, StoreError, StoreResult, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
 
 use super::rows::{job_from_row, secs, Db};
 use super::*;
 
-pub(super) fn insert(
+fn insert(
     tx: &Transaction<'_>,
     job: &NewJob,
     status: JobStatus,
@@ -53,7 +53,7 @@ pub(super) fn insert(
 }
 
 /// The existing job that an insert of `job` conflicted with.
-pub(super) fn existing(tx: &Transaction<'_>, job: &NewJob) -> StoreResult<Job> {
+fn existing(tx: &Transaction<'_>, job: &NewJob) -> StoreResult<Job> {
     let found = if let Some(follows) = job.follows {
         tx.query_row(
             &format!("{SELECT_JOB} WHERE follows = ?1"),
@@ -73,24 +73,26 @@ pub(super) fn existing(tx: &Transaction<'_>, job: &NewJob) -> StoreResult<Job> {
     found.db()?
 }
 
-pub(super) fn submit_in(
-    tx: &Transaction<'_>,
-    job: &NewJob,
-    now: Timestamp,
-) -> StoreResult<Submitted> {
-    match insert(tx, job, JobStatus::Pending, None, None, now)? {
-        Some(id) => Ok(Submitted {
-            id,
-            created: true,
-            status: JobStatus::Pending,
-        }),
-        None => {
-            let found = existing(tx, job)?;
-            Ok(Submitted {
-                id: found.id,
-                created: false,
-                status: found.status,
-            })
-        }
+/// A SQLite transaction as submissions write it, at `now`.
+pub(super) struct SqliteTx<'a, 'c> {
+    pub(super) tx: &'a Transaction<'c>,
+    pub(super) now: Timestamp,
+}
+
+impl SubmitTx for SqliteTx<'_, '_> {
+    type Error = StoreError;
+
+    async fn insert(
+        &mut self,
+        job: &NewJob,
+        status: JobStatus,
+        fragment: Option<FragmentAt>,
+        total: Option<u32>,
+    ) -> StoreResult<Option<JobId>> {
+        insert(self.tx, job, status, fragment, total, self.now)
+    }
+
+    async fn existing(&mut self, job: &NewJob) -> StoreResult<Job> {
+        existing(self.tx, job)
     }
 }
