@@ -608,3 +608,28 @@ pub fn run_now<T>(submission: impl std::future::Future<Output = T>) -> T {
     futures_util::FutureExt::now_or_never(submission)
         .expect("a synchronous adapter's statements never wait")
 }
+
+/// The rows a claim took, each with its insertion order (`seq`), as the
+/// caller gets them: in the order `picked` gives their `seq`s when the
+/// claim chose one (a grouped claim), else by priority (highest first),
+/// age, then insertion, which an `UPDATE … RETURNING` does not keep; each
+/// with the claim's token.
+pub fn in_claim_order(
+    mut rows: Vec<(i64, Job)>,
+    picked: Option<&[i64]>,
+    claim_id: &str,
+) -> Vec<ClaimedJob> {
+    match picked {
+        Some(seqs) => rows.sort_by_key(|(seq, _)| seqs.iter().position(|s| s == seq)),
+        None => rows.sort_by_key(|(seq, j)| (std::cmp::Reverse(j.priority), j.created_at, *seq)),
+    }
+    rows.into_iter()
+        .map(|(_, job)| ClaimedJob {
+            claim: Claim {
+                job_id: job.id,
+                claim_id: claim_id.to_string(),
+            },
+            job,
+        })
+        .collect()
+}

@@ -8,7 +8,7 @@ use deadpool_postgres::{Object, Transaction};
 use tracing::warn;
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder};
-use feeder_actors::store::{submit_in, submit_parent_in};
+use feeder_actors::store::{in_claim_order, submit_in, submit_parent_in};
 use feeder_actors::{
     Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId, JobStatus,
     JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
@@ -165,25 +165,8 @@ impl JobStore for PgStore {
                 }
             }
         })?;
-        let (mut claimed, order_by) = rows;
-        match order_by {
-            // In the order chosen.
-            Some(seqs) => claimed.sort_by_key(|(seq, _)| seqs.iter().position(|s| s == seq)),
-            // RETURNING does not keep the subquery's order: restore it.
-            None => {
-                claimed.sort_by_key(|(seq, j)| (std::cmp::Reverse(j.priority), j.created_at, *seq))
-            }
-        }
-        Ok(claimed
-            .into_iter()
-            .map(|(_, job)| ClaimedJob {
-                claim: Claim {
-                    job_id: job.id,
-                    claim_id: claim_id.clone(),
-                },
-                job,
-            })
-            .collect())
+        let (claimed, picked) = rows;
+        Ok(in_claim_order(claimed, picked.as_deref(), &claim_id))
     }
 
     async fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {

@@ -1,13 +1,12 @@
 //! The `JobStore` port over SQLite (as a `BlockingJobStore`): each write one
 //! `BEGIN IMMEDIATE` transaction on the store's connection.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rusqlite::{named_params, Connection, OptionalExtension, Transaction};
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder, Grouping};
-use feeder_actors::store::{run_now, submit_in, submit_parent_in};
+use feeder_actors::store::{in_claim_order, run_now, submit_in, submit_parent_in};
 use feeder_actors::{
     BlockingJobStore, Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId,
     JobStatus, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
@@ -36,8 +35,8 @@ fn claimed(
 }
 
 /// A grouped claim inside `tx`: reads the candidates, picks with
-/// [`prefix::pick`], claims those rows; each comes back with its rank in
-/// the order picked.
+/// [`prefix::pick`], claims those rows; they come back with their rowids,
+/// and the rowids in the order picked.
 #[allow(clippy::too_many_arguments)]
 fn claim_grouped(
     tx: &Transaction<'_>,
@@ -48,7 +47,7 @@ fn claim_grouped(
     now: Timestamp,
     grouping: &Grouping,
     claim_id: &str,
-) -> StoreResult<Vec<(i64, StoreResult<Job>)>> {
+) -> StoreResult<(Vec<(i64, StoreResult<Job>)>, Vec<i64>)> {
     let warm = serde_json::to_string(&grouping.warm).expect("strings serialize");
     let mut stmt = tx.prepare_cached(CLAIM_CANDIDATES).db()?;
     let cands = stmt
@@ -73,13 +72,8 @@ fn claim_grouped(
         .db()?;
     let picked = prefix::pick(&cands, n, grouping, now);
     if picked.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
-    let rank: HashMap<i64, i64> = picked
-        .iter()
-        .enumerate()
-        .map(|(r, &i)| (cands[i].seq, r as i64))
-        .collect();
     let rowids: Vec<i64> = picked.iter().map(|&i| cands[i].seq).collect();
     let rows = claimed(
         tx,
@@ -92,10 +86,7 @@ fn claim_grouped(
             ":rowids": serde_json::to_string(&rowids).expect("numbers serialize"),
         },
     )?;
-    Ok(rows
-        .into_iter()
-        .map(|(seq, job)| (rank.get(&seq).copied().unwrap_or(i64::MAX), job))
-        .collect())
+    Ok((rows, rowids))
 }
 
 fn get_in(conn: &Connection, id: JobId) -> StoreResult<Option<Job>> {
@@ -170,7 +161,7 @@ impl BlockingJobStore for SqliteStore {
             return Ok(Vec::new());
         }
         let claim_id = hex::encode(rand::random::<[u8; 12]>());
-        let mut rows = self.write(|tx| match order {
+        let (rows, picked) = self.write(|tx| match order {
             ClaimOrder::Plain => claimed(
                 tx,
                 CLAIM,
@@ -182,40 +173,18 @@ impl BlockingJobStore for SqliteStore {
                     ":model": model.as_str(),
                     ":n": n as i64,
                 },
-            ),
+            )
+            .map(|rows| (rows, None)),
             ClaimOrder::Grouped(grouping) => {
                 claim_grouped(tx, model, n, lease, owner, now, grouping, &claim_id)
+                    .map(|(rows, picked)| (rows, Some(picked)))
             }
         })?;
-        match order {
-            // RETURNING does not keep the subquery's order: restore it.
-            ClaimOrder::Plain => rows.sort_by(|(sa, a), (sb, b)| {
-                b.as_ref()
-                    .map(|j| j.priority)
-                    .ok()
-                    .cmp(&a.as_ref().map(|j| j.priority).ok())
-                    .then_with(|| {
-                        let ca = a.as_ref().map(|j| j.created_at).ok();
-                        let cb = b.as_ref().map(|j| j.created_at).ok();
-                        ca.cmp(&cb)
-                    })
-                    .then(sa.cmp(sb))
-            }),
-            // `claim_grouped` numbered them in the order chosen.
-            ClaimOrder::Grouped(_) => rows.sort_by_key(|(rank, _)| *rank),
-        }
-        rows.into_iter()
-            .map(|(_, job)| {
-                let job = job?;
-                Ok(ClaimedJob {
-                    claim: Claim {
-                        job_id: job.id,
-                        claim_id: claim_id.clone(),
-                    },
-                    job,
-                })
-            })
-            .collect()
+        let rows = rows
+            .into_iter()
+            .map(|(seq, job)| Ok((seq, job?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(in_claim_order(rows, picked.as_deref(), &claim_id))
     }
 
     fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
