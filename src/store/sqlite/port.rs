@@ -18,13 +18,16 @@ use super::settle::*;
 use super::submit::*;
 use super::*;
 
+/// A claimed row: its rowid, and the job it holds.
+type Claimed = (i64, StoreResult<Job>);
+
 /// Runs a claiming `UPDATE … RETURNING rowid AS seq, *`: the rows it
 /// claimed, each with its rowid.
 fn claimed(
     tx: &Transaction<'_>,
     sql: &str,
     params: &[(&str, &dyn rusqlite::ToSql)],
-) -> StoreResult<Vec<(i64, StoreResult<Job>)>> {
+) -> StoreResult<Vec<Claimed>> {
     let mut stmt = tx.prepare_cached(sql).db()?;
     let rows = stmt
         .query_map(params, |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)))
@@ -47,7 +50,7 @@ fn claim_grouped(
     now: Timestamp,
     grouping: &Grouping,
     claim_id: &str,
-) -> StoreResult<(Vec<(i64, StoreResult<Job>)>, Vec<i64>)> {
+) -> StoreResult<(Vec<Claimed>, Vec<i64>)> {
     let warm = serde_json::to_string(&grouping.warm).expect("strings serialize");
     let mut stmt = tx.prepare_cached(CLAIM_CANDIDATES).db()?;
     let cands = stmt
