@@ -633,3 +633,39 @@ pub fn in_claim_order(
         })
         .collect()
 }
+
+/// The error of a claim that is no longer current.
+pub fn stale(claim: &Claim) -> StoreError {
+    StoreError::StaleClaim {
+        job_id: claim.job_id,
+        claim_id: claim.claim_id.clone(),
+    }
+}
+
+/// What a settling statement guarded by the claim did, from the rows it
+/// changed: its one row with the current claim, or none for a stale one.
+pub fn one_row(changed: u64, claim: &Claim) -> StoreResult<()> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(stale(claim))
+    }
+}
+
+/// The payload of `job` as a store keeps it: a file's path, or the text
+/// itself.
+pub fn payload_columns(job: &NewJob) -> (Option<&std::path::Path>, Option<&str>) {
+    match &job.payload {
+        crate::job::Payload::File(p) => (Some(p.as_path()), None),
+        crate::job::Payload::Inline(s) => (None, Some(s.as_str())),
+    }
+}
+
+/// The prefix key `job` is stored with: a fragment shares its parent's
+/// (see [`crate::prefix`]).
+pub fn stored_prefix_key(job: &NewJob, fragment: Option<FragmentAt>) -> Option<String> {
+    match fragment {
+        Some((parent, _, _)) => Some(parent.to_string()),
+        None => job.prefix_key.clone(),
+    }
+}

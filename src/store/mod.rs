@@ -10,6 +10,28 @@
 //! `submit.rs`, `settle.rs`, `rows.rs`, `migrate.rs`, and their SQL in
 //! `sql/`). Everything above them holds an `Arc<dyn JobStore>` opened here.
 
+/// The queries that matter, one file each in `src/store/<adapter>/sql/`:
+/// both adapters have this set, each in its own dialect. `queries!("sqlite")`
+/// makes a constant of each file, named after it.
+macro_rules! queries {
+    ($adapter:literal) => {
+        queries!(@ $adapter;
+            CLAIM "claim", CLAIM_CANDIDATES "claim_candidates", CLAIM_ROWS "claim_rows",
+            COMPLETE "complete", FAIL "fail", RELEASE "release", CRASHED "crashed",
+            RECLAIM "reclaim", RELEASE_OWNER "release_owner", INSERT "insert",
+            READY_PARENTS "ready_parents", FINISH_PARENT "finish_parent",
+            PENDING_FOLLOW_UPS "pending_follow_ups", NEXT_DUE "next_due", HEARTBEAT "heartbeat");
+    };
+    (@ $adapter:literal; $($name:ident $file:literal),*) => {
+        $(
+            #[doc = concat!("`src/store/", $adapter, "/sql/", $file, ".sql`.")]
+            const $name: &str = include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"), "/src/store/", $adapter, "/sql/", $file, ".sql"
+            ));
+        )*
+    };
+}
+
 pub mod migration;
 pub mod pg;
 pub(crate) mod shared;

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use crate::job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
-    ModelStats, ModelType, NewJob, Payload, QueueStats, Submitted,
+    ModelStats, ModelType, NewJob, QueueStats, Submitted,
 };
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
-    poison_error, run_now, settle_one, submit_in, submit_parent_in, Blocking, BlockingJobStore,
-    FragmentAt, JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult, SubmitTx,
-    DEFAULT_MAX_ATTEMPTS,
+    payload_columns, poison_error, run_now, settle_one, stale, stored_prefix_key, submit_in,
+    submit_parent_in, Blocking, BlockingJobStore, FragmentAt, JobStore, ParentOutcome, Settle,
+    Settled, StoreError, StoreResult, SubmitTx, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -109,10 +109,7 @@ impl Inner {
             {
                 Ok(j)
             }
-            _ => Err(StoreError::StaleClaim {
-                job_id: claim.job_id,
-                claim_id: claim.claim_id.clone(),
-            }),
+            _ => Err(stale(claim)),
         }
     }
 
@@ -143,10 +140,7 @@ impl Inner {
             }
             return Err(existing);
         }
-        let (payload_path, payload_inline) = match &new.payload {
-            Payload::File(p) => (Some(p.clone()), None),
-            Payload::Inline(s) => (None, Some(s.clone())),
-        };
+        let (payload_path, payload_inline) = payload_columns(new);
         let id = JobId::random();
         let job = Job {
             id,
@@ -157,19 +151,15 @@ impl Inner {
             max_attempts: new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
             crashes: 0,
             payload_sha256: new.payload_sha256.clone(),
-            payload_path,
-            payload_inline,
+            payload_path: payload_path.map(Into::into),
+            payload_inline: payload_inline.map(Into::into),
             result_path: None,
             error: None,
             parent_id: fragment.map(|f| f.0),
             fragment_index: fragment.map(|f| f.1),
             total_fragments: fragment.map(|f| f.2).or(total),
             place: new.place,
-            // A fragment shares its parent's key (see `crate::prefix`).
-            prefix_key: match fragment {
-                Some((parent, _, _)) => Some(parent.to_string()),
-                None => new.prefix_key.clone(),
-            },
+            prefix_key: stored_prefix_key(new, fragment),
             follows: new.follows,
             then_model: new.then_model,
             prompt_tokens: None,

@@ -204,22 +204,9 @@ impl Shared {
     }
 }
 
-const INSERT: &str = include_str!("sql/insert.sql");
-const CLAIM: &str = include_str!("sql/claim.sql");
-const CLAIM_CANDIDATES: &str = include_str!("sql/claim_candidates.sql");
-const CLAIM_ROWS: &str = include_str!("sql/claim_rows.sql");
-const COMPLETE: &str = include_str!("sql/complete.sql");
-const FAIL: &str = include_str!("sql/fail.sql");
-const RELEASE: &str = include_str!("sql/release.sql");
-const CRASHED: &str = include_str!("sql/crashed.sql");
-const RECLAIM: &str = include_str!("sql/reclaim.sql");
+queries!("pg");
+/// `src/store/pg/sql/take_over.sql`: the claims of daemons gone silent go back.
 const TAKE_OVER: &str = include_str!("sql/take_over.sql");
-const RELEASE_OWNER: &str = include_str!("sql/release_owner.sql");
-const NEXT_DUE: &str = include_str!("sql/next_due.sql");
-const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
-const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
-const PENDING_FOLLOW_UPS: &str = include_str!("sql/pending_follow_ups.sql");
-const HEARTBEAT: &str = include_str!("sql/heartbeat.sql");
 
 /// How often the change token moves while the listening connection is down.
 const SLOW_POLL: Duration = Duration::from_secs(5);

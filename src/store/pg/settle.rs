@@ -5,17 +5,10 @@ use std::time::Duration;
 
 use deadpool_postgres::Transaction;
 
-use feeder_actors::store::poison_error;
-use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, StoreError, Timestamp};
+use feeder_actors::store::{one_row, poison_error, stale};
+use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, Timestamp};
 
 use super::*;
-
-pub(super) fn stale(claim: &Claim) -> StoreError {
-    StoreError::StaleClaim {
-        job_id: claim.job_id,
-        claim_id: claim.claim_id.clone(),
-    }
-}
 
 pub(super) async fn complete_in(
     tx: &Transaction<'_>,
@@ -38,11 +31,7 @@ pub(super) async fn complete_in(
             ],
         )
         .await?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(stale(claim).into())
-    }
+    Ok(one_row(n, claim)?)
 }
 
 pub(super) async fn fail_in(
@@ -87,11 +76,7 @@ pub(super) async fn release_in(tx: &Transaction<'_>, at: Option<f64>, claim: &Cl
     let n = tx
         .execute(&st, &[&at, &bytes(&claim.job_id), &claim.claim_id])
         .await?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(stale(claim).into())
-    }
+    Ok(one_row(n, claim)?)
 }
 
 pub(super) async fn crashed_in(

@@ -3,7 +3,7 @@
 use deadpool_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
-use feeder_actors::store::{FragmentAt, SubmitTx};
+use feeder_actors::store::{payload_columns, stored_prefix_key, FragmentAt, SubmitTx};
 use feeder_actors::{Job, JobId, JobStatus, NewJob, StoreError, DEFAULT_MAX_ATTEMPTS};
 
 use super::rows::job_from_row;
@@ -19,17 +19,12 @@ async fn insert(
     total: Option<u32>,
 ) -> Op<Option<JobId>> {
     let id = JobId::random();
-    let (payload_path, payload_inline) = match &job.payload {
-        feeder_actors::Payload::File(p) => (Some(p.to_string_lossy().into_owned()), None),
-        feeder_actors::Payload::Inline(s) => (None, Some(s.as_str())),
-    };
+    let (payload_path, payload_inline) = payload_columns(job);
+    let payload_path = payload_path.map(|p| p.to_string_lossy().into_owned());
     let place: Option<serde_json::Value> = job
         .place
         .map(|p| serde_json::from_str(&p.to_json()).expect("a place is JSON"));
-    let prefix_key = match fragment {
-        Some((parent, _, _)) => Some(parent.to_string()),
-        None => job.prefix_key.clone(),
-    };
+    let prefix_key = stored_prefix_key(job, fragment);
     let max_attempts = job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS) as i32;
     let parent = fragment.map(|f| f.0 .0.to_vec());
     let index = fragment.map(|f| f.1 as i32);

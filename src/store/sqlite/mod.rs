@@ -26,21 +26,7 @@ pub use migrate::{full_schema, latest_version};
 use super::migration::MigrationReport;
 use rows::{secs, Db};
 
-const CLAIM: &str = include_str!("sql/claim.sql");
-const CLAIM_CANDIDATES: &str = include_str!("sql/claim_candidates.sql");
-const CLAIM_ROWS: &str = include_str!("sql/claim_rows.sql");
-const COMPLETE: &str = include_str!("sql/complete.sql");
-const FAIL: &str = include_str!("sql/fail.sql");
-const RELEASE: &str = include_str!("sql/release.sql");
-const CRASHED: &str = include_str!("sql/crashed.sql");
-const RECLAIM: &str = include_str!("sql/reclaim.sql");
-const RELEASE_OWNER: &str = include_str!("sql/release_owner.sql");
-const INSERT: &str = include_str!("sql/insert.sql");
-const READY_PARENTS: &str = include_str!("sql/ready_parents.sql");
-const FINISH_PARENT: &str = include_str!("sql/finish_parent.sql");
-const PENDING_FOLLOW_UPS: &str = include_str!("sql/pending_follow_ups.sql");
-const NEXT_DUE: &str = include_str!("sql/next_due.sql");
-const HEARTBEAT: &str = include_str!("sql/heartbeat.sql");
+queries!("sqlite");
 
 /// Opens (creating and migrating it) the SQLite queue at `path`: the port
 /// over it, and its result rows, each on a connection of its own.

@@ -3,20 +3,11 @@
 
 use rusqlite::{named_params, OptionalExtension, Transaction};
 
-use feeder_actors::store::poison_error;
-use feeder_actors::{
-    Claim, Completion, FailOutcome, Failure, Settled, StoreError, StoreResult, Timestamp,
-};
+use feeder_actors::store::{one_row, poison_error, stale};
+use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, StoreResult, Timestamp};
 
 use super::rows::{secs, Db};
 use super::*;
-
-pub(super) fn stale(claim: &Claim) -> StoreError {
-    StoreError::StaleClaim {
-        job_id: claim.job_id,
-        claim_id: claim.claim_id.clone(),
-    }
-}
 
 pub(super) fn complete_in(
     tx: &Transaction<'_>,
@@ -36,11 +27,7 @@ pub(super) fn complete_in(
             ":now": secs(now),
         })
         .db()?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(stale(claim))
-    }
+    one_row(n as u64, claim)
 }
 
 pub(super) fn fail_in(
@@ -91,11 +78,7 @@ pub(super) fn release_in(tx: &Transaction<'_>, claim: &Claim, now: Timestamp) ->
             ":now": secs(now),
         })
         .db()?;
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(stale(claim))
-    }
+    one_row(n as u64, claim)
 }
 
 pub(super) fn crashed_in(

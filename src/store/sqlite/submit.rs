@@ -2,7 +2,7 @@
 
 use rusqlite::{named_params, Transaction};
 
-use feeder_actors::store::{FragmentAt, SubmitTx};
+use feeder_actors::store::{payload_columns, stored_prefix_key, FragmentAt, SubmitTx};
 use feeder_actors::{
     Job, JobId, JobStatus, NewJob, StoreError, StoreResult, Timestamp, DEFAULT_MAX_ATTEMPTS,
 };
@@ -19,10 +19,8 @@ fn insert(
     now: Timestamp,
 ) -> StoreResult<Option<JobId>> {
     let id = JobId::random();
-    let (payload_path, payload_inline) = match &job.payload {
-        feeder_actors::Payload::File(p) => (Some(p.to_string_lossy().into_owned()), None),
-        feeder_actors::Payload::Inline(s) => (None, Some(s.as_str())),
-    };
+    let (payload_path, payload_inline) = payload_columns(job);
+    let payload_path = payload_path.map(|p| p.to_string_lossy().into_owned());
     let mut stmt = tx.prepare_cached(INSERT).db()?;
     let n = stmt
         .execute(named_params! {
@@ -41,11 +39,7 @@ fn insert(
             ":follows": job.follows.map(|f| f.0),
             ":then_model": job.then_model.map(|m| m.as_str()),
             ":place": job.place.map(|p| p.to_json()),
-            // A fragment shares its parent's key (see `feeder_actors::prefix`).
-            ":prefix_key": match fragment {
-                Some((parent, _, _)) => Some(parent.to_string()),
-                None => job.prefix_key.clone(),
-            },
+            ":prefix_key": stored_prefix_key(job, fragment),
             ":now": secs(now),
         })
         .map_err(|e| StoreError::Invalid(format!("job rejected by the database: {e}")))?;
