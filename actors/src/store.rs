@@ -521,6 +521,46 @@ pub fn settle_one<S: BlockingJobStore + ?Sized>(
 /// fragments the parent has.
 pub type FragmentAt = (JobId, u32, u32);
 
+/// Where a submitted job goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// A job of its own, `pending`.
+    Single,
+    /// A parent of `total` fragments, waiting in `processing` for fan-in.
+    Parent {
+        /// How many fragments it has.
+        total: u32,
+    },
+    /// A fragment of a parent, `pending`.
+    Fragment(FragmentAt),
+}
+
+impl Placement {
+    /// The status the job starts in.
+    pub fn status(self) -> JobStatus {
+        match self {
+            Placement::Parent { .. } => JobStatus::Processing,
+            Placement::Single | Placement::Fragment(_) => JobStatus::Pending,
+        }
+    }
+
+    /// Its parent, index and fragment count, for a fragment.
+    pub fn fragment(self) -> Option<FragmentAt> {
+        match self {
+            Placement::Fragment(at) => Some(at),
+            _ => None,
+        }
+    }
+
+    /// The fragment count, for a parent or a fragment.
+    pub fn total_fragments(self) -> Option<u32> {
+        match self {
+            Placement::Single => None,
+            Placement::Parent { total } | Placement::Fragment((_, _, total)) => Some(total),
+        }
+    }
+}
+
 /// The two statements of a submission, as an adapter writes them inside
 /// its transaction; [`submit_in`] and [`submit_parent_in`] make every
 /// submission of them, the same way in every adapter. The methods are
@@ -533,16 +573,9 @@ pub trait SubmitTx {
     /// The adapter's error: a [`StoreError`], or one that carries it.
     type Error: From<StoreError>;
 
-    /// Inserts `job` as `status` (at `fragment` of its parent, or as a
-    /// parent of `total` fragments) unless an identical one exists: its
-    /// new id, or `None` when it conflicted.
-    async fn insert(
-        &mut self,
-        job: &NewJob,
-        status: JobStatus,
-        fragment: Option<FragmentAt>,
-        total: Option<u32>,
-    ) -> Result<Option<JobId>, Self::Error>;
+    /// Inserts `job` where `placement` says unless an identical one
+    /// exists: its new id, or `None` when it conflicted.
+    async fn insert(&mut self, job: &NewJob, to: Placement) -> Result<Option<JobId>, Self::Error>;
 
     /// The existing job that an insert of `job` conflicted with.
     async fn existing(&mut self, job: &NewJob) -> Result<Job, Self::Error>;
@@ -550,7 +583,7 @@ pub trait SubmitTx {
 
 /// Submits one job: inserted `pending`, or the identical one already there.
 pub async fn submit_in<T: SubmitTx>(tx: &mut T, job: &NewJob) -> Result<Submitted, T::Error> {
-    match tx.insert(job, JobStatus::Pending, None, None).await? {
+    match tx.insert(job, Placement::Single).await? {
         Some(id) => Ok(Submitted {
             id,
             created: true,
@@ -568,19 +601,12 @@ pub async fn submit_parent_in<T: SubmitTx>(
     fragments: &[NewJob],
 ) -> Result<Submitted, T::Error> {
     let total = fragment_count(fragments)?;
-    let Some(id) = tx
-        .insert(parent, JobStatus::Processing, None, Some(total))
-        .await?
-    else {
+    let Some(id) = tx.insert(parent, Placement::Parent { total }).await? else {
         return Ok(found(&tx.existing(parent).await?));
     };
     for (i, frag) in fragments.iter().enumerate() {
-        let at = Some((id, i as u32, total));
-        if tx
-            .insert(frag, JobStatus::Pending, at, None)
-            .await?
-            .is_none()
-        {
+        let at = Placement::Fragment((id, i as u32, total));
+        if tx.insert(frag, at).await?.is_none() {
             return Err(StoreError::Invalid(format!(
                 "fragment {i} of parent {id} conflicts with an existing row"
             ))

@@ -13,7 +13,7 @@ use crate::job::{
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
     payload_columns, poison_error, run_now, settle_one, stale, stored_prefix_key, submit_in,
-    submit_parent_in, Blocking, BlockingJobStore, FragmentAt, JobStore, ParentOutcome, Settle,
+    submit_parent_in, Blocking, BlockingJobStore, JobStore, ParentOutcome, Placement, Settle,
     Settled, StoreError, StoreResult, SubmitTx, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
@@ -113,14 +113,8 @@ impl Inner {
         }
     }
 
-    fn insert(
-        &mut self,
-        new: &NewJob,
-        status: JobStatus,
-        fragment: Option<(JobId, u32, u32)>,
-        total: Option<u32>,
-        now: Timestamp,
-    ) -> Result<JobId, Box<Job>> {
+    fn insert(&mut self, new: &NewJob, to: Placement, now: Timestamp) -> Result<JobId, Box<Job>> {
+        let fragment = to.fragment();
         let conflict = self.rows.iter().map(|(_, j)| j).find(|j| {
             if let Some(f) = new.follows {
                 j.follows == Some(f)
@@ -144,7 +138,7 @@ impl Inner {
         let id = JobId::random();
         let job = Job {
             id,
-            status,
+            status: to.status(),
             model_type: new.model_type,
             priority: new.priority,
             attempts: 0,
@@ -157,7 +151,7 @@ impl Inner {
             error: None,
             parent_id: fragment.map(|f| f.0),
             fragment_index: fragment.map(|f| f.1),
-            total_fragments: fragment.map(|f| f.2).or(total),
+            total_fragments: to.total_fragments(),
             place: new.place,
             prefix_key: stored_prefix_key(new, fragment),
             follows: new.follows,
@@ -200,14 +194,8 @@ struct MemoryTx<'a> {
 impl SubmitTx for MemoryTx<'_> {
     type Error = StoreError;
 
-    async fn insert(
-        &mut self,
-        job: &NewJob,
-        status: JobStatus,
-        fragment: Option<FragmentAt>,
-        total: Option<u32>,
-    ) -> StoreResult<Option<JobId>> {
-        match self.inner.insert(job, status, fragment, total, self.now) {
+    async fn insert(&mut self, job: &NewJob, to: Placement) -> StoreResult<Option<JobId>> {
+        match self.inner.insert(job, to, self.now) {
             Ok(id) => Ok(Some(id)),
             Err(existing) => {
                 self.conflict = Some(existing);

@@ -3,8 +3,8 @@
 use deadpool_postgres::Transaction;
 use tokio_postgres::types::ToSql;
 
-use feeder_actors::store::{payload_columns, stored_prefix_key, FragmentAt, SubmitTx};
-use feeder_actors::{Job, JobId, JobStatus, NewJob, StoreError, DEFAULT_MAX_ATTEMPTS};
+use feeder_actors::store::{payload_columns, stored_prefix_key, Placement, SubmitTx};
+use feeder_actors::{Job, JobId, NewJob, StoreError, DEFAULT_MAX_ATTEMPTS};
 
 use super::rows::job_from_row;
 use super::*;
@@ -14,10 +14,9 @@ async fn insert(
     tx: &Transaction<'_>,
     at: Option<f64>,
     job: &NewJob,
-    status: JobStatus,
-    fragment: Option<(JobId, u32, u32)>,
-    total: Option<u32>,
+    to: Placement,
 ) -> Op<Option<JobId>> {
+    let fragment = to.fragment();
     let id = JobId::random();
     let (payload_path, payload_inline) = payload_columns(job);
     let payload_path = payload_path.map(|p| p.to_string_lossy().into_owned());
@@ -28,7 +27,7 @@ async fn insert(
     let max_attempts = job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS) as i32;
     let parent = fragment.map(|f| f.0 .0.to_vec());
     let index = fragment.map(|f| f.1 as i32);
-    let total = fragment.map(|f| f.2).or(total).map(|t| t as i32);
+    let total = to.total_fragments().map(|t| t as i32);
     let follows = job.follows.map(|f| f.0.to_vec());
     let then_model = job.then_model.map(|m| m.as_str());
     let st = tx.prepare_cached(INSERT).await?;
@@ -39,7 +38,7 @@ async fn insert(
         &job.model_type.as_str(),
         &payload_path,
         &payload_inline,
-        &status.as_str(),
+        &to.status().as_str(),
         &job.priority,
         &max_attempts,
         &parent,
@@ -88,14 +87,8 @@ pub(super) struct PgTx<'a, 'c> {
 impl SubmitTx for PgTx<'_, '_> {
     type Error = OpError;
 
-    async fn insert(
-        &mut self,
-        job: &NewJob,
-        status: JobStatus,
-        fragment: Option<FragmentAt>,
-        total: Option<u32>,
-    ) -> Op<Option<JobId>> {
-        insert(self.tx, self.at, job, status, fragment, total).await
+    async fn insert(&mut self, job: &NewJob, to: Placement) -> Op<Option<JobId>> {
+        insert(self.tx, self.at, job, to).await
     }
 
     async fn existing(&mut self, job: &NewJob) -> Op<Job> {

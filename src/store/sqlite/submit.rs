@@ -2,10 +2,8 @@
 
 use rusqlite::{named_params, Transaction};
 
-use feeder_actors::store::{payload_columns, stored_prefix_key, FragmentAt, SubmitTx};
-use feeder_actors::{
-    Job, JobId, JobStatus, NewJob, StoreError, StoreResult, Timestamp, DEFAULT_MAX_ATTEMPTS,
-};
+use feeder_actors::store::{payload_columns, stored_prefix_key, Placement, SubmitTx};
+use feeder_actors::{Job, JobId, NewJob, StoreError, StoreResult, Timestamp, DEFAULT_MAX_ATTEMPTS};
 
 use super::rows::{job_from_row, secs, Db};
 use super::*;
@@ -13,9 +11,7 @@ use super::*;
 fn insert(
     tx: &Transaction<'_>,
     job: &NewJob,
-    status: JobStatus,
-    fragment: Option<(JobId, u32, u32)>,
-    total: Option<u32>,
+    to: Placement,
     now: Timestamp,
 ) -> StoreResult<Option<JobId>> {
     let id = JobId::random();
@@ -30,16 +26,16 @@ fn insert(
             ":payload_path": payload_path,
             ":payload_inline": payload_inline,
             ":created_at": now.as_secs(),
-            ":status": status.as_str(),
+            ":status": to.status().as_str(),
             ":priority": job.priority,
             ":max_attempts": job.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-            ":parent_id": fragment.map(|f| f.0 .0),
-            ":fragment_index": fragment.map(|f| f.1),
-            ":total_fragments": fragment.map(|f| f.2).or(total),
+            ":parent_id": to.fragment().map(|f| f.0 .0),
+            ":fragment_index": to.fragment().map(|f| f.1),
+            ":total_fragments": to.total_fragments(),
             ":follows": job.follows.map(|f| f.0),
             ":then_model": job.then_model.map(|m| m.as_str()),
             ":place": job.place.map(|p| p.to_json()),
-            ":prefix_key": stored_prefix_key(job, fragment),
+            ":prefix_key": stored_prefix_key(job, to.fragment()),
             ":now": secs(now),
         })
         .map_err(|e| StoreError::Invalid(format!("job rejected by the database: {e}")))?;
@@ -76,14 +72,8 @@ pub(super) struct SqliteTx<'a, 'c> {
 impl SubmitTx for SqliteTx<'_, '_> {
     type Error = StoreError;
 
-    async fn insert(
-        &mut self,
-        job: &NewJob,
-        status: JobStatus,
-        fragment: Option<FragmentAt>,
-        total: Option<u32>,
-    ) -> StoreResult<Option<JobId>> {
-        insert(self.tx, job, status, fragment, total, self.now)
+    async fn insert(&mut self, job: &NewJob, to: Placement) -> StoreResult<Option<JobId>> {
+        insert(self.tx, job, to, self.now)
     }
 
     async fn existing(&mut self, job: &NewJob) -> StoreResult<Job> {
