@@ -16,8 +16,8 @@ use feeder_actors::{
 };
 
 use super::rows::job_from_row;
-use super::settle::*;
-use super::submit::*;
+use super::settle::{complete_in, crashed_in, fail_in, release_in};
+use super::submit::PgTx;
 use super::*;
 
 fn jobs(rows: &[tokio_postgres::Row]) -> Op<Vec<Job>> {

@@ -14,8 +14,8 @@ use feeder_actors::{
 };
 
 use super::rows::{job_from_row, secs, Db};
-use super::settle::*;
-use super::submit::*;
+use super::settle::{complete_in, crashed_in, fail_in, release_in};
+use super::submit::SqliteTx;
 use super::*;
 
 /// A claimed row: its rowid, and the job it holds.

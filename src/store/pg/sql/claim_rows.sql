@@ -1,3 +1,6 @@
+-- $1: "now" (NULL: the server's clock; see gpu_feeder_now).
+-- Claim the pending rows a grouped claim chose ($2, their seqs), in the
+-- transaction that read them. $3 claim id, $4 owner, $5 lease in seconds.
 WITH locked AS (
     SELECT seq FROM gpu_jobs
      WHERE seq = ANY($2) AND status = 'pending'

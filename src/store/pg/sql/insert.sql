@@ -1,3 +1,6 @@
+-- $1: "now" (NULL: the server's clock; see gpu_feeder_now).
+-- Insert a job unless an identical one exists (idempotence on the unique
+-- indexes); ON CONFLICT skips only uniqueness conflicts.
 INSERT INTO gpu_jobs
        (id, payload_sha256, model_type, payload_path, payload_inline, created_at,
         status, priority, max_attempts, parent_id, fragment_index, total_fragments,

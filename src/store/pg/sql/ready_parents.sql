@@ -1,3 +1,5 @@
+-- Up to $1 parents still waiting in 'processing' whose fragments have all
+-- finished: fan-in left to do.
 SELECT p.id
   FROM gpu_jobs AS p
  WHERE p.status = 'processing' AND p.parent_id IS NULL AND p.total_fragments IS NOT NULL

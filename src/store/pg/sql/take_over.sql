@@ -1,3 +1,7 @@
+-- $1: "now" (NULL: the server's clock; see gpu_feeder_now).
+-- Daemons silent past their heartbeat timeout leave the registry, and their
+-- claims (and their dispatchers') go back to 'pending': each with how long it
+-- was silent and how many claims it had.
 WITH dead AS (
     DELETE FROM gpu_daemons
      WHERE heartbeat_at < gpu_feeder_now($1) - timeout_s
