@@ -379,7 +379,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         None => Some(lock(&config.queue.db_path)?),
         Some(_) => None,
     };
-    let opened = crate::store::open(&config, crate::store::pg::Patience::Reconnect).await?;
+    let opened = crate::store::open(&config, crate::store::Patience::Reconnect).await?;
     let store = opened.jobs.clone();
     let owner = config.queue.owner();
     check_unique(store.as_ref(), &config, &owner).await?;
@@ -403,7 +403,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
     .await?;
     // A second connection for reads, so that `/v1/status` never waits
     // behind the queue's writes.
-    let reader = crate::store::connect(&config.queue, crate::store::pg::Patience::FailFast).await?;
+    let reader = crate::store::connect(&config.queue, crate::store::Patience::FailFast).await?;
     let config = Arc::new(config);
     let admin = Admin {
         feeder: FeederHandle::new(pipeline.feeder.clone()),

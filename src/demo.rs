@@ -118,7 +118,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     // model, and one parent whose fragments fan in.
     let n_vision = args.jobs / 3;
     let n_think = args.jobs - n_vision;
-    let opened = crate::store::open(&config, crate::store::pg::Patience::FailFast).await?;
+    let opened = crate::store::open(&config, crate::store::Patience::FailFast).await?;
     let submit_store = opened.jobs.clone();
     let vision = Submitter::new(ModelType::Vision, &config.queue.roots(), 0, 3);
     let think = Submitter::new(ModelType::Think, &config.queue.roots(), 0, 3);
@@ -173,7 +173,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         chapters.len()
     );
 
-    let store = crate::store::connect(&config.queue, crate::store::pg::Patience::FailFast).await?;
+    let store = crate::store::connect(&config.queue, crate::store::Patience::FailFast).await?;
     let results = opened.results.clone();
     let start = Instant::now();
     let pipeline = Pipeline::start(

@@ -244,7 +244,7 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
 /// `sqlite3` CLI, with its parameters written in.
 fn cli_claim(db: &std::path::Path, n: usize) -> Vec<String> {
     let sql = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/sql/claim.sql"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/sqlite/sql/claim.sql"),
     )
     .unwrap();
     let t = unix_now();

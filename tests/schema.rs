@@ -1,5 +1,5 @@
 //! Databases whose schema was made by hand, with the `sqlite3` CLI and the
-//! files in `migrations/` or `gpu-feeder schema`: adopted and upgraded
+//! files in `migrations/sqlite/` or `gpu-feeder schema`: adopted and upgraded
 //! from where they stand; a foreign `gpu_jobs` refused before anything
 //! changes. The real binary, the real `sqlite3` CLI, real files.
 
@@ -12,7 +12,7 @@ use common::{external, sqlite3, wait_for, DaemonProcess, Scratch, SimProcess};
 
 /// The migration files, in order.
 fn migrations() -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -90,241 +90,141 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Default number of attempts for a job that does not say.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
-/// The durable job queue.
-///
-/// Guarantees every adapter keeps (and the contract suite checks):
-/// - `submit` is idempotent on `(model_type, payload_sha256)` for jobs that
-///   are neither fragments nor follow-ups; fragments are unique per
-///   `(parent, index)` and follow-ups per `follows`.
-/// - `claim` is atomic: concurrent claimers, in this process or others,
-///   never receive the same job.
-/// - `complete`, `fail` and `release` take effect only with the current claim.
-#[async_trait]
-pub trait JobStore: Send + Sync + 'static {
+/// Declares the port once: each method written here becomes an `async fn`
+/// of [`JobStore`], a plain `fn` of [`BlockingJobStore`], and a forwarder
+/// in [`Blocking`]'s `JobStore` that runs the blocking one on a blocking
+/// thread. A new method is written here and in its adapters, nowhere else.
+macro_rules! job_store_port {
+    (
+        async extra { $($async_extra:tt)* }
+        blocking extra { $($blocking_extra:tt)* }
+        $(
+            $(#[$meta:meta])*
+            fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $out:ty;
+        )*
+    ) => {
+        /// The durable job queue.
+        ///
+        /// Guarantees every adapter keeps (and the contract suite checks):
+        /// - `submit` is idempotent on `(model_type, payload_sha256)` for jobs that
+        ///   are neither fragments nor follow-ups; fragments are unique per
+        ///   `(parent, index)` and follow-ups per `follows`.
+        /// - `claim` is atomic: concurrent claimers, in this process or others,
+        ///   never receive the same job.
+        /// - `complete`, `fail` and `release` take effect only with the current claim.
+        #[async_trait]
+        pub trait JobStore: Send + Sync + 'static {
+            $(
+                $(#[$meta])*
+                async fn $name(&self $(, $arg: $ty)*) -> StoreResult<$out>;
+            )*
+            $($async_extra)*
+        }
+
+        /// The durable job queue as an adapter over a synchronous client writes it
+        /// (SQLite, the in-memory fake). [`Blocking`] makes it a [`JobStore`]; each
+        /// method is the one of the same name there, with the same guarantees.
+        /// Calls may block on I/O or locks: never make them on a runtime worker.
+        pub trait BlockingJobStore: Send + Sync + 'static {
+            $(
+                #[doc = concat!("See [`JobStore::", stringify!($name), "`].")]
+                fn $name(&self $(, $arg: $ty)*) -> StoreResult<$out>;
+            )*
+            $($blocking_extra)*
+        }
+
+        #[async_trait]
+        impl<S: BlockingJobStore> JobStore for Blocking<S> {
+            $(
+                async fn $name(&self $(, $arg: $ty)*) -> StoreResult<$out> {
+                    $( let $arg = <$ty as Carry>::carry($arg); )*
+                    self.run(move |s| {
+                        $( let mut $arg = $arg; )*
+                        s.$name($( <$ty as Carry>::lend(&mut $arg) ),*)
+                    })
+                    .await
+                }
+            )*
+        }
+    };
+}
+
+job_store_port! {
+    async extra {
+        /// Claims up to `n` pending jobs of `model` whose `run_at` has come, in
+        /// order of priority (highest first) then age (oldest first), setting
+        /// them `processing` under a lease of `lease` held by `owner`.
+        async fn claim(
+            &self,
+            model: ModelType,
+            n: usize,
+            lease: Duration,
+            owner: &str,
+            now: Timestamp,
+        ) -> StoreResult<Vec<ClaimedJob>> {
+            self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
+                .await
+        }
+
+        /// Why the store cannot be reached right now (its connection is lost
+        /// and being re-made), or `None` when it can. Cheap: no I/O.
+        fn connection_problem(&self) -> Option<String> {
+            None
+        }
+
+        /// A job id, or a unique prefix of at least 4 hex digits, as a user
+        /// types it; the error says what to give instead.
+        async fn resolve(&self, text: &str) -> StoreResult<JobId> {
+            let text = text.trim().to_ascii_lowercase();
+            if let Ok(id) = text.parse::<JobId>() {
+                return Ok(id);
+            }
+            if text.len() < 4 || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(StoreError::Invalid(format!(
+                    "`{text}` is not a job id: give the 32 hex digits printed by `gpu-feeder submit` or `list`, or a unique prefix of at least 4"
+                )));
+            }
+            match self.ids_with_prefix(&text, 2).await?.as_slice() {
+                [one] => Ok(*one),
+                [] => Err(StoreError::Invalid(format!(
+                    "no job id starts with `{text}`: check it with `gpu-feeder list`"
+                ))),
+                _ => Err(StoreError::Invalid(format!(
+                    "more than one job id starts with `{text}`: give more digits"
+                ))),
+            }
+        }
+    }
+    blocking extra {
+        /// See [`JobStore::claim`].
+        fn claim(
+            &self,
+            model: ModelType,
+            n: usize,
+            lease: Duration,
+            owner: &str,
+            now: Timestamp,
+        ) -> StoreResult<Vec<ClaimedJob>> {
+            self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
+        }
+    }
+
     /// Adds a job, or returns the identical one already there.
-    async fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted>;
+    fn submit(&self, job: NewJob, now: Timestamp) -> Submitted;
 
     /// Adds many jobs in one transaction, each idempotent on its own.
-    async fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>>;
+    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> Vec<Submitted>;
 
     /// Adds a parent and its fragments in one transaction. The parent is
     /// never dispatched itself: it waits in `processing` until fan-in.
     /// Idempotent on the parent: an identical parent returns the existing one
     /// and adds no fragments.
-    async fn submit_parent(
-        &self,
-        parent: NewJob,
-        fragments: Vec<NewJob>,
-        now: Timestamp,
-    ) -> StoreResult<Submitted>;
-
-    /// Claims up to `n` pending jobs of `model` whose `run_at` has come, in
-    /// order of priority (highest first) then age (oldest first), setting
-    /// them `processing` under a lease of `lease` held by `owner`.
-    async fn claim(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-    ) -> StoreResult<Vec<ClaimedJob>> {
-        self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
-            .await
-    }
+    fn submit_parent(&self, parent: NewJob, fragments: Vec<NewJob>, now: Timestamp) -> Submitted;
 
     /// Like `claim`, in `order`: with [`ClaimOrder::Grouped`], jobs sharing
     /// a prefix key come together, in the order [`crate::prefix::pick`]
     /// gives over the oldest [`crate::prefix::lookahead`] due jobs and
     /// those of the warm keys. The jobs come back in that order.
-    async fn claim_with(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-        order: &ClaimOrder,
-    ) -> StoreResult<Vec<ClaimedJob>>;
-
-    /// Marks a claimed job `done` with its result.
-    async fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
-
-    /// Settles many claims in one transaction (group commit): each element's
-    /// result is that of `complete`, `fail` or `release` for it, and a stale
-    /// claim does not abort the others.
-    async fn settle_batch(
-        &self,
-        items: Vec<(Claim, Settle)>,
-        now: Timestamp,
-    ) -> StoreResult<Vec<StoreResult<Settled>>>;
-
-    /// Records a failed attempt: back to `pending` after the failure's delay
-    /// while attempts remain and the failure is retryable, else `failed`.
-    async fn fail(
-        &self,
-        claim: &Claim,
-        failure: Failure,
-        now: Timestamp,
-    ) -> StoreResult<FailOutcome>;
-
-    /// Gives a claimed job back to `pending` without counting an attempt
-    /// (shutdown, a crashed dispatcher, an instance going down).
-    async fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
-
-    /// The earliest `run_at` after `now` among the pending jobs of `model`
-    /// (jobs waiting out a retry backoff, or inserted by another program to
-    /// run later): when the next of them comes due, whoever scheduled it.
-    async fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>>;
-
-    /// Returns every job whose lease has expired to `pending`; the count.
-    async fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
-
-    /// The job's server went down while the job was in flight: back to
-    /// `pending` with `crashes` counted (not `attempts`), or `failed` with
-    /// [`poison_error`] once `crashes` reaches `limit`. Only the current
-    /// claim may; `Settled::Released` or `Settled::Failed`.
-    async fn release_crashed(
-        &self,
-        claim: &Claim,
-        instance: &str,
-        limit: u32,
-        now: Timestamp,
-    ) -> StoreResult<Settled>;
-
-    /// Returns every job claimed by `owner`, or by an owner whose name starts
-    /// with `owner` followed by `/`, to `pending`, leases or not: for a daemon
-    /// that restarts after a crash, or a dispatcher that crashed, whose claims
-    /// are known to be dead.
-    async fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
-
-    /// Cancels a pending or processing job (and a parent's unfinished fragments).
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
-
-    /// Puts a failed or cancelled job back to `pending` with fresh attempts
-    /// (for a parent: its failed and cancelled fragments, too).
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
-
-    /// One job.
-    async fn get(&self, id: JobId) -> StoreResult<Option<Job>>;
-
-    /// Jobs matching `filter`, newest first.
-    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
-
-    /// Counts per model and status, and the oldest pending age.
-    async fn stats(&self, now: Timestamp) -> StoreResult<QueueStats>;
-
-    /// The fragments of `parent`, in fragment order.
-    async fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
-
-    /// Up to `limit` parents still `processing` whose fragments have all
-    /// finished: fan-in work left over (after a crash, say).
-    async fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>>;
-
-    /// Ends a parent waiting in `processing`; `false` if it was not waiting
-    /// (already finished by a concurrent fan-in, or cancelled). Exactly one
-    /// caller ever gets `true` for a parent.
-    async fn finish_parent(
-        &self,
-        id: JobId,
-        outcome: ParentOutcome,
-        now: Timestamp,
-    ) -> StoreResult<bool>;
-
-    /// Up to `limit` jobs that are `done` and name a `then_model`, but whose
-    /// follow-up job does not exist yet.
-    async fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>>;
-
-    /// A value that changes when another program commits to the store, or
-    /// `None` if the store cannot tell. Cheap: polled every few hundred ms.
-    async fn change_token(&self) -> StoreResult<Option<i64>>;
-
-    /// Up to `limit` ids whose hex digits start with `prefix` (lower case).
-    async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
-
-    /// Says that daemon `daemon` is alive: registers it, or renews its
-    /// heartbeat. Silent for longer than `timeout`, it is taken for dead,
-    /// and [`reclaim_expired`](JobStore::reclaim_expired), run by any
-    /// daemon, returns its claims (and those of its dispatchers,
-    /// `DAEMON/...`) to `pending` without waiting for their leases.
-    /// `about` is what it says of itself (host, pid, version), shown by
-    /// [`daemons`](JobStore::daemons).
-    async fn heartbeat(
-        &self,
-        daemon: &str,
-        about: &serde_json::Value,
-        timeout: Duration,
-        now: Timestamp,
-    ) -> StoreResult<()>;
-
-    /// Removes daemon `daemon` from the registry (it stops cleanly).
-    async fn sign_off(&self, daemon: &str) -> StoreResult<()>;
-
-    /// The daemons registered, by id.
-    async fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>>;
-
-    /// Why the store cannot be reached right now (its connection is lost
-    /// and being re-made), or `None` when it can. Cheap: no I/O.
-    fn connection_problem(&self) -> Option<String> {
-        None
-    }
-
-    /// A job id, or a unique prefix of at least 4 hex digits, as a user
-    /// types it; the error says what to give instead.
-    async fn resolve(&self, text: &str) -> StoreResult<JobId> {
-        let text = text.trim().to_ascii_lowercase();
-        if let Ok(id) = text.parse::<JobId>() {
-            return Ok(id);
-        }
-        if text.len() < 4 || text.len() > 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(StoreError::Invalid(format!(
-                "`{text}` is not a job id: give the 32 hex digits printed by `gpu-feeder submit` or `list`, or a unique prefix of at least 4"
-            )));
-        }
-        match self.ids_with_prefix(&text, 2).await?.as_slice() {
-            [one] => Ok(*one),
-            [] => Err(StoreError::Invalid(format!(
-                "no job id starts with `{text}`: check it with `gpu-feeder list`"
-            ))),
-            _ => Err(StoreError::Invalid(format!(
-                "more than one job id starts with `{text}`: give more digits"
-            ))),
-        }
-    }
-}
-
-/// The durable job queue as an adapter over a synchronous client writes it
-/// (SQLite, the in-memory fake). [`Blocking`] makes it a [`JobStore`]; each
-/// method is the one of the same name there, with the same guarantees.
-/// Calls may block on I/O or locks: never make them on a runtime worker.
-pub trait BlockingJobStore: Send + Sync + 'static {
-    /// See [`JobStore::submit`].
-    fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted>;
-
-    /// See [`JobStore::submit_batch`].
-    fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>>;
-
-    /// See [`JobStore::submit_parent`].
-    fn submit_parent(
-        &self,
-        parent: NewJob,
-        fragments: Vec<NewJob>,
-        now: Timestamp,
-    ) -> StoreResult<Submitted>;
-
-    /// See [`JobStore::claim`].
-    fn claim(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-    ) -> StoreResult<Vec<ClaimedJob>> {
-        self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
-    }
-
-    /// See [`JobStore::claim_with`].
     fn claim_with(
         &self,
         model: ModelType,
@@ -333,97 +233,159 @@ pub trait BlockingJobStore: Send + Sync + 'static {
         owner: &str,
         now: Timestamp,
         order: &ClaimOrder,
-    ) -> StoreResult<Vec<ClaimedJob>>;
+    ) -> Vec<ClaimedJob>;
 
-    /// See [`JobStore::complete`].
-    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()>;
+    /// Marks a claimed job `done` with its result.
+    fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> ();
 
-    /// See [`JobStore::settle_batch`]. By default one call per claim; an
-    /// adapter with transactions commits them together.
-    fn settle_batch(
-        &self,
-        items: Vec<(Claim, Settle)>,
-        now: Timestamp,
-    ) -> StoreResult<Vec<StoreResult<Settled>>> {
-        Ok(items
-            .into_iter()
-            .map(|(claim, settle)| settle_one(self, &claim, settle, now))
-            .collect())
-    }
+    /// Settles many claims in one transaction (group commit): each element's
+    /// result is that of `complete`, `fail` or `release` for it, and a stale
+    /// claim does not abort the others. ([`settle_one`] settles one claim
+    /// through the single-claim methods, for an adapter without transactions.)
+    fn settle_batch(&self, items: Vec<(Claim, Settle)>, now: Timestamp)
+        -> Vec<StoreResult<Settled>>;
 
-    /// See [`JobStore::fail`].
-    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome>;
+    /// Records a failed attempt: back to `pending` after the failure's delay
+    /// while attempts remain and the failure is retryable, else `failed`.
+    fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> FailOutcome;
 
-    /// See [`JobStore::release`].
-    fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()>;
+    /// Gives a claimed job back to `pending` without counting an attempt
+    /// (shutdown, a crashed dispatcher, an instance going down).
+    fn release(&self, claim: &Claim, now: Timestamp) -> ();
 
-    /// See [`JobStore::next_due`].
-    fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>>;
+    /// The earliest `run_at` after `now` among the pending jobs of `model`
+    /// (jobs waiting out a retry backoff, or inserted by another program to
+    /// run later): when the next of them comes due, whoever scheduled it.
+    fn next_due(&self, model: ModelType, now: Timestamp) -> Option<Timestamp>;
 
-    /// See [`JobStore::reclaim_expired`].
-    fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64>;
+    /// Returns every job whose lease has expired to `pending`; the count.
+    fn reclaim_expired(&self, now: Timestamp) -> u64;
 
-    /// See [`JobStore::release_crashed`].
-    fn release_crashed(
-        &self,
-        claim: &Claim,
-        instance: &str,
-        limit: u32,
-        now: Timestamp,
-    ) -> StoreResult<Settled>;
+    /// The job's server went down while the job was in flight: back to
+    /// `pending` with `crashes` counted (not `attempts`), or `failed` with
+    /// [`poison_error`] once `crashes` reaches `limit`. Only the current
+    /// claim may; `Settled::Released` or `Settled::Failed`.
+    fn release_crashed(&self, claim: &Claim, instance: &str, limit: u32, now: Timestamp)
+        -> Settled;
 
-    /// See [`JobStore::release_owner`].
-    fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64>;
+    /// Returns every job claimed by `owner`, or by an owner whose name starts
+    /// with `owner` followed by `/`, to `pending`, leases or not: for a daemon
+    /// that restarts after a crash, or a dispatcher that crashed, whose claims
+    /// are known to be dead.
+    fn release_owner(&self, owner: &str, now: Timestamp) -> u64;
 
-    /// See [`JobStore::cancel`].
-    fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+    /// Cancels a pending or processing job (and a parent's unfinished fragments).
+    fn cancel(&self, id: JobId, now: Timestamp) -> Job;
 
-    /// See [`JobStore::retry`].
-    fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job>;
+    /// Puts a failed or cancelled job back to `pending` with fresh attempts
+    /// (for a parent: its failed and cancelled fragments, too).
+    fn retry(&self, id: JobId, now: Timestamp) -> Job;
 
-    /// See [`JobStore::get`].
-    fn get(&self, id: JobId) -> StoreResult<Option<Job>>;
+    /// One job.
+    fn get(&self, id: JobId) -> Option<Job>;
 
-    /// See [`JobStore::list`].
-    fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>>;
+    /// Jobs matching `filter`, newest first.
+    fn list(&self, filter: &ListFilter) -> Vec<Job>;
 
-    /// See [`JobStore::stats`].
-    fn stats(&self, now: Timestamp) -> StoreResult<QueueStats>;
+    /// Counts per model and status, and the oldest pending age.
+    fn stats(&self, now: Timestamp) -> QueueStats;
 
-    /// See [`JobStore::fragments`].
-    fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>>;
+    /// The fragments of `parent`, in fragment order.
+    fn fragments(&self, parent: JobId) -> Vec<Job>;
 
-    /// See [`JobStore::ready_parents`].
-    fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+    /// Up to `limit` parents still `processing` whose fragments have all
+    /// finished: fan-in work left over (after a crash, say).
+    fn ready_parents(&self, limit: usize) -> Vec<JobId>;
 
-    /// See [`JobStore::finish_parent`].
-    fn finish_parent(&self, id: JobId, outcome: ParentOutcome, now: Timestamp)
-        -> StoreResult<bool>;
+    /// Ends a parent waiting in `processing`; `false` if it was not waiting
+    /// (already finished by a concurrent fan-in, or cancelled). Exactly one
+    /// caller ever gets `true` for a parent.
+    fn finish_parent(&self, id: JobId, outcome: ParentOutcome, now: Timestamp) -> bool;
 
-    /// See [`JobStore::pending_follow_ups`].
-    fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>>;
+    /// Up to `limit` jobs that are `done` and name a `then_model`, but whose
+    /// follow-up job does not exist yet.
+    fn pending_follow_ups(&self, limit: usize) -> Vec<JobId>;
 
-    /// See [`JobStore::change_token`].
-    fn change_token(&self) -> StoreResult<Option<i64>>;
+    /// A value that changes when another program commits to the store, or
+    /// `None` if the store cannot tell. Cheap: polled every few hundred ms.
+    fn change_token(&self) -> Option<i64>;
 
-    /// See [`JobStore::ids_with_prefix`].
-    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>>;
+    /// Up to `limit` ids whose hex digits start with `prefix` (lower case).
+    fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Vec<JobId>;
 
-    /// See [`JobStore::heartbeat`].
+    /// Says that daemon `daemon` is alive: registers it, or renews its
+    /// heartbeat. Silent for longer than `timeout`, it is taken for dead,
+    /// and [`reclaim_expired`](JobStore::reclaim_expired), run by any
+    /// daemon, returns its claims (and those of its dispatchers,
+    /// `DAEMON/...`) to `pending` without waiting for their leases.
+    /// `about` is what it says of itself (host, pid, version), shown by
+    /// [`daemons`](JobStore::daemons).
     fn heartbeat(
         &self,
         daemon: &str,
         about: &serde_json::Value,
         timeout: Duration,
         now: Timestamp,
-    ) -> StoreResult<()>;
+    ) -> ();
 
-    /// See [`JobStore::sign_off`].
-    fn sign_off(&self, daemon: &str) -> StoreResult<()>;
+    /// Removes daemon `daemon` from the registry (it stops cleanly).
+    fn sign_off(&self, daemon: &str) -> ();
 
-    /// See [`JobStore::daemons`].
-    fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>>;
+    /// The daemons registered, by id.
+    fn daemons(&self, now: Timestamp) -> Vec<DaemonInfo>;
 }
+
+/// An argument of a port method on its way to a blocking thread: carried
+/// there owned, then lent to the blocking method in the form it takes
+/// (a reference is carried as a copy of what it points at).
+trait Carry<'a>: Sized {
+    type Owned: Send + 'static;
+    fn carry(self) -> Self::Owned;
+    fn lend(owned: &'a mut Self::Owned) -> Self;
+}
+
+impl<'a, T: ToOwned + ?Sized> Carry<'a> for &'a T
+where
+    T::Owned: Send + 'static,
+{
+    type Owned = T::Owned;
+    fn carry(self) -> T::Owned {
+        self.to_owned()
+    }
+    fn lend(owned: &'a mut T::Owned) -> Self {
+        std::borrow::Borrow::borrow(&*owned)
+    }
+}
+
+/// Arguments passed by value move to the blocking thread as they are.
+macro_rules! carried_by_value {
+    ($($t:ty),* $(,)?) => {$(
+        impl<'a> Carry<'a> for $t {
+            type Owned = Option<$t>;
+            fn carry(self) -> Option<$t> {
+                Some(self)
+            }
+            fn lend(owned: &'a mut Option<$t>) -> Self {
+                owned.take().expect("each argument is lent once")
+            }
+        }
+    )*};
+}
+
+carried_by_value!(
+    NewJob,
+    Vec<NewJob>,
+    Vec<(Claim, Settle)>,
+    Timestamp,
+    ModelType,
+    JobId,
+    Duration,
+    Completion,
+    Failure,
+    ParentOutcome,
+    usize,
+    u32,
+);
 
 /// A daemon registered on a queue.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -472,167 +434,6 @@ impl<S: BlockingJobStore> Blocking<S> {
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .unwrap_or_else(|e| Err(StoreError::Backend(format!("store call panicked: {e}"))))
-    }
-}
-
-#[async_trait]
-impl<S: BlockingJobStore> JobStore for Blocking<S> {
-    async fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
-        self.run(move |s| s.submit(job, now)).await
-    }
-
-    async fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
-        self.run(move |s| s.submit_batch(jobs, now)).await
-    }
-
-    async fn submit_parent(
-        &self,
-        parent: NewJob,
-        fragments: Vec<NewJob>,
-        now: Timestamp,
-    ) -> StoreResult<Submitted> {
-        self.run(move |s| s.submit_parent(parent, fragments, now))
-            .await
-    }
-
-    async fn claim_with(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-        order: &ClaimOrder,
-    ) -> StoreResult<Vec<ClaimedJob>> {
-        let owner = owner.to_string();
-        let order = order.clone();
-        self.run(move |s| s.claim_with(model, n, lease, &owner, now, &order))
-            .await
-    }
-
-    async fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
-        let claim = claim.clone();
-        self.run(move |s| s.complete(&claim, done, now)).await
-    }
-
-    async fn settle_batch(
-        &self,
-        items: Vec<(Claim, Settle)>,
-        now: Timestamp,
-    ) -> StoreResult<Vec<StoreResult<Settled>>> {
-        self.run(move |s| s.settle_batch(items, now)).await
-    }
-
-    async fn fail(
-        &self,
-        claim: &Claim,
-        failure: Failure,
-        now: Timestamp,
-    ) -> StoreResult<FailOutcome> {
-        let claim = claim.clone();
-        self.run(move |s| s.fail(&claim, failure, now)).await
-    }
-
-    async fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()> {
-        let claim = claim.clone();
-        self.run(move |s| s.release(&claim, now)).await
-    }
-
-    async fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>> {
-        self.run(move |s| s.next_due(model, now)).await
-    }
-
-    async fn reclaim_expired(&self, now: Timestamp) -> StoreResult<u64> {
-        self.run(move |s| s.reclaim_expired(now)).await
-    }
-
-    async fn release_crashed(
-        &self,
-        claim: &Claim,
-        instance: &str,
-        limit: u32,
-        now: Timestamp,
-    ) -> StoreResult<Settled> {
-        let (claim, instance) = (claim.clone(), instance.to_string());
-        self.run(move |s| s.release_crashed(&claim, &instance, limit, now))
-            .await
-    }
-
-    async fn release_owner(&self, owner: &str, now: Timestamp) -> StoreResult<u64> {
-        let owner = owner.to_string();
-        self.run(move |s| s.release_owner(&owner, now)).await
-    }
-
-    async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
-        self.run(move |s| s.cancel(id, now)).await
-    }
-
-    async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
-        self.run(move |s| s.retry(id, now)).await
-    }
-
-    async fn get(&self, id: JobId) -> StoreResult<Option<Job>> {
-        self.run(move |s| s.get(id)).await
-    }
-
-    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<Job>> {
-        let filter = filter.clone();
-        self.run(move |s| s.list(&filter)).await
-    }
-
-    async fn stats(&self, now: Timestamp) -> StoreResult<QueueStats> {
-        self.run(move |s| s.stats(now)).await
-    }
-
-    async fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>> {
-        self.run(move |s| s.fragments(parent)).await
-    }
-
-    async fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>> {
-        self.run(move |s| s.ready_parents(limit)).await
-    }
-
-    async fn finish_parent(
-        &self,
-        id: JobId,
-        outcome: ParentOutcome,
-        now: Timestamp,
-    ) -> StoreResult<bool> {
-        self.run(move |s| s.finish_parent(id, outcome, now)).await
-    }
-
-    async fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
-        self.run(move |s| s.pending_follow_ups(limit)).await
-    }
-
-    async fn change_token(&self) -> StoreResult<Option<i64>> {
-        self.run(|s| s.change_token()).await
-    }
-
-    async fn ids_with_prefix(&self, prefix: &str, limit: usize) -> StoreResult<Vec<JobId>> {
-        let prefix = prefix.to_string();
-        self.run(move |s| s.ids_with_prefix(&prefix, limit)).await
-    }
-
-    async fn heartbeat(
-        &self,
-        daemon: &str,
-        about: &serde_json::Value,
-        timeout: Duration,
-        now: Timestamp,
-    ) -> StoreResult<()> {
-        let (daemon, about) = (daemon.to_string(), about.clone());
-        self.run(move |s| s.heartbeat(&daemon, &about, timeout, now))
-            .await
-    }
-
-    async fn sign_off(&self, daemon: &str) -> StoreResult<()> {
-        let daemon = daemon.to_string();
-        self.run(move |s| s.sign_off(&daemon)).await
-    }
-
-    async fn daemons(&self, now: Timestamp) -> StoreResult<Vec<DaemonInfo>> {
-        self.run(move |s| s.daemons(now)).await
     }
 }
 
@@ -717,5 +518,184 @@ pub fn settle_one<S: BlockingJobStore + ?Sized>(
         Settle::Fail(failure) => store.fail(claim, failure, now).map(Settled::Failed),
         Settle::Release => store.release(claim, now).map(|()| Settled::Released),
         Settle::Crashed { instance, limit } => store.release_crashed(claim, &instance, limit, now),
+    }
+}
+
+/// Where a fragment is inserted: its parent, its index, and how many
+/// fragments the parent has.
+pub type FragmentAt = (JobId, u32, u32);
+
+/// Where a submitted job goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// A job of its own, `pending`.
+    Single,
+    /// A parent of `total` fragments, waiting in `processing` for fan-in.
+    Parent {
+        /// How many fragments it has.
+        total: u32,
+    },
+    /// A fragment of a parent, `pending`.
+    Fragment(FragmentAt),
+}
+
+impl Placement {
+    /// The status the job starts in.
+    pub fn status(self) -> JobStatus {
+        match self {
+            Placement::Parent { .. } => JobStatus::Processing,
+            Placement::Single | Placement::Fragment(_) => JobStatus::Pending,
+        }
+    }
+
+    /// Its parent, index and fragment count, for a fragment.
+    pub fn fragment(self) -> Option<FragmentAt> {
+        match self {
+            Placement::Fragment(at) => Some(at),
+            _ => None,
+        }
+    }
+
+    /// The fragment count, for a parent or a fragment.
+    pub fn total_fragments(self) -> Option<u32> {
+        match self {
+            Placement::Single => None,
+            Placement::Parent { total } | Placement::Fragment((_, _, total)) => Some(total),
+        }
+    }
+}
+
+/// The two statements of a submission, as an adapter writes them inside
+/// its transaction; [`submit_in`] and [`submit_parent_in`] make every
+/// submission of them, the same way in every adapter. The methods are
+/// `async` for an adapter over an asynchronous client; a synchronous one
+/// writes them without awaiting anything and runs the submission with
+/// [`run_now`].
+// Callers name a concrete adapter, whose futures keep their auto traits.
+#[allow(async_fn_in_trait)]
+pub trait SubmitTx {
+    /// The adapter's error: a [`StoreError`], or one that carries it.
+    type Error: From<StoreError>;
+
+    /// Inserts `job` where `placement` says unless an identical one
+    /// exists: its new id, or `None` when it conflicted.
+    async fn insert(&mut self, job: &NewJob, to: Placement) -> Result<Option<JobId>, Self::Error>;
+
+    /// The existing job that an insert of `job` conflicted with.
+    async fn existing(&mut self, job: &NewJob) -> Result<Job, Self::Error>;
+}
+
+/// Submits one job: inserted `pending`, or the identical one already there.
+pub async fn submit_in<T: SubmitTx>(tx: &mut T, job: &NewJob) -> Result<Submitted, T::Error> {
+    match tx.insert(job, Placement::Single).await? {
+        Some(id) => Ok(Submitted {
+            id,
+            created: true,
+            status: JobStatus::Pending,
+        }),
+        None => Ok(found(&tx.existing(job).await?)),
+    }
+}
+
+/// Submits a parent, waiting in `processing`, and its fragments; an
+/// identical parent already there is returned as it is, without fragments.
+pub async fn submit_parent_in<T: SubmitTx>(
+    tx: &mut T,
+    parent: &NewJob,
+    fragments: &[NewJob],
+) -> Result<Submitted, T::Error> {
+    let total = fragment_count(fragments)?;
+    let Some(id) = tx.insert(parent, Placement::Parent { total }).await? else {
+        return Ok(found(&tx.existing(parent).await?));
+    };
+    for (i, frag) in fragments.iter().enumerate() {
+        let at = Placement::Fragment((id, i as u32, total));
+        if tx.insert(frag, at).await?.is_none() {
+            return Err(StoreError::Invalid(format!(
+                "fragment {i} of parent {id} conflicts with an existing row"
+            ))
+            .into());
+        }
+    }
+    Ok(Submitted {
+        id,
+        created: true,
+        status: JobStatus::Processing,
+    })
+}
+
+fn found(existing: &Job) -> Submitted {
+    Submitted {
+        id: existing.id,
+        created: false,
+        status: existing.status,
+    }
+}
+
+/// Runs a submission over a synchronous adapter's [`SubmitTx`], whose
+/// statements never wait, to its end on this thread.
+pub fn run_now<T>(submission: impl std::future::Future<Output = T>) -> T {
+    futures_util::FutureExt::now_or_never(submission)
+        .expect("a synchronous adapter's statements never wait")
+}
+
+/// The rows a claim took, each with its insertion order (`seq`), as the
+/// caller gets them: in the order `picked` gives their `seq`s when the
+/// claim chose one (a grouped claim), else by priority (highest first),
+/// age, then insertion, which an `UPDATE … RETURNING` does not keep; each
+/// with the claim's token.
+pub fn in_claim_order(
+    mut rows: Vec<(i64, Job)>,
+    picked: Option<&[i64]>,
+    claim_id: &str,
+) -> Vec<ClaimedJob> {
+    match picked {
+        Some(seqs) => rows.sort_by_key(|(seq, _)| seqs.iter().position(|s| s == seq)),
+        None => rows.sort_by_key(|(seq, j)| (std::cmp::Reverse(j.priority), j.created_at, *seq)),
+    }
+    rows.into_iter()
+        .map(|(_, job)| ClaimedJob {
+            claim: Claim {
+                job_id: job.id,
+                claim_id: claim_id.to_string(),
+            },
+            job,
+        })
+        .collect()
+}
+
+/// The error of a claim that is no longer current.
+pub fn stale(claim: &Claim) -> StoreError {
+    StoreError::StaleClaim {
+        job_id: claim.job_id,
+        claim_id: claim.claim_id.clone(),
+    }
+}
+
+/// What a settling statement guarded by the claim did, from the rows it
+/// changed: its one row with the current claim, or none for a stale one.
+pub fn one_row(changed: u64, claim: &Claim) -> StoreResult<()> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(stale(claim))
+    }
+}
+
+/// The payload of `job` as a store keeps it: a file's path, or the text
+/// itself.
+pub fn payload_columns(job: &NewJob) -> (Option<&std::path::Path>, Option<&str>) {
+    match &job.payload {
+        crate::job::Payload::File(p) => (Some(p.as_path()), None),
+        crate::job::Payload::Inline(s) => (None, Some(s.as_str())),
+    }
+}
+
+/// The prefix key `job` is stored with: a fragment shares its parent's
+/// (see [`crate::prefix`]).
+pub fn stored_prefix_key(job: &NewJob, fragment: Option<FragmentAt>) -> Option<String> {
+    match fragment {
+        Some((parent, _, _)) => Some(parent.to_string()),
+        None => job.prefix_key.clone(),
     }
 }

@@ -274,7 +274,10 @@ impl Context {
             }
         }
         if let Some(db) = db {
-            match db.to_str().filter(|s| crate::store::pg::is_url(s)) {
+            match db
+                .to_str()
+                .filter(|s| crate::config::DatabaseUrl::is_url(s))
+            {
                 Some(url) => config.queue.database_url = Some(url.to_string()),
                 None => {
                     config.queue.db_path = db.to_path_buf();
@@ -283,7 +286,7 @@ impl Context {
             }
         }
         if let Some(url) = &config.queue.database_url {
-            if let Err(e) = crate::store::pg::parse_url(url) {
+            if let Err(e) = crate::config::DatabaseUrl::parse(url) {
                 return Err(ConfigError::single(&path, "queue.database_url", None, e));
             }
         }
@@ -296,13 +299,13 @@ impl Context {
     /// Opens the queue with its results, creating the state folders first.
     pub async fn open_queue(&self) -> anyhow::Result<crate::store::Opened> {
         self.config.create_state_dirs(&self.config_path)?;
-        crate::store::open(&self.config, crate::store::pg::Patience::FailFast).await
+        crate::store::open(&self.config, crate::store::Patience::FailFast).await
     }
 
     /// Opens the job store, creating the state folders first.
     pub async fn open_store(&self) -> anyhow::Result<Arc<dyn JobStore>> {
         self.config.create_state_dirs(&self.config_path)?;
-        crate::store::connect(&self.config.queue, crate::store::pg::Patience::FailFast).await
+        crate::store::connect(&self.config.queue, crate::store::Patience::FailFast).await
     }
 }
 

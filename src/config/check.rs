@@ -103,7 +103,7 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
         );
     }
     if let Some(url) = &q.database_url {
-        if let Err(e) = crate::store::pg::parse_url(url) {
+        if let Err(e) = super::DatabaseUrl::parse(url) {
             c.at(&[key("queue"), key("database_url")], e);
         }
     }

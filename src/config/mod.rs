@@ -8,6 +8,7 @@
 //! Relative paths are taken relative to the configuration file's folder.
 
 mod check;
+mod database;
 mod instance;
 mod locate;
 
@@ -19,6 +20,7 @@ use serde::Deserialize;
 
 use feeder_actors::{Backoff, ModelType};
 
+pub use database::DatabaseUrl;
 pub use instance::{Backend, InstanceConfig, DEFAULT_OCR_PROMPT, PP_FLAGS, TP_FLAGS};
 
 /// Where the configuration is looked for when neither `--config` nor
@@ -164,7 +166,7 @@ impl QueueConfig {
     /// its password) or the SQLite file.
     pub fn location(&self) -> String {
         match &self.database_url {
-            Some(url) => crate::store::pg::redact(url),
+            Some(url) => DatabaseUrl::redact(url),
             None => self.db_path.display().to_string(),
         }
     }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use crate::job::{
     Claim, ClaimedJob, Completion, FailOutcome, Failure, Job, JobId, JobStatus, ListFilter,
-    ModelStats, ModelType, NewJob, Payload, QueueStats, Submitted,
+    ModelStats, ModelType, NewJob, QueueStats, Submitted,
 };
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
-    fragment_count, poison_error, Blocking, BlockingJobStore, JobStore, ParentOutcome, Settled,
-    StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
+    payload_columns, poison_error, run_now, settle_one, stale, stored_prefix_key, submit_in,
+    submit_parent_in, Blocking, BlockingJobStore, JobStore, ParentOutcome, Placement, Settle,
+    Settled, StoreError, StoreResult, SubmitTx, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -108,21 +109,12 @@ impl Inner {
             {
                 Ok(j)
             }
-            _ => Err(StoreError::StaleClaim {
-                job_id: claim.job_id,
-                claim_id: claim.claim_id.clone(),
-            }),
+            _ => Err(stale(claim)),
         }
     }
 
-    fn insert(
-        &mut self,
-        new: &NewJob,
-        status: JobStatus,
-        fragment: Option<(JobId, u32, u32)>,
-        total: Option<u32>,
-        now: Timestamp,
-    ) -> Result<JobId, Box<Job>> {
+    fn insert(&mut self, new: &NewJob, to: Placement, now: Timestamp) -> Result<JobId, Box<Job>> {
+        let fragment = to.fragment();
         let conflict = self.rows.iter().map(|(_, j)| j).find(|j| {
             if let Some(f) = new.follows {
                 j.follows == Some(f)
@@ -142,33 +134,26 @@ impl Inner {
             }
             return Err(existing);
         }
-        let (payload_path, payload_inline) = match &new.payload {
-            Payload::File(p) => (Some(p.clone()), None),
-            Payload::Inline(s) => (None, Some(s.clone())),
-        };
+        let (payload_path, payload_inline) = payload_columns(new);
         let id = JobId::random();
         let job = Job {
             id,
-            status,
+            status: to.status(),
             model_type: new.model_type,
             priority: new.priority,
             attempts: 0,
             max_attempts: new.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
             crashes: 0,
             payload_sha256: new.payload_sha256.clone(),
-            payload_path,
-            payload_inline,
+            payload_path: payload_path.map(Into::into),
+            payload_inline: payload_inline.map(Into::into),
             result_path: None,
             error: None,
             parent_id: fragment.map(|f| f.0),
             fragment_index: fragment.map(|f| f.1),
-            total_fragments: fragment.map(|f| f.2).or(total),
+            total_fragments: to.total_fragments(),
             place: new.place,
-            // A fragment shares its parent's key (see `crate::prefix`).
-            prefix_key: match fragment {
-                Some((parent, _, _)) => Some(parent.to_string()),
-                None => new.prefix_key.clone(),
-            },
+            prefix_key: stored_prefix_key(new, fragment),
             follows: new.follows,
             then_model: new.then_model,
             prompt_tokens: None,
@@ -188,19 +173,39 @@ impl Inner {
         Ok(id)
     }
 
-    fn submit(&mut self, job: &NewJob, now: Timestamp) -> Submitted {
-        match self.insert(job, JobStatus::Pending, None, None, now) {
-            Ok(id) => Submitted {
-                id,
-                created: true,
-                status: JobStatus::Pending,
-            },
-            Err(existing) => Submitted {
-                id: existing.id,
-                created: false,
-                status: existing.status,
-            },
+    /// A submission's view of the rows, at `now`.
+    fn tx(&mut self, now: Timestamp) -> MemoryTx<'_> {
+        MemoryTx {
+            inner: self,
+            now,
+            conflict: None,
         }
+    }
+}
+
+/// The rows as a submission writes them: the job an insert conflicted with
+/// is kept for [`SubmitTx::existing`].
+struct MemoryTx<'a> {
+    inner: &'a mut Inner,
+    now: Timestamp,
+    conflict: Option<Box<Job>>,
+}
+
+impl SubmitTx for MemoryTx<'_> {
+    type Error = StoreError;
+
+    async fn insert(&mut self, job: &NewJob, to: Placement) -> StoreResult<Option<JobId>> {
+        match self.inner.insert(job, to, self.now) {
+            Ok(id) => Ok(Some(id)),
+            Err(existing) => {
+                self.conflict = Some(existing);
+                Ok(None)
+            }
+        }
+    }
+
+    async fn existing(&mut self, _job: &NewJob) -> StoreResult<Job> {
+        Ok(*self.conflict.take().expect("an insert conflicted"))
     }
 }
 
@@ -212,12 +217,15 @@ fn to_pending(j: &mut Job) {
 
 impl BlockingJobStore for MemoryStore {
     fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
-        Ok(self.write().submit(&job, now))
+        run_now(submit_in(&mut self.write().tx(now), &job))
     }
 
     fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
         let mut inner = self.write();
-        Ok(jobs.iter().map(|j| inner.submit(j, now)).collect())
+        let mut tx = inner.tx(now);
+        jobs.iter()
+            .map(|j| run_now(submit_in(&mut tx, j)))
+            .collect()
     }
 
     fn submit_parent(
@@ -226,34 +234,11 @@ impl BlockingJobStore for MemoryStore {
         fragments: Vec<NewJob>,
         now: Timestamp,
     ) -> StoreResult<Submitted> {
-        let total = fragment_count(&fragments)?;
-        let mut inner = self.write();
-        let id = match inner.insert(&parent, JobStatus::Processing, None, Some(total), now) {
-            Ok(id) => id,
-            Err(existing) => {
-                return Ok(Submitted {
-                    id: existing.id,
-                    created: false,
-                    status: existing.status,
-                })
-            }
-        };
-        for (i, frag) in fragments.iter().enumerate() {
-            let at = Some((id, i as u32, total));
-            if inner
-                .insert(frag, JobStatus::Pending, at, None, now)
-                .is_err()
-            {
-                return Err(StoreError::Invalid(format!(
-                    "fragment {i} of parent {id} conflicts with an existing row"
-                )));
-            }
-        }
-        Ok(Submitted {
-            id,
-            created: true,
-            status: JobStatus::Processing,
-        })
+        run_now(submit_parent_in(
+            &mut self.write().tx(now),
+            &parent,
+            &fragments,
+        ))
     }
 
     fn claim_with(
@@ -349,6 +334,17 @@ impl BlockingJobStore for MemoryStore {
         j.lease_until = None;
         j.finished_at = Some(now);
         Ok(())
+    }
+
+    fn settle_batch(
+        &self,
+        items: Vec<(Claim, Settle)>,
+        now: Timestamp,
+    ) -> StoreResult<Vec<StoreResult<Settled>>> {
+        Ok(items
+            .into_iter()
+            .map(|(claim, settle)| settle_one(self, &claim, settle, now))
+            .collect())
     }
 
     fn fail(&self, claim: &Claim, failure: Failure, now: Timestamp) -> StoreResult<FailOutcome> {

@@ -10,36 +10,20 @@ use tracing::info;
 
 use feeder_actors::{StoreError, StoreResult};
 
-use super::super::migrate::{Migration, MigrationReport};
+use crate::store::migration::{self, migrations, Migration, MigrationReport};
 
 /// Every PostgreSQL migration, in order. A test checks that this matches
 /// `migrations/postgres/`.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "gpu_jobs",
-        sql: include_str!("../../../migrations/postgres/0001_gpu_jobs.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "daemons",
-        sql: include_str!("../../../migrations/postgres/0002_daemons.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "notify",
-        sql: include_str!("../../../migrations/postgres/0003_notify.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "results",
-        sql: include_str!("../../../migrations/postgres/0004_results.sql"),
-    },
-];
+pub const MIGRATIONS: &[Migration] = migrations!("postgres";
+    1 "0001" "gpu_jobs",
+    2 "0002" "daemons",
+    3 "0003" "notify",
+    4 "0004" "results",
+);
 
 /// The newest PostgreSQL schema version this build knows.
 pub fn latest_version() -> i64 {
-    MIGRATIONS.last().map_or(0, |m| m.version)
+    migration::latest(MIGRATIONS)
 }
 
 /// Any number, the same in every daemon: the advisory lock that serialises
@@ -76,14 +60,8 @@ pub async fn migrate(client: &mut Client, place: &str) -> StoreResult<MigrationR
         .await
         .map_err(db)?
         .get(0);
+    migration::refuse_newer(MIGRATIONS, place, recorded)?;
     let known = latest_version();
-    if recorded > known {
-        return Err(StoreError::TooNew {
-            path: place.to_string(),
-            found: recorded,
-            known,
-        });
-    }
     if recorded == 0 {
         let found: Option<String> = tx
             .query_one("SELECT to_regclass('gpu_jobs')::text", &[])
@@ -98,7 +76,7 @@ pub async fn migrate(client: &mut Client, place: &str) -> StoreResult<MigrationR
     }
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| m.version > recorded) {
-        let name = format!("{:04}_{}", m.version, m.name);
+        let name = migration::label(MIGRATIONS, m.version);
         tx.batch_execute(m.sql).await.map_err(|e| {
             StoreError::Backend(format!(
                 "migration {name} failed on {place}: {} (nothing was changed)",
@@ -134,24 +112,6 @@ mod tests {
 
     #[test]
     fn every_file_in_migrations_postgres_is_listed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let listed: Vec<String> = MIGRATIONS
-            .iter()
-            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
-            .collect();
-        assert_eq!(files, listed);
-        for (i, m) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(
-                m.version,
-                i as i64 + 1,
-                "migration numbers must be 1, 2, 3, …"
-            );
-        }
+        migration::assert_lists_the_files("postgres", MIGRATIONS);
     }
 }

@@ -82,6 +82,7 @@ CREATE INDEX gpu_jobs_created ON gpu_jobs (created_at);
 
 -- Mark: this file records that it was applied, so that a database built by
 -- running the files through the sqlite3 CLI is known to be at this version.
+-- The table of marks is made here, once; every later file adds its row.
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    INTEGER PRIMARY KEY,
     name       TEXT NOT NULL,

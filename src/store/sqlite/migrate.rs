@@ -1,8 +1,10 @@
-//! Schema migrations: the numbered files in `migrations/`, embedded in the
+//! Schema migrations: the numbered files in `migrations/sqlite/`, embedded in the
 //! binary and applied in order, all in one transaction (a failed upgrade
 //! leaves the database as it was).
 //!
-//! Each file ends by recording its own version in `schema_migrations`, so a
+//! Each file ends by recording its own version in `schema_migrations` (the
+//! first file makes that table, and [`migrate`] makes it before anything
+//! else, for a database adopted by its shape), so a
 //! database built by running the files through the `sqlite3` CLI (as other
 //! programs may) is marked exactly as one built here. A database whose
 //! tables were made by hand from older copies of the files carries no marks;
@@ -22,59 +24,22 @@ use tracing::info;
 
 use feeder_actors::{StoreError, StoreResult, Timestamp};
 
-/// One migration file.
-#[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    /// Its number, from the file name.
-    pub version: i64,
-    /// The rest of the file name.
-    pub name: &'static str,
-    /// The SQL.
-    pub sql: &'static str,
-}
+use crate::store::migration::{self, migrations, Migration, MigrationReport};
 
-/// Every migration, in order. A test checks that this matches `migrations/`.
-pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "gpu_jobs",
-        sql: include_str!("../../migrations/0001_gpu_jobs.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "follow_ups",
-        sql: include_str!("../../migrations/0002_follow_ups.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "crashes",
-        sql: include_str!("../../migrations/0003_crashes.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "due",
-        sql: include_str!("../../migrations/0004_due.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "place",
-        sql: include_str!("../../migrations/0005_place.sql"),
-    },
-    Migration {
-        version: 6,
-        name: "prefix",
-        sql: include_str!("../../migrations/0006_prefix.sql"),
-    },
-    Migration {
-        version: 7,
-        name: "daemons_results",
-        sql: include_str!("../../migrations/0007_daemons_results.sql"),
-    },
-];
+/// Every migration, in order. A test checks that this matches `migrations/sqlite/`.
+pub const MIGRATIONS: &[Migration] = migrations!("sqlite";
+    1 "0001" "gpu_jobs",
+    2 "0002" "follow_ups",
+    3 "0003" "crashes",
+    4 "0004" "due",
+    5 "0005" "place",
+    6 "0006" "prefix",
+    7 "0007" "daemons_results",
+);
 
 /// The newest schema version this build knows.
 pub fn latest_version() -> i64 {
-    MIGRATIONS.last().map_or(0, |m| m.version)
+    migration::latest(MIGRATIONS)
 }
 
 /// The whole current schema as one SQL script: every migration in order,
@@ -94,20 +59,6 @@ pub fn full_schema() -> String {
         out.push('\n');
     }
     out
-}
-
-/// What `migrate` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationReport {
-    /// The version found before (counting versions adopted by their shape).
-    pub from: i64,
-    /// The version now.
-    pub to: i64,
-    /// The migrations applied, as `NNNN_name`.
-    pub applied: Vec<String>,
-    /// Versions whose objects were found made by hand, without their mark,
-    /// and recorded as applied.
-    pub adopted: Vec<String>,
 }
 
 /// A column as `PRAGMA table_info` describes it.
@@ -394,13 +345,7 @@ fn shapes() -> &'static [Shape] {
 }
 
 fn label(version: i64) -> String {
-    MIGRATIONS
-        .iter()
-        .find(|m| m.version == version)
-        .map_or_else(
-            || format!("{version:04}"),
-            |m| format!("{:04}_{}", m.version, m.name),
-        )
+    migration::label(MIGRATIONS, version)
 }
 
 /// The version a database's objects show: the newest whose every object is
@@ -474,14 +419,8 @@ pub fn migrate(conn: &mut Connection, path: &str) -> StoreResult<MigrationReport
             |r| r.get(0),
         )
         .map_err(db)?;
+    migration::refuse_newer(MIGRATIONS, path, recorded)?;
     let known = latest_version();
-    if recorded > known {
-        return Err(StoreError::TooNew {
-            path: path.to_string(),
-            found: recorded,
-            known,
-        });
-    }
     let has_jobs = tx
         .query_row(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'gpu_jobs'",
@@ -573,25 +512,7 @@ mod tests {
 
     #[test]
     fn every_file_in_migrations_is_listed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .collect();
-        files.sort();
-        let listed: Vec<String> = MIGRATIONS
-            .iter()
-            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
-            .collect();
-        assert_eq!(files, listed);
-        for (i, m) in MIGRATIONS.iter().enumerate() {
-            assert_eq!(
-                m.version,
-                i as i64 + 1,
-                "migration numbers must be 1, 2, 3, …"
-            );
-        }
+        migration::assert_lists_the_files("sqlite", MIGRATIONS);
     }
 
     #[test]

@@ -1,0 +1,105 @@
+//! Settling a claim (complete, fail, release, crashed) inside the caller's
+//! transaction; each takes effect only with the current claim.
+
+use std::time::Duration;
+
+use deadpool_postgres::Transaction;
+
+use feeder_actors::store::{one_row, poison_error, stale};
+use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, Timestamp};
+
+use super::*;
+
+pub(super) async fn complete_in(
+    tx: &Transaction<'_>,
+    at: Option<f64>,
+    claim: &Claim,
+    done: &Completion,
+) -> Op<()> {
+    let st = tx.prepare_cached(COMPLETE).await?;
+    let n = tx
+        .execute(
+            &st,
+            &[
+                &at,
+                &bytes(&claim.job_id),
+                &claim.claim_id,
+                &done.result_path.as_str(),
+                &done.prompt_tokens.map(|t| t as i64),
+                &done.completion_tokens.map(|t| t as i64),
+                &(done.latency.as_millis() as i64),
+            ],
+        )
+        .await?;
+    Ok(one_row(n, claim)?)
+}
+
+pub(super) async fn fail_in(
+    tx: &Transaction<'_>,
+    at: Option<f64>,
+    claim: &Claim,
+    failure: &Failure,
+    now: Timestamp,
+) -> Op<FailOutcome> {
+    let st = tx.prepare_cached(FAIL).await?;
+    let after = failure.retry_after.unwrap_or_default().as_secs_f64();
+    let row = tx
+        .query_opt(
+            &st,
+            &[
+                &at,
+                &bytes(&claim.job_id),
+                &claim.claim_id,
+                &failure.retry_after.is_some(),
+                &after,
+                &failure.message,
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(stale(claim).into());
+    };
+    let status: String = row.get(0);
+    let attempts = row.get::<_, i32>(1).max(0) as u32;
+    if status == "failed" {
+        return Ok(FailOutcome::Failed { attempts });
+    }
+    let due_in: f64 = row.get(2);
+    Ok(FailOutcome::Retrying {
+        run_at: now + Duration::from_secs_f64(due_in.max(0.0)),
+        attempts,
+    })
+}
+
+pub(super) async fn release_in(tx: &Transaction<'_>, at: Option<f64>, claim: &Claim) -> Op<()> {
+    let st = tx.prepare_cached(RELEASE).await?;
+    let n = tx
+        .execute(&st, &[&at, &bytes(&claim.job_id), &claim.claim_id])
+        .await?;
+    Ok(one_row(n, claim)?)
+}
+
+pub(super) async fn crashed_in(
+    tx: &Transaction<'_>,
+    at: Option<f64>,
+    claim: &Claim,
+    instance: &str,
+    limit: u32,
+) -> Op<Settled> {
+    let limit = limit.max(1) as i32;
+    let st = tx.prepare_cached(CRASHED).await?;
+    let error = poison_error(limit as u32, instance);
+    let row = tx
+        .query_opt(
+            &st,
+            &[&at, &bytes(&claim.job_id), &claim.claim_id, &limit, &error],
+        )
+        .await?;
+    match row {
+        None => Err(stale(claim).into()),
+        Some(r) if r.get::<_, String>(0) == "failed" => Ok(Settled::Failed(FailOutcome::Failed {
+            attempts: r.get::<_, i32>(1).max(0) as u32,
+        })),
+        Some(_) => Ok(Settled::Released),
+    }
+}

@@ -1,0 +1,114 @@
+//! Settling a claim (complete, fail, release, crashed) inside the caller's
+//! transaction; each takes effect only with the current claim.
+
+use rusqlite::{named_params, OptionalExtension, Transaction};
+
+use feeder_actors::store::{one_row, poison_error, stale};
+use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, StoreResult, Timestamp};
+
+use super::rows::{secs, Db};
+use super::*;
+
+pub(super) fn complete_in(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    done: &Completion,
+    now: Timestamp,
+) -> StoreResult<()> {
+    let mut stmt = tx.prepare_cached(COMPLETE).db()?;
+    let n = stmt
+        .execute(named_params! {
+            ":id": claim.job_id.0,
+            ":claim_id": claim.claim_id,
+            ":result_path": done.result_path.as_str(),
+            ":prompt_tokens": done.prompt_tokens.map(|t| t as i64),
+            ":completion_tokens": done.completion_tokens.map(|t| t as i64),
+            ":latency_ms": done.latency.as_millis() as i64,
+            ":now": secs(now),
+        })
+        .db()?;
+    one_row(n as u64, claim)
+}
+
+pub(super) fn fail_in(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    failure: Failure,
+    now: Timestamp,
+) -> StoreResult<FailOutcome> {
+    let retry_at = now + failure.retry_after.unwrap_or_default();
+    let mut stmt = tx.prepare_cached(FAIL).db()?;
+    let row = stmt
+        .query_row(
+            named_params! {
+                ":id": claim.job_id.0,
+                ":claim_id": claim.claim_id,
+                ":retryable": failure.retry_after.is_some(),
+                ":retry_at": secs(retry_at),
+                ":error": failure.message,
+                ":now": secs(now),
+            },
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            },
+        )
+        .optional()
+        .db()?;
+    match row {
+        None => Err(stale(claim)),
+        Some((status, attempts, _)) if status == "failed" => Ok(FailOutcome::Failed { attempts }),
+        Some((_, attempts, run_at)) => Ok(FailOutcome::Retrying {
+            run_at: Timestamp::from_secs_f64(run_at),
+            attempts,
+        }),
+    }
+}
+
+pub(super) fn release_in(tx: &Transaction<'_>, claim: &Claim, now: Timestamp) -> StoreResult<()> {
+    let n = tx
+        .prepare_cached(RELEASE)
+        .db()?
+        .execute(named_params! {
+            ":id": claim.job_id.0,
+            ":claim_id": claim.claim_id,
+            ":now": secs(now),
+        })
+        .db()?;
+    one_row(n as u64, claim)
+}
+
+pub(super) fn crashed_in(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    instance: &str,
+    limit: u32,
+    now: Timestamp,
+) -> StoreResult<Settled> {
+    let limit = limit.max(1);
+    let row = tx
+        .prepare_cached(CRASHED)
+        .db()?
+        .query_row(
+            named_params! {
+                ":id": claim.job_id.0,
+                ":claim_id": claim.claim_id,
+                ":limit": limit,
+                ":error": poison_error(limit, instance),
+                ":now": secs(now),
+            },
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(2)?)),
+        )
+        .optional()
+        .db()?;
+    match row {
+        None => Err(stale(claim)),
+        Some((status, attempts)) if status == "failed" => {
+            Ok(Settled::Failed(FailOutcome::Failed { attempts }))
+        }
+        Some(_) => Ok(Settled::Released),
+    }
+}
