@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 
 use feeder_actors::store::{one_row, poison_error, stale};
 use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, Timestamp};
@@ -16,22 +17,21 @@ pub(super) async fn complete_in(
     claim: &Claim,
     done: &Completion,
 ) -> Op<()> {
-    let st = tx.prepare_cached(COMPLETE).await?;
-    let n = tx
-        .execute(
-            &st,
-            &[
-                &at,
-                &bytes(&claim.job_id),
-                &claim.claim_id,
-                &done.result_path.as_str(),
-                &done.prompt_tokens.map(|t| t as i64),
-                &done.completion_tokens.map(|t| t as i64),
-                &(done.latency.as_millis() as i64),
-            ],
-        )
-        .await?;
-    Ok(one_row(n, claim)?)
+    settle_row(
+        tx,
+        claim,
+        COMPLETE,
+        &[
+            &at,
+            &bytes(&claim.job_id),
+            &claim.claim_id,
+            &done.result_path.as_str(),
+            &done.prompt_tokens.map(|t| t as i64),
+            &done.completion_tokens.map(|t| t as i64),
+            &(done.latency.as_millis() as i64),
+        ],
+    )
+    .await
 }
 
 pub(super) async fn fail_in(
@@ -72,10 +72,25 @@ pub(super) async fn fail_in(
 }
 
 pub(super) async fn release_in(tx: &Transaction<'_>, at: Option<f64>, claim: &Claim) -> Op<()> {
-    let st = tx.prepare_cached(RELEASE).await?;
-    let n = tx
-        .execute(&st, &[&at, &bytes(&claim.job_id), &claim.claim_id])
-        .await?;
+    settle_row(
+        tx,
+        claim,
+        RELEASE,
+        &[&at, &bytes(&claim.job_id), &claim.claim_id],
+    )
+    .await
+}
+
+/// Runs `sql`, a settling statement that returns no row, which must change
+/// the claim's job and nothing else (else the claim is stale).
+async fn settle_row(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Op<()> {
+    let st = tx.prepare_cached(sql).await?;
+    let n = tx.execute(&st, params).await?;
     Ok(one_row(n, claim)?)
 }
 

@@ -1,7 +1,7 @@
 //! Settling a claim (complete, fail, release, crashed) inside the caller's
 //! transaction; each takes effect only with the current claim.
 
-use rusqlite::{named_params, OptionalExtension, Transaction};
+use rusqlite::{named_params, OptionalExtension, ToSql, Transaction};
 
 use feeder_actors::store::{one_row, poison_error, stale};
 use feeder_actors::{Claim, Completion, FailOutcome, Failure, Settled, StoreResult, Timestamp};
@@ -15,9 +15,11 @@ pub(super) fn complete_in(
     done: &Completion,
     now: Timestamp,
 ) -> StoreResult<()> {
-    let mut stmt = tx.prepare_cached(COMPLETE).db()?;
-    let n = stmt
-        .execute(named_params! {
+    settle_row(
+        tx,
+        claim,
+        COMPLETE,
+        named_params! {
             ":id": claim.job_id.0,
             ":claim_id": claim.claim_id,
             ":result_path": done.result_path.as_str(),
@@ -25,9 +27,8 @@ pub(super) fn complete_in(
             ":completion_tokens": done.completion_tokens.map(|t| t as i64),
             ":latency_ms": done.latency.as_millis() as i64,
             ":now": secs(now),
-        })
-        .db()?;
-    one_row(n as u64, claim)
+        },
+    )
 }
 
 pub(super) fn fail_in(
@@ -48,13 +49,7 @@ pub(super) fn fail_in(
                 ":error": failure.message,
                 ":now": secs(now),
             },
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, u32>(1)?,
-                    r.get::<_, f64>(2)?,
-                ))
-            },
+            |r| <(String, u32, f64)>::try_from(r),
         )
         .optional()
         .db()?;
@@ -69,15 +64,23 @@ pub(super) fn fail_in(
 }
 
 pub(super) fn release_in(tx: &Transaction<'_>, claim: &Claim, now: Timestamp) -> StoreResult<()> {
-    let n = tx
-        .prepare_cached(RELEASE)
-        .db()?
-        .execute(named_params! {
-            ":id": claim.job_id.0,
-            ":claim_id": claim.claim_id,
-            ":now": secs(now),
-        })
-        .db()?;
+    settle_row(
+        tx,
+        claim,
+        RELEASE,
+        named_params! { ":id": claim.job_id.0, ":claim_id": claim.claim_id, ":now": secs(now) },
+    )
+}
+
+/// Runs `sql`, a settling statement that returns no row, which must change
+/// the claim's job and nothing else (else the claim is stale).
+fn settle_row(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    sql: &str,
+    params: &[(&str, &dyn ToSql)],
+) -> StoreResult<()> {
+    let n = tx.prepare_cached(sql).db()?.execute(params).db()?;
     one_row(n as u64, claim)
 }
 
@@ -100,13 +103,13 @@ pub(super) fn crashed_in(
                 ":error": poison_error(limit, instance),
                 ":now": secs(now),
             },
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(2)?)),
+            |r| <(String, u32, u32)>::try_from(r),
         )
         .optional()
         .db()?;
     match row {
         None => Err(stale(claim)),
-        Some((status, attempts)) if status == "failed" => {
+        Some((status, _crashes, attempts)) if status == "failed" => {
             Ok(Settled::Failed(FailOutcome::Failed { attempts }))
         }
         Some(_) => Ok(Settled::Released),
