@@ -184,7 +184,7 @@ impl JobStore for PgStore {
                         .map(Settled::Failed),
                     Settle::Release => release_in(&tx, at, claim).await.map(|()| Settled::Released),
                     Settle::Crashed { instance, limit } => {
-                        crashed_in(&tx, at, claim, instance, *limit).await
+                        crashed_in(&tx, at, claim, instance, *limit, now).await
                     }
                 };
                 match one {
@@ -266,7 +266,7 @@ impl JobStore for PgStore {
     ) -> StoreResult<Settled> {
         let at = self.at(now);
         run!(self, |tx| {
-            crashed_in(&tx, at, claim, instance, limit).await?
+            crashed_in(&tx, at, claim, instance, limit, now).await?
         })
     }
 

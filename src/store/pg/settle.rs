@@ -41,34 +41,22 @@ pub(super) async fn fail_in(
     failure: &Failure,
     now: Timestamp,
 ) -> Op<FailOutcome> {
-    let st = tx.prepare_cached(FAIL).await?;
     let after = failure.retry_after.unwrap_or_default().as_secs_f64();
-    let row = tx
-        .query_opt(
-            &st,
-            &[
-                &at,
-                &bytes(&claim.job_id),
-                &claim.claim_id,
-                &failure.retry_after.is_some(),
-                &after,
-                &failure.message,
-            ],
-        )
-        .await?;
-    let Some(row) = row else {
-        return Err(stale(claim).into());
-    };
-    let status: String = row.get(0);
-    let attempts = row.get::<_, i32>(1).max(0) as u32;
-    if status == "failed" {
-        return Ok(FailOutcome::Failed { attempts });
-    }
-    let due_in: f64 = row.get(2);
-    Ok(FailOutcome::Retrying {
-        run_at: now + Duration::from_secs_f64(due_in.max(0.0)),
-        attempts,
-    })
+    settle_outcome(
+        tx,
+        claim,
+        FAIL,
+        &[
+            &at,
+            &bytes(&claim.job_id),
+            &claim.claim_id,
+            &failure.retry_after.is_some(),
+            &after,
+            &failure.message,
+        ],
+        now,
+    )
+    .await
 }
 
 pub(super) async fn release_in(tx: &Transaction<'_>, at: Option<f64>, claim: &Claim) -> Op<()> {
@@ -100,21 +88,42 @@ pub(super) async fn crashed_in(
     claim: &Claim,
     instance: &str,
     limit: u32,
+    now: Timestamp,
 ) -> Op<Settled> {
     let limit = limit.max(1) as i32;
-    let st = tx.prepare_cached(CRASHED).await?;
     let error = poison_error(limit as u32, instance);
-    let row = tx
-        .query_opt(
-            &st,
-            &[&at, &bytes(&claim.job_id), &claim.claim_id, &limit, &error],
-        )
-        .await?;
-    match row {
-        None => Err(stale(claim).into()),
-        Some(r) if r.get::<_, String>(0) == "failed" => Ok(Settled::Failed(FailOutcome::Failed {
-            attempts: r.get::<_, i32>(1).max(0) as u32,
-        })),
-        Some(_) => Ok(Settled::Released),
+    let params: [&(dyn ToSql + Sync); 5] =
+        [&at, &bytes(&claim.job_id), &claim.claim_id, &limit, &error];
+    Ok(
+        match settle_outcome(tx, claim, CRASHED, &params, now).await? {
+            outcome @ FailOutcome::Failed { .. } => Settled::Failed(outcome),
+            FailOutcome::Retrying { .. } => Settled::Released,
+        },
+    )
+}
+
+/// Runs `sql`, a settling statement that returns the job's status, attempts
+/// and seconds until its `run_at` after it, as what became of the job:
+/// failed for good, or pending again. No row means the claim is stale.
+async fn settle_outcome(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    now: Timestamp,
+) -> Op<FailOutcome> {
+    let st = tx.prepare_cached(sql).await?;
+    let Some(row) = tx.query_opt(&st, params).await? else {
+        return Err(stale(claim).into());
+    };
+    let status: String = row.get(0);
+    let attempts = row.get::<_, i32>(1).max(0) as u32;
+    if status == "failed" {
+        return Ok(FailOutcome::Failed { attempts });
     }
+    let due_in: f64 = row.get(2);
+    Ok(FailOutcome::Retrying {
+        run_at: now + Duration::from_secs_f64(due_in.max(0.0)),
+        attempts,
+    })
 }

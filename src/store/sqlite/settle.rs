@@ -38,29 +38,19 @@ pub(super) fn fail_in(
     now: Timestamp,
 ) -> StoreResult<FailOutcome> {
     let retry_at = now + failure.retry_after.unwrap_or_default();
-    let mut stmt = tx.prepare_cached(FAIL).db()?;
-    let row = stmt
-        .query_row(
-            named_params! {
-                ":id": claim.job_id.0,
-                ":claim_id": claim.claim_id,
-                ":retryable": failure.retry_after.is_some(),
-                ":retry_at": secs(retry_at),
-                ":error": failure.message,
-                ":now": secs(now),
-            },
-            |r| <(String, u32, f64)>::try_from(r),
-        )
-        .optional()
-        .db()?;
-    match row {
-        None => Err(stale(claim)),
-        Some((status, attempts, _)) if status == "failed" => Ok(FailOutcome::Failed { attempts }),
-        Some((_, attempts, run_at)) => Ok(FailOutcome::Retrying {
-            run_at: Timestamp::from_secs_f64(run_at),
-            attempts,
-        }),
-    }
+    settle_outcome(
+        tx,
+        claim,
+        FAIL,
+        named_params! {
+            ":id": claim.job_id.0,
+            ":claim_id": claim.claim_id,
+            ":retryable": failure.retry_after.is_some(),
+            ":retry_at": secs(retry_at),
+            ":error": failure.message,
+            ":now": secs(now),
+        },
+    )
 }
 
 pub(super) fn release_in(tx: &Transaction<'_>, claim: &Claim, now: Timestamp) -> StoreResult<()> {
@@ -92,26 +82,45 @@ pub(super) fn crashed_in(
     now: Timestamp,
 ) -> StoreResult<Settled> {
     let limit = limit.max(1);
+    let outcome = settle_outcome(
+        tx,
+        claim,
+        CRASHED,
+        named_params! {
+            ":id": claim.job_id.0,
+            ":claim_id": claim.claim_id,
+            ":limit": limit,
+            ":error": poison_error(limit, instance),
+            ":now": secs(now),
+        },
+    )?;
+    Ok(match outcome {
+        FailOutcome::Failed { .. } => Settled::Failed(outcome),
+        FailOutcome::Retrying { .. } => Settled::Released,
+    })
+}
+
+/// Runs `sql`, a settling statement that returns the job's status, attempts
+/// and `run_at` after it, as what became of the job: failed for good, or
+/// pending again (from `run_at`). No row means the claim is stale.
+fn settle_outcome(
+    tx: &Transaction<'_>,
+    claim: &Claim,
+    sql: &str,
+    params: &[(&str, &dyn ToSql)],
+) -> StoreResult<FailOutcome> {
     let row = tx
-        .prepare_cached(CRASHED)
+        .prepare_cached(sql)
         .db()?
-        .query_row(
-            named_params! {
-                ":id": claim.job_id.0,
-                ":claim_id": claim.claim_id,
-                ":limit": limit,
-                ":error": poison_error(limit, instance),
-                ":now": secs(now),
-            },
-            |r| <(String, u32, u32)>::try_from(r),
-        )
+        .query_row(params, |r| <(String, u32, f64)>::try_from(r))
         .optional()
         .db()?;
     match row {
         None => Err(stale(claim)),
-        Some((status, _crashes, attempts)) if status == "failed" => {
-            Ok(Settled::Failed(FailOutcome::Failed { attempts }))
-        }
-        Some(_) => Ok(Settled::Released),
+        Some((status, attempts, _)) if status == "failed" => Ok(FailOutcome::Failed { attempts }),
+        Some((_, attempts, run_at)) => Ok(FailOutcome::Retrying {
+            run_at: Timestamp::from_secs_f64(run_at),
+            attempts,
+        }),
     }
 }

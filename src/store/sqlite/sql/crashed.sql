@@ -1,6 +1,7 @@
 -- The job's server went down while the job was in flight; only the current
 -- claim may record it. Back to 'pending' with the crash counted (attempts
--- unchanged), or 'failed' as a poison job at the :limit-th crash.
+-- unchanged), or 'failed' as a poison job at the :limit-th crash. Returns
+-- what fail.sql returns.
 UPDATE gpu_jobs
    SET crashes     = crashes + 1,
        status      = CASE WHEN crashes + 1 >= :limit THEN 'failed' ELSE 'pending' END,
@@ -12,4 +13,4 @@ UPDATE gpu_jobs
  WHERE id = :id
    AND claim_id = :claim_id
    AND status = 'processing'
-RETURNING status, crashes, attempts;
+RETURNING status, attempts, run_at;
