@@ -19,12 +19,10 @@ pub(super) async fn complete_in(
 ) -> Op<()> {
     settle_row(
         tx,
+        at,
         claim,
         COMPLETE,
         &[
-            &at,
-            &bytes(&claim.job_id),
-            &claim.claim_id,
             &done.result_path.as_str(),
             &done.prompt_tokens.map(|t| t as i64),
             &done.completion_tokens.map(|t| t as i64),
@@ -44,42 +42,44 @@ pub(super) async fn fail_in(
     let after = failure.retry_after.unwrap_or_default().as_secs_f64();
     settle_outcome(
         tx,
+        at,
         claim,
         FAIL,
-        &[
-            &at,
-            &bytes(&claim.job_id),
-            &claim.claim_id,
-            &failure.retry_after.is_some(),
-            &after,
-            &failure.message,
-        ],
+        &[&failure.retry_after.is_some(), &after, &failure.message],
         now,
     )
     .await
 }
 
 pub(super) async fn release_in(tx: &Transaction<'_>, at: Option<f64>, claim: &Claim) -> Op<()> {
-    settle_row(
-        tx,
-        claim,
-        RELEASE,
-        &[&at, &bytes(&claim.job_id), &claim.claim_id],
-    )
-    .await
+    settle_row(tx, at, claim, RELEASE, &[]).await
 }
 
 /// Runs `sql`, a settling statement that returns no row, which must change
 /// the claim's job and nothing else (else the claim is stale).
 async fn settle_row(
     tx: &Transaction<'_>,
+    at: Option<f64>,
     claim: &Claim,
     sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    rest: &[&(dyn ToSql + Sync)],
 ) -> Op<()> {
+    let id = bytes(&claim.job_id);
     let st = tx.prepare_cached(sql).await?;
-    let n = tx.execute(&st, params).await?;
+    let n = tx.execute(&st, &params(&at, &id, claim, rest)).await?;
     Ok(one_row(n, claim)?)
+}
+
+/// A settling statement's parameters: every one takes $1 "now", $2 the job
+/// and $3 the claim id, then `rest` from $4 on.
+fn params<'a>(
+    at: &'a Option<f64>,
+    id: &'a &[u8],
+    claim: &'a Claim,
+    rest: &[&'a (dyn ToSql + Sync)],
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let first: [&'a (dyn ToSql + Sync); 3] = [at, id, &claim.claim_id];
+    first.into_iter().chain(rest.iter().copied()).collect()
 }
 
 pub(super) async fn crashed_in(
@@ -92,14 +92,11 @@ pub(super) async fn crashed_in(
 ) -> Op<Settled> {
     let limit = limit.max(1) as i32;
     let error = poison_error(limit as u32, instance);
-    let params: [&(dyn ToSql + Sync); 5] =
-        [&at, &bytes(&claim.job_id), &claim.claim_id, &limit, &error];
-    Ok(
-        match settle_outcome(tx, claim, CRASHED, &params, now).await? {
-            outcome @ FailOutcome::Failed { .. } => Settled::Failed(outcome),
-            FailOutcome::Retrying { .. } => Settled::Released,
-        },
-    )
+    let outcome = settle_outcome(tx, at, claim, CRASHED, &[&limit, &error], now).await?;
+    Ok(match outcome {
+        FailOutcome::Failed { .. } => Settled::Failed(outcome),
+        FailOutcome::Retrying { .. } => Settled::Released,
+    })
 }
 
 /// Runs `sql`, a settling statement that returns the job's status, attempts
@@ -107,13 +104,15 @@ pub(super) async fn crashed_in(
 /// failed for good, or pending again. No row means the claim is stale.
 async fn settle_outcome(
     tx: &Transaction<'_>,
+    at: Option<f64>,
     claim: &Claim,
     sql: &str,
-    params: &[&(dyn ToSql + Sync)],
+    rest: &[&(dyn ToSql + Sync)],
     now: Timestamp,
 ) -> Op<FailOutcome> {
+    let id = bytes(&claim.job_id);
     let st = tx.prepare_cached(sql).await?;
-    let Some(row) = tx.query_opt(&st, params).await? else {
+    let Some(row) = tx.query_opt(&st, &params(&at, &id, claim, rest)).await? else {
         return Err(stale(claim).into());
     };
     let status: String = row.get(0);
