@@ -14,13 +14,15 @@
 /// both adapters have this set, each in its own dialect. `queries!("sqlite")`
 /// makes a constant of each file, named after it; a query written as
 /// `"a" + "b"` is those files one after the other (both claims end with the
-/// same UPDATE, `claim_update.sql`).
+/// same UPDATE, `claim_update.sql`; a failure and a crash with the same
+/// condition and row, `settled.sql`).
 macro_rules! queries {
     ($adapter:literal) => {
         queries!(@ $adapter;
             CLAIM "claim" + "claim_update", CLAIM_CANDIDATES "claim_candidates",
             CLAIM_ROWS "claim_rows" + "claim_update",
-            COMPLETE "complete", FAIL "fail", RELEASE "release", CRASHED "crashed",
+            COMPLETE "complete", FAIL "fail" + "settled", RELEASE "release",
+            CRASHED "crashed" + "settled",
             RECLAIM "reclaim", RELEASE_OWNER "release_owner", INSERT "insert",
             READY_PARENTS "ready_parents", FINISH_PARENT "finish_parent",
             PENDING_FOLLOW_UPS "pending_follow_ups", NEXT_DUE "next_due", HEARTBEAT "heartbeat");
