@@ -243,10 +243,12 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
 /// The daemon's own claim statement, run by another process: the
 /// `sqlite3` CLI, with its parameters written in.
 fn cli_claim(db: &std::path::Path, n: usize) -> Vec<String> {
-    let sql = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/sqlite/sql/claim.sql"),
-    )
-    .unwrap();
+    let sql: String = ["claim.sql", "claim_update.sql"]
+        .map(|file| {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/sqlite/sql");
+            std::fs::read_to_string(dir.join(file)).unwrap()
+        })
+        .concat();
     let t = unix_now();
     let statement = sql
         .replace(":claim_id", "'cli-claim'")

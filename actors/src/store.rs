@@ -94,10 +94,18 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// of [`JobStore`], a plain `fn` of [`BlockingJobStore`], and a forwarder
 /// in [`Blocking`]'s `JobStore` that runs the blocking one on a blocking
 /// thread. A new method is written here and in its adapters, nowhere else.
+/// A shortcut (`fn a(..) -> T = b(..);`) is a provided method of both traits
+/// that calls another; `async extra` holds what only [`JobStore`] has.
 macro_rules! job_store_port {
     (
+        shortcuts {
+            $(
+                $(#[$short_meta:meta])*
+                fn $short:ident(&self $(, $short_arg:ident: $short_ty:ty)* $(,)?) -> $short_out:ty
+                    = $target:ident($($call:expr),* $(,)?);
+            )*
+        }
         async extra { $($async_extra:tt)* }
-        blocking extra { $($blocking_extra:tt)* }
         $(
             $(#[$meta:meta])*
             fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?) -> $out:ty;
@@ -118,6 +126,12 @@ macro_rules! job_store_port {
                 $(#[$meta])*
                 async fn $name(&self $(, $arg: $ty)*) -> StoreResult<$out>;
             )*
+            $(
+                $(#[$short_meta])*
+                async fn $short(&self $(, $short_arg: $short_ty)*) -> StoreResult<$short_out> {
+                    self.$target($($call),*).await
+                }
+            )*
             $($async_extra)*
         }
 
@@ -130,7 +144,12 @@ macro_rules! job_store_port {
                 #[doc = concat!("See [`JobStore::", stringify!($name), "`].")]
                 fn $name(&self $(, $arg: $ty)*) -> StoreResult<$out>;
             )*
-            $($blocking_extra)*
+            $(
+                #[doc = concat!("See [`JobStore::", stringify!($short), "`].")]
+                fn $short(&self $(, $short_arg: $short_ty)*) -> StoreResult<$short_out> {
+                    self.$target($($call),*)
+                }
+            )*
         }
 
         #[async_trait]
@@ -150,22 +169,20 @@ macro_rules! job_store_port {
 }
 
 job_store_port! {
-    async extra {
+    shortcuts {
         /// Claims up to `n` pending jobs of `model` whose `run_at` has come, in
         /// order of priority (highest first) then age (oldest first), setting
         /// them `processing` under a lease of `lease` held by `owner`.
-        async fn claim(
+        fn claim(
             &self,
             model: ModelType,
             n: usize,
             lease: Duration,
             owner: &str,
             now: Timestamp,
-        ) -> StoreResult<Vec<ClaimedJob>> {
-            self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
-                .await
-        }
-
+        ) -> Vec<ClaimedJob> = claim_with(model, n, lease, owner, now, &ClaimOrder::Plain);
+    }
+    async extra {
         /// Why the store cannot be reached right now (its connection is lost
         /// and being re-made), or `None` when it can. Cheap: no I/O.
         fn connection_problem(&self) -> Option<String> {
@@ -195,20 +212,6 @@ job_store_port! {
             }
         }
     }
-    blocking extra {
-        /// See [`JobStore::claim`].
-        fn claim(
-            &self,
-            model: ModelType,
-            n: usize,
-            lease: Duration,
-            owner: &str,
-            now: Timestamp,
-        ) -> StoreResult<Vec<ClaimedJob>> {
-            self.claim_with(model, n, lease, owner, now, &ClaimOrder::Plain)
-        }
-    }
-
     /// Adds a job, or returns the identical one already there.
     fn submit(&self, job: NewJob, now: Timestamp) -> Submitted;
 

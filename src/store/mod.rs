@@ -12,23 +12,32 @@
 
 /// The queries that matter, one file each in `src/store/<adapter>/sql/`:
 /// both adapters have this set, each in its own dialect. `queries!("sqlite")`
-/// makes a constant of each file, named after it.
+/// makes a constant of each file, named after it; a query written as
+/// `"a" + "b"` is those files one after the other (both claims end with the
+/// same UPDATE, `claim_update.sql`; a failure and a crash with the same
+/// condition and row, `settled.sql`).
 macro_rules! queries {
     ($adapter:literal) => {
         queries!(@ $adapter;
-            CLAIM "claim", CLAIM_CANDIDATES "claim_candidates", CLAIM_ROWS "claim_rows",
-            COMPLETE "complete", FAIL "fail", RELEASE "release", CRASHED "crashed",
+            CLAIM "claim" + "claim_update", CLAIM_CANDIDATES "claim_candidates",
+            CLAIM_ROWS "claim_rows" + "claim_update",
+            COMPLETE "complete", FAIL "fail" + "settled", RELEASE "release",
+            CRASHED "crashed" + "settled",
             RECLAIM "reclaim", RELEASE_OWNER "release_owner", INSERT "insert",
             READY_PARENTS "ready_parents", FINISH_PARENT "finish_parent",
             PENDING_FOLLOW_UPS "pending_follow_ups", NEXT_DUE "next_due", HEARTBEAT "heartbeat");
     };
-    (@ $adapter:literal; $($name:ident $file:literal),*) => {
+    (@ $adapter:literal; $($name:ident $file:literal $(+ $more:literal)*),*) => {
         $(
-            #[doc = concat!("`src/store/", $adapter, "/sql/", $file, ".sql`.")]
-            const $name: &str = include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"), "/src/store/", $adapter, "/sql/", $file, ".sql"
-            ));
+            #[doc = concat!("`src/store/", $adapter, "/sql/", $file, ".sql`"
+                $(, " + `", $more, ".sql`")*, ".")]
+            const $name: &str = concat!(queries!(@file $adapter, $file) $(, queries!(@file $adapter, $more))*);
         )*
+    };
+    (@file $adapter:literal, $file:literal) => {
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"), "/src/store/", $adapter, "/sql/", $file, ".sql"
+        ))
     };
 }
 

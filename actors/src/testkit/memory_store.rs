@@ -101,6 +101,18 @@ impl Inner {
         self.rows.iter_mut().map(|(_, j)| j).find(|j| j.id == id)
     }
 
+    /// The ids of the first `limit` jobs, in insertion order, that `keep`
+    /// accepts (it sees each job and all the rows).
+    fn ids_where(&self, limit: usize, keep: impl Fn(&Job, &[(u64, Job)]) -> bool) -> Vec<JobId> {
+        self.rows
+            .iter()
+            .map(|(_, j)| j)
+            .filter(|j| keep(j, &self.rows))
+            .take(limit)
+            .map(|j| j.id)
+            .collect()
+    }
+
     fn current(&mut self, claim: &Claim) -> StoreResult<&mut Job> {
         match self.find(claim.job_id) {
             Some(j)
@@ -569,21 +581,14 @@ impl BlockingJobStore for MemoryStore {
     }
 
     fn ready_parents(&self, limit: usize) -> StoreResult<Vec<JobId>> {
-        let inner = self.lock();
-        Ok(inner
-            .rows
-            .iter()
-            .map(|(_, p)| p)
-            .filter(|p| p.is_parent() && p.status == JobStatus::Processing)
-            .filter(|p| {
-                !inner.rows.iter().any(|(_, f)| {
+        Ok(self.lock().ids_where(limit, |p, rows| {
+            p.is_parent()
+                && p.status == JobStatus::Processing
+                && !rows.iter().any(|(_, f)| {
                     f.parent_id == Some(p.id)
                         && matches!(f.status, JobStatus::Pending | JobStatus::Processing)
                 })
-            })
-            .take(limit)
-            .map(|p| p.id)
-            .collect())
+        }))
     }
 
     fn finish_parent(
@@ -615,16 +620,11 @@ impl BlockingJobStore for MemoryStore {
     }
 
     fn pending_follow_ups(&self, limit: usize) -> StoreResult<Vec<JobId>> {
-        let inner = self.lock();
-        Ok(inner
-            .rows
-            .iter()
-            .map(|(_, j)| j)
-            .filter(|j| j.status == JobStatus::Done && j.then_model.is_some())
-            .filter(|j| !inner.rows.iter().any(|(_, f)| f.follows == Some(j.id)))
-            .take(limit)
-            .map(|j| j.id)
-            .collect())
+        Ok(self.lock().ids_where(limit, |j, rows| {
+            j.status == JobStatus::Done
+                && j.then_model.is_some()
+                && !rows.iter().any(|(_, f)| f.follows == Some(j.id))
+        }))
     }
 
     fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>> {

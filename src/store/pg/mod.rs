@@ -239,6 +239,16 @@ macro_rules! run {
             }
         }
     }};
+    // `run!(store, |tx| { ... })`: the same, with `$body` (giving a `T`) run
+    // in a transaction `$tx` that is committed after it.
+    ($store:expr, |$tx:ident| $body:block) => {
+        run!($store, |c, _tries| {
+            let $tx = c.transaction().await?;
+            let out = $body;
+            $tx.commit().await?;
+            Ok(out)
+        })
+    };
 }
 
 mod port;

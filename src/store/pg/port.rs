@@ -47,25 +47,20 @@ fn ids(rows: &[tokio_postgres::Row]) -> Vec<JobId> {
 impl JobStore for PgStore {
     async fn submit(&self, job: NewJob, now: Timestamp) -> StoreResult<Submitted> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
-            let out = submit_in(&mut PgTx { tx: &tx, at }, &job).await?;
-            tx.commit().await?;
-            Ok(out)
+        run!(self, |tx| {
+            submit_in(&mut PgTx { tx: &tx, at }, &job).await?
         })
     }
 
     async fn submit_batch(&self, jobs: Vec<NewJob>, now: Timestamp) -> StoreResult<Vec<Submitted>> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
+        run!(self, |tx| {
             let mut out = Vec::with_capacity(jobs.len());
             let mut submit = PgTx { tx: &tx, at };
             for job in &jobs {
                 out.push(submit_in(&mut submit, job).await?);
             }
-            tx.commit().await?;
-            Ok(out)
+            out
         })
     }
 
@@ -76,11 +71,8 @@ impl JobStore for PgStore {
         now: Timestamp,
     ) -> StoreResult<Submitted> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
-            let out = submit_parent_in(&mut PgTx { tx: &tx, at }, &parent, &fragments).await?;
-            tx.commit().await?;
-            Ok(out)
+        run!(self, |tx| {
+            submit_parent_in(&mut PgTx { tx: &tx, at }, &parent, &fragments).await?
         })
     }
 
@@ -121,11 +113,11 @@ impl JobStore for PgStore {
                             &st,
                             &[
                                 &at,
-                                &model.as_str(),
-                                &(n as i64),
                                 &claim_id,
                                 &owner,
                                 &lease_s,
+                                &model.as_str(),
+                                &(n as i64),
                             ],
                         )
                         .await?;
@@ -158,7 +150,7 @@ impl JobStore for PgStore {
                     let seqs: Vec<i64> = picked.iter().map(|&i| cands[i].seq).collect();
                     let st = tx.prepare_cached(CLAIM_ROWS).await?;
                     let rows = tx
-                        .query(&st, &[&at, &seqs, &claim_id, &owner, &lease_s])
+                        .query(&st, &[&at, &claim_id, &owner, &lease_s, &seqs])
                         .await?;
                     tx.commit().await?;
                     Ok((sequenced(&rows)?, Some(seqs)))
@@ -171,12 +163,7 @@ impl JobStore for PgStore {
 
     async fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> StoreResult<()> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
-            complete_in(&tx, at, claim, &done).await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        run!(self, |tx| { complete_in(&tx, at, claim, &done).await? })
     }
 
     async fn settle_batch(
@@ -185,8 +172,7 @@ impl JobStore for PgStore {
         now: Timestamp,
     ) -> StoreResult<Vec<StoreResult<Settled>>> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
+        run!(self, |tx| {
             let mut out = Vec::with_capacity(items.len());
             for (claim, settle) in &items {
                 let one = match settle {
@@ -198,7 +184,7 @@ impl JobStore for PgStore {
                         .map(Settled::Failed),
                     Settle::Release => release_in(&tx, at, claim).await.map(|()| Settled::Released),
                     Settle::Crashed { instance, limit } => {
-                        crashed_in(&tx, at, claim, instance, *limit).await
+                        crashed_in(&tx, at, claim, instance, *limit, now).await
                     }
                 };
                 match one {
@@ -207,8 +193,7 @@ impl JobStore for PgStore {
                     Err(e) => return Err(e),
                 }
             }
-            tx.commit().await?;
-            Ok(out)
+            out
         })
     }
 
@@ -219,22 +204,12 @@ impl JobStore for PgStore {
         now: Timestamp,
     ) -> StoreResult<FailOutcome> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
-            let out = fail_in(&tx, at, claim, &failure, now).await?;
-            tx.commit().await?;
-            Ok(out)
-        })
+        run!(self, |tx| { fail_in(&tx, at, claim, &failure, now).await? })
     }
 
     async fn release(&self, claim: &Claim, now: Timestamp) -> StoreResult<()> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
-            release_in(&tx, at, claim).await?;
-            tx.commit().await?;
-            Ok(())
-        })
+        run!(self, |tx| { release_in(&tx, at, claim).await? })
     }
 
     async fn next_due(&self, model: ModelType, now: Timestamp) -> StoreResult<Option<Timestamp>> {
@@ -264,8 +239,7 @@ impl JobStore for PgStore {
                 .unwrap_or_else(|e| e.into_inner());
             back.is_some_and(|b| b.elapsed() < timeout)
         };
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
+        run!(self, |tx| {
             let st = tx.prepare_cached(RECLAIM).await?;
             let mut n = tx.execute(&st, &[&at]).await?;
             if !settling {
@@ -279,8 +253,7 @@ impl JobStore for PgStore {
                     n += taken as u64;
                 }
             }
-            tx.commit().await?;
-            Ok(n)
+            n
         })
     }
 
@@ -292,11 +265,8 @@ impl JobStore for PgStore {
         now: Timestamp,
     ) -> StoreResult<Settled> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
-            let out = crashed_in(&tx, at, claim, instance, limit).await?;
-            tx.commit().await?;
-            Ok(out)
+        run!(self, |tx| {
+            crashed_in(&tx, at, claim, instance, limit, now).await?
         })
     }
 
@@ -310,8 +280,7 @@ impl JobStore for PgStore {
 
     async fn cancel(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
+        run!(self, |tx| {
             let job = get_locked(&tx, id).await?;
             if job.status.is_terminal() {
                 return Err(StoreError::InvalidState {
@@ -329,15 +298,13 @@ impl JobStore for PgStore {
             )
             .await?;
             let job = get_locked(&tx, id).await?;
-            tx.commit().await?;
-            Ok(job)
+            job
         })
     }
 
     async fn retry(&self, id: JobId, now: Timestamp) -> StoreResult<Job> {
         let at = self.at(now);
-        run!(self, |c, _tries| {
-            let tx = c.transaction().await?;
+        run!(self, |tx| {
             let job = get_locked(&tx, id).await?;
             if !matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
                 return Err(StoreError::InvalidState {
@@ -369,8 +336,7 @@ impl JobStore for PgStore {
                 .await?;
             }
             let job = get_locked(&tx, id).await?;
-            tx.commit().await?;
-            Ok(job)
+            job
         })
     }
 

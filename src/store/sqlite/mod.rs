@@ -3,7 +3,7 @@
 //! One file, shared with other programs: WAL journal, `synchronous=NORMAL`,
 //! a busy timeout, and `BEGIN IMMEDIATE` for every write, so that writers
 //! queue for the lock instead of failing. The queries that matter are in
-//! `src/store/sqlite/sql/`, one file each.
+//! `src/store/sqlite/sql/`, one file each (with the ends some share).
 
 pub mod migrate;
 mod port;

@@ -396,14 +396,7 @@ impl BlockingJobStore for SqliteStore {
             .map(|m| (m, ModelStats::default()))
             .collect();
         let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, u64>(2)?,
-                    r.get::<_, Option<f64>>(3)?,
-                ))
-            })
+            .query_map([], |r| <(String, String, u64, Option<f64>)>::try_from(r))
             .db()?;
         for row in rows {
             let (model, status, count, oldest) = row.db()?;
@@ -519,15 +512,7 @@ impl BlockingJobStore for SqliteStore {
             )
             .db()?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, f64>(2)?,
-                    r.get::<_, f64>(3)?,
-                    r.get::<_, f64>(4)?,
-                ))
-            })
+            .query_map([], |r| <(String, String, f64, f64, f64)>::try_from(r))
             .db()?
             .collect::<Result<Vec<_>, _>>()
             .db()?;

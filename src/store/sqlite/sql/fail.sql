@@ -1,6 +1,7 @@
 -- Record a failed attempt; only the current claim may. A retryable failure
 -- with attempts left goes back to 'pending' from :retry_at; anything else
--- ends 'failed'. (SET expressions read the row's old values.)
+-- ends 'failed'. (SET expressions read the row's old values.) The end of
+-- settled.sql follows.
 UPDATE gpu_jobs
    SET attempts    = attempts + 1,
        status      = CASE WHEN :retryable AND attempts + 1 < max_attempts
@@ -10,10 +11,3 @@ UPDATE gpu_jobs
        finished_at = CASE WHEN :retryable AND attempts + 1 < max_attempts
                           THEN NULL ELSE :now END,
        error       = :error,
-       claim_id    = NULL,
-       lease_until = NULL,
-       updated_at  = :now
- WHERE id = :id
-   AND claim_id = :claim_id
-   AND status = 'processing'
-RETURNING status, attempts, run_at;
