@@ -76,32 +76,16 @@ impl<'de> Deserialize<'de> for JobId {
     }
 }
 
-/// The kind of model a job is for. Each configured instance serves one kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModelType {
-    /// A vision-language model (OCR of page images).
-    Vision,
-    /// A reasoning model (structuring and answering over text).
-    Think,
-}
-
-impl ModelType {
-    /// Every model type, in a stable order.
-    pub const ALL: [ModelType; 2] = [ModelType::Vision, ModelType::Think];
-
-    /// The name stored in `gpu_jobs.model_type` and used in config and CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelType::Vision => "vision",
-            ModelType::Think => "think",
-        }
-    }
-}
-
-impl fmt::Display for ModelType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// The kind of model a job is for. Each configured instance serves one kind;
+    /// its name is stored in `gpu_jobs.model_type` and used in config and CLI.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum ModelType {
+        /// A vision-language model (OCR of page images).
+        Vision = "vision",
+        /// A reasoning model (structuring and answering over text).
+        Think = "think",
     }
 }
 
@@ -114,62 +98,36 @@ impl FromStr for ModelType {
     type Err = BadModelType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ModelType::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| BadModelType(s.to_string()))
+        ModelType::from_name(s).ok_or_else(|| BadModelType(s.to_string()))
     }
 }
 
-/// Where a job is in its life: `pending → processing → done | failed | cancelled`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobStatus {
-    /// Waiting to be claimed (possibly not before its `run_at`).
-    Pending,
-    /// Claimed by a dispatcher under a lease; or, for a parent, waiting on its fragments.
-    Processing,
-    /// Finished; the result is at `result_path`.
-    Done,
-    /// Finished without a result; `error` says why.
-    Failed,
-    /// Withdrawn by a user before it finished.
-    Cancelled,
+named_enum! {
+    /// Where a job is in its life: `pending → processing → done | failed | cancelled`
+    /// (the names stored in `gpu_jobs.status`, declared in lifecycle order).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum JobStatus {
+        /// Waiting to be claimed (possibly not before its `run_at`).
+        Pending = "pending",
+        /// Claimed by a dispatcher under a lease; or, for a parent, waiting on its fragments.
+        Processing = "processing",
+        /// Finished; the result is at `result_path`.
+        Done = "done",
+        /// Finished without a result; `error` says why.
+        Failed = "failed",
+        /// Withdrawn by a user before it finished.
+        Cancelled = "cancelled",
+    }
 }
 
 impl JobStatus {
-    /// Every status, in lifecycle order.
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Pending,
-        JobStatus::Processing,
-        JobStatus::Done,
-        JobStatus::Failed,
-        JobStatus::Cancelled,
-    ];
-
-    /// The name stored in `gpu_jobs.status`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Pending => "pending",
-            JobStatus::Processing => "processing",
-            JobStatus::Done => "done",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-
     /// Whether the job has reached an end state.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             JobStatus::Done | JobStatus::Failed | JobStatus::Cancelled
         )
-    }
-}
-
-impl fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -182,10 +140,7 @@ impl FromStr for JobStatus {
     type Err = BadJobStatus;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobStatus::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| BadJobStatus(s.to_string()))
+        JobStatus::from_name(s).ok_or_else(|| BadJobStatus(s.to_string()))
     }
 }
 

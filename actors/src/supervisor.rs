@@ -6,7 +6,6 @@
 //! and runs the graceful shutdown: stop claiming, let requests in flight
 //! finish within a grace period, release the rest, commit every outcome.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,36 +38,24 @@ use crate::store::JobStore;
 use crate::tell::tell;
 use crate::time::Clock;
 
-/// The children of the FeederSupervisor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Child {
-    /// QueueActor.
-    Queue,
-    /// FanInActor.
-    FanIn,
-    /// InstanceSupervisor.
-    Instances,
-    /// HealthActor.
-    Health,
-    /// DispatchSupervisor.
-    Dispatch,
-    /// GpuMonitorActor.
-    GpuMonitor,
-    /// AllocatorActor.
-    Allocator,
-}
-
-impl fmt::Display for Child {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Child::Queue => "queue actor",
-            Child::FanIn => "fan-in actor",
-            Child::Instances => "instance supervisor",
-            Child::Health => "health actor",
-            Child::Dispatch => "dispatch supervisor",
-            Child::GpuMonitor => "GPU monitor",
-            Child::Allocator => "allocator",
-        })
+named_enum! {
+    /// The children of the FeederSupervisor, named as logs speak of them.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum Child {
+        /// QueueActor.
+        Queue = "queue actor",
+        /// FanInActor.
+        FanIn = "fan-in actor",
+        /// InstanceSupervisor.
+        Instances = "instance supervisor",
+        /// HealthActor.
+        Health = "health actor",
+        /// DispatchSupervisor.
+        Dispatch = "dispatch supervisor",
+        /// GpuMonitorActor.
+        GpuMonitor = "GPU monitor",
+        /// AllocatorActor.
+        Allocator = "allocator",
     }
 }
 

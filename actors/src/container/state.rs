@@ -2,7 +2,6 @@
 //! `set`, which logs it, keeps it for `Status` and tells the watchers when
 //! Ready changes.
 
-use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -29,67 +28,32 @@ pub struct Transition {
     pub instant: Instant,
 }
 
-/// Where an instance is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum InstanceState {
-    /// Not running (before the first start, or stopped on purpose).
-    Stopped,
-    /// Being launched or adopted.
-    Starting,
-    /// Up, loading its model: not yet confirmed by a probe.
-    Loading,
-    /// Confirmed: receives requests.
-    Ready,
-    /// Failed its probes, exited, or did not load in time.
-    Unhealthy,
-    /// Waiting out the backoff before it is launched again.
-    Restarting,
-    /// Being stopped.
-    Stopping,
-    /// Restarted too often: left alone until an operator steps in.
-    Failed,
-    /// Sleep mode: draining before its sleep, or asleep (the server runs,
-    /// its model is off the GPU).
-    Sleeping,
-    /// Sleep mode: being woken and confirmed by a canary.
-    Waking,
-}
-
-impl InstanceState {
-    /// The name used in logs, `instances --json` and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InstanceState::Stopped => "stopped",
-            InstanceState::Starting => "starting",
-            InstanceState::Loading => "loading",
-            InstanceState::Ready => "ready",
-            InstanceState::Unhealthy => "unhealthy",
-            InstanceState::Restarting => "restarting",
-            InstanceState::Stopping => "stopping",
-            InstanceState::Failed => "failed",
-            InstanceState::Sleeping => "sleeping",
-            InstanceState::Waking => "waking",
-        }
-    }
-
-    /// Every state, in lifecycle order.
-    pub const ALL: [InstanceState; 10] = [
-        InstanceState::Stopped,
-        InstanceState::Starting,
-        InstanceState::Loading,
-        InstanceState::Ready,
-        InstanceState::Unhealthy,
-        InstanceState::Restarting,
-        InstanceState::Stopping,
-        InstanceState::Failed,
-        InstanceState::Sleeping,
-        InstanceState::Waking,
-    ];
-}
-
-impl fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named_enum! {
+    /// Where an instance is in its life, in lifecycle order (the names are
+    /// those of logs, `instances --json` and metrics).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub enum InstanceState {
+        /// Not running (before the first start, or stopped on purpose).
+        Stopped = "stopped",
+        /// Being launched or adopted.
+        Starting = "starting",
+        /// Up, loading its model: not yet confirmed by a probe.
+        Loading = "loading",
+        /// Confirmed: receives requests.
+        Ready = "ready",
+        /// Failed its probes, exited, or did not load in time.
+        Unhealthy = "unhealthy",
+        /// Waiting out the backoff before it is launched again.
+        Restarting = "restarting",
+        /// Being stopped.
+        Stopping = "stopping",
+        /// Restarted too often: left alone until an operator steps in.
+        Failed = "failed",
+        /// Sleep mode: draining before its sleep, or asleep (the server runs,
+        /// its model is off the GPU).
+        Sleeping = "sleeping",
+        /// Sleep mode: being woken and confirmed by a canary.
+        Waking = "waking",
     }
 }
 

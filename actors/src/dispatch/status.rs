@@ -77,36 +77,26 @@ pub(crate) struct Counters {
     pub(crate) aborted: u64,
 }
 
-/// How a request ended, for metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RequestOutcome {
-    /// A result was written.
-    Done,
-    /// Failed in a way worth retrying (connection, timeout, 5xx).
-    Retryable,
-    /// Failed for good (4xx, bad payload).
-    Permanent,
-    /// The server was saturated (429, 503).
-    Overloaded,
-    /// The server was not there (connection refused or dropped).
-    Unavailable,
-    /// The server aborted it (put to sleep, or stopping).
-    Aborted,
+named_enum! {
+    /// How a request ended, for metrics (its name is a label value).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum RequestOutcome {
+        /// A result was written.
+        Done = "done",
+        /// Failed in a way worth retrying (connection, timeout, 5xx).
+        Retryable = "retryable",
+        /// Failed for good (4xx, bad payload).
+        Permanent = "permanent",
+        /// The server was saturated (429, 503).
+        Overloaded = "overloaded",
+        /// The server was not there (connection refused or dropped).
+        Unavailable = "unavailable",
+        /// The server aborted it (put to sleep, or stopping).
+        Aborted = "aborted",
+    }
 }
 
 impl RequestOutcome {
-    /// A label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestOutcome::Done => "done",
-            RequestOutcome::Retryable => "retryable",
-            RequestOutcome::Permanent => "permanent",
-            RequestOutcome::Overloaded => "overloaded",
-            RequestOutcome::Unavailable => "unavailable",
-            RequestOutcome::Aborted => "aborted",
-        }
-    }
-
     /// How a request that ended so ended.
     pub(crate) fn of(outcome: &Result<Completion, InferenceError>) -> Self {
         match outcome {
