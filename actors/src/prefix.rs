@@ -250,6 +250,19 @@ mod tests {
             .collect()
     }
 
+    /// The keys `pick` takes from `cands` (`-` for none), with `warm` keys
+    /// and groups that wait at most `max_wait_s`, at `now_s`.
+    fn picked(
+        cands: &[Candidate],
+        n: usize,
+        warm: &[&str],
+        max_wait_s: u64,
+        now_s: f64,
+    ) -> Vec<String> {
+        let now = Timestamp::from_secs_f64(now_s);
+        keys(cands, &pick(cands, n, &grouping(warm, max_wait_s), now))
+    }
+
     #[test]
     fn groups_come_whole_in_order_of_their_oldest_job() {
         let cands = [
@@ -277,12 +290,12 @@ mod tests {
             c(2, 0, 50, Some("hot")),
             c(3, 0, 60, Some("new")),
         ];
-        let now = Timestamp::from_secs_f64(70.0);
-        let p = pick(&cands, 3, &grouping(&["hot"], 600), now);
-        assert_eq!(keys(&cands, &p), ["hot", "old", "new"]);
+        assert_eq!(
+            picked(&cands, 3, &["hot"], 600, 70.0),
+            ["hot", "old", "new"]
+        );
         // Once `old` has waited past max_wait, it goes before the warm key.
-        let p = pick(&cands, 3, &grouping(&["hot"], 30), now);
-        assert_eq!(keys(&cands, &p), ["old", "hot", "new"]);
+        assert_eq!(picked(&cands, 3, &["hot"], 30, 70.0), ["old", "hot", "new"]);
     }
 
     #[test]
@@ -292,13 +305,7 @@ mod tests {
             c(2, 5, 50, Some("cold")),
             c(3, 0, 11, Some("hot")),
         ];
-        let p = pick(
-            &cands,
-            2,
-            &grouping(&["hot"], 1),
-            Timestamp::from_secs_f64(99.0),
-        );
-        assert_eq!(keys(&cands, &p), ["cold", "hot"]);
+        assert_eq!(picked(&cands, 2, &["hot"], 1, 99.0), ["cold", "hot"]);
     }
 
     #[test]
@@ -308,14 +315,8 @@ mod tests {
             c(2, 0, 2, Some("y")),
             c(3, 0, 3, Some("y")),
         ];
-        let p = pick(
-            &cands,
-            2,
-            &grouping(&["y", "x"], 600),
-            Timestamp::from_secs_f64(4.0),
-        );
-        assert_eq!(keys(&cands, &p), ["y", "y"]);
-        assert!(pick(&cands, 0, &grouping(&[], 1), Timestamp::from_secs_f64(4.0)).is_empty());
+        assert_eq!(picked(&cands, 2, &["y", "x"], 600, 4.0), ["y", "y"]);
+        assert!(picked(&cands, 0, &[], 1, 4.0).is_empty());
     }
 
     #[test]
