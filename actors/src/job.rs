@@ -76,18 +76,18 @@ impl<'de> Deserialize<'de> for JobId {
     }
 }
 
-named_enum! {
-    /// The kind of model a job is for. Each configured instance serves one kind;
-    /// its name is stored in `gpu_jobs.model_type` and used in config and CLI.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-    #[serde(rename_all = "lowercase")]
-    pub enum ModelType {
-        /// A vision-language model (OCR of page images).
-        Vision = "vision",
-        /// A reasoning model (structuring and answering over text).
-        Think = "think",
-    }
+/// The kind of model a job is for. Each configured instance serves one kind;
+/// its name is stored in `gpu_jobs.model_type` and used in config and CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelType {
+    /// A vision-language model (OCR of page images).
+    Vision,
+    /// A reasoning model (structuring and answering over text).
+    Think,
 }
+
+named!(ModelType { Vision = "vision", Think = "think" });
 
 /// A string that names no model type.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -102,24 +102,27 @@ impl FromStr for ModelType {
     }
 }
 
-named_enum! {
-    /// Where a job is in its life: `pending → processing → done | failed | cancelled`
-    /// (the names stored in `gpu_jobs.status`, declared in lifecycle order).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-    #[serde(rename_all = "lowercase")]
-    pub enum JobStatus {
-        /// Waiting to be claimed (possibly not before its `run_at`).
-        Pending = "pending",
-        /// Claimed by a dispatcher under a lease; or, for a parent, waiting on its fragments.
-        Processing = "processing",
-        /// Finished; the result is at `result_path`.
-        Done = "done",
-        /// Finished without a result; `error` says why.
-        Failed = "failed",
-        /// Withdrawn by a user before it finished.
-        Cancelled = "cancelled",
-    }
+/// Where a job is in its life: `pending → processing → done | failed | cancelled`
+/// (the names stored in `gpu_jobs.status`, listed in lifecycle order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Waiting to be claimed (possibly not before its `run_at`).
+    Pending,
+    /// Claimed by a dispatcher under a lease; or, for a parent, waiting on its fragments.
+    Processing,
+    /// Finished; the result is at `result_path`.
+    Done,
+    /// Finished without a result; `error` says why.
+    Failed,
+    /// Withdrawn by a user before it finished.
+    Cancelled,
 }
+
+named!(JobStatus {
+    Pending = "pending", Processing = "processing", Done = "done", Failed = "failed",
+    Cancelled = "cancelled",
+});
 
 impl JobStatus {
     /// Whether the job has reached an end state.

@@ -39,8 +39,8 @@
 //!   the restart rules of the supervisors with one child per instance.
 //! - `tell`: casting to an actor, or publishing to a subscriber, without
 //!   dropping a failure silently.
-//! - `named`: `named_enum!`, the enums whose variants each have a name
-//!   (statuses, model types, strategies, states), declared once.
+//! - `named`: `named!`, the names of the variants of an enum
+//!   (statuses, model types, strategies, states), in one table each.
 //!
 //! Actors, one per file or folder, each with its messages, arguments and state:
 //! - [`supervisor`] *(public)*: `FeederSupervisor`, the root; restarts its

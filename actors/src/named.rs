@@ -1,29 +1,14 @@
-//! Enums whose variants each have a name: declared once, with the name
-//! next to the variant, instead of a hand-written `match` per direction.
+//! Enums whose variants each have a name: one table per enum, instead of
+//! a hand-written `match` per direction.
 
-/// Declares a fieldless enum whose variants are written `Variant = "name"`.
-/// It gets `ALL` (every variant, in the order declared), `as_str` (the
-/// name), `from_name` (the variant of a name) and `Display` (the name).
-macro_rules! named_enum {
-    (
-        $(#[$meta:meta])*
-        $vis:vis enum $name:ident {
-            $(
-                $(#[$vmeta:meta])*
-                $variant:ident = $text:literal,
-            )+
-        }
-    ) => {
-        $(#[$meta])*
-        $vis enum $name {
-            $(
-                $(#[$vmeta])*
-                $variant,
-            )+
-        }
-
+/// Names the variants of a fieldless enum: `named!(Kind { A = "a", B = "b" })`.
+/// The enum gets `ALL` (every variant, in the table's order), `as_str` (the
+/// name), `from_name` (the variant of a name) and `Display` (the name). The
+/// `match` in `as_str` makes sure that every variant has a name.
+macro_rules! named {
+    ($name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
         impl $name {
-            /// Every variant, in the order declared.
+            /// Every variant, in the order of its names' table.
             pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
 
             /// Its name.

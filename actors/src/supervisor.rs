@@ -38,26 +38,30 @@ use crate::store::JobStore;
 use crate::tell::tell;
 use crate::time::Clock;
 
-named_enum! {
-    /// The children of the FeederSupervisor, named as logs speak of them.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub enum Child {
-        /// QueueActor.
-        Queue = "queue actor",
-        /// FanInActor.
-        FanIn = "fan-in actor",
-        /// InstanceSupervisor.
-        Instances = "instance supervisor",
-        /// HealthActor.
-        Health = "health actor",
-        /// DispatchSupervisor.
-        Dispatch = "dispatch supervisor",
-        /// GpuMonitorActor.
-        GpuMonitor = "GPU monitor",
-        /// AllocatorActor.
-        Allocator = "allocator",
-    }
+/// The children of the FeederSupervisor, named as logs speak of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Child {
+    /// QueueActor.
+    Queue,
+    /// FanInActor.
+    FanIn,
+    /// InstanceSupervisor.
+    Instances,
+    /// HealthActor.
+    Health,
+    /// DispatchSupervisor.
+    Dispatch,
+    /// GpuMonitorActor.
+    GpuMonitor,
+    /// AllocatorActor.
+    Allocator,
 }
+
+named!(Child {
+    Queue = "queue actor", FanIn = "fan-in actor", Instances = "instance supervisor",
+    Health = "health actor", Dispatch = "dispatch supervisor", GpuMonitor = "GPU monitor",
+    Allocator = "allocator",
+});
 
 /// Messages of the FeederSupervisor.
 #[derive(Debug)]

@@ -7,22 +7,24 @@ use tracing::debug;
 
 use crate::job::{ModelType, QueueStats};
 
-named_enum! {
-    /// A strategy, named in config, logs, metrics and the CLI.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-    pub enum Strategy {
-        /// Every instance as configured.
-        Static = "static",
-        /// Every instance, sharing the GPU.
-        Shared = "shared",
-        /// Think instances alone.
-        Think = "think",
-        /// Vision instances alone.
-        Vision = "vision",
-        /// Nothing runs.
-        Idle = "idle",
-    }
+/// A strategy, named in config, logs, metrics and the CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Strategy {
+    /// Every instance as configured.
+    Static,
+    /// Every instance, sharing the GPU.
+    Shared,
+    /// Think instances alone.
+    Think,
+    /// Vision instances alone.
+    Vision,
+    /// Nothing runs.
+    Idle,
 }
+
+named!(Strategy {
+    Static = "static", Shared = "shared", Think = "think", Vision = "vision", Idle = "idle",
+});
 
 impl Strategy {
     /// Parses a name; the error lists the names.

@@ -28,34 +28,38 @@ pub struct Transition {
     pub instant: Instant,
 }
 
-named_enum! {
-    /// Where an instance is in its life, in lifecycle order (the names are
-    /// those of logs, `instances --json` and metrics).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-    pub enum InstanceState {
-        /// Not running (before the first start, or stopped on purpose).
-        Stopped = "stopped",
-        /// Being launched or adopted.
-        Starting = "starting",
-        /// Up, loading its model: not yet confirmed by a probe.
-        Loading = "loading",
-        /// Confirmed: receives requests.
-        Ready = "ready",
-        /// Failed its probes, exited, or did not load in time.
-        Unhealthy = "unhealthy",
-        /// Waiting out the backoff before it is launched again.
-        Restarting = "restarting",
-        /// Being stopped.
-        Stopping = "stopping",
-        /// Restarted too often: left alone until an operator steps in.
-        Failed = "failed",
-        /// Sleep mode: draining before its sleep, or asleep (the server runs,
-        /// its model is off the GPU).
-        Sleeping = "sleeping",
-        /// Sleep mode: being woken and confirmed by a canary.
-        Waking = "waking",
-    }
+/// Where an instance is in its life, in lifecycle order (the names are
+/// those of logs, `instances --json` and metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InstanceState {
+    /// Not running (before the first start, or stopped on purpose).
+    Stopped,
+    /// Being launched or adopted.
+    Starting,
+    /// Up, loading its model: not yet confirmed by a probe.
+    Loading,
+    /// Confirmed: receives requests.
+    Ready,
+    /// Failed its probes, exited, or did not load in time.
+    Unhealthy,
+    /// Waiting out the backoff before it is launched again.
+    Restarting,
+    /// Being stopped.
+    Stopping,
+    /// Restarted too often: left alone until an operator steps in.
+    Failed,
+    /// Sleep mode: draining before its sleep, or asleep (the server runs,
+    /// its model is off the GPU).
+    Sleeping,
+    /// Sleep mode: being woken and confirmed by a canary.
+    Waking,
 }
+
+named!(InstanceState {
+    Stopped = "stopped", Starting = "starting", Loading = "loading", Ready = "ready",
+    Unhealthy = "unhealthy", Restarting = "restarting", Stopping = "stopping",
+    Failed = "failed", Sleeping = "sleeping", Waking = "waking",
+});
 
 /// One instance as `gpu-feeder instances` shows it.
 #[derive(Clone, Debug, PartialEq)]

@@ -77,24 +77,27 @@ pub(crate) struct Counters {
     pub(crate) aborted: u64,
 }
 
-named_enum! {
-    /// How a request ended, for metrics (its name is a label value).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum RequestOutcome {
-        /// A result was written.
-        Done = "done",
-        /// Failed in a way worth retrying (connection, timeout, 5xx).
-        Retryable = "retryable",
-        /// Failed for good (4xx, bad payload).
-        Permanent = "permanent",
-        /// The server was saturated (429, 503).
-        Overloaded = "overloaded",
-        /// The server was not there (connection refused or dropped).
-        Unavailable = "unavailable",
-        /// The server aborted it (put to sleep, or stopping).
-        Aborted = "aborted",
-    }
+/// How a request ended, for metrics (its name is a label value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// A result was written.
+    Done,
+    /// Failed in a way worth retrying (connection, timeout, 5xx).
+    Retryable,
+    /// Failed for good (4xx, bad payload).
+    Permanent,
+    /// The server was saturated (429, 503).
+    Overloaded,
+    /// The server was not there (connection refused or dropped).
+    Unavailable,
+    /// The server aborted it (put to sleep, or stopping).
+    Aborted,
 }
+
+named!(RequestOutcome {
+    Done = "done", Retryable = "retryable", Permanent = "permanent", Overloaded = "overloaded",
+    Unavailable = "unavailable", Aborted = "aborted",
+});
 
 impl RequestOutcome {
     /// How a request that ended so ended.
