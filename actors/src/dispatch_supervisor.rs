@@ -8,15 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchPeers, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::restart::{
-    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
-    RestartPolicy, Supervision,
+    one_for_one_slots, restart_slot, OneForOne, OneForOneActor, Restart, RestartPolicy, Supervision,
 };
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
@@ -106,7 +105,7 @@ pub(crate) struct DispatchSupState {
 }
 
 /// Supervises the dispatchers.
-pub(crate) struct DispatchSupervisor;
+pub(crate) type DispatchSupervisor = OneForOneActor<DispatchSupState>;
 
 /// The peers a dispatcher talks to, of all of them.
 fn dispatch_peers(peers: &Peers) -> DispatchPeers {
@@ -178,18 +177,10 @@ impl OneForOne for DispatchSupState {
         self.slots[i].actor = Some(actor);
         Ok(())
     }
-}
 
-impl Actor for DispatchSupervisor {
-    type Msg = DispatchSupMsg;
-    type State = DispatchSupState;
-    type Arguments = DispatchSupArgs;
+    type Args = DispatchSupArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<DispatchSupMsg>,
-        args: DispatchSupArgs,
-    ) -> Result<DispatchSupState, ActorProcessingErr> {
+    fn new(args: DispatchSupArgs) -> Self {
         let slots = args
             .instances
             .iter()
@@ -201,33 +192,19 @@ impl Actor for DispatchSupervisor {
             })
             .collect();
         let sup = Supervision::new(args.restart);
-        let mut state = DispatchSupState { args, slots, sup };
-        spawn_all(&mut state, &myself).await?;
-        Ok(state)
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<DispatchSupMsg>,
-        state: &mut DispatchSupState,
-    ) -> Result<(), ActorProcessingErr> {
-        myself.stop_children(None);
-        // Whatever the dispatchers still held goes back to pending now.
-        let _ = state.release_owner(state.args.owner.clone()).await;
-        Ok(())
+        DispatchSupState { args, slots, sup }
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<DispatchSupMsg>,
+        &mut self,
+        myself: &ActorRef<DispatchSupMsg>,
         msg: DispatchSupMsg,
-        state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DispatchSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
+            DispatchSupMsg::Restart(r) => restart_slot(self, myself, r).await,
             DispatchSupMsg::Peers(peers) => {
-                state.args.peers = peers.clone();
-                for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
+                self.args.peers = peers.clone();
+                for a in self.slots.iter().filter_map(|s| s.actor.as_ref()) {
                     tell(
                         a,
                         "the new peers",
@@ -236,9 +213,9 @@ impl Actor for DispatchSupervisor {
                 }
             }
             DispatchSupMsg::Drain { grace, reply } => {
-                state.sup.stop();
+                self.sup.stop();
                 let actors: Vec<ActorRef<DispatchMsg>> =
-                    state.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                    self.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 let drains = actors
                     .iter()
                     .map(|a| a.call(|r| DispatchMsg::Drain { reply: r }, Some(grace)));
@@ -259,15 +236,14 @@ impl Actor for DispatchSupervisor {
             }
             DispatchSupMsg::Dispatchers { reply } => {
                 let _ = reply.send(
-                    state
-                        .slots
+                    self.slots
                         .iter()
                         .filter_map(|s| Some((s.spec.name.clone(), s.actor.clone()?)))
                         .collect(),
                 );
             }
             DispatchSupMsg::Thermal { hot, factor } => {
-                for slot in &mut state.slots {
+                for slot in &mut self.slots {
                     let want = slot
                         .spec
                         .gpu_ids
@@ -287,7 +263,7 @@ impl Actor for DispatchSupervisor {
                 // dispatcher slow to answer stalls neither this supervisor
                 // nor the others' answers.
                 let actors: Vec<ActorRef<DispatchMsg>> =
-                    state.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                    self.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 tokio::spawn(async move {
                     let asks = actors.iter().map(|a| {
                         a.call(
@@ -310,19 +286,14 @@ impl Actor for DispatchSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<DispatchSupMsg>,
-        event: SupervisionEvent,
-        state: &mut DispatchSupState,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some(exit) = slot_exited(state, event) else {
-            return Ok(());
-        };
+    async fn exited(&mut self, i: usize) -> String {
         // Its jobs go back to pending now, not when their leases expire.
-        let released = state.release_owner(state.owner_of(exit.key)).await;
-        let note = format!("; released its jobs: {released}");
-        child_failed(state, &myself, exit, &note);
-        Ok(())
+        let released = self.release_owner(self.owner_of(i)).await;
+        format!("; released its jobs: {released}")
+    }
+
+    async fn stopped(&mut self) {
+        // Whatever the dispatchers still held goes back to pending now.
+        let _ = self.release_owner(self.args.owner.clone()).await;
     }
 }

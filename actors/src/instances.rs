@@ -7,9 +7,7 @@
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{
-    Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
-};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
 use tracing::warn;
 
 use crate::container::{
@@ -19,8 +17,7 @@ use crate::container::{
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
 use crate::restart::{
-    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
-    RestartPolicy, Supervision,
+    one_for_one_slots, restart_slot, OneForOne, OneForOneActor, Restart, RestartPolicy, Supervision,
 };
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
@@ -116,7 +113,7 @@ pub(crate) struct InstanceSupState {
 }
 
 /// Supervises the ContainerActors.
-pub(crate) struct InstanceSupervisor;
+pub(crate) type InstanceSupervisor = OneForOneActor<InstanceSupState>;
 
 impl InstanceSupState {
     fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
@@ -156,18 +153,10 @@ impl OneForOne for InstanceSupState {
         self.slots[i].actor = Some(actor);
         Ok(())
     }
-}
 
-impl Actor for InstanceSupervisor {
-    type Msg = InstanceSupMsg;
-    type State = InstanceSupState;
-    type Arguments = InstanceSupArgs;
+    type Args = InstanceSupArgs;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<InstanceSupMsg>,
-        args: InstanceSupArgs,
-    ) -> Result<InstanceSupState, ActorProcessingErr> {
+    fn new(args: InstanceSupArgs) -> Self {
         let slots = args
             .instances
             .iter()
@@ -181,37 +170,25 @@ impl Actor for InstanceSupervisor {
             })
             .collect();
         let sup = Supervision::new(args.restart);
-        let mut state = InstanceSupState { args, slots, sup };
-        spawn_all(&mut state, &myself).await?;
-        Ok(state)
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ActorRef<InstanceSupMsg>,
-        _state: &mut InstanceSupState,
-    ) -> Result<(), ActorProcessingErr> {
-        myself.stop_children(None);
-        Ok(())
+        InstanceSupState { args, slots, sup }
     }
 
     async fn handle(
-        &self,
-        myself: ActorRef<InstanceSupMsg>,
+        &mut self,
+        myself: &ActorRef<InstanceSupMsg>,
         msg: InstanceSupMsg,
-        state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InstanceSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
+            InstanceSupMsg::Restart(r) => restart_slot(self, myself, r).await,
             InstanceSupMsg::Probed { instance, outcome } => {
-                if let Some(a) = state.slot(&instance).and_then(|s| s.actor.as_ref()) {
+                if let Some(a) = self.slot(&instance).and_then(|s| s.actor.as_ref()) {
                     tell(a, "a probe outcome", ContainerMsg::Probed(outcome));
                 }
             }
             InstanceSupMsg::Watch {
                 instance,
                 dispatcher,
-            } => match state.slot(&instance) {
+            } => match self.slot(&instance) {
                 Some(slot) => {
                     slot.watchers.retain(|w| w.get_id() != dispatcher.get_id());
                     slot.watchers.push(dispatcher.clone());
@@ -235,7 +212,7 @@ impl Actor for InstanceSupervisor {
                 plan,
                 reply,
             } => {
-                let Some(slot) = state.slot(&instance) else {
+                let Some(slot) = self.slot(&instance) else {
                     let _ = reply.send(Err(format!("no instance named `{instance}`")));
                     return Ok(());
                 };
@@ -282,8 +259,8 @@ impl Actor for InstanceSupervisor {
                 });
             }
             InstanceSupMsg::Revive { instance, reply } => {
-                let names: Vec<String> = state.slots.iter().map(|s| s.spec.name.clone()).collect();
-                let Some(slot) = state.slot(&instance) else {
+                let names: Vec<String> = self.slots.iter().map(|s| s.spec.name.clone()).collect();
+                let Some(slot) = self.slot(&instance) else {
                     let _ = reply.send(Err(format!(
                         "no instance named `{instance}` (configured: {})",
                         names.join(", ")
@@ -311,7 +288,7 @@ impl Actor for InstanceSupervisor {
                 // actor slow to answer stalls neither this supervisor nor
                 // the others' answers. One that does not answer (restarting,
                 // or busy) is reported as last known, marked as such.
-                let asks: Vec<(Option<ActorRef<ContainerMsg>>, InstanceStatus)> = state
+                let asks: Vec<(Option<ActorRef<ContainerMsg>>, InstanceStatus)> = self
                     .slots
                     .iter()
                     .map(|slot| {
@@ -366,7 +343,7 @@ impl Actor for InstanceSupervisor {
             }
             InstanceSupMsg::Observed(fresh) => {
                 for s in fresh {
-                    if let Some(slot) = state.slots.iter_mut().find(|x| x.spec.name == s.name) {
+                    if let Some(slot) = self.slots.iter_mut().find(|x| x.spec.name == s.name) {
                         slot.last = Some(s);
                     }
                 }
@@ -375,8 +352,8 @@ impl Actor for InstanceSupervisor {
                 stop_servers,
                 reply,
             } => {
-                state.sup.stop();
-                let actors: Vec<_> = state.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                self.sup.stop();
+                let actors: Vec<_> = self.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 tokio::spawn(async move {
                     let calls = actors.into_iter().map(|a| async move {
                         let _ = a
@@ -397,27 +374,14 @@ impl Actor for InstanceSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<InstanceSupMsg>,
-        event: SupervisionEvent,
-        state: &mut InstanceSupState,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some(exit) = slot_exited(state, event) else {
-            return Ok(());
-        };
-        for w in &state.slots[exit.key].watchers {
+    async fn exited(&mut self, i: usize) -> String {
+        for w in &self.slots[i].watchers {
             let _ = w.send_message(InstanceEvent::Ready(false));
         }
-        child_failed(
-            state,
-            &myself,
-            exit,
-            " (its server is adopted by the next one)",
-        );
-        Ok(())
+        " (its server is adopted by the next one)".into()
     }
 }
+
 /// A health probe's outcome is routed to its instance's ContainerActor.
 impl From<ProbeOutcome> for InstanceSupMsg {
     fn from(p: ProbeOutcome) -> Self {
