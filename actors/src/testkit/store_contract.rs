@@ -774,7 +774,7 @@ pub async fn fragments_of_parent(f: &impl StoreFixture) {
     let s = f.handle().await;
     // The first fragment has no place, the others one each.
     let places = sample_places();
-    let place = |i: usize| i.checked_sub(1).map(|k| places[k].clone());
+    let place = |i: usize| i.checked_sub(1).map(|k| places[k]);
     let frags: Vec<NewJob> = (0..3)
         .map(|i| {
             let mut j = job(ModelType::Think, &format!("frag{i}"));
