@@ -8,14 +8,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use crate::backoff::Backoff;
 use crate::dispatch::{DispatchActor, DispatchArgs, DispatchMsg, DispatchPeers, DispatchStatus};
 use crate::peers::Peers;
 use crate::queue::QueueMsg;
 use crate::restart::{
-    one_for_one_slots, restart_slot, OneForOne, OneForOneActor, Restart, RestartPolicy, Supervision,
+    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
+    RestartPolicy, Supervision,
 };
 use crate::results::ResultStore;
 use crate::spec::InstanceSpec;
@@ -105,7 +106,7 @@ pub(crate) struct DispatchSupState {
 }
 
 /// Supervises the dispatchers.
-pub(crate) type DispatchSupervisor = OneForOneActor<DispatchSupState>;
+pub(crate) struct DispatchSupervisor;
 
 /// The peers a dispatcher talks to, of all of them.
 fn dispatch_peers(peers: &Peers) -> DispatchPeers {
@@ -177,10 +178,18 @@ impl OneForOne for DispatchSupState {
         self.slots[i].actor = Some(actor);
         Ok(())
     }
+}
 
-    type Args = DispatchSupArgs;
+impl Actor for DispatchSupervisor {
+    type Msg = DispatchSupMsg;
+    type State = DispatchSupState;
+    type Arguments = DispatchSupArgs;
 
-    fn new(args: DispatchSupArgs) -> Self {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        args: DispatchSupArgs,
+    ) -> Result<DispatchSupState, ActorProcessingErr> {
         let slots = args
             .instances
             .iter()
@@ -192,19 +201,33 @@ impl OneForOne for DispatchSupState {
             })
             .collect();
         let sup = Supervision::new(args.restart);
-        DispatchSupState { args, slots, sup }
+        let mut state = DispatchSupState { args, slots, sup };
+        spawn_all(&mut state, &myself).await?;
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        state: &mut DispatchSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(None);
+        // Whatever the dispatchers still held goes back to pending now.
+        let _ = state.release_owner(state.args.owner.clone()).await;
+        Ok(())
     }
 
     async fn handle(
-        &mut self,
-        myself: &ActorRef<DispatchSupMsg>,
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
         msg: DispatchSupMsg,
+        state: &mut DispatchSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DispatchSupMsg::Restart(r) => restart_slot(self, myself, r).await,
+            DispatchSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
             DispatchSupMsg::Peers(peers) => {
-                self.args.peers = peers.clone();
-                for a in self.slots.iter().filter_map(|s| s.actor.as_ref()) {
+                state.args.peers = peers.clone();
+                for a in state.slots.iter().filter_map(|s| s.actor.as_ref()) {
                     tell(
                         a,
                         "the new peers",
@@ -213,9 +236,9 @@ impl OneForOne for DispatchSupState {
                 }
             }
             DispatchSupMsg::Drain { grace, reply } => {
-                self.sup.stop();
+                state.sup.stop();
                 let actors: Vec<ActorRef<DispatchMsg>> =
-                    self.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                    state.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 let drains = actors
                     .iter()
                     .map(|a| a.call(|r| DispatchMsg::Drain { reply: r }, Some(grace)));
@@ -236,14 +259,15 @@ impl OneForOne for DispatchSupState {
             }
             DispatchSupMsg::Dispatchers { reply } => {
                 let _ = reply.send(
-                    self.slots
+                    state
+                        .slots
                         .iter()
                         .filter_map(|s| Some((s.spec.name.clone(), s.actor.clone()?)))
                         .collect(),
                 );
             }
             DispatchSupMsg::Thermal { hot, factor } => {
-                for slot in &mut self.slots {
+                for slot in &mut state.slots {
                     let want = slot
                         .spec
                         .gpu_ids
@@ -263,7 +287,7 @@ impl OneForOne for DispatchSupState {
                 // dispatcher slow to answer stalls neither this supervisor
                 // nor the others' answers.
                 let actors: Vec<ActorRef<DispatchMsg>> =
-                    self.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                    state.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 tokio::spawn(async move {
                     let asks = actors.iter().map(|a| {
                         a.call(
@@ -286,14 +310,19 @@ impl OneForOne for DispatchSupState {
         Ok(())
     }
 
-    async fn exited(&mut self, i: usize) -> String {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<DispatchSupMsg>,
+        event: SupervisionEvent,
+        state: &mut DispatchSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(exit) = slot_exited(state, event) else {
+            return Ok(());
+        };
         // Its jobs go back to pending now, not when their leases expire.
-        let released = self.release_owner(self.owner_of(i)).await;
-        format!("; released its jobs: {released}")
-    }
-
-    async fn stopped(&mut self) {
-        // Whatever the dispatchers still held goes back to pending now.
-        let _ = self.release_owner(self.args.owner.clone()).await;
+        let released = state.release_owner(state.owner_of(exit.key)).await;
+        let note = format!("; released its jobs: {released}");
+        child_failed(state, &myself, exit, &note);
+        Ok(())
     }
 }

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort};
+use ractor::{
+    Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
+};
 use tracing::warn;
 
 use crate::container::{
@@ -17,7 +19,8 @@ use crate::container::{
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
 use crate::restart::{
-    one_for_one_slots, restart_slot, OneForOne, OneForOneActor, Restart, RestartPolicy, Supervision,
+    child_failed, one_for_one_slots, restart_slot, slot_exited, spawn_all, OneForOne, Restart,
+    RestartPolicy, Supervision,
 };
 use crate::runtime::LaunchPlan;
 use crate::spec::InstanceSpec;
@@ -113,7 +116,7 @@ pub(crate) struct InstanceSupState {
 }
 
 /// Supervises the ContainerActors.
-pub(crate) type InstanceSupervisor = OneForOneActor<InstanceSupState>;
+pub(crate) struct InstanceSupervisor;
 
 impl InstanceSupState {
     fn slot(&mut self, instance: &str) -> Option<&mut Slot> {
@@ -153,10 +156,18 @@ impl OneForOne for InstanceSupState {
         self.slots[i].actor = Some(actor);
         Ok(())
     }
+}
 
-    type Args = InstanceSupArgs;
+impl Actor for InstanceSupervisor {
+    type Msg = InstanceSupMsg;
+    type State = InstanceSupState;
+    type Arguments = InstanceSupArgs;
 
-    fn new(args: InstanceSupArgs) -> Self {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        args: InstanceSupArgs,
+    ) -> Result<InstanceSupState, ActorProcessingErr> {
         let slots = args
             .instances
             .iter()
@@ -170,25 +181,37 @@ impl OneForOne for InstanceSupState {
             })
             .collect();
         let sup = Supervision::new(args.restart);
-        InstanceSupState { args, slots, sup }
+        let mut state = InstanceSupState { args, slots, sup };
+        spawn_all(&mut state, &myself).await?;
+        Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        _state: &mut InstanceSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        myself.stop_children(None);
+        Ok(())
     }
 
     async fn handle(
-        &mut self,
-        myself: &ActorRef<InstanceSupMsg>,
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
         msg: InstanceSupMsg,
+        state: &mut InstanceSupState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            InstanceSupMsg::Restart(r) => restart_slot(self, myself, r).await,
+            InstanceSupMsg::Restart(r) => restart_slot(state, &myself, r).await,
             InstanceSupMsg::Probed { instance, outcome } => {
-                if let Some(a) = self.slot(&instance).and_then(|s| s.actor.as_ref()) {
+                if let Some(a) = state.slot(&instance).and_then(|s| s.actor.as_ref()) {
                     tell(a, "a probe outcome", ContainerMsg::Probed(outcome));
                 }
             }
             InstanceSupMsg::Watch {
                 instance,
                 dispatcher,
-            } => match self.slot(&instance) {
+            } => match state.slot(&instance) {
                 Some(slot) => {
                     slot.watchers.retain(|w| w.get_id() != dispatcher.get_id());
                     slot.watchers.push(dispatcher.clone());
@@ -212,7 +235,7 @@ impl OneForOne for InstanceSupState {
                 plan,
                 reply,
             } => {
-                let Some(slot) = self.slot(&instance) else {
+                let Some(slot) = state.slot(&instance) else {
                     let _ = reply.send(Err(format!("no instance named `{instance}`")));
                     return Ok(());
                 };
@@ -259,8 +282,8 @@ impl OneForOne for InstanceSupState {
                 });
             }
             InstanceSupMsg::Revive { instance, reply } => {
-                let names: Vec<String> = self.slots.iter().map(|s| s.spec.name.clone()).collect();
-                let Some(slot) = self.slot(&instance) else {
+                let names: Vec<String> = state.slots.iter().map(|s| s.spec.name.clone()).collect();
+                let Some(slot) = state.slot(&instance) else {
                     let _ = reply.send(Err(format!(
                         "no instance named `{instance}` (configured: {})",
                         names.join(", ")
@@ -288,7 +311,7 @@ impl OneForOne for InstanceSupState {
                 // actor slow to answer stalls neither this supervisor nor
                 // the others' answers. One that does not answer (restarting,
                 // or busy) is reported as last known, marked as such.
-                let asks: Vec<(Option<ActorRef<ContainerMsg>>, InstanceStatus)> = self
+                let asks: Vec<(Option<ActorRef<ContainerMsg>>, InstanceStatus)> = state
                     .slots
                     .iter()
                     .map(|slot| {
@@ -343,7 +366,7 @@ impl OneForOne for InstanceSupState {
             }
             InstanceSupMsg::Observed(fresh) => {
                 for s in fresh {
-                    if let Some(slot) = self.slots.iter_mut().find(|x| x.spec.name == s.name) {
+                    if let Some(slot) = state.slots.iter_mut().find(|x| x.spec.name == s.name) {
                         slot.last = Some(s);
                     }
                 }
@@ -352,8 +375,8 @@ impl OneForOne for InstanceSupState {
                 stop_servers,
                 reply,
             } => {
-                self.sup.stop();
-                let actors: Vec<_> = self.slots.iter().filter_map(|s| s.actor.clone()).collect();
+                state.sup.stop();
+                let actors: Vec<_> = state.slots.iter().filter_map(|s| s.actor.clone()).collect();
                 tokio::spawn(async move {
                     let calls = actors.into_iter().map(|a| async move {
                         let _ = a
@@ -374,14 +397,27 @@ impl OneForOne for InstanceSupState {
         Ok(())
     }
 
-    async fn exited(&mut self, i: usize) -> String {
-        for w in &self.slots[i].watchers {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<InstanceSupMsg>,
+        event: SupervisionEvent,
+        state: &mut InstanceSupState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(exit) = slot_exited(state, event) else {
+            return Ok(());
+        };
+        for w in &state.slots[exit.key].watchers {
             let _ = w.send_message(InstanceEvent::Ready(false));
         }
-        " (its server is adopted by the next one)".into()
+        child_failed(
+            state,
+            &myself,
+            exit,
+            " (its server is adopted by the next one)",
+        );
+        Ok(())
     }
 }
-
 /// A health probe's outcome is routed to its instance's ContainerActor.
 impl From<ProbeOutcome> for InstanceSupMsg {
     fn from(p: ProbeOutcome) -> Self {

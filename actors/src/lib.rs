@@ -36,8 +36,7 @@
 //!   (`dispatch.window = "auto"`).
 //! - `restart`: restart policy as data (backoff, intensity limit),
 //!   `Supervision`, the one-for-one bookkeeping every supervisor shares, and
-//!   `OneForOneActor`, the actor of the supervisors with one child per
-//!   instance, which restarts their children by the same rules.
+//!   the restart rules of the supervisors with one child per instance.
 //! - `tell`: casting to an actor, or publishing to a subscriber, without
 //!   dropping a failure silently.
 //! - `named`: `named!`, the names of the variants of an enum

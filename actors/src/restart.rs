@@ -279,10 +279,10 @@ impl<K: Copy + Eq + std::hash::Hash + std::fmt::Debug> Supervision<K> {
     }
 }
 
-/// The state of a supervisor with one child per slot (an instance's
-/// index), run by [`OneForOneActor`], which restarts its children one for
-/// one: what it needs of the state, so that the rules of a restart are
-/// written once for every such supervisor.
+/// A supervisor with one child per slot (an instance's index), restarted
+/// one for one: what [`spawn_all`], [`restart_slot`], [`slot_exited`] and
+/// [`child_failed`] need of it, so that the rules of a restart are written
+/// once for every such supervisor.
 pub(crate) trait OneForOne: Send + Sized + 'static {
     /// The supervisor's messages.
     type Msg: ractor::Message;
@@ -306,82 +306,6 @@ pub(crate) trait OneForOne: Send + Sized + 'static {
     ) -> impl std::future::Future<Output = Result<(), ractor::ActorProcessingErr>> + Send;
     /// The message its restart timer sends.
     fn restart_msg(r: Restart<usize>) -> Self::Msg;
-    /// What it is started with.
-    type Args: Send + 'static;
-    /// Its state, before any child starts.
-    fn new(args: Self::Args) -> Self;
-    /// Handles one of its messages; a restart goes to [`restart_slot`].
-    fn handle(
-        &mut self,
-        myself: &ractor::ActorRef<Self::Msg>,
-        msg: Self::Msg,
-    ) -> impl std::future::Future<Output = Result<(), ractor::ActorProcessingErr>> + Send;
-    /// Slot `i`'s child exited while wanted, its slot vacant now: what the
-    /// supervisor did about it, as the log's note on the restart.
-    fn exited(&mut self, i: usize) -> impl std::future::Future<Output = String> + Send;
-    /// The supervisor stopped, its children told to stop.
-    fn stopped(&mut self) -> impl std::future::Future<Output = ()> + Send {
-        async {}
-    }
-}
-
-/// The actor of a supervisor with one child per instance: starts every
-/// slot's child, restarts them one for one, and leaves the rest to its
-/// state's [`OneForOne`] impl.
-pub(crate) struct OneForOneActor<S>(std::marker::PhantomData<fn() -> S>);
-
-impl<S> OneForOneActor<S> {
-    pub(crate) fn new() -> Self {
-        OneForOneActor(std::marker::PhantomData)
-    }
-}
-
-impl<S: OneForOne> ractor::Actor for OneForOneActor<S> {
-    type Msg = S::Msg;
-    type State = S;
-    type Arguments = S::Args;
-
-    async fn pre_start(
-        &self,
-        myself: ractor::ActorRef<S::Msg>,
-        args: S::Args,
-    ) -> Result<S, ractor::ActorProcessingErr> {
-        let mut state = S::new(args);
-        spawn_all(&mut state, &myself).await?;
-        Ok(state)
-    }
-
-    async fn post_stop(
-        &self,
-        myself: ractor::ActorRef<S::Msg>,
-        state: &mut S,
-    ) -> Result<(), ractor::ActorProcessingErr> {
-        myself.stop_children(None);
-        state.stopped().await;
-        Ok(())
-    }
-
-    async fn handle(
-        &self,
-        myself: ractor::ActorRef<S::Msg>,
-        msg: S::Msg,
-        state: &mut S,
-    ) -> Result<(), ractor::ActorProcessingErr> {
-        state.handle(&myself, msg).await
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ractor::ActorRef<S::Msg>,
-        event: ractor::SupervisionEvent,
-        state: &mut S,
-    ) -> Result<(), ractor::ActorProcessingErr> {
-        if let Some(exit) = slot_exited(state, event) {
-            let note = state.exited(exit.key).await;
-            child_failed(state, &myself, exit, &note);
-        }
-        Ok(())
-    }
 }
 
 /// Writes the bookkeeping half of a [`OneForOne`] impl for the usual
@@ -425,7 +349,7 @@ fn child_of<S: OneForOne>(state: &S, i: usize) -> String {
 }
 
 /// Starts every slot's child (in `pre_start`).
-async fn spawn_all<S: OneForOne>(
+pub(crate) async fn spawn_all<S: OneForOne>(
     state: &mut S,
     myself: &ractor::ActorRef<S::Msg>,
 ) -> Result<(), ractor::ActorProcessingErr> {
@@ -461,7 +385,7 @@ pub(crate) async fn restart_slot<S: OneForOne>(
 /// A supervision event: the child that exited, its slot now vacant, when
 /// it was wanted (no shutdown under way). The supervisor reacts, then
 /// passes it to [`child_failed`].
-fn slot_exited<S: OneForOne>(
+pub(crate) fn slot_exited<S: OneForOne>(
     state: &mut S,
     event: ractor::SupervisionEvent,
 ) -> Option<Exit<usize>> {
@@ -472,7 +396,7 @@ fn slot_exited<S: OneForOne>(
 
 /// Schedules the restart of a child that exited (`note` adds what the
 /// supervisor did about it), or escalates.
-fn child_failed<S: OneForOne>(
+pub(crate) fn child_failed<S: OneForOne>(
     state: &mut S,
     myself: &ractor::ActorRef<S::Msg>,
     exit: Exit<usize>,

@@ -349,7 +349,7 @@ impl FeederState {
                         .is_some()
                         .then(|| self.gpu_watch.subscribe()),
                 };
-                keep(&mut self.instances, InstanceSupervisor::new(), args, cell).await?
+                keep(&mut self.instances, InstanceSupervisor, args, cell).await?
             }
             Child::Health => {
                 let args = HealthArgs {
@@ -384,7 +384,7 @@ impl FeederState {
                     poison_after: s.poison_after,
                     prefix_grouping: s.prefix_grouping,
                 };
-                keep(&mut self.dispatch, DispatchSupervisor::new(), args, cell).await?
+                keep(&mut self.dispatch, DispatchSupervisor, args, cell).await?
             }
             Child::GpuMonitor => {
                 let args = GpuMonitorArgs {
