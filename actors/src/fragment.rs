@@ -185,18 +185,7 @@ mod tests {
 
     #[test]
     fn a_place_round_trips_through_its_stored_form() {
-        let places = [
-            Place::Tokens([392, 904]),
-            Place::Tile(Tile {
-                row: 1,
-                col: 2,
-                x: 784,
-                y: 392,
-                width: 512,
-                height: 300,
-            }),
-        ];
-        for p in places {
+        for p in crate::testkit::store_contract::sample_places() {
             assert_eq!(Place::from_json(&p.to_json()), Ok(p));
         }
         assert_eq!(Place::Tokens([1, 2]).to_json(), r#"{"tokens":[1,2]}"#);

@@ -76,7 +76,8 @@ impl<'de> Deserialize<'de> for JobId {
     }
 }
 
-/// The kind of model a job is for. Each configured instance serves one kind.
+/// The kind of model a job is for. Each configured instance serves one kind;
+/// its name is stored in `gpu_jobs.model_type` and used in config and CLI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelType {
@@ -86,24 +87,7 @@ pub enum ModelType {
     Think,
 }
 
-impl ModelType {
-    /// Every model type, in a stable order.
-    pub const ALL: [ModelType; 2] = [ModelType::Vision, ModelType::Think];
-
-    /// The name stored in `gpu_jobs.model_type` and used in config and CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelType::Vision => "vision",
-            ModelType::Think => "think",
-        }
-    }
-}
-
-impl fmt::Display for ModelType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+named!(ModelType { Vision = "vision", Think = "think" });
 
 /// A string that names no model type.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -114,14 +98,12 @@ impl FromStr for ModelType {
     type Err = BadModelType;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ModelType::ALL
-            .into_iter()
-            .find(|m| m.as_str() == s)
-            .ok_or_else(|| BadModelType(s.to_string()))
+        ModelType::from_name(s).ok_or_else(|| BadModelType(s.to_string()))
     }
 }
 
-/// Where a job is in its life: `pending → processing → done | failed | cancelled`.
+/// Where a job is in its life: `pending → processing → done | failed | cancelled`
+/// (the names stored in `gpu_jobs.status`, listed in lifecycle order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -137,39 +119,18 @@ pub enum JobStatus {
     Cancelled,
 }
 
+named!(JobStatus {
+    Pending = "pending", Processing = "processing", Done = "done", Failed = "failed",
+    Cancelled = "cancelled",
+});
+
 impl JobStatus {
-    /// Every status, in lifecycle order.
-    pub const ALL: [JobStatus; 5] = [
-        JobStatus::Pending,
-        JobStatus::Processing,
-        JobStatus::Done,
-        JobStatus::Failed,
-        JobStatus::Cancelled,
-    ];
-
-    /// The name stored in `gpu_jobs.status`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Pending => "pending",
-            JobStatus::Processing => "processing",
-            JobStatus::Done => "done",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-
     /// Whether the job has reached an end state.
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
             JobStatus::Done | JobStatus::Failed | JobStatus::Cancelled
         )
-    }
-}
-
-impl fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -182,10 +143,7 @@ impl FromStr for JobStatus {
     type Err = BadJobStatus;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobStatus::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| BadJobStatus(s.to_string()))
+        JobStatus::from_name(s).ok_or_else(|| BadJobStatus(s.to_string()))
     }
 }
 

@@ -39,6 +39,8 @@
 //!   the restart rules of the supervisors with one child per instance.
 //! - `tell`: casting to an actor, or publishing to a subscriber, without
 //!   dropping a failure silently.
+//! - `named`: `named!`, the names of the variants of an enum
+//!   (statuses, model types, strategies, states), in one table each.
 //!
 //! Actors, one per file or folder, each with its messages, arguments and state:
 //! - [`supervisor`] *(public)*: `FeederSupervisor`, the root; restarts its
@@ -73,6 +75,9 @@
 //! - [`spec`] *(public)*: `InstanceSpec`, one instance as the supervisors see it.
 //! - `testkit` (feature `testkit`): fakes of every port and the store
 //!   contract suite run by every adapter.
+
+#[macro_use]
+mod named;
 
 pub mod allocator;
 pub mod backoff;

@@ -227,13 +227,18 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn c(seq: i64, priority: i64, at: i64, key: Option<&str>) -> Candidate {
-        Candidate {
-            seq,
-            priority,
-            created_at: Timestamp::from_secs_f64(at as f64),
-            key: key.map(String::from),
-        }
+    /// Candidates in claim order (`seq` 1, 2, …), one per
+    /// `(priority, created_at in seconds, prefix key)`; the key `-` is none.
+    fn cands(rows: &[(i64, i64, &str)]) -> Vec<Candidate> {
+        (1..)
+            .zip(rows)
+            .map(|(seq, &(priority, at, key))| Candidate {
+                seq,
+                priority,
+                created_at: Timestamp::from_secs_f64(at as f64),
+                key: (key != "-").then(|| key.to_string()),
+            })
+            .collect()
     }
 
     fn grouping(warm: &[&str], max_wait_s: u64) -> Grouping {
@@ -250,72 +255,57 @@ mod tests {
             .collect()
     }
 
+    /// The keys `pick` takes from `cands` (`-` for none), with `warm` keys
+    /// and groups that wait at most `max_wait_s`, at `now_s`.
+    fn picked(
+        cands: &[Candidate],
+        n: usize,
+        warm: &[&str],
+        max_wait_s: u64,
+        now_s: f64,
+    ) -> Vec<String> {
+        let now = Timestamp::from_secs_f64(now_s);
+        keys(cands, &pick(cands, n, &grouping(warm, max_wait_s), now))
+    }
+
     #[test]
     fn groups_come_whole_in_order_of_their_oldest_job() {
-        let cands = [
-            c(1, 0, 10, Some("a")),
-            c(2, 0, 11, Some("b")),
-            c(3, 0, 12, Some("a")),
-            c(4, 0, 13, None),
-            c(5, 0, 14, Some("b")),
-            c(6, 0, 15, Some("a")),
-        ];
-        let p = pick(
-            &cands,
-            10,
-            &grouping(&[], 600),
-            Timestamp::from_secs_f64(20.0),
-        );
+        let cands = cands(&[
+            (0, 10, "a"),
+            (0, 11, "b"),
+            (0, 12, "a"),
+            (0, 13, "-"),
+            (0, 14, "b"),
+            (0, 15, "a"),
+        ]);
+        let now = Timestamp::from_secs_f64(20.0);
+        let p = pick(&cands, 10, &grouping(&[], 600), now);
         assert_eq!(keys(&cands, &p), ["a", "a", "a", "b", "b", "-"]);
         assert_eq!(p[..3], [0, 2, 5], "a group in age order");
     }
 
     #[test]
     fn warm_keys_first_then_overdue_groups_before_them() {
-        let cands = [
-            c(1, 0, 10, Some("old")),
-            c(2, 0, 50, Some("hot")),
-            c(3, 0, 60, Some("new")),
-        ];
-        let now = Timestamp::from_secs_f64(70.0);
-        let p = pick(&cands, 3, &grouping(&["hot"], 600), now);
-        assert_eq!(keys(&cands, &p), ["hot", "old", "new"]);
+        let cands = cands(&[(0, 10, "old"), (0, 50, "hot"), (0, 60, "new")]);
+        assert_eq!(
+            picked(&cands, 3, &["hot"], 600, 70.0),
+            ["hot", "old", "new"]
+        );
         // Once `old` has waited past max_wait, it goes before the warm key.
-        let p = pick(&cands, 3, &grouping(&["hot"], 30), now);
-        assert_eq!(keys(&cands, &p), ["old", "hot", "new"]);
+        assert_eq!(picked(&cands, 3, &["hot"], 30, 70.0), ["old", "hot", "new"]);
     }
 
     #[test]
     fn priority_wins_over_grouping_and_warmth() {
-        let cands = [
-            c(1, 0, 10, Some("hot")),
-            c(2, 5, 50, Some("cold")),
-            c(3, 0, 11, Some("hot")),
-        ];
-        let p = pick(
-            &cands,
-            2,
-            &grouping(&["hot"], 1),
-            Timestamp::from_secs_f64(99.0),
-        );
-        assert_eq!(keys(&cands, &p), ["cold", "hot"]);
+        let cands = cands(&[(0, 10, "hot"), (5, 50, "cold"), (0, 11, "hot")]);
+        assert_eq!(picked(&cands, 2, &["hot"], 1, 99.0), ["cold", "hot"]);
     }
 
     #[test]
     fn the_most_recent_warm_key_comes_first_and_n_is_respected() {
-        let cands = [
-            c(1, 0, 1, Some("x")),
-            c(2, 0, 2, Some("y")),
-            c(3, 0, 3, Some("y")),
-        ];
-        let p = pick(
-            &cands,
-            2,
-            &grouping(&["y", "x"], 600),
-            Timestamp::from_secs_f64(4.0),
-        );
-        assert_eq!(keys(&cands, &p), ["y", "y"]);
-        assert!(pick(&cands, 0, &grouping(&[], 1), Timestamp::from_secs_f64(4.0)).is_empty());
+        let cands = cands(&[(0, 1, "x"), (0, 2, "y"), (0, 3, "y")]);
+        assert_eq!(picked(&cands, 2, &["y", "x"], 600, 4.0), ["y", "y"]);
+        assert!(picked(&cands, 0, &[], 1, 4.0).is_empty());
     }
 
     #[test]

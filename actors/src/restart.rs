@@ -426,12 +426,17 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn backs_off_then_escalates_within_the_window() {
-        let p = policy();
+    /// The test policy, and a tracker whose child started now.
+    fn started_now() -> (RestartPolicy, RestartTracker, Instant) {
         let mut t = RestartTracker::default();
         let now = Instant::now();
         t.started(now);
+        (policy(), t, now)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backs_off_then_escalates_within_the_window() {
+        let (p, mut t, now) = started_now();
         let d: Vec<_> = (0..3).map(|_| t.failed(&p, now, "boom".into())).collect();
         assert_eq!(
             d,
@@ -449,10 +454,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_long_healthy_run_resets_the_backoff_and_old_restarts_expire() {
-        let p = policy();
-        let mut t = RestartTracker::default();
-        let start = Instant::now();
-        t.started(start);
+        let (p, mut t, start) = started_now();
         t.failed(&p, start, "a".into());
         t.failed(&p, start, "b".into());
         let later = start + Duration::from_secs(100);

@@ -6,12 +6,14 @@
 //! and runs the graceful shutdown: stop claiming, let requests in flight
 //! finish within a grace period, release the rest, commit every outcome.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr,
+    SupervisionEvent,
+};
 use tracing::{info, warn};
 
 use crate::allocator::{
@@ -36,7 +38,7 @@ use crate::store::JobStore;
 use crate::tell::tell;
 use crate::time::Clock;
 
-/// The children of the FeederSupervisor.
+/// The children of the FeederSupervisor, named as logs speak of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Child {
     /// QueueActor.
@@ -55,19 +57,11 @@ pub enum Child {
     Allocator,
 }
 
-impl fmt::Display for Child {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Child::Queue => "queue actor",
-            Child::FanIn => "fan-in actor",
-            Child::Instances => "instance supervisor",
-            Child::Health => "health actor",
-            Child::Dispatch => "dispatch supervisor",
-            Child::GpuMonitor => "GPU monitor",
-            Child::Allocator => "allocator",
-        })
-    }
-}
+named!(Child {
+    Queue = "queue actor", FanIn = "fan-in actor", Instances = "instance supervisor",
+    Health = "health actor", Dispatch = "dispatch supervisor", GpuMonitor = "GPU monitor",
+    Allocator = "allocator",
+});
 
 /// Messages of the FeederSupervisor.
 #[derive(Debug)]
@@ -332,10 +326,7 @@ impl FeederState {
                     heartbeat: s.heartbeat.clone().map(|b| (self.args.owner.clone(), b)),
                 };
                 self.first_queue_start = false;
-                let (a, _) = QueueActor::spawn_linked(None, QueueActor, args, cell).await?;
-                let id = a.get_id();
-                self.queue = Some(a);
-                id
+                keep(&mut self.queue, QueueActor, args, cell).await?
             }
             Child::FanIn => {
                 let args = FanInArgs {
@@ -345,10 +336,7 @@ impl FeederState {
                     call_timeout: s.call_timeout,
                     min_success_ratio: s.min_success_ratio,
                 };
-                let (a, _) = FanInActor::spawn_linked(None, FanInActor, args, cell).await?;
-                let id = a.get_id();
-                self.fanin = Some(a);
-                id
+                keep(&mut self.fanin, FanInActor, args, cell).await?
             }
             Child::Instances => {
                 let args = InstanceSupArgs {
@@ -361,11 +349,7 @@ impl FeederState {
                         .is_some()
                         .then(|| self.gpu_watch.subscribe()),
                 };
-                let (a, _) =
-                    InstanceSupervisor::spawn_linked(None, InstanceSupervisor, args, cell).await?;
-                let id = a.get_id();
-                self.instances = Some(a);
-                id
+                keep(&mut self.instances, InstanceSupervisor, args, cell).await?
             }
             Child::Health => {
                 let args = HealthArgs {
@@ -384,10 +368,7 @@ impl FeederState {
                     timeout: s.health_timeout,
                     canary_timeout: s.canary_timeout,
                 };
-                let (a, _) = HealthActor::spawn_linked(None, HealthActor, args, cell).await?;
-                let id = a.get_id();
-                self.health = Some(a);
-                id
+                keep(&mut self.health, HealthActor, args, cell).await?
             }
             Child::Dispatch => {
                 let args = DispatchSupArgs {
@@ -403,11 +384,7 @@ impl FeederState {
                     poison_after: s.poison_after,
                     prefix_grouping: s.prefix_grouping,
                 };
-                let (a, _) =
-                    DispatchSupervisor::spawn_linked(None, DispatchSupervisor, args, cell).await?;
-                let id = a.get_id();
-                self.dispatch = Some(a);
-                id
+                keep(&mut self.dispatch, DispatchSupervisor, args, cell).await?
             }
             Child::GpuMonitor => {
                 let args = GpuMonitorArgs {
@@ -417,11 +394,7 @@ impl FeederState {
                     limits: s.thermal,
                     sink: myself.get_derived(),
                 };
-                let (a, _) =
-                    GpuMonitorActor::spawn_linked(None, GpuMonitorActor, args, cell).await?;
-                let id = a.get_id();
-                self.gpu_monitor = Some(a);
-                id
+                keep(&mut self.gpu_monitor, GpuMonitorActor, args, cell).await?
             }
             Child::Allocator => {
                 let args = AllocatorArgs {
@@ -430,10 +403,7 @@ impl FeederState {
                     peers: self.allocator_peers().ok_or("peers are not all running")?,
                     call_timeout: s.call_timeout,
                 };
-                let (a, _) = AllocatorActor::spawn_linked(None, AllocatorActor, args, cell).await?;
-                let id = a.get_id();
-                self.allocator = Some(a);
-                id
+                keep(&mut self.allocator, AllocatorActor, args, cell).await?
             }
         };
         self.sup.started(child, id);
@@ -497,6 +467,20 @@ impl FeederState {
             tell(d, "the new peers", DispatchSupMsg::Peers(peers));
         }
     }
+}
+
+/// Starts `actor` linked to the supervisor's `cell`, keeps its reference
+/// in `slot`, and answers its id.
+async fn keep<A: Actor>(
+    slot: &mut Option<ActorRef<A::Msg>>,
+    actor: A,
+    args: A::Arguments,
+    cell: ActorCell,
+) -> Result<ActorId, SpawnErr> {
+    let (a, _) = A::spawn_linked(None, actor, args, cell).await?;
+    let id = a.get_id();
+    *slot = Some(a);
+    Ok(id)
 }
 
 impl Actor for FeederSupervisor {

@@ -12,7 +12,6 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
 use common::{ask, feeder_args, spawn_feeder};
-use feeder_actors::backoff::Backoff;
 use feeder_actors::container::{InstanceState, InstanceStatus, LifecycleSettings};
 use feeder_actors::inference::ProbeError;
 use feeder_actors::runtime::{ContainerRuntime, Found, LaunchPlan};
@@ -35,18 +34,9 @@ fn settings() -> PipelineSettings {
         health_timeout: Duration::from_secs(1),
         lifecycle: LifecycleSettings {
             startup_timeout: Duration::from_secs(120),
-            failure_threshold: 3,
-            restart: Backoff {
-                base: Duration::from_secs(10),
-                max: Duration::from_secs(300),
-                factor: 2.0,
-                jitter: 0.0,
-            },
-            restart_reset: Duration::from_secs(600),
-            crash_loop_restarts: 5,
-            crash_loop_window: Duration::from_secs(1800),
             stop_grace: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(60),
+            ..LifecycleSettings::default()
         },
         ..PipelineSettings::default()
     }

@@ -1,14 +1,13 @@
 //! The allocator's policy, pure: the strategies, what `decide` sees, and
 //! the rule that picks the next strategy from the backlog.
 
-use std::fmt;
 use std::time::Duration;
 
 use tracing::debug;
 
 use crate::job::{ModelType, QueueStats};
 
-/// A strategy's name.
+/// A strategy, named in config, logs, metrics and the CLI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Strategy {
     /// Every instance as configured.
@@ -23,35 +22,16 @@ pub enum Strategy {
     Idle,
 }
 
+named!(Strategy {
+    Static = "static", Shared = "shared", Think = "think", Vision = "vision", Idle = "idle",
+});
+
 impl Strategy {
-    /// Every strategy.
-    pub const ALL: [Strategy; 5] = [
-        Strategy::Static,
-        Strategy::Shared,
-        Strategy::Think,
-        Strategy::Vision,
-        Strategy::Idle,
-    ];
-
-    /// Its name in config, logs, metrics and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::Static => "static",
-            Strategy::Shared => "shared",
-            Strategy::Think => "think",
-            Strategy::Vision => "vision",
-            Strategy::Idle => "idle",
-        }
-    }
-
     /// Parses a name; the error lists the names.
     pub fn parse(s: &str) -> Result<Strategy, String> {
-        Strategy::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("no strategy `{s}`: choose one of static, shared, think, vision, idle")
-            })
+        Strategy::from_name(s).ok_or_else(|| {
+            format!("no strategy `{s}`: choose one of static, shared, think, vision, idle")
+        })
     }
 
     /// Whether instances of `model` run under this strategy.
@@ -62,12 +42,6 @@ impl Strategy {
             Strategy::Vision => model == ModelType::Vision,
             Strategy::Idle => false,
         }
-    }
-}
-
-impl fmt::Display for Strategy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 

@@ -2,7 +2,6 @@
 //! `set`, which logs it, keeps it for `Status` and tells the watchers when
 //! Ready changes.
 
-use std::fmt;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -29,7 +28,8 @@ pub struct Transition {
     pub instant: Instant,
 }
 
-/// Where an instance is in its life.
+/// Where an instance is in its life, in lifecycle order (the names are
+/// those of logs, `instances --json` and metrics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum InstanceState {
     /// Not running (before the first start, or stopped on purpose).
@@ -55,43 +55,11 @@ pub enum InstanceState {
     Waking,
 }
 
-impl InstanceState {
-    /// The name used in logs, `instances --json` and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            InstanceState::Stopped => "stopped",
-            InstanceState::Starting => "starting",
-            InstanceState::Loading => "loading",
-            InstanceState::Ready => "ready",
-            InstanceState::Unhealthy => "unhealthy",
-            InstanceState::Restarting => "restarting",
-            InstanceState::Stopping => "stopping",
-            InstanceState::Failed => "failed",
-            InstanceState::Sleeping => "sleeping",
-            InstanceState::Waking => "waking",
-        }
-    }
-
-    /// Every state, in lifecycle order.
-    pub const ALL: [InstanceState; 10] = [
-        InstanceState::Stopped,
-        InstanceState::Starting,
-        InstanceState::Loading,
-        InstanceState::Ready,
-        InstanceState::Unhealthy,
-        InstanceState::Restarting,
-        InstanceState::Stopping,
-        InstanceState::Failed,
-        InstanceState::Sleeping,
-        InstanceState::Waking,
-    ];
-}
-
-impl fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+named!(InstanceState {
+    Stopped = "stopped", Starting = "starting", Loading = "loading", Ready = "ready",
+    Unhealthy = "unhealthy", Restarting = "restarting", Stopping = "stopping",
+    Failed = "failed", Sleeping = "sleeping", Waking = "waking",
+});
 
 /// One instance as `gpu-feeder instances` shows it.
 #[derive(Clone, Debug, PartialEq)]

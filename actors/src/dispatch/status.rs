@@ -77,7 +77,7 @@ pub(crate) struct Counters {
     pub(crate) aborted: u64,
 }
 
-/// How a request ended, for metrics.
+/// How a request ended, for metrics (its name is a label value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestOutcome {
     /// A result was written.
@@ -94,19 +94,12 @@ pub enum RequestOutcome {
     Aborted,
 }
 
-impl RequestOutcome {
-    /// A label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestOutcome::Done => "done",
-            RequestOutcome::Retryable => "retryable",
-            RequestOutcome::Permanent => "permanent",
-            RequestOutcome::Overloaded => "overloaded",
-            RequestOutcome::Unavailable => "unavailable",
-            RequestOutcome::Aborted => "aborted",
-        }
-    }
+named!(RequestOutcome {
+    Done = "done", Retryable = "retryable", Permanent = "permanent", Overloaded = "overloaded",
+    Unavailable = "unavailable", Aborted = "aborted",
+});
 
+impl RequestOutcome {
     /// How a request that ended so ended.
     pub(crate) fn of(outcome: &Result<Completion, InferenceError>) -> Self {
         match outcome {

@@ -752,22 +752,29 @@ pub async fn manual_retry(f: &impl StoreFixture) {
     ));
 }
 
-/// A parent waits in `processing`; its fragments are claimable and listed
-/// in order, each with the place it was given.
-pub async fn fragments_of_parent(f: &impl StoreFixture) {
-    let s = f.handle().await;
-    let place = |i: u64| match i {
-        0 => None,
-        1 => Some(Place::Tokens([392, 904])),
-        _ => Some(Place::Tile(Tile {
+/// A token window and an image tile: the places fragments are given in
+/// tests.
+pub fn sample_places() -> [Place; 2] {
+    [
+        Place::Tokens([392, 904]),
+        Place::Tile(Tile {
             row: 1,
             col: 2,
             x: 784,
             y: 392,
             width: 512,
             height: 300,
-        })),
-    };
+        }),
+    ]
+}
+
+/// A parent waits in `processing`; its fragments are claimable and listed
+/// in order, each with the place it was given.
+pub async fn fragments_of_parent(f: &impl StoreFixture) {
+    let s = f.handle().await;
+    // The first fragment has no place, the others one each.
+    let places = sample_places();
+    let place = |i: usize| i.checked_sub(1).map(|k| places[k]);
     let frags: Vec<NewJob> = (0..3)
         .map(|i| {
             let mut j = job(ModelType::Think, &format!("frag{i}"));
@@ -792,7 +799,7 @@ pub async fn fragments_of_parent(f: &impl StoreFixture) {
         assert_eq!(fr.fragment_index, Some(i as u32));
         assert_eq!(fr.total_fragments, Some(3));
         assert_eq!(fr.status, JobStatus::Pending);
-        assert_eq!(fr.place, place(i as u64), "fragment {i} keeps its place");
+        assert_eq!(fr.place, place(i), "fragment {i} keeps its place");
     }
     // The parent itself is never claimed; its fragments are, in order.
     let claimed = s
