@@ -283,6 +283,7 @@ fn fragments_written_before_the_place_column_keep_their_place() {
     assert!(place("00000000000000000000000000000001").is_null());
     // A place that is not JSON is refused by the column's check.
     let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 10000"])
         .arg(s.db())
         .arg("UPDATE gpu_jobs SET place = 'not json' WHERE id = x'00000000000000000000000000000002';")
         .output()

@@ -449,9 +449,11 @@ impl Scratch {
 }
 
 /// Runs `sqlite3 DB` with `sql` on its standard input; returns stdout.
+/// It waits up to ten seconds for a lock the daemon holds, as any
+/// well-behaved writer does, rather than failing with "database is locked".
 pub fn sqlite3(db: &Path, sql: &str) -> String {
     let out = pipe(
-        Command::new("sqlite3").arg(db),
+        Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(db),
         sql,
         "the sqlite3 CLI (scripts/test.sh installs it)",
     );
