@@ -65,6 +65,19 @@ async fn wait_in_flight(sim: &SimHandle, n: usize) {
     .await;
 }
 
+/// A sim with sleep mode, started with `cfg`, once a chat of `text` asking
+/// `max_tokens` is admitted; the chat's answer comes through the handle.
+async fn one_in_flight(
+    cfg: SimConfig,
+    text: &str,
+    max_tokens: u32,
+) -> (SimHandle, tokio::task::JoinHandle<reqwest::Response>) {
+    let sim = sim::start(sleepy(cfg)).await.unwrap();
+    let request = tokio::spawn(chat(&sim.url(), text, max_tokens));
+    wait_in_flight(&sim, 1).await;
+    (sim, request)
+}
+
 #[tokio::test]
 async fn without_the_dev_mode_variable_the_endpoints_are_not_served() {
     for cfg in [
@@ -125,41 +138,44 @@ async fn level_one_sleeps_answers_503_and_wakes_in_its_times() {
 #[tokio::test]
 async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     // Fixed-latency mode: a request of 60 s is answered `abort` at the sleep.
-    let sim = sim::start(sleepy(SimConfig {
-        latency_ms: 60_000,
-        ..SimConfig::default()
-    }))
-    .await
-    .unwrap();
-    let long = tokio::spawn(chat(&sim.url(), "long", 16));
-    wait_in_flight(&sim, 1).await;
+    let (sim, long) = one_in_flight(
+        SimConfig {
+            latency_ms: 60_000,
+            ..SimConfig::default()
+        },
+        "long",
+        16,
+    )
+    .await;
     assert_eq!(post(&sim, "/sleep?level=1", None).await.status(), 200);
     let (text, why) = content(long.await.unwrap()).await;
     assert_eq!(why, "abort");
     assert!(text.is_empty(), "{text}");
 
     // The engine model: its requests are dropped with the KV cache.
-    let sim = sim::start(sleepy(SimConfig {
-        kv_cache_tokens: Some(10_000),
-        ..SimConfig::default()
-    }))
-    .await
-    .unwrap();
-    let long = tokio::spawn(chat(&sim.url(), "long", 9_000));
-    wait_in_flight(&sim, 1).await;
+    let (sim, long) = one_in_flight(
+        SimConfig {
+            kv_cache_tokens: Some(10_000),
+            ..SimConfig::default()
+        },
+        "long",
+        9_000,
+    )
+    .await;
     assert_eq!(post(&sim, "/sleep?mode=abort", None).await.status(), 200);
     assert_eq!(content(long.await.unwrap()).await.1, "abort");
     assert_eq!(sim.engine().unwrap().running, 0);
 
     // mode=wait: the request in flight finishes first.
-    let sim = sim::start(sleepy(SimConfig {
-        latency_ms: 300,
-        ..SimConfig::default()
-    }))
-    .await
-    .unwrap();
-    let short = tokio::spawn(chat(&sim.url(), "short", 16));
-    wait_in_flight(&sim, 1).await;
+    let (sim, short) = one_in_flight(
+        SimConfig {
+            latency_ms: 300,
+            ..SimConfig::default()
+        },
+        "short",
+        16,
+    )
+    .await;
     assert_eq!(
         post(&sim, "/sleep?level=1&mode=wait", None).await.status(),
         200

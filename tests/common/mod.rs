@@ -453,7 +453,9 @@ impl Scratch {
 /// well-behaved writer does, rather than failing with "database is locked".
 pub fn sqlite3(db: &Path, sql: &str) -> String {
     let out = pipe(
-        Command::new("sqlite3").args(["-cmd", ".timeout 10000"]).arg(db),
+        Command::new("sqlite3")
+            .args(["-cmd", ".timeout 10000"])
+            .arg(db),
         sql,
         "the sqlite3 CLI (scripts/test.sh installs it)",
     );
@@ -539,6 +541,38 @@ impl Scratch {
     /// Whether instance `name` reports `state`.
     pub fn instance_is(&self, name: &str, state: &str) -> bool {
         self.instance(name).is_some_and(|i| i["state"] == state)
+    }
+
+    /// Once instance `name` has requests in flight, kills its server with
+    /// `kill`, and waits until the daemon notices and has it ready again
+    /// after one restart; prints both times as a figure about `what`.
+    pub fn kill_in_flight_and_time_recovery(
+        &self,
+        name: &str,
+        limit: std::time::Duration,
+        what: &str,
+        kill: impl FnOnce(),
+    ) {
+        wait_for(&format!("{name} requests in flight"), limit, || {
+            self.instance(name)
+                .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
+        });
+        let killed = std::time::Instant::now();
+        kill();
+        wait_for("the kill is noticed", limit, || {
+            !self.instance_is(name, "ready")
+        });
+        let detected = killed.elapsed();
+        wait_for(&format!("{name} ready again"), limit, || {
+            self.instance(name)
+                .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)
+        });
+        let ready_again = killed.elapsed();
+        eprintln!(
+            "figure: {what} → detected {} ms, → ready again {} ms (2 s load)",
+            detected.as_millis(),
+            ready_again.as_millis()
+        );
     }
 }
 
