@@ -730,49 +730,30 @@ fn main() {
             );
         }
     }
-    let each = |f: &dyn Fn(&Results) -> f64| -> Vec<f64> { v.iter().map(f).collect() };
     let last = SHAPES[0].points.len() - 1;
-    row(
-        "decode sweep: mean queue time, concurrency 64",
-        "ms",
-        &each(&|r| r.sweeps[0][last].queue_time() * 1e3),
-        s.sweeps[0][last].queue_time() * 1e3,
-    );
-    row(
-        "small KV: peak running",
-        "",
-        &each(&|r| r.small_kv_sampled.peak_running),
-        s.small_kv_sampled.peak_running,
-    );
-    row(
-        "small KV: preemptions",
-        "",
-        &each(&|r| r.small_kv.preemptions()),
-        s.small_kv.preemptions(),
-    );
-    row(
-        "small KV: mean queue time",
-        "s",
-        &each(&|r| r.small_kv.queue_time()),
-        s.small_kv.queue_time(),
-    );
-    row(
-        "small KV: throughput",
-        "tok/s",
-        &each(&|r| r.small_kv.tokens_per_s()),
-        s.small_kv.tokens_per_s(),
-    );
-    row(
-        "prefix: hit rate",
-        "",
-        &each(&|r| r.prefix.hit_rate()),
-        s.prefix.hit_rate(),
-    );
-    row(
-        "prefix: throughput",
-        "tok/s",
-        &each(&|r| r.prefix.tokens_per_s()),
-        s.prefix.tokens_per_s(),
-    );
+    // Each measure: its name, its unit, and how it is read from a run.
+    let measures: [(&str, &str, &dyn Fn(&Results) -> f64); 7] = [
+        (
+            "decode sweep: mean queue time, concurrency 64",
+            "ms",
+            &|r| r.sweeps[0][last].queue_time() * 1e3,
+        ),
+        ("small KV: peak running", "", &|r| {
+            r.small_kv_sampled.peak_running
+        }),
+        ("small KV: preemptions", "", &|r| r.small_kv.preemptions()),
+        ("small KV: mean queue time", "s", &|r| {
+            r.small_kv.queue_time()
+        }),
+        ("small KV: throughput", "tok/s", &|r| {
+            r.small_kv.tokens_per_s()
+        }),
+        ("prefix: hit rate", "", &|r| r.prefix.hit_rate()),
+        ("prefix: throughput", "tok/s", &|r| r.prefix.tokens_per_s()),
+    ];
+    for (name, unit, measure) in measures {
+        let vllm: Vec<f64> = v.iter().map(measure).collect();
+        row(name, unit, &vllm, measure(&s));
+    }
     println!("\n(✗: more than 20 % from the mean of vLLM's runs)");
 }
