@@ -54,7 +54,6 @@ mod fit;
 mod vllm;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -440,15 +439,7 @@ fn start_sim(args: &[String]) -> SimProcess {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start gpu-feeder sim");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("gpu-feeder sim said {line:?}"))
-        .to_string();
+    let url = vllm::command::listening_url(&mut child, "gpu-feeder sim");
     SimProcess { child, url }
 }
 

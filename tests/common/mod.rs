@@ -263,7 +263,6 @@ impl SimProcess {
 
     /// `start`, with these variables added to its environment.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> SimProcess {
-        use std::io::BufRead;
         let mut child = Command::new(bin())
             .args(["sim", "--port", "0"])
             .args(args)
@@ -273,16 +272,7 @@ impl SimProcess {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start the sim");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("sim prints its address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected sim output: {line}"))
-            .to_string();
+        let url = command::listening_url(&mut child, "the sim");
         SimProcess { child, url }
     }
 }
