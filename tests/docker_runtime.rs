@@ -87,6 +87,12 @@ fn inspect(id: &str) -> Option<Value> {
 
 /// Waits until the server answers `GET /health` with 200, failing with the
 /// container's output if it stops or does not answer in time.
+/// Stops container `id` through `rt`, and checks that it is gone.
+async fn stop_and_removed(rt: &DockerRuntime, id: &str) {
+    rt.stop(id, Duration::from_secs(1)).await.expect("stop");
+    assert!(inspect(id).is_none());
+}
+
 async fn wait_healthy(rt: &DockerRuntime, id: &str, port: u16) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -257,8 +263,7 @@ async fn a_killed_container_is_reported_by_wait_exit() {
     assert!(!found.running, "{found:?}");
     assert!(rt.logs(&id, 5).await.contains("listening on"));
 
-    rt.stop(&id, Duration::from_secs(1)).await.expect("stop");
-    assert!(inspect(&id).is_none());
+    stop_and_removed(&rt, &id).await;
 }
 
 #[tokio::test]
@@ -312,8 +317,7 @@ async fn start_replaces_a_stale_stopped_container_of_the_instance() {
     assert!(inspect(&id).is_none());
     wait_healthy(&rt, &id2, port).await;
 
-    rt.stop(&id2, Duration::from_secs(1)).await.expect("stop");
-    assert!(inspect(&id2).is_none());
+    stop_and_removed(&rt, &id2).await;
 }
 
 #[tokio::test]

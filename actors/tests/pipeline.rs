@@ -541,6 +541,16 @@ async fn a_run_at_set_by_another_program_wakes_the_dispatcher_when_it_comes_due(
     assert_eq!(got.len(), 1);
 }
 
+/// The indexes of a merged result's fragments, in the order it lists them.
+fn fragment_order(merged: &serde_json::Value) -> Vec<u64> {
+    merged["fragments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["index"].as_u64().unwrap())
+        .collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     let store = MemoryStore::new();
@@ -617,13 +627,7 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     assert_eq!(results.writes(), 5, "the merged result was written once");
     let merged = results.doc(p.result_path.as_ref().unwrap()).unwrap();
     assert_eq!(merged["content"], "part 0\npart 1\npart 2\npart 3");
-    let order: Vec<u64> = merged["fragments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["index"].as_u64().unwrap())
-        .collect();
-    assert_eq!(order, vec![0, 1, 2, 3]);
+    assert_eq!(fragment_order(&merged), vec![0, 1, 2, 3]);
     assert_eq!(merged["completion_tokens"], 8);
 }
 
@@ -822,13 +826,10 @@ async fn fan_in_under_concurrent_completions_finishes_each_parent_once() {
         frags.sort_by_key(|f| f.fragment_index);
         let expected: Vec<String> = frags.iter().map(|f| format!("echo {}", f.id)).collect();
         assert_eq!(merged["content"], expected.join("\n"), "parent {parent}");
-        let order: Vec<u64> = merged["fragments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["index"].as_u64().unwrap())
-            .collect();
-        assert_eq!(order, (0..FRAGMENTS as u64).collect::<Vec<_>>());
+        assert_eq!(
+            fragment_order(&merged),
+            (0..FRAGMENTS as u64).collect::<Vec<_>>()
+        );
     }
 }
 
