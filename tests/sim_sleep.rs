@@ -65,6 +65,14 @@ async fn wait_in_flight(sim: &SimHandle, n: usize) {
     .await;
 }
 
+/// A sim that answers every request after `ms` (no engine model).
+fn fixed_latency(ms: u64) -> SimConfig {
+    SimConfig {
+        latency_ms: ms,
+        ..SimConfig::default()
+    }
+}
+
 /// A sim with sleep mode, started with `cfg`, once a chat of `text` asking
 /// `max_tokens` is admitted; the chat's answer comes through the handle.
 async fn one_in_flight(
@@ -138,15 +146,7 @@ async fn level_one_sleeps_answers_503_and_wakes_in_its_times() {
 #[tokio::test]
 async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     // Fixed-latency mode: a request of 60 s is answered `abort` at the sleep.
-    let (sim, long) = one_in_flight(
-        SimConfig {
-            latency_ms: 60_000,
-            ..SimConfig::default()
-        },
-        "long",
-        16,
-    )
-    .await;
+    let (sim, long) = one_in_flight(fixed_latency(60_000), "long", 16).await;
     assert_eq!(post(&sim, "/sleep?level=1", None).await.status(), 200);
     let (text, why) = content(long.await.unwrap()).await;
     assert_eq!(why, "abort");
@@ -167,15 +167,7 @@ async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     assert_eq!(sim.engine().unwrap().running, 0);
 
     // mode=wait: the request in flight finishes first.
-    let (sim, short) = one_in_flight(
-        SimConfig {
-            latency_ms: 300,
-            ..SimConfig::default()
-        },
-        "short",
-        16,
-    )
-    .await;
+    let (sim, short) = one_in_flight(fixed_latency(300), "short", 16).await;
     assert_eq!(
         post(&sim, "/sleep?level=1&mode=wait", None).await.status(),
         200
