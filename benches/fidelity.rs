@@ -591,6 +591,9 @@ fn load() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// How one measure is read from a run's results.
+type Measure<'a> = &'a dyn Fn(&Results) -> f64;
+
 /// One row of the table: vLLM's runs, the simulator, and its ratio to the
 /// mean of vLLM's runs.
 fn row(name: &str, unit: &str, vllm: &[f64], sim: f64) {
@@ -723,7 +726,7 @@ fn main() {
     }
     let last = SHAPES[0].points.len() - 1;
     // Each measure: its name, its unit, and how it is read from a run.
-    let measures: [(&str, &str, &dyn Fn(&Results) -> f64); 7] = [
+    let measures: [(&str, &str, Measure); 7] = [
         (
             "decode sweep: mean queue time, concurrency 64",
             "ms",
