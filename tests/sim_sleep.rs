@@ -32,6 +32,11 @@ async fn post(sim: &SimHandle, path: &str, body: Option<Value>) -> reqwest::Resp
     req.send().await.expect("the sim answers")
 }
 
+/// Asks the sim to run `method` on its workers (`POST /collective_rpc`).
+async fn collective_rpc(sim: &SimHandle, method: &str) -> reqwest::Response {
+    post(sim, "/collective_rpc", Some(json!({ "method": method }))).await
+}
+
 async fn sleeping(sim: &SimHandle) -> bool {
     let r = reqwest::get(format!("{}/is_sleeping", sim.url()))
         .await
@@ -182,12 +187,7 @@ async fn level_two_answers_garbage_until_its_weights_are_reloaded() {
     let sim = sim::start(sleepy(SimConfig::default())).await.unwrap();
     assert_eq!(post(&sim, "/sleep?level=2", None).await.status(), 200);
     // Reloading weights that are still asleep is refused.
-    let r = post(
-        &sim,
-        "/collective_rpc",
-        Some(json!({"method": "reload_weights"})),
-    )
-    .await;
+    let r = collective_rpc(&sim, "reload_weights").await;
     assert_eq!(r.status(), 400);
     // The weights alone: the KV cache is still asleep, so 503.
     assert_eq!(
@@ -206,15 +206,10 @@ async fn level_two_answers_garbage_until_its_weights_are_reloaded() {
         !text.contains("what is written here"),
         "a level-2 wake without reload_weights answers garbage, not: {text}"
     );
-    let r = post(&sim, "/collective_rpc", Some(json!({"method": "other"}))).await;
+    let r = collective_rpc(&sim, "other").await;
     assert_eq!(r.status(), 400);
     let t = Instant::now();
-    let r = post(
-        &sim,
-        "/collective_rpc",
-        Some(json!({"method": "reload_weights"})),
-    )
-    .await;
+    let r = collective_rpc(&sim, "reload_weights").await;
     assert_eq!(r.status(), 200);
     assert!(t.elapsed() >= Duration::from_millis(600), "--wake-l2-s");
     let (text, _) = content(chat(&sim.url(), "what is written here", 4).await).await;
