@@ -54,7 +54,6 @@ mod fit;
 mod vllm;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -440,15 +439,7 @@ fn start_sim(args: &[String]) -> SimProcess {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start gpu-feeder sim");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("gpu-feeder sim said {line:?}"))
-        .to_string();
+    let url = vllm::command::listening_url(&mut child, "gpu-feeder sim");
     SimProcess { child, url }
 }
 
@@ -600,6 +591,9 @@ fn load() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// How one measure is read from a run's results.
+type Measure<'a> = &'a dyn Fn(&Results) -> f64;
+
 /// One row of the table: vLLM's runs, the simulator, and its ratio to the
 /// mean of vLLM's runs.
 fn row(name: &str, unit: &str, vllm: &[f64], sim: f64) {
@@ -730,49 +724,30 @@ fn main() {
             );
         }
     }
-    let each = |f: &dyn Fn(&Results) -> f64| -> Vec<f64> { v.iter().map(f).collect() };
     let last = SHAPES[0].points.len() - 1;
-    row(
-        "decode sweep: mean queue time, concurrency 64",
-        "ms",
-        &each(&|r| r.sweeps[0][last].queue_time() * 1e3),
-        s.sweeps[0][last].queue_time() * 1e3,
-    );
-    row(
-        "small KV: peak running",
-        "",
-        &each(&|r| r.small_kv_sampled.peak_running),
-        s.small_kv_sampled.peak_running,
-    );
-    row(
-        "small KV: preemptions",
-        "",
-        &each(&|r| r.small_kv.preemptions()),
-        s.small_kv.preemptions(),
-    );
-    row(
-        "small KV: mean queue time",
-        "s",
-        &each(&|r| r.small_kv.queue_time()),
-        s.small_kv.queue_time(),
-    );
-    row(
-        "small KV: throughput",
-        "tok/s",
-        &each(&|r| r.small_kv.tokens_per_s()),
-        s.small_kv.tokens_per_s(),
-    );
-    row(
-        "prefix: hit rate",
-        "",
-        &each(&|r| r.prefix.hit_rate()),
-        s.prefix.hit_rate(),
-    );
-    row(
-        "prefix: throughput",
-        "tok/s",
-        &each(&|r| r.prefix.tokens_per_s()),
-        s.prefix.tokens_per_s(),
-    );
+    // Each measure: its name, its unit, and how it is read from a run.
+    let measures: [(&str, &str, Measure); 7] = [
+        (
+            "decode sweep: mean queue time, concurrency 64",
+            "ms",
+            &|r| r.sweeps[0][last].queue_time() * 1e3,
+        ),
+        ("small KV: peak running", "", &|r| {
+            r.small_kv_sampled.peak_running
+        }),
+        ("small KV: preemptions", "", &|r| r.small_kv.preemptions()),
+        ("small KV: mean queue time", "s", &|r| {
+            r.small_kv.queue_time()
+        }),
+        ("small KV: throughput", "tok/s", &|r| {
+            r.small_kv.tokens_per_s()
+        }),
+        ("prefix: hit rate", "", &|r| r.prefix.hit_rate()),
+        ("prefix: throughput", "tok/s", &|r| r.prefix.tokens_per_s()),
+    ];
+    for (name, unit, measure) in measures {
+        let vllm: Vec<f64> = v.iter().map(measure).collect();
+        row(name, unit, &vllm, measure(&s));
+    }
     println!("\n(✗: more than 20 % from the mean of vLLM's runs)");
 }

@@ -157,149 +157,45 @@ impl Metrics {
             group_strategy: Family::default(),
             strategy_switches: Gauge::default(),
         };
-        r.register("requests", "Chat-completion requests finished, by instance and outcome (done, retryable, permanent, overloaded)", m.requests.clone());
-        r.register(
-            "request_duration_seconds",
-            "Latency of successful requests",
-            m.latency.clone(),
-        );
-        r.register(
-            "tokens",
-            "Tokens reported by the servers, by kind (prompt, completion)",
-            m.tokens.clone(),
-        );
-        r.register(
-            "jobs",
-            "Jobs in the queue, by model and status",
-            m.jobs.clone(),
-        );
-        r.register("queue_depth", "Pending jobs, by model", m.depth.clone());
-        r.register(
-            "queue_oldest_pending_seconds",
-            "Age of the oldest pending job, by model (0 when none)",
-            m.oldest.clone(),
-        );
-        r.register(
-            "in_flight",
-            "Requests in flight, by instance",
-            m.in_flight.clone(),
-        );
-        r.register(
-            "buffered",
-            "Jobs claimed and waiting for a free slot, by instance",
-            m.buffered.clone(),
-        );
-        r.register(
-            "window",
-            "Requests allowed in flight now (narrowed under back-pressure), by instance",
-            m.window.clone(),
-        );
-        r.register(
-            "window_max",
-            "Configured window, or the most an auto window may reach, by instance",
-            m.max_window.clone(),
-        );
-        r.register(
-            "window_auto",
-            "1 when the window is found from the server's metrics (window = \"auto\")",
-            m.window_auto.clone(),
-        );
-        r.register(
-            "server_waiting",
-            "Requests waiting inside the server, as its /metrics said last (auto window)",
-            m.server_waiting.clone(),
-        );
-        r.register(
-            "server_kv_cache_usage",
-            "The server's KV cache usage, 0 to 1, as its /metrics said last (auto window)",
-            m.server_kv_usage.clone(),
-        );
-        r.register(
-            "server_generation_tokens_per_second",
-            "Tokens the server generated per second between its last two readings (auto window)",
-            m.server_tokens_per_s.clone(),
-        );
-        r.register(
-            "instance_ready",
-            "1 when the instance answers its health check",
-            m.ready.clone(),
-        );
-        r.register(
-            "instance_state",
-            "1 for the instance's current state",
-            m.state.clone(),
-        );
-        r.register(
-            "health_consecutive_failures",
-            "Consecutive failed health probes, by instance",
-            m.health_failures.clone(),
-        );
-        r.register(
-            "actor_restarts",
-            "Restarts of the supervisor's children since start",
-            m.restarts.clone(),
-        );
-        r.register(
-            "server_restarts",
-            "Restarts of the instance's model server since the daemon started",
-            m.server_restarts.clone(),
-        );
-        r.register(
-            "crashed_jobs",
-            "Jobs given back because the instance's server went down under them",
-            m.crashed_jobs.clone(),
-        );
-        r.register(
-            "gpu_temperature_celsius",
-            "GPU core temperature",
-            m.gpu_temp.clone(),
-        );
-        r.register(
-            "gpu_utilization_percent",
-            "Share of time a kernel ran",
-            m.gpu_util.clone(),
-        );
-        r.register(
-            "gpu_memory_used_bytes",
-            "GPU memory in use",
-            m.gpu_mem_used.clone(),
-        );
-        r.register(
-            "gpu_memory_total_bytes",
-            "GPU memory in all",
-            m.gpu_mem_total.clone(),
-        );
-        r.register("gpu_power_watts", "GPU power draw", m.gpu_power.clone());
-        r.register(
-            "gpu_temperature_alert",
-            "1 while the GPU is in a temperature alert (above gpu.temp_alert_c, not yet below gpu.temp_clear_c)",
-            m.gpu_hot.clone(),
-        );
-        r.register(
-            "gpu_temperature_alerts",
-            "Temperature alerts (episodes) since start",
-            m.gpu_alerts.clone(),
-        );
-        r.register(
-            "gpu_available",
-            "1 when the GPUs can be read through NVML",
-            m.gpu_available.clone(),
-        );
-        r.register(
-            "strategy",
-            "1 for the allocator's strategy in force (with several GPU groups: the first group's)",
-            m.strategy.clone(),
-        );
-        r.register(
-            "group_strategy",
-            "1 for the strategy in force in each GPU group (instances whose gpu_ids overlap)",
-            m.group_strategy.clone(),
-        );
-        r.register(
-            "strategy_switches",
-            "Strategy switches since start",
-            m.strategy_switches.clone(),
-        );
+        // Each metric: its field, its name, and its help text.
+        macro_rules! register {
+            ($($field:ident: $name:literal, $help:literal;)*) => {
+                $(r.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            requests: "requests", "Chat-completion requests finished, by instance and outcome (done, retryable, permanent, overloaded)";
+            latency: "request_duration_seconds", "Latency of successful requests";
+            tokens: "tokens", "Tokens reported by the servers, by kind (prompt, completion)";
+            jobs: "jobs", "Jobs in the queue, by model and status";
+            depth: "queue_depth", "Pending jobs, by model";
+            oldest: "queue_oldest_pending_seconds", "Age of the oldest pending job, by model (0 when none)";
+            in_flight: "in_flight", "Requests in flight, by instance";
+            buffered: "buffered", "Jobs claimed and waiting for a free slot, by instance";
+            window: "window", "Requests allowed in flight now (narrowed under back-pressure), by instance";
+            max_window: "window_max", "Configured window, or the most an auto window may reach, by instance";
+            window_auto: "window_auto", "1 when the window is found from the server's metrics (window = \"auto\")";
+            server_waiting: "server_waiting", "Requests waiting inside the server, as its /metrics said last (auto window)";
+            server_kv_usage: "server_kv_cache_usage", "The server's KV cache usage, 0 to 1, as its /metrics said last (auto window)";
+            server_tokens_per_s: "server_generation_tokens_per_second", "Tokens the server generated per second between its last two readings (auto window)";
+            ready: "instance_ready", "1 when the instance answers its health check";
+            state: "instance_state", "1 for the instance's current state";
+            health_failures: "health_consecutive_failures", "Consecutive failed health probes, by instance";
+            restarts: "actor_restarts", "Restarts of the supervisor's children since start";
+            server_restarts: "server_restarts", "Restarts of the instance's model server since the daemon started";
+            crashed_jobs: "crashed_jobs", "Jobs given back because the instance's server went down under them";
+            gpu_temp: "gpu_temperature_celsius", "GPU core temperature";
+            gpu_util: "gpu_utilization_percent", "Share of time a kernel ran";
+            gpu_mem_used: "gpu_memory_used_bytes", "GPU memory in use";
+            gpu_mem_total: "gpu_memory_total_bytes", "GPU memory in all";
+            gpu_power: "gpu_power_watts", "GPU power draw";
+            gpu_hot: "gpu_temperature_alert", "1 while the GPU is in a temperature alert (above gpu.temp_alert_c, not yet below gpu.temp_clear_c)";
+            gpu_alerts: "gpu_temperature_alerts", "Temperature alerts (episodes) since start";
+            gpu_available: "gpu_available", "1 when the GPUs can be read through NVML";
+            strategy: "strategy", "1 for the allocator's strategy in force (with several GPU groups: the first group's)";
+            group_strategy: "group_strategy", "1 for the strategy in force in each GPU group (instances whose gpu_ids overlap)";
+            strategy_switches: "strategy_switches", "Strategy switches since start";
+        }
         *m.registry.lock().expect("fresh lock") = r;
         m
     }

@@ -15,6 +15,7 @@ fn a_raw_sqlite3_insert_is_listed_pending() {
                   VALUES (randomblob(16), 'x', 'vision', '/p/test.json', strftime('%s','now'));";
     succeed(
         std::process::Command::new("sqlite3")
+            .args(["-cmd", ".timeout 10000"])
             .arg(s.db())
             .arg(insert),
         "the sqlite3 program (.ci/run installs it)",

@@ -75,6 +75,29 @@ impl Drop for Cleanup {
     }
 }
 
+/// An instance of a fresh name (made from a tag) on a free port, and the
+/// name of its container, which is removed when the test ends.
+struct Fresh {
+    name: String,
+    port: u16,
+    inst: InstanceConfig,
+    container: String,
+    _cleanup: Cleanup,
+}
+
+fn fresh(tag: &str) -> Fresh {
+    let name = unique(tag);
+    let port = free_port();
+    let container = container_name(&name);
+    Fresh {
+        inst: instance(&name, port, ""),
+        _cleanup: Cleanup(container.clone()),
+        name,
+        port,
+        container,
+    }
+}
+
 /// `docker inspect` of a container, or `None` when there is none.
 fn inspect(id: &str) -> Option<Value> {
     let out = docker(&["inspect", "--type", "container", id]);
@@ -87,6 +110,12 @@ fn inspect(id: &str) -> Option<Value> {
 
 /// Waits until the server answers `GET /health` with 200, failing with the
 /// container's output if it stops or does not answer in time.
+/// Stops container `id` through `rt`, and checks that it is gone.
+async fn stop_and_removed(rt: &DockerRuntime, id: &str) {
+    rt.stop(id, Duration::from_secs(1)).await.expect("stop");
+    assert!(inspect(id).is_none());
+}
+
 async fn wait_healthy(rt: &DockerRuntime, id: &str, port: u16) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -225,13 +254,10 @@ async fn start_runs_a_labelled_container_that_answers_and_is_found_again() {
 #[tokio::test]
 async fn a_killed_container_is_reported_by_wait_exit() {
     let docker = engine().await;
-    let name = unique("kill");
-    let port = free_port();
-    let inst = instance(&name, port, "");
-    let _cleanup = Cleanup(container_name(&name));
-    let rt = std::sync::Arc::new(DockerRuntime::new(docker, &inst));
+    let f = fresh("kill");
+    let rt = std::sync::Arc::new(DockerRuntime::new(docker, &f.inst));
     let id = rt.start(&plan()).await.expect("start");
-    wait_healthy(&rt, &id, port).await;
+    wait_healthy(&rt, &id, f.port).await;
 
     let waiting = tokio::spawn({
         let rt = rt.clone();
@@ -257,28 +283,23 @@ async fn a_killed_container_is_reported_by_wait_exit() {
     assert!(!found.running, "{found:?}");
     assert!(rt.logs(&id, 5).await.contains("listening on"));
 
-    rt.stop(&id, Duration::from_secs(1)).await.expect("stop");
-    assert!(inspect(&id).is_none());
+    stop_and_removed(&rt, &id).await;
 }
 
 #[tokio::test]
 async fn start_replaces_a_stale_stopped_container_of_the_instance() {
     let docker = engine().await;
-    let name = unique("stale");
-    let port = free_port();
-    let inst = instance(&name, port, "");
-    let cname = container_name(&name);
-    let _cleanup = Cleanup(cname.clone());
-    let rt = DockerRuntime::new(docker, &inst);
+    let f = fresh("stale");
+    let rt = DockerRuntime::new(docker, &f.inst);
 
     // What an earlier run with another configuration left behind.
     let managed = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
-    let instance_label = format!("{LABEL_INSTANCE}={name}");
+    let instance_label = format!("{LABEL_INSTANCE}={}", f.name);
     let old_hash = format!("{LABEL_CONFIG_HASH}=0ld");
     let stale = docker_ok(&[
         "create",
         "--name",
-        &cname,
+        &f.container,
         "--label",
         &managed,
         "--label",
@@ -300,7 +321,7 @@ async fn start_replaces_a_stale_stopped_container_of_the_instance() {
         .expect("start replaces the stale container");
     assert_ne!(id, stale);
     assert!(inspect(&stale).is_none(), "the stale container is removed");
-    wait_healthy(&rt, &id, port).await;
+    wait_healthy(&rt, &id, f.port).await;
     let found = rt.find().await.expect("find").expect("found");
     assert_eq!(found.id, id);
     assert!(found.running);
@@ -310,30 +331,29 @@ async fn start_replaces_a_stale_stopped_container_of_the_instance() {
     let id2 = rt.start(&plan()).await.expect("second start");
     assert_ne!(id2, id);
     assert!(inspect(&id).is_none());
-    wait_healthy(&rt, &id2, port).await;
+    wait_healthy(&rt, &id2, f.port).await;
 
-    rt.stop(&id2, Duration::from_secs(1)).await.expect("stop");
-    assert!(inspect(&id2).is_none());
+    stop_and_removed(&rt, &id2).await;
 }
 
 #[tokio::test]
 async fn a_container_of_someone_else_holding_the_name_is_refused() {
     let docker = engine().await;
-    let name = unique("foreign");
-    let inst = instance(&name, free_port(), "");
-    let cname = container_name(&name);
-    let _cleanup = Cleanup(cname.clone());
-    let foreign = docker_ok(&["create", "--name", &cname, IMAGE])
+    let f = fresh("foreign");
+    let foreign = docker_ok(&["create", "--name", &f.container, IMAGE])
         .trim()
         .to_string();
-    let rt = DockerRuntime::new(docker, &inst);
+    let rt = DockerRuntime::new(docker, &f.inst);
 
     let err = rt
         .find()
         .await
         .expect_err("find refuses a foreign container");
     assert!(err.contains("did not create it"), "{err}");
-    assert!(err.contains(&format!("docker rm -f {cname}")), "{err}");
+    assert!(
+        err.contains(&format!("docker rm -f {}", f.container)),
+        "{err}"
+    );
     assert!(err.contains("rename"), "{err}");
 
     let err = rt.start(&plan()).await.expect_err("start refuses too");

@@ -122,26 +122,9 @@ fn docker_servers_run_jobs_survive_a_kill_and_are_adopted_after_a_daemon_restart
 
     // `docker kill` of the think container while its jobs are in flight.
     s.submit_prompts("think", "b", 40);
-    wait_for("think requests in flight", LIMIT, || {
-        s.instance(&think)
-            .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
+    s.kill_in_flight_and_time_recovery(&think, LIMIT, "Docker backend, docker kill", || {
+        docker_ok(&["kill", &think_id]);
     });
-    let killed = Instant::now();
-    docker_ok(&["kill", &think_id]);
-    wait_for("the kill is noticed", LIMIT, || {
-        !s.instance_is(&think, "ready")
-    });
-    let detected = killed.elapsed();
-    wait_for("think ready again", LIMIT, || {
-        s.instance(&think)
-            .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)
-    });
-    let ready_again = killed.elapsed();
-    eprintln!(
-        "figure: Docker backend, docker kill → detected {} ms, → ready again {} ms (2 s load)",
-        detected.as_millis(),
-        ready_again.as_millis()
-    );
     let i = s.instance(&think).unwrap();
     assert!(
         i["last_error"].as_str().unwrap().contains("137"),

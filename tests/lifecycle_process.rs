@@ -91,26 +91,7 @@ fn process_servers_launch_restart_after_kill9_and_are_adopted() {
 
     // kill -9 of the think server while jobs are in flight.
     s.submit_prompts("think", "b", 40);
-    wait_for("think requests in flight", LIMIT, || {
-        s.instance("think")
-            .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
-    });
-    let killed = Instant::now();
-    kill9(pid);
-    wait_for("the kill is noticed", LIMIT, || {
-        !s.instance_is("think", "ready")
-    });
-    let detected = killed.elapsed();
-    wait_for("think ready again", LIMIT, || {
-        s.instance("think")
-            .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)
-    });
-    let ready_again = killed.elapsed();
-    eprintln!(
-        "figure: process backend, kill -9 → detected {} ms, → ready again {} ms (2 s load)",
-        detected.as_millis(),
-        ready_again.as_millis()
-    );
+    s.kill_in_flight_and_time_recovery("think", LIMIT, "process backend, kill -9", || kill9(pid));
     let think = s.instance("think").unwrap();
     assert!(
         think["last_error"].as_str().unwrap().contains("signal 9"),

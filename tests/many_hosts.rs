@@ -87,6 +87,16 @@ fn counts(pg: &PgServer, url: &str) -> HashMap<String, i64> {
         .collect()
 }
 
+/// A new PostgreSQL server, a fresh database on it, and one host of that
+/// name on the database with its daemon started.
+fn started_alone(name: &str, latency_ms: u64) -> (PgServer, String, Host) {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut h = host(&url, name, latency_ms);
+    h.start(0);
+    (pg, url, h)
+}
+
 fn one(pg: &PgServer, url: &str, sql: &str) -> i64 {
     pg.psql(url, sql)
         .trim()
@@ -293,10 +303,7 @@ fn http_code(port: u16, path: &str) -> (u16, String) {
 /// own clock: from the row's `created_at` to its `started_at`.
 #[test]
 fn jobs_inserted_with_sql_wake_an_idle_daemon_within_a_second() {
-    let pg = PgServer::start();
-    let url = pg.fresh_db();
-    let mut h = host(&url, "idle", 0);
-    h.start(0);
+    let (pg, url, h) = started_alone("idle", 0);
     let payload = h.scratch.stage().join("p.json");
     std::fs::write(&payload, r#"{"prompt": "from another program"}"#).unwrap();
     for i in 0..3 {
@@ -329,10 +336,7 @@ fn jobs_inserted_with_sql_wake_an_idle_daemon_within_a_second() {
 /// its log and in `/readyz`, loses nothing, and finishes every job once.
 #[test]
 fn a_postgres_restart_mid_run_loses_nothing() {
-    let pg = PgServer::start();
-    let url = pg.fresh_db();
-    let mut h = host(&url, "restarts", 50);
-    h.start(0);
+    let (pg, url, h) = started_alone("restarts", 50);
     h.scratch.submit_prompts("think", "pr", 600);
     h.scratch.submit_prompts("vision", "pr", 400);
     wait_for("some are done", LIMIT, || {
@@ -374,10 +378,7 @@ fn a_postgres_restart_mid_run_loses_nothing() {
 /// results come from the database.
 #[test]
 fn cli_mcp_and_admin_work_against_postgres() {
-    let pg = PgServer::start();
-    let url = pg.fresh_db();
-    let mut h = host(&url, "tools", 0);
-    h.start(0);
+    let (_pg, url, h) = started_alone("tools", 0);
     // CLI with --db URL, from a folder with no configuration at all.
     let bare = tempfile::tempdir().unwrap();
     let cli = |args: &[&str], env: Option<&str>| {

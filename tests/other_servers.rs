@@ -34,6 +34,21 @@ fn feed(s: &Scratch, tag: &str, n: usize) -> DaemonProcess {
     d
 }
 
+/// A server with `quirks`, fed `n` prompts tagged `tag` by a daemon with
+/// these `dispatch` settings; every job must be done.
+fn served_all(
+    quirks: Quirks,
+    dispatch: &str,
+    tag: &str,
+    n: usize,
+) -> (OpenAiLike, Scratch, DaemonProcess) {
+    let server = OpenAiLike::start(quirks);
+    let s = scratch(&server, dispatch);
+    let d = feed(&s, tag, n);
+    assert_all_done(&s, &d);
+    (server, s, d)
+}
+
 fn assert_all_done(s: &Scratch, d: &DaemonProcess) {
     for j in s.jobs() {
         assert_eq!(j["status"], "done", "{j}\n{}", d.log());
@@ -49,10 +64,7 @@ fn assert_all_done(s: &Scratch, d: &DaemonProcess) {
 
 #[test]
 fn a_server_whose_health_route_answers_404_becomes_ready_and_completes_jobs() {
-    let server = OpenAiLike::start(Quirks::default());
-    let s = scratch(&server, "");
-    let d = feed(&s, "no-health", 20);
-    assert_all_done(&s, &d);
+    let (server, s, d) = served_all(Quirks::default(), "", "no-health", 20);
     assert_eq!(
         server
             .received()
@@ -84,13 +96,11 @@ fn a_server_whose_health_route_answers_404_becomes_ready_and_completes_jobs() {
 
 #[test]
 fn a_server_with_only_the_completions_route_is_probed_by_canary_and_used() {
-    let server = OpenAiLike::start(Quirks {
+    let quirks = Quirks {
         models_route: false,
         ..Quirks::default()
-    });
-    let s = scratch(&server, "");
-    let d = feed(&s, "bare", 10);
-    assert_all_done(&s, &d);
+    };
+    let (_server, s, _d) = served_all(quirks, "", "bare", 10);
     let probes = s.instance("other").unwrap()["probes"]
         .as_str()
         .unwrap_or_default()
@@ -103,14 +113,12 @@ fn a_server_with_only_the_completions_route_is_probed_by_canary_and_used() {
 
 #[test]
 fn a_server_that_runs_one_request_at_a_time_still_gets_every_job_done() {
-    let server = OpenAiLike::start(Quirks {
+    let quirks = Quirks {
         one_at_a_time: true,
         latency: Duration::from_millis(20),
         ..Quirks::default()
-    });
-    let s = scratch(&server, "window = 8");
-    let d = feed(&s, "serial", 40);
-    assert_all_done(&s, &d);
+    };
+    let (server, _s, _d) = served_all(quirks, "window = 8", "serial", 40);
     assert_eq!(server.most_at_once(), 1);
 }
 
@@ -147,16 +155,18 @@ fn validation_errors_answered_with_500_fail_the_job_with_the_servers_words() {
     assert_eq!(s.count("done"), 5, "{}", d.log());
 }
 
+/// The rows of five jobs done through a server that reports `usage` so.
+fn five_done_reporting(usage: Usage, tag: &str) -> Vec<serde_json::Value> {
+    let quirks = Quirks {
+        usage,
+        ..Quirks::default()
+    };
+    served_all(quirks, "", tag, 5).1.jobs()
+}
+
 #[test]
 fn usage_counted_as_input_and_output_tokens_is_recorded() {
-    let server = OpenAiLike::start(Quirks {
-        usage: Usage::InputOutput,
-        ..Quirks::default()
-    });
-    let s = scratch(&server, "");
-    let d = feed(&s, "counted", 5);
-    assert_all_done(&s, &d);
-    for j in s.jobs() {
+    for j in five_done_reporting(Usage::InputOutput, "counted") {
         assert!(j["prompt_tokens"].as_u64().is_some_and(|n| n > 0), "{j}");
         assert!(
             j["completion_tokens"].as_u64().is_some_and(|n| n > 0),
@@ -167,14 +177,7 @@ fn usage_counted_as_input_and_output_tokens_is_recorded() {
 
 #[test]
 fn a_response_without_usage_completes_the_job_with_tokens_unknown() {
-    let server = OpenAiLike::start(Quirks {
-        usage: Usage::Absent,
-        ..Quirks::default()
-    });
-    let s = scratch(&server, "");
-    let d = feed(&s, "uncounted", 5);
-    assert_all_done(&s, &d);
-    for j in s.jobs() {
+    for j in five_done_reporting(Usage::Absent, "uncounted") {
         assert!(j["prompt_tokens"].is_null(), "{j}");
         assert!(j["completion_tokens"].is_null(), "{j}");
     }

@@ -242,23 +242,30 @@ fn a_malformed_payload_file_fails_that_job_and_no_other() {
     );
 }
 
-/// A daemon feeding `think` through a window of 4 with this grace.
-fn shutdown_scratch(think: &SimProcess, grace_s: u64) -> Scratch {
-    Scratch::new(
+/// Ten jobs for a `think` sim started with `sim_args`, fed by a daemon
+/// called `name` through a window of 4 with this grace; returns once 4
+/// requests are in flight.
+fn four_in_flight(
+    sim_args: &[&str],
+    grace_s: u64,
+    name: &str,
+) -> (SimProcess, Scratch, DaemonProcess) {
+    let think = SimProcess::start(sim_args);
+    let s = Scratch::new(
         &(dispatch("").replace("window = 16", "window = 4").replace(
             "shutdown_grace_s = 5",
             &format!("shutdown_grace_s = {grace_s}"),
         ) + &external("think", "think", &think.url)),
-    )
+    );
+    s.submit_prompts("think", "q", 10);
+    let d = DaemonProcess::start(&s, name);
+    wait_for("4 requests in flight", LIMIT, || think.running() == 4);
+    (think, s, d)
 }
 
 #[test]
 fn sigterm_lets_requests_in_flight_finish_puts_the_rest_back_and_exits_0() {
-    let think = SimProcess::start(&["--latency-ms", "3000"]);
-    let s = shutdown_scratch(&think, 60);
-    s.submit_prompts("think", "q", 10);
-    let mut d = DaemonProcess::start(&s, "daemon");
-    wait_for("4 requests in flight", LIMIT, || think.running() == 4);
+    let (_think, s, mut d) = four_in_flight(&["--latency-ms", "3000"], 60, "daemon");
     let termed = unix_now();
     d.term();
     assert_eq!(d.wait_exit(Duration::from_secs(60)), Some(0), "{}", d.log());
@@ -285,11 +292,7 @@ fn sigterm_lets_requests_in_flight_finish_puts_the_rest_back_and_exits_0() {
 #[test]
 fn requests_still_running_when_the_grace_ends_go_back_to_pending_uncounted() {
     // 32 tokens at 0.5 tokens/s: a minute per job, a 2 s one-token canary.
-    let think = SimProcess::start(&["--tokens-per-s", "0.5"]);
-    let s = shutdown_scratch(&think, 1);
-    s.submit_prompts("think", "q", 10);
-    let mut d = DaemonProcess::start(&s, "daemon");
-    wait_for("4 requests in flight", LIMIT, || think.running() == 4);
+    let (_think, s, mut d) = four_in_flight(&["--tokens-per-s", "0.5"], 1, "daemon");
     d.term();
     assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0), "{}", d.log());
     assert_eq!(s.count("pending"), 10, "{}", d.log());
@@ -301,11 +304,7 @@ fn requests_still_running_when_the_grace_ends_go_back_to_pending_uncounted() {
 #[test]
 fn a_second_signal_stops_at_once_and_the_next_start_releases_the_claims() {
     // A minute per job (see above) against a grace of ten minutes.
-    let slow = SimProcess::start(&["--tokens-per-s", "0.5"]);
-    let s = shutdown_scratch(&slow, 600);
-    s.submit_prompts("think", "q", 10);
-    let mut d = DaemonProcess::start(&s, "first");
-    wait_for("4 requests in flight", LIMIT, || slow.running() == 4);
+    let (_slow, s, mut d) = four_in_flight(&["--tokens-per-s", "0.5"], 600, "first");
     d.term();
     wait_for("the shutdown began", LIMIT, || {
         d.log().contains("shutting down")

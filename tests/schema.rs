@@ -123,16 +123,23 @@ fn a_schema_made_without_the_marks_is_adopted_at_the_version_it_matches() {
     assert_eq!(versions, expected);
 }
 
+/// Runs `sql` on the scratch database, then `migrate`, which must refuse
+/// what `sql` made (`what`, for the message); returns what it said.
+fn migrate_refused_after(s: &Scratch, sql: &str, what: &str) -> String {
+    sqlite3(&s.db(), sql);
+    let r = s.run(&["migrate"]);
+    assert_ne!(r.code(), 0, "{what} was accepted: {}", r.stdout());
+    r.stderr()
+}
+
 #[test]
 fn a_foreign_gpu_jobs_table_is_refused_naming_the_difference_and_left_alone() {
     let s = Scratch::new(&external("think", "think", "http://127.0.0.1:9"));
-    sqlite3(
-        &s.db(),
+    let err = migrate_refused_after(
+        &s,
         "CREATE TABLE gpu_jobs (id INTEGER PRIMARY KEY, payload TEXT, model_type TEXT);",
+        "a foreign table",
     );
-    let r = s.run(&["migrate"]);
-    assert_ne!(r.code(), 0, "a foreign table was accepted: {}", r.stdout());
-    let err = r.stderr();
     assert!(err.contains("gpu_jobs"), "{err}");
     assert!(
         err.contains("columns missing: gpu_jobs.attempts"),
@@ -161,13 +168,11 @@ fn a_gpu_jobs_table_changed_by_hand_is_refused_naming_the_one_difference() {
     for file in &files {
         sqlite3(&s.db(), &std::fs::read_to_string(file).unwrap());
     }
-    sqlite3(
-        &s.db(),
+    let err = migrate_refused_after(
+        &s,
         "DROP INDEX gpu_jobs_claim; ALTER TABLE gpu_jobs RENAME COLUMN priority TO prio;",
+        "a changed table",
     );
-    let r = s.run(&["migrate"]);
-    assert_ne!(r.code(), 0, "a changed table was accepted: {}", r.stdout());
-    let err = r.stderr();
     assert!(
         err.contains("columns missing: gpu_jobs.priority;"),
         "names the one missing column: {err}"
@@ -222,13 +227,12 @@ fn each_older_version_is_upgraded_with_its_rows_and_a_newer_one_is_refused() {
 
     let s = Scratch::new("");
     sqlite3(&s.db(), &s.run(&["schema"]).stdout());
-    sqlite3(
-        &s.db(),
+    let err = migrate_refused_after(
+        &s,
         "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'from_the_future', 0);",
+        "a newer schema",
     );
-    let r = s.run(&["migrate"]);
-    assert_ne!(r.code(), 0, "a newer schema was accepted: {}", r.stdout());
-    assert!(r.stderr().contains("99"), "{}", r.stderr());
+    assert!(err.contains("99"), "{err}");
     let versions = sqlite3(&s.db(), "SELECT max(version) FROM schema_migrations;");
     assert_eq!(versions.trim(), "99", "nothing was changed");
 }
@@ -283,6 +287,7 @@ fn fragments_written_before_the_place_column_keep_their_place() {
     assert!(place("00000000000000000000000000000001").is_null());
     // A place that is not JSON is refused by the column's check.
     let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 10000"])
         .arg(s.db())
         .arg("UPDATE gpu_jobs SET place = 'not json' WHERE id = x'00000000000000000000000000000002';")
         .output()

@@ -32,6 +32,11 @@ async fn post(sim: &SimHandle, path: &str, body: Option<Value>) -> reqwest::Resp
     req.send().await.expect("the sim answers")
 }
 
+/// Asks the sim to run `method` on its workers (`POST /collective_rpc`).
+async fn collective_rpc(sim: &SimHandle, method: &str) -> reqwest::Response {
+    post(sim, "/collective_rpc", Some(json!({ "method": method }))).await
+}
+
 async fn sleeping(sim: &SimHandle) -> bool {
     let r = reqwest::get(format!("{}/is_sleeping", sim.url()))
         .await
@@ -63,6 +68,27 @@ async fn wait_in_flight(sim: &SimHandle, n: usize) {
         in_flight.load(std::sync::atomic::Ordering::Relaxed) >= n
     })
     .await;
+}
+
+/// A sim that answers every request after `ms` (no engine model).
+fn fixed_latency(ms: u64) -> SimConfig {
+    SimConfig {
+        latency_ms: ms,
+        ..SimConfig::default()
+    }
+}
+
+/// A sim with sleep mode, started with `cfg`, once a chat of `text` asking
+/// `max_tokens` is admitted; the chat's answer comes through the handle.
+async fn one_in_flight(
+    cfg: SimConfig,
+    text: &str,
+    max_tokens: u32,
+) -> (SimHandle, tokio::task::JoinHandle<reqwest::Response>) {
+    let sim = sim::start(sleepy(cfg)).await.unwrap();
+    let request = tokio::spawn(chat(&sim.url(), text, max_tokens));
+    wait_in_flight(&sim, 1).await;
+    (sim, request)
 }
 
 #[tokio::test]
@@ -125,41 +151,28 @@ async fn level_one_sleeps_answers_503_and_wakes_in_its_times() {
 #[tokio::test]
 async fn a_sleep_aborts_requests_in_flight_unless_told_to_wait() {
     // Fixed-latency mode: a request of 60 s is answered `abort` at the sleep.
-    let sim = sim::start(sleepy(SimConfig {
-        latency_ms: 60_000,
-        ..SimConfig::default()
-    }))
-    .await
-    .unwrap();
-    let long = tokio::spawn(chat(&sim.url(), "long", 16));
-    wait_in_flight(&sim, 1).await;
+    let (sim, long) = one_in_flight(fixed_latency(60_000), "long", 16).await;
     assert_eq!(post(&sim, "/sleep?level=1", None).await.status(), 200);
     let (text, why) = content(long.await.unwrap()).await;
     assert_eq!(why, "abort");
     assert!(text.is_empty(), "{text}");
 
     // The engine model: its requests are dropped with the KV cache.
-    let sim = sim::start(sleepy(SimConfig {
-        kv_cache_tokens: Some(10_000),
-        ..SimConfig::default()
-    }))
-    .await
-    .unwrap();
-    let long = tokio::spawn(chat(&sim.url(), "long", 9_000));
-    wait_in_flight(&sim, 1).await;
+    let (sim, long) = one_in_flight(
+        SimConfig {
+            kv_cache_tokens: Some(10_000),
+            ..SimConfig::default()
+        },
+        "long",
+        9_000,
+    )
+    .await;
     assert_eq!(post(&sim, "/sleep?mode=abort", None).await.status(), 200);
     assert_eq!(content(long.await.unwrap()).await.1, "abort");
     assert_eq!(sim.engine().unwrap().running, 0);
 
     // mode=wait: the request in flight finishes first.
-    let sim = sim::start(sleepy(SimConfig {
-        latency_ms: 300,
-        ..SimConfig::default()
-    }))
-    .await
-    .unwrap();
-    let short = tokio::spawn(chat(&sim.url(), "short", 16));
-    wait_in_flight(&sim, 1).await;
+    let (sim, short) = one_in_flight(fixed_latency(300), "short", 16).await;
     assert_eq!(
         post(&sim, "/sleep?level=1&mode=wait", None).await.status(),
         200
@@ -174,12 +187,7 @@ async fn level_two_answers_garbage_until_its_weights_are_reloaded() {
     let sim = sim::start(sleepy(SimConfig::default())).await.unwrap();
     assert_eq!(post(&sim, "/sleep?level=2", None).await.status(), 200);
     // Reloading weights that are still asleep is refused.
-    let r = post(
-        &sim,
-        "/collective_rpc",
-        Some(json!({"method": "reload_weights"})),
-    )
-    .await;
+    let r = collective_rpc(&sim, "reload_weights").await;
     assert_eq!(r.status(), 400);
     // The weights alone: the KV cache is still asleep, so 503.
     assert_eq!(
@@ -198,15 +206,10 @@ async fn level_two_answers_garbage_until_its_weights_are_reloaded() {
         !text.contains("what is written here"),
         "a level-2 wake without reload_weights answers garbage, not: {text}"
     );
-    let r = post(&sim, "/collective_rpc", Some(json!({"method": "other"}))).await;
+    let r = collective_rpc(&sim, "other").await;
     assert_eq!(r.status(), 400);
     let t = Instant::now();
-    let r = post(
-        &sim,
-        "/collective_rpc",
-        Some(json!({"method": "reload_weights"})),
-    )
-    .await;
+    let r = collective_rpc(&sim, "reload_weights").await;
     assert_eq!(r.status(), 200);
     assert!(t.elapsed() >= Duration::from_millis(600), "--wake-l2-s");
     let (text, _) = content(chat(&sim.url(), "what is written here", 4).await).await;

@@ -65,6 +65,20 @@ impl Rig {
         rig
     }
 
+    /// The feeder with `placed` on four GPUs, 70 of GPU `held`'s 80 GiB
+    /// taken by another process (pid 4242).
+    async fn spawn_held(held: u32, placed: Vec<Placed>) -> Rig {
+        let gpu = FakeGpu::new(4);
+        gpu.hold(held, 4242, 70 << 30);
+        Rig::spawn(placed, gpu).await
+    }
+
+    /// Lets `name` answer, and waits until `done` jobs are done.
+    async fn answer_until(&self, name: &str, done: usize) {
+        self.server(name).inference.release(100);
+        wait_until("done", LIMIT, || self.count(JobStatus::Done) == done).await;
+    }
+
     /// The feeder with `placed` on the GPUs of `gpu`.
     async fn spawn(placed: Vec<Placed>, gpu: FakeGpu) -> Rig {
         let store = MemoryStore::new();
@@ -340,15 +354,13 @@ async fn wait_until_hot(rig: &Rig, gpu: u32) {
 
 #[tokio::test(start_paused = true)]
 async fn a_launch_waits_for_memory_another_process_holds_and_says_who() {
-    let gpu = FakeGpu::new(4);
     // 70 of GPU 1's 80 GiB are held: a server at 0.40 (32 GiB) cannot start.
-    gpu.hold(1, 4242, 70 << 30);
-    let rig = Rig::spawn(
+    let rig = Rig::spawn_held(
+        1,
         vec![
             placed("vision", ModelType::Vision, &[0]),
             placed("think", ModelType::Think, &[1]),
         ],
-        gpu,
     )
     .await;
     rig.wait_state("vision", InstanceState::Ready).await;
@@ -379,20 +391,17 @@ async fn a_launch_waits_for_memory_another_process_holds_and_says_who() {
     rig.gpu.hold(1, 4242, 0);
     rig.wait_state("think", InstanceState::Ready).await;
     assert_eq!(rig.server("think").runtime.starts(), 1);
-    rig.server("think").inference.release(100);
-    wait_until("done", LIMIT, || rig.count(JobStatus::Done) == 5).await;
+    rig.answer_until("think", 5).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_launch_waiting_for_memory_gives_up_when_parked() {
-    let gpu = FakeGpu::new(4);
-    gpu.hold(0, 4242, 70 << 30);
-    let rig = Rig::spawn(
+    let rig = Rig::spawn_held(
+        0,
         vec![
             placed("think", ModelType::Think, &[0]),
             placed("vision", ModelType::Vision, &[0]),
         ],
-        gpu,
     )
     .await;
     // Think work: GPU 0's group gives itself to think and parks vision,
@@ -409,8 +418,7 @@ async fn a_launch_waiting_for_memory_gives_up_when_parked() {
         "the parked launch gave up"
     );
     assert_eq!(rig.state_of("vision").await, InstanceState::Stopped);
-    rig.server("think").inference.release(100);
-    wait_until("done", LIMIT, || rig.count(JobStatus::Done) == 5).await;
+    rig.answer_until("think", 5).await;
 }
 
 #[tokio::test(start_paused = true)]

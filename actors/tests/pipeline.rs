@@ -23,8 +23,8 @@ use feeder_actors::testkit::{
     submit, wait_until, FakeInference, MemoryResults, MemoryStore, Recorder,
 };
 use feeder_actors::{
-    Backoff, BlockingJobStore, Completion, InferenceError, JobId, JobStatus, ListFilter, ModelType,
-    Settle, Timestamp, TokioClock,
+    Backoff, BlockingJobStore, Completion, InferenceError, Job, JobId, JobStatus, ListFilter,
+    ModelType, Settle, Timestamp, TokioClock,
 };
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
@@ -111,14 +111,34 @@ impl Pipeline {
 
 /// A QueueActor on `store` alone, with a 60 s lease.
 async fn spawn_queue(store: &MemoryStore) -> ActorRef<QueueMsg> {
+    spawn_queue_with(store, 60, 30, None).await
+}
+
+/// A QueueActor on `store` with the test clock, polling every 200 ms, with
+/// this lease and reclaim interval. With a `daemon`, it is that daemon's:
+/// it releases the daemon's claims at start and beats every second with a
+/// 4 s timeout.
+async fn spawn_queue_with(
+    store: &MemoryStore,
+    lease_s: u64,
+    reclaim_s: u64,
+    daemon: Option<&str>,
+) -> ActorRef<QueueMsg> {
     let args = QueueArgs {
         store: store.connect(),
         clock: Arc::new(TokioClock::starting_at(T0)),
-        lease: Duration::from_secs(60),
-        reclaim_interval: Duration::from_secs(30),
+        lease: Duration::from_secs(lease_s),
+        reclaim_interval: Duration::from_secs(reclaim_s),
         poll_interval: Duration::from_millis(200),
-        release_on_start: None,
-        heartbeat: None,
+        release_on_start: daemon.map(str::to_string),
+        heartbeat: daemon.map(|daemon| {
+            let beat = feeder_actors::queue::Heartbeat {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(4),
+                about: serde_json::json!({"host": daemon}),
+            };
+            (daemon.to_string(), beat)
+        }),
     };
     Actor::spawn(None, QueueActor, args)
         .await
@@ -521,6 +541,16 @@ async fn a_run_at_set_by_another_program_wakes_the_dispatcher_when_it_comes_due(
     assert_eq!(got.len(), 1);
 }
 
+/// The indexes of a merged result's fragments, in the order it lists them.
+fn fragment_order(merged: &serde_json::Value) -> Vec<u64> {
+    merged["fragments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["index"].as_u64().unwrap())
+        .collect()
+}
+
 #[tokio::test(start_paused = true)]
 async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     let store = MemoryStore::new();
@@ -597,37 +627,45 @@ async fn fan_in_completes_a_parent_exactly_once_whatever_the_order() {
     assert_eq!(results.writes(), 5, "the merged result was written once");
     let merged = results.doc(p.result_path.as_ref().unwrap()).unwrap();
     assert_eq!(merged["content"], "part 0\npart 1\npart 2\npart 3");
-    let order: Vec<u64> = merged["fragments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f["index"].as_u64().unwrap())
-        .collect();
-    assert_eq!(order, vec![0, 1, 2, 3]);
+    assert_eq!(fragment_order(&merged), vec![0, 1, 2, 3]);
     assert_eq!(merged["completion_tokens"], 8);
+}
+
+/// A server that answers `content` to the first request and refuses the
+/// second for good, saying `error`.
+fn answers_then_refuses(content: &str, error: &str) -> FakeInference {
+    let server = FakeInference::new();
+    server.script([
+        Ok(content.into()),
+        Err(InferenceError::Permanent(error.into())),
+    ]);
+    server
+}
+
+/// Submits a Think parent of two fragments (payloads named after `tag`),
+/// waits until the parent reaches `status`, and returns its row.
+async fn two_fragments_settle_as(p: &Pipeline, tag: &str, status: JobStatus) -> Job {
+    let frags = (0..2)
+        .map(|i| job(ModelType::Think, &format!("{tag}{i}")))
+        .collect();
+    let parent = p
+        .store
+        .submit_parent(job(ModelType::Think, &format!("{tag}p")), frags, T0)
+        .unwrap()
+        .id;
+    wait_until(&format!("the parent is {status}"), LIMIT, || {
+        p.store.get(parent).unwrap().unwrap().status == status
+    })
+    .await;
+    p.store.get(parent).unwrap().unwrap()
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_parent_fails_naming_its_failed_fragments() {
-    let server = FakeInference::new();
-    server.script([
-        Ok("fine".into()),
-        Err(InferenceError::Permanent("HTTP 400: bad fragment".into())),
-    ]);
+    let server = answers_then_refuses("fine", "HTTP 400: bad fragment");
     let p = Pipeline::start(vec![("t", ModelType::Think, 1, server)]).await;
-    let frags = (0..2)
-        .map(|i| job(ModelType::Think, &format!("pf{i}")))
-        .collect();
-    let parent = p
-        .store
-        .submit_parent(job(ModelType::Think, "pp"), frags, T0)
-        .unwrap()
-        .id;
-    wait_until("the parent failed", LIMIT, || {
-        p.store.get(parent).unwrap().unwrap().status == JobStatus::Failed
-    })
-    .await;
-    let err = p.store.get(parent).unwrap().unwrap().error.unwrap();
+    let parent = two_fragments_settle_as(&p, "pf", JobStatus::Failed).await;
+    let err = parent.error.unwrap();
     assert!(
         err.starts_with("1 of 2 fragments did not succeed: #1 ("),
         "{err}"
@@ -694,11 +732,7 @@ async fn a_done_job_naming_a_next_model_gets_exactly_one_follow_up() {
 
 #[tokio::test(start_paused = true)]
 async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
-    let server = FakeInference::new();
-    server.script([
-        Ok("kept".into()),
-        Err(InferenceError::Permanent("HTTP 400: no".into())),
-    ]);
+    let server = answers_then_refuses("kept", "HTTP 400: no");
     let s = PipelineSettings {
         min_success_ratio: 0.5,
         ..settings()
@@ -709,30 +743,8 @@ async fn min_success_ratio_lets_a_parent_finish_without_some_fragments() {
         s,
     )
     .await;
-    let frags = (0..2)
-        .map(|i| job(ModelType::Think, &format!("ms{i}")))
-        .collect();
-    let parent = p
-        .store
-        .submit_parent(job(ModelType::Think, "msp"), frags, T0)
-        .unwrap()
-        .id;
-    wait_until("the parent is done", LIMIT, || {
-        p.store.get(parent).unwrap().unwrap().status == JobStatus::Done
-    })
-    .await;
-    let doc = p
-        .results
-        .doc(
-            p.store
-                .get(parent)
-                .unwrap()
-                .unwrap()
-                .result_path
-                .as_ref()
-                .unwrap(),
-        )
-        .unwrap();
+    let parent = two_fragments_settle_as(&p, "ms", JobStatus::Done).await;
+    let doc = p.results.doc(parent.result_path.as_ref().unwrap()).unwrap();
     assert_eq!(doc["content"], "kept");
     assert_eq!(doc["missing"][0]["index"], 1);
     assert_eq!(doc["missing"][0]["error"], "HTTP 400: no");
@@ -814,13 +826,10 @@ async fn fan_in_under_concurrent_completions_finishes_each_parent_once() {
         frags.sort_by_key(|f| f.fragment_index);
         let expected: Vec<String> = frags.iter().map(|f| format!("echo {}", f.id)).collect();
         assert_eq!(merged["content"], expected.join("\n"), "parent {parent}");
-        let order: Vec<u64> = merged["fragments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| f["index"].as_u64().unwrap())
-            .collect();
-        assert_eq!(order, (0..FRAGMENTS as u64).collect::<Vec<_>>());
+        assert_eq!(
+            fragment_order(&merged),
+            (0..FRAGMENTS as u64).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -996,26 +1005,7 @@ async fn a_dispatcher_claims_the_key_it_just_sent_first() {
 /// A QueueActor for daemon `daemon` on `store`, registered with a heartbeat
 /// every second and a 4 s timeout.
 async fn daemon_queue(store: &MemoryStore, daemon: &str) -> ActorRef<QueueMsg> {
-    let args = QueueArgs {
-        store: store.connect(),
-        clock: Arc::new(TokioClock::starting_at(T0)),
-        lease: Duration::from_secs(600),
-        reclaim_interval: Duration::from_secs(600),
-        poll_interval: Duration::from_millis(200),
-        release_on_start: Some(daemon.to_string()),
-        heartbeat: Some((
-            daemon.to_string(),
-            feeder_actors::queue::Heartbeat {
-                interval: Duration::from_secs(1),
-                timeout: Duration::from_secs(4),
-                about: serde_json::json!({"host": daemon}),
-            },
-        )),
-    };
-    Actor::spawn(None, QueueActor, args)
-        .await
-        .expect("queue actor starts")
-        .0
+    spawn_queue_with(store, 600, 600, Some(daemon)).await
 }
 
 /// Two daemons share a store; one stops without a word, holding claims

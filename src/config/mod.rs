@@ -188,32 +188,25 @@ pub enum WindowSetting {
 
 impl<'de> Deserialize<'de> for WindowSetting {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = WindowSetting;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"auto\" or a number of requests (1 to 4096)")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<WindowSetting, E> {
+        number_or_word(
+            d,
+            "\"auto\" or a number of requests (1 to 4096)",
+            |v| {
                 u32::try_from(v).map(WindowSetting::Fixed).map_err(|_| {
-                    E::custom(format!(
+                    format!(
                         "{v} is not a window: give \"auto\" or a number of requests from 1 to 4096"
-                    ))
+                    )
                 })
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<WindowSetting, E> {
-                self.visit_i64(i64::try_from(v).unwrap_or(-1))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WindowSetting, E> {
+            },
+            |v| {
                 match v {
-                    "auto" => Ok(WindowSetting::Auto),
-                    other => Err(E::custom(format!(
-                        "`{other}` is not a window: give \"auto\" (found from the server's metrics) or a number of requests"
-                    ))),
-                }
+                "auto" => Ok(WindowSetting::Auto),
+                other => Err(format!(
+                    "`{other}` is not a window: give \"auto\" (found from the server's metrics) or a number of requests"
+                )),
             }
-        }
-        d.deserialize_any(Visitor)
+            },
+        )
     }
 }
 
@@ -240,37 +233,66 @@ pub enum SleepLevelSetting {
 
 impl<'de> Deserialize<'de> for SleepLevelSetting {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = SleepLevelSetting;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("1, 2 or \"auto\"")
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SleepLevelSetting, E> {
+        number_or_word(
+            d,
+            "1, 2 or \"auto\"",
+            |v| {
                 match v {
-                    1 => Ok(SleepLevelSetting::One),
-                    2 => Ok(SleepLevelSetting::Two),
-                    _ => Err(E::custom(format!(
-                        "{v} is not a sleep level: give 1 (weights kept in host memory), 2 (weights dropped) or \"auto\""
-                    ))),
-                }
+                1 => Ok(SleepLevelSetting::One),
+                2 => Ok(SleepLevelSetting::Two),
+                _ => Err(format!(
+                    "{v} is not a sleep level: give 1 (weights kept in host memory), 2 (weights dropped) or \"auto\""
+                )),
             }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SleepLevelSetting, E> {
-                self.visit_i64(i64::try_from(v).unwrap_or(-1))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SleepLevelSetting, E> {
+            },
+            |v| {
                 match v {
-                    "auto" => Ok(SleepLevelSetting::Auto),
-                    "1" => Ok(SleepLevelSetting::One),
-                    "2" => Ok(SleepLevelSetting::Two),
-                    other => Err(E::custom(format!(
-                        "`{other}` is not a sleep level: give 1, 2 or \"auto\" (1 when the host has memory for the weights)"
-                    ))),
-                }
+                "auto" => Ok(SleepLevelSetting::Auto),
+                "1" => Ok(SleepLevelSetting::One),
+                "2" => Ok(SleepLevelSetting::Two),
+                other => Err(format!(
+                    "`{other}` is not a sleep level: give 1, 2 or \"auto\" (1 when the host has memory for the weights)"
+                )),
             }
-        }
-        d.deserialize_any(Visitor)
+            },
+        )
     }
+}
+
+/// Reads a setting written either as a number or as a word: `number` and
+/// `word` give the value each means, or why it is refused; `expecting`
+/// says what may be written.
+fn number_or_word<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    number: fn(i64) -> Result<T, String>,
+    word: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    struct Visitor<T> {
+        expecting: &'static str,
+        number: fn(i64) -> Result<T, String>,
+        word: fn(&str) -> Result<T, String>,
+    }
+    impl<T> serde::de::Visitor<'_> for Visitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+            (self.number)(v).map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+            self.visit_i64(i64::try_from(v).unwrap_or(-1))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            (self.word)(v).map_err(E::custom)
+        }
+    }
+    d.deserialize_any(Visitor {
+        expecting,
+        number,
+        word,
+    })
 }
 
 /// `[dispatch]`

@@ -263,7 +263,6 @@ impl SimProcess {
 
     /// `start`, with these variables added to its environment.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> SimProcess {
-        use std::io::BufRead;
         let mut child = Command::new(bin())
             .args(["sim", "--port", "0"])
             .args(args)
@@ -273,16 +272,7 @@ impl SimProcess {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start the sim");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("sim prints its address");
-        let url = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected sim output: {line}"))
-            .to_string();
+        let url = command::listening_url(&mut child, "the sim");
         SimProcess { child, url }
     }
 }
@@ -449,9 +439,13 @@ impl Scratch {
 }
 
 /// Runs `sqlite3 DB` with `sql` on its standard input; returns stdout.
+/// It waits up to ten seconds for a lock the daemon holds, as any
+/// well-behaved writer does, rather than failing with "database is locked".
 pub fn sqlite3(db: &Path, sql: &str) -> String {
     let out = pipe(
-        Command::new("sqlite3").arg(db),
+        Command::new("sqlite3")
+            .args(["-cmd", ".timeout 10000"])
+            .arg(db),
         sql,
         "the sqlite3 CLI (scripts/test.sh installs it)",
     );
@@ -537,6 +531,38 @@ impl Scratch {
     /// Whether instance `name` reports `state`.
     pub fn instance_is(&self, name: &str, state: &str) -> bool {
         self.instance(name).is_some_and(|i| i["state"] == state)
+    }
+
+    /// Once instance `name` has requests in flight, kills its server with
+    /// `kill`, and waits until the daemon notices and has it ready again
+    /// after one restart; prints both times as a figure about `what`.
+    pub fn kill_in_flight_and_time_recovery(
+        &self,
+        name: &str,
+        limit: std::time::Duration,
+        what: &str,
+        kill: impl FnOnce(),
+    ) {
+        wait_for(&format!("{name} requests in flight"), limit, || {
+            self.instance(name)
+                .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
+        });
+        let killed = std::time::Instant::now();
+        kill();
+        wait_for("the kill is noticed", limit, || {
+            !self.instance_is(name, "ready")
+        });
+        let detected = killed.elapsed();
+        wait_for(&format!("{name} ready again"), limit, || {
+            self.instance(name)
+                .is_some_and(|i| i["state"] == "ready" && i["restarts"] == 1)
+        });
+        let ready_again = killed.elapsed();
+        eprintln!(
+            "figure: {what} → detected {} ms, → ready again {} ms (2 s load)",
+            detected.as_millis(),
+            ready_again.as_millis()
+        );
     }
 }
 

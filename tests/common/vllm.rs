@@ -13,7 +13,7 @@
 // more than once on purpose.
 #[allow(clippy::duplicate_mod)]
 #[path = "command.rs"]
-mod command;
+pub mod command;
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
