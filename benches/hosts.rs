@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use feeder_actors::prefix::ClaimOrder;
-use feeder_actors::{Blocking, Completion, JobStore, ModelType, ResultRef, Settle, Timestamp};
+use feeder_actors::{
+    Blocking, ClaimRequest, Completion, JobStore, ModelType, ResultRef, Settle, Timestamp,
+};
 use gpu_feeder::config::{ResultsKind, WindowSetting};
 use gpu_feeder::daemon::Pipeline;
 use gpu_feeder::sim::SimConfig;
@@ -50,12 +52,14 @@ async fn drain(store: Arc<dyn JobStore>, owner: String) -> usize {
     loop {
         let claimed = store
             .claim_with(
-                ModelType::Think,
-                64,
-                Duration::from_secs(300),
-                &owner,
+                &ClaimRequest {
+                    model: ModelType::Think,
+                    n: 64,
+                    lease: Duration::from_secs(300),
+                    owner: owner.clone(),
+                    order: ClaimOrder::Plain,
+                },
                 Timestamp::now(),
-                &ClaimOrder::Plain,
             )
             .await
             .unwrap();

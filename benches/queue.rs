@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use feeder_actors::{
-    BlockingJobStore, ClaimOrder, Completion, Grouping, ModelType, NewJob, Payload, Settle,
-    Timestamp,
+    BlockingJobStore, ClaimOrder, ClaimRequest, Completion, Grouping, ModelType, NewJob, Payload,
+    Settle, Timestamp,
 };
 use gpu_feeder::store::SqliteStore;
 
@@ -71,7 +71,16 @@ fn run_in(store: &SqliteStore, total: usize, batch: usize, order: &ClaimOrder) -
             ClaimOrder::Plain => ClaimOrder::Plain,
         };
         let claimed = store
-            .claim_with(ModelType::Vision, batch, LEASE, "bench", now, &order)
+            .claim_with(
+                &ClaimRequest {
+                    model: ModelType::Vision,
+                    n: batch,
+                    lease: LEASE,
+                    owner: "bench".to_string(),
+                    order,
+                },
+                now,
+            )
             .expect("claim");
         // The keys just sent, most recent first, as a dispatcher holds them.
         for c in &claimed {

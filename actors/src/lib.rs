@@ -119,7 +119,7 @@ pub use job::{
 pub use prefix::{ClaimOrder, Grouping};
 pub use results::{FragmentResult, JobResult, ResultRef, ResultStore};
 pub use store::{
-    Blocking, BlockingJobStore, DaemonInfo, JobStore, ParentOutcome, Settle, Settled, StoreError,
-    StoreResult, DEFAULT_MAX_ATTEMPTS,
+    Blocking, BlockingJobStore, ClaimRequest, DaemonInfo, JobStore, ParentOutcome, Settle, Settled,
+    StoreError, StoreResult, DEFAULT_MAX_ATTEMPTS,
 };
 pub use time::{Clock, SystemClock, Timestamp, TokioClock};

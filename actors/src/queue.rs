@@ -21,7 +21,9 @@ use crate::job::{
     Claim, ClaimedJob, FailOutcome, Job, JobId, ModelType, NewJob, QueueStats, Submitted,
 };
 use crate::prefix::ClaimOrder;
-use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult};
+use crate::store::{
+    ClaimRequest, JobStore, ParentOutcome, Settle, Settled, StoreError, StoreResult,
+};
 use crate::time::{Clock, Timestamp};
 
 /// A due timer fires this much after its `run_at`, so that the claim it
@@ -511,7 +513,18 @@ impl Actor for QueueActor {
                     // A short claim: what is left may be waiting for its
                     // run_at, read in the same trip to the store.
                     // (Its failure never costs the claim, which is committed.)
-                    let out = store.claim_with(model, n, lease, &owner, now, &order).await;
+                    let out = store
+                        .claim_with(
+                            &ClaimRequest {
+                                model,
+                                n,
+                                lease,
+                                owner: owner.clone(),
+                                order,
+                            },
+                            now,
+                        )
+                        .await;
                     let short = out.as_ref().is_ok_and(|jobs| jobs.len() < n);
                     if let Err(MessagingErr::SendErr(Ok(jobs))) = reply.send(out) {
                         // The claimer stopped waiting (its call timed out

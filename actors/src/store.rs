@@ -168,6 +168,22 @@ macro_rules! job_store_port {
     };
 }
 
+/// What a claimer asks the store for: up to `n` due jobs of `model`, leased
+/// for `lease` to `owner`, in `order`.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// The kind of jobs.
+    pub model: ModelType,
+    /// How many at most.
+    pub n: usize,
+    /// How long the lease lasts before another claimer may take them back.
+    pub lease: Duration,
+    /// Who holds the lease (a dispatcher's name).
+    pub owner: String,
+    /// Plain (priority, then age) or grouped by prompt prefix.
+    pub order: ClaimOrder,
+}
+
 job_store_port! {
     shortcuts {
         /// Claims up to `n` pending jobs of `model` whose `run_at` has come, in
@@ -180,7 +196,16 @@ job_store_port! {
             lease: Duration,
             owner: &str,
             now: Timestamp,
-        ) -> Vec<ClaimedJob> = claim_with(model, n, lease, owner, now, &ClaimOrder::Plain);
+        ) -> Vec<ClaimedJob> = claim_with(
+            &ClaimRequest {
+                model,
+                n,
+                lease,
+                owner: owner.to_string(),
+                order: ClaimOrder::Plain,
+            },
+            now,
+        );
     }
     async extra {
         /// Why the store cannot be reached right now (its connection is lost
@@ -228,15 +253,7 @@ job_store_port! {
     /// a prefix key come together, in the order [`crate::prefix::pick`]
     /// gives over the oldest [`crate::prefix::lookahead`] due jobs and
     /// those of the warm keys. The jobs come back in that order.
-    fn claim_with(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-        order: &ClaimOrder,
-    ) -> Vec<ClaimedJob>;
+    fn claim_with(&self, want: &ClaimRequest, now: Timestamp) -> Vec<ClaimedJob>;
 
     /// Marks a claimed job `done` with its result.
     fn complete(&self, claim: &Claim, done: Completion, now: Timestamp) -> ();

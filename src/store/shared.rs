@@ -1,6 +1,6 @@
 //! What the SQLite and PostgreSQL adapters do alike, written once: reading
 //! a job from a `gpu_jobs` row, over [`Columns`], the few ways each client
-//! reads a column. (Submissions and the order of claimed jobs are shared
+//! reads a column, and the queue's counts from their grouped rows. (Submissions and the order of claimed jobs are shared
 //! with the in-memory store too, in `feeder_actors::store`.)
 //!
 //! Columns are read by name, so that migrations may add columns freely. A
@@ -9,9 +9,13 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use feeder_actors::fragment::Place;
-use feeder_actors::{Job, JobId, ResultRef, StoreError, StoreResult, Timestamp};
+use feeder_actors::{
+    Job, JobId, JobStatus, ModelStats, ModelType, QueueStats, ResultRef, StoreError, StoreResult,
+    Timestamp,
+};
 
 /// One `gpu_jobs` row as a database client reads it: each column by name,
 /// `None` for NULL, and an error in words for a column missing or of
@@ -159,4 +163,31 @@ impl<C: Columns> Reader<'_, C> {
     fn required<T>(&self, v: Option<T>, name: &str) -> StoreResult<T> {
         v.ok_or_else(|| self.bad(format!("column {name} is NULL or invalid")))
     }
+}
+
+/// The queue's counts from `(model, status, count, age of the oldest)` per
+/// group, as both adapters read them with `GROUP BY model_type, status`.
+pub(crate) fn queue_stats(
+    groups: impl IntoIterator<Item = (String, String, u64, Option<Duration>)>,
+) -> QueueStats {
+    let mut models: Vec<(ModelType, ModelStats)> = ModelType::ALL
+        .into_iter()
+        .map(|m| (m, ModelStats::default()))
+        .collect();
+    for (model, status, count, oldest) in groups {
+        let (Ok(model), Ok(status)) = (model.parse::<ModelType>(), status.parse::<JobStatus>())
+        else {
+            continue; // The schema's CHECKs make this unreachable.
+        };
+        let entry = &mut models
+            .iter_mut()
+            .find(|(m, _)| *m == model)
+            .expect("every model")
+            .1;
+        *entry.counts.get_mut(status) = count;
+        if status == JobStatus::Pending {
+            entry.oldest_pending_age = oldest;
+        }
+    }
+    QueueStats { models }
 }

@@ -13,8 +13,8 @@ use crate::job::{
 use crate::prefix::{self, Candidate, ClaimOrder};
 use crate::store::{
     payload_columns, poison_error, run_now, settle_one, stale, stored_prefix_key, submit_in,
-    submit_parent_in, Blocking, BlockingJobStore, JobStore, ParentOutcome, Placement, Settle,
-    Settled, StoreError, StoreResult, SubmitTx, DEFAULT_MAX_ATTEMPTS,
+    submit_parent_in, Blocking, BlockingJobStore, ClaimRequest, JobStore, ParentOutcome, Placement,
+    Settle, Settled, StoreError, StoreResult, SubmitTx, DEFAULT_MAX_ATTEMPTS,
 };
 use crate::time::Timestamp;
 
@@ -253,15 +253,9 @@ impl BlockingJobStore for MemoryStore {
         ))
     }
 
-    fn claim_with(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-        order: &ClaimOrder,
-    ) -> StoreResult<Vec<ClaimedJob>> {
+    fn claim_with(&self, want: &ClaimRequest, now: Timestamp) -> StoreResult<Vec<ClaimedJob>> {
+        let (model, n, lease) = (want.model, want.n, want.lease);
+        let (owner, order) = (want.owner.as_str(), &want.order);
         let mut inner = self.write();
         let mut due: Vec<(i64, Timestamp, u64, JobId)> = inner
             .rows

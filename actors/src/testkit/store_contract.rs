@@ -19,7 +19,7 @@ use crate::job::{
     Payload,
 };
 use crate::prefix::{ClaimOrder, Grouping};
-use crate::store::{JobStore, ParentOutcome, Settle, Settled, StoreError};
+use crate::store::{ClaimRequest, JobStore, ParentOutcome, Settle, Settled, StoreError};
 use crate::time::Timestamp;
 
 /// Gives handles on one fresh store.
@@ -1291,7 +1291,16 @@ pub async fn grouped_claims_take_a_prefix_together(f: &impl StoreFixture) {
     let now = T0 + secs(20);
     let order = grouped(&[], secs(600));
     let first = s
-        .claim_with(ModelType::Think, 4, secs(60), "o", now, &order)
+        .claim_with(
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 4,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order,
+            },
+            now,
+        )
         .await
         .unwrap();
     let got: Vec<JobId> = first.iter().map(|c| c.job.id).collect();
@@ -1304,12 +1313,14 @@ pub async fn grouped_claims_take_a_prefix_together(f: &impl StoreFixture) {
     let b = first[3].job.prefix_key.clone().unwrap();
     let next = s
         .claim_with(
-            ModelType::Think,
-            3,
-            secs(60),
-            "o",
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 3,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: grouped(&[&b], secs(600)),
+            },
             now,
-            &grouped(&[&b], secs(600)),
         )
         .await
         .unwrap();
@@ -1317,7 +1328,16 @@ pub async fn grouped_claims_take_a_prefix_together(f: &impl StoreFixture) {
     assert_eq!(got, vec![ids[4], ids[7], ids[2]]);
     // Plain order is arrival order.
     let plain = s
-        .claim_with(ModelType::Think, 1, secs(60), "o", now, &ClaimOrder::Plain)
+        .claim_with(
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 1,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: ClaimOrder::Plain,
+            },
+            now,
+        )
         .await
         .unwrap();
     assert_eq!(plain[0].job.id, ids[5], "the oldest left (c2)");
@@ -1339,12 +1359,14 @@ pub async fn grouping_never_starves_an_old_job(f: &impl StoreFixture) {
     let now = T0 + secs(110);
     let patient = s
         .claim_with(
-            ModelType::Think,
-            2,
-            secs(60),
-            "o",
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 2,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: grouped(&[&key], secs(600)),
+            },
             now,
-            &grouped(&[&key], secs(600)),
         )
         .await
         .unwrap();
@@ -1355,12 +1377,14 @@ pub async fn grouping_never_starves_an_old_job(f: &impl StoreFixture) {
     );
     let impatient = s
         .claim_with(
-            ModelType::Think,
-            2,
-            secs(60),
-            "o",
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 2,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: grouped(&[&key], secs(60)),
+            },
             now,
-            &grouped(&[&key], secs(60)),
         )
         .await
         .unwrap();
@@ -1383,12 +1407,14 @@ pub async fn priority_wins_over_grouping(f: &impl StoreFixture) {
     let urgent = s.submit(urgent, T0 + secs(50)).await.unwrap().id;
     let got = s
         .claim_with(
-            ModelType::Think,
-            2,
-            secs(60),
-            "o",
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 2,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: grouped(&[&key], secs(600)),
+            },
             T0 + secs(51),
-            &grouped(&[&key], secs(600)),
         )
         .await
         .unwrap();
@@ -1410,12 +1436,14 @@ pub async fn a_warm_key_is_found_beyond_the_lookahead(f: &impl StoreFixture) {
     let late = submit_spaced(&s, late, T0 + secs(10)).await;
     let got = s
         .claim_with(
-            ModelType::Think,
-            2,
-            secs(60),
-            "o",
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 2,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: grouped(&[&key], secs(600)),
+            },
             T0 + secs(20),
-            &grouped(&[&key], secs(600)),
         )
         .await
         .unwrap();
@@ -1450,12 +1478,14 @@ pub async fn fragments_share_their_parents_key(f: &impl StoreFixture) {
         .all(|f| f.prefix_key.as_deref() == Some(parent.to_string().as_str())));
     let got = s
         .claim_with(
-            ModelType::Think,
-            5,
-            secs(60),
-            "o",
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 5,
+                lease: secs(60),
+                owner: "o".to_string(),
+                order: grouped(&[], secs(600)),
+            },
             T0 + secs(2),
-            &grouped(&[], secs(600)),
         )
         .await
         .unwrap();

@@ -8,17 +8,18 @@ use deadpool_postgres::{Object, Transaction};
 use tracing::warn;
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder};
-use feeder_actors::store::{in_claim_order, submit_in, submit_parent_in};
+use feeder_actors::store::{in_claim_order, submit_in, submit_parent_in, ClaimRequest};
 use feeder_actors::{
     Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId, JobStatus,
-    JobStore, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
-    Settled, StoreError, StoreResult, Submitted, Timestamp,
+    JobStore, ListFilter, ModelType, NewJob, ParentOutcome, QueueStats, Settle, Settled,
+    StoreError, StoreResult, Submitted, Timestamp,
 };
 
 use super::rows::job_from_row;
 use super::settle::{complete_in, crashed_in, fail_in, release_in};
 use super::submit::PgTx;
 use super::*;
+use crate::store::shared::queue_stats;
 
 fn jobs(rows: &[tokio_postgres::Row]) -> Op<Vec<Job>> {
     Ok(rows.iter().map(job_from_row).collect::<StoreResult<_>>()?)
@@ -78,13 +79,11 @@ impl JobStore for PgStore {
 
     async fn claim_with(
         &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
+        want: &ClaimRequest,
         now: Timestamp,
-        order: &ClaimOrder,
     ) -> StoreResult<Vec<ClaimedJob>> {
+        let (model, n, lease) = (want.model, want.n, want.lease);
+        let (owner, order) = (want.owner.as_str(), &want.order);
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -381,30 +380,16 @@ impl JobStore for PgStore {
                        FROM gpu_jobs GROUP BY model_type, status",
                 )
                 .await?;
-            let mut models: Vec<(ModelType, ModelStats)> = ModelType::ALL
-                .into_iter()
-                .map(|m| (m, ModelStats::default()))
-                .collect();
-            for row in c.query(&st, &[&at]).await? {
-                let (model, status): (String, String) = (row.get(0), row.get(1));
-                let (Ok(model), Ok(status)) =
-                    (model.parse::<ModelType>(), status.parse::<JobStatus>())
-                else {
-                    continue; // The schema's CHECKs make this unreachable.
-                };
-                let entry = &mut models
-                    .iter_mut()
-                    .find(|(m, _)| *m == model)
-                    .expect("every model")
-                    .1;
-                *entry.counts.get_mut(status) = row.get::<_, i64>(2) as u64;
-                if status == JobStatus::Pending {
-                    entry.oldest_pending_age = row
-                        .get::<_, Option<f64>>(3)
-                        .map(|age| Duration::from_millis((age.max(0.0) * 1000.0) as u64));
-                }
-            }
-            Ok(QueueStats { models })
+            let rows = c.query(&st, &[&at]).await?;
+            Ok(queue_stats(rows.iter().map(|row| {
+                let age = row.get::<_, Option<f64>>(3);
+                (
+                    row.get(0),
+                    row.get(1),
+                    row.get::<_, i64>(2) as u64,
+                    age.map(|a| Duration::from_millis((a.max(0.0) * 1000.0) as u64)),
+                )
+            })))
         })
     }
 

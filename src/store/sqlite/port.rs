@@ -6,17 +6,18 @@ use std::time::Duration;
 use rusqlite::{named_params, Connection, OptionalExtension, Transaction};
 
 use feeder_actors::prefix::{self, Candidate, ClaimOrder, Grouping};
-use feeder_actors::store::{in_claim_order, run_now, submit_in, submit_parent_in};
+use feeder_actors::store::{in_claim_order, run_now, submit_in, submit_parent_in, ClaimRequest};
 use feeder_actors::{
     BlockingJobStore, Claim, ClaimedJob, Completion, DaemonInfo, FailOutcome, Failure, Job, JobId,
-    JobStatus, ListFilter, ModelStats, ModelType, NewJob, ParentOutcome, QueueStats, Settle,
-    Settled, StoreError, StoreResult, Submitted, Timestamp,
+    JobStatus, ListFilter, ModelType, NewJob, ParentOutcome, QueueStats, Settle, Settled,
+    StoreError, StoreResult, Submitted, Timestamp,
 };
 
 use super::rows::{job_from_row, secs, Db};
 use super::settle::{complete_in, crashed_in, fail_in, release_in};
 use super::submit::SqliteTx;
 use super::*;
+use crate::store::shared::queue_stats;
 
 /// A claimed row: its rowid, and the job it holds.
 type Claimed = (i64, StoreResult<Job>);
@@ -151,15 +152,9 @@ impl BlockingJobStore for SqliteStore {
         })
     }
 
-    fn claim_with(
-        &self,
-        model: ModelType,
-        n: usize,
-        lease: Duration,
-        owner: &str,
-        now: Timestamp,
-        order: &ClaimOrder,
-    ) -> StoreResult<Vec<ClaimedJob>> {
+    fn claim_with(&self, want: &ClaimRequest, now: Timestamp) -> StoreResult<Vec<ClaimedJob>> {
+        let (model, n, lease) = (want.model, want.n, want.lease);
+        let (owner, order) = (want.owner.as_str(), &want.order);
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -391,30 +386,16 @@ impl BlockingJobStore for SqliteStore {
                  FROM gpu_jobs GROUP BY model_type, status",
             )
             .db()?;
-        let mut models: Vec<(ModelType, ModelStats)> = ModelType::ALL
-            .into_iter()
-            .map(|m| (m, ModelStats::default()))
-            .collect();
-        let rows = stmt
+        let groups = stmt
             .query_map([], |r| <(String, String, u64, Option<f64>)>::try_from(r))
-            .db()?;
-        for row in rows {
-            let (model, status, count, oldest) = row.db()?;
-            let (Ok(model), Ok(status)) = (model.parse::<ModelType>(), status.parse::<JobStatus>())
-            else {
-                continue; // The schema's CHECKs make this unreachable.
-            };
-            let entry = &mut models
-                .iter_mut()
-                .find(|(m, _)| *m == model)
-                .expect("every model")
-                .1;
-            *entry.counts.get_mut(status) = count;
-            if status == JobStatus::Pending {
-                entry.oldest_pending_age = oldest.map(|o| now.since(Timestamp::from_secs_f64(o)));
-            }
-        }
-        Ok(QueueStats { models })
+            .db()?
+            .map(|row| {
+                let (model, status, count, oldest) = row.db()?;
+                let age = oldest.map(|o| now.since(Timestamp::from_secs_f64(o)));
+                Ok((model, status, count, age))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(queue_stats(groups))
     }
 
     fn fragments(&self, parent: JobId) -> StoreResult<Vec<Job>> {
