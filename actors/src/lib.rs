@@ -75,6 +75,7 @@
 //! - [`spec`] *(public)*: `InstanceSpec`, one instance as the supervisors see it.
 //! - `testkit` (feature `testkit`): fakes of every port and the store
 //!   contract suite run by every adapter.
+#![warn(unreachable_pub)]
 
 #[macro_use]
 mod named;

@@ -477,9 +477,9 @@ mod tests {
         use super::super::*;
 
         /// Refuses to start while `refusals` is above zero; panics on any message.
-        pub struct Child;
+        pub(crate) struct Child;
 
-        pub struct ChildArgs {
+        pub(crate) struct ChildArgs {
             pub refusals: Arc<AtomicUsize>,
             pub starts: Arc<AtomicUsize>,
         }
@@ -515,17 +515,17 @@ mod tests {
             }
         }
 
-        pub enum Msg {
+        pub(crate) enum Msg {
             Restart(Restart<usize>),
             Crash,
             Running(RpcReplyPort<bool>),
         }
 
-        pub struct Sup;
+        pub(crate) struct Sup;
 
         /// A supervisor whose child started, then refuses `refusals` starts
         /// and crashes: the supervisor, its end, and the child's starts.
-        pub async fn crashed(
+        pub(crate) async fn crashed(
             refusals: usize,
         ) -> (
             ActorRef<Msg>,
@@ -541,7 +541,7 @@ mod tests {
             (sup, done, starts)
         }
 
-        pub struct State {
+        pub(crate) struct State {
             sup: Supervision<usize>,
             child: Option<ActorRef<()>>,
             refusals: Arc<AtomicUsize>,
