@@ -233,10 +233,14 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         "{i}"
     );
 
-    // kill -9 of vLLM while requests are in flight.
-    wait_for("requests in flight", LIMIT, || {
-        s.instance("think")
-            .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
+    // kill -9 of vLLM while requests are in flight: fresh work, so that the
+    // queue still holds jobs (and the window is full) when the kill lands,
+    // however far the earlier batch got.
+    submit_jsonl(&s, "think", "c", &prompts("c", 40, 48));
+    wait_for("requests in flight with more queued", LIMIT, || {
+        s.count("pending") > 0
+            && s.instance("think")
+                .is_some_and(|i| i["in_flight"].as_u64() > Some(0))
     });
     let members = group_members(pid);
     nix::sys::signal::kill(
@@ -261,11 +265,12 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         "no process of the killed server is left behind: {members:?} of {:?}",
         members.iter().filter(|p| alive(**p)).collect::<Vec<_>>()
     );
-    wait_for("every job done", LIMIT, || s.count("done") == 174);
+    wait_for("every job done", LIMIT, || s.count("done") == 214);
     let jobs = s.jobs();
     assert!(
         jobs.iter().any(|j| j["crashes"] == 1),
-        "the kill landed while jobs were in flight"
+        "the kill landed while jobs were in flight; the daemon's log:\n{}",
+        d.log()
     );
     for j in jobs.iter().filter(|j| j["status"] == "done") {
         assert_eq!(j["attempts"], 1, "a crash is not a failed attempt: {j}");
