@@ -226,8 +226,22 @@ fn three_daemons_share_one_queue_through_crashes() {
         "{taken_log}"
     );
 
+    let mut polls = 0u64;
     wait_for("every job is done", LIMIT, || {
         let c = counts(&pg, &url);
+        polls += 1;
+        // What is left, now and then: shown if the wait runs out.
+        if polls.is_multiple_of(100) {
+            eprintln!(
+                "{c:?} of {total}; not done yet (status, model, parent, is a parent, count, a holder):\n{}",
+                pg.psql(
+                    &url,
+                    "SELECT status, model_type, parent_id IS NOT NULL, total_fragments IS NOT NULL, \
+                            count(*), min(claimed_by) \
+                       FROM gpu_jobs WHERE status <> 'done' GROUP BY 1, 2, 3, 4",
+                )
+            );
+        }
         c.get("done").copied().unwrap_or(0) == total && c.len() == 1
     });
     // Once each: one attempt per job and parent (a release after a crash

@@ -236,7 +236,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     // kill -9 of vLLM while requests are in flight: fresh work, so that the
     // queue still holds jobs (and the window is full) when the kill lands,
     // however far the earlier batch got.
-    submit_jsonl(&s, "think", "c", &prompts("c", 40, 48));
+    submit_jsonl(&s, "think", "k", &prompts("k", 40, 48));
     wait_for("requests in flight with more queued", LIMIT, || {
         s.count("pending") > 0
             && s.instance("think")
@@ -298,7 +298,7 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     assert_eq!(s.pid_of("think"), pid, "adopted, not relaunched: {i}");
     assert_eq!(i["adopted"], true);
     submit_jsonl(&s, "think", "c", &prompts("c", 10, 8));
-    wait_for("10 more done", LIMIT, || s.count("done") == 184);
+    wait_for("10 more done", LIMIT, || s.count("done") == 224);
     drop(d2);
 
     // keep_servers_on_exit = false: a clean stop takes vLLM down with it.
