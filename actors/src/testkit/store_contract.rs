@@ -22,6 +22,17 @@ use crate::prefix::{ClaimOrder, Grouping};
 use crate::store::{ClaimRequest, JobStore, ParentOutcome, Settle, Settled, StoreError};
 use crate::time::Timestamp;
 
+/// A claim of up to `n` think jobs, leased for a minute to "o", in `order`.
+fn think_claim(n: usize, order: ClaimOrder) -> ClaimRequest {
+    ClaimRequest {
+        model: ModelType::Think,
+        n,
+        lease: secs(60),
+        owner: "o".to_string(),
+        order,
+    }
+}
+
 /// Gives handles on one fresh store.
 #[async_trait::async_trait]
 pub trait StoreFixture: Send + Sync {
@@ -1290,19 +1301,7 @@ pub async fn grouped_claims_take_a_prefix_together(f: &impl StoreFixture) {
 
     let now = T0 + secs(20);
     let order = grouped(&[], secs(600));
-    let first = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 4,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order,
-            },
-            now,
-        )
-        .await
-        .unwrap();
+    let first = s.claim_with(&think_claim(4, order), now).await.unwrap();
     let got: Vec<JobId> = first.iter().map(|c| c.job.id).collect();
     assert_eq!(
         got,
@@ -1312,32 +1311,14 @@ pub async fn grouped_claims_take_a_prefix_together(f: &impl StoreFixture) {
     // The instance was just sent b: the rest of b comes before c.
     let b = first[3].job.prefix_key.clone().unwrap();
     let next = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 3,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: grouped(&[&b], secs(600)),
-            },
-            now,
-        )
+        .claim_with(&think_claim(3, grouped(&[&b], secs(600))), now)
         .await
         .unwrap();
     let got: Vec<JobId> = next.iter().map(|c| c.job.id).collect();
     assert_eq!(got, vec![ids[4], ids[7], ids[2]]);
     // Plain order is arrival order.
     let plain = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 1,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: ClaimOrder::Plain,
-            },
-            now,
-        )
+        .claim_with(&think_claim(1, ClaimOrder::Plain), now)
         .await
         .unwrap();
     assert_eq!(plain[0].job.id, ids[5], "the oldest left (c2)");
@@ -1358,16 +1339,7 @@ pub async fn grouping_never_starves_an_old_job(f: &impl StoreFixture) {
     let hot = submit_spaced(&s, hot, T0 + secs(100)).await;
     let now = T0 + secs(110);
     let patient = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 2,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: grouped(&[&key], secs(600)),
-            },
-            now,
-        )
+        .claim_with(&think_claim(2, grouped(&[&key], secs(600))), now)
         .await
         .unwrap();
     assert_eq!(
@@ -1376,16 +1348,7 @@ pub async fn grouping_never_starves_an_old_job(f: &impl StoreFixture) {
         "within max_wait, the warm key first"
     );
     let impatient = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 2,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: grouped(&[&key], secs(60)),
-            },
-            now,
-        )
+        .claim_with(&think_claim(2, grouped(&[&key], secs(60))), now)
         .await
         .unwrap();
     assert_eq!(
@@ -1406,16 +1369,7 @@ pub async fn priority_wins_over_grouping(f: &impl StoreFixture) {
     urgent.priority = 9;
     let urgent = s.submit(urgent, T0 + secs(50)).await.unwrap().id;
     let got = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 2,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: grouped(&[&key], secs(600)),
-            },
-            T0 + secs(51),
-        )
+        .claim_with(&think_claim(2, grouped(&[&key], secs(600))), T0 + secs(51))
         .await
         .unwrap();
     assert_eq!(
@@ -1435,16 +1389,7 @@ pub async fn a_warm_key_is_found_beyond_the_lookahead(f: &impl StoreFixture) {
     let key = late[0].prefix_key.clone().unwrap();
     let late = submit_spaced(&s, late, T0 + secs(10)).await;
     let got = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 2,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: grouped(&[&key], secs(600)),
-            },
-            T0 + secs(20),
-        )
+        .claim_with(&think_claim(2, grouped(&[&key], secs(600))), T0 + secs(20))
         .await
         .unwrap();
     assert_eq!(got.iter().map(|c| c.job.id).collect::<Vec<_>>(), late);
@@ -1477,16 +1422,7 @@ pub async fn fragments_share_their_parents_key(f: &impl StoreFixture) {
         .iter()
         .all(|f| f.prefix_key.as_deref() == Some(parent.to_string().as_str())));
     let got = s
-        .claim_with(
-            &ClaimRequest {
-                model: ModelType::Think,
-                n: 5,
-                lease: secs(60),
-                owner: "o".to_string(),
-                order: grouped(&[], secs(600)),
-            },
-            T0 + secs(2),
-        )
+        .claim_with(&think_claim(5, grouped(&[], secs(600))), T0 + secs(2))
         .await
         .unwrap();
     let ids: Vec<JobId> = got.iter().map(|c| c.job.id).collect();
