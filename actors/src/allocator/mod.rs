@@ -56,13 +56,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::container::InstanceState;
 use crate::gpu::GpuSnapshot;
 use crate::instances::InstanceSupMsg;
 use crate::job::ModelType;
 use crate::queue::QueueMsg;
 use crate::runtime::LaunchPlan;
 
-pub use gpu::{gpu_groups, group_gpus, group_name, GroupStatus};
+pub use gpu::{
+    gpu_groups, group_gpus, group_name, launch_turns, staggered_start, Footprint, GroupStatus,
+};
 use gpu::{groups_of, Group};
 use policy::backlog_of;
 pub use policy::{decide, AllocatorSettings, Backlog, Decision, Inputs, Strategy};
@@ -189,6 +192,10 @@ pub struct AllocatorState {
     gpu_watch: tokio::sync::watch::Sender<Option<GpuSnapshot>>,
     /// A decision is under way (one at a time).
     deciding: bool,
+    /// Each instance's state at the last tick: a sleep's freed memory is
+    /// checked only for an instance that was up (one parked while loading
+    /// held only part of its share when the park began).
+    states: BTreeMap<String, InstanceState>,
 }
 
 /// Chooses the strategy.
@@ -247,6 +254,7 @@ impl AllocatorState {
         };
         self.learn(&statuses);
         self.learn_rates(&stats);
+        self.states = statuses.iter().map(|s| (s.name.clone(), s.state)).collect();
         for g in 0..self.groups.len() {
             if self.groups[g].status.switching {
                 continue;
@@ -338,6 +346,7 @@ impl Actor for AllocatorActor {
             rates: BTreeMap::new(),
             gpu_watch: tokio::sync::watch::channel(None).0,
             deciding: false,
+            states: BTreeMap::new(),
         })
     }
 

@@ -62,6 +62,16 @@ impl ContainerState {
                 let _ = reply.send(());
             }
             InstanceState::Sleeping => self.pending_park.push(reply),
+            // Sleep mode, still launching or loading: it finishes its load,
+            // then sleeps (see `loaded`), and the park is answered once it
+            // is asleep. Stopping it would cost a whole load later.
+            InstanceState::Starting | InstanceState::Loading if self.args.sleep.is_some() => {
+                info!(
+                    instance = self.name(),
+                    "parked by the allocator while loading: it finishes loading, then sleeps"
+                );
+                self.pending_park.push(reply);
+            }
             _ => {
                 self.pending_park.push(reply);
                 if !self.sleep_server(myself, "the allocator parks it")
@@ -96,6 +106,11 @@ impl ContainerState {
             InstanceState::Sleeping if self.asleep.is_some() => self.relaunch(myself),
             // Falling asleep: woken (or relaunched) once asleep.
             InstanceState::Sleeping => self.replan |= !same_plan,
+            // Parked while loading: it serves once loaded, unless another
+            // memory share needs a new server.
+            InstanceState::Starting | InstanceState::Loading if was_parked && !same_plan => {
+                self.relaunch(myself)
+            }
             _ => {}
         }
         let _ = reply.send(());
