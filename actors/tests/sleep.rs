@@ -263,7 +263,7 @@ async fn without_gpu_readings_a_sleep_is_not_checked_and_nothing_waits_for_one()
 /// Sleep-mode think and vision on GPU 0, each at `share` of its memory,
 /// vision first in the configuration; each answers in 2 s. Returns at
 /// once: nothing has loaded yet.
-async fn lab_at(share: f64, settings: PipelineSettings) -> Lab {
+async fn lab_at(share: f64, settings: PipelineSettings, gpu: Option<FakeGpu>) -> Lab {
     let think = server(Duration::from_secs(2));
     let vision = server(Duration::from_secs(2));
     let spec = |name: &str, model: ModelType, s: &Server| InstanceSpec {
@@ -281,9 +281,11 @@ async fn lab_at(share: f64, settings: PipelineSettings) -> Lab {
     ];
     let store = MemoryStore::new();
     let results = Arc::new(MemoryResults::new());
-    let feeder = common::spawn_feeder(common::feeder_args(
-        &store, results, instances, "lab", settings,
-    ))
+    let feeder = common::spawn_feeder(feeder_actors::supervisor::FeederArgs {
+        gpu_probe: gpu.map(|p| Arc::new(p) as _),
+        gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
+        ..common::feeder_args(&store, results, instances, "lab", settings)
+    })
     .await;
     Lab {
         store,
@@ -322,7 +324,12 @@ fn never_stopped(server: &Server) -> bool {
 async fn parked_while_loading_it_finishes_loading_then_sleeps_and_comes_back_by_a_wake() {
     // A 1 s dwell: the allocator chooses vision at its first tick (5 s),
     // while both models still load (30 s).
-    let lab = lab_at(0.40, common::settings(Duration::from_secs(1), 0.40, DWELL)).await;
+    let lab = lab_at(
+        0.40,
+        common::settings(Duration::from_secs(1), 0.40, DWELL),
+        None,
+    )
+    .await;
     lab.submit(ModelType::Vision, "v", 40).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     while lab.strategy().await != Strategy::Vision {
@@ -409,7 +416,12 @@ async fn parked_while_loading_it_finishes_loading_then_sleeps_and_comes_back_by_
 #[tokio::test(start_paused = true)]
 async fn sleepers_that_do_not_fit_at_once_launch_one_after_the_other_think_first() {
     // 0.9 + 0.9 of GPU 0: think loads and sleeps, then vision loads.
-    let lab = lab_at(0.90, common::settings(Duration::from_secs(1), 0.90, DWELL)).await;
+    let lab = lab_at(
+        0.90,
+        common::settings(Duration::from_secs(1), 0.90, DWELL),
+        None,
+    )
+    .await;
     lab.wait_state("vision", InstanceState::Ready).await;
     assert!(lab.think.inference.is_asleep());
     assert_eq!(lab.state_of("think").await, InstanceState::Sleeping);
@@ -464,4 +476,34 @@ async fn sleepers_that_do_not_fit_at_once_launch_one_after_the_other_think_first
         lab.jobs(ModelType::Think, JobStatus::Done).len() == 3
     })
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sleeper_whose_launch_waits_for_memory_gives_up_when_parked() {
+    // Another process holds 70 of GPU 0's 80 GiB: neither launch can start.
+    let gpu = FakeGpu::new(1);
+    gpu.hold(0, 4242, 70 * GIB);
+    let lab = lab_at(
+        0.40,
+        common::settings(Duration::from_secs(1), 0.40, DWELL),
+        Some(gpu.clone()),
+    )
+    .await;
+    wait_until("both wait for memory", LIMIT, || {
+        [&lab.think, &lab.vision]
+            .iter()
+            .all(|s| s.runtime.calls().iter().any(|c| c == "find"))
+    })
+    .await;
+    // Think work parks vision: waiting for memory that something else
+    // holds, it is not launched (it would hold up the switch), as without
+    // sleep mode.
+    lab.submit(ModelType::Think, "t", 3).await;
+    lab.wait_strategy(Strategy::Think).await;
+    lab.wait_state("vision", InstanceState::Stopped).await;
+    gpu.hold(0, 4242, 0);
+    lab.wait_state("think", InstanceState::Ready).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(lab.vision.runtime.starts(), 0, "the parked launch gave up");
+    assert_eq!(lab.state_of("vision").await, InstanceState::Stopped);
 }

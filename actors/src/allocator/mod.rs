@@ -23,7 +23,12 @@
 //! a strategy until it is released.
 //!
 //! Instances with sleep mode are parked by putting their model to sleep and
-//! brought back by waking it: seconds instead of a load. What each model
+//! brought back by waking it: seconds instead of a load. One parked while it
+//! still loads finishes its load and sleeps; the switch goes on once it
+//! sleeps (its memory is free then). Sleep-mode groups whose configured
+//! shares cannot all be resident at once launch one kind after the other
+//! (`launch_turns`: think loads and sleeps, then vision loads), and such a
+//! group starts in the strategy of the kind launched last. What each model
 //! costs to bring in is learned from the instances' histories: its wake
 //! (Waking → Ready) when its instances sleep with the plan they would run
 //! with, else its load (Starting → Ready). When every managed instance has

@@ -37,6 +37,7 @@ impl ContainerState {
         let generation = self.generation;
         self.failures = 0;
         self.last_probe_error = None;
+        self.short_of_memory = false;
         self.set(
             InstanceState::Starting,
             format!(
@@ -128,9 +129,10 @@ impl ContainerState {
     }
 
     /// A launch waits for GPU memory: say why in the state's reason.
-    pub(super) fn waiting_for_memory(&mut self, generation: u64, reason: String) {
+    pub(super) fn waiting_for_memory(&mut self, generation: u64, reason: String, turn: bool) {
         if generation == self.generation && self.state == InstanceState::Starting {
             self.reason = format!("waiting for GPU memory: {reason}");
+            self.short_of_memory = !turn;
         }
     }
 }
@@ -197,6 +199,7 @@ impl TurnGate {
                         reason: "the instances before it on its GPUs load and sleep first \
                                  (their memory shares and its own do not all fit at once)"
                             .into(),
+                        turn: true,
                     }));
                 }
                 match tokio::time::timeout(Duration::from_secs(1), rx.changed()).await {
@@ -260,6 +263,7 @@ impl MemoryGate {
                 let _ = self.actor.cast(tick(Tick::WaitingForMemory {
                     generation: self.generation,
                     reason: short.clone(),
+                    turn: false,
                 }));
                 said = Some(short);
             }

@@ -127,6 +127,9 @@ enum Tick {
         generation: u64,
         /// What holds the memory.
         reason: String,
+        /// It waits for its turn in a staggered start (those before it
+        /// load and sleep), not for memory held by what runs.
+        turn: bool,
     },
     /// The load took too long.
     StartupTimeout {
@@ -343,6 +346,9 @@ pub struct ContainerState {
     asleep: Option<u8>,
     /// Unparked with another plan while falling asleep: relaunch once asleep.
     replan: bool,
+    /// The launch under way waits for GPU memory that what runs holds (not
+    /// for its turn): parked now, it gives up rather than wait.
+    short_of_memory: bool,
 }
 
 /// Runs one model server.
@@ -382,6 +388,7 @@ impl Actor for ContainerActor {
             history: VecDeque::new(),
             asleep: None,
             replan: false,
+            short_of_memory: false,
         })
     }
 
@@ -401,9 +408,11 @@ impl Actor for ContainerActor {
                     exit,
                     log_tail,
                 } => state.exited(me, generation, exit, log_tail),
-                Tick::WaitingForMemory { generation, reason } => {
-                    state.waiting_for_memory(generation, reason)
-                }
+                Tick::WaitingForMemory {
+                    generation,
+                    reason,
+                    turn,
+                } => state.waiting_for_memory(generation, reason, turn),
                 Tick::StartupTimeout { generation } => state.startup_timeout(me, generation),
                 Tick::RestartNow { generation } => state.restart_now(me, generation),
                 Tick::SleepDone {

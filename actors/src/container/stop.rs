@@ -65,7 +65,11 @@ impl ContainerState {
             // Sleep mode, still launching or loading: it finishes its load,
             // then sleeps (see `loaded`), and the park is answered once it
             // is asleep. Stopping it would cost a whole load later.
-            InstanceState::Starting | InstanceState::Loading if self.args.sleep.is_some() => {
+            // (One whose launch waits for memory held by what runs would
+            // wait for ever: it is not launched, as without sleep mode.)
+            InstanceState::Starting | InstanceState::Loading
+                if self.args.sleep.is_some() && !self.short_of_memory =>
+            {
                 info!(
                     instance = self.name(),
                     "parked by the allocator while loading: it finishes loading, then sleeps"
@@ -198,6 +202,7 @@ impl ContainerState {
             for w in self.shutdown_waiters.drain(..) {
                 let _ = w.send(());
             }
+            self.parked_now();
         } else if self.state == InstanceState::Stopping {
             if self.args.parked {
                 self.set(
