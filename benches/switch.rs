@@ -236,12 +236,12 @@ async fn cold() -> Cold {
         (s.counts.done as usize >= PER_PHASE).then_some(())
     })
     .await;
-    poll("think asleep", async || {
+    poll("think parked", async || {
+        use feeder_actors::container::InstanceState;
         let st = feeder.status().await.ok()?;
         let think = st.instances.iter().find(|i| i.name == "think")?;
-        (think.state == feeder_actors::container::InstanceState::Sleeping
-            && think.reason.starts_with("asleep"))
-        .then_some(())
+        let asleep = think.state == InstanceState::Sleeping && think.reason.starts_with("asleep");
+        (asleep || think.state == InstanceState::Stopped).then_some(())
     })
     .await;
     let submitted = SystemTime::now();
