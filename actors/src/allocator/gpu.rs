@@ -172,6 +172,10 @@ pub(super) struct Group {
     pub(super) since: Instant,
     /// When work for its models was last seen waiting (for `idle`).
     pub(super) last_work: Instant,
+    /// Its instances' configured shares do not all fit at once (a
+    /// staggered start): the strategy of the kind launched last, which
+    /// stands for `static` (every instance as configured cannot run).
+    pub(super) staggered: Option<Strategy>,
 }
 
 impl Group {
@@ -189,7 +193,10 @@ impl Group {
     /// apply: such a group is never stopped for another model's work).
     pub(super) fn fit(&self, s: Strategy) -> Option<Strategy> {
         if self.think && self.vision {
-            return Some(s);
+            return match (s, self.staggered) {
+                (Strategy::Static, Some(awake)) => Some(awake),
+                _ => Some(s),
+            };
         }
         let mine = if self.think {
             ModelType::Think
@@ -213,7 +220,8 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
         .map(|members| {
             let gpu_ids = group_gpus(&ids, &members);
             let has = |m: ModelType| members.iter().any(|&i| instances[i].model == m);
-            let (strategy, why) = match first_awake(instances, &members) {
+            let staggered = first_awake(instances, &members);
+            let (strategy, why) = match staggered {
                 Some(m) => (
                     m,
                     format!(
@@ -245,6 +253,7 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
                 members,
                 since: Instant::now(),
                 last_work: Instant::now(),
+                staggered,
             }
         })
         .collect();
@@ -374,6 +383,12 @@ mod tests {
             x.configured.gpu_memory_utilization = 0.9;
         }
         assert_eq!(groups_of(&m)[0].status.strategy, Strategy::Vision);
+        // Both as configured cannot run: `static` (a pin) keeps vision.
+        assert_eq!(
+            groups_of(&m)[0].fit(Strategy::Static),
+            Some(Strategy::Vision)
+        );
+        assert_eq!(groups_of(&m)[0].fit(Strategy::Think), Some(Strategy::Think));
         m[0].sleep = false;
         assert_eq!(groups_of(&m)[0].status.strategy, Strategy::Static);
     }

@@ -72,6 +72,7 @@ impl ContainerState {
 
     pub(super) fn launched(&mut self, myself: &ActorRef<ContainerMsg>, id: String, adopted: bool) {
         self.id = Some(id.clone());
+        self.short_of_memory = false;
         self.adopted = adopted;
         let what = if adopted {
             format!("adopted the running server {id} (configuration unchanged, model still loaded)")
