@@ -17,6 +17,14 @@
 //! switches; and without (the outgoing server stopped, the incoming one
 //! launched: a 30 s load), 2 switches. Then the jobs failed and lost (not
 //! done) over each run, and the switch costs the allocator learnt.
+//!
+//! Then a cold start, with sleep mode: vision work queued before the
+//! daemon starts, so that the allocator chooses vision while think still
+//! loads; once the vision work is done, think work. Printed: decision →
+//! first think answer, and how many times think was launched (1: loaded
+//! once, parked by a sleep; 2: stopped while it loaded, loaded again).
+//!
+//!     BENCH_ONLY=cold cargo bench --bench switch    # the cold start alone
 
 mod common;
 
@@ -202,9 +210,102 @@ async fn run(sleep: bool, switches: usize) -> Run {
     }
 }
 
+/// What the cold start measured.
+struct Cold {
+    /// Decision → first think answer.
+    first: Duration,
+    /// Launches of think's server over the run.
+    launches: usize,
+    /// Think's states, in order.
+    states: Vec<String>,
+}
+
+/// The cold start: vision work waits when the daemon starts, think work
+/// comes once it is done.
+async fn cold() -> Cold {
+    let dir = common::scratch();
+    let c = config(dir.path(), true);
+    let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
+    store
+        .submit_batch(jobs(ModelType::Vision, "cold-v"), Timestamp::now())
+        .unwrap();
+    let p = common::start_pipeline(&c, store.clone()).await;
+    let feeder = FeederHandle::new(p.feeder.clone());
+    poll("the vision work done", async || {
+        let s = store.stats(Timestamp::now()).ok()?.model(ModelType::Vision);
+        (s.counts.done as usize >= PER_PHASE).then_some(())
+    })
+    .await;
+    poll("think parked", async || {
+        use feeder_actors::container::InstanceState;
+        let st = feeder.status().await.ok()?;
+        let think = st.instances.iter().find(|i| i.name == "think")?;
+        let asleep = think.state == InstanceState::Sleeping && think.reason.starts_with("asleep");
+        (asleep || think.state == InstanceState::Stopped).then_some(())
+    })
+    .await;
+    let submitted = SystemTime::now();
+    feeder
+        .submit(jobs(ModelType::Think, "cold-t"))
+        .await
+        .unwrap();
+    let decided: SystemTime = poll("the switch", async || {
+        let a = feeder.status().await.ok()?.allocator?;
+        (a.strategy == feeder_actors::allocator::Strategy::Think && a.since >= submitted)
+            .then_some(a.since)
+    })
+    .await;
+    let at = Timestamp::from_secs_f64(
+        decided
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64(),
+    );
+    let first = poll("the first think answer", async || {
+        let done = store
+            .list(&ListFilter {
+                status: Some(JobStatus::Done),
+                model_type: Some(ModelType::Think),
+                parent_id: None,
+                limit: 1_000_000,
+            })
+            .ok()?;
+        done.iter()
+            .filter_map(|j| j.finished_at)
+            .min()
+            .map(|f| f.since(at))
+    })
+    .await;
+    let st = feeder.status().await.unwrap();
+    let think = st.instances.iter().find(|i| i.name == "think").unwrap();
+    let states: Vec<String> = think.history.iter().map(|t| t.to.to_string()).collect();
+    let launches = states.iter().filter(|s| *s == "starting").count();
+    p.shutdown(Duration::from_secs(5)).await;
+    Cold {
+        first,
+        launches,
+        states,
+    }
+}
+
+fn print_cold(c: &Cold) {
+    println!(
+        "cold start with sleep mode (vision work queued at start, then think work): \
+         decision → first think answer {:.2} s; think launched {} time{}",
+        c.first.as_secs_f64(),
+        c.launches,
+        if c.launches == 1 { "" } else { "s" }
+    );
+    println!("  think's states: {}", c.states.join(" → "));
+}
+
 fn main() {
     let switches = common::env_f64("BENCH_SWITCHES", 10.0) as usize;
     let rt = common::runtime();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("cold") {
+        print_cold(&rt.block_on(cold()));
+        return;
+    }
     println!(
         "two sim processes (--load-s 30 --wake-s 1.5 --sleep-s 0.3 --latency-ms 200), \
          phases of {PER_PHASE} jobs of one kind; decision → first answer of the incoming model"
@@ -250,4 +351,5 @@ fn main() {
     );
     println!("  learnt, sleep mode:  {}", by_sleep.costs);
     println!("  learnt, relaunching: {}", by_relaunch.costs);
+    print_cold(&rt.block_on(cold()));
 }

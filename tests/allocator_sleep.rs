@@ -3,14 +3,20 @@
 //! `--enable-sleep-mode` and `VLLM_SERVER_DEV_MODE=1`. Work of one kind,
 //! then of the other, four times over: each switch drains the outgoing
 //! model, puts it to sleep and wakes the incoming one, never relaunching a
-//! server; every job is sent once and done once.
+//! server; every job is sent once and done once. And from a cold start
+//! with work of one kind queued: the other model, parked while it still
+//! loads, finishes its load and sleeps, and the first switch to it is a
+//! wake.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{bin, start_think_and_vision, wait_for, Scratch};
+use common::{
+    bin, free_port, process_servers_config, start_think_and_vision, wait_for, DaemonProcess,
+    ProcessServers, Scratch,
+};
 
 const LIMIT: Duration = Duration::from_secs(90);
 const PER_PHASE: usize = 150;
@@ -155,4 +161,106 @@ fn switches_by_sleep_and_wake_lose_nothing_and_relaunch_nothing() {
     let log = d.log();
     assert!(log.contains("strategy vision → think"), "{log}");
     assert!(log.contains("strategy think → vision"), "{log}");
+}
+
+/// Loads for `LOAD_S` (the allocator decides within about a second), sleeps
+/// in 0.3 s and wakes in 1.5 s.
+const LOAD_S: f64 = 5.0;
+
+fn slow_loading(name: &str, model: &str, port: u16) -> String {
+    format!(
+        "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"process\"\n\
+         port = {port}\nserved_model_name = \"sim-{name}\"\n\
+         command = [\"{}\", \"sim\", \"--load-s\", \"{LOAD_S}\", \"--latency-ms\", \"100\", \
+         \"--sleep-s\", \"0.3\", \"--wake-s\", \"1.5\"]\n\
+         gpu_ids = []\ngpu_memory_utilization = 0.4\nmax_tokens = 8\n\
+         sleep_mode = true\nsleep_level = 1\n\n",
+        bin()
+    )
+}
+
+/// The states `name` entered, in order, from `instances --json`.
+fn entered(s: &Scratch, name: &str) -> Vec<String> {
+    s.instance(name).expect("the daemon answers")["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["to"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_model_parked_while_it_loads_is_loaded_once_and_brought_in_by_a_wake() {
+    let s = Scratch::new(&format!(
+        "{}[allocator]\n{ALLOCATOR}\n{}{}",
+        process_servers_config(free_port()),
+        slow_loading("think", "think", free_port()),
+        slow_loading("vision", "vision", free_port()),
+    ));
+    let _servers = ProcessServers(s.path().join("servers"));
+    // Only vision work waits when the daemon starts.
+    s.submit_prompts("vision", "v", 40);
+    let d = DaemonProcess::start(&s, "daemon");
+    wait_for("strategy vision", LIMIT, || {
+        strategy(&s).as_deref() == Some("vision")
+    });
+    wait_for("the vision work done, think asleep", LIMIT, || {
+        s.count("done") == 40 && s.instance_is("think", "sleeping")
+    });
+    let think = s.instance("think").unwrap();
+    let pid = think["container_id"].as_str().unwrap().to_string();
+    let states = entered(&s, "think");
+    // Parked while it loaded: loaded once, then put to sleep at once.
+    assert_eq!(
+        states.iter().filter(|t| *t == "starting").count(),
+        1,
+        "{states:?}"
+    );
+    assert!(
+        !states.iter().any(|t| t == "ready" || t == "stopping"),
+        "{states:?}"
+    );
+    let loaded = states.iter().position(|t| t == "loading").expect("loaded");
+    assert_eq!(states[loaded + 1], "sleeping", "{states:?}");
+
+    // Think work: decided at once (think first), answered after a wake.
+    s.submit_prompts("think", "t", 40);
+    wait_for("strategy think", LIMIT, || {
+        strategy(&s).as_deref() == Some("think")
+    });
+    let decided = s.instances().unwrap()["allocator"]["since"]
+        .as_f64()
+        .unwrap();
+    wait_for("think work done", LIMIT, || s.count("done") == 80);
+    let first = s
+        .jobs()
+        .iter()
+        .filter(|j| j["model_type"] == "think")
+        .filter_map(|j| j["finished_at"].as_f64())
+        .fold(f64::INFINITY, f64::min);
+    let think = s.instance("think").unwrap();
+    let states = entered(&s, "think");
+    assert_eq!(
+        think["container_id"].as_str(),
+        Some(pid.as_str()),
+        "think kept its server process: {states:?}"
+    );
+    assert_eq!(
+        states.iter().filter(|t| *t == "starting").count(),
+        1,
+        "never launched again: {states:?}"
+    );
+    assert!(!states.iter().any(|t| t == "stopping"), "{states:?}");
+    let n = states.len();
+    assert_eq!(states[n - 2..], ["waking", "ready"], "{states:?}");
+    assert_eq!(think["restarts"], 0);
+    assert_eq!(s.count("failed"), 0);
+    assert!(first >= decided);
+    // The figure (a test asserts no wall-clock time): the sim loads in
+    // LOAD_S and wakes in 1.5 s.
+    println!(
+        "decision → first think answer: {:.2} s (load {LOAD_S} s, wake 1.5 s)",
+        first - decided
+    );
+    drop(d);
 }

@@ -290,3 +290,67 @@ fn shared_queue_settings_are_checked() {
     let r = check(&s);
     assert_eq!(r.code(), 0, "{}", r.stderr());
 }
+
+#[test]
+fn sleepers_that_do_not_fit_at_once_are_launched_in_turn_and_said_so() {
+    let inst = |name: &str, model_type: &str, port: u16, extra: &str| {
+        format!(
+            "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model_type}\"\nbackend = \"process\"\n\
+             port = {port}\nserved_model_name = \"{name}\"\ncommand = [\"vllm\", \"serve\"]\n\
+             gpu_ids = [0]\ngpu_memory_utilization = 0.9\n{extra}\n"
+        )
+    };
+    let both = |vision_extra: &str| {
+        [
+            inst("vision", "vision", 9001, vision_extra),
+            inst("think", "think", 9002, "sleep_mode = true"),
+        ]
+        .concat()
+    };
+    let allocator = "[allocator]\nsolo_memory_utilization = 0.9\n\n";
+    let s = Scratch::new(&format!("{allocator}{}", both("sleep_mode = true")));
+    let r = check(&s);
+    assert_eq!(r.code(), 0, "{}{}", r.stdout(), r.stderr());
+    let out = r.stdout();
+    assert!(
+        out.contains(
+            "start      think and vision share GPU 0 (0.9 + 0.9 > 1): they launch one after the other; \
+             think loads, sleeps, then vision loads, and every switch after is a sleep and a wake"
+        ),
+        "{out}"
+    );
+    // With the allocator's solo share below theirs, the first switch to
+    // each is a relaunch: said too.
+    s.rewrite(&both("sleep_mode = true"));
+    let out = check(&s).succeeded();
+    assert!(
+        out.contains(
+            "allocator.solo_memory_utilization = 0.75 differs from the share of think and vision"
+        ),
+        "{out}"
+    );
+    // Without sleep mode nothing can take turns: refused as before.
+    s.rewrite(&format!("{allocator}{}", both("")));
+    let r = check(&s);
+    assert_eq!(r.code(), 78, "{}", r.stdout());
+    let err = r.stderr();
+    assert!(
+        err.contains(
+            "GPU 0 is shared by `vision` and `think` as configured (strategy static, at the start)"
+        ) && err.contains("more than it has"),
+        "{err}"
+    );
+    // Without the allocator nothing would wake the one asleep.
+    s.rewrite(&format!(
+        "[allocator]\nenabled = false\n\n{}",
+        both("sleep_mode = true")
+    ));
+    let r = check(&s);
+    assert_eq!(r.code(), 78, "{}", r.stdout());
+    let err = r.stderr();
+    assert!(
+        err.contains("allocator.enabled: is false, but `vision` and `think` on GPU 0")
+            && err.contains("enable the allocator"),
+        "{err}"
+    );
+}

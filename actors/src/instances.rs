@@ -4,17 +4,18 @@
 //! from the HealthActor and watch requests from the dispatchers go to the
 //! right ContainerActor, and the watchers survive a ContainerActor restart.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
 use ractor::{
     Actor, ActorProcessingErr, ActorRef, DerivedActorRef, RpcReplyPort, SupervisionEvent,
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::container::{
     ContainerActor, ContainerArgs, ContainerMsg, InstanceEvent, InstanceState, InstanceStatus,
-    LifecycleSettings,
+    LaunchTurn, LifecycleSettings,
 };
 use crate::health::ProbeOutcome;
 use crate::inference::ProbeError;
@@ -87,6 +88,9 @@ pub(crate) struct InstanceSupArgs {
     pub(crate) restart: RestartPolicy,
     /// The GPU monitor's latest reading, for launches to wait for memory.
     pub(crate) gpu: Option<tokio::sync::watch::Receiver<Option<crate::gpu::GpuSnapshot>>>,
+    /// The steps of each staggered start, as indices into `instances`
+    /// (sleep-mode instances whose memory shares do not all fit at once).
+    pub(crate) turns: Vec<Vec<Vec<usize>>>,
 }
 
 /// One instance's container actor.
@@ -103,6 +107,9 @@ struct Slot {
     parked: bool,
     /// Its status when last asked, for when its actor cannot answer.
     last: Option<InstanceStatus>,
+    /// Its place in a staggered start, for its first actor only (a later
+    /// one adopts the server).
+    turn: Option<LaunchTurn>,
 }
 
 /// The InstanceSupervisor's state.
@@ -149,6 +156,7 @@ impl OneForOne for InstanceSupState {
             sleep: slot.spec.sleep,
             gpu_ids: slot.spec.gpu_ids.clone(),
             gpu: self.args.gpu.clone(),
+            turn: self.slots[i].turn.take().unwrap_or_default(),
         };
         let (actor, _) =
             ContainerActor::spawn_linked(None, ContainerActor, args, myself.get_cell()).await?;
@@ -168,7 +176,7 @@ impl Actor for InstanceSupervisor {
         myself: ActorRef<InstanceSupMsg>,
         args: InstanceSupArgs,
     ) -> Result<InstanceSupState, ActorProcessingErr> {
-        let slots = args
+        let mut slots: Vec<Slot> = args
             .instances
             .iter()
             .map(|spec| Slot {
@@ -178,8 +186,10 @@ impl Actor for InstanceSupervisor {
                 watchers: Vec::new(),
                 parked: false,
                 last: None,
+                turn: None,
             })
             .collect();
+        stagger(&mut slots, &args.turns);
         let sup = Supervision::new(args.restart);
         let mut state = InstanceSupState { args, slots, sup };
         spawn_all(&mut state, &myself).await?;
@@ -418,6 +428,47 @@ impl Actor for InstanceSupervisor {
         Ok(())
     }
 }
+/// Staggers the start of sleep-mode instances whose memory shares do not
+/// all fit on their GPUs at once (`turns`: each group's steps, as slot
+/// indices): each step launches once the step before it sleeps; every step
+/// but the last starts parked, so it loads, then sleeps.
+fn stagger(slots: &mut [Slot], turns: &[Vec<Vec<usize>>]) {
+    for steps in turns {
+        let mut before: Vec<tokio::sync::watch::Receiver<bool>> = Vec::new();
+        let count = steps.len();
+        for (k, step) in steps.iter().enumerate() {
+            let names: Vec<&str> = step.iter().map(|&i| slots[i].spec.name.as_str()).collect();
+            let then = if k + 1 < count {
+                "loads, then sleeps"
+            } else {
+                "loads and stays awake"
+            };
+            info!(
+                "staggered start (the memory shares on these GPUs do not all fit at once): \
+                 turn {} of {count}, {} {then}",
+                k + 1,
+                names.join(" and ")
+            );
+            let mut next = Vec::new();
+            for &i in step {
+                let slot = &mut slots[i];
+                let mut turn = LaunchTurn {
+                    after: before.clone(),
+                    done: None,
+                };
+                if k + 1 < count {
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    turn.done = Some(Arc::new(tx));
+                    next.push(rx);
+                    slot.parked = true;
+                }
+                slot.turn = Some(turn);
+            }
+            before = next;
+        }
+    }
+}
+
 /// A health probe's outcome is routed to its instance's ContainerActor.
 impl From<ProbeOutcome> for InstanceSupMsg {
     fn from(p: ProbeOutcome) -> Self {

@@ -348,6 +348,7 @@ impl FeederState {
                         .gpu_probe
                         .is_some()
                         .then(|| self.gpu_watch.subscribe()),
+                    turns: crate::allocator::staggered_start(&self.args.instances),
                 };
                 keep(&mut self.instances, InstanceSupervisor, args, cell).await?
             }

@@ -248,6 +248,9 @@ pub fn config_summary(c: &Config) -> String {
             .collect();
         let _ = writeln!(out, "  groups     {}", groups.join(" · "));
     }
+    for note in c.staggered_starts() {
+        let _ = writeln!(out, "  start      {note}");
+    }
     out
 }
 

@@ -422,6 +422,11 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
         .collect();
     let ids: Vec<&[u32]> = launched.iter().map(|(_, i)| i.gpu_ids.as_slice()).collect();
     let groups = feeder_actors::allocator::gpu_groups(&ids);
+    let staggered: std::collections::HashSet<usize> = staggered_starts(config)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .collect();
     let mut reported: std::collections::HashSet<(usize, usize)> = Default::default();
     for g in gpus {
         let on: Vec<(usize, &InstanceConfig)> = launched
@@ -470,9 +475,31 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
                 }
             }
         }
-        for (when, shares) in layouts {
+        for (k, (when, shares)) in layouts.into_iter().enumerate() {
             let total: f64 = shares.iter().map(|s| s.2).sum();
             if total <= 1.0 + 1e-9 || shares.len() < 2 {
+                continue;
+            }
+            // As configured, sleepers that take turns are launched one
+            // after the other (see `staggered_starts`), with the allocator
+            // to wake them in turn.
+            let turns = shares.iter().all(|(i, _, _)| staggered.contains(i));
+            if k == 0 && turns && config.allocator.enabled {
+                continue;
+            }
+            if k == 0 && turns {
+                let (a, b) = (shares[0].0, shares[1].0);
+                if reported.insert((a, b)) {
+                    c.at(
+                        &[key("allocator"), key("enabled")],
+                        format!(
+                            "is false, but `{}` and `{}` on GPU {g} ({total:.2} of its memory) can only run in turns: \
+                             with sleep mode they would launch one after the other, and only the allocator wakes the one asleep; \
+                             enable the allocator, or lower their gpu_memory_utilization",
+                            config.instances[a].name, config.instances[b].name
+                        ),
+                    );
+                }
                 continue;
             }
             let (a, b) = (shares[0].0, shares[1].0);
@@ -495,6 +522,111 @@ fn check_gpu_layout(c: &mut Checker<'_>, config: &Config) {
             );
         }
     }
+}
+
+/// The staggered starts of `config` (sleep-mode instances whose configured
+/// memory shares cannot all be resident on their GPUs at once): each
+/// group's steps, as indices into `config.instances`, think first.
+pub(crate) fn staggered_starts(config: &Config) -> Vec<Vec<Vec<usize>>> {
+    let launched: Vec<usize> = (0..config.instances.len())
+        .filter(|&i| config.instances[i].backend != Backend::External)
+        .collect();
+    let footprints: Vec<feeder_actors::allocator::Footprint<'_>> = launched
+        .iter()
+        .map(|&i| {
+            let inst = &config.instances[i];
+            feeder_actors::allocator::Footprint {
+                model: inst.model_type,
+                gpu_ids: &inst.gpu_ids,
+                share: inst.gpu_memory_utilization,
+                sleep: inst.sleep_mode,
+            }
+        })
+        .collect();
+    feeder_actors::allocator::launch_turns(&footprints)
+        .into_iter()
+        .map(|steps| {
+            steps
+                .into_iter()
+                .map(|step| step.into_iter().map(|f| launched[f]).collect())
+                .collect()
+        })
+        .collect()
+}
+
+/// What `config check` says of each staggered start, in words: which
+/// instances share which GPU, and in what order they load.
+pub(crate) fn staggered_notes(config: &Config) -> Vec<String> {
+    let names = |step: &[usize]| -> String {
+        step.iter()
+            .map(|&i| config.instances[i].name.as_str())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    staggered_starts(config)
+        .into_iter()
+        .map(|steps| {
+            let all: Vec<usize> = steps.iter().flatten().copied().collect();
+            let gpus = feeder_actors::allocator::group_gpus(
+                &all.iter()
+                    .map(|&i| config.instances[i].gpu_ids.as_slice())
+                    .collect::<Vec<_>>(),
+                &(0..all.len()).collect::<Vec<_>>(),
+            );
+            // The first GPU whose shares do not fit, for the sum shown.
+            let (gpu, shares) = gpus
+                .iter()
+                .map(|&g| {
+                    let on: Vec<f64> = all
+                        .iter()
+                        .map(|&i| &config.instances[i])
+                        .filter(|x| x.gpu_ids.contains(&g))
+                        .map(|x| x.gpu_memory_utilization)
+                        .collect();
+                    (g, on)
+                })
+                .find(|(_, on)| on.iter().sum::<f64>() > 1.0 + 1e-9)
+                .unwrap_or_default();
+            let sum: Vec<String> = shares.iter().map(f64::to_string).collect();
+            let order: Vec<String> = steps
+                .iter()
+                .enumerate()
+                .map(|(k, step)| {
+                    let who = names(step);
+                    let verb = if step.len() == 1 { "loads" } else { "load" };
+                    if k + 1 < steps.len() {
+                        let rest = if step.len() == 1 { "sleeps" } else { "sleep" };
+                        format!("{who} {verb}, {rest}")
+                    } else {
+                        format!("then {who} {verb}")
+                    }
+                })
+                .collect();
+            let mut note = format!(
+                "{} share GPU {gpu} ({} > 1): they launch one after the other; {}",
+                names(&all),
+                sum.join(" + "),
+                order.join(", ")
+            );
+            let solo = config.allocator.solo_memory_utilization;
+            let differ: Vec<&str> = all
+                .iter()
+                .map(|&i| &config.instances[i])
+                .filter(|x| (x.gpu_memory_utilization - solo).abs() > 1e-9)
+                .map(|x| x.name.as_str())
+                .collect();
+            if differ.is_empty() {
+                note.push_str(", and every switch after is a sleep and a wake");
+            } else {
+                note.push_str(&format!(
+                    "; allocator.solo_memory_utilization = {solo} differs from the share of {}, \
+                     so the first switch to each relaunches it at {solo} (set it to their share to switch by wakes only)",
+                    differ.join(" and ")
+                ));
+            }
+            note
+        })
+        .collect()
 }
 
 /// An instance's share of a GPU's memory: its index, itself, the share.

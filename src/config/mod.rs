@@ -719,6 +719,13 @@ impl Config {
         }
     }
 
+    /// What happens at the start where sleep-mode instances' memory shares
+    /// cannot all be resident at once: they launch one after the other
+    /// (one line per GPU group, for `config check`).
+    pub fn staggered_starts(&self) -> Vec<String> {
+        check::staggered_notes(self)
+    }
+
     /// The instances serving `model`.
     pub fn instances_for(&self, model: ModelType) -> impl Iterator<Item = &InstanceConfig> {
         self.instances.iter().filter(move |i| i.model_type == model)

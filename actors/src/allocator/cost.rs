@@ -23,8 +23,8 @@ impl AllocatorState {
             .collect();
     }
 
-    /// The longest Starting → Ready (a load) and Waking → Ready (a wake)
-    /// seen per model.
+    /// The longest Starting → Ready (a load; or → Sleeping, straight from
+    /// Loading) and Waking → Ready (a wake) seen per model.
     fn learn_costs(&mut self, statuses: &[InstanceStatus]) {
         for s in statuses {
             let mut began: Option<(InstanceState, Instant)> = None;
@@ -32,6 +32,14 @@ impl AllocatorState {
                 match t.to {
                     InstanceState::Starting | InstanceState::Waking => {
                         began = Some((t.to, t.instant))
+                    }
+                    // Loaded while parked, and put to sleep at once: a load too.
+                    InstanceState::Sleeping if t.from == InstanceState::Loading => {
+                        if let Some((InstanceState::Starting, at)) = began.take() {
+                            let d = t.instant.duration_since(at);
+                            let e = self.loads.entry(s.model).or_default();
+                            *e = (*e).max(d);
+                        }
                     }
                     InstanceState::Ready => {
                         if let Some((kind, at)) = began.take() {

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::{Managed, Strategy};
 use crate::job::ModelType;
+use crate::spec::InstanceSpec;
 
 /// The instances of one GPU group, as `instances --json` shows them.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,6 +95,70 @@ pub fn group_name(gpu_ids: &[u32]) -> String {
     }
 }
 
+/// One launched instance, as the launch order sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Footprint<'a> {
+    /// Its model.
+    pub model: ModelType,
+    /// The GPUs it runs on.
+    pub gpu_ids: &'a [u32],
+    /// Its configured share of each GPU's memory.
+    pub share: f64,
+    /// It has sleep mode.
+    pub sleep: bool,
+}
+
+/// The GPU groups whose instances' configured memory shares cannot all be
+/// resident at once, yet can take turns: every instance of the group has
+/// sleep mode, both kinds are there, and each kind's instances fit
+/// together on every GPU. Such a group launches one kind after the other,
+/// think first: the think instances load and sleep, then the vision ones
+/// load (and stay awake). Each group is returned as its steps, each step
+/// the indices (into `f`) of one kind's instances, in order. Instances
+/// without `gpu_ids` are never staggered (their GPU is not known).
+pub fn launch_turns(f: &[Footprint<'_>]) -> Vec<Vec<Vec<usize>>> {
+    let ids: Vec<&[u32]> = f.iter().map(|x| x.gpu_ids).collect();
+    gpu_groups(&ids)
+        .into_iter()
+        .filter_map(|members| {
+            let gpus = group_gpus(&ids, &members);
+            let load = |on: u32, m: Option<ModelType>| -> f64 {
+                members
+                    .iter()
+                    .map(|&i| &f[i])
+                    .filter(|x| x.gpu_ids.contains(&on) && m.is_none_or(|m| x.model == m))
+                    .map(|x| x.share)
+                    .sum()
+            };
+            let over = |s: f64| s > 1.0 + 1e-9;
+            let kinds = [ModelType::Think, ModelType::Vision];
+            let staggered = !gpus.is_empty()
+                && members
+                    .iter()
+                    .all(|&i| f[i].sleep && !f[i].gpu_ids.is_empty())
+                && kinds
+                    .iter()
+                    .all(|&m| members.iter().any(|&i| f[i].model == m))
+                && gpus.iter().any(|&g| over(load(g, None)))
+                && gpus
+                    .iter()
+                    .all(|&g| kinds.iter().all(|&m| !over(load(g, Some(m)))));
+            staggered.then(|| {
+                kinds
+                    .iter()
+                    .map(|&m| {
+                        members
+                            .iter()
+                            .copied()
+                            .filter(|&i| f[i].model == m)
+                            .collect()
+                    })
+                    .collect()
+            })
+        })
+        .collect()
+}
+
 /// One GPU group: its instances, decided together.
 pub(super) struct Group {
     /// What `Status` shows of it.
@@ -107,6 +172,10 @@ pub(super) struct Group {
     pub(super) since: Instant,
     /// When work for its models was last seen waiting (for `idle`).
     pub(super) last_work: Instant,
+    /// Its instances' configured shares do not all fit at once (a
+    /// staggered start): the strategy of the kind launched last, which
+    /// stands for `static` (every instance as configured cannot run).
+    pub(super) staggered: Option<Strategy>,
 }
 
 impl Group {
@@ -124,7 +193,10 @@ impl Group {
     /// apply: such a group is never stopped for another model's work).
     pub(super) fn fit(&self, s: Strategy) -> Option<Strategy> {
         if self.think && self.vision {
-            return Some(s);
+            return match (s, self.staggered) {
+                (Strategy::Static, Some(awake)) => Some(awake),
+                _ => Some(s),
+            };
         }
         let mine = if self.think {
             ModelType::Think
@@ -148,14 +220,29 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
         .map(|members| {
             let gpu_ids = group_gpus(&ids, &members);
             let has = |m: ModelType| members.iter().any(|&i| instances[i].model == m);
+            let staggered = first_awake(instances, &members);
+            let (strategy, why) = match staggered {
+                Some(m) => (
+                    m,
+                    format!(
+                        "their memory shares do not all fit at once: they launched one kind after \
+                         the other, each loaded once, and {m}, launched last, stays awake until the \
+                         backlog asks for a switch"
+                    ),
+                ),
+                None => (
+                    Strategy::Static,
+                    "every instance as configured, until the backlog asks for a switch".into(),
+                ),
+            };
             Group {
                 status: GroupStatus {
                     name: group_name(&gpu_ids),
                     gpu_ids,
                     instances: members.iter().map(|&i| instances[i].name.clone()).collect(),
-                    strategy: Strategy::Static,
+                    strategy,
                     since: SystemTime::now(),
-                    why: "every instance as configured, until the backlog asks for a switch".into(),
+                    why,
                     pinned: None,
                     switching: false,
                     switches: 0,
@@ -166,11 +253,64 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
                 members,
                 since: Instant::now(),
                 last_work: Instant::now(),
+                staggered,
             }
         })
         .collect();
     groups.sort_by(|a, b| a.status.gpu_ids.cmp(&b.status.gpu_ids));
     groups
+}
+
+/// [`launch_turns`] of configured instances: the steps of each staggered
+/// start, as indices into `instances` (external servers take no part).
+pub fn staggered_start(instances: &[InstanceSpec]) -> Vec<Vec<Vec<usize>>> {
+    let launched: Vec<usize> = (0..instances.len())
+        .filter(|&i| instances[i].runtime.is_some())
+        .collect();
+    let footprints: Vec<Footprint<'_>> = launched
+        .iter()
+        .map(|&i| {
+            let spec = &instances[i];
+            Footprint {
+                model: spec.model,
+                gpu_ids: &spec.gpu_ids,
+                share: spec.plan.gpu_memory_utilization,
+                sleep: spec.sleep.is_some(),
+            }
+        })
+        .collect();
+    launch_turns(&footprints)
+        .into_iter()
+        .map(|steps| {
+            steps
+                .into_iter()
+                .map(|step| step.into_iter().map(|f| launched[f]).collect())
+                .collect()
+        })
+        .collect()
+}
+
+/// The strategy a group starts in when its launches are staggered (see
+/// [`launch_turns`]): that of the kind launched last, the only one awake.
+fn first_awake(instances: &[Managed], members: &[usize]) -> Option<Strategy> {
+    let footprints: Vec<Footprint<'_>> = members
+        .iter()
+        .map(|&i| {
+            let m = &instances[i];
+            Footprint {
+                model: m.model,
+                gpu_ids: &m.gpu_ids,
+                share: m.configured.gpu_memory_utilization,
+                sleep: m.sleep,
+            }
+        })
+        .collect();
+    let turns = launch_turns(&footprints);
+    let last = turns.first()?.last()?;
+    match footprints[*last.first()?].model {
+        ModelType::Think => Some(Strategy::Think),
+        ModelType::Vision => Some(Strategy::Vision),
+    }
 }
 
 #[cfg(test)]
@@ -198,6 +338,59 @@ mod tests {
         assert_eq!(group_name(&[0]), "gpu 0");
         assert_eq!(group_name(&[2, 3]), "gpus 2,3");
         assert_eq!(group_name(&[]), "gpus unset");
+    }
+
+    #[test]
+    fn sleepers_that_do_not_fit_at_once_launch_think_first_then_vision() {
+        let f = |model, gpu_ids: &'static [u32], share, sleep| Footprint {
+            model,
+            gpu_ids,
+            share,
+            sleep,
+        };
+        let (t, v) = (ModelType::Think, ModelType::Vision);
+        // Vision first in the configuration; think still loads first.
+        let both = [f(v, &[0], 0.9, true), f(t, &[0], 0.9, true)];
+        assert_eq!(launch_turns(&both), vec![vec![vec![1], vec![0]]]);
+        // They fit: launched together.
+        assert!(launch_turns(&[f(v, &[0], 0.4, true), f(t, &[0], 0.4, true)]).is_empty());
+        // Without sleep mode, or with one kind alone over the GPU, or with
+        // no GPU named: nothing can take turns.
+        assert!(launch_turns(&[f(v, &[0], 0.9, false), f(t, &[0], 0.9, true)]).is_empty());
+        assert!(launch_turns(&[f(t, &[0], 0.6, true), f(t, &[0], 0.6, true)]).is_empty());
+        let three = [
+            f(t, &[0], 0.6, true),
+            f(t, &[0], 0.6, true),
+            f(v, &[0], 0.5, true),
+        ];
+        assert!(launch_turns(&three).is_empty());
+        assert!(launch_turns(&[f(v, &[], 0.9, true), f(t, &[], 0.9, true)]).is_empty());
+        // Groups on their own GPUs are decided each alone.
+        let two = [
+            f(t, &[0], 0.5, true),
+            f(v, &[0], 0.6, true),
+            f(t, &[1], 0.5, true),
+            f(v, &[1], 0.4, true),
+        ];
+        assert_eq!(launch_turns(&two), vec![vec![vec![0], vec![1]]]);
+        // The allocator starts such a group with the kind launched last.
+        let mut m = vec![
+            managed("vision", ModelType::Vision, &[0]),
+            managed("think", ModelType::Think, &[0]),
+        ];
+        for x in &mut m {
+            x.sleep = true;
+            x.configured.gpu_memory_utilization = 0.9;
+        }
+        assert_eq!(groups_of(&m)[0].status.strategy, Strategy::Vision);
+        // Both as configured cannot run: `static` (a pin) keeps vision.
+        assert_eq!(
+            groups_of(&m)[0].fit(Strategy::Static),
+            Some(Strategy::Vision)
+        );
+        assert_eq!(groups_of(&m)[0].fit(Strategy::Think), Some(Strategy::Think));
+        m[0].sleep = false;
+        assert_eq!(groups_of(&m)[0].status.strategy, Strategy::Static);
     }
 
     #[test]

@@ -23,7 +23,12 @@
 //! a strategy until it is released.
 //!
 //! Instances with sleep mode are parked by putting their model to sleep and
-//! brought back by waking it: seconds instead of a load. What each model
+//! brought back by waking it: seconds instead of a load. One parked while it
+//! still loads finishes its load and sleeps; the switch goes on once it
+//! sleeps (its memory is free then). Sleep-mode groups whose configured
+//! shares cannot all be resident at once launch one kind after the other
+//! (`launch_turns`: think loads and sleeps, then vision loads), and such a
+//! group starts in the strategy of the kind launched last. What each model
 //! costs to bring in is learned from the instances' histories: its wake
 //! (Waking → Ready) when its instances sleep with the plan they would run
 //! with, else its load (Starting → Ready). When every managed instance has
@@ -56,13 +61,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::container::InstanceState;
 use crate::gpu::GpuSnapshot;
 use crate::instances::InstanceSupMsg;
 use crate::job::ModelType;
 use crate::queue::QueueMsg;
 use crate::runtime::LaunchPlan;
 
-pub use gpu::{gpu_groups, group_gpus, group_name, GroupStatus};
+pub use gpu::{
+    gpu_groups, group_gpus, group_name, launch_turns, staggered_start, Footprint, GroupStatus,
+};
 use gpu::{groups_of, Group};
 use policy::backlog_of;
 pub use policy::{decide, AllocatorSettings, Backlog, Decision, Inputs, Strategy};
@@ -189,6 +197,10 @@ pub struct AllocatorState {
     gpu_watch: tokio::sync::watch::Sender<Option<GpuSnapshot>>,
     /// A decision is under way (one at a time).
     deciding: bool,
+    /// Each instance's state at the last tick: a sleep's freed memory is
+    /// checked only for an instance that was up (one parked while loading
+    /// held only part of its share when the park began).
+    states: BTreeMap<String, InstanceState>,
 }
 
 /// Chooses the strategy.
@@ -247,6 +259,7 @@ impl AllocatorState {
         };
         self.learn(&statuses);
         self.learn_rates(&stats);
+        self.states = statuses.iter().map(|s| (s.name.clone(), s.state)).collect();
         for g in 0..self.groups.len() {
             if self.groups[g].status.switching {
                 continue;
@@ -338,6 +351,7 @@ impl Actor for AllocatorActor {
             rates: BTreeMap::new(),
             gpu_watch: tokio::sync::watch::channel(None).0,
             deciding: false,
+            states: BTreeMap::new(),
         })
     }
 

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{AllocatorMsg, AllocatorState, Decision, GroupStatus, Strategy};
+use crate::container::InstanceState;
 use crate::gpu::GpuSnapshot;
 use crate::instances::InstanceSupMsg;
 use crate::runtime::LaunchPlan;
@@ -86,6 +87,14 @@ impl AllocatorState {
             .iter()
             .map(|&i| &self.args.instances[i])
             .filter(|m| m.sleep)
+            .filter(|m| {
+                // Still loading: it sleeps once loaded, holding then what it
+                // did not yet hold now; its sleep is not checked.
+                !matches!(
+                    self.states.get(&m.name),
+                    Some(InstanceState::Starting | InstanceState::Loading | InstanceState::Stopped)
+                )
+            })
             .map(|m| (m.name.clone(), m.gpu_ids.clone()))
             .collect();
         let group = &mut self.groups[g];

@@ -13,10 +13,11 @@ use crate::gpu::GpuSnapshot;
 use crate::runtime::{ContainerRuntime, LaunchPlan};
 
 impl ContainerState {
-    /// The first start: launch, unless parked.
+    /// The first start: launch, unless parked (one parked in a staggered
+    /// start launches all the same: it loads, then sleeps).
     pub(super) fn start(&mut self, myself: &ActorRef<ContainerMsg>) {
         if self.state == InstanceState::Stopped {
-            if self.args.parked {
+            if self.args.parked && self.args.turn.done.is_none() {
                 self.set(InstanceState::Stopped, "parked by the allocator");
             } else {
                 self.launch(myself);
@@ -36,6 +37,7 @@ impl ContainerState {
         let generation = self.generation;
         self.failures = 0;
         self.last_probe_error = None;
+        self.short_of_memory = false;
         self.set(
             InstanceState::Starting,
             format!(
@@ -56,14 +58,21 @@ impl ContainerState {
             generation,
             actor: myself.clone(),
         });
+        let turn = (!self.args.turn.after.is_empty()).then(|| TurnGate {
+            after: self.args.turn.after.clone(),
+            live: self.live.clone(),
+            generation,
+            actor: myself.clone(),
+        });
         tokio::spawn(async move {
-            let result = adopt_or_start(&*runtime, &plan, grace, &instance, gate).await;
+            let result = adopt_or_start(&*runtime, &plan, grace, &instance, turn, gate).await;
             let _ = me.cast(tick(Tick::Launched { generation, result }));
         });
     }
 
     pub(super) fn launched(&mut self, myself: &ActorRef<ContainerMsg>, id: String, adopted: bool) {
         self.id = Some(id.clone());
+        self.short_of_memory = false;
         self.adopted = adopted;
         let what = if adopted {
             format!("adopted the running server {id} (configuration unchanged, model still loaded)")
@@ -121,9 +130,10 @@ impl ContainerState {
     }
 
     /// A launch waits for GPU memory: say why in the state's reason.
-    pub(super) fn waiting_for_memory(&mut self, generation: u64, reason: String) {
+    pub(super) fn waiting_for_memory(&mut self, generation: u64, reason: String, turn: bool) {
         if generation == self.generation && self.state == InstanceState::Starting {
             self.reason = format!("waiting for GPU memory: {reason}");
+            self.short_of_memory = !turn;
         }
     }
 }
@@ -135,6 +145,7 @@ async fn adopt_or_start(
     plan: &LaunchPlan,
     grace: Duration,
     instance: &str,
+    turn: Option<TurnGate>,
     gate: Option<MemoryGate>,
 ) -> Result<(String, bool), String> {
     let want = runtime.config_hash(plan);
@@ -154,10 +165,62 @@ async fn adopt_or_start(
         Some(f) => info!(instance, "replacing the stopped server {}", f.id),
         None => {}
     }
+    if let Some(turn) = turn {
+        turn.wait(instance).await?;
+    }
     if let Some(gate) = gate {
         gate.wait(instance).await?;
     }
     runtime.start(plan).await.map(|id| (id, false))
+}
+
+/// Holds a launch in a staggered start until the instances before it on
+/// its GPUs sleep (or are down): their memory shares and its own do not all
+/// fit at once.
+struct TurnGate {
+    after: Vec<tokio::sync::watch::Receiver<bool>>,
+    live: Arc<AtomicU64>,
+    generation: u64,
+    actor: ActorRef<ContainerMsg>,
+}
+
+impl TurnGate {
+    async fn wait(mut self, instance: &str) -> Result<(), String> {
+        let mut said = false;
+        for rx in &mut self.after {
+            while !*rx.borrow_and_update() {
+                if !said {
+                    said = true;
+                    info!(
+                        instance,
+                        "not launching yet: the instances before it on its GPUs load and sleep first"
+                    );
+                    let _ = self.actor.cast(tick(Tick::WaitingForMemory {
+                        generation: self.generation,
+                        reason: "the instances before it on its GPUs load and sleep first \
+                                 (their memory shares and its own do not all fit at once)"
+                            .into(),
+                        turn: true,
+                    }));
+                }
+                match tokio::time::timeout(Duration::from_secs(1), rx.changed()).await {
+                    Ok(Ok(())) => {}
+                    // Its sender is gone (the actor restarted): nothing to wait for.
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        let gone = matches!(
+                            self.actor.get_status(),
+                            ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+                        );
+                        if gone || self.live.load(Ordering::SeqCst) != self.generation {
+                            return Err("no longer wanted while it waited for its turn".into());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Holds a launch until the GPUs it runs on have the memory it asks for
@@ -201,6 +264,7 @@ impl MemoryGate {
                 let _ = self.actor.cast(tick(Tick::WaitingForMemory {
                     generation: self.generation,
                     reason: short.clone(),
+                    turn: false,
                 }));
                 said = Some(short);
             }

@@ -21,8 +21,10 @@
 //!   model's jobs simply wait in `pending`.
 //! - An `external` instance (no runtime) is only probed: Loading → Ready ⇄
 //!   Unhealthy, never restarted.
-//! - With sleep mode (`sleep_mode = true`), parking a Ready instance puts
-//!   its model to sleep instead of stopping the server: Sleeping while its
+//! - With sleep mode (`sleep_mode = true`), parking an instance puts its
+//!   model to sleep instead of stopping the server; one still launching or
+//!   loading finishes its load first, then sleeps (it never serves in
+//!   between), so that its model is loaded once: Sleeping while its
 //!   dispatchers drain (their requests in flight finish, within
 //!   `drain_timeout`) and while `POST /sleep` runs; anything the server
 //!   still aborts comes back with no attempt counted. Unparking wakes it
@@ -30,7 +32,10 @@
 //!   weights and the KV cache), and a canary completion confirms it before
 //!   it is Ready. A sleep that fails stops the server instead; a wake that
 //!   fails, or whose canary fails, makes it Unhealthy (a restart, cold).
-//!   A server adopted asleep stays asleep while parked, or is woken.
+//!   A server adopted asleep stays asleep while parked, or is woken. The
+//!   park is answered once the model sleeps (its memory is free then).
+//! - A staggered start (`LaunchTurn`): an instance launches once those
+//!   before it sleep; one started parked loads, then sleeps.
 //!
 //! Every transition is logged with its reason and kept for `Status`.
 //!
@@ -122,6 +127,9 @@ enum Tick {
         generation: u64,
         /// What holds the memory.
         reason: String,
+        /// It waits for its turn in a staggered start (those before it
+        /// load and sleep), not for memory held by what runs.
+        turn: bool,
     },
     /// The load took too long.
     StartupTimeout {
@@ -278,6 +286,22 @@ pub struct ContainerArgs {
     /// The GPU monitor's latest reading: a launch waits until its GPUs have
     /// the memory it asks for (`None`, or no readings: it does not wait).
     pub gpu: Option<tokio::sync::watch::Receiver<Option<GpuSnapshot>>>,
+    /// Its place in a staggered start (sleep-mode instances whose memory
+    /// shares do not all fit on their GPUs at once); the default: none.
+    pub turn: LaunchTurn,
+}
+
+/// A sleep-mode instance's place in a staggered start: it launches once
+/// the instances before it are asleep, and says when it is asleep itself.
+/// Started parked, it loads anyway and then sleeps: every model is loaded
+/// once, at the start, and brought in later by a wake.
+#[derive(Clone, Debug, Default)]
+pub struct LaunchTurn {
+    /// Said `true` (or dropped) by each instance before this one once it
+    /// sleeps, or is down: the launch waits for all of them.
+    pub after: Vec<tokio::sync::watch::Receiver<bool>>,
+    /// Said `true` once this instance sleeps or is down, for the next ones.
+    pub done: Option<Arc<tokio::sync::watch::Sender<bool>>>,
 }
 
 /// The ContainerActor's state.
@@ -322,6 +346,9 @@ pub struct ContainerState {
     asleep: Option<u8>,
     /// Unparked with another plan while falling asleep: relaunch once asleep.
     replan: bool,
+    /// The launch under way waits for GPU memory that what runs holds (not
+    /// for its turn): parked now, it gives up rather than wait.
+    short_of_memory: bool,
 }
 
 /// Runs one model server.
@@ -361,6 +388,7 @@ impl Actor for ContainerActor {
             history: VecDeque::new(),
             asleep: None,
             replan: false,
+            short_of_memory: false,
         })
     }
 
@@ -380,9 +408,11 @@ impl Actor for ContainerActor {
                     exit,
                     log_tail,
                 } => state.exited(me, generation, exit, log_tail),
-                Tick::WaitingForMemory { generation, reason } => {
-                    state.waiting_for_memory(generation, reason)
-                }
+                Tick::WaitingForMemory {
+                    generation,
+                    reason,
+                    turn,
+                } => state.waiting_for_memory(generation, reason, turn),
                 Tick::StartupTimeout { generation } => state.startup_timeout(me, generation),
                 Tick::RestartNow { generation } => state.restart_now(me, generation),
                 Tick::SleepDone {

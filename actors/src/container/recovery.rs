@@ -19,6 +19,11 @@ impl ContainerState {
         self.last_error = Some(reason.clone());
         self.set(InstanceState::Unhealthy, reason.clone());
         self.tell_down(&reason);
+        if self.args.parked {
+            // Parked while loading, and the load failed: nothing holds the
+            // GPU now, and it is not launched again until its strategy runs it.
+            self.parked_now();
+        }
         let Some(runtime) = self.args.runtime.clone() else {
             return; // External: probes bring it back.
         };
@@ -79,6 +84,20 @@ impl ContainerState {
         });
     }
 
+    /// A probe confirmed the load: Ready, or, parked with sleep mode (the
+    /// allocator's strategy does not run it, or a staggered start), straight
+    /// to sleep without serving.
+    fn loaded(&mut self, myself: &ActorRef<ContainerMsg>) {
+        let parked = self.args.parked && self.args.runtime.is_some();
+        if parked && self.sleep_server(myself, "loaded while parked by the allocator") {
+            return;
+        }
+        self.set(
+            InstanceState::Ready,
+            "the server answers and serves its model",
+        );
+    }
+
     pub(super) fn probed(
         &mut self,
         myself: &ActorRef<ContainerMsg>,
@@ -90,10 +109,7 @@ impl ContainerState {
             {
                 self.failures = 0;
                 self.last_probe_error = None;
-                self.set(
-                    InstanceState::Ready,
-                    "the server answers and serves its model",
-                );
+                self.loaded(myself);
             }
             (InstanceState::Ready, Ok(())) => self.failures = 0,
             (InstanceState::Loading, Err(e)) => {
@@ -186,6 +202,13 @@ impl ContainerState {
     /// The backoff is over: launch again.
     pub(super) fn restart_now(&mut self, myself: &ActorRef<ContainerMsg>, generation: u64) {
         if generation == self.generation && self.state == InstanceState::Restarting {
+            if self.args.parked {
+                self.set(
+                    InstanceState::Stopped,
+                    "parked by the allocator: launched again when its strategy runs it",
+                );
+                return;
+            }
             self.restarts += 1;
             self.launch(myself);
         }

@@ -19,8 +19,11 @@ impl ContainerState {
         let Some(sleep) = self.args.sleep else {
             return false;
         };
-        if !matches!(self.state, InstanceState::Ready | InstanceState::Waking) || self.id.is_none()
-        {
+        let up = matches!(
+            self.state,
+            InstanceState::Ready | InstanceState::Waking | InstanceState::Loading
+        );
+        if !up || self.id.is_none() {
             return false;
         }
         let (level, how) = sleep.choose_now();

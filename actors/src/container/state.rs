@@ -126,6 +126,16 @@ impl ContainerState {
         });
         self.state = state;
         self.reason = reason;
+        if let Some(done) = &self.args.turn.done {
+            // The next instances of a staggered start may load now.
+            let off_gpu = matches!(
+                state,
+                InstanceState::Stopped | InstanceState::Failed | InstanceState::Unhealthy
+            ) || (state == InstanceState::Sleeping && self.asleep.is_some());
+            if off_gpu && !*done.borrow() {
+                done.send_replace(true);
+            }
+        }
         self.since = Instant::now();
         if state == InstanceState::Ready && was != InstanceState::Ready {
             self.tracker.started(self.since);

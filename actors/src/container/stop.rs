@@ -62,6 +62,20 @@ impl ContainerState {
                 let _ = reply.send(());
             }
             InstanceState::Sleeping => self.pending_park.push(reply),
+            // Sleep mode, still launching or loading: it finishes its load,
+            // then sleeps (see `loaded`), and the park is answered once it
+            // is asleep. Stopping it would cost a whole load later.
+            // (One whose launch waits for memory held by what runs would
+            // wait for ever: it is not launched, as without sleep mode.)
+            InstanceState::Starting | InstanceState::Loading
+                if self.args.sleep.is_some() && !self.short_of_memory =>
+            {
+                info!(
+                    instance = self.name(),
+                    "parked by the allocator while loading: it finishes loading, then sleeps"
+                );
+                self.pending_park.push(reply);
+            }
             _ => {
                 self.pending_park.push(reply);
                 if !self.sleep_server(myself, "the allocator parks it")
@@ -96,6 +110,11 @@ impl ContainerState {
             InstanceState::Sleeping if self.asleep.is_some() => self.relaunch(myself),
             // Falling asleep: woken (or relaunched) once asleep.
             InstanceState::Sleeping => self.replan |= !same_plan,
+            // Parked while loading: it serves once loaded, unless another
+            // memory share needs a new server.
+            InstanceState::Starting | InstanceState::Loading if was_parked && !same_plan => {
+                self.relaunch(myself)
+            }
             _ => {}
         }
         let _ = reply.send(());
@@ -183,6 +202,7 @@ impl ContainerState {
             for w in self.shutdown_waiters.drain(..) {
                 let _ = w.send(());
             }
+            self.parked_now();
         } else if self.state == InstanceState::Stopping {
             if self.args.parked {
                 self.set(
