@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::openai_like::{OpenAiLike, Quirks};
+use common::served::{RequestLog, Served};
 use common::{
     external, free_port, sqlite3, unix_now, wait_for, DaemonProcess, Scratch, SimProcess,
 };
@@ -163,7 +164,15 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
     println!("chaos seed {seed} (CHAOS_SEED={seed} replays the kill points)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let think = SimProcess::start(&["--fail-rate", "0.1", "--latency-ms", "50"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = RequestLog::new(dir.path(), "think");
+    let think = SimProcess::start(
+        &[
+            &["--fail-rate", "0.1", "--latency-ms", "50"][..],
+            &log.flags(),
+        ]
+        .concat(),
+    );
     let s = Scratch::new(&config(
         0,
         &format!("max_attempts = {MAX_ATTEMPTS}\nretry_base_s = 0.05\nretry_max_s = 0.2"),
@@ -177,6 +186,7 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
     };
     let mut kills = 0;
     let mut stranded = 0;
+    let mut served = Served::default();
     for round in 0..KILLS {
         let mut d = DaemonProcess::start(&s, &format!("daemon-{round}"));
         // Kill once this run has finished a random amount of work (the
@@ -189,7 +199,7 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
         });
         d.kill9();
         kills += 1;
-        stranded += s.count("processing");
+        stranded += served.kill_found(s.claimed());
         if terminal(&s) == JOBS as u64 {
             break;
         }
@@ -231,11 +241,18 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
             other => panic!("job {} is {other}", j["id"]),
         }
     }
+    served.read(&[&log]);
+    let (sends, duplicates) = served.assert_exactly_once(&jobs);
     println!(
         "chaos: {kills} kill -9 over {JOBS} jobs ({stranded} claims stranded by the kills); \
-         {done} done, {failed} failed after {MAX_ATTEMPTS} attempts, 0 twice"
+         {done} done, {failed} failed after {MAX_ATTEMPTS} attempts, 0 twice; \
+         the server received {sends} requests, {duplicates} of them a repeated attempt"
     );
     assert!(kills >= 10, "only {kills} kills happened");
+    assert!(
+        stranded > 0,
+        "no kill found a job claimed: no crash landed mid-work, the test proves nothing"
+    );
     assert_eq!(done + failed, JOBS);
     drop(last);
 }

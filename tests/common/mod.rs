@@ -10,6 +10,7 @@ pub mod command;
 pub mod docker;
 pub mod openai_like;
 pub mod pg;
+pub mod served;
 pub mod sim;
 pub mod vllm;
 
