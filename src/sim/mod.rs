@@ -402,7 +402,7 @@ async fn chat(
 }
 
 /// Request number `n`'s answer.
-async fn respond(sim: &Arc<Sim>, n: u64, body: Option<Json<Value>>) -> Response {
+async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
     let c = &sim.counters;
     if sim.cfg.crash_after > 0 && n > sim.cfg.crash_after {
         eprintln!(
@@ -493,12 +493,12 @@ async fn respond(sim: &Arc<Sim>, n: u64, body: Option<Json<Value>>) -> Response 
                     ),
                 )
             }
-            Err(Refused::Aborted) => return completion(&sim, n, String::new(), "abort", 0, 0),
+            Err(Refused::Aborted) => return completion(sim, n, String::new(), "abort", 0, 0),
         };
         let content = garbled(answer(messages).0);
         c.completed.fetch_add(1, Ordering::Relaxed);
         return completion(
-            &sim,
+            sim,
             n,
             content,
             "length",
@@ -528,7 +528,7 @@ async fn respond(sim: &Arc<Sim>, n: u64, body: Option<Json<Value>>) -> Response 
         Some(aborted) => {
             tokio::select! {
                 () = run => {}
-                () = aborted => return completion(&sim, n, String::new(), "abort", 0, 0),
+                () = aborted => return completion(sim, n, String::new(), "abort", 0, 0),
             }
         }
         None => run.await,
@@ -542,7 +542,7 @@ async fn respond(sim: &Arc<Sim>, n: u64, body: Option<Json<Value>>) -> Response 
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
     completion(
-        &sim,
+        sim,
         n,
         content,
         "stop",
