@@ -530,25 +530,3 @@ fn cli_mcp_and_admin_work_against_postgres() {
     // A real MCP client on the same queue.
     mcp_client(&h.scratch);
 }
-
-/// README, "Many hosts": two live daemons with one `daemon_id` are refused
-/// at start; the live one goes on.
-#[test]
-fn a_second_live_daemon_with_the_same_daemon_id_is_refused() {
-    let (_pg, url, mut first) = started_alone("twin", 0);
-    let twin = host(&url, "twin", 0);
-    let mut second = DaemonProcess::start(&twin.scratch, "twin-second");
-    let code = second.wait_exit(LIMIT);
-    let log = second.log();
-    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {log}");
-    assert!(
-        log.contains("another daemon is registered as twin") && log.contains("alive"),
-        "{log}"
-    );
-    let live = first.daemon.as_mut().unwrap();
-    assert!(
-        live.child.try_wait().unwrap().is_none(),
-        "the live daemon goes on: {}",
-        first.log()
-    );
-}
