@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::served::{RequestLog, Served};
 use common::{wait_for, words, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -250,9 +251,11 @@ fn a_fragment_failing_for_good_fails_its_parent_and_names_it() {
 
 #[test]
 fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
-    let think = SimProcess::start(&["--latency-ms", "20"]);
-    let vision = SimProcess::start(&["--latency-ms", "5"]);
     let dir = tempfile::tempdir().unwrap();
+    let think_log = RequestLog::new(dir.path(), "think");
+    let vision_log = RequestLog::new(dir.path(), "vision");
+    let think = SimProcess::start(&[&["--latency-ms", "200"][..], &think_log.flags()].concat());
+    let vision = SimProcess::start(&[&["--latency-ms", "5"][..], &vision_log.flags()].concat());
     let tk = tokenizer(dir.path(), 20_000);
     let s = Scratch::with_queue(
         "lease_s = 3600",
@@ -278,29 +281,28 @@ fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
         assert_eq!(out["fragments"], 3);
         parents.push(out["id"].as_str().unwrap().to_string());
     }
-    let mut first = DaemonProcess::start(&s, "first");
-    wait_for("some parents are done", LIMIT, || {
-        s.jobs()
-            .iter()
-            .filter(|j| {
-                j["total_fragments"] == 3 && j["parent_id"].is_null() && j["status"] == "done"
-            })
-            .count()
-            >= 3
-    });
-    first.kill9();
-    // The kill landed with fan-in work unfinished: parents not done or
-    // follow-ups not created yet.
-    let at_kill = s.jobs();
-    let parents_done = at_kill
-        .iter()
-        .filter(|j| j["total_fragments"] == 3 && j["parent_id"].is_null() && j["status"] == "done")
-        .count();
-    let follow_ups = at_kill.iter().filter(|j| !j["follows"].is_null()).count();
-    assert!(
-        parents_done < 20 || follow_ups < 20,
-        "every parent and follow-up was finished before the kill: the test proves nothing"
-    );
+    // Kill once a parent is done and another part-way through fan-in (some
+    // of its fragments done, not all merged); until a kill lands so (read
+    // back from the database after it), start again and kill again.
+    let mut served = Served::default();
+    for tries in 1.. {
+        let mut first = DaemonProcess::start(&s, &format!("first-{tries}"));
+        wait_for("a parent done and another part-way", LIMIT, || {
+            let (done, part_way) = fan_in(&s.jobs());
+            assert!(
+                done < 20,
+                "{tries} kills missed the fan-in before the work ran out"
+            );
+            done > 0 && part_way > 0
+        });
+        first.kill9();
+        served.kill_found(s.claimed());
+        let (done, part_way) = fan_in(&s.jobs());
+        println!("kill {tries}: {done} parents done, {part_way} part-way through fan-in");
+        if part_way > 0 {
+            break;
+        }
+    }
     let _second = DaemonProcess::start(&s, "second");
     wait_for("every parent and its follow-up are done", LIMIT, || {
         let jobs = s.jobs();
@@ -344,4 +346,30 @@ fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
             serde_json::from_str(follow["payload_inline"].as_str().unwrap()).unwrap();
         assert_eq!(payload["prompt"], merged["content"], "the follow-up of {p}");
     }
+    served.read(&[&think_log, &vision_log]);
+    let (sends, duplicates) = served.assert_exactly_once(&jobs);
+    println!("the servers received {sends} requests for 80 jobs, {duplicates} of them sent again after the kill");
+}
+
+/// Parents done, and parents part-way through fan-in: not done, with some
+/// of their fragments done.
+fn fan_in(jobs: &[serde_json::Value]) -> (usize, usize) {
+    let parents = jobs
+        .iter()
+        .filter(|j| j["total_fragments"] == 3 && j["parent_id"].is_null());
+    let (mut done, mut part_way) = (0, 0);
+    for p in parents {
+        if p["status"] == "done" {
+            done += 1;
+            continue;
+        }
+        let fragments_done = jobs
+            .iter()
+            .filter(|f| f["parent_id"] == p["id"] && f["status"] == "done")
+            .count();
+        if fragments_done > 0 {
+            part_way += 1;
+        }
+    }
+    (done, part_way)
 }

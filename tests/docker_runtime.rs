@@ -424,15 +424,154 @@ async fn an_engine_that_does_not_answer_is_explained() {
     assert!(err.contains("not supported"), "{err}");
 }
 
+/// A Unix socket in front of the engine's that passes everything through
+/// and keeps what clients sent: the Engine API requests exactly as the
+/// engine received them, whatever it made of them.
+struct RecordingProxy {
+    path: std::path::PathBuf,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RecordingProxy {
+    /// Listens in a fresh folder, forwarding to the engine's Unix socket
+    /// (`$DOCKER_HOST`'s, else `/var/run/docker.sock`).
+    fn start() -> RecordingProxy {
+        let engine = match std::env::var("DOCKER_HOST") {
+            Ok(h) if !h.trim().is_empty() => h
+                .trim()
+                .strip_prefix("unix://")
+                .unwrap_or_else(|| {
+                    panic!("the recording proxy needs the engine on a unix:// socket, not {h}")
+                })
+                .to_string(),
+            _ => "/var/run/docker.sock".to_string(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engine.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let engine = engine.clone();
+                let record = record.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let upstream = tokio::net::UnixStream::connect(&engine)
+                        .await
+                        .unwrap_or_else(|e| panic!("the engine's socket {engine}: {e}"));
+                    let (mut from_client, mut to_client) = client.into_split();
+                    let (mut from_engine, mut to_engine) = upstream.into_split();
+                    let slot = {
+                        let mut r = record.lock().unwrap();
+                        r.push(Vec::new());
+                        r.len() - 1
+                    };
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from_client.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            record.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
+                            if to_engine.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to_engine.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut from_engine, &mut to_client).await;
+                        let _ = to_client.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        RecordingProxy {
+            path,
+            sent,
+            _dir: dir,
+            task,
+        }
+    }
+
+    /// `servers.docker_host` for a client of the proxy.
+    fn host(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// The JSON bodies of the requests whose first line starts with
+    /// `method` and contains `path`, in the order sent.
+    fn bodies(&self, method: &str, path: &str) -> Vec<Value> {
+        let sent = self.sent.lock().unwrap();
+        let mut out = Vec::new();
+        for stream in sent.iter() {
+            let mut rest = &stream[..];
+            while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                assert!(
+                    !head
+                        .to_ascii_lowercase()
+                        .contains("transfer-encoding: chunked"),
+                    "a chunked request body: {head}"
+                );
+                let body = &rest[end + 4..(end + 4 + length).min(rest.len())];
+                let first = head.lines().next().unwrap_or_default();
+                if first.starts_with(method) && first.contains(path) {
+                    out.push(
+                        serde_json::from_slice(body)
+                            .unwrap_or_else(|e| panic!("{first}: the body is not JSON ({e})")),
+                    );
+                }
+                rest = &rest[(end + 4 + length).min(rest.len())..];
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RecordingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[tokio::test]
 async fn gpu_ids_become_an_nvidia_device_request_for_exactly_those_gpus() {
-    let docker = engine().await;
+    engine().await;
+    // Through a proxy that keeps what the engine was asked: on a host
+    // without the NVIDIA toolkit the engine refuses to start the container
+    // and it is removed, so its own record is gone.
+    let proxy = RecordingProxy::start();
+    let docker = DockerRuntime::connect(&proxy.host()).unwrap_or_else(|e| panic!("{e}"));
     let name = unique("gpus");
     let mut inst = instance(&name, free_port(), "");
     inst.gpu_ids = vec![0, 2];
     let _cleanup = Cleanup(container_name(&name));
     let rt = DockerRuntime::new(docker, &inst);
-    match rt.start(&plan()).await {
+    let started = rt.start(&plan()).await;
+    let created = proxy.bodies("POST", "/containers/create");
+    assert_eq!(created.len(), 1, "one container was created: {created:#?}");
+    assert_eq!(
+        created[0]["HostConfig"]["DeviceRequests"],
+        serde_json::json!([{
+            "Driver": "nvidia",
+            "DeviceIDs": ["0", "2"],
+            "Capabilities": [["gpu"]],
+        }]),
+        "the engine was asked for GPUs 0 and 2, by id, and nothing else: {:#}",
+        created[0]["HostConfig"]
+    );
+    match started {
         // A host with the NVIDIA Container Toolkit runs it: the request is
         // on the container.
         Ok(id) => {

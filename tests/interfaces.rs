@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    bin, external, free_port, mcp_client, promtool, wait_for, DaemonProcess, Scratch, SimProcess,
+    bin, external, free_port, mcp_client_with_idle, promtool, wait_for, DaemonProcess, Scratch,
+    SimProcess,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -60,7 +61,8 @@ fn running(token: &str) -> Running {
 
 #[test]
 fn a_real_mcp_client_submits_a_job_and_reads_its_result() {
-    mcp_client(&running("").s);
+    // Only a think instance runs: vision jobs stay pending.
+    mcp_client_with_idle(&running("").s, &["vision"]);
 }
 
 #[test]

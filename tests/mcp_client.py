@@ -1,9 +1,11 @@
 """A real, independent MCP client (the Python `mcp` SDK) driving
 `gpu-feeder mcp` over stdio: initialize, list tools, submit a job, read its
-result once the daemon has processed it, and get a tool error for bad
-arguments. Exits non-zero on any failure.
+result once the daemon has processed it, list jobs by status and model,
+and get a tool error for bad arguments. Given a model no instance serves
+(IDLE_MODEL), whose jobs stay pending, it also cancels such a job and
+retries it. Exits non-zero on any failure.
 
-    python3 tests/mcp_client.py BIN CONFIG
+    python3 tests/mcp_client.py BIN CONFIG [IDLE_MODEL]
 """
 
 import asyncio
@@ -31,7 +33,7 @@ def is_error(result):
     return bool(attr(result, "is_error", "isError"))
 
 
-async def main(binary: str, config: str) -> None:
+async def main(binary: str, config: str, idle: str | None) -> None:
     params = StdioServerParameters(command=binary, args=["--config", config, "mcp"])
     async with stdio_client(params) as (read, write):
         async with ClientSession(read, write) as session:
@@ -59,6 +61,26 @@ async def main(binary: str, config: str) -> None:
                 await asyncio.sleep(0.1)
             assert job["result"] == "echo: hello from an MCP client", job
 
+            listed = structured(await session.call_tool("list_jobs", {"status": "done", "model": "think"}))
+            assert job_id in [j["id"] for j in listed["jobs"]], listed
+            assert all(j["status"] == "done" and j["model_type"] == "think" for j in listed["jobs"]), listed
+            refused = await session.call_tool("cancel_job", {"id": job_id})
+            assert is_error(refused) and "done" in refused.content[0].text, refused.content[0].text
+
+            if idle:
+                parked = structured(await session.call_tool("submit_job", {"model": idle, "prompt": "no server for this model"}))
+                parked_id = parked["id"]
+                cancelled = structured(await session.call_tool("cancel_job", {"id": parked_id[:12]}))
+                assert cancelled["id"] == parked_id and cancelled["status"] == "cancelled", cancelled
+                listed = structured(await session.call_tool("list_jobs", {"status": "cancelled"}))
+                assert [j["id"] for j in listed["jobs"]] == [parked_id], listed
+                retried = structured(await session.call_tool("retry_job", {"id": parked_id}))
+                assert retried["status"] == "pending" and retried["attempts"] == 0, retried
+                pending = structured(await session.call_tool("list_jobs", {"status": "pending", "model": idle}))
+                assert [j["id"] for j in pending["jobs"]] == [parked_id], pending
+                again = await session.call_tool("retry_job", {"id": parked_id})
+                assert is_error(again), again
+
             bad = await session.call_tool("submit_job", {"model": "gpt", "prompt": "x"})
             assert is_error(bad), bad
             assert "unknown model type `gpt`" in bad.content[0].text, bad.content[0].text
@@ -85,4 +107,4 @@ async def main(binary: str, config: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))

@@ -119,7 +119,14 @@ fn a_server_that_runs_one_request_at_a_time_still_gets_every_job_done() {
         ..Quirks::default()
     };
     let (server, _s, _d) = served_all(quirks, "window = 8", "serial", 40);
-    assert_eq!(server.most_at_once(), 1);
+    // The daemon sent more than the server would run: requests queued
+    // behind each other there, and still every job was done.
+    let waited = server.most_waiting();
+    println!("at most {waited} requests waited behind the one running");
+    assert!(
+        waited > 0,
+        "no request ever waited behind another: the server was never asked for more than it runs"
+    );
 }
 
 #[test]

@@ -62,7 +62,7 @@ pub enum Command {
     /// The whole pipeline on simulated servers and a temporary database (no GPU)
     Demo(DemoArgs),
     /// A simulated vLLM OpenAI-compatible server (tests, demo, capacity planning)
-    Sim(SimConfig),
+    Sim(Box<SimConfig>),
     /// Create or upgrade the job database
     Migrate {
         /// Print JSON
@@ -320,7 +320,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     if let Command::Sim(cfg) = cli.command {
         crate::logging::init(&Default::default(), cli.log_format);
-        return runtime()?.block_on(crate::sim::serve(cfg)).map(|()| 0);
+        return runtime()?.block_on(crate::sim::serve(*cfg)).map(|()| 0);
     }
     if let Command::Demo(args) = cli.command {
         let logging = crate::config::LoggingConfig {

@@ -88,6 +88,17 @@ impl InferenceClient for OpenAiClient {
             .http
             .post(&url)
             .timeout(self.timeout)
+            // Names this send at the server (vLLM takes it as its request id,
+            // which must be unique while running): job, attempt, claim.
+            .header(
+                "X-Request-Id",
+                format!(
+                    "{}-{}-{}",
+                    job.id,
+                    job.attempts + 1,
+                    job.claim_id.as_deref().unwrap_or("unclaimed")
+                ),
+            )
             .json(&body)
             .send()
             .await;

@@ -39,7 +39,10 @@
 //! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests,
 //! `--fail-matching TEXT` refuses (400) requests containing TEXT, and
 //! `--crash-matching TEXT` exits (as a crash would) on a request containing
-//! TEXT — a "poison" payload.
+//! TEXT — a "poison" payload. `--request-log FILE` appends a line per
+//! request received and per answer given, with the request's `X-Request-Id`
+//! (gpu-feeder sends its job id there; see `request_log.rs`), so that a test
+//! can count the sends of each job at the server, across daemon crashes.
 //!
 //! It also accepts the vLLM server's command line, so that a configuration
 //! can swap the vLLM image or program for the simulator and change nothing
@@ -53,7 +56,8 @@
 //! mode), [`engine`] (the scheduler model), `blocks.rs` (the KV cache's
 //! blocks and prefix cache), `stats.rs` (counters with vLLM's meanings),
 //! `prompt.rs` (prompt tokens), `served.rs` (the engine against the clock,
-//! and its `/metrics`) and `sleep.rs` (sleep mode).
+//! and its `/metrics`), `sleep.rs` (sleep mode) and `request_log.rs` (what
+//! was asked and answered).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -61,7 +65,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -72,6 +76,7 @@ mod blocks;
 pub mod engine;
 mod options;
 mod prompt;
+mod request_log;
 mod served;
 mod sleep;
 mod stats;
@@ -79,6 +84,7 @@ mod stats;
 pub use options::{vllm_compatible_args, SimConfig};
 use prompt::Prompts;
 pub use prompt::TokenizerError;
+use request_log::RequestLog;
 pub use served::EngineView;
 use served::{Refused, Served};
 use sleep::{Admission, Sleeper};
@@ -113,6 +119,8 @@ struct Sim {
     prompts: Arc<Prompts>,
     /// `VLLM_SERVER_DEV_MODE=1`: the development endpoints are served.
     dev_mode: bool,
+    /// `--request-log`: what was asked and answered, by request id.
+    request_log: Option<RequestLog>,
 }
 
 /// A simulated server running in this process.
@@ -174,6 +182,15 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
     let prompts = Prompts::load(cfg.tokenizer_file().as_deref())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let prompts = Arc::new(prompts);
+    let request_log = match &cfg.request_log {
+        Some(path) => Some(RequestLog::open(path).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("cannot open --request-log {}: {e}", path.display()),
+            )
+        })?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).await?;
     let addr = listener.local_addr()?;
     let counters = Arc::new(SimCounters::default());
@@ -193,6 +210,7 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
         sleep,
         prompts,
         dev_mode,
+        request_log,
         slots: Semaphore::new(cfg.max_num_seqs.max(1)),
         cfg,
         started: Instant::now(),
@@ -362,10 +380,30 @@ fn answer(messages: &[Value]) -> (String, usize) {
     (content, chars / 4 + image_bytes / 1000 + 1)
 }
 
-async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Response {
+async fn chat(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    body: Option<Json<Value>>,
+) -> Response {
     let c = &sim.counters;
     *c.last_arrival.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     let n = c.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let Some(log) = &sim.request_log else {
+        return respond(&sim, n, body).await;
+    };
+    let id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(|| "-".to_string(), |v| v.replace('\t', " "));
+    log.received(n, &id);
+    let response = respond(&sim, n, body).await;
+    log.answered(n, response.status().as_u16(), &id);
+    response
+}
+
+/// Request number `n`'s answer.
+async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
+    let c = &sim.counters;
     if sim.cfg.crash_after > 0 && n > sim.cfg.crash_after {
         eprintln!(
             "sim: crashing at request {n} (--crash-after {})",
@@ -455,12 +493,12 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
                     ),
                 )
             }
-            Err(Refused::Aborted) => return completion(&sim, n, String::new(), "abort", 0, 0),
+            Err(Refused::Aborted) => return completion(sim, n, String::new(), "abort", 0, 0),
         };
         let content = garbled(answer(messages).0);
         c.completed.fetch_add(1, Ordering::Relaxed);
         return completion(
-            &sim,
+            sim,
             n,
             content,
             "length",
@@ -490,7 +528,7 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
         Some(aborted) => {
             tokio::select! {
                 () = run => {}
-                () = aborted => return completion(&sim, n, String::new(), "abort", 0, 0),
+                () = aborted => return completion(sim, n, String::new(), "abort", 0, 0),
             }
         }
         None => run.await,
@@ -504,7 +542,7 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Option<Json<Value>>) -> Respons
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
     completion(
-        &sim,
+        sim,
         n,
         content,
         "stop",

@@ -107,6 +107,10 @@ pub struct SimConfig {
     /// Sleep mode: seconds the reload after a level-2 wake takes (weights from disk)
     #[arg(long, default_value_t = 6.5)]
     pub wake_l2_s: f64,
+    /// Append a line to this file for each chat request received and each
+    /// answer given, with its `X-Request-Id` (tests count sends per job)
+    #[arg(long, value_name = "FILE")]
+    pub request_log: Option<PathBuf>,
     /// Whether `VLLM_SERVER_DEV_MODE=1` holds; `None` reads the environment.
     #[arg(skip)]
     pub dev_mode: Option<bool>,
@@ -146,6 +150,7 @@ impl Default for SimConfig {
             sleep_s: 0.3,
             wake_s: 2.2,
             wake_l2_s: 6.5,
+            request_log: None,
             dev_mode: None,
         }
     }
@@ -203,6 +208,7 @@ const SIM_FLAGS: &[&str] = &[
     "--sleep-s",
     "--wake-s",
     "--wake-l2-s",
+    "--request-log",
     "--config",
     "--db",
     "--log-format",

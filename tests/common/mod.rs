@@ -10,6 +10,7 @@ pub mod command;
 pub mod docker;
 pub mod openai_like;
 pub mod pg;
+pub mod served;
 pub mod sim;
 pub mod vllm;
 
@@ -145,11 +146,18 @@ impl Run {
 /// `gpu-feeder mcp` on the queue of `s`, and asserts that all its checks
 /// passed.
 pub fn mcp_client(s: &Scratch) {
+    mcp_client_with_idle(s, &[]);
+}
+
+/// [`mcp_client`], also cancelling and retrying a job of `idle`, a model
+/// no instance serves (so that its jobs stay pending).
+pub fn mcp_client_with_idle(s: &Scratch, idle: &[&str]) {
     succeed(
         Command::new("python3")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp_client.py"))
             .arg(bin())
-            .arg(s.config()),
+            .arg(s.config())
+            .args(idle),
         "the MCP client (is the Python `mcp` package installed? .ci/run installs it)",
     );
 }

@@ -68,8 +68,9 @@ struct Shared {
     one: tokio::sync::Semaphore,
     /// The last user text of every completion request received, and when.
     received: Mutex<Vec<(String, std::time::Instant)>>,
-    /// Requests running now, and the most ever seen at once.
-    running: Mutex<(usize, usize)>,
+    /// Requests waiting for their turn now (one at a time), and the most
+    /// ever seen waiting at once.
+    waiting: Mutex<(usize, usize)>,
 }
 
 /// A running server; stopped on drop.
@@ -92,7 +93,7 @@ impl OpenAiLike {
             quirks,
             one: tokio::sync::Semaphore::new(1),
             received: Mutex::new(Vec::new()),
-            running: Mutex::new((0, 0)),
+            waiting: Mutex::new((0, 0)),
         });
         let state = shared.clone();
         let url = runtime.block_on(async move {
@@ -128,9 +129,10 @@ impl OpenAiLike {
         self.shared.received.lock().unwrap().clone()
     }
 
-    /// The most requests that ever ran at once.
-    pub fn most_at_once(&self) -> usize {
-        self.shared.running.lock().unwrap().1
+    /// The most requests that ever waited at once behind the one running
+    /// (with `one_at_a_time`).
+    pub fn most_waiting(&self) -> usize {
+        self.shared.waiting.lock().unwrap().1
     }
 }
 
@@ -186,22 +188,29 @@ async fn chat(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response
         }
     }
     let _turn = if s.quirks.one_at_a_time {
-        Some(s.one.acquire().await.unwrap())
+        match s.one.try_acquire() {
+            Ok(turn) => Some(turn),
+            // Another is running: this one waits its turn, counted.
+            Err(_) => {
+                {
+                    let mut w = s.waiting.lock().unwrap();
+                    w.0 += 1;
+                    w.1 = w.1.max(w.0);
+                }
+                let turn = s.one.acquire().await.unwrap();
+                s.waiting.lock().unwrap().0 -= 1;
+                Some(turn)
+            }
+        }
     } else {
         None
     };
-    {
-        let mut r = s.running.lock().unwrap();
-        r.0 += 1;
-        r.1 = r.1.max(r.0);
-    }
     // The server's own service time, as `gpu-feeder sim --latency-ms`: what
     // keeps a one-at-a-time server busy long enough for requests to queue.
     // Not a wait in a test; tests poll for the states they need.
     if !s.quirks.latency.is_zero() {
         tokio::time::sleep(s.quirks.latency).await;
     }
-    s.running.lock().unwrap().0 -= 1;
     if let Some(bad) = &s.quirks.invalid_as_500 {
         if text.contains(bad.as_str()) {
             return (
