@@ -11,12 +11,14 @@
 //! while it probes, every 100 ms while it doubles at the start), the
 //! controller:
 //! - **backs off on preemptions**: the number running when the cache ran
-//!   out, less a tenth, becomes a ceiling for the next minute (once what
+//!   out (the fuller of the two readings around it), less a tenth, becomes a ceiling for the next minute (once what
 //!   is in flight has come down to the window: a cut takes a while);
 //! - **backs off on a server queue**: when requests have waited inside the
 //!   server (`vllm:num_requests_waiting` above 1/32 of the window) in every
-//!   reading for 750 ms, or a request's lifetime if that is longer, the
-//!   window drops by the part of that queue it did not need: the fewest
+//!   reading for 750 ms, or a request's lifetime if that is longer (and
+//!   not before a request has ended: until then the lifetime is unknown,
+//!   and the first requests' long prompts wait in the server for their
+//!   turn to be prefilled, a queue that goes as it came), the window drops by the part of that queue it did not need: the fewest
 //!   seen waiting, less the allowance, less the requests of ours that are
 //!   on their way (in flight here but neither running nor waiting there).
 //!   One reading may catch only requests that arrived since the server's
@@ -385,7 +387,10 @@ impl WindowController {
             return self.window;
         }
         if preempted > 0.0 {
-            let running = m.running.min(w as f64).max(1.0);
+            // The cache ran out between the last two readings: as many
+            // ran then as in the fuller of them (a reading taken late, once
+            // the batch has drained, would set the ceiling far too low).
+            let running = m.running.max(prev.running).min(w as f64).max(1.0);
             let back = ((running * PREEMPTION_BACKOFF).floor() as u32).max(1);
             self.ceiling = Some((back, now + CEILING_FOR));
             self.signals.ceiling = Some(back);
@@ -415,9 +420,12 @@ impl WindowController {
             let queue_for = self.queue_for();
             let (since, least) = self.queued.get_or_insert((now, m.waiting));
             *least = least.min(m.waiting);
-            if now.duration_since(*since) < queue_for {
-                // Perhaps only arrivals since the server's last step, or a
-                // wave's refill: wait and see.
+            if now.duration_since(*since) < queue_for || self.lifetime.is_none() {
+                // Perhaps only arrivals since the server's last step, a
+                // wave's refill, or the first requests' prompts waiting for
+                // their turn to be prefilled (a queue that lasts less than
+                // a request's lifetime, unknown until one has ended): wait
+                // and see.
                 return self.window;
             }
             let least = *least;
