@@ -765,10 +765,41 @@ mod tests {
             tokio::time::advance(Duration::from_millis(250)).await;
             let w = c.window();
             let m = reading(w, 256, 100_000, 0.25, &mut total);
+            // Requests end all along, as the dispatcher reports them: a
+            // queue counts once one has (its lifetime is known).
+            c.on_latency(Instant::now(), Duration::from_millis(500));
             c.on_metrics(Instant::now(), m, w as usize);
         }
         let w = c.window();
         assert!((256..=264).contains(&w), "window {w}: {}", c.reason());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_counts_only_once_a_request_has_ended() {
+        let mut c = WindowController::new(WindowMode::Auto { max: 1024 }, 16, Instant::now());
+        // The first 16 long prompts: half of them wait their turn to be
+        // prefilled for seconds, before any request has ended.
+        let queued = |total: f64| EngineMetrics {
+            running: 8.0,
+            waiting: 8.0,
+            kv_usage: 0.1,
+            generation_tokens_total: total,
+            ..Default::default()
+        };
+        for i in 0..30 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            c.on_metrics(Instant::now(), queued(i as f64), 16);
+        }
+        assert_eq!(c.window(), 16, "{}", c.reason());
+        // Once requests end (a lifetime of a second), a queue that lasts
+        // that long is one: the window comes down by what it did not need.
+        for i in 30..60 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            c.on_latency(Instant::now(), Duration::from_secs(1));
+            c.on_metrics(Instant::now(), queued(i as f64), 16);
+        }
+        assert!(c.window() < 16, "{}", c.reason());
+        assert!(c.reason().contains("queues"), "{}", c.reason());
     }
 
     #[test]
