@@ -30,15 +30,15 @@
 //! preemptions, and a high-priority job's submit → done under auto ÷ its
 //! time on an idle engine (and under that best fixed window). The
 //! controller was tuned on seeds 100-119 (`tune`) only; seeds 1-10 are the
-//! report, with the long-document example ("ex": 270 prompt
+//! report, with a long-document example ("ex": 270 prompt
 //! tokens, 200 out, a KV cache holding 125 such requests, steps of 10 ms +
 //! 0.06 ms a request, prefill 0.15 ms a token) above them.
 //! `seeds-pipeline` runs chosen seeds (`BENCH_SEEDS`, default 1-3; 0 is
-//! the example) through
-//! the whole pipeline against the simulator set as the seed's engine, jobs
-//! submitted as they arrive, at auto and at half, once and twice the best
-//! fixed window the harness found; `BENCH_SECONDS` (40) of wall time a run
-//! at `BENCH_TIME_SCALE` (5), the harness's figures beside them.
+//! the example) through the whole pipeline against the simulator set as
+//! the seed's engine, jobs submitted as they arrive, at auto and at half,
+//! once and twice the best fixed window the harness found; `BENCH_SECONDS`
+//! (40) of wall time a run at `BENCH_TIME_SCALE` (5), the harness's figures
+//! beside them.
 //!
 //! For every workload: fixed windows, `auto`, and the plan's original loop
 //! (poll every 5 s, claim 32, wait for all 32), each run for its seconds of
@@ -668,7 +668,7 @@ fn seeds(default: std::ops::RangeInclusive<u64>) -> Vec<u64> {
         .collect()
 }
 
-/// The scenario of `seed`; 0 is the long-document example.
+/// The scenario of `seed`; 0 is the long-document example.
 fn scenario(seed: u64) -> workload::Scenario {
     match seed {
         0 => workload::Scenario::example(),
@@ -713,7 +713,7 @@ fn seed_row(s: &workload::Scenario) -> SeedRow {
     }
 }
 
-/// `-- seeds` (the 10 report seeds, 1-10, and the example) or
+/// `-- seeds` (the 10 report seeds, 1-10, and the long-document example) or
 /// `-- tune` (the tuning seeds, 100-119): auto against every fixed window
 /// on generated workloads, in virtual time (`benches/common/replay.rs`).
 fn seeds_table(tune: bool) {

@@ -96,7 +96,7 @@ pub struct Class {
 /// An engine and the work it is given.
 #[derive(Clone, Debug)]
 pub struct Scenario {
-    /// What it was drawn from (0 for the fixed example).
+    /// What it was drawn from (0 for the long-document example).
     pub seed: u64,
     /// The engine.
     pub engine: EngineConfig,
@@ -216,9 +216,10 @@ impl Scenario {
         s
     }
 
-    /// The long-document example: ≈270 prompt tokens, 200 out, a
-    /// KV cache that holds about 125 such requests, steps of 10 ms + 0.06
-    /// ms per request, prefill 0.15 ms a token; a backlog, no bursts.
+    /// A long-document workload that an earlier controller fell short on:
+    /// ≈270 prompt tokens, 200 out, a KV cache that holds about 125 such
+    /// requests, steps of 10 ms + 0.06 ms per request, prefill 0.15 ms a
+    /// token; a backlog, no bursts.
     pub fn example() -> Scenario {
         let mut rng = StdRng::seed_from_u64(0);
         let classes = vec![Class {
