@@ -12,6 +12,34 @@
 //!     BENCH_TRACE=every cargo bench --bench window -- chat
 //!                                                 # every reading of every run
 //!
+//!     cargo bench --bench window -- seeds         # 10 generated workloads (seeds 1-10)
+//!     cargo bench --bench window -- tune          # the tuning seeds, 100-119
+//!     BENCH_SEEDS=3,7 BENCH_VERBOSE=1 BENCH_TRACE=1 cargo bench --bench window -- seeds
+//!                                                 # chosen seeds, auto's every change
+//!     cargo bench --bench window -- seeds-pipeline  # seeds 1-3 through the pipeline
+//!
+//! **Generated workloads** (`seeds`, `tune`). Each seed draws an engine and
+//! a stream of work (`benches/common/workload.rs`: heavy-tailed prompt and
+//! output lengths, mixes of chat, long documents and images, shared
+//! prefixes, bursts, KV cache, step times, slots, block size and step
+//! budget), and the window is run at 14 fixed sizes (8 to 1,024) and at
+//! `auto` (`window_max` 1,024), 200 engine seconds each, by the
+//! virtual-time harness (`benches/common/replay.rs`: the real controller
+//! against the engine model, no daemon). The table gives auto ÷ the best
+//! fixed window that preempts under 1 % of its requests, auto's
+//! preemptions, and a high-priority job's submit → done under auto ÷ its
+//! time on an idle engine (and under that best fixed window). The
+//! controller was tuned on seeds 100-119 (`tune`) only; seeds 1-10 are the
+//! report, with a long-document example ("ex": 270 prompt
+//! tokens, 200 out, a KV cache holding 125 such requests, steps of 10 ms +
+//! 0.06 ms a request, prefill 0.15 ms a token) above them.
+//! `seeds-pipeline` runs chosen seeds (`BENCH_SEEDS`, default 1-3; 0 is
+//! the example) through the whole pipeline against the simulator set as
+//! the seed's engine, jobs submitted as they arrive, at auto and at half,
+//! once and twice the best fixed window the harness found; `BENCH_SECONDS`
+//! (40) of wall time a run at `BENCH_TIME_SCALE` (5), the harness's figures
+//! beside them.
+//!
 //! For every workload: fixed windows, `auto`, and the plan's original loop
 //! (poll every 5 s, claim 32, wait for all 32), each run for its seconds of
 //! wall time or until the bulk is done. Halfway through, one high-priority
@@ -55,6 +83,10 @@ use feeder_actors::{
     Timestamp,
 };
 mod common;
+#[path = "common/replay.rs"]
+mod replay;
+#[path = "common/workload.rs"]
+mod workload;
 
 use common::engine::{self, Engine, Kind, Reading, RealVllm};
 use common::env_f64;
@@ -552,8 +584,16 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let wanted = |w: &Workload| filter.is_empty() || filter.iter().any(|f| f == w.name);
+    if filter.iter().any(|f| f == "seeds" || f == "tune") {
+        seeds_table(filter.iter().any(|f| f == "tune"));
+        return;
+    }
     let rt = common::runtime();
+    if filter.iter().any(|f| f == "seeds-pipeline") {
+        seeds_pipeline(&rt);
+        return;
+    }
+    let wanted = |w: &Workload| filter.is_empty() || filter.iter().any(|f| f == w.name);
     for kind in engine::chosen() {
         match kind {
             Kind::Sim => {
@@ -608,6 +648,380 @@ fn main() {
                     });
                 }
             }
+        }
+    }
+}
+
+/// The seeds a table runs: `BENCH_SEEDS` (`1-10` or `3,7`), else `default`.
+fn seeds(default: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    let Ok(list) = std::env::var("BENCH_SEEDS") else {
+        return default.collect();
+    };
+    list.split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (a.trim().parse().unwrap(), b.trim().parse().unwrap());
+                (a..=b).collect::<Vec<_>>()
+            }
+            None => vec![part.trim().parse().expect("BENCH_SEEDS is a list of seeds")],
+        })
+        .collect()
+}
+
+/// The scenario of `seed`; 0 is the long-document example.
+fn scenario(seed: u64) -> workload::Scenario {
+    match seed {
+        0 => workload::Scenario::example(),
+        _ => workload::Scenario::draw(seed),
+    }
+}
+
+/// The fixed windows each generated scenario is run at.
+const SEED_WINDOWS: [u32; 14] = [
+    8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+];
+
+/// One scenario's figures: auto against the best fixed window that
+/// preempts under 1 % of its requests.
+struct SeedRow {
+    best: (u32, replay::Outcome),
+    auto: replay::Outcome,
+    idle: f64,
+}
+
+fn seed_row(s: &workload::Scenario) -> SeedRow {
+    let fixed: Vec<(u32, replay::Outcome)> = SEED_WINDOWS
+        .iter()
+        .map(|&n| {
+            (
+                n,
+                replay::run(s, feeder_actors::window::WindowMode::Fixed(n)),
+            )
+        })
+        .collect();
+    let best = fixed
+        .iter()
+        .filter(|(_, o)| (o.preemptions as f64) < 0.01 * o.requests.max(1) as f64)
+        .max_by(|a, b| a.1.tokens_per_s.total_cmp(&b.1.tokens_per_s))
+        .cloned()
+        .unwrap_or_else(|| fixed[0].clone());
+    let auto = replay::run(s, feeder_actors::window::WindowMode::Auto { max: 1024 });
+    SeedRow {
+        best,
+        auto,
+        idle: replay::idle_time(s),
+    }
+}
+
+/// `-- seeds` (the 10 report seeds, 1-10, and the long-document example) or
+/// `-- tune` (the tuning seeds, 100-119): auto against every fixed window
+/// on generated workloads, in virtual time (`benches/common/replay.rs`).
+fn seeds_table(tune: bool) {
+    let mut scenarios = Vec::new();
+    if !tune && std::env::var("BENCH_SEEDS").is_err() {
+        scenarios.push(workload::Scenario::example());
+    }
+    let chosen = seeds(if tune { 100..=119 } else { 1..=10 });
+    scenarios.extend(chosen.into_iter().map(scenario));
+    println!(
+        "generated workloads against the engine model in virtual time ({} engine s a run); auto ÷ the best fixed window that preempts < 1 % of requests",
+        workload::RUN_SECONDS
+    );
+    println!(
+        "  {:>4} {:>20} {:>10} {:>6} {:>8} {:>14} {:>8} {:>8} {:>7} {:>8}",
+        "seed",
+        "best fixed",
+        "tokens/s",
+        "auto",
+        "auto at",
+        "preemptions",
+        "urgent",
+        "idle",
+        "× idle",
+        "at best"
+    );
+    let rows: Vec<(u64, SeedRow, String)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = scenarios
+            .iter()
+            .map(|s| sc.spawn(move || (s.seed, seed_row(s), s.describe())))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ratios = Vec::new();
+    let mut urgents = Vec::new();
+    for (seed, r, describe) in &rows {
+        let ratio = r.auto.tokens_per_s / r.best.1.tokens_per_s.max(1e-9);
+        let urgent = r.auto.urgent.map(|u| u / r.idle);
+        if *seed != 0 {
+            ratios.push(ratio);
+            urgents.push(urgent.unwrap_or(f64::INFINITY));
+        }
+        println!(
+            "  {:>4} {:>20} {:>10.0} {:>6.2} {:>8} {:>14} {:>8} {:>7.2}s {:>7} {:>8}",
+            if *seed == 0 {
+                "ex".to_string()
+            } else {
+                seed.to_string()
+            },
+            format!(
+                "{} ({:.1} % pre.)",
+                r.best.0,
+                100.0 * r.best.1.preemptions as f64 / r.best.1.requests.max(1) as f64
+            ),
+            r.best.1.tokens_per_s,
+            ratio,
+            r.auto.window,
+            format!(
+                "{} ({:.1} %)",
+                r.auto.preemptions,
+                100.0 * r.auto.preemptions as f64 / r.auto.requests.max(1) as f64
+            ),
+            r.auto.urgent.map_or("-".into(), |u| format!("{u:.2}s")),
+            r.idle,
+            urgent.map_or("-".into(), |u| format!("{u:.2}")),
+            r.best
+                .1
+                .urgent
+                .map_or("-".into(), |u| format!("{:.2}", u / r.idle)),
+        );
+        if std::env::var("BENCH_VERBOSE").is_ok() {
+            println!("       {describe}");
+            for (t, w, why) in &r.auto.trace {
+                println!("       {t:>7.2}s {w:>5} {why}");
+            }
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
+    urgents.sort_by(f64::total_cmp);
+    if !ratios.is_empty() {
+        println!(
+            "  auto ÷ best fixed over {} seeds: median {:.3}, worst {:.3}; urgent ÷ idle: median {:.2}, worst {:.2}",
+            ratios.len(),
+            (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0,
+            ratios[0],
+            (urgents[(urgents.len() - 1) / 2] + urgents[urgents.len() / 2]) / 2.0,
+            urgents[urgents.len() - 1]
+        );
+    }
+}
+
+/// The payload of a generated job: a system message with its shared
+/// prefix (the same text for every job behind it), then its own text
+/// (distinct from its first characters) and its image part; the simulator
+/// counts a token per 4 characters and `--image-tokens` per image.
+fn generated_payload(j: &workload::GenJob, i: usize, tag: &str) -> String {
+    let head = format!("{tag} {i:07} ");
+    let chars = (j.text as usize * 4).max(head.len());
+    let text = format!("{head}{}", "w".repeat(chars - head.len()));
+    let mut content = vec![serde_json::json!({"type": "text", "text": text})];
+    if j.image.is_some() {
+        let url = format!("data:image/png;base64,iVBORw0KGgo{tag}{i:08}");
+        content.insert(
+            0,
+            serde_json::json!({"type": "image_url", "image_url": {"url": url}}),
+        );
+    }
+    let mut messages = vec![serde_json::json!({"role": "user", "content": content})];
+    if let Some((k, t)) = j.prefix {
+        let prefix = format!("{} shared prefix {k:04} ", j.class);
+        let system = format!(
+            "{prefix}{}",
+            "s".repeat((t as usize * 4).saturating_sub(prefix.len()))
+        );
+        messages.insert(0, serde_json::json!({"role": "system", "content": system}));
+    }
+    serde_json::json!({"messages": messages, "max_tokens": j.max_tokens}).to_string()
+}
+
+fn generated_job(j: &workload::GenJob, i: usize, tag: &str, priority: i64) -> NewJob {
+    let mut n = NewJob::new(
+        ModelType::Think,
+        Payload::Inline(generated_payload(j, i, tag)),
+        format!("{tag}-{i}"),
+    );
+    n.priority = priority;
+    n
+}
+
+/// One run of a generated scenario through the whole pipeline: the
+/// simulator set as the scenario's engine, jobs submitted as they arrive,
+/// the urgent job halfway; figures in engine seconds.
+async fn pipeline_run(
+    s: &workload::Scenario,
+    window: WindowSetting,
+    scale: f64,
+) -> replay::Outcome {
+    let e = &s.engine;
+    let sim = common::engine(SimConfig {
+        kv_cache_tokens: Some(e.kv_cache_tokens),
+        max_num_seqs: e.max_num_seqs,
+        block_size: e.block_size,
+        max_num_batched_tokens: e.max_num_batched_tokens,
+        step_ms: e.step_ms,
+        step_ms_per_seq: e.step_ms_per_seq,
+        prefill_ms_per_1k: e.prefill_ms_per_1k,
+        step_ms_per_1k_context: e.step_ms_per_1k_context,
+        image_tokens: s.image_tokens.max(1),
+        time_scale: scale,
+        ..SimConfig::default()
+    })
+    .await;
+    let engine = Engine::Sim(sim);
+    let dir = common::scratch();
+    let c = common::config_serving(dir.path(), &engine.url(), engine.served_name(), 256, window);
+    let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
+    let backlog = s.jobs.iter().take_while(|j| j.arrival <= 0.0).count();
+    store
+        .submit_batch(
+            s.jobs[..backlog]
+                .iter()
+                .enumerate()
+                .map(|(i, j)| generated_job(j, i, "bulk", 0))
+                .collect(),
+            Timestamp::now(),
+        )
+        .unwrap();
+    let first = engine.reading().await;
+    let start = Instant::now();
+    let wall = |engine_s: f64| start + Duration::from_secs_f64(engine_s / scale);
+    let pipeline =
+        common::start_pipeline(&c, Arc::new(SqliteStore::open(&c.queue.db_path).unwrap())).await;
+    let handle = FeederHandle::new(pipeline.feeder.clone());
+    let mut next = backlog;
+    let mut urgent: Option<(JobId, Instant)> = None;
+    let mut urgent_done = None;
+    let mut waiting = Vec::new();
+    let end = wall(s.seconds);
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = Instant::now();
+        // The jobs that have arrived, in one batch.
+        let due = s.jobs[next..]
+            .iter()
+            .take_while(|j| wall(j.arrival) <= now)
+            .count();
+        if due > 0 {
+            let batch = (next..next + due)
+                .map(|i| generated_job(&s.jobs[i], i, "bulk", 0))
+                .collect();
+            store.submit_batch(batch, Timestamp::now()).unwrap();
+            next += due;
+        }
+        if urgent.is_none() && now >= wall(s.seconds / 2.0) {
+            let id = handle
+                .submit(vec![generated_job(&s.urgent, 0, URGENT, 100)])
+                .await
+                .unwrap()[0]
+                .id;
+            urgent = Some((id, Instant::now()));
+        }
+        if let Some((id, at)) = urgent.filter(|_| urgent_done.is_none()) {
+            if store
+                .get(id)
+                .unwrap()
+                .is_some_and(|j| j.status == JobStatus::Done)
+            {
+                urgent_done = Some(at.elapsed().as_secs_f64() * scale);
+            }
+        }
+        waiting.push(engine.reading().await.waiting);
+    }
+    let last = engine.reading().await;
+    let window = handle
+        .status()
+        .await
+        .ok()
+        .and_then(|st| st.dispatch.first().map(|d| d.window))
+        .unwrap_or(0);
+    pipeline.shutdown(Duration::ZERO).await;
+    waiting.sort_by(f64::total_cmp);
+    replay::Outcome {
+        tokens_per_s: last.tokens_per_s_since(&first),
+        preemptions: (last.preemptions - first.preemptions) as u64,
+        requests: (last.successes - first.successes) as u64,
+        urgent: urgent_done,
+        window,
+        median_waiting: waiting.get(waiting.len() / 2).copied().unwrap_or(0.0),
+        trace: Vec::new(),
+    }
+}
+
+/// `-- seeds-pipeline`: report seeds (`BENCH_SEEDS`, default 1-3) through
+/// the whole pipeline against the simulator at `BENCH_TIME_SCALE` (5), for
+/// `BENCH_SECONDS` (40) of wall time a run: auto, and the fixed windows
+/// around the best one that the virtual-time harness found (half, it,
+/// twice), each beside the harness's figure for the same run length.
+fn seeds_pipeline(rt: &tokio::runtime::Runtime) {
+    let scale = env_f64("BENCH_TIME_SCALE", 5.0);
+    let seconds = env_f64("BENCH_SECONDS", 40.0);
+    println!(
+        "generated workloads through the whole pipeline against the simulator (clock ×{scale}, {seconds} s of wall time a run); figures in engine seconds; [virtual-time harness, same run length]"
+    );
+    for seed in seeds(1..=3) {
+        let mut s = scenario(seed);
+        s.seconds = seconds * scale;
+        s.urgent.arrival = s.seconds / 2.0;
+        println!();
+        println!("seed {seed}: {}", s.describe());
+        let virtual_best = SEED_WINDOWS
+            .iter()
+            .map(|&n| {
+                (
+                    n,
+                    replay::run(&s, feeder_actors::window::WindowMode::Fixed(n)),
+                )
+            })
+            .filter(|(_, o)| (o.preemptions as f64) < 0.01 * o.requests.max(1) as f64)
+            .max_by(|a, b| a.1.tokens_per_s.total_cmp(&b.1.tokens_per_s))
+            .map_or(64, |(n, _)| n);
+        let idle = replay::idle_time(&s);
+        let mut best: Option<(u32, f64)> = None;
+        let mut modes: Vec<Option<u32>> = [virtual_best / 2, virtual_best, virtual_best * 2]
+            .into_iter()
+            .filter(|n| *n >= 1)
+            .map(Some)
+            .collect();
+        modes.push(None);
+        for mode in modes {
+            let (setting, wmode) = match mode {
+                Some(n) => (
+                    WindowSetting::Fixed(n),
+                    feeder_actors::window::WindowMode::Fixed(n),
+                ),
+                None => (
+                    WindowSetting::Auto,
+                    feeder_actors::window::WindowMode::Auto { max: 1024 },
+                ),
+            };
+            let o = rt.block_on(pipeline_run(&s, setting, scale));
+            let v = replay::run(&s, wmode);
+            let ok = (o.preemptions as f64) < 0.01 * o.requests.max(1) as f64;
+            if let Some(n) = mode.filter(|_| ok && best.is_none_or(|(_, r)| o.tokens_per_s > r)) {
+                best = Some((n, o.tokens_per_s));
+            }
+            let share = match (mode, best) {
+                (None, Some((n, r))) => format!("  {:.2} of window {n}", o.tokens_per_s / r),
+                _ => String::new(),
+            };
+            println!(
+                "  {:<16} {:>8.0} tokens/s [{:>6.0}] {:>6} requests {:>14} preempted, urgent {} ({} × idle {idle:.2}s) [{}], {} waiting{share}",
+                match mode {
+                    Some(n) => format!("window {n}"),
+                    None => format!("auto (ended at {})", o.window),
+                },
+                o.tokens_per_s,
+                v.tokens_per_s,
+                o.requests,
+                format!(
+                    "{} ({:.1} %)",
+                    o.preemptions,
+                    100.0 * o.preemptions as f64 / o.requests.max(1) as f64
+                ),
+                o.urgent.map_or("not done".into(), |u| format!("{u:.2}s")),
+                o.urgent.map_or("-".into(), |u| format!("{:.2}", u / idle)),
+                v.urgent.map_or("-".into(), |u| format!("{:.2}", u / idle)),
+                o.median_waiting,
+            );
         }
     }
 }

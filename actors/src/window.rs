@@ -11,12 +11,14 @@
 //! while it probes, every 100 ms while it doubles at the start), the
 //! controller:
 //! - **backs off on preemptions**: the number running when the cache ran
-//!   out, less a tenth, becomes a ceiling for the next minute (once what
+//!   out (the fuller of the two readings around it), less a tenth, becomes a ceiling for the next minute (once what
 //!   is in flight has come down to the window: a cut takes a while);
 //! - **backs off on a server queue**: when requests have waited inside the
 //!   server (`vllm:num_requests_waiting` above 1/32 of the window) in every
-//!   reading for 750 ms, or a request's lifetime if that is longer, the
-//!   window drops by the part of that queue it did not need: the fewest
+//!   reading for 750 ms, or a request's lifetime if that is longer (and
+//!   not before a request has ended: until then the lifetime is unknown,
+//!   and the first requests' long prompts wait in the server for their
+//!   turn to be prefilled, a queue that goes as it came), the window drops by the part of that queue it did not need: the fewest
 //!   seen waiting, less the allowance, less the requests of ours that are
 //!   on their way (in flight here but neither running nor waiting there).
 //!   One reading may catch only requests that arrived since the server's
@@ -385,7 +387,10 @@ impl WindowController {
             return self.window;
         }
         if preempted > 0.0 {
-            let running = m.running.min(w as f64).max(1.0);
+            // The cache ran out between the last two readings: as many
+            // ran then as in the fuller of them (a reading taken late, once
+            // the batch has drained, would set the ceiling far too low).
+            let running = m.running.max(prev.running).min(w as f64).max(1.0);
             let back = ((running * PREEMPTION_BACKOFF).floor() as u32).max(1);
             self.ceiling = Some((back, now + CEILING_FOR));
             self.signals.ceiling = Some(back);
@@ -415,9 +420,12 @@ impl WindowController {
             let queue_for = self.queue_for();
             let (since, least) = self.queued.get_or_insert((now, m.waiting));
             *least = least.min(m.waiting);
-            if now.duration_since(*since) < queue_for {
-                // Perhaps only arrivals since the server's last step, or a
-                // wave's refill: wait and see.
+            if now.duration_since(*since) < queue_for || self.lifetime.is_none() {
+                // Perhaps only arrivals since the server's last step, a
+                // wave's refill, or the first requests' prompts waiting for
+                // their turn to be prefilled (a queue that lasts less than
+                // a request's lifetime, unknown until one has ended): wait
+                // and see.
                 return self.window;
             }
             let least = *least;
@@ -757,10 +765,41 @@ mod tests {
             tokio::time::advance(Duration::from_millis(250)).await;
             let w = c.window();
             let m = reading(w, 256, 100_000, 0.25, &mut total);
+            // Requests end all along, as the dispatcher reports them: a
+            // queue counts once one has (its lifetime is known).
+            c.on_latency(Instant::now(), Duration::from_millis(500));
             c.on_metrics(Instant::now(), m, w as usize);
         }
         let w = c.window();
         assert!((256..=264).contains(&w), "window {w}: {}", c.reason());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_counts_only_once_a_request_has_ended() {
+        let mut c = WindowController::new(WindowMode::Auto { max: 1024 }, 16, Instant::now());
+        // The first 16 long prompts: half of them wait their turn to be
+        // prefilled for seconds, before any request has ended.
+        let queued = |total: f64| EngineMetrics {
+            running: 8.0,
+            waiting: 8.0,
+            kv_usage: 0.1,
+            generation_tokens_total: total,
+            ..Default::default()
+        };
+        for i in 0..30 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            c.on_metrics(Instant::now(), queued(i as f64), 16);
+        }
+        assert_eq!(c.window(), 16, "{}", c.reason());
+        // Once requests end (a lifetime of a second), a queue that lasts
+        // that long is one: the window comes down by what it did not need.
+        for i in 30..60 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            c.on_latency(Instant::now(), Duration::from_secs(1));
+            c.on_metrics(Instant::now(), queued(i as f64), 16);
+        }
+        assert!(c.window() < 16, "{}", c.reason());
+        assert!(c.reason().contains("queues"), "{}", c.reason());
     }
 
     #[test]
