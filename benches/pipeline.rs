@@ -2,6 +2,7 @@
 //!
 //!     cargo bench --bench pipeline                 # all four
 //!     cargo bench --bench pipeline -- throughput   # or saturation, arrival, peer
+//!     cargo bench --bench pipeline -- vllm         # only when named
 //!
 //! 1. End-to-end jobs/s against a simulated server with zero latency, beside
 //!    the raw HTTP rate of the same server measured in the same run.
@@ -15,6 +16,8 @@
 //!    process against `gpu-feeder sim` in another, on the same jobs: jobs/s
 //!    and CPU per job (user + system time of the feeder's process, read
 //!    from `/proc/PID/stat`, divided by the jobs it finished). See [`peer`].
+//! 5. `vllm`, run only when named: the daemon's CPU time beside the real
+//!    vLLM's (CPU build) over the same run.
 
 mod common;
 #[path = "pipeline/peer.rs"]
@@ -291,5 +294,9 @@ fn main() {
     });
     if run("peer") {
         peer::run();
+    }
+    // Not in the default set: vLLM takes minutes to start on a CPU.
+    if only.iter().any(|o| o == "vllm") {
+        peer::vllm();
     }
 }

@@ -162,7 +162,11 @@ pub fn process_cpu(pid: u32) -> Option<std::time::Duration> {
 pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut parents = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
@@ -184,7 +188,12 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     let mut i = 0;
     while i < tree.len() {
         let here = tree[i];
-        tree.extend(parents.iter().filter(|(_, pp)| *pp == here).map(|(p, _)| *p));
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == here)
+                .map(|(p, _)| *p),
+        );
         i += 1;
     }
     tree

@@ -9,9 +9,10 @@
 //! - `gpu-feeder run` (this build's release binary) with an external
 //!   instance at the sim, once with `prefix_grouping` on (the default) and
 //!   once off;
-//! - the same with another build when `PIPELINE_BASELINE_BIN` names its
-//!   binary (say, the commit before a change, built into another folder), so
-//!   that a before and an after come from one run;
+//! - the same with other builds when `PIPELINE_BASELINE_BIN` names their
+//!   binaries (`LABEL=PATH,LABEL=PATH`: say, the commits before each change,
+//!   built into other folders), so that a before and an after come from one
+//!   run (`PIPELINE_FEEDER_BIN` replaces this build's binary);
 //! - `benches/peer_feeder.py run`, if python3 can import aiohttp (otherwise
 //!   it is left out, saying how to get it).
 //!
@@ -45,11 +46,23 @@ enum Kind {
     Peer,
 }
 
+/// The server the feeders send to.
+struct Server {
+    /// Its process (with those below it, for vLLM's engine process).
+    pid: u32,
+    url: String,
+    /// The model name it serves.
+    name: String,
+    /// Tokens each job asks for.
+    max_tokens: u32,
+}
+
 /// What one run measured, from the first job done to the last.
 struct Figures {
     jobs: u64,
     secs: f64,
     cpu: Duration,
+    /// The server's CPU time over the same span.
     sim_cpu: Duration,
 }
 
@@ -60,6 +73,29 @@ impl Figures {
 }
 
 const WINDOW: u32 = 64;
+
+/// The binary measured as "gpu-feeder": this build's, or
+/// `PIPELINE_FEEDER_BIN`.
+fn feeder_bin() -> PathBuf {
+    std::env::var_os("PIPELINE_FEEDER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_gpu-feeder")))
+}
+
+/// Other builds to measure beside it: `PIPELINE_BASELINE_BIN`, a
+/// comma-separated list of `LABEL=PATH` (or one bare path, "baseline").
+fn baselines() -> Vec<(String, PathBuf)> {
+    let Ok(list) = std::env::var("PIPELINE_BASELINE_BIN") else {
+        return Vec::new();
+    };
+    list.split(',')
+        .filter(|b| !b.is_empty())
+        .map(|b| match b.split_once('=') {
+            Some((label, path)) => (label.to_string(), PathBuf::from(path)),
+            None => ("baseline".to_string(), PathBuf::from(b)),
+        })
+        .collect()
+}
 
 fn peer_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer_feeder.py")
@@ -99,7 +135,7 @@ fn start_sim(bin: &Path) -> (Child, String) {
     (child, url)
 }
 
-fn daemon_config(dir: &Path, url: &str, prefix_grouping: bool) -> PathBuf {
+fn daemon_config(dir: &Path, server: &Server, prefix_grouping: bool) -> PathBuf {
     let text = format!(
         "[queue]\ndb_path = \"{d}/jobs.db\"\nresults_dir = \"{d}/results\"\nstage_dir = \"{d}/stage\"\n\
          payload_roots = [\"{d}/stage\"]\n\n\
@@ -110,8 +146,11 @@ fn daemon_config(dir: &Path, url: &str, prefix_grouping: bool) -> PathBuf {
          [gpu]\nenabled = false\n\n\
          [logging]\nlevel = \"warn\"\n\n\
          [[instances]]\nname = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\n\
-         url = \"{url}\"\nserved_model_name = \"sim\"\nmax_tokens = 16\n",
-        d = dir.display()
+         url = \"{url}\"\nserved_model_name = \"{name}\"\nmax_tokens = {max_tokens}\n",
+        d = dir.display(),
+        url = server.url,
+        name = server.name,
+        max_tokens = server.max_tokens,
     );
     let path = dir.join("feeder.toml");
     std::fs::write(&path, text).unwrap();
@@ -120,7 +159,7 @@ fn daemon_config(dir: &Path, url: &str, prefix_grouping: bool) -> PathBuf {
 
 /// Starts `who` on `n` fresh jobs in `dir`; the child and the query that
 /// counts its finished jobs.
-fn launch(who: &Contestant, dir: &Path, url: &str, n: usize) -> (Child, &'static str) {
+fn launch(who: &Contestant, dir: &Path, server: &Server, n: usize) -> (Child, &'static str) {
     let db = dir.join("jobs.db");
     let log = std::fs::File::create(dir.join("feeder.log")).unwrap();
     match &who.kind {
@@ -128,7 +167,7 @@ fn launch(who: &Contestant, dir: &Path, url: &str, n: usize) -> (Child, &'static
             bin,
             prefix_grouping,
         } => {
-            let config = daemon_config(dir, url, *prefix_grouping);
+            let config = daemon_config(dir, server, *prefix_grouping);
             let store = SqliteStore::open(&db).unwrap();
             store
                 .submit_batch(common::jobs(n, "peer"), Timestamp::now())
@@ -157,7 +196,9 @@ fn launch(who: &Contestant, dir: &Path, url: &str, n: usize) -> (Child, &'static
             assert!(ok.success(), "the peer's submit failed");
             let child = Command::new("python3")
                 .arg(peer_script())
-                .args(["run", "--db", db_arg, "--url", url])
+                .args(["run", "--db", db_arg, "--url", &server.url])
+                .args(["--model", &server.name])
+                .args(["--max-tokens", &server.max_tokens.to_string()])
                 .arg("--results")
                 .arg(dir.join("results"))
                 .args(["--window", &WINDOW.to_string()])
@@ -171,9 +212,9 @@ fn launch(who: &Contestant, dir: &Path, url: &str, n: usize) -> (Child, &'static
 }
 
 /// Runs `who` on `n` jobs against the sim `sim`; its figures.
-fn measure(who: &Contestant, sim: u32, url: &str, n: usize) -> Figures {
+fn measure(who: &Contestant, server: &Server, n: usize) -> Figures {
     let dir = common::scratch();
-    let (mut child, count_sql) = launch(who, dir.path(), url, n);
+    let (mut child, count_sql) = launch(who, dir.path(), server, n);
     let pid = child.id();
     let db = rusqlite::Connection::open(dir.path().join("jobs.db")).unwrap();
     db.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -181,12 +222,12 @@ fn measure(who: &Contestant, sim: u32, url: &str, n: usize) -> Figures {
         db.query_row(count_sql, [], |r| r.get::<_, i64>(0))
             .unwrap_or(0) as u64
     };
-    let limit = Instant::now() + Duration::from_secs(600);
+    let limit = Instant::now() + Duration::from_secs(1800);
     let mut start = None;
     loop {
         assert!(
             Instant::now() < limit,
-            "{} did not finish in 10 minutes; its log: {}",
+            "{} did not finish in 30 minutes; its log: {}",
             who.name,
             dir.path().join("feeder.log").display()
         );
@@ -200,7 +241,7 @@ fn measure(who: &Contestant, sim: u32, url: &str, n: usize) -> Figures {
                 Instant::now(),
                 d,
                 common::process_cpu(pid).unwrap(),
-                common::process_cpu(sim).unwrap(),
+                common::tree_cpu(server.pid),
             ));
         }
         if d >= n as u64 {
@@ -209,7 +250,7 @@ fn measure(who: &Contestant, sim: u32, url: &str, n: usize) -> Figures {
                 jobs: d - d0,
                 secs: t0.elapsed().as_secs_f64(),
                 cpu: common::process_cpu(pid).unwrap() - cpu0,
-                sim_cpu: common::process_cpu(sim).unwrap() - sim0,
+                sim_cpu: common::tree_cpu(server.pid).saturating_sub(sim0),
             };
             stop(&mut child);
             return figures;
@@ -232,7 +273,7 @@ pub fn run() {
     println!(
         "\n4. processes: feeders against `gpu-feeder sim` (zero latency) in its own process, {n} one-line jobs, window {WINDOW}"
     );
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_gpu-feeder"));
+    let bin = feeder_bin();
     let mut who = vec![
         Contestant {
             name: "gpu-feeder".into(),
@@ -249,11 +290,11 @@ pub fn run() {
             },
         },
     ];
-    if let Ok(base) = std::env::var("PIPELINE_BASELINE_BIN") {
+    for (label, base) in baselines() {
         who.push(Contestant {
-            name: "baseline gpu-feeder".into(),
+            name: format!("gpu-feeder {label}"),
             kind: Kind::Daemon {
-                bin: PathBuf::from(base),
+                bin: base,
                 prefix_grouping: true,
             },
         });
@@ -266,10 +307,16 @@ pub fn run() {
         Err(why) => println!("   the hand-written peer is left out: {why}"),
     }
     let (mut sim, url) = start_sim(&bin);
+    let server = Server {
+        pid: sim.id(),
+        url,
+        name: "sim".into(),
+        max_tokens: 16,
+    };
     let mut all: Vec<(usize, Figures)> = Vec::new();
     for _ in 0..rounds {
         for (i, w) in who.iter().enumerate() {
-            let f = measure(w, sim.id(), &url, n);
+            let f = measure(w, &server, n);
             println!(
                 "   {:<34} {:>8.0} jobs/s   CPU {:>6.1} µs/job   (sim {:>5.1} µs/job; {} jobs in {:.2} s)",
                 w.name,
@@ -284,7 +331,11 @@ pub fn run() {
     }
     stop(&mut sim);
     let mean = |i: usize| -> Option<(f64, f64)> {
-        let mine: Vec<&Figures> = all.iter().filter(|(j, _)| *j == i).map(|(_, f)| f).collect();
+        let mine: Vec<&Figures> = all
+            .iter()
+            .filter(|(j, _)| *j == i)
+            .map(|(_, f)| f)
+            .collect();
         if mine.is_empty() {
             return None;
         }
@@ -292,6 +343,17 @@ pub fn run() {
         let cpu = mine.iter().map(|f| f.per_job_us(f.cpu)).sum::<f64>() / mine.len() as f64;
         Some((rate, cpu))
     };
+    if rounds > 1 {
+        println!("   means over {rounds} rounds:");
+        for (i, w) in who.iter().enumerate() {
+            if let Some((rate, cpu)) = mean(i) {
+                println!(
+                    "   {:<34} {rate:>8.0} jobs/s   CPU {cpu:>6.1} µs/job",
+                    w.name
+                );
+            }
+        }
+    }
     let peer = who.iter().position(|w| matches!(w.kind, Kind::Peer));
     if let (Some((rate, cpu)), Some((peer_rate, peer_cpu))) = (mean(0), peer.and_then(mean)) {
         println!(
@@ -300,4 +362,49 @@ pub fn run() {
             cpu / peer_cpu
         );
     }
+}
+
+/// Section 5 of the pipeline bench: `gpu-feeder run` against the real vLLM
+/// (its CPU build serving the tiny Llama of `tests/common/vllm.rs`,
+/// `--max-num-seqs 64`): the daemon's CPU time beside that of vLLM's
+/// processes (its API server and its engine process, all below the one it
+/// started) over the same span. `VLLM_JOBS` jobs (default 500) of 16 tokens.
+pub fn vllm() {
+    let n = common::env_f64("VLLM_JOBS", 500.0) as usize;
+    println!("\n5. the feeder's CPU beside the real vLLM's (CPU build, tiny Llama), {n} jobs of 16 tokens, window {WINDOW}");
+    let scratch = common::scratch();
+    let model = common::vllm::vllm().llama();
+    let server = common::vllm::VllmServer::start(
+        &model,
+        "tiny",
+        &["--max-num-seqs", "64"],
+        &[],
+        &scratch.path().join("vllm.log"),
+    );
+    let bin = feeder_bin();
+    let who = Contestant {
+        name: "gpu-feeder".into(),
+        kind: Kind::Daemon {
+            bin,
+            prefix_grouping: true,
+        },
+    };
+    let s = Server {
+        pid: server.pid(),
+        url: server.url.clone(),
+        name: "tiny".into(),
+        max_tokens: 16,
+    };
+    let f = measure(&who, &s, n);
+    println!(
+        "   {} jobs in {:.2} s = {:.1} jobs/s; CPU: gpu-feeder {:.2} s ({:.0} µs/job), vLLM {:.2} s ({} processes); gpu-feeder ÷ vLLM = {:.2} %",
+        f.jobs,
+        f.secs,
+        f.jobs as f64 / f.secs,
+        f.cpu.as_secs_f64(),
+        f.per_job_us(f.cpu),
+        f.sim_cpu.as_secs_f64(),
+        common::process_tree(server.pid()).len(),
+        100.0 * f.cpu.as_secs_f64() / f.sim_cpu.as_secs_f64()
+    );
 }
