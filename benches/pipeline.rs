@@ -1,7 +1,8 @@
 //! Pipeline figures: prints them, asserts nothing.
 //!
-//!     cargo bench --bench pipeline                 # all three
-//!     cargo bench --bench pipeline -- throughput   # or saturation, arrival
+//!     cargo bench --bench pipeline                 # all four
+//!     cargo bench --bench pipeline -- throughput   # or saturation, arrival, peer
+//!     cargo bench --bench pipeline -- vllm         # only when named
 //!
 //! 1. End-to-end jobs/s against a simulated server with zero latency, beside
 //!    the raw HTTP rate of the same server measured in the same run.
@@ -10,8 +11,17 @@
 //! 3. Submit → request arrival at the server on an idle system: p50 and p99
 //!    for in-process submission and for a row inserted by another connection
 //!    (as another program would), with `external_poll_ms = 200`.
+//! 4. Processes: `gpu-feeder run` beside the hand-written peer
+//!    (`benches/peer_feeder.py`, asyncio + SQLite + aiohttp), each its own
+//!    process against `gpu-feeder sim` in another, on the same jobs: jobs/s
+//!    and CPU per job (user + system time of the feeder's process, read
+//!    from `/proc/PID/stat`, divided by the jobs it finished). See [`peer`].
+//! 5. `vllm`, run only when named: the daemon's CPU time beside the real
+//!    vLLM's (CPU build) over the same run.
 
 mod common;
+#[path = "pipeline/peer.rs"]
+mod peer;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -282,4 +292,11 @@ fn main() {
             arrival().await;
         }
     });
+    if run("peer") {
+        peer::run();
+    }
+    // Not in the default set: vLLM takes minutes to start on a CPU.
+    if only.iter().any(|o| o == "vllm") {
+        peer::vllm();
+    }
 }

@@ -70,9 +70,14 @@ pub struct Candidate {
 
 /// How many of the oldest due jobs a grouped claim of `n` considers, beside
 /// those of warm keys: enough to find whole groups, few enough that a claim
-/// stays cheap over a backlog of millions.
+/// stays cheap over a backlog of millions. It grows with `n`, so that each
+/// job claimed costs the same few rows read: a dispatcher tops its buffer
+/// up with claims of a few jobs, and a floor of a thousand rows per claim
+/// made reading candidates the larger part of its CPU time. A group not
+/// wholly within the lookahead is completed by the claims that follow, as
+/// its key is warm by then.
 pub fn lookahead(n: usize) -> usize {
-    n.saturating_mul(8).clamp(1_024, 8_192)
+    n.saturating_mul(8).clamp(64, 8_192)
 }
 
 /// The candidates a claim of `n` takes, as indices into `cands`, in the

@@ -144,3 +144,62 @@ pub fn words(seed: u64, head: &str, chars: usize) -> String {
     text.truncate(chars);
     text
 }
+
+/// User plus system CPU time of process `pid` so far, all its threads, as
+/// `/proc/PID/stat` gives it (fields 14 and 15, in clock ticks of 10 ms);
+/// `None` once it is gone.
+pub fn process_cpu(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime 15.
+    let ticks: u64 = fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?;
+    Some(std::time::Duration::from_millis(ticks * 10))
+}
+
+/// `pid` and every process below it, as `/proc` shows them now.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        // Field 4, the parent's pid, follows the state.
+        if let Some(ppid) = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|f| f.parse::<u32>().ok())
+        {
+            parents.push((p, ppid));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let here = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == here)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// CPU time of `pid` and every process below it (those alive now).
+pub fn tree_cpu(pid: u32) -> std::time::Duration {
+    process_tree(pid).into_iter().filter_map(process_cpu).sum()
+}

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{named_params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use anyhow::Context as _;
@@ -209,7 +210,13 @@ fn configure(conn: &Connection) -> Result<(), String> {
         ));
     }
     conn.execute_batch("PRAGMA synchronous = NORMAL;")
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    // A plan that depends on a bound value is re-prepared each time that
+    // value changes: every claim's `LIMIT :n` would recompile the claim.
+    // The queue's statements want one plan whatever their values.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 impl SqliteStore {

@@ -13,7 +13,7 @@ use feeder_actors::{
     StoreError, StoreResult, Submitted, Timestamp,
 };
 
-use super::rows::{job_from_row, secs, Db};
+use super::rows::{job_from_mapped_row, job_from_row, secs, ColumnMap, Db};
 use super::settle::{complete_in, crashed_in, fail_in, release_in};
 use super::submit::SqliteTx;
 use super::*;
@@ -30,8 +30,12 @@ fn claimed(
     params: &[(&str, &dyn rusqlite::ToSql)],
 ) -> StoreResult<Vec<Claimed>> {
     let mut stmt = tx.prepare_cached(sql).db()?;
+    let cols = ColumnMap::of(&stmt);
+    let seq = cols.index("seq").expect("claims return rowid AS seq");
     let rows = stmt
-        .query_map(params, |r| Ok((r.get::<_, i64>("seq")?, job_from_row(r)?)))
+        .query_map(params, |r| {
+            Ok((r.get::<_, i64>(seq)?, job_from_mapped_row(r, &cols)?))
+        })
         .db()?
         .collect::<Result<Vec<_>, _>>()
         .db()?;
@@ -54,6 +58,14 @@ fn claim_grouped(
 ) -> StoreResult<(Vec<Claimed>, Vec<i64>)> {
     let warm = serde_json::to_string(&grouping.warm).expect("strings serialize");
     let mut stmt = tx.prepare_cached(CLAIM_CANDIDATES).db()?;
+    let cols = ColumnMap::of(&stmt);
+    let col = |name: &str| cols.index(name).expect("claim_candidates.sql names it");
+    let (seq, priority, created_at, key) = (
+        col("seq"),
+        col("priority"),
+        col("created_at"),
+        col("prefix_key"),
+    );
     let cands = stmt
         .query_map(
             named_params! {
@@ -64,10 +76,10 @@ fn claim_grouped(
             },
             |r| {
                 Ok(Candidate {
-                    seq: r.get("seq")?,
-                    priority: r.get("priority")?,
-                    created_at: Timestamp::from_secs_f64(r.get("created_at")?),
-                    key: r.get("prefix_key")?,
+                    seq: r.get(seq)?,
+                    priority: r.get(priority)?,
+                    created_at: Timestamp::from_secs_f64(r.get(created_at)?),
+                    key: r.get(key)?,
                 })
             },
         )

@@ -1,7 +1,9 @@
 //! Reading `gpu_jobs` rows with `rusqlite` (the mapping itself is shared,
 //! in `store::shared`), and the conversions every SQLite call uses.
 
-use rusqlite::Row;
+use std::collections::HashMap;
+
+use rusqlite::{Row, Statement};
 
 use feeder_actors::{Job, StoreError, StoreResult, Timestamp};
 
@@ -29,12 +31,42 @@ pub(crate) fn secs(t: Timestamp) -> f64 {
     t.as_secs_f64()
 }
 
-/// A row of `SELECT rowid AS seq, * FROM gpu_jobs`.
-struct SqliteRow<'a, 'r>(&'a Row<'r>);
+/// The columns of a statement's rows by name, read once per statement:
+/// `rusqlite` finds a column by name by comparing it with each column's
+/// name in turn, which over the thirty columns of a job, for every column
+/// of every claimed row, was a visible part of a claim's cost.
+pub(crate) struct ColumnMap(HashMap<String, usize>);
+
+impl ColumnMap {
+    /// The columns of `stmt`'s rows.
+    pub(crate) fn of(stmt: &Statement<'_>) -> Self {
+        ColumnMap(
+            stmt.column_names()
+                .into_iter()
+                .enumerate()
+                .map(|(i, name)| (name.to_string(), i))
+                .collect(),
+        )
+    }
+
+    /// The index of the column `name`, if there is one.
+    pub(crate) fn index(&self, name: &str) -> Option<usize> {
+        self.0.get(name).copied()
+    }
+}
+
+/// A row of `SELECT rowid AS seq, * FROM gpu_jobs`, with its statement's
+/// columns when they were read beforehand.
+struct SqliteRow<'a, 'r>(&'a Row<'r>, Option<&'a ColumnMap>);
 
 impl SqliteRow<'_, '_> {
     fn get<T: rusqlite::types::FromSql>(&self, name: &str) -> Result<Option<T>, String> {
-        self.0.get(name).map_err(|e| e.to_string())
+        match self.1.and_then(|c| c.index(name)) {
+            Some(i) => self.0.get(i),
+            // Not among the columns: the lookup by name says so in words.
+            None => self.0.get(name),
+        }
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -60,7 +92,10 @@ impl Columns for SqliteRow<'_, '_> {
     }
 
     fn position(&self) -> String {
-        format!("rowid {}", self.0.get::<_, i64>("seq").unwrap_or(-1))
+        format!(
+            "rowid {}",
+            self.get::<i64>("seq").ok().flatten().unwrap_or(-1)
+        )
     }
 }
 
@@ -70,5 +105,13 @@ impl Columns for SqliteRow<'_, '_> {
 /// one reports a row that breaks the contract, so one bad row is named
 /// rather than hidden in a SQL error.
 pub(crate) fn job_from_row(r: &Row<'_>) -> rusqlite::Result<StoreResult<Job>> {
-    Ok(shared::job_from_row(&SqliteRow(r)))
+    Ok(shared::job_from_row(&SqliteRow(r, None)))
+}
+
+/// [`job_from_row`] for a row of a statement whose columns are `cols`.
+pub(crate) fn job_from_mapped_row(
+    r: &Row<'_>,
+    cols: &ColumnMap,
+) -> rusqlite::Result<StoreResult<Job>> {
+    Ok(shared::job_from_row(&SqliteRow(r, Some(cols))))
 }
