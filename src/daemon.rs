@@ -91,21 +91,30 @@ pub fn settings(config: &Config) -> PipelineSettings {
 }
 
 /// Refuses to start when another live daemon already uses this daemon's
-/// id on the queue: their claims would be taken for each other's. A
-/// registration left by this host's previous run (its pid gone) is ours.
+/// id on the queue: their claims would be taken for each other's. On this
+/// host, a registration is live while its process runs, whatever its
+/// heartbeat's age (a loaded machine can delay a heartbeat past its
+/// timeout); one left by this host's previous run (its pid gone, or taken
+/// by another program since its heartbeat stopped) is ours. From another host, only the heartbeat tells.
 async fn check_unique(store: &dyn JobStore, config: &Config, owner: &str) -> anyhow::Result<()> {
     let daemons = store.daemons(feeder_actors::Timestamp::now()).await?;
-    let Some(other) = daemons.iter().find(|d| d.daemon_id == owner && d.alive()) else {
+    let Some(other) = daemons.iter().find(|d| d.daemon_id == owner) else {
         return Ok(());
     };
     let host = other.about["host"].as_str().unwrap_or("?");
     let pid = other.about["pid"].as_u64();
     let here = host == crate::config::hostname();
-    let running = pid.is_some_and(|p| {
-        p != u64::from(std::process::id()) && Path::new(&format!("/proc/{p}")).exists()
-    });
-    if here && !running {
-        return Ok(()); // A previous run of this daemon, killed.
+    let live = if here {
+        pid.is_some_and(|p| {
+            p != u64::from(std::process::id())
+                && Path::new(&format!("/proc/{p}")).exists()
+                && (is_feeder_process(p) || other.alive())
+        })
+    } else {
+        other.alive()
+    };
+    if !live {
+        return Ok(()); // A previous run of this daemon, killed or gone quiet.
     }
     anyhow::bail!(
         "another daemon is registered as {owner} on {} and alive (host {host}, pid {}, heartbeat {:.0} s ago): give each daemon its own queue.daemon_id (the default, gpu-feeder@HOSTNAME, is the same for two daemons on one host)",
@@ -113,6 +122,13 @@ async fn check_unique(store: &dyn JobStore, config: &Config, owner: &str) -> any
         pid.map_or("?".to_string(), |p| p.to_string()),
         other.heartbeat_age.as_secs_f64()
     )
+}
+
+/// Whether process `pid` runs and is a gpu-feeder (not another program
+/// that was given a dead daemon's pid).
+fn is_feeder_process(pid: u64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("gpu-feeder"))
 }
 
 /// Restarts, health thresholds and crash loops from `[health]` and `[servers]`.

@@ -530,3 +530,48 @@ fn cli_mcp_and_admin_work_against_postgres() {
     // A real MCP client on the same queue.
     mcp_client(&h.scratch);
 }
+
+/// README, "Many hosts": two live daemons with one `daemon_id` are refused
+/// at start, the first one's heartbeat being fresh or not: here it is held
+/// stopped (SIGSTOP) until its heartbeat is older than its timeout, as a
+/// loaded machine can make it, and its process running still refuses the
+/// second. The live one goes on.
+#[test]
+fn a_second_live_daemon_with_the_same_daemon_id_is_refused() {
+    let (pg, url, mut first) = started_alone("twin", 0);
+    let pid = first.daemon.as_ref().unwrap().child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    wait_for("the first daemon's heartbeat to go stale", LIMIT, || {
+        pg.psql(
+            &url,
+            "SELECT count(*) FROM gpu_daemons \
+              WHERE daemon_id = 'twin' AND gpu_feeder_now(NULL) - heartbeat_at > timeout_s",
+        )
+        .trim()
+            == "1"
+    });
+    let twin = host(&url, "twin", 0);
+    let mut second = DaemonProcess::start(&twin.scratch, "twin-second");
+    let code = second.wait_exit(LIMIT);
+    signal("-CONT");
+    let log = second.log();
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {log}");
+    assert!(
+        log.contains("another daemon is registered as twin") && log.contains("alive"),
+        "{log}"
+    );
+    let live = first.daemon.as_mut().unwrap();
+    assert!(
+        live.child.try_wait().unwrap().is_none(),
+        "the live daemon goes on: {}",
+        first.log()
+    );
+}
