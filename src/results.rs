@@ -16,9 +16,24 @@ use feeder_actors::{JobId, ResultRef, ResultStore, StoreResult};
 use crate::config::ResultsKind;
 
 /// Result files under one folder.
+///
+/// Files are written by one thread of their own, fed by a channel: while
+/// results keep coming it writes them one after another without sleeping,
+/// so a busy feeder pays no thread hop per result (as a blocking task per
+/// write would). Each write still completes (temporary file renamed into
+/// place) before its caller hears back, and its error goes to that caller.
 #[derive(Clone, Debug)]
 pub struct FileResults {
     dir: PathBuf,
+    writer: Arc<std::sync::mpsc::Sender<WriteRequest>>,
+}
+
+/// One result for the writer thread, and where to answer.
+#[derive(Debug)]
+struct WriteRequest {
+    id: JobId,
+    doc: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<std::io::Result<PathBuf>>,
 }
 
 impl FileResults {
@@ -28,48 +43,71 @@ impl FileResults {
         for shard in 0..=255u8 {
             std::fs::create_dir_all(dir.join(format!("{shard:02x}")))?;
         }
+        let (tx, rx) = std::sync::mpsc::channel::<WriteRequest>();
+        let dir = dir.to_path_buf();
+        let writer_dir = dir.clone();
+        // The thread ends when the last clone of this store is dropped.
+        std::thread::Builder::new()
+            .name("result-writer".into())
+            .spawn(move || {
+                for req in rx {
+                    let written = write_file(&writer_dir, req.id, &req.doc);
+                    // The caller may have given up waiting: nothing to tell.
+                    let _ = req.done.send(written);
+                }
+            })?;
         Ok(FileResults {
-            dir: dir.to_path_buf(),
+            dir,
+            writer: Arc::new(tx),
         })
     }
 
     /// Where the result of `id` is (or will be) written.
     pub fn path_of(&self, id: JobId) -> PathBuf {
-        let hex = id.to_hex();
-        self.dir.join(&hex[..2]).join(format!("{hex}.json"))
+        path_in(&self.dir, id)
     }
+}
 
-    fn write_now(&self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
-        let path = self.path_of(id);
-        let shard = path.parent().expect("sharded path");
-        let tmp = shard.join(format!(
-            ".{}.{}.tmp",
-            id.to_hex(),
-            hex::encode(rand::random::<[u8; 4]>())
-        ));
-        if let Err(e) = std::fs::write(&tmp, doc) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(e);
-            }
-            // The shard folder was removed behind our back: make it again.
-            std::fs::create_dir_all(shard)?;
-            std::fs::write(&tmp, doc)?;
-        }
-        if let Err(e) = std::fs::rename(&tmp, &path) {
-            let _ = std::fs::remove_file(&tmp);
+fn path_in(dir: &Path, id: JobId) -> PathBuf {
+    let hex = id.to_hex();
+    dir.join(&hex[..2]).join(format!("{hex}.json"))
+}
+
+/// Writes the result of `id` under `dir`: a temporary file renamed into place.
+fn write_file(dir: &Path, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
+    let path = path_in(dir, id);
+    let shard = path.parent().expect("sharded path");
+    let tmp = shard.join(format!(
+        ".{}.{}.tmp",
+        id.to_hex(),
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
+    if let Err(e) = std::fs::write(&tmp, doc) {
+        if e.kind() != std::io::ErrorKind::NotFound {
             return Err(e);
         }
-        Ok(path)
+        // The shard folder was removed behind our back: make it again.
+        std::fs::create_dir_all(shard)?;
+        std::fs::write(&tmp, doc)?;
     }
+    if let Err(e) = std::fs::rename(&tmp, &path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(path)
 }
 
 #[async_trait]
 impl ResultStore for FileResults {
     async fn write(&self, id: JobId, doc: Vec<u8>) -> std::io::Result<ResultRef> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || me.write_now(id, &doc))
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let gone = || std::io::Error::other("the result writer thread has stopped");
+        self.writer
+            .send(WriteRequest { id, doc, done })
+            .map_err(|_| gone())?;
+        answer
             .await
-            .map_err(std::io::Error::other)?
+            .map_err(|_| gone())?
             .map(|p| ResultRef::file(&p))
     }
 
