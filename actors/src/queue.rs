@@ -81,7 +81,7 @@ pub enum QueueMsg {
         /// The job names a next model: create its follow-up when it is done.
         follow_up: bool,
         /// Answered when the settlement is committed.
-        ack: Option<RpcReplyPort<Result<(), String>>>,
+        ack: Option<SettleAck>,
     },
     /// Fault injection for tests: fail as a bug in the handler would.
     #[cfg(any(test, feature = "testkit"))]
@@ -268,6 +268,47 @@ pub struct QueueState {
     due: HashMap<ModelType, Timestamp>,
 }
 
+/// Who hears whether a settlement reached the store: called once, from
+/// the task that committed its batch, with `Ok` when it was applied (or
+/// could no longer apply: a stale claim) and `Err(why)` when the sender
+/// should send it again: the store failed, or the queue stopped before
+/// committing it (dropped unanswered). A call rather than a reply port, so
+/// that a dispatcher hears of each settlement by one message of its own,
+/// with no task waiting on it.
+pub struct SettleAck(Option<Box<dyn FnOnce(Result<(), String>) + Send>>);
+
+impl SettleAck {
+    /// Calls `tell` with the outcome.
+    pub fn new(tell: impl FnOnce(Result<(), String>) + Send + 'static) -> Self {
+        SettleAck(Some(Box::new(tell)))
+    }
+
+    /// Drops it without telling anyone (its sender says what happened).
+    pub fn cancel(mut self) {
+        self.0.take();
+    }
+
+    fn answer(mut self, outcome: Result<(), String>) {
+        if let Some(tell) = self.0.take() {
+            tell(outcome);
+        }
+    }
+}
+
+impl Drop for SettleAck {
+    fn drop(&mut self) {
+        if let Some(tell) = self.0.take() {
+            tell(Err("the queue stopped before committing it".into()));
+        }
+    }
+}
+
+impl std::fmt::Debug for SettleAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SettleAck")
+    }
+}
+
 /// A settlement waiting for the next group commit.
 struct Pending {
     claim: Claim,
@@ -275,7 +316,7 @@ struct Pending {
     model: ModelType,
     parent: Option<JobId>,
     follow_up: bool,
-    ack: Option<RpcReplyPort<Result<(), String>>>,
+    ack: Option<SettleAck>,
 }
 
 /// The sole owner of the job store.
@@ -366,8 +407,10 @@ impl QueueState {
             // died meanwhile.
             for (ack, result) in acks.into_iter().zip(&results) {
                 if let Some(ack) = ack {
-                    let _ = ack.send(match result {
-                        Err(StoreError::Backend(e) | StoreError::Unavailable(e)) => Err(e.clone()),
+                    ack.answer(match result {
+                        Err(StoreError::Backend(e) | StoreError::Unavailable(e)) => {
+                            Err(format!("the store failed: {e}"))
+                        }
                         _ => Ok(()),
                     });
                 }

@@ -2,16 +2,23 @@
 //! Each is kept until the queue acknowledges it, so that one the queue
 //! loses (it restarted, or its store failed) is sent again rather than
 //! redone after its lease expires.
+//!
+//! The queue's acknowledgement comes as a message of the dispatcher's own
+//! (`Settled` or `SettleLost`), sent by the task that committed the batch:
+//! nothing waits on each settlement. One not acknowledged within the
+//! call timeout is found by a sweep, every timeout while anything is
+//! unsettled (so within one to two timeouts), and sent again.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use ractor::ActorRef;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::{tick, DispatchMsg, Tick};
 use crate::job::{Claim, JobId, ModelType};
-use crate::queue::QueueMsg;
+use crate::queue::{QueueMsg, SettleAck};
 use crate::store::Settle;
 
 /// The longest wait before a lost settlement is sent again.
@@ -32,6 +39,9 @@ struct Unsettled {
     follow_up: bool,
     /// Times sent.
     tries: u32,
+    /// When it was last sent, while it waits for its acknowledgement
+    /// (`None` once it is known lost, until it is sent again).
+    sent_at: Option<Instant>,
 }
 
 /// The settlements of one dispatcher that the queue has not acknowledged.
@@ -45,6 +55,8 @@ pub(crate) struct Ledger {
     timeout: Duration,
     /// By job.
     unsettled: HashMap<JobId, Unsettled>,
+    /// A sweep for settlements past their time is due.
+    sweep_armed: bool,
 }
 
 impl Ledger {
@@ -55,6 +67,7 @@ impl Ledger {
             model,
             timeout,
             unsettled: HashMap::new(),
+            sweep_armed: false,
         }
     }
 
@@ -76,6 +89,7 @@ impl Ledger {
                 parent,
                 follow_up,
                 tries: 0,
+                sent_at: None,
             },
         );
         self.send(queue, job);
@@ -88,42 +102,70 @@ impl Ledger {
             return;
         };
         u.tries += 1;
-        let (tx, rx) = ractor::concurrency::oneshot();
+        u.sent_at = Some(Instant::now());
+        let me = self.me.clone();
+        let ack = SettleAck::new(move |outcome| {
+            let _ = me.cast(tick(match outcome {
+                Ok(()) => Tick::Settled(job),
+                Err(why) => Tick::SettleLost { job, why },
+            }));
+        });
         let msg = QueueMsg::Settle {
             claim: u.claim.clone(),
             settle: u.settle.clone(),
             model: self.model,
             parent: u.parent,
             follow_up: u.follow_up,
-            ack: Some(tx.into()),
+            ack: Some(ack),
         };
-        let me = self.me.clone();
         if let Err(e) = queue.cast(msg) {
-            let _ = me.cast(tick(Tick::SettleLost {
+            // The message (its acknowledgement with it) came back unsent:
+            // say why here rather than as "stopped before committing".
+            if let ractor::MessagingErr::SendErr(QueueMsg::Settle { ack: Some(ack), .. }) = e {
+                ack.cancel();
+            }
+            let _ = self.me.cast(tick(Tick::SettleLost {
                 job,
-                why: format!("the queue is not running ({e})"),
+                why: "the queue is not running".into(),
             }));
             return;
         }
-        let timeout = self.timeout;
-        tokio::spawn(async move {
-            let outcome = match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(Ok(()))) => Tick::Settled(job),
-                Ok(Ok(Err(e))) => Tick::SettleLost {
-                    job,
-                    why: format!("the store failed: {e}"),
-                },
-                Ok(Err(_)) => Tick::SettleLost {
-                    job,
-                    why: "the queue stopped before committing it".into(),
-                },
-                Err(_) => Tick::SettleLost {
-                    job,
-                    why: format!("the queue did not commit it within {} s", timeout.as_secs()),
-                },
-            };
-            let _ = me.cast(tick(outcome));
-        });
+        self.arm_sweep();
+    }
+
+    /// Arms the sweep for settlements past their time, unless it is armed.
+    fn arm_sweep(&mut self) {
+        if !self.sweep_armed {
+            self.sweep_armed = true;
+            self.me
+                .send_after(self.timeout, || tick(Tick::SweepSettlements));
+        }
+    }
+
+    /// Settlements sent longer ago than the timeout and not acknowledged
+    /// are lost: each is sent again after a pause.
+    pub(crate) fn sweep(&mut self, instance: &str) {
+        self.sweep_armed = false;
+        let now = Instant::now();
+        let late: Vec<JobId> = self
+            .unsettled
+            .iter()
+            .filter(|(_, u)| {
+                u.sent_at
+                    .is_some_and(|t| now.duration_since(t) >= self.timeout)
+            })
+            .map(|(&job, _)| job)
+            .collect();
+        let why = format!(
+            "the queue did not commit it within {} s",
+            self.timeout.as_secs()
+        );
+        for job in late {
+            self.lost(instance, job, &why);
+        }
+        if self.unsettled.values().any(|u| u.sent_at.is_some()) {
+            self.arm_sweep();
+        }
     }
 
     /// The queue committed this job's settlement.
@@ -133,9 +175,12 @@ impl Ledger {
 
     /// A lost settlement of `instance`'s: sent again after a pause.
     pub(crate) fn lost(&mut self, instance: &str, job: JobId, why: &str) {
-        let Some(u) = self.unsettled.get(&job) else {
+        let Some(u) = self.unsettled.get_mut(&job) else {
             return;
         };
+        if u.sent_at.take().is_none() {
+            return; // Already known lost: its resend is on its way.
+        }
         let pause = resettle_pause(u.tries);
         if u.tries == 1 {
             warn!(instance, %job, "the outcome of job {job} did not reach the store: {why}; kept and sent again in {} ms", pause.as_millis());

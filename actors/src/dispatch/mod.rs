@@ -147,6 +147,8 @@ enum Tick {
     },
     /// Send this job's kept settlement again.
     Resettle(JobId),
+    /// Look for settlements the queue has not acknowledged in time.
+    SweepSettlements,
     /// Time to read the server's metrics (auto window).
     PollMetrics,
     /// What the server's metrics said: `Ok(None)` when it has none.
@@ -587,6 +589,7 @@ impl Actor for DispatchActor {
                 Tick::Settled(job) => state.ledger.settled(job),
                 Tick::SettleLost { job, why } => state.ledger.lost(&state.args.instance, job, &why),
                 Tick::Resettle(job) => state.ledger.send(&state.peers.queue, job),
+                Tick::SweepSettlements => state.ledger.sweep(&state.args.instance),
             },
             #[cfg(any(test, feature = "testkit"))]
             DispatchMsg::InjectStall(pause) => tokio::time::sleep(pause).await,
