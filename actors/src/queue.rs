@@ -275,7 +275,10 @@ pub struct QueueState {
 /// committing it (dropped unanswered). A call rather than a reply port, so
 /// that a dispatcher hears of each settlement by one message of its own,
 /// with no task waiting on it.
-pub struct SettleAck(Option<Box<dyn FnOnce(Result<(), String>) + Send>>);
+pub struct SettleAck(Option<Tell>);
+
+/// What a [`SettleAck`] calls with the outcome.
+type Tell = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 impl SettleAck {
     /// Calls `tell` with the outcome.

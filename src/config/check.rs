@@ -543,15 +543,7 @@ pub(crate) fn staggered_starts(config: &Config) -> Vec<Vec<Vec<usize>>> {
             }
         })
         .collect();
-    feeder_actors::allocator::launch_turns(&footprints)
-        .into_iter()
-        .map(|steps| {
-            steps
-                .into_iter()
-                .map(|step| step.into_iter().map(|f| launched[f]).collect())
-                .collect()
-        })
-        .collect()
+    feeder_actors::allocator::launch_turns_as(&footprints, &launched)
 }
 
 /// What `config check` says of each staggered start, in words: which

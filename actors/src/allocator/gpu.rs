@@ -261,6 +261,20 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
     groups
 }
 
+/// [`launch_turns`], with each footprint's index into `f` replaced by
+/// its `ids` entry (the index of the instance it stands for).
+pub fn launch_turns_as(f: &[Footprint<'_>], ids: &[usize]) -> Vec<Vec<Vec<usize>>> {
+    launch_turns(f)
+        .into_iter()
+        .map(|steps| {
+            steps
+                .into_iter()
+                .map(|step| step.into_iter().map(|i| ids[i]).collect())
+                .collect()
+        })
+        .collect()
+}
+
 /// [`launch_turns`] of configured instances: the steps of each staggered
 /// start, as indices into `instances` (external servers take no part).
 pub fn staggered_start(instances: &[InstanceSpec]) -> Vec<Vec<Vec<usize>>> {
@@ -279,15 +293,7 @@ pub fn staggered_start(instances: &[InstanceSpec]) -> Vec<Vec<Vec<usize>>> {
             }
         })
         .collect();
-    launch_turns(&footprints)
-        .into_iter()
-        .map(|steps| {
-            steps
-                .into_iter()
-                .map(|step| step.into_iter().map(|f| launched[f]).collect())
-                .collect()
-        })
-        .collect()
+    launch_turns_as(&footprints, &launched)
 }
 
 /// The strategy a group starts in when its launches are staggered (see

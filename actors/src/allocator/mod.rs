@@ -69,7 +69,8 @@ use crate::queue::QueueMsg;
 use crate::runtime::LaunchPlan;
 
 pub use gpu::{
-    gpu_groups, group_gpus, group_name, launch_turns, staggered_start, Footprint, GroupStatus,
+    gpu_groups, group_gpus, group_name, launch_turns, launch_turns_as, staggered_start, Footprint,
+    GroupStatus,
 };
 use gpu::{groups_of, Group};
 use policy::backlog_of;
