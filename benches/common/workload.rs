@@ -32,7 +32,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// One job of a scenario.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenJob {
     /// When it is submitted, engine seconds after the start.
     pub arrival: f64,
@@ -201,14 +201,7 @@ impl Scenario {
             image_tokens,
             classes,
             jobs: Vec::new(),
-            urgent: GenJob {
-                arrival: 0.0,
-                class: "",
-                prefix: None,
-                image: None,
-                text: 0,
-                max_tokens: 0,
-            },
+            urgent: GenJob::default(),
             seconds: RUN_SECONDS,
         };
         let load = rng.random_range(0.8..2.0);
@@ -244,14 +237,7 @@ impl Scenario {
             image_tokens: 0,
             classes,
             jobs: Vec::new(),
-            urgent: GenJob {
-                arrival: 0.0,
-                class: "",
-                prefix: None,
-                image: None,
-                text: 0,
-                max_tokens: 0,
-            },
+            urgent: GenJob::default(),
             seconds: RUN_SECONDS,
         };
         s.fill(&mut rng, 3.0, false);
