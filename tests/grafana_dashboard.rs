@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+use common::{external, free_port, promtool, wait_for, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -461,13 +461,19 @@ fn every_metric_the_dashboard_queries_is_one_the_daemon_exports() {
             && text.contains("\ngpu_feeder_server_prefix_cache_query_tokens{")
     });
     let daemon = Exported::parse(&text);
+    let filled = every_family_filled();
     assert!(
         daemon
             .samples
             .contains("gpu_feeder_request_duration_seconds_bucket"),
         "the daemon has not recorded a request yet:\n{text}"
     );
-    let registry = Exported::parse(&every_family_filled());
+    // The families the dashboard added to the daemon pass promtool's lint too.
+    for (what, text) in [("the daemon's", &text), ("the filled registry's", &filled)] {
+        let (passed, said) = promtool(text);
+        assert!(passed, "promtool check metrics on {what} /metrics:\n{said}");
+    }
+    let registry = Exported::parse(&filled);
 
     let mut missing = Vec::new();
     let mut from_registry = BTreeSet::new();
