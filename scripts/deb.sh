@@ -19,13 +19,14 @@
 #
 # Needs dpkg-deb, dpkg-shlibdeps (Debian dpkg-dev) and strip (binutils).
 set -euo pipefail
+here=$PWD
 cd "$(dirname "$0")/.."
 
 say() { echo "deb.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
 
 binary=""
-out="target/debian"
+out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --binary) binary="${2:?--binary needs a path}"; shift 2 ;;
@@ -34,6 +35,10 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
+
+# Paths given relative to where the script was called from.
+case "$binary" in ""|/*) ;; *) binary="$here/$binary" ;; esac
+case "$out" in "") out=target/debian ;; /*) ;; *) out="$here/$out" ;; esac
 
 for tool in dpkg-deb dpkg-shlibdeps dpkg-parsechangelog strip; do
   command -v "$tool" >/dev/null 2>&1 \
@@ -108,7 +113,7 @@ done
   | xargs -0 md5sum) > "$root/DEBIAN/md5sums"
 chmod 0644 "$root/DEBIAN/md5sums"
 
-# The changelog's date stamps every file, so the same inputs give the same package.
+# Files are stamped with the changelog entry's date, not the build's.
 SOURCE_DATE_EPOCH=$(dpkg-parsechangelog -l "$pkg/changelog" -S Timestamp)
 export SOURCE_DATE_EPOCH
 mkdir -p "$out"

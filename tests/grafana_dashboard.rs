@@ -422,6 +422,47 @@ fn every_panel_has_a_title_and_a_query_on_the_datasource_variable() {
     }
 }
 
+/// Grafana's variables replaced by values of their kind, so that Prometheus
+/// itself can parse the expression.
+fn as_grafana_sends_it(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$__interval", "1m")
+        .replace("$instance", ".*")
+        .replace("$model", ".*")
+}
+
+#[test]
+fn every_query_parses_as_promql() {
+    // promtool parses each expression as a recording rule's.
+    let dash = dashboard();
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (wher, expr)) in queries(&dash).iter().enumerate() {
+        let sent = as_grafana_sends_it(expr);
+        assert!(
+            !sent.contains('$'),
+            "{wher}: a variable the test does not know in {expr}"
+        );
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&sent).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard-rules.yml");
+    std::fs::write(&path, &rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect("promtool is installed (scripts/test.sh installs the Debian package prometheus)");
+    assert!(
+        out.status.success(),
+        "promtool check rules on the dashboard's queries:\n{}{}\n{rules}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn every_metric_the_dashboard_queries_is_one_the_daemon_exports() {
     let dash = dashboard();
