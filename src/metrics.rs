@@ -89,9 +89,12 @@ pub struct Metrics {
     window: Family<Instance, Gauge>,
     max_window: Family<Instance, Gauge>,
     window_auto: Family<Instance, Gauge>,
+    server_running: Family<Instance, FloatGauge>,
     server_waiting: Family<Instance, FloatGauge>,
     server_kv_usage: Family<Instance, FloatGauge>,
     server_tokens_per_s: Family<Instance, FloatGauge>,
+    prefix_hits: Family<Instance, FloatGauge>,
+    prefix_queries: Family<Instance, FloatGauge>,
     ready: Family<Instance, Gauge>,
     state: Family<InstanceState, Gauge>,
     health_failures: Family<Instance, Gauge>,
@@ -136,9 +139,12 @@ impl Metrics {
             window: Family::default(),
             max_window: Family::default(),
             window_auto: Family::default(),
+            server_running: Family::default(),
             server_waiting: Family::default(),
             server_kv_usage: Family::default(),
             server_tokens_per_s: Family::default(),
+            prefix_hits: Family::default(),
+            prefix_queries: Family::default(),
             ready: Family::default(),
             state: Family::default(),
             health_failures: Family::default(),
@@ -175,9 +181,12 @@ impl Metrics {
             window: "window", "Requests allowed in flight now (narrowed under back-pressure), by instance";
             max_window: "window_max", "Configured window, or the most an auto window may reach, by instance";
             window_auto: "window_auto", "1 when the window is found from the server's metrics (window = \"auto\")";
+            server_running: "server_running", "Requests running inside the server, as its /metrics said last (auto window)";
             server_waiting: "server_waiting", "Requests waiting inside the server, as its /metrics said last (auto window)";
             server_kv_usage: "server_kv_cache_usage", "The server's KV cache usage, 0 to 1, as its /metrics said last (auto window)";
             server_tokens_per_s: "server_generation_tokens_per_second", "Tokens the server generated per second between its last two readings (auto window)";
+            prefix_hits: "server_prefix_cache_hit_tokens", "Prompt tokens the server found in its prefix cache since it started, as its /metrics said last (auto window; the hit rate is its rate over that of server_prefix_cache_query_tokens)";
+            prefix_queries: "server_prefix_cache_query_tokens", "Prompt tokens the server looked up in its prefix cache since it started, as its /metrics said last (auto window)";
             ready: "instance_ready", "1 when the instance answers its health check";
             state: "instance_state", "1 for the instance's current state";
             health_failures: "health_consecutive_failures", "Consecutive failed health probes, by instance";
@@ -234,7 +243,12 @@ impl Metrics {
                 self.max_window.get_or_create(&i).set(d.max_window as i64);
                 self.window_auto.get_or_create(&i).set(d.auto_window as i64);
                 if let Some(m) = d.window_signals.metrics {
+                    self.server_running.get_or_create(&i).set(m.running);
                     self.server_waiting.get_or_create(&i).set(m.waiting);
+                    if let Some((hits, queries)) = m.prefix_cache {
+                        self.prefix_hits.get_or_create(&i).set(hits);
+                        self.prefix_queries.get_or_create(&i).set(queries);
+                    }
                     self.server_kv_usage.get_or_create(&i).set(m.kv_usage);
                 }
                 if let Some(r) = d.window_signals.tokens_per_s {
