@@ -479,3 +479,70 @@ fn a_sqlite_migration_failing_half_way_leaves_the_database_as_it_was() {
     assert_eq!(r.code(), 0, "{}", r.stderr());
     assert_eq!(versions().trim(), "1,2,3,4,5,6,7");
 }
+
+// ---------------------------------------------------------------------------
+// systemd notifications
+
+/// README, "Running under systemd": through the socket `$NOTIFY_SOCKET`
+/// names, `READY=1` once the daemon runs, then `WATCHDOG=1` every half of
+/// `$WATCHDOG_USEC` with `STATUS=` lines, and `STOPPING=1` when SIGTERM
+/// starts the shutdown. (That pings stop while the supervision tree does
+/// not answer is tested beside the heartbeat, in `src/daemon.rs`.)
+#[test]
+fn under_systemd_the_daemon_says_ready_pings_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(
+        &(format!(
+            "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[health]\ninterval_s = 0.2\n\n",
+            free_port()
+        ) + &external("think", "think", &think.url)),
+    );
+    let path = s.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(LIMIT)).unwrap();
+    // systemd names the main process in `WATCHDOG_PID`: a shell that
+    // becomes the daemon (`exec`) knows its pid beforehand.
+    let log = s.path().join("daemon.log");
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\" --log-format human run")
+        .arg(bin())
+        .arg(s.config())
+        .env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start the daemon");
+    let d = Daemon { child, log };
+    let mut buf = vec![0u8; 4096];
+    let mut next = || -> Vec<String> {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}):\n{}", d.log()));
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let first = next();
+    assert!(
+        first.iter().any(|l| l == "READY=1"),
+        "READY=1 comes first: {first:?}"
+    );
+    let (mut pings, mut ready_status) = (0, false);
+    while pings < 3 || !ready_status {
+        let lines = next();
+        pings += lines.iter().filter(|l| *l == "WATCHDOG=1").count();
+        ready_status |= lines.iter().any(|l| l.starts_with("STATUS=think: ready"));
+    }
+    let ok = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    while !next().iter().any(|l| l == "STOPPING=1") {}
+}
