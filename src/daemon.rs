@@ -573,7 +573,10 @@ mod watchdog_tests {
         let notifier = Notifier::from_env();
         std::env::remove_var("WATCHDOG_USEC");
         std::env::remove_var("WATCHDOG_PID");
-        assert_eq!(notifier.watchdog_interval(), Some(Duration::from_millis(200)));
+        assert_eq!(
+            notifier.watchdog_interval(),
+            Some(Duration::from_millis(200))
+        );
 
         let script = Script::default();
         let (supervisor, _) = Actor::spawn(None, StandIn, script.clone()).await.unwrap();
