@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use feeder_actors::prefix::{ClaimOrder, Grouping};
+use feeder_actors::store::ClaimRequest;
 use feeder_actors::{JobStore, ModelType, NewJob, Payload, Timestamp};
 use gpu_feeder::store::pg::{Clock, Patience, PgStore};
 
@@ -32,10 +34,10 @@ fn server() -> &'static PgServer {
 
 /// What the proxy does to the traffic.
 const PASS: u8 = 0;
-/// Holds back the server's replies; when a reply that ends a transaction
-/// (`ReadyForQuery`) follows an `UPDATE` of at least one row, drops it and
-/// cuts that connection: the update was committed, the client never hears
-/// of it. Once only, then `PASS`.
+/// Holds back the server's replies up to each `ReadyForQuery`; when one
+/// that says no transaction is open (the last one committed) follows an
+/// `UPDATE` of at least one row, drops them and cuts that connection: the
+/// update was committed, the client never hears so. Once only, then `PASS`.
 const CUT_AFTER_UPDATE: u8 = 1;
 /// Cuts every connection that sends `LISTEN gpu_jobs`, before the server
 /// sees it.
@@ -191,7 +193,7 @@ fn relay(client: TcpStream, state: Arc<ProxyState>) {
                     updated |= tag.starts_with(b"UPDATE ") && tag != b"UPDATE 0";
                     held.extend_from_slice(message);
                 }
-                b'Z' if updated => {
+                b'Z' if updated && message.get(5) == Some(&b'I') => {
                     state.mode.store(PASS, Ordering::SeqCst);
                     state.cuts.fetch_add(1, Ordering::SeqCst);
                     cut(&from_server, &to_client);
@@ -229,12 +231,22 @@ fn job(tag: &str) -> NewJob {
 }
 
 /// README, "Many hosts" (PostgreSQL restarts): a claim cut off after
-/// committing is found again by its token, not claimed twice. The claim's
-/// `UPDATE` commits; the connection is cut before its rows reach the
-/// store; the store, which waits for the server, tries again on a new
-/// connection and must return the rows it took, and take no others.
+/// committing is found again by its token, not claimed twice. The claim
+/// commits; the connection is cut before the store hears so; the store,
+/// which waits for the server, tries again on a new connection and must
+/// return the rows it took, and take no others. Both kinds of claim: one
+/// statement (plain order), and a transaction of two (prefix groups).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_cut_off_after_its_commit_is_found_again_by_its_token() {
+    claim_cut_off_after_commit(ClaimOrder::Plain).await;
+    claim_cut_off_after_commit(ClaimOrder::Grouped(Grouping {
+        warm: Vec::new(),
+        max_wait: Duration::from_secs(60),
+    }))
+    .await;
+}
+
+async fn claim_cut_off_after_commit(order: ClaimOrder) {
     let pg = server();
     let url = pg.fresh_db();
     let proxy = PgProxy::start(pg.port());
@@ -247,11 +259,14 @@ async fn a_claim_cut_off_after_its_commit_is_found_again_by_its_token() {
     proxy.set(CUT_AFTER_UPDATE);
     let claimed = tokio::time::timeout(
         LIMIT,
-        store.claim(
-            ModelType::Think,
-            1,
-            Duration::from_secs(600),
-            "host-a",
+        store.claim_with(
+            &ClaimRequest {
+                model: ModelType::Think,
+                n: 1,
+                lease: Duration::from_secs(600),
+                owner: "host-a".into(),
+                order: order.clone(),
+            },
             Timestamp::now(),
         ),
     )
@@ -261,9 +276,9 @@ async fn a_claim_cut_off_after_its_commit_is_found_again_by_its_token() {
     assert_eq!(
         proxy.cuts(),
         1,
-        "the claim's reply was cut off after its commit"
+        "the claim's reply was cut off after its commit ({order:?})"
     );
-    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    assert_eq!(claimed.len(), 1, "{order:?}: {claimed:?}");
     let processing = pg.psql(
         &url,
         "SELECT encode(id, 'hex') || ' ' || claim_id FROM gpu_jobs WHERE status = 'processing'",
@@ -275,7 +290,7 @@ async fn a_claim_cut_off_after_its_commit_is_found_again_by_its_token() {
             "{} {}",
             claimed[0].job.id, claimed[0].claim.claim_id
         )],
-        "one job taken, the one returned, under the returned token"
+        "{order:?}: one job taken, the one returned, under the returned token"
     );
     assert_eq!(
         pg.psql(
