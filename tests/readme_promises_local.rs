@@ -140,7 +140,8 @@ fn series(text: &str, line_start: &str) -> Option<f64> {
 /// monitor reads every GPU through NVML, loaded at run time from the
 /// driver, and `/metrics` shows each reading as a `gpu_*` gauge by `gpu`;
 /// above `gpu.temp_alert_c` a GPU is in alert (one warning, the alert gauge
-/// 1) until it cools below `gpu.temp_clear_c`.
+/// 1) until it cools below `gpu.temp_clear_c`, and meanwhile the instances
+/// on that GPU keep `gpu.thermal_window_factor` of their window.
 #[test]
 fn nvml_readings_become_gpu_metrics_and_temperature_alerts() {
     let lib = tempfile::tempdir().unwrap();
@@ -179,9 +180,11 @@ fn nvml_readings_become_gpu_metrics_and_temperature_alerts() {
     let admin = free_port();
     let s = Scratch::new(
         &(format!(
-            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[gpu]\ninterval_ms = 100\ntemp_alert_c = 80\ntemp_clear_c = 75\n\n"
-        ) + &external("think", "think", &think.url)),
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[dispatch]\nwindow = 8\n\n[gpu]\ninterval_ms = 100\ntemp_alert_c = 80\ntemp_clear_c = 75\nthermal_window_factor = 0.5\n\n"
+        ) + &external("think", "think", &think.url)
+            + "gpu_ids = [1]\n"),
     );
+    let window = || s.instance("think").map(|i| i["window"].clone());
     let lib_dir = lib.path().to_str().unwrap();
     let temps_path = temps.to_str().unwrap();
     let d = Daemon::start(
@@ -220,10 +223,18 @@ fn nvml_readings_become_gpu_metrics_and_temperature_alerts() {
         assert_eq!(series(&text, name), Some(value), "{name}:\n{text}");
     }
 
+    wait_for("think runs with its whole window", LIMIT, || {
+        window() == Some(serde_json::json!(8))
+    });
+
     // GPU 1 heats past the alert level: in alert, one episode, one warning.
     std::fs::write(&temps, "64 86\n").unwrap();
     wait_for("GPU 1 is in alert", LIMIT, || {
         series(&metrics(), "gpu_feeder_gpu_temperature_alert{gpu=\"1\"}") == Some(1.0)
+    });
+    // Thermal back-off: the instance on GPU 1 keeps half its window.
+    wait_for("think's window is halved", LIMIT, || {
+        window() == Some(serde_json::json!(4))
     });
     let text = metrics();
     assert_eq!(
@@ -256,6 +267,9 @@ fn nvml_readings_become_gpu_metrics_and_temperature_alerts() {
     std::fs::write(&temps, "64 72\n").unwrap();
     wait_for("GPU 1's alert is over", LIMIT, || {
         series(&metrics(), "gpu_feeder_gpu_temperature_alert{gpu=\"1\"}") == Some(0.0)
+    });
+    wait_for("think's window is whole again", LIMIT, || {
+        window() == Some(serde_json::json!(8))
     });
     assert_eq!(
         series(&metrics(), "gpu_feeder_gpu_temperature_alerts"),
