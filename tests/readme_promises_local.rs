@@ -139,9 +139,9 @@ fn series(text: &str, line_start: &str) -> Option<f64> {
 /// README, "GPUs, temperature and the allocator" and "Admin endpoint": the
 /// monitor reads every GPU through NVML, loaded at run time from the
 /// driver, and `/metrics` shows each reading as a `gpu_*` gauge by `gpu`;
-/// above `gpu.temp_alert_c` a GPU is in alert (one warning, the alert gauge
-/// 1) until it cools below `gpu.temp_clear_c`, and meanwhile the instances
-/// on that GPU keep `gpu.thermal_window_factor` of their window.
+/// above `gpu.temp_alert_c` a GPU is in alert (one warning, its alert gauge
+/// at 1) until it cools below `gpu.temp_clear_c`, and meanwhile the
+/// instances on that GPU keep `gpu.thermal_window_factor` of their window.
 #[test]
 fn nvml_readings_become_gpu_metrics_and_temperature_alerts() {
     let lib = tempfile::tempdir().unwrap();
