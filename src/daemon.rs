@@ -480,3 +480,161 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         }
     }
 }
+
+#[cfg(test)]
+mod watchdog_tests {
+    //! The watchdog half of "Running under systemd": `WATCHDOG=1` goes to
+    //! the real notification socket only while the supervisor answers and
+    //! says every child answered; it is withheld while a child does not
+    //! answer and while the supervisor itself is wedged. The supervisor is
+    //! a stand-in here, answering as the test says; whether the real one
+    //! reports a child that does not answer is tested in the actors'
+    //! pipeline tests (`status_says_whether_every_child_answers`).
+
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    use ractor::{ActorProcessingErr, RpcReplyPort};
+    use tokio::net::UnixDatagram;
+
+    use super::*;
+
+    /// Answers, saying every child answered.
+    const ALL: u8 = 0;
+    /// Answers, saying a child did not.
+    const NOT_ALL: u8 = 1;
+    /// Takes the question and never answers (its mailbox is stuck).
+    const WEDGED: u8 = 2;
+
+    #[derive(Clone, Default)]
+    struct Script {
+        mode: Arc<AtomicU8>,
+        asked: Arc<AtomicUsize>,
+    }
+
+    struct StandIn;
+
+    impl Actor for StandIn {
+        type Msg = FeederMsg;
+        type State = (Script, Vec<RpcReplyPort<FeederStatus>>);
+        type Arguments = Script;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<FeederMsg>,
+            script: Script,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok((script, Vec::new()))
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<FeederMsg>,
+            msg: FeederMsg,
+            (script, held): &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            if let FeederMsg::Status { reply } = msg {
+                script.asked.fetch_add(1, Ordering::SeqCst);
+                match script.mode.load(Ordering::SeqCst) {
+                    WEDGED => held.push(reply),
+                    mode => {
+                        let _ = reply.send(FeederStatus {
+                            children_answered: mode == ALL,
+                            ..FeederStatus::default()
+                        });
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// The next notification: each of its lines.
+    async fn next(socket: &UnixDatagram) -> Vec<String> {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(60), socket.recv(&mut buf))
+            .await
+            .expect("a notification within a minute")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watchdog_pings_only_while_the_supervisor_says_every_child_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        // No other test of this crate reads these variables.
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        std::env::set_var("WATCHDOG_USEC", "400000");
+        std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
+        let notifier = Notifier::from_env();
+        std::env::remove_var("WATCHDOG_USEC");
+        std::env::remove_var("WATCHDOG_PID");
+        assert_eq!(
+            notifier.watchdog_interval(),
+            Some(Duration::from_millis(200))
+        );
+
+        let script = Script::default();
+        let (supervisor, _) = Actor::spawn(None, StandIn, script.clone()).await.unwrap();
+        let store = feeder_actors::testkit::MemoryStore::new();
+        let reader: Arc<dyn JobStore> = feeder_actors::store::Blocking::port(Arc::new(store));
+        let beat = tokio::spawn(heartbeat(
+            notifier,
+            FeederHandle::new(supervisor.clone()),
+            reader,
+            Arc::new(Config::default()),
+        ));
+        let ping = |lines: &[String]| lines.iter().any(|l| l == "WATCHDOG=1");
+        let status = |lines: &[String]| lines.iter().any(|l| l.starts_with("STATUS="));
+
+        // Healthy: pings.
+        let mut pings = 0;
+        while pings < 3 {
+            pings += ping(&next(&socket).await) as usize;
+        }
+
+        // A child does not answer: statuses go on, pings stop. The round
+        // under way when the answer changed may still ping.
+        script.mode.store(NOT_ALL, Ordering::SeqCst);
+        while !status(&next(&socket).await) {}
+        let mut rounds = 0;
+        while rounds < 3 {
+            let lines = next(&socket).await;
+            assert!(!ping(&lines), "a ping while a child did not answer");
+            rounds += status(&lines) as usize;
+        }
+
+        // Every child answers again: pings again.
+        script.mode.store(ALL, Ordering::SeqCst);
+        while !ping(&next(&socket).await) {}
+
+        // The supervisor is wedged: nothing at all. Once it has been asked
+        // after the change, whatever the last answered round sent is in the
+        // socket; drain it, let three more questions go unanswered, and
+        // find the socket empty.
+        let asked = script.asked.load(Ordering::SeqCst);
+        script.mode.store(WEDGED, Ordering::SeqCst);
+        while script.asked.load(Ordering::SeqCst) < asked + 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut buf = vec![0u8; 4096];
+        while socket.try_recv(&mut buf).is_ok() {}
+        while script.asked.load(Ordering::SeqCst) < asked + 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match socket.try_recv(&mut buf) {
+            Ok(n) => panic!(
+                "notified while the supervisor did not answer: {}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+        }
+        beat.abort();
+        supervisor.stop(None);
+        std::env::remove_var("NOTIFY_SOCKET");
+    }
+}
