@@ -2,7 +2,8 @@
 //! simulated servers and a real SQLite file: a server whose recorded pid
 //! now belongs to another program is not adopted; a model asleep at level
 //! 2 is woken by the daemon with its weights reloaded; retrying a failed
-//! parent runs again only its fragments that did not succeed; and the MCP
+//! parent runs again only its fragments that did not succeed, and
+//! cancelling one cancels its fragments; and the MCP
 //! `submit_job` tool takes each input kind the README lists.
 
 mod common;
@@ -266,6 +267,54 @@ fn retrying_a_failed_parent_runs_only_its_failed_fragments_again() {
     // And only once: a later look finds still one.
     assert_eq!(follow_ups(&s), 1);
     drop(d);
+}
+
+/// README, "Job lifecycle": "Cancel a parent and its unfinished fragments
+/// are cancelled"; retried, the cancelled fragments run again and the
+/// parent finishes. The jobs are queued while no daemon runs, so all three
+/// fragments are unfinished at the cancel.
+#[test]
+fn cancelling_a_parent_cancels_its_fragments_and_a_retry_runs_them() {
+    let think = SimProcess::start(&[]);
+    let s = Scratch::new(&format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[dispatch]\nexternal_poll_ms = 100\n\n[health]\ninterval_s = 0.2\n\n",
+        free_port()
+    ));
+    let tk = common::word_tokenizer(s.path(), 2000);
+    let config = std::fs::read_to_string(s.config()).unwrap()
+        + &format!(
+            "[[instances]]\nname = \"think\"\nmodel_type = \"think\"\nbackend = \"external\"\n\
+             url = \"{}\"\nserved_model_name = \"sim\"\nmax_tokens = 32\ntokenizer = \"{}\"\n\n",
+            think.url,
+            tk.display()
+        );
+    std::fs::write(s.config(), config).unwrap();
+    let text = s.path().join("long.txt");
+    std::fs::write(&text, words(0, 1200)).unwrap();
+    let parent = s.submit_file("think", "--text-file", &text, &["--chunk"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let of_parent = |s: &Scratch| -> Vec<String> {
+        s.jobs()
+            .into_iter()
+            .filter(|j| j["parent_id"].as_str() == Some(parent.as_str()))
+            .map(|j| j["status"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(of_parent(&s), ["pending", "pending", "pending"]);
+    let cancelled = s.json(&["cancel", &parent, "--json"]);
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert_eq!(of_parent(&s), ["cancelled", "cancelled", "cancelled"]);
+
+    let retried = s.json(&["retry", &parent, "--json"]);
+    assert_eq!(retried["status"], "processing", "{retried}");
+    assert_eq!(of_parent(&s), ["pending", "pending", "pending"]);
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    wait_for("the parent is done", LIMIT, || {
+        s.json(&["status", &parent, "--json"])["status"] == "done"
+    });
+    assert_eq!(of_parent(&s), ["done", "done", "done"]);
 }
 
 /// README, "MCP server": `submit_job` takes `model` and one of `prompt`,
