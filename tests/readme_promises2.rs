@@ -108,7 +108,7 @@ fn level_two(name: &str, model: &str, port: u16) -> String {
     format!(
         "[[instances]]\nname = \"{name}\"\nmodel_type = \"{model}\"\nbackend = \"process\"\n\
          port = {port}\nserved_model_name = \"sim-{name}\"\n\
-         command = [\"{}\", \"sim\", \"--load-s\", \"0.5\", \"--latency-ms\", \"50\", \
+         command = [\"{}\", \"sim\", \"--load-s\", \"0.5\", \"--latency-ms\", \"100\", \
          \"--sleep-s\", \"0.1\", \"--wake-s\", \"0.2\", \"--wake-l2-s\", \"0.3\"]\n\
          gpu_ids = []\ngpu_memory_utilization = 0.4\nmax_tokens = 8\n\
          sleep_mode = true\nsleep_level = 2\n\n",
@@ -140,14 +140,14 @@ fn answers(s: &Scratch, model: &str) -> Vec<String> {
 #[test]
 fn a_model_asleep_at_level_2_is_woken_with_its_weights_reloaded() {
     let (s, _servers, d) = start_think_and_vision(SLEEPING_ALLOCATOR, level_two, LIMIT);
-    // Vision work alone: think is put to sleep, at level 2.
-    s.submit_prompts("vision", "v", 30);
-    wait_for("think asleep, vision serving", LIMIT, || {
-        s.instance_is("think", "sleeping") && s.count("done") == 30
-    });
+    // Vision work alone, enough to outlast the allocator's decision: think
+    // is put to sleep, at level 2.
+    s.submit_prompts("vision", "v", 500);
+    wait_for("think asleep", LIMIT, || s.instance_is("think", "sleeping"));
+    wait_for("the vision work done", LIMIT, || s.count("done") == 500);
     // Think work: the daemon wakes think.
     s.submit_prompts("think", "t", 30);
-    wait_for("the think work done", LIMIT, || s.count("done") == 60);
+    wait_for("the think work done", LIMIT, || s.count("done") == 530);
     let think = s.instance("think").unwrap();
     let woke = think["history"]
         .as_array()
