@@ -39,6 +39,23 @@ fn sim_on(port: u16, args: &[&str]) -> SimProcess {
     SimProcess { child, url }
 }
 
+/// A program that is not a model server, killed when dropped (also when
+/// the test fails).
+struct Other(std::process::Child);
+
+impl Other {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Other {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// README, "Model servers: launch, health, restarts, adoption": a server
 /// is adopted when the process in the pid file is still running, "checked
 /// by its start time". Here the recorded server is dead and its pid now
@@ -65,11 +82,13 @@ fn a_pid_that_now_belongs_to_another_program_is_not_adopted() {
     // Another program now runs under the pid the file records (the kernel
     // reuses pids): the file is rewritten with that program's pid, keeping
     // everything else, the server's start time included.
-    let mut other = Command::new("sleep")
-        .arg("600")
-        .process_group(0)
-        .spawn()
-        .expect("start another program");
+    let other = Other(
+        Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .expect("start another program"),
+    );
     let pid_file = s.path().join("servers/think.pid");
     let mut recorded: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&pid_file).unwrap()).unwrap();
@@ -80,13 +99,12 @@ fn a_pid_that_now_belongs_to_another_program_is_not_adopted() {
     let d2 = DaemonProcess::start_ready(&s, "daemon-2", &["think"], LIMIT);
     let think = s.instance("think").unwrap();
     let launched = s.pid_of("think");
-    let stranger_alive = alive(other.id());
-    let _ = other.kill();
-    let _ = other.wait();
+    let stranger = other.id();
+    let stranger_alive = alive(stranger);
+    drop(other);
     assert_eq!(think["adopted"], false, "{think}\n{}", d2.log());
     assert_ne!(
-        launched,
-        other.id(),
+        launched, stranger,
         "the other program was taken for the server"
     );
     assert!(
