@@ -183,6 +183,10 @@ async fn backs_off_on_preemptions_and_stays_under_the_kv_limit() {
         last.iter().all(|(w, _, _)| *w <= 60),
         "the window stayed past the KV limit: {seen:?}"
     );
+    assert!(
+        last.iter().all(|(w, _, _)| *w >= 40),
+        "it backed off too far: {seen:?}"
+    );
     assert_eq!(last[0].2, preempted, "still preempting: {seen:?}");
 }
 
