@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::http::get;
 use common::pg::PgServer;
 use common::{
     bin, external, free_port, mcp_client, strings, wait_for, DaemonProcess, Scratch, SimProcess,
@@ -324,35 +325,9 @@ fn three_daemons_share_one_queue_through_crashes() {
     );
     println!("jobs per host (last claim):\n{per_host}");
     // host-c signed nothing off; a and b are registered and alive.
-    let st: serde_json::Value =
-        serde_json::from_str(&http_get(hosts[1].admin, "/v1/status")).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&get(hosts[1].admin, "/v1/status").1).unwrap();
     let ids: Vec<&str> = strings(&st["daemons"], "daemon_id");
     assert_eq!(ids, ["host-a", "host-b"], "{st}");
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let out = Command::new("curl")
-        .args(["-s", &format!("http://127.0.0.1:{port}{path}")])
-        .output()
-        .expect("curl is installed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn http_code(port: u16, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "-",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://127.0.0.1:{port}{path}"),
-        ])
-        .output()
-        .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// A row inserted with plain SQL, by a program that knows nothing of
@@ -418,7 +393,7 @@ fn a_postgres_restart_mid_run_loses_nothing() {
             "/readyz says the queue is unreachable",
             Duration::from_secs(60),
             || {
-                let (code, body) = http_code(h.admin, "/readyz");
+                let (code, body) = get(h.admin, "/readyz");
                 code == 503
                     && body.contains("PostgreSQL queue")
                     && body.contains(&format!("{}", pg.port()))
@@ -440,7 +415,7 @@ fn a_postgres_restart_mid_run_loses_nothing() {
         counts(&pg, &url).get("done").copied().unwrap_or(0) == total
     });
     wait_for("/readyz is ready again", Duration::from_secs(60), || {
-        http_code(h.admin, "/readyz").0 == 200
+        get(h.admin, "/readyz").0 == 200
     });
     assert_eq!(
         one(
@@ -520,11 +495,11 @@ fn cli_mcp_and_admin_work_against_postgres() {
 
     // The admin endpoint: the job and its result document.
     let v: serde_json::Value =
-        serde_json::from_str(&http_get(h.admin, &format!("/v1/jobs/{id}"))).unwrap();
+        serde_json::from_str(&get(h.admin, &format!("/v1/jobs/{id}")).1).unwrap();
     assert_eq!(v["status"], "done");
     assert!(v["result"].is_string(), "{v}");
     let doc: serde_json::Value =
-        serde_json::from_str(&http_get(h.admin, &format!("/v1/jobs/{}/result", &id[..8]))).unwrap();
+        serde_json::from_str(&get(h.admin, &format!("/v1/jobs/{}/result", &id[..8])).1).unwrap();
     assert_eq!(doc["id"], id.as_str());
 
     // A real MCP client on the same queue.

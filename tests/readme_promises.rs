@@ -9,6 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::http::get;
 use common::{bin, external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -17,18 +18,6 @@ fn settings(admin: u16) -> String {
     format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[dispatch]\nexternal_poll_ms = 100\n\n[health]\ninterval_s = 0.2\n\n"
     )
-}
-
-/// `GET path` on the admin port: the status and the body.
-fn get(port: u16, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}"])
-        .arg(format!("http://127.0.0.1:{port}{path}"))
-        .output()
-        .expect("curl is installed");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
 /// README, "Command line": exit status 1 for `submit --wait` when the job

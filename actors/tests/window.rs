@@ -145,14 +145,49 @@ async fn backs_off_on_preemptions_and_stays_under_the_kv_limit() {
         ..FakeEngineShape::default()
     };
     let lab = Lab::start(shape, 1024, 30_000).await;
-    lab.watch(30).await;
-    let preempted = lab.engine.preemptions();
     let ws = lab.watch(30).await;
-    let (_, hi) = spread(&ws);
-    assert!(hi <= 100, "the window went past the KV limit: {ws:?}");
-    assert!(spread(&ws).0 >= 70, "it backed off too far: {ws:?}");
-    // No preemption once it has found the limit.
-    assert_eq!(lab.engine.preemptions(), preempted, "{ws:?}");
+    // The KV cache's reading keeps the window under what it holds.
+    assert!(spread(&ws[20..]).1 <= 100, "past the KV limit: {ws:?}");
+    assert_eq!(lab.engine.preemptions(), 0.0, "{ws:?}");
+    // The cache shrinks under the window (another process took memory):
+    // what runs no longer fits, and the server preempts.
+    lab.engine.reshape(|s| s.kv_seqs = 60);
+    let mut seen = Vec::new();
+    for _ in 0..90 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let d = lab.dispatch().await;
+        seen.push((d.window, d.window_signals.ceiling, lab.engine.preemptions()));
+    }
+    let preempted = lab.engine.preemptions();
+    assert!(preempted > 0.0, "the engine never preempted: {seen:?}");
+    // The back-off fired: a ceiling, and the window under it while it held.
+    let first = seen
+        .iter()
+        .position(|(_, c, _)| c.is_some())
+        .unwrap_or_else(|| panic!("no ceiling was set: {seen:?}"));
+    for (w, c, _) in &seen {
+        if let Some(c) = c {
+            assert!(w <= c, "window {w} above its ceiling {c}: {seen:?}");
+        }
+    }
+    // Held for its minute (a later preemption may renew it, never shorten it).
+    assert!(
+        seen[first..(first + 55).min(seen.len())]
+            .iter()
+            .all(|(_, c, _)| c.is_some()),
+        "the ceiling did not hold for a minute: {seen:?}"
+    );
+    // It settled under the smaller cache, and the preemptions stopped.
+    let last = &seen[60..];
+    assert!(
+        last.iter().all(|(w, _, _)| *w <= 60),
+        "the window stayed past the KV limit: {seen:?}"
+    );
+    assert!(
+        last.iter().all(|(w, _, _)| *w >= 40),
+        "it backed off too far: {seen:?}"
+    );
+    assert_eq!(last[0].2, preempted, "still preempting: {seen:?}");
 }
 
 #[tokio::test(start_paused = true)]

@@ -659,3 +659,6 @@ pub fn words(from: usize, to: usize) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// HTTP through `curl`, shared by the tests that talk to an admin endpoint.
+pub mod http;

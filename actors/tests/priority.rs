@@ -1,0 +1,118 @@
+//! Priorities at the dispatcher, at message level: claims come highest
+//! priority first, and the few claimed jobs a dispatcher keeps ready are
+//! kept in that order, so a job submitted with a higher priority overtakes
+//! bulk jobs that were claimed before it, within a few completions. The
+//! real FeederSupervisor and its dispatcher, the in-memory store, a gated
+//! server that finishes a request only when the test lets it, under paused
+//! time.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{count, feeder_args, feeder_status, spawn_feeder, LIMIT, T0};
+use feeder_actors::spec::InstanceSpec;
+use feeder_actors::supervisor::PipelineSettings;
+use feeder_actors::testkit::store_contract::job;
+use feeder_actors::testkit::{submit, wait_until, FakeInference, MemoryResults, MemoryStore};
+use feeder_actors::{BlockingJobStore, JobId, JobStatus, ModelType, NewJob};
+
+const WINDOW: u32 = 8;
+const BULK: usize = 100;
+
+#[tokio::test(start_paused = true)]
+async fn a_higher_priority_job_overtakes_the_claimed_bulk_within_a_few_completions() {
+    let store = MemoryStore::new();
+    let bulk = (0..BULK)
+        .map(|i| job(ModelType::Think, &format!("bulk-{i}")))
+        .collect();
+    store.submit_batch(bulk, T0).unwrap();
+    let server = FakeInference::gated();
+    let think = InstanceSpec::external("think", ModelType::Think, WINDOW, Arc::new(server.clone()));
+    let settings = PipelineSettings {
+        health_interval: Duration::from_secs(1),
+        ..PipelineSettings::default()
+    };
+    let results = Arc::new(MemoryResults::new());
+    let feeder = spawn_feeder(feeder_args(&store, results, vec![think], "host", settings)).await;
+
+    // A window in flight, and the dispatcher's few ready jobs claimed.
+    let dispatch = || async {
+        feeder_status(&feeder)
+            .await
+            .dispatch
+            .into_iter()
+            .find(|d| d.instance == "think")
+            .expect("the dispatcher runs")
+    };
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let buffered = loop {
+        let d = dispatch().await;
+        if d.in_flight == WINDOW as usize && d.buffered > 0 {
+            break d.buffered;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never full: {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The bulk jobs claimed but not sent: the ones the urgent job must pass.
+    let sent: HashSet<JobId> = server.received().into_iter().collect();
+    let waiting_ready: Vec<JobId> = store
+        .all()
+        .into_iter()
+        .filter(|j| j.status == JobStatus::Processing && !sent.contains(&j.id))
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(waiting_ready.len(), buffered, "claimed, not sent");
+
+    let urgent = submit(
+        &feeder,
+        vec![NewJob {
+            priority: 10,
+            ..job(ModelType::Think, "urgent")
+        }],
+    )
+    .await[0];
+
+    // One completion at a time, until the urgent job reaches the server.
+    let mut completions = 0;
+    while !server.received().contains(&urgent) {
+        assert!(
+            completions < BULK,
+            "the urgent job was never sent: {:?}",
+            store.get(urgent)
+        );
+        let before = server.received().len();
+        server.release(1);
+        completions += 1;
+        wait_until("the freed slot is refilled", LIMIT, || {
+            server.received().len() > before
+        })
+        .await;
+    }
+    let order = server.received();
+    let at = order.iter().position(|id| *id == urgent).unwrap();
+    let overtaken = waiting_ready
+        .iter()
+        .filter(|id| !order[..at].contains(id))
+        .count();
+    println!(
+        "urgent sent after {completions} completions; it overtook {overtaken} of the {buffered} bulk jobs ready before it came"
+    );
+    // Within a few completions: no more than the jobs ready before it.
+    assert!(
+        completions <= buffered,
+        "{completions} completions before the urgent job, {buffered} were ready"
+    );
+    // And ahead of bulk jobs claimed before it was submitted.
+    assert!(
+        overtaken >= 1,
+        "the urgent job waited behind every bulk job claimed before it: {completions} completions"
+    );
+    server.release(BULK + 1);
+    wait_until("all done", LIMIT, || {
+        count(&store, JobStatus::Done) == BULK + 1
+    })
+    .await;
+}
