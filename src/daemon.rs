@@ -440,7 +440,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         .collect();
     info!(
         "gpu-feeder running as {owner} on {}: {}; admin on http://{admin_addr}",
-        config.queue.db_path.display(),
+        config.queue.location(),
         names.join(", ")
     );
     let notifier = Notifier::from_env();

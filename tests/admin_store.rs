@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
@@ -23,21 +22,13 @@ fn a_submission_to_a_locked_store_answers_503() {
     // Another program holds the database's write lock past the busy timeout.
     let holder = rusqlite::Connection::open(s.db()).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            "Content-Type: application/json",
-        ])
-        .args(["-d", r#"{"model": "think", "prompt": "hello"}"#])
-        .arg(format!("http://127.0.0.1:{port}/v1/jobs"))
-        .output()
-        .expect("curl is installed");
+    let (code, body) = common::http::http(
+        "POST",
+        &format!("http://127.0.0.1:{port}/v1/jobs"),
+        None,
+        Some(r#"{"model": "think", "prompt": "hello"}"#),
+    );
     holder.execute_batch("ROLLBACK").unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    assert_eq!(code, "503", "{body}");
+    assert_eq!(code, 503, "{body}");
     assert!(body.contains("unavailable"), "{body}");
 }

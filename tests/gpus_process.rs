@@ -111,11 +111,7 @@ fn each_gpu_is_its_own_group_and_replicas_share_the_queue() {
         shown.stdout()
     );
     // Metrics: a strategy per group.
-    let out = std::process::Command::new("curl")
-        .args(["-s", &format!("http://127.0.0.1:{admin_port}/metrics")])
-        .output()
-        .expect("curl is installed");
-    let metrics = String::from_utf8_lossy(&out.stdout);
+    let (_, metrics) = common::http::get(admin_port, "/metrics");
     for g in ["gpu 0", "gpu 1", "gpu 2"] {
         let line = format!("gpu_feeder_group_strategy{{group=\"{g}\",strategy=\"static\"}} 1");
         assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
