@@ -1,0 +1,436 @@
+//! The status page, seen through a real browser: headless Chromium
+//! (Debian's `chromium`) loads `GET /` of a running daemon fed by
+//! simulated servers, and the checks read what a person would see from the
+//! rendered DOM: the instances and their states, the counts `stats --json`
+//! gives, a failure's reason, an instance that went down. A screenshot is
+//! saved. With an admin token, a browser driven over the DevTools protocol
+//! fills the page's token form: no data without the token, "wrong token"
+//! for a wrong one, the data once it is right, and a clear notice when the
+//! daemon stops answering.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::{external, free_port, wait_for, DaemonProcess, Scratch, SimProcess};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Debian's Chromium, or a failure saying what to install.
+fn chromium() -> &'static str {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "these tests need headless Chromium: install Debian's `chromium` package \
+         (and `fonts-dejavu-core` for readable screenshots); scripts/test.sh installs both"
+    );
+    "chromium"
+}
+
+/// Headless Chromium with a profile of its own (so that tests running at
+/// once do not share one), run on `url` with `extra` flags; its stdout.
+fn headless(url: &str, extra: &[&str]) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            // Long enough for the page's first fetch; the page polls every 3 s.
+            "--virtual-time-budget=2500",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(url)
+        .stderr(Stdio::null())
+        .output()
+        .expect("start chromium");
+    assert!(out.status.success(), "chromium failed on {url}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The page as Chromium renders it (its DOM after the scripts ran).
+fn dom(url: &str) -> String {
+    headless(url, &["--dump-dom"])
+}
+
+/// Renders `url` until `cond` holds on its DOM; panics naming `what`, with
+/// the last DOM, after `LIMIT`.
+fn dom_until(url: &str, what: &str, mut cond: impl FnMut(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let d = dom(url);
+        if cond(&d) {
+            return d;
+        }
+        if start.elapsed() > LIMIT {
+            panic!("the page never showed {what}; its last DOM:\n{d}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The element opening with `<tag attr="value"` up to its closing tag
+/// (none of the page's rows nest their own tag).
+fn element<'a>(dom: &'a str, tag: &str, attr: &str, value: &str) -> Option<&'a str> {
+    let open = format!("<{tag} {attr}=\"{value}\"");
+    let at = dom.find(&open)?;
+    let rest = &dom[at..];
+    let end = rest.find(&format!("</{tag}>"))?;
+    Some(&rest[..end])
+}
+
+/// The value of attribute `attr` inside `html`'s first tag that has it.
+fn attr<'a>(html: &'a str, attr: &str) -> Option<&'a str> {
+    let key = format!("{attr}=\"");
+    let at = html.find(&key)? + key.len();
+    html[at..].split('"').next()
+}
+
+/// Text as the DOM serializes it.
+fn escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\u{a0}', "&nbsp;")
+}
+
+/// The number in the queue table's cell for `model` and `status`.
+fn count(dom: &str, model: &str, status: &str) -> Option<u64> {
+    let open = format!("data-model=\"{model}\" data-count=\"{status}\">");
+    let at = dom.find(&open)? + open.len();
+    dom[at..].split('<').next()?.trim().parse().ok()
+}
+
+fn admin(port: u16, token: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{token}\"\n\n\
+         [health]\ninterval_s = 0.3\n\n[dispatch]\nexternal_poll_ms = 50\n\n\
+         [gpu]\nenabled = false\n\n"
+    )
+}
+
+/// Where the screenshot is copied for people to look at.
+fn published_screenshot() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("status-page.png")
+}
+
+#[test]
+fn the_page_shows_instances_counts_a_failure_and_an_instance_down_as_a_person_sees_them() {
+    chromium();
+    let think = SimProcess::start(&["--fail-matching", "POISON"]);
+    let mut vision = SimProcess::start(&[]);
+    let port = free_port();
+    let s = Scratch::new(
+        &(admin(port, "")
+            + &external("think", "think", &think.url)
+            + &external("vision", "vision", &vision.url)),
+    );
+    s.submit_prompts("think", "summarise", 24);
+    s.submit_prompts("vision", "describe", 6);
+    let poison = s.json(&[
+        "submit",
+        "--model",
+        "think",
+        "--prompt",
+        "POISON: the server refuses this one",
+        "--max-attempts",
+        "1",
+        "--json",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think", "vision"], LIMIT);
+    wait_for("every job finished", LIMIT, || {
+        s.count("done") + s.count("failed") == 31
+    });
+    let url = format!("http://127.0.0.1:{port}/");
+
+    // Instances by name, ready; the counts of `stats --json`.
+    let stats = s.json(&["stats", "--json"]);
+    let dom = dom_until(&url, "the instances and the queue's counts", |dom| {
+        ["think", "vision"].iter().all(|name| {
+            element(dom, "tr", "data-instance", name).and_then(|r| attr(r, "data-state"))
+                == Some("ready")
+        }) && stats["jobs"].as_object().unwrap().iter().all(|(model, c)| {
+            c.as_object()
+                .unwrap()
+                .iter()
+                .all(|(status, n)| count(dom, model, status) == n.as_u64())
+        })
+    });
+    assert_eq!(count(&dom, "think", "failed"), Some(1), "{stats}");
+    assert_eq!(count(&dom, "think", "done"), Some(24), "{stats}");
+    assert_eq!(count(&dom, "vision", "done"), Some(6), "{stats}");
+    assert!(dom.contains("Instances") && dom.contains("Queue"), "{dom}");
+    // No GPU readings here, and the page says so instead of showing none.
+    assert!(
+        element(&dom, "p", "class", "notice warn").is_some_and(|p| p.contains("No GPU readings")),
+        "{dom}"
+    );
+    assert!(dom.contains("<svg class=\"chart\""), "a throughput chart");
+
+    // The failure, with the reason the job records.
+    let job = s.json(&["status", &poison, "--json"]);
+    assert_eq!(job["status"], "failed", "{job}");
+    let reason = job["error"].as_str().expect("a failed job says why");
+    let row = element(&dom, "tr", "data-failure", &poison)
+        .unwrap_or_else(|| panic!("job {poison} is not among the failures shown:\n{dom}"));
+    assert!(
+        row.contains(&escaped(reason)),
+        "the failure's reason {reason:?} is not shown: {row}"
+    );
+
+    // The vision server dies: its instance is shown down, with the error.
+    let _ = vision.child.kill();
+    let _ = vision.child.wait();
+    wait_for("vision is seen down", LIMIT, || {
+        s.instance("vision").is_some_and(|i| {
+            i["state"] != "ready" && i["state"] != "loading" && i["last_error"].is_string()
+        })
+    });
+    let down = ["unhealthy", "restarting", "failed", "stopped"];
+    let dom = dom_until(&url, "vision down with its error", |dom| {
+        element(dom, "tr", "data-instance", "vision").is_some_and(|r| {
+            attr(r, "data-state").is_some_and(|st| down.contains(&st))
+                && !r.contains("<td class=\"err small\" data-last-error=\"\"></td>")
+        })
+    });
+    let row = element(&dom, "tr", "data-instance", "vision").unwrap();
+    let now = s.instance("vision").unwrap();
+    if let Some(err) = now["last_error"].as_str() {
+        let first_words: String = err.chars().take(30).collect();
+        assert!(
+            row.contains(&escaped(&first_words)),
+            "the last error {err:?} is not shown: {row}"
+        );
+    }
+    assert_eq!(
+        element(&dom, "tr", "data-instance", "think").and_then(|r| attr(r, "data-state")),
+        Some("ready"),
+        "the other instance still shows ready"
+    );
+
+    // What a person sees, saved.
+    let shot = s.path().join("status-page.png");
+    headless(
+        &url,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1400,1000",
+        ],
+    );
+    assert!(
+        std::fs::metadata(&shot).is_ok_and(|m| m.len() > 10_000),
+        "no screenshot at {}",
+        shot.display()
+    );
+    let published = published_screenshot();
+    std::fs::create_dir_all(published.parent().unwrap()).unwrap();
+    std::fs::copy(&shot, &published).unwrap();
+    eprintln!("screenshot: {}", published.display());
+    drop(d);
+}
+
+/// A headless Chromium driven over the DevTools protocol through
+/// `--remote-debugging-pipe` (NUL-separated JSON messages; named pipes
+/// stand for its descriptors 3 and 4), with one page attached.
+struct Browser {
+    child: Child,
+    to: std::fs::File,
+    from: BufReader<std::fs::File>,
+    next: u64,
+    session: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        let dir = tempfile::tempdir().unwrap();
+        let (input, output) = (dir.path().join("in"), dir.path().join("out"));
+        common::succeed(
+            Command::new("mkfifo").arg(&input).arg(&output),
+            "mkfifo (coreutils)",
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "exec \"$0\" --headless=new --no-sandbox --disable-gpu --no-first-run \
+                 --remote-debugging-pipe --user-data-dir=\"$1\" about:blank 3<\"$2\" 4>\"$3\"",
+            )
+            .arg(chromium())
+            .arg(dir.path().join("profile"))
+            .arg(&input)
+            .arg(&output)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium");
+        // The same order as the shell opens them, so neither waits forever.
+        let to = std::fs::OpenOptions::new().write(true).open(&input).unwrap();
+        let from = BufReader::new(std::fs::File::open(&output).unwrap());
+        let mut b = Browser {
+            child,
+            to,
+            from,
+            next: 0,
+            session: String::new(),
+            _dir: dir,
+        };
+        let target = b.call("Target.createTarget", json!({"url": url}))["targetId"].clone();
+        b.session = b.call(
+            "Target.attachToTarget",
+            json!({"targetId": target, "flatten": true}),
+        )["sessionId"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        b
+    }
+
+    /// Sends one command and returns its result (events in between are
+    /// skipped).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let mut msg = json!({"id": self.next, "method": method, "params": params});
+        if !self.session.is_empty() {
+            msg["sessionId"] = json!(self.session);
+        }
+        self.to.write_all(msg.to_string().as_bytes()).unwrap();
+        self.to.write_all(b"\0").unwrap();
+        self.to.flush().unwrap();
+        loop {
+            let mut buf = Vec::new();
+            let n = self.from.read_until(0, &mut buf).unwrap();
+            assert!(n > 0, "chromium closed its DevTools pipe during {method}");
+            buf.pop();
+            let answer: Value = serde_json::from_slice(&buf).unwrap();
+            if answer["id"] == json!(self.next) {
+                assert!(answer["error"].is_null(), "{method}: {answer}");
+                return answer["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    fn eval(&mut self, expression: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+        );
+        r["result"]["value"].clone()
+    }
+
+    /// Evaluates `expression` until it is `true`; panics naming `what`,
+    /// with the page's text, after `LIMIT`.
+    fn until(&mut self, what: &str, expression: &str) {
+        let start = Instant::now();
+        while self.eval(expression) != json!(true) {
+            if start.elapsed() > LIMIT {
+                let text = self.eval("document.body.innerText");
+                panic!("the page never showed {what}; it shows:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Types `token` into the page's form and submits it.
+    fn give_token(&mut self, token: &str) {
+        let js = format!(
+            "document.getElementById('token').value = {}; \
+             document.getElementById('login-form').requestSubmit(); true",
+            json!(token)
+        );
+        assert_eq!(self.eval(&js), json!(true));
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// No data is shown: no instance row, no queue table.
+const NO_DATA: &str = "document.querySelector('[data-instance]') === null \
+     && document.querySelector('[data-count]') === null";
+
+#[test]
+fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemon_stops() {
+    chromium();
+    let think = SimProcess::start(&[]);
+    let port = free_port();
+    let s = Scratch::new(&(admin(port, "s3cret-token") + &external("think", "think", &think.url)));
+    s.submit_prompts("think", "q", 5);
+    let mut d = DaemonProcess::start(&s, "daemon");
+    let url = format!("http://127.0.0.1:{port}/");
+    wait_for("the admin endpoint answers", LIMIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+
+    // Missing: the shell loads, asks for the token, shows no data.
+    let dom = dom_until(&url, "the token prompt", |dom| {
+        dom.contains("<section id=\"login\">")
+            && dom.contains("<p id=\"login-msg\">token required</p>")
+    });
+    assert!(
+        dom.contains("<main id=\"data\" hidden=\"\"></main>"),
+        "data without the token:\n{dom}"
+    );
+
+    let mut b = Browser::open(&url);
+    b.until(
+        "the token prompt",
+        &format!("document.getElementById('login-msg').textContent === 'token required' && {NO_DATA}"),
+    );
+
+    // Wrong: said so, still no data.
+    b.give_token("not-the-token");
+    b.until(
+        "\"wrong token\"",
+        &format!("document.getElementById('login-msg').textContent === 'wrong token' && !document.getElementById('login').hidden && {NO_DATA}"),
+    );
+
+    // Right: the data, and the token is in no URL and out of scripts' reach.
+    b.give_token("s3cret-token");
+    b.until(
+        "the think instance once the token is given",
+        "document.querySelector('[data-instance=\"think\"]') !== null \
+         && document.getElementById('login').hidden",
+    );
+    let href = b.eval("location.href");
+    assert!(!href.as_str().unwrap().contains("s3cret"), "{href}");
+    assert_eq!(b.eval("document.cookie"), json!(""), "the cookie is HttpOnly");
+    b.until(
+        "the five jobs done",
+        "document.querySelector('[data-model=\"think\"][data-count=\"done\"]')?.textContent === '5'",
+    );
+
+    // The daemon stops: the page says so rather than showing old numbers
+    // as if they were current.
+    d.kill9();
+    b.until(
+        "that the daemon does not answer",
+        "(document.getElementById('down-notice')?.textContent || '').includes('does not answer') \
+         && document.getElementById('data').classList.contains('stale')",
+    );
+    drop(s);
+}
