@@ -42,6 +42,7 @@ command -v promtool >/dev/null 2>&1 || apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || apt+=(systemd)
 command -v curl >/dev/null 2>&1 || apt+=(curl)
 command -v python3 >/dev/null 2>&1 || apt+=(python3)
+command -v chromium >/dev/null 2>&1 || apt+=(chromium fonts-dejavu-core)
 # PostgreSQL server binaries ($FEEDER_PG_BIN, or any /usr/lib/postgresql/*/bin).
 if ! { [ -n "${FEEDER_PG_BIN:-}" ] && [ -x "$FEEDER_PG_BIN/initdb" ]; } \
    && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

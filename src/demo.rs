@@ -41,7 +41,12 @@ pub struct DemoArgs {
     #[arg(long)]
     pub serve: bool,
     /// Where `--serve` listens (port 0: any free port; the address is printed)
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9400", requires = "serve")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9400",
+        requires = "serve"
+    )]
     pub listen: String,
 }
 
@@ -359,6 +364,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             "  kept      {} (try: gpu-feeder --db {}/jobs.db stats)",
             d.display(),
             d.display()
+        ),
+        None if args.serve => println!(
+            "  (the temporary database is removed when the demo stops; pass --keep DIR to keep it)"
         ),
         None => println!("  (the temporary database is removed; pass --keep DIR to keep it)"),
     }

@@ -284,7 +284,10 @@ impl Browser {
             .spawn()
             .expect("start chromium");
         // The same order as the shell opens them, so neither waits forever.
-        let to = std::fs::OpenOptions::new().write(true).open(&input).unwrap();
+        let to = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&input)
+            .unwrap();
         let from = BufReader::new(std::fs::File::open(&output).unwrap());
         let mut b = Browser {
             child,
@@ -399,7 +402,9 @@ fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemo
     let mut b = Browser::open(&url);
     b.until(
         "the token prompt",
-        &format!("document.getElementById('login-msg').textContent === 'token required' && {NO_DATA}"),
+        &format!(
+            "document.getElementById('login-msg').textContent === 'token required' && {NO_DATA}"
+        ),
     );
 
     // Wrong: said so, still no data.
@@ -418,7 +423,11 @@ fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemo
     );
     let href = b.eval("location.href");
     assert!(!href.as_str().unwrap().contains("s3cret"), "{href}");
-    assert_eq!(b.eval("document.cookie"), json!(""), "the cookie is HttpOnly");
+    assert_eq!(
+        b.eval("document.cookie"),
+        json!(""),
+        "the cookie is HttpOnly"
+    );
     b.until(
         "the five jobs done",
         "document.querySelector('[data-model=\"think\"][data-count=\"done\"]')?.textContent === '5'",
@@ -433,4 +442,98 @@ fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemo
          && document.getElementById('data').classList.contains('stale')",
     );
     drop(s);
+}
+
+/// `GET path` over HTTP/1.0 on `addr`: the status code and the body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut conn = std::net::TcpStream::connect(addr).expect("the endpoint answers");
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code, body.to_string())
+}
+
+/// A child process killed on drop, unless it exited.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn demo_serve_keeps_the_status_page_up_after_its_jobs_until_stopped() {
+    let mut guard = Killed(
+        Command::new(common::bin())
+            .args(["demo", "--jobs", "30", "--serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the demo"),
+    );
+    let demo = &mut guard.0;
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut said = String::new();
+    let url = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| {
+                panic!("the demo ended without printing its page's address:\n{said}")
+            })
+            .unwrap();
+        said += &line;
+        said.push('\n');
+        if let Some(url) = line.strip_prefix("status page ") {
+            break url.trim().to_string();
+        }
+    };
+    assert!(
+        said.contains("finished  "),
+        "the summary comes first:\n{said}"
+    );
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("not an address: {url}"));
+
+    // The jobs are over, the page is still served, with the pipeline live.
+    let (code, page) = get(addr, "/");
+    assert_eq!(code, 200);
+    assert!(page.contains("<title>gpu-feeder</title>"), "{page}");
+    let (code, view) = get(addr, "/v1/page");
+    assert_eq!(code, 200, "{view}");
+    let view: Value = serde_json::from_str(&view).unwrap();
+    let names: Vec<&str> = common::strings(&view["instances"], "name");
+    assert_eq!(names, ["vision", "think"], "{view}");
+    let done: u64 = view["queue"]["jobs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|c| c["done"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        done, 37,
+        "30 jobs, and a parent with its 6 fragments: {view}"
+    );
+
+    // Ctrl-C (here SIGINT) stops it cleanly.
+    common::succeed(
+        Command::new("kill").args(["-INT", &demo.id().to_string()]),
+        "kill -INT",
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "{status}: {}", rest.join("\n"));
+    assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
 }

@@ -247,7 +247,10 @@ async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
 }
 
 async fn auth(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
-    let open = matches!(req.uri().path(), "/healthz" | "/" | "/v1/login" | "/v1/logout");
+    let open = matches!(
+        req.uri().path(),
+        "/healthz" | "/" | "/v1/login" | "/v1/logout"
+    );
     if token.is_empty() || open {
         return next.run(req).await;
     }

@@ -44,4 +44,3 @@ impl Admin {
 pub fn bad(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
-
