@@ -433,6 +433,21 @@ fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemo
         "document.querySelector('[data-model=\"think\"][data-count=\"done\"]')?.textContent === '5'",
     );
 
+    // Forgetting the token hides the data again.
+    assert_eq!(
+        b.eval("document.getElementById('logout').click(); true"),
+        json!(true)
+    );
+    b.until(
+        "the token prompt after forgetting the token",
+        &format!("document.getElementById('login-msg').textContent === 'token required' && !document.getElementById('login').hidden && {NO_DATA}"),
+    );
+    b.give_token("s3cret-token");
+    b.until(
+        "the data again",
+        "document.querySelector('[data-instance=\"think\"]') !== null",
+    );
+
     // The daemon stops: the page says so rather than showing old numbers
     // as if they were current.
     d.kill9();
@@ -536,4 +551,39 @@ fn demo_serve_keeps_the_status_page_up_after_its_jobs_until_stopped() {
     let status = demo.wait().unwrap();
     assert!(status.success(), "{status}: {}", rest.join("\n"));
     assert!(rest.iter().any(|l| l == "stopped"), "{rest:?}");
+}
+
+#[test]
+fn when_the_queue_cannot_be_read_the_page_says_why_and_still_shows_the_instances() {
+    chromium();
+    let pg = common::pg::PgServer::start();
+    let db = pg.fresh_db();
+    let think = SimProcess::start(&[]);
+    let port = free_port();
+    let s = Scratch::with_queue(
+        &format!("database_url = \"{db}\"\n"),
+        &(admin(port, "") + &external("think", "think", &think.url)),
+    );
+    s.submit_prompts("think", "q", 3);
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let url = format!("http://127.0.0.1:{port}/");
+    dom_until(&url, "the three jobs done", |dom| {
+        count(dom, "think", "done") == Some(3)
+    });
+
+    pg.stop();
+    let dom = dom_until(&url, "that the queue cannot be read", |dom| {
+        element(dom, "p", "class", "notice")
+            .is_some_and(|p| p.contains("id=\"queue-error\"") && p.contains("cannot be read"))
+    });
+    let notice = element(&dom, "p", "class", "notice").unwrap();
+    assert!(
+        notice.contains(&pg.port().to_string()),
+        "the notice names the server: {notice}"
+    );
+    assert_eq!(count(&dom, "think", "done"), None, "no stale counts: {dom}");
+    assert!(
+        element(&dom, "tr", "data-instance", "think").is_some(),
+        "the instances still show: {dom}"
+    );
 }
