@@ -587,3 +587,178 @@ fn when_the_queue_cannot_be_read_the_page_says_why_and_still_shows_the_instances
         "the instances still show: {dom}"
     );
 }
+
+/// Serves the page and a fixed `/v1/page` document on a free port, for as
+/// long as the test runs; its address.
+fn serve_fixed(view: Value) -> String {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let page = include_str!("../src/admin/page.html");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let n = conn.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (kind, body) = if head.starts_with("GET /v1/page") {
+                ("application/json", view.to_string())
+            } else {
+                ("text/html; charset=utf-8", page.to_string())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}/")
+}
+
+/// No GPU and no allocator run here, so their sections are rendered from
+/// the document the views build for a snapshot of two GPUs (one hot) and an
+/// allocator that switched: the page shows what a person needs of them.
+#[test]
+fn gpu_readings_and_the_allocator_show_from_the_views_own_document() {
+    use feeder_actors::allocator::{AllocatorStatus, GroupStatus, Strategy, SwitchCost};
+    use feeder_actors::gpu::{GpuReading, GpuSnapshot};
+    use feeder_actors::supervisor::FeederStatus;
+    use feeder_actors::{ModelType, QueueStats};
+    use std::time::SystemTime;
+
+    chromium();
+    let reading = |index: u32, temperature_c: u32| GpuReading {
+        index,
+        name: "NVIDIA H100 80GB HBM3".into(),
+        uuid: format!("GPU-{index}"),
+        temperature_c,
+        utilization_pct: 87,
+        memory_used_bytes: 61 << 30,
+        memory_total_bytes: 80 << 30,
+        power_w: Some(412.0),
+        sm_clock_mhz: None,
+        memory_clock_mhz: None,
+        throttle_reasons: vec![],
+        processes: vec![],
+    };
+    let since = SystemTime::now() - Duration::from_secs(125);
+    let group = GroupStatus {
+        name: "gpus 0,1".into(),
+        gpu_ids: vec![0, 1],
+        instances: vec!["vision".into(), "think".into()],
+        strategy: Strategy::Think,
+        since,
+        why: "think backlog 1200 against vision 3".into(),
+        pinned: None,
+        switching: false,
+        switches: 4,
+        problems: vec![],
+    };
+    let status = FeederStatus {
+        gpus: Some(GpuSnapshot {
+            at: SystemTime::now(),
+            gpus: vec![reading(0, 64), reading(1, 86)],
+            unavailable: None,
+            hot: vec![1],
+            alerts: 1,
+        }),
+        allocator: Some(AllocatorStatus {
+            strategy: Strategy::Think,
+            since,
+            why: group.why.clone(),
+            pinned: None,
+            switching: false,
+            switches: 4,
+            problems: vec![],
+            costs: vec![SwitchCost {
+                model: ModelType::Think,
+                load: Some(Duration::from_millis(41_500)),
+                wake: Some(Duration::from_millis(2_300)),
+            }],
+            groups: vec![group],
+        }),
+        ..Default::default()
+    };
+    let config = gpu_feeder::config::Config::default();
+    let mut view = gpu_feeder::views::status_json(&config, &status, Some(&QueueStats::default()));
+    view["now"] = json!(common::unix_now());
+    view["batches"] = Value::Null;
+    let url = serve_fixed(view);
+
+    let dom = dom_until(&url, "the GPUs and the allocator", |dom| {
+        dom.contains("data-gpu=\"1\"") && dom.contains("data-group=")
+    });
+    let cool = element(&dom, "tr", "data-gpu", "0").unwrap();
+    let hot = element(&dom, "tr", "data-gpu", "1").unwrap();
+    for (row, temp) in [(cool, "64 °C"), (hot, "86 °C")] {
+        assert!(row.contains(temp), "{row}");
+        assert!(row.contains("61.0 / 80.0 GiB"), "memory: {row}");
+        assert!(row.contains("87 %") && row.contains("412 W"), "{row}");
+    }
+    assert!(
+        hot.contains("hot") && !cool.contains("hot"),
+        "{cool}\n{hot}"
+    );
+    assert!(dom.contains("1 alert(s)"), "the alert count");
+    let group = element(&dom, "tr", "data-group", "gpus 0,1").unwrap();
+    assert!(
+        group.contains("<b>think</b>")
+            && group.contains("think backlog 1200 against vision 3")
+            && group.contains(">4<"),
+        "{group}"
+    );
+    assert!(
+        dom.contains("think: load 41.5 s, wake 2.3 s"),
+        "the switch costs: {dom}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let shot = dir.path().join("status-page-gpus.png");
+    headless(
+        &url,
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1400,700",
+        ],
+    );
+    let published = published_screenshot().with_file_name("status-page-gpus.png");
+    std::fs::create_dir_all(published.parent().unwrap()).unwrap();
+    std::fs::copy(&shot, &published).unwrap();
+    eprintln!("screenshot: {}", published.display());
+}
+
+#[test]
+fn a_job_whose_lease_ran_out_is_shown_stuck_until_it_is_reclaimed() {
+    chromium();
+    let think = SimProcess::start(&[]);
+    let port = free_port();
+    // No reclaim sweep during the test, so that the job stays stuck.
+    let s = Scratch::with_queue(
+        "reclaim_interval_s = 3600\n",
+        &(admin(port, "") + &external("think", "think", &think.url)),
+    );
+    s.submit_prompts("think", "q", 2);
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    wait_for("both jobs done", LIMIT, || s.count("done") == 2);
+    // Another daemon claimed this one, then went silent 90 s ago.
+    let id = s.jobs()[0]["id"].as_str().unwrap().to_string();
+    let changed = common::sqlite3(
+        &s.db(),
+        &format!(
+            "UPDATE gpu_jobs SET status = 'processing', claimed_by = 'elsewhere/daemon', \
+             claim_id = 'gone', lease_until = strftime('%s', 'now') - 90, \
+             result_path = NULL, finished_at = NULL WHERE id = X'{id}'; SELECT changes();"
+        ),
+    );
+    assert_eq!(changed.trim(), "1", "job {id} was not changed");
+    let url = format!("http://127.0.0.1:{port}/");
+    let dom = dom_until(&url, "the stuck job", |dom| {
+        element(dom, "tr", "data-stuck", &id).is_some()
+    });
+    let row = element(&dom, "tr", "data-stuck", &id).unwrap();
+    assert!(
+        row.contains("elsewhere/daemon") && row.contains("1 min"),
+        "who holds it, and for how long past its lease: {row}"
+    );
+    assert_eq!(count(&dom, "think", "processing"), Some(1));
+}
