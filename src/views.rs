@@ -225,32 +225,3 @@ pub fn stuck_json(processing: &[Job], now: feeder_actors::Timestamp) -> Vec<Valu
         })
         .collect()
 }
-
-/// Jobs finished (done or failed) per model in each of `buckets` slices
-/// of `slice_s` seconds up to `now`, oldest slice first: the status page's
-/// throughput chart and drain estimate.
-pub fn throughput_json(
-    finished: &[Job],
-    now: feeder_actors::Timestamp,
-    buckets: usize,
-    slice_s: u64,
-) -> Value {
-    let slice_ms = slice_s as i64 * 1000;
-    let mut per_model = serde_json::Map::new();
-    for model in feeder_actors::ModelType::ALL {
-        let mut counts = vec![0u64; buckets];
-        for j in finished.iter().filter(|j| j.model_type == model) {
-            let Some(at) = j.finished_at else { continue };
-            let ago = now.0 - at.0;
-            if ago < 0 {
-                continue;
-            }
-            let back = (ago / slice_ms) as usize;
-            if back < buckets {
-                counts[buckets - 1 - back] += 1;
-            }
-        }
-        per_model.insert(model.to_string(), json!(counts));
-    }
-    json!({ "slice_s": slice_s, "models": per_model })
-}

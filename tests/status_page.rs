@@ -2,11 +2,14 @@
 //! (Debian's `chromium`) loads `GET /` of a running daemon fed by
 //! simulated servers, and the checks read what a person would see from the
 //! rendered DOM: the instances and their states, the counts `stats --json`
-//! gives, a failure's reason, an instance that went down. A screenshot is
+//! gives, a failure's reason, an instance that went down, a job stuck past
+//! its lease, the queue unreachable (PostgreSQL stopped). A screenshot is
 //! saved. With an admin token, a browser driven over the DevTools protocol
 //! fills the page's token form: no data without the token, "wrong token"
 //! for a wrong one, the data once it is right, and a clear notice when the
-//! daemon stops answering.
+//! daemon stops answering. GPU readings and the allocator, which need GPUs,
+//! are rendered from the document the views build for a snapshot. And
+//! `demo --serve` keeps the page up after its jobs.
 
 mod common;
 

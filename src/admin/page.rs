@@ -9,15 +9,18 @@
 //! never travels in a URL, and the cookie holds a digest of it, not the
 //! token itself.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use feeder_actors::{Job, JobStatus, ListFilter, Timestamp};
+use feeder_actors::{Job, JobStatus, ListFilter, QueueStats, Timestamp};
 
+use super::history::History;
 use super::state::{bad, Admin};
 use crate::views;
 
@@ -27,15 +30,13 @@ const PAGE: &str = include_str!("page.html");
 /// The cookie the login sets.
 pub const COOKIE: &str = "gpu_feeder_admin";
 
-/// The throughput chart: this many slices…
-const SLICES: usize = 20;
-/// …of this many seconds (ten minutes in all).
-const SLICE_S: u64 = 30;
-/// Finished jobs read per model and status for the chart; a busier queue
-/// shows the newest of them.
-const CHART_JOBS: usize = 5000;
-/// Failures listed.
+/// Failures listed…
 const FAILURES: usize = 10;
+/// …the most recently finished among this many failed jobs, newest
+/// submitted first.
+const FAILED_READ: usize = 200;
+/// Claimed jobs read to find those stuck past their lease.
+const PROCESSING_READ: usize = 2000;
 
 /// What the cookie holds for `token`: a digest, so that a cookie jar
 /// never holds the token itself.
@@ -114,7 +115,18 @@ pub async fn logout() -> Response {
         .into_response()
 }
 
-async fn jobs(a: &Admin, status: JobStatus, limit: usize) -> Result<Vec<Job>, String> {
+/// Up to `limit` jobs in `status`, newest first; none read when the
+/// queue's counts say there are none (most of the time, for both).
+async fn jobs(
+    a: &Admin,
+    stats: Option<&QueueStats>,
+    status: JobStatus,
+    limit: usize,
+) -> Result<Vec<Job>, String> {
+    let none = stats.is_some_and(|s| s.models.iter().all(|(_, m)| m.counts.get(status) == 0));
+    if none {
+        return Ok(Vec::new());
+    }
     a.reader
         .list(&ListFilter {
             status: Some(status),
@@ -127,10 +139,13 @@ async fn jobs(a: &Admin, status: JobStatus, limit: usize) -> Result<Vec<Job>, St
 
 /// `GET /v1/page`: everything the page shows, in one document: the
 /// `/v1/status` view, recent failures, jobs stuck past their lease, and
-/// throughput per model over the last ten minutes. A queue that cannot be
+/// jobs finished per model over the last ten minutes ([`History`]). A queue that cannot be
 /// read is named in `queue_error` (the rest still shows); actors that do
 /// not answer make it a 503.
-pub async fn page_json(State(a): State<Admin>) -> Response {
+pub async fn page_json(
+    State(a): State<Admin>,
+    Extension(history): Extension<Arc<History>>,
+) -> Response {
     let now = Timestamp::now();
     let (status, stats) = tokio::join!(a.feeder.status(), a.reader.stats(now));
     let Ok(status) = status else {
@@ -141,18 +156,20 @@ pub async fn page_json(State(a): State<Admin>) -> Response {
     };
     let mut v = views::status_json(&a.config, &status, stats.as_ref().ok());
     let lists = async {
-        let (done, failed, processing) = tokio::join!(
-            jobs(&a, JobStatus::Done, CHART_JOBS),
-            jobs(&a, JobStatus::Failed, CHART_JOBS),
-            jobs(&a, JobStatus::Processing, CHART_JOBS),
+        let (failed, processing) = tokio::join!(
+            jobs(&a, stats.as_ref().ok(), JobStatus::Failed, FAILED_READ),
+            jobs(
+                &a,
+                stats.as_ref().ok(),
+                JobStatus::Processing,
+                PROCESSING_READ
+            ),
         );
-        Ok::<_, String>((done?, failed?, processing?))
+        Ok::<_, String>((failed?, processing?))
     };
+    v["throughput"] = history.json(now);
     let queue_error = match (&stats, lists.await) {
-        (Ok(_), Ok((done, mut failed, processing))) => {
-            let mut finished = done;
-            finished.extend(failed.iter().cloned());
-            v["throughput"] = views::throughput_json(&finished, now, SLICES, SLICE_S);
+        (Ok(_), Ok((mut failed, processing))) => {
             v["stuck"] = json!(views::stuck_json(&processing, now));
             failed.sort_by_key(|j| std::cmp::Reverse(j.finished_at));
             failed.truncate(FAILURES);

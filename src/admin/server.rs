@@ -269,9 +269,11 @@ async fn auth(State(token): State<Arc<String>>, req: Request, next: Next) -> Res
     }
 }
 
-/// The endpoint's routes.
+/// The endpoint's routes (within a Tokio runtime: the status page's
+/// throughput sampler starts here and stops with the router).
 pub fn router(admin: Admin) -> Router {
     let token = Arc::new(admin.config.admin.token.clone());
+    let history = super::history::sample(admin.reader.clone());
     Router::new()
         .route("/", get(super::page::page))
         .route("/v1/page", get(super::page::page_json))
@@ -287,6 +289,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/strategy", post(strategy))
         .route("/v1/instances/{name}/restart", post(restart_instance))
         .with_state(admin)
+        .layer(axum::Extension(history))
         .layer(middleware::from_fn_with_state(token, auth))
 }
 
