@@ -10,6 +10,10 @@
 #   systemd-analyze  verifies the unit file (Debian systemd)
 #   curl             an HTTP client for the admin endpoint (Debian curl)
 #   mcp              an independent MCP client (PyPI mcp, for python3)
+#   lintian          checks the Debian package (Debian lintian; dpkg-deb and
+#                    dpkg come with every Debian system)
+#   chromium         a real browser for the status page (Debian chromium,
+#                    with fonts-dejavu-core for its screenshots)
 #   postgres         a real PostgreSQL server for the shared queue (Debian
 #                    postgresql; initdb and pg_ctl run as the postgres user
 #                    in a temporary folder, one server per test binary)
@@ -43,6 +47,7 @@ command -v systemd-analyze >/dev/null 2>&1 || apt+=(systemd)
 command -v curl >/dev/null 2>&1 || apt+=(curl)
 command -v python3 >/dev/null 2>&1 || apt+=(python3)
 command -v lintian >/dev/null 2>&1 || apt+=(lintian)
+command -v chromium >/dev/null 2>&1 || apt+=(chromium fonts-dejavu-core)
 # PostgreSQL server binaries ($FEEDER_PG_BIN, or any /usr/lib/postgresql/*/bin).
 if ! { [ -n "${FEEDER_PG_BIN:-}" ] && [ -x "$FEEDER_PG_BIN/initdb" ]; } \
    && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

@@ -4,9 +4,11 @@
 //! temporary database receives page images it generates, prompts, and one
 //! parent split into fragments; the real actors dispatch them over HTTP; a
 //! progress bar follows; a summary reports throughput, latency and the
-//! fan-in result.
+//! fan-in result. With `--serve`, the admin endpoint and its status page
+//! run from the start, and stay up after the jobs finish until Ctrl-C.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -14,8 +16,13 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use feeder_actors::{JobStatus, ListFilter, ModelType, NewJob, Payload, Timestamp};
 
+use feeder_actors::dispatch::DispatchObserver;
+use feeder_actors::handle::FeederHandle;
+
+use crate::admin::Admin;
 use crate::config::{Backend, Config, InstanceConfig};
 use crate::daemon::Pipeline;
+use crate::metrics::Metrics;
 use crate::sim::{self, SimConfig};
 use crate::submit::Submitter;
 
@@ -28,6 +35,19 @@ pub struct DemoArgs {
     /// Keep the database and results in this folder instead of a temporary one
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathBuf>,
+    /// Serve the admin endpoint and its status page while the demo runs,
+    /// and keep them (and the simulated servers) up after the jobs finish,
+    /// until Ctrl-C
+    #[arg(long)]
+    pub serve: bool,
+    /// Where `--serve` listens (port 0: any free port; the address is printed)
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9400",
+        requires = "serve"
+    )]
+    pub listen: String,
 }
 
 fn instance(name: &str, model: ModelType, url: String, served: &str) -> InstanceConfig {
@@ -54,6 +74,16 @@ fn page_png(path: &Path, i: u64) -> anyhow::Result<()> {
     });
     img.save(path)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -173,6 +203,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         chapters.len()
     );
 
+    let listener = match args.serve {
+        true => Some(
+            tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} for the status page (is a daemon using it? pass --listen 127.0.0.1:0)",
+                        args.listen
+                    )
+                })?,
+        ),
+        false => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+
     let store = crate::store::connect(&config.queue, crate::store::Patience::FailFast).await?;
     let results = opened.results.clone();
     let start = Instant::now();
@@ -181,9 +226,31 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         store,
         results.clone(),
         format!("{}/demo", config.queue.owner()),
-        None,
+        Some(metrics.clone() as Arc<dyn DispatchObserver>),
     )
     .await?;
+    let page = match listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let admin = Admin {
+                feeder: FeederHandle::new(pipeline.feeder.clone()),
+                reader: crate::store::connect(&config.queue, crate::store::Patience::FailFast)
+                    .await?,
+                results: opened.results.clone(),
+                config: Arc::new(config.clone()),
+                metrics,
+            };
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, crate::admin::router(admin)).await {
+                    tracing::error!("the status page stopped: {e}");
+                }
+            });
+            let url = format!("http://{addr}/");
+            println!("  status    {url} (the status page, live)");
+            Some(url)
+        }
+        None => None,
+    };
 
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -215,7 +282,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     };
     bar.finish();
     let elapsed = start.elapsed();
-    pipeline.shutdown(Duration::from_secs(5)).await;
+    // Serving, the pipeline stays up so that the page shows it live.
+    let pipeline = match page {
+        Some(_) => Some(pipeline),
+        None => {
+            pipeline.shutdown(Duration::from_secs(5)).await;
+            None
+        }
+    };
 
     let all = submit_store
         .list(&ListFilter {
@@ -291,7 +365,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             d.display(),
             d.display()
         ),
+        None if args.serve => println!(
+            "  (the temporary database is removed when the demo stops; pass --keep DIR to keep it)"
+        ),
         None => println!("  (the temporary database is removed; pass --keep DIR to keep it)"),
+    }
+    if let (Some(url), Some(pipeline)) = (page, pipeline) {
+        println!();
+        println!("status page {url}");
+        println!("  serving until Ctrl-C (or SIGTERM); submit more with the admin endpoint's POST /v1/jobs");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        stop_signal().await;
+        pipeline.shutdown(Duration::from_secs(5)).await;
+        println!("stopped");
     }
     Ok(if done as u64 == total { 0 } else { 1 })
 }

@@ -89,6 +89,8 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
                 "reason": s.map(|s| s.reason.clone()),
                 "in_state_s": s.map(|s| s.in_state_for.as_secs_f64()),
                 "backend": inst.backend.to_string(),
+                "model": inst.model.clone().unwrap_or_else(|| inst.served_model_name.clone()),
+                "gpu_ids": inst.gpu_ids,
                 "url": inst.base_url(),
                 "container_id": s.and_then(|s| s.container_id.clone()),
                 "adopted": s.is_some_and(|s| s.adopted),
@@ -186,4 +188,40 @@ pub fn pinned_json(s: &AllocatorStatus) -> Value {
         "why": s.why,
         "groups": groups_json(&s.groups),
     })
+}
+
+/// The recently failed jobs, newest first, with why, for the status page.
+pub fn failures_json(failed: &[Job]) -> Vec<Value> {
+    failed
+        .iter()
+        .map(|j| {
+            json!({
+                "id": j.id,
+                "model_type": j.model_type,
+                "error": j.error,
+                "attempts": j.attempts,
+                "finished_at": j.finished_at.map(|t| t.0 as f64 / 1000.0),
+            })
+        })
+        .collect()
+}
+
+/// The claimed jobs whose lease ran out before `now` (not yet reclaimed),
+/// for the status page.
+pub fn stuck_json(processing: &[Job], now: feeder_actors::Timestamp) -> Vec<Value> {
+    processing
+        .iter()
+        .filter_map(|j| {
+            let until = j.lease_until?;
+            (until < now).then(|| {
+                json!({
+                    "id": j.id,
+                    "model_type": j.model_type,
+                    "claimed_by": j.claimed_by,
+                    "attempts": j.attempts,
+                    "overdue_s": (now.0 - until.0) as f64 / 1000.0,
+                })
+            })
+        })
+        .collect()
 }

@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint (`admin.listen`, loopback by default):
 //!
+//! - `GET /`: the status page ([`super::page`]), which reads `GET /v1/page`;
 //! - `GET /metrics`: Prometheus metrics;
 //! - `GET /healthz`: liveness (the actors answer);
 //! - `GET /readyz`: the store answers and at least one instance is Ready;
@@ -9,8 +10,9 @@
 //! - `GET /v1/jobs/{id}/result`: its result document, from its file or the
 //!   database, wherever the job says (`gpu-feeder result`).
 //!
-//! With `admin.token` set, every endpoint but `/healthz` requires
-//! `Authorization: Bearer <token>`.
+//! With `admin.token` set, every endpoint but `/healthz`, the page's shell
+//! and its login requires `Authorization: Bearer <token>`, or the cookie
+//! that `POST /v1/login` gives for the token.
 
 use std::sync::Arc;
 
@@ -23,39 +25,13 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use feeder_actors::allocator::Strategy;
-use feeder_actors::handle::{FeederHandle, HandleError};
-use feeder_actors::supervisor::FeederStatus;
-use feeder_actors::{JobStore, QueueStats, StoreError, Timestamp};
+use feeder_actors::handle::HandleError;
+use feeder_actors::{StoreError, Timestamp};
 
-use crate::config::Config;
-use crate::metrics::Metrics;
 use crate::submit::{Built, Submission, SubmitRequest};
 use crate::views;
 
-/// What the endpoint serves from.
-#[derive(Clone)]
-pub struct Admin {
-    /// The root supervisor.
-    pub feeder: FeederHandle,
-    /// A connection for reads (stats).
-    pub reader: Arc<dyn JobStore>,
-    /// The queue's result documents.
-    pub results: Arc<crate::results::Results>,
-    /// The configuration in force.
-    pub config: Arc<Config>,
-    /// The metrics.
-    pub metrics: Arc<Metrics>,
-}
-
-impl Admin {
-    async fn status(&self) -> Option<FeederStatus> {
-        self.feeder.status().await.ok()
-    }
-
-    async fn stats(&self) -> Option<QueueStats> {
-        self.reader.stats(Timestamp::now()).await.ok()
-    }
-}
+use super::state::{bad, Admin};
 
 /// 503: the supervisor did not answer.
 fn actors_silent() -> Response {
@@ -237,10 +213,6 @@ async fn get_result(State(a): State<Admin>, UrlPath(id): UrlPath<String>) -> Res
     }
 }
 
-fn bad(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({"error": msg.into()}))).into_response()
-}
-
 /// `POST /v1/jobs`: `{"model": "think", "prompt": "…"}` (or `messages`,
 /// `image_path`), with optional `priority`, `max_attempts` and `then`.
 async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
@@ -275,7 +247,11 @@ async fn submit(State(a): State<Admin>, body: Option<Json<Value>>) -> Response {
 }
 
 async fn auth(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
-    if token.is_empty() || req.uri().path() == "/healthz" {
+    let open = matches!(
+        req.uri().path(),
+        "/healthz" | "/" | "/v1/login" | "/v1/logout"
+    );
+    if token.is_empty() || open {
         return next.run(req).await;
     }
     let given = req
@@ -283,20 +259,26 @@ async fn auth(State(token): State<Arc<String>>, req: Request, next: Next) -> Res
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
+    if given == Some(token.as_str()) || super::page::cookie_matches(req.headers(), &token) {
         next.run(req).await
     } else {
         bad(
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token: send `Authorization: Bearer <admin.token>`",
+            "missing or wrong bearer token: send `Authorization: Bearer <admin.token>` (the status page asks for it)",
         )
     }
 }
 
-/// The endpoint's routes.
+/// The endpoint's routes (within a Tokio runtime: the status page's
+/// throughput sampler starts here and stops with the router).
 pub fn router(admin: Admin) -> Router {
     let token = Arc::new(admin.config.admin.token.clone());
+    let history = super::history::sample(admin.reader.clone());
     Router::new()
+        .route("/", get(super::page::page))
+        .route("/v1/page", get(super::page::page_json))
+        .route("/v1/login", post(super::page::login))
+        .route("/v1/logout", post(super::page::logout))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -307,6 +289,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/v1/strategy", post(strategy))
         .route("/v1/instances/{name}/restart", post(restart_instance))
         .with_state(admin)
+        .layer(axum::Extension(history))
         .layer(middleware::from_fn_with_state(token, auth))
 }
 
