@@ -37,5 +37,6 @@ CREATE TABLE api_batch_lines (
     PRIMARY KEY (batch_id, line)
 );
 
+-- Mark: this file records that it was applied (see 0007_daemons_results.sql).
 INSERT OR IGNORE INTO schema_migrations (version, name, applied_at)
 VALUES (8, 'openai_api', (julianday('now') - 2440587.5) * 86400.0);
