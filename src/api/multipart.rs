@@ -186,13 +186,16 @@ impl Reader {
 mod tests {
     use super::*;
 
-    fn read(body: &[u8], step: usize) -> (Vec<(String, Option<String>, Vec<u8>)>, bool) {
+    /// A part: its name, file name and bytes.
+    type Part = (String, Option<String>, Vec<u8>);
+
+    fn read(body: &[u8], step: usize) -> (Vec<Part>, bool) {
         let mut r = Reader::new("XyZ");
         let mut events = Vec::new();
         for chunk in body.chunks(step) {
             r.feed(chunk, &mut events).unwrap();
         }
-        let mut parts: Vec<(String, Option<String>, Vec<u8>)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         for e in events {
             match e {
                 Event::Part { name, filename } => parts.push((name, filename, Vec::new())),
