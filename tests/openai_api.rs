@@ -83,3 +83,34 @@ fn a_public_address_without_keys_is_refused() {
     assert!(run.stderr().contains("api.listen"), "{}", run.stderr());
     assert!(run.stderr().contains("api.keys"), "{}", run.stderr());
 }
+
+/// The peak resident memory of process `pid` so far (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Figures, not a check: a 50,000-line batch on the simulator, from upload
+/// to completed, and the daemon's peak RSS over the whole run (upload,
+/// queueing, dispatch and writing the output). Run with
+/// `cargo test --release --test openai_api -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn figures_of_a_50000_line_batch() {
+    let sim = SimProcess::start(&[]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let before = peak_rss_mib(d.child.id());
+    let base = format!("http://127.0.0.1:{port}");
+    let report = sdk(&["big", &base, KEY, "50000"]);
+    let after = peak_rss_mib(d.child.id());
+    println!("50,000-line batch: {report}");
+    println!("daemon peak RSS: {before:.1} MiB when ready, {after:.1} MiB after the batch");
+}

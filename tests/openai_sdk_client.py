@@ -5,6 +5,7 @@
                                                  running once some are done
     openai_sdk_client.py finish BASE_URL KEY ID N
                                                  waits for batch ID, checks its files
+    openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
 
 Prints one JSON object with what it saw; exits non-zero on a failed check.
 """
@@ -203,10 +204,34 @@ def finish(base, key, batch_id, n):
     return {"status": b.status, "output": len(out), "errors": len(err)}
 
 
+def big(base, key, n):
+    c = client(base, key)
+    ids = [f"b-{i}" for i in range(n)]
+    t0 = time.monotonic()
+    f = upload(c, [line(i, f"short question number {i}") for i in ids])
+    t1 = time.monotonic()
+    b = create(c, f.id)
+    b = wait(c, b.id, lambda b: b.status in ENDED, limit=1800)
+    t2 = time.monotonic()
+    assert b.status == "completed", b
+    out, err = check_results(c, b, ids)
+    t3 = time.monotonic()
+    return {
+        "requests": n,
+        "upload_s": round(t1 - t0, 2),
+        "create_to_completed_s": round(t2 - t1, 2),
+        "download_s": round(t3 - t2, 2),
+        "output": len(out),
+        "errors": len(err),
+    }
+
+
 if __name__ == "__main__":
     mode, base, key = sys.argv[1:4]
     if mode == "all":
         result = everything(base, key)
+    elif mode == "big":
+        result = big(base, key, int(sys.argv[4]))
     elif mode == "start":
         result = start(base, key, int(sys.argv[4]))
     else:

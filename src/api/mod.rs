@@ -254,6 +254,14 @@ pub async fn start(
         return Ok(None);
     };
     let keys = config.api.all_keys()?;
+    let loopback = listen
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    if keys.is_empty() && !loopback {
+        anyhow::bail!(
+            "api.listen = {listen} is not a loopback address and api.keys_file holds no key: add one, or listen on 127.0.0.1"
+        );
+    }
     let files_dir = config.api.files_dir(&config.queue.results_dir);
     std::fs::create_dir_all(&files_dir)
         .with_context(|| format!("creating api.files_dir {}", files_dir.display()))?;
