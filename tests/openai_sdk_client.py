@@ -183,6 +183,11 @@ def everything(base, key):
         raise AssertionError("a fine-tune file was taken")
     except openai.BadRequestError as e:
         assert e.param == "purpose", e.body
+    try:
+        c.files.create(file=("big.jsonl", io.BytesIO(b"{}\n" * 50_001)), purpose="batch")
+        raise AssertionError("a file of 50,001 lines was taken")
+    except openai.BadRequestError as e:
+        assert "50000 lines" in e.message, e.message
     report["listed"] = len(listed)
     report["batch_id"] = b.id
     return report
