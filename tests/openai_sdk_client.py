@@ -226,6 +226,10 @@ def big(base, key, n):
         "upload_s": round(t1 - t0, 2),
         "create_to_completed_s": round(t2 - t1, 2),
         "download_s": round(t3 - t2, 2),
+        # The batch's own timestamps (whole seconds).
+        "validate_and_queue_s": b.in_progress_at - b.created_at,
+        "run_s": b.finalizing_at - b.in_progress_at,
+        "finalize_s": b.completed_at - b.finalizing_at,
         "output": len(out),
         "errors": len(err),
     }

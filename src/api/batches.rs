@@ -16,6 +16,7 @@ use std::time::Duration;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -35,6 +36,8 @@ pub const WINDOW: &str = "24h";
 const WINDOW_S: i64 = 24 * 3600;
 /// Lines queued per transaction.
 const CHUNK: usize = 1000;
+/// Lines whose job and result are read at once while finalizing.
+const READ_AHEAD: usize = 64;
 /// The most line errors a failed batch lists.
 const MAX_ERRORS: usize = 1000;
 
@@ -643,9 +646,16 @@ async fn write_files(
             0u64,
         ));
     }
-    for line in api.store.lines(batch).await? {
-        let job = api.jobs.get(line.job_id).await?;
-        let (i, value) = match line_result(api, &line, job, why).await {
+    // Jobs and result documents are read a few dozen at a time, the lines
+    // written in order.
+    let mut results = futures_util::stream::iter(api.store.lines(batch).await?)
+        .map(|line| async move {
+            let job = api.jobs.get(line.job_id).await?;
+            Ok::<_, feeder_actors::StoreError>(line_result(api, &line, job, why).await)
+        })
+        .buffered(READ_AHEAD);
+    while let Some(result) = results.next().await {
+        let (i, value) = match result? {
             Ok(v) => (0, v),
             Err(v) => (1, v),
         };
