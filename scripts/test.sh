@@ -10,6 +10,7 @@
 #   systemd-analyze  verifies the unit file (Debian systemd)
 #   curl             an HTTP client for the admin endpoint (Debian curl)
 #   mcp              an independent MCP client (PyPI mcp, for python3)
+#   openai           the official OpenAI SDK, driving the OpenAI API (PyPI openai)
 #   lintian          checks the Debian package (Debian lintian; dpkg-deb and
 #                    dpkg come with every Debian system)
 #   chromium         a real browser for the status page (Debian chromium,
@@ -79,6 +80,7 @@ if ! python3 -c 'import mcp' >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --user 'mcp>=1.10,<3' \
     || { say "could not install the Python package mcp: install it with pip, then run this again" >&2; exit 1; }
 fi
+python3 -c 'import openai' >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check 'openai>=1,<4' || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'openai>=1,<4' || { say "could not install the Python package openai: install it with pip, then run this again" >&2; exit 1; }
 
 # The real vLLM (CPU build) and the tiny models it serves in the tests: about
 # 4 GB the first time, then cached under ~/.cache/gpu-feeder.

@@ -428,6 +428,16 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         config: config.clone(),
         metrics,
     };
+    let api_addr = crate::api::start(
+        config.clone(),
+        reader.clone(),
+        FeederHandle::new(pipeline.feeder.clone()),
+        opened.results.clone(),
+    )
+    .await?;
+    if let Some(addr) = api_addr {
+        info!("OpenAI API on http://{addr}");
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, crate::admin::router(admin)).await {
             error!("the admin endpoint stopped: {e}");

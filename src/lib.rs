@@ -24,6 +24,7 @@
 //! - [`cli`]: the command line (`gpu-feeder …`) and its human and `--json` output.
 
 pub mod admin;
+pub mod api;
 pub mod chunk;
 pub mod cli;
 pub mod config;

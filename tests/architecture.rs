@@ -17,7 +17,7 @@ use std::path::Path;
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "frontends",
-        &["main", "cli", "admin", "mcp", "demo", "daemon"],
+        &["main", "cli", "admin", "api", "mcp", "demo", "daemon"],
     ),
     ("wiring and views", &["admin::client", "views", "submit"]),
     (

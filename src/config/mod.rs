@@ -7,6 +7,7 @@
 //!
 //! Relative paths are taken relative to the configuration file's folder.
 
+mod api;
 mod check;
 mod database;
 mod instance;
@@ -20,6 +21,7 @@ use serde::Deserialize;
 
 use feeder_actors::{Backoff, ModelType};
 
+pub use api::{ApiConfig, MAX_FILE_BYTES, MAX_FILE_LINES};
 pub use database::DatabaseUrl;
 pub use instance::{Backend, InstanceConfig, DEFAULT_OCR_PROMPT, PP_FLAGS, TP_FLAGS};
 
@@ -41,6 +43,8 @@ pub struct Config {
     pub servers: ServersConfig,
     /// The admin HTTP endpoint (metrics, status, submit).
     pub admin: AdminConfig,
+    /// The OpenAI-compatible API (Files and Batches).
+    pub api: ApiConfig,
     /// Which instances run, with how much GPU memory.
     pub allocator: AllocatorConfig,
     /// GPU monitoring and thermal limits.
@@ -677,6 +681,14 @@ impl Config {
         abs(&mut q.db_path);
         abs(&mut q.results_dir);
         abs(&mut q.stage_dir);
+        for p in [&mut self.api.keys_file, &mut self.api.files_dir]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         if let Some(roots) = &mut q.payload_roots {
             roots.iter_mut().for_each(abs);
         }

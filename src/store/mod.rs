@@ -41,6 +41,7 @@ macro_rules! queries {
     };
 }
 
+pub mod api;
 pub mod migration;
 pub mod pg;
 pub(crate) mod shared;

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[Migration] = migrations!("postgres";
     2 "0002" "daemons",
     3 "0003" "notify",
     4 "0004" "results",
+    5 "0005" "openai_api",
 );
 
 /// The newest PostgreSQL schema version this build knows.

@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = migrations!("sqlite";
     5 "0005" "place",
     6 "0006" "prefix",
     7 "0007" "daemons_results",
+    8 "0008" "openai_api",
 );
 
 /// The newest schema version this build knows.

@@ -5,6 +5,7 @@
 //! queue for the lock instead of failing. The queries that matter are in
 //! `src/store/sqlite/sql/`, one file each (with the ends some share).
 
+pub mod api;
 pub mod migrate;
 mod port;
 mod rows;

@@ -1,0 +1,116 @@
+//! The OpenAI-compatible API driven by the official `openai` Python SDK
+//! (`tests/openai_sdk_client.py`) against a real daemon and a simulated
+//! model server: files, batches, pagination, cancelling, a malformed
+//! file, keys, and a batch that survives `kill -9` of the daemon.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{external, free_port, DaemonProcess, Scratch, SimProcess};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const KEY: &str = "sk-test-key";
+
+fn api(port: u16) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[dispatch]\nexternal_poll_ms = 50\n\n[api]\nlisten = \"127.0.0.1:{port}\"\nkeys = [\"{KEY}\"]\n\n",
+        free_port()
+    )
+}
+
+/// Runs the SDK client with `args`; its JSON report.
+fn sdk(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_sdk_client.py"
+        ))
+        .args(args)
+        .output()
+        .expect("python3 runs (is the `openai` package installed? scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "the SDK client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the client prints JSON")
+}
+
+fn jobs_in(s: &Scratch) -> i64 {
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    conn.query_row("SELECT count(*) FROM gpu_jobs", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn the_openai_sdk_runs_files_and_batches_end_to_end() {
+    let sim = SimProcess::start(&["--fail-matching", "POISON"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let report = sdk(&["all", &base, KEY]);
+    eprintln!("{report}");
+    assert_eq!(report["delete_while_running"], 409, "{}", d.log());
+    // The malformed file created no job: 30 + 40 + 3 lines.
+    assert_eq!(jobs_in(&s), 73);
+}
+
+#[test]
+fn a_batch_survives_kill_9_of_the_daemon() {
+    let sim = SimProcess::start(&["--latency-ms", "100", "--max-num-seqs", "4"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let mut d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let started = sdk(&["start", &base, KEY, "120"]);
+    assert_eq!(started["status"], "in_progress", "{started}");
+    d.kill9();
+    let _d = DaemonProcess::start_ready(&s, "again", &["think"], LIMIT);
+    let id = started["batch_id"].as_str().unwrap();
+    let done = sdk(&["finish", &base, KEY, id, "120"]);
+    assert_eq!(done["output"], 120, "{done}");
+}
+
+#[test]
+fn a_public_address_without_keys_is_refused() {
+    let s = Scratch::new("[api]\nlisten = \"0.0.0.0:8000\"\n");
+    let run = s.run(&["config", "check"]);
+    assert_ne!(run.code(), 0);
+    assert!(run.stderr().contains("api.listen"), "{}", run.stderr());
+    assert!(run.stderr().contains("api.keys"), "{}", run.stderr());
+}
+
+/// The peak resident memory of process `pid` so far (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Figures, not a check: a 50,000-line batch on the simulator, from upload
+/// to completed, and the daemon's peak RSS over the whole run (upload,
+/// queueing, dispatch and writing the output). Run with
+/// `cargo test --release --test openai_api -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn figures_of_a_50000_line_batch() {
+    let sim = SimProcess::start(&[]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let before = peak_rss_mib(d.child.id());
+    let base = format!("http://127.0.0.1:{port}");
+    let report = sdk(&["big", &base, KEY, "50000"]);
+    let after = peak_rss_mib(d.child.id());
+    println!("50,000-line batch: {report}");
+    println!("daemon peak RSS: {before:.1} MiB when ready, {after:.1} MiB after the batch");
+}

@@ -1,0 +1,248 @@
+"""Drives gpu-feeder's OpenAI API with the official `openai` SDK.
+
+    openai_sdk_client.py all BASE_URL KEY        every endpoint, end to end
+    openai_sdk_client.py start BASE_URL KEY N    a batch of N requests, left
+                                                 running once some are done
+    openai_sdk_client.py finish BASE_URL KEY ID N
+                                                 waits for batch ID, checks its files
+    openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
+
+Prints one JSON object with what it saw; exits non-zero on a failed check.
+"""
+
+import io
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import openai
+
+ENDED = {"completed", "failed", "expired", "cancelled"}
+
+
+def client(base, key):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+
+
+def line(custom_id, text, url="/v1/chat/completions", method="POST", model="sim"):
+    return json.dumps(
+        {
+            "custom_id": custom_id,
+            "method": method,
+            "url": url,
+            "body": {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8},
+        }
+    )
+
+
+def upload(c, lines, name="in.jsonl"):
+    data = ("\n".join(lines) + "\n").encode()
+    return c.files.create(file=(name, io.BytesIO(data)), purpose="batch")
+
+
+def create(c, file_id):
+    return c.batches.create(
+        input_file_id=file_id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"test": "sdk"},
+    )
+
+
+def wait(c, batch_id, until, limit=120):
+    start = time.monotonic()
+    while True:
+        b = c.batches.retrieve(batch_id)
+        if until(b):
+            return b
+        assert time.monotonic() - start < limit, f"batch {batch_id} stuck: {b}"
+        time.sleep(0.1)
+
+
+def file_lines(c, file_id):
+    if file_id is None:
+        return []
+    return [json.loads(l) for l in c.files.content(file_id).text.splitlines() if l.strip()]
+
+
+def check_results(c, b, ids):
+    """Every custom_id exactly once across the output and error files."""
+    out = file_lines(c, b.output_file_id)
+    err = file_lines(c, b.error_file_id)
+    seen = [l["custom_id"] for l in out + err]
+    assert sorted(seen) == sorted(ids), f"custom_ids: {len(seen)} seen, {len(ids)} sent"
+    for l in out:
+        assert l["response"]["status_code"] == 200, l
+        assert l["response"]["body"]["choices"][0]["message"]["content"] is not None, l
+        assert l["id"].startswith("batch_req_"), l
+    return out, err
+
+
+def raw_status(base, path, headers):
+    req = urllib.request.Request(base + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def everything(base, key):
+    c = client(base, key)
+    report = {}
+
+    # Keys: a wrong one and none are refused as the SDK expects.
+    try:
+        client(base, "wrong-key").files.list()
+        raise AssertionError("a wrong key was accepted")
+    except openai.AuthenticationError as e:
+        assert e.status_code == 401
+    status, body = raw_status(base, "/v1/files", {})
+    assert status == 401 and set(body["error"]) >= {"message", "type", "param", "code"}, body
+
+    # A batch with two requests the server refuses (HTTP 400).
+    ids = [f"req-{i}" for i in range(30)]
+    texts = ["POISON please" if i in (3, 17) else f"question {i}" for i in range(30)]
+    f = upload(c, [line(i, t) for i, t in zip(ids, texts)])
+    assert f.object == "file" and f.purpose == "batch" and f.bytes > 0, f
+    assert c.files.retrieve(f.id).filename == "in.jsonl"
+    b = create(c, f.id)
+    assert b.status == "validating" and b.metadata == {"test": "sdk"}, b
+    try:
+        c.files.delete(f.id)
+        report["delete_while_running"] = "allowed"
+    except openai.ConflictError:
+        report["delete_while_running"] = 409
+    b = wait(c, b.id, lambda b: b.status in ENDED)
+    assert b.status == "completed", b
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (30, 28, 2), b
+    out, err = check_results(c, b, ids)
+    assert sorted(e["custom_id"] for e in err) == ["req-17", "req-3"], err
+    for e in err:
+        assert e["response"]["status_code"] == 400, e
+    report["completed"] = {"output": len(out), "errors": len(err)}
+
+    # Cancelling: cancelled, with whatever was done, every line accounted for.
+    ids2 = [f"c-{i}" for i in range(40)]
+    f2 = upload(c, [line(i, f"cancel me {i}") for i in ids2])
+    b2 = create(c, f2.id)
+    b2 = c.batches.cancel(b2.id)
+    assert b2.status in ("cancelling", "cancelled"), b2
+    b2 = wait(c, b2.id, lambda b: b.status in ENDED)
+    assert b2.status == "cancelled", b2
+    out2, err2 = check_results(c, b2, ids2)
+    report["cancelled"] = {"output": len(out2), "errors": len(err2)}
+    try:
+        c.batches.cancel(b.id)
+        raise AssertionError("a completed batch was cancelled")
+    except openai.ConflictError:
+        pass
+    assert c.files.delete(f2.id).deleted
+
+    # A malformed file: failed before any line ran, each bad line named.
+    bad = [
+        line("ok-1", "fine"),
+        "this is not json",
+        json.dumps({"method": "POST", "url": "/v1/chat/completions", "body": {"model": "sim", "messages": [{"role": "user", "content": "x"}]}}),
+        line("ok-1", "duplicate"),
+        line("wrong-url", "x", url="/v1/embeddings"),
+        line("wrong-method", "x", method="GET"),
+    ]
+    f3 = upload(c, bad)
+    b3 = wait(c, create(c, f3.id).id, lambda b: b.status in ENDED)
+    assert b3.status == "failed", b3
+    got = [(e.line, e.code) for e in b3.errors.data]
+    assert got == [
+        (2, "invalid_json_line"),
+        (3, "missing_custom_id"),
+        (4, "duplicate_custom_id"),
+        (5, "invalid_url"),
+        (6, "invalid_method"),
+    ], got
+    assert b3.output_file_id is None and b3.request_counts.total == 0, b3
+
+    # More batches than one page: the SDK's auto-pagination sees each once.
+    for i in range(3):
+        create(c, upload(c, [line(f"p-{i}", "page")]).id)
+    listed = [x.id for x in c.batches.list(limit=2)]
+    assert len(listed) == len(set(listed)) == 6, listed
+    assert listed[-1] == b.id, listed
+    files = [x.id for x in c.files.list(limit=3)]
+    assert len(files) == len(set(files)) and f.id in files, files
+
+    # Errors the SDK reads.
+    try:
+        c.batches.retrieve("batch_nope")
+        raise AssertionError("an unknown batch was found")
+    except openai.NotFoundError:
+        pass
+    try:
+        c.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+        raise AssertionError("a fine-tune file was taken")
+    except openai.BadRequestError as e:
+        assert e.param == "purpose", e.body
+    try:
+        c.files.create(file=("big.jsonl", io.BytesIO(b"{}\n" * 50_001)), purpose="batch")
+        raise AssertionError("a file of 50,001 lines was taken")
+    except openai.BadRequestError as e:
+        assert "50000 lines" in e.message, e.message
+    report["listed"] = len(listed)
+    report["batch_id"] = b.id
+    return report
+
+
+def start(base, key, n):
+    c = client(base, key)
+    ids = [f"k-{i}" for i in range(n)]
+    b = create(c, upload(c, [line(i, f"durable {i}") for i in ids]).id)
+    b = wait(c, b.id, lambda b: b.request_counts.completed >= 3 or b.status in ENDED)
+    return {"batch_id": b.id, "status": b.status, "completed": b.request_counts.completed}
+
+
+def finish(base, key, batch_id, n):
+    c = client(base, key)
+    b = wait(c, batch_id, lambda b: b.status in ENDED)
+    assert b.status == "completed", b
+    out, err = check_results(c, b, [f"k-{i}" for i in range(n)])
+    return {"status": b.status, "output": len(out), "errors": len(err)}
+
+
+def big(base, key, n):
+    c = client(base, key)
+    ids = [f"b-{i}" for i in range(n)]
+    t0 = time.monotonic()
+    f = upload(c, [line(i, f"short question number {i}") for i in ids])
+    t1 = time.monotonic()
+    b = create(c, f.id)
+    b = wait(c, b.id, lambda b: b.status in ENDED, limit=1800)
+    t2 = time.monotonic()
+    assert b.status == "completed", b
+    out, err = check_results(c, b, ids)
+    t3 = time.monotonic()
+    return {
+        "requests": n,
+        "upload_s": round(t1 - t0, 2),
+        "create_to_completed_s": round(t2 - t1, 2),
+        "download_s": round(t3 - t2, 2),
+        # The batch's own timestamps (whole seconds).
+        "validate_and_queue_s": b.in_progress_at - b.created_at,
+        "run_s": b.finalizing_at - b.in_progress_at,
+        "finalize_s": b.completed_at - b.finalizing_at,
+        "output": len(out),
+        "errors": len(err),
+    }
+
+
+if __name__ == "__main__":
+    mode, base, key = sys.argv[1:4]
+    if mode == "all":
+        result = everything(base, key)
+    elif mode == "big":
+        result = big(base, key, int(sys.argv[4]))
+    elif mode == "start":
+        result = start(base, key, int(sys.argv[4]))
+    else:
+        result = finish(base, key, sys.argv[4], int(sys.argv[5]))
+    print(json.dumps(result))
