@@ -16,7 +16,8 @@
 //! While a request of higher priority than the next job is in flight, that
 //! job waits (the [`PriorityHold`](crate::window::PriorityHold)): the bulk
 //! drains so that the urgent request runs in a light batch, for a bounded
-//! time, and is sent again the moment the urgent request ends.
+//! time, and is sent again the moment the urgent request ends. A job that
+//! outranks a request in flight may go past a full window by an eighth.
 //!
 //! A job that was in flight when its server went down (`crashes > 0`) is a
 //! suspect: it is sent alone, once the requests before it have finished, so
@@ -371,10 +372,14 @@ impl DispatchState {
             return;
         }
         let window = self.pacer.window() as usize;
-        while self.requests.sending() < window && !self.requests.suspect_running() {
+        while !self.requests.suspect_running() {
             let Some(front) = self.claims.front() else {
                 break;
             };
+            let outranks = self.requests.any_below(front.job.priority);
+            if self.requests.sending() >= self.pacer.room(outranks) {
+                break;
+            }
             let (above, beside) = self.requests.above_and_beside(front.job.priority);
             let holds = self.pacer.holds();
             if let Err(until) = self.pacer.admits(Instant::now(), above, beside) {

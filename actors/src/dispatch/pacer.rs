@@ -75,6 +75,12 @@ impl Pacer {
         Err(self.hold.ends_at().unwrap_or(now))
     }
 
+    /// Requests in flight at most when a job is sent that `outranks` some
+    /// request in flight (see [`PriorityHold::room`]).
+    pub(crate) fn room(&self, outranks: bool) -> usize {
+        self.hold.room(self.window(), outranks) as usize
+    }
+
     /// Holds begun since the start.
     pub(crate) fn holds(&self) -> u64 {
         self.hold.holds()

@@ -80,6 +80,13 @@ impl Requests {
         (above, self.in_flight.len() - above)
     }
 
+    /// Whether a request of a priority below `priority` is being served.
+    pub(crate) fn any_below(&self, priority: i64) -> bool {
+        self.by_priority
+            .first_key_value()
+            .is_some_and(|(&lowest, _)| lowest < priority)
+    }
+
     /// Whether a suspect runs (nothing else may start meanwhile).
     pub(crate) fn suspect_running(&self) -> bool {
         self.suspect.is_some()
@@ -286,6 +293,7 @@ mod tests {
         // Odd ids have priority 1, even ones 0.
         assert_eq!(r.above_and_beside(0), (3, 2));
         assert_eq!(r.above_and_beside(1), (0, 5));
+        assert!(r.any_below(1) && !r.any_below(0));
         r.finished(JobId([1; 16]));
         assert_eq!(r.above_and_beside(0), (2, 2));
         let (j, f) = request(3);

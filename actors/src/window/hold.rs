@@ -12,6 +12,11 @@
 //! down to a floor (a share of the window), and resume the moment the
 //! urgent request ends.
 //!
+//! The urgent request itself does not wait for a slot: a job that outranks
+//! a request in flight may go past a full window, by an eighth of it (one
+//! at least), since the slots of a window of long requests may take seconds
+//! to free.
+//!
 //! It is bounded, so that a steady trickle of priority work cannot starve
 //! the bulk: one hold lasts at most a few request lifetimes (a moving
 //! average of the latencies seen), and after any hold the bulk sends freely
@@ -83,6 +88,17 @@ impl PriorityHold {
             .max(HOLD_AT_LEAST)
     }
 
+    /// Requests in flight at most when a job is sent that `outranks` some
+    /// request in flight, under a window of `window`: past a full window
+    /// by an eighth of it, one at least.
+    pub fn room(&self, window: u32, outranks: bool) -> u32 {
+        if outranks {
+            window + (window / 8).max(1)
+        } else {
+            window
+        }
+    }
+
     /// Whether a hold is on now.
     pub fn holding(&self) -> bool {
         self.since.is_some()
@@ -150,6 +166,14 @@ mod tests {
         assert!(h.admits(t + S, 0, 3, 64), "the urgent one ended");
         assert!(!h.holding());
         assert_eq!(h.holds(), 1);
+    }
+
+    #[test]
+    fn an_urgent_job_may_go_past_a_full_window_by_an_eighth() {
+        let h = PriorityHold::default();
+        assert_eq!(h.room(64, false), 64);
+        assert_eq!(h.room(64, true), 72);
+        assert_eq!(h.room(4, true), 5, "one at least");
     }
 
     #[test]
