@@ -174,13 +174,10 @@ pub fn run_with(s: &Scenario, mode: WindowMode, mut hold: Option<PriorityHold>) 
             waiting.push(e.waiting() as f64);
             next_sample += 0.1;
         }
-        let urgent_room = match hold.as_ref() {
-            Some(h) => h.room(ctl.window(), in_flight > 0),
-            None => ctl.window(),
-        };
-        while in_flight < ctl.window() as usize
-            || (urgent_ready && !urgent_sent && in_flight < urgent_room as usize)
-        {
+        let urgent_jumps = hold
+            .as_ref()
+            .is_some_and(|h| h.jumps(ctl.window(), in_flight > 0, 0));
+        while in_flight < ctl.window() as usize || (urgent_ready && !urgent_sent && urgent_jumps) {
             let (job, id) = if urgent_ready && !urgent_sent {
                 urgent_sent = true;
                 urgent_in_flight = true;

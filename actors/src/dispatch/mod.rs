@@ -17,7 +17,8 @@
 //! job waits (the [`PriorityHold`](crate::window::PriorityHold)): the bulk
 //! drains so that the urgent request runs in a light batch, for a bounded
 //! time, and is sent again the moment the urgent request ends. A job that
-//! outranks a request in flight may go past a full window by an eighth.
+//! outranks a request in flight may go past a full window, while fewer
+//! than an eighth of it are of its priority or higher.
 //!
 //! A job that was in flight when its server went down (`crashes > 0`) is a
 //! suspect: it is sent alone, once the requests before it have finished, so
@@ -376,9 +377,14 @@ impl DispatchState {
             let Some(front) = self.claims.front() else {
                 break;
             };
-            let outranks = self.requests.any_below(front.job.priority);
-            if self.requests.sending() >= self.pacer.room(outranks) {
-                break;
+            let p = front.job.priority;
+            if self.requests.sending() >= window {
+                let outranks = self.requests.any_below(p);
+                // Those above `p - 1`: its priority or higher.
+                let peers = self.requests.above_and_beside(p.saturating_sub(1)).0;
+                if !self.pacer.jumps(outranks, peers) {
+                    break;
+                }
             }
             let (above, beside) = self.requests.above_and_beside(front.job.priority);
             let holds = self.pacer.holds();

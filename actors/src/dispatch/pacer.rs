@@ -75,10 +75,11 @@ impl Pacer {
         Err(self.hold.ends_at().unwrap_or(now))
     }
 
-    /// Requests in flight at most when a job is sent that `outranks` some
-    /// request in flight (see [`PriorityHold::room`]).
-    pub(crate) fn room(&self, outranks: bool) -> usize {
-        self.hold.room(self.window(), outranks) as usize
+    /// Whether a job that `outranks` some request in flight goes past a
+    /// full window, with `peers` of its priority or higher in flight (see
+    /// [`PriorityHold::jumps`]).
+    pub(crate) fn jumps(&self, outranks: bool, peers: usize) -> bool {
+        self.hold.jumps(self.window(), outranks, peers)
     }
 
     /// Holds begun since the start.

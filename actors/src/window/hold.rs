@@ -13,9 +13,10 @@
 //! urgent request ends.
 //!
 //! The urgent request itself does not wait for a slot: a job that outranks
-//! a request in flight may go past a full window, by an eighth of it (one
-//! at least), since the slots of a window of long requests may take seconds
-//! to free.
+//! a request in flight may go past a full window (or one cut below what is
+//! in flight) while fewer than an eighth of the window (one at least) of
+//! its priority or higher are in flight, since the slots of a window of
+//! long requests may take seconds to free.
 //!
 //! It is bounded, so that a steady trickle of priority work cannot starve
 //! the bulk: one hold lasts at most a few request lifetimes (a moving
@@ -88,15 +89,12 @@ impl PriorityHold {
             .max(HOLD_AT_LEAST)
     }
 
-    /// Requests in flight at most when a job is sent that `outranks` some
-    /// request in flight, under a window of `window`: past a full window
-    /// by an eighth of it, one at least.
-    pub fn room(&self, window: u32, outranks: bool) -> u32 {
-        if outranks {
-            window + (window / 8).max(1)
-        } else {
-            window
-        }
+    /// Whether a job that `outranks` some request in flight goes past a
+    /// full window of `window`, with `peers` requests of its priority or
+    /// higher in flight: while they are fewer than an eighth of the window,
+    /// one at least.
+    pub fn jumps(&self, window: u32, outranks: bool, peers: usize) -> bool {
+        outranks && peers < (window / 8).max(1) as usize
     }
 
     /// Whether a hold is on now.
@@ -171,9 +169,11 @@ mod tests {
     #[test]
     fn an_urgent_job_may_go_past_a_full_window_by_an_eighth() {
         let h = PriorityHold::default();
-        assert_eq!(h.room(64, false), 64);
-        assert_eq!(h.room(64, true), 72);
-        assert_eq!(h.room(4, true), 5, "one at least");
+        assert!(!h.jumps(64, false, 0), "the bulk waits for a slot");
+        assert!(h.jumps(64, true, 7));
+        assert!(!h.jumps(64, true, 8), "an eighth of the window at most");
+        assert!(h.jumps(4, true, 0), "one at least");
+        assert!(!h.jumps(4, true, 1));
     }
 
     #[test]
