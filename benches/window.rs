@@ -28,7 +28,11 @@
 //! against the engine model, no daemon). The table gives auto ÷ the best
 //! fixed window that preempts under 1 % of its requests, auto's
 //! preemptions, and a high-priority job's submit → done under auto ÷ its
-//! time on an idle engine (and under that best fixed window). The
+//! time on an idle engine (and under that best fixed window). Every run has
+//! the dispatcher's priority hold (`BENCH_HOLD=off` runs without it,
+//! `BENCH_HOLD=FLOOR,LIFETIMES` with other bounds), and auto also runs
+//! without it, beside, as before the hold; `BENCH_VERBOSE=1` says where the
+//! urgent job's time went. The
 //! controller was tuned on seeds 100-119 (`tune`) only; seeds 1-10 are the
 //! report, with a long-document example ("ex": 270 prompt
 //! tokens, 200 out, a KV cache holding 125 such requests, steps of 10 ms +
