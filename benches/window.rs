@@ -28,7 +28,11 @@
 //! against the engine model, no daemon). The table gives auto ÷ the best
 //! fixed window that preempts under 1 % of its requests, auto's
 //! preemptions, and a high-priority job's submit → done under auto ÷ its
-//! time on an idle engine (and under that best fixed window). The
+//! time on an idle engine (and under that best fixed window). Every run has
+//! the dispatcher's priority hold (`BENCH_HOLD=off` runs without it,
+//! `BENCH_HOLD=FLOOR,LIFETIMES` with other bounds), and auto also runs
+//! without it, beside, as before the hold; `BENCH_VERBOSE=1` says where the
+//! urgent job's time went. The
 //! controller was tuned on seeds 100-119 (`tune`) only; seeds 1-10 are the
 //! report, with a long-document example ("ex": 270 prompt
 //! tokens, 200 out, a KV cache holding 125 such requests, steps of 10 ms +
@@ -686,6 +690,8 @@ const SEED_WINDOWS: [u32; 14] = [
 struct SeedRow {
     best: (u32, replay::Outcome),
     auto: replay::Outcome,
+    /// Auto without the priority hold (before it), for comparison.
+    plain: replay::Outcome,
     idle: f64,
 }
 
@@ -706,9 +712,15 @@ fn seed_row(s: &workload::Scenario) -> SeedRow {
         .cloned()
         .unwrap_or_else(|| fixed[0].clone());
     let auto = replay::run(s, feeder_actors::window::WindowMode::Auto { max: 1024 });
+    let plain = replay::run_with(
+        s,
+        feeder_actors::window::WindowMode::Auto { max: 1024 },
+        None,
+    );
     SeedRow {
         best,
         auto,
+        plain,
         idle: replay::idle_time(s),
     }
 }
@@ -728,7 +740,10 @@ fn seeds_table(tune: bool) {
         workload::RUN_SECONDS
     );
     println!(
-        "  {:>4} {:>20} {:>10} {:>6} {:>8} {:>14} {:>8} {:>8} {:>7} {:>8}",
+        "  auto and the fixed windows run with the dispatcher's priority hold; \"no hold\": auto without it (as before it), same run"
+    );
+    println!(
+        "  {:>4} {:>20} {:>10} {:>6} {:>8} {:>14} {:>8} {:>8} {:>7} {:>8} | {:>7} {:>7} {:>8}",
         "seed",
         "best fixed",
         "tokens/s",
@@ -738,7 +753,10 @@ fn seeds_table(tune: bool) {
         "urgent",
         "idle",
         "× idle",
-        "at best"
+        "at best",
+        "no hold",
+        "× idle",
+        "urgent"
     );
     let rows: Vec<(u64, SeedRow, String)> = std::thread::scope(|sc| {
         let handles: Vec<_> = scenarios
@@ -749,15 +767,21 @@ fn seeds_table(tune: bool) {
     });
     let mut ratios = Vec::new();
     let mut urgents = Vec::new();
+    let mut plain_ratios = Vec::new();
+    let mut plain_urgents = Vec::new();
     for (seed, r, describe) in &rows {
         let ratio = r.auto.tokens_per_s / r.best.1.tokens_per_s.max(1e-9);
         let urgent = r.auto.urgent.map(|u| u / r.idle);
+        let plain_ratio = r.plain.tokens_per_s / r.best.1.tokens_per_s.max(1e-9);
+        let plain_urgent = r.plain.urgent.map(|u| u / r.idle);
         if *seed != 0 {
             ratios.push(ratio);
             urgents.push(urgent.unwrap_or(f64::INFINITY));
+            plain_ratios.push(plain_ratio);
+            plain_urgents.push(plain_urgent.unwrap_or(f64::INFINITY));
         }
         println!(
-            "  {:>4} {:>20} {:>10.0} {:>6.2} {:>8} {:>14} {:>8} {:>7.2}s {:>7} {:>8}",
+            "  {:>4} {:>20} {:>10.0} {:>6.2} {:>8} {:>14} {:>8} {:>7.2}s {:>7} {:>8} | {:>7.2} {:>7} {:>8}",
             if *seed == 0 {
                 "ex".to_string()
             } else {
@@ -783,26 +807,36 @@ fn seeds_table(tune: bool) {
                 .1
                 .urgent
                 .map_or("-".into(), |u| format!("{:.2}", u / r.idle)),
+            plain_ratio,
+            plain_urgent.map_or("-".into(), |u| format!("{u:.2}")),
+            r.plain.urgent.map_or("-".into(), |u| format!("{u:.2}s")),
         );
         if std::env::var("BENCH_VERBOSE").is_ok() {
             println!("       {describe}");
+            println!("       hold: {}", r.auto.urgent_detail);
+            println!("       none: {}", r.plain.urgent_detail);
             for (t, w, why) in &r.auto.trace {
                 println!("       {t:>7.2}s {w:>5} {why}");
             }
         }
     }
-    ratios.sort_by(f64::total_cmp);
-    urgents.sort_by(f64::total_cmp);
-    if !ratios.is_empty() {
-        println!(
-            "  auto ÷ best fixed over {} seeds: median {:.3}, worst {:.3}; urgent ÷ idle: median {:.2}, worst {:.2}",
-            ratios.len(),
-            (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0,
-            ratios[0],
-            (urgents[(urgents.len() - 1) / 2] + urgents[urgents.len() / 2]) / 2.0,
-            urgents[urgents.len() - 1]
-        );
-    }
+    let summary = |what: &str, mut ratios: Vec<f64>, mut urgents: Vec<f64>| {
+        ratios.sort_by(f64::total_cmp);
+        urgents.sort_by(f64::total_cmp);
+        let median = |v: &[f64]| (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0;
+        if !ratios.is_empty() {
+            println!(
+                "  {what}: auto ÷ best fixed over {} seeds: median {:.3}, worst {:.3}; urgent ÷ idle: median {:.2}, worst {:.2}",
+                ratios.len(),
+                median(&ratios),
+                ratios[0],
+                median(&urgents),
+                urgents[urgents.len() - 1]
+            );
+        }
+    };
+    summary("with the hold", ratios, urgents);
+    summary("no hold     ", plain_ratios, plain_urgents);
 }
 
 /// The payload of a generated job: a system message with its shared
@@ -943,6 +977,7 @@ async fn pipeline_run(
         window,
         median_waiting: waiting.get(waiting.len() / 2).copied().unwrap_or(0.0),
         trace: Vec::new(),
+        urgent_detail: String::new(),
     }
 }
 

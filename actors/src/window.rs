@@ -51,6 +51,9 @@
 //!
 //! The controller is pure: it is fed readings and times, and says what the
 //! window is and why; the DispatchActor feeds it.
+//!
+//! Beside it, the [`PriorityHold`] decides, request by request, whether a
+//! send of the bulk waits while a higher-priority request runs (`hold`).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -58,6 +61,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use crate::inference::EngineMetrics;
+
+mod hold;
+pub use hold::{PriorityHold, HOLD_AT_LEAST, HOLD_FLOOR, HOLD_LIFETIMES};
 
 /// How an instance's window is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,15 +3,19 @@
 //! no server, daemon or queue between them. What the DispatchActor does
 //! for the controller is done here the same way: it keeps as many requests
 //! in flight as the window (and the work that has arrived) allows, sends a
-//! high-priority job before the bulk, reads the engine's metrics every
-//! `poll_interval`, and tells the controller each request's latency.
+//! high-priority job before the bulk, holds the bulk's sends back while it
+//! runs (the dispatcher's own `PriorityHold`, unless the run is without
+//! it), reads the engine's metrics every `poll_interval`, and tells the
+//! controller each request's latency.
 //! Requests spend the scenario's `way` between here and the engine, each
 //! way. A run of 200 engine seconds takes a fraction of a second.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use feeder_actors::window::{EngineMetrics, WindowController, WindowMode, AUTO_START};
+use feeder_actors::window::{
+    EngineMetrics, PriorityHold, WindowController, WindowMode, AUTO_START,
+};
 use gpu_feeder::sim::engine::{Engine, EngineRequest};
 use tokio::time::Instant;
 
@@ -34,6 +38,8 @@ pub struct Outcome {
     pub median_waiting: f64,
     /// Every change of the window: engine seconds, window, reason.
     pub trace: Vec<(f64, u32, String)>,
+    /// Where the urgent job's time went.
+    pub urgent_detail: String,
 }
 
 /// The id of the urgent job's request.
@@ -77,8 +83,35 @@ pub fn idle_time(s: &Scenario) -> f64 {
     }
 }
 
-/// Runs scenario `s` for its seconds at window `mode`.
+/// The priority hold of a run as the dispatcher has it, unless
+/// `BENCH_HOLD` says otherwise: `off`, or `FLOOR,LIFETIMES` (the share of
+/// the window the held bulk keeps, and how many request lifetimes a hold
+/// lasts at most).
+pub fn hold() -> Option<PriorityHold> {
+    match std::env::var("BENCH_HOLD").as_deref() {
+        Err(_) | Ok("") => Some(PriorityHold::default()),
+        Ok("off") => None,
+        Ok(spec) => {
+            let (floor, lifetimes) = spec
+                .split_once(',')
+                .expect("BENCH_HOLD is off or FLOOR,LIFETIMES");
+            Some(PriorityHold::new(
+                floor.trim().parse().expect("a share of the window"),
+                lifetimes.trim().parse().expect("a number of lifetimes"),
+            ))
+        }
+    }
+}
+
+/// Runs scenario `s` for its seconds at window `mode`, with the
+/// dispatcher's priority hold (as [`hold`] says).
 pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
+    run_with(s, mode, hold())
+}
+
+/// Runs scenario `s` for its seconds at window `mode`, with `hold` or
+/// without one.
+pub fn run_with(s: &Scenario, mode: WindowMode, mut hold: Option<PriorityHold>) -> Outcome {
     let mut e = Engine::new(s.engine.clone());
     let t0 = Instant::now();
     let at = |t: f64| t0 + Duration::from_secs_f64(t);
@@ -87,6 +120,11 @@ pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
     let mut queue: VecDeque<usize> = VecDeque::new();
     let mut urgent_ready = false;
     let mut urgent_sent = false;
+    let mut urgent_in_flight = false;
+    // The urgent job: when sent, with how many in flight; engine steps
+    // while it was there, their seconds and the requests they ran.
+    let mut urgent_sent_at = (0.0, 0usize);
+    let mut urgent_steps = (0usize, 0.0f64, 0usize);
     let mut urgent_done = None;
     // Requests on their way in (arrival, request) and their answers on
     // their way back (arrival here, sent, id): each in time order, as the
@@ -113,9 +151,14 @@ pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
         while coming.front().is_some_and(|(back, _, _)| *back <= now) {
             let (back, sent, id) = coming.pop_front().unwrap();
             in_flight -= 1;
-            ctl.on_latency(at(back), Duration::from_secs_f64(back - sent));
+            let latency = Duration::from_secs_f64(back - sent);
+            ctl.on_latency(at(back), latency);
+            if let Some(h) = hold.as_mut() {
+                h.on_latency(latency);
+            }
             if id == URGENT_ID {
                 urgent_done = Some(back - s.urgent.arrival);
+                urgent_in_flight = false;
             }
         }
         if now >= next_poll {
@@ -131,11 +174,23 @@ pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
             waiting.push(e.waiting() as f64);
             next_sample += 0.1;
         }
-        while in_flight < ctl.window() as usize {
+        let urgent_jumps = hold
+            .as_ref()
+            .is_some_and(|h| h.jumps(ctl.window(), in_flight > 0, 0));
+        while in_flight < ctl.window() as usize || (urgent_ready && !urgent_sent && urgent_jumps) {
             let (job, id) = if urgent_ready && !urgent_sent {
                 urgent_sent = true;
+                urgent_in_flight = true;
+                urgent_sent_at = (now - s.urgent.arrival, in_flight);
                 (&s.urgent, URGENT_ID)
-            } else if let Some(i) = queue.pop_front() {
+            } else if let Some(i) = queue.front().copied() {
+                let above = usize::from(urgent_in_flight);
+                if let Some(h) = hold.as_mut() {
+                    if !h.admits(at(now), above, in_flight - above, ctl.window()) {
+                        break;
+                    }
+                }
+                queue.pop_front();
                 (&s.jobs[i], i as u64)
             } else {
                 break;
@@ -152,8 +207,30 @@ pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
                 coming.push_back((now + s.way, sent, r.id));
             }
         }
+        let urgent_inside = urgent_in_flight && sent_at.contains_key(&URGENT_ID);
         if let Some(step) = e.step() {
+            if urgent_inside {
+                urgent_steps.0 += 1;
+                urgent_steps.1 += step.duration;
+                urgent_steps.2 += e.running();
+            }
             for f in step.finished {
+                if f.id == URGENT_ID {
+                    out.urgent_detail = format!(
+                        "urgent: sent after {:.2}s beside {} in flight; in the engine {:.2}s (queued {:.2}s, first token {:.2}s, {} preemptions, {} tokens in, {} out); {} steps of {:.1} ms running {:.0} on average",
+                        urgent_sent_at.0,
+                        urgent_sent_at.1,
+                        f.e2e,
+                        f.queued,
+                        f.ttft,
+                        f.preemptions,
+                        f.prompt_tokens,
+                        f.generated,
+                        urgent_steps.0,
+                        1000.0 * urgent_steps.1 / urgent_steps.0.max(1) as f64,
+                        urgent_steps.2 as f64 / urgent_steps.0.max(1) as f64,
+                    );
+                }
                 let sent = sent_at.remove(&f.id).unwrap_or(now);
                 coming.push_back((e.now() + s.way, sent, f.id));
             }
@@ -166,6 +243,9 @@ pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
             going.front().map(|(t, _)| *t),
             coming.front().map(|(t, _, _)| *t),
             Some(next_poll),
+            hold.as_ref()
+                .and_then(|h| h.ends_at())
+                .map(|t| t.duration_since(t0).as_secs_f64()),
             Some(s.seconds),
         ]
         .into_iter()

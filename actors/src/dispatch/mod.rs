@@ -13,6 +13,13 @@
 //! [`WindowController`](crate::window::WindowController)'s, fed the server's own metrics (polled about every
 //! second) and the latencies seen.
 //!
+//! While a request of higher priority than the next job is in flight, that
+//! job waits (the [`PriorityHold`](crate::window::PriorityHold)): the bulk
+//! drains so that the urgent request runs in a light batch, for a bounded
+//! time, and is sent again the moment the urgent request ends. A job that
+//! outranks a request in flight may go past a full window, while fewer
+//! than an eighth of it are of its priority or higher.
+//!
 //! A job that was in flight when its server went down (`crashes > 0`) is a
 //! suspect: it is sent alone, once the requests before it have finished, so
 //! a crash it causes is counted against it and not against bystanders.
@@ -149,6 +156,8 @@ enum Tick {
     Resettle(JobId),
     /// Look for settlements the queue has not acknowledged in time.
     SweepSettlements,
+    /// A priority hold runs out: send what it held.
+    HoldEnds,
     /// Time to read the server's metrics (auto window).
     PollMetrics,
     /// What the server's metrics said: `Ok(None)` when it has none.
@@ -222,6 +231,8 @@ pub(crate) struct DispatchState {
     warm: WarmKeys,
     /// Requests since start, by how they ended.
     counts: Counters,
+    /// When the timer set for the end of the present priority hold fires.
+    hold_timer: Option<Instant>,
 }
 
 /// Keeps one instance's batch full.
@@ -322,6 +333,7 @@ impl DispatchState {
         }
         let job_id = job.id;
         let entry = InFlight {
+            priority: job.priority,
             claim,
             attempts: job.attempts,
             parent: job.parent_id,
@@ -361,10 +373,33 @@ impl DispatchState {
             return;
         }
         let window = self.pacer.window() as usize;
-        while self.requests.sending() < window && !self.requests.suspect_running() {
+        while !self.requests.suspect_running() {
             let Some(front) = self.claims.front() else {
                 break;
             };
+            let p = front.job.priority;
+            if self.requests.sending() >= window {
+                let outranks = self.requests.any_below(p);
+                // Those above `p - 1`: its priority or higher.
+                let peers = self.requests.above_and_beside(p.saturating_sub(1)).0;
+                if !self.pacer.jumps(outranks, peers) {
+                    break;
+                }
+            }
+            let (above, beside) = self.requests.above_and_beside(front.job.priority);
+            let holds = self.pacer.holds();
+            if let Err(until) = self.pacer.admits(Instant::now(), above, beside) {
+                if self.pacer.holds() > holds {
+                    debug!(instance = %self.args.instance, above, beside, "holding the bulk while higher-priority requests run");
+                }
+                if self.hold_timer != Some(until) {
+                    self.hold_timer = Some(until);
+                    myself.send_after(until.saturating_duration_since(Instant::now()), || {
+                        tick(Tick::HoldEnds)
+                    });
+                }
+                break;
+            }
             if front.job.crashes > 0 {
                 if self.requests.len() > 0 {
                     break; // Let the others finish first.
@@ -549,6 +584,7 @@ impl Actor for DispatchActor {
             ledger: Ledger::new(myself.clone(), args.model, args.call_timeout),
             warm: WarmKeys::default(),
             counts: Counters::default(),
+            hold_timer: None,
             args,
         };
         state.subscribe(&myself);
@@ -590,6 +626,7 @@ impl Actor for DispatchActor {
                 Tick::SettleLost { job, why } => state.ledger.lost(&state.args.instance, job, &why),
                 Tick::Resettle(job) => state.ledger.send(&state.peers.queue, job),
                 Tick::SweepSettlements => state.ledger.sweep(&state.args.instance),
+                Tick::HoldEnds => state.fill(&myself),
             },
             #[cfg(any(test, feature = "testkit"))]
             DispatchMsg::InjectStall(pause) => tokio::time::sleep(pause).await,

@@ -1,6 +1,8 @@
 //! The pacer: how many requests a dispatcher may have in flight now, and
 //! whether it may send at all. It holds the window controller, the thermal
-//! cap, and the pauses after 429/503 answers or a vanished server.
+//! cap, the pauses after 429/503 answers or a vanished server, and the
+//! priority hold (the bulk's sends wait while a higher-priority request
+//! runs).
 
 use std::time::Duration;
 
@@ -8,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::inference::EngineMetrics;
-use crate::window::{WindowController, WindowMode, AUTO_START};
+use crate::window::{PriorityHold, WindowController, WindowMode, AUTO_START};
 
 /// The window and the pauses of one dispatcher.
 #[derive(Debug)]
@@ -26,6 +28,8 @@ pub(crate) struct Pacer {
     overload_streak: u32,
     /// No request is sent before this (after an overload or a vanished server).
     paused_until: Option<Instant>,
+    /// Whether a send of lower priority waits for a higher one in flight.
+    hold: PriorityHold,
 }
 
 /// What an overload answer did to the pacing.
@@ -51,7 +55,36 @@ impl Pacer {
             successes_at_window: 0,
             overload_streak: 0,
             paused_until: None,
+            hold: PriorityHold::default(),
         }
+    }
+
+    /// Whether a job may be sent at `now` with `above` requests of higher
+    /// priority than its own in flight and `beside` others (see
+    /// [`PriorityHold`]); when not, the latest time to look again.
+    pub(crate) fn admits(
+        &mut self,
+        now: Instant,
+        above: usize,
+        beside: usize,
+    ) -> Result<(), Instant> {
+        let window = self.window();
+        if self.hold.admits(now, above, beside, window) {
+            return Ok(());
+        }
+        Err(self.hold.ends_at().unwrap_or(now))
+    }
+
+    /// Whether a job that `outranks` some request in flight goes past a
+    /// full window, with `peers` of its priority or higher in flight (see
+    /// [`PriorityHold::jumps`]).
+    pub(crate) fn jumps(&self, outranks: bool, peers: usize) -> bool {
+        self.hold.jumps(self.window(), outranks, peers)
+    }
+
+    /// Holds begun since the start.
+    pub(crate) fn holds(&self) -> u64 {
+        self.hold.holds()
     }
 
     /// The window controller, for what it reports.
@@ -96,6 +129,7 @@ impl Pacer {
     pub(crate) fn succeeded(&mut self, now: Instant, latency: Duration) -> Option<u32> {
         self.overload_streak = 0;
         self.ctl.on_latency(now, latency);
+        self.hold.on_latency(latency);
         self.successes_at_window += 1;
         if self.successes_at_window < self.ctl.window() {
             return None;

@@ -1,7 +1,7 @@
 //! The requests a dispatcher has under way: in flight, parked (they found no
 //! server), the suspect that runs alone, and who waits for them all to end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures_util::FutureExt as _;
@@ -33,6 +33,9 @@ pub(crate) struct InFlight {
     pub(crate) parent: Option<JobId>,
     /// Its job has a follow-up (`then`).
     pub(crate) follow_up: bool,
+    /// Its job's priority (the priority hold counts the requests above a
+    /// job's).
+    pub(crate) priority: i64,
     /// The task running it.
     pub(crate) _task: AbortOnDrop,
 }
@@ -42,6 +45,8 @@ pub(crate) struct InFlight {
 pub(crate) struct Requests {
     /// Requests under way, by job.
     in_flight: HashMap<JobId, InFlight>,
+    /// How many of those are in flight at each priority.
+    by_priority: BTreeMap<i64, usize>,
     /// Requests that found no server ("connection refused"): held until a
     /// crash report explains them, or `Unpark` gives them back.
     parked: HashMap<JobId, InFlight>,
@@ -64,6 +69,24 @@ impl Requests {
         self.in_flight.len()
     }
 
+    /// Requests being served of a priority above `priority`, and the
+    /// others.
+    pub(crate) fn above_and_beside(&self, priority: i64) -> (usize, usize) {
+        let above = self
+            .by_priority
+            .range(priority.saturating_add(1)..)
+            .map(|(_, n)| n)
+            .sum::<usize>();
+        (above, self.in_flight.len() - above)
+    }
+
+    /// Whether a request of a priority below `priority` is being served.
+    pub(crate) fn any_below(&self, priority: i64) -> bool {
+        self.by_priority
+            .first_key_value()
+            .is_some_and(|(&lowest, _)| lowest < priority)
+    }
+
     /// Whether a suspect runs (nothing else may start meanwhile).
     pub(crate) fn suspect_running(&self) -> bool {
         self.suspect.is_some()
@@ -76,12 +99,25 @@ impl Requests {
 
     /// A request was sent.
     pub(crate) fn started(&mut self, job: JobId, f: InFlight) {
-        self.in_flight.insert(job, f);
+        *self.by_priority.entry(f.priority).or_default() += 1;
+        if let Some(old) = self.in_flight.insert(job, f) {
+            self.uncount(old.priority);
+        }
+    }
+
+    fn uncount(&mut self, priority: i64) {
+        if let Some(n) = self.by_priority.get_mut(&priority) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_priority.remove(&priority);
+            }
+        }
     }
 
     /// A request ended: its entry, unless released or aborted meanwhile.
     pub(crate) fn finished(&mut self, job: JobId) -> Option<InFlight> {
         let f = self.in_flight.remove(&job)?;
+        self.uncount(f.priority);
         if self.suspect == Some(job) {
             self.suspect = None;
         }
@@ -114,6 +150,7 @@ impl Requests {
     pub(crate) fn take_all(&mut self) -> Vec<InFlight> {
         self.suspect = None;
         self.park_round += 1;
+        self.by_priority.clear();
         self.in_flight
             .drain()
             .chain(self.parked.drain())
@@ -205,6 +242,7 @@ mod tests {
             attempts: 0,
             parent: None,
             follow_up: false,
+            priority: n as i64 % 2,
             _task: AbortOnDrop(task.abort_handle()),
         };
         (job, f)
@@ -243,6 +281,26 @@ mod tests {
         assert_eq!(r.take_all().len(), 2);
         assert!(!r.suspect_running());
         assert!(r.unpark(round).is_none(), "taking all ends the episode");
+    }
+
+    #[tokio::test]
+    async fn requests_are_counted_by_priority_until_they_end() {
+        let mut r = Requests::default();
+        for n in 1..=5 {
+            let (j, f) = request(n);
+            r.started(j, f);
+        }
+        // Odd ids have priority 1, even ones 0.
+        assert_eq!(r.above_and_beside(0), (3, 2));
+        assert_eq!(r.above_and_beside(1), (0, 5));
+        assert!(r.any_below(1) && !r.any_below(0));
+        r.finished(JobId([1; 16]));
+        assert_eq!(r.above_and_beside(0), (2, 2));
+        let (j, f) = request(3);
+        r.started(j, f);
+        assert_eq!(r.above_and_beside(0), (2, 2), "started again, counted once");
+        r.take_all();
+        assert_eq!(r.above_and_beside(-1), (0, 0));
     }
 
     #[tokio::test]
