@@ -210,7 +210,11 @@ fn configure(conn: &Connection) -> Result<(), String> {
             "the database refused WAL mode (it stays in `{mode}`); is it on a network file system?"
         ));
     }
-    conn.execute_batch("PRAGMA synchronous = NORMAL;")
+    // A multi-row write inside a transaction (a claim) keeps a statement
+    // journal, so that a failing statement undoes only itself; past 64 KiB
+    // SQLite spills it to a temporary file, created and deleted each time.
+    // Kept in memory, it costs a copy of the pages the statement touches.
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA temp_store = MEMORY;")
         .map_err(|e| e.to_string())?;
     // A plan that depends on a bound value is re-prepared each time that
     // value changes: every claim's `LIMIT :n` would recompile the claim.
