@@ -88,7 +88,7 @@ async fn urgent_sent_with(
 #[tokio::test(start_paused = true)]
 async fn the_bulk_waits_while_an_urgent_job_runs_and_resumes_when_it_ends() {
     let server = FakeInference::gated();
-    let (_feeder, urgent) = urgent_sent(&server, 40).await;
+    let (feeder, urgent) = urgent_sent(&server, 40).await;
     let sent = server.received().len();
     // The bulk requests beside it end (the gate lets requests go in the
     // order they came): none is sent in their place.
@@ -107,6 +107,12 @@ async fn the_bulk_waits_while_an_urgent_job_runs_and_resumes_when_it_ends() {
     })
     .await;
     assert_eq!(server.received().len(), sent + WINDOW as usize);
+    let handle = feeder_actors::handle::FeederHandle::new(feeder);
+    assert_eq!(
+        handle.status().await.unwrap().dispatch[0].holds,
+        1,
+        "one hold, in the status"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -151,7 +157,7 @@ async fn with_the_hold_off_the_bulk_is_sent_beside_an_urgent_job() {
         priority_hold: false,
         ..PipelineSettings::default()
     };
-    let (_feeder, urgent) = urgent_sent_with(&server, 40, off).await;
+    let (feeder, urgent) = urgent_sent_with(&server, 40, off).await;
     assert_eq!(
         server.in_flight(),
         WINDOW as usize,
@@ -167,4 +173,6 @@ async fn with_the_hold_off_the_bulk_is_sent_beside_an_urgent_job() {
     .await;
     assert_eq!(server.in_flight(), WINDOW as usize);
     assert!(!server.received()[sent..].contains(&urgent));
+    let handle = feeder_actors::handle::FeederHandle::new(feeder);
+    assert_eq!(handle.status().await.unwrap().dispatch[0].holds, 0);
 }

@@ -567,6 +567,7 @@ impl DispatchState {
             overloaded: self.counts.overloaded,
             crashed: self.counts.crashed,
             aborted: self.counts.aborted,
+            holds: self.pacer.holds(),
         }
     }
 }
