@@ -60,6 +60,7 @@ pub fn settings(config: &Config) -> PipelineSettings {
         prefix_grouping: d
             .prefix_grouping
             .then(|| Duration::from_secs_f64(d.prefix_max_wait_s)),
+        priority_hold: d.priority_hold,
         min_success_ratio: config.chunk.min_success_ratio,
         gpu_interval: Duration::from_millis(config.gpu.interval_ms),
         thermal: ThermalLimits {

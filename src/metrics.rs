@@ -4,6 +4,7 @@
 //! (the dispatchers' observer); queue, dispatcher and instance state are
 //! read fresh at each scrape.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
@@ -101,6 +102,10 @@ pub struct Metrics {
     restarts: Family<ActorLabel, Gauge>,
     server_restarts: Family<Instance, Gauge>,
     crashed_jobs: Family<Instance, Gauge>,
+    priority_holds: Family<Instance, Counter>,
+    /// Each dispatcher's hold count at the last refresh: the counter grows
+    /// by the difference (a restarted dispatcher counts from 0 again).
+    holds_seen: Mutex<HashMap<String, u64>>,
     gpu_temp: Family<Gpu, Gauge>,
     gpu_util: Family<Gpu, Gauge>,
     gpu_mem_used: Family<Gpu, Gauge>,
@@ -151,6 +156,8 @@ impl Metrics {
             restarts: Family::default(),
             server_restarts: Family::default(),
             crashed_jobs: Family::default(),
+            priority_holds: Family::default(),
+            holds_seen: Mutex::default(),
             gpu_temp: Family::default(),
             gpu_util: Family::default(),
             gpu_mem_used: Family::default(),
@@ -193,6 +200,7 @@ impl Metrics {
             restarts: "actor_restarts", "Restarts of the supervisor's children since start";
             server_restarts: "server_restarts", "Restarts of the instance's model server since the daemon started";
             crashed_jobs: "crashed_jobs", "Jobs given back because the instance's server went down under them";
+            priority_holds: "priority_holds", "Priority holds begun (the bulk's sends held while a higher-priority request ran), by instance";
             gpu_temp: "gpu_temperature_celsius", "GPU core temperature";
             gpu_util: "gpu_utilization_percent", "Share of time a kernel ran";
             gpu_mem_used: "gpu_memory_used_bytes", "GPU memory in use";
@@ -260,6 +268,11 @@ impl Metrics {
                     instance: d.instance.clone(),
                 };
                 self.crashed_jobs.get_or_create(&i).set(d.crashed as i64);
+                let mut seen = self.holds_seen.lock().expect("holds_seen lock");
+                let last = seen.insert(d.instance.clone(), d.holds).unwrap_or(0);
+                // Fewer than last time: the dispatcher restarted from 0.
+                let new = d.holds.checked_sub(last).unwrap_or(d.holds);
+                self.priority_holds.get_or_create(&i).inc_by(new);
             }
             for h in &status.health {
                 let i = Instance {
@@ -420,6 +433,52 @@ pub fn openmetrics_to_prometheus(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn holds(n: u64) -> FeederStatus {
+        FeederStatus {
+            dispatch: vec![feeder_actors::dispatch::DispatchStatus {
+                instance: "think".into(),
+                model: ModelType::Think,
+                mode: feeder_actors::dispatch::DispatchMode::Sending,
+                in_flight: 0,
+                buffered: 0,
+                window: 8,
+                max_window: 8,
+                auto_window: false,
+                window_reason: String::new(),
+                window_signals: Default::default(),
+                thermal_cap: None,
+                sent: 0,
+                completed: 0,
+                failed: 0,
+                overloaded: 0,
+                crashed: 0,
+                aborted: 0,
+                warm_prefixes: 0,
+                holds: n,
+            }],
+            health: vec![],
+            instances: vec![],
+            restarts: vec![],
+            children_answered: true,
+            gpus: None,
+            allocator: None,
+        }
+    }
+
+    #[test]
+    fn priority_holds_count_on_across_a_dispatcher_restart() {
+        let m = Metrics::new();
+        for n in [2, 5, 1] {
+            m.refresh(None, Some(&holds(n)));
+        }
+        // 2, then 3 more, then a restarted dispatcher's first.
+        let text = m.encode();
+        assert!(
+            text.contains("gpu_feeder_priority_holds_total{instance=\"think\"} 6"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn counters_are_named_with_total_in_help_and_type() {

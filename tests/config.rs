@@ -92,6 +92,23 @@ fn a_misspelt_key_a_wrong_type_and_a_duplicate_port_are_named_with_their_line() 
 }
 
 #[test]
+fn the_priority_hold_is_on_by_default_and_a_boolean_turns_it_off() {
+    let parse = |text: &str| {
+        gpu_feeder::config::Config::parse(text, std::path::Path::new("feeder.toml"))
+            .unwrap()
+            .dispatch
+            .priority_hold
+    };
+    assert!(parse(""), "on by default");
+    assert!(!parse("[dispatch]\npriority_hold = false\n"));
+    assert!(parse("[dispatch]\npriority_hold = true\n"));
+    check(&Scratch::new("[dispatch]\npriority_hold = \"off\"\n")).refused(
+        78,
+        "feeder.toml:7: dispatch.priority_hold: invalid type: string \"off\", expected a boolean",
+    );
+}
+
+#[test]
 fn every_cross_check_problem_is_reported_at_once() {
     let s = Scratch::new(
         "[gpu]\ntemp_alert_c = 70\n\n[chunk]\noverlap = 600\n\n[dispatch]\nprefix_max_wait_s = 0\n\n\

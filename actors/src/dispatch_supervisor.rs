@@ -81,6 +81,8 @@ pub(crate) struct DispatchSupArgs {
     pub poison_after: u32,
     /// Claims grouped by prefix key with this age bound; `None`: plain order.
     pub prefix_grouping: Option<Duration>,
+    /// Bulk sends wait while a higher-priority request runs; `false`: never.
+    pub priority_hold: bool,
 }
 
 /// One instance's dispatcher.
@@ -168,6 +170,7 @@ impl OneForOne for DispatchSupState {
             observer: self.args.observer.clone(),
             poison_after: self.args.poison_after,
             prefix_grouping: self.args.prefix_grouping,
+            priority_hold: self.args.priority_hold,
         };
         let (actor, _) =
             DispatchActor::spawn_linked(None, DispatchActor, args, myself.get_cell()).await?;

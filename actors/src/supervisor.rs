@@ -180,6 +180,9 @@ pub struct PipelineSettings {
     pub poison_after: u32,
     /// Claims grouped by prefix key with this age bound; `None`: plain order.
     pub prefix_grouping: Option<Duration>,
+    /// Bulk sends wait while a higher-priority request runs (see
+    /// [`crate::window::PriorityHold`]); `false`: never.
+    pub priority_hold: bool,
     /// Restart policy of every supervisor.
     pub restart: RestartPolicy,
     /// Share of a parent's fragments that must succeed for it to be `done`.
@@ -218,6 +221,7 @@ impl Default for PipelineSettings {
             keep_servers_on_exit: true,
             poison_after: 3,
             prefix_grouping: Some(Duration::from_secs(60)),
+            priority_hold: true,
             restart: RestartPolicy::default(),
             min_success_ratio: 1.0,
             gpu_interval: Duration::from_secs(1),
@@ -384,6 +388,7 @@ impl FeederState {
                     observer: self.args.observer.clone(),
                     poison_after: s.poison_after,
                     prefix_grouping: s.prefix_grouping,
+                    priority_hold: s.priority_hold,
                 };
                 keep(&mut self.dispatch, DispatchSupervisor, args, cell).await?
             }

@@ -2,7 +2,8 @@
 //! behind a gated fake server (each request ends when the test lets it),
 //! under paused time. While a job of higher priority than the bulk is in
 //! flight, no bulk job is sent in its place; the bulk resumes when it ends,
-//! or when the hold runs out.
+//! or when the hold runs out. With the hold off, the urgent job waits
+//! for a slot like any other and the bulk is sent beside it.
 
 mod common;
 
@@ -34,6 +35,15 @@ fn job(tag: &str, priority: i64) -> NewJob {
 /// [`WINDOW`] full of them, and then one job of priority 5 sent (past the
 /// full window, once it is claimed): its id.
 async fn urgent_sent(server: &FakeInference, bulk: usize) -> (ActorRef<FeederMsg>, JobId) {
+    urgent_sent_with(server, bulk, PipelineSettings::default()).await
+}
+
+/// [`urgent_sent`] under `settings`.
+async fn urgent_sent_with(
+    server: &FakeInference,
+    bulk: usize,
+    settings: PipelineSettings,
+) -> (ActorRef<FeederMsg>, JobId) {
     let store = MemoryStore::new();
     store
         .submit_batch(
@@ -48,13 +58,7 @@ async fn urgent_sent(server: &FakeInference, bulk: usize) -> (ActorRef<FeederMsg
         Arc::new(server.clone()),
     );
     let results = Arc::new(MemoryResults::new());
-    let args = feeder_args(
-        &store,
-        results,
-        vec![think],
-        "test-host",
-        PipelineSettings::default(),
-    );
+    let args = feeder_args(&store, results, vec![think], "test-host", settings);
     let feeder = spawn_feeder(args).await;
     wait_until("the window is full", LIMIT, || {
         server.in_flight() == WINDOW as usize
@@ -84,7 +88,7 @@ async fn urgent_sent(server: &FakeInference, bulk: usize) -> (ActorRef<FeederMsg
 #[tokio::test(start_paused = true)]
 async fn the_bulk_waits_while_an_urgent_job_runs_and_resumes_when_it_ends() {
     let server = FakeInference::gated();
-    let (_feeder, urgent) = urgent_sent(&server, 40).await;
+    let (feeder, urgent) = urgent_sent(&server, 40).await;
     let sent = server.received().len();
     // The bulk requests beside it end (the gate lets requests go in the
     // order they came): none is sent in their place.
@@ -103,6 +107,12 @@ async fn the_bulk_waits_while_an_urgent_job_runs_and_resumes_when_it_ends() {
     })
     .await;
     assert_eq!(server.received().len(), sent + WINDOW as usize);
+    let handle = feeder_actors::handle::FeederHandle::new(feeder);
+    assert_eq!(
+        handle.status().await.unwrap().dispatch[0].holds,
+        1,
+        "one hold, in the status"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -138,4 +148,31 @@ async fn an_urgent_job_does_not_wait_for_a_slot_of_a_full_window() {
         WINDOW as usize + 1,
         "sent past the full window"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_the_hold_off_the_bulk_is_sent_beside_an_urgent_job() {
+    let server = FakeInference::gated();
+    let off = PipelineSettings {
+        priority_hold: false,
+        ..PipelineSettings::default()
+    };
+    let (feeder, urgent) = urgent_sent_with(&server, 40, off).await;
+    assert_eq!(
+        server.in_flight(),
+        WINDOW as usize,
+        "the urgent job waited for a slot"
+    );
+    let sent = server.received().len();
+    // The bulk requests beside it end: each is replaced by another at once,
+    // while the urgent one still runs.
+    server.release(WINDOW as usize - 1);
+    wait_until("the bulk refills the window", LIMIT, || {
+        server.received().len() == sent + WINDOW as usize - 1
+    })
+    .await;
+    assert_eq!(server.in_flight(), WINDOW as usize);
+    assert!(!server.received()[sent..].contains(&urgent));
+    let handle = feeder_actors::handle::FeederHandle::new(feeder);
+    assert_eq!(handle.status().await.unwrap().dispatch[0].holds, 0);
 }

@@ -327,6 +327,10 @@ pub struct DispatchConfig {
     /// A job pending longer than this is claimed before any grouping
     /// (within its priority): grouping never starves a job.
     pub prefix_max_wait_s: f64,
+    /// While a request of higher priority than the bulk is in flight, the
+    /// bulk's sends wait (bounded) and the urgent job may go past a full
+    /// window; `false`: no hold, every job waits for a slot.
+    pub priority_hold: bool,
 }
 
 impl Default for DispatchConfig {
@@ -342,6 +346,7 @@ impl Default for DispatchConfig {
             shutdown_grace_s: 30,
             prefix_grouping: true,
             prefix_max_wait_s: 60.0,
+            priority_hold: true,
         }
     }
 }

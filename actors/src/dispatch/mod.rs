@@ -209,6 +209,12 @@ pub(crate) struct DispatchArgs {
     /// has waited longer than this held back by warm ones; `None`: plain
     /// order (`dispatch.prefix_grouping = false`).
     pub(crate) prefix_grouping: Option<Duration>,
+    /// Bulk sends wait while a higher-priority request runs, and such a
+    /// request may go past a full window (see [`PriorityHold`]); `false`
+    /// (`dispatch.priority_hold = false`): neither.
+    ///
+    /// [`PriorityHold`]: crate::window::PriorityHold
+    pub(crate) priority_hold: bool,
 }
 
 /// The DispatchActor's state.
@@ -561,6 +567,7 @@ impl DispatchState {
             overloaded: self.counts.overloaded,
             crashed: self.counts.crashed,
             aborted: self.counts.aborted,
+            holds: self.pacer.holds(),
         }
     }
 }
@@ -578,7 +585,7 @@ impl Actor for DispatchActor {
         let state = DispatchState {
             peers: args.peers.clone(),
             mode: DispatchMode::Waiting,
-            pacer: Pacer::new(args.window, Instant::now()),
+            pacer: Pacer::new(args.window, args.priority_hold, Instant::now()),
             claims: ClaimBuffer::default(),
             requests: Requests::default(),
             ledger: Ledger::new(myself.clone(), args.model, args.call_timeout),

@@ -46,8 +46,9 @@ pub(crate) struct Narrowed {
 }
 
 impl Pacer {
-    /// A pacer for `mode`, starting now.
-    pub(crate) fn new(mode: WindowMode, now: Instant) -> Self {
+    /// A pacer for `mode`, starting now; `hold`: whether the bulk's sends
+    /// wait while a higher-priority request runs (see [`PriorityHold`]).
+    pub(crate) fn new(mode: WindowMode, hold: bool, now: Instant) -> Self {
         Pacer {
             ctl: WindowController::new(mode, AUTO_START, now),
             polling: false,
@@ -55,7 +56,11 @@ impl Pacer {
             successes_at_window: 0,
             overload_streak: 0,
             paused_until: None,
-            hold: PriorityHold::default(),
+            hold: if hold {
+                PriorityHold::default()
+            } else {
+                PriorityHold::off()
+            },
         }
     }
 
@@ -223,7 +228,7 @@ mod tests {
     #[test]
     fn a_thermal_cap_bounds_the_window_until_it_is_lifted() {
         let now = Instant::now();
-        let mut p = Pacer::new(WindowMode::Fixed(16), now);
+        let mut p = Pacer::new(WindowMode::Fixed(16), true, now);
         assert_eq!(p.thermal(Some(0.5)), Some(Some(8)));
         assert_eq!(p.window(), 8);
         assert_eq!(p.thermal(Some(0.5)), None, "no change, no news");
@@ -236,7 +241,7 @@ mod tests {
     fn an_overload_halves_the_window_and_pauses_longer_each_time() {
         let now = Instant::now();
         let b = backoff();
-        let mut p = Pacer::new(WindowMode::Fixed(16), now);
+        let mut p = Pacer::new(WindowMode::Fixed(16), true, now);
         let first = p.overloaded(now, None, &b);
         assert_eq!((first.before, first.after), (16, 8));
         assert_eq!(first.pause, Duration::from_secs(1));
@@ -258,7 +263,7 @@ mod tests {
     #[test]
     fn a_narrowed_fixed_window_widens_after_a_window_of_successes() {
         let now = Instant::now();
-        let mut p = Pacer::new(WindowMode::Fixed(4), now);
+        let mut p = Pacer::new(WindowMode::Fixed(4), true, now);
         p.overloaded(now, None, &backoff());
         assert_eq!(p.window(), 2);
         let ms = Duration::from_millis(10);
@@ -274,7 +279,7 @@ mod tests {
     fn a_vanished_server_steps_the_backoff_once_per_episode() {
         let now = Instant::now();
         let b = backoff();
-        let mut p = Pacer::new(WindowMode::Fixed(4), now);
+        let mut p = Pacer::new(WindowMode::Fixed(4), true, now);
         assert_eq!(p.unavailable(now, true, &b), Duration::from_secs(1));
         assert_eq!(p.unavailable(now, false, &b), Duration::from_secs(1));
         assert_eq!(p.unavailable(now, true, &b), Duration::from_secs(2));
@@ -282,7 +287,7 @@ mod tests {
 
     #[test]
     fn one_metrics_reading_at_a_time_and_none_while_draining() {
-        let mut p = Pacer::new(WindowMode::Fixed(4), Instant::now());
+        let mut p = Pacer::new(WindowMode::Fixed(4), true, Instant::now());
         assert!(!p.start_poll(true));
         assert!(p.start_poll(false));
         assert!(!p.start_poll(false));

@@ -58,6 +58,9 @@ pub struct DispatchStatus {
     /// Prefix keys the dispatcher holds as warm (sent lately; as many as
     /// the server's KV cache holds), which its claims take first.
     pub warm_prefixes: usize,
+    /// Priority holds begun since the dispatcher started (0 with
+    /// `dispatch.priority_hold = false`).
+    pub holds: u64,
 }
 
 /// A dispatcher's counts of requests since start.

@@ -23,6 +23,11 @@
 //! average of the latencies seen), and after any hold the bulk sends freely
 //! for as long as the hold lasted. So the bulk is held at most half the
 //! time, whatever arrives.
+//!
+//! It can be turned off (`dispatch.priority_hold = false`), for a bulk that
+//! is itself a mix of priorities or a user who puts throughput before an
+//! urgent job's latency: then no hold ever begins and every job, urgent or
+//! not, waits for a slot of the window.
 
 use std::time::Duration;
 
@@ -41,6 +46,9 @@ const LIFETIME_WEIGHT: f64 = 0.05;
 /// Holds back sends of lower priority while a higher-priority request runs.
 #[derive(Clone, Debug)]
 pub struct PriorityHold {
+    /// Whether it holds at all (`false`: it admits every send and lets no
+    /// job past a full window).
+    on: bool,
     /// The share of the window that the held bulk keeps in flight.
     floor_share: f64,
     /// A hold lasts at most this many request lifetimes.
@@ -66,6 +74,7 @@ impl PriorityHold {
     /// and lasts at most `lifetimes` request lifetimes.
     pub fn new(floor_share: f64, lifetimes: f64) -> Self {
         PriorityHold {
+            on: true,
             floor_share,
             lifetimes,
             since: None,
@@ -73,6 +82,20 @@ impl PriorityHold {
             lifetime: None,
             holds: 0,
         }
+    }
+
+    /// A hold that never holds: every send is admitted at once, and no job
+    /// goes past a full window.
+    pub fn off() -> Self {
+        PriorityHold {
+            on: false,
+            ..PriorityHold::default()
+        }
+    }
+
+    /// Whether it holds at all.
+    pub fn is_on(&self) -> bool {
+        self.on
     }
 
     /// A request ended after `latency`: the lifetime that bounds a hold.
@@ -94,7 +117,7 @@ impl PriorityHold {
     /// higher in flight: while they are fewer than an eighth of the window,
     /// one at least.
     pub fn jumps(&self, window: u32, outranks: bool, peers: usize) -> bool {
-        outranks && peers < (window / 8).max(1) as usize
+        self.on && outranks && peers < (window / 8).max(1) as usize
     }
 
     /// Whether a hold is on now.
@@ -118,7 +141,7 @@ impl PriorityHold {
     /// (its priority or lower), under a window of `window`. Starts, ends
     /// and bounds the hold as it goes.
     pub fn admits(&mut self, now: Instant, above: usize, beside: usize, window: u32) -> bool {
-        if above == 0 {
+        if !self.on || above == 0 {
             self.end(now);
             return true;
         }
@@ -174,6 +197,20 @@ mod tests {
         assert!(!h.jumps(64, true, 8), "an eighth of the window at most");
         assert!(h.jumps(4, true, 0), "one at least");
         assert!(!h.jumps(4, true, 1));
+    }
+
+    #[test]
+    fn off_it_never_holds_and_lets_no_job_past_a_full_window() {
+        let t = Instant::now();
+        let mut h = PriorityHold::off();
+        assert!(!h.is_on());
+        for i in 0..100 {
+            assert!(h.admits(t + S * i, 1, 50, 64), "the bulk is never held");
+        }
+        assert!(!h.holding());
+        assert_eq!(h.holds(), 0);
+        assert_eq!(h.ends_at(), None);
+        assert!(!h.jumps(64, true, 0), "an urgent job waits for a slot too");
     }
 
     #[test]
