@@ -220,14 +220,12 @@ async fn batches_json(store: &dyn ApiStore, now: Timestamp) -> Result<Value, Str
             row.status.as_str(),
             "completed" | "failed" | "expired" | "cancelled"
         );
-        let n = |k: &str| counts[k].as_u64().unwrap_or(0);
-        let (total, finished) = (n("total"), n("completed") + n("failed"));
-        let left_s = match d["in_progress_at"].as_i64() {
-            Some(from) if row.status == "in_progress" && finished > 0 && total > finished => {
-                let spent = (now.0 as f64 / 1000.0 - from as f64).max(0.0);
-                Some(spent / finished as f64 * (total - finished) as f64)
-            }
-            _ => None,
+        let left_s = if row.status == "in_progress" {
+            d["in_progress_at"]
+                .as_i64()
+                .and_then(|from| time_left(&counts, now.0 as f64 / 1000.0 - from as f64))
+        } else {
+            None
         };
         out.push(json!({
             "id": row.id,
@@ -243,9 +241,28 @@ async fn batches_json(store: &dyn ApiStore, now: Timestamp) -> Result<Value, Str
     Ok(Value::Array(out))
 }
 
+/// Seconds left for a batch whose `request_counts` are `counts` after
+/// `spent_s` seconds running, at its pace so far; `None` before its first
+/// request finishes or after its last.
+fn time_left(counts: &Value, spent_s: f64) -> Option<f64> {
+    let n = |k: &str| counts[k].as_u64().unwrap_or(0);
+    let (total, finished) = (n("total"), n("completed") + n("failed"));
+    (finished > 0 && total > finished)
+        .then(|| spent_s.max(0.0) / finished as f64 * (total - finished) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_s_time_left_is_its_pace_so_far_kept_up() {
+        let c = |done: u64, failed: u64| json!({"total": 100, "completed": done, "failed": failed});
+        assert_eq!(time_left(&c(20, 5), 50.0), Some(150.0));
+        assert_eq!(time_left(&c(0, 0), 50.0), None, "no pace yet");
+        assert_eq!(time_left(&c(90, 10), 50.0), None, "all finished");
+        assert_eq!(time_left(&c(50, 0), -3.0), Some(0.0), "a clock behind");
+    }
 
     #[test]
     fn the_cookie_is_recognised_among_others_and_only_for_its_token() {

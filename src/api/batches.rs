@@ -468,7 +468,10 @@ fn counts_json(c: &LineCounts) -> Value {
 /// while they run (the batch object lags behind by a worker tick), from
 /// the batch object once it has ended or before its lines are queued.
 pub async fn request_counts(store: &dyn ApiStore, row: &BatchRow) -> StoreResult<Value> {
-    if matches!(row.status.as_str(), "in_progress" | "finalizing" | "cancelling") {
+    if matches!(
+        row.status.as_str(),
+        "in_progress" | "finalizing" | "cancelling"
+    ) {
         Ok(counts_json(&store.line_counts(&row.id).await?))
     } else {
         Ok(row.doc["request_counts"].clone())
