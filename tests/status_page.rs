@@ -107,7 +107,7 @@ fn the_page_shows_instances_counts_a_failure_and_an_instance_down_as_a_person_se
     );
     assert!(dom.contains("<svg class=\"chart\""), "a throughput chart");
     // No `[api]`: no batches section at all.
-    assert!(!dom.contains("id=\"batches\""), "{dom}");
+    assert!(!shown(&dom).contains("id=\"batches\""), "{dom}");
 
     // The failure, with the reason the job records.
     let job = s.json(&["status", &poison, "--json"]);
@@ -562,6 +562,11 @@ fn a_job_whose_lease_ran_out_is_shown_stuck_until_it_is_reclaimed() {
     assert_eq!(count(&dom, "think", "processing"), Some(1));
 }
 
+/// What the page renders (its `<main>`), without the script's own text.
+fn shown(dom: &str) -> &str {
+    element(dom, "main", "id", "data").unwrap_or("")
+}
+
 /// `curl` with `args`: its output, which must be JSON.
 fn curl(args: &[&str]) -> Value {
     let out = Command::new("curl")
@@ -617,7 +622,7 @@ fn a_batch_created_through_the_api_shows_its_progress_and_final_counts() {
 
     // The API is on and no batch exists yet: the section says so.
     dom_until(&url, "\"no batches\"", |dom| {
-        dom.contains("id=\"no-batches\">no batches</p>")
+        shown(dom).contains("id=\"no-batches\">no batches</p>")
     });
 
     // 30 requests, 3 of which the server refuses.
