@@ -422,23 +422,24 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
     // behind the queue's writes.
     let reader = crate::store::connect(&config.queue, crate::store::Patience::FailFast).await?;
     let config = Arc::new(config);
-    let admin = Admin {
-        feeder: FeederHandle::new(pipeline.feeder.clone()),
-        reader: reader.clone(),
-        results: opened.results.clone(),
-        config: config.clone(),
-        metrics,
-    };
-    let api_addr = crate::api::start(
+    let api = crate::api::start(
         config.clone(),
         reader.clone(),
         FeederHandle::new(pipeline.feeder.clone()),
         opened.results.clone(),
     )
     .await?;
-    if let Some(addr) = api_addr {
+    if let Some((addr, _)) = &api {
         info!("OpenAI API on http://{addr}");
     }
+    let admin = Admin {
+        feeder: FeederHandle::new(pipeline.feeder.clone()),
+        reader: reader.clone(),
+        results: opened.results.clone(),
+        config: config.clone(),
+        metrics,
+        api: api.map(|(_, store)| store),
+    };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, crate::admin::router(admin)).await {
             error!("the admin endpoint stopped: {e}");

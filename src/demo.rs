@@ -239,6 +239,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
                 results: opened.results.clone(),
                 config: Arc::new(config.clone()),
                 metrics,
+                api: None,
             };
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, crate::admin::router(admin)).await {

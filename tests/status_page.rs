@@ -106,6 +106,8 @@ fn the_page_shows_instances_counts_a_failure_and_an_instance_down_as_a_person_se
         "{dom}"
     );
     assert!(dom.contains("<svg class=\"chart\""), "a throughput chart");
+    // No `[api]`: no batches section at all.
+    assert!(!shown(&dom).contains("id=\"batches\""), "{dom}");
 
     // The failure, with the reason the job records.
     let job = s.json(&["status", &poison, "--json"]);
@@ -558,4 +560,144 @@ fn a_job_whose_lease_ran_out_is_shown_stuck_until_it_is_reclaimed() {
         "who holds it, and for how long past its lease: {row}"
     );
     assert_eq!(count(&dom, "think", "processing"), Some(1));
+}
+
+/// What the page renders (its `<main>`), without the script's own text.
+fn shown(dom: &str) -> &str {
+    element(dom, "main", "id", "data").unwrap_or("")
+}
+
+/// `curl` with `args`: its output, which must be JSON.
+fn curl(args: &[&str]) -> Value {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the API answers JSON")
+}
+
+/// The number the batch row `row` shows for `which` (`completed`, `failed`, `total`).
+fn batch_count(row: &str, which: &str) -> Option<u64> {
+    let open = format!("data-batch-count=\"{which}\">");
+    let at = row.find(&open)? + open.len();
+    row[at..].split('<').next()?.trim().parse().ok()
+}
+
+/// The width (in per cent) of the batch row's `which` bar.
+fn bar_width(row: &str, which: &str) -> Option<f64> {
+    let open = format!("data-bar=\"{which}\" style=\"width:");
+    let at = row.find(&open)? + open.len();
+    row[at..].split('%').next()?.trim().parse().ok()
+}
+
+#[test]
+fn a_batch_created_through_the_api_shows_its_progress_and_final_counts() {
+    chromium();
+    // One request at a time, 100 ms each: the batch takes a few seconds,
+    // long enough to be seen part-way.
+    let sim = SimProcess::start(&[
+        "--fail-matching",
+        "POISON",
+        "--max-num-seqs",
+        "1",
+        "--latency-ms",
+        "100",
+    ]);
+    let (port, api_port) = (free_port(), free_port());
+    let s = Scratch::new(
+        &(admin(port, "")
+            + &format!("[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n")
+            + &external("think", "think", &sim.url)),
+    );
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let url = format!("http://127.0.0.1:{port}/");
+    let api = format!("http://127.0.0.1:{api_port}/v1");
+
+    // The API is on and no batch exists yet: the section says so.
+    dom_until(&url, "\"no batches\"", |dom| {
+        shown(dom).contains("id=\"no-batches\">no batches</p>")
+    });
+
+    // 30 requests, 3 of which the server refuses.
+    let lines: String = (0..30)
+        .map(|i| {
+            let text = if i % 10 == 9 { "POISON" } else { "hello" };
+            format!(
+                "{}\n",
+                json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "think", "messages": [{"role": "user", "content": format!("{text} {i}")}],
+                                "max_tokens": 8}})
+            )
+        })
+        .collect();
+    let input = s.path().join("requests.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    let file = curl(&[
+        "-F",
+        "purpose=batch",
+        "-F",
+        &format!("file=@{}", input.display()),
+        &format!("{api}/files"),
+    ]);
+    let file_id = file["id"].as_str().expect("a file id").to_string();
+    let batch = curl(&[
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                "completion_window": "24h", "metadata": {"description": "nightly eval"}})
+        .to_string(),
+        &format!("{api}/batches"),
+    ]);
+    let id = batch["id"].as_str().expect("a batch id").to_string();
+
+    // Part-way: some requests done, not all, and the bar as wide as its share.
+    let dom = dom_until(&url, "the batch part-way", |dom| {
+        element(dom, "tr", "data-batch", &id).is_some_and(|r| {
+            let done = batch_count(r, "completed").unwrap_or(0);
+            done > 0 && done + batch_count(r, "failed").unwrap_or(0) < 30
+        })
+    });
+    let row = element(&dom, "tr", "data-batch", &id).unwrap();
+    assert!(row.contains("nightly eval"), "{row}");
+    assert_eq!(batch_count(row, "total"), Some(30), "{row}");
+    let done = batch_count(row, "completed").unwrap();
+    let width = bar_width(row, "completed").expect("a progress bar");
+    assert!(
+        (width - 100.0 * done as f64 / 30.0).abs() < 0.1,
+        "{done} of 30 done, but the bar is {width} % wide: {row}"
+    );
+
+    // Once it completes: the counts the API gives, and its files.
+    let mut finished = Value::Null;
+    wait_for("the batch to complete", LIMIT, || {
+        finished = curl(&[&format!("{api}/batches/{id}")]);
+        finished["status"] == "completed"
+    });
+    let counts = &finished["request_counts"];
+    assert_eq!(counts["total"], 30, "{finished}");
+    assert_eq!(counts["failed"], 3, "{finished}");
+    let dom = dom_until(&url, "the batch completed", |dom| {
+        element(dom, "tr", "data-batch", &id)
+            .is_some_and(|r| attr(r, "data-batch-status") == Some("completed"))
+    });
+    let row = element(&dom, "tr", "data-batch", &id).unwrap();
+    for which in ["total", "completed", "failed"] {
+        assert_eq!(
+            batch_count(row, which),
+            counts[which].as_u64(),
+            "{which}: the page and GET /v1/batches/{id} disagree: {row}\n{finished}"
+        );
+    }
+    assert_eq!(bar_width(row, "failed"), Some(10.0), "{row}");
+    let output = finished["output_file_id"].as_str().expect("an output file");
+    assert!(row.contains(output), "{row}");
+    drop(d);
 }

@@ -22,6 +22,7 @@ use feeder_actors::{Job, JobStatus, ListFilter, QueueStats, Timestamp};
 
 use super::history::History;
 use super::state::{bad, Admin};
+use crate::store::api::ApiStore;
 use crate::views;
 
 /// The page itself.
@@ -37,6 +38,8 @@ const FAILURES: usize = 10;
 const FAILED_READ: usize = 200;
 /// Claimed jobs read to find those stuck past their lease.
 const PROCESSING_READ: usize = 2000;
+/// Batches shown, the latest.
+const BATCHES: usize = 20;
 
 /// What the cookie holds for `token`: a digest, so that a cookie jar
 /// never holds the token itself.
@@ -139,7 +142,8 @@ async fn jobs(
 
 /// `GET /v1/page`: everything the page shows, in one document: the
 /// `/v1/status` view, recent failures, jobs stuck past their lease, and
-/// jobs finished per model over the last ten minutes ([`History`]). A queue that cannot be
+/// jobs finished per model over the last ten minutes ([`History`]), and
+/// the API's latest batches (`null` without `api.listen`). A queue that cannot be
 /// read is named in `queue_error` (the rest still shows); actors that do
 /// not answer make it a 503.
 pub async fn page_json(
@@ -186,15 +190,79 @@ pub async fn page_json(
     v["queue_error"] = json!(queue_error);
     v["token_required"] = json!(!a.config.admin.token.is_empty());
     v["now"] = json!(now.0 as f64 / 1000.0);
-    // Batches do not exist yet: the page has a hook for this key and
-    // shows nothing while it is absent.
-    v["batches"] = Value::Null;
+    let (batches, batches_error) = match &a.api {
+        None => (Value::Null, None),
+        Some(store) => match batches_json(store.as_ref(), now).await {
+            Ok(b) => (b, None),
+            Err(e) => (json!([]), Some(format!("reading the batches failed: {e}"))),
+        },
+    };
+    v["batches"] = batches;
+    v["batches_error"] = json!(batches_error);
     Json(v).into_response()
+}
+
+/// The latest [`BATCHES`] batches of the OpenAI API, newest first, each
+/// with its `request_counts` as the API reports them and, while it runs,
+/// an estimate of the time left (its pace so far, kept up).
+async fn batches_json(store: &dyn ApiStore, now: Timestamp) -> Result<Value, String> {
+    let rows = store
+        .batches(None, BATCHES)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let counts = crate::api::batches::request_counts(store, &row)
+            .await
+            .map_err(|e| e.to_string())?;
+        let d = &row.doc;
+        let ended = matches!(
+            row.status.as_str(),
+            "completed" | "failed" | "expired" | "cancelled"
+        );
+        let left_s = if row.status == "in_progress" {
+            d["in_progress_at"]
+                .as_i64()
+                .and_then(|from| time_left(&counts, now.0 as f64 / 1000.0 - from as f64))
+        } else {
+            None
+        };
+        out.push(json!({
+            "id": row.id,
+            "status": row.status,
+            "created_at": row.created_at,
+            "request_counts": counts,
+            "description": d["metadata"]["description"].as_str(),
+            "output_file_id": if ended { d["output_file_id"].clone() } else { Value::Null },
+            "error_file_id": if ended { d["error_file_id"].clone() } else { Value::Null },
+            "left_s": left_s,
+        }));
+    }
+    Ok(Value::Array(out))
+}
+
+/// Seconds left for a batch whose `request_counts` are `counts` after
+/// `spent_s` seconds running, at its pace so far; `None` before its first
+/// request finishes or after its last.
+fn time_left(counts: &Value, spent_s: f64) -> Option<f64> {
+    let n = |k: &str| counts[k].as_u64().unwrap_or(0);
+    let (total, finished) = (n("total"), n("completed") + n("failed"));
+    (finished > 0 && total > finished)
+        .then(|| spent_s.max(0.0) / finished as f64 * (total - finished) as f64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_s_time_left_is_its_pace_so_far_kept_up() {
+        let c = |done: u64, failed: u64| json!({"total": 100, "completed": done, "failed": failed});
+        assert_eq!(time_left(&c(20, 5), 50.0), Some(150.0));
+        assert_eq!(time_left(&c(0, 0), 50.0), None, "no pace yet");
+        assert_eq!(time_left(&c(90, 10), 50.0), None, "all finished");
+        assert_eq!(time_left(&c(50, 0), -3.0), Some(0.0), "a clock behind");
+    }
 
     #[test]
     fn the_cookie_is_recognised_among_others_and_only_for_its_token() {

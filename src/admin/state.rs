@@ -14,6 +14,7 @@ use feeder_actors::{JobStore, QueueStats, Timestamp};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::store::api::ApiStore;
 
 /// What the endpoint serves from.
 #[derive(Clone)]
@@ -28,6 +29,8 @@ pub struct Admin {
     pub config: Arc<Config>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// The OpenAI API's files and batches, when `api.listen` is set.
+    pub api: Option<Arc<dyn ApiStore>>,
 }
 
 impl Admin {

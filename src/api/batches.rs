@@ -22,11 +22,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
-use feeder_actors::{Job, JobId, JobStatus, ModelType, NewJob, Timestamp};
+use feeder_actors::{Job, JobId, JobStatus, ModelType, NewJob, StoreResult, Timestamp};
 
 use super::{list as list_of, new_id, unix_now, Api, ApiError, Page};
 use crate::config::Config;
-use crate::store::api::{BatchRow, FileRow, LineCounts, LineJob};
+use crate::store::api::{ApiStore, BatchRow, FileRow, LineCounts, LineJob};
 use crate::submit::{Built, Input, Submission, SubmitRequest};
 
 /// The one endpoint a batch may target.
@@ -462,6 +462,20 @@ async fn queue_lines(api: &Api, batch: &str, path: &Path) -> anyhow::Result<()> 
 
 fn counts_json(c: &LineCounts) -> Value {
     json!({"total": c.total, "completed": c.done, "failed": c.failed + c.cancelled})
+}
+
+/// A batch's `request_counts` as the API shows them: read from its jobs
+/// while they run (the batch object lags behind by a worker tick), from
+/// the batch object once it has ended or before its lines are queued.
+pub async fn request_counts(store: &dyn ApiStore, row: &BatchRow) -> StoreResult<Value> {
+    if matches!(
+        row.status.as_str(),
+        "in_progress" | "finalizing" | "cancelling"
+    ) {
+        Ok(counts_json(&store.line_counts(&row.id).await?))
+    } else {
+        Ok(row.doc["request_counts"].clone())
+    }
 }
 
 /// A batch whose jobs run: its counts kept current, its unfinished jobs

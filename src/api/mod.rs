@@ -243,13 +243,14 @@ pub fn router(api: Api, keys: Vec<String>) -> Router {
 }
 
 /// Binds `api.listen`, serves the API and runs the batch worker; the
-/// address it listens on. `None` when `api.listen` is unset.
+/// address it listens on and its store (for the status page). `None` when
+/// `api.listen` is unset.
 pub async fn start(
     config: Arc<Config>,
     jobs: Arc<dyn JobStore>,
     feeder: FeederHandle,
     results: Arc<Results>,
-) -> anyhow::Result<Option<SocketAddr>> {
+) -> anyhow::Result<Option<(SocketAddr, Arc<dyn ApiStore>)>> {
     let Some(listen) = config.api.listen.clone() else {
         return Ok(None);
     };
@@ -275,8 +276,9 @@ pub async fn start(
             format!("cannot listen on api.listen = {listen} (choose another address)")
         })?;
     let addr = listener.local_addr()?;
+    let store: Arc<dyn ApiStore> = Arc::new(store);
     let api = Api {
-        store: Arc::new(store),
+        store: store.clone(),
         jobs,
         feeder,
         results,
@@ -290,5 +292,5 @@ pub async fn start(
             error!("the OpenAI API stopped: {e}");
         }
     });
-    Ok(Some(addr))
+    Ok(Some((addr, store)))
 }
