@@ -276,6 +276,7 @@ fn every_family_filled() -> String {
             crashed: 0,
             aborted: 0,
             warm_prefixes: 0,
+            holds: 0,
         }],
         gpus: Some(GpuSnapshot {
             gpus: vec![GpuReading {
