@@ -120,7 +120,11 @@ fn three_daemons_share_one_queue_through_crashes() {
         .collect();
     // The queue is made by `migrate`, before any daemon runs.
     let m = hosts[0].scratch.json(&["migrate", "--json"]);
-    assert_eq!(m["version"], pg_schema_version(), "{m}");
+    assert_eq!(
+        m["version"],
+        common::shipped_migrations("postgres") as u64,
+        "{m}"
+    );
 
     // 6,000 jobs: vision and think prompts (a tenth of the think prompts
     // with a vision follow-up), and twenty parents of four fragments each.
@@ -479,7 +483,10 @@ fn cli_mcp_and_admin_work_against_postgres() {
     assert!(out.contains(&id));
     let (code, out, _) = cli(&["--db", &url, "migrate"], None);
     assert_eq!(code, 0);
-    let up_to_date = format!("up to date (schema version {})", pg_schema_version());
+    let up_to_date = format!(
+        "up to date (schema version {})",
+        common::shipped_migrations("postgres") as u64
+    );
     assert!(out.contains(&up_to_date), "{out}");
     let (code, _, err) = cli(&["--db", &url, "cancel", &id], None);
     assert_ne!(code, 0);
@@ -550,16 +557,4 @@ fn a_second_live_daemon_with_the_same_daemon_id_is_refused() {
         "the live daemon goes on: {}",
         first.log()
     );
-}
-
-/// The PostgreSQL schema's version once every migration is applied: the
-/// number of migrations shipped.
-fn pg_schema_version() -> u64 {
-    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
-        .expect("migrations/postgres is readable")
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
-        })
-        .count() as u64
 }

@@ -662,3 +662,18 @@ pub fn words(from: usize, to: usize) -> String {
 
 /// HTTP through `curl`, shared by the tests that talk to an admin endpoint.
 pub mod http;
+
+/// How many migrations ship for `dialect` (`sqlite` or `postgres`): the
+/// schema's version once they are all applied.
+pub fn shipped_migrations(dialect: &str) -> usize {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(dialect);
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .count()
+}
