@@ -69,6 +69,9 @@ pub(crate) struct DispatchSupArgs {
     pub retry: Backoff,
     /// Pauses after 429/503.
     pub overload: Backoff,
+    /// How long a request that found no server waits for the health
+    /// checks to report a crash (see [`DispatchArgs`]).
+    pub crash_grace: Duration,
     /// Time allowed for calls between actors.
     pub call_timeout: Duration,
     /// Restart policy for dispatchers.
@@ -165,6 +168,7 @@ impl OneForOne for DispatchSupState {
             results: self.args.results.clone(),
             retry: self.args.retry,
             overload: self.args.overload,
+            crash_grace: self.args.crash_grace,
             call_timeout: self.args.call_timeout,
             peers: dispatch_peers(&self.args.peers),
             observer: self.args.observer.clone(),

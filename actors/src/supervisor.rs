@@ -382,6 +382,8 @@ impl FeederState {
                     results: self.args.results.clone(),
                     retry: s.retry,
                     overload: s.overload,
+                    crash_grace: s.health_interval * s.lifecycle.failure_threshold.max(1)
+                        + s.health_timeout,
                     call_timeout: s.call_timeout,
                     restart: s.restart,
                     peers: self.peers().ok_or("peers are not all running")?,

@@ -402,6 +402,35 @@ async fn connection_refused_without_a_crash_costs_no_attempt() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_request_that_finds_the_server_gone_waits_for_the_probes_to_count_the_crash() {
+    // A server killed under its requests (kill -9 of an adopted vLLM: no
+    // exit to watch): they end "connection refused" at once, and only
+    // `failure_threshold` failed probes later (3 s here) does the health
+    // check report the crash. The jobs are held until then, so the crash
+    // is counted against them (poison quarantine), not lost by a release
+    // after the first half-second pause.
+    let server = FakeInference::gated();
+    let rt = FakeRuntime::serving(server.clone(), Duration::from_secs(1));
+    let lab = Lab::start(server.clone(), rt, settings()).await;
+    lab.wait_state(InstanceState::Ready).await;
+    let ids = lab.submit(4).await;
+    wait_until("4 in flight", LIMIT, || server.in_flight() == 4).await;
+    server.gone(true);
+    wait_until("the crash is counted against the 4", LIMIT, || {
+        ids.iter()
+            .all(|id| lab.store.get(*id).unwrap().unwrap().crashes == 1)
+    })
+    .await;
+    for id in &ids {
+        let j = lab.store.get(*id).unwrap().unwrap();
+        assert_eq!(j.attempts, 0, "a crash is no attempt: {j:?}");
+    }
+    server.gone(false);
+    server.release(1_000);
+    wait_until("all done", LIMIT, || lab.count(JobStatus::Done) == 4).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_job_in_flight_during_three_crashes_is_quarantined() {
     let server = FakeInference::gated();
     let rt = FakeRuntime::serving(server.clone(), Duration::from_secs(1));

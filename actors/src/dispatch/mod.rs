@@ -196,6 +196,12 @@ pub(crate) struct DispatchArgs {
     pub(crate) retry: Backoff,
     /// Pauses after 429/503.
     pub(crate) overload: Backoff,
+    /// How long a request that found no server is held, at least, for a
+    /// crash report to explain it: the time the health checks take to
+    /// notice a dead server (`failure_threshold` probes `interval` apart,
+    /// plus one probe's timeout). Released sooner if a later request is
+    /// answered (the server is there).
+    pub(crate) crash_grace: Duration,
     /// Time allowed for a call to the QueueActor.
     pub(crate) call_timeout: Duration,
     /// The peers at start.

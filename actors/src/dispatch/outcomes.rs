@@ -72,6 +72,15 @@ impl DispatchState {
 
     fn succeeded(&mut self, f: InFlight, done: Completion) {
         self.counts.completed += 1;
+        // The server answers: what found no server earlier was no crash.
+        for parked in self.requests.release_parked() {
+            self.settle(
+                parked.claim,
+                Settle::Release,
+                parked.parent,
+                parked.follow_up,
+            );
+        }
         if let Some(p) = done.prompt_tokens {
             self.warm.prompt_used(p);
         }
@@ -133,7 +142,14 @@ impl DispatchState {
             .pacer
             .unavailable(Instant::now(), first, &self.args.overload);
         let round = self.requests.park(job_id, f);
-        myself.send_after(pause, move || tick(Tick::Unpark { round }));
+        myself.send_after(pause, || DispatchMsg::Wake);
+        if first {
+            // Held until the health checks could have noticed a dead
+            // server: a crash report then counts the crash against these
+            // jobs (poison quarantine), which a shorter hold would miss.
+            let hold = pause.max(self.args.crash_grace);
+            myself.send_after(hold, move || tick(Tick::Unpark { round }));
+        }
     }
 
     /// The server went down under our requests: every job in flight (or

@@ -145,6 +145,16 @@ impl Requests {
         Some(std::mem::take(&mut self.parked).into_values().collect())
     }
 
+    /// The parked requests, whatever the episode (the server answered
+    /// another request, so they were no crash's); the episode ends.
+    pub(crate) fn release_parked(&mut self) -> Vec<InFlight> {
+        if self.parked.is_empty() {
+            return Vec::new();
+        }
+        self.park_round += 1;
+        std::mem::take(&mut self.parked).into_values().collect()
+    }
+
     /// Every request, in flight or parked (the server went down, or all
     /// are released); any parking episode ends.
     pub(crate) fn take_all(&mut self) -> Vec<InFlight> {

@@ -45,6 +45,8 @@ struct FakeInner {
     deep_probes: AtomicUsize,
     sleep: Mutex<FakeSleep>,
     aborts: tokio::sync::watch::Sender<u64>,
+    /// The server's process is gone (killed): nothing listens.
+    gone: tokio::sync::watch::Sender<bool>,
     events: Mutex<Vec<(tokio::time::Instant, String)>>,
 }
 
@@ -78,6 +80,7 @@ impl FakeInference {
                 deep_probes: AtomicUsize::new(0),
                 sleep: Mutex::new(FakeSleep::default()),
                 aborts: tokio::sync::watch::channel(0).0,
+                gone: tokio::sync::watch::channel(false).0,
                 events: Mutex::new(Vec::new()),
             }),
         }
@@ -109,6 +112,14 @@ impl FakeInference {
         if let Some(g) = &self.inner.gate {
             g.add_permits(n);
         }
+    }
+
+    /// Plays a server killed without an exit its runtime could see (an
+    /// adopted process's `kill -9`): requests in flight and new ones end
+    /// "connection refused", probes find nothing listening, until
+    /// `gone(false)`.
+    pub fn gone(&self, gone: bool) {
+        self.inner.gone.send_replace(gone);
     }
 
     /// Makes health checks pass or fail.
@@ -202,6 +213,12 @@ impl InferenceClient for FakeInference {
                 retry_after: None,
             });
         }
+        let refused =
+            || InferenceError::Unavailable("connection refused (the server is gone)".into());
+        let mut gone = inner.gone.subscribe();
+        if *gone.borrow() {
+            return Err(refused());
+        }
         inner.received.lock().unwrap().push(job.id);
         let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         inner.max_in_flight.fetch_max(now, Ordering::SeqCst);
@@ -223,6 +240,7 @@ impl InferenceClient for FakeInference {
                     "the server aborted the request (finish_reason \"abort\")".into(),
                 ));
             }
+            Ok(_) = gone.wait_for(|g| *g) => return Err(refused()),
         }
         let scripted = inner.script.lock().unwrap().pop_front();
         let content = match scripted {
@@ -243,6 +261,9 @@ impl InferenceClient for FakeInference {
         if deep {
             self.inner.deep_probes.fetch_add(1, Ordering::SeqCst);
             self.log("canary".into());
+        }
+        if *self.inner.gone.borrow() {
+            return Err(ProbeError::NotListening("the server is gone".into()));
         }
         // As vLLM: /health and /v1/models answer while the model sleeps;
         // only a completion (the canary) is refused.
