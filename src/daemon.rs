@@ -28,6 +28,7 @@ use feeder_actors::spec::InstanceSpec;
 use feeder_actors::supervisor::{
     FeederArgs, FeederMsg, FeederStatus, FeederSupervisor, PipelineSettings,
 };
+use feeder_actors::watch::JobWatch;
 use feeder_actors::{Backoff, JobStore, ResultStore, SystemClock};
 
 use crate::admin::Admin;
@@ -236,6 +237,8 @@ pub struct Pipeline {
     pub feeder: ActorRef<FeederMsg>,
     /// Ends when the root supervisor has stopped.
     pub join: tokio::task::JoinHandle<()>,
+    /// Wakes whoever waits for a job to end.
+    pub watch: Arc<JobWatch>,
 }
 
 impl Pipeline {
@@ -248,6 +251,7 @@ impl Pipeline {
         observer: Option<Arc<dyn feeder_actors::dispatch::DispatchObserver>>,
     ) -> anyhow::Result<Pipeline> {
         let (gpu_probe, gpu_unavailable) = gpu_probe(config);
+        let watch = Arc::new(JobWatch::default());
         let args = FeederArgs {
             store,
             results,
@@ -258,11 +262,16 @@ impl Pipeline {
             observer,
             gpu_probe,
             gpu_unavailable,
+            watch: Some(watch.clone()),
         };
         let (feeder, join) = Actor::spawn(None, FeederSupervisor, args)
             .await
             .context("starting the actors")?;
-        Ok(Pipeline { feeder, join })
+        Ok(Pipeline {
+            feeder,
+            join,
+            watch,
+        })
     }
 
     /// Graceful shutdown within `grace`; the number of jobs released.
@@ -427,6 +436,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         reader.clone(),
         FeederHandle::new(pipeline.feeder.clone()),
         opened.results.clone(),
+        pipeline.watch.clone(),
     )
     .await?;
     if let Some((addr, _)) = &api {
@@ -463,7 +473,9 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         reader,
         config.clone(),
     ));
-    let Pipeline { feeder, mut join } = pipeline;
+    let Pipeline {
+        feeder, mut join, ..
+    } = pipeline;
     tokio::select! {
         which = stop_signal() => {
             heartbeat.abort();

@@ -1,7 +1,9 @@
 //! The OpenAI-compatible API driven by the official `openai` Python SDK
 //! (`tests/openai_sdk_client.py`) against a real daemon and a simulated
 //! model server: files, batches, pagination, cancelling, a malformed
-//! file, keys, and a batch that survives `kill -9` of the daemon.
+//! file, keys, and a batch that survives `kill -9` of the daemon; chat
+//! completions (plain and streamed) and models, a chat completion that
+//! overtakes a running batch, and a client that goes away.
 
 mod common;
 
@@ -76,12 +78,115 @@ fn a_batch_survives_kill_9_of_the_daemon() {
 }
 
 #[test]
+fn chat_completions_and_models_through_the_sdk() {
+    let sim = SimProcess::start(&["--fail-matching", "POISON"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let report = sdk(&["chat", &base, KEY]);
+    eprintln!("{report}");
+    assert_eq!(
+        report["refused_status"],
+        400,
+        "the server's 400: {}",
+        d.log()
+    );
+    assert!(report["chunks"].as_u64() >= Some(3), "{report}");
+    // Each request was a job of its own at the chat priority: the plain,
+    // the streamed and the refused one.
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    let rows: Vec<(i64, String)> = conn
+        .prepare("SELECT priority, status FROM gpu_jobs ORDER BY created_at")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (10, "done".into()),
+            (10, "done".into()),
+            (10, "failed".into())
+        ]
+    );
+}
+
+#[test]
+fn a_chat_completion_overtakes_a_running_batch() {
+    let sim = SimProcess::start(&["--latency-ms", "100", "--max-num-seqs", "4"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let report = sdk(&["overtake", &base, KEY, "400"]);
+    eprintln!("figure: chat completion latency, idle against beside a 400-line batch: {report}");
+    // Answered while most of the batch, queued before it, still waited.
+    assert_eq!(
+        report["batch_status_when_answered"], "in_progress",
+        "{report}"
+    );
+    assert!(
+        report["batch_completed_when_answered"].as_u64() < Some(300),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_unsent_request() {
+    // Nothing listens for the instance: the request's job cannot be sent.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &dead)));
+    let d = DaemonProcess::start(&s, "daemon");
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_for("the API answers", LIMIT, || {
+        common::http::http("GET", &format!("{base}/v1/models"), Some(KEY), None).0 == 200
+    });
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "2", "-X", "POST"])
+        .arg(format!("{base}/v1/chat/completions"))
+        .args(["-H", &format!("Authorization: Bearer {KEY}")])
+        .args(["-H", "Content-Type: application/json"])
+        .args([
+            "-d",
+            r#"{"model": "sim", "messages": [{"role": "user", "content": "anyone?"}]}"#,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(28),
+        "curl gave up waiting (timeout)"
+    );
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    common::wait_for("the job cancelled", LIMIT, || {
+        conn.query_row("SELECT status FROM gpu_jobs", [], |r| r.get::<_, String>(0))
+            .is_ok_and(|st| st == "cancelled")
+    });
+    assert_eq!(jobs_in(&s), 1, "{}", d.log());
+}
+
+#[test]
 fn a_public_address_without_keys_is_refused() {
     let s = Scratch::new("[api]\nlisten = \"0.0.0.0:8000\"\n");
     let run = s.run(&["config", "check"]);
     assert_ne!(run.code(), 0);
     assert!(run.stderr().contains("api.listen"), "{}", run.stderr());
     assert!(run.stderr().contains("api.keys"), "{}", run.stderr());
+}
+
+#[test]
+fn a_chat_priority_not_above_batches_is_refused() {
+    let s = Scratch::new("[api]\nchat_priority = -10\n");
+    let run = s.run(&["config", "check"]);
+    assert_ne!(run.code(), 0);
+    assert!(
+        run.stderr().contains("api.chat_priority") && run.stderr().contains("batch_priority"),
+        "{}",
+        run.stderr()
+    );
 }
 
 /// The peak resident memory of process `pid` so far (`VmHWM`), in MiB.

@@ -6,6 +6,10 @@
     openai_sdk_client.py finish BASE_URL KEY ID N
                                                  waits for batch ID, checks its files
     openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
+    openai_sdk_client.py chat BASE_URL KEY       models, chat completions (plain,
+                                                 streamed), their errors
+    openai_sdk_client.py overtake BASE_URL KEY N a chat completion while a batch
+                                                 of N runs, against one on an idle server
 
 Prints one JSON object with what it saw; exits non-zero on a failed check.
 """
@@ -80,8 +84,8 @@ def check_results(c, b, ids):
     return out, err
 
 
-def raw_status(base, path, headers):
-    req = urllib.request.Request(base + path, headers=headers)
+def raw_status(base, path, headers, data=None):
+    req = urllib.request.Request(base + path, headers=headers, data=data)
     try:
         with urllib.request.urlopen(req) as r:
             return r.status, json.loads(r.read())
@@ -235,12 +239,116 @@ def big(base, key, n):
     }
 
 
+def ask(c, text, **kw):
+    t0 = time.monotonic()
+    r = c.chat.completions.create(
+        model="sim", messages=[{"role": "user", "content": text}], max_tokens=8, **kw
+    )
+    return r, time.monotonic() - t0
+
+
+def chat(base, key):
+    c = client(base, key)
+    report = {}
+    models = [m.id for m in c.models.list()]
+    assert models == ["sim"], models
+    assert c.models.retrieve("sim").owned_by == "gpu-feeder"
+    r, _ = ask(c, "hello there")
+    assert r.object == "chat.completion", r
+    content = r.choices[0].message.content
+    assert content, r
+    assert r.usage.completion_tokens > 0, r
+    report["content"] = content
+    # Streamed: the same kind of answer, reassembled from chunks.
+    stream = c.chat.completions.create(
+        model="sim",
+        messages=[{"role": "user", "content": "hello there"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage, n = [], None, None, 0
+    for chunk in stream:
+        n += 1
+        assert chunk.object == "chat.completion.chunk", chunk
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            if ch.delta.content:
+                parts.append(ch.delta.content)
+            finish = ch.finish_reason or finish
+    assert "".join(parts), parts
+    assert finish in ("stop", "length"), finish
+    assert usage and usage.completion_tokens > 0, usage
+    report["streamed"] = "".join(parts)
+    report["chunks"] = n
+    # A model nobody serves: 404 model_not_found, as OpenAI answers.
+    try:
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        raise AssertionError("an unknown model was taken")
+    except openai.NotFoundError as e:
+        assert e.code == "model_not_found", e.body
+        assert "sim" in e.message, e.message
+    # A refusal of the model server comes back with its status and words.
+    try:
+        ask(c, "POISON")
+        raise AssertionError("the server's refusal was hidden")
+    except openai.APIStatusError as e:
+        report["refused_status"] = e.status_code
+    # Not JSON, and no model: 400.
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    status, body = raw_status(base, "/v1/chat/completions", headers, b"{not json")
+    assert status == 400 and "not JSON" in body["error"]["message"], (status, body)
+    status, body = raw_status(base, "/v1/chat/completions", headers, b'{"messages": []}')
+    assert status == 400 and body["error"]["param"] == "model", (status, body)
+    # No key: 401.
+    try:
+        client(base, "sk-wrong").chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "x"}]
+        )
+        raise AssertionError("a wrong key was taken")
+    except openai.AuthenticationError:
+        pass
+    return report
+
+
+
+def overtake(base, key, n):
+    c = client(base, key)
+    idle = sorted(ask(c, f"idle question {i}")[1] for i in range(5))
+    ids = [f"o-{i}" for i in range(n)]
+    b = create(c, upload(c, [line(i, f"bulk line {i}") for i in ids]).id)
+    b = wait(c, b.id, lambda b: b.request_counts.completed >= 1 or b.status in ENDED)
+    assert b.status == "in_progress", b
+    busy = []
+    for i in range(5):
+        _, s = ask(c, f"urgent question {i}")
+        busy.append(s)
+    busy.sort()
+    during = c.batches.retrieve(b.id)
+    b = wait(c, b.id, lambda b: b.status in ENDED, limit=600)
+    assert b.status == "completed", b
+    check_results(c, b, ids)
+    return {
+        "idle_median_s": round(idle[2], 3),
+        "busy_median_s": round(busy[2], 3),
+        "busy_max_s": round(busy[-1], 3),
+        "batch_completed_when_answered": during.request_counts.completed,
+        "batch_status_when_answered": during.status,
+        "batch_total": n,
+    }
+
+
 if __name__ == "__main__":
     mode, base, key = sys.argv[1:4]
     if mode == "all":
         result = everything(base, key)
     elif mode == "big":
         result = big(base, key, int(sys.argv[4]))
+    elif mode == "chat":
+        result = chat(base, key)
+    elif mode == "overtake":
+        result = overtake(base, key, int(sys.argv[4]))
     elif mode == "start":
         result = start(base, key, int(sys.argv[4]))
     else:

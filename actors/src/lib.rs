@@ -105,6 +105,7 @@ pub mod store;
 pub mod supervisor;
 mod tell;
 mod time;
+pub mod watch;
 pub mod window;
 
 #[cfg(feature = "testkit")]

@@ -233,6 +233,8 @@ pub struct QueueArgs {
     /// This daemon's registration on the queue, renewed every interval
     /// (each renewal also takes back the claims of daemons gone silent).
     pub heartbeat: Option<(String, Heartbeat)>,
+    /// Told of every job that ends here, for those waiting on one.
+    pub watch: Option<Arc<crate::watch::JobWatch>>,
 }
 
 /// How a daemon tells the other daemons on its queue that it is alive.
@@ -437,6 +439,19 @@ impl QueueState {
         self.flushing = false;
         let now = self.args.clock.now();
         let mut wake: Vec<ModelType> = Vec::new();
+        if let Some(watch) = &self.args.watch {
+            let ended: Vec<JobId> = items
+                .iter()
+                .filter(|i| {
+                    matches!(
+                        i.result,
+                        Ok(Settled::Done) | Ok(Settled::Failed(FailOutcome::Failed { .. }))
+                    )
+                })
+                .map(|i| i.job_id)
+                .collect();
+            watch.ended(&ended);
+        }
         for item in items {
             match item.result {
                 Ok(Settled::Done) | Ok(Settled::Failed(FailOutcome::Failed { .. })) => {

@@ -258,6 +258,9 @@ pub struct FeederArgs {
     pub gpu_probe: Option<Arc<dyn GpuProbe>>,
     /// Why there is no probe (shown in status).
     pub gpu_unavailable: String,
+    /// Told of every job that ends, for those waiting on one (the OpenAI
+    /// API's chat completions); `None`: nobody waits.
+    pub watch: Option<Arc<crate::watch::JobWatch>>,
 }
 
 /// The FeederSupervisor's state.
@@ -328,6 +331,7 @@ impl FeederState {
                     // a restarted queue actor must not release live ones.
                     release_on_start: self.first_queue_start.then(|| self.args.owner.clone()),
                     heartbeat: s.heartbeat.clone().map(|b| (self.args.owner.clone(), b)),
+                    watch: self.args.watch.clone(),
                 };
                 self.first_queue_start = false;
                 keep(&mut self.queue, QueueActor, args, cell).await?

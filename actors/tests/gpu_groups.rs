@@ -51,6 +51,7 @@ async fn instances_linked_through_a_shared_gpu_are_one_group_and_switch_together
     let feeder = spawn_feeder(FeederArgs {
         gpu_probe: Some(Arc::new(FakeGpu::new(4)) as _),
         gpu_unavailable: "NVML is not available".into(),
+        watch: None,
         ..feeder_args(
             &store,
             Arc::new(MemoryResults::new()),

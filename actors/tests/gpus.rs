@@ -98,6 +98,7 @@ impl Rig {
         let feeder = spawn_feeder(FeederArgs {
             gpu_probe: Some(Arc::new(gpu.clone()) as _),
             gpu_unavailable: "NVML is not available".into(),
+            watch: None,
             ..feeder_args(&store, results, instances, "gpus", settings)
         })
         .await;

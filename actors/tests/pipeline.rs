@@ -139,6 +139,7 @@ async fn spawn_queue_with(
             };
             (daemon.to_string(), beat)
         }),
+        watch: None,
     };
     Actor::spawn(None, QueueActor, args)
         .await

@@ -284,6 +284,7 @@ async fn lab_at(share: f64, settings: PipelineSettings, gpu: Option<FakeGpu>) ->
     let feeder = common::spawn_feeder(feeder_actors::supervisor::FeederArgs {
         gpu_probe: gpu.map(|p| Arc::new(p) as _),
         gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
+        watch: None,
         ..common::feeder_args(&store, results, instances, "lab", settings)
     })
     .await;

@@ -205,7 +205,7 @@ async fn cancel_jobs(api: &Api, batch: &str) {
 
 /// The model a batch line names: an instance's `served_model_name`, or a
 /// model type (`vision`, `think`).
-fn model_for(config: &Config, name: &str) -> Option<ModelType> {
+pub(crate) fn model_for(config: &Config, name: &str) -> Option<ModelType> {
     config
         .instances
         .iter()
@@ -547,9 +547,20 @@ fn result_line(job: JobId, custom_id: &str, response: Value, error: Value) -> Va
     })
 }
 
+/// The server's answer kept in a job's result document (or, for a
+/// document without it, a completion made of its content).
+pub(crate) fn completion_body(doc: &Value) -> Value {
+    match doc.get("response") {
+        Some(r) if !r.is_null() => r.clone(),
+        _ => {
+            json!({"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": doc.get("content")}, "finish_reason": "stop"}]})
+        }
+    }
+}
+
 /// The status and body of a failed job's last answer, when it was an
 /// HTTP error of the model server (`HTTP 400 from URL: body`).
-fn http_failure(error: &str) -> Option<(u16, Value)> {
+pub(crate) fn http_failure(error: &str) -> Option<(u16, Value)> {
     let rest = error.strip_prefix("HTTP ")?;
     let (code, rest) = rest.split_once(' ')?;
     let code: u16 = code.parse().ok()?;
@@ -589,12 +600,7 @@ async fn line_result(
             };
             match api.results.document(at).await {
                 Ok(doc) => {
-                    let body = match doc.get("response") {
-                        Some(r) if !r.is_null() => r.clone(),
-                        _ => {
-                            json!({"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": doc.get("content")}, "finish_reason": "stop"}]})
-                        }
-                    };
+                    let body = completion_body(&doc);
                     Ok(result_line(
                         id,
                         custom,

@@ -5,7 +5,9 @@
 //!   `GET /v1/files/{id}`, `GET /v1/files/{id}/content`,
 //!   `DELETE /v1/files/{id}`: [`files`];
 //! - `POST /v1/batches`, `GET /v1/batches`, `GET /v1/batches/{id}`,
-//!   `POST /v1/batches/{id}/cancel`: [`batches`].
+//!   `POST /v1/batches/{id}/cancel`: [`batches`];
+//! - `POST /v1/chat/completions` (plain and `stream: true`),
+//!   `GET /v1/models`, `GET /v1/models/{id}`: [`chat`].
 //!
 //! Each line of a batch becomes a job through the same checks as every
 //! other way in ([`crate::submit::Submitter`]); the batch's progress is read
@@ -14,6 +16,7 @@
 //! `{"error": {"message", "type", "param", "code"}}`.
 
 pub mod batches;
+pub mod chat;
 pub mod files;
 mod multipart;
 
@@ -32,6 +35,7 @@ use serde_json::json;
 use tracing::error;
 
 use feeder_actors::handle::FeederHandle;
+use feeder_actors::watch::JobWatch;
 use feeder_actors::{JobStore, StoreError};
 
 use crate::config::Config;
@@ -55,6 +59,10 @@ pub struct Api {
     pub files_dir: PathBuf,
     /// Wakes the batch worker (a batch created or cancelled).
     pub wake: Arc<tokio::sync::Notify>,
+    /// Wakes a chat completion when its job ends.
+    pub watch: Arc<JobWatch>,
+    /// When the API started (unix seconds; the models' `created`).
+    pub started: i64,
 }
 
 /// An error as the OpenAI SDK reads it.
@@ -98,6 +106,32 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: Some("conflict"),
+        }
+    }
+
+    /// 404 `model_not_found`.
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("model_not_found"),
+            ..ApiError::not_found(message)
+        }
+    }
+
+    /// 503: the daemon cannot take the request now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            ..ApiError::internal(message)
+        }
+    }
+
+    /// 502: the model server did not answer the request (no HTTP error of
+    /// its own to pass on).
+    pub fn upstream(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            code: Some("request_failed"),
+            ..ApiError::internal(message)
         }
     }
 
@@ -236,6 +270,9 @@ pub fn router(api: Api, keys: Vec<String>) -> Router {
         .route("/v1/batches", post(batches::create).get(batches::list))
         .route("/v1/batches/{id}", get(batches::get))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(chat::models))
+        .route("/v1/models/{id}", get(chat::model))
         .fallback(unknown)
         .with_state(api)
         .layer(middleware::from_fn_with_state(Arc::new(keys), auth))
@@ -250,6 +287,7 @@ pub async fn start(
     jobs: Arc<dyn JobStore>,
     feeder: FeederHandle,
     results: Arc<Results>,
+    watch: Arc<JobWatch>,
 ) -> anyhow::Result<Option<(SocketAddr, Arc<dyn ApiStore>)>> {
     let Some(listen) = config.api.listen.clone() else {
         return Ok(None);
@@ -285,6 +323,8 @@ pub async fn start(
         config,
         files_dir,
         wake: Arc::new(tokio::sync::Notify::new()),
+        watch,
+        started: unix_now(),
     };
     tokio::spawn(batches::worker(api.clone()));
     tokio::spawn(async move {

@@ -22,6 +22,9 @@ pub struct ApiConfig {
     /// The priority of a batch's jobs: below interactive traffic (0, the
     /// default of `submit` and `POST /v1/jobs`).
     pub batch_priority: i64,
+    /// The priority of a `POST /v1/chat/completions` request: above the
+    /// bulk (0) and batches, so that it overtakes them.
+    pub chat_priority: i64,
 }
 
 impl Default for ApiConfig {
@@ -32,6 +35,7 @@ impl Default for ApiConfig {
             keys_file: None,
             files_dir: None,
             batch_priority: -10,
+            chat_priority: 10,
         }
     }
 }
@@ -77,6 +81,15 @@ impl ApiConfig {
     /// What is wrong with the section, if anything: an address that is not
     /// one, or one that is not loopback while no key is set.
     pub(crate) fn problem(&self) -> Option<(&'static str, String)> {
+        if self.chat_priority <= self.batch_priority {
+            return Some((
+                "chat_priority",
+                format!(
+                    "{} is not above api.batch_priority ({}): a chat completion would wait behind batches. Raise api.chat_priority (default 10) or lower api.batch_priority (default -10)",
+                    self.chat_priority, self.batch_priority
+                ),
+            ));
+        }
         let listen = self.listen.as_ref()?;
         let addr = match listen.parse::<SocketAddr>() {
             Ok(a) => a,

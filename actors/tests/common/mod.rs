@@ -50,6 +50,7 @@ pub fn feeder_args(
         observer: None,
         gpu_probe: None,
         gpu_unavailable: "no GPU in message-level tests".into(),
+        watch: None,
     }
 }
 
@@ -198,6 +199,7 @@ impl Lab {
         let feeder = spawn_feeder(FeederArgs {
             gpu_probe: gpu.map(|p| Arc::new(p) as _),
             gpu_unavailable: "NVML is not available: no NVIDIA driver".into(),
+            watch: None,
             ..feeder_args(&store, results, instances, "lab", settings)
         })
         .await;
