@@ -249,6 +249,7 @@ async fn the_openai_adapter_sleeps_and_wakes_the_sim() {
             ocr_prompt: String::new(),
             payload_roots: Vec::new(),
             vision: false,
+            send_priority: false,
         };
         OpenAiClient::new(url, defaults, Duration::from_secs(10), 4)
     };

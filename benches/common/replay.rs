@@ -52,6 +52,7 @@ fn request(j: &GenJob, id: u64) -> EngineRequest {
         id,
         prompt: j.prompt(id, SALT),
         max_tokens: j.max_tokens,
+        priority: 0,
     }
 }
 

@@ -13,6 +13,7 @@ const OWNED_FLAGS: &[(&str, &str)] = &[
     ("--port", "port"),
     ("--gpu-memory-utilization", "gpu_memory_utilization"),
     ("--served-model-name", "served_model_name"),
+    ("--scheduling-policy", "scheduling_policy"),
 ];
 
 struct Checker<'a> {

@@ -39,6 +39,26 @@ impl fmt::Display for Backend {
     }
 }
 
+/// vLLM's `--scheduling-policy`: the order its queue runs requests in.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulingPolicy {
+    /// First come first served (vLLM's default).
+    #[default]
+    Fcfs,
+    /// By each request's `priority` (lower first), then arrival.
+    Priority,
+}
+
+impl fmt::Display for SchedulingPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SchedulingPolicy::Fcfs => "fcfs",
+            SchedulingPolicy::Priority => "priority",
+        })
+    }
+}
+
 /// The OCR instruction sent with an image when the payload gives none.
 pub const DEFAULT_OCR_PROMPT: &str = "Transcribe all text in this image exactly as written, \
 preserving reading order and line breaks. Output only the text.";
@@ -126,6 +146,15 @@ pub struct InstanceConfig {
     /// How deep it sleeps: 1, 2 or `"auto"`.
     #[serde(default)]
     pub sleep_level: SleepLevelSetting,
+    /// vLLM's `--scheduling-policy`. `priority` (the default of the
+    /// servers the feeder launches) makes the server run each request by
+    /// its job's priority (sent as the request's `priority`, negated: vLLM
+    /// runs lower values first), so that an urgent job passes the bulk
+    /// already waiting inside the server. An `external` server's policy
+    /// is its own: the default there is `fcfs`, and `priority` only when
+    /// it was started with `--scheduling-policy priority`.
+    #[serde(default)]
+    pub scheduling_policy: Option<SchedulingPolicy>,
     /// Size of the model's weights, GiB, for `sleep_level = "auto"`;
     /// without it, measured from the model's directory when it is on this host.
     #[serde(default)]
@@ -158,6 +187,15 @@ fn default_ocr_prompt() -> String {
 }
 
 impl InstanceConfig {
+    /// The scheduling policy of its server: as set, else `priority` for a
+    /// server the feeder launches and `fcfs` for an external one.
+    pub fn scheduling_policy(&self) -> SchedulingPolicy {
+        self.scheduling_policy.unwrap_or(match self.backend {
+            Backend::External => SchedulingPolicy::Fcfs,
+            Backend::Docker | Backend::Process => SchedulingPolicy::Priority,
+        })
+    }
+
     /// The `--max-num-seqs` its args give the server, if they give one.
     pub fn max_num_seqs(&self) -> Option<u32> {
         self.flag(&["--max-num-seqs"])??.parse().ok()

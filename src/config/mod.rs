@@ -23,7 +23,9 @@ use feeder_actors::{Backoff, ModelType};
 
 pub use api::{ApiConfig, MAX_FILE_BYTES, MAX_FILE_LINES};
 pub use database::DatabaseUrl;
-pub use instance::{Backend, InstanceConfig, DEFAULT_OCR_PROMPT, PP_FLAGS, TP_FLAGS};
+pub use instance::{
+    Backend, InstanceConfig, SchedulingPolicy, DEFAULT_OCR_PROMPT, PP_FLAGS, TP_FLAGS,
+};
 
 /// Where the configuration is looked for when neither `--config` nor
 /// `$FEEDER_CONFIG` names it.

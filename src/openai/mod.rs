@@ -473,6 +473,7 @@ mod tests {
             ocr_prompt: "transcribe".into(),
             payload_roots: vec![root.canonicalize().unwrap()],
             vision: true,
+            send_priority: false,
         }
     }
 

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 use feeder_actors::{InferenceError, Job, ModelType};
 
 use crate::chunk::image_mime;
-use crate::config::InstanceConfig;
+use crate::config::{InstanceConfig, SchedulingPolicy};
 /// Keys of a payload that are gpu-feeder's, not OpenAI's (`chunk` and
 /// `tile` placed a fragment in its parent before the `place` column; rows
 /// written then may still carry them).
@@ -34,6 +34,9 @@ pub struct RequestDefaults {
     pub payload_roots: Vec<PathBuf>,
     /// A vision model: its canary completion carries an image.
     pub vision: bool,
+    /// The server runs requests by priority (`--scheduling-policy
+    /// priority`): each request carries its job's, negated.
+    pub send_priority: bool,
 }
 
 impl RequestDefaults {
@@ -47,6 +50,7 @@ impl RequestDefaults {
             system_prompt: inst.system_prompt.clone(),
             ocr_prompt: inst.ocr_prompt.clone(),
             vision: inst.model_type == ModelType::Vision,
+            send_priority: inst.scheduling_policy() == SchedulingPolicy::Priority,
             payload_roots: payload_roots
                 .iter()
                 .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
@@ -154,6 +158,10 @@ pub async fn build_body(job: &Job, d: &RequestDefaults) -> Result<Value, Inferen
     body.entry("temperature")
         .or_insert_with(|| json!(d.temperature));
     body.insert("stream".into(), json!(false));
+    if d.send_priority {
+        // The job's priority runs higher first; vLLM's, lower first.
+        body.insert("priority".into(), json!(job.priority.saturating_neg()));
+    }
     Ok(Value::Object(body))
 }
 

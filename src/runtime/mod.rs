@@ -11,7 +11,7 @@ use feeder_actors::runtime::LaunchPlan;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::config::InstanceConfig;
+use crate::config::{InstanceConfig, SchedulingPolicy};
 
 /// Label (Docker) or pid-file field naming who manages a server.
 pub const MANAGED_BY: &str = "gpu-feeder";
@@ -28,8 +28,9 @@ pub fn container_name(instance: &str) -> String {
 }
 
 /// The vLLM server flags of an instance launched with `plan`: the model,
-/// its served name, the port, the GPU memory share, then `args` as
-/// configured (which config check keeps free of the first four).
+/// its served name, the port, the GPU memory share, sleep mode, the
+/// scheduling policy when it is `priority`, then `args` as configured
+/// (which config check keeps free of the flags its keys own).
 pub fn vllm_args(inst: &InstanceConfig, plan: &LaunchPlan) -> Vec<String> {
     let mut out = vec![
         "--model".to_string(),
@@ -47,6 +48,10 @@ pub fn vllm_args(inst: &InstanceConfig, plan: &LaunchPlan) -> Vec<String> {
     out.push(format!("{}", plan.gpu_memory_utilization));
     if inst.sleep_mode {
         out.push("--enable-sleep-mode".into());
+    }
+    if inst.scheduling_policy() == SchedulingPolicy::Priority {
+        out.push("--scheduling-policy".into());
+        out.push("priority".into());
     }
     if let Some(tp) = inst.tensor_parallel_added() {
         out.push("--tensor-parallel-size".into());

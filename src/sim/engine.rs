@@ -26,6 +26,17 @@
 //! 3. A request whose computed tokens reach its tokens samples one; a
 //!    request that has generated its `max_tokens` leaves and frees its blocks.
 //!
+//! With `--scheduling-policy priority` (vLLM's `SchedulingPolicy.PRIORITY`)
+//! the queue is ordered by each request's `priority` (lower first), then
+//! its arrival, as vLLM's `PriorityRequestQueue` heap; a preempted request
+//! goes back into that order rather than to the head; and the victim of a
+//! request short of blocks is the running request of the highest
+//! `priority` value (the latest arrived among equals), which may be one
+//! scheduled earlier in the same step: its tokens return to the step's
+//! budget, as vLLM restores them. Nothing else changes: a waiting request
+//! of high priority still waits for a free running slot (vLLM preempts
+//! only for blocks, never for `max_num_seqs`).
+//!
 //! The KV cache is a pool of blocks that reuses and evicts them in vLLM's
 //! order (`blocks.rs`): that order decides the prefix hit rate. As in vLLM,
 //! one of the blocks is the null block and holds no request's tokens: a
@@ -128,6 +139,11 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// Beyond this many waiting, new requests are refused (503).
     pub max_num_queued_reqs: Option<usize>,
+    /// vLLM's `--scheduling-policy priority`: the queue is ordered by each
+    /// request's `priority` (lower first), then its arrival, and a request
+    /// short of blocks preempts the running request of the lowest priority
+    /// (highest value, latest arrival) instead of the latest admitted.
+    pub priority_policy: bool,
 }
 
 impl Default for EngineConfig {
@@ -143,6 +159,7 @@ impl Default for EngineConfig {
             step_ms_per_1k_context: 0.0,
             prefix_caching: true,
             max_num_queued_reqs: None,
+            priority_policy: false,
         }
     }
 }
@@ -176,6 +193,9 @@ pub struct EngineRequest {
     pub prompt: Vec<u64>,
     /// Tokens to generate (at least 1).
     pub max_tokens: u32,
+    /// Its `priority` (vLLM's: lower runs first); heeded only under
+    /// [`EngineConfig::priority_policy`].
+    pub priority: i64,
 }
 
 /// Why [`Engine::add`] refused a request.
@@ -431,7 +451,7 @@ impl Engine {
         if tokens > capacity {
             return Err((req, Rejected::TooLong { tokens, capacity }));
         }
-        self.waiting.push_back(Seq {
+        self.enqueue(Seq {
             req,
             hashes: Vec::new(),
             computed: 0,
@@ -448,6 +468,21 @@ impl Engine {
             preemptions: 0,
         });
         Ok(())
+    }
+
+    /// Puts `seq` in the queue: at its end first come first served; under
+    /// the priority policy after every request of a lower (or the same)
+    /// `priority` value that arrived before it, as vLLM's heap orders them.
+    fn enqueue(&mut self, seq: Seq) {
+        if !self.cfg.priority_policy {
+            self.waiting.push_back(seq);
+            return;
+        }
+        let key = (seq.req.priority, seq.arrived);
+        let at = self
+            .waiting
+            .partition_point(|w| (w.req.priority, w.arrived) <= key);
+        self.waiting.insert(at, seq);
     }
 
     /// Blocks needed to hold `tokens` tokens.
@@ -470,15 +505,22 @@ impl Engine {
     /// Grows running request `r` to `need` blocks, preempting the most
     /// recently admitted running requests while blocks are short. `false`
     /// when `r` itself had to be preempted.
-    fn grow(&mut self, r: usize, need: usize) -> bool {
-        while self.running[r].blocks.len() < need {
+    ///
+    /// Under the priority policy the victim may be a request scheduled
+    /// earlier in this step: `r` then moves down with the requests after
+    /// it, and the tokens the victim had been given return to `budget`.
+    fn grow(&mut self, r: &mut usize, need: usize, budget: &mut u32) -> bool {
+        while self.running[*r].blocks.len() < need {
             match self.pool.allocate() {
-                Some(b) => self.running[r].blocks.push(b),
+                Some(b) => self.running[*r].blocks.push(b),
                 None => {
-                    let victim = self.running.len() - 1;
-                    self.preempt(victim);
-                    if victim == r {
+                    let victim = self.victim();
+                    *budget += self.preempt(victim);
+                    if victim == *r {
                         return false;
+                    }
+                    if victim < *r {
+                        *r -= 1;
                     }
                 }
             }
@@ -486,11 +528,30 @@ impl Engine {
         true
     }
 
+    /// The running request a request short of blocks preempts: the latest
+    /// admitted, or under the priority policy the one of the highest
+    /// `priority` value, the latest arrived among equals.
+    fn victim(&self) -> usize {
+        if !self.cfg.priority_policy {
+            return self.running.len() - 1;
+        }
+        let mut worst = 0;
+        for (i, s) in self.running.iter().enumerate() {
+            let w = &self.running[worst];
+            if (s.req.priority, s.arrived) >= (w.req.priority, w.arrived) {
+                worst = i;
+            }
+        }
+        worst
+    }
+
     /// Preemption by recompute: the request's blocks go back to the pool
     /// (its committed ones stay cached until evicted) and it goes to the
     /// head of the queue, to compute its prompt and its output so far again.
-    fn preempt(&mut self, r: usize) {
+    /// The tokens it had been scheduled for in the step under way.
+    fn preempt(&mut self, r: usize) -> u32 {
         let mut seq = self.running.remove(r);
+        let scheduled = seq.scheduled;
         self.pool.release(&seq.blocks);
         seq.blocks.clear();
         seq.computed = 0;
@@ -498,24 +559,33 @@ impl Engine {
         seq.scheduled = 0;
         seq.preemptions += 1;
         self.stats.preemptions += 1;
-        self.waiting.push_front(seq);
+        if self.cfg.priority_policy {
+            self.enqueue(seq);
+        } else {
+            self.waiting.push_front(seq);
+        }
+        scheduled
     }
 
     /// Schedules running request `r` for the tokens it lacks, as far as
-    /// `budget` goes; `None` when it was preempted for want of blocks.
-    fn schedule_running(&mut self, r: usize, budget: u32) -> Option<u32> {
-        let seq = &self.running[r];
-        let new = (seq.tokens() - seq.computed).min(budget);
+    /// `budget` goes (taking them from it); `false` when it was preempted
+    /// for want of blocks. `r` moves down when a request before it was
+    /// preempted (see [`Engine::grow`]).
+    fn schedule_running(&mut self, r: &mut usize, budget: &mut u32) -> bool {
+        let seq = &self.running[*r];
+        let new = (seq.tokens() - seq.computed).min(*budget);
         let need = self.blocks_for(seq.computed + new);
-        if !self.grow(r, need) {
-            return None;
+        if !self.grow(r, need, budget) {
+            return false;
         }
-        let seq = &mut self.running[r];
+        // Tokens given back by a preempted request are for later requests.
+        *budget -= new;
+        let seq = &mut self.running[*r];
         seq.decoding = new == 1 && seq.generated > 0 && seq.computed + 1 == seq.tokens();
         seq.computed += new;
         seq.scheduled = new;
-        self.commit(r);
-        Some(new)
+        self.commit(*r);
+        true
     }
 
     /// Admits the head of the queue if it fits; how many tokens it takes
@@ -579,9 +649,8 @@ impl Engine {
         //    lacks: one to decode, or the next chunk of its prefill.
         let mut r = 0;
         while r < self.running.len() && budget > 0 {
-            match self.schedule_running(r, budget) {
-                Some(n) => budget -= n,
-                None => break, // it preempted itself: nothing left to free
+            if !self.schedule_running(&mut r, &mut budget) {
+                break; // it preempted itself: nothing left to free
             }
             r += 1;
         }

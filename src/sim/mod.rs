@@ -70,7 +70,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
 
 mod blocks;
 pub mod engine;
@@ -79,9 +78,10 @@ mod prompt;
 mod request_log;
 mod served;
 mod sleep;
+mod slots;
 mod stats;
 
-pub use options::{vllm_compatible_args, SimConfig};
+pub use options::{vllm_compatible_args, SchedulingPolicy, SimConfig};
 use prompt::Prompts;
 pub use prompt::TokenizerError;
 use request_log::RequestLog;
@@ -109,7 +109,7 @@ pub struct SimCounters {
 struct Sim {
     cfg: SimConfig,
     started: Instant,
-    slots: Semaphore,
+    slots: slots::Slots,
     counters: Arc<SimCounters>,
     /// The engine model, with `--kv-cache-tokens`.
     served: Option<Arc<Served>>,
@@ -211,7 +211,10 @@ pub async fn start(cfg: SimConfig) -> std::io::Result<SimHandle> {
         prompts,
         dev_mode,
         request_log,
-        slots: Semaphore::new(cfg.max_num_seqs.max(1)),
+        slots: slots::Slots::new(
+            cfg.max_num_seqs,
+            cfg.scheduling_policy == SchedulingPolicy::Priority,
+        ),
         cfg,
         started: Instant::now(),
         counters: counters.clone(),
@@ -447,6 +450,9 @@ async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
         );
     };
     let max_tokens = body.get("max_tokens").and_then(Value::as_u64).unwrap_or(16);
+    // vLLM's request priority (lower runs first); heeded only under
+    // `--scheduling-policy priority`.
+    let priority = body.get("priority").and_then(Value::as_i64).unwrap_or(0);
     if let Some(needle) = &sim.cfg.crash_matching {
         if serde_json::to_string(messages).is_ok_and(|t| t.contains(needle.as_str())) {
             eprintln!("sim: crashing on a request containing `{needle}` (--crash-matching)");
@@ -477,7 +483,7 @@ async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
     };
     if let Some(served) = &sim.served {
         let max_tokens = u32::try_from(max_tokens).unwrap_or(u32::MAX);
-        let done = match served.run(n, messages, max_tokens).await {
+        let done = match served.run(n, messages, max_tokens, priority).await {
             Ok(done) => done,
             Err(Refused::QueueFull) => {
                 return error(
@@ -509,10 +515,7 @@ async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
     let run = async {
         let permit = {
             let _waiting = Gauge::up(&c.waiting);
-            sim.slots
-                .acquire()
-                .await
-                .expect("the semaphore is never closed")
+            sim.slots.acquire(priority).await
         };
         let _running = Gauge::up(&c.running);
         let mut delay = Duration::from_millis(sim.cfg.latency_ms);

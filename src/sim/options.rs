@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub use crate::config::SchedulingPolicy;
+
 /// How a simulated server behaves.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimConfig {
@@ -90,6 +92,11 @@ pub struct SimConfig {
     /// Engine model: beyond this many waiting requests, answer 503
     #[arg(long, value_name = "N")]
     pub max_num_queued_reqs: Option<usize>,
+    /// As vLLM's: `priority` runs waiting requests by their `priority`
+    /// (lower first), then arrival; `fcfs` in arrival order, the request's
+    /// `priority` ignored
+    #[arg(long, value_enum, default_value_t = SchedulingPolicy::Fcfs)]
+    pub scheduling_policy: SchedulingPolicy,
     /// Engine model: run the engine's clock this many times faster than the
     /// wall clock (benchmarks); latencies on /metrics are in engine seconds
     #[arg(long, default_value_t = 1.0)]
@@ -145,6 +152,7 @@ impl Default for SimConfig {
             tokenizer: None,
             no_prefix_caching: false,
             max_num_queued_reqs: None,
+            scheduling_policy: SchedulingPolicy::Fcfs,
             time_scale: 1.0,
             enable_sleep_mode: false,
             sleep_s: 0.3,
@@ -204,6 +212,7 @@ const SIM_FLAGS: &[&str] = &[
     "--tokenizer",
     "--num-gpu-blocks-override",
     "--max-num-queued-reqs",
+    "--scheduling-policy",
     "--time-scale",
     "--sleep-s",
     "--wake-s",

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::engine::{Engine, EngineConfig, EngineRequest, Finished, Histogram, Rejected};
 use super::prompt::Prompts;
-use super::SimConfig;
+use super::{SchedulingPolicy, SimConfig};
 
 /// The engine and the requests waiting for it.
 pub struct Served {
@@ -81,6 +81,7 @@ impl Served {
             step_ms_per_1k_context: cfg.step_ms_per_1k_context.max(0.0),
             prefix_caching: !cfg.no_prefix_caching,
             max_num_queued_reqs: cfg.max_num_queued_reqs,
+            priority_policy: cfg.scheduling_policy == SchedulingPolicy::Priority,
         });
         let served = Arc::new(Served {
             engine: Mutex::new(engine),
@@ -140,6 +141,7 @@ impl Served {
         id: u64,
         messages: &[Value],
         max_tokens: u32,
+        priority: i64,
     ) -> Result<Finished, Refused> {
         let prompt = self.prompts.tokens(messages, self.image_tokens);
         let (tx, rx) = oneshot::channel();
@@ -173,6 +175,7 @@ impl Served {
                 id,
                 prompt,
                 max_tokens: max_tokens.max(1),
+                priority,
             };
             e.add_at(req, arrived)
         };

@@ -21,7 +21,16 @@ fn req(id: u64, prompt: Vec<u64>, max_tokens: u32) -> EngineRequest {
         id,
         prompt,
         max_tokens,
+        priority: 0,
     }
+}
+
+/// The ids of `steps`' finished requests, in the order they finished.
+fn finish_order(steps: &[Step]) -> Vec<u64> {
+    steps
+        .iter()
+        .flat_map(|s| s.finished.iter().map(|f| f.id))
+        .collect()
 }
 
 /// Keeps `concurrency` requests in the engine until `total` have run;
@@ -353,4 +362,65 @@ fn chunked_prefill_shares_the_step_budget_with_decodes() {
     assert_eq!(s.prefill_tokens, 8_191);
     let expected = (6.5 + 0.05 * 2.0 + 32.0 * 8.191) / 1000.0;
     assert!((s.duration - expected).abs() < 1e-9, "{}", s.duration);
+}
+
+#[test]
+fn under_the_priority_policy_a_later_urgent_request_is_admitted_first() {
+    // One running slot: A runs; B (bulk) and U (urgent, priority -10,
+    // arrived after B) wait. First come first served B runs next; under
+    // the priority policy U does, then B.
+    for (priority_policy, want) in [(false, vec![1, 2, 3]), (true, vec![1, 3, 2])] {
+        let mut e = Engine::new(EngineConfig {
+            max_num_seqs: 1,
+            priority_policy,
+            ..cfg()
+        });
+        e.add(req(1, prompt(1, 32), 4)).unwrap();
+        e.step();
+        e.add(req(2, prompt(2, 32), 4)).unwrap();
+        e.add(EngineRequest {
+            priority: -10,
+            ..req(3, prompt(3, 32), 4)
+        })
+        .unwrap();
+        assert_eq!(
+            finish_order(&drain(&mut e)),
+            want,
+            "priority policy {priority_policy}"
+        );
+    }
+}
+
+#[test]
+fn under_the_priority_policy_the_lowest_priority_is_preempted_for_blocks() {
+    // Ten blocks of 16 tokens. B (bulk) is admitted, then U (urgent); each
+    // grows to 6 blocks, so blocks run out while U, the later admitted,
+    // asks for one. First come first served U preempts itself; under the
+    // priority policy it preempts B, which ran before it in the same step
+    // (its tokens go back to the step's budget), and finishes first.
+    for (priority_policy, urgent_first) in [(false, false), (true, true)] {
+        let mut e = Engine::new(EngineConfig {
+            kv_cache_tokens: 176,
+            max_num_batched_tokens: 256,
+            priority_policy,
+            ..cfg()
+        });
+        e.add(req(1, prompt(1, 16), 80)).unwrap();
+        e.step();
+        e.add(EngineRequest {
+            priority: -10,
+            ..req(2, prompt(2, 16), 80)
+        })
+        .unwrap();
+        let steps = drain(&mut e);
+        assert!(steps.iter().any(|s| s.preempted > 0), "blocks ran out");
+        let order = finish_order(&steps);
+        assert_eq!(
+            order.first() == Some(&2),
+            urgent_first,
+            "priority policy {priority_policy}: finished {order:?}"
+        );
+        assert_eq!(e.stats().successes, 2);
+        assert_eq!(e.kv_usage(), 0.0, "every block is freed at the end");
+    }
 }
