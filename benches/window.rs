@@ -28,7 +28,10 @@
 //! against the engine model, no daemon). The table gives auto ÷ the best
 //! fixed window that preempts under 1 % of its requests, auto's
 //! preemptions, and a high-priority job's submit → done under auto ÷ its
-//! time on an idle engine (and under that best fixed window). Every run has
+//! time on an idle engine (and under that best fixed window). The engine
+//! runs vLLM's priority policy, the urgent request sent at priority -100,
+//! as the servers the feeder launches do (`BENCH_POLICY=fcfs`: first come
+//! first served, vLLM's default, an external server's). Every run has
 //! the dispatcher's priority hold (`BENCH_HOLD=off` runs without it,
 //! `BENCH_HOLD=FLOOR,LIFETIMES` with other bounds), and auto also runs
 //! without it, beside, as before the hold; `BENCH_VERBOSE=1` says where the
@@ -743,6 +746,14 @@ fn seeds_table(tune: bool) {
         "  auto and the fixed windows run with the dispatcher's priority hold; \"no hold\": auto without it (as before it), same run"
     );
     println!(
+        "  the engine's scheduling policy: {} (BENCH_POLICY=fcfs for vLLM's default)",
+        if replay::priority_policy() {
+            "priority, the urgent request sent at priority -100 (as the servers the feeder launches run)"
+        } else {
+            "first come first served"
+        }
+    );
+    println!(
         "  {:>4} {:>20} {:>10} {:>6} {:>8} {:>14} {:>8} {:>8} {:>7} {:>8} | {:>7} {:>7} {:>8}",
         "seed",
         "best fixed",
@@ -978,6 +989,7 @@ async fn pipeline_run(
         median_waiting: waiting.get(waiting.len() / 2).copied().unwrap_or(0.0),
         trace: Vec::new(),
         urgent_detail: String::new(),
+        recalled: 0,
     }
 }
 

@@ -456,6 +456,7 @@ mod tests {
                 aborted: 0,
                 warm_prefixes: 0,
                 holds: n,
+                recalled: 0,
             }],
             health: vec![],
             instances: vec![],

@@ -103,6 +103,7 @@ pub fn status_json(config: &Config, status: &FeederStatus, stats: Option<&QueueS
                 "aborted": d.map_or(0, |d| d.aborted),
                 "warm_prefixes": d.map_or(0, |d| d.warm_prefixes),
                 "priority_holds": d.map_or(0, |d| d.holds),
+                "recalled": d.map_or(0, |d| d.recalled),
                 "in_flight": d.map_or(0, |d| d.in_flight),
                 "buffered": d.map_or(0, |d| d.buffered),
                 "window": d.map_or(0, |d| d.window),

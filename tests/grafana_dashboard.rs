@@ -277,6 +277,7 @@ fn every_family_filled() -> String {
             aborted: 0,
             warm_prefixes: 0,
             holds: 0,
+            recalled: 0,
         }],
         gpus: Some(GpuSnapshot {
             gpus: vec![GpuReading {

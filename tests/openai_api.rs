@@ -115,9 +115,19 @@ fn chat_completions_and_models_through_the_sdk() {
 
 #[test]
 fn a_chat_completion_overtakes_a_running_batch() {
-    let sim = SimProcess::start(&["--latency-ms", "100", "--max-num-seqs", "4"]);
+    // A server that runs requests by priority, as those the feeder
+    // launches do (`--scheduling-policy priority`).
+    let sim = SimProcess::start(&[
+        "--latency-ms",
+        "100",
+        "--max-num-seqs",
+        "4",
+        "--scheduling-policy",
+        "priority",
+    ]);
     let port = free_port();
-    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let instance = external("think", "think", &sim.url) + "scheduling_policy = \"priority\"\n";
+    let s = Scratch::new(&(api(port) + &instance));
     let _d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let base = format!("http://127.0.0.1:{port}");
     let report = sdk(&["overtake", &base, KEY, "400"]);

@@ -83,10 +83,30 @@ fn group_members(pgid: u32) -> Vec<u32> {
 
 /// Writes `lines` (JSON payloads) to a JSONL file and submits them.
 fn submit_jsonl(s: &Scratch, model: &str, tag: &str, lines: &[serde_json::Value]) {
+    submit_jsonl_at(s, model, tag, lines, 0);
+}
+
+/// [`submit_jsonl`] at job priority `priority`.
+fn submit_jsonl_at(
+    s: &Scratch,
+    model: &str,
+    tag: &str,
+    lines: &[serde_json::Value],
+    priority: i64,
+) {
     let f = s.path().join(format!("{model}-{tag}.jsonl"));
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&f, text).unwrap();
-    let r = s.run(&["submit", "--model", model, "--jsonl", f.to_str().unwrap()]);
+    let p = priority.to_string();
+    let r = s.run(&[
+        "submit",
+        "--model",
+        model,
+        "--priority",
+        &p,
+        "--jsonl",
+        f.to_str().unwrap(),
+    ]);
     assert_eq!(r.code(), 0, "{}", r.stderr());
 }
 
@@ -155,12 +175,16 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
         format!("--port {port}"),
         "--gpu-memory-utilization".into(),
         "--max-num-seqs 16".into(),
+        "--scheduling-policy priority".into(),
     ] {
         assert!(cmdline.contains(&part), "{part} missing from {cmdline}");
     }
 
     // Jobs come back with content and vLLM's token counts.
-    submit_jsonl(&s, "think", "a", &prompts("a", 24, 12));
+    // Half of them above the bulk: vLLM, run with its priority policy,
+    // takes their requests' `priority` (-7).
+    submit_jsonl(&s, "think", "a", &prompts("a", 12, 12));
+    submit_jsonl_at(&s, "think", "a-urgent", &prompts("au", 12, 12), 7);
     wait_for("24 done", LIMIT, || s.count("done") == 24);
     for j in s.jobs() {
         assert_eq!(j["status"], "done", "{j}");

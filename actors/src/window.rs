@@ -63,7 +63,7 @@ use tokio::time::Instant;
 pub use crate::inference::EngineMetrics;
 
 mod hold;
-pub use hold::{PriorityHold, HOLD_AT_LEAST, HOLD_FLOOR, HOLD_LIFETIMES};
+pub use hold::{PriorityHold, HOLD_AT_LEAST, HOLD_FLOOR, HOLD_LIFETIMES, RECALL_YOUNG};
 
 /// How an instance's window is set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

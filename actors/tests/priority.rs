@@ -116,3 +116,71 @@ async fn a_higher_priority_job_overtakes_the_claimed_bulk_within_a_few_completio
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_higher_priority_job_takes_back_the_young_bulk_and_it_runs_after() {
+    // Window 4. Each request takes 10 s once let through: the hold learns
+    // a request lifetime of 10 s from the first four. Four more are sent; 1 s later an urgent
+    // job comes: the four, younger than a lifetime, are taken back (their
+    // requests dropped, their jobs pending again with no attempt counted),
+    // so the urgent request runs alone; the bulk runs after it.
+    let store = MemoryStore::new();
+    let server = FakeInference::gated().with_latency(Duration::from_secs(10));
+    let think = InstanceSpec::external("think", ModelType::Think, 4, Arc::new(server.clone()));
+    let settings = PipelineSettings {
+        health_interval: Duration::from_secs(1),
+        ..PipelineSettings::default()
+    };
+    let results = Arc::new(MemoryResults::new());
+    let feeder = spawn_feeder(feeder_args(&store, results, vec![think], "host", settings)).await;
+    let bulk = |tag: &str| {
+        (0..4)
+            .map(|i| job(ModelType::Think, &format!("{tag}-{i}")))
+            .collect::<Vec<_>>()
+    };
+    submit(&feeder, bulk("old")).await;
+    wait_until("4 in flight", LIMIT, || server.in_flight() == 4).await;
+    server.release(4);
+    wait_until("4 done", LIMIT, || count(&store, JobStatus::Done) == 4).await;
+    let young = submit(&feeder, bulk("young")).await;
+    wait_until("4 more in flight", LIMIT, || server.in_flight() == 4).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let urgent = submit(
+        &feeder,
+        vec![NewJob {
+            priority: 10,
+            ..job(ModelType::Think, "urgent")
+        }],
+    )
+    .await[0];
+    wait_until("the urgent request runs alone", LIMIT, || {
+        server.in_flight() == 1 && server.received().contains(&urgent)
+    })
+    .await;
+    // Back in the queue (one of them may be claimed again into the
+    // dispatcher's few ready jobs, held there while the urgent one runs).
+    for id in &young {
+        let j = store.get(*id).unwrap().unwrap();
+        assert!(
+            matches!(j.status, JobStatus::Pending | JobStatus::Processing),
+            "{j:?}"
+        );
+        assert_eq!(
+            (j.attempts, j.crashes),
+            (0, 0),
+            "taken back, not failed: {j:?}"
+        );
+    }
+    let d = feeder_status(&feeder).await.dispatch.remove(0);
+    assert_eq!((d.recalled, d.holds), (4, 1), "{d:?}");
+    server.release(1);
+    wait_until("the urgent job done", LIMIT, || {
+        store.get(urgent).unwrap().unwrap().status == JobStatus::Done
+    })
+    .await;
+    server.release(100);
+    wait_until("all done", LIMIT, || count(&store, JobStatus::Done) == 9).await;
+    for id in &young {
+        assert_eq!(store.get(*id).unwrap().unwrap().attempts, 1);
+    }
+}

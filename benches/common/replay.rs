@@ -16,7 +16,7 @@ use std::time::Duration;
 use feeder_actors::window::{
     EngineMetrics, PriorityHold, WindowController, WindowMode, AUTO_START,
 };
-use gpu_feeder::sim::engine::{Engine, EngineRequest};
+use gpu_feeder::sim::engine::{Engine, EngineConfig, EngineRequest};
 use tokio::time::Instant;
 
 use super::workload::{GenJob, Scenario};
@@ -40,6 +40,8 @@ pub struct Outcome {
     pub trace: Vec<(f64, u32, String)>,
     /// Where the urgent job's time went.
     pub urgent_detail: String,
+    /// Bulk requests taken back when the urgent one was sent.
+    pub recalled: usize,
 }
 
 /// The id of the urgent job's request.
@@ -52,8 +54,26 @@ fn request(j: &GenJob, id: u64) -> EngineRequest {
         id,
         prompt: j.prompt(id, SALT),
         max_tokens: j.max_tokens,
-        priority: 0,
+        // As the dispatcher sends it: the urgent job's priority (100),
+        // negated; the bulk's 0.
+        priority: if id == URGENT_ID { -100 } else { 0 },
     }
+}
+
+/// Whether the engine runs vLLM's priority policy, as the servers the
+/// feeder launches do (`--scheduling-policy priority`), unless
+/// `BENCH_POLICY=fcfs` says first come first served (an external server
+/// left at vLLM's default).
+pub fn priority_policy() -> bool {
+    std::env::var("BENCH_POLICY").as_deref() != Ok("fcfs")
+}
+
+/// The scenario's engine under the policy of [`priority_policy`].
+fn engine(s: &Scenario) -> Engine {
+    Engine::new(EngineConfig {
+        priority_policy: priority_policy(),
+        ..s.engine.clone()
+    })
 }
 
 fn metrics(e: &Engine) -> EngineMetrics {
@@ -73,7 +93,7 @@ fn metrics(e: &Engine) -> EngineMetrics {
 
 /// The urgent job's submit → done on an idle engine of the scenario.
 pub fn idle_time(s: &Scenario) -> f64 {
-    let mut e = Engine::new(s.engine.clone());
+    let mut e = engine(s);
     e.add(request(&s.urgent, URGENT_ID))
         .expect("the generator keeps requests within the KV cache");
     loop {
@@ -89,19 +109,27 @@ pub fn idle_time(s: &Scenario) -> f64 {
 /// the window the held bulk keeps, and how many request lifetimes a hold
 /// lasts at most).
 pub fn hold() -> Option<PriorityHold> {
-    match std::env::var("BENCH_HOLD").as_deref() {
-        Err(_) | Ok("") => Some(PriorityHold::default()),
-        Ok("off") => None,
+    let hold = match std::env::var("BENCH_HOLD").as_deref() {
+        Err(_) | Ok("") => PriorityHold::default(),
+        Ok("off") => return None,
         Ok(spec) => {
             let (floor, lifetimes) = spec
                 .split_once(',')
                 .expect("BENCH_HOLD is off or FLOOR,LIFETIMES");
-            Some(PriorityHold::new(
+            PriorityHold::new(
                 floor.trim().parse().expect("a share of the window"),
                 lifetimes.trim().parse().expect("a number of lifetimes"),
-            ))
+            )
         }
-    }
+    };
+    // `BENCH_RECALL=off`: the hold without taking young bulk back;
+    // `BENCH_RECALL=SHARE`: taking back what is younger than that share of
+    // a lifetime.
+    Some(match std::env::var("BENCH_RECALL").as_deref() {
+        Err(_) | Ok("") => hold,
+        Ok("off") => hold.with_recall(None),
+        Ok(share) => hold.with_recall(Some(share.parse().expect("off or a share of a lifetime"))),
+    })
 }
 
 /// Runs scenario `s` for its seconds at window `mode`, with the
@@ -113,7 +141,7 @@ pub fn run(s: &Scenario, mode: WindowMode) -> Outcome {
 /// Runs scenario `s` for its seconds at window `mode`, with `hold` or
 /// without one.
 pub fn run_with(s: &Scenario, mode: WindowMode, mut hold: Option<PriorityHold>) -> Outcome {
-    let mut e = Engine::new(s.engine.clone());
+    let mut e = engine(s);
     let t0 = Instant::now();
     let at = |t: f64| t0 + Duration::from_secs_f64(t);
     let mut ctl = WindowController::new(mode, AUTO_START, t0);
@@ -182,6 +210,23 @@ pub fn run_with(s: &Scenario, mode: WindowMode, mut hold: Option<PriorityHold>) 
             let (job, id) = if urgent_ready && !urgent_sent {
                 urgent_sent = true;
                 urgent_in_flight = true;
+                // The young bulk requests are taken back, as the
+                // dispatcher does: out of the way, or out of the engine.
+                if let Some(h) = hold.as_ref() {
+                    let mut back = h.recall(at(now), sent_at.iter().map(|(&id, &t)| (id, at(t))));
+                    back.sort_unstable();
+                    for &id in back.iter().rev() {
+                        if let Some(i) = going.iter().position(|(_, r)| r.id == id) {
+                            going.remove(i);
+                        } else {
+                            e.abort(id);
+                        }
+                        sent_at.remove(&id);
+                        in_flight -= 1;
+                        queue.push_front(id as usize);
+                    }
+                    out.recalled += back.len();
+                }
                 urgent_sent_at = (now - s.urgent.arrival, in_flight);
                 (&s.urgent, URGENT_ID)
             } else if let Some(i) = queue.front().copied() {
@@ -218,9 +263,10 @@ pub fn run_with(s: &Scenario, mode: WindowMode, mut hold: Option<PriorityHold>) 
             for f in step.finished {
                 if f.id == URGENT_ID {
                     out.urgent_detail = format!(
-                        "urgent: sent after {:.2}s beside {} in flight; in the engine {:.2}s (queued {:.2}s, first token {:.2}s, {} preemptions, {} tokens in, {} out); {} steps of {:.1} ms running {:.0} on average",
+                        "urgent: sent after {:.2}s beside {} in flight ({} young taken back); in the engine {:.2}s (queued {:.2}s, first token {:.2}s, {} preemptions, {} tokens in, {} out); {} steps of {:.1} ms running {:.0} on average",
                         urgent_sent_at.0,
                         urgent_sent_at.1,
+                        out.recalled,
                         f.e2e,
                         f.queued,
                         f.ttft,

@@ -418,6 +418,24 @@ impl Engine {
         ids
     }
 
+    /// Drops request `id`, waiting or running, as vLLM aborts a request
+    /// whose client went away: its blocks are freed, the full ones it
+    /// computed staying in the prefix cache until evicted. Whether it was
+    /// there.
+    pub fn abort(&mut self, id: u64) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            let seq = self.waiting.remove(i).expect("found above");
+            self.pool.release(&seq.blocks);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            let seq = self.running.remove(i);
+            self.pool.release(&seq.blocks);
+            return true;
+        }
+        false
+    }
+
     /// Forgets the prefix cache, as vLLM's `POST /reset_prefix_cache`
     /// does; `false` (and nothing done) while requests hold blocks.
     pub fn reset_prefix_cache(&mut self) -> bool {

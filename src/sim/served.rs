@@ -190,7 +190,15 @@ impl Served {
             });
         }
         self.work.notify_one();
-        rx.await.map_err(|_| Refused::Aborted)
+        // A client that goes away aborts its request, as vLLM does.
+        let mut gone = ClientGone {
+            served: self,
+            id,
+            armed: true,
+        };
+        let done = rx.await.map_err(|_| Refused::Aborted);
+        gone.armed = false;
+        done
     }
 
     /// Drops every request (each is answered `abort`) and the KV cache:
@@ -330,6 +338,28 @@ fn histogram(out: &mut String, name: &str, help: &str, labels: &str, h: &Histogr
     );
     let _ = writeln!(out, "vllm:{name}_sum{{{labels}}} {}", h.sum);
     let _ = writeln!(out, "vllm:{name}_count{{{labels}}} {}", h.count);
+}
+
+/// Aborts its request in the engine if dropped before the answer came:
+/// the client went away (vLLM aborts such a request; what it computed
+/// stays in the prefix cache).
+struct ClientGone<'a> {
+    served: &'a Served,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for ClientGone<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.served
+                .waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.id);
+            self.served.engine().abort(self.id);
+        }
+    }
 }
 
 /// Steps the engine while it has work; sleeps until the wall clock has

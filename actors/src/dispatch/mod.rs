@@ -346,6 +346,7 @@ impl DispatchState {
         let job_id = job.id;
         let entry = InFlight {
             priority: job.priority,
+            sent: Instant::now(),
             claim,
             attempts: job.attempts,
             parent: job.parent_id,
@@ -376,6 +377,29 @@ impl DispatchState {
             .signals()
             .metrics
             .and_then(|m| m.kv_cache_tokens)
+    }
+
+    /// A request of `priority` is about to be sent: the young requests of
+    /// lower priority in flight (most likely still queued in the server or
+    /// in prefill) are taken back, so that it runs in a light batch. Their
+    /// requests are dropped (the server aborts a request whose client went
+    /// away, keeping what it computed in its prefix cache) and their jobs
+    /// go back to pending, no attempt counted, to be sent again when the
+    /// hold ends.
+    fn recall_young_bulk(&mut self, priority: i64) {
+        let back = self
+            .pacer
+            .recall(Instant::now(), self.requests.below(priority));
+        if back.is_empty() {
+            return;
+        }
+        info!(instance = %self.args.instance, priority, "taking back {} young request(s) of lower priority for a higher-priority one", back.len());
+        for job in back {
+            if let Some(f) = self.requests.finished(job) {
+                self.counts.recalled += 1;
+                self.settle(f.claim, Settle::Release, f.parent, f.follow_up);
+            }
+        }
     }
 
     /// Starts buffered jobs in free slots, and tops the buffer up with a
@@ -420,6 +444,7 @@ impl DispatchState {
                 self.requests.run_alone(front.job.id);
             }
             let c = self.claims.pop().expect("checked above");
+            self.recall_young_bulk(c.job.priority);
             self.start_request(myself, c.job, c.claim);
         }
         let Some(want) = self.claims.next_claim(window, self.requests.sending()) else {
@@ -573,6 +598,7 @@ impl DispatchState {
             overloaded: self.counts.overloaded,
             crashed: self.counts.crashed,
             aborted: self.counts.aborted,
+            recalled: self.counts.recalled,
             holds: self.pacer.holds(),
         }
     }

@@ -87,6 +87,16 @@ impl Pacer {
         self.hold.jumps(self.window(), outranks, peers)
     }
 
+    /// Which of the bulk requests in flight (job, sent at) to take back as
+    /// a higher-priority request is sent (see [`PriorityHold::recall`]).
+    pub(crate) fn recall<K>(
+        &self,
+        now: Instant,
+        bulk: impl IntoIterator<Item = (K, Instant)>,
+    ) -> Vec<K> {
+        self.hold.recall(now, bulk)
+    }
+
     /// Holds begun since the start.
     pub(crate) fn holds(&self) -> u64 {
         self.hold.holds()

@@ -36,6 +36,8 @@ pub(crate) struct InFlight {
     /// Its job's priority (the priority hold counts the requests above a
     /// job's).
     pub(crate) priority: i64,
+    /// When it was sent.
+    pub(crate) sent: tokio::time::Instant,
     /// The task running it.
     pub(crate) _task: AbortOnDrop,
 }
@@ -85,6 +87,19 @@ impl Requests {
         self.by_priority
             .first_key_value()
             .is_some_and(|(&lowest, _)| lowest < priority)
+    }
+
+    /// The requests being served of a priority below `priority`: each
+    /// job and when it was sent.
+    pub(crate) fn below(&self, priority: i64) -> Vec<(JobId, tokio::time::Instant)> {
+        if !self.any_below(priority) {
+            return Vec::new();
+        }
+        self.in_flight
+            .iter()
+            .filter(|(_, f)| f.priority < priority)
+            .map(|(id, f)| (*id, f.sent))
+            .collect()
     }
 
     /// Whether a suspect runs (nothing else may start meanwhile).

@@ -61,6 +61,9 @@ pub struct DispatchStatus {
     /// Priority holds begun since the dispatcher started (0 with
     /// `dispatch.priority_hold = false`).
     pub holds: u64,
+    /// Young requests of lower priority taken back for a higher-priority
+    /// one (their jobs went back, no attempt counted).
+    pub recalled: u64,
 }
 
 /// A dispatcher's counts of requests since start.
@@ -78,6 +81,8 @@ pub(crate) struct Counters {
     pub(crate) crashed: u64,
     /// Requests the server aborted.
     pub(crate) aborted: u64,
+    /// Requests taken back for a higher-priority one.
+    pub(crate) recalled: u64,
 }
 
 /// How a request ended, for metrics (its name is a label value).

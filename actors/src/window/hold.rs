@@ -40,6 +40,10 @@ pub const HOLD_LIFETIMES: f64 = 2.0;
 /// …and at least this long, whatever the lifetime (a short request's
 /// latency says little about a long urgent one).
 pub const HOLD_AT_LEAST: Duration = Duration::from_secs(2);
+/// A bulk request in flight for less than this share of a request
+/// lifetime is *young*: most likely still queued in the server or in
+/// prefill, so taking it back costs little.
+pub const RECALL_YOUNG: f64 = 0.5;
 /// The weight of each new latency in the lifetime's moving average.
 const LIFETIME_WEIGHT: f64 = 0.05;
 
@@ -61,6 +65,9 @@ pub struct PriorityHold {
     lifetime: Option<Duration>,
     /// Holds begun, for the status.
     holds: u64,
+    /// Bulk requests younger than this share of a lifetime are taken back
+    /// when a hold begins; `None`: none is.
+    recall_young: Option<f64>,
 }
 
 impl Default for PriorityHold {
@@ -81,6 +88,7 @@ impl PriorityHold {
             free_until: None,
             lifetime: None,
             holds: 0,
+            recall_young: Some(RECALL_YOUNG),
         }
     }
 
@@ -91,6 +99,35 @@ impl PriorityHold {
             on: false,
             ..PriorityHold::default()
         }
+    }
+
+    /// The same, taking back the bulk requests younger than `share` of a
+    /// lifetime (`None`: none).
+    pub fn with_recall(self, share: Option<f64>) -> Self {
+        PriorityHold {
+            recall_young: share,
+            ..self
+        }
+    }
+
+    /// Which bulk requests in flight (`key`, sent at) to take back as a
+    /// higher-priority request is sent at `now`: the young ones (sent less
+    /// than [`RECALL_YOUNG`] of a request lifetime ago), unless the bulk has
+    /// its free turn after a hold or no lifetime is known yet. Their jobs
+    /// go back (no attempt counted) and are sent again when the hold ends;
+    /// the server keeps what they computed in its prefix cache.
+    pub fn recall<K>(&self, now: Instant, bulk: impl IntoIterator<Item = (K, Instant)>) -> Vec<K> {
+        let (Some(lifetime), Some(share)) = (self.lifetime, self.recall_young) else {
+            return Vec::new();
+        };
+        if !self.on || self.free_until.is_some_and(|t| now < t) {
+            return Vec::new();
+        }
+        let young = lifetime.mul_f64(share);
+        bulk.into_iter()
+            .filter(|(_, sent)| now.saturating_duration_since(*sent) < young)
+            .map(|(k, _)| k)
+            .collect()
     }
 
     /// Whether it holds at all.
