@@ -49,7 +49,12 @@ fn settings(admin: u16, keep: bool) -> String {
 fn instance(name: &str, model_type: &str, model: &Path, port: u16, extra: &str) -> String {
     let command: Vec<String> = vllm().command().iter().map(|a| format!("{a:?}")).collect();
     let mut args: Vec<String> = vllm::base_args().iter().map(|a| format!("{a:?}")).collect();
-    args.extend(["\"--max-num-seqs\"".into(), "\"16\"".into()]);
+    // vLLM logs each request, and each one aborted (a client gone).
+    args.extend([
+        "\"--max-num-seqs\"".into(),
+        "\"16\"".into(),
+        "\"--enable-log-requests\"".into(),
+    ]);
     let env: Vec<String> = vllm::ENV
         .iter()
         .map(|(k, v)| format!("{k} = {v:?}"))
@@ -321,8 +326,42 @@ fn a_vllm_process_serves_fails_restarts_and_is_adopted() {
     let i = s.instance("think").unwrap();
     assert_eq!(s.pid_of("think"), pid, "adopted, not relaunched: {i}");
     assert_eq!(i["adopted"], true);
-    submit_jsonl(&s, "think", "c", &prompts("c", 10, 8));
+    // As long as the bulk below: the request lifetime this daemon learns
+    // from them makes every bulk request in flight young (sent within two
+    // lifetimes) when the urgent job comes.
+    submit_jsonl(&s, "think", "c", &prompts("c", 10, 48));
     wait_for("10 more done", LIMIT, || s.count("done") == 224);
+
+    // An urgent job takes the young bulk back: their requests are dropped,
+    // vLLM aborts them (its log says so for each), and they run again
+    // after it, no attempt counted.
+    let aborted = || {
+        std::fs::read_to_string(&vlog)
+            .unwrap_or_default()
+            .matches(" aborted.")
+            .count()
+    };
+    let aborted_before = aborted();
+    submit_jsonl(&s, "think", "r", &prompts("r", 40, 48));
+    wait_for("bulk in flight", LIMIT, || {
+        s.instance("think")
+            .is_some_and(|i| i["in_flight"].as_u64() >= Some(4))
+    });
+    submit_jsonl_at(&s, "think", "r-urgent", &prompts("ru", 1, 8), 10);
+    wait_for("young bulk taken back", LIMIT, || {
+        s.instance("think")
+            .is_some_and(|i| i["recalled"].as_u64() > Some(0))
+    });
+    wait_for("vLLM aborted them", LIMIT, || aborted() > aborted_before);
+    let recalled = s.instance("think").unwrap()["recalled"].as_u64().unwrap();
+    eprintln!(
+        "figure: {recalled} young requests taken back; vLLM logged {} aborts",
+        aborted() - aborted_before
+    );
+    wait_for("41 more done", LIMIT, || s.count("done") == 265);
+    for j in s.jobs().iter().filter(|j| j["status"] == "done") {
+        assert_eq!(j["attempts"], 1, "taken back is no attempt: {j}");
+    }
     drop(d2);
 
     // keep_servers_on_exit = false: a clean stop takes vLLM down with it.
