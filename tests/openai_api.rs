@@ -179,6 +179,67 @@ fn a_client_that_goes_away_cancels_its_unsent_request() {
 }
 
 #[test]
+fn a_batch_past_its_window_expires_with_what_it_finished() {
+    let sim = SimProcess::start(&["--latency-ms", "300", "--max-num-seqs", "2"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let started = sdk(&["start", &base, KEY, "60"]);
+    assert_eq!(started["status"], "in_progress", "{started}");
+    // The 24 h window closes now: the batch's deadline moved to the past.
+    let id = started["batch_id"].as_str().unwrap();
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    let moved = conn
+        .execute(
+            "UPDATE api_batches SET doc = json_set(doc, '$.expires_at', 1) WHERE id = ?1",
+            [id],
+        )
+        .unwrap();
+    assert_eq!(moved, 1);
+    let done = sdk(&["expired", &base, KEY, id, "60"]);
+    eprintln!("{done}");
+    assert!(done["output"].as_u64() >= Some(3), "{done}");
+    assert!(
+        done["errors"].as_u64() >= Some(1),
+        "unfinished lines expired: {done}"
+    );
+    // Their jobs were cancelled, not left to run.
+    common::wait_for("the batch's jobs ended", LIMIT, || {
+        conn.query_row(
+            "SELECT count(*) FROM gpu_jobs WHERE status IN ('pending', 'processing')",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 0
+    });
+    drop(d);
+}
+
+#[test]
+fn an_upload_cut_short_leaves_no_part_file_after_a_restart() {
+    let port = free_port();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let s = Scratch::new(&(api(port) + &external("think", "think", &dead)));
+    let files = s.path().join("results/files");
+    std::fs::create_dir_all(&files).unwrap();
+    let part = files.join("file-cut.part");
+    std::fs::write(&part, "{}\n").unwrap();
+    let d = DaemonProcess::start(&s, "daemon");
+    common::wait_for("the API answers", LIMIT, || {
+        common::http::http(
+            "GET",
+            &format!("http://127.0.0.1:{port}/v1/files"),
+            Some(KEY),
+            None,
+        )
+        .0 == 200
+    });
+    assert!(!part.exists(), "{}", d.log());
+}
+
+#[test]
 fn a_public_address_without_keys_is_refused() {
     let s = Scratch::new("[api]\nlisten = \"0.0.0.0:8000\"\n");
     let run = s.run(&["config", "check"]);

@@ -8,6 +8,9 @@
     openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
     openai_sdk_client.py chat BASE_URL KEY       models, chat completions (plain,
                                                  streamed), their errors
+    openai_sdk_client.py expired BASE_URL KEY ID N
+                                                 waits for batch ID to expire, checks
+                                                 its files and the list's purpose filter
     openai_sdk_client.py overtake BASE_URL KEY N a chat completion while a batch
                                                  of N runs, against one on an idle server
 
@@ -339,12 +342,30 @@ def overtake(base, key, n):
     }
 
 
+def expired(base, key, batch_id, n):
+    c = client(base, key)
+    b = wait(c, batch_id, lambda b: b.status in ENDED)
+    assert b.status == "expired", b
+    assert b.expired_at, b
+    out, err = check_results(c, b, [f"k-{i}" for i in range(n)])
+    codes = {l["error"]["code"] for l in err}
+    assert codes == {"batch_expired"}, codes
+    # The list keeps to a purpose when asked.
+    inputs = [f.purpose for f in c.files.list(purpose="batch")]
+    outputs = [f.purpose for f in c.files.list(purpose="batch_output")]
+    assert inputs and set(inputs) == {"batch"}, inputs
+    assert outputs and set(outputs) == {"batch_output"}, outputs
+    return {"status": b.status, "output": len(out), "errors": len(err)}
+
+
 if __name__ == "__main__":
     mode, base, key = sys.argv[1:4]
     if mode == "all":
         result = everything(base, key)
     elif mode == "big":
         result = big(base, key, int(sys.argv[4]))
+    elif mode == "expired":
+        result = expired(base, key, sys.argv[4], int(sys.argv[5]))
     elif mode == "chat":
         result = chat(base, key)
     elif mode == "overtake":

@@ -172,7 +172,7 @@ async fn a_higher_priority_job_takes_back_the_young_bulk_and_it_runs_after() {
         );
     }
     let d = feeder_status(&feeder).await.dispatch.remove(0);
-    assert_eq!((d.recalled, d.holds), (4, 1), "{d:?}");
+    assert_eq!(d.recalled, 4, "{d:?}");
     server.release(1);
     wait_until("the urgent job done", LIMIT, || {
         store.get(urgent).unwrap().unwrap().status == JobStatus::Done

@@ -235,9 +235,28 @@ async fn file_of(api: &Api, id: &str) -> Result<FileRow, ApiError> {
 }
 
 /// `GET /v1/files`: newest first, `after` and `limit` as the SDK pages.
-pub async fn list(State(api): State<Api>, Query(page): Query<Page>) -> Result<Response, ApiError> {
+/// `GET /v1/files`'s query: a page (as [`Page`]), and a purpose to keep to.
+#[derive(Debug, serde::Deserialize)]
+pub struct FilesQuery {
+    /// The id of the last file of the previous page.
+    pub after: Option<String>,
+    /// Files per page.
+    pub limit: Option<usize>,
+    /// Only files of this purpose (`batch`, `batch_output`).
+    pub purpose: Option<String>,
+}
+
+/// `GET /v1/files`, newest first; `purpose` keeps to one purpose.
+pub async fn list(
+    State(api): State<Api>,
+    Query(q): Query<FilesQuery>,
+) -> Result<Response, ApiError> {
+    let page = Page {
+        after: q.after,
+        limit: q.limit,
+    };
     let limit = page.limit();
-    let rows = api.store.files(page.after, limit + 1).await?;
+    let rows = api.store.files(page.after, limit + 1, q.purpose).await?;
     Ok(list_of(rows.iter().map(object).collect(), limit))
 }
 

@@ -279,6 +279,24 @@ pub fn router(api: Api, keys: Vec<String>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
+/// Removes the `.part` files of uploads that a crash cut short (an upload
+/// is written to `<id>.part` and renamed once whole; only this daemon
+/// writes its files directory).
+fn remove_partial_uploads(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "part") {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!("removed {}, an upload cut short", path.display()),
+                Err(err) => tracing::warn!("cannot remove {}: {err}", path.display()),
+            }
+        }
+    }
+}
+
 /// Binds `api.listen`, serves the API and runs the batch worker; the
 /// address it listens on and its store (for the status page). `None` when
 /// `api.listen` is unset.
@@ -304,6 +322,7 @@ pub async fn start(
     let files_dir = config.api.files_dir(&config.queue.results_dir);
     std::fs::create_dir_all(&files_dir)
         .with_context(|| format!("creating api.files_dir {}", files_dir.display()))?;
+    remove_partial_uploads(&files_dir);
     let path = config.queue.db_path.clone();
     let store =
         tokio::task::spawn_blocking(move || crate::store::sqlite::api::SqliteApi::open(&path))

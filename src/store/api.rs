@@ -91,7 +91,12 @@ pub trait ApiStore: Send + Sync + 'static {
     /// One file.
     async fn file(&self, id: &str) -> StoreResult<Option<FileRow>>;
     /// Up to `limit` files, newest first, after the file `after` if given.
-    async fn files(&self, after: Option<String>, limit: usize) -> StoreResult<Vec<FileRow>>;
+    async fn files(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        purpose: Option<String>,
+    ) -> StoreResult<Vec<FileRow>>;
     /// Deletes a file unless a batch that has not ended reads it.
     async fn delete_file(&self, id: &str) -> StoreResult<Deleted>;
     /// Records a new batch.

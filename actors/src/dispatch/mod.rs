@@ -492,6 +492,10 @@ impl DispatchState {
         match result {
             Ok(jobs) => {
                 self.claims.answered(asked, jobs.len());
+                if self.args.prefix_grouping.is_some() && !jobs.is_empty() {
+                    self.warm
+                        .claimed(jobs.iter().map(|c| c.job.prefix_key.as_deref()));
+                }
                 if self.mode == DispatchMode::Draining {
                     // Claimed while a shutdown began: give them straight back.
                     for c in jobs {

@@ -268,6 +268,7 @@ mod tests {
             parent: None,
             follow_up: false,
             priority: n as i64 % 2,
+            sent: tokio::time::Instant::now(),
             _task: AbortOnDrop(task.abort_handle()),
         };
         (job, f)

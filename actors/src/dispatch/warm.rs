@@ -14,6 +14,15 @@ pub(crate) const WARM_KEYS_DEFAULT: usize = 32;
 /// Prefix keys remembered as warm at most.
 pub(crate) const WARM_KEYS_MAX: usize = 256;
 
+/// After this many grouped claims in a row found no job to group (none of
+/// a warm key, no two of one key), claims are plain, which costs the store
+/// less…
+const PLAIN_AFTER_MISSES: u32 = 8;
+/// …but every this many claims one is grouped again, to notice when
+/// shared prefixes come back (a plain claim that takes a job of a warm
+/// key notices it too).
+const GROUPED_PROBE_EVERY: u64 = 16;
+
 /// The prefix keys sent lately, most recent first, as many as the server's
 /// KV cache can hold.
 #[derive(Debug, Default)]
@@ -22,6 +31,10 @@ pub(crate) struct WarmKeys {
     keys: VecDeque<String>,
     /// Prompt tokens per request lately (moving average), to size `keys`.
     prompt_tokens: Option<f64>,
+    /// Claims in a row that found nothing to group.
+    misses: u32,
+    /// Claims made.
+    claims: u64,
 }
 
 impl WarmKeys {
@@ -56,10 +69,36 @@ impl WarmKeys {
         self.keys.len()
     }
 
+    /// A claim took `keys` (its jobs' prefix keys): whether any was worth
+    /// grouping (a warm key, or one two jobs share) decides whether the
+    /// next claims are grouped.
+    pub(crate) fn claimed<'a>(&mut self, keys: impl Iterator<Item = Option<&'a str>>) {
+        self.claims += 1;
+        let mut seen: Vec<&str> = Vec::new();
+        let mut grouped = false;
+        for k in keys.flatten() {
+            if seen.contains(&k) || self.keys.iter().any(|w| w == k) {
+                grouped = true;
+                break;
+            }
+            seen.push(k);
+        }
+        self.misses = if grouped {
+            0
+        } else {
+            self.misses.saturating_add(1)
+        };
+    }
+
     /// The order of the next claim: grouped by prefix key, warm keys first
     /// and no group held back longer than `grouping`; `None`: plain order.
+    /// Plain too while grouping finds nothing to group (the jobs' prefixes
+    /// are all different), but for a grouped claim now and then.
     pub(crate) fn claim_order(&self, grouping: Option<Duration>) -> ClaimOrder {
+        let idle =
+            self.misses >= PLAIN_AFTER_MISSES && !self.claims.is_multiple_of(GROUPED_PROBE_EVERY);
         match grouping {
+            Some(_) if idle => ClaimOrder::Plain,
             Some(max_wait) => ClaimOrder::Grouped(Grouping {
                 warm: self.keys.iter().cloned().collect(),
                 max_wait,
@@ -72,6 +111,49 @@ impl WarmKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_turn_plain_while_nothing_groups_and_grouped_again_when_something_does() {
+        let grouped = |w: &WarmKeys| {
+            matches!(
+                w.claim_order(Some(Duration::from_secs(60))),
+                ClaimOrder::Grouped(_)
+            )
+        };
+        let mut w = WarmKeys::default();
+        w.warmed("a", None);
+        for i in 0..PLAIN_AFTER_MISSES {
+            assert!(grouped(&w), "claim {i}");
+            let k = format!("unique-{i}");
+            w.claimed([Some(k.as_str()), Some("other")].into_iter());
+        }
+        assert!(!grouped(&w), "nothing grouped in 8 claims: plain");
+        // A plain claim that takes a job of a warm key: grouped again.
+        w.claimed([Some("x"), Some("a")].into_iter());
+        assert!(grouped(&w));
+        // Two jobs of one key in a claim count too.
+        for i in 0..PLAIN_AFTER_MISSES {
+            let k = format!("u2-{i}");
+            w.claimed([Some(k.as_str())].into_iter());
+        }
+        assert!(!grouped(&w));
+        w.claimed([Some("y"), Some("y")].into_iter());
+        assert!(grouped(&w));
+        // While plain, one claim in GROUPED_PROBE_EVERY is grouped.
+        for i in 0..PLAIN_AFTER_MISSES {
+            let k = format!("u3-{i}");
+            w.claimed([Some(k.as_str())].into_iter());
+        }
+        let probes = (0..GROUPED_PROBE_EVERY)
+            .filter(|i| {
+                let g = grouped(&w);
+                let k = format!("u4-{i}");
+                w.claimed([Some(k.as_str())].into_iter());
+                g
+            })
+            .count();
+        assert_eq!(probes, 1);
+    }
 
     #[test]
     fn a_key_sent_again_moves_to_the_front_once() {

@@ -101,13 +101,23 @@ fn page<T>(
     columns: &str,
     after: Option<String>,
     limit: usize,
+    purpose: Option<String>,
     row: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Vec<T>> {
+    // Only api_files has a purpose; `?3` is NULL for every other table.
+    let of_purpose = if purpose.is_some() {
+        " AND purpose = ?3"
+    } else {
+        " AND ?3 IS NULL"
+    };
     let sql = format!(
-        "SELECT {columns} FROM {table} WHERE seq < COALESCE((SELECT seq FROM {table} WHERE id = ?1), 9223372036854775807) ORDER BY seq DESC LIMIT ?2"
+        "SELECT {columns} FROM {table} WHERE seq < COALESCE((SELECT seq FROM {table} WHERE id = ?1), 9223372036854775807){of_purpose} ORDER BY seq DESC LIMIT ?2"
     );
     let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt.query_map(params![after.unwrap_or_default(), limit as i64], row)?;
+    let rows = stmt.query_map(
+        params![after.unwrap_or_default(), limit as i64, purpose],
+        row,
+    )?;
     rows.collect()
 }
 
@@ -137,9 +147,24 @@ impl ApiStore for SqliteApi {
         .await
     }
 
-    async fn files(&self, after: Option<String>, limit: usize) -> StoreResult<Vec<FileRow>> {
-        self.call(move |c| page(c, "api_files", FILE_COLUMNS, after, limit, file_row))
-            .await
+    async fn files(
+        &self,
+        after: Option<String>,
+        limit: usize,
+        purpose: Option<String>,
+    ) -> StoreResult<Vec<FileRow>> {
+        self.call(move |c| {
+            page(
+                c,
+                "api_files",
+                FILE_COLUMNS,
+                after,
+                limit,
+                purpose,
+                file_row,
+            )
+        })
+        .await
     }
 
     async fn delete_file(&self, id: &str) -> StoreResult<Deleted> {
@@ -210,8 +235,18 @@ impl ApiStore for SqliteApi {
     }
 
     async fn batches(&self, after: Option<String>, limit: usize) -> StoreResult<Vec<BatchRow>> {
-        self.call(move |c| page(c, "api_batches", BATCH_COLUMNS, after, limit, batch_row))
-            .await
+        self.call(move |c| {
+            page(
+                c,
+                "api_batches",
+                BATCH_COLUMNS,
+                after,
+                limit,
+                None,
+                batch_row,
+            )
+        })
+        .await
     }
 
     async fn batches_in(&self, statuses: &[&str]) -> StoreResult<Vec<BatchRow>> {
