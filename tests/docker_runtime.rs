@@ -179,7 +179,8 @@ async fn start_runs_a_labelled_container_that_answers_and_is_found_again() {
     assert_eq!(labels.get(LABEL_CONFIG_HASH), Some(&hash));
     let cmd: Vec<String> = serde_json::from_value(c["Config"]["Cmd"].clone()).expect("cmd");
     // vLLM's command line, as the contract gives it: the model, the served
-    // name, the port and the memory share from the plan, then `args`.
+    // name, the port and the memory share from the plan, the scheduling
+    // policy (priority, the default of a launched server), then `args`.
     assert_eq!(
         cmd,
         [
@@ -191,6 +192,8 @@ async fn start_runs_a_labelled_container_that_answers_and_is_found_again() {
             &port.to_string(),
             "--gpu-memory-utilization",
             "0.5",
+            "--scheduling-policy",
+            "priority",
             "--max-num-seqs",
             "8",
         ]

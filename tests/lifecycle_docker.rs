@@ -107,6 +107,8 @@ fn docker_servers_run_jobs_survive_a_kill_and_are_adopted_after_a_daemon_restart
             port.as_str(),
             "--gpu-memory-utilization",
             "0.35",
+            "--scheduling-policy",
+            "priority",
             "--load-s",
             "2",
             "--latency-ms",
