@@ -218,6 +218,25 @@ fn a_batch_past_its_window_expires_with_what_it_finished() {
 }
 
 #[test]
+fn an_upload_over_200_mb_is_refused_and_leaves_nothing() {
+    let port = free_port();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let s = Scratch::new(&(api(port) + &external("think", "think", &dead)));
+    let d = DaemonProcess::start(&s, "daemon");
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_for("the API answers", LIMIT, || {
+        common::http::http("GET", &format!("{base}/v1/files"), Some(KEY), None).0 == 200
+    });
+    let report = sdk(&["too_big", &base, KEY]);
+    assert_eq!(report["listed"], 0, "{report}");
+    let left: Vec<_> = std::fs::read_dir(s.path().join("results/files"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}; {}", d.log());
+}
+
+#[test]
 fn an_upload_cut_short_leaves_no_part_file_after_a_restart() {
     let port = free_port();
     let dead = format!("http://127.0.0.1:{}", free_port());

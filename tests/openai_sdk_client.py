@@ -8,6 +8,7 @@
     openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
     openai_sdk_client.py chat BASE_URL KEY       models, chat completions (plain,
                                                  streamed), their errors
+    openai_sdk_client.py too_big BASE_URL KEY    a file over 200 MB is refused
     openai_sdk_client.py expired BASE_URL KEY ID N
                                                  waits for batch ID to expire, checks
                                                  its files and the list's purpose filter
@@ -358,12 +359,27 @@ def expired(base, key, batch_id, n):
     return {"status": b.status, "output": len(out), "errors": len(err)}
 
 
+def too_big(base, key):
+    c = client(base, key)
+    line = b'{"custom_id": "x", "pad": "' + b"p" * (10 * 1024 * 1024) + b'"}\n'
+    data = line * 20 + b"{}\n" * 1000
+    assert len(data) > 200 * 1024 * 1024
+    try:
+        c.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+        raise AssertionError("a file over 200 MB was taken")
+    except openai.BadRequestError as e:
+        assert e.param == "file" and "200 MB" in e.message, e.body
+    return {"listed": len(list(c.files.list())), "bytes": len(data)}
+
+
 if __name__ == "__main__":
     mode, base, key = sys.argv[1:4]
     if mode == "all":
         result = everything(base, key)
     elif mode == "big":
         result = big(base, key, int(sys.argv[4]))
+    elif mode == "too_big":
+        result = too_big(base, key)
     elif mode == "expired":
         result = expired(base, key, sys.argv[4], int(sys.argv[5]))
     elif mode == "chat":

@@ -20,6 +20,15 @@ use feeder_actors::testkit::{submit, wait_until, FakeInference, MemoryResults, M
 use feeder_actors::{BlockingJobStore, JobId, JobStatus, ModelType, NewJob};
 
 const WINDOW: u32 = 8;
+
+/// Submits one think job of priority 10, above the bulk; its id.
+async fn submit_urgent(feeder: &ractor::ActorRef<feeder_actors::supervisor::FeederMsg>) -> JobId {
+    let urgent = NewJob {
+        priority: 10,
+        ..job(ModelType::Think, "urgent")
+    };
+    submit(feeder, vec![urgent]).await[0]
+}
 const BULK: usize = 100;
 
 #[tokio::test(start_paused = true)]
@@ -66,14 +75,7 @@ async fn a_higher_priority_job_overtakes_the_claimed_bulk_within_a_few_completio
         .collect();
     assert_eq!(waiting_ready.len(), buffered, "claimed, not sent");
 
-    let urgent = submit(
-        &feeder,
-        vec![NewJob {
-            priority: 10,
-            ..job(ModelType::Think, "urgent")
-        }],
-    )
-    .await[0];
+    let urgent = submit_urgent(&feeder).await;
 
     // One completion at a time, until the urgent job reaches the server.
     let mut completions = 0;
@@ -145,14 +147,7 @@ async fn a_higher_priority_job_takes_back_the_young_bulk_and_it_runs_after() {
     let young = submit(&feeder, bulk("young")).await;
     wait_until("4 more in flight", LIMIT, || server.in_flight() == 4).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let urgent = submit(
-        &feeder,
-        vec![NewJob {
-            priority: 10,
-            ..job(ModelType::Think, "urgent")
-        }],
-    )
-    .await[0];
+    let urgent = submit_urgent(&feeder).await;
     wait_until("the urgent request runs alone", LIMIT, || {
         server.in_flight() == 1 && server.received().contains(&urgent)
     })
