@@ -98,7 +98,7 @@ mod workload;
 use common::engine::{self, Engine, Kind, Reading, RealVllm};
 use common::env_f64;
 use gpu_feeder::config::{Config, WindowSetting};
-use gpu_feeder::sim::SimConfig;
+use gpu_feeder::sim::{SchedulingPolicy, SimConfig};
 use gpu_feeder::store::SqliteStore;
 
 const URGENT: &str = "URGENT-JOB";
@@ -897,6 +897,11 @@ async fn pipeline_run(
     scale: f64,
 ) -> replay::Outcome {
     let e = &s.engine;
+    let policy = if replay::priority_policy() {
+        SchedulingPolicy::Priority
+    } else {
+        SchedulingPolicy::Fcfs
+    };
     let sim = common::engine(SimConfig {
         kv_cache_tokens: Some(e.kv_cache_tokens),
         max_num_seqs: e.max_num_seqs,
@@ -908,12 +913,16 @@ async fn pipeline_run(
         step_ms_per_1k_context: e.step_ms_per_1k_context,
         image_tokens: s.image_tokens.max(1),
         time_scale: scale,
+        scheduling_policy: policy,
         ..SimConfig::default()
     })
     .await;
     let engine = Engine::Sim(sim);
     let dir = common::scratch();
-    let c = common::config_serving(dir.path(), &engine.url(), engine.served_name(), 256, window);
+    let mut c =
+        common::config_serving(dir.path(), &engine.url(), engine.served_name(), 256, window);
+    // The server's policy, as the harness's engine runs it.
+    c.instances[0].scheduling_policy = Some(policy);
     let store = Arc::new(SqliteStore::open(&c.queue.db_path).unwrap());
     let backlog = s.jobs.iter().take_while(|j| j.arrival <= 0.0).count();
     store
