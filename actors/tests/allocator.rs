@@ -298,7 +298,14 @@ async fn only_vision_work_switches_to_vision_after_the_dwell_and_loses_nothing()
         0.75
     );
     let why = lab.status().await.allocator.unwrap().why;
-    assert!(why.contains("vision: 40 pending"), "{why}");
+    // The vision backlog decided it: its jobs pending (the requests held
+    // by the gated server lost their leases during the dwell; the
+    // dispatcher may have claimed one of them again by then).
+    assert!(
+        why.contains("think: 0 pending")
+            && (why.contains("vision: 40 pending") || why.contains("vision: 39 pending")),
+        "{why}"
+    );
     lab.vision.inference.release(10_000);
     wait_until("all done", LIMIT, || lab.count(JobStatus::Done) == 40).await;
     assert_eq!(lab.count(JobStatus::Failed), 0);

@@ -34,6 +34,10 @@ pub(crate) struct ClaimBuffer {
     jobs: VecDeque<ClaimedJob>,
     /// Where the claim cycle stands.
     cycle: ClaimCycle,
+    /// Work came in since the last claim began: the next claim is made
+    /// even with the buffer full enough, so that a job that outranks the
+    /// buffered ones is claimed at once, not after half the buffer is sent.
+    news: bool,
 }
 
 impl Default for ClaimBuffer {
@@ -41,6 +45,7 @@ impl Default for ClaimBuffer {
         ClaimBuffer {
             jobs: VecDeque::new(),
             cycle: ClaimCycle::Idle,
+            news: false,
         }
     }
 }
@@ -69,6 +74,7 @@ impl ClaimBuffer {
     /// Work may be available: a dry queue is worth asking again, and a
     /// claim under way may predate the work.
     pub(crate) fn woken(&mut self) {
+        self.news = true;
         self.cycle = match self.cycle {
             ClaimCycle::Asking { .. } => ClaimCycle::Asking { woken: true },
             ClaimCycle::Idle | ClaimCycle::Dry => ClaimCycle::Idle,
@@ -87,16 +93,25 @@ impl ClaimBuffer {
     /// a quarter of one buffered (enough to refill slots while a claim is
     /// under way, few enough that a job submitted with a higher priority is
     /// claimed soon); claims when half the buffer (or anything, if slots
-    /// are idle) is missing.
+    /// are idle) is missing, or when work came in since the last claim
+    /// began (at least one job then: the queue hands out the highest
+    /// priority first, so an urgent job is claimed at once).
     pub(crate) fn next_claim(&mut self, window: usize, in_flight: usize) -> Option<usize> {
         let spare = buffer_target(window);
         let held = in_flight + self.jobs.len();
         let want = (window + spare).saturating_sub(held);
         let slots_idle = in_flight < window;
-        if self.cycle != ClaimCycle::Idle || want == 0 || (want < spare.div_ceil(2) && !slots_idle)
-        {
+        if self.cycle != ClaimCycle::Idle {
             return None;
         }
+        let want = if self.news {
+            want.max(1)
+        } else if want == 0 || (want < spare.div_ceil(2) && !slots_idle) {
+            return None;
+        } else {
+            want
+        };
+        self.news = false;
         self.cycle = ClaimCycle::Asking { woken: false };
         Some(want)
     }
@@ -148,6 +163,24 @@ mod tests {
         assert_eq!(b.next_claim(16, 16 + 2), Some(2), "half of them missing");
         b.answered(2, 2);
         assert_eq!(b.next_claim(16, 15), Some(5), "a slot is idle");
+    }
+
+    #[test]
+    fn news_of_work_claims_at_once_even_with_the_buffer_full() {
+        let mut b = ClaimBuffer::default();
+        b.next_claim(16, 0);
+        b.answered(20, 20);
+        assert_eq!(b.next_claim(16, 20), None, "full: no claim");
+        b.woken();
+        assert_eq!(b.next_claim(16, 20), Some(1), "new work: one job at least");
+        b.answered(1, 1);
+        assert_eq!(b.next_claim(16, 21), None, "the news was claimed");
+        b.woken();
+        assert_eq!(
+            b.next_claim(16, 16 + 1),
+            Some(3),
+            "what is missing, if more"
+        );
     }
 
     #[test]
