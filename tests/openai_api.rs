@@ -41,6 +41,24 @@ fn sdk(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("the client prints JSON")
 }
 
+/// A scratch with the API on `port` and one instance whose server is not
+/// there (its jobs cannot be sent).
+fn without_server(port: u16) -> Scratch {
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    Scratch::new(&(api(port) + &external("think", "think", &dead)))
+}
+
+/// Starts the daemon of `s` and waits until its API on `port` answers
+/// (its instance need not be ready).
+fn start_api(s: &Scratch, port: u16) -> DaemonProcess {
+    let d = DaemonProcess::start(s, "daemon");
+    let url = format!("http://127.0.0.1:{port}/v1/models");
+    common::wait_for("the API answers", LIMIT, || {
+        common::http::http("GET", &url, Some(KEY), None).0 == 200
+    });
+    d
+}
+
 fn jobs_in(s: &Scratch) -> i64 {
     let conn = rusqlite::Connection::open(s.db()).unwrap();
     conn.query_row("SELECT count(*) FROM gpu_jobs", [], |r| r.get(0))
@@ -146,14 +164,10 @@ fn a_chat_completion_overtakes_a_running_batch() {
 #[test]
 fn a_client_that_goes_away_cancels_its_unsent_request() {
     // Nothing listens for the instance: the request's job cannot be sent.
-    let dead = format!("http://127.0.0.1:{}", free_port());
     let port = free_port();
-    let s = Scratch::new(&(api(port) + &external("think", "think", &dead)));
-    let d = DaemonProcess::start(&s, "daemon");
+    let s = without_server(port);
+    let d = start_api(&s, port);
     let base = format!("http://127.0.0.1:{port}");
-    common::wait_for("the API answers", LIMIT, || {
-        common::http::http("GET", &format!("{base}/v1/models"), Some(KEY), None).0 == 200
-    });
     let out = Command::new("curl")
         .args(["-s", "--max-time", "2", "-X", "POST"])
         .arg(format!("{base}/v1/chat/completions"))
@@ -220,13 +234,9 @@ fn a_batch_past_its_window_expires_with_what_it_finished() {
 #[test]
 fn an_upload_over_200_mb_is_refused_and_leaves_nothing() {
     let port = free_port();
-    let dead = format!("http://127.0.0.1:{}", free_port());
-    let s = Scratch::new(&(api(port) + &external("think", "think", &dead)));
-    let d = DaemonProcess::start(&s, "daemon");
+    let s = without_server(port);
+    let d = start_api(&s, port);
     let base = format!("http://127.0.0.1:{port}");
-    common::wait_for("the API answers", LIMIT, || {
-        common::http::http("GET", &format!("{base}/v1/files"), Some(KEY), None).0 == 200
-    });
     let report = sdk(&["too_big", &base, KEY]);
     assert_eq!(report["listed"], 0, "{report}");
     let left: Vec<_> = std::fs::read_dir(s.path().join("results/files"))
@@ -239,22 +249,12 @@ fn an_upload_over_200_mb_is_refused_and_leaves_nothing() {
 #[test]
 fn an_upload_cut_short_leaves_no_part_file_after_a_restart() {
     let port = free_port();
-    let dead = format!("http://127.0.0.1:{}", free_port());
-    let s = Scratch::new(&(api(port) + &external("think", "think", &dead)));
+    let s = without_server(port);
     let files = s.path().join("results/files");
     std::fs::create_dir_all(&files).unwrap();
     let part = files.join("file-cut.part");
     std::fs::write(&part, "{}\n").unwrap();
-    let d = DaemonProcess::start(&s, "daemon");
-    common::wait_for("the API answers", LIMIT, || {
-        common::http::http(
-            "GET",
-            &format!("http://127.0.0.1:{port}/v1/files"),
-            Some(KEY),
-            None,
-        )
-        .0 == 200
-    });
+    let d = start_api(&s, port);
     assert!(!part.exists(), "{}", d.log());
 }
 
