@@ -45,13 +45,13 @@ impl FileResults {
         }
         let (tx, rx) = std::sync::mpsc::channel::<WriteRequest>();
         let dir = dir.to_path_buf();
-        let writer_dir = dir.clone();
+        let mut writer = Writer::open(&dir)?;
         // The thread ends when the last clone of this store is dropped.
         std::thread::Builder::new()
             .name("result-writer".into())
             .spawn(move || {
                 for req in rx {
-                    let written = write_file(&writer_dir, req.id, &req.doc);
+                    let written = writer.write(req.id, &req.doc);
                     // The caller may have given up waiting: nothing to tell.
                     let _ = req.done.send(written);
                 }
@@ -69,32 +69,161 @@ impl FileResults {
 }
 
 fn path_in(dir: &Path, id: JobId) -> PathBuf {
-    let hex = id.to_hex();
-    dir.join(&hex[..2]).join(format!("{hex}.json"))
+    dir.join(relative_path(id))
 }
 
-/// Writes the result of `id` under `dir`: a temporary file renamed into place.
-fn write_file(dir: &Path, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
-    let path = path_in(dir, id);
-    let shard = path.parent().expect("sharded path");
-    let tmp = shard.join(format!(
-        ".{}.{}.tmp",
-        id.to_hex(),
-        hex::encode(rand::random::<[u8; 4]>())
-    ));
-    if let Err(e) = std::fs::write(&tmp, doc) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            return Err(e);
+/// `<first two hex digits>/<id>.json`.
+fn relative_path(id: JobId) -> PathBuf {
+    let hex = id.to_hex();
+    Path::new(&hex[..2]).join(format!("{hex}.json"))
+}
+
+/// How a written file is given its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Naming {
+    /// An unnamed file (`O_TMPFILE`) linked into place through its
+    /// descriptor (`AT_EMPTY_PATH`): one directory entry made, none
+    /// removed.
+    LinkEmptyPath,
+    /// The same, linked through `/proc/self/fd` (where `AT_EMPTY_PATH`
+    /// needs a capability the process lacks).
+    LinkProc,
+    /// A named temporary file renamed into place (file systems without
+    /// `O_TMPFILE`, and any result written again).
+    Rename,
+}
+
+/// The writer thread's side: the results folder held open, so that each
+/// write walks two path components rather than the whole path.
+struct Writer {
+    dir: PathBuf,
+    root: std::os::fd::OwnedFd,
+    naming: Naming,
+}
+
+impl Writer {
+    fn open(dir: &Path) -> std::io::Result<Self> {
+        let root = std::fs::File::open(dir)?.into();
+        Ok(Writer {
+            dir: dir.to_path_buf(),
+            root,
+            naming: Naming::LinkEmptyPath,
+        })
+    }
+
+    /// Writes the result of `id`: the whole file appears under its name at
+    /// once, or not at all.
+    fn write(&mut self, id: JobId, doc: &[u8]) -> std::io::Result<PathBuf> {
+        let rel = relative_path(id);
+        match self.write_once(&rel, doc) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The shard folder was removed behind our back: make it again.
+                std::fs::create_dir_all(self.dir.join(rel.parent().expect("sharded path")))?;
+                self.write_once(&rel, doc)?;
+            }
+            other => other?,
         }
-        // The shard folder was removed behind our back: make it again.
-        std::fs::create_dir_all(shard)?;
-        std::fs::write(&tmp, doc)?;
+        Ok(self.dir.join(rel))
     }
-    if let Err(e) = std::fs::rename(&tmp, &path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+
+    fn write_once(&mut self, rel: &Path, doc: &[u8]) -> std::io::Result<()> {
+        if self.naming != Naming::Rename {
+            match self.link_unnamed(rel, doc) {
+                Ok(true) => return Ok(()),
+                // Already there (the job ran before): replaced by a rename.
+                Ok(false) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.rename_into_place(rel, doc)
     }
-    Ok(path)
+
+    /// Writes an unnamed file in `rel`'s folder and links it as `rel`;
+    /// false when `rel` exists already. Falls back to the next way of
+    /// naming (for good) where the system refuses this one.
+    fn link_unnamed(&mut self, rel: &Path, doc: &[u8]) -> std::io::Result<bool> {
+        use nix::errno::Errno;
+        use nix::fcntl::{openat, OFlag, AT_FDCWD};
+        use nix::sys::stat::Mode;
+        use nix::unistd::linkat;
+        use std::os::fd::AsRawFd;
+
+        let shard = rel.parent().expect("sharded path");
+        let fd = match openat(
+            &self.root,
+            shard,
+            OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o666),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => {
+                self.naming = Naming::Rename;
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut file = std::fs::File::from(fd);
+        std::io::Write::write_all(&mut file, doc)?;
+        loop {
+            let linked = match self.naming {
+                Naming::LinkEmptyPath => linkat(
+                    &file,
+                    "",
+                    &self.root,
+                    rel,
+                    nix::fcntl::AtFlags::AT_EMPTY_PATH,
+                ),
+                _ => linkat(
+                    AT_FDCWD,
+                    format!("/proc/self/fd/{}", file.as_raw_fd()).as_str(),
+                    &self.root,
+                    rel,
+                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                ),
+            };
+            match linked {
+                Ok(()) => return Ok(true),
+                Err(Errno::EEXIST) => return Ok(false),
+                // Without CAP_DAC_READ_SEARCH, AT_EMPTY_PATH is refused.
+                Err(Errno::ENOENT | Errno::EPERM) if self.naming == Naming::LinkEmptyPath => {
+                    self.naming = Naming::LinkProc;
+                }
+                // No /proc, or a file system that cannot link: rename.
+                Err(Errno::ENOENT | Errno::EPERM | Errno::EXDEV | Errno::EOPNOTSUPP) => {
+                    self.naming = Naming::Rename;
+                    return Ok(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Writes a named temporary file beside `rel` and renames it over `rel`.
+    fn rename_into_place(&self, rel: &Path, doc: &[u8]) -> std::io::Result<()> {
+        use nix::fcntl::{openat, renameat, OFlag};
+        use nix::sys::stat::Mode;
+
+        let shard = rel.parent().expect("sharded path");
+        let name = rel.file_name().expect("a file name").to_string_lossy();
+        let tmp = shard.join(format!(
+            ".{}.{}.tmp",
+            name.trim_end_matches(".json"),
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let fd = openat(
+            &self.root,
+            &tmp,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o666),
+        )?;
+        let written = std::io::Write::write_all(&mut std::fs::File::from(fd), doc)
+            .and_then(|()| Ok(renameat(&self.root, &tmp, &self.root, rel)?));
+        if written.is_err() {
+            let _ =
+                nix::unistd::unlinkat(&self.root, &tmp, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+        written
+    }
 }
 
 #[async_trait]
@@ -225,5 +354,32 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
         let elsewhere = ResultRef::database(id);
         assert!(r.read(&elsewhere).await.is_err());
+    }
+
+    /// Each way of naming a file (the one a system allows is found at the
+    /// first write) leaves the whole document under its name, replaces an
+    /// earlier one, leaves no temporary file, and survives a shard folder
+    /// removed behind its back.
+    #[test]
+    fn every_way_of_naming_writes_whole_files() {
+        for naming in [Naming::LinkEmptyPath, Naming::LinkProc, Naming::Rename] {
+            let dir = tempfile::tempdir().unwrap();
+            let results = dir.path().join("results");
+            FileResults::new(&results).unwrap();
+            let mut w = Writer::open(&results).unwrap();
+            w.naming = naming;
+            let id = JobId([0xcd; 16]);
+            let p = w.write(id, b"first").unwrap();
+            assert_eq!(p, path_in(&results, id));
+            assert_eq!(std::fs::read(&p).unwrap(), b"first", "{naming:?}");
+            w.write(id, b"second").unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"second", "{naming:?}");
+            let shard = p.parent().unwrap();
+            assert_eq!(std::fs::read_dir(shard).unwrap().count(), 1, "{naming:?}");
+            std::fs::remove_dir_all(shard).unwrap();
+            w.write(id, b"third").unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), b"third", "{naming:?}");
+            assert_eq!(std::fs::read_dir(shard).unwrap().count(), 1, "{naming:?}");
+        }
     }
 }
