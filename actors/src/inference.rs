@@ -48,7 +48,36 @@ pub struct InferenceOutput {
     /// Time from sending the request to having the whole response.
     pub latency: Duration,
     /// The server's whole response body, kept in the result file.
-    pub response: serde_json::Value,
+    pub response: RawResponse,
+}
+
+/// A response body as the server sent it: checked to be JSON, kept as its
+/// text (written into the result document as it came, never rebuilt).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct RawResponse(Box<serde_json::value::RawValue>);
+
+impl RawResponse {
+    /// `text`, if it is one JSON value.
+    pub fn new(text: String) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(RawResponse)
+    }
+
+    /// A response built as a value (by test servers).
+    pub fn from_value(v: &serde_json::Value) -> Self {
+        RawResponse::new(v.to_string()).expect("a value is JSON")
+    }
+
+    /// The text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for RawResponse {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
 }
 
 /// Why a request did not produce a completion.

@@ -112,7 +112,7 @@ pub mod window;
 pub mod testkit;
 
 pub use backoff::Backoff;
-pub use inference::{InferenceClient, InferenceError, InferenceOutput};
+pub use inference::{InferenceClient, InferenceError, InferenceOutput, RawResponse};
 pub use job::{
     BadJobId, BadJobStatus, BadModelType, Claim, ClaimedJob, Completion, FailOutcome, Failure, Job,
     JobId, JobStatus, ListFilter, ModelStats, ModelType, NewJob, Payload, QueueStats, StatusCounts,

@@ -45,7 +45,7 @@ pub struct JobResult {
     pub missing: Vec<MissingFragment>,
     /// The server's whole response (absent for a parent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response: Option<serde_json::Value>,
+    pub response: Option<crate::inference::RawResponse>,
 }
 
 /// One fragment inside a parent's merged result.

@@ -575,6 +575,34 @@ mod tests {
             (ok.content.as_str(), ok.prompt_tokens, ok.completion_tokens),
             ("x", Some(3), Some(4))
         );
+        // The body is kept as it came, and a result document holding it
+        // reads back the same.
+        let body = r#"{"id":"c-1","choices":[{"index":0,"message":{"role":"assistant","content":"é\n"},"finish_reason":"stop"}],"usage":{"prompt_tokens":2}}"#;
+        let out = parse_completion(body, Duration::ZERO).unwrap();
+        assert_eq!(out.response.get(), body);
+        let doc = feeder_actors::JobResult {
+            id: feeder_actors::JobId([1; 16]),
+            model_type: ModelType::Think,
+            content: out.content.clone(),
+            prompt_tokens: out.prompt_tokens,
+            completion_tokens: None,
+            latency_ms: None,
+            fragments: Vec::new(),
+            missing: Vec::new(),
+            response: Some(out.response.clone()),
+        };
+        let bytes = serde_json::to_vec_pretty(&doc).unwrap();
+        let back: feeder_actors::JobResult = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, doc);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["response"]["choices"][0]["message"]["content"], "é\n");
+        assert!(matches!(
+            parse_completion(
+                r#"{"choices":[{"message":{"content":"x"}}]} trailing"#,
+                Duration::ZERO
+            ),
+            Err(InferenceError::Retryable(_))
+        ));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use feeder_actors::window::EngineMetrics;
-use feeder_actors::{InferenceError, InferenceOutput};
+use feeder_actors::{InferenceError, InferenceOutput, RawResponse};
 /// The start of a body, for error messages.
 pub(super) fn excerpt(body: &str) -> String {
     let one_line = body.trim().replace('\n', " ");
@@ -77,8 +78,12 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
             excerpt(body)
         ))
     };
-    let v: Value = serde_json::from_str(body).map_err(|_| missing())?;
-    if v.pointer("/choices/0/finish_reason")
+    // Only what is read is parsed into values; the rest is skipped, and the
+    // body is kept as its text.
+    let v: CompletionBody = serde_json::from_str(body).map_err(|_| missing())?;
+    let first = v.choices.as_ref().and_then(|c| c.first());
+    if first
+        .and_then(|c| c.finish_reason.as_ref())
         .and_then(Value::as_str)
         == Some("abort")
     {
@@ -87,17 +92,17 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
                 .into(),
         ));
     }
-    let message = v.pointer("/choices/0/message").ok_or_else(missing)?;
-    let content = match message.get("content") {
+    let message = first.and_then(|c| c.message.as_ref()).ok_or_else(missing)?;
+    let content = match &message.content {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(parts)) => parts
             .iter()
             .filter_map(|p| p.get("text").and_then(Value::as_str))
             .collect::<Vec<_>>()
             .join(""),
-        _ if ["reasoning_content", "reasoning"]
+        _ if [&message.reasoning_content, &message.reasoning]
             .iter()
-            .any(|k| message.get(*k).is_some_and(Value::is_string)) =>
+            .any(|r| r.as_ref().is_some_and(Value::is_string)) =>
         {
             String::new()
         }
@@ -105,7 +110,7 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
     };
     let count = |keys: &[&str]| {
         keys.iter().find_map(|k| {
-            let u = v.get("usage")?.get(*k)?;
+            let u = v.usage.as_ref()?.get(*k)?;
             u.as_u64()
                 .or_else(|| u.as_f64().filter(|f| *f >= 0.0).map(|f| f.round() as u64))
                 .or_else(|| u.as_str()?.trim().parse().ok())
@@ -116,8 +121,36 @@ pub fn parse_completion(body: &str, latency: Duration) -> Result<InferenceOutput
         prompt_tokens: count(&["prompt_tokens", "input_tokens"]),
         completion_tokens: count(&["completion_tokens", "output_tokens"]),
         latency,
-        response: v,
+        response: RawResponse::new(body.to_owned()).map_err(|_| missing())?,
     })
+}
+
+/// The parts of a chat completion that are read (any other field is
+/// skipped without being built).
+#[derive(Deserialize)]
+struct CompletionBody {
+    #[serde(default)]
+    choices: Option<Vec<CompletionChoice>>,
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionChoice {
+    #[serde(default)]
+    message: Option<CompletionMessage>,
+    #[serde(default)]
+    finish_reason: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct CompletionMessage {
+    #[serde(default)]
+    content: Option<Value>,
+    #[serde(default)]
+    reasoning_content: Option<Value>,
+    #[serde(default)]
+    reasoning: Option<Value>,
 }
 
 /// vLLM's engine metrics from its Prometheus text, summed over label sets

@@ -178,7 +178,9 @@ impl InferenceClient for FakeEngine {
         }
         let content = format!("echo {}", job.id);
         Ok(InferenceOutput {
-            response: serde_json::json!({"choices": [{"message": {"content": content}}]}),
+            response: crate::inference::RawResponse::from_value(
+                &serde_json::json!({"choices": [{"message": {"content": content}}]}),
+            ),
             content,
             prompt_tokens: Some(100),
             completion_tokens: Some(self.state.lock().unwrap().shape.out_tokens as u64),

@@ -249,7 +249,9 @@ impl InferenceClient for FakeInference {
             None => format!("echo {}", job.id),
         };
         Ok(InferenceOutput {
-            response: serde_json::json!({"choices": [{"message": {"content": content}}]}),
+            response: crate::inference::RawResponse::from_value(
+                &serde_json::json!({"choices": [{"message": {"content": content}}]}),
+            ),
             content,
             prompt_tokens: Some(3),
             completion_tokens: Some(5),
