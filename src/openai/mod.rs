@@ -43,6 +43,8 @@ pub struct OpenAiClient {
     timeout: Duration,
     /// What the probes learnt of the server's routes.
     routes: Arc<Routes>,
+    /// `/v1/chat/completions`, parsed once (not at every request).
+    completions: Option<reqwest::Url>,
 }
 
 impl OpenAiClient {
@@ -54,9 +56,11 @@ impl OpenAiClient {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .expect("an HTTP client builds");
+        let base_url = base_url.trim_end_matches('/').to_string();
         OpenAiClient {
             http,
-            base_url: base_url.trim_end_matches('/').to_string(),
+            completions: reqwest::Url::parse(&format!("{base_url}/v1/chat/completions")).ok(),
+            base_url,
             defaults,
             timeout,
             routes: Arc::default(),
@@ -82,11 +86,14 @@ impl OpenAiClient {
 impl InferenceClient for OpenAiClient {
     async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError> {
         let body = build_body(job, &self.defaults).await?;
-        let url = self.url("/v1/chat/completions");
+        let url = || self.url("/v1/chat/completions");
         let start = Instant::now();
-        let sent = self
-            .http
-            .post(&url)
+        // A base URL that does not parse is reported by reqwest, naming it.
+        let post = match &self.completions {
+            Some(parsed) => self.http.post(parsed.clone()),
+            None => self.http.post(url()),
+        };
+        let sent = post
             .timeout(self.timeout)
             // Names this send at the server (vLLM takes it as its request id,
             // which must be unique while running): job, attempt, claim.
@@ -105,18 +112,20 @@ impl InferenceClient for OpenAiClient {
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Err(self.too_slow("no answer", &format!(" ({url})")))
+                return Err(self.too_slow("no answer", &format!(" ({})", url())))
             }
             Err(e) if e.is_connect() || e.is_request() => {
                 return Err(InferenceError::Unavailable(format!(
-                    "{}: cannot reach {url}: {e}",
-                    self.defaults.instance
+                    "{}: cannot reach {}: {e}",
+                    self.defaults.instance,
+                    url()
                 )))
             }
             Err(e) => {
                 return Err(InferenceError::Retryable(format!(
-                    "{}: cannot reach {url}: {e}",
-                    self.defaults.instance
+                    "{}: cannot reach {}: {e}",
+                    self.defaults.instance,
+                    url()
                 )))
             }
         };

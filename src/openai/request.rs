@@ -99,25 +99,26 @@ pub async fn build_body(job: &Job, d: &RequestDefaults) -> Result<Value, Inferen
     };
     let value: Value = serde_json::from_str(&text)
         .map_err(|e| InferenceError::Permanent(format!("{place} is not valid JSON: {e}")))?;
-    let Value::Object(payload) = value else {
+    let Value::Object(mut body) = value else {
         return Err(InferenceError::Permanent(format!(
             "{place} must be a JSON object with `messages`, `prompt` or `image_path`"
         )));
     };
-    let mut body: Map<String, Value> = payload
-        .iter()
-        .filter(|(k, _)| !OWN_KEYS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let prompt = payload.get("prompt").and_then(Value::as_str);
-    let messages = if let Some(m) = payload.get("messages") {
+    // gpu-feeder's own keys are taken out; everything else is sent as is.
+    let prompt = body.remove("prompt");
+    let prompt = prompt.as_ref().and_then(Value::as_str);
+    let image_path = body.remove("image_path");
+    for k in OWN_KEYS {
+        body.remove(*k);
+    }
+    let messages = if let Some(m) = body.remove("messages") {
         if m.as_array().is_none_or(|a| a.is_empty()) {
             return Err(InferenceError::Permanent(format!(
                 "{place}: `messages` must be a non-empty array"
             )));
         }
-        m.clone()
-    } else if let Some(img) = payload.get("image_path") {
+        m
+    } else if let Some(img) = image_path {
         let Some(path) = img.as_str() else {
             return Err(InferenceError::Permanent(format!(
                 "{place}: `image_path` must be a string"
