@@ -219,11 +219,17 @@ def finish(base, key, batch_id, n):
 
 def big(base, key, n):
     c = client(base, key)
+    # An interactive question's time on the idle server, then while the
+    # batch runs.
+    idle = sorted(ask(c, f"idle question {i}")[1] for i in range(5))
     ids = [f"b-{i}" for i in range(n)]
     t0 = time.monotonic()
     f = upload(c, [line(i, f"short question number {i}") for i in ids])
     t1 = time.monotonic()
     b = create(c, f.id)
+    b = wait(c, b.id, lambda b: b.request_counts.completed >= 1 or b.status in ENDED)
+    busy = sorted(ask(c, f"urgent question {i}")[1] for i in range(5))
+    during = c.batches.retrieve(b.id)
     b = wait(c, b.id, lambda b: b.status in ENDED, limit=1800)
     t2 = time.monotonic()
     assert b.status == "completed", b
@@ -240,6 +246,11 @@ def big(base, key, n):
         "finalize_s": b.completed_at - b.finalizing_at,
         "output": len(out),
         "errors": len(err),
+        "chat_idle_median_s": round(idle[2], 3),
+        "chat_during_batch_median_s": round(busy[2], 3),
+        "chat_during_batch_max_s": round(busy[-1], 3),
+        "batch_status_when_answered": during.status,
+        "batch_completed_when_answered": during.request_counts.completed,
     }
 
 
