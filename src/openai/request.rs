@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use feeder_actors::{InferenceError, Job, ModelType};
 
