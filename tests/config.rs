@@ -306,6 +306,20 @@ fn shared_queue_settings_are_checked() {
     );
     let r = check(&s);
     assert_eq!(r.code(), 0, "{}", r.stderr());
+    // The OpenAI API on a shared queue: accepted, with the folder its
+    // daemons must share named.
+    let s = Scratch::with_queue(
+        "database_url = \"postgresql://feeder@db:5432/q\"\ndaemon_id = \"gpu-07\"\n",
+        "[api]\nlisten = \"127.0.0.1:8000\"\nfiles_dir = \"/srv/shared/files\"\n",
+    );
+    let r = check(&s);
+    assert_eq!(r.code(), 0, "{}", r.stderr());
+    assert!(
+        r.stdout()
+            .contains("api.files_dir (/srv/shared/files) must be one folder they all mount"),
+        "{}",
+        r.stdout()
+    );
 }
 
 #[test]

@@ -309,3 +309,67 @@ fn figures_of_a_50000_line_batch() {
     println!("50,000-line batch: {report}");
     println!("daemon peak RSS: {before:.1} MiB when ready, {after:.1} MiB after the batch");
 }
+
+/// Two daemons on one PostgreSQL queue serve one API: a batch created
+/// through one host's API is worked on by both hosts' servers, queued and
+/// finalized once (each `custom_id` exactly once in its files), and its
+/// files are read through the other host's API.
+#[test]
+fn two_daemons_on_one_postgres_queue_serve_the_same_batches() {
+    let pg = common::pg::PgServer::start();
+    let url = pg.fresh_db();
+    let files = tempfile::tempdir().unwrap();
+    let mut hosts = Vec::new();
+    for name in ["east", "west"] {
+        let sim = SimProcess::start(&["--latency-ms", "50"]);
+        let port = free_port();
+        let queue = format!("database_url = \"{url}\"\ndaemon_id = \"{name}\"\n");
+        let extra = api(port)
+            .replace(
+                "external_poll_ms = 50\n",
+                "external_poll_ms = 50\nwindow = 8\n",
+            )
+            .replace(
+                "[api]\n",
+                &format!("[api]\nfiles_dir = \"{}\"\n", files.path().display()),
+            )
+            + &external("think", "think", &sim.url);
+        let s = Scratch::with_queue(&queue, &extra);
+        let d = DaemonProcess::start_ready(&s, name, &["think"], LIMIT);
+        hosts.push((s, d, sim, port));
+    }
+    let base = |i: usize| format!("http://127.0.0.1:{}", hosts[i].3);
+    let started = sdk(&["start", &base(0), KEY, "400"]);
+    let batch = started["batch_id"]
+        .as_str()
+        .expect("a batch id")
+        .to_string();
+    let done = sdk(&["finish", &base(1), KEY, &batch, "400"]);
+    assert_eq!(
+        (done["output"].as_u64(), done["errors"].as_u64()),
+        (Some(400), Some(0)),
+        "{done}\n{}\n{}",
+        hosts[0].1.log(),
+        hosts[1].1.log()
+    );
+    // Both hosts' servers did part of the batch.
+    let by = pg.psql(
+        &url,
+        "SELECT claimed_by, count(*) FROM gpu_jobs WHERE status = 'done' GROUP BY claimed_by",
+    );
+    for name in ["east", "west"] {
+        let n: i64 = by
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.split('|').nth(1)?.trim().parse::<i64>().ok())
+            .sum();
+        assert!(n > 0, "{name} did none of the batch: {by}");
+    }
+    // One output and one error file at most were written, by one daemon.
+    let outputs = std::fs::read_dir(files.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with("-output"))
+        .count();
+    assert_eq!(outputs, 1, "one output file in the shared folder");
+}

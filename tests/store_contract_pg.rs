@@ -254,3 +254,70 @@ async fn result_rows_round_trip() {
         Some(&b"{\"content\":\"b\"}"[..])
     );
 }
+
+/// The OpenAI API's tables on PostgreSQL: a batch is held by one daemon at
+/// a time (a second store, as another daemon, cannot take it until the
+/// first lets go or its connection dies), its lines are recorded once
+/// however often they are added, and a compare-and-set update loses to a
+/// daemon that moved the batch on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_batches_are_held_by_one_daemon_at_a_time() {
+    use gpu_feeder::store::api::{ApiStore, BatchRow, LineJob};
+    let url = server().fresh_db();
+    let (east, west) = (db_store(&url).await, db_store(&url).await);
+    let held = east.lock_batch("batch_1").await.unwrap().expect("free");
+    assert!(west.lock_batch("batch_1").await.unwrap().is_none());
+    assert!(
+        west.lock_batch("batch_2").await.unwrap().is_some(),
+        "another batch is free"
+    );
+    drop(held);
+    let mut again = None;
+    for _ in 0..100 {
+        again = west.lock_batch("batch_1").await.unwrap();
+        if again.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(again.is_some(), "released when dropped");
+
+    let row = BatchRow {
+        id: "batch_1".into(),
+        status: "validating".into(),
+        input_file_id: "file-1".into(),
+        created_at: 1,
+        doc: serde_json::json!({"id": "batch_1"}),
+    };
+    east.insert_batch(row.clone()).await.unwrap();
+    let lines: Vec<LineJob> = (1..=3)
+        .map(|i| LineJob {
+            line: i,
+            custom_id: format!("c-{i}"),
+            job_id: feeder_actors::JobId::random(),
+        })
+        .collect();
+    east.add_lines("batch_1", lines.clone()).await.unwrap();
+    west.add_lines("batch_1", lines.clone()).await.unwrap();
+    assert_eq!(west.lines("batch_1").await.unwrap(), lines);
+    let counts = west.line_counts("batch_1").await.unwrap();
+    assert_eq!(
+        (counts.total, counts.failed),
+        (3, 3),
+        "jobs not in the queue count as failed"
+    );
+    let moved = BatchRow {
+        status: "in_progress".into(),
+        ..row.clone()
+    };
+    assert!(east
+        .update_batch("validating", moved.clone())
+        .await
+        .unwrap());
+    assert!(!west.update_batch("validating", moved).await.unwrap());
+    assert_eq!(
+        west.batches_in(&["in_progress"]).await.unwrap().len(),
+        1,
+        "both see it moved on"
+    );
+}

@@ -26,7 +26,7 @@ use feeder_actors::{Job, JobId, JobStatus, ModelType, NewJob, StoreResult, Times
 
 use super::{list as list_of, new_id, unix_now, Api, ApiError, Page};
 use crate::config::Config;
-use crate::store::api::{ApiStore, BatchRow, FileRow, LineCounts, LineJob};
+use crate::store::api::{ApiStore, BatchLock, BatchRow, FileRow, LineCounts, LineJob};
 use crate::submit::{Built, Input, Submission, SubmitRequest};
 
 /// The one endpoint a batch may target.
@@ -357,6 +357,9 @@ pub async fn worker(api: Api) {
 async fn tick(api: &Api) -> anyhow::Result<()> {
     for b in api.store.batches_in(&["validating"]).await? {
         let id = b.id.clone();
+        let Some((_lock, b)) = locked(api, b).await? else {
+            continue;
+        };
         if let Err(e) = start(api, b).await {
             warn!("starting batch {id}: {e}");
         }
@@ -367,11 +370,29 @@ async fn tick(api: &Api) -> anyhow::Result<()> {
         .await?
     {
         let id = b.id.clone();
+        let Some((_lock, b)) = locked(api, b).await? else {
+            continue;
+        };
         if let Err(e) = advance(api, b).await {
             warn!("batch {id}: {e}");
         }
     }
     Ok(())
+}
+
+/// The batch for this daemon alone (daemons sharing a PostgreSQL queue
+/// take turns), read again under the lock; `None` when another daemon
+/// holds it or moved it on since it was listed.
+async fn locked(api: &Api, listed: BatchRow) -> anyhow::Result<Option<(BatchLock, BatchRow)>> {
+    let Some(lock) = api.store.lock_batch(&listed.id).await? else {
+        return Ok(None);
+    };
+    Ok(api
+        .store
+        .batch(&listed.id)
+        .await?
+        .filter(|now| now.status == listed.status)
+        .map(|now| (lock, now)))
 }
 
 /// A batch `validating`: refused with its line errors, or its lines

@@ -280,15 +280,23 @@ pub fn router(api: Api, keys: Vec<String>) -> Router {
 }
 
 /// Removes the `.part` files of uploads that a crash cut short (an upload
-/// is written to `<id>.part` and renamed once whole; only this daemon
-/// writes its files directory).
-fn remove_partial_uploads(dir: &std::path::Path) {
+/// is written to `<id>.part` and renamed once whole): all of them when
+/// only this daemon writes the folder, else those not written to for
+/// `older_than`.
+fn remove_partial_uploads(dir: &std::path::Path, older_than: Option<std::time::Duration>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let path = e.path();
-        if path.extension().is_some_and(|x| x == "part") {
+        let stale = older_than.is_none_or(|age| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|elapsed| elapsed >= age)
+        });
+        if path.extension().is_some_and(|x| x == "part") && stale {
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::info!("removed {}, an upload cut short", path.display()),
                 Err(err) => tracing::warn!("cannot remove {}: {err}", path.display()),
@@ -322,18 +330,20 @@ pub async fn start(
     let files_dir = config.api.files_dir(&config.queue.results_dir);
     std::fs::create_dir_all(&files_dir)
         .with_context(|| format!("creating api.files_dir {}", files_dir.display()))?;
-    remove_partial_uploads(&files_dir);
-    let path = config.queue.db_path.clone();
-    let store =
-        tokio::task::spawn_blocking(move || crate::store::sqlite::api::SqliteApi::open(&path))
-            .await??;
+    // Other daemons of a PostgreSQL queue share the folder: their uploads
+    // in progress are left alone, only those a day old are removed.
+    let shared = config.queue.database_url.is_some();
+    remove_partial_uploads(
+        &files_dir,
+        shared.then_some(std::time::Duration::from_secs(24 * 3600)),
+    );
+    let store = crate::store::open_api(&config.queue).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| {
             format!("cannot listen on api.listen = {listen} (choose another address)")
         })?;
     let addr = listener.local_addr()?;
-    let store: Arc<dyn ApiStore> = Arc::new(store);
     let api = Api {
         store: store.clone(),
         jobs,

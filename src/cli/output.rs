@@ -251,6 +251,13 @@ pub fn config_summary(c: &Config) -> String {
     for note in c.staggered_starts() {
         let _ = writeln!(out, "  start      {note}");
     }
+    if c.api.listen.is_some() && c.queue.database_url.is_some() {
+        let _ = writeln!(
+            out,
+            "  api        files and batches are shared with every daemon on this PostgreSQL queue: api.files_dir ({}) must be one folder they all mount",
+            c.api.files_dir(&c.queue.results_dir).display()
+        );
+    }
     out
 }
 

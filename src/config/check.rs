@@ -239,13 +239,6 @@ pub(crate) fn check(config: &Config, text: &str) -> Vec<Problem> {
     if let Some((name, message)) = config.api.problem() {
         c.at(&[key("api"), key(name)], message);
     }
-    if config.api.listen.is_some() && q.database_url.is_some() {
-        c.at(
-            &[key("api"), key("listen")],
-            "the OpenAI API serves a SQLite queue for now: with queue.database_url, leave api.listen unset".to_string(),
-        );
-    }
-
     let admin_port = match config.admin.listen.parse::<SocketAddr>() {
         Ok(addr) => Some(addr.port()),
         Err(_) => {

@@ -83,6 +83,17 @@ pub enum Deleted {
     InUse(String),
 }
 
+/// Held while one daemon queues, advances or finalizes a batch; dropping
+/// it lets another daemon sharing the queue take the batch.
+pub struct BatchLock(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl BatchLock {
+    /// A lock released when `guard` is dropped.
+    pub fn new(guard: impl Send + Sync + 'static) -> Self {
+        BatchLock(Box::new(guard))
+    }
+}
+
 /// The API's tables in the queue's database.
 #[async_trait]
 pub trait ApiStore: Send + Sync + 'static {
@@ -118,4 +129,7 @@ pub trait ApiStore: Send + Sync + 'static {
     async fn lines(&self, batch_id: &str) -> StoreResult<Vec<LineJob>>;
     /// The jobs of a batch not yet ended.
     async fn unfinished_jobs(&self, batch_id: &str) -> StoreResult<Vec<JobId>>;
+    /// The batch for this daemon alone until the lock is dropped; `None`
+    /// while another daemon holds it.
+    async fn lock_batch(&self, batch_id: &str) -> StoreResult<Option<BatchLock>>;
 }

@@ -89,6 +89,21 @@ async fn open_queue(
     sqlite::open_port(queue.db_path.clone()).await
 }
 
+/// The OpenAI API's tables of the queue that `queue` names (already
+/// migrated by the daemon's queue): on PostgreSQL, shared by every daemon
+/// of the queue.
+pub async fn open_api(
+    queue: &crate::config::QueueConfig,
+) -> anyhow::Result<Arc<dyn api::ApiStore>> {
+    if let Some(url) = &queue.database_url {
+        let store = pg::PgStore::connect(url, pg::Clock::Database, Patience::Reconnect).await?;
+        return Ok(Arc::new(store));
+    }
+    let path = queue.db_path.clone();
+    let store = tokio::task::spawn_blocking(move || sqlite::api::SqliteApi::open(&path)).await??;
+    Ok(Arc::new(store))
+}
+
 /// A queue opened: its jobs, and its results (written where
 /// `results.store` says, read from wherever a job points).
 #[derive(Clone)]

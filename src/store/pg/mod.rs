@@ -251,6 +251,7 @@ macro_rules! run {
     };
 }
 
+mod api;
 mod port;
 mod settle;
 mod submit;

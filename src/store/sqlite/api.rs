@@ -1,5 +1,6 @@
 //! The OpenAI API's tables on a SQLite queue, on a connection of their own.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -8,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use feeder_actors::{JobId, StoreError, StoreResult};
 
-use crate::store::api::{ApiStore, BatchRow, Deleted, FileRow, LineCounts, LineJob};
+use crate::store::api::{ApiStore, BatchLock, BatchRow, Deleted, FileRow, LineCounts, LineJob};
 
 /// The statuses of a batch that has ended.
 const ENDED: &str = "('completed', 'failed', 'expired', 'cancelled')";
@@ -17,6 +18,24 @@ const ENDED: &str = "('completed', 'failed', 'expired', 'cancelled')";
 #[derive(Clone)]
 pub struct SqliteApi {
     conn: Arc<Mutex<Connection>>,
+    /// The batches this daemon is working on (the API of a SQLite queue is
+    /// served by one daemon).
+    locked: Arc<Mutex<HashSet<String>>>,
+}
+
+/// A batch held in [`SqliteApi::locked`].
+struct LocalLock {
+    locked: Arc<Mutex<HashSet<String>>>,
+    id: String,
+}
+
+impl Drop for LocalLock {
+    fn drop(&mut self) {
+        self.locked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl SqliteApi {
@@ -29,6 +48,7 @@ impl SqliteApi {
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         Ok(SqliteApi {
             conn: Arc::new(Mutex::new(conn)),
+            locked: Arc::default(),
         })
     }
 
@@ -332,5 +352,16 @@ impl ApiStore for SqliteApi {
             rows.collect()
         })
         .await
+    }
+
+    async fn lock_batch(&self, batch_id: &str) -> StoreResult<Option<BatchLock>> {
+        let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        if !locked.insert(batch_id.to_string()) {
+            return Ok(None);
+        }
+        Ok(Some(BatchLock::new(LocalLock {
+            locked: self.locked.clone(),
+            id: batch_id.to_string(),
+        })))
     }
 }
