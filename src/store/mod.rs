@@ -96,7 +96,10 @@ pub async fn open_api(
     queue: &crate::config::QueueConfig,
 ) -> anyhow::Result<Arc<dyn api::ApiStore>> {
     if let Some(url) = &queue.database_url {
-        let store = pg::PgStore::connect(url, pg::Clock::Database, Patience::Reconnect).await?;
+        // A request finds the server gone at once (503), as with the
+        // reader the API uses for jobs; the batch worker tries again at
+        // its next tick.
+        let store = pg::PgStore::connect(url, pg::Clock::Database, Patience::FailFast).await?;
         return Ok(Arc::new(store));
     }
     let path = queue.db_path.clone();
