@@ -24,6 +24,11 @@ fn api(port: u16) -> String {
 
 /// Runs the SDK client with `args`; its JSON report.
 fn sdk(args: &[&str]) -> serde_json::Value {
+    sdk_beside(args, &[])
+}
+
+/// [`sdk`], with the logs of `daemons` in the failure's message.
+fn sdk_beside(args: &[&str], daemons: &[&DaemonProcess]) -> serde_json::Value {
     let out = Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -34,9 +39,13 @@ fn sdk(args: &[&str]) -> serde_json::Value {
         .expect("python3 runs (is the `openai` package installed? scripts/test.sh installs it)");
     assert!(
         out.status.success(),
-        "the SDK client failed:\n{}\n{}",
+        "the SDK client failed:\n{}\n{}{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        daemons
+            .iter()
+            .map(|d| format!("\n--- daemon log ---\n{}", d.log()))
+            .collect::<String>()
     );
     serde_json::from_slice(&out.stdout).expect("the client prints JSON")
 }
@@ -339,12 +348,13 @@ fn two_daemons_on_one_postgres_queue_serve_the_same_batches() {
         hosts.push((s, d, sim, port));
     }
     let base = |i: usize| format!("http://127.0.0.1:{}", hosts[i].3);
-    let started = sdk(&["start", &base(0), KEY, "400"]);
+    let daemons = [&hosts[0].1, &hosts[1].1];
+    let started = sdk_beside(&["start", &base(0), KEY, "400"], &daemons);
     let batch = started["batch_id"]
         .as_str()
         .expect("a batch id")
         .to_string();
-    let done = sdk(&["finish", &base(1), KEY, &batch, "400"]);
+    let done = sdk_beside(&["finish", &base(1), KEY, &batch, "400"], &daemons);
     assert_eq!(
         (done["output"].as_u64(), done["errors"].as_u64()),
         (Some(400), Some(0)),

@@ -321,3 +321,61 @@ async fn api_batches_are_held_by_one_daemon_at_a_time() {
         "both see it moved on"
     );
 }
+
+/// A grouped claim reads its candidates, then takes them: when another
+/// daemon takes (here: holds locked) the rows it chose in between, it
+/// takes the next pending rows instead, so that a claim short of what was
+/// asked still means that no more work is there (a dispatcher waits for
+/// news after one; before this, two daemons on one queue could both wait
+/// with hundreds of jobs pending).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grouped_claim_that_loses_its_rows_takes_the_next_ones() {
+    use feeder_actors::prefix::{ClaimOrder, Grouping};
+    use feeder_actors::store::ClaimRequest;
+    let url = server().fresh_db();
+    let s = db_store(&url).await;
+    for i in 0..30 {
+        s.submit(job(ModelType::Think, &format!("g{i:02}")), Timestamp::now())
+            .await
+            .unwrap();
+    }
+    // Another daemon's claim in flight: the ten oldest rows locked.
+    let (other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    other.batch_execute("BEGIN").await.unwrap();
+    let locked = other
+        .query(
+            "SELECT seq FROM gpu_jobs WHERE status = 'pending' ORDER BY priority DESC, created_at, seq LIMIT 10 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(locked.len(), 10);
+    let want = ClaimRequest {
+        model: ModelType::Think,
+        n: 10,
+        lease: Duration::from_secs(60),
+        owner: "east".into(),
+        order: ClaimOrder::Grouped(Grouping {
+            warm: Vec::new(),
+            max_wait: Duration::from_secs(60),
+        }),
+    };
+    let got = s.claim_with(&want, Timestamp::now()).await.unwrap();
+    assert_eq!(got.len(), 10, "the next ten pending rows, not none");
+    let held: Vec<i64> = locked.iter().map(|r| r.get(0)).collect();
+    let taken = server().psql(
+        &url,
+        "SELECT seq FROM gpu_jobs WHERE status = 'processing' ORDER BY seq",
+    );
+    for seq in taken.lines() {
+        let seq: i64 = seq.trim().parse().unwrap();
+        assert!(
+            !held.contains(&seq),
+            "row {seq} was held by the other claim"
+        );
+    }
+    other.batch_execute("ROLLBACK").await.unwrap();
+}

@@ -491,6 +491,7 @@ impl DispatchState {
     ) {
         match result {
             Ok(jobs) => {
+                debug!(instance = %self.args.instance, asked, got = jobs.len(), "claimed");
                 self.claims.answered(asked, jobs.len());
                 if self.args.prefix_grouping.is_some() && !jobs.is_empty() {
                     self.warm

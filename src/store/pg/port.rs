@@ -146,13 +146,41 @@ impl JobStore for PgStore {
                     if picked.is_empty() {
                         return Ok((Vec::new(), None));
                     }
-                    let seqs: Vec<i64> = picked.iter().map(|&i| cands[i].seq).collect();
+                    let mut seqs: Vec<i64> = picked.iter().map(|&i| cands[i].seq).collect();
                     let st = tx.prepare_cached(CLAIM_ROWS).await?;
                     let rows = tx
                         .query(&st, &[&at, &claim_id, &owner, &lease_s, &seqs])
                         .await?;
+                    let mut claimed = sequenced(&rows)?;
+                    if claimed.len() < n {
+                        // Another daemon took some of the chosen rows since
+                        // they were read: the rest come in plain order, so
+                        // that a claim short of `n` still means that no
+                        // more work is there (a dispatcher waits for news
+                        // after one).
+                        let st = tx.prepare_cached(CLAIM).await?;
+                        let more = tx
+                            .query(
+                                &st,
+                                &[
+                                    &at,
+                                    &claim_id,
+                                    &owner,
+                                    &lease_s,
+                                    &model.as_str(),
+                                    &((n - claimed.len()) as i64),
+                                ],
+                            )
+                            .await?;
+                        let mut more = sequenced(&more)?;
+                        more.sort_by_key(|(seq, j)| {
+                            (std::cmp::Reverse(j.priority), j.created_at, *seq)
+                        });
+                        seqs.extend(more.iter().map(|(seq, _)| *seq));
+                        claimed.extend(more);
+                    }
                     tx.commit().await?;
-                    Ok((sequenced(&rows)?, Some(seqs)))
+                    Ok((claimed, Some(seqs)))
                 }
             }
         })?;
