@@ -364,9 +364,17 @@ impl DaemonProcess {
         limit: std::time::Duration,
     ) -> DaemonProcess {
         let d = DaemonProcess::start(s, name);
-        wait_for(&format!("{ready:?} ready ({name})"), limit, || {
-            ready.iter().all(|i| s.instance_is(i, "ready"))
-        });
+        let start = std::time::Instant::now();
+        while !ready.iter().all(|i| s.instance_is(i, "ready")) {
+            if start.elapsed() > limit {
+                panic!(
+                    "timed out after {limit:?} waiting until {ready:?} ready ({name}); instances: {}\n--- daemon log ---\n{}",
+                    s.instances().map(|v| v.to_string()).unwrap_or_default(),
+                    d.log()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         d
     }
 
