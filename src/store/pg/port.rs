@@ -26,6 +26,42 @@ fn jobs(rows: &[tokio_postgres::Row]) -> Op<Vec<Job>> {
 }
 
 /// Claimed rows with their insertion order.
+/// A plain claim (`claim.sql`): pending jobs in claim order, skipping
+/// rows another claim holds.
+struct PlainClaim<'a> {
+    at: Option<f64>,
+    claim_id: &'a str,
+    owner: &'a str,
+    lease_s: f64,
+    model: ModelType,
+}
+
+impl PlainClaim<'_> {
+    /// Takes up to `n` jobs through `c` (a connection, or a transaction
+    /// the claim is part of).
+    async fn take(
+        &self,
+        c: &impl deadpool_postgres::GenericClient,
+        n: usize,
+    ) -> Op<Vec<(i64, Job)>> {
+        let st = c.prepare_cached(CLAIM).await?;
+        let rows = c
+            .query(
+                &st,
+                &[
+                    &self.at,
+                    &self.claim_id,
+                    &self.owner,
+                    &self.lease_s,
+                    &self.model.as_str(),
+                    &(n as i64),
+                ],
+            )
+            .await?;
+        sequenced(&rows)
+    }
+}
+
 fn sequenced(rows: &[tokio_postgres::Row]) -> Op<Vec<(i64, Job)>> {
     Ok(rows
         .iter()
@@ -106,21 +142,14 @@ impl JobStore for PgStore {
             }
             match order {
                 ClaimOrder::Plain => {
-                    let st = c.prepare_cached(CLAIM).await?;
-                    let rows = c
-                        .query(
-                            &st,
-                            &[
-                                &at,
-                                &claim_id,
-                                &owner,
-                                &lease_s,
-                                &model.as_str(),
-                                &(n as i64),
-                            ],
-                        )
-                        .await?;
-                    Ok((sequenced(&rows)?, None))
+                    let plain = PlainClaim {
+                        at,
+                        claim_id: &claim_id,
+                        owner,
+                        lease_s,
+                        model,
+                    };
+                    Ok((plain.take(&*c, n).await?, None))
                 }
                 ClaimOrder::Grouped(grouping) => {
                     let tx = c.transaction().await?;
@@ -158,21 +187,14 @@ impl JobStore for PgStore {
                         // that a claim short of `n` still means that no
                         // more work is there (a dispatcher waits for news
                         // after one).
-                        let st = tx.prepare_cached(CLAIM).await?;
-                        let more = tx
-                            .query(
-                                &st,
-                                &[
-                                    &at,
-                                    &claim_id,
-                                    &owner,
-                                    &lease_s,
-                                    &model.as_str(),
-                                    &((n - claimed.len()) as i64),
-                                ],
-                            )
-                            .await?;
-                        let mut more = sequenced(&more)?;
+                        let plain = PlainClaim {
+                            at,
+                            claim_id: &claim_id,
+                            owner,
+                            lease_s,
+                            model,
+                        };
+                        let mut more = plain.take(&tx, n - claimed.len()).await?;
                         more.sort_by_key(|(seq, j)| {
                             (std::cmp::Reverse(j.priority), j.created_at, *seq)
                         });
