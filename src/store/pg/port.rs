@@ -140,17 +140,15 @@ impl JobStore for PgStore {
                     return Ok((sequenced(&done)?, None));
                 }
             }
+            let plain = PlainClaim {
+                at,
+                claim_id: &claim_id,
+                owner,
+                lease_s,
+                model,
+            };
             match order {
-                ClaimOrder::Plain => {
-                    let plain = PlainClaim {
-                        at,
-                        claim_id: &claim_id,
-                        owner,
-                        lease_s,
-                        model,
-                    };
-                    Ok((plain.take(&*c, n).await?, None))
-                }
+                ClaimOrder::Plain => Ok((plain.take(&*c, n).await?, None)),
                 ClaimOrder::Grouped(grouping) => {
                     let tx = c.transaction().await?;
                     let st = tx.prepare_cached(CLAIM_CANDIDATES).await?;
@@ -187,13 +185,6 @@ impl JobStore for PgStore {
                         // that a claim short of `n` still means that no
                         // more work is there (a dispatcher waits for news
                         // after one).
-                        let plain = PlainClaim {
-                            at,
-                            claim_id: &claim_id,
-                            owner,
-                            lease_s,
-                            model,
-                        };
                         let mut more = plain.take(&tx, n - claimed.len()).await?;
                         more.sort_by_key(|(seq, j)| {
                             (std::cmp::Reverse(j.priority), j.created_at, *seq)
