@@ -34,6 +34,7 @@ use feeder_actors::{Backoff, JobStore, ResultStore, SystemClock};
 use crate::admin::Admin;
 use crate::config::{Backend, Config};
 use crate::metrics::Metrics;
+use crate::openai::stream::Relays;
 use crate::openai::{OpenAiClient, RequestDefaults};
 use crate::runtime::process::ProcessRuntime;
 use crate::systemd::Notifier;
@@ -156,7 +157,11 @@ pub fn lifecycle(config: &Config) -> LifecycleSettings {
 /// The instances as the actors see them: an HTTP client each, and the
 /// runtime that launches the server (none for `external`). Connecting to
 /// the Docker engine fails here, with what to do, when it does not answer.
-pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>> {
+/// The clients stream the answers that `relays` has listeners for.
+pub async fn instance_specs(
+    config: &Config,
+    relays: &Arc<Relays>,
+) -> anyhow::Result<Vec<InstanceSpec>> {
     let roots = config.queue.roots();
     let docker = if config
         .instances
@@ -180,7 +185,8 @@ pub async fn instance_specs(config: &Config) -> anyhow::Result<Vec<InstanceSpec>
             RequestDefaults::from_instance(inst, &roots),
             Duration::from_secs(config.dispatch.request_timeout_s),
             window.max() as usize * 2,
-        );
+        )
+        .with_relays(relays.clone());
         let runtime: Option<Arc<dyn ContainerRuntime>> = match inst.backend {
             Backend::External => None,
             Backend::Process => Some(Arc::new(ProcessRuntime::new(
@@ -239,6 +245,8 @@ pub struct Pipeline {
     pub join: tokio::task::JoinHandle<()>,
     /// Wakes whoever waits for a job to end.
     pub watch: Arc<JobWatch>,
+    /// Who listens to streamed answers.
+    pub relays: Arc<Relays>,
 }
 
 impl Pipeline {
@@ -252,11 +260,12 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let (gpu_probe, gpu_unavailable) = gpu_probe(config);
         let watch = Arc::new(JobWatch::default());
+        let relays = Arc::new(Relays::default());
         let args = FeederArgs {
             store,
             results,
             clock: Arc::new(SystemClock),
-            instances: instance_specs(config).await?,
+            instances: instance_specs(config, &relays).await?,
             owner,
             settings: settings(config),
             observer,
@@ -271,6 +280,7 @@ impl Pipeline {
             feeder,
             join,
             watch,
+            relays,
         })
     }
 
@@ -437,6 +447,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         FeederHandle::new(pipeline.feeder.clone()),
         opened.results.clone(),
         pipeline.watch.clone(),
+        pipeline.relays.clone(),
     )
     .await?;
     if let Some((addr, _)) = &api {

@@ -2,8 +2,9 @@
 //! (`tests/openai_sdk_client.py`) against a real daemon and a simulated
 //! model server: files, batches, pagination, cancelling, a malformed
 //! file, keys, and a batch that survives `kill -9` of the daemon; chat
-//! completions (plain and streamed) and models, a chat completion that
-//! overtakes a running batch, and a client that goes away.
+//! completions (plain and streamed) and models, a streamed answer relayed
+//! word by word, a chat completion that overtakes a running batch, and
+//! clients that go away.
 
 mod common;
 
@@ -138,6 +139,57 @@ fn chat_completions_and_models_through_the_sdk() {
             (10, "failed".into())
         ]
     );
+}
+
+#[test]
+fn a_streamed_answer_is_relayed_as_the_server_writes_it() {
+    // 40 tokens at 8 a second: the server writes its words over 5 s.
+    let sim = SimProcess::start(&["--tokens-per-s", "8"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let db = s.db();
+    let report = sdk_beside(&["stream", &base, KEY, db.to_str().unwrap()], &[&d]);
+    eprintln!("{report}");
+    // The first words reached the client while the job was still being
+    // sent: relayed, not replayed from the finished answer.
+    assert_eq!(report["status_at_first_words"], "processing", "{report}");
+    assert!(
+        report["content_chunks"].as_u64() > Some(5),
+        "word by word: {report}"
+    );
+    assert_eq!(report["finish_reason"], "stop", "{report}");
+    assert_eq!(report["usage_chunks"], 0, "no usage unless asked: {report}");
+    // The job's result is the whole answer, as if it had not streamed.
+    let job = s.json(&["status", report["job"].as_str().unwrap(), "--json"]);
+    assert_eq!(job["status"], "done", "{job}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job["result_path"].as_str().unwrap()).unwrap())
+            .unwrap();
+    let text = report["text"].as_str().unwrap();
+    assert!(text.starts_with("echo: w0 w1"), "{report}");
+    assert_eq!(
+        doc.pointer("/response/choices/0/message/content"),
+        Some(&serde_json::json!(text)),
+        "{doc}"
+    );
+    assert!(
+        doc.pointer("/response/usage/completion_tokens")
+            .and_then(serde_json::Value::as_u64)
+            > Some(0),
+        "{doc}"
+    );
+    // The client that went away mid-stream: its job is cancelled and its
+    // request at the server ended, long before the server would have
+    // finished it.
+    let gone = report["gone_job"].as_str().unwrap();
+    common::wait_for("the abandoned job cancelled", LIMIT, || {
+        s.json(&["status", gone, "--json"])["status"] == "cancelled"
+    });
+    common::wait_for("the server's request ended", LIMIT, || {
+        sim.gauge("vllm:num_requests_running") == 0.0
+    });
 }
 
 #[test]

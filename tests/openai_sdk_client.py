@@ -8,6 +8,11 @@
     openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
     openai_sdk_client.py chat BASE_URL KEY       models, chat completions (plain,
                                                  streamed), their errors
+    openai_sdk_client.py stream BASE_URL KEY DB  a streamed answer relayed as the
+                                                 server writes it (its job's status
+                                                 read from the queue file DB at the
+                                                 first words), then one whose client
+                                                 goes away mid-stream
     openai_sdk_client.py too_big BASE_URL KEY    a file over 200 MB is refused
     openai_sdk_client.py expired BASE_URL KEY ID N
                                                  waits for batch ID to expire, checks
@@ -20,6 +25,7 @@ Prints one JSON object with what it saw; exits non-zero on a failed check.
 
 import io
 import json
+import sqlite3
 import sys
 import time
 import urllib.error
@@ -328,6 +334,62 @@ def chat(base, key):
 
 
 
+def job_status(db, job):
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return conn.execute("SELECT status FROM gpu_jobs WHERE id = ?", (job,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def stream(base, key, db):
+    c = client(base, key)
+    report = {}
+    words = " ".join(f"w{i}" for i in range(12))
+    ask = dict(
+        model="sim",
+        messages=[{"role": "user", "content": words}],
+        max_tokens=40,
+        stream=True,
+    )
+    # Relayed: the first words come while the job is still being sent, and
+    # no usage chunk comes when none was asked for.
+    t0 = time.monotonic()
+    first_words_s = None
+    with c.chat.completions.with_streaming_response.create(**ask) as resp:
+        job = resp.headers["x-gpu-feeder-job"]
+        parts, status_at_first, finish, usage_chunks = [], None, None, 0
+        for chunk in resp.parse():
+            assert chunk.object == "chat.completion.chunk", chunk
+            if chunk.usage:
+                usage_chunks += 1
+            for ch in chunk.choices:
+                if ch.delta.content:
+                    if status_at_first is None:
+                        first_words_s = time.monotonic() - t0
+                        status_at_first = job_status(db, bytes.fromhex(job))
+                    parts.append(ch.delta.content)
+                finish = ch.finish_reason or finish
+    report.update(
+        first_words_s=round(first_words_s, 3),
+        whole_answer_s=round(time.monotonic() - t0, 3),
+        job=job,
+        text="".join(parts),
+        content_chunks=len(parts),
+        status_at_first_words=status_at_first,
+        finish_reason=finish,
+        usage_chunks=usage_chunks,
+    )
+    # A client that goes away after the first words.
+    with c.chat.completions.with_streaming_response.create(**ask) as resp:
+        report["gone_job"] = resp.headers["x-gpu-feeder-job"]
+        for chunk in resp.parse():
+            if any(ch.delta.content for ch in chunk.choices):
+                break
+        resp.close()
+    return report
+
+
 def overtake(base, key, n):
     c = client(base, key)
     idle = sorted(ask(c, f"idle question {i}")[1] for i in range(5))
@@ -340,11 +402,27 @@ def overtake(base, key, n):
         _, s = ask(c, f"urgent question {i}")
         busy.append(s)
     busy.sort()
+    # Streamed, too: its first words while the batch still runs.
+    t0 = time.monotonic()
+    first_words_s, streamed = None, []
+    for chunk in c.chat.completions.create(
+        model="sim",
+        messages=[{"role": "user", "content": "urgent streamed question"}],
+        max_tokens=8,
+        stream=True,
+    ):
+        for ch in chunk.choices:
+            if ch.delta.content:
+                if first_words_s is None:
+                    first_words_s = time.monotonic() - t0
+                streamed.append(ch.delta.content)
+    assert "".join(streamed).startswith("echo: urgent streamed"), streamed
     during = c.batches.retrieve(b.id)
     b = wait(c, b.id, lambda b: b.status in ENDED, limit=600)
     assert b.status == "completed", b
     check_results(c, b, ids)
     return {
+        "streamed_first_words_s": round(first_words_s, 3),
         "idle_median_s": round(idle[2], 3),
         "busy_median_s": round(busy[2], 3),
         "busy_max_s": round(busy[-1], 3),
@@ -395,6 +473,8 @@ if __name__ == "__main__":
         result = expired(base, key, sys.argv[4], int(sys.argv[5]))
     elif mode == "chat":
         result = chat(base, key)
+    elif mode == "stream":
+        result = stream(base, key, sys.argv[4])
     elif mode == "overtake":
         result = overtake(base, key, int(sys.argv[4]))
     elif mode == "start":

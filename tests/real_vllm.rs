@@ -12,7 +12,9 @@
 //! - `the_default_two_model_setup_runs_on_vllm`: a tiny Qwen2-VL as the
 //!   vision instance and a tiny Llama as the think instance, both served by
 //!   vLLM: image jobs through vLLM's multimodal code, a tiled page completed
-//!   by fan-in, and its vision → think follow-up.
+//!   by fan-in, and its vision → think follow-up; then a `stream: true`
+//!   chat completion through the OpenAI API, relayed chunk by chunk from
+//!   vLLM's own stream.
 
 mod common;
 
@@ -405,8 +407,10 @@ fn the_default_two_model_setup_runs_on_vllm() {
     let _one = one_at_a_time();
     let v = vllm();
     let admin = free_port();
+    let api = free_port();
     let s = Scratch::new(
         &(settings(admin, true)
+            + &format!("[api]\nlisten = \"127.0.0.1:{api}\"\n\n")
             + "[chunk]\nimage_max_px = 1024\n\n"
             + &instance(
                 "vision",
@@ -486,4 +490,69 @@ fn the_default_two_model_setup_runs_on_vllm() {
         follow["prompt_tokens"].as_u64() > Some(9),
         "the follow-up's prompt holds the nine tiles' text: {follow}"
     );
+    streamed_through_the_api(&s, api);
+}
+
+/// A streamed chat completion through the OpenAI API, to the think
+/// instance: vLLM's chunks relayed one by one (a replay of the finished
+/// answer would be one chunk of content), its usage, `[DONE]`, and the
+/// job's result put together from the same chunks.
+fn streamed_through_the_api(s: &Scratch, api: u16) {
+    let headers = s.path().join("stream-headers");
+    let out = std::process::Command::new("curl")
+        .args(["-sSN", "--max-time", "300", "-D"])
+        .arg(&headers)
+        .args(["-H", "Content-Type: application/json", "-d"])
+        .arg(
+            serde_json::json!({
+                "model": "tiny-think",
+                "messages": [{"role": "user", "content": "stream a few tokens"}],
+                "max_tokens": 16,
+                "ignore_eos": true,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+            })
+            .to_string(),
+        )
+        .arg(format!("http://127.0.0.1:{api}/v1/chat/completions"))
+        .output()
+        .expect("curl runs");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {}{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+        .collect();
+    let pieces: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/content")?.as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    assert!(pieces.len() > 4, "token by token, not one replay: {body}");
+    let usage = chunks
+        .iter()
+        .find_map(|c| c.get("usage").filter(|u| !u.is_null()))
+        .unwrap_or_else(|| panic!("a usage chunk: {body}"));
+    assert_eq!(usage["completion_tokens"], 16, "{body}");
+    let headers = std::fs::read_to_string(&headers).unwrap();
+    let job = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-gpu-feeder-job: "))
+        .unwrap_or_else(|| panic!("the job's header: {headers}"))
+        .trim();
+    wait_for("the streamed job done", LIMIT, || {
+        s.json(&["status", job, "--json"])["status"] == "done"
+    });
+    let doc = result_doc(&s.json(&["status", job, "--json"]));
+    assert_eq!(doc["content"], pieces.concat(), "{doc}");
+    assert_eq!(doc["completion_tokens"], 16, "{doc}");
 }

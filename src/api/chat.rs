@@ -5,13 +5,16 @@
 //! The client waiting is what keeps the request alive: when it goes away
 //! before its job was sent, the job is cancelled. With `stream: true` the
 //! answer comes as server-sent events (`chat.completion.chunk` objects,
-//! then `data: [DONE]`), sent once the server's answer is complete: the
-//! job's request to its server is not streamed.
+//! then `data: [DONE]`), relayed chunk by chunk from the server as it
+//! writes them (see [`crate::openai::stream`]); a client that goes away
+//! mid-stream ends the request at the server. When no chunk came (the job
+//! was sent by another daemon of a shared queue, or its server does not
+//! stream), the same events are made from the whole answer once it is in.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +28,7 @@ use feeder_actors::{Job, JobId, JobStatus, JobStore, Timestamp};
 
 use super::batches::{completion_body, http_failure, model_for};
 use super::{new_id, unix_now, Api, ApiError};
+use crate::openai::stream::{Relay, Relayed};
 use crate::submit::{Built, Input, Submission, SubmitRequest};
 
 /// How often a waiting request re-reads its job when no news came (a job
@@ -78,6 +82,8 @@ pub async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response
         .and_then(|o| o.get("include_usage").and_then(Value::as_bool))
         .unwrap_or(false);
     let job = job_of(&api, model, request)?;
+    // Listened for before the job is queued, so that no chunk comes first.
+    let relay = stream.then(|| api.relays.listen(&job.payload_sha256));
     let submitted =
         api.feeder.submit(vec![job]).await.map_err(|e| {
             ApiError::unavailable(format!("the daemon did not take the request: {e}"))
@@ -91,10 +97,107 @@ pub async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response
         jobs: api.jobs.clone(),
         job: id,
         armed: true,
+        sent_too: false,
     };
-    let job = wait_for_end(&api.jobs, &api.watch, id).await?;
+    let job = match relay {
+        None => wait_for_end(&api.jobs, &api.watch, id).await?,
+        Some(mut relay) => {
+            let first = tokio::select! {
+                biased;
+                Some(chunk) = first_chunk(&mut relay) => Ok(chunk),
+                job = wait_for_end(&api.jobs, &api.watch, id) => Err(job?),
+            };
+            match first {
+                Ok(chunk) => {
+                    unsent.armed = false;
+                    debug!(job = %id, "relaying the streamed answer");
+                    // From now on a client that goes away cancels the job
+                    // even though it was sent: its request is ended.
+                    let gone = CancelIfUnsent {
+                        jobs: api.jobs.clone(),
+                        job: id,
+                        armed: true,
+                        sent_too: true,
+                    };
+                    return Ok(relayed(id, chunk, relay, gone, include_usage));
+                }
+                Err(job) => job,
+            }
+        }
+    };
     unsent.armed = false;
     answer(&api, job, &name, stream, include_usage).await
+}
+
+/// The first chunk the server streams for the job.
+async fn first_chunk(relay: &mut Relay) -> Option<Relayed> {
+    loop {
+        match relay.recv().await? {
+            chunk @ Relayed::Chunk { .. } => return Some(chunk),
+            // An end or a break before any chunk: the job's end tells.
+            Relayed::End | Relayed::Broken(_) => {}
+        }
+    }
+}
+
+/// The response that relays the server's stream, `first` chunk on: each
+/// chunk as an event, then `[DONE]`; an error event if the stream broke.
+fn relayed(
+    id: JobId,
+    first: Relayed,
+    relay: Relay,
+    gone: CancelIfUnsent,
+    include_usage: bool,
+) -> Response {
+    let events = futures_util::stream::unfold(
+        (Some(first), relay, gone),
+        move |(mut next, mut relay, mut gone)| async move {
+            if !gone.armed {
+                return None;
+            }
+            loop {
+                let event = match next.take() {
+                    Some(e) => e,
+                    None => relay.recv().await?,
+                };
+                let (out, ended) = match event {
+                    Relayed::Chunk {
+                        usage_only: true, ..
+                    } if !include_usage => continue,
+                    Relayed::Chunk { data, .. } => {
+                        let mut out = Vec::with_capacity(data.len() + 8);
+                        out.extend_from_slice(b"data: ");
+                        out.extend_from_slice(&data);
+                        out.extend_from_slice(b"\n\n");
+                        (Bytes::from(out), false)
+                    }
+                    Relayed::End => (Bytes::from_static(b"data: [DONE]\n\n"), true),
+                    Relayed::Broken(why) => {
+                        let e = json!({"error": {
+                            "message": format!("the answer broke off (job {id}): {why}"),
+                            "type": "server_error", "param": null, "code": null,
+                        }});
+                        (Bytes::from(format!("data: {e}\n\n")), true)
+                    }
+                };
+                // Once the stream has ended, the job is the dispatcher's
+                // to settle.
+                gone.armed = !ended;
+                return Some((Ok::<_, std::convert::Infallible>(out), (None, relay, gone)));
+            }
+        },
+    );
+    let mut r = Body::from_stream(events).into_response();
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        headers.insert(JOB_HEADER, v);
+    }
+    r
 }
 
 /// The job a request becomes: its body is the payload, as a batch line's.
@@ -126,12 +229,15 @@ fn job_of(
 }
 
 /// Cancels its job, if not sent yet, when dropped: the client went away
-/// (axum drops the request's future when its connection closes).
+/// (axum drops the request's future when its connection closes). With
+/// `sent_too`, a job being sent is cancelled as well (a streamed answer's
+/// client went away mid-stream: the request at the server is ended too).
 struct CancelIfUnsent {
     jobs: Arc<dyn JobStore>,
     job: JobId,
     /// Cleared once the job has ended.
     armed: bool,
+    sent_too: bool,
 }
 
 impl Drop for CancelIfUnsent {
@@ -139,13 +245,15 @@ impl Drop for CancelIfUnsent {
         if !self.armed {
             return;
         }
-        let (jobs, id) = (self.jobs.clone(), self.job);
+        let (jobs, id, sent_too) = (self.jobs.clone(), self.job, self.sent_too);
         tokio::spawn(async move {
             if let Ok(Some(job)) = jobs.get(id).await {
-                if job.status == JobStatus::Pending {
+                if job.status == JobStatus::Pending
+                    || (sent_too && job.status == JobStatus::Processing)
+                {
                     match jobs.cancel(id, Timestamp::now()).await {
                         Ok(_) => {
-                            debug!(job = %id, "the client went away before its request was sent; cancelled")
+                            debug!(job = %id, sent_too, "the client went away before its answer; cancelled")
                         }
                         Err(e) => {
                             debug!(job = %id, "the client went away; the job could not be cancelled: {e}")

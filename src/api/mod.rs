@@ -39,6 +39,7 @@ use feeder_actors::watch::JobWatch;
 use feeder_actors::{JobStore, StoreError};
 
 use crate::config::Config;
+use crate::openai::stream::Relays;
 use crate::results::Results;
 use crate::store::api::ApiStore;
 
@@ -61,6 +62,8 @@ pub struct Api {
     pub wake: Arc<tokio::sync::Notify>,
     /// Wakes a chat completion when its job ends.
     pub watch: Arc<JobWatch>,
+    /// Streamed answers, relayed from the requests to the servers.
+    pub relays: Arc<Relays>,
     /// When the API started (unix seconds; the models' `created`).
     pub started: i64,
 }
@@ -314,6 +317,7 @@ pub async fn start(
     feeder: FeederHandle,
     results: Arc<Results>,
     watch: Arc<JobWatch>,
+    relays: Arc<Relays>,
 ) -> anyhow::Result<Option<(SocketAddr, Arc<dyn ApiStore>)>> {
     let Some(listen) = config.api.listen.clone() else {
         return Ok(None);
@@ -353,6 +357,7 @@ pub async fn start(
         files_dir,
         wake: Arc::new(tokio::sync::Notify::new()),
         watch,
+        relays,
         started: unix_now(),
     };
     tokio::spawn(batches::worker(api.clone()));

@@ -29,10 +29,12 @@ use feeder_actors::{InferenceClient, InferenceError, InferenceOutput, Job};
 
 mod request;
 mod response;
+pub mod stream;
 
 pub use request::{build_body, RequestDefaults};
 use response::{excerpt, server_message, sleep_answer};
 pub use response::{parse_completion, parse_engine_metrics};
+use stream::{Gathered, Listener, Read, Relays, SseReader};
 
 /// One OpenAI-compatible server.
 #[derive(Clone, Debug)]
@@ -45,6 +47,8 @@ pub struct OpenAiClient {
     routes: Arc<Routes>,
     /// `/v1/chat/completions`, parsed once (not at every request).
     completions: Option<reqwest::Url>,
+    /// Who listens to streamed answers (the API's chat completions).
+    relays: Option<Arc<Relays>>,
 }
 
 impl OpenAiClient {
@@ -64,7 +68,14 @@ impl OpenAiClient {
             defaults,
             timeout,
             routes: Arc::default(),
+            relays: None,
         }
+    }
+
+    /// Streams the answers of jobs that `relays` has a listener for.
+    pub fn with_relays(mut self, relays: Arc<Relays>) -> Self {
+        self.relays = Some(relays);
+        self
     }
 
     /// A request that ran past the timeout: `what` did not come in time
@@ -85,7 +96,18 @@ impl OpenAiClient {
 #[async_trait]
 impl InferenceClient for OpenAiClient {
     async fn infer(&self, job: &Job) -> Result<InferenceOutput, InferenceError> {
-        let body = build_body(job, &self.defaults).await?;
+        let mut body = build_body(job, &self.defaults).await?;
+        // Streamed when someone listens (the API), or when the payload asks
+        // for it (the chunks are then only gathered).
+        let listener = self
+            .relays
+            .as_ref()
+            .and_then(|r| r.listener(&job.payload_sha256));
+        let streamed = listener.is_some() || body.get("stream") == Some(&Value::Bool(true));
+        if streamed {
+            body["stream"] = Value::Bool(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
         let url = || self.url("/v1/chat/completions");
         let start = Instant::now();
         // A base URL that does not parse is reported by reqwest, naming it.
@@ -136,6 +158,17 @@ impl InferenceClient for OpenAiClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let sse = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("text/event-stream"));
+        if status.is_success() && sse {
+            return self.read_stream(resp, listener, start).await;
+        }
+        // Not streamed after all (an error, or a server that ignores
+        // `stream`): whoever listens gets the whole answer from the result.
+        drop(listener);
         let text = match resp.text().await {
             Ok(t) => t,
             Err(e) if e.is_timeout() => {
@@ -312,6 +345,91 @@ struct Routes {
 }
 
 impl OpenAiClient {
+    /// Reads a streamed answer: each chunk forwarded to `listener` as it
+    /// comes, and gathered into the completion the job's result keeps.
+    async fn read_stream(
+        &self,
+        mut resp: reqwest::Response,
+        mut listener: Option<Listener>,
+        start: Instant,
+    ) -> Result<InferenceOutput, InferenceError> {
+        let mut reader = SseReader::default();
+        let mut gathered = Gathered::default();
+        let mut done = false;
+        let failed = |listener: Option<Listener>, e: InferenceError| {
+            let Some(l) = listener else { return e };
+            let relayed = l.relayed();
+            l.broken(&e.to_string());
+            if relayed == 0 {
+                return e;
+            }
+            // The listener holds part of an answer: another attempt would
+            // answer nobody.
+            InferenceError::Permanent(format!(
+                "{e} (after {relayed} streamed chunks had reached the client, so not retried)"
+            ))
+        };
+        while !done {
+            let piece = match resp.chunk().await {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => {
+                    let e = self.too_slow("the streamed response did not finish", "");
+                    return Err(failed(listener, e));
+                }
+                Err(e) => {
+                    let e = InferenceError::Unavailable(format!(
+                        "{}: the connection broke while streaming the response: {e}",
+                        self.defaults.instance
+                    ));
+                    return Err(failed(listener, e));
+                }
+            };
+            for data in reader.feed(&piece) {
+                if data.trim() == "[DONE]" {
+                    done = true;
+                    break;
+                }
+                let read = match gathered.add(&data) {
+                    Ok(r) => r,
+                    Err(why) => {
+                        let e =
+                            InferenceError::Retryable(format!("{}: {why}", self.defaults.instance));
+                        return Err(failed(listener, e));
+                    }
+                };
+                if let Some(l) = &mut listener {
+                    if !l.chunk(&data, read == Read::UsageOnly) {
+                        // Dropping the response closes the connection,
+                        // which ends the request at the server.
+                        return Err(InferenceError::Permanent(format!(
+                            "the client streaming this answer went away after {} chunks; its request to {} was ended",
+                            l.relayed(),
+                            self.defaults.instance
+                        )));
+                    }
+                }
+            }
+        }
+        if !done && reader.finish().is_none_or(|d| d.trim() != "[DONE]") {
+            let e = InferenceError::Retryable(format!(
+                "{}: the streamed response ended after {} chunks without `data: [DONE]`",
+                self.defaults.instance,
+                gathered.chunks()
+            ));
+            return Err(failed(listener, e));
+        }
+        match parse_completion(&gathered.completion(), start.elapsed()) {
+            Ok(out) => {
+                if let Some(l) = listener {
+                    l.end();
+                }
+                Ok(out)
+            }
+            Err(e) => Err(failed(listener, e)),
+        }
+    }
+
     /// POSTs one of vLLM's sleep-mode routes; a sleep, or a wake with its
     /// reload from disk, may take minutes.
     async fn sleep_call(&self, path: &str, body: Option<Value>) -> Result<String, String> {

@@ -33,7 +33,9 @@
 //!
 //! It serves
 //! `/health` (503 while "loading" for `--load-s`), `/v1/models`,
-//! `/v1/chat/completions` with usage, and `/metrics` with
+//! `/v1/chat/completions` with usage (with `stream: true`, as vLLM's
+//! server-sent events: the simple mode's words spread over the generation
+//! time, the engine model's answer whole at its end), and `/metrics` with
 //! `vllm:num_requests_running`, `vllm:num_requests_waiting` and
 //! `vllm:kv_cache_usage_perc`. Faults can be injected: `--fail-rate` answers
 //! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests,
@@ -405,7 +407,7 @@ async fn chat(
 }
 
 /// Request number `n`'s answer.
-async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
+async fn respond(sim: &Arc<Sim>, n: u64, body: Option<Json<Value>>) -> Response {
     let c = &sim.counters;
     if sim.cfg.crash_after > 0 && n > sim.cfg.crash_after {
         eprintln!(
@@ -427,8 +429,14 @@ async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
             "the engine is asleep (POST /wake_up wakes it)",
         );
     }
-    let aborted = sim.sleep.as_ref().map(|s| s.aborted());
-    let _in_flight = Gauge::up(&c.in_flight);
+    // A sleep cuts the simple mode's requests short (the engine model
+    // aborts its own).
+    let aborted = sim
+        .sleep
+        .as_ref()
+        .filter(|_| sim.served.is_none())
+        .map(|s| s.aborted());
+    let in_flight = Gauge::up(&c.in_flight);
     let Some(Json(body)) = body else {
         return error(StatusCode::BAD_REQUEST, "the body is not valid JSON");
     };
@@ -477,110 +485,341 @@ async fn respond(sim: &Sim, n: u64, body: Option<Json<Value>>) -> Response {
     if roll < sim.cfg.fail_rate + sim.cfg.hang_rate {
         std::future::pending::<()>().await;
     }
-    let garbled = |content: String| match admission {
-        Admission::Garbage => sleep::garbage(n),
+    let ask = Ask {
+        n,
+        max_tokens,
+        priority,
+        admission,
+    };
+    if body.get("stream") == Some(&Value::Bool(true)) {
+        let include_usage =
+            body.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        // The streamed work counts itself in flight.
+        drop(in_flight);
+        return streamed(sim.clone(), body, ask, aborted, include_usage).await;
+    }
+    let work = generate(sim, messages, &ask, None);
+    let done = match aborted {
+        Some(aborted) => {
+            tokio::select! {
+                done = work => done,
+                () = aborted => Ok(Generated::aborted()),
+            }
+        }
+        None => work.await,
+    };
+    match done {
+        Ok(g) => completion(sim, n, g),
+        Err(refused) => refused,
+    }
+}
+
+/// What a request asks for, once read.
+struct Ask {
+    n: u64,
+    max_tokens: u64,
+    priority: i64,
+    admission: Admission,
+}
+
+/// A finished generation.
+struct Generated {
+    content: String,
+    finish_reason: &'static str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    /// Its words were sent as they were made.
+    streamed: bool,
+}
+
+impl Generated {
+    /// Cut short by a sleep.
+    fn aborted() -> Self {
+        Generated {
+            content: String::new(),
+            finish_reason: "abort",
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            streamed: false,
+        }
+    }
+}
+
+/// Runs one request: its answer, or the response that refuses it. With
+/// `pieces`, the simple mode sends the answer's words as they are made,
+/// spread over its generation time (the engine model sends nothing: its
+/// answer comes whole).
+async fn generate(
+    sim: &Sim,
+    messages: &[Value],
+    ask: &Ask,
+    pieces: Option<&tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Result<Generated, Response> {
+    let c = &sim.counters;
+    let garbled = |content: String| match ask.admission {
+        Admission::Garbage => sleep::garbage(ask.n),
         _ => content,
     };
+    let max_tokens = ask.max_tokens;
     if let Some(served) = &sim.served {
         let max_tokens = u32::try_from(max_tokens).unwrap_or(u32::MAX);
-        let done = match served.run(n, messages, max_tokens, priority).await {
+        let done = match served.run(ask.n, messages, max_tokens, ask.priority).await {
             Ok(done) => done,
             Err(Refused::QueueFull) => {
-                return error(
+                return Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the server's queue is full (--max-num-queued-reqs); try again later",
-                )
+                ))
             }
             Err(Refused::TooLong { tokens, capacity }) => {
-                return error(
+                return Err(error(
                     StatusCode::BAD_REQUEST,
                     &format!(
                         "the request needs {tokens} tokens (its prompt and max_tokens), more than the KV cache holds ({capacity})"
                     ),
-                )
+                ))
             }
-            Err(Refused::Aborted) => return completion(sim, n, String::new(), "abort", 0, 0),
+            Err(Refused::Aborted) => return Ok(Generated::aborted()),
         };
-        let content = garbled(answer(messages).0);
         c.completed.fetch_add(1, Ordering::Relaxed);
-        return completion(
-            sim,
-            n,
-            content,
-            "length",
-            done.prompt_tokens as u64,
-            done.generated as u64,
-        );
-    }
-    let run = async {
-        let permit = {
-            let _waiting = Gauge::up(&c.waiting);
-            sim.slots.acquire(priority).await
-        };
-        let _running = Gauge::up(&c.running);
-        let mut delay = Duration::from_millis(sim.cfg.latency_ms);
-        if sim.cfg.tokens_per_s > 0.0 {
-            delay += Duration::from_secs_f64(max_tokens as f64 / sim.cfg.tokens_per_s);
-        }
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        drop(permit);
-    };
-    match aborted {
-        Some(aborted) => {
-            tokio::select! {
-                () = run => {}
-                () = aborted => return completion(sim, n, String::new(), "abort", 0, 0),
-            }
-        }
-        None => run.await,
+        return Ok(Generated {
+            content: garbled(answer(messages).0),
+            finish_reason: "length",
+            prompt_tokens: done.prompt_tokens as u64,
+            completion_tokens: done.generated as u64,
+            streamed: false,
+        });
     }
     let (content, estimated) = answer(messages);
+    let content = garbled(content);
+    {
+        let permit = {
+            let _waiting = Gauge::up(&c.waiting);
+            sim.slots.acquire(ask.priority).await
+        };
+        let _running = Gauge::up(&c.running);
+        let latency = Duration::from_millis(sim.cfg.latency_ms);
+        let generation = if sim.cfg.tokens_per_s > 0.0 {
+            Duration::from_secs_f64(max_tokens as f64 / sim.cfg.tokens_per_s)
+        } else {
+            Duration::ZERO
+        };
+        match pieces {
+            Some(tx) => {
+                // The first word after the latency, the others spread
+                // evenly over the generation time.
+                let words: Vec<&str> = content.split_inclusive(' ').collect();
+                let step = generation / u32::try_from(words.len().max(1)).unwrap_or(u32::MAX);
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                for (i, w) in words.iter().enumerate() {
+                    if i > 0 && !step.is_zero() {
+                        tokio::time::sleep(step).await;
+                    }
+                    let _ = tx.send((*w).to_string());
+                }
+                if !step.is_zero() {
+                    tokio::time::sleep(step).await;
+                }
+            }
+            None => {
+                let delay = latency + generation;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        drop(permit);
+    }
     let prompt_tokens = match *sim.prompts {
         Prompts::Estimate => estimated,
         _ => sim.prompts.tokens(messages, sim.cfg.image_tokens).len(),
     };
-    let content = garbled(content);
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
-    completion(
-        sim,
-        n,
+    Ok(Generated {
         content,
-        "stop",
-        prompt_tokens as u64,
+        finish_reason: "stop",
+        prompt_tokens: prompt_tokens as u64,
         completion_tokens,
+        streamed: pieces.is_some(),
+    })
+}
+
+/// What the work of a streamed request reports.
+enum Progress {
+    /// Words of the answer, as they are made.
+    Piece(String),
+    /// The answer is complete.
+    Done(Generated),
+    /// Refused before any word: sent as the HTTP error it is.
+    Refused(Response),
+}
+
+/// A `stream: true` request: the HTTP status waits for the first word (a
+/// refusal before it is a plain error response, as vLLM's are), then the
+/// answer goes out as `chat.completion.chunk` events, ending with the
+/// usage (when asked for) and `data: [DONE]`. A client that goes away ends
+/// the work.
+async fn streamed(
+    sim: Arc<Sim>,
+    body: Value,
+    ask: Ask,
+    aborted: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    include_usage: bool,
+) -> Response {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+    let n = ask.n;
+    let work_sim = sim.clone();
+    tokio::spawn(async move {
+        let sim = work_sim;
+        let _in_flight = Gauge::up(&sim.counters.in_flight);
+        let messages = body
+            .get("messages")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        let (words, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let work = generate(&sim, messages, &ask, Some(&words));
+        let relay = async {
+            while let Some(w) = heard.recv().await {
+                if tx.send(Progress::Piece(w)).is_err() {
+                    return;
+                }
+            }
+        };
+        let aborted = async {
+            match aborted {
+                Some(a) => a.await,
+                None => std::future::pending().await,
+            }
+        };
+        let done = tokio::select! {
+            done = work => done,
+            () = aborted => Ok(Generated::aborted()),
+            // The client went away: the request ends here.
+            () = tx.closed() => return,
+            () = relay => return,
+        };
+        // Words made just before the end are still in the channel.
+        while let Ok(w) = heard.try_recv() {
+            let _ = tx.send(Progress::Piece(w));
+        }
+        let _ = tx.send(match done {
+            Ok(g) => Progress::Done(g),
+            Err(refused) => Progress::Refused(refused),
+        });
+    });
+    let first = match rx.recv().await {
+        Some(Progress::Refused(r)) => return r,
+        Some(first) => first,
+        None => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request's work ended without an answer",
+            )
+        }
+    };
+    let created = unix_secs();
+    let model = sim.cfg.served_model_name.clone();
+    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| {
+        let mut c = json!({
+            "id": format!("chatcmpl-sim-{n}"),
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if let Some(u) = usage {
+            c["choices"] = json!([]);
+            c["usage"] = u;
+        }
+        axum::body::Bytes::from(format!("data: {c}\n\n"))
+    };
+    // The role comes with the first words, as vLLM sends it.
+    let opening = chunk(json!({"role": "assistant", "content": ""}), None, None);
+    let events = futures_util::stream::unfold(
+        (Some(opening), Some(first), rx, false),
+        move |(mut opening, mut next, mut rx, ended)| {
+            let chunk = chunk.clone();
+            async move {
+                if let Some(o) = opening.take() {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(o),
+                        (None, next, rx, ended),
+                    ));
+                }
+                if ended {
+                    return None;
+                }
+                let progress = match next.take() {
+                    Some(p) => p,
+                    None => rx.recv().await?,
+                };
+                let out = match progress {
+                    Progress::Piece(w) => chunk(json!({"content": w}), None, None),
+                    Progress::Done(g) => {
+                        let mut out = Vec::new();
+                        if !g.streamed {
+                            // Nothing was streamed (the engine model, a
+                            // garbled or an aborted answer): all at once.
+                            out.extend_from_slice(&chunk(
+                                json!({"content": g.content}),
+                                None,
+                                None,
+                            ));
+                        }
+                        out.extend_from_slice(&chunk(json!({}), Some(g.finish_reason), None));
+                        if include_usage {
+                            let usage = json!({
+                                "prompt_tokens": g.prompt_tokens,
+                                "completion_tokens": g.completion_tokens,
+                                "total_tokens": g.prompt_tokens + g.completion_tokens,
+                            });
+                            out.extend_from_slice(&chunk(Value::Null, None, Some(usage)));
+                        }
+                        out.extend_from_slice(b"data: [DONE]\n\n");
+                        return Some((Ok(out.into()), (None, None, rx, true)));
+                    }
+                    Progress::Refused(r) => {
+                        let e = json!({"error": {"message": format!("the request was refused mid-stream (HTTP {})", r.status().as_u16()), "code": r.status().as_u16()}});
+                        return Some((Ok(format!("data: {e}\n\n").into()), (None, None, rx, true)));
+                    }
+                };
+                Some((Ok(out), (None, None, rx, false)))
+            }
+        },
+    );
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+        axum::body::Body::from_stream(events),
     )
+        .into_response()
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// A chat completion response.
-fn completion(
-    sim: &Sim,
-    n: u64,
-    content: String,
-    finish_reason: &str,
-    prompt_tokens: u64,
-    completion_tokens: u64,
-) -> Response {
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+fn completion(sim: &Sim, n: u64, g: Generated) -> Response {
     Json(json!({
         "id": format!("chatcmpl-sim-{n}"),
         "object": "chat.completion",
-        "created": created,
+        "created": unix_secs(),
         "model": sim.cfg.served_model_name,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": finish_reason,
+            "message": {"role": "assistant", "content": g.content},
+            "finish_reason": g.finish_reason,
         }],
         "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+            "total_tokens": g.prompt_tokens + g.completion_tokens,
         },
     }))
     .into_response()
