@@ -193,6 +193,53 @@ fn a_streamed_answer_is_relayed_as_the_server_writes_it() {
 }
 
 #[test]
+fn a_stream_whose_server_dies_ends_with_an_error_and_is_not_retried() {
+    use std::io::BufRead as _;
+    let mut sim = SimProcess::start(&["--tokens-per-s", "8"]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let mut client = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/openai_sdk_client.py"
+        ))
+        .args(["broken", &base, KEY])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(first.as_deref(), Some("first words"), "{}", d.log());
+    // The server dies mid-answer.
+    sim.child.kill().unwrap();
+    sim.child.wait().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&lines.next().and_then(Result::ok).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("the client's report ({e}): {}", d.log()));
+    assert!(client.wait().unwrap().success(), "{report}");
+    eprintln!("{report}");
+    let error = report["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(error.contains("broke off"), "{report}");
+    // The job failed with the reason, not retried behind the client's
+    // back (it already held part of an answer).
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    let ended = || {
+        conn.query_row("SELECT status, error FROM gpu_jobs", [], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })
+        .unwrap()
+    };
+    common::wait_for("the job settled", LIMIT, || ended().0 != "processing");
+    let (status, why) = ended();
+    assert_eq!(status, "failed", "{why:?}");
+    assert!(why.is_some_and(|w| w.contains("not retried")), "{report}");
+}
+
+#[test]
 fn a_chat_completion_overtakes_a_running_batch() {
     // A server that runs requests by priority, as those the feeder
     // launches do (`--scheduling-policy priority`).

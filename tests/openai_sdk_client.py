@@ -13,6 +13,9 @@
                                                  read from the queue file DB at the
                                                  first words), then one whose client
                                                  goes away mid-stream
+    openai_sdk_client.py broken BASE_URL KEY     a stream whose server dies after the
+                                                 first words: prints `first words` on a
+                                                 line of its own, then the report
     openai_sdk_client.py too_big BASE_URL KEY    a file over 200 MB is refused
     openai_sdk_client.py expired BASE_URL KEY ID N
                                                  waits for batch ID to expire, checks
@@ -390,6 +393,28 @@ def stream(base, key, db):
     return report
 
 
+def broken(base, key):
+    c = client(base, key)
+    stream = c.chat.completions.create(
+        model="sim",
+        messages=[{"role": "user", "content": "a long answer, cut short"}],
+        max_tokens=40,
+        stream=True,
+    )
+    parts, said, error = [], False, None
+    try:
+        for chunk in stream:
+            for ch in chunk.choices:
+                if ch.delta.content:
+                    parts.append(ch.delta.content)
+            if parts and not said:
+                print("first words", flush=True)
+                said = True
+    except openai.APIError as e:
+        error = e.message
+    return {"text": "".join(parts), "error": error}
+
+
 def overtake(base, key, n):
     c = client(base, key)
     idle = sorted(ask(c, f"idle question {i}")[1] for i in range(5))
@@ -475,6 +500,8 @@ if __name__ == "__main__":
         result = chat(base, key)
     elif mode == "stream":
         result = stream(base, key, sys.argv[4])
+    elif mode == "broken":
+        result = broken(base, key)
     elif mode == "overtake":
         result = overtake(base, key, int(sys.argv[4]))
     elif mode == "start":
