@@ -93,11 +93,14 @@ pub async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response
         .map(|s| s.id)
         .ok_or_else(|| ApiError::internal("the daemon queued no job for the request"))?;
     debug!(job = %id, %name, stream, "chat completion queued");
+    // A streamed request's client that goes away takes its request at the
+    // server with it (the relay is gone), so its job is cancelled even once
+    // sent; a plain request's job, once sent, is answered into its result.
     let mut unsent = CancelIfUnsent {
         jobs: api.jobs.clone(),
         job: id,
         armed: true,
-        sent_too: false,
+        sent_too: stream,
     };
     let job = match relay {
         None => wait_for_end(&api.jobs, &api.watch, id).await?,
