@@ -448,6 +448,7 @@ pub async fn run(config: Config, config_path: &Path) -> anyhow::Result<i32> {
         opened.results.clone(),
         pipeline.watch.clone(),
         pipeline.relays.clone(),
+        metrics.clone(),
     )
     .await?;
     if let Some((addr, _)) = &api {

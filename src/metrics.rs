@@ -70,6 +70,12 @@ struct ModelStatus {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelOutcome {
+    model_type: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActorLabel {
     actor: String,
 }
@@ -103,6 +109,8 @@ pub struct Metrics {
     server_restarts: Family<Instance, Gauge>,
     crashed_jobs: Family<Instance, Gauge>,
     priority_holds: Family<Instance, Counter>,
+    stream_first_chunk: Family<Model, Histogram>,
+    streams: Family<ModelOutcome, Counter>,
     /// Each dispatcher's hold count at the last refresh: the counter grows
     /// by the difference (a restarted dispatcher counts from 0 again).
     holds_seen: Mutex<HashMap<String, u64>>,
@@ -157,6 +165,10 @@ impl Metrics {
             server_restarts: Family::default(),
             crashed_jobs: Family::default(),
             priority_holds: Family::default(),
+            stream_first_chunk: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 16))
+            }),
+            streams: Family::default(),
             holds_seen: Mutex::default(),
             gpu_temp: Family::default(),
             gpu_util: Family::default(),
@@ -201,6 +213,8 @@ impl Metrics {
             server_restarts: "server_restarts", "Restarts of the instance's model server since the daemon started";
             crashed_jobs: "crashed_jobs", "Jobs given back because the instance's server went down under them";
             priority_holds: "priority_holds", "Priority holds begun (the bulk's sends held while a higher-priority request ran), by instance";
+            stream_first_chunk: "api_stream_first_chunk_seconds", "Streamed chat completions of the OpenAI API: from the request to its first relayed chunk, by model type";
+            streams: "api_streams", "Streamed chat completions of the OpenAI API, by how they ended: relayed (to data: [DONE]), broken (an error event after chunks), gone (the client left mid-stream), replayed (no chunk came: made from the finished answer)";
             gpu_temp: "gpu_temperature_celsius", "GPU core temperature";
             gpu_util: "gpu_utilization_percent", "Share of time a kernel ran";
             gpu_mem_used: "gpu_memory_used_bytes", "GPU memory in use";
@@ -215,6 +229,25 @@ impl Metrics {
         }
         *m.registry.lock().expect("fresh lock") = r;
         m
+    }
+
+    /// A streamed chat completion's first chunk was relayed `secs` after
+    /// its request came.
+    pub fn stream_first_chunk(&self, model: ModelType, secs: f64) {
+        let m = Model {
+            model_type: model.to_string(),
+        };
+        self.stream_first_chunk.get_or_create(&m).observe(secs);
+    }
+
+    /// A streamed chat completion ended: `relayed`, `broken`, `gone` or
+    /// `replayed`.
+    pub fn stream_ended(&self, model: ModelType, outcome: &str) {
+        let labels = ModelOutcome {
+            model_type: model.to_string(),
+            outcome: outcome.to_string(),
+        };
+        self.streams.get_or_create(&labels).inc();
     }
 
     /// Refreshes the state metrics from a queue and pipeline snapshot.

@@ -313,6 +313,9 @@ fn every_family_filled() -> String {
     };
     let metrics = gpu_feeder::metrics::Metrics::new();
     metrics.refresh(None, Some(&status));
+    // A streamed chat completion of the OpenAI API.
+    metrics.stream_first_chunk(feeder_actors::ModelType::Think, 0.05);
+    metrics.stream_ended(feeder_actors::ModelType::Think, "relayed");
     metrics.encode()
 }
 

@@ -17,9 +17,13 @@ const LIMIT: Duration = Duration::from_secs(60);
 const KEY: &str = "sk-test-key";
 
 fn api(port: u16) -> String {
+    api_and_admin(port, free_port())
+}
+
+/// [`api`], with the admin endpoint on `admin`.
+fn api_and_admin(port: u16, admin: u16) -> String {
     format!(
-        "[admin]\nlisten = \"127.0.0.1:{}\"\n\n[dispatch]\nexternal_poll_ms = 50\n\n[api]\nlisten = \"127.0.0.1:{port}\"\nkeys = [\"{KEY}\"]\n\n",
-        free_port()
+        "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[dispatch]\nexternal_poll_ms = 50\n\n[api]\nlisten = \"127.0.0.1:{port}\"\nkeys = [\"{KEY}\"]\n\n"
     )
 }
 
@@ -145,8 +149,8 @@ fn chat_completions_and_models_through_the_sdk() {
 fn a_streamed_answer_is_relayed_as_the_server_writes_it() {
     // 40 tokens at 8 a second: the server writes its words over 5 s.
     let sim = SimProcess::start(&["--tokens-per-s", "8"]);
-    let port = free_port();
-    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let (port, admin) = (free_port(), free_port());
+    let s = Scratch::new(&(api_and_admin(port, admin) + &external("think", "think", &sim.url)));
     let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let base = format!("http://127.0.0.1:{port}");
     let db = s.db();
@@ -190,14 +194,24 @@ fn a_streamed_answer_is_relayed_as_the_server_writes_it() {
     common::wait_for("the server's request ended", LIMIT, || {
         sim.gauge("vllm:num_requests_running") == 0.0
     });
+    // Both streams are in the daemon's metrics: one relayed to its end,
+    // one whose client left; two first chunks timed.
+    let (_, metrics) = common::http::get(admin, "/metrics");
+    for line in [
+        r#"gpu_feeder_api_streams_total{model_type="think",outcome="relayed"} 1"#,
+        r#"gpu_feeder_api_streams_total{model_type="think",outcome="gone"} 1"#,
+        r#"gpu_feeder_api_stream_first_chunk_seconds_count{model_type="think"} 2"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 #[test]
 fn a_stream_whose_server_dies_ends_with_an_error_and_is_not_retried() {
     use std::io::BufRead as _;
     let mut sim = SimProcess::start(&["--tokens-per-s", "8"]);
-    let port = free_port();
-    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let (port, admin) = (free_port(), free_port());
+    let s = Scratch::new(&(api_and_admin(port, admin) + &external("think", "think", &sim.url)));
     let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let base = format!("http://127.0.0.1:{port}");
     let mut client = Command::new("python3")
@@ -237,6 +251,9 @@ fn a_stream_whose_server_dies_ends_with_an_error_and_is_not_retried() {
     let (status, why) = ended();
     assert_eq!(status, "failed", "{why:?}");
     assert!(why.is_some_and(|w| w.contains("not retried")), "{report}");
+    let (_, metrics) = common::http::get(admin, "/metrics");
+    let line = r#"gpu_feeder_api_streams_total{model_type="think",outcome="broken"} 1"#;
+    assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
 }
 
 #[test]

@@ -40,6 +40,7 @@ const JOB_HEADER: &str = "x-gpu-feeder-job";
 
 /// `POST /v1/chat/completions`.
 pub async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+    let came = std::time::Instant::now();
     let request: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid(
             None,
@@ -112,6 +113,8 @@ pub async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response
             };
             match first {
                 Ok(chunk) => {
+                    api.metrics
+                        .stream_first_chunk(model, came.elapsed().as_secs_f64());
                     unsent.armed = false;
                     debug!(job = %id, "relaying the streamed answer");
                     // From now on a client that goes away cancels the job
@@ -122,9 +125,19 @@ pub async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response
                         armed: true,
                         sent_too: true,
                     };
-                    return Ok(relayed(id, chunk, relay, gone, include_usage));
+                    let ended = StreamEnd {
+                        metrics: api.metrics.clone(),
+                        model,
+                        counted: false,
+                    };
+                    return Ok(relayed(id, chunk, relay, (gone, ended), include_usage));
                 }
-                Err(job) => job,
+                Err(job) => {
+                    if job.status == JobStatus::Done {
+                        api.metrics.stream_ended(model, "replayed");
+                    }
+                    job
+                }
             }
         }
     };
@@ -149,12 +162,12 @@ fn relayed(
     id: JobId,
     first: Relayed,
     relay: Relay,
-    gone: CancelIfUnsent,
+    (gone, ended): (CancelIfUnsent, StreamEnd),
     include_usage: bool,
 ) -> Response {
     let events = futures_util::stream::unfold(
-        (Some(first), relay, gone),
-        move |(mut next, mut relay, mut gone)| async move {
+        (Some(first), relay, gone, ended),
+        move |(mut next, mut relay, mut gone, mut end)| async move {
             if !gone.armed {
                 return None;
             }
@@ -174,8 +187,12 @@ fn relayed(
                         out.extend_from_slice(b"\n\n");
                         (Bytes::from(out), false)
                     }
-                    Relayed::End => (Bytes::from_static(b"data: [DONE]\n\n"), true),
+                    Relayed::End => {
+                        end.ended("relayed");
+                        (Bytes::from_static(b"data: [DONE]\n\n"), true)
+                    }
                     Relayed::Broken(why) => {
+                        end.ended("broken");
                         let e = json!({"error": {
                             "message": format!("the answer broke off (job {id}): {why}"),
                             "type": "server_error", "param": null, "code": null,
@@ -186,7 +203,10 @@ fn relayed(
                 // Once the stream has ended, the job is the dispatcher's
                 // to settle.
                 gone.armed = !ended;
-                return Some((Ok::<_, std::convert::Infallible>(out), (None, relay, gone)));
+                return Some((
+                    Ok::<_, std::convert::Infallible>(out),
+                    (None, relay, gone, end),
+                ));
             }
         },
     );
@@ -229,6 +249,29 @@ fn job_of(
     h.update(job.payload_sha256.as_bytes());
     job.payload_sha256 = hex::encode(h.finalize());
     Ok(job)
+}
+
+/// Counts a relayed stream by how it ended, once: when its end is seen,
+/// or `gone` when it is dropped before (the client left).
+struct StreamEnd {
+    metrics: Arc<crate::metrics::Metrics>,
+    model: feeder_actors::ModelType,
+    counted: bool,
+}
+
+impl StreamEnd {
+    fn ended(&mut self, outcome: &str) {
+        if !self.counted {
+            self.counted = true;
+            self.metrics.stream_ended(self.model, outcome);
+        }
+    }
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        self.ended("gone");
+    }
 }
 
 /// Cancels its job, if not sent yet, when dropped: the client went away

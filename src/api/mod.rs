@@ -39,6 +39,7 @@ use feeder_actors::watch::JobWatch;
 use feeder_actors::{JobStore, StoreError};
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::openai::stream::Relays;
 use crate::results::Results;
 use crate::store::api::ApiStore;
@@ -64,6 +65,8 @@ pub struct Api {
     pub watch: Arc<JobWatch>,
     /// Streamed answers, relayed from the requests to the servers.
     pub relays: Arc<Relays>,
+    /// The daemon's metrics (streamed answers are counted there).
+    pub metrics: Arc<Metrics>,
     /// When the API started (unix seconds; the models' `created`).
     pub started: i64,
 }
@@ -318,6 +321,7 @@ pub async fn start(
     results: Arc<Results>,
     watch: Arc<JobWatch>,
     relays: Arc<Relays>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<Option<(SocketAddr, Arc<dyn ApiStore>)>> {
     let Some(listen) = config.api.listen.clone() else {
         return Ok(None);
@@ -358,6 +362,7 @@ pub async fn start(
         wake: Arc::new(tokio::sync::Notify::new()),
         watch,
         relays,
+        metrics,
         started: unix_now(),
     };
     tokio::spawn(batches::worker(api.clone()));
