@@ -294,3 +294,53 @@ async fn the_prefix_cache_is_reset_on_request_in_dev_mode_only() {
         assert_eq!(hits().await, after_repeat, "nothing hit after the reset");
     }
 }
+
+#[tokio::test]
+async fn a_streamed_answer_starts_at_its_first_token_while_the_engine_still_runs_it() {
+    // 400 tokens of about 6.5 ms each: the answer takes seconds of steps.
+    let sim = sim::start(engine(100_000)).await.unwrap();
+    let mut resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", sim.url()))
+        .json(&serde_json::json!({
+            "model": "sim",
+            "messages": [{"role": "user", "content": "stream me"}],
+            "max_tokens": 400,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut body = String::new();
+    let mut running_at_first_words = None;
+    while let Some(piece) = resp.chunk().await.unwrap() {
+        body.push_str(std::str::from_utf8(&piece).unwrap());
+        if running_at_first_words.is_none() && body.contains("\"content\":\"echo: \"") {
+            running_at_first_words = Some(sim.engine().unwrap().running);
+        }
+    }
+    // The first words came with the first token, not with the answer.
+    assert_eq!(running_at_first_words, Some(1), "{body}");
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c.pointer("/choices/0/delta/content")?.as_str())
+        .collect();
+    assert_eq!(text, "echo: stream me");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 400, "{usage}");
+    assert_eq!(sim.engine().unwrap().running, 0);
+}

@@ -35,7 +35,8 @@
 //! `/health` (503 while "loading" for `--load-s`), `/v1/models`,
 //! `/v1/chat/completions` with usage (with `stream: true`, as vLLM's
 //! server-sent events: the simple mode's words spread over the generation
-//! time, the engine model's answer whole at its end), and `/metrics` with
+//! time; the engine model's first word at its first token, the rest at its
+//! end), and `/metrics` with
 //! `vllm:num_requests_running`, `vllm:num_requests_waiting` and
 //! `vllm:kv_cache_usage_perc`. Faults can be injected: `--fail-rate` answers
 //! 500, `--hang-rate` never answers, `--crash-after N` exits after N requests,
@@ -528,8 +529,8 @@ struct Generated {
     finish_reason: &'static str,
     prompt_tokens: u64,
     completion_tokens: u64,
-    /// Its words were sent as they were made.
-    streamed: bool,
+    /// How much of `content` (bytes) was sent as it was made.
+    sent: usize,
 }
 
 impl Generated {
@@ -540,15 +541,15 @@ impl Generated {
             finish_reason: "abort",
             prompt_tokens: 0,
             completion_tokens: 0,
-            streamed: false,
+            sent: 0,
         }
     }
 }
 
 /// Runs one request: its answer, or the response that refuses it. With
 /// `pieces`, the simple mode sends the answer's words as they are made,
-/// spread over its generation time (the engine model sends nothing: its
-/// answer comes whole).
+/// spread over its generation time; the engine model sends the first word
+/// when its first token is made (the rest comes with the answer).
 async fn generate(
     sim: &Sim,
     messages: &[Value],
@@ -563,7 +564,32 @@ async fn generate(
     let max_tokens = ask.max_tokens;
     if let Some(served) = &sim.served {
         let max_tokens = u32::try_from(max_tokens).unwrap_or(u32::MAX);
-        let done = match served.run(ask.n, messages, max_tokens, ask.priority).await {
+        let content = garbled(answer(messages).0);
+        // Streamed: the first word goes out with the first token, the rest
+        // when the answer is complete.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let run = served.run(
+            ask.n,
+            messages,
+            max_tokens,
+            ask.priority,
+            pieces.is_some().then_some(first_tx),
+        );
+        tokio::pin!(run);
+        let mut sent = 0;
+        let ran = match pieces {
+            Some(tx) => tokio::select! {
+                ran = &mut run => ran,
+                Ok(()) = first_rx => {
+                    let first = content.split_inclusive(' ').next().unwrap_or("");
+                    sent = first.len();
+                    let _ = tx.send(first.to_string());
+                    run.await
+                }
+            },
+            None => run.await,
+        };
+        let done = match ran {
             Ok(done) => done,
             Err(Refused::QueueFull) => {
                 return Err(error(
@@ -583,11 +609,11 @@ async fn generate(
         };
         c.completed.fetch_add(1, Ordering::Relaxed);
         return Ok(Generated {
-            content: garbled(answer(messages).0),
+            content,
             finish_reason: "length",
             prompt_tokens: done.prompt_tokens as u64,
             completion_tokens: done.generated as u64,
-            streamed: false,
+            sent,
         });
     }
     let (content, estimated) = answer(messages);
@@ -639,11 +665,11 @@ async fn generate(
     let completion_tokens = (content.split_whitespace().count() as u64).min(max_tokens.max(1));
     c.completed.fetch_add(1, Ordering::Relaxed);
     Ok(Generated {
+        sent: if pieces.is_some() { content.len() } else { 0 },
         content,
         finish_reason: "stop",
         prompt_tokens: prompt_tokens as u64,
         completion_tokens,
-        streamed: pieces.is_some(),
     })
 }
 
@@ -760,14 +786,12 @@ async fn streamed(
                     Progress::Piece(w) => chunk(json!({"content": w}), None, None),
                     Progress::Done(g) => {
                         let mut out = Vec::new();
-                        if !g.streamed {
-                            // Nothing was streamed (the engine model, a
-                            // garbled or an aborted answer): all at once.
-                            out.extend_from_slice(&chunk(
-                                json!({"content": g.content}),
-                                None,
-                                None,
-                            ));
+                        // What was not sent as it was made (the engine
+                        // model's answer after its first word, an aborted
+                        // answer's nothing), at once.
+                        let rest = g.content.get(g.sent..).unwrap_or("");
+                        if !rest.is_empty() || g.sent == 0 {
+                            out.extend_from_slice(&chunk(json!({"content": rest}), None, None));
                         }
                         out.extend_from_slice(&chunk(json!({}), Some(g.finish_reason), None));
                         if include_usage {

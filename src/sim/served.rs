@@ -30,6 +30,8 @@ pub struct Served {
     needle: Mutex<Option<String>>,
     /// Watched requests: engine time of arrival and of the first token.
     watched: Mutex<HashMap<u64, (f64, Option<f64>)>>,
+    /// Streamed requests, told when their first token is made.
+    first_token: Mutex<HashMap<u64, oneshot::Sender<()>>>,
 }
 
 /// Why the engine did not run a request.
@@ -97,6 +99,7 @@ impl Served {
             prompts,
             needle: Mutex::new(None),
             watched: Mutex::new(HashMap::new()),
+            first_token: Mutex::new(HashMap::new()),
         });
         let task = tokio::spawn(drive(served.clone()));
         Some((served, task))
@@ -135,15 +138,24 @@ impl Served {
 
     /// Runs `messages` through the engine; refused when its queue is full
     /// (`--max-num-queued-reqs`: answer 503), when it could never fit in
-    /// the KV cache, or when a sleep aborts it.
+    /// the KV cache, or when a sleep aborts it. `first_token` is told when
+    /// the request's first token is made (at the end of its step, on the
+    /// wall clock), for a streamed answer.
     pub async fn run(
         &self,
         id: u64,
         messages: &[Value],
         max_tokens: u32,
         priority: i64,
+        first_token: Option<oneshot::Sender<()>>,
     ) -> Result<Finished, Refused> {
         let prompt = self.prompts.tokens(messages, self.image_tokens);
+        if let Some(first) = first_token {
+            self.first_token
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, first);
+        }
         let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
@@ -184,6 +196,7 @@ impl Served {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
+            self.forget_first_token(id);
             return Err(match why {
                 Rejected::QueueFull => Refused::QueueFull,
                 Rejected::TooLong { tokens, capacity } => Refused::TooLong { tokens, capacity },
@@ -198,7 +211,15 @@ impl Served {
         };
         let done = rx.await.map_err(|_| Refused::Aborted);
         gone.armed = false;
+        self.forget_first_token(id);
         done
+    }
+
+    fn forget_first_token(&self, id: u64) {
+        self.first_token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Drops every request (each is answered `abort`) and the KV cache:
@@ -357,6 +378,7 @@ impl Drop for ClientGone<'_> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&self.id);
+            self.served.forget_first_token(self.id);
             self.served.engine().abort(self.id);
         }
     }
@@ -383,6 +405,14 @@ async fn drive(served: Arc<Served>) {
         let due = served.t0 + Duration::from_secs_f64(end / served.scale);
         if due > Instant::now() {
             tokio::time::sleep_until(due).await;
+        }
+        if !step.first_tokens.is_empty() {
+            let mut first = served.first_token.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &step.first_tokens {
+                if let Some(tx) = first.remove(id) {
+                    let _ = tx.send(());
+                }
+            }
         }
         if !step.finished.is_empty() {
             let mut waiters = served.waiters.lock().unwrap_or_else(|e| e.into_inner());
