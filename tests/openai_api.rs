@@ -318,6 +318,34 @@ fn a_client_that_goes_away_cancels_its_unsent_request() {
 }
 
 #[test]
+fn a_batch_cancelled_before_its_lines_were_queued_lists_every_line_as_an_error() {
+    let sim = SimProcess::start(&[]);
+    let port = free_port();
+    let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
+    let d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
+    let base = format!("http://127.0.0.1:{port}");
+    let report = sdk_beside(&["cancel_unqueued", &base, KEY], &[&d]);
+    eprintln!("{report}");
+    // The small batch was cancelled while the worker still queued the big
+    // one, so none of its lines became a job.
+    assert_eq!(
+        report["big_status_when_small_cancelled"], "validating",
+        "{report}"
+    );
+    assert_eq!(report["small_output"], 0, "{report}");
+    assert_eq!(report["small_errors"], 5, "{report}");
+    assert_eq!(
+        report["small_error_codes"],
+        serde_json::json!(["batch_cancelled"])
+    );
+    assert_eq!(
+        report["small_counts"],
+        serde_json::json!([5, 5]),
+        "{report}"
+    );
+}
+
+#[test]
 fn a_batch_past_its_window_expires_with_what_it_finished() {
     let sim = SimProcess::start(&["--latency-ms", "300", "--max-num-seqs", "2"]);
     let port = free_port();

@@ -6,6 +6,10 @@
     openai_sdk_client.py finish BASE_URL KEY ID N
                                                  waits for batch ID, checks its files
     openai_sdk_client.py big BASE_URL KEY N      times a batch of N requests
+    openai_sdk_client.py cancel_unqueued BASE_URL KEY
+                                                 a batch cancelled before its lines
+                                                 were queued (the worker busy queueing
+                                                 a big one): every line an error
     openai_sdk_client.py chat BASE_URL KEY       models, chat completions (plain,
                                                  streamed), their errors
     openai_sdk_client.py stream BASE_URL KEY DB  a streamed answer relayed as the
@@ -393,6 +397,33 @@ def stream(base, key, db):
     return report
 
 
+def cancel_unqueued(base, key):
+    c = client(base, key)
+    big_ids = [f"big-{i}" for i in range(20000)]
+    big = create(c, upload(c, [line(i, f"bulk {i}") for i in big_ids], name="big.jsonl").id)
+    # The worker validates and queues the big batch line by line; the small
+    # one, created and cancelled meanwhile, never gets its turn.
+    ids = [f"small-{i}" for i in range(5)]
+    small = create(c, upload(c, [line(i, f"small {i}") for i in ids]).id)
+    small = c.batches.cancel(small.id)
+    big_status = c.batches.retrieve(big.id).status
+    small = wait(c, small.id, lambda b: b.status in ENDED)
+    assert small.status == "cancelled", small
+    out, err = check_results(c, small, ids)
+    codes = sorted({e["error"]["code"] for e in err})
+    c.batches.cancel(big.id)
+    big = wait(c, big.id, lambda b: b.status in ENDED, limit=600)
+    assert big.status == "cancelled", big
+    check_results(c, big, big_ids)
+    return {
+        "big_status_when_small_cancelled": big_status,
+        "small_output": len(out),
+        "small_errors": len(err),
+        "small_error_codes": codes,
+        "small_counts": [small.request_counts.total, small.request_counts.failed],
+    }
+
+
 def broken(base, key):
     c = client(base, key)
     stream = c.chat.completions.create(
@@ -502,6 +533,8 @@ if __name__ == "__main__":
         result = stream(base, key, sys.argv[4])
     elif mode == "broken":
         result = broken(base, key)
+    elif mode == "cancel_unqueued":
+        result = cancel_unqueued(base, key)
     elif mode == "overtake":
         result = overtake(base, key, int(sys.argv[4]))
     elif mode == "start":

@@ -545,8 +545,21 @@ async fn advance(api: &Api, mut row: BatchRow) -> anyhow::Result<()> {
         _ => "completed",
     };
     let why = if end == "completed" { "" } else { end };
-    let (output, errors) = write_files(api, &row.id, why).await?;
+    // A batch cancelled while it was validating has lines that never
+    // became jobs: each is a `batch_cancelled` error all the same.
+    let unqueued = if end == "cancelled" {
+        never_queued(api, &row).await?
+    } else {
+        Vec::new()
+    };
     let mut row = row;
+    if !unqueued.is_empty() {
+        let n = unqueued.len() as u64;
+        let counts = &mut row.doc["request_counts"];
+        counts["total"] = json!(counts["total"].as_u64().unwrap_or(0) + n);
+        counts["failed"] = json!(counts["failed"].as_u64().unwrap_or(0) + n);
+    }
+    let (output, errors) = write_files(api, &row.id, why, &unqueued).await?;
     let status = row.status.clone();
     row.doc["output_file_id"] = json!(output.map(|f| f.id));
     row.doc["error_file_id"] = json!(errors.map(|f| f.id));
@@ -667,13 +680,48 @@ async fn line_result(
     }
 }
 
+/// The lines of a batch's input that never became jobs (line number and
+/// `custom_id`): it was cancelled before they were queued.
+async fn never_queued(api: &Api, row: &BatchRow) -> anyhow::Result<Vec<(u64, String)>> {
+    let Some(file) = api.store.file(&row.input_file_id).await? else {
+        return Ok(Vec::new());
+    };
+    let queued: HashSet<String> = api
+        .store
+        .lines(&row.id)
+        .await?
+        .into_iter()
+        .map(|l| l.custom_id)
+        .collect();
+    let path = api.files_dir.join(&file.path);
+    Ok(tokio::task::spawn_blocking(move || unqueued_lines(&path, &queued)).await??)
+}
+
+/// The lines of the input file at `path` whose `custom_id` is not in
+/// `queued` (lines without one were never requests).
+fn unqueued_lines(path: &Path, queued: &HashSet<String>) -> std::io::Result<Vec<(u64, String)>> {
+    let mut out = Vec::new();
+    each_line(path, |line, text| {
+        let custom_id = serde_json::from_str::<Value>(text)
+            .ok()
+            .and_then(|v| v.get("custom_id")?.as_str().map(str::to_string));
+        if let Some(id) = custom_id.filter(|id| !queued.contains(id)) {
+            out.push((line, id));
+        }
+        true
+    })?;
+    Ok(out)
+}
+
 /// Writes the output and error files of a batch whose jobs have all
 /// ended, one line at a time, and records them; `None` for a file that
-/// would be empty.
+/// would be empty. `unqueued` lines (never jobs: the batch was cancelled
+/// first) are errors at the end of the error file.
 async fn write_files(
     api: &Api,
     batch: &str,
     why: &str,
+    unqueued: &[(u64, String)],
 ) -> anyhow::Result<(Option<FileRow>, Option<FileRow>)> {
     let suffix = batch.strip_prefix("batch_").unwrap_or(batch);
     let names = [
@@ -706,6 +754,20 @@ async fn write_files(
         let mut text = serde_json::to_vec(&value)?;
         text.push(b'\n');
         let out = &mut outs[i];
+        out.1.write_all(&text).await?;
+        out.2 += text.len() as u64;
+        out.3 += 1;
+    }
+    for (line, custom_id) in unqueued {
+        let value = json!({
+            "id": format!("batch_req_{suffix}_line_{line}"),
+            "custom_id": custom_id,
+            "response": null,
+            "error": {"code": "batch_cancelled", "message": "the batch was cancelled before this request was queued"},
+        });
+        let mut text = serde_json::to_vec(&value)?;
+        text.push(b'\n');
+        let out = &mut outs[1];
         out.1.write_all(&text).await?;
         out.2 += text.len() as u64;
         out.3 += 1;
@@ -748,6 +810,24 @@ async fn write_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lines_a_cancelled_batch_never_queued_are_found_by_custom_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(
+            &path,
+            "{\"custom_id\": \"a\"}\n\n{\"custom_id\": \"b\"}\nnot json\n{\"custom_id\": \"c\"}\n",
+        )
+        .unwrap();
+        let none: HashSet<String> = HashSet::new();
+        assert_eq!(
+            unqueued_lines(&path, &none).unwrap(),
+            [(1, "a".into()), (3, "b".into()), (5, "c".into())]
+        );
+        let some: HashSet<String> = ["a".to_string(), "c".to_string()].into();
+        assert_eq!(unqueued_lines(&path, &some).unwrap(), [(3, "b".into())]);
+    }
 
     fn config() -> Config {
         toml::from_str(
