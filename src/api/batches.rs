@@ -713,6 +713,37 @@ fn unqueued_lines(path: &Path, queued: &HashSet<String>) -> std::io::Result<Vec<
     Ok(out)
 }
 
+/// A file of a batch being written (`.part` until it is whole): its lines
+/// and bytes so far.
+struct Part {
+    path: std::path::PathBuf,
+    w: tokio::io::BufWriter<tokio::fs::File>,
+    bytes: u64,
+    lines: u64,
+}
+
+impl Part {
+    async fn create(path: std::path::PathBuf) -> std::io::Result<Part> {
+        let w = tokio::io::BufWriter::new(tokio::fs::File::create(&path).await?);
+        Ok(Part {
+            path,
+            w,
+            bytes: 0,
+            lines: 0,
+        })
+    }
+
+    /// Writes `value` as one line.
+    async fn append(&mut self, value: &Value) -> anyhow::Result<()> {
+        let mut text = serde_json::to_vec(value)?;
+        text.push(b'\n');
+        self.w.write_all(&text).await?;
+        self.bytes += text.len() as u64;
+        self.lines += 1;
+        Ok(())
+    }
+}
+
 /// Writes the output and error files of a batch whose jobs have all
 /// ended, one line at a time, and records them; `None` for a file that
 /// would be empty. `unqueued` lines (never jobs: the batch was cancelled
@@ -730,13 +761,7 @@ async fn write_files(
     ];
     let mut outs = Vec::new();
     for name in &names {
-        let part = api.files_dir.join(format!("{name}.part"));
-        outs.push((
-            part.clone(),
-            tokio::io::BufWriter::new(tokio::fs::File::create(&part).await?),
-            0u64,
-            0u64,
-        ));
+        outs.push(Part::create(api.files_dir.join(format!("{name}.part"))).await?);
     }
     // Jobs and result documents are read a few dozen at a time, the lines
     // written in order.
@@ -747,16 +772,10 @@ async fn write_files(
         })
         .buffered(READ_AHEAD);
     while let Some(result) = results.next().await {
-        let (i, value) = match result? {
-            Ok(v) => (0, v),
-            Err(v) => (1, v),
-        };
-        let mut text = serde_json::to_vec(&value)?;
-        text.push(b'\n');
-        let out = &mut outs[i];
-        out.1.write_all(&text).await?;
-        out.2 += text.len() as u64;
-        out.3 += 1;
+        match result? {
+            Ok(v) => outs[0].append(&v).await?,
+            Err(v) => outs[1].append(&v).await?,
+        }
     }
     for (line, custom_id) in unqueued {
         let value = json!({
@@ -765,15 +784,19 @@ async fn write_files(
             "response": null,
             "error": {"code": "batch_cancelled", "message": "the batch was cancelled before this request was queued"},
         });
-        let mut text = serde_json::to_vec(&value)?;
-        text.push(b'\n');
-        let out = &mut outs[1];
-        out.1.write_all(&text).await?;
-        out.2 += text.len() as u64;
-        out.3 += 1;
+        outs[1].append(&value).await?;
     }
     let mut rows = Vec::new();
-    for ((part, mut w, bytes, lines), name) in outs.into_iter().zip(names) {
+    for (
+        Part {
+            path: part,
+            mut w,
+            bytes,
+            lines,
+        },
+        name,
+    ) in outs.into_iter().zip(names)
+    {
         w.flush().await?;
         w.get_mut().sync_all().await?;
         drop(w);
