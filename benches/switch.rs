@@ -151,6 +151,7 @@ async fn run(sleep: bool, switches: usize) -> Run {
                     status: Some(JobStatus::Done),
                     model_type: Some(model),
                     parent_id: None,
+                    lease_ended_before: None,
                     limit: 1_000_000,
                 })
                 .ok()?;
@@ -198,6 +199,7 @@ async fn run(sleep: bool, switches: usize) -> Run {
             status: None,
             model_type: None,
             parent_id: None,
+            lease_ended_before: None,
             limit: 1_000_000,
         })
         .unwrap();
@@ -267,6 +269,7 @@ async fn cold() -> Cold {
                 status: Some(JobStatus::Done),
                 model_type: Some(ModelType::Think),
                 parent_id: None,
+                lease_ended_before: None,
                 limit: 1_000_000,
             })
             .ok()?;

@@ -202,6 +202,7 @@ impl FeederMcp {
             status,
             model_type,
             parent_id: None,
+            lease_ended_before: None,
             limit: a.limit.unwrap_or(20).min(1000),
         };
         let jobs = self.store.list(&filter).await.map_err(|e| e.to_string())?;

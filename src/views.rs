@@ -158,6 +158,13 @@ pub fn groups_json(groups: &[GroupStatus]) -> Vec<Value> {
                 "switching": g.switching,
                 "switches": g.switches,
                 "problems": g.problems,
+                "recent": g.recent.iter().map(|r| json!({
+                    "from": r.from.as_str(),
+                    "to": r.to.as_str(),
+                    "at": unix(r.at),
+                    "took_s": r.took.map(|d| d.as_secs_f64()),
+                    "problems": r.problems,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect()

@@ -245,6 +245,7 @@ fn every_family_filled() -> String {
         switching: false,
         switches: 1,
         problems: Vec::new(),
+        recent: Vec::new(),
     };
     let status = FeederStatus {
         dispatch: vec![DispatchStatus {

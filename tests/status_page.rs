@@ -99,13 +99,46 @@ fn the_page_shows_instances_counts_a_failure_and_an_instance_down_as_a_person_se
     assert_eq!(count(&dom, "think", "failed"), Some(1), "{stats}");
     assert_eq!(count(&dom, "think", "done"), Some(24), "{stats}");
     assert_eq!(count(&dom, "vision", "done"), Some(6), "{stats}");
-    assert!(dom.contains("Instances") && dom.contains("Queue"), "{dom}");
-    // No GPU readings here, and the page says so instead of showing none.
+    // What is read is what the page drew: its scripts' templates are out.
     assert!(
-        element(&dom, "p", "class", "notice warn").is_some_and(|p| p.contains("No GPU readings")),
+        !dom.contains("function render"),
+        "scripts left in the DOM read"
+    );
+    let main = shown(&dom);
+    assert!(
+        main.contains("<h2>Instances</h2>") && main.contains("<h2>Queue</h2>"),
         "{dom}"
     );
-    assert!(dom.contains("<svg class=\"chart\""), "a throughput chart");
+    // Each instance's row: its model, its window and mode, its server's
+    // signals, its restarts, as `instances --json` gives them.
+    for name in ["think", "vision"] {
+        let i = s.instance(name).unwrap();
+        let row = element(main, "tr", "data-instance", name).unwrap();
+        let cells = row.matches("<td").count();
+        assert_eq!(cells, 11, "one cell per column: {row}");
+        for field in ["model", "model_type", "backend", "window_mode"] {
+            let v = i[field].as_str().unwrap_or_else(|| panic!("{field}: {i}"));
+            assert!(row.contains(&escaped(v)), "{name}'s {field} {v:?}: {row}");
+        }
+        let restarts = format!("<td class=\"n\">{}</td>", i["restarts"]);
+        assert!(row.contains(&restarts), "{name}'s restarts: {row}");
+        // The simulator serves vLLM's metrics: its KV use reads as a percentage.
+        assert!(row.contains(" %</td>"), "{name}'s server signals: {row}");
+    }
+    // Every job finished: nothing pending, nothing left to drain.
+    let queue_row = element(main, "tr", "data-queue", "think").unwrap();
+    assert!(queue_row.contains(">drained<"), "{queue_row}");
+    // No GPU readings here, and the page says so instead of showing none.
+    assert!(
+        element(main, "p", "class", "notice warn").is_some_and(|p| p.contains("No GPU readings")),
+        "{dom}"
+    );
+    assert!(main.contains("<svg class=\"chart\""), "a throughput chart");
+    assert!(
+        element(main, "section", "id", "stuck")
+            .is_some_and(|p| p.contains("None: every claimed job")),
+        "no job is stuck: {dom}"
+    );
     // No `[api]`: no batches section at all.
     assert!(!shown(&dom).contains("id=\"batches\""), "{dom}");
 
@@ -230,6 +263,18 @@ fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemo
     b.until(
         "the five jobs done",
         "document.querySelector('[data-model=\"think\"][data-count=\"done\"]')?.textContent === '5'",
+    );
+    // The cookie reads, and changes nothing: a write with it alone (what
+    // another page on this host could make the browser send) is refused.
+    assert_eq!(
+        b.eval("fetch('/v1/instances/think/restart', {method: 'POST', credentials: 'same-origin'}).then((r) => r.status)"),
+        json!(401),
+        "a restart by cookie alone"
+    );
+    assert_eq!(
+        b.eval("fetch('/v1/status', {credentials: 'same-origin'}).then((r) => r.status)"),
+        json!(200),
+        "a read by cookie"
     );
 
     // Forgetting the token hides the data again.
@@ -381,6 +426,14 @@ fn when_the_queue_cannot_be_read_the_page_says_why_and_still_shows_the_instances
         "the notice names the server: {notice}"
     );
     assert_eq!(count(&dom, "think", "done"), None, "no stale counts: {dom}");
+    // What cannot be known is not said to be fine.
+    for section in ["failures", "stuck"] {
+        let shown = element(&dom, "section", "id", section).unwrap_or_default();
+        assert!(
+            shown.contains("data-unknown") && !shown.contains("None:") && !shown.contains("No job"),
+            "{section} while the queue cannot be read: {shown}"
+        );
+    }
     assert!(
         element(&dom, "tr", "data-instance", "think").is_some(),
         "the instances still show: {dom}"
@@ -420,7 +473,9 @@ fn serve_fixed(view: Value) -> String {
 /// allocator that switched: the page shows what a person needs of them.
 #[test]
 fn gpu_readings_and_the_allocator_show_from_the_views_own_document() {
-    use feeder_actors::allocator::{AllocatorStatus, GroupStatus, Strategy, SwitchCost};
+    use feeder_actors::allocator::{
+        AllocatorStatus, GroupStatus, Strategy, SwitchCost, SwitchRecord,
+    };
     use feeder_actors::gpu::{GpuReading, GpuSnapshot};
     use feeder_actors::supervisor::FeederStatus;
     use feeder_actors::{ModelType, QueueStats};
@@ -452,7 +507,24 @@ fn gpu_readings_and_the_allocator_show_from_the_views_own_document() {
         pinned: None,
         switching: false,
         switches: 4,
-        problems: vec![],
+        // Text from elsewhere (an instance's error) is shown as text.
+        problems: vec!["vision: <img src=x onerror=alert(1)> did not sleep".into()],
+        recent: vec![
+            SwitchRecord {
+                from: Strategy::Static,
+                to: Strategy::Vision,
+                at: since - Duration::from_secs(600),
+                took: Some(Duration::from_millis(30_800)),
+                problems: 0,
+            },
+            SwitchRecord {
+                from: Strategy::Vision,
+                to: Strategy::Think,
+                at: since,
+                took: Some(Duration::from_millis(2_200)),
+                problems: 1,
+            },
+        ],
     };
     let status = FeederStatus {
         gpus: Some(GpuSnapshot {
@@ -510,6 +582,25 @@ fn gpu_readings_and_the_allocator_show_from_the_views_own_document() {
     assert!(
         dom.contains("think: load 41.5 s, wake 2.3 s"),
         "the switch costs: {dom}"
+    );
+    // The group's last switches, newest first, each with what it cost.
+    let switches: Vec<&str> = group.split("<div data-switch").skip(1).collect();
+    assert_eq!(switches.len(), 2, "{group}");
+    assert!(
+        switches[0].contains("vision → <b>think</b>")
+            && switches[0].contains("took 2.2 s")
+            && switches[0].contains("1 problem(s)"),
+        "{}",
+        switches[0]
+    );
+    assert!(
+        switches[1].contains("static → <b>vision</b>") && switches[1].contains("took 30.8 s"),
+        "{}",
+        switches[1]
+    );
+    assert!(
+        group.contains("&lt;img src=x onerror=alert(1)&gt;") && !group.contains("<img"),
+        "a problem's text is escaped: {group}"
     );
     let dir = tempfile::tempdir().unwrap();
     let shot = dir.path().join("status-page-gpus.png");

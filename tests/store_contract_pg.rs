@@ -151,6 +151,7 @@ async fn rows_inserted_with_sql_move_the_change_token() {
             status: None,
             model_type: Some(ModelType::Think),
             parent_id: None,
+            lease_ended_before: None,
             limit: 10,
         })
         .await

@@ -368,6 +368,9 @@ pub struct ListFilter {
     pub model_type: Option<ModelType>,
     /// Only fragments of this parent.
     pub parent_id: Option<JobId>,
+    /// Only claimed jobs whose lease ended before this time and that no
+    /// one has reclaimed yet: the jobs stuck past their lease.
+    pub lease_ended_before: Option<Timestamp>,
     /// At most this many (newest first).
     pub limit: usize,
 }

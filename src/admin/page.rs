@@ -36,8 +36,8 @@ const FAILURES: usize = 10;
 /// …the most recently finished among this many failed jobs, newest
 /// submitted first.
 const FAILED_READ: usize = 200;
-/// Claimed jobs read to find those stuck past their lease.
-const PROCESSING_READ: usize = 2000;
+/// Jobs stuck past their lease listed, the most recently submitted.
+const STUCK: usize = 50;
 /// Batches shown, the latest.
 const BATCHES: usize = 20;
 
@@ -56,7 +56,14 @@ pub fn cookie_matches(headers: &HeaderMap, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .any(|(k, v)| k == COOKIE && v == want)
+        .any(|(k, v)| k == COOKIE && same_secret(v, &want))
+}
+
+/// `given == secret`, in a time that does not depend on where they first
+/// differ, so that timing answers cannot spell a token out.
+pub fn same_secret(given: &str, secret: &str) -> bool {
+    let (g, s) = (given.as_bytes(), secret.as_bytes());
+    g.len() == s.len() && g.iter().zip(s).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
 /// `GET /`: the page (no data in it, so it loads without the token).
@@ -90,7 +97,7 @@ pub async fn login(State(a): State<Admin>, body: Option<Json<Value>>) -> Respons
     if given.is_empty() {
         return bad(StatusCode::UNAUTHORIZED, "token required");
     }
-    if given != token {
+    if !same_secret(given, token) {
         return bad(StatusCode::UNAUTHORIZED, "wrong token");
     }
     (
@@ -118,12 +125,14 @@ pub async fn logout() -> Response {
         .into_response()
 }
 
-/// Up to `limit` jobs in `status`, newest first; none read when the
-/// queue's counts say there are none (most of the time, for both).
+/// Up to `limit` jobs in `status` (for `Processing`, only those whose
+/// lease ended before `now`), newest first; none read when the queue's
+/// counts say there are none (most of the time, for both).
 async fn jobs(
     a: &Admin,
     stats: Option<&QueueStats>,
     status: JobStatus,
+    now: Timestamp,
     limit: usize,
 ) -> Result<Vec<Job>, String> {
     let none = stats.is_some_and(|s| s.models.iter().all(|(_, m)| m.counts.get(status) == 0));
@@ -133,6 +142,7 @@ async fn jobs(
     a.reader
         .list(&ListFilter {
             status: Some(status),
+            lease_ended_before: (status == JobStatus::Processing).then_some(now),
             limit,
             ..Default::default()
         })
@@ -161,13 +171,8 @@ pub async fn page_json(
     let mut v = views::status_json(&a.config, &status, stats.as_ref().ok());
     let lists = async {
         let (failed, processing) = tokio::join!(
-            jobs(&a, stats.as_ref().ok(), JobStatus::Failed, FAILED_READ),
-            jobs(
-                &a,
-                stats.as_ref().ok(),
-                JobStatus::Processing,
-                PROCESSING_READ
-            ),
+            jobs(&a, stats.as_ref().ok(), JobStatus::Failed, now, FAILED_READ),
+            jobs(&a, stats.as_ref().ok(), JobStatus::Processing, now, STUCK),
         );
         Ok::<_, String>((failed?, processing?))
     };
@@ -189,6 +194,10 @@ pub async fn page_json(
     };
     v["queue_error"] = json!(queue_error);
     v["token_required"] = json!(!a.config.admin.token.is_empty());
+    v["daemon"] = json!({
+        "id": a.config.queue.owner(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
     v["now"] = json!(now.0 as f64 / 1000.0);
     let (batches, batches_error) = match &a.api {
         None => (Value::Null, None),

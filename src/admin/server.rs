@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -259,7 +259,13 @@ async fn auth(State(token): State<Arc<String>>, req: Request, next: Next) -> Res
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) || super::page::cookie_matches(req.headers(), &token) {
+    // The page's cookie reads; it changes nothing. A browser sends it with
+    // requests another page on this host makes (a port is no boundary for
+    // cookies), so a write needs the bearer header, which no other page can
+    // add.
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
+    let by_cookie = reads && super::page::cookie_matches(req.headers(), &token);
+    if given.is_some_and(|g| super::page::same_secret(g, &token)) || by_cookie {
         next.run(req).await
     } else {
         bad(

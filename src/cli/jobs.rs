@@ -251,6 +251,7 @@ pub(super) async fn list(
             status,
             model_type: model,
             parent_id: None,
+            lease_ended_before: None,
             limit,
         })
         .await?;

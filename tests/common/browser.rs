@@ -55,8 +55,26 @@ pub fn headless(url: &str, extra: &[&str]) -> String {
 }
 
 /// The page as Chromium renders it (its DOM after the scripts ran).
+/// The rendered DOM of `url`, without its scripts: `--dump-dom` writes a
+/// script's text too, and the page's templates must not pass for what it
+/// shows.
 pub fn dom(url: &str) -> String {
-    headless(url, &["--dump-dom"])
+    without_scripts(&headless(url, &["--dump-dom"]))
+}
+
+/// `html` with every `<script …>…</script>` element taken out.
+pub fn without_scripts(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut rest = html;
+    while let Some(at) = rest.find("<script") {
+        out.push_str(&rest[..at]);
+        match rest[at..].find("</script>") {
+            Some(end) => rest = &rest[at + end + "</script>".len()..],
+            None => return out,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Renders `url` until `cond` holds on its DOM; panics naming `what`, with

@@ -2,7 +2,7 @@
 //! group has its own strategy.
 
 use std::collections::BTreeMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -34,6 +34,51 @@ pub struct GroupStatus {
     pub switches: u64,
     /// What went wrong in its last switch.
     pub problems: Vec<String>,
+    /// Its latest switches, oldest first (at most [`RECENT_SWITCHES`]).
+    pub recent: Vec<SwitchRecord>,
+}
+
+/// How many of a group's switches [`GroupStatus::recent`] keeps.
+pub const RECENT_SWITCHES: usize = 5;
+
+/// One switch of a GPU group, as the status page lists it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SwitchRecord {
+    /// The strategy it left.
+    pub from: Strategy,
+    /// The strategy it brought in.
+    pub to: Strategy,
+    /// When it was decided.
+    pub at: SystemTime,
+    /// What it cost: from the decision until every instance had followed
+    /// (drained, slept or stopped, woken or loaded); `None` while it runs.
+    pub took: Option<Duration>,
+    /// How many problems it met (see [`GroupStatus::problems`]).
+    pub problems: usize,
+}
+
+impl GroupStatus {
+    /// Notes a switch from `from` to `to` decided now.
+    pub(super) fn switch_began(&mut self, from: Strategy, to: Strategy) {
+        if self.recent.len() == RECENT_SWITCHES {
+            self.recent.remove(0);
+        }
+        self.recent.push(SwitchRecord {
+            from,
+            to,
+            at: SystemTime::now(),
+            took: None,
+            problems: 0,
+        });
+    }
+
+    /// Notes that the latest switch was applied, with `problems` met.
+    pub(super) fn switch_ended(&mut self, problems: usize) {
+        if let Some(last) = self.recent.last_mut() {
+            last.took = Some(last.at.elapsed().unwrap_or_default());
+            last.problems = problems;
+        }
+    }
 }
 
 /// Splits instances into GPU groups: two instances whose `gpu_ids` share a
@@ -247,6 +292,7 @@ pub(super) fn groups_of(instances: &[Managed]) -> Vec<Group> {
                     switching: false,
                     switches: 0,
                     problems: Vec::new(),
+                    recent: Vec::new(),
                 },
                 think: has(ModelType::Think),
                 vision: has(ModelType::Vision),

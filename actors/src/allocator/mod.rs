@@ -70,7 +70,7 @@ use crate::runtime::LaunchPlan;
 
 pub use gpu::{
     gpu_groups, group_gpus, group_name, launch_turns, launch_turns_as, staggered_start, Footprint,
-    GroupStatus,
+    GroupStatus, SwitchRecord, RECENT_SWITCHES,
 };
 use gpu::{groups_of, Group};
 use policy::backlog_of;

@@ -107,6 +107,7 @@ impl AllocatorState {
             problems: Vec::new(),
             ..group.status.clone()
         };
+        group.status.switch_began(from, d.to);
         group.since = Instant::now();
         let instances = self.args.peers.instances.clone();
         let me = myself.clone();
@@ -186,6 +187,7 @@ impl AllocatorState {
             return;
         };
         g.status.switching = false;
+        g.status.switch_ended(problems.len());
         g.status.problems = problems.clone();
         let whose = if several {
             format!("{}: ", g.status.name)

@@ -532,6 +532,9 @@ impl BlockingJobStore for MemoryStore {
                 filter.status.is_none_or(|s| j.status == s)
                     && filter.model_type.is_none_or(|m| j.model_type == m)
                     && filter.parent_id.is_none_or(|p| j.parent_id == Some(p))
+                    && filter.lease_ended_before.is_none_or(|t| {
+                        j.status == JobStatus::Processing && j.lease_until.is_some_and(|l| l < t)
+                    })
             })
             .collect();
         rows.sort_by(|(sa, a), (sb, b)| b.created_at.cmp(&a.created_at).then(sb.cmp(sa)));

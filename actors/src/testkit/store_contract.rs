@@ -353,6 +353,15 @@ pub async fn lease_expiry_reclaims(f: &impl StoreFixture) {
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
+    // Before its reclaim, a job past its lease is listed as stuck.
+    let stuck = |at| ListFilter {
+        lease_ended_before: Some(at),
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(s.list(&stuck(T0 + secs(9))).await.unwrap().is_empty());
+    let listed = s.list(&stuck(T0 + secs(11))).await.unwrap();
+    assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![id]);
     assert_eq!(s.reclaim_expired(T0 + secs(9)).await.unwrap(), 0);
     assert_eq!(status_of(&s, id).await, JobStatus::Processing);
     assert_eq!(s.reclaim_expired(T0 + secs(11)).await.unwrap(), 1);
@@ -361,6 +370,7 @@ pub async fn lease_expiry_reclaims(f: &impl StoreFixture) {
     assert_eq!(job.claim_id, None);
     assert_eq!(job.lease_until, None);
     assert_eq!(job.attempts, 0, "a reclaim is not an attempt");
+    assert!(s.list(&stuck(T0 + secs(11))).await.unwrap().is_empty());
     let again = claim_one(&s, ModelType::Vision, T0 + secs(12))
         .await
         .unwrap();

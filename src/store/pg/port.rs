@@ -397,6 +397,8 @@ impl JobStore for PgStore {
         let model = filter.model_type.map(|m| m.as_str());
         let parent = filter.parent_id.map(|p| p.0.to_vec());
         let limit = filter.limit.min(i64::MAX as usize) as i64;
+        let stuck = filter.lease_ended_before.is_some();
+        let before = filter.lease_ended_before.and_then(|t| self.at(t));
         run!(self, |c, _tries| {
             let st = c
                 .prepare_cached(
@@ -404,10 +406,14 @@ impl JobStore for PgStore {
                       WHERE ($1::text IS NULL OR status = $1) \
                         AND ($2::text IS NULL OR model_type = $2) \
                         AND ($3::bytea IS NULL OR parent_id = $3) \
+                        AND (NOT $5 OR (status = 'processing' \
+                                        AND lease_until < gpu_feeder_now($6))) \
                       ORDER BY created_at DESC, seq DESC LIMIT $4",
                 )
                 .await?;
-            let rows = c.query(&st, &[&status, &model, &parent, &limit]).await?;
+            let rows = c
+                .query(&st, &[&status, &model, &parent, &limit, &stuck, &before])
+                .await?;
             jobs(&rows)
         })
     }

@@ -378,6 +378,10 @@ impl BlockingJobStore for SqliteStore {
             clauses.push("parent_id = ?");
             args.push(p.0.to_vec().into());
         }
+        if let Some(t) = filter.lease_ended_before {
+            clauses.push("status = 'processing' AND lease_until < ?");
+            args.push(secs(t).into());
+        }
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&clauses.join(" AND "));
