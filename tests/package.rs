@@ -93,9 +93,10 @@ fn scratch_root(root: &Path) {
         ("var/lib/dpkg/status", "", 0o644),
         ("var/lib/dpkg/available", "", 0o644),
         ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
-        ("etc/group", "root:x:0:\n", 0o644),
+        // A host with Docker: its group, which the daemon's user joins.
+        ("etc/group", "root:x:0:\ndocker:x:998:alice\n", 0o644),
         ("etc/shadow", "root:*:20000:0:99999:7:::\n", 0o640),
-        ("etc/gshadow", "root:*::\n", 0o640),
+        ("etc/gshadow", "root:*::\ndocker:!::alice\n", 0o640),
     ] {
         let path = root.join(file);
         std::fs::write(&path, content).unwrap();
@@ -202,6 +203,7 @@ fn the_package_is_lintian_clean_and_installs_into_a_scratch_root() {
             .any(|l| l.starts_with("-rwxr-xr-x root/root") && l.ends_with(" ./usr/bin/gpu-feeder")),
         "the binary is not root-owned 0755:\n{listing}"
     );
+    eprintln!("package contents:\n{listing}");
     let conffiles = text(&run(
         Command::new("dpkg-deb")
             .arg("-I")
@@ -253,6 +255,23 @@ fn the_package_is_lintian_clean_and_installs_into_a_scratch_root() {
     let uid: u32 = user[2].parse().unwrap();
     let gid: u32 = group[2].parse().unwrap();
     assert!(uid < 1000, "a system user, uid {uid}");
+    let docker = entry(&root, "group", "docker").unwrap();
+    assert_eq!(
+        docker[3], "alice,gpu-feeder",
+        "postinst adds the user to the docker group, keeping its members"
+    );
+    assert!(
+        !unit.contains("SupplementaryGroups=docker"),
+        "the unit must start on a host without a docker group"
+    );
+    // The configuration may hold secrets: the daemon's group reads it, the
+    // world does not.
+    let conf = std::fs::metadata(root.join("etc/gpu-feeder/feeder.toml")).unwrap();
+    assert_eq!(
+        (conf.uid(), conf.gid(), conf.mode() & 0o7777),
+        (0, gid, 0o640),
+        "feeder.toml's owner, group and mode"
+    );
     let state = root.join("var/lib/gpu-feeder");
     let meta = std::fs::metadata(&state).expect("postinst created /var/lib/gpu-feeder");
     assert!(meta.is_dir());
