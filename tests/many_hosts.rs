@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::http::get;
 use common::pg::PgServer;
+use common::served::{RequestLog, Served};
 use common::{
     bin, external, free_port, mcp_client, strings, wait_for, DaemonProcess, Scratch, SimProcess,
 };
@@ -28,12 +29,20 @@ struct Host {
     admin: u16,
     daemon: Option<DaemonProcess>,
     _sims: Vec<SimProcess>,
+    /// What each of its servers received.
+    requests: Vec<RequestLog>,
+    _logs: tempfile::TempDir,
 }
 
 fn host(url: &str, name: &str, latency_ms: u64) -> Host {
     let lat = latency_ms.to_string();
-    let vision = SimProcess::start(&["--latency-ms", &lat]);
-    let think = SimProcess::start(&["--latency-ms", &lat]);
+    let logs = tempfile::tempdir().unwrap();
+    let requests = vec![
+        RequestLog::new(logs.path(), "vision"),
+        RequestLog::new(logs.path(), "think"),
+    ];
+    let vision = SimProcess::start(&[&["--latency-ms", &lat][..], &requests[0].flags()].concat());
+    let think = SimProcess::start(&[&["--latency-ms", &lat][..], &requests[1].flags()].concat());
     let admin = free_port();
     let queue = format!(
         "database_url = \"{url}\"\ndaemon_id = \"{name}\"\nheartbeat_s = 1\nheartbeat_timeout_s = 4\nlease_s = 600\n"
@@ -58,7 +67,46 @@ fn host(url: &str, name: &str, latency_ms: u64) -> Host {
         admin,
         daemon: None,
         _sims: vec![vision, think],
+        requests,
+        _logs: logs,
     }
+}
+
+/// The jobs claimed by `host` now, as the servers' request ids name them.
+fn claimed_by(pg: &PgServer, url: &str, host: &str) -> Vec<String> {
+    pg.psql(
+        url,
+        &format!(
+            "SELECT encode(id, 'hex') FROM gpu_jobs WHERE status = 'processing' AND claimed_by LIKE '{host}/%'"
+        ),
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// Exactly once, as `hosts`' servers saw it (see [`Served`]): every job,
+/// with the answer its result document holds.
+fn served_once(pg: &PgServer, url: &str, hosts: &[&Host], served: &mut Served) -> (usize, u32) {
+    let logs: Vec<&RequestLog> = hosts.iter().flat_map(|h| &h.requests).collect();
+    served.read(&logs);
+    let answers: Vec<(String, Option<String>)> = pg
+        .psql(
+            url,
+            "SELECT encode(j.id, 'hex'), \
+                    convert_from(r.doc, 'UTF8')::jsonb -> 'response' ->> 'id' \
+               FROM gpu_jobs j LEFT JOIN gpu_results r ON r.id = j.id",
+        )
+        .lines()
+        .map(|l| {
+            let (id, answer) = l.split_once('|').expect("id|answer");
+            (
+                id.to_string(),
+                Some(answer).filter(|a| !a.is_empty()).map(str::to_string),
+            )
+        })
+        .collect();
+    served.assert_answers(&answers)
 }
 
 impl Host {
@@ -174,6 +222,7 @@ fn three_daemons_share_one_queue_through_crashes() {
         h.start(0);
     }
 
+    let mut served = Served::default();
     // A crash and a restart of host-a once work is under way, holding
     // claims (read after the kill: a kill between claims proves nothing,
     // and is tried again once another tenth is done).
@@ -187,11 +236,7 @@ fn three_daemons_share_one_queue_through_crashes() {
             counts(&pg, &url).get("done").copied().unwrap_or(0) >= (done + total / 10).min(total)
         });
         hosts[0].kill9();
-        let held = one(
-            &pg,
-            &url,
-            "SELECT count(*) FROM gpu_jobs WHERE status = 'processing' AND claimed_by LIKE 'host-a/%'",
-        );
+        let held = served.kill_found(claimed_by(&pg, &url, "host-a"));
         hosts[0].start(run);
         println!("kill {run} of host-a: it held {held} claims");
         if held > 0 {
@@ -216,6 +261,7 @@ fn three_daemons_share_one_queue_through_crashes() {
     });
     hosts[2].kill9();
     let killed = Instant::now();
+    served.kill_found(claimed_by(&pg, &url, "host-c"));
     // Its claims and their leases, and its last heartbeat, by the
     // database's clock (it writes nothing more).
     let (held_c, lease_c) = pg
@@ -323,6 +369,11 @@ fn three_daemons_share_one_queue_through_crashes() {
     );
     let doc = hosts[1].scratch.json(&["result", by_c.trim()]);
     assert!(doc["fragments"].as_array().unwrap().len() >= 2, "{doc}");
+    // At the servers: each job sent again only where a kill found it
+    // claimed, and each result the answer to a request for its job.
+    let (sends, duplicates) =
+        served_once(&pg, &url, &hosts.iter().collect::<Vec<_>>(), &mut served);
+    println!("the servers received {sends} requests, {duplicates} of them a repeated attempt");
     let per_host = pg.psql(
         &url,
         "SELECT split_part(claimed_by, '/', 1), count(*) FROM gpu_jobs WHERE claimed_by IS NOT NULL GROUP BY 1 ORDER BY 1",
@@ -432,6 +483,11 @@ fn a_postgres_restart_mid_run_loses_nothing() {
     let log = h.log();
     assert!(log.contains("cannot reach the queue"), "{log}");
     assert!(log.contains("reconnected to the queue"), "{log}");
+    // No daemon died: the servers saw each job sent once, whatever the
+    // outage did to its settlement.
+    let (sends, duplicates) = served_once(&pg, &url, &[&h], &mut Served::default());
+    assert_eq!(duplicates, 0, "a job was sent twice across the outage");
+    println!("the server received {sends} requests, none twice");
 }
 
 /// The command line, a real MCP client and the admin endpoint, all on a
@@ -556,5 +612,120 @@ fn a_second_live_daemon_with_the_same_daemon_id_is_refused() {
         live.child.try_wait().unwrap().is_none(),
         "the live daemon goes on: {}",
         first.log()
+    );
+}
+
+/// A `daemon_id` registered from another host cannot be checked by its
+/// pid: there its heartbeat decides. Fresh, a daemon starting with that id
+/// is refused; stale (the other host died), it starts and takes the id
+/// over.
+#[test]
+fn a_daemon_id_alive_on_another_host_is_refused_until_its_heartbeat_is_stale() {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut h = host(&url, "far", 0);
+    let m = h.scratch.json(&["migrate", "--json"]);
+    assert!(m["version"].as_u64().is_some(), "{m}");
+    pg.psql(
+        &url,
+        "INSERT INTO gpu_daemons (daemon_id, about, started_at, heartbeat_at, timeout_s) \
+         VALUES ('far', '{\"host\": \"another-host.example\", \"pid\": 1}', \
+                 gpu_feeder_now(NULL), gpu_feeder_now(NULL), 3600)",
+    );
+    let mut refused = DaemonProcess::start(&h.scratch, "far-refused");
+    let code = refused.wait_exit(LIMIT);
+    let log = refused.log();
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {log}");
+    assert!(
+        log.contains("another daemon is registered as far")
+            && log.contains("host another-host.example"),
+        "{log}"
+    );
+
+    // The other host went silent two hours ago: the id is free.
+    pg.psql(
+        &url,
+        "UPDATE gpu_daemons SET heartbeat_at = gpu_feeder_now(NULL) - 7200 WHERE daemon_id = 'far'",
+    );
+    h.start(1);
+    wait_for("the new daemon's own registration", LIMIT, || {
+        pg.psql(
+            &url,
+            "SELECT about ->> 'host' FROM gpu_daemons WHERE daemon_id = 'far'",
+        )
+        .trim()
+            == common_hostname()
+    });
+}
+
+/// This host's name, as a daemon registers it.
+fn common_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Right after PostgreSQL comes back, every daemon's heartbeat is late only
+/// because the server was away: for one heartbeat timeout a daemon takes
+/// nobody's claims over. Two daemons hold claims through an outage longer
+/// than their timeout (4 s); once the server is back neither takes the
+/// other's claims, and every job is done with one attempt.
+#[test]
+fn after_an_outage_longer_than_the_heartbeat_timeout_no_live_daemon_loses_its_claims() {
+    let pg = PgServer::start();
+    let url = pg.fresh_db();
+    let mut hosts: Vec<Host> = ["east", "west"]
+        .iter()
+        .map(|n| host(&url, n, 500))
+        .collect();
+    hosts[0].scratch.submit_prompts("think", "outage", 2000);
+    for h in hosts.iter_mut() {
+        h.start(0);
+    }
+    let holding = |name: &str| {
+        one(
+            &pg,
+            &url,
+            &format!("SELECT count(*) FROM gpu_jobs WHERE status = 'processing' AND claimed_by LIKE '{name}/%'"),
+        ) > 0
+    };
+    wait_for("both daemons hold claims", LIMIT, || {
+        holding("east") && holding("west")
+    });
+    pg.stop();
+    let stopped = Instant::now();
+    wait_for("both daemons lose the queue", LIMIT, || {
+        hosts
+            .iter()
+            .all(|h| h.log().contains("cannot reach the queue"))
+    });
+    // The scenario itself, not a wait for a state: the outage must outlast
+    // the heartbeat timeout for the rule to matter.
+    wait_for(
+        "the outage outlasts the 4 s heartbeat timeout",
+        LIMIT,
+        || stopped.elapsed() > Duration::from_secs(6),
+    );
+    pg.start_again();
+    wait_for("every job is done", LIMIT, || {
+        counts(&pg, &url).get("done").copied().unwrap_or(0) == 2000
+    });
+    for h in &hosts {
+        let log = h.log();
+        assert!(log.contains("reconnected to the queue"), "{log}");
+        assert!(
+            !log.contains("has been silent"),
+            "{} took a live daemon's claims over after the outage:\n{log}",
+            h.name
+        );
+    }
+    assert_eq!(
+        one(
+            &pg,
+            &url,
+            "SELECT count(*) FROM gpu_jobs WHERE attempts <> 1"
+        ),
+        0
     );
 }

@@ -11,6 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
+use common::served::{RequestLog, Served};
 use common::{external, free_port, DaemonProcess, Scratch, SimProcess};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -103,18 +104,47 @@ fn the_openai_sdk_runs_files_and_batches_end_to_end() {
 
 #[test]
 fn a_batch_survives_kill_9_of_the_daemon() {
-    let sim = SimProcess::start(&["--latency-ms", "100", "--max-num-seqs", "4"]);
+    let logs = tempfile::tempdir().unwrap();
+    let log = RequestLog::new(logs.path(), "think");
+    let sim = SimProcess::start(
+        &[
+            &["--latency-ms", "100", "--max-num-seqs", "4"][..],
+            &log.flags(),
+        ]
+        .concat(),
+    );
     let port = free_port();
     let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
     let mut d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);
     let base = format!("http://127.0.0.1:{port}");
     let started = sdk(&["start", &base, KEY, "120"]);
     assert_eq!(started["status"], "in_progress", "{started}");
-    d.kill9();
-    let _d = DaemonProcess::start_ready(&s, "again", &["think"], LIMIT);
+    // The kill lands mid-batch: some lines done, others claimed and sent.
+    // One that finds nothing claimed is made again once more is done.
+    let mut served = Served::default();
+    for run in 1.. {
+        let before = s.count("done");
+        common::wait_for("more of the batch done", LIMIT, || {
+            s.count("done") >= before + 10
+        });
+        d.kill9();
+        let claimed = served.kill_found(s.claimed());
+        let done = s.count("done");
+        println!("kill {run}: {claimed} lines claimed, {done} of 120 done");
+        assert!(done < 120, "the batch ended before a kill found it claimed");
+        d = DaemonProcess::start_ready(&s, &format!("again-{run}"), &["think"], LIMIT);
+        if claimed > 0 {
+            break;
+        }
+    }
     let id = started["batch_id"].as_str().unwrap();
     let done = sdk(&["finish", &base, KEY, id, "120"]);
     assert_eq!(done["output"], 120, "{done}");
+    // At the server: sent again only where the kill found a line claimed.
+    served.read(&[&log]);
+    let (sends, duplicates) = served.assert_exactly_once(&s.jobs());
+    println!("the server received {sends} requests, {duplicates} of them a repeated attempt");
+    drop(d);
 }
 
 #[test]

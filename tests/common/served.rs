@@ -126,6 +126,28 @@ impl Served {
     /// server response; parents have none) holds the answer the server
     /// gave to a request for that job. Returns (sends, duplicates).
     pub fn assert_exactly_once(&self, jobs: &[serde_json::Value]) -> (usize, u32) {
+        let answers: Vec<(String, Option<String>)> = jobs
+            .iter()
+            .map(|j| {
+                let id = j["id"].as_str().unwrap().to_string();
+                if j["status"] != "done" {
+                    return (id, None);
+                }
+                let path = j["result_path"].as_str().expect("a done job has a result");
+                let doc: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+                // A parent: merged from its fragments, never sent.
+                let answer = doc["response"]["id"].as_str().map(str::to_string);
+                (id, answer)
+            })
+            .collect();
+        self.assert_answers(&answers)
+    }
+
+    /// [`Self::assert_exactly_once`] for jobs given as (id, the server's
+    /// answer id their result holds, if done and sent): for a queue whose
+    /// results are not files.
+    pub fn assert_answers(&self, jobs: &[(String, Option<String>)]) -> (usize, u32) {
         let dups = self.duplicates();
         for (job, d) in &dups {
             let stranded = self.stranded.get(job).copied().unwrap_or(0);
@@ -141,23 +163,14 @@ impl Served {
                 *ok.entry(&s.job).or_default() += 1;
             }
         }
-        for j in jobs {
-            let id = j["id"].as_str().unwrap();
+        for (id, answer) in jobs {
             let stranded = self.stranded.get(id).copied().unwrap_or(0);
-            let answers = ok.get(id).copied().unwrap_or(0);
+            let answers = ok.get(id.as_str()).copied().unwrap_or(0);
             assert!(
                 answers <= 1 + stranded,
                 "job {id} was answered 200 {answers} times with {stranded} kill(s) finding it claimed"
             );
-            if j["status"] != "done" {
-                continue;
-            }
-            let path = j["result_path"].as_str().expect("a done job has a result");
-            let doc: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-            let Some(rid) = doc["response"]["id"].as_str() else {
-                continue; // A parent: merged from its fragments, never sent.
-            };
+            let Some(rid) = answer else { continue };
             let n: u64 = rid
                 .strip_prefix("chatcmpl-sim-")
                 .and_then(|n| n.parse().ok())
@@ -165,7 +178,7 @@ impl Served {
             let send = self
                 .sends
                 .iter()
-                .find(|s| s.n == n && s.job == id)
+                .find(|s| s.n == n && &s.job == id)
                 .unwrap_or_else(|| panic!("job {id}'s result is answer {n}, which the server never gave to a request for it"));
             assert_eq!(send.status, Some(200), "job {id} holds {send:?}");
         }
