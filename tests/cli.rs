@@ -314,4 +314,96 @@ fn the_readmes_test_command_is_the_one_ci_runs() {
         .permissions()
         .mode();
     assert!(mode & 0o111 != 0, "{test} is not executable");
+    // And, before it, the checks the README says pass on every commit.
+    for check in [
+        "cargo fmt --all -- --check",
+        "cargo clippy --workspace --all-targets -- -D warnings",
+    ] {
+        assert!(
+            ci.lines().any(|l| l.trim() == check),
+            ".ci/run does not run `{check}`"
+        );
+    }
+}
+
+/// The backticked names in the README's `JSON output` section, from the
+/// first line containing `from` up to the line containing `to`.
+fn documented_keys(from: &str, to: &str) -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("### JSON output")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("the README has a `JSON output` section");
+    let start = section.find(from).unwrap_or_else(|| panic!("no `{from}`"));
+    let text = &section[start + from.len()..];
+    let text = &text[..text.find(to).unwrap_or_else(|| panic!("no `{to}`"))];
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+fn keys(v: &Value) -> std::collections::BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// `--json` output is stable: each command's keys are the ones the README
+/// lists, no more and no fewer.
+#[test]
+fn json_output_has_exactly_the_keys_the_readme_documents() {
+    let job_keys = documented_keys("a job object with", "Ids are");
+    assert!(job_keys.len() > 20, "{job_keys:?}");
+    let s = Scratch::new("");
+    let submitted = s.json(&["submit", "--model", "think", "--prompt", "k", "--json"]);
+    assert_eq!(
+        keys(&submitted),
+        ["created", "id", "status"].map(String::from).into()
+    );
+    let id = submitted["id"].as_str().unwrap();
+    assert_eq!(id.len(), 32, "{id}");
+    let status = s.json(&["status", id, "--json"]);
+    assert_eq!(keys(&status), job_keys, "status --json");
+    let listed = s.json(&["list", "--json"]);
+    assert_eq!(keys(&listed), ["jobs".to_string()].into());
+    assert_eq!(keys(&listed["jobs"][0]), job_keys, "list --json");
+    assert_eq!(keys(&s.json(&["cancel", id, "--json"])), job_keys, "cancel");
+    assert_eq!(keys(&s.json(&["retry", id, "--json"])), job_keys, "retry");
+
+    let stats = s.json(&["stats", "--json"]);
+    assert_eq!(
+        keys(&stats),
+        ["jobs", "oldest_pending_age_s"].map(String::from).into()
+    );
+    for model in ["think", "vision"] {
+        assert_eq!(
+            keys(&stats["jobs"][model]),
+            ["cancelled", "done", "failed", "pending", "processing"]
+                .map(String::from)
+                .into(),
+            "stats for {model}: {stats}"
+        );
+        assert!(
+            stats["oldest_pending_age_s"].get(model).is_some(),
+            "{stats}"
+        );
+    }
+
+    let f = s.path().join("k.jsonl");
+    std::fs::write(&f, "{\"prompt\": \"a\"}\n{\"prompt\": \"k\"}\n").unwrap();
+    let lines = s.submit_file("think", "--jsonl", &f, &[]);
+    assert_eq!(
+        keys(&lines),
+        ["created", "existing", "jobs"].map(String::from).into()
+    );
+    assert_eq!(
+        keys(&lines["jobs"][0]),
+        ["created", "id", "status"].map(String::from).into()
+    );
 }

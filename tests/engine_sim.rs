@@ -344,3 +344,47 @@ async fn a_streamed_answer_starts_at_its_first_token_while_the_engine_still_runs
     assert_eq!(usage["usage"]["completion_tokens"], 400, "{usage}");
     assert_eq!(sim.engine().unwrap().running, 0);
 }
+
+/// `POST /v1/chat/completions` to a sim process with curl, giving up after
+/// `max_s`: curl's exit code and the HTTP status it read (0 for none).
+fn curl_chat(sim: &common::SimProcess, max_s: u32) -> (i32, u16) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time"])
+        .arg(max_s.to_string())
+        .args(["-H", "Content-Type: application/json", "-d"])
+        .arg(
+            r#"{"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#,
+        )
+        .arg(format!("{}/v1/chat/completions", sim.url))
+        .output()
+        .expect("curl runs");
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (out.status.code().unwrap_or(-1), code)
+}
+
+/// The README's fault flags for the simulator: `--hang-rate 1` never
+/// answers a request (while its health check still does), and
+/// `--crash-after N` answers N requests, then exits.
+#[test]
+fn the_simulators_hang_and_crash_flags_do_what_the_readme_says() {
+    let hang = common::SimProcess::start(&["--hang-rate", "1"]);
+    let (curl, status) = curl_chat(&hang, 2);
+    assert_eq!((curl, status), (28, 0), "curl timed out with no answer");
+    let health = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/health", hang.url))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&health.stdout), "200");
+
+    let mut crash = common::SimProcess::start(&["--crash-after", "2"]);
+    assert_eq!(curl_chat(&crash, 30).1, 200);
+    assert_eq!(curl_chat(&crash, 30).1, 200);
+    let (curl, status) = curl_chat(&crash, 30);
+    assert_eq!(status, 0, "the third request is not answered (curl {curl})");
+    let exit = crash.child.wait().unwrap();
+    assert_eq!(exit.code(), Some(3), "--crash-after exits with 3");
+}

@@ -73,8 +73,10 @@ const FAKE_NVML: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } mem_v2;
+typedef struct { unsigned pid; unsigned long long used; unsigned gpu_instance, compute_instance; } proc_v2;
 typedef struct { unsigned gpu, memory; } util;
 
 int nvmlInit_v2(void) { return 0; }
@@ -109,6 +111,24 @@ int nvmlDeviceGetMemoryInfo_v2(void *d, mem_v2 *m) {
     return 0;
 }
 int nvmlDeviceGetPowerUsage(void *d, unsigned *mw) { *mw = 312500 + 1000 * gpu(d); return 0; }
+/* GPU 0 idles; GPU 1 is held back by its power cap and a hardware slowdown. */
+int nvmlDeviceGetCurrentClocksThrottleReasons(void *d, unsigned long long *r) {
+    *r = gpu(d) == 1 ? 0x4 | 0x8 : 0x1;
+    return 0;
+}
+/* One compute process on GPU 0, the caller itself, holding 2 GiB; none on
+   GPU 1. Asked with too small a list, it says how many (as NVML does). */
+int nvmlDeviceGetComputeRunningProcesses_v3(void *d, unsigned *n, proc_v2 *p) {
+    unsigned have = gpu(d) == 0 ? 1 : 0;
+    if (*n < have || (have && !p)) { *n = have; return 7; } /* NVML_ERROR_INSUFFICIENT_SIZE */
+    *n = have;
+    if (have) {
+        p[0].pid = (unsigned)getpid();
+        p[0].used = 2147483648ULL;
+        p[0].gpu_instance = p[0].compute_instance = 0xFFFFFFFF;
+    }
+    return 0;
+}
 int nvmlDeviceGetClockInfo(void *d, int type, unsigned *mhz) {
     *mhz = type == 1 ? 1980 : type == 2 ? 2619 : 1755;   /* SM, memory, graphics */
     return 0;
@@ -174,6 +194,22 @@ fn nvml_readings_become_gpu_metrics_and_temperature_alerts() {
     assert_eq!(gpus[1]["power_w"], 313.5, "{said}");
     assert_eq!(gpus[1]["sm_clock_mhz"], 1980, "{said}");
     assert_eq!(gpus[1]["memory_clock_mhz"], 2619, "{said}");
+    // Throttle reasons by name (an idle GPU's is no reason), and the
+    // processes holding memory: the reader itself, as `[pid, bytes]`.
+    assert_eq!(
+        gpus[1]["throttle_reasons"],
+        serde_json::json!(["sw_power_cap", "hw_slowdown"]),
+        "{said}"
+    );
+    assert_eq!(gpus[0]["throttle_reasons"], serde_json::json!([]), "{said}");
+    let reader = gpus[0]["processes"][0][0].as_u64().unwrap_or(0);
+    assert!(reader > 0, "{said}");
+    assert_eq!(
+        gpus[0]["processes"],
+        serde_json::json!([[reader, 2147483648u64]]),
+        "{said}"
+    );
+    assert_eq!(gpus[1]["processes"], serde_json::json!([]), "{said}");
 
     // The daemon, with the same library found where the driver's would be.
     let think = SimProcess::start(&[]);
