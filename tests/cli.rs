@@ -364,8 +364,11 @@ fn json_output_has_exactly_the_keys_the_readme_documents() {
     let submitted = s.json(&["submit", "--model", "think", "--prompt", "k", "--json"]);
     assert_eq!(
         keys(&submitted),
-        ["created", "id", "status"].map(String::from).into()
+        ["created", "fragments", "id", "status"]
+            .map(String::from)
+            .into()
     );
+    assert_eq!(submitted["fragments"], Value::Null, "not chunked");
     let id = submitted["id"].as_str().unwrap();
     assert_eq!(id.len(), 32, "{id}");
     let status = s.json(&["status", id, "--json"]);

@@ -54,7 +54,9 @@ fn published_screenshot() -> PathBuf {
 #[test]
 fn the_page_shows_instances_counts_a_failure_and_an_instance_down_as_a_person_sees_them() {
     chromium();
-    let think = SimProcess::start(&["--fail-matching", "POISON"]);
+    // think on the simulator's engine model, which serves all of vLLM's
+    // metrics the window reads; vision on the plain one, which does not.
+    let think = SimProcess::start(&["--fail-matching", "POISON", "--kv-cache-tokens", "200000"]);
     let mut vision = SimProcess::start(&[]);
     let port = free_port();
     let s = Scratch::new(
@@ -122,8 +124,28 @@ fn the_page_shows_instances_counts_a_failure_and_an_instance_down_as_a_person_se
         }
         let restarts = format!("<td class=\"n\">{}</td>", i["restarts"]);
         assert!(row.contains(&restarts), "{name}'s restarts: {row}");
-        // The simulator serves vLLM's metrics: its KV use reads as a percentage.
-        assert!(row.contains(" %</td>"), "{name}'s server signals: {row}");
+        // The server's signals as the window read them (none yet: dashes).
+        let sig = &i["window_signals"];
+        let n = |k: &str| {
+            sig[k]
+                .as_f64()
+                .map_or("–".to_string(), |v| format!("{v:.0}"))
+        };
+        let running_waiting = format!("<td class=\"n\">{} / {}</td>", n("running"), n("waiting"));
+        assert!(
+            row.contains(&running_waiting),
+            "{name}'s server signals {sig}: {row}"
+        );
+        if name == "think" {
+            assert!(
+                sig["kv_cache_usage"].is_number(),
+                "the engine's signals: {sig}"
+            );
+            assert!(
+                row.contains(" %</td>"),
+                "think's KV use and prefix hits: {row}"
+            );
+        }
     }
     // Every job finished: nothing pending, nothing left to drain.
     let queue_row = element(main, "tr", "data-queue", "think").unwrap();
