@@ -95,17 +95,16 @@ fn readyz_is_503_while_no_instance_is_ready_and_200_once_one_is() {
     wait_for("/readyz is 200", LIMIT, || get(admin, "/readyz").0 == 200);
 }
 
-/// README, "Running the daemon": with `--log-format json`, every line the
-/// daemon logs is one JSON object with a level and a message.
-#[test]
-fn log_format_json_writes_one_json_object_per_line() {
+/// The daemon's log, run with `--log-format FORMAT` until its instance is
+/// ready, written to a file (not a terminal).
+fn log_as(format: &str) -> String {
     let think = SimProcess::start(&[]);
     let s = Scratch::new(&(settings(free_port()) + &external("think", "think", &think.url)));
-    let log = s.path().join("daemon.json.log");
+    let log = s.path().join(format!("daemon.{format}.log"));
     let mut child = Command::new(bin())
         .arg("--config")
         .arg(s.config())
-        .args(["--log-format", "json", "run"])
+        .args(["--log-format", format, "run"])
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -116,7 +115,24 @@ fn log_format_json_writes_one_json_object_per_line() {
     });
     let _ = child.kill();
     let _ = child.wait();
-    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::read_to_string(&log).unwrap()
+}
+
+/// README, "Running the daemon": with `--log-format json`, every line the
+/// daemon logs is one JSON object with a level and a message; with
+/// `--log-format human`, into the same kind of file, none is (so the flag
+/// decides, not the file the log goes to).
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    let human = log_as("human");
+    assert!(
+        human.lines().count() > 1
+            && human
+                .lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_err()),
+        "--log-format human wrote JSON: {human}"
+    );
+    let text = log_as("json");
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() > 1, "the daemon logged: {text}");
     let mut ready = false;

@@ -96,7 +96,17 @@ fn a_pid_that_now_belongs_to_another_program_is_not_adopted() {
     recorded["pid"] = other.id().into();
     std::fs::write(&pid_file, recorded.to_string()).unwrap();
 
-    let d2 = DaemonProcess::start_ready(&s, "daemon-2", &["think"], LIMIT);
+    let d2 = DaemonProcess::start(&s, "daemon-2");
+    // Adopted or launched, decided at start: a stranger taken for the
+    // server fails here, not by waiting for a readiness that never comes.
+    wait_for(
+        "the recorded server adopted or a new one ready",
+        LIMIT,
+        || {
+            s.instance("think")
+                .is_some_and(|i| i["adopted"] == true || i["state"] == "ready")
+        },
+    );
     let think = s.instance("think").unwrap();
     let launched = s.pid_of("think");
     let stranger = other.id();
