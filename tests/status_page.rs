@@ -322,6 +322,15 @@ fn with_a_token_the_page_shows_nothing_until_it_is_given_and_says_when_the_daemo
         "(document.getElementById('down-notice')?.textContent || '').includes('does not answer') \
          && document.getElementById('data').classList.contains('stale')",
     );
+    // Back again (a restart): the notice goes and the numbers are live,
+    // with the same cookie.
+    let _again = DaemonProcess::start(&s, "again");
+    b.until(
+        "live numbers once the daemon is back",
+        "document.getElementById('down-notice') === null \
+         && !document.getElementById('data').classList.contains('stale') \
+         && document.querySelector('[data-model=\"think\"][data-count=\"done\"]')?.textContent === '5'",
+    );
     drop(s);
 }
 
