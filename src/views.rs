@@ -215,21 +215,19 @@ pub fn failures_json(failed: &[Job]) -> Vec<Value> {
         .collect()
 }
 
-/// The claimed jobs whose lease ran out before `now` (not yet reclaimed),
-/// for the status page.
-pub fn stuck_json(processing: &[Job], now: feeder_actors::Timestamp) -> Vec<Value> {
-    processing
+/// The jobs the store found stuck past their lease (its clock decides, the
+/// database's where it keeps time), with how long overdue by `now`, for
+/// the status page.
+pub fn stuck_json(stuck: &[Job], now: feeder_actors::Timestamp) -> Vec<Value> {
+    stuck
         .iter()
-        .filter_map(|j| {
-            let until = j.lease_until?;
-            (until < now).then(|| {
-                json!({
-                    "id": j.id,
-                    "model_type": j.model_type,
-                    "claimed_by": j.claimed_by,
-                    "attempts": j.attempts,
-                    "overdue_s": (now.0 - until.0) as f64 / 1000.0,
-                })
+        .map(|j| {
+            json!({
+                "id": j.id,
+                "model_type": j.model_type,
+                "claimed_by": j.claimed_by,
+                "attempts": j.attempts,
+                "overdue_s": j.lease_until.map(|u| (now.0 - u.0).max(0) as f64 / 1000.0),
             })
         })
         .collect()

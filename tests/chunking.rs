@@ -254,8 +254,8 @@ fn kill_9_during_fan_in_completes_each_parent_once_with_one_follow_up() {
     let dir = tempfile::tempdir().unwrap();
     let think_log = RequestLog::new(dir.path(), "think");
     let vision_log = RequestLog::new(dir.path(), "vision");
-    let think = SimProcess::start(&[&["--latency-ms", "200"][..], &think_log.flags()].concat());
-    let vision = SimProcess::start(&[&["--latency-ms", "5"][..], &vision_log.flags()].concat());
+    let think = think_log.sim(&["--latency-ms", "200"]);
+    let vision = vision_log.sim(&["--latency-ms", "5"]);
     let tk = tokenizer(dir.path(), 20_000);
     let s = Scratch::with_queue(
         "lease_s = 3600",

@@ -41,8 +41,8 @@ fn host(url: &str, name: &str, latency_ms: u64) -> Host {
         RequestLog::new(logs.path(), "vision"),
         RequestLog::new(logs.path(), "think"),
     ];
-    let vision = SimProcess::start(&[&["--latency-ms", &lat][..], &requests[0].flags()].concat());
-    let think = SimProcess::start(&[&["--latency-ms", &lat][..], &requests[1].flags()].concat());
+    let vision = requests[0].sim(&["--latency-ms", &lat]);
+    let think = requests[1].sim(&["--latency-ms", &lat]);
     let admin = free_port();
     let queue = format!(
         "database_url = \"{url}\"\ndaemon_id = \"{name}\"\nheartbeat_s = 1\nheartbeat_timeout_s = 4\nlease_s = 600\n"

@@ -206,13 +206,7 @@ fn random_kill_9s_leave_every_job_terminal_exactly_once() {
 
     let dir = tempfile::tempdir().unwrap();
     let log = RequestLog::new(dir.path(), "think");
-    let think = SimProcess::start(
-        &[
-            &["--fail-rate", "0.1", "--latency-ms", "50"][..],
-            &log.flags(),
-        ]
-        .concat(),
-    );
+    let think = log.sim(&["--fail-rate", "0.1", "--latency-ms", "50"]);
     let s = Scratch::new(&config(
         0,
         &format!("max_attempts = {MAX_ATTEMPTS}\nretry_base_s = 0.05\nretry_max_s = 0.2"),

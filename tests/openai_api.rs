@@ -106,13 +106,7 @@ fn the_openai_sdk_runs_files_and_batches_end_to_end() {
 fn a_batch_survives_kill_9_of_the_daemon() {
     let logs = tempfile::tempdir().unwrap();
     let log = RequestLog::new(logs.path(), "think");
-    let sim = SimProcess::start(
-        &[
-            &["--latency-ms", "100", "--max-num-seqs", "4"][..],
-            &log.flags(),
-        ]
-        .concat(),
-    );
+    let sim = log.sim(&["--latency-ms", "100", "--max-num-seqs", "4"]);
     let port = free_port();
     let s = Scratch::new(&(api(port) + &external("think", "think", &sim.url)));
     let mut d = DaemonProcess::start_ready(&s, "daemon", &["think"], LIMIT);

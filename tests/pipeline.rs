@@ -157,13 +157,7 @@ fn a_row_inserted_by_another_program_is_dispatched() {
 fn kill_9_and_restart_finish_every_job_exactly_once_without_waiting_for_leases() {
     let dir = tempfile::tempdir().unwrap();
     let log = RequestLog::new(dir.path(), "think");
-    let think = SimProcess::start(
-        &[
-            &["--max-num-seqs", "8", "--latency-ms", "40"][..],
-            &log.flags(),
-        ]
-        .concat(),
-    );
+    let think = log.sim(&["--max-num-seqs", "8", "--latency-ms", "40"]);
     // Leases far longer than the test: only releasing the dead daemon's
     // claims at restart can finish the jobs in time.
     let s = Scratch::with_queue(

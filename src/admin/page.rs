@@ -178,8 +178,8 @@ pub async fn page_json(
     };
     v["throughput"] = history.json(now);
     let queue_error = match (&stats, lists.await) {
-        (Ok(_), Ok((mut failed, processing))) => {
-            v["stuck"] = json!(views::stuck_json(&processing, now));
+        (Ok(_), Ok((mut failed, stuck))) => {
+            v["stuck"] = json!(views::stuck_json(&stuck, now));
             failed.sort_by_key(|j| std::cmp::Reverse(j.finished_at));
             failed.truncate(FAILURES);
             v["failures"] = json!(views::failures_json(&failed));

@@ -40,6 +40,11 @@ impl RequestLog {
         ["--request-log", self.path.to_str().expect("a UTF-8 path")]
     }
 
+    /// `gpu-feeder sim ARGS` writing this log.
+    pub fn sim(&self, args: &[&str]) -> super::SimProcess {
+        super::SimProcess::start(&[args, &self.flags()].concat())
+    }
+
     /// Every request for a job received so far, in arrival order (requests
     /// that name no job, such as the health checks' canary, are left out).
     pub fn sends(&self) -> Vec<Send> {
